@@ -1,0 +1,198 @@
+"""The defended model: detect -> purify -> classify -> ensemble, per batch, with per-item verdicts.
+
+The proxy runs this with a backend (in-process ONNX Runtime or an upstream V2 server) as
+``classify``; the red team runs the very same object with the differentiable torch twin, so
+what is attacked is what is served.
+
+Semantics (DESIGN.md, "The defense pipeline"):
+
+1. Detectors score the **raw** input ``x``, wherever they stand in the stage list. An item whose
+   score exceeds a detector's calibrated threshold gets that detector's action: ``reject``
+   (verdict REJECTED), ``flag`` (FLAGGED unless rejected elsewhere) or ``log`` (score only).
+2. Purifiers transform the input in the order the config gives.
+3. The classifier runs once on the purified batch, or -- when the last stage is an ensemble --
+   once on the ``N*T`` expanded copies (one batched backend call), then ``aggregate``.
+   An ensemble abstention is a rejection whose reason is the ensemble's stage name.
+4. A stage that raises follows the failure policy: ``fail-closed`` rejects every item of the
+   batch (reason ``"<stage> failed"``); ``fail-open`` skips the stage and records the failure.
+   The classifier failing is never absorbed here: it propagates to the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from robustgate.defenses.base import Action, Classifier, Defense, Detector, Ensemble, Purifier
+
+ACCEPTED, FLAGGED, REJECTED = 0, 1, 2
+VERDICT_NAMES = ("accepted", "flagged", "rejected")
+FailurePolicy = Literal["fail-closed", "fail-open"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One configured pipeline stage: a unique ``name`` (used in verdicts and metrics), the
+    defense, and for detectors the action taken when the threshold is exceeded."""
+
+    name: str
+    defense: Defense
+    action: Action = "reject"
+
+
+@dataclass
+class PipelineResult:
+    """What one batch of ``N`` items produced.
+
+    ``logits`` ``[N, K]``: the classifier's logits, or with an ensemble the log of its averaged
+    probabilities (so ``softmax(logits)`` is always the answer's distribution). ``verdict``
+    ``[N]`` int64 in {ACCEPTED, FLAGGED, REJECTED}; ``reason[i]`` names the stage that flagged or
+    rejected item ``i`` (None when accepted); ``scores`` maps detector stage -> ``[N]``;
+    ``radius`` ``[N]`` certified L2 radius (NaN where none) when the ensemble certifies.
+    ``seconds`` maps stage name (and ``"classify"``) -> wall time.
+    """
+
+    logits: torch.Tensor
+    verdict: torch.Tensor
+    reason: list[str | None]
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    radius: torch.Tensor | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    failed_stages: list[str] = field(default_factory=list)
+
+
+def validate_stages(stages: list[Stage]) -> None:
+    """Raises ``ValueError`` for a stage list the runner cannot execute."""
+    names = [s.name for s in stages]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"pipeline stage names must be unique; repeated: {', '.join(dupes)}")
+    for i, s in enumerate(stages):
+        if isinstance(s.defense, Ensemble) and i != len(stages) - 1:
+            raise ValueError(f"ensemble stage {s.name!r} must be the last stage (it feeds the classifier)")
+        if isinstance(s.defense, Detector) and s.defense.threshold is None and s.action != "log":
+            raise ValueError(f"detector stage {s.name!r} has no calibrated threshold; fit it or use action: log")
+        if not isinstance(s.defense, (Detector, Purifier, Ensemble)):
+            raise ValueError(f"stage {s.name!r}: {type(s.defense).__name__} is not a detector, purifier or ensemble")
+
+
+class DefendedModel:
+    """Runs the configured stages around ``classify``.
+
+    Args:
+        stages: in config order (see module docstring); validated here.
+        classify: ``[M, C, H, W]`` float32 -> ``[M, K]`` logits; the backend (proxy) or the torch
+            twin (red team). Called exactly once per batch.
+        classifier: the local backbone view detectors may query (MagNet, SafetyNet).
+        failure_policy: ``fail-closed`` (default) or ``fail-open``.
+    """
+
+    def __init__(
+        self,
+        stages: list[Stage],
+        classify: Callable[[torch.Tensor], torch.Tensor],
+        classifier: Classifier | None = None,
+        failure_policy: FailurePolicy = "fail-closed",
+    ):
+        if failure_policy not in ("fail-closed", "fail-open"):
+            raise ValueError(f"failure_policy must be 'fail-closed' or 'fail-open', got {failure_policy!r}")
+        validate_stages(stages)
+        self.stages = list(stages)
+        self.classify = classify
+        self.classifier = classifier
+        self.failure_policy = failure_policy
+
+    @property
+    def detectors(self) -> list[Stage]:
+        return [s for s in self.stages if isinstance(s.defense, Detector)]
+
+    @property
+    def purifiers(self) -> list[Stage]:
+        return [s for s in self.stages if isinstance(s.defense, Purifier)]
+
+    @property
+    def ensemble(self) -> Stage | None:
+        last = self.stages[-1] if self.stages else None
+        return last if last is not None and isinstance(last.defense, Ensemble) else None
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> PipelineResult:
+        """Runs the pipeline on ``x`` ``[N, C, H, W]`` (already validated by the caller)."""
+        n = x.shape[0]
+        verdict = torch.full((n,), ACCEPTED, dtype=torch.int64)
+        reason: list[str | None] = [None] * n
+        scores: dict[str, torch.Tensor] = {}
+        thresholds: dict[str, float] = {}
+        seconds: dict[str, float] = {}
+        failed: list[str] = []
+
+        def _fail(stage: Stage) -> None:
+            failed.append(stage.name)
+            if self.failure_policy == "fail-closed":
+                for i in range(n):
+                    if verdict[i] != REJECTED:
+                        verdict[i] = REJECTED
+                        reason[i] = f"{stage.name} failed"
+
+        # 1. detectors on the raw input
+        for stage in self.detectors:
+            det: Detector = stage.defense  # type: ignore[assignment]
+            t0 = time.perf_counter()
+            try:
+                s = det.score(x, self.classifier).detach().reshape(n).float()
+            except Exception:  # noqa: BLE001 - a failing stage follows the failure policy, recorded by name
+                seconds[stage.name] = time.perf_counter() - t0
+                _fail(stage)
+                continue
+            seconds[stage.name] = time.perf_counter() - t0
+            scores[stage.name] = s
+            if det.threshold is None:
+                continue
+            thresholds[stage.name] = float(det.threshold)
+            hit = det.is_adversarial(s)
+            for i in torch.nonzero(hit).flatten().tolist():
+                if stage.action == "reject" and verdict[i] != REJECTED:
+                    verdict[i], reason[i] = REJECTED, stage.name
+                elif stage.action == "flag" and verdict[i] == ACCEPTED:
+                    verdict[i], reason[i] = FLAGGED, stage.name
+
+        # 2. purifiers in order
+        h = x
+        for stage in self.purifiers:
+            t0 = time.perf_counter()
+            try:
+                h = stage.defense.purify(h, generator)  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - see failure policy
+                _fail(stage)
+            seconds[stage.name] = time.perf_counter() - t0
+
+        # 3. classify (fanned out by the ensemble when there is one)
+        ens_stage = self.ensemble
+        radius = None
+        if ens_stage is None:
+            t0 = time.perf_counter()
+            logits = self.classify(h)
+            seconds["classify"] = time.perf_counter() - t0
+        else:
+            ens: Ensemble = ens_stage.defense  # type: ignore[assignment]
+            t0 = time.perf_counter()
+            copies = ens.expand(h, generator)  # [N*T, C, H, W]
+            t1 = time.perf_counter()
+            fanned = self.classify(copies)  # [N*T, K], one backend call
+            t2 = time.perf_counter()
+            result = ens.aggregate(fanned)
+            seconds["classify"] = t2 - t1
+            seconds[ens_stage.name] = (t1 - t0) + (time.perf_counter() - t2)
+            logits = torch.log(result.probs.clamp_min(1e-12))
+            radius = result.radius
+            for i in torch.nonzero(result.abstain).flatten().tolist():
+                if verdict[i] != REJECTED:
+                    verdict[i], reason[i] = REJECTED, ens_stage.name
+
+        return PipelineResult(
+            logits=logits, verdict=verdict, reason=reason, scores=scores, thresholds=thresholds,
+            radius=radius, seconds=seconds, failed_stages=failed,
+        )

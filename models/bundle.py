@@ -1,0 +1,256 @@
+"""The bundle: one directory that fully describes what the proxy serves.
+
+Written by ``robustgate train`` / ``robustgate fit``, read by ``robustgate serve`` and
+``robustgate eval``. ``bundle.yaml`` at its root holds (DESIGN.md, "The bundle"):
+
+- ``schema_version`` -- an unknown version refuses to load;
+- ``input`` -- per-item shape (C, H, W), layout, datatype, value range and the normalization the
+  model applies *inside* its graph (inputs are always raw pixels in ``value_range``);
+- ``classes`` -- class names, index = logit position;
+- ``backbone`` -- the ONNX file the proxy runs, the safetensors weights of its torch twin (the
+  red team differentiates that), architecture name and keyword arguments, training recipe and
+  measured metrics;
+- ``defenses`` -- each fitted defense by name: kind, artifact files, parameters, threshold and
+  calibration record;
+- ``provenance`` -- command line, seed, code revision, creation time.
+
+Every artifact carries a sha256 checked at load; artifacts are ONNX, safetensors or JSON,
+never pickle. Loading fails with :class:`BundleError` and a message that names the file or key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+BUNDLE_FILE = "bundle.yaml"
+SAFE_SUFFIXES = (".onnx", ".safetensors", ".json", ".yaml", ".yml", ".npz")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be loaded: missing file, checksum mismatch, bad schema."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Artifact(_Strict):
+    """A file inside the bundle, relative to its root, with its sha256."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _relative_and_safe(cls, v: str) -> str:
+        p = Path(v)
+        if p.is_absolute() or ".." in p.parts:
+            raise ValueError(f"artifact path {v!r} must be relative and stay inside the bundle")
+        if not v.endswith(SAFE_SUFFIXES):
+            raise ValueError(f"artifact {v!r}: only {', '.join(SAFE_SUFFIXES)} files are allowed (no pickles)")
+        return v
+
+
+class InputSpec(_Strict):
+    """What one item of a request must look like. The batch axis is not part of ``shape``."""
+
+    name: str = "input"
+    shape: tuple[int, int, int]  # (C, H, W)
+    layout: Literal["NCHW"] = "NCHW"
+    datatype: Literal["FP32"] = "FP32"  # what the backbone consumes; UINT8 requests are scaled by 1/255
+    value_range: tuple[float, float] = (0.0, 1.0)
+    mean: tuple[float, ...] = ()  # normalization applied inside the model graph (documentation)
+    std: tuple[float, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> "InputSpec":
+        if any(d <= 0 for d in self.shape):
+            raise ValueError(f"input.shape {self.shape} must be positive (C, H, W)")
+        lo, hi = self.value_range
+        if not lo < hi:
+            raise ValueError(f"input.value_range {self.value_range} must be increasing")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v and len(v) != self.shape[0]:
+                raise ValueError(f"input.{key} has {len(v)} values for {self.shape[0]} channels")
+        return self
+
+
+class BackboneSpec(_Strict):
+    onnx: Artifact
+    weights: Artifact | None = None  # safetensors state dict of the torch twin
+    arch: str
+    arch_kwargs: dict[str, Any] = {}
+    logits_output: str = "logits"
+    features_output: str | None = None  # late-stage ReLU activations (SafetyNet), if exported
+    recipe: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+
+
+class DefenseSpec(_Strict):
+    kind: str
+    files: dict[str, Artifact] = {}
+    params: dict[str, Any] = {}
+    threshold: float | None = None
+    calibration: dict[str, Any] | None = None  # target FPR, measured val/test FPR, score quantiles
+
+
+class BundleSpec(_Strict):
+    schema_version: int
+    name: str
+    input: InputSpec
+    classes: list[str] = Field(min_length=2)
+    backbone: BackboneSpec
+    defenses: dict[str, DefenseSpec] = {}
+    provenance: dict[str, Any] = {}
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"unknown bundle schema_version {v}; this robustgate reads version {SCHEMA_VERSION}")
+        return v
+
+
+class Bundle:
+    """A loaded, verified bundle: its spec plus the directory it lives in."""
+
+    def __init__(self, root: Path, spec: BundleSpec):
+        self.root = Path(root)
+        self.spec = spec
+
+    # ---- reading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
+        """Reads ``root/bundle.yaml``; with ``verify`` (default) checks every artifact's sha256."""
+        root = Path(root)
+        manifest = root / BUNDLE_FILE
+        if not manifest.is_file():
+            raise BundleError(f"{root}: no {BUNDLE_FILE} (is this a bundle directory?)")
+        try:
+            raw = yaml.safe_load(manifest.read_text())
+        except yaml.YAMLError as exc:
+            raise BundleError(f"{manifest}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise BundleError(f"{manifest}: expected a mapping at the top level")
+        try:
+            spec = BundleSpec.model_validate(raw)
+        except ValidationError as exc:
+            raise BundleError(f"{manifest}: {_describe(exc)}") from exc
+        bundle = cls(root, spec)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def artifacts(self) -> dict[str, Artifact]:
+        """Every artifact by a dotted key naming where it is declared."""
+        out = {"backbone.onnx": self.spec.backbone.onnx}
+        if self.spec.backbone.weights is not None:
+            out["backbone.weights"] = self.spec.backbone.weights
+        for name, d in self.spec.defenses.items():
+            for role, art in d.files.items():
+                out[f"defenses.{name}.files.{role}"] = art
+        return out
+
+    def verify(self) -> None:
+        for key, art in self.artifacts().items():
+            path = self.root / art.path
+            if not path.is_file():
+                raise BundleError(f"{self.root}: {key} names {art.path}, which does not exist")
+            actual = sha256_file(path)
+            if actual != art.sha256:
+                raise BundleError(
+                    f"{self.root}: checksum mismatch for {key} ({art.path}): bundle.yaml says "
+                    f"{art.sha256[:12]}…, the file hashes to {actual[:12]}… — refusing to load"
+                )
+
+    def path(self, art: Artifact) -> Path:
+        return self.root / art.path
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def input(self) -> InputSpec:
+        return self.spec.input
+
+    @property
+    def classes(self) -> list[str]:
+        return self.spec.classes
+
+    def defense(self, name: str) -> DefenseSpec:
+        try:
+            return self.spec.defenses[name]
+        except KeyError:
+            fitted = ", ".join(sorted(self.spec.defenses)) or "none"
+            raise BundleError(
+                f"{self.root}: defense {name!r} is not fitted in this bundle (fitted: {fitted}); "
+                f"run `robustgate fit --bundle {self.root} --defense ...`"
+            ) from None
+
+    # ---- writing -------------------------------------------------------------------------
+    def with_defense(self, name: str, spec: DefenseSpec) -> "Bundle":
+        defenses = dict(self.spec.defenses)
+        defenses[name] = spec
+        return Bundle(self.root, self.spec.model_copy(update={"defenses": defenses}))
+
+    def save(self) -> Path:
+        """Writes ``bundle.yaml`` (artifact files must already be in place and hashed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = self.spec.model_dump(mode="json", exclude_none=True)
+        path = self.root / BUNDLE_FILE
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        tmp.replace(path)
+        return path
+
+
+def artifact(root: Path, relpath: str) -> Artifact:
+    """Hashes ``root/relpath`` (already written) into an :class:`Artifact`."""
+    return Artifact(path=relpath, sha256=sha256_file(Path(root) / relpath))
+
+
+def provenance(seed: int | None = None, **extra: Any) -> dict[str, Any]:
+    """Command line, seed, code revision and time, for ``bundle.yaml``'s provenance block."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        rev = "unknown"
+    out: dict[str, Any] = {
+        "command": " ".join(["robustgate", *sys.argv[1:]]) if sys.argv else "",
+        "code_revision": rev,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if seed is not None:
+        out["seed"] = seed
+    out.update(extra)
+    return out
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

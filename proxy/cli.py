@@ -1,0 +1,53 @@
+"""The ``robustgate`` command: dispatches each subcommand to the module of the part it belongs to.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and is
+imported only when its subcommand runs, so ``robustgate serve`` does not load the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("robustgate.proxy.serve", "start the defense proxy (Open Inference Protocol over gRPC)"),
+    "train": ("robustgate.models.cli", "train a (robust) backbone and write a bundle"),
+    "fit": ("robustgate.defenses.cli", "fit and calibrate a defense into a bundle"),
+    "eval": ("robustgate.attacks.cli", "attack the served pipeline and write reports"),
+    "probe": ("robustgate.attacks.probe", "send clean and attacked test images to a running proxy"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="robustgate",
+        description="Inference-time defense proxy for image classifiers.",
+    )
+    from robustgate import __version__
+
+    parser.add_argument("--version", action="version", version=f"robustgate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = {}
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+    return parser, subparsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, subparsers = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in SUBCOMMANDS:
+        parser.parse_args(argv)  # handles --help/--version, errors on unknown commands
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    module.add_arguments(subparsers[command])
+    args = parser.parse_args(argv)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything robustgate needs on a fresh Debian/Ubuntu machine:
+# system packages (dataset, Prometheus, perf_analyzer's libb64) and a virtualenv at .venv
+# holding the project with its dev extras. Idempotent: re-running only fills in what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+apt_pkgs=(dataset-fashion-mnist prometheus libb64-0d)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[install] apt: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[install] creating .venv"
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch/torchvision first, pinned to the builds this machine serves from disk.
+python -m pip install -q torch==2.14.1 torchvision==0.29.1
+python -m pip install -q -e '.[dev]'
+# torchattacks 3.5.1 declares requests~=2.25.1 but never imports requests; that pin cannot be
+# satisfied beside diffusers/huggingface-hub, so it is installed without its declared deps
+# (torch, torchvision, scipy, tqdm and numpy come from pyproject.toml).
+python -m pip install -q --no-deps torchattacks==3.5.1
+echo "[install] done: $(python -c 'import torch, onnxruntime, grpc; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__, "grpcio", grpc.__version__)')"
