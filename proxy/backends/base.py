@@ -1,0 +1,59 @@
+"""The classifier backend interface: where the proxy's ``classify`` step runs.
+
+Two implementations: ``onnx.OnnxBackend`` (in-process ONNX Runtime) and
+``upstream.UpstreamBackend`` (an upstream Open Inference Protocol server over a pooled gRPC
+channel). Backends are synchronous and thread-safe: the pipeline runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """The backend could not answer. ``code`` is the gRPC status name the proxy should answer
+    with: ``UNAVAILABLE`` (unreachable / retries exhausted), ``DEADLINE_EXCEEDED``, ``INTERNAL``
+    (malformed answer), or the upstream's own code when it rejected the request."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a variable dimension (the batch axis)
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMeta, ...]
+    outputs: tuple[TensorMeta, ...]
+
+
+class Backend(ABC):
+    @abstractmethod
+    def infer(self, x: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """``x``: ``[M, C, H, W]`` float32 C-contiguous pixels -> ``[M, K]`` float32 logits.
+
+        ``timeout``: seconds left of the client's deadline (None = no deadline). Raises
+        :class:`BackendError` on failure."""
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """True when the backend can answer now (session loaded / upstream reports ready)."""
+
+    @abstractmethod
+    def metadata(self) -> ModelMeta:
+        """The served model's metadata (the upstream's own, or derived from the bundle)."""
+
+    def close(self) -> None:
+        """Releases sessions/channels. Default: nothing to release."""
