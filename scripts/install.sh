@@ -2,6 +2,10 @@
 # Installs everything robustgate needs on a fresh Debian/Ubuntu machine:
 # system packages (dataset, Prometheus, perf_analyzer's libb64) and a virtualenv at .venv
 # holding the project with its dev extras. Idempotent: re-running only fills in what is missing.
+#
+# Environment switches (the container image uses them; README's commands need none):
+#   ROBUSTGATE_SKIP_APT=1   skip the system packages (they serve the tests and the dataset)
+#   ROBUSTGATE_EXTRAS=...   pip extras to install (default: dev; empty: runtime only; e.g. dev,gpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +14,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 apt_pkgs=(dataset-fashion-mnist prometheus libb64-0d)
 missing=()
-for p in "${apt_pkgs[@]}"; do
+[ "${ROBUSTGATE_SKIP_APT:-0}" = 1 ] && apt_pkgs=()
+for p in ${apt_pkgs[@]+"${apt_pkgs[@]}"}; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -28,7 +33,8 @@ fi
 python -m pip install -q --upgrade pip
 # torch/torchvision first, pinned to the builds this machine serves from disk.
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e '.[dev]'
+extras=${ROBUSTGATE_EXTRAS-dev}
+python -m pip install -q -e ".${extras:+[$extras]}"
 # torchattacks 3.5.1 declares requests~=2.25.1 but never imports requests; that pin cannot be
 # satisfied beside diffusers/huggingface-hub, so it is installed without its declared deps
 # (torch, torchvision, scipy, tqdm and numpy come from pyproject.toml).
