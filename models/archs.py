@@ -1,0 +1,271 @@
+"""Backbone architectures, found by name: ``build_arch("cnn", **kwargs)``.
+
+Every architecture is an ``nn.Module`` that takes raw pixels ``x`` ``[N, C, H, W]`` in ``[0, 1]``
+(normalization is a buffer *inside* the model, so attacks work in pixel space) and offers
+
+- ``forward(x) -> logits [N, K]``
+- ``features(x) -> [N, D]`` -- the late-stage ReLU activations that feed the final linear layer
+  (``logits = head(features(x))``), what SafetyNet (Lu et al. 2017) quantizes into binary codes.
+
+Registered architectures:
+
+- ``cnn`` (default): a small VGG-style CNN sized for the CPU (two conv blocks, one ReLU hidden
+  layer); ``width`` and ``hidden`` scale it. At the default ``width=32, hidden=128`` it has
+  ~0.47M parameters on 28x28 inputs.
+- ``preact_resnet18``: PreAct ResNet-18 (He et al. 2016, "Identity Mappings in Deep Residual
+  Networks"), the usual CIFAR-10 adversarial-training backbone (Rice et al. 2020). Too slow for
+  this CPU beyond a smoke test.
+- ``vit_tiny``: a ViT-Tiny-style encoder (Dosovitskiy et al. 2021; DeiT-Ti widths, Touvron et al.
+  2021) with a ReLU pre-logit layer, so it too has ReLU features. Shared with MIMIR (Xu et al.
+  2023), which pre-trains it as a masked autoencoder.
+
+The constructor's keyword arguments are the configuration (stored as ``arch_kwargs`` in the
+bundle); ``build_arch(name, **arch_kwargs)`` rebuilds the same module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ARCHS: dict[str, Callable[..., nn.Module]] = {}
+
+# Per-dataset pixel statistics (train split), used as the in-model normalization defaults.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+
+
+def register_arch(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _ARCHS:
+            raise TypeError(f"architecture {name!r} is registered twice")
+        _ARCHS[name] = factory
+        return factory
+
+    return deco
+
+
+def arch_names() -> list[str]:
+    return sorted(_ARCHS)
+
+
+def build_arch(name: str, **kwargs) -> nn.Module:
+    """Builds the registered architecture ``name`` with its keyword arguments."""
+    if name not in _ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(arch_names())}")
+    return _ARCHS[name](**kwargs)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, as buffers, so it is saved and exported with the model."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean has {len(mean)} values but std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {std}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _check_common(in_channels: int, num_classes: int, mean: tuple, std: tuple) -> None:
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values (one per channel), got {len(mean)}/{len(std)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# cnn
+# ---------------------------------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    """conv-conv-pool, conv-conv-pool, linear-ReLU (features), linear (logits).
+
+    Widths ``width, width, 2*width, 2*width``, 3x3 convolutions with padding 1, 2x2 max-pooling.
+    ``image_size`` must be divisible by 4.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        width: int = 32,
+        hidden: int = 128,
+        mean: tuple[float, ...] = FASHION_MNIST_MEAN,
+        std: tuple[float, ...] = FASHION_MNIST_STD,
+    ):
+        super().__init__()
+        _check_common(in_channels, num_classes, tuple(mean), tuple(std))
+        if image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4 (two 2x2 poolings), got {image_size}")
+        if width < 1 or hidden < 1:
+            raise ValueError(f"width and hidden must be >= 1, got {width}, {hidden}")
+        self.normalize = Normalize(tuple(mean), tuple(std))
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # [N, w, H/2, W/2]
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # [N, 2w, H/4, W/4]
+            nn.Flatten(),
+            nn.Linear(2 * w * (image_size // 4) ** 2, hidden), nn.ReLU(),  # [N, hidden]
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, hidden]
+        return self.body(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, K]
+        return self.head(self.features(x))
+
+
+@register_arch("cnn")
+def cnn(**kwargs) -> nn.Module:
+    return SmallCNN(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# preact_resnet18
+# ---------------------------------------------------------------------------------------------
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18; ``features`` = ReLU(BN(last block)) average-pooled, ``[N, 8*width]``."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 64,
+        mean: tuple[float, ...] = CIFAR10_MEAN,
+        std: tuple[float, ...] = CIFAR10_STD,
+    ):
+        super().__init__()
+        _check_common(in_channels, num_classes, tuple(mean), tuple(std))
+        self.normalize = Normalize(tuple(mean), tuple(std))
+        self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        layers, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            layers += [PreActBlock(cin, cout, stride), PreActBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(cin)
+        self.head = nn.Linear(cin, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # -> [N, 8*width]
+        out = self.layers(self.stem(self.normalize(x)))
+        out = F.relu(self.bn(out))
+        return out.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_arch("preact_resnet18")
+def preact_resnet18(**kwargs) -> nn.Module:
+    return PreActResNet18(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# vit_tiny
+# ---------------------------------------------------------------------------------------------
+class ViTTiny(nn.Module):
+    """A small ViT: patch embedding, learned position embeddings, a class token, pre-norm
+    transformer encoder (``nn.TransformerEncoderLayer``), then a ReLU pre-logit layer
+    (``features``, ``[N, dim]``) and a linear head.
+
+    ``patch_embed``/``pos_embed``/``blocks``/``norm`` are what a masked-autoencoder pre-training
+    (MIMIR) reuses; ``forward_tokens`` runs the encoder on already-embedded tokens for that.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        patch_size: int = 4,
+        dim: int = 192,
+        depth: int = 12,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        mean: tuple[float, ...] = FASHION_MNIST_MEAN,
+        std: tuple[float, ...] = FASHION_MNIST_STD,
+    ):
+        super().__init__()
+        _check_common(in_channels, num_classes, tuple(mean), tuple(std))
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        self.normalize = Normalize(tuple(mean), tuple(std))
+        self.num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
+                batch_first=True, norm_first=True,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.pre_logits = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, L, dim] (no cls)
+        tokens = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)
+        return tokens + self.pos_embed[:, 1:]
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:  # [N, L', dim] -> [N, 1+L', dim]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        h = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # -> [N, dim]
+        h = self.forward_tokens(self.embed(x))
+        return F.relu(self.pre_logits(h[:, 0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_arch("vit_tiny")
+def vit_tiny(**kwargs) -> nn.Module:
+    return ViTTiny(**kwargs)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
