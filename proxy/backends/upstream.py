@@ -1,0 +1,307 @@
+"""Upstream backend: the proxy's classify step forwarded to an Open Inference Protocol (KServe V2)
+gRPC server -- Triton, KServe, Seldon MLServer -- over one pooled channel.
+
+What it guarantees (DESIGN.md, "Serving behaviour"):
+
+- one ``grpc.Channel`` for the process (HTTP/2 multiplexes every call; the sync stubs are
+  thread-safe, so the pipeline's worker threads share it), with keepalive pings and a short
+  reconnect backoff so that an upstream that comes back is used again within about a second;
+- the client's deadline propagates: each call's timeout is ``min(timeout_s, timeout)`` where
+  ``timeout`` is what is left of the proxy client's deadline; retries spend from the same budget;
+- bounded retries with exponential backoff, and only on ``UNAVAILABLE`` (the one status that says
+  the request never ran); every other status is final;
+- failures become :class:`BackendError` with the gRPC status name the proxy answers with:
+  ``UNAVAILABLE`` (unreachable, retries spent), ``DEADLINE_EXCEEDED``, ``INTERNAL`` (the upstream
+  answered something that is not ``[M, K]`` FP32 logits for the ``M`` items sent -- a wrong batch
+  size is never passed on, so no request is handed another's result), or the upstream's own code;
+- ``ready()`` is the upstream's ``ServerReady`` and ``ModelReady``, polled by a background thread at
+  most every ``health_interval_s`` and served from that cache, so probes never block on the network
+  and readiness turns false when the upstream dies and true again when it returns.
+
+Known limits: the upstream must take one FP32 NCHW input and return one logits output (named
+``logits``, or its only output); FP16/FP64 logits are refused as malformed rather than converted.
+Requests are unary (no streaming), as tritonclient and perf_analyzer use them.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from robustgate.protos import open_inference_grpc_pb2 as pb
+from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
+
+from .base import Backend, BackendError, ModelMeta, TensorMeta
+
+LOGITS = "logits"
+HEALTH_TIMEOUT_S = 1.0  # one readiness poll; short so a dead upstream is noticed quickly
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel arguments: message limits, keepalive, fast reconnect, no built-in retries."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),  # ping an idle-but-busy connection every 30 s
+        ("grpc.keepalive_timeout_ms", 10_000),  # ...and drop it when the ping is not answered
+        ("grpc.keepalive_permit_without_calls", 0),  # servers' default policy forbids more
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),  # gRPC's default grows to 120 s
+        ("grpc.enable_retries", 0),  # retries are ours: bounded, UNAVAILABLE only, deadline-aware
+    ]
+
+
+def split_url(url: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:port"`` for IPv6) -> ``(host, port)``; ValueError otherwise."""
+    host, sep, port = url.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"url {url!r}: expected host:port (e.g. 127.0.0.1:8001), without a scheme")
+    if "/" in host:
+        raise ValueError(f"url {url!r}: expected host:port without a scheme or path")
+    return host, int(port)
+
+
+def encode_request(x: np.ndarray, input_name: str, model_name: str, model_version: str) -> pb.ModelInferRequest:
+    """``x`` [M, C, H, W] float32 -> one raw FP32 input tensor (what tritonclient sends too)."""
+    req = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
+    tensor = req.inputs.add()
+    tensor.name = input_name
+    tensor.datatype = "FP32"
+    tensor.shape.extend(x.shape)
+    req.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    return req
+
+
+def decode_logits(resp: pb.ModelInferResponse, output_name: str | None, m: int, k: int | None) -> np.ndarray:
+    """The logits output of ``resp`` as float32 ``[m, K]``; BackendError(INTERNAL) when it is missing
+    or malformed. ``output_name`` None = the response's only output; ``k`` None = any width."""
+    names = [o.name for o in resp.outputs]
+    if output_name is None:
+        if len(names) != 1:
+            raise BackendError("INTERNAL", f"upstream returned outputs {names}; expected exactly one (the logits)")
+        index = 0
+    elif output_name in names:
+        index = names.index(output_name)
+    else:
+        raise BackendError("INTERNAL", f"upstream response has no output {output_name!r} (outputs: {names})")
+    out = resp.outputs[index]
+    if out.datatype != "FP32":
+        raise BackendError("INTERNAL", f"upstream output {out.name!r} has datatype {out.datatype}; expected FP32")
+    shape = tuple(out.shape)
+    if len(shape) != 2 or shape[0] != m or shape[1] < 1 or (k is not None and shape[1] != k):
+        want = f"[{m}, {k if k is not None else 'K'}]"
+        raise BackendError("INTERNAL", f"upstream output {out.name!r} has shape {list(shape)}; expected {want} "
+                           f"for the {m} item(s) sent")
+    count = shape[0] * shape[1]
+    if resp.raw_output_contents:
+        if len(resp.raw_output_contents) != len(resp.outputs):
+            raise BackendError("INTERNAL", f"upstream sent {len(resp.raw_output_contents)} raw output buffers "
+                               f"for {len(resp.outputs)} outputs")
+        raw = resp.raw_output_contents[index]
+        if len(raw) != count * 4:
+            raise BackendError("INTERNAL", f"upstream output {out.name!r}: {len(raw)} raw bytes for shape "
+                               f"{list(shape)} FP32 (expected {count * 4})")
+        logits = np.frombuffer(raw, dtype="<f4")
+    else:
+        values = out.contents.fp32_contents
+        if len(values) != count:
+            raise BackendError("INTERNAL", f"upstream output {out.name!r}: {len(values)} fp32_contents for "
+                               f"shape {list(shape)} (expected {count})")
+        logits = np.asarray(values, dtype=np.float32)
+    return logits.astype(np.float32).reshape(shape)  # [M, K], a fresh writable array
+
+
+def to_model_meta(resp: pb.ModelMetadataResponse) -> ModelMeta:
+    def tensors(items) -> tuple[TensorMeta, ...]:
+        return tuple(TensorMeta(t.name, t.datatype, tuple(int(d) for d in t.shape)) for t in items)
+
+    return ModelMeta(resp.name, tuple(resp.versions), resp.platform, tensors(resp.inputs), tensors(resp.outputs))
+
+
+class UpstreamBackend(Backend):
+    """Forwards ``[M, C, H, W]`` float32 batches to an upstream V2 gRPC server; returns its logits.
+
+    Keyword arguments (= the proxy config's ``backend.upstream`` keys, passed 1:1):
+
+    - ``url``: ``host:port`` of the upstream's gRPC endpoint (no scheme).
+    - ``model_name``: the model to call upstream.
+    - ``model_version``: "" = the upstream's default version.
+    - ``timeout_s``: longest time one ``infer`` may take, retries included, when the proxy's client
+      set no shorter deadline (> 0).
+    - ``retries``: extra attempts after an ``UNAVAILABLE`` answer (>= 0).
+    - ``backoff_s``: sleep before the first retry, doubled (with +-20% jitter) before each next one
+      (>= 0); never sleeps past the deadline.
+    - ``health_interval_s``: seconds between readiness polls of ServerReady + ModelReady (> 0).
+    - ``max_message_bytes``: gRPC send and receive limit of the channel (>= 1024).
+    - ``tls_ca``: PEM file of the CA that signed the upstream's certificate; any of the three TLS
+      options switches the channel to TLS (the system roots are used when only the client pair is
+      given).
+    - ``tls_cert``, ``tls_key``: PEM client certificate chain and key for mutual TLS (both or
+      neither).
+
+    The input tensor's name and the logits' width come from the upstream's ModelMetadata (fetched
+    on first use and cached); without declared inputs the input is called ``input``.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        model_name: str,
+        model_version: str = "",
+        timeout_s: float = 10.0,
+        retries: int = 2,
+        backoff_s: float = 0.05,
+        health_interval_s: float = 1.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ):
+        split_url(url)
+        if not model_name:
+            raise ValueError("model_name must be a non-empty string")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        if not backoff_s >= 0:
+            raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
+        if not health_interval_s > 0:
+            raise ValueError(f"health_interval_s must be > 0, got {health_interval_s}")
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be an integer >= 1024, got {max_message_bytes!r}")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together (mutual TLS needs both)")
+        self.url, self.model_name, self.model_version = url, model_name, model_version
+        self.timeout_s, self.retries, self.backoff_s = float(timeout_s), retries, float(backoff_s)
+        self.health_interval_s = float(health_interval_s)
+
+        options = channel_options(max_message_bytes)
+        if tls_ca is None and tls_cert is None:
+            self._channel = grpc.insecure_channel(url, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca, "tls_ca"),
+                private_key=_read(tls_key, "tls_key"),
+                certificate_chain=_read(tls_cert, "tls_cert"),
+            )
+            self._channel = grpc.secure_channel(url, credentials, options=options)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+
+        self._meta_lock = threading.Lock()
+        self._meta: ModelMeta | None = None
+        self._ready = False
+        self._closed = threading.Event()
+        self._poll_once()  # an honest first answer instead of "not ready until the first tick"
+        self._poller = threading.Thread(target=self._poll_loop, name=f"upstream-health {url}", daemon=True)
+        self._poller.start()
+
+    # ---- inference -----------------------------------------------------------------------
+    def infer(self, x: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """``x`` [M, C, H, W] float32 -> [M, K] float32 logits from the upstream."""
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != np.float32:
+            raise ValueError(f"x must be a float32 [M, C, H, W] array, got {getattr(x, 'dtype', type(x))} "
+                             f"{getattr(x, 'shape', '')}")
+        budget = self.timeout_s if timeout is None else min(self.timeout_s, timeout)
+        if budget <= 0:
+            raise BackendError("DEADLINE_EXCEEDED", "the client's deadline expired before the upstream call")
+        deadline = time.monotonic() + budget
+        meta = self._metadata(deadline)
+        input_name = meta.inputs[0].name if meta.inputs else "input"
+        output_name, k = _logits_output(meta)
+        req = encode_request(x, input_name, self.model_name, self.model_version)  # [M, C, H, W] raw FP32
+        resp = self._call(self._stub.ModelInfer, req, deadline, "ModelInfer")
+        return decode_logits(resp, output_name, x.shape[0], k)  # [M, K]
+
+    def _call(self, method, request, deadline: float, what: str):
+        """One unary call with retries on UNAVAILABLE, all within ``deadline`` (monotonic)."""
+        for attempt in range(self.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BackendError("DEADLINE_EXCEEDED", f"upstream {self.url} {what}: deadline expired "
+                                   f"after {attempt} attempt(s)")
+            try:
+                return method(request, timeout=remaining, wait_for_ready=False)
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise BackendError("DEADLINE_EXCEEDED", f"upstream {self.url} {what}: deadline exceeded "
+                                   f"({details})")
+            if code != grpc.StatusCode.UNAVAILABLE:
+                raise BackendError(code.name, f"upstream {self.url} {what}: {details}")
+            if attempt == self.retries:
+                break
+            pause = self.backoff_s * (2 ** attempt) * random.uniform(0.8, 1.2)
+            if time.monotonic() + pause >= deadline:
+                raise BackendError("DEADLINE_EXCEEDED", f"upstream {self.url} {what}: unavailable ({details}) "
+                                   f"and the deadline leaves no time to retry")
+            time.sleep(pause)
+        self._ready = False  # at once; the next poll turns it back on when the upstream answers
+        raise BackendError("UNAVAILABLE", f"upstream {self.url} {what}: unavailable after "
+                           f"{self.retries + 1} attempt(s): {details}")
+
+    # ---- metadata ------------------------------------------------------------------------
+    def metadata(self) -> ModelMeta:
+        """The upstream's ModelMetadata (cached after the first success)."""
+        return self._metadata(time.monotonic() + self.timeout_s)
+
+    def _metadata(self, deadline: float) -> ModelMeta:
+        meta = self._meta
+        if meta is not None:
+            return meta
+        with self._meta_lock:
+            if self._meta is None:
+                req = pb.ModelMetadataRequest(name=self.model_name, version=self.model_version)
+                self._meta = to_model_meta(self._call(self._stub.ModelMetadata, req, deadline, "ModelMetadata"))
+            return self._meta
+
+    # ---- readiness -----------------------------------------------------------------------
+    def ready(self) -> bool:
+        """The upstream's ServerReady and ModelReady as of the last poll (<= health_interval_s old)."""
+        return self._ready and not self._closed.is_set()
+
+    def _poll_once(self) -> None:
+        try:
+            server = self._stub.ServerReady(pb.ServerReadyRequest(), timeout=HEALTH_TIMEOUT_S)
+            model = self._stub.ModelReady(
+                pb.ModelReadyRequest(name=self.model_name, version=self.model_version), timeout=HEALTH_TIMEOUT_S
+            )
+            self._ready = bool(server.ready and model.ready)
+        except grpc.RpcError:  # any failure to answer means "not ready"; the next poll retries
+            self._ready = False
+
+    def _poll_loop(self) -> None:
+        while not self._closed.wait(self.health_interval_s):
+            self._poll_once()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._poller.is_alive() and self._poller is not threading.current_thread():
+            self._poller.join(timeout=HEALTH_TIMEOUT_S * 3)
+        self._channel.close()
+
+
+def _logits_output(meta: ModelMeta) -> tuple[str | None, int | None]:
+    """Which declared output holds the logits, and its width K when declared."""
+    outputs = {o.name: o for o in meta.outputs}
+    chosen = outputs.get(LOGITS) or (meta.outputs[0] if len(meta.outputs) == 1 else None)
+    if chosen is None:
+        return (LOGITS if meta.outputs else None), None
+    k = chosen.shape[-1] if len(chosen.shape) == 2 and chosen.shape[-1] > 0 else None
+    return chosen.name, k
+
+
+def _read(path: str | None, key: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read {path}: {exc}") from exc
