@@ -43,9 +43,26 @@ def generate(out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for name in GENERATED:
-            shutil.copy(include / "robustgate" / "protos" / name, out_dir / name)
+            text = (include / "robustgate" / "protos" / name).read_text()
+            if name == GENERATED[0]:
+                text = private_pool(text)
+            (out_dir / name).write_text(text)
             written.append(out_dir / name)
         return written
+
+
+def private_pool(pb2: str) -> str:
+    """Registers the messages in a descriptor pool of their own instead of protobuf's default pool.
+
+    tritonclient (``grpc_service.proto``) and MLServer (``dataplane.proto``) register the same
+    ``inference.*`` message names in the default pool, so with the default pool our stubs and
+    tritonclient cannot be imported in one process (``duplicate symbol
+    'inference.ServerLiveRequest'``). Wire compatibility needs only the field numbers and the
+    service path, both unchanged. The pool is ``open_inference_grpc_pb2.DESCRIPTOR.pool``."""
+    default = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+    if default not in pb2:
+        raise RuntimeError("unexpected protoc output: no default-pool registration to replace")
+    return pb2.replace(default, "DESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(", 1)
 
 
 def main(argv: list[str] | None = None) -> int:
