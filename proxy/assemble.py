@@ -1,0 +1,102 @@
+"""Pipeline assembly: config stages + bundle + backend -> a runnable defended model per batch.
+
+Each configured stage becomes ``defenses.base.build(kind, **params)``. When the bundle holds a
+fitted defense under the stage's name, its kind must match, its params are the base (the
+stage's ``params`` are merged over them), its artifact files (checksums verified by
+``Bundle.load``) are loaded with ``load_artifacts`` and its calibrated threshold is used unless
+the stage sets ``threshold``. The classify step is the backend's ``infer`` (torch <-> numpy at
+the edge), given the time left of the batch's tightest client deadline.
+
+Randomness: every batch gets a fresh ``torch.Generator`` seeded from ``os.urandom`` (an attacker
+cannot predict the noise), unless ``pipeline.seed`` is set (tests), then each batch is seeded
+with it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from robustgate.defenses.base import Classifier, Detector, Ensemble, build
+from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage
+from robustgate.models.bundle import Bundle
+from robustgate.proxy.backends.base import Backend
+from robustgate.proxy.config import PipelineConfig
+
+
+def build_stages(cfg: PipelineConfig, bundle: Bundle) -> list[Stage]:
+    """The configured stages, built and loaded; ValueError naming the stage on any problem."""
+    stages = []
+    for i, sc in enumerate(cfg.stages):
+        where = f"pipeline.stages.{i} ({sc.name})"
+        fitted = bundle.spec.defenses.get(sc.name)
+        params = dict(sc.params)
+        threshold = sc.threshold
+        if fitted is not None:
+            if fitted.kind != sc.kind:
+                raise ValueError(f"{where}: kind {sc.kind!r} but the bundle's fitted {sc.name!r} is {fitted.kind!r}")
+            params = {**fitted.params, **sc.params}
+            if threshold is None:
+                threshold = fitted.threshold
+        try:
+            defense = build(sc.kind, **params)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: cannot build defense {sc.kind!r}: {exc}") from exc
+        if fitted is not None and fitted.files:
+            defense.load_artifacts({role: bundle.path(art) for role, art in fitted.files.items()})
+        defense.to("cpu")
+        if isinstance(defense, Detector) and threshold is not None:
+            defense.threshold = float(threshold)
+        stages.append(Stage(name=sc.name, defense=defense, action=sc.action))
+    return stages
+
+
+@dataclass
+class PipelineRunner:
+    """Runs one batch through the stages with the backend as classifier (synchronous; call it
+    from a worker thread)."""
+
+    stages: list[Stage]
+    backend: Backend
+    classifier: Classifier | None
+    failure_policy: str = "fail-closed"
+    seed: int | None = None
+
+    def __post_init__(self):
+        # validates the stage list once at start (the per-batch models reuse these stages)
+        DefendedModel(self.stages, self._classify_with(None), self.classifier, self.failure_policy)
+
+    @property
+    def detector_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages if isinstance(s.defense, Detector))
+
+    @property
+    def has_ensemble(self) -> bool:
+        return bool(self.stages) and isinstance(self.stages[-1].defense, Ensemble)
+
+    def _classify_with(self, timeout: float | None):
+        def classify(x: torch.Tensor) -> torch.Tensor:  # [M, C, H, W] -> [M, K]
+            arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+            return torch.from_numpy(np.asarray(self.backend.infer(arr, timeout=timeout), dtype=np.float32))
+
+        return classify
+
+    def generator(self) -> torch.Generator:
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def __call__(self, x: np.ndarray, timeout: float | None = None) -> PipelineResult:
+        """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result."""
+        model = DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy)
+        with torch.no_grad():
+            return model(torch.from_numpy(x), generator=self.generator())
+
+
+def build_runner(cfg: PipelineConfig, bundle: Bundle, backend: Backend, classifier: Classifier | None) -> PipelineRunner:
+    return PipelineRunner(
+        stages=build_stages(cfg, bundle), backend=backend, classifier=classifier,
+        failure_policy=cfg.failure_policy, seed=cfg.seed,
+    )

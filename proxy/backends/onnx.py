@@ -1,0 +1,131 @@
+"""In-process ONNX Runtime backend: the bundle's ONNX backbone run inside the proxy.
+
+``OnnxBackend`` is the proxy's ``classify`` step (thread-safe: ``InferenceSession.run`` may be
+called concurrently and releases the GIL). ``OnnxClassifier`` is the same session seen as a
+:class:`robustgate.defenses.base.Classifier` for detectors that query the local backbone
+(MagNet's divergence, SafetyNet's late activations from the "features" output).
+
+Providers from ``device``: ``cpu`` -> CPUExecutionProvider; ``cuda`` -> CUDAExecutionProvider
+(an error when this onnxruntime build lacks it); ``auto`` -> CUDA when available, else CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from robustgate.models.bundle import Bundle
+from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
+
+_ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64"}
+
+
+def providers_for(device: str) -> list[str]:
+    """The execution providers for ``device`` (cpu | cuda | auto); ValueError when unavailable."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ValueError(
+                "backend.onnxruntime.device is 'cuda' but this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use device: cpu/auto"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+    raise ValueError(f"backend.onnxruntime.device must be cpu, cuda or auto, got {device!r}")
+
+
+def _dims(shape) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)
+
+
+class OnnxBackend(Backend):
+    """Runs ``bundle``'s ONNX backbone with ONNX Runtime; returns its logits output."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0):
+        if intra_op_threads < 0 or inter_op_threads < 0:
+            raise ValueError("intra_op_threads and inter_op_threads must be >= 0 (0 = onnxruntime default)")
+        self.bundle = bundle
+        self.device = device
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        path = bundle.path(bundle.spec.backbone.onnx)
+        providers = providers_for(device)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types; name the file
+            raise ValueError(f"{path}: ONNX Runtime could not load the backbone: {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.logits_output = bundle.spec.backbone.logits_output
+        if self.logits_output not in self.output_names:
+            raise ValueError(
+                f"{path}: bundle says logits output {self.logits_output!r} but the graph has {self.output_names}"
+            )
+        self.features_output = bundle.spec.backbone.features_output or ("features" if "features" in self.output_names else None)
+        if self.features_output is not None and self.features_output not in self.output_names:
+            raise ValueError(f"{path}: bundle says features output {self.features_output!r} but the graph has {self.output_names}")
+        self._closed = False
+
+    def run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """Raw session call: ``x`` ``[M, C, H, W]`` float32 -> the named outputs."""
+        if self._closed:
+            raise BackendError("UNAVAILABLE", "onnxruntime backend is closed")
+        try:
+            return self.session.run(outputs, {self.input_name: x})
+        except Exception as exc:  # ORT's errors are not a stable hierarchy; report as INTERNAL
+            raise BackendError("INTERNAL", f"onnxruntime failed: {exc}") from exc
+
+    def infer(self, x: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        # [M, C, H, W] -> [M, K]; ORT has no per-call deadline, the batch is short
+        (logits,) = self.run(np.ascontiguousarray(x, dtype=np.float32), [self.logits_output])
+        return np.asarray(logits, dtype=np.float32)
+
+    def ready(self) -> bool:
+        return not self._closed
+
+    def metadata(self) -> ModelMeta:
+        inp = self.bundle.input
+        outs = {o.name: o for o in self.session.get_outputs()}
+        logits = outs[self.logits_output]
+        k = len(self.bundle.classes)
+        return ModelMeta(
+            name=self.bundle.name,
+            versions=("1",),
+            platform="onnxruntime_onnx",
+            inputs=(TensorMeta(inp.name, "FP32", (-1, *inp.shape)),),
+            outputs=(TensorMeta(self.logits_output, _ORT_TYPES.get(logits.type, "FP32"), (-1, k)),),
+        )
+
+    def classifier(self) -> "OnnxClassifier":
+        return OnnxClassifier(self)
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class OnnxClassifier:
+    """The backbone as a :class:`~robustgate.defenses.base.Classifier` (torch in, torch out).
+
+    Not differentiable: it serves detectors in the proxy; the red team uses the torch twin."""
+
+    def __init__(self, backend: OnnxBackend):
+        self.backend = backend
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, K]
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.backend.infer(arr))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, D]
+        if self.backend.features_output is None:
+            raise ValueError(
+                f"bundle {self.backend.bundle.name!r}: the ONNX backbone has no features output "
+                f"(outputs: {self.backend.output_names}); re-export it with features for this detector"
+            )
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (feats,) = self.backend.run(arr, [self.backend.features_output])
+        return torch.from_numpy(np.asarray(feats, dtype=np.float32)).reshape(arr.shape[0], -1)

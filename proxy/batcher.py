@@ -1,0 +1,196 @@
+"""Dynamic batching: coalesce concurrent requests into one pipeline call, then split the answers.
+
+The first waiting request waits at most ``max_queue_delay_s`` for company; a batch closes when
+the next request would take it past ``max_batch_size`` items (a request larger than that runs
+alone, never split). Batches run one at a time in a worker thread (the pipeline is synchronous
+torch/numpy; ONNX Runtime releases the GIL), so requests arriving meanwhile pile up into the next
+batch. The queue is bounded by ``max_queue_items`` items: a request that would exceed it fails at
+once with :class:`QueueFull` (the server answers RESOURCE_EXHAUSTED); it never grows without
+limit. With ``enabled=False`` every request runs alone, in arrival order.
+
+Each request gets back exactly its own rows of the batch's :class:`PipelineResult`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from robustgate.defenses.pipeline import PipelineResult
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds ``max_queue_items`` items already."""
+
+
+class BatcherClosed(Exception):
+    """The batcher stopped before the request ran."""
+
+
+@dataclass
+class _Pending:
+    x: np.ndarray  # [n, C, H, W]
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic() value, None = no deadline
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when its batch began to run
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+
+def slice_result(r: PipelineResult, a: int, b: int) -> PipelineResult:
+    """Rows ``a:b`` of a batch result (the part that belongs to one request)."""
+    return PipelineResult(
+        logits=r.logits[a:b], verdict=r.verdict[a:b], reason=list(r.reason[a:b]),
+        scores={k: v[a:b] for k, v in r.scores.items()}, thresholds=dict(r.thresholds),
+        radius=None if r.radius is None else r.radius[a:b], seconds=dict(r.seconds),
+        failed_stages=list(r.failed_stages),
+    )
+
+
+class Batcher:
+    """Args:
+        run: ``(x [M, C, H, W] float32, timeout_s | None) -> PipelineResult``, synchronous.
+        enabled: coalesce requests (False: each request alone).
+        max_batch_size: items per batch; max_queue_delay_s: wait for company; max_queue_items: bound.
+        on_batch: called in the event loop after each executed batch with its item count.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray, float | None], PipelineResult],
+        enabled: bool = True,
+        max_batch_size: int = 32,
+        max_queue_delay_s: float = 0.002,
+        max_queue_items: int = 1024,
+        on_batch: Callable[[int, PipelineResult], None] | None = None,
+    ):
+        if max_batch_size < 1 or max_queue_items < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_items must be >= 1 and max_queue_delay_s >= 0")
+        self.run = run
+        self.enabled = enabled
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_items = max_queue_items
+        self.on_batch = on_batch
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._depth = 0  # items waiting (not yet running)
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustgate-batch")
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def start(self) -> None:
+        """Starts the batching loop on the running event loop."""
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="robustgate-batcher")
+
+    async def stop(self) -> None:
+        """Stops the loop; requests still queued fail with :class:`BatcherClosed`."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(BatcherClosed("the server is shutting down"))
+        self._depth = 0
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, x: np.ndarray, deadline: float | None = None) -> tuple[PipelineResult, float]:
+        """Queues ``x`` ``[n, C, H, W]``; returns its rows of the batch result and the seconds it
+        waited in the queue. Raises QueueFull."""
+        if self._task is None:
+            raise BatcherClosed("the batcher is not running")
+        n = int(x.shape[0])
+        if self._depth + n > self.max_queue_items:
+            raise QueueFull(
+                f"queue full: {self._depth} items waiting, this request adds {n}, limit "
+                f"{self.max_queue_items} (batching.max_queue_items); retry later"
+            )
+        p = _Pending(x=x, future=asyncio.get_running_loop().create_future(), deadline=deadline)
+        self._queue.append(p)
+        self._depth += n
+        self._wake.set()
+        result = await p.future
+        return result, (p.started or p.enqueued) - p.enqueued
+
+    def _take(self) -> _Pending | None:
+        while self._queue:
+            p = self._queue.popleft()
+            self._depth -= p.n
+            if not p.future.done():  # a cancelled client's request is dropped here
+                return p
+        return None
+
+    async def _collect(self) -> list[_Pending]:
+        """Waits for a first request, then for company until the batch is full or the delay ends."""
+        while True:
+            first = self._take()
+            if first is not None:
+                break
+            self._wake.clear()
+            await self._wake.wait()
+        batch, items = [first], first.n
+        if not self.enabled:
+            return batch
+        end = first.enqueued + self.max_queue_delay_s
+        while items < self.max_batch_size:
+            if self._queue:
+                if items + self._queue[0].n > self.max_batch_size:
+                    break
+                p = self._take()
+                if p is not None:
+                    batch.append(p)
+                    items += p.n
+                continue
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=left)
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch], axis=0)  # [M, C, H, W]
+            deadlines = [p.deadline for p in batch if p.deadline is not None]
+            started = time.monotonic()
+            for p in batch:
+                p.started = started
+            timeout = max(0.0, min(deadlines) - started) if deadlines else None
+            try:
+                result = await loop.run_in_executor(self._executor, self.run, x, timeout)
+            except Exception as exc:  # noqa: BLE001 - delivered to every request of the batch
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(int(x.shape[0]), result)
+            a = 0
+            for p in batch:
+                b = a + p.n
+                if not p.future.done():
+                    p.future.set_result(slice_result(result, a, b))
+                a = b

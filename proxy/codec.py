@@ -1,0 +1,230 @@
+"""Open Inference Protocol v2 <-> numpy: decode and validate a ModelInferRequest, encode the answer.
+
+Pure functions, no I/O: the server calls :func:`decode_infer` on the way in and
+:func:`encode_infer` on the way out. Every rejection of a malformed request raises
+:class:`ProtocolError` with the gRPC status name and a message saying exactly what was wrong
+(docs/PROTOCOL.md lists them).
+
+- Inputs: one tensor named as the bundle's input, shape ``[N, C, H, W]`` with ``(C, H, W)`` the
+  bundle's per-item shape, datatype FP32 (pixels in the declared value range) or UINT8 (scaled
+  by 1/255 into [0, 1]); contents typed (``fp32_contents`` / ``uint_contents``) or raw
+  (``raw_input_contents``, little-endian), never both.
+- Outputs: the bundle's logits output ``[N, K]`` FP32, ``robustgate_verdict`` INT32 ``[N]``,
+  ``robustgate_score_<stage>`` FP32 ``[N]`` per detector stage, ``robustgate_radius`` FP32 ``[N]``
+  when an ensemble stage certifies; parameters ``robustgate_verdicts`` and ``robustgate_reasons``.
+  Raw when the request was raw (tritonclient reads only ``raw_output_contents``), typed otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robustgate.protos import open_inference_grpc_pb2 as pb
+
+VERDICT_OUTPUT = "robustgate_verdict"
+RADIUS_OUTPUT = "robustgate_radius"
+SCORE_PREFIX = "robustgate_score_"
+VERDICTS_PARAM = "robustgate_verdicts"
+REASONS_PARAM = "robustgate_reasons"
+VERDICT_NAMES = ("accepted", "flagged", "rejected")
+
+_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+_TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+_CONTENT_FIELDS = (
+    "bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
+    "fp32_contents", "fp64_contents", "bytes_contents",
+)
+
+
+class ProtocolError(Exception):
+    """A request the proxy refuses; ``code`` is a ``grpc.StatusCode`` name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What the served model accepts and offers, from the bundle and the configured stages."""
+
+    model_name: str
+    versions: tuple[str, ...]
+    input_name: str
+    item_shape: tuple[int, int, int]  # (C, H, W)
+    value_range: tuple[float, float]
+    max_batch_items: int
+    logits_output: str
+    detector_stages: tuple[str, ...] = ()
+    has_ensemble: bool = False
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        names = [self.logits_output, VERDICT_OUTPUT, *(SCORE_PREFIX + s for s in self.detector_stages)]
+        if self.has_ensemble:
+            names.append(RADIUS_OUTPUT)
+        return tuple(names)
+
+
+@dataclass
+class Decoded:
+    x: np.ndarray  # [N, C, H, W] float32, C-contiguous, finite, in the value range
+    raw: bool  # the request used raw_input_contents -> answer raw
+    outputs: tuple[str, ...]  # requested outputs in answer order (all when none requested)
+    request_id: str = ""
+    datatype: str = "FP32"
+
+
+@dataclass
+class Answer:
+    """One request's share of a pipeline result, as numpy."""
+
+    logits: np.ndarray  # [N, K] float32 (NaN rows for rejected items in item mode)
+    verdict: np.ndarray  # [N] int
+    reasons: list[str | None]
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> [N]
+    radius: np.ndarray | None = None  # [N]
+
+
+def check_model(name: str, version: str, contract: InputContract) -> None:
+    """NOT_FOUND unless ``name`` is the served model and ``version`` empty or one it has."""
+    if name != contract.model_name:
+        raise ProtocolError("NOT_FOUND", f"unknown model {name!r}; this server serves {contract.model_name!r}")
+    if version and version not in contract.versions:
+        raise ProtocolError(
+            "NOT_FOUND",
+            f"model {name!r} has no version {version!r}; versions: {', '.join(contract.versions) or 'none'}",
+        )
+
+
+def _invalid(msg: str) -> ProtocolError:
+    return ProtocolError("INVALID_ARGUMENT", msg)
+
+
+def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
+    """Validates ``req`` against ``contract`` and returns the pixel batch. Raises ProtocolError."""
+    check_model(req.model_name, req.model_version, contract)
+
+    # 1. exactly one input, the bundle's
+    if len(req.inputs) != 1:
+        raise _invalid(f"expected exactly 1 input ({contract.input_name!r}), got {len(req.inputs)}")
+    inp = req.inputs[0]
+    if inp.name != contract.input_name:
+        raise _invalid(f"unknown input {inp.name!r}; the model's input is {contract.input_name!r}")
+    if inp.datatype not in _DTYPES:
+        raise _invalid(f"input {inp.name!r}: datatype {inp.datatype!r} is not supported; send FP32 or UINT8")
+
+    # 2. shape [N, C, H, W]
+    shape = tuple(int(d) for d in inp.shape)
+    c, h, w = contract.item_shape
+    if len(shape) != 4 or shape[1:] != (c, h, w):
+        raise _invalid(f"input {inp.name!r}: shape {list(shape)} does not match [N, {c}, {h}, {w}]")
+    n = shape[0]
+    if n < 1:
+        raise _invalid(f"input {inp.name!r}: batch size must be at least 1, got {n}")
+    if n > contract.max_batch_items:
+        raise _invalid(
+            f"input {inp.name!r}: batch of {n} items exceeds the limit of {contract.max_batch_items} "
+            f"(limits.max_batch_items); split the request"
+        )
+    count = n * c * h * w
+    dtype = _DTYPES[inp.datatype]
+
+    # 3. contents: raw or typed, never both
+    typed_set = [f for f in _CONTENT_FIELDS if len(getattr(inp.contents, f))]
+    raw = len(req.raw_input_contents) > 0
+    if raw and typed_set:
+        raise _invalid(f"input {inp.name!r}: both raw_input_contents and typed contents ({typed_set[0]}) given; send one")
+    if raw:
+        if len(req.raw_input_contents) != 1:
+            raise _invalid(f"raw_input_contents has {len(req.raw_input_contents)} entries for 1 input")
+        buf = req.raw_input_contents[0]
+        want = count * dtype.itemsize
+        if len(buf) != want:
+            raise _invalid(
+                f"input {inp.name!r}: raw_input_contents holds {len(buf)} bytes; shape {list(shape)} "
+                f"{inp.datatype} needs {want}"
+            )
+        arr = np.frombuffer(buf, dtype=dtype)
+    else:
+        expected = _TYPED_FIELD[inp.datatype]
+        wrong = [f for f in typed_set if f != expected]
+        if wrong:
+            raise _invalid(f"input {inp.name!r}: {inp.datatype} data goes in contents.{expected}, got contents.{wrong[0]}")
+        values = getattr(inp.contents, expected)
+        if len(values) != count:
+            raise _invalid(
+                f"input {inp.name!r}: contents.{expected} holds {len(values)} values; shape {list(shape)} needs {count}"
+            )
+        if inp.datatype == "UINT8":
+            arr = np.asarray(values, dtype=np.uint32)
+            if arr.size and arr.max() > 255:
+                raise _invalid(f"input {inp.name!r}: UINT8 value {int(arr.max())} in contents.uint_contents exceeds 255")
+            arr = arr.astype(np.uint8)
+        else:
+            arr = np.asarray(values, dtype=np.float32)
+
+    # 4. to float32 pixels, then finiteness and range
+    if inp.datatype == "UINT8":
+        x = arr.astype(np.float32) * np.float32(1.0 / 255.0)
+    else:
+        x = arr.astype(np.float32, copy=True)
+    x = x.reshape(shape)  # [N, C, H, W]
+    if not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x.reshape(n, -1)).any(axis=1))[0])
+        raise _invalid(f"input {inp.name!r}: item {bad} contains NaN or Inf")
+    lo, hi = contract.value_range
+    xmin, xmax = float(x.min()), float(x.max())
+    if xmin < lo or xmax > hi:
+        raise _invalid(
+            f"input {inp.name!r}: values in [{xmin:.6g}, {xmax:.6g}] fall outside the declared range "
+            f"[{lo:g}, {hi:g}] (send raw pixels, not normalized ones)"
+        )
+
+    # 5. requested outputs
+    available = contract.output_names
+    if req.outputs:
+        names = []
+        for o in req.outputs:
+            if o.name not in available:
+                raise _invalid(f"unknown requested output {o.name!r}; available: {', '.join(available)}")
+            if o.name not in names:
+                names.append(o.name)
+        outputs = tuple(names)
+    else:
+        outputs = available
+    return Decoded(x=np.ascontiguousarray(x), raw=raw, outputs=outputs, request_id=req.id, datatype=inp.datatype)
+
+
+def encode_infer(
+    decoded: Decoded, answer: Answer, contract: InputContract, model_version: str = ""
+) -> pb.ModelInferResponse:
+    """The response for one request: requested outputs in ``decoded.outputs`` order, raw or typed."""
+    n = answer.verdict.shape[0]
+    tensors: dict[str, tuple[str, np.ndarray]] = {
+        contract.logits_output: ("FP32", np.asarray(answer.logits, dtype="<f4")),
+        VERDICT_OUTPUT: ("INT32", np.asarray(answer.verdict, dtype="<i4")),
+    }
+    for stage in contract.detector_stages:
+        s = answer.scores.get(stage)
+        tensors[SCORE_PREFIX + stage] = ("FP32", np.full(n, np.nan, "<f4") if s is None else np.asarray(s, dtype="<f4"))
+    if contract.has_ensemble:
+        r = answer.radius
+        tensors[RADIUS_OUTPUT] = ("FP32", np.full(n, np.nan, "<f4") if r is None else np.asarray(r, dtype="<f4"))
+
+    resp = pb.ModelInferResponse(model_name=contract.model_name, model_version=model_version, id=decoded.request_id)
+    for name in decoded.outputs:
+        datatype, arr = tensors[name]
+        out = resp.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
+        if decoded.raw:
+            resp.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
+        elif datatype == "FP32":
+            out.contents.fp32_contents.extend(arr.reshape(-1).tolist())
+        else:
+            out.contents.int_contents.extend(arr.reshape(-1).tolist())
+    resp.parameters[VERDICTS_PARAM].string_param = ",".join(VERDICT_NAMES[int(v)] for v in answer.verdict)
+    resp.parameters[REASONS_PARAM].string_param = ",".join(r or "" for r in answer.reasons)
+    return resp

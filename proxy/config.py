@@ -1,0 +1,230 @@
+"""The proxy's one configuration: a pydantic model loaded from YAML, environment and CLI flags.
+
+Precedence (later wins): built-in defaults < the YAML file < ``ROBUSTGATE_*`` environment
+variables < command-line flags (``--bundle``, ``--port``, ``--metrics-port``).
+
+Environment scheme: ``ROBUSTGATE_`` + the dotted key path upper-cased with ``__`` between
+levels; the value is parsed as a YAML scalar/flow value (``32`` -> int, ``true`` -> bool,
+``[a, b]`` -> list)::
+
+    ROBUSTGATE_SERVER__PORT=9000
+    ROBUSTGATE_BATCHING__MAX_BATCH_SIZE=32
+    ROBUSTGATE_BACKEND__ONNXRUNTIME__DEVICE=auto
+    ROBUSTGATE_PIPELINE__VERDICT_MODE=item
+    ROBUSTGATE_BUNDLE=/bundles/default
+
+An unknown ``ROBUSTGATE_*`` key is an error naming the variable (a typo is never ignored).
+Every validation error names the bad key as a dotted path (``batching.max_batch_size: ...``).
+pydantic-settings would do the environment part, but it is not a declared dependency and its
+errors do not say which variable was wrong; the merge below is 20 lines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "ROBUSTGATE_"
+STAGE_NAME = r"^[A-Za-z0-9_.-]+$"  # safe in output names, metric labels and metadata
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsConfig(_Strict):
+    cert: Path | None = None  # PEM server certificate chain; with `key` enables TLS
+    key: Path | None = None
+    client_ca: Path | None = None  # PEM CA bundle that client certificates must chain to (mTLS)
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "TlsConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key must be given together")
+        if self.require_client_cert and self.client_ca is None:
+            raise ValueError("tls.require_client_cert needs tls.client_ca")
+        if self.client_ca is not None and self.cert is None:
+            raise ValueError("tls.client_ca needs tls.cert and tls.key (mTLS runs over TLS)")
+        for name in ("cert", "key", "client_ca"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"tls.{name}: file {p} does not exist")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(8001, ge=0, le=65535)  # 0 = any free port
+    metrics_port: int | None = Field(8002, ge=0, le=65535)  # None disables the metrics endpoint
+    metrics_host: str = "0.0.0.0"
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # gRPC send and receive limit
+    grace_s: float = Field(30.0, ge=0)  # SIGTERM drain: time in-flight requests get to finish
+    tls: TlsConfig = TlsConfig()
+
+
+class OnnxRuntimeConfig(_Strict):
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    intra_op_threads: int = Field(0, ge=0)  # 0 = ONNX Runtime's default
+    inter_op_threads: int = Field(0, ge=0)
+
+
+class UpstreamConfig(_Strict):
+    """Passed 1:1 as keyword arguments to ``backends.upstream.UpstreamBackend``."""
+
+    url: str = "127.0.0.1:8001"  # host:port of the upstream V2 gRPC server, no scheme
+    model_name: str | None = None  # default: the bundle's name
+    model_version: str = ""
+    timeout_s: float = Field(10.0, gt=0)  # per infer, retries included, when the client set no shorter deadline
+    retries: int = Field(2, ge=0)  # extra attempts on UNAVAILABLE
+    backoff_s: float = Field(0.05, ge=0)
+    health_interval_s: float = Field(1.0, gt=0)
+    tls_ca: str | None = None  # PEM CA of the upstream's certificate (switches the channel to TLS)
+    tls_cert: str | None = None  # PEM client certificate + key for mutual TLS
+    tls_key: str | None = None
+
+
+class BackendConfig(_Strict):
+    kind: Literal["onnxruntime", "upstream"] = "onnxruntime"
+    onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+
+
+class BatchingConfig(_Strict):
+    enabled: bool = True
+    max_batch_size: int = Field(32, ge=1)  # items per executed batch (a larger request runs alone)
+    max_queue_delay_ms: float = Field(2.0, ge=0)  # how long the first waiting request waits for company
+    max_queue_items: int = Field(1024, ge=1)  # items waiting; beyond -> RESOURCE_EXHAUSTED
+
+
+class StageConfig(_Strict):
+    name: str = Field(pattern=STAGE_NAME)
+    kind: str
+    action: Literal["reject", "flag", "log"] = "reject"
+    params: dict[str, Any] = {}  # merged over the bundle's fitted params (stage params win)
+    threshold: float | None = None  # overrides the bundle's calibrated threshold
+
+
+class PipelineConfig(_Strict):
+    stages: list[StageConfig] = []
+    failure_policy: Literal["fail-closed", "fail-open"] = "fail-closed"
+    verdict_mode: Literal["request", "item"] = "request"
+    seed: int | None = None  # fixed per-batch seed (tests); None = fresh os.urandom seed per batch
+
+    @field_validator("stages")
+    @classmethod
+    def _unique(cls, v: list[StageConfig]) -> list[StageConfig]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+
+class LimitsConfig(_Strict):
+    max_batch_items: int = Field(256, ge=1)  # items in one ModelInfer; beyond -> INVALID_ARGUMENT
+
+
+class ProxyConfig(_Strict):
+    bundle: Path | None = None
+    model_name: str | None = None  # served model name; default: the bundle's name
+    server: ServerConfig = ServerConfig()
+    backend: BackendConfig = BackendConfig()
+    batching: BatchingConfig = BatchingConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """``ROBUSTGATE_A__B=v`` -> ``({"a": {"b": v}}, {("a", "b"): "ROBUSTGATE_A__B"})``."""
+    tree: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX:
+            continue
+        path = tuple(part.lower() for part in var[len(ENV_PREFIX):].split("__"))
+        if any(not p for p in path):
+            raise ConfigError(f"environment variable {var}: empty key segment (use __ between levels)")
+        try:
+            value = yaml.safe_load(environ[var]) if environ[var] != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {var}: not a valid value: {exc}") from exc
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {var}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        node[path[-1]] = value
+        sources[path] = var
+    return tree, sources
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _describe(exc: ValidationError, sources: dict[tuple[str, ...], str], origin: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        var = next((sources[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in sources), None)
+        where = f" (from environment variable {var})" if var else ""
+        msg = re.sub(r"^Value error, ", "", err["msg"])
+        parts.append(f"{key}: {msg}{where}")
+    return f"invalid configuration{origin}: " + "; ".join(parts)
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ProxyConfig:
+    """Builds the config from ``path`` (YAML, optional), ``environ`` (default ``os.environ``) and
+    ``overrides`` (nested dict from CLI flags). Raises :class:`ConfigError` naming the bad key."""
+    data: dict[str, Any] = {}
+    origin = ""
+    if path is not None:
+        path = Path(path)
+        origin = f" in {path}"
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data = loaded
+    env, sources = env_overrides(os.environ if environ is None else environ)
+    data = _merge(data, env)
+    data = _merge(data, overrides or {})
+    try:
+        cfg = ProxyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources, origin)) from None
+    if cfg.bundle is None:
+        raise ConfigError(f"invalid configuration{origin}: bundle: required (a bundle directory; --bundle DIR)")
+    return cfg

@@ -1,0 +1,117 @@
+"""``robustgate serve``: config -> bundle -> backend -> pipeline -> batcher -> gRPC server + metrics.
+
+``robustgate serve --bundle DIR`` runs with defaults (onnxruntime on cpu, no defense stages,
+batching on); ``robustgate serve --config FILE`` reads the YAML config (docs/PROTOCOL.md and
+proxy/config.py). ``--port`` / ``--metrics-port`` override the config. A bad config or bundle
+exits 2 with a message naming the key or file; SIGTERM/SIGINT drain gracefully and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from robustgate.models.bundle import Bundle, BundleError
+from robustgate.proxy.assemble import build_runner
+from robustgate.proxy.backends.base import Backend
+from robustgate.proxy.config import ConfigError, ProxyConfig, load_config
+from robustgate.proxy.server import ProxyServer
+
+log = logging.getLogger("robustgate.proxy")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (see docs/PROTOCOL.md)")
+    parser.add_argument("--bundle", type=Path, help="bundle directory (overrides the config's `bundle`)")
+    parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 8002)")
+    parser.add_argument("--host", help="address to bind (default 0.0.0.0)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    overrides: dict = {}
+    if args.bundle is not None:
+        overrides["bundle"] = str(args.bundle)
+    server = {}
+    if args.port is not None:
+        server["port"] = args.port
+    if args.metrics_port is not None:
+        server["metrics_port"] = args.metrics_port
+    if getattr(args, "host", None):
+        server["host"] = args.host
+    if server:
+        overrides["server"] = server
+    return load_config(args.config, overrides=overrides)
+
+
+def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
+    if cfg.backend.kind == "onnxruntime":
+        from robustgate.proxy.backends.onnx import OnnxBackend
+
+        o = cfg.backend.onnxruntime
+        return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads)
+    from robustgate.proxy.backends import upstream
+
+    u = cfg.backend.upstream.model_dump()
+    u["model_name"] = u["model_name"] or bundle.name
+    return upstream.UpstreamBackend(**u, max_message_bytes=cfg.server.max_message_bytes)
+
+
+def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
+    """The local backbone detectors may query: the backend's own session, or a CPU one."""
+    if not cfg.pipeline.stages:
+        return None
+    from robustgate.proxy.backends.onnx import OnnxBackend, OnnxClassifier
+
+    if isinstance(backend, OnnxBackend):
+        return OnnxClassifier(backend)
+    return OnnxClassifier(OnnxBackend(bundle, device="cpu", intra_op_threads=1, inter_op_threads=1))
+
+
+def build_server(cfg: ProxyConfig) -> ProxyServer:
+    """Everything but the event loop; raises BundleError / ValueError with a precise message."""
+    bundle = Bundle.load(cfg.bundle)
+    backend = make_backend(cfg, bundle)
+    try:
+        runner = build_runner(cfg.pipeline, bundle, backend, local_classifier(cfg, bundle, backend))
+    except Exception:
+        backend.close()
+        raise
+    revision = str(bundle.spec.provenance.get("code_revision", "unknown"))
+    return ProxyServer(cfg, bundle, backend, runner, revision=revision)
+
+
+async def serve(server: ProxyServer) -> None:
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"robustgate: serving {server.contract.model_name} on port {server.port}, metrics on port {server.metrics_port}",
+          flush=True)
+    await stop.wait()
+    print("robustgate: draining", flush=True)
+    await server.stop()
+    print("robustgate: stopped", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        server = build_server(cfg)
+    except (ConfigError, BundleError, ValueError, OSError) as exc:
+        print(f"robustgate serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(server))
+    except OSError as exc:  # e.g. the port is taken
+        print(f"robustgate serve: {exc}", file=sys.stderr)
+        return 2
+    return 0

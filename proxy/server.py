@@ -1,0 +1,310 @@
+"""The gRPC server: Open Inference Protocol v2 in front of the defense pipeline.
+
+``ProxyServer`` wires the codec, the batcher (which runs the pipeline in a worker thread), the
+Prometheus metrics, the grpc.health.v1 health service and server reflection into one grpc.aio
+server. The transport only decodes, queues, applies the verdict semantics and encodes
+(COMMON.md "Rejection status"; docs/PROTOCOL.md):
+
+- request mode (default): a request holding a rejected item fails with PERMISSION_DENIED,
+  details ``rejected by robustgate: item <i> stage <name> score <s> threshold <t>`` and trailing
+  metadata ``robustgate-verdict=rejected``, ``robustgate-stage``, ``robustgate-item``,
+  ``robustgate-score``, ``robustgate-threshold`` (first rejected item);
+- item mode: every item is answered; rejected items' logits are NaN.
+
+Bad input never crashes it: every error path answers a status with a message. Draining (SIGTERM)
+turns health NOT_SERVING, stops accepting RPCs, lets in-flight ones finish within the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from robustgate import __version__
+from robustgate.defenses.pipeline import REJECTED, PipelineResult
+from robustgate.proxy.assemble import PipelineRunner
+from robustgate.proxy.backends.base import Backend, BackendError
+from robustgate.proxy.batcher import Batcher, BatcherClosed, QueueFull
+from robustgate.proxy.codec import (
+    RADIUS_OUTPUT, SCORE_PREFIX, VERDICT_OUTPUT, VERDICT_NAMES, Answer, InputContract, ProtocolError,
+    check_model, decode_infer, encode_infer,
+)
+from robustgate.proxy.config import ProxyConfig
+from robustgate.proxy.metrics import Metrics
+from robustgate.protos import open_inference_grpc_pb2 as pb
+from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+log = logging.getLogger("robustgate.proxy")
+
+_OUTCOME_BY_CODE = {
+    "INVALID_ARGUMENT": "invalid",
+    "NOT_FOUND": "not_found",
+    "RESOURCE_EXHAUSTED": "resource_exhausted",
+    "DEADLINE_EXCEEDED": "deadline_exceeded",
+}
+
+
+@dataclass
+class _Failure:
+    code: grpc.StatusCode
+    message: str
+    outcome: str
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+def rejection(result: PipelineResult, i: int) -> _Failure:
+    """The PERMISSION_DENIED answer for rejected item ``i`` (request mode)."""
+    stage = result.reason[i] or "unknown"
+    base = stage[: -len(" failed")] if stage.endswith(" failed") else stage
+    score = result.scores.get(base)
+    s = float(score[i]) if score is not None else math.nan
+    t = result.thresholds.get(base, math.nan)
+    return _Failure(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"rejected by robustgate: item {i} stage {stage} score {s:.6g} threshold {t:.6g}",
+        "rejected",
+        (
+            ("robustgate-verdict", "rejected"), ("robustgate-stage", stage), ("robustgate-item", str(i)),
+            ("robustgate-score", repr(s)), ("robustgate-threshold", repr(t)),
+        ),
+    )
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, proxy: "ProxyServer"):
+        self.p = proxy
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.p.is_ready())
+
+    async def ModelReady(self, request, context):
+        try:
+            check_model(request.name, request.version, self.p.contract)
+        except ProtocolError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.p.is_ready())
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="robustgate", version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        try:
+            check_model(request.name, request.version, self.p.contract)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, exc.message)
+        return self.p.model_metadata()
+
+    async def ModelInfer(self, request, context):
+        t0 = time.perf_counter()
+        failure, response = await self.p.infer(request, context.time_remaining())
+        m = self.p.metrics
+        m.request_duration.observe(time.perf_counter() - t0)
+        if failure is not None:
+            m.requests.labels(outcome=failure.outcome).inc()
+            if failure.metadata:
+                context.set_trailing_metadata(failure.metadata)
+            await context.abort(failure.code, failure.message)
+        return response
+
+
+class ProxyServer:
+    """One proxy instance. ``await start()`` binds and serves; ``await stop(grace)`` drains."""
+
+    def __init__(self, cfg: ProxyConfig, bundle, backend: Backend, runner: PipelineRunner, revision: str = "unknown"):
+        self.cfg = cfg
+        self.bundle = bundle
+        self.backend = backend
+        self.runner = runner
+        meta = backend.metadata()
+        self.meta = meta
+        self.contract = InputContract(
+            model_name=cfg.model_name or bundle.name,
+            versions=tuple(meta.versions) or ("1",),
+            input_name=bundle.input.name,
+            item_shape=tuple(bundle.input.shape),
+            value_range=tuple(bundle.input.value_range),
+            max_batch_items=cfg.limits.max_batch_items,
+            logits_output=bundle.spec.backbone.logits_output,
+            detector_stages=runner.detector_names,
+            has_ensemble=runner.has_ensemble,
+        )
+        self.metrics = Metrics(version=__version__, bundle=bundle.name, revision=revision)
+        b = cfg.batching
+        self.batcher = Batcher(
+            run=runner, enabled=b.enabled, max_batch_size=b.max_batch_size,
+            max_queue_delay_s=b.max_queue_delay_ms / 1000.0, max_queue_items=b.max_queue_items,
+            on_batch=self._on_batch,
+        )
+        self.metrics.watch_queue(lambda: self.batcher.depth)
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.draining = False
+        self._health_task: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        tls = self.cfg.server.tls
+        if not tls.enabled:
+            return None
+        ca = tls.client_ca.read_bytes() if tls.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=ca, require_client_auth=tls.require_client_cert,
+        )
+
+    async def start(self) -> int:
+        """Binds the gRPC port and the metrics port; returns the bound gRPC port."""
+        s = self.cfg.server
+        limit = s.max_message_bytes
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+        ])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        address = f"{s.host}:{s.port}"
+        creds = self._credentials()
+        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind the gRPC port {address}")
+        self.batcher.start()
+        await self.server.start()
+        if s.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
+        await self._update_health()
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+        log.info("robustgate serving %s on port %d (metrics %s)", self.contract.model_name, self.port, self.metrics_port)
+        return self.port
+
+    def is_ready(self) -> bool:
+        return not self.draining and self.backend.ready()
+
+    async def _update_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.is_ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def _watch_health(self) -> None:
+        interval = self.cfg.backend.upstream.health_interval_s if self.cfg.backend.kind == "upstream" else 1.0
+        while not self.draining:
+            await asyncio.sleep(interval)
+            if not self.draining:
+                await self._update_health()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful drain: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within
+        ``grace`` seconds (default server.grace_s), then release everything."""
+        grace = self.cfg.server.grace_s if grace is None else grace
+        self.draining = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.batcher.stop()
+        self.metrics.close()
+        self.backend.close()
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+    # ---- inference -------------------------------------------------------------------------
+    def model_metadata(self) -> pb.ModelMetadataResponse:
+        c = self.contract
+        resp = pb.ModelMetadataResponse(name=c.model_name, versions=list(c.versions), platform=self.meta.platform)
+        n, (ch, h, w) = -1, c.item_shape
+        resp.inputs.add(name=c.input_name, datatype="FP32", shape=[n, ch, h, w])
+        logits = next((o for o in self.meta.outputs if o.name == c.logits_output), None)
+        k = logits.shape[-1] if logits is not None else len(self.bundle.classes)
+        resp.outputs.add(name=c.logits_output, datatype="FP32", shape=[n, k])
+        resp.outputs.add(name=VERDICT_OUTPUT, datatype="INT32", shape=[n])
+        for stage in c.detector_stages:
+            resp.outputs.add(name=SCORE_PREFIX + stage, datatype="FP32", shape=[n])
+        if c.has_ensemble:
+            resp.outputs.add(name=RADIUS_OUTPUT, datatype="FP32", shape=[n])
+        return resp
+
+    def _on_batch(self, n: int, result: PipelineResult) -> None:
+        m = self.metrics
+        m.batch_size.observe(n)
+        for stage, seconds in result.seconds.items():
+            m.stage_duration.labels(stage=stage).observe(seconds)
+        for stage, scores in result.scores.items():
+            hist = m.detector_score.labels(detector=stage)
+            for s in scores.tolist():
+                if math.isfinite(s):
+                    hist.observe(s)
+        for stage in result.failed_stages:
+            m.stage_failures.labels(stage=stage, policy=self.runner.failure_policy).inc()
+
+    async def infer(self, request: pb.ModelInferRequest, time_remaining: float | None):
+        """-> (failure, None) or (None, response). Never raises for a bad request."""
+        m = self.metrics
+        try:
+            t0 = time.perf_counter()
+            decoded = decode_infer(request, self.contract)
+            t1 = time.perf_counter()
+            m.stage_duration.labels(stage="decode").observe(t1 - t0)
+            deadline = None if time_remaining is None else time.monotonic() + time_remaining
+            result, queued = await self.batcher.submit(decoded.x, deadline)
+            m.stage_duration.labels(stage="queue").observe(queued)
+        except ProtocolError as exc:
+            return _Failure(grpc.StatusCode[exc.code], exc.message, _OUTCOME_BY_CODE.get(exc.code, "invalid")), None
+        except QueueFull as exc:
+            return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "resource_exhausted"), None
+        except BatcherClosed as exc:
+            return _Failure(grpc.StatusCode.UNAVAILABLE, str(exc), "internal"), None
+        except BackendError as exc:
+            m.upstream_errors.labels(code=exc.code).inc()
+            code = grpc.StatusCode[exc.code] if exc.code in grpc.StatusCode.__members__ else grpc.StatusCode.INTERNAL
+            outcome = "deadline_exceeded" if exc.code == "DEADLINE_EXCEEDED" else "upstream_error"
+            return _Failure(code, f"backend: {exc}", outcome), None
+        except Exception as exc:  # noqa: BLE001 - any other failure answers INTERNAL and the server goes on
+            log.exception("ModelInfer failed")
+            return _Failure(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", "internal"), None
+
+        verdict = result.verdict.numpy()  # [N]
+        for v in verdict.tolist():
+            m.items.labels(verdict=VERDICT_NAMES[v]).inc()
+        for i in np.flatnonzero(verdict == REJECTED).tolist():
+            reason = result.reason[i] or "unknown"
+            m.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc()
+        rejected = np.flatnonzero(verdict == REJECTED)
+        if rejected.size and self.cfg.pipeline.verdict_mode == "request":
+            return rejection(result, int(rejected[0])), None
+
+        t2 = time.perf_counter()
+        logits = result.logits.detach().cpu().numpy().astype(np.float32, copy=True)  # [N, K]
+        logits[rejected] = np.nan
+        answer = Answer(
+            logits=logits, verdict=verdict, reasons=result.reason,
+            scores={k: v.detach().cpu().numpy() for k, v in result.scores.items()},
+            radius=None if result.radius is None else result.radius.detach().cpu().numpy(),
+        )
+        version = request.model_version or self.contract.versions[0]
+        response = encode_infer(decoded, answer, self.contract, version)
+        m.stage_duration.labels(stage="encode").observe(time.perf_counter() - t2)
+        outcome = "flagged" if (verdict != 0).any() else "accepted"
+        if rejected.size:
+            outcome = "rejected"
+        m.requests.labels(outcome=outcome).inc()
+        return None, response
