@@ -1,0 +1,80 @@
+"""``robustgate eval``: attack the served pipeline and write reports (see attacks/runner.py)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from robustgate.attacks.suite import ATTACKS
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", required=True, help="bundle directory")
+    parser.add_argument("--pipeline", default=None,
+                        help="YAML: a proxy config, {stages: [...]}, or {configs: {NAME: {stages: [...]}}}; "
+                             "the undefended backbone ('none') is always evaluated too")
+    parser.add_argument("--each-alone", action="store_true", help="also evaluate each stage alone")
+    parser.add_argument("--attacks", type=_names, default=["pgd"], help=f"comma-separated: {', '.join(ATTACKS)}")
+    parser.add_argument("--eps", type=_floats, default=[0.1], help="l-inf radii, comma-separated")
+    parser.add_argument("--eps-l2", type=_floats, default=[1.0, 2.0], help="l2 radii for cw, deepfool")
+    parser.add_argument("--n", type=int, default=100, help="test images (Fashion-MNIST t10k from --offset)")
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20, help="iterations of pgd/bpda/eot/joint")
+    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--eot", type=int, default=8, help="EOT samples (only where a stage is randomized)")
+    parser.add_argument("--queries", type=int, default=500, help="square: query budget per item")
+    parser.add_argument("--radii", type=_floats, default=[0.0, 0.25, 0.5, 1.0], help="certified L2 radii")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--url", default=None, help="HOST:PORT of a live proxy for the square attack")
+    parser.add_argument("--url-config", default=None, help="which configuration the live proxy serves")
+    parser.add_argument("--model-name", default=None, help="served model name at --url (default: bundle name)")
+    parser.add_argument("--surface-points", type=int, default=2, help="test points per config for loss surfaces")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", required=True, help="report directory (cells cached in OUT/cells)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from robustgate.attacks.reports import write_reports
+    from robustgate.attacks.runner import EvalSettings, Evaluation, load_pipelines
+    from robustgate.models.bundle import Bundle
+
+    torch.set_num_threads(args.threads)
+    bundle = Bundle.load(args.bundle)
+    configs = load_pipelines(args.pipeline, each_alone=args.each_alone)
+    settings = EvalSettings(
+        attacks=args.attacks, eps=args.eps, eps_l2=args.eps_l2, n=args.n, offset=args.offset, steps=args.steps,
+        restarts=args.restarts, eot=args.eot, queries=args.queries, radii=args.radii, batch_size=args.batch_size,
+        seed=args.seed, url=args.url, model_name=args.model_name,
+        url_config=args.url_config or (configs[-1].name if args.url else None),
+    )
+    evaluation = Evaluation(bundle, configs, settings, args.out, progress=not args.no_progress,
+                            surface_points=args.surface_points)
+    result = evaluation.run()
+    result["command"] = "robustgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write_reports(result, args.out)
+    flags = [r for r in result["sanity"] if r["status"] == "FLAG"]
+    print(f"wrote {paths['json']} and {paths['md']}; {len(result['cells'])} cells; "
+          f"{len(flags)} sanity flag(s)")
+    for r in flags:
+        print(f"  FLAG {r['check']} {r['config']}: {r['detail']}")
+    return 0

@@ -1,0 +1,400 @@
+"""The evaluation matrix: pipeline configurations x attacks x epsilons, scored on the served path.
+
+For every configuration the runner builds the stages exactly as the proxy does
+(:func:`~robustgate.attacks.differentiable.build_stages`), scores clean and attacked images on the
+served pipeline (:func:`~robustgate.attacks.served.served_pipeline`: DefendedModel on the ONNX
+graph) and generates the attacks on the torch twin (adaptive) or the undefended backbone
+(non-adaptive). After every attack the perturbation is asserted to stay within eps and the
+[0, 1] box. Each finished cell is written as JSON under ``out/cells/`` (and the adversarial
+examples of backbone attacks under ``out/adv/``), so an interrupted run resumes where it stopped.
+
+Metrics (each cell carries its :class:`~robustgate.attacks.threat.ThreatModel`):
+
+- clean accuracy: accepted (not rejected) and correct, over all n items;
+- false-rejection rate: clean items rejected;
+- robust accuracy: attacked items that are rejected, or accepted and correctly classified;
+- attack success rate: among items accepted and correct when clean, the share whose attacked
+  version is accepted and misclassified;
+- per detector: TPR on the attacked items at the calibrated threshold, the clean FPR at that
+  threshold, ROC AUC (clean vs attacked scores);
+- certified accuracy at L2 radii when the ensemble certifies (correct, not abstained,
+  radius >= r);
+- wall time per cell and served latency per item.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score, roc_curve
+from torch import nn
+from tqdm import tqdm
+
+from robustgate.attacks.differentiable import BackboneOnly, PipelineTwin, build_stages
+from robustgate.attacks.served import OnnxClassifier, fashion_mnist_test, served_pipeline
+from robustgate.attacks.square import LocalOracle, QueryOracle
+from robustgate.attacks.suite import ATTACKS, AttackContext, threat_model
+from robustgate.attacks.threat import check_perturbation
+from robustgate.defenses.pipeline import FLAGGED, REJECTED, DefendedModel
+
+CELL_SCHEMA = 1
+
+
+@dataclass
+class PipelineConfig:
+    name: str
+    stages: list[dict[str, Any]]
+    failure_policy: str = "fail-closed"
+
+
+def load_pipelines(path: str | Path | None, each_alone: bool = False) -> list[PipelineConfig]:
+    """Reads the configurations to evaluate. Accepted YAML shapes:
+
+    - a proxy config: ``pipeline: {stages: [...], failure_policy}`` (named after the file);
+    - ``stages: [...]`` (named after the file);
+    - ``configs: {NAME: {stages: [...], failure_policy}}``.
+
+    The undefended backbone (``none``, no stages) always comes first; ``each_alone`` adds one
+    configuration per stage of every listed pipeline (``only-<stage name>``)."""
+    configs = [PipelineConfig("none", [])]
+    if path is None:
+        return configs
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    if "configs" in raw:
+        items = raw["configs"]
+        if not isinstance(items, dict):
+            raise ValueError(f"{path}: 'configs' must map names to {{stages, failure_policy}}")
+    elif "pipeline" in raw:
+        items = {path.stem: raw["pipeline"] or {}}
+    elif "stages" in raw:
+        items = {path.stem: raw}
+    else:
+        raise ValueError(f"{path}: expected 'configs', 'pipeline' or 'stages' at the top level")
+    listed = []
+    for name, body in items.items():
+        stages = list((body or {}).get("stages") or [])
+        for i, st in enumerate(stages):
+            if not isinstance(st, dict) or "kind" not in st:
+                raise ValueError(f"{path}: config {name!r} stage {i} needs at least a 'kind'")
+            st.setdefault("name", st["kind"])
+        listed.append(PipelineConfig(str(name), stages, (body or {}).get("failure_policy", "fail-closed")))
+    if each_alone:
+        seen = set()
+        for cfg in listed:
+            for st in cfg.stages:
+                if st["name"] not in seen and len(cfg.stages) > 1:
+                    seen.add(st["name"])
+                    configs.append(PipelineConfig(f"only-{st['name']}", [st], cfg.failure_policy))
+    configs.extend(c for c in listed if c.name != "none")
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: configuration names must be unique: {names}")
+    return configs
+
+
+@dataclass
+class EvalSettings:
+    attacks: list[str]
+    eps: list[float]  # l-inf radii (fgsm, pgd, autoattack, bpda, eot, joint, square)
+    eps_l2: list[float] = field(default_factory=lambda: [1.0, 2.0])  # l2 radii (cw, deepfool)
+    n: int = 100
+    offset: int = 0
+    steps: int = 20
+    restarts: int = 1
+    eot: int = 8
+    queries: int = 500
+    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0])
+    batch_size: int = 250
+    seed: int = 0
+    url: str | None = None  # live proxy for the black-box attack (else the local served pipeline)
+    model_name: str | None = None
+    url_config: str | None = None  # the configuration the live proxy at ``url`` serves
+
+    def __post_init__(self):
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+def _cell_key(config: str, attack: str, eps: float) -> str:
+    return f"{config}__{attack}__eps{eps:g}"
+
+
+def _run_served(model: DefendedModel, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Served answers for ``x``: per-item prediction, verdict, detector scores, radius, seconds."""
+    preds, verdicts, radii, scores = [], [], [], {}
+    seconds = 0.0
+    for i in range(0, len(x), batch_size):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(x[i:i + batch_size])
+        seconds += time.perf_counter() - t0
+        preds.append(out.logits.argmax(1))
+        verdicts.append(out.verdict)
+        if out.radius is not None:
+            radii.append(out.radius)
+        for name, s in out.scores.items():
+            scores.setdefault(name, []).append(s)
+    return {
+        "pred": torch.cat(preds).tolist(),
+        "verdict": torch.cat(verdicts).tolist(),
+        "radius": torch.cat(radii).tolist() if radii else None,
+        "scores": {k: torch.cat(v).tolist() for k, v in scores.items()},
+        "seconds": seconds,
+    }
+
+
+def _detector_metrics(clean: dict, adv: dict, thresholds: dict[str, float]) -> dict[str, Any]:
+    out = {}
+    for name, clean_s in clean["scores"].items():
+        adv_s = adv["scores"].get(name)
+        if adv_s is None:
+            continue
+        c, a = np.asarray(clean_s, dtype=np.float64), np.asarray(adv_s, dtype=np.float64)
+        labels = np.r_[np.zeros(len(c)), np.ones(len(a))]
+        scores = np.r_[c, a]
+        thr = thresholds.get(name)
+        entry: dict[str, Any] = {"threshold": thr, "auc": float(roc_auc_score(labels, scores))}
+        if thr is not None:
+            entry["tpr_at_threshold"] = float((a > thr).mean())
+            entry["fpr_at_threshold"] = float((c > thr).mean())
+        fpr, tpr, _ = roc_curve(labels, scores)
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
+        entry["roc"] = {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}
+        out[name] = entry
+    return out
+
+
+class Evaluation:
+    """One ``robustgate eval`` run. ``backbone``: the torch twin (default: loaded from the
+    bundle by ``models.twin.load_backbone``)."""
+
+    def __init__(self, bundle, configs: list[PipelineConfig], settings: EvalSettings, out: str | Path,
+                 backbone: nn.Module | None = None, progress: bool = True, surface_points: int = 2):
+        self.bundle = bundle
+        self.configs = configs
+        self.settings = settings
+        self.out = Path(out)
+        self.progress = progress
+        self.surface_points = surface_points
+        if backbone is None:
+            from robustgate.models.twin import load_backbone
+
+            backbone = load_backbone(bundle, device="cpu")
+        self.backbone = BackboneOnly(backbone)
+        self.onnx = OnnxClassifier(bundle)
+        self.num_classes = len(bundle.classes)
+        if tuple(bundle.input.shape) != (1, 28, 28):
+            raise ValueError(f"bundle input shape {bundle.input.shape}: the evaluation data is Fashion-MNIST [1, 28, 28]")
+        self.x, self.y = fashion_mnist_test(settings.n, settings.offset)
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        (self.out / "adv").mkdir(parents=True, exist_ok=True)
+
+    # ---- cache ------------------------------------------------------------------------------
+    def _cached(self, key: str) -> dict | None:
+        path = self.out / "cells" / f"{key}.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        same = data.get("schema") == CELL_SCHEMA and data.get("n") == self.settings.n and data.get("offset") == self.settings.offset
+        return data if same else None
+
+    def _store(self, key: str, data: dict) -> dict:
+        data = {"schema": CELL_SCHEMA, "n": self.settings.n, "offset": self.settings.offset, **data}
+        path = self.out / "cells" / f"{key}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+        return data
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def _oracle(self, served: DefendedModel, config: PipelineConfig) -> QueryOracle:
+        if self.settings.url is None or config.name != self.settings.url_config:
+            return LocalOracle(served)
+        from robustgate.attacks.endpoint import GrpcOracle
+
+        return GrpcOracle(self.settings.url, self.settings.model_name or self.bundle.name)
+
+    def _clean(self, config: PipelineConfig, served: DefendedModel) -> dict:
+        key = f"{config.name}__clean"
+        hit = self._cached(key)
+        if hit is not None:
+            return hit
+        ans = _run_served(served, self.x, self.settings.batch_size)
+        y = self.y.tolist()
+        verdict, pred = np.asarray(ans["verdict"]), np.asarray(ans["pred"])
+        correct = pred == np.asarray(y)
+        rejected = verdict == REJECTED
+        with torch.no_grad():
+            backbone_acc = float((self.onnx(self.x).argmax(1) == self.y).float().mean())
+        metrics = {
+            "clean_accuracy": float((correct & ~rejected).mean()),
+            "false_rejection_rate": float(rejected.mean()),
+            "flag_rate": float((verdict == FLAGGED).mean()),
+            "backbone_clean_accuracy": backbone_acc,
+            "latency_ms_per_item": 1000.0 * ans["seconds"] / len(y),
+        }
+        if ans["radius"] is not None:
+            radius = np.nan_to_num(np.asarray(ans["radius"], dtype=np.float64), nan=-1.0)
+            metrics["certified_accuracy"] = {
+                f"{r:g}": float((correct & ~rejected & (radius >= r)).mean()) for r in self.settings.radii
+            }
+        return self._store(key, {"config": config.name, "metrics": metrics, "answers": ans})
+
+    def _adversarial(self, attack: str, tm, ctx: AttackContext, cache_key: str | None) -> tuple[torch.Tensor, float]:
+        """Runs ``attack`` over the test set in batches; asserts the perturbation after each."""
+        if cache_key is not None:
+            path = self.out / "adv" / f"{cache_key}.safetensors"
+            if path.is_file():
+                stored = load_file(str(path))
+                x_adv = stored["x_adv"]
+                check_perturbation(x_adv, self.x, tm.norm, tm.eps, who=f"{attack} (cached)")
+                return x_adv, float(stored["seconds"].item())
+        run = ATTACKS[attack].run
+        parts = []
+        t0 = time.perf_counter()
+        torch.manual_seed(self.settings.seed)
+        for i in range(0, len(self.x), self.settings.batch_size):
+            xb, yb = self.x[i:i + self.settings.batch_size], self.y[i:i + self.settings.batch_size]
+            adv = run(ctx, tm, xb, yb).detach().float()
+            check_perturbation(adv, xb, tm.norm, tm.eps, who=attack)
+            parts.append(adv)
+        seconds = time.perf_counter() - t0
+        x_adv = torch.cat(parts)
+        if cache_key is not None:
+            save_file({"x_adv": x_adv.contiguous(), "seconds": torch.tensor([seconds])},
+                      str(self.out / "adv" / f"{cache_key}.safetensors"))
+        return x_adv, seconds
+
+    def _cell(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, clean: dict,
+              attack: str, eps: float) -> dict:
+        key = _cell_key(config.name, attack, eps)
+        hit = self._cached(key)
+        if hit is not None:
+            return hit
+        s = self.settings
+        a = ATTACKS[attack]
+        eot = s.eot if twin.randomized else 1
+        tm = threat_model(attack, eps, s.n, s.steps, s.restarts, eot, s.queries)
+        base = {"config": config.name, "attack": attack, "eps": eps, "threat_model": tm.as_dict(),
+                "adaptive": a.adaptive}
+        if attack == "eot" and not twin.randomized:
+            return self._store(key, {**base, "status": "skipped", "reason": "no randomized stage: EOT = bpda"})
+        if attack == "joint" and not twin.detectors:
+            return self._store(key, {**base, "status": "skipped", "reason": "no detector stage: joint = bpda"})
+        t0 = time.perf_counter()
+        ctx = AttackContext(self.backbone, twin, self._oracle(served, config), self.num_classes, s.seed)
+        # backbone attacks do not depend on the configuration: generate once, reuse across configs
+        cache = f"{attack}__eps{eps:g}" if a.target == "backbone" else None
+        x_adv, gen_seconds = self._adversarial(attack, tm, ctx, cache)
+        ans = _run_served(served, x_adv, s.batch_size)
+        y = np.asarray(self.y.tolist())
+        verdict, pred = np.asarray(ans["verdict"]), np.asarray(ans["pred"])
+        rejected = verdict == REJECTED
+        clean_ok = (np.asarray(clean["answers"]["pred"]) == y) & (np.asarray(clean["answers"]["verdict"]) != REJECTED)
+        fooled = ~rejected & (pred != y)
+        with torch.no_grad():
+            backbone_acc = float((self.onnx(x_adv).argmax(1) == self.y).float().mean())
+        metrics = {
+            "robust_accuracy": float((rejected | (pred == y)).mean()),
+            "attack_success_rate": float(fooled[clean_ok].mean()) if clean_ok.any() else 0.0,
+            "rejection_rate": float(rejected.mean()),
+            "accepted_and_correct": float((~rejected & (pred == y)).mean()),
+            "backbone_accuracy_on_these_examples": backbone_acc,
+            "generation_seconds": gen_seconds,
+        }
+        thresholds = {st.name: float(st.defense.threshold) for st in twin.detectors
+                      if st.defense.threshold is not None}
+        detectors = _detector_metrics(clean["answers"], ans, thresholds)
+        extra: dict[str, Any] = {}
+        if attack == "square":
+            extra["oracle"] = (f"grpc://{s.url}" if s.url is not None and config.name == s.url_config
+                               else "local served pipeline")
+        if attack == "joint":
+            extra["detectors_without_gradient"] = self._detectors_without_gradient(twin)
+        return self._store(key, {**base, "status": "done", "metrics": metrics, "detectors": detectors,
+                                 "wall_seconds": time.perf_counter() - t0, "answers": ans, **extra})
+
+    def _detectors_without_gradient(self, twin: PipelineTwin) -> list[str]:
+        x = self.x[:2].clone().requires_grad_(True)
+        return [name for name, sc in twin.detector_scores(x).items() if not sc.requires_grad]
+
+    # ---- the matrix -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        s = self.settings
+        plan = []
+        for cfg in self.configs:
+            for attack in s.attacks:
+                for eps in (s.eps_l2 if ATTACKS[attack].norm == "l2" else s.eps):
+                    plan.append((cfg, attack, eps))
+        result: dict[str, Any] = {
+            "bundle": {"path": str(self.bundle.root), "name": self.bundle.name,
+                       "backbone_sha256": self.bundle.spec.backbone.onnx.sha256},
+            "n": s.n, "offset": s.offset, "data": "Fashion-MNIST test set (t10k)",
+            "settings": asdict(s), "configs": {}, "cells": [],
+        }
+        bar = tqdm(total=len(plan) + len(self.configs), desc="eval", unit="cell", disable=not self.progress)
+        for cfg in self.configs:
+            stages = build_stages(cfg.stages, self.bundle)
+            served = served_pipeline(self.bundle, stages, cfg.failure_policy, classifier=self.onnx)
+            twin = PipelineTwin(self.backbone.backbone, build_stages(cfg.stages, self.bundle, twin=True), bpda=True)
+            clean = self._clean(cfg, served)
+            bar.update(1)
+            result["configs"][cfg.name] = {
+                "stages": cfg.stages, "failure_policy": cfg.failure_policy, "clean": clean["metrics"],
+                "randomized": twin.randomized, "non_differentiable": twin.non_differentiable,
+                "detectors": {st.name: {"threshold": st.defense.threshold, "action": st.action} for st in twin.detectors},
+                "clean_scores": clean["answers"]["scores"],
+            }
+            if self.surface_points:
+                radius = max(s.eps) if s.eps else 0.3
+                result.setdefault("loss_surfaces", {})[cfg.name] = [
+                    loss_surface(twin, self.x[i:i + 1], self.y[i:i + 1], radius, seed=s.seed + i)
+                    for i in range(min(self.surface_points, len(self.x)))
+                ]
+            for c, attack, eps in plan:
+                if c is not cfg:
+                    continue
+                bar.set_postfix_str(f"{cfg.name} {attack} eps={eps:g}")
+                cell = self._cell(cfg, served, twin, clean, attack, eps)
+                result["cells"].append({k: v for k, v in cell.items() if k not in ("answers", "schema")})
+                bar.update(1)
+        bar.close()
+        return result
+
+
+def loss_surface(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, grid: int = 11,
+                 seed: int = 0) -> dict[str, Any]:
+    """Cross-entropy of ``model`` on the plane ``x + a*g + b*r`` around one test point.
+
+    ``x`` ``[1, C, H, W]``; ``g`` = sign of the loss gradient (through BPDA surrogates), ``r`` = a
+    random sign direction; ``a, b`` in ``[-radius, radius]`` (``grid`` values each, points
+    clipped to the box). A smooth bowl rising along ``g`` is what honest gradients look like; a
+    flat or jagged surface next to a steep random direction is the visual sign of gradient
+    masking (Athalye et al. 2018)."""
+    xg = x.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(xg), y)
+    (g,) = torch.autograd.grad(loss, xg, allow_unused=True)
+    g = torch.zeros_like(x) if g is None else g.sign()
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randint(0, 2, x.shape, generator=gen).float() * 2 - 1
+    steps = torch.linspace(-radius, radius, grid)
+    a, b = torch.meshgrid(steps, steps, indexing="ij")  # [G, G]
+    pts = (x + a.reshape(-1, 1, 1, 1) * g + b.reshape(-1, 1, 1, 1) * r).clamp(0, 1)  # [G*G, C, H, W]
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(model(pts), y.expand(len(pts)), reduction="none")
+    return {"steps": steps.tolist(), "loss": losses.view(grid, grid).tolist(),
+            "gradient_is_zero": bool((g == 0).all())}
