@@ -1,0 +1,108 @@
+"""Cheap purifiers: JPEG, Gaussian noise, bit-depth reduction, median filter."""
+
+import pytest
+import torch
+import torchattacks
+
+from robustgate.defenses.base import build
+from robustgate.defenses.purify.bitdepth import reduce_bit_depth
+from robustgate.defenses.purify.jpeg import JpegPurifier, jpeg_roundtrip
+from robustgate.defenses.purify.median import median_filter
+
+
+def test_jpeg_quality_100_is_near_identity_on_grayscale(two_class_data):
+    x = two_class_data[0][:16]
+    y = JpegPurifier(quality=100).purify(x)
+    assert (y - x).abs().max() <= 3 / 255  # 1/255 rounding + the finest quantization table
+    assert (y - x).abs().mean() < 0.5 / 255
+
+
+def test_jpeg_low_quality_changes_an_adversarial_input(two_class_data, two_class_model):
+    x, labels = two_class_data[0][:32], two_class_data[1][:32]
+    assert (two_class_model(x).argmax(1) == labels).float().mean() > 0.9
+    adv = torchattacks.PGD(two_class_model, eps=0.25, alpha=0.05, steps=20, random_start=False)(x, labels)
+    assert (two_class_model(adv).argmax(1) == labels).float().mean() < 0.5  # the attack works
+    purified = JpegPurifier(quality=10).purify(adv)
+    change = (purified - adv).abs().mean().item()
+    assert change > 0.02, f"JPEG q10 changed the adversarial input by only {change:.4f} per pixel"
+    # and much more than at quality 100
+    assert change > 5 * (JpegPurifier(quality=100).purify(adv) - adv).abs().mean().item()
+
+
+def test_jpeg_supports_rgb_and_rejects_other_channel_counts():
+    x = torch.full((2, 3, 16, 16), 0.5)
+    x[:, 0] = 0.8
+    y = jpeg_roundtrip(x, 90)
+    assert y.shape == x.shape and (y - x).abs().max() < 0.05  # flat colour survives 4:2:0 subsampling
+    with pytest.raises(ValueError, match="1 \\(grayscale\\) or 3 \\(RGB\\) channels"):
+        JpegPurifier().purify(torch.rand(1, 2, 8, 8))
+
+
+def test_jpeg_keeps_float64_and_an_empty_batch():
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    assert JpegPurifier(quality=90).purify(x).dtype == torch.float64
+    assert JpegPurifier().purify(torch.rand(0, 1, 8, 8)).shape == (0, 1, 8, 8)
+
+
+def test_noise_matches_its_formula_and_sigma_zero_is_identity(fixed_images):
+    g = torch.Generator().manual_seed(3)
+    y = build("noise", sigma=0.05).purify(fixed_images, g)
+    eps = torch.randn(fixed_images.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(y, (fixed_images + 0.05 * eps).clamp(0, 1))
+    assert torch.equal(build("noise", sigma=0.0).purify(fixed_images), fixed_images)
+
+
+def test_noise_has_the_configured_standard_deviation():
+    x = torch.full((64, 1, 16, 16), 0.5)
+    y = build("noise", sigma=0.1).purify(x, torch.Generator().manual_seed(0))
+    assert abs((y - x).std().item() - 0.1) < 0.005
+    assert abs((y - x).mean().item()) < 0.005
+
+
+def test_noise_is_differentiable():
+    x = torch.full((2, 1, 8, 8), 0.5, requires_grad=True)
+    build("noise", sigma=0.01).purify(x, torch.Generator().manual_seed(0)).sum().backward()
+    assert torch.allclose(x.grad, torch.ones_like(x))
+
+
+def test_bitdepth_levels(fixed_images):
+    y = reduce_bit_depth(fixed_images, 1)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    y3 = build("bitdepth", bits=3).purify(fixed_images)
+    assert len(y3.unique()) <= 8
+    assert (y3 - fixed_images).abs().max() <= 0.5 / 7 + 1e-6
+    # regression: a ramp of 8 values quantized to 2 bits
+    ramp = torch.linspace(0, 1, 8).view(1, 1, 1, 8)
+    torch.testing.assert_close(reduce_bit_depth(ramp, 2).flatten() * 3, torch.tensor([0., 0., 1., 1., 2., 2., 3., 3.]))
+    assert torch.equal(build("bitdepth", bits=8).purify(torch.tensor([[[[0.2, 0.6]]]])),
+                       torch.round(torch.tensor([[[[0.2, 0.6]]]]) * 255) / 255)
+
+
+def test_median_removes_a_salt_pixel_and_keeps_ramps(fixed_images):
+    y = build("median", kernel_size=3).purify(fixed_images)
+    assert torch.allclose(y[2], torch.full_like(y[2], 0.25))  # the salt pixel is gone
+    # a linear ramp is its own median away from the border (reflection folds it at the edge)
+    torch.testing.assert_close(y[0][..., 1:-1], fixed_images[0][..., 1:-1])
+    torch.testing.assert_close(y[1][..., 1:-1, :], fixed_images[1][..., 1:-1, :])
+
+
+def test_median_matches_a_hand_computed_window():
+    x = torch.arange(25, dtype=torch.float32).view(1, 1, 5, 5) / 24
+    x[0, 0, 2, 2] = 1.0  # centre pixel 12/24 -> 1.0
+    y = median_filter(x, 3)
+    # centre window {6,7,8,11,24*,13,16,17,18}/24 -> median 13/24
+    assert y[0, 0, 2, 2].item() == pytest.approx(13 / 24)
+    # corner (0, 0) with reflect padding: window rows {6,5,6},{1,0,1},{6,5,6} -> median 5/24
+    assert y[0, 0, 0, 0].item() == pytest.approx(5 / 24)
+
+
+def test_median_kernel_one_is_identity_and_too_large_kernel_fails(fixed_images):
+    assert torch.equal(build("median", kernel_size=1).purify(fixed_images), fixed_images)
+    with pytest.raises(ValueError, match="reflect padding"):
+        build("median", kernel_size=17).purify(fixed_images)
+
+
+def test_median_passes_gradients():
+    x = torch.rand(1, 1, 6, 6, requires_grad=True)
+    build("median").purify(x).sum().backward()
+    assert x.grad.abs().sum() > 0 and x.grad.sum().item() == pytest.approx(36.0)  # each output routes 1
