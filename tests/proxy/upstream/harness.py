@@ -97,9 +97,30 @@ def write_bundle(root: Path, onnx_file: Path, name: str = "tiny") -> Path:
     return root
 
 
+def onnx_signature(onnx_file: Path) -> dict[str, list[dict]]:
+    """The model's inputs and outputs as MLServer metadata tensors (symbolic dims -> -1)."""
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def tensors(values) -> list[dict]:
+        out = []
+        for v in values:
+            if v.name in initializers:
+                continue
+            dtype = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+            if dtype != np.float32:
+                raise ValueError(f"{onnx_file}: tensor {v.name!r} is {dtype}; the test runtime serves FP32 only")
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+            out.append({"name": v.name, "datatype": "FP32", "shape": dims})
+        return out
+
+    return {"inputs": tensors(graph.input), "outputs": tensors(graph.output)}
+
+
 class MLServerProcess:
     """``mlserver start`` on a work dir; ``models`` maps a model name to its settings:
-    ``{"onnx": path, "sleep_s": 0.0, "fault": "none", "intra_op_threads": 1}``."""
+    ``{"onnx": path, "sleep_s": 0.0, "fault": "none", "intra_op_threads": 1, "cancel_log": None}``
+    (see mlserver_onnx.py)."""
 
     def __init__(self, workdir: Path, models: dict[str, dict], grpc_port: int | None = None):
         if not models:
@@ -129,13 +150,12 @@ class MLServerProcess:
                 "name": name,
                 "implementation": "mlserver_onnx.OnnxModel",
                 "max_batch_size": 0,  # MLServer's adaptive batching off: one request, one predict()
-                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-                "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, NUM_CLASSES]},
-                            {"name": "features", "datatype": "FP32", "shape": [-1, FEATURES]}],
+                **onnx_signature(Path(cfg["onnx"])),
                 "parameters": {
                     "uri": str(Path(cfg["onnx"]).resolve()),
                     "extra": {"sleep_s": float(cfg.get("sleep_s", 0.0)), "fault": cfg.get("fault", "none"),
-                              "intra_op_threads": int(cfg.get("intra_op_threads", 1))},
+                              "intra_op_threads": int(cfg.get("intra_op_threads", 1)),
+                              **({"cancel_log": str(cfg["cancel_log"])} if cfg.get("cancel_log") else {})},
                 },
             }
             (folder / "model-settings.json").write_text(json.dumps(model_settings, indent=2))

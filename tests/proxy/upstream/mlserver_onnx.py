@@ -8,7 +8,9 @@ holds test knobs:
 - ``fault`` (default ``"none"``): make the answer malformed the way a buggy upstream would:
   ``drop_row`` (one item fewer than sent), ``no_logits`` (only the ``features`` output),
   ``fp64`` (logits as FP64);
-- ``intra_op_threads`` (int, default 1).
+- ``intra_op_threads`` (int, default 1);
+- ``cancel_log`` (path, optional): a line is appended there whenever a sleeping request is
+  cancelled -- the evidence that a caller's deadline reached this server.
 
 Every ONNX output is returned (``logits`` and, for bundles exported with it, ``features``).
 """
@@ -32,6 +34,7 @@ class OnnxModel(MLModel):
         extra = self.settings.parameters.extra or {}
         self._sleep_s = float(extra.get("sleep_s", 0.0))
         self._fault = extra.get("fault", "none")
+        self._cancel_log = extra.get("cancel_log")
         if self._fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}, got {self._fault!r}")
         options = ort.SessionOptions()
@@ -48,7 +51,13 @@ class OnnxModel(MLModel):
             raise ValueError(f"expected one input tensor, got {len(payload.inputs)}")
         x = self.decode(payload.inputs[0], default_codec=NumpyCodec).astype(np.float32)  # [M, C, H, W]
         if self._sleep_s:
-            await asyncio.sleep(self._sleep_s)
+            try:
+                await asyncio.sleep(self._sleep_s)
+            except asyncio.CancelledError:
+                if self._cancel_log:
+                    with open(self._cancel_log, "a") as fh:
+                        fh.write(f"cancelled {x.shape[0]} item(s)\n")
+                raise
         results = dict(zip(self._outputs, self._session.run(None, {self._input: x})))
         if self._fault == "drop_row":
             results = {k: v[:-1] for k, v in results.items()}
