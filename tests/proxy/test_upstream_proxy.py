@@ -1,0 +1,131 @@
+"""End to end: the real tritonclient.grpc client -> robustgate proxy (backend.kind=upstream) ->
+a real Seldon MLServer serving the proxy test bundle's ONNX backbone, all on loopback.
+
+Answers through the proxy equal the upstream's direct answers; the client's deadline reaches the
+upstream call; the upstream stopped mid-test makes the proxy answer UNAVAILABLE and report not
+ready; the upstream restarted on the same port brings readiness and answers back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+
+def load_harness():
+    name = "robustgate_tests_upstream_harness"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "upstream" / "harness.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+harness = load_harness()
+SLOW_S = 3.0
+
+
+def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
+    """Polls ``predicate`` (a wait, not a timing assertion: the bound only stops a hung test)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, 28, 28), dtype=np.float32)  # [n, 1, 28, 28]
+
+
+def triton_infer(client: tc.InferenceServerClient, model: str, x: np.ndarray, **kwargs) -> dict[str, np.ndarray]:
+    inp = tc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer(model, [inp], **kwargs)
+    return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response(as_json=True)["outputs"]}
+
+
+def upstream_errors(metrics_port: int) -> dict[str, float]:
+    """``robustgate_upstream_errors_total`` by code, scraped from the proxy's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "robustgate_upstream_errors_total":
+                out[sample.labels["code"]] = sample.value
+    return out
+
+
+@pytest.fixture
+def mlserver(tmp_path, proxy_bundle):
+    onnx_file = proxy_bundle / "backbone.onnx"
+    server = harness.MLServerProcess(
+        tmp_path / "mlserver",
+        {"tiny": {"onnx": onnx_file},
+         "tiny-slow": {"onnx": onnx_file, "sleep_s": SLOW_S, "cancel_log": tmp_path / "cancelled.log"}},
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def upstream_section(url: str, model_name: str = "tiny", **extra) -> dict:
+    return {"kind": "upstream", "upstream": {"url": url, "model_name": model_name, "retries": 1, "backoff_s": 0.01,
+                                             "health_interval_s": 0.2, **extra}}
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_answers_through_the_proxy_equal_the_upstreams(start_proxy, mlserver, ort_logits, batching):
+    proxy = start_proxy(backend=upstream_section(mlserver.url), batching={"enabled": batching})
+    with tc.InferenceServerClient(proxy.url) as via_proxy, tc.InferenceServerClient(mlserver.url) as direct:
+        assert via_proxy.is_server_ready() and via_proxy.is_model_ready("tiny")
+        for n, seed in [(1, 0), (5, 1)]:
+            x = images(n, seed)
+            got = triton_infer(via_proxy, "tiny", x)
+            want = triton_infer(direct, "tiny", x)["logits"]
+            np.testing.assert_array_equal(got["logits"], want)
+            np.testing.assert_allclose(got["logits"], ort_logits(x), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(got["robustgate_verdict"], np.zeros(n, dtype=np.int32))
+
+
+def test_client_deadline_reaches_the_upstream_call(start_proxy, mlserver):
+    """The upstream sleeps SLOW_S; the proxy's own timeout_s is 30 s; a 0.5 s client deadline
+    must still end the proxy's upstream call, which MLServer sees as a cancelled request."""
+    proxy = start_proxy(backend=upstream_section(mlserver.url, model_name="tiny-slow", timeout_s=30.0),
+                        model_name="tiny-slow", batching={"enabled": False})
+    with tc.InferenceServerClient(proxy.url) as client:
+        with pytest.raises(InferenceServerException) as err:
+            triton_infer(client, "tiny-slow", images(1, 0), client_timeout=0.5)
+    assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", (err.value.status(), str(err.value))
+    log = mlserver.models["tiny-slow"]["cancel_log"]
+    wait_until(lambda: log.exists() and "cancelled 1 item(s)" in log.read_text(), timeout_s=10.0,
+               what="MLServer cancelling the proxy's upstream call")
+
+
+def test_upstream_stopped_then_restarted(start_proxy, mlserver):
+    proxy = start_proxy(backend=upstream_section(mlserver.url))
+    x = images(3, seed=11)
+    with tc.InferenceServerClient(proxy.url) as client:
+        before = triton_infer(client, "tiny", x)["logits"]
+
+        mlserver.stop()
+        with pytest.raises(InferenceServerException) as err:
+            triton_infer(client, "tiny", x)
+        assert err.value.status() == "StatusCode.UNAVAILABLE", (err.value.status(), str(err.value))
+        wait_until(lambda: not client.is_server_ready(), what="ServerReady false with the upstream down")
+        assert not client.is_model_ready("tiny")
+        assert upstream_errors(proxy.metrics_port).get("UNAVAILABLE", 0) >= 1
+
+        mlserver.start()  # same gRPC port
+        wait_until(client.is_server_ready, what="ServerReady true once the upstream returned")
+        np.testing.assert_array_equal(triton_infer(client, "tiny", x)["logits"], before)
