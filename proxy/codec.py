@@ -174,7 +174,7 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
         x = arr.astype(np.float32, copy=True)
     x = x.reshape(shape)  # [N, C, H, W]
     if not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x.reshape(n, -1)).any(axis=1))[0])
+        bad = int(np.flatnonzero((~np.isfinite(x.reshape(n, -1))).any(axis=1))[0])
         raise _invalid(f"input {inp.name!r}: item {bad} contains NaN or Inf")
     lo, hi = contract.value_range
     xmin, xmax = float(x.min()), float(x.max())

@@ -27,7 +27,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from robustgate import __version__
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
@@ -78,6 +79,15 @@ def rejection(result: PipelineResult, i: int) -> _Failure:
             ("robustgate-score", repr(s)), ("robustgate-threshold", repr(t)),
         ),
     )
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The descriptors reflection serves: our OIP stubs live in a private pool (see
+    protos/generate.py), so the health and reflection files are added beside them."""
+    pool = descriptor_pool.DescriptorPool()
+    for fd in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(fd.serialized_pb)
+    return pool
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -178,7 +188,7 @@ class ProxyServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
+            self.server, pool=reflection_pool(),
         )
         address = f"{s.host}:{s.port}"
         creds = self._credentials()

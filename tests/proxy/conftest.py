@@ -18,11 +18,56 @@ import pytest
 import torch
 from torch import nn
 
+from robustgate.defenses.base import Detector, Purifier, register
 from robustgate.models.bundle import SCHEMA_VERSION, BackboneSpec, Bundle, BundleSpec, InputSpec, artifact
 from robustgate.proxy.config import load_config
 from robustgate.proxy.serve import build_server
 
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+
+
+@register
+class MeanDetector(Detector):
+    """Test-local detector: score = mean pixel of each item (bright images are "adversarial")."""
+
+    kind = "test_proxy_mean"
+
+    def score(self, x, classifier=None):  # [N, C, H, W] -> [N]
+        return x.mean(dim=(1, 2, 3))
+
+
+@register
+class FeatureNormDetector(Detector):
+    """Test-local detector that queries the local backbone's features (OnnxClassifier)."""
+
+    kind = "test_proxy_featnorm"
+
+    def score(self, x, classifier=None):
+        return classifier.features(x).norm(dim=1)
+
+
+@register
+class BrokenDetector(Detector):
+    kind = "test_proxy_broken"
+
+    def score(self, x, classifier=None):
+        raise RuntimeError("detector exploded")
+
+
+@register
+class GatePurifier(Purifier):
+    """Identity purifier that signals ``entered`` and blocks until ``gate`` opens (queue tests)."""
+
+    kind = "test_proxy_gate"
+
+    def __init__(self, gate: threading.Event, entered: threading.Event):
+        self.gate, self.entered = gate, entered
+
+    def purify(self, x, generator=None):
+        self.entered.set()
+        if not self.gate.wait(timeout=60):
+            raise RuntimeError("gate never opened")
+        return x
 
 
 class TinyCNN(nn.Module):
@@ -110,6 +155,16 @@ def proxy_config(bundle: Path, environ: dict | None = None, **sections):
         else:
             overrides[key] = value
     return load_config(None, environ=environ or {}, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def launch(proxy_bundle):
+    """``launch(**config_sections) -> RunningProxy`` that the caller stops (module-scoped proxies)."""
+
+    def start(**sections) -> RunningProxy:
+        return RunningProxy(proxy_config(proxy_bundle, **sections))
+
+    return start
 
 
 @pytest.fixture
