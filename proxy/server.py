@@ -219,14 +219,18 @@ class ProxyServer:
             if not self.draining:
                 await self._update_health()
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful drain: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within
-        ``grace`` seconds (default server.grace_s), then release everything."""
-        grace = self.cfg.server.grace_s if grace is None else grace
+    async def begin_drain(self) -> None:
+        """First step of the drain: ServerReady false, health NOT_SERVING for good."""
         self.draining = True
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful drain: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within
+        ``grace`` seconds (default server.grace_s), then release everything."""
+        grace = self.cfg.server.grace_s if grace is None else grace
+        await self.begin_drain()
         if self.server is not None:
             await self.server.stop(grace)
         await self.batcher.stop()
