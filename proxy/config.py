@@ -188,7 +188,8 @@ def _describe(exc: ValidationError, sources: dict[tuple[str, ...], str], origin:
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc) or "(top level)"
-        var = next((sources[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in sources), None)
+        # the variable that set this key, a parent of it, or (unknown section) a key below it
+        var = next((v for path, v in sources.items() if path[: len(loc)] == loc or loc[: len(path)] == path), None)
         where = f" (from environment variable {var})" if var else ""
         msg = re.sub(r"^Value error, ", "", err["msg"])
         parts.append(f"{key}: {msg}{where}")
