@@ -1,0 +1,177 @@
+"""MIMIR pre-training (models/mimir.py): PGD in the ball, loss decreases, checkpoints, encoder hand-over."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robustgate.models.archs import build_arch
+from robustgate.models.mae import MaskedAutoencoder
+from robustgate.models.mimir import (
+    PAPER_DEFAULTS, init_classifier, load_pretrained, main, make_loader, mimir_loss, pgd_delta, pretrain,
+    save_pretrained,
+)
+
+TINY = dict(dim=32, depth=2, heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+EPS = 0.1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def images(fmnist_subset):
+    x, _ = fmnist_subset("train", 128)
+    return x
+
+
+def _model(seed: int = 0) -> MaskedAutoencoder:
+    torch.manual_seed(seed)
+    return MaskedAutoencoder(**TINY)
+
+
+def test_pgd_stays_in_ball_and_box_and_raises_reconstruction_loss(images):
+    model = _model()
+    x = images[:32]
+    masking = model.sample_masking(32, generator=torch.Generator().manual_seed(0))
+    delta = pgd_delta(model, x, masking, eps=EPS, steps=5, step_size=0.03, generator=torch.Generator().manual_seed(0))
+    assert delta.shape == x.shape
+    assert delta.abs().max().item() <= EPS + 1e-6
+    assert (x + delta).min().item() >= 0.0 and (x + delta).max().item() <= 1.0
+    assert delta.abs().max().item() > 0.5 * EPS, "the attack moved"
+    assert all(p.grad is None for p in model.parameters()), "PGD must not accumulate parameter gradients"
+    with torch.no_grad():
+        clean = model(x, masking=masking)[0].item()
+        attacked = model(x, x_in=x + delta, masking=masking)[0].item()
+        noise = torch.empty_like(x).uniform_(-EPS, EPS, generator=torch.Generator().manual_seed(1))
+        random = model(x, x_in=(x + noise).clamp(0, 1), masking=masking)[0].item()
+    assert attacked > clean and attacked > random
+
+
+def test_pgd_without_budget_is_zero(images):
+    model = _model()
+    masking = model.sample_masking(8)
+    assert torch.equal(pgd_delta(model, images[:8], masking, eps=0.0, steps=3, step_size=0.1), torch.zeros_like(images[:8]))
+
+
+def test_mimir_loss_adds_the_weighted_mi_term(images):
+    model = _model()
+    x = images[:16]
+    masking = model.sample_masking(16)
+    delta = torch.full_like(x, 0.05)
+    loss, rec, mi = mimir_loss(model, x, delta, masking, lam=0.5, sigma=5.0, estimator="hsic")
+    assert mi.item() > 0
+    assert loss.item() == pytest.approx(rec.item() + 0.5 * mi.item(), rel=1e-5)
+    loss0, rec0, mi0 = mimir_loss(model, x, delta, masking, lam=0.0, sigma=5.0)
+    assert loss0.item() == pytest.approx(rec.item()) and torch.isnan(mi0)
+
+
+def _fixed_batch_loss(model: MaskedAutoencoder, x: torch.Tensor) -> float:
+    masking = model.sample_masking(len(x), generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        return model(x, masking=masking)[0].item()
+
+
+@pytest.mark.parametrize("method", ["mimir", "mae"])
+def test_pretraining_lowers_the_loss_on_a_fixed_batch(images, method):
+    model = _model()
+    before = _fixed_batch_loss(model, images[:64])
+    kw = dict(eps=EPS, steps=1, step_size=0.125, lam=1e-5) if method == "mimir" else dict(eps=0.0, steps=0, step_size=0.0, lam=0.0)
+    result = pretrain(model, make_loader(images, 32, seed=0), epochs=4, lr=2e-3, progress=False, **kw)
+    after = _fixed_batch_loss(model, images[:64])
+    assert after < 0.7 * before
+    assert len(result.losses) == 4 and result.losses[-1] < result.losses[0]
+    assert all(s > 0 for s in result.images_per_s)
+    assert result.config["method"] == ("mimir-pretrain" if method == "mimir" else "mae-pretrain")
+    if method == "mimir":
+        assert all(m > 0 for m in result.mi)
+
+
+def test_pretraining_is_seeded(images):
+    runs = []
+    for _ in range(2):
+        model = _model()
+        r = pretrain(model, make_loader(images[:64], 32, seed=5), epochs=1, eps=EPS, steps=1, step_size=0.125,
+                     lam=1e-3, estimator="hsic", lr=1e-3, seed=5, progress=False)
+        runs.append((r.losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k
+
+
+def test_checkpoint_round_trip(tmp_path, images):
+    model = _model().eval()
+    path = tmp_path / "mae.safetensors"
+    digest = save_pretrained(model, path, extra={"note": "test"})
+    assert len(digest) == 64
+    loaded = load_pretrained(path)
+    masking = model.sample_masking(8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(images[:8], masking=masking)[1], loaded(images[:8], masking=masking)[1])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(Exception):
+        load_pretrained(tmp_path / "bad.safetensors")
+
+
+def test_pretrained_encoder_loads_into_vit_tiny_and_changes_its_output(tmp_path, images):
+    model = _model()
+    pretrain(model, make_loader(images[:64], 32), epochs=1, eps=EPS, steps=1, step_size=0.125, lam=1e-5,
+             lr=2e-3, progress=False, checkpoint=tmp_path / "mimir.safetensors")
+    torch.manual_seed(1)
+    clf = build_arch("vit_tiny", num_classes=10, **model.classifier_kwargs()).eval()
+    x = images[:8]
+    with torch.no_grad():
+        before = clf(x)
+    untouched = init_classifier(clf, tmp_path / "mimir.safetensors")
+    assert untouched == ["head.bias", "head.weight", "pre_logits.bias", "pre_logits.weight"]
+    with torch.no_grad():
+        after = clf(x)
+        # the classifier's encoder now computes exactly the MAE encoder's function on all patches
+        model.eval()
+        want = model.encoder.forward_tokens(model.encoder.embed(x))[:, 0]
+        got = clf.forward_tokens(clf.embed(x))[:, 0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(got, want)
+    for k, v in model.encoder_state_dict().items():
+        assert torch.equal(clf.state_dict()[k], v), k
+
+
+def test_init_rejects_a_mismatched_classifier():
+    model = _model()
+    clf = build_arch("vit_tiny", num_classes=10, **{**model.classifier_kwargs(), "dim": 48, "heads": 2})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        init_classifier(clf, model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(epochs=0), "epochs must be >= 1"),
+        (dict(eps=0.1, steps=0), "needs steps >= 1"),
+        (dict(lam=-1.0), "lam must be >= 0"),
+        (dict(estimator="mine"), "estimator must be one of"),
+        (dict(lr=0.0), "lr must be positive"),
+    ],
+)
+def test_bad_pretrain_config_raises(images, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain(_model(), make_loader(images[:32], 32), **{"epochs": 1, **kwargs})
+
+
+def test_paper_defaults_are_the_reference_values():
+    assert PAPER_DEFAULTS["eps"] == pytest.approx(8 / 255) and PAPER_DEFAULTS["steps"] == 1
+    assert PAPER_DEFAULTS["lam"] == 1e-5 and PAPER_DEFAULTS["sigma"] == 5.0
+
+
+def test_command_line_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out, report = tmp_path / "m.safetensors", tmp_path / "r.json"
+    rc = main(["--method", "mimir-pretrain", "--n", "64", "--batch-size", "32", "--dim", "32", "--depth", "1",
+               "--heads", "2", "--out", str(out), "--json", str(report)])
+    assert rc == 0
+    data = json.loads(report.read_text())
+    assert data["config"]["method"] == "mimir-pretrain" and len(data["losses"]) == 1
+    assert load_pretrained(out).config["dim"] == 32
