@@ -1,0 +1,287 @@
+"""MagNet: detector autoencoders and the reformer (Meng & Chen, "MagNet: a Two-Pronged Defense
+against Adversarial Examples", CCS 2017).
+
+An autoencoder ``AE`` is trained on clean training images only, with noise regularization
+(input ``clip(x + v * N(0, 1))``, target ``x``, MSE, small L2 weight decay), so that it learns the
+manifold of clean data. Then:
+
+- **detectors** score how far ``x`` is from that manifold:
+  - ``criterion="l1"`` / ``"l2"``: reconstruction error ``||x - AE(x)||_p`` (per item, over
+    all pixels; the paper's MNIST detectors are L2 on autoencoder I and L1 on autoencoder II);
+  - ``criterion="jsd"``: Jensen-Shannon divergence between ``softmax(f(x) / T)`` and
+    ``softmax(f(AE(x)) / T)`` for the bundle's classifier ``f`` (passed to ``score`` as
+    ``classifier``), at a temperature ``T`` such as 10 or 40 (the paper's CIFAR detectors);
+- the **reformer** (:class:`MagNetReformer`, purifier kind ``"reformer"``) classifies
+  ``AE(x)`` instead of ``x``, pulling near-manifold adversarials back.
+
+Mapping to pipeline stages: one :class:`MagNet` detector stage per criterion, each with its own
+autoencoder, artifacts and threshold, e.g. stages ``magnet_l2`` (criterion l2, arch I),
+``magnet_l1`` (l1, arch II), ``magnet_jsd10`` (jsd, T=10). A request passing MagNet passes every
+MagNet stage (the paper's "any detector fires -> reject"); each stage is calibrated on its own,
+so the union of k stages has a clean FPR of at most k times the per-stage target.
+
+Runtimes: ``fit`` writes the autoencoder as ONNX (``ae.onnx``, what the proxy runs in ONNX
+Runtime when the stage's params say ``runtime: onnx``) and as a safetensors state dict
+(``ae.safetensors``, the torch twin). ``runtime="torch"`` (default) keeps the autograd graph:
+``score`` is differentiable in ``x`` (through the classifier too, for ``jsd``, when the
+classifier is a differentiable torch view), which is what an adaptive attack needs to drive the
+score under the threshold. A parity test checks both runtimes give the same scores.
+
+Known limit: MagNet is not robust to adaptive attacks. Carlini & Wagner ("MagNet and 'Efficient
+Defenses Against Adversarial Attacks' are Not Robust to Adversarial Examples", 2017) break it
+with attacks that optimize against the detectors and reformer jointly (and, for the paper's
+randomized "graybox" variant, against an ensemble of autoencoders). Report its detection rates
+against non-adaptive attacks as such.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustgate.defenses.base import Classifier, FitData, Detector, Purifier, check_images, register
+from robustgate.defenses.runtime import OnnxModel, check_runtime, export_onnx, load_weights, save_weights
+
+ARCHS = ("I", "II")
+ACTIVATIONS = ("sigmoid", "relu")
+CRITERIA = ("l1", "l2", "jsd")
+
+
+# ---- the paper's MNIST autoencoders (Meng & Chen 2017, Table 1) ---------------------------------
+def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = "sigmoid") -> nn.Sequential:
+    """Autoencoder I (detector I and the reformer): conv-act, avg-pool, two conv-act, upsample,
+    conv-act, conv-sigmoid to ``channels``. Autoencoder II (detector II): two conv-act layers and
+    a conv-sigmoid, no pooling. All convolutions 3x3 with ``width`` filters; the paper uses
+    ``width=3`` and sigmoid activations ("Conv.Sigmoid 3x3x3"). The output is always a sigmoid,
+    so reconstructions stay in [0, 1]."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    act = nn.Sigmoid if activation == "sigmoid" else nn.ReLU
+    if arch == "I":
+        return nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), act(),
+            nn.AvgPool2d(2),  # [N, w, H/2, W/2]
+            nn.Conv2d(width, width, 3, padding=1), act(),
+            nn.Conv2d(width, width, 3, padding=1), act(),
+            nn.Upsample(scale_factor=2, mode="nearest"),  # [N, w, H, W]
+            nn.Conv2d(width, width, 3, padding=1), act(),
+            nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid(),
+        )
+    if arch == "II":
+        return nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), act(),
+            nn.Conv2d(width, width, 3, padding=1), act(),
+            nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid(),
+        )
+    raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+
+
+def train_autoencoder(ae: nn.Module, x: torch.Tensor, *, noise: float, epochs: int, batch_size: int,
+                      lr: float, weight_decay: float, seed: int) -> list[float]:
+    """Noise-regularized training on clean images ``x`` ``[N, C, H, W]`` in [0, 1]: minimize
+    ``MSE(AE(clip(x + noise * eps)), x)``. Returns the mean loss per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay)
+    ae.train()
+    history = []
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=g)
+        total = 0.0
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[order[start:start + batch_size]]  # [B, C, H, W]
+            noisy = (xb + noise * torch.randn(xb.shape, generator=g)).clamp(0.0, 1.0)
+            loss = F.mse_loss(ae(noisy), xb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * xb.shape[0]
+        history.append(total / x.shape[0])
+    ae.eval()
+    return history
+
+
+# ---- scores (pure tensor math) -------------------------------------------------------------------
+def reconstruction_error(x: torch.Tensor, rec: torch.Tensor, p: int) -> torch.Tensor:
+    """``||x - rec||_p`` per item over all pixels: ``[N, C, H, W]`` x2 -> ``[N]``."""
+    return (x - rec).flatten(1).norm(p=p, dim=1)
+
+
+def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """JSD(P || Q) with ``P = softmax(logits_p / T)``, ``Q = softmax(logits_q / T)``:
+    ``[N, K]`` x2 -> ``[N]`` (natural log; in [0, ln 2])."""
+    log_p = F.log_softmax(logits_p / temperature, dim=1)
+    log_q = F.log_softmax(logits_q / temperature, dim=1)
+    p, q = log_p.exp(), log_q.exp()
+    log_m = torch.log((p + q) / 2).clamp_min(-100.0)  # [N, K]
+    kl_pm = (p * (log_p - log_m)).sum(1)
+    kl_qm = (q * (log_q - log_m)).sum(1)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+class _AutoencoderDefense:
+    """What the detector and the reformer share: config validation, the autoencoder in two
+    runtimes, fit, save and load."""
+
+    kind: ClassVar[str]
+
+    def _init_ae(self, arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime) -> None:
+        if arch not in ARCHS:
+            raise ValueError(f"{self.kind}: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{self.kind}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        check_runtime(runtime)
+        for name, v in (("width", width), ("epochs", epochs), ("batch_size", batch_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{self.kind}: {name} must be a positive integer, got {v!r}")
+        if not 0.0 <= noise < 1.0:
+            raise ValueError(f"{self.kind}: noise must lie in [0, 1), got {noise}")
+        if not lr > 0:
+            raise ValueError(f"{self.kind}: lr must be positive, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"{self.kind}: weight_decay must be >= 0, got {weight_decay}")
+        self.arch, self.width, self.activation = arch, width, activation
+        self.noise, self.epochs = float(noise), epochs
+        self.batch_size, self.lr, self.weight_decay = batch_size, float(lr), float(weight_decay)
+        self.seed, self.runtime = int(seed), runtime
+        self.ae: nn.Module | None = None  # torch twin
+        self._onnx: OnnxModel | None = None
+        self._channels: int | None = None
+        self._item_shape: tuple[int, ...] | None = None
+        self.history: list[float] = []
+
+    def _fit_ae(self, data: FitData) -> None:
+        self._channels = data.train_x.shape[1]
+        self._item_shape = tuple(data.train_x.shape[1:])  # (C, H, W) of the ONNX export
+        with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
+            torch.manual_seed(self.seed)
+            ae = autoencoder(self.arch, self._channels, self.width, self.activation)
+        self.history = train_autoencoder(
+            ae, data.train_x.float(), noise=self.noise, epochs=self.epochs, batch_size=self.batch_size,
+            lr=self.lr, weight_decay=self.weight_decay, seed=self.seed,
+        )
+        self.ae = ae.requires_grad_(False)
+        self._onnx = None
+
+    def save(self, directory: Path) -> dict[str, str]:
+        """Writes ``ae.safetensors`` (torch twin) and ``ae.onnx`` (proxy) into ``directory``."""
+        if self.ae is None or self._item_shape is None:
+            raise ValueError(f"{self.kind}: nothing to save; call fit first")
+        example = torch.zeros(2, *self._item_shape)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(self.ae, directory / "ae.safetensors")
+        export_onnx(self.ae, example, directory / "ae.onnx")
+        return {"ae_weights": "ae.safetensors", "ae_onnx": "ae.onnx"}
+
+    def load_artifacts(self, files: dict[str, Path]) -> None:
+        missing = {"ae_weights", "ae_onnx"} - set(files)
+        if missing:
+            raise ValueError(f"{self.kind}: artifacts {sorted(missing)} missing (got {sorted(files)})")
+        from safetensors import safe_open
+
+        with safe_open(str(files["ae_weights"]), framework="pt") as fh:
+            channels = fh.get_tensor("0.weight").shape[1]  # first conv: [w, C, 3, 3]
+        self._channels = int(channels)
+        self.ae = load_weights(autoencoder(self.arch, self._channels, self.width, self.activation), files["ae_weights"]).requires_grad_(False)
+        session = OnnxModel(files["ae_onnx"])
+        self._item_shape = tuple(int(d) for d in session.session.get_inputs()[0].shape[1:])  # (C, H, W)
+        self._onnx = session if self.runtime == "onnx" else None
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``AE(x)``: ``[N, C, H, W]`` -> ``[N, C, H, W]`` in [0, 1] (sigmoid output)."""
+        if self.ae is None:
+            raise ValueError(f"{self.kind}: not fitted (no autoencoder); run `robustgate fit` or load_artifacts")
+        if self._channels is not None and x.shape[1] != self._channels:
+            raise ValueError(f"{self.kind}: autoencoder expects {self._channels} channels, got shape {tuple(x.shape)}")
+        if self.runtime == "onnx":
+            if self._onnx is None:
+                raise ValueError(f"{self.kind}: runtime 'onnx' needs the ae_onnx artifact (load_artifacts)")
+            return self._onnx(x)
+        return self.ae(x)
+
+    def to(self, device):
+        if self.ae is not None:
+            self.ae.to(device)
+        return self
+
+
+@register
+class MagNet(_AutoencoderDefense, Detector):
+    """One MagNet detector (see module docstring). Score: reconstruction error (``l1``/``l2``)
+    or JSD at ``temperature`` (``jsd``); higher = farther from the clean manifold. Flags
+    ``score > threshold`` (threshold set by ``robustgate fit`` at the target clean FPR).
+
+    Args:
+        criterion: ``"l1"``, ``"l2"`` or ``"jsd"``.
+        temperature: ``T`` of the JSD criterion (ignored otherwise), > 0.
+        arch: autoencoder ``"I"`` (pooling) or ``"II"`` (no pooling).
+        width: filters per conv layer (the paper: 3).
+        activation: hidden activation, ``"sigmoid"`` (the paper) or ``"relu"``.
+        noise: std of the Gaussian noise added to training inputs (the paper: 0.1).
+        epochs, batch_size, lr, weight_decay, seed: autoencoder training (Adam; the paper
+            trains 100 epochs with L2 regularization 1e-9).
+        runtime: ``"torch"`` (differentiable twin, default) or ``"onnx"`` (ONNX Runtime, proxy).
+        threshold: calibrated threshold (set by fit/calibration).
+    """
+
+    kind = "magnet"
+
+    def __init__(self, criterion: str = "l2", temperature: float = 10.0, arch: str = "I", width: int = 3,
+                 activation: str = "sigmoid", noise: float = 0.1, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
+                 weight_decay: float = 1e-9, seed: int = 0, runtime: str = "torch",
+                 threshold: float | None = None):
+        Detector.__init__(self, threshold)
+        if criterion not in CRITERIA:
+            raise ValueError(f"magnet: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+        if not temperature > 0:
+            raise ValueError(f"magnet: temperature must be positive, got {temperature}")
+        self.criterion, self.temperature = criterion, float(temperature)
+        self._init_ae(arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime)
+
+    def fit(self, data: FitData, classifier: Classifier | None = None) -> None:
+        """Trains the autoencoder on ``data.train_x`` (clean); calibration is done by the caller."""
+        check_images(data.train_x, data.value_range, who="magnet.fit train_x")
+        self._fit_ae(data)
+
+    def score(self, x: torch.Tensor, classifier: Classifier | None = None) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N]``; differentiable in ``x`` with ``runtime="torch"``."""
+        check_images(x, who="magnet.score input")
+        if self.criterion == "jsd" and classifier is None:
+            raise ValueError("magnet: criterion 'jsd' needs the classifier (score(x, classifier))")
+        rec = self.reconstruct(x)  # [N, C, H, W]
+        if self.criterion == "l1":
+            return reconstruction_error(x, rec, 1)
+        if self.criterion == "l2":
+            return reconstruction_error(x, rec, 2)
+        return jensen_shannon(classifier.logits(x), classifier.logits(rec), self.temperature)
+
+
+@register
+class MagNetReformer(_AutoencoderDefense, Purifier):
+    """MagNet's reformer: ``purify(x) = AE(x)``, an autoencoder trained as the detectors' are
+    (default autoencoder I). Deterministic and differentiable (``bpda`` is ``AE`` itself in
+    torch), so the red team attacks straight through it."""
+
+    kind = "reformer"
+
+    def __init__(self, arch: str = "I", width: int = 3, activation: str = "sigmoid", noise: float = 0.1, epochs: int = 10,
+                 batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-9, seed: int = 0,
+                 runtime: str = "torch"):
+        self._init_ae(arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime)
+
+    def fit(self, data: FitData, classifier: Classifier | None = None) -> None:
+        check_images(data.train_x, data.value_range, who="reformer.fit train_x")
+        self._fit_ae(data)
+
+    def purify(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        check_images(x, who="reformer.purify input")
+        return self.reconstruct(x).to(x.dtype)
+
+    def bpda(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ae is None:
+            raise ValueError("reformer: not fitted (no autoencoder)")
+        return self.ae(x)
