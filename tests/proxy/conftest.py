@@ -161,8 +161,8 @@ def proxy_config(bundle: Path, environ: dict | None = None, **sections):
 def launch(proxy_bundle):
     """``launch(**config_sections) -> RunningProxy`` that the caller stops (module-scoped proxies)."""
 
-    def start(**sections) -> RunningProxy:
-        return RunningProxy(proxy_config(proxy_bundle, **sections))
+    def start(bundle: Path | None = None, **sections) -> RunningProxy:
+        return RunningProxy(proxy_config(bundle or proxy_bundle, **sections))
 
     return start
 
@@ -172,8 +172,8 @@ def start_proxy(proxy_bundle):
     """``start_proxy(**config_sections) -> RunningProxy``; every proxy started is stopped after the test."""
     started: list[RunningProxy] = []
 
-    def start(**sections) -> RunningProxy:
-        p = RunningProxy(proxy_config(proxy_bundle, **sections))
+    def start(bundle: Path | None = None, **sections) -> RunningProxy:
+        p = RunningProxy(proxy_config(bundle or proxy_bundle, **sections))
         started.append(p)
         return p
 
