@@ -1,0 +1,123 @@
+"""Closed-loop Open Inference Protocol load generator (grpc.aio) and the raw ONNX Runtime ceiling.
+
+``run_load``: ``concurrency`` workers share one channel; each sends a ModelInfer, waits for the
+answer and sends the next (closed loop, like perf_analyzer's ``--concurrency-range``). Requests
+carry ``batch`` items as raw FP32 (what tritonclient and perf_analyzer send). Latency is measured
+per request from send to answer; only requests that start after ``warmup_s`` and end within the
+measurement window count; throughput = counted requests x batch / window.
+
+``run_raw_ort``: the same loop against an in-process ``onnxruntime.InferenceSession`` from
+``concurrency`` threads (ONNX Runtime releases the GIL) -- no protocol, no server: the ceiling.
+
+Written here rather than with a library because perf_analyzer (the standard tool) needs Triton's
+ModelConfig RPC, which neither the Open Inference Protocol nor MLServer provides (see README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from robustgate.protos import open_inference_grpc_pb2 as pb
+from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
+
+
+def summarize(latencies_s: list[float], items: int, window_s: float, errors: Counter) -> dict:
+    lat_ms = np.asarray(latencies_s, dtype=np.float64) * 1e3
+    out = {
+        "requests": int(lat_ms.size),
+        "items_per_s": items / window_s if window_s > 0 else 0.0,
+        "requests_per_s": lat_ms.size / window_s if window_s > 0 else 0.0,
+        "window_s": window_s,
+        "errors": dict(errors),
+    }
+    for q in (50, 90, 99):
+        out[f"p{q}_ms"] = float(np.percentile(lat_ms, q)) if lat_ms.size else None
+    out["mean_ms"] = float(lat_ms.mean()) if lat_ms.size else None
+    return out
+
+
+def make_request(model: str, input_name: str, x: np.ndarray) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    return req
+
+
+async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: int, warmup_s: float,
+                duration_s: float, timeout_s: float) -> dict:
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(url, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        first = await stub.ModelInfer(req, timeout=timeout_s)  # fails loudly if the target cannot answer
+        if not first.outputs:
+            raise RuntimeError(f"{url}: ModelInfer answered without outputs")
+        start = time.perf_counter()
+        t_open, t_close = start + warmup_s, start + warmup_s + duration_s
+        latencies: list[float] = []
+        errors: Counter = Counter()
+
+        async def worker() -> None:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= t_close:
+                    return
+                try:
+                    await stub.ModelInfer(req, timeout=timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    if t0 >= t_open:
+                        errors[exc.code().name] += 1
+                    continue
+                t1 = time.perf_counter()
+                if t0 >= t_open and t1 <= t_close:
+                    latencies.append(t1 - t0)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarize(latencies, len(latencies) * batch, duration_s, errors)
+
+
+def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
+             warmup_s: float = 1.0, duration_s: float = 5.0, timeout_s: float = 30.0, seed: int = 0) -> dict:
+    """Closed-loop load on ``url`` (host:port); returns throughput and latency percentiles."""
+    if not url.startswith(("127.", "localhost:", "[::1]:")):
+        raise ValueError(f"{url}: the benchmark only sends traffic to loopback addresses")
+    x = np.random.default_rng(seed).random((batch, *item_shape), dtype=np.float32)  # [B, C, H, W] in [0, 1)
+    req = make_request(model, input_name, x)
+    return asyncio.run(_load(url, req, batch, concurrency, warmup_s, duration_s, timeout_s))
+
+
+def run_raw_ort(onnx_file: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
+                warmup_s: float = 1.0, duration_s: float = 5.0, intra_op_threads: int = 0, seed: int = 0) -> dict:
+    """The same closed loop on an in-process ONNX Runtime session shared by ``concurrency`` threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    sess = ort.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(seed).random((batch, *item_shape), dtype=np.float32)  # [B, C, H, W]
+    sess.run(None, {input_name: x})
+    start = time.perf_counter()
+    t_open, t_close = start + warmup_s, start + warmup_s + duration_s
+    per_thread: list[list[float]] = [[] for _ in range(concurrency)]
+
+    def worker(out: list[float]) -> None:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= t_close:
+                return
+            sess.run(None, {input_name: x})
+            t1 = time.perf_counter()
+            if t0 >= t_open and t1 <= t_close:
+                out.append(t1 - t0)
+
+    threads = [threading.Thread(target=worker, args=(per_thread[i],)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies = [v for lst in per_thread for v in lst]
+    return summarize(latencies, len(latencies) * batch, duration_s, Counter())
