@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from robustgate import __version__
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
 from robustgate.proxy.assemble import PipelineRunner
-from robustgate.proxy.backends.base import Backend, BackendError
+from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 from robustgate.proxy.batcher import Batcher, BatcherClosed, QueueFull
 from robustgate.proxy.codec import (
     RADIUS_OUTPUT, SCORE_PREFIX, VERDICT_OUTPUT, VERDICT_NAMES, Answer, InputContract, ProtocolError,
@@ -78,6 +78,16 @@ def rejection(result: PipelineResult, i: int) -> _Failure:
             ("robustgate-verdict", "rejected"), ("robustgate-stage", stage), ("robustgate-item", str(i)),
             ("robustgate-score", repr(s)), ("robustgate-threshold", repr(t)),
         ),
+    )
+
+
+def bundle_metadata(bundle) -> ModelMeta:
+    """The model's metadata as the bundle declares it."""
+    inp = bundle.input
+    return ModelMeta(
+        name=bundle.name, versions=("1",), platform="onnxruntime_onnx",
+        inputs=(TensorMeta(inp.name, "FP32", (-1, *inp.shape)),),
+        outputs=(TensorMeta(bundle.spec.backbone.logits_output, "FP32", (-1, len(bundle.classes))),),
     )
 
 
@@ -138,7 +148,11 @@ class ProxyServer:
         self.bundle = bundle
         self.backend = backend
         self.runner = runner
-        meta = backend.metadata()
+        try:
+            meta = backend.metadata()
+        except BackendError as exc:  # upstream down at start: serve the bundle's view, readiness says the rest
+            log.warning("backend metadata unavailable (%s); using the bundle's", exc)
+            meta = bundle_metadata(bundle)
         self.meta = meta
         self.contract = InputContract(
             model_name=cfg.model_name or bundle.name,
