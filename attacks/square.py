@@ -66,7 +66,7 @@ def _loss(oracle: QueryOracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     loss = torch.full((len(x),), float("inf"))
     ok = ~rejected
     if ok.any():
-        loss[ok] = margin_loss(logits[ok], y[ok])
+        loss[ok] = margin_loss(logits[ok], y[ok], kappa=float("inf"))  # unclipped: < 0 = fooled
     return loss
 
 

@@ -77,6 +77,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, norm: Norm, eps: float) -> tor
 def check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, norm: Norm, eps: float, who: str = "attack") -> None:
     """Raises ``AssertionError`` unless every ``x_adv`` item is finite, in ``[0, 1]`` and within
     ``eps`` of ``x`` in ``norm``."""
+    x_adv, x = x_adv.detach(), x.detach()
     if x_adv.shape != x.shape:
         raise AssertionError(f"{who}: adversarial shape {tuple(x_adv.shape)} != input shape {tuple(x.shape)}")
     if not torch.isfinite(x_adv).all():

@@ -1,0 +1,111 @@
+"""Every attack stays within eps and the [0, 1] box; PGD breaks a standard model at eps 0.3;
+BPDA beats plain PGD on JPEG; the joint loss evades a detector better than ignoring it; the
+black-box attack only sees what the served pipeline answers."""
+
+import pytest
+import torch
+
+from robustgate.attacks.differentiable import BackboneOnly, PipelineTwin, build_stages
+from robustgate.attacks.joint import JointPGD
+from robustgate.attacks.served import served_pipeline
+from robustgate.attacks.square import LocalOracle, SquareLinf
+from robustgate.attacks.suite import ATTACKS, AttackContext, threat_model
+from robustgate.attacks.threat import check_perturbation, perturbation_norm
+from robustgate.defenses.pipeline import REJECTED
+
+JPEG = [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 60}}]
+
+
+def _served_outcome(tiny, cfg, x_adv, y):
+    """(attack success rate = accepted and wrong, rejection rate) on the served ONNX pipeline."""
+    out = served_pipeline(tiny, build_stages(cfg, tiny))(x_adv)
+    rejected = out.verdict == REJECTED
+    fooled = ~rejected & (out.logits.argmax(1) != y)
+    return fooled.float().mean().item(), rejected.float().mean().item()
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_stays_in_ball_and_box(name, tiny, backbone, test_images, hf_threshold):
+    x, y = test_images[0][:12], test_images[1][:12]
+    cfg = [{"name": "hf", "kind": "attacks_test_hf", "threshold": hf_threshold},
+           {"name": "noise", "kind": "noise", "params": {"sigma": 0.05}}, *JPEG]
+    twin = PipelineTwin(backbone, build_stages(cfg, tiny, twin=True))
+    oracle = LocalOracle(served_pipeline(tiny, build_stages(cfg, tiny)))
+    ctx = AttackContext(BackboneOnly(backbone), twin, oracle, num_classes=10)
+    a = ATTACKS[name]
+    eps = 1.0 if a.norm == "l2" else (0.3 if name == "autoattack" else 0.1)
+    tm = threat_model(name, eps, n=len(x), steps=5, restarts=2, eot=2, queries=30)
+    if name == "autoattack":
+        tm = threat_model(name, eps, n=len(x), steps=5, restarts=1, eot=1, queries=30)
+    torch.manual_seed(0)
+    adv = ATTACKS[name].run(ctx, tm, x, y)
+    check_perturbation(adv, x, tm.norm, eps, who=name)
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert torch.all(perturbation_norm(adv, x, tm.norm) <= eps * (1 + 1e-5) + 1e-6)
+    assert (adv != x).any(), f"{name} did not perturb anything"
+
+
+def test_pgd_at_eps_03_breaks_a_standard_model(tiny, backbone, test_images):
+    x, y = test_images
+    twin = BackboneOnly(backbone)
+    tm = threat_model("pgd", 0.3, n=len(x), steps=10, restarts=1, eot=1, queries=1)
+    torch.manual_seed(0)
+    adv = ATTACKS["pgd"].run(AttackContext(twin, PipelineTwin(backbone, []), None, 10), tm, x, y)
+    check_perturbation(adv, x, "linf", 0.3)
+    success, _ = _served_outcome(tiny, [], adv, y)
+    robust_accuracy = 1 - success
+    assert robust_accuracy <= 0.05, f"robust accuracy {robust_accuracy:.3f} at eps 0.3 on a standard-trained model"
+
+
+def test_bpda_beats_plain_pgd_on_jpeg(tiny, backbone, test_images):
+    """Plain PGD through the JPEG stage gets no gradient (the codec hides it: only the random
+    start moves the input); BPDA's straight-through backward pass restores it."""
+    x, y = test_images
+    stages = build_stages(JPEG, tiny, twin=True)
+    torch.manual_seed(0)
+    plain = JointPGD(PipelineTwin(backbone, stages, bpda=False), eps=0.05, steps=20)(x, y)
+    torch.manual_seed(0)
+    bpda = JointPGD(PipelineTwin(backbone, stages, bpda=True), eps=0.05, steps=20)(x, y)
+    for adv in (plain, bpda):
+        check_perturbation(adv, x, "linf", 0.05)
+    plain_success, _ = _served_outcome(tiny, JPEG, plain, y)
+    bpda_success, _ = _served_outcome(tiny, JPEG, bpda, y)
+    assert bpda_success > plain_success + 0.1, (bpda_success, plain_success)
+
+
+def test_joint_loss_evades_the_detector_better_than_ignoring_it(tiny, backbone, test_images, hf_threshold):
+    x, y = test_images
+    cfg = [{"name": "hf", "kind": "attacks_test_hf", "action": "reject", "threshold": hf_threshold}]
+    twin = PipelineTwin(backbone, build_stages(cfg, tiny, twin=True))
+    tm = threat_model("bpda", 0.1, n=len(x), steps=20, restarts=1, eot=1, queries=1)
+    ctx = AttackContext(BackboneOnly(backbone), twin, None, 10)
+    torch.manual_seed(0)
+    ignoring = ATTACKS["bpda"].run(ctx, tm, x, y)
+    torch.manual_seed(0)
+    joint = JointPGD(twin, eps=0.1, steps=20)(x, y)
+    check_perturbation(joint, x, "linf", 0.1)
+    ign_success, ign_rejected = _served_outcome(tiny, cfg, ignoring, y)
+    joint_success, joint_rejected = _served_outcome(tiny, cfg, joint, y)
+    assert joint_rejected < ign_rejected, (joint_rejected, ign_rejected)
+    assert joint_success > ign_success, (joint_success, ign_success)
+
+
+def test_square_sees_rejections_as_failed_queries(tiny, backbone, test_images):
+    x, y = test_images[0][:16], test_images[1][:16]
+    # a detector that rejects everything: every query fails, nothing is ever accepted
+    reject_all = [{"name": "hf", "kind": "attacks_test_hf", "action": "reject", "threshold": -1.0}]
+    oracle = LocalOracle(served_pipeline(tiny, build_stages(reject_all, tiny)))
+    logits, rejected = oracle(x)
+    assert rejected.all() and torch.isnan(logits).all()
+    attack = SquareLinf(oracle, eps=0.2, queries=20)
+    adv = attack(x, y)
+    check_perturbation(adv, x, "linf", 0.2)
+    assert torch.all(attack.queries_used == 20)  # never "succeeded": the budget is spent
+    # undefended: the same budget fools some items, and stops querying the ones it fooled
+    open_oracle = LocalOracle(served_pipeline(tiny, build_stages([], tiny)))
+    attack = SquareLinf(open_oracle, eps=0.2, queries=100)
+    adv = attack(x, y)
+    check_perturbation(adv, x, "linf", 0.2)
+    success, _ = _served_outcome(tiny, [], adv, y)
+    assert success > 0.3
+    assert attack.queries_used.min() < 100

@@ -1,0 +1,105 @@
+"""`robustgate eval`: the matrix runs on the served path, reports are written and parse, and an
+interrupted run resumes from its cached cells."""
+
+import json
+
+import pytest
+import yaml
+
+from robustgate.attacks import suite
+from robustgate.attacks.reports import write_reports
+from robustgate.attacks.runner import EvalSettings, Evaluation, load_pipelines
+
+
+@pytest.fixture()
+def pipeline_file(tmp_path, hf_threshold):
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump({"configs": {
+        "jpeg": {"stages": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 60}}]},
+        "guarded": {"stages": [
+            {"name": "hf", "kind": "attacks_test_hf", "action": "reject", "threshold": hf_threshold},
+            {"name": "noise", "kind": "noise", "params": {"sigma": 0.05}},
+        ]},
+    }}, sort_keys=False))
+    return path
+
+
+def test_eval_writes_reports_and_resumes(tiny, backbone, pipeline_file, tmp_path, monkeypatch):
+    configs = load_pipelines(pipeline_file)
+    assert [c.name for c in configs] == ["none", "jpeg", "guarded"]
+    settings = EvalSettings(attacks=["fgsm", "pgd", "bpda", "eot", "joint", "square"], eps=[0.1, 0.3], n=24,
+                            steps=5, eot=2, queries=20)
+    out = tmp_path / "report"
+    result = Evaluation(tiny, configs, settings, out, backbone=backbone, progress=False).run()
+    result["command"] = "test"
+    paths = write_reports(result, out)
+
+    data = json.loads(paths["json"].read_text())
+    assert data["schema_version"] == 1 and data["n"] == 24
+    assert set(data["configs"]) == {"none", "jpeg", "guarded"}
+    cells = {(c["config"], c["attack"], c["eps"]): c for c in data["cells"]}
+    assert len(cells) == 3 * 6 * 2
+    for c in cells.values():
+        assert c["threat_model"]["eps"] == c["eps"] and c["threat_model"]["n"] == 24
+        if c["status"] == "done":
+            m = c["metrics"]
+            assert 0 <= m["robust_accuracy"] <= 1 and 0 <= m["attack_success_rate"] <= 1
+            assert c["wall_seconds"] >= 0
+    # EOT only where something is random; joint only where a detector is
+    assert cells[("none", "eot", 0.1)]["status"] == "skipped"
+    assert cells[("guarded", "eot", 0.1)]["status"] == "done"
+    assert cells[("guarded", "eot", 0.1)]["threat_model"]["eot"] == 2
+    assert cells[("jpeg", "joint", 0.3)]["status"] == "skipped"
+    det = cells[("guarded", "joint", 0.1)]["detectors"]["hf"]
+    assert 0 <= det["auc"] <= 1 and 0 <= det["tpr_at_threshold"] <= 1
+    # a standard-trained model at eps 0.3: PGD leaves almost nothing undefended
+    assert cells[("none", "pgd", 0.3)]["metrics"]["robust_accuracy"] <= 0.1
+    assert 0.5 <= data["configs"]["none"]["clean"]["clean_accuracy"] <= 1.0
+    assert {r["check"] for r in data["sanity"]} >= {"large_eps", "blackbox_vs_whitebox", "adaptive_vs_pgd"}
+    md = paths["md"].read_text()
+    assert "| attack | threat model | none | jpeg | guarded |" in md and "Sanity checks" in md
+    for plot in data["plots"]:
+        assert (out / plot).stat().st_size > 1000
+    assert "loss_surfaces.png" in data["plots"] and "roc.png" in data["plots"]
+
+    # resume: every cell comes from the cache, no attack runs again
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached cell was recomputed")
+
+    for name, a in list(suite.ATTACKS.items()):
+        monkeypatch.setitem(suite.ATTACKS, name, suite.AttackDef(a.name, a.norm, a.target, a.adaptive, boom, a.fixed_steps))
+    again = Evaluation(tiny, configs, settings, out, backbone=backbone, progress=False, surface_points=0).run()
+    assert [(c["config"], c["attack"], c["eps"], c.get("metrics")) for c in again["cells"]] == \
+        [(c["config"], c["attack"], c["eps"], c.get("metrics")) for c in result["cells"]]
+    # a partial cache: drop one cell, only that one is recomputed (and it runs the attack)
+    (out / "cells" / "jpeg__bpda__eps0.1.json").unlink()
+    with pytest.raises(AssertionError, match="recomputed"):
+        Evaluation(tiny, configs, settings, out, backbone=backbone, progress=False, surface_points=0).run()
+
+
+def test_cli_eval(tiny_bundle, tmp_path, capsys):
+    from robustgate.proxy.cli import main
+
+    pipeline = tmp_path / "proxy.yaml"
+    pipeline.write_text(yaml.safe_dump({"pipeline": {"stages": [{"name": "bits", "kind": "bitdepth", "params": {"bits": 3}}]}}))
+    out = tmp_path / "cli"
+    rc = main(["eval", "--bundle", str(tiny_bundle), "--pipeline", str(pipeline), "--attacks", "pgd,bpda",
+               "--eps", "0.05,0.3", "--n", "16", "--steps", "5", "--out", str(out), "--no-progress",
+               "--surface-points", "1"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["configs"]) == {"none", "proxy"}
+    assert len(data["cells"]) == 2 * 2 * 2
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_pipeline_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"stuff": 1}))
+    with pytest.raises(ValueError, match="expected 'configs', 'pipeline' or 'stages'"):
+        load_pipelines(bad)
+    bad.write_text(yaml.safe_dump({"stages": [{"name": "x"}]}))
+    with pytest.raises(ValueError, match="needs at least a 'kind'"):
+        load_pipelines(bad)
+    with pytest.raises(ValueError, match="unknown attacks"):
+        EvalSettings(attacks=["nope"], eps=[0.1])
