@@ -207,9 +207,20 @@ def resolve_bundle(arg: str | None, workdir: Path) -> tuple[Path, str]:
     default = REPO / "bundles" / "default"
     if (default / "bundle.yaml").is_file():
         return default, "bundles/default"
-    onnx_file = harness.make_tiny_onnx(workdir / "tiny.onnx")
-    return harness.write_bundle(workdir / "tiny-bundle", onnx_file, name="tiny"), (
-        "bundles/default did not exist: a tiny 2-conv CNN made by tests/proxy/upstream/harness.py")
+    # No trained bundle yet: the default `cnn` architecture with seeded random weights costs the
+    # same per image as a trained one, which is all a serving benchmark needs.
+    import torch
+
+    from robustgate.models.archs import build_arch
+    from robustgate.models.export import write_bundle
+
+    torch.manual_seed(0)
+    module = build_arch("cnn").eval()
+    out = workdir / "cnn-untrained"
+    write_bundle(out, module, arch="cnn", arch_kwargs={}, classes=[f"class{i}" for i in range(10)],
+                 input_shape=(1, 28, 28), name="cnn", features=True, seed=0)
+    return out, ("bundles/default did not exist: the default `cnn` architecture (width 32, hidden 128) "
+                 "with seeded random weights, exported by robustgate.models.export")
 
 
 def main(argv: list[str] | None = None) -> int:
