@@ -29,6 +29,10 @@ class QueueFull(Exception):
     """The batcher's queue holds ``max_queue_items`` items already."""
 
 
+class DeadlineExpired(Exception):
+    """The request's deadline passed before its batch could run."""
+
+
 class BatcherClosed(Exception):
     """The batcher stopped before the request ran."""
 
@@ -134,8 +138,12 @@ class Batcher:
         while self._queue:
             p = self._queue.popleft()
             self._depth -= p.n
-            if not p.future.done():  # a cancelled client's request is dropped here
-                return p
+            if p.future.done():  # a cancelled client's request is dropped here
+                continue
+            if p.deadline is not None and time.monotonic() >= p.deadline:
+                p.future.set_exception(DeadlineExpired("the request's deadline passed while it was queued"))
+                continue
+            return p
         return None
 
     async def _collect(self) -> list[_Pending]:

@@ -34,7 +34,7 @@ from robustgate import __version__
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
 from robustgate.proxy.assemble import PipelineRunner
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
-from robustgate.proxy.batcher import Batcher, BatcherClosed, QueueFull
+from robustgate.proxy.batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
 from robustgate.proxy.codec import (
     RADIUS_OUTPUT, SCORE_PREFIX, VERDICT_OUTPUT, VERDICT_NAMES, Answer, InputContract, ProtocolError,
     check_model, decode_infer, encode_infer,
@@ -293,12 +293,19 @@ class ProxyServer:
             t1 = time.perf_counter()
             m.stage_duration.labels(stage="decode").observe(t1 - t0)
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
-            result, queued = await self.batcher.submit(decoded.x, deadline)
+            try:
+                result, queued = await self.batcher.submit(decoded.x, deadline)
+            except asyncio.CancelledError:  # grpc cancels the handler when the client's deadline passes
+                if deadline is not None and time.monotonic() >= deadline:
+                    m.requests.labels(outcome="deadline_exceeded").inc()
+                raise
             m.stage_duration.labels(stage="queue").observe(queued)
         except ProtocolError as exc:
             return _Failure(grpc.StatusCode[exc.code], exc.message, _OUTCOME_BY_CODE.get(exc.code, "invalid")), None
         except QueueFull as exc:
             return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "resource_exhausted"), None
+        except DeadlineExpired as exc:
+            return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline_exceeded"), None
         except BatcherClosed as exc:
             return _Failure(grpc.StatusCode.UNAVAILABLE, str(exc), "internal"), None
         except BackendError as exc:

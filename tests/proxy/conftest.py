@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from robustgate.defenses import base as defenses_base
 from robustgate.defenses.base import Detector, Purifier, register
 from robustgate.models.bundle import SCHEMA_VERSION, BackboneSpec, Bundle, BundleSpec, InputSpec, artifact
 from robustgate.proxy.config import load_config
@@ -26,7 +27,6 @@ from robustgate.proxy.serve import build_server
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
-@register
 class MeanDetector(Detector):
     """Test-local detector: score = mean pixel of each item (bright images are "adversarial")."""
 
@@ -36,7 +36,6 @@ class MeanDetector(Detector):
         return x.mean(dim=(1, 2, 3))
 
 
-@register
 class FeatureNormDetector(Detector):
     """Test-local detector that queries the local backbone's features (OnnxClassifier)."""
 
@@ -46,7 +45,6 @@ class FeatureNormDetector(Detector):
         return classifier.features(x).norm(dim=1)
 
 
-@register
 class BrokenDetector(Detector):
     kind = "test_proxy_broken"
 
@@ -54,7 +52,6 @@ class BrokenDetector(Detector):
         raise RuntimeError("detector exploded")
 
 
-@register
 class GatePurifier(Purifier):
     """Identity purifier that signals ``entered`` and blocks until ``gate`` opens (queue tests)."""
 
@@ -68,6 +65,20 @@ class GatePurifier(Purifier):
         if not self.gate.wait(timeout=60):
             raise RuntimeError("gate never opened")
         return x
+
+
+TEST_DEFENSES = (MeanDetector, FeatureNormDetector, BrokenDetector, GatePurifier)
+
+
+@pytest.fixture(autouse=True)
+def test_defenses():
+    """Registers the test-local defenses for the duration of each proxy test only, so that tests
+    elsewhere that iterate over the registry never see them."""
+    for cls in TEST_DEFENSES:
+        register(cls)
+    yield
+    for cls in TEST_DEFENSES:
+        defenses_base._REGISTRY.pop(cls.kind, None)  # no public unregister in the contract
 
 
 class TinyCNN(nn.Module):

@@ -160,3 +160,28 @@ def test_full_queue_answers_resource_exhausted(start_proxy, ort_logits):
     reg = p.server.metrics.registry
     assert reg.get_sample_value("robustgate_requests_total", {"outcome": "resource_exhausted"}) == 1
     assert reg.get_sample_value("robustgate_queue_depth") == 0
+
+
+def test_client_deadline_passing_in_the_queue_answers_deadline_exceeded(start_proxy, ort_logits):
+    gate, entered = threading.Event(), threading.Event()
+    p = start_proxy(
+        pipeline={"stages": [{"name": "gate", "kind": "test_proxy_gate", "params": {"gate": gate, "entered": entered}}]},
+        batching={"max_batch_size": 1},
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: infer(p.url, DARK).as_numpy("logits"))
+        assert entered.wait(30)
+        with grpc.insecure_channel(p.url) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(raw_request(BRIGHT), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()
+        np.testing.assert_allclose(running.result(60), ort_logits(DARK), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(infer(p.url, DARK).as_numpy("logits"), ort_logits(DARK), rtol=1e-5, atol=1e-6)
+    reg = p.server.metrics.registry
+    for _ in range(200):  # the server notices the expiry asynchronously
+        if reg.get_sample_value("robustgate_requests_total", {"outcome": "deadline_exceeded"}) == 1:
+            break
+        time.sleep(0.05)
+    assert reg.get_sample_value("robustgate_requests_total", {"outcome": "deadline_exceeded"}) == 1
+    assert reg.get_sample_value("robustgate_batch_size_count") == 2  # the expired request never ran
