@@ -30,24 +30,35 @@ class GrpcOracle:
         if not outputs:
             raise ValueError(f"model {model!r} at {url} declares no logits output: {meta['outputs']}")
         self.output_name = outputs[0]
+        self.verdict_output = next((o["name"] for o in meta["outputs"] if o["name"] == "robustgate_verdict"), None)
         self.queries = 0
         self.rejections = 0
 
-    def query_one(self, x: torch.Tensor) -> np.ndarray | None:
-        """``x`` ``[C, H, W]`` -> logits ``[K]``, or None when the proxy rejected it."""
+    def answer(self, x: torch.Tensor) -> tuple[np.ndarray | None, int]:
+        """``x`` ``[C, H, W]`` -> (logits ``[K]`` or None when rejected, verdict 0/1/2).
+
+        The verdict is the proxy's ``robustgate_verdict`` output when the model declares it
+        (0 accepted, 1 flagged), 2 for a PERMISSION_DENIED rejection."""
         arr = np.ascontiguousarray(x.detach().cpu().numpy()[None], dtype=np.float32)
         inp = grpcclient.InferInput(self.input_name, list(arr.shape), "FP32")
         inp.set_data_from_numpy(arr)
-        out = grpcclient.InferRequestedOutput(self.output_name)
+        outs = [grpcclient.InferRequestedOutput(self.output_name)]
+        if self.verdict_output is not None:
+            outs.append(grpcclient.InferRequestedOutput(self.verdict_output))
         self.queries += 1
         try:
-            res = self.client.infer(self.model, [inp], outputs=[out], client_timeout=self.timeout_s)
+            res = self.client.infer(self.model, [inp], outputs=outs, client_timeout=self.timeout_s)
         except InferenceServerException as exc:
             if exc.status() == REJECTED_STATUS:
                 self.rejections += 1
-                return None
+                return None, 2
             raise
-        return res.as_numpy(self.output_name).reshape(-1)
+        verdict = int(res.as_numpy(self.verdict_output).reshape(-1)[0]) if self.verdict_output is not None else 0
+        return res.as_numpy(self.output_name).reshape(-1), verdict
+
+    def query_one(self, x: torch.Tensor) -> np.ndarray | None:
+        """``x`` ``[C, H, W]`` -> logits ``[K]``, or None when the proxy rejected it."""
+        return self.answer(x)[0]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[M, C, H, W]`` -> (logits ``[M, K]``, NaN rows where rejected; rejected ``[M]``)."""

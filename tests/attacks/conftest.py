@@ -1,5 +1,5 @@
 """Fixtures of the red-team tests: the shared tiny bundle, its torch twin, test images, and a
-small differentiable test-local detector (registered under a test-only kind)."""
+small differentiable test-local detector (registered under a test-only kind, per test)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from robustgate.defenses import base as defenses_base
 from robustgate.defenses.base import Detector, register
 
 
-@register
 class HighFrequencyDetector(Detector):
     """Test-only detector: mean absolute difference between the image and its 3x3 box blur.
 
@@ -27,6 +27,15 @@ class HighFrequencyDetector(Detector):
     def score(self, x, classifier=None):  # [N, C, H, W] -> [N]
         blur = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         return (x - blur).abs().mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(autouse=True)
+def test_detector():
+    """Registers the test-only detector for each test only, so that tests elsewhere that iterate
+    over the registry never see it."""
+    register(HighFrequencyDetector)
+    yield
+    defenses_base._REGISTRY.pop(HighFrequencyDetector.kind, None)  # no public unregister in the contract
 
 
 @pytest.fixture(autouse=True)
