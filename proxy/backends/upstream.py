@@ -239,8 +239,8 @@ class UpstreamBackend(Backend):
                 break
             pause = self.backoff_s * (2 ** attempt) * random.uniform(0.8, 1.2)
             if time.monotonic() + pause >= deadline:
-                raise BackendError("DEADLINE_EXCEEDED", f"upstream {self.url} {what}: unavailable ({details}) "
-                                   f"and the deadline leaves no time to retry")
+                raise BackendError("UNAVAILABLE", f"upstream {self.url} {what}: unavailable ({details}); "
+                                   f"the deadline leaves no time to retry after attempt {attempt + 1}")
             time.sleep(pause)
         self._ready = False  # at once; the next poll turns it back on when the upstream answers
         raise BackendError("UNAVAILABLE", f"upstream {self.url} {what}: unavailable after "

@@ -1,0 +1,202 @@
+"""UpstreamBackend's retry policy, answer decoding, readiness and TLS against a scripted V2 gRPC
+server on loopback (tests/proxy/upstream/scripted.py): what MLServer cannot be told to do."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from robustgate.proxy.backends.base import BackendError
+from robustgate.proxy.backends.upstream import UpstreamBackend
+
+
+def load(name: str):
+    key = f"robustgate_tests_upstream_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).parent / "upstream" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+scripted = load("scripted")
+
+
+def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
+    """Polls ``predicate`` (a wait, not a timing assertion: the bound only stops a hung test)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, 4, 4), dtype=np.float32)  # [n, 1, 4, 4]
+
+
+@pytest.fixture
+def upstream():
+    server = scripted.ScriptedUpstream().start()
+    yield server
+    server.stop()
+
+
+def backend_for(server, **kwargs) -> UpstreamBackend:
+    return UpstreamBackend(url=server.url, model_name="formula", **{"backoff_s": 0.01, **kwargs})
+
+
+def test_retries_unavailable_then_succeeds(upstream):
+    b = backend_for(upstream, retries=2)
+    try:
+        x = pixels(3)
+        b.infer(x)  # metadata fetched, one clean call
+        upstream.calls = 0
+        upstream.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        assert upstream.calls == 3
+    finally:
+        b.close()
+
+
+def test_retries_are_bounded(upstream):
+    b = backend_for(upstream, retries=1, health_interval_s=60.0)
+    try:
+        b.infer(pixels(1))
+        assert b.ready()
+        upstream.calls = 0
+        upstream.script = [grpc.StatusCode.UNAVAILABLE] * 5
+        with pytest.raises(BackendError, match="after 2 attempt") as err:
+            b.infer(pixels(1))
+        assert err.value.code == "UNAVAILABLE"
+        assert upstream.calls == 2
+        assert not b.ready()  # a call that found the upstream unavailable turns readiness off at once
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
+                                  grpc.StatusCode.INTERNAL, grpc.StatusCode.PERMISSION_DENIED])
+def test_other_statuses_are_final_and_keep_their_code(upstream, code):
+    b = backend_for(upstream, retries=3)
+    try:
+        b.infer(pixels(1))
+        upstream.calls = 0
+        upstream.script = [code]
+        with pytest.raises(BackendError, match=f"scripted {code.name}") as err:
+            b.infer(pixels(2))
+        assert err.value.code == code.name
+        assert upstream.calls == 1
+    finally:
+        b.close()
+
+
+def test_backoff_never_sleeps_past_the_deadline(upstream):
+    b = backend_for(upstream, retries=5, backoff_s=5.0)
+    try:
+        b.infer(pixels(1))
+        upstream.calls = 0
+        upstream.script = [grpc.StatusCode.UNAVAILABLE] * 10
+        with pytest.raises(BackendError, match="no time to retry") as err:
+            b.infer(pixels(1), timeout=0.5)
+        assert err.value.code == "UNAVAILABLE"  # what went wrong; the client's deadline had not passed yet
+        assert upstream.calls == 1
+    finally:
+        b.close()
+
+
+def test_input_name_comes_from_the_upstreams_metadata(upstream):
+    """The scripted model's input is called "pixels"; it refuses any other name."""
+    b = backend_for(upstream)
+    try:
+        x = pixels(4, seed=3)
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        assert b.metadata().inputs[0].name == "pixels"
+        assert b.metadata().platform == "scripted"
+    finally:
+        b.close()
+
+
+def test_typed_answers_are_decoded():
+    server = scripted.ScriptedUpstream(answer="typed").start()
+    b = backend_for(server)
+    try:
+        x = pixels(5, seed=4)
+        got = b.infer(x)
+        assert got.dtype == np.float32 and got.shape == (5, scripted.K)
+        np.testing.assert_allclose(got, scripted.formula_logits(x), rtol=1e-6)
+    finally:
+        b.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("answer,message", [("short_raw", "raw bytes"), ("wrong_k", r"shape \[2, 11\]")])
+def test_malformed_answers_are_internal(answer, message):
+    server = scripted.ScriptedUpstream(answer=answer).start()
+    b = backend_for(server)
+    try:
+        with pytest.raises(BackendError, match=message) as err:
+            b.infer(pixels(2))
+        assert err.value.code == "INTERNAL"
+    finally:
+        b.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("flag", ["server_ready", "model_ready"])
+def test_readiness_follows_server_and_model_ready(upstream, flag):
+    b = backend_for(upstream, health_interval_s=0.1)
+    try:
+        assert b.ready()
+        setattr(upstream, flag, False)
+        wait_until(lambda: not b.ready(), what=f"not ready after {flag}=False")
+        setattr(upstream, flag, True)
+        wait_until(b.ready, what=f"ready after {flag}=True")
+    finally:
+        b.close()
+    assert not b.ready()  # a closed backend is never ready
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return scripted.make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def test_mutual_tls(certs):
+    server = scripted.ScriptedUpstream().start(tls=(certs["server.pem"], certs["server.key"], certs["ca.pem"]))
+    good = UpstreamBackend(url=server.url, model_name="formula", tls_ca=str(certs["ca.pem"]),
+                           tls_cert=str(certs["client.pem"]), tls_key=str(certs["client.key"]))
+    no_client_cert = UpstreamBackend(url=server.url, model_name="formula", tls_ca=str(certs["ca.pem"]),
+                                     retries=0)
+    plaintext = UpstreamBackend(url=server.url, model_name="formula", retries=0)
+    try:
+        x = pixels(2, seed=5)
+        assert good.ready()
+        np.testing.assert_allclose(good.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        for b in (no_client_cert, plaintext):
+            assert not b.ready()
+            with pytest.raises(BackendError) as err:
+                b.infer(x)
+            assert err.value.code == "UNAVAILABLE"
+    finally:
+        for b in (good, no_client_cert, plaintext):
+            b.close()
+        server.stop()
+
+
+def test_server_only_tls(certs):
+    server = scripted.ScriptedUpstream().start(tls=(certs["server.pem"], certs["server.key"], None))
+    b = UpstreamBackend(url=server.url, model_name="formula", tls_ca=str(certs["ca.pem"]))
+    try:
+        x = pixels(1, seed=6)
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+    finally:
+        b.close()
+        server.stop()
