@@ -4,4 +4,4 @@ Importing this package registers every purifier kind: ``jpeg``, ``noise``, ``bit
 ``median``, ``diffusion``.
 """
 
-from robustgate.defenses.purify import bitdepth, jpeg, median, noise  # noqa: F401
+from robustgate.defenses.purify import bitdepth, diffusion, jpeg, median, noise  # noqa: F401
