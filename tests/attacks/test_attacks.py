@@ -109,3 +109,26 @@ def test_square_sees_rejections_as_failed_queries(tiny, backbone, test_images):
     success, _ = _served_outcome(tiny, [], adv, y)
     assert success > 0.3
     assert attack.queries_used.min() < 100
+
+
+@pytest.mark.filterwarnings("ignore:diffusion. purifying with an untrained UNet")
+def test_eot_attacks_through_the_diffusion_sampler(tiny, backbone, test_images):
+    """The diffusion purifier is randomized and differentiable: the twin backpropagates through
+    its DDIM steps (not a straight-through surrogate) and the EOT attack averages over its noise."""
+    x, y = test_images[0][:6], test_images[1][:6]
+    cfg = [{"name": "diffpure", "kind": "diffusion",
+            "params": {"t_star": 20, "steps": 1, "block_out_channels": [8, 16, 16]}}]
+    twin = PipelineTwin(backbone, build_stages(cfg, tiny, twin=True))
+    assert twin.randomized and twin.non_differentiable == []
+    # the purifier's Jacobian is not the identity: the gradient really goes through the UNet
+    xg = x.clone().requires_grad_(True)
+    twin.generator = torch.Generator().manual_seed(0)
+    v = torch.randn_like(x)
+    (g,) = torch.autograd.grad((twin.purify(xg) * v).sum(), xg)
+    assert torch.isfinite(g).all() and not torch.allclose(g, v, atol=1e-3)
+    twin.generator = None
+    tm = threat_model("eot", 0.1, n=len(x), steps=3, restarts=1, eot=2, queries=1)
+    torch.manual_seed(0)
+    adv = ATTACKS["eot"].run(AttackContext(BackboneOnly(backbone), twin, None, 10), tm, x, y)
+    check_perturbation(adv, x, "linf", 0.1)
+    assert (adv != x).any()

@@ -103,3 +103,22 @@ def test_bad_pipeline_files_are_refused(tmp_path):
         load_pipelines(bad)
     with pytest.raises(ValueError, match="unknown attacks"):
         EvalSettings(attacks=["nope"], eps=[0.1])
+
+
+def test_smoothing_reports_certified_accuracy(tiny, backbone, tmp_path):
+    from robustgate.attacks.runner import PipelineConfig
+
+    configs = [PipelineConfig("smooth", [{"name": "smooth", "kind": "smoothing",
+                                          "params": {"sigma": 0.25, "n0": 8, "n": 32, "alpha": 0.01}}])]
+    settings = EvalSettings(attacks=["pgd", "eot"], eps=[0.1], n=12, steps=3, eot=2, radii=[0.0, 0.25, 0.5])
+    result = Evaluation(tiny, configs, settings, tmp_path / "s", backbone=backbone, progress=False,
+                        surface_points=1).run()
+    result["command"] = "test"
+    write_reports(result, tmp_path / "s")
+    cert = result["configs"]["smooth"]["clean"]["certified_accuracy"]
+    values = [cert["0"], cert["0.25"], cert["0.5"]]
+    assert values == sorted(values, reverse=True) and values[0] > 0
+    assert values[0] <= result["configs"]["smooth"]["clean"]["clean_accuracy"] + 1e-9
+    eot = next(c for c in result["cells"] if c["attack"] == "eot")
+    assert eot["status"] == "done" and eot["threat_model"]["eot"] == 2
+    assert "Certified accuracy" in (tmp_path / "s" / "results.md").read_text()
