@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from typing import Callable
 import numpy as np
 
 from robustgate.defenses.pipeline import PipelineResult
+
+
+log = logging.getLogger("robustgate.proxy")
 
 
 class QueueFull(Exception):
@@ -181,24 +185,34 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch], axis=0)  # [M, C, H, W]
-            deadlines = [p.deadline for p in batch if p.deadline is not None]
-            started = time.monotonic()
-            for p in batch:
-                p.started = started
-            timeout = max(0.0, min(deadlines) - started) if deadlines else None
             try:
-                result = await loop.run_in_executor(self._executor, self.run, x, timeout)
-            except Exception as exc:  # noqa: BLE001 - delivered to every request of the batch
+                x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch], axis=0)  # [M, C, H, W]
+                started = time.monotonic()
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+                    p.started = started
+                deadlines = [p.deadline for p in batch if p.deadline is not None]
+                timeout = max(0.0, min(deadlines) - started) if deadlines else None
+                result = await loop.run_in_executor(self._executor, self.run, x, timeout)
+            except asyncio.CancelledError:
+                _fail(batch, BatcherClosed("the server is shutting down"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - delivered to every request of the batch; the loop goes on
+                _fail(batch, exc)
                 continue
             if self.on_batch is not None:
-                self.on_batch(int(x.shape[0]), result)
+                try:
+                    self.on_batch(int(x.shape[0]), result)
+                except Exception:  # noqa: BLE001 - metrics must never fail a request
+                    log.exception("on_batch hook failed")
             a = 0
             for p in batch:
                 b = a + p.n
                 if not p.future.done():
                     p.future.set_result(slice_result(result, a, b))
                 a = b
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(exc)

@@ -147,6 +147,15 @@ class ProxyConfig(_Strict):
     pipeline: PipelineConfig = PipelineConfig()
     limits: LimitsConfig = LimitsConfig()
 
+    @model_validator(mode="after")
+    def _fits(self) -> "ProxyConfig":
+        if self.batching.max_queue_items < self.limits.max_batch_items:
+            raise ValueError(
+                f"batching.max_queue_items ({self.batching.max_queue_items}) must be >= limits.max_batch_items "
+                f"({self.limits.max_batch_items}), or the largest allowed request could never be queued"
+            )
+        return self
+
 
 def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     """``ROBUSTGATE_A__B=v`` -> ``({"a": {"b": v}}, {("a", "b"): "ROBUSTGATE_A__B"})``."""
@@ -187,7 +196,7 @@ def _describe(exc: ValidationError, sources: dict[tuple[str, ...], str], origin:
     parts = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(loc) or "(top level)"
+        key = ".".join(loc) or "config"
         # the variable that set this key, a parent of it, or (unknown section) a key below it
         var = next((v for path, v in sources.items() if path[: len(loc)] == loc or loc[: len(path)] == path), None)
         where = f" (from environment variable {var})" if var else ""

@@ -47,6 +47,7 @@ def test_defaults_with_a_bundle_only(tmp_path):
     ({"pipeline": {"verdict_mode": "batch"}}, "pipeline.verdict_mode"),
     ({"server": {"tls": {"cert": "/nonexistent.pem", "key": "/nonexistent.key"}}}, "server.tls"),
     ({"limits": {"max_batch_items": -3}}, "limits.max_batch_items"),
+    ({"batching": {"max_queue_items": 8}, "limits": {"max_batch_items": 16}}, "batching.max_queue_items"),
 ])
 def test_config_errors_name_the_key(tmp_path, data, key):
     path = write(tmp_path, {"bundle": str(tmp_path), **data})
