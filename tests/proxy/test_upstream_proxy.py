@@ -14,9 +14,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
@@ -79,6 +81,12 @@ def mlserver(tmp_path, proxy_bundle):
     server.stop()
 
 
+def health(url: str) -> int:
+    """The proxy's grpc.health.v1 status for the whole server ("")."""
+    with grpc.insecure_channel(url) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
 def upstream_section(url: str, model_name: str = "tiny", **extra) -> dict:
     return {"kind": "upstream", "upstream": {"url": url, "model_name": model_name, "retries": 1, "backoff_s": 0.01,
                                              "health_interval_s": 0.2, **extra}}
@@ -124,8 +132,35 @@ def test_upstream_stopped_then_restarted(start_proxy, mlserver):
         assert err.value.status() == "StatusCode.UNAVAILABLE", (err.value.status(), str(err.value))
         wait_until(lambda: not client.is_server_ready(), what="ServerReady false with the upstream down")
         assert not client.is_model_ready("tiny")
+        wait_until(lambda: health(proxy.url) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                   what="grpc.health.v1 NOT_SERVING with the upstream down")
         assert upstream_errors(proxy.metrics_port).get("UNAVAILABLE", 0) >= 1
 
         mlserver.start()  # same gRPC port
         wait_until(client.is_server_ready, what="ServerReady true once the upstream returned")
         np.testing.assert_array_equal(triton_infer(client, "tiny", x)["logits"], before)
+        wait_until(lambda: health(proxy.url) == health_pb2.HealthCheckResponse.SERVING,
+                   what="grpc.health.v1 SERVING once the upstream returned")
+
+
+def test_proxy_started_before_its_upstream(start_proxy, tmp_path, proxy_bundle, ort_logits):
+    """The upstream is not up yet when the proxy starts: not ready and UNAVAILABLE, then both fine."""
+    server = harness.MLServerProcess(tmp_path / "late", {"tiny": {"onnx": proxy_bundle / "backbone.onnx"}})
+    proxy = start_proxy(backend=upstream_section(server.url))
+    x = images(2, seed=12)
+    try:
+        with tc.InferenceServerClient(proxy.url) as client:
+            assert client.is_server_live()
+            assert not client.is_server_ready()
+            with pytest.raises(InferenceServerException) as err:
+                triton_infer(client, "tiny", x)
+            assert err.value.status() == "StatusCode.UNAVAILABLE", (err.value.status(), str(err.value))
+
+            server.start()
+            wait_until(client.is_server_ready, what="ServerReady once the upstream came up")
+            got = triton_infer(client, "tiny", x)["logits"]
+            np.testing.assert_allclose(got, ort_logits(x), rtol=1e-5, atol=1e-6)
+            meta = client.get_model_metadata("tiny", as_json=True)
+            assert meta["inputs"][0]["name"] == "input"
+    finally:
+        server.stop()
