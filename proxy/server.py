@@ -41,6 +41,7 @@ from robustgate.proxy.codec import (
 )
 from robustgate.proxy.config import ProxyConfig
 from robustgate.proxy.metrics import Metrics
+from robustgate.proxy.triton_compat import model_config_handler
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 
@@ -199,6 +200,9 @@ class ProxyServer:
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
         ])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), self.server)
+        compat = model_config_handler(self)  # Triton's ModelConfig, for perf_analyzer
+        if compat is not None:
+            self.server.add_generic_rpc_handlers((compat,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -130,3 +130,15 @@ def test_batching_disabled_runs_each_request_alone(start_proxy, ort_logits):
     reg = p.server.metrics.registry
     assert reg.get_sample_value("robustgate_batch_size_count") == 6
     assert reg.get_sample_value("robustgate_batch_size_sum") == 12
+
+
+def test_triton_model_config_for_perf_analyzer(proxy):
+    client = tc.InferenceServerClient(proxy.url)
+    cfg = client.get_model_config("tiny").config
+    assert cfg.name == "tiny" and cfg.max_batch_size == 256
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [("input", [1, 28, 28])]
+    assert [o.name for o in cfg.output] == ["logits", "robustgate_verdict"]
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_config("nope")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    assert client.is_server_live()  # the OIP methods still resolve beside the extra handler
