@@ -31,19 +31,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ARCHS: dict[str, Callable[..., nn.Module]] = {}
+_ARCHS: dict[str, type[nn.Module]] = {}
 
 # Per-dataset pixel statistics (train split), used as the in-model normalization defaults.
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 
 
-def register_arch(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+def register_arch(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: makes an architecture buildable by ``name``."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _ARCHS:
             raise TypeError(f"architecture {name!r} is registered twice")
-        _ARCHS[name] = factory
-        return factory
+        _ARCHS[name] = cls
+        return cls
 
     return deco
 
@@ -52,11 +54,15 @@ def arch_names() -> list[str]:
     return sorted(_ARCHS)
 
 
-def build_arch(name: str, **kwargs) -> nn.Module:
-    """Builds the registered architecture ``name`` with its keyword arguments."""
+def arch_class(name: str) -> type[nn.Module]:
     if name not in _ARCHS:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(arch_names())}")
-    return _ARCHS[name](**kwargs)
+    return _ARCHS[name]
+
+
+def build_arch(name: str, **kwargs) -> nn.Module:
+    """Builds the registered architecture ``name`` with its keyword arguments."""
+    return arch_class(name)(**kwargs)
 
 
 class Normalize(nn.Module):
@@ -87,6 +93,7 @@ def _check_common(in_channels: int, num_classes: int, mean: tuple, std: tuple) -
 # ---------------------------------------------------------------------------------------------
 # cnn
 # ---------------------------------------------------------------------------------------------
+@register_arch("cnn")
 class SmallCNN(nn.Module):
     """conv-conv-pool, conv-conv-pool, linear-ReLU (features), linear (logits).
 
@@ -131,11 +138,6 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-@register_arch("cnn")
-def cnn(**kwargs) -> nn.Module:
-    return SmallCNN(**kwargs)
-
-
 # ---------------------------------------------------------------------------------------------
 # preact_resnet18
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +160,7 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
+@register_arch("preact_resnet18")
 class PreActResNet18(nn.Module):
     """PreAct ResNet-18; ``features`` = ReLU(BN(last block)) average-pooled, ``[N, 8*width]``."""
 
@@ -191,14 +194,10 @@ class PreActResNet18(nn.Module):
         return self.head(self.features(x))
 
 
-@register_arch("preact_resnet18")
-def preact_resnet18(**kwargs) -> nn.Module:
-    return PreActResNet18(**kwargs)
-
-
 # ---------------------------------------------------------------------------------------------
 # vit_tiny
 # ---------------------------------------------------------------------------------------------
+@register_arch("vit_tiny")
 class ViTTiny(nn.Module):
     """A small ViT: patch embedding, learned position embeddings, a class token, pre-norm
     transformer encoder (``nn.TransformerEncoderLayer``), then a ReLU pre-logit layer
@@ -260,11 +259,6 @@ class ViTTiny(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-@register_arch("vit_tiny")
-def vit_tiny(**kwargs) -> nn.Module:
-    return ViTTiny(**kwargs)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -150,8 +150,8 @@ def write_bundle(
     mean = std = ()
     norm = getattr(module, "normalize", None)
     if norm is not None:
-        mean = tuple(float(v) for v in norm.mean.flatten())
-        std = tuple(float(v) for v in norm.std.flatten())
+        mean = tuple(round(float(v), 6) for v in norm.mean.flatten())
+        std = tuple(round(float(v), 6) for v in norm.std.flatten())
     spec = BundleSpec(
         schema_version=SCHEMA_VERSION,
         name=name or out.name,

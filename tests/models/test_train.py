@@ -1,0 +1,166 @@
+"""Trainer: every method lowers its loss, resume reproduces an uninterrupted run, DDP with 2
+processes on the CPU, the CLI, the data split and the LR schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robustgate.models.archs import build_arch
+from robustgate.models.bundle import Bundle
+from robustgate.models.data import DatasetMissing, load_splits
+from robustgate.models.losses import METHODS
+from robustgate.models.train import TrainConfig, lr_at, train
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"width": 4, "hidden": 16}
+
+
+@dataclasses.dataclass
+class _LossCfg:
+    eps: float = 0.1
+    alpha: float = 0.05
+    steps: int = 3
+    restarts: int = 1
+    beta: float = 6.0
+    noise_sigma: float = 0.0
+
+
+@pytest.mark.parametrize("method,noise", [(m, 0.0) for m in METHODS] + [("standard", 0.25)])
+def test_every_method_lowers_its_loss(method, noise, fmnist_subset):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_arch("cnn", **TINY)
+    x, y = fmnist_subset("train", 256)
+    cfg = _LossCfg(noise_sigma=noise)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+
+    def measured() -> float:  # same attack noise before and after, so the comparison is fair
+        loss, logits = METHODS[method](model, x, y, cfg, torch.Generator().manual_seed(123))
+        assert logits.shape == (256, 10) and torch.isfinite(loss)
+        return loss.item()
+
+    before = measured()
+    gen = torch.Generator().manual_seed(7)
+    for i in range(40):
+        idx = torch.arange(i * 64, (i + 1) * 64) % 256
+        loss, _ = METHODS[method](model, x[idx], y[idx], cfg, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = measured()
+    assert after < before - 0.05, f"{method}: loss {before:.3f} -> {after:.3f}"
+
+
+def _cfg(tmp_path: Path, name: str, **kw) -> TrainConfig:
+    base = dict(
+        out=str(tmp_path / name), checkpoint_dir=str(tmp_path / f"{name}.ckpt"), method="fast-at", epochs=2,
+        train_items=512, batch_size=64, max_steps_per_epoch=4, val_items=64, val_steps=2, test_items=64,
+        test_steps=2, arch_kwargs=TINY, optimizer="adam", lr=2e-3, weight_decay=0.0, threads=1, progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    full = train(_cfg(tmp_path, "full"))
+    first = train(_cfg(tmp_path, "split", stop_after=1))
+    assert first["epochs_done"] == 1 and "metrics" not in first
+    assert not (tmp_path / "split").exists(), "no bundle before the last epoch"
+    meta = json.loads((tmp_path / "split.ckpt" / "last.json").read_text())
+    assert meta["epoch"] == 1
+    second = train(_cfg(tmp_path, "split", resume=True))
+    assert second["weights_digest"] == full["weights_digest"]
+    assert second["history"] == [{**h, "seconds": h2["seconds"], "images_per_s": h2["images_per_s"]}
+                                 for h, h2 in zip(full["history"], second["history"])]
+    a = load_file(str(tmp_path / "full" / "backbone.safetensors"))
+    b = load_file(str(tmp_path / "split" / "backbone.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the bundle records the threat model beside the numbers
+    metrics = Bundle.load(tmp_path / "split").spec.backbone.metrics
+    assert metrics["threat_model"]["eps"] == 0.1 and metrics["threat_model"]["items"] == 64
+    assert 0 <= metrics["pgd2_accuracy"] <= metrics["clean_accuracy"] <= 1
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    train(_cfg(tmp_path, "r", epochs=2, stop_after=1))
+    with pytest.raises(ValueError, match="configuration changed.*'eps'"):
+        train(_cfg(tmp_path, "r", epochs=2, resume=True, eps=0.2))
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+        "-m", "robustgate.proxy.cli", "train", "--method", "trades", "--steps", "2", "--epochs", "1",
+        "--train-items", "512", "--batch-size", "64", "--max-steps-per-epoch", "3", "--val-items", "32",
+        "--val-steps", "2", "--test-items", "32", "--test-steps", "2", "--arch-kwargs", json.dumps(TINY),
+        "--threads", "1", "--no-progress", "--out", str(tmp_path / "ddp"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "ddp.ckpt" / "last.json").read_text())
+    assert meta["world_size"] == 2
+    assert meta["history"][0]["train_acc"] >= 0  # both ranks' items counted:
+    bundle = Bundle.load(tmp_path / "ddp")
+    assert bundle.spec.backbone.metrics["processes"] == 2
+    assert "pgd2_accuracy" in bundle.spec.backbone.metrics
+
+
+def test_cli_help_explains_the_recipe():
+    out = subprocess.run([sys.executable, "-m", "robustgate.proxy.cli", "train", "--help"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    for needle in ("--method", "trades", "--eps", "--resume", "torchrun", "--noise-sigma", "examples:"):
+        assert needle in out
+
+
+def test_cli_missing_dataset_says_how_to_install(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "robustgate.proxy.cli", "train", "--data-dir", str(tmp_path / "nowhere"),
+         "--out", str(tmp_path / "b")], capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr
+
+
+def test_missing_dataset_raises(tmp_path):
+    with pytest.raises(DatasetMissing, match="apt-get install dataset-fashion-mnist"):
+        load_splits("fashion-mnist", data_dir=tmp_path)
+
+
+def test_split_is_seeded_fixed_and_disjoint(fmnist_splits):
+    s = fmnist_splits
+    assert s.info == {"val_size": 5000, "split_seed": 0, "train_size": 55000, "test_size": 10000}
+    assert s.train_x.shape == (55000, 1, 28, 28) and s.test_x.shape == (10000, 1, 28, 28)
+    assert s.train_x.dtype == torch.float32 and 0 <= s.train_x.min() and s.train_x.max() <= 1
+    again = load_splits("fashion-mnist", seed=0)
+    assert torch.equal(again.val_y, s.val_y) and torch.equal(again.val_x[:50], s.val_x[:50])
+    other = load_splits("fashion-mnist", seed=1)
+    assert not torch.equal(other.val_y, s.val_y)
+    # the validation items are held out: train + val is exactly the official training set
+    assert torch.bincount(torch.cat([s.train_y, s.val_y])).tolist() == [6000] * 10
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(out="x", method="bogus")
+    with pytest.raises(ValueError, match="method trades needs eps > 0"):
+        TrainConfig(out="x", method="trades", eps=0.0)
+    assert TrainConfig(out="x", method="fast-at", eps=0.1).alpha == pytest.approx(0.125)
+    assert TrainConfig(out="x", method="pgd-at", eps=0.1, steps=10).alpha == pytest.approx(0.025)
+
+
+def test_lr_schedules():
+    assert lr_at("onecycle", 1.0, 0.0) == 0.0 and lr_at("onecycle", 1.0, 0.4) == pytest.approx(1.0)
+    assert lr_at("onecycle", 1.0, 1.0) == 0.0
+    assert lr_at("cosine", 1.0, 0.5) == pytest.approx(0.5)
+    assert lr_at("multistep", 1.0, 0.8) == pytest.approx(0.01)
+    assert lr_at("constant", 0.3, 0.9) == 0.3
