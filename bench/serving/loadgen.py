@@ -16,9 +16,11 @@ ModelConfig RPC, which neither the Open Inference Protocol nor MLServer provides
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -26,6 +28,17 @@ import onnxruntime as ort
 
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far, from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], window_s: float) -> dict[str, float]:
+    """CPU cores each probed process used on average during the window (1.0 = one full core)."""
+    return {k: (after[k] - before[k]) / window_s for k in before}
 
 
 def summarize(latencies_s: list[float], items: int, window_s: float, errors: Counter) -> dict:
@@ -51,7 +64,7 @@ def make_request(model: str, input_name: str, x: np.ndarray) -> pb.ModelInferReq
 
 
 async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: int, warmup_s: float,
-                duration_s: float, timeout_s: float) -> dict:
+                duration_s: float, timeout_s: float, probes: dict[str, Callable[[], float]]) -> dict:
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(url, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -78,18 +91,32 @@ async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: in
                 if t0 >= t_open and t1 <= t_close:
                     latencies.append(t1 - t0)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(latencies, len(latencies) * batch, duration_s, errors)
+        cpu: list[dict[str, float]] = []
+
+        async def sample() -> None:  # CPU use of client and servers inside the measured window only
+            for t in (t_open, t_close):
+                await asyncio.sleep(max(0.0, t - time.perf_counter()))
+                cpu.append({k: f() for k, f in probes.items()})
+
+        await asyncio.gather(sample(), *(worker() for _ in range(concurrency)))
+    out = summarize(latencies, len(latencies) * batch, duration_s, errors)
+    out["cpu_cores"] = cpu_share(cpu[0], cpu[1], duration_s)
+    return out
 
 
 def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
-             warmup_s: float = 1.0, duration_s: float = 5.0, timeout_s: float = 30.0, seed: int = 0) -> dict:
-    """Closed-loop load on ``url`` (host:port); returns throughput and latency percentiles."""
+             warmup_s: float = 1.0, duration_s: float = 5.0, timeout_s: float = 30.0, seed: int = 0,
+             server_pids: dict[str, int] | None = None) -> dict:
+    """Closed-loop load on ``url`` (host:port); returns throughput, latency percentiles and the CPU
+    cores used by this client and by each of ``server_pids`` during the measured window."""
     if not url.startswith(("127.", "localhost:", "[::1]:")):
         raise ValueError(f"{url}: the benchmark only sends traffic to loopback addresses")
     x = np.random.default_rng(seed).random((batch, *item_shape), dtype=np.float32)  # [B, C, H, W] in [0, 1)
     req = make_request(model, input_name, x)
-    return asyncio.run(_load(url, req, batch, concurrency, warmup_s, duration_s, timeout_s))
+    probes: dict[str, Callable[[], float]] = {"client": time.process_time}
+    for name, pid in (server_pids or {}).items():
+        probes[name] = lambda pid=pid: process_cpu_s(pid)
+    return asyncio.run(_load(url, req, batch, concurrency, warmup_s, duration_s, timeout_s, probes))
 
 
 def run_raw_ort(onnx_file: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
@@ -117,7 +144,13 @@ def run_raw_ort(onnx_file: str, input_name: str, item_shape: tuple[int, ...], co
     threads = [threading.Thread(target=worker, args=(per_thread[i],)) for i in range(concurrency)]
     for t in threads:
         t.start()
+    time.sleep(max(0.0, t_open - time.perf_counter()))
+    cpu0 = time.process_time()
+    time.sleep(max(0.0, t_close - time.perf_counter()))
+    cpu1 = time.process_time()
     for t in threads:
         t.join()
     latencies = [v for lst in per_thread for v in lst]
-    return summarize(latencies, len(latencies) * batch, duration_s, Counter())
+    out = summarize(latencies, len(latencies) * batch, duration_s, Counter())
+    out["cpu_cores"] = {"process": (cpu1 - cpu0) / duration_s}
+    return out

@@ -284,10 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"config": proxy.config if proxy else {"server": "mlserver", "url": upstream.url}, "points": {}}
             try:
                 for c in concurrencies:
-                    r = loadgen.run_load(url, model, input_name, item_shape, c, 1, args.warmup, args.duration)
+                    pids = {"mlserver": upstream.proc.pid} if upstream and upstream.proc else {}
+                    if proxy:
+                        pids["proxy"] = proxy.proc.pid
+                    r = loadgen.run_load(url, model, input_name, item_shape, c, 1, args.warmup, args.duration,
+                                         server_pids=pids)
                     entry["points"][str(c)] = r
                     log(f"{name} concurrency {c}: {r['items_per_s']:.0f} items/s p50 {r['p50_ms']:.2f} ms "
-                        f"p99 {r['p99_ms']:.2f} ms errors {r['errors']}")
+                        f"p99 {r['p99_ms']:.2f} ms errors {r['errors']} cpu {r['cpu_cores']}")
                 if pa_binary:
                     pa: dict = {}
                     for c in concurrencies:
@@ -403,16 +407,20 @@ def markdown(r: dict, concurrencies: list[int]) -> str:
         if b != "1":
             lines.append(f"| {b} | 1 | {_f(p['items_per_s'], 0)} | {_f(p['p50_ms'], 3)} | {_f(p['p99_ms'], 3)} |")
     lines += ["", "## (b), (c) Through the servers (batch-1 requests)", "",
-              "| target | concurrency | items/s | p50 | p90 | p99 | errors |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| target | concurrency | items/s | p50 | p90 | p99 | errors | CPU cores used |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in r["targets"].items():
         for cc, p in e["points"].items():
             errors = ", ".join(f"{k} {v}" for k, v in p["errors"].items()) or "0"
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_cores"].items())
             lines.append(f"| {name} | {cc} | {_f(p['items_per_s'], 0)} | {_f(p['p50_ms'])} | {_f(p['p90_ms'])} | "
-                         f"{_f(p['p99_ms'])} | {errors} |")
+                         f"{_f(p['p99_ms'])} | {errors} | {cpu} |")
     lines += ["", "Targets: `proxy_onnx_*` = robustgate with its in-process ONNX Runtime backend and no defense "
               "stages; `proxy_upstream_*` = robustgate forwarding to MLServer; `*_batched` = dynamic batching on "
-              "(max batch 64, max queue delay 2 ms); `mlserver_direct` = the same MLServer called directly.", "",
+              "(max batch 64, max queue delay 2 ms); `mlserver_direct` = the same MLServer called directly. "
+              "CPU cores used = CPU seconds per second of the load generator (client) and of each server "
+              "process during the measured window; with 2 cores, client + servers near 2.0 means the machine, "
+              "not the server, was the limit.", "",
               "## perf_analyzer", ""]
     pa = r["perf_analyzer"]
     if not pa["binary"]:
