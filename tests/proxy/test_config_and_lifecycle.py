@@ -115,10 +115,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path, proxy_bundl
     path = write(tmp_path, {
         "bundle": str(proxy_bundle),
         "server": {"host": "127.0.0.1", "metrics_host": "127.0.0.1", "grace_s": 60},
-        "batching": {"enabled": False},
+        "batching": {"enabled": True, "max_batch_size": 64},
         "pipeline": {"stages": [{"name": "slow", "kind": "test_proxy_sleep", "params": {"seconds": 0.4}}]},
     })
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
+    env["ROBUSTGATE_BATCHING__ENABLED"] = "false"  # the environment wins over the file: one request per batch
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "serve_with_sleep.py"), "serve", "--config", str(path), "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
