@@ -2,11 +2,13 @@
 
 The first waiting request waits at most ``max_queue_delay_s`` for company; a batch closes when
 the next request would take it past ``max_batch_size`` items (a request larger than that runs
-alone, never split). Batches run one at a time in a worker thread (the pipeline is synchronous
-torch/numpy; ONNX Runtime releases the GIL), so requests arriving meanwhile pile up into the next
-batch. The queue is bounded by ``max_queue_items`` items: a request that would exceed it fails at
+alone, never split). Batches run in worker threads (the pipeline is synchronous torch/numpy;
+ONNX Runtime releases the GIL), and the next batch is collected only when a worker is free, so
+requests arriving meanwhile pile up into it. The queue is bounded by ``max_queue_items`` items: a request that would exceed it fails at
 once with :class:`QueueFull` (the server answers RESOURCE_EXHAUSTED); it never grows without
-limit. With ``enabled=False`` every request runs alone, in arrival order.
+limit. With ``enabled=False`` every request runs alone, in arrival order. ``workers`` batches may
+run at once (default 1: the in-process backend already uses every core; an upstream backend
+gains from several calls in flight); a batch is collected only when a worker is free.
 
 Each request gets back exactly its own rows of the batch's :class:`PipelineResult`.
 """
@@ -80,9 +82,10 @@ class Batcher:
         max_queue_delay_s: float = 0.002,
         max_queue_items: int = 1024,
         on_batch: Callable[[int, PipelineResult], None] | None = None,
+        workers: int = 1,
     ):
-        if max_batch_size < 1 or max_queue_items < 1 or max_queue_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_items must be >= 1 and max_queue_delay_s >= 0")
+        if max_batch_size < 1 or max_queue_items < 1 or max_queue_delay_s < 0 or workers < 1:
+            raise ValueError("max_batch_size, max_queue_items and workers must be >= 1 and max_queue_delay_s >= 0")
         self.run = run
         self.enabled = enabled
         self.max_batch_size = max_batch_size
@@ -93,7 +96,10 @@ class Batcher:
         self._depth = 0  # items waiting (not yet running)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustgate-batch")
+        self.workers = workers
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustgate-batch")
 
     @property
     def depth(self) -> int:
@@ -102,6 +108,7 @@ class Batcher:
     def start(self) -> None:
         """Starts the batching loop on the running event loop."""
         self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.workers)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="robustgate-batcher")
 
     async def stop(self) -> None:
@@ -113,6 +120,10 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         while self._queue:
             p = self._queue.popleft()
             if not p.future.done():
@@ -182,9 +193,22 @@ class Batcher:
         return batch
 
     async def _loop(self) -> None:
+        """Waits for a free worker, collects a batch for it, runs it as its own task."""
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
+            await self._slots.acquire()
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             try:
                 x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch], axis=0)  # [M, C, H, W]
                 started = time.monotonic()
@@ -198,7 +222,7 @@ class Batcher:
                 raise
             except Exception as exc:  # noqa: BLE001 - delivered to every request of the batch; the loop goes on
                 _fail(batch, exc)
-                continue
+                return
             if self.on_batch is not None:
                 try:
                     self.on_batch(int(x.shape[0]), result)
@@ -210,6 +234,8 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_result(slice_result(result, a, b))
                 a = b
+        finally:
+            self._slots.release()
 
 
 def _fail(batch: list[_Pending], exc: BaseException) -> None:

@@ -108,6 +108,10 @@ class BatchingConfig(_Strict):
     max_batch_size: int = Field(32, ge=1)  # items per executed batch (a larger request runs alone)
     max_queue_delay_ms: float = Field(2.0, ge=0)  # how long the first waiting request waits for company
     max_queue_items: int = Field(1024, ge=1)  # items waiting; beyond -> RESOURCE_EXHAUSTED
+    workers: int | None = Field(None, ge=1)  # batches running at once; None: 1 (onnxruntime), 4 (upstream)
+
+    def resolved_workers(self, backend_kind: str) -> int:
+        return self.workers if self.workers is not None else (4 if backend_kind == "upstream" else 1)
 
 
 class StageConfig(_Strict):

@@ -171,7 +171,7 @@ class ProxyServer:
         self.batcher = Batcher(
             run=runner, enabled=b.enabled, max_batch_size=b.max_batch_size,
             max_queue_delay_s=b.max_queue_delay_ms / 1000.0, max_queue_items=b.max_queue_items,
-            on_batch=self._on_batch,
+            on_batch=self._on_batch, workers=b.resolved_workers(cfg.backend.kind),
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self.health = HealthServicer()

@@ -74,3 +74,37 @@ def test_queue_bound_and_failure_isolation():
             await b.stop()
 
     asyncio.run(go())
+
+
+def test_several_workers_run_batches_at_once():
+    import threading
+
+    inside, release = [], threading.Event()
+    both_in = threading.Event()
+
+    def run(x, timeout):
+        inside.append(x.shape[0])
+        if len(inside) == 2:
+            both_in.set()
+        assert release.wait(30), "never released"
+        m = torch.from_numpy(x.mean(axis=(1, 2, 3)))
+        return PipelineResult(logits=m[:, None], verdict=torch.zeros(len(m), dtype=torch.int64), reason=[None] * len(m))
+
+    async def go():
+        b = Batcher(run, enabled=False, workers=2, max_queue_items=10)
+        b.start()
+        try:
+            futs = [asyncio.ensure_future(b.submit(items([v]))) for v in (0.1, 0.2, 0.3)]
+            for _ in range(3000):  # until two batches are inside `run` at the same time
+                if both_in.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            assert both_in.is_set()
+            assert b.depth == 1  # the third waits for a free worker
+            release.set()
+            res = await asyncio.gather(*futs)
+        finally:
+            await b.stop()
+        assert [r.logits.item() for r, _ in res] == pytest.approx([0.1, 0.2, 0.3])
+
+    asyncio.run(go())
