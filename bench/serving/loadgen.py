@@ -10,7 +10,8 @@ measurement window count; throughput = counted requests x batch / window.
 ``concurrency`` threads (ONNX Runtime releases the GIL) -- no protocol, no server: the ceiling.
 
 Written here rather than with a library because perf_analyzer (the standard tool) needs Triton's
-ModelConfig RPC, which neither the Open Inference Protocol nor MLServer provides (see README).
+ModelConfig RPC, which is not part of the Open Inference Protocol and which MLServer does not serve
+(see README); this client measures every target the same way, MLServer included.
 """
 
 from __future__ import annotations

@@ -255,3 +255,16 @@ def test_constructor_validates_its_config(kwargs, message):
 def test_rejects_non_float32_input(backend):
     with pytest.raises(ValueError, match="float32"):
         backend.infer(images(1, 0).astype(np.float64))
+
+
+def test_accepts_every_key_of_the_proxy_config(mlserver):
+    """backend.upstream's keys are passed 1:1 (proxy/serve.py); a key added on one side only fails here."""
+    from robustgate.proxy.config import UpstreamConfig
+
+    keys = UpstreamConfig(url=mlserver.url, model_name="tiny", health_interval_s=0.5).model_dump()
+    b = UpstreamBackend(**keys, max_message_bytes=4 << 20)
+    try:
+        assert b.ready()
+        assert b.infer(images(2, 3)).shape == (2, harness.NUM_CLASSES)
+    finally:
+        b.close()
