@@ -113,5 +113,6 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(server))
     except OSError as exc:  # e.g. the port is taken
         print(f"robustgate serve: {exc}", file=sys.stderr)
+        server.backend.close()
         return 2
     return 0

@@ -210,7 +210,10 @@ class ProxyServer:
         )
         address = f"{s.host}:{s.port}"
         creds = self._credentials()
-        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
+            raise OSError(f"cannot bind the gRPC port {address}: {exc}") from exc
         if not self.port:
             raise OSError(f"cannot bind the gRPC port {address}")
         self.batcher.start()

@@ -158,3 +158,15 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path, proxy_bundl
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_exits_nonzero_when_the_port_is_taken(proxy_bundle, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code = cli_main(["serve", "--bundle", str(proxy_bundle), "--host", "127.0.0.1", "--port", str(port),
+                         "--metrics-port", "0"])
+    assert code == 2 and f"cannot bind the gRPC port 127.0.0.1:{port}" in capsys.readouterr().err
