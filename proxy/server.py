@@ -307,6 +307,7 @@ class ProxyServer:
                     m.requests.labels(outcome="deadline_exceeded").inc()
                 raise
             m.stage_duration.labels(stage="queue").observe(queued)
+            return self._respond(request, decoded, result)
         except ProtocolError as exc:
             return _Failure(grpc.StatusCode[exc.code], exc.message, _OUTCOME_BY_CODE.get(exc.code, "invalid")), None
         except QueueFull as exc:
@@ -324,6 +325,9 @@ class ProxyServer:
             log.exception("ModelInfer failed")
             return _Failure(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", "internal"), None
 
+    def _respond(self, request: pb.ModelInferRequest, decoded, result: PipelineResult):
+        """Verdict semantics and encoding of one request's share of a batch result."""
+        m = self.metrics
         verdict = result.verdict.numpy()  # [N]
         for v in verdict.tolist():
             m.items.labels(verdict=VERDICT_NAMES[v]).inc()
