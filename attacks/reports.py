@@ -221,10 +221,13 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
             for i, s in enumerate(pts):
                 steps = s["steps"]
                 axes[r][0].imshow(s["loss"], origin="lower", extent=[steps[0], steps[-1], steps[0], steps[-1]], aspect="auto")
-                axes[r][0].set_title(f"{cfg} point {i}: CE (rows: grad sign, cols: random)", fontsize=7)
+                axes[r][0].set_title(f"{cfg}, test point {i}: cross-entropy", fontsize=7)
+                axes[r][0].set_xlabel("step along a random sign direction", fontsize=7)
+                axes[r][0].set_ylabel("step along the gradient sign", fontsize=7)
                 mid = len(steps) // 2
                 axes[r][1].plot(steps, [row[mid] for row in s["loss"]], label="along grad sign")
                 axes[r][1].plot(steps, s["loss"][mid], label="along random sign")
+                axes[r][1].set_xlabel("step", fontsize=7)
                 axes[r][1].legend(fontsize=6)
                 r += 1
         fig.tight_layout()
