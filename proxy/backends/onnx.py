@@ -38,10 +38,6 @@ def providers_for(device: str) -> list[str]:
     raise ValueError(f"backend.onnxruntime.device must be cpu, cuda or auto, got {device!r}")
 
 
-def _dims(shape) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)
-
-
 class OnnxBackend(Backend):
     """Runs ``bundle``'s ONNX backbone with ONNX Runtime; returns its logits output."""
 
