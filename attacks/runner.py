@@ -24,6 +24,7 @@ Metrics (each cell carries its :class:`~robustgate.attacks.threat.ThreatModel`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -129,6 +130,10 @@ class EvalSettings:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
 
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _cell_key(config: str, attack: str, eps: float) -> str:
     return f"{config}__{attack}__eps{eps:g}"
 
@@ -204,16 +209,17 @@ class Evaluation:
         (self.out / "adv").mkdir(parents=True, exist_ok=True)
 
     # ---- cache ------------------------------------------------------------------------------
-    def _cached(self, key: str) -> dict | None:
+    def _cached(self, key: str, fingerprint: str) -> dict | None:
+        """The stored cell ``key`` if it was computed from exactly the same inputs."""
         path = self.out / "cells" / f"{key}.json"
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        same = data.get("schema") == CELL_SCHEMA and data.get("n") == self.settings.n and data.get("offset") == self.settings.offset
-        return data if same else None
+        return data if data.get("schema") == CELL_SCHEMA and data.get("fingerprint") == fingerprint else None
 
-    def _store(self, key: str, data: dict) -> dict:
-        data = {"schema": CELL_SCHEMA, "n": self.settings.n, "offset": self.settings.offset, **data}
+    def _store(self, key: str, fingerprint: str, data: dict) -> dict:
+        data = {"schema": CELL_SCHEMA, "fingerprint": fingerprint, "n": self.settings.n,
+                "offset": self.settings.offset, **data}
         path = self.out / "cells" / f"{key}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data))
@@ -228,9 +234,17 @@ class Evaluation:
 
         return GrpcOracle(self.settings.url, self.settings.model_name or self.bundle.name)
 
+    def _config_fingerprint(self, config: PipelineConfig) -> str:
+        """What a configuration's cells depend on: the bundle (manifest, so every artifact's
+        sha256), the stages, the failure policy, the data and the seed."""
+        manifest = (self.bundle.root / "bundle.yaml").read_text()
+        return _fingerprint({"bundle": manifest, "stages": config.stages, "policy": config.failure_policy,
+                             "n": self.settings.n, "offset": self.settings.offset, "seed": self.settings.seed})
+
     def _clean(self, config: PipelineConfig, served: DefendedModel) -> dict:
         key = f"{config.name}__clean"
-        hit = self._cached(key)
+        fp = self._config_fingerprint(config)
+        hit = self._cached(key, fp)
         if hit is not None:
             return hit
         ans = _run_served(served, self.x, self.settings.batch_size)
@@ -252,7 +266,7 @@ class Evaluation:
             metrics["certified_accuracy"] = {
                 f"{r:g}": float((correct & ~rejected & (radius >= r)).mean()) for r in self.settings.radii
             }
-        return self._store(key, {"config": config.name, "metrics": metrics, "answers": ans})
+        return self._store(key, fp, {"config": config.name, "metrics": metrics, "answers": ans})
 
     def _adversarial(self, attack: str, tm, ctx: AttackContext, cache_key: str | None) -> tuple[torch.Tensor, float]:
         """Runs ``attack`` over the test set in batches; asserts the perturbation after each."""
@@ -282,23 +296,29 @@ class Evaluation:
     def _cell(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, clean: dict,
               attack: str, eps: float) -> dict:
         key = _cell_key(config.name, attack, eps)
-        hit = self._cached(key)
-        if hit is not None:
-            return hit
         s = self.settings
         a = ATTACKS[attack]
         eot = s.eot if twin.randomized else 1
         tm = threat_model(attack, eps, s.n, s.steps, s.restarts, eot, s.queries)
+        oracle_url = s.url if attack == "square" and config.name == s.url_config else None
+        fp = _fingerprint({"config": self._config_fingerprint(config), "threat_model": tm.as_dict(), "url": oracle_url})
+        hit = self._cached(key, fp)
+        if hit is not None:
+            return hit
         base = {"config": config.name, "attack": attack, "eps": eps, "threat_model": tm.as_dict(),
                 "adaptive": a.adaptive}
         if attack == "eot" and not twin.randomized:
-            return self._store(key, {**base, "status": "skipped", "reason": "no randomized stage: EOT = bpda"})
+            return self._store(key, fp, {**base, "status": "skipped", "reason": "no randomized stage: EOT = bpda"})
         if attack == "joint" and not twin.detectors:
-            return self._store(key, {**base, "status": "skipped", "reason": "no detector stage: joint = bpda"})
+            return self._store(key, fp, {**base, "status": "skipped", "reason": "no detector stage: joint = bpda"})
         t0 = time.perf_counter()
         ctx = AttackContext(self.backbone, twin, self._oracle(served, config), self.num_classes, s.seed)
         # backbone attacks do not depend on the configuration: generate once, reuse across configs
-        cache = f"{attack}__eps{eps:g}" if a.target == "backbone" else None
+        cache = None
+        if a.target == "backbone":
+            cache = f"{attack}__eps{eps:g}__" + _fingerprint({
+                "backbone": self.bundle.spec.backbone.onnx.sha256, "threat_model": tm.as_dict(),
+                "offset": s.offset, "seed": s.seed})
         x_adv, gen_seconds = self._adversarial(attack, tm, ctx, cache)
         ans = _run_served(served, x_adv, s.batch_size)
         y = np.asarray(self.y.tolist())
@@ -325,7 +345,7 @@ class Evaluation:
                                else "local served pipeline")
         if attack == "joint":
             extra["detectors_without_gradient"] = self._detectors_without_gradient(twin)
-        return self._store(key, {**base, "status": "done", "metrics": metrics, "detectors": detectors,
+        return self._store(key, fp, {**base, "status": "done", "metrics": metrics, "detectors": detectors,
                                  "wall_seconds": time.perf_counter() - t0, "answers": ans, **extra})
 
     def _detectors_without_gradient(self, twin: PipelineTwin) -> list[str]:

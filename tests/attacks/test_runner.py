@@ -27,20 +27,20 @@ def pipeline_file(tmp_path, hf_threshold):
 def test_eval_writes_reports_and_resumes(tiny, backbone, pipeline_file, tmp_path, monkeypatch):
     configs = load_pipelines(pipeline_file)
     assert [c.name for c in configs] == ["none", "jpeg", "guarded"]
-    settings = EvalSettings(attacks=["fgsm", "pgd", "bpda", "eot", "joint", "square"], eps=[0.1, 0.3], n=24,
-                            steps=5, eot=2, queries=20)
+    settings = EvalSettings(attacks=["fgsm", "pgd", "bpda", "eot", "joint", "square"], eps=[0.1, 0.3], n=16,
+                            steps=4, eot=2, queries=10)
     out = tmp_path / "report"
     result = Evaluation(tiny, configs, settings, out, backbone=backbone, progress=False).run()
     result["command"] = "test"
     paths = write_reports(result, out)
 
     data = json.loads(paths["json"].read_text())
-    assert data["schema_version"] == 1 and data["n"] == 24
+    assert data["schema_version"] == 1 and data["n"] == 16
     assert set(data["configs"]) == {"none", "jpeg", "guarded"}
     cells = {(c["config"], c["attack"], c["eps"]): c for c in data["cells"]}
     assert len(cells) == 3 * 6 * 2
     for c in cells.values():
-        assert c["threat_model"]["eps"] == c["eps"] and c["threat_model"]["n"] == 24
+        assert c["threat_model"]["eps"] == c["eps"] and c["threat_model"]["n"] == 16
         if c["status"] == "done":
             m = c["metrics"]
             assert 0 <= m["robust_accuracy"] <= 1 and 0 <= m["attack_success_rate"] <= 1
@@ -75,6 +75,11 @@ def test_eval_writes_reports_and_resumes(tiny, backbone, pipeline_file, tmp_path
     (out / "cells" / "jpeg__bpda__eps0.1.json").unlink()
     with pytest.raises(AssertionError, match="recomputed"):
         Evaluation(tiny, configs, settings, out, backbone=backbone, progress=False, surface_points=0).run()
+    # a cached cell is never reused for different inputs: same config name, other stage params
+    changed = [configs[0], configs[2]]
+    changed[1].stages[1]["params"]["sigma"] = 0.06
+    with pytest.raises(AssertionError, match="recomputed"):
+        Evaluation(tiny, changed, settings, out, backbone=backbone, progress=False, surface_points=0).run()
 
 
 def test_cli_eval(tiny_bundle, tmp_path, capsys):
