@@ -13,7 +13,9 @@ levels; the value is parsed as a YAML scalar/flow value (``32`` -> int, ``true``
     ROBUSTGATE_PIPELINE__VERDICT_MODE=item
     ROBUSTGATE_BUNDLE=/bundles/default
 
-An unknown ``ROBUSTGATE_*`` key is an error naming the variable (a typo is never ignored).
+An unknown nested key (``ROBUSTGATE_SERVR__PORT``) is an error naming the variable; a single-level
+name that is no top-level key (``ROBUSTGATE_SKIP_APT`` of scripts/install.sh) is ignored with a
+warning.
 Every validation error names the bad key as a dotted path (``batching.max_batch_size: ...``).
 pydantic-settings would do the environment part, but it is not a declared dependency and its
 errors do not say which variable was wrong; the merge below is 20 lines.
@@ -21,6 +23,7 @@ errors do not say which variable was wrong; the merge below is 20 lines.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+log = logging.getLogger("robustgate.proxy")
 ENV_PREFIX = "ROBUSTGATE_"
 STAGE_NAME = r"^[A-Za-z0-9_.-]+$"  # safe in output names, metric labels and metadata
 
@@ -169,6 +173,11 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tupl
         if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX:
             continue
         path = tuple(part.lower() for part in var[len(ENV_PREFIX):].split("__"))
+        if len(path) == 1 and path[0] not in ProxyConfig.model_fields:
+            # single-level names that are not config keys belong to the project's scripts
+            # (ROBUSTGATE_SKIP_APT, ROBUSTGATE_EXTRAS of scripts/install.sh): not ours
+            log.warning("ignoring environment variable %s: not a configuration key", var)
+            continue
         if any(not p for p in path):
             raise ConfigError(f"environment variable {var}: empty key segment (use __ between levels)")
         try:

@@ -62,6 +62,7 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path):
         "ROBUSTGATE_SERVER__PORT": "9000", "ROBUSTGATE_BATCHING__MAX_BATCH_SIZE": "32",
         "ROBUSTGATE_PIPELINE__VERDICT_MODE": "item", "ROBUSTGATE_BATCHING__ENABLED": "false",
         "ROBUSTGATE_BACKEND__UPSTREAM__URL": "upstream:8001", "OTHER_VAR": "ignored",
+        "ROBUSTGATE_SKIP_APT": "1",  # scripts/install.sh's variable, not a config key: ignored
     }
     cfg = load_config(path, environ=env)
     assert cfg.server.port == 9000 and cfg.batching.max_batch_size == 32 and not cfg.batching.enabled
