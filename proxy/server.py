@@ -198,6 +198,7 @@ class ProxyServer:
         limit = s.max_message_bytes
         self.server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
         ])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), self.server)
         compat = model_config_handler(self)  # Triton's ModelConfig, for perf_analyzer

@@ -171,3 +171,11 @@ def test_serve_exits_nonzero_when_the_port_is_taken(proxy_bundle, capsys):
         code = cli_main(["serve", "--bundle", str(proxy_bundle), "--host", "127.0.0.1", "--port", str(port),
                          "--metrics-port", "0"])
     assert code == 2 and f"cannot bind the gRPC port 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_second_proxy_cannot_share_a_port(start_proxy, proxy_bundle, capsys):
+    first = start_proxy()
+    code = cli_main(["serve", "--bundle", str(proxy_bundle), "--host", "127.0.0.1", "--port", str(first.port),
+                     "--metrics-port", "0"])
+    assert code == 2 and "cannot bind" in capsys.readouterr().err
+    assert tc.InferenceServerClient(first.url).is_server_ready()
