@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -305,9 +306,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 group["lr"] = lr_at(cfg.schedule, cfg.lr, global_step / total_steps)
             idx = perm[step * cfg.batch_size + rank * per_rank: step * cfg.batch_size + (rank + 1) * per_rank]
             xb, yb = train_x[idx].to(device), train_y[idx].to(device)
-            step_cfg = dataclasses.replace(cfg, eps=eps_at(cfg.eps, cfg.eps_ramp_epochs, epoch + step / steps_per_epoch),
-                                           alpha=cfg.alpha * eps_at(1.0, cfg.eps_ramp_epochs, epoch + step / steps_per_epoch)) \
-                if cfg.eps_ramp_epochs > 0 and cfg.method != "standard" else cfg
+            step_cfg = cfg
+            if cfg.eps_ramp_epochs > 0 and cfg.method != "standard":
+                ramp = eps_at(1.0, cfg.eps_ramp_epochs, epoch + (step + 1) / steps_per_epoch)  # in (0, 1]
+                step_cfg = SimpleNamespace(**{**dataclasses.asdict(cfg), "eps": cfg.eps * ramp, "alpha": cfg.alpha * ramp})
             loss, logits = METHODS[cfg.method](model, xb, yb, step_cfg, attack_gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -96,6 +96,12 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
         train(_cfg(tmp_path, "r", epochs=2, resume=True, eps=0.2))
 
 
+def test_eps_ramp_runs_and_bundle_loads(tmp_path):
+    summary = train(_cfg(tmp_path, "ramp", method="pgd-at", steps=2, epochs=1, eps_ramp_epochs=2.0, select="last"))
+    assert summary["metrics"]["selected_epoch"] == 1
+    assert Bundle.load(tmp_path / "ramp").spec.backbone.recipe["eps_ramp_epochs"] == 2.0
+
+
 def test_ddp_two_processes_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
