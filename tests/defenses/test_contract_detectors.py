@@ -10,7 +10,7 @@ from robustgate.defenses.base import Detector, FitData, build, registry
 
 DETECTORS = sorted(k for k, cls in registry().items() if issubclass(cls, Detector))
 FAST_PARAMS = {
-    "magnet": {"epochs": 1},
+    "magnet": {"epochs": 1, "width": 8},
     "safetynet": {"n_fit": 120, "steps": 3},
 }
 

@@ -1,0 +1,167 @@
+"""MagNet (Meng & Chen 2017) on the tiny bundle: the detector separates PGD eps=0.1 adversarials
+from clean test images, accepts clean test images at about the calibrated FPR, runs identically
+in torch and ONNX Runtime, reloads bit-identically, and exposes gradients for adaptive attacks."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from robustgate.defenses import calibration as cal
+from robustgate.defenses.base import FitData, build
+from robustgate.defenses.detect.magnet import autoencoder, jensen_shannon, reconstruction_error
+
+
+def _reload(det, tmp_path, **overrides):
+    files = det.save(tmp_path)
+    new = build(det.kind, **{**det.config(), **overrides})
+    new.load_artifacts({role: tmp_path / rel for role, rel in files.items()})
+    return new
+
+
+def test_jensen_shannon_values():
+    a = torch.tensor([[1.0, 2.0, 3.0]])
+    assert jensen_shannon(a, a, 10.0).item() == pytest.approx(0.0, abs=1e-7)
+    # two disjoint one-hot-like distributions: JSD -> ln 2
+    big = torch.tensor([[100.0, 0.0]]), torch.tensor([[0.0, 100.0]])
+    assert jensen_shannon(*big, 1.0).item() == pytest.approx(math.log(2), abs=1e-6)
+    # P = (0.5, 0.5), Q = (1, 0): JSD = 0.5*KL(P||M) + 0.5*KL(Q||M), M = (0.75, 0.25)
+    p, q = torch.tensor([[0.0, 0.0]]), torch.tensor([[1000.0, 0.0]])
+    want = 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)) + 0.5 * math.log(1 / 0.75)
+    assert jensen_shannon(p, q, 1.0).item() == pytest.approx(want, rel=1e-5)
+    # higher temperature flattens both distributions: smaller divergence
+    x, y = torch.tensor([[3.0, 0.0, 1.0]]), torch.tensor([[0.0, 3.0, 1.0]])
+    assert jensen_shannon(x, y, 40.0) < jensen_shannon(x, y, 10.0) < jensen_shannon(x, y, 1.0)
+
+
+def test_reconstruction_error_norms():
+    x, r = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    r[0, 0, 0, 0], r[0, 0, 1, 1] = 0.3, 0.4
+    assert reconstruction_error(x, r, 1).tolist() == pytest.approx([0.7, 0.0])
+    assert reconstruction_error(x, r, 2).tolist() == pytest.approx([0.5, 0.0])
+
+
+@pytest.mark.parametrize("arch", ["I", "II"])
+def test_autoencoders_keep_shape_and_range(arch):
+    ae = autoencoder(arch, channels=1, width=3)
+    y = ae(torch.rand(2, 1, 28, 28))
+    assert y.shape == (2, 1, 28, 28) and 0 <= y.min() and y.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"criterion": "l3"}, "criterion must be one of l1, l2, jsd"),
+        ({"arch": "III"}, "arch must be one of I, II"),
+        ({"temperature": 0}, "temperature must be positive"),
+        ({"runtime": "tf"}, "runtime must be one of torch, onnx"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"noise": 1.5}, r"noise must lie in \[0, 1\)"),
+    ],
+)
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build("magnet", **kwargs)
+
+
+def test_unfitted_and_missing_classifier_raise(fitted_magnet, fixed_images):
+    with pytest.raises(ValueError, match="not fitted"):
+        build("magnet").score(torch.rand(2, 1, 28, 28))
+    jsd = copy.copy(fitted_magnet)
+    jsd.criterion = "jsd"
+    with pytest.raises(ValueError, match="needs the classifier"):
+        jsd.score(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="expects 1 channels"):
+        fitted_magnet.score(torch.rand(2, 3, 28, 28))
+
+
+def test_clean_accepted_pgd_detected(fitted_magnet, detect_fit_data, detect_test_set, tiny_classifier):
+    x, y, adv = detect_test_set
+    with torch.no_grad():
+        fooled = (tiny_classifier.logits(adv).argmax(1) != y).float().mean().item()
+        val = fitted_magnet.score(detect_fit_data.val_x)
+        clean, attacked = fitted_magnet.score(x), fitted_magnet.score(adv)
+    assert fooled > 0.8, f"PGD eps=0.1 should fool the tiny backbone, fooled only {fooled:.2f}"
+    t = cal.threshold_at_fpr(val, 0.01)
+    test_fpr = cal.fpr(clean, t)
+    assert test_fpr <= 0.01 + cal.fpr_tolerance(0.01, len(val), len(clean)), test_fpr
+    # a small autoencoder fitted in seconds; bench/results/detect.md has the full-size figures
+    auc = cal.roc_auc(clean, attacked)
+    assert auc > 0.85, f"MagNet L1 AUC clean vs PGD eps=0.1 is only {auc:.3f}"
+
+
+def test_jsd_criterion_scores_and_detects(fitted_magnet, detect_test_set, tiny_classifier, tmp_path):
+    x, _, adv = detect_test_set
+    jsd = _reload(fitted_magnet, tmp_path, criterion="jsd", temperature=10.0)
+    with torch.no_grad():
+        clean, attacked = jsd.score(x, tiny_classifier), jsd.score(adv, tiny_classifier)
+    assert clean.min() >= 0 and clean.max() <= math.log(2)
+    assert cal.roc_auc(clean, attacked) > 0.6
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "jsd"])
+def test_onnx_runtime_matches_torch(fitted_magnet, detect_test_set, tiny_classifier, tmp_path, criterion):
+    x, _, adv = detect_test_set
+    batch = torch.cat([x[:32], adv[:32]])
+    t = _reload(fitted_magnet, tmp_path, criterion=criterion, runtime="torch")
+    o = _reload(fitted_magnet, tmp_path, criterion=criterion, runtime="onnx")
+    with torch.no_grad():
+        st, so = t.score(batch, tiny_classifier), o.score(batch, tiny_classifier)
+    assert torch.allclose(st, so, rtol=1e-4, atol=1e-6), (st - so).abs().max()
+
+
+def test_artifacts_reload_bit_identically(fitted_magnet, detect_test_set, tmp_path):
+    x = detect_test_set[0][:64]
+    with torch.no_grad():
+        before = fitted_magnet.score(x)
+        after = _reload(fitted_magnet, tmp_path / "a").score(x)
+    assert torch.equal(before, after)
+    # the files themselves are reproducible: save -> load -> save gives the same bytes
+    reloaded = _reload(fitted_magnet, tmp_path / "b")
+    reloaded._item_shape = fitted_magnet._item_shape
+    reloaded.save(tmp_path / "c")
+    assert (tmp_path / "b" / "ae.safetensors").read_bytes() == (tmp_path / "c" / "ae.safetensors").read_bytes()
+
+
+def test_fit_is_deterministic_under_seed(detect_fit_data):
+    small = FitData(detect_fit_data.train_x[:300], detect_fit_data.train_y[:300],
+                    detect_fit_data.val_x[:10], detect_fit_data.val_y[:10])
+    a, b = build("magnet", width=4, epochs=1, seed=3), build("magnet", width=4, epochs=1, seed=3)
+    a.fit(small)
+    b.fit(small)
+    x = detect_fit_data.val_x[:8]
+    assert torch.equal(a.score(x), b.score(x))
+
+
+def test_score_is_differentiable_for_adaptive_attacks(fitted_magnet, detect_test_set, tiny_classifier, tmp_path):
+    """An adaptive attacker can drive the score down by gradient descent (torch runtime)."""
+    adv = detect_test_set[2][:16].clone()
+    for criterion in ("l2", "jsd"):
+        det = _reload(fitted_magnet, tmp_path / criterion, criterion=criterion)
+        z = adv.clone().requires_grad_(True)
+        s0 = det.score(z, tiny_classifier)
+        (grad,) = torch.autograd.grad(s0.sum(), z)
+        assert grad.abs().sum() > 0
+        with torch.no_grad():
+            s1 = det.score((adv - 1e-3 * grad.sign()).clamp(0, 1), tiny_classifier)
+        assert s1.mean() < s0.mean().detach(), criterion
+
+
+def test_reformer_purifies_and_round_trips(detect_fit_data, detect_test_set, tmp_path):
+    ref = build("reformer", width=8, epochs=1, seed=0)
+    ref.fit(FitData(detect_fit_data.train_x[:1000], detect_fit_data.train_y[:1000],
+                    detect_fit_data.val_x[:10], detect_fit_data.val_y[:10]))
+    x = detect_test_set[0][:32]
+    with torch.no_grad():
+        out = ref.purify(x)
+        assert out.shape == x.shape and out.dtype == x.dtype and 0 <= out.min() and out.max() <= 1
+        assert torch.equal(ref.bpda(x), out)
+        files = ref.save(tmp_path)
+        for runtime in ("torch", "onnx"):
+            again = build("reformer", **{**ref.config(), "runtime": runtime})
+            again.load_artifacts({k: tmp_path / v for k, v in files.items()})
+            got = again.purify(x)
+            assert torch.allclose(got, out, atol=1e-5) if runtime == "onnx" else torch.equal(got, out)
+    with pytest.raises(ValueError, match="outside the declared range"):
+        ref.purify(x * 255)
