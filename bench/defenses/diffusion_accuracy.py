@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1), "loadavg_end": os.getloadavg(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
     tr = meta.get("training") or {}
     lines = [
         "# Clean accuracy after diffusion purification vs t*", "",
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['t_star']} | {r['steps']} | {100 * r['clean_accuracy']:.1f}% | {r['drop_points']:.1f} | "
                      f"{r['mean_abs_change']:.4f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

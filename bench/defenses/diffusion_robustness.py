@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
     tm = result["threat_model"]
     md = [
         "# Diffusion purification: small adaptive check", "",
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| diffusion pipeline, non-adaptive (backbone PGD transferred) | {100 * clean_pipeline:.1f}% | {100 * transfer:.1f}% |",
         f"| diffusion pipeline, adaptive EOT-PGD through DDIM | {100 * clean_pipeline:.1f}% | {100 * robust_pipeline:.1f}% |",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Purifier / ensemble throughput", "",
         f"`{result['command']}` at {result['time_utc']}: batch {args.batch}, torch threads {args.threads}, "
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['stage']} | {r['images_per_s']:.0f} | {r.get('overhead_vs_backbone', 1.0):.2f} | "
                      f"{r.get('copies_per_item', 1)} | {r.get('pipeline_images_per_s_est', r['images_per_s']):.0f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
