@@ -206,7 +206,10 @@ def resolve_bundle(arg: str | None, workdir: Path) -> tuple[Path, str]:
         return Path(arg), "given with --bundle"
     default = REPO / "bundles" / "default"
     if (default / "bundle.yaml").is_file():
-        return default, "bundles/default"
+        # a snapshot: the trainer may replace bundles/default while the benchmark runs
+        snapshot = workdir / "bundle-default"
+        shutil.copytree(default, snapshot)
+        return snapshot, "bundles/default (copied at the start of the run)"
     # No trained bundle yet: the default `cnn` architecture with seeded random weights costs the
     # same per image as a trained one, which is all a serving benchmark needs.
     import torch
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "run.py " + " ".join(argv),
         "started_utc": started, "machine": machine(), "load_average_start": loadavg(),
-        "bundle": {"path": str(bundle_dir), "source": bundle_source, "name": model, "input": list(item_shape)},
+        "bundle": {"path": str(bundle_dir), "source": bundle_source, "name": model, "input": list(item_shape),
+                   "arch": bundle.spec.backbone.arch, "backbone_sha256": bundle.spec.backbone.onnx.sha256},
         "settings": {"warmup_s": args.warmup, "duration_s": args.duration, "concurrency": concurrencies,
                      "client": "bench/serving/loadgen.py (grpc.aio, one channel, closed loop, raw FP32, batch-1)"},
         "raw_onnxruntime": {"batch1": {}, "by_batch": {}},
@@ -378,7 +382,8 @@ def markdown(r: dict, concurrencies: list[int]) -> str:
         f"- Load average (1/5/15 min) at start {r['load_average_start']}, at end {r['load_average_end']}. "
         "**Other engineers were using the same 2 cores during this run, and the client, the proxy and "
         "MLServer share them too: every figure is a lower bound.**",
-        f"- Model: `{r['bundle']['name']}` ({r['bundle']['source']}), input {r['bundle']['input']} FP32.",
+        f"- Model: `{r['bundle']['name']}` ({r['bundle']['source']}; arch `{r['bundle']['arch']}`, backbone.onnx "
+        f"sha256 {r['bundle']['backbone_sha256'][:12]}…), input {r['bundle']['input']} FP32.",
         f"- Client: {r['settings']['client']}; {r['settings']['warmup_s']} s warm-up, "
         f"{r['settings']['duration_s']} s measured per point. Latency in ms, throughput in items/s.", "",
         "## Targets", "",
