@@ -8,8 +8,9 @@ What it guarantees (DESIGN.md, "Serving behaviour"):
   reconnect backoff so that an upstream that comes back is used again within about a second;
 - the client's deadline propagates: each call's timeout is ``min(timeout_s, timeout)`` where
   ``timeout`` is what is left of the proxy client's deadline; retries spend from the same budget;
-- bounded retries with exponential backoff, and only on ``UNAVAILABLE`` (the one status that says
-  the request never ran); every other status is final;
+- bounded retries with exponential backoff, and only on ``UNAVAILABLE`` (gRPC's transient status;
+  inference has no side effect, so a repeat is safe); every other status is final, and a retry
+  whose backoff would outlast the deadline is not attempted (the answer stays ``UNAVAILABLE``);
 - failures become :class:`BackendError` with the gRPC status name the proxy answers with:
   ``UNAVAILABLE`` (unreachable, retries spent), ``DEADLINE_EXCEEDED``, ``INTERNAL`` (the upstream
   answered something that is not ``[M, K]`` FP32 logits for the ``M`` items sent -- a wrong batch
@@ -20,6 +21,8 @@ What it guarantees (DESIGN.md, "Serving behaviour"):
 
 Known limits: the upstream must take one FP32 NCHW input and return one logits output (named
 ``logits``, or its only output); FP16/FP64 logits are refused as malformed rather than converted.
+The upstream's metadata (input name, logits width) is read once and cached: an upstream that comes
+back serving a different model needs a proxy restart.
 Requests are unary (no streaming), as tritonclient and perf_analyzer use them.
 """
 
