@@ -82,3 +82,16 @@ def test_probe_cli_prints_the_table(guarded_proxy, tiny_bundle, capsys):
     out = capsys.readouterr().out
     assert "accepted" in out and "rejected" in out and out.count("\n") >= 3
     assert main(["probe", "--url", guarded_proxy.url, "--bundle", str(tiny_bundle.parent / "missing"), "--n", "2"]) == 2
+
+
+def test_eval_sends_square_to_the_live_proxy(guarded_proxy, tiny, backbone, hf_threshold, tmp_path):
+    from robustgate.attacks.runner import EvalSettings, Evaluation, PipelineConfig
+
+    guarded = PipelineConfig("guarded", [{"name": "hf", "kind": "attacks_test_hf", "action": "reject",
+                                          "threshold": hf_threshold}])
+    settings = EvalSettings(attacks=["square"], eps=[0.1], n=4, queries=5, url=guarded_proxy.url,
+                            url_config="guarded", model_name=tiny.name)
+    result = Evaluation(tiny, [PipelineConfig("none", []), guarded], settings, tmp_path / "r", backbone=backbone,
+                        progress=False, surface_points=0).run()
+    oracles = {c["config"]: c["oracle"] for c in result["cells"]}
+    assert oracles == {"none": "local served pipeline", "guarded": f"grpc://{guarded_proxy.url}"}
