@@ -1,9 +1,15 @@
-"""Shared by the deploy tests: the metric contract (COMMON.md, "Prometheus metric names") and
-PromQL name extraction, so rules and dashboards are checked against the same list."""
+"""Shared by the deploy tests: the metric contract (COMMON.md, "Prometheus metric names"), PromQL
+name extraction (rules and dashboards are checked against the same list), and a bundle with a
+fitted MagNet detector (the k8s pipeline's stage, and the live Prometheus test's detector)."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +52,18 @@ def contract_series() -> set[str]:
 @pytest.fixture(scope="session")
 def promql():
     return promql_series
+
+
+@pytest.fixture(scope="session")
+def magnet_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle with a MagNet detector (stage name "magnet", L1 criterion, autoencoder II)
+    fitted and calibrated to a 1% false-positive rate by the real `robustgate fit` command."""
+    pytest.importorskip("robustgate.defenses.cli", reason="`robustgate fit` (defenses/cli.py) is not in this tree yet")
+    out = tmp_path_factory.mktemp("magnet") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    cmd = [sys.executable, "-m", "robustgate.proxy.cli", "fit", "--bundle", str(out), "--defense", "magnet",
+           "--name", "magnet", "--params", "criterion=l1", "arch=II", "epochs=3", "--target-fpr", "0.01",
+           "--n-train", "2000", "--n-val", "1000", "--n-test", "1000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out

@@ -252,3 +252,20 @@ def test_seed_init_container_copies_the_bundle_backbone(tiny_bundle, tmp_path):
     bundle = Bundle.load(tiny_bundle)
     assert hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest() == bundle.spec.backbone.onnx.sha256
     assert (version.parent / "config.pbtxt").read_text() == (BASE / "config.pbtxt").read_text()
+
+
+def test_shipped_pipeline_builds_against_a_bundle_fitted_as_documented(magnet_bundle):
+    """The ConfigMap's stages load from a bundle fitted with `robustgate fit --defense magnet
+    --name magnet`: names and kinds match, every detector gets its calibrated threshold."""
+    from robustgate.defenses.base import Detector
+    from robustgate.models.bundle import Bundle
+    from robustgate.proxy.assemble import build_stages
+
+    bundle = Bundle.load(magnet_bundle)
+    stages = build_stages(proxy_config().pipeline, bundle)
+    assert [s.name for s in stages] == [s.name for s in proxy_config().pipeline.stages]
+    for stage in stages:
+        assert stage.name in bundle.spec.defenses, f"stage {stage.name} is not fitted in the bundle"
+        if isinstance(stage.defense, Detector):
+            assert stage.defense.threshold == bundle.defense(stage.name).threshold
+

@@ -100,19 +100,6 @@ def short_attack_rules(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def magnet_bundle(tiny_bundle, tmp_path_factory) -> Path:
-    pytest.importorskip("robustgate.defenses.cli", reason="`robustgate fit` (defenses/cli.py) is not in this tree yet")
-    out = tmp_path_factory.mktemp("live") / "bundle"
-    shutil.copytree(tiny_bundle, out)
-    cmd = [sys.executable, "-m", "robustgate.proxy.cli", "fit", "--bundle", str(out), "--defense", "magnet",
-           "--name", "magnet", "--params", "criterion=l1", "arch=II", "epochs=3", "--target-fpr", "0.01",
-           "--n-train", "2000", "--n-val", "1000", "--n-test", "1000"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
 def proxy(magnet_bundle, tmp_path_factory):
     """A `robustgate serve` process; yields (grpc port, metrics port, model name)."""
     from robustgate.models.bundle import Bundle
