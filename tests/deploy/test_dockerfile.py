@@ -128,7 +128,12 @@ def test_image_is_multi_stage_non_root_and_serves_the_default_bundle():
     assert workdirs[-1] == "/opt/robustgate"
     exposed = {p for ins, arg in runtime if ins == "EXPOSE" for p in arg.split()}
     assert exposed == {"8001", "8002"}
-    # The default bundle is in the build context (COPY . . under /opt/robustgate).
+    # The default bundle exists and is in the build context (COPY . . under /opt/robustgate).
+    from robustgate.models.bundle import Bundle
+
+    bundle = Bundle.load(ROOT / "bundles" / "default")  # every sha256 verified
+    for art in bundle.artifacts().values():
+        assert not dockerignored(f"bundles/default/{art.path}", ignore_patterns()), art.path
     assert not dockerignored("bundles/default/bundle.yaml", ignore_patterns())
 
 
