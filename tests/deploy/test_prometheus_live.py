@@ -269,6 +269,8 @@ def test_counters_rise_and_the_attack_alert_fires(proxy, prometheus, magnet_bund
         f"attack alert expression did not fire: {attack_rejected}/{N_ATTACK} adversarial requests rejected")
     ratio = float(firing[0]["value"][1])
     assert ratio > 0.05
+    print(f"clean rejected {clean_rejected}/{N_CLEAN}, adversarial rejected {attack_rejected}/{N_ATTACK}, "
+          f"alert expression over {WINDOW}: {ratio:.3f}")
     wait_for(lambda: [a for a in prom.get("/api/v1/alerts")["alerts"]
                       if a["labels"]["alertname"] == "RobustgateAttackSuspectedShortWindow"
                       and a["state"] == "firing" and a["labels"]["detector"] == "magnet"],
