@@ -16,8 +16,8 @@ reload the bundle to verify it. Generic over kinds: purifiers (``--defense diffu
 
 Data: the trainer's splits (robustgate.models.data.load_splits): validation = 5,000 images of
 the official training set chosen by the split seed and never trained on (neither by the
-backbone nor here), test = the official test set. The split seed must be the trainer's (read from
-the bundle recipe's ``split_seed`` when present, else 0). ``--n-train``/``--n-val``/``--n-test``
+backbone nor here), test = the official test set. The split seed and validation size must be the
+trainer's (read from the bundle recipe's ``seed`` and ``val_size``, else 0 and 5,000). ``--n-train``/``--n-val``/``--n-test``
 take seeded random subsets of each split.
 """
 
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="dataset name (default: the bundle recipe's `dataset`, else fashion-mnist)")
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset files (default: the trainer's default location)")
     parser.add_argument("--split-seed", type=int, default=None,
-                        help="train/validation split seed; must be the trainer's (default: the bundle recipe's `split_seed`, else 0)")
+                        help="train/validation split seed; must be the trainer's (default: the bundle recipe's `seed`, else 0)")
     parser.add_argument("--batch-size", type=int, default=500, help="scoring batch size")
 
 
@@ -76,12 +76,12 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple
 
 def load_splits(dataset: str = "fashion-mnist", data_dir: Path | None = None, n_train: int | None = None,
                 n_val: int | None = None, n_test: int | None = None, split_seed: int = 0,
-                seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The trainer's splits (robustgate.models.data, ``split_seed``), subsampled with ``seed``:
-    ``{"train", "val", "test"}`` -> ``(x [N, C, H, W] float32 in [0, 1], y [N])``."""
+                seed: int = 0, val_size: int = 5000) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The trainer's splits (robustgate.models.data, ``split_seed`` and ``val_size``), subsampled
+    with ``seed``: ``{"train", "val", "test"}`` -> ``(x [N, C, H, W] float32 in [0, 1], y [N])``."""
     from robustgate.models.data import load_splits as trainer_splits
 
-    sp = trainer_splits(dataset, data_dir=data_dir, seed=split_seed)
+    sp = trainer_splits(dataset, data_dir=data_dir, val_size=val_size, seed=split_seed)
     return {
         "train": _subset(sp.train_x, sp.train_y, n_train, seed),
         "val": _subset(sp.val_x, sp.val_y, n_val, seed + 1),
@@ -166,8 +166,11 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = Bundle.load(args.bundle).spec.backbone.recipe
     dataset = args.dataset or recipe.get("dataset", "fashion-mnist")
-    split_seed = args.split_seed if args.split_seed is not None else int(recipe.get("split_seed", 0))
-    splits = load_splits(dataset, args.data_dir, args.n_train, args.n_val, args.n_test, split_seed, args.seed)
+    # the trainer splits train/validation with its recipe's seed and val_size (models/train.py)
+    split_seed = args.split_seed if args.split_seed is not None else int(recipe.get("seed", 0))
+    data_dir = args.data_dir if args.data_dir is not None else recipe.get("data_dir")
+    splits = load_splits(dataset, data_dir, args.n_train, args.n_val, args.n_test, split_seed, args.seed,
+                         val_size=int(recipe.get("val_size", 5000)))
     fit_defense(args.bundle, args.defense, name=args.name, params=params, target_fpr=args.target_fpr,
                 splits=splits, batch_size=args.batch_size)
     return 0

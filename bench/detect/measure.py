@@ -45,7 +45,8 @@ def main() -> int:
 
     bundle = Bundle.load(args.bundle)
     recipe = bundle.spec.backbone.recipe
-    splits = load_splits(recipe.get("dataset", "fashion-mnist"), seed=int(recipe.get("split_seed", 0)))
+    splits = load_splits(recipe.get("dataset", "fashion-mnist"), recipe.get("data_dir"),
+                         val_size=int(recipe.get("val_size", 5000)), seed=int(recipe.get("seed", 0)))
     module = load_backbone(bundle)
     clf = TorchClassifier(module)
     x, y = splits.test_x, splits.test_y
