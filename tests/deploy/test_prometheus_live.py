@@ -315,3 +315,23 @@ def test_dashboard_queries_run_on_live_data(proxy, prometheus, fmnist_subset):
                 empty.append(panel["title"])
     # Only failures that did not happen may be empty.
     assert set(empty) <= {"Upstream errors by code", "Stage failures"}, empty
+
+
+def test_k8s_probes_ask_a_health_service_the_proxy_serves(proxy):
+    """deploy/k8s probes use grpc.health.v1 with their `service` (default ""): the running proxy
+    answers SERVING for each, and NOT_FOUND for a service it does not know."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    grpc_port, _metrics_port, _model = proxy
+    deployment = yaml.safe_load((ROOT / "deploy" / "k8s" / "base" / "deployment.yaml").read_text())
+    sidecar = next(c for c in deployment["spec"]["template"]["spec"]["initContainers"] if c["name"] == "robustgate")
+    services = {sidecar[p]["grpc"].get("service", "") for p in ("livenessProbe", "readinessProbe")}
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in services:
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no-such-service"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
