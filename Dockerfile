@@ -14,8 +14,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ARG VARIANT=cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# ROBUSTGATE_SKIP_APT / ROBUSTGATE_EXTRAS ask scripts/install.sh to skip its system packages (the
-# dataset, Prometheus and libb64 serve the tests, not the proxy) and the dev extras.
+# scripts/install.sh switches: no system packages (the dataset, Prometheus and libb64 serve the
+# tests, not the proxy) and no dev extras.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONSTRAINT=/opt/robustgate/deploy/docker/constraints.txt \
@@ -26,18 +26,17 @@ WORKDIR /opt/robustgate
 # constraints and bundles/default only.
 COPY . .
 # CPU: torch/torchvision from PyTorch's CPU index (2.14.1+cpu satisfies the ==2.14.1 pins and is
-# ~10x smaller than the CUDA wheel). GPU: torch's CUDA wheel from PyPI, then the `gpu` extra;
-# onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, so the CPU wheel is
-# removed and the GPU wheel reinstalled over it.
+# ~10x smaller than the CUDA wheel). GPU: torch's CUDA wheel from PyPI and the project's `gpu`
+# extra; onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, so the CPU wheel
+# is removed afterwards and the GPU wheel reinstalled over it.
 RUN case "${VARIANT}" in \
       cpu) export PIP_INDEX_URL=https://download.pytorch.org/whl/cpu PIP_EXTRA_INDEX_URL=https://pypi.org/simple ;; \
-      gpu) ;; \
+      gpu) export ROBUSTGATE_EXTRAS=gpu ;; \
       *) echo "VARIANT must be cpu or gpu, got '${VARIANT}'" >&2; exit 1 ;; \
     esac \
  && bash scripts/install.sh \
  && if [ "${VARIANT}" = gpu ]; then \
-      .venv/bin/python -m pip install -e '.[gpu]' \
-      && .venv/bin/python -m pip uninstall -y onnxruntime \
+      .venv/bin/python -m pip uninstall -y onnxruntime \
       && .venv/bin/python -m pip install --no-deps --force-reinstall onnxruntime-gpu; \
     fi \
  && .venv/bin/robustgate --version \

@@ -146,7 +146,10 @@ def test_install_uses_the_readme_script_pinned_by_constraints():
     assert "PIP_CONSTRAINT=/opt/robustgate/deploy/docker/constraints.txt" in env
     args = dict(arg.split("=", 1) for ins, arg in build if ins == "ARG" and "=" in arg)
     assert args["VARIANT"] == "cpu"
-    assert "'.[gpu]'" in runs, "the GPU image installs the project's `gpu` extra"
+    assert "ROBUSTGATE_SKIP_APT=1" in env and 'ROBUSTGATE_EXTRAS=""' in env, "runtime dependencies only"
+    assert "gpu) export ROBUSTGATE_EXTRAS=gpu" in runs, "the GPU image installs the project's `gpu` extra"
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    assert "ROBUSTGATE_SKIP_APT" in script and "ROBUSTGATE_EXTRAS" in script, "install.sh reads the switches"
 
 
 def test_build_context_holds_every_shipped_package_and_nothing_private():
