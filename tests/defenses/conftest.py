@@ -102,7 +102,7 @@ def detect_test_set(fmnist_subset, tiny_classifier):
 def fitted_magnet(detect_fit_data):
     from robustgate.defenses.base import build
 
-    det = build("magnet", criterion="l1", arch="II", width=16, activation="relu", epochs=3, lr=2e-3, seed=0)
+    det = build("magnet", criterion="l1", arch="II", width=16, activation="relu", epochs=3, batch_size=32, lr=3e-3, seed=0)
     det.fit(detect_fit_data)
     return det
 
