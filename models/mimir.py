@@ -43,6 +43,7 @@ import argparse
 import hashlib
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,7 +137,8 @@ class PretrainResult:
     losses: list[float] = field(default_factory=list)
     rec_losses: list[float] = field(default_factory=list)
     mi: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # wall clock per epoch
+    cpu_seconds: list[float] = field(default_factory=list)  # process CPU time per epoch (all threads)
     images_per_s: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
 
@@ -194,7 +196,7 @@ def pretrain(
     result, step = PretrainResult(config=config), 0
 
     for epoch in range(epochs):
-        sums, n_images, t0 = [0.0, 0.0, 0.0], 0, time.perf_counter()
+        sums, n_images, t0, c0 = [0.0, 0.0, 0.0], 0, time.perf_counter(), time.process_time()
         bar = tqdm(loader, desc=f"{config['method']} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for batch in bar:
             x = _images(batch).to(device)  # [N, C, H, W] in [0, 1]
@@ -226,6 +228,7 @@ def pretrain(
         result.rec_losses.append(sums[1] / n_images)
         result.mi.append(sums[2] / n_images)
         result.seconds.append(seconds)
+        result.cpu_seconds.append(time.process_time() - c0)
         result.images_per_s.append(n_images / seconds)
     if checkpoint is not None:
         save_pretrained(model, checkpoint, extra={"pretrain": config})
@@ -317,12 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="safetensors checkpoint to write")
     p.add_argument("--json", type=Path, default=None, help="write the PretrainResult here")
+    p.add_argument("--compare", type=int, default=0, metavar="R",
+                   help="time R alternating epochs of MAE and MIMIR (same data, same contention) instead")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from robustgate.models.data import load_splits
 
     x = load_splits("fashion-mnist", seed=0).train_x[: args.n]
+    if args.compare:
+        return _compare(args, x)
     torch.manual_seed(args.seed)
     model = MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads)
     mimir = args.method == "mimir-pretrain"
@@ -335,6 +342,40 @@ def main(argv: list[str] | None = None) -> int:
     report = asdict(result)
     report["config"].update(n=args.n, batch_size=args.batch_size, dim=args.dim, depth=args.depth, heads=args.heads,
                             threads=torch.get_num_threads())
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def _compare(args: argparse.Namespace, x: torch.Tensor) -> int:
+    """Alternates one epoch of MAE and one of MIMIR, ``args.compare`` times; reports medians."""
+    runs = {}
+    for method in METHODS:
+        torch.manual_seed(args.seed)
+        runs[method] = (MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads), [], [])
+    attack = dict(eps=args.eps, steps=args.steps, step_size=args.step_size, lam=args.lam)
+    clean = dict(eps=0.0, steps=0, step_size=0.0, lam=0.0)
+    for rep in range(args.compare):
+        for method, (model, wall, cpu) in runs.items():
+            r = pretrain(model, make_loader(x, args.batch_size, args.seed + rep), epochs=1, sigma=args.sigma,
+                         estimator=args.estimator, lr=args.lr, seed=args.seed + rep, progress=False,
+                         **(attack if method == "mimir-pretrain" else clean))
+            wall.append(r.seconds[0])
+            cpu.append(r.cpu_seconds[0])
+    med = {m: (statistics.median(w), statistics.median(c)) for m, (_, w, c) in runs.items()}
+    report = {
+        "config": dict(n=args.n, batch_size=args.batch_size, dim=args.dim, depth=args.depth, heads=args.heads,
+                       threads=torch.get_num_threads(), repeats=args.compare, **attack, sigma=args.sigma,
+                       estimator=args.estimator),
+        "wall_seconds": {m: w for m, (_, w, _) in runs.items()},
+        "cpu_seconds": {m: c for m, (_, _, c) in runs.items()},
+        "median_wall_seconds_per_epoch": {m: v[0] for m, v in med.items()},
+        "median_cpu_seconds_per_epoch": {m: v[1] for m, v in med.items()},
+        "mimir_over_mae_wall": med["mimir-pretrain"][0] / med["mae-pretrain"][0],
+        "mimir_over_mae_cpu": med["mimir-pretrain"][1] / med["mae-pretrain"][1],
+    }
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
