@@ -129,7 +129,9 @@ def markdown(result: dict[str, Any]) -> str:
     keys = sorted({(c["attack"], c["eps"]) for c in cells}, key=lambda k: (k[0], k[1]))
     for attack, eps in keys:
         row = {c["config"]: c for c in cells if c["attack"] == attack and c["eps"] == eps}
-        tm = next(iter(row.values()))["threat_model"]
+        # the threat model of a cell that ran (EOT samples are 1 where nothing is random)
+        ran = [c for c in row.values() if c["status"] == "done"] or list(row.values())
+        tm = max(ran, key=lambda c: c["threat_model"]["eot"])["threat_model"]
         desc = (f"{tm['norm']} ε={eps:g}, steps {tm['steps']}, restarts {tm['restarts']}, EOT {tm['eot']}"
                 + (f", queries {tm['queries']}" if tm.get("queries") else "") + f", n {tm['n']}")
         vals = []
