@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# The fitted detector's name in a bundle = the pipeline stage name (deploy/k8s/base/robustgate.yaml).
+MAGNET_STAGE = "magnet_l1"
+
 # name -> type, exactly as COMMON.md fixes them (proxy/metrics.py implements them).
 METRICS = {
     "robustgate_requests_total": "counter",
@@ -55,14 +58,19 @@ def promql():
 
 
 @pytest.fixture(scope="session")
+def magnet_stage() -> str:
+    return MAGNET_STAGE
+
+
+@pytest.fixture(scope="session")
 def magnet_bundle(tiny_bundle, tmp_path_factory) -> Path:
-    """The tiny bundle with a MagNet detector (stage name "magnet", L1 criterion, autoencoder II)
+    """The tiny bundle with a MagNet detector (stage name MAGNET_STAGE, L1 criterion, autoencoder II)
     fitted and calibrated to a 1% false-positive rate by the real `robustgate fit` command."""
     pytest.importorskip("robustgate.defenses.cli", reason="`robustgate fit` (defenses/cli.py) is not in this tree yet")
     out = tmp_path_factory.mktemp("magnet") / "bundle"
     shutil.copytree(tiny_bundle, out)
     cmd = [sys.executable, "-m", "robustgate.proxy.cli", "fit", "--bundle", str(out), "--defense", "magnet",
-           "--name", "magnet", "--params", "criterion=l1", "arch=II", "epochs=3", "--target-fpr", "0.01",
+           "--name", MAGNET_STAGE, "--params", "criterion=l1", "arch=II", "epochs=3", "--target-fpr", "0.01",
            "--n-train", "2000", "--n-val", "1000", "--n-test", "1000"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr

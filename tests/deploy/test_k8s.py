@@ -269,3 +269,22 @@ def test_shipped_pipeline_builds_against_a_bundle_fitted_as_documented(magnet_bu
         if isinstance(stage.defense, Detector):
             assert stage.defense.threshold == bundle.defense(stage.name).threshold
 
+
+
+DEFAULT_BUNDLE = ROOT / "bundles" / "default"
+
+
+def _default_bundle_has_defenses() -> bool:
+    spec = yaml.safe_load((DEFAULT_BUNDLE / "bundle.yaml").read_text()) if (DEFAULT_BUNDLE / "bundle.yaml").is_file() else {}
+    return bool(spec.get("defenses"))
+
+
+@pytest.mark.skipif(not _default_bundle_has_defenses(),
+                    reason="bundles/default holds no fitted defense yet; the k8s pipeline needs its detector stages fitted")
+def test_shipped_pipeline_stages_are_fitted_in_the_default_bundle():
+    from robustgate.models.bundle import Bundle
+
+    bundle = Bundle.load(DEFAULT_BUNDLE)
+    for stage in proxy_config().pipeline.stages:
+        assert stage.name in bundle.spec.defenses, f"bundles/default has no fitted {stage.name!r} for the k8s pipeline"
+        assert bundle.defense(stage.name).kind == stage.kind

@@ -45,6 +45,7 @@ WINDOW_S = 10
 WINDOW = f"{WINDOW_S}s"
 PACE_S = 0.05  # between attack requests: spread over several scrapes, as a real attack is
 N_CLEAN, N_ATTACK = 200, 100
+STAGE = "magnet_l1"  # the fitted detector (tests/deploy/conftest.py, magnet_bundle)
 
 pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="Debian's prometheus package is not installed")
 
@@ -110,7 +111,7 @@ def proxy(magnet_bundle, tmp_path_factory):
         "server": {"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1", "metrics_port": 0, "grace_s": 1},
         "backend": {"kind": "onnxruntime", "onnxruntime": {"device": "cpu", "intra_op_threads": 1, "inter_op_threads": 1}},
         "batching": {"enabled": True, "max_batch_size": 16, "max_queue_delay_ms": 2},
-        "pipeline": {"stages": [{"name": "magnet", "kind": "magnet", "action": "reject"}], "verdict_mode": "request"},
+        "pipeline": {"stages": [{"name": STAGE, "kind": "magnet", "action": "reject"}], "verdict_mode": "request"},
     }
     (work / "robustgate.yaml").write_text(yaml.safe_dump(config))
     stderr = open(work / "stderr.log", "w")
@@ -140,7 +141,7 @@ def proxy(magnet_bundle, tmp_path_factory):
             proc.kill()
             proc.wait()
         stderr.close()
-    assert Bundle.load(magnet_bundle).defense("magnet").kind == "magnet"
+    assert Bundle.load(magnet_bundle).defense(STAGE).kind == "magnet"
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def send(grpc_port: int, model: str, images: np.ndarray, pace_s: float = 0.0) ->
             client.infer(model, [inp])
         except InferenceServerException as exc:
             assert exc.status() == "StatusCode.PERMISSION_DENIED", exc
-            assert "rejected by robustgate" in exc.message() and "stage magnet" in exc.message()
+            assert "rejected by robustgate" in exc.message() and f"stage {STAGE}" in exc.message()
             rejected += 1
     client.close()
     return rejected
@@ -242,7 +243,7 @@ def test_counters_rise_and_the_attack_alert_fires(proxy, prometheus, magnet_bund
     assert counter(prom, f'robustgate_items_total{{job="{JOB}"}}') == N_CLEAN
     assert counter(prom, f'robustgate_items_total{{job="{JOB}", verdict="rejected"}}') == clean_rejected
     assert counter(prom, f'robustgate_requests_total{{job="{JOB}", outcome="rejected"}}') == clean_rejected
-    assert counter(prom, f'robustgate_rejections_total{{job="{JOB}", detector="magnet"}}') == clean_rejected
+    assert counter(prom, f'robustgate_rejections_total{{job="{JOB}", detector="{STAGE}"}}') == clean_rejected
     assert clean_rejected / N_CLEAN < 0.05, f"{clean_rejected}/{N_CLEAN} clean images rejected at a 1% target FPR"
     expr = attack_expr()
     assert prom.query(expr) == [], "attack alert expression non-empty on clean traffic"
@@ -260,12 +261,12 @@ def test_counters_rise_and_the_attack_alert_fires(proxy, prometheus, magnet_bund
     total = N_CLEAN + N_ATTACK
     wait_for(lambda: scraped(prom, total), 30, f"{total} requests in Prometheus")
     rejected = clean_rejected + attack_rejected
-    assert counter(prom, f'robustgate_rejections_total{{job="{JOB}", detector="magnet"}}') == rejected
+    assert counter(prom, f'robustgate_rejections_total{{job="{JOB}", detector="{STAGE}"}}') == rejected
     assert counter(prom, f'robustgate_requests_total{{job="{JOB}", outcome="rejected"}}') == rejected
     assert counter(prom, f'robustgate_requests_total{{job="{JOB}", outcome="accepted"}}') == total - rejected
 
     firing = prom.query(expr)
-    assert [s["metric"]["detector"] for s in firing] == ["magnet"], (
+    assert [s["metric"]["detector"] for s in firing] == [STAGE], (
         f"attack alert expression did not fire: {attack_rejected}/{N_ATTACK} adversarial requests rejected")
     ratio = float(firing[0]["value"][1])
     assert ratio > 0.05
@@ -273,7 +274,7 @@ def test_counters_rise_and_the_attack_alert_fires(proxy, prometheus, magnet_bund
           f"alert expression over {WINDOW}: {ratio:.3f}")
     wait_for(lambda: [a for a in prom.get("/api/v1/alerts")["alerts"]
                       if a["labels"]["alertname"] == "RobustgateAttackSuspectedShortWindow"
-                      and a["state"] == "firing" and a["labels"]["detector"] == "magnet"],
+                      and a["state"] == "firing" and a["labels"]["detector"] == STAGE],
              WINDOW_S, "the short-window attack alert to fire")
 
     # 3. The scrape holds only contract names (prometheus_client adds `_created` to counters and
