@@ -43,6 +43,20 @@ def quick_backbone(splits, steps: int, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def cached_backbone(splits, steps: int, cache: Path | None) -> torch.nn.Module:
+    """``quick_backbone``, stored as / loaded from a safetensors state dict at ``cache``."""
+    from safetensors.torch import load_file, save_file
+
+    if cache is not None and cache.is_file():
+        model = build_arch("cnn")
+        model.load_state_dict(load_file(str(cache)))
+        return model.eval()
+    model = quick_backbone(splits, steps)
+    if cache is not None:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(cache))
+    return model
+
+
 @torch.no_grad()
 def accuracy(model, x, y, batch=250) -> float:
     return float(sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum() for i in range(0, len(x), batch)) / len(x))
@@ -53,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--bundle", type=Path, default=None)
     ap.add_argument("--backbone-steps", type=int, default=800)
+    ap.add_argument("--backbone-cache", type=Path, default=None,
+                    help="safetensors file: load the quick backbone from it if present, else train and write it")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench/results/purify.diffusion_accuracy"))
@@ -65,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         backbone, source = load_backbone(args.bundle), f"bundle {args.bundle}"
     else:
-        backbone = quick_backbone(splits, args.backbone_steps)
+        backbone = cached_backbone(splits, args.backbone_steps, args.backbone_cache)
         source = f"cnn (default widths), standard training, {args.backbone_steps} Adam steps x 128, lr 1e-3, seed 0"
     x, y = splits.test_x[: args.n], splits.test_y[: args.n]
     base = accuracy(backbone, x, y)

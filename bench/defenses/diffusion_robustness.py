@@ -25,13 +25,14 @@ from robustgate.defenses.pipeline import REJECTED, DefendedModel, Stage
 from robustgate.models.data import load_splits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusion_accuracy import quick_backbone  # noqa: E402
+from diffusion_accuracy import cached_backbone  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--backbone-steps", type=int, default=800)
+    ap.add_argument("--backbone-cache", type=Path, default=None)
     ap.add_argument("--t-star", type=int, default=100)
     ap.add_argument("--ddim-steps", type=int, default=2)
     ap.add_argument("--n", type=int, default=64)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     splits = load_splits("fashion-mnist", seed=0)
-    backbone = quick_backbone(splits, args.backbone_steps)
+    backbone = cached_backbone(splits, args.backbone_steps, args.backbone_cache)
     for p in backbone.parameters():
         p.requires_grad_(False)
     x, y = splits.test_x[: args.n], splits.test_y[: args.n]

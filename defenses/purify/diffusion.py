@@ -30,10 +30,11 @@ Training budget (``fit`` -> :func:`train_ddpm`): ``train_steps`` Adam steps of b
 ``batch_size`` of the epsilon-prediction loss, timesteps drawn uniformly from
 ``[0, train_t_max]`` only (purification never uses larger ``t``, so the CPU budget goes where it
 is used), EMA of the weights (decay ``ema_decay``). The defaults (1,000 steps x 32 images, about
-0.6 epoch of Fashion-MNIST) were sized at ~1.2 s per step on one thread of the shared 2-core
-machine, i.e. ~20 minutes (the measured time is in ``training_record`` / the artifact's JSON;
-``bench/defenses/train_diffusion.py`` runs it). Under CPU contention one torch thread trains
-several times faster than two.
+0.6 epoch of Fashion-MNIST) were sized at ~1.2 s per step on one torch thread of the shared
+2-core machine (~20 minutes); the recorded run took 2,330 s (39 min) because the machine's load
+average stayed at 9-15 from other jobs (``bench/defenses/train_diffusion.py``; its loss curve and
+time are kept in the artifact's JSON; clean accuracy vs t* in bench/results/purify.diffusion_accuracy.md).
+Under CPU contention one torch thread trains several times faster than two.
 
 Known limits: the purified image is random (``randomized = True``): evaluate with EOT over the
 diffusion noise. The whole sampler is differentiable, so the red team attacks through the DDIM
