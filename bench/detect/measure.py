@@ -84,7 +84,8 @@ def main() -> int:
         adv = torch.cat([atk(xs[i:i + 250], ys[i:i + 250]) for i in range(0, len(xs), 250)])
         with torch.no_grad():
             clean_acc = (module(xs).argmax(1) == ys).float().mean().item()
-            adv_acc = (module(adv).argmax(1) == ys).float().mean().item()
+            fooled = module(adv).argmax(1) != ys  # [n] the attack changed the backbone's answer
+            adv_acc = 1.0 - fooled.float().mean().item()
         cell = {"threat": {"attack": "pgd", "norm": "linf", "eps": eps, "steps": args.steps, "restarts": 1,
                            "target": "backbone (non-adaptive)", "n": len(xs)},
                 "backbone_clean_accuracy": clean_acc, "backbone_adv_accuracy": adv_acc,
@@ -95,8 +96,13 @@ def main() -> int:
             c = clean_full[n][idx]
             caught = a > d.threshold
             caught_any |= caught
-            cell["stages"][n] = {"tpr_at_calibrated_fpr": caught.float().mean().item(), "auc": cal.roc_auc(c, a)}
+            cell["stages"][n] = {"tpr_at_calibrated_fpr": caught.float().mean().item(),
+                                 "tpr_on_fooling_items": caught[fooled].float().mean().item() if fooled.any() else None,
+                                 "auc": cal.roc_auc(c, a)}
         cell["any_tpr"] = caught_any.float().mean().item()
+        cell["n_fooling"] = int(fooled.sum())
+        # pipeline robust accuracy under this non-adaptive attack: correct or rejected
+        cell["backbone_plus_detectors_robust_accuracy"] = ((~fooled) | caught_any).float().mean().item()
         result["attacks"][f"pgd_linf_{eps:g}"] = cell
         print(json.dumps({f"pgd eps {eps:g}": cell}, indent=1), flush=True)
     print(json.dumps({k: v for k, v in result.items() if k != "attacks"}, indent=1))
