@@ -21,7 +21,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    def __init__(self, version: str, bundle: str, revision: str):
+    def __init__(self, version: str, bundle: str, revision: str, stages: tuple[str, ...] = ()):
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("robustgate_requests", "ModelInfer requests by outcome", ["outcome"], registry=r)
         self.items = Counter("robustgate_items", "Items answered, by verdict", ["verdict"], registry=r)
@@ -49,6 +49,11 @@ class Metrics:
             self.requests.labels(outcome=outcome)
         for verdict in ("accepted", "flagged", "rejected"):
             self.items.labels(verdict=verdict)
+        # every stage that can reject (a detector, the ensemble's abstention, a failing stage
+        # under fail-closed) exports 0 from the start, so the first burst of an attack is a rise
+        # Prometheus sees rather than a series that appears mid-burst
+        for stage in stages:
+            self.rejections.labels(detector=stage)
         self._http = None
 
     def watch_queue(self, depth: Callable[[], float]) -> None:

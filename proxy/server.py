@@ -46,6 +46,10 @@ from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+# grpc.health.v1 service that is SERVING whenever the process answers (Kubernetes liveness): unlike
+# "" and SERVICE_NAME it does not follow the upstream, so a dead model server takes the pod out of
+# the Service (readiness) without restarting the proxy in a loop.
+LIVENESS_SERVICE = "liveness"
 log = logging.getLogger("robustgate.proxy")
 
 _OUTCOME_BY_CODE = {
@@ -166,7 +170,10 @@ class ProxyServer:
             detector_stages=runner.detector_names,
             has_ensemble=runner.has_ensemble,
         )
-        self.metrics = Metrics(version=__version__, bundle=bundle.name, revision=revision)
+        self.metrics = Metrics(
+            version=__version__, bundle=bundle.name, revision=revision,
+            stages=tuple(stage.name for stage in runner.stages),
+        )
         b = cfg.batching
         self.batcher = Batcher(
             run=runner, enabled=b.enabled, max_batch_size=b.max_batch_size,
@@ -221,6 +228,7 @@ class ProxyServer:
         await self.server.start()
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._update_health()
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
         log.info("robustgate serving %s on port %d (metrics %s)", self.contract.model_name, self.port, self.metrics_port)

@@ -34,6 +34,7 @@ def test_health_service_and_drain(start_proxy):
     p = start_proxy()
     assert health(p.url, "") == health_pb2.HealthCheckResponse.SERVING
     assert health(p.url, "inference.GRPCInferenceService") == health_pb2.HealthCheckResponse.SERVING
+    assert health(p.url, "liveness") == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError) as err:
         health(p.url, "no.such.Service")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

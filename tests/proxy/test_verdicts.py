@@ -45,6 +45,8 @@ def raw_request(x):
 
 def test_request_mode_rejects_with_permission_denied_and_metadata(start_proxy, ort_logits):
     p = start_proxy(pipeline=stage())
+    # the rejection series exists at 0 before the first rejection (alerts see the first burst)
+    assert p.server.metrics.registry.get_sample_value("robustgate_rejections_total", {"detector": "brightness"}) == 0
     with grpc.insecure_channel(p.url) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         with pytest.raises(grpc.RpcError) as err:
