@@ -47,7 +47,7 @@ def test_attack_respects_eps_ball_and_box(name):
 @pytest.mark.parametrize("name", ["fgsm_rs", "pgd", "pgd_no_random_start"])
 def test_attack_raises_the_loss_of_a_trained_model(name, tiny_bundle, fmnist_subset):
     model = load_backbone(tiny_bundle)
-    x, y = fmnist_subset("test", 128)
+    x, y = fmnist_subset("test", 64)
     x_adv = ATTACKS[name](model, x, y, torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 0.1
@@ -65,8 +65,8 @@ def test_trades_inner_raises_the_kl(tiny_bundle, fmnist_subset):
 
 def test_robust_accuracy_is_below_clean_for_a_standard_model(tiny_bundle, fmnist_subset):
     model = load_backbone(tiny_bundle)
-    x, y = fmnist_subset("test", 200)
-    clean, robust = robust_accuracy(model, x, y, EPS, 0.025, steps=10, batch_size=100)
+    x, y = fmnist_subset("test", 100)
+    clean, robust = robust_accuracy(model, x, y, EPS, 0.03, steps=5, batch_size=50)
     assert clean > 0.6
     assert robust < clean - 0.2  # a tiny standard model is not robust at eps 0.1
 

@@ -121,20 +121,22 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert "pgd2_accuracy" in bundle.spec.backbone.metrics
 
 
-def test_cli_help_explains_the_recipe():
-    out = subprocess.run([sys.executable, "-m", "robustgate.proxy.cli", "train", "--help"],
-                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+def test_cli_help_explains_the_recipe(capsys):
+    from robustgate.proxy.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
     for needle in ("--method", "trades", "--eps", "--resume", "torchrun", "--noise-sigma", "examples:"):
         assert needle in out
 
 
-def test_cli_missing_dataset_says_how_to_install(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "robustgate.proxy.cli", "train", "--data-dir", str(tmp_path / "nowhere"),
-         "--out", str(tmp_path / "b")], capture_output=True, text=True, cwd=ROOT,
-    )
-    assert proc.returncode == 2
-    assert "apt-get install dataset-fashion-mnist" in proc.stderr
+def test_cli_missing_dataset_says_how_to_install(tmp_path, capsys):
+    from robustgate.proxy.cli import main
+
+    assert main(["train", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
 
 def test_missing_dataset_raises(tmp_path):
@@ -170,3 +172,35 @@ def test_lr_schedules():
     assert lr_at("cosine", 1.0, 0.5) == pytest.approx(0.5)
     assert lr_at("multistep", 1.0, 0.8) == pytest.approx(0.01)
     assert lr_at("constant", 0.3, 0.9) == 0.3
+
+
+def test_mnist_format_from_data_dir(tmp_path, fmnist_splits):
+    # torchvision's MNIST layout is root/MNIST/raw/<IDX files>; the Fashion-MNIST files have that format
+    from robustgate.models.data import FASHION_MNIST_FILES, cache_dir
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in FASHION_MNIST_FILES:
+        (raw / f).symlink_to(cache_dir() / "fashion-mnist" / "FashionMNIST" / "raw" / f)
+    s = load_splits("mnist", data_dir=tmp_path, val_size=1000)
+    assert s.train_x.shape == (59000, 1, 28, 28) and s.test_x.shape == (10000, 1, 28, 28)
+    assert len(s.classes) == 10
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        load_splits("cifar10")
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for part, n in (("train", 6), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / part / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(tmp_path / part / cls / f"{i}.png")
+    s = load_splits("imagefolder", data_dir=tmp_path, val_size=4, seed=0)
+    assert s.classes == ["cat", "dog"]
+    assert s.train_x.shape == (8, 3, 8, 8) and s.val_x.shape == (4, 3, 8, 8) and s.test_x.shape == (4, 3, 8, 8)
+    assert 0 <= s.train_x.min() and s.train_x.max() <= 1
+    assert sorted(torch.cat([s.train_y, s.val_y]).tolist()) == [0] * 6 + [1] * 6
