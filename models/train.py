@@ -411,5 +411,6 @@ def _finish(cfg, module, best_state, best, history, splits, arch_kwargs, out, de
     recipe["split"] = splits.info
     write_bundle(out, module, arch=cfg.arch, arch_kwargs=arch_kwargs, classes=splits.classes,
                  input_shape=splits.input_shape, name=cfg.name or out.name, features=cfg.features,
-                 recipe=recipe, metrics=metrics, seed=cfg.seed, probe=test_x[:16])
+                 recipe=recipe, metrics=metrics, seed=cfg.seed, probe=test_x[:16],
+                 extra_provenance={"processes": world, "launcher": "torchrun (DDP)" if world > 1 else "single process"})
     return {"bundle": str(out), "metrics": metrics}

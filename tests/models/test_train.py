@@ -118,6 +118,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert meta["history"][0]["train_acc"] >= 0  # both ranks' items counted:
     bundle = Bundle.load(tmp_path / "ddp")
     assert bundle.spec.backbone.metrics["processes"] == 2
+    assert bundle.spec.provenance["launcher"] == "torchrun (DDP)"
     assert "pgd2_accuracy" in bundle.spec.backbone.metrics
 
 
