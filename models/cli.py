@@ -31,6 +31,12 @@ methods: standard (clean cross-entropy), fast-at (FGSM with random start, Wong e
 pgd-at (Madry et al. 2018), trades (Zhang et al. 2019, --beta), mart (Wang et al. 2020, --beta).
 All attacks are l-inf in pixel space [0, 1]; the model normalizes its input itself.
 
+MIMIR (docs/MIMIR.md): pre-train a vit_tiny encoder as a masked autoencoder, adversarially with
+the mutual-information penalty (mimir-pretrain) or clean (mae-pretrain, the baseline), then
+fine-tune it adversarially:
+  robustgate train --arch vit_tiny --method mimir-pretrain --eps 0.1 --epochs 20 --out runs/mimir
+  robustgate train --arch vit_tiny --method pgd-at --init runs/mimir/pretrained.safetensors --eps 0.1 --out bundles/mimir
+
 The bundle's bundle.yaml records the recipe, the epoch chosen by validation PGD accuracy, and
 clean / PGD-20 test accuracy with the threat model they were measured under.
 """
@@ -65,7 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='JSON keyword arguments of the architecture, e.g. \'{"width": 16, "hidden": 128}\'')
 
     g = parser.add_argument_group("method")
-    g.add_argument("--method", default="standard", choices=list(METHODS), help="training objective (default: standard)")
+    g.add_argument("--method", default="standard", choices=[*METHODS, *PRETRAIN_METHODS],
+                   help="training objective (default: standard); mimir-pretrain / mae-pretrain pre-train a vit_tiny "
+                        "encoder and write <out>/pretrained.safetensors instead of a bundle")
+    g.add_argument("--init", help="pre-trained MAE/MIMIR checkpoint initializing the vit_tiny encoder (fine-tuning)")
+    g.add_argument("--mi-lambda", type=float, default=1e-5, help="mimir-pretrain: weight of the HSIC penalty (default 1e-5)")
+    g.add_argument("--mi-sigma", type=float, default=5.0, help="mimir-pretrain: HSIC kernel width (default 5)")
+    g.add_argument("--mi-estimator", default="nhsic_cca", choices=["nhsic_cca", "hsic"],
+                   help="mimir-pretrain: mutual-information estimator (default nhsic_cca, as the reference code)")
     g.add_argument("--eps", type=float, default=0.1, help="l-inf radius in [0, 1] pixel units (default 0.1)")
     g.add_argument("--alpha", type=float, help="attack step size (default 1.25*eps for fast-at, 2.5*eps/steps otherwise)")
     g.add_argument("--steps", type=int, default=10, help="inner attack steps for pgd-at / trades / mart (default 10)")
@@ -101,6 +114,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
 
 
+PRETRAIN_METHODS = ("mimir-pretrain", "mae-pretrain")
+
+
+def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
+    """MAE / MIMIR pre-training of the encoder of the vit_tiny that ``cfg`` describes."""
+    from pathlib import Path
+
+    import torch
+
+    from robustgate.models.data import load_splits
+    from robustgate.models.mae import MaskedAutoencoder
+    from robustgate.models.mimir import make_loader, pretrain
+    from robustgate.models.train import _arch_kwargs, _channel_stats
+
+    if cfg.arch != "vit_tiny":
+        raise ValueError(f"--method {args.method} pre-trains a vit_tiny encoder; got --arch {cfg.arch}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    splits = load_splits(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed)
+    train_x = splits.train_x[: cfg.train_items] if cfg.train_items is not None else splits.train_x
+    mean, std = _channel_stats(splits.train_x)
+    kwargs = _arch_kwargs(cfg, splits.input_shape, len(splits.classes), mean, std)
+    kwargs.pop("num_classes")
+    torch.manual_seed(cfg.seed)
+    mae = MaskedAutoencoder(**kwargs)  # the encoder is exactly the classifier's (docs/MIMIR.md)
+    mimir = args.method == "mimir-pretrain"
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = pretrain(
+        mae, make_loader(train_x, cfg.batch_size, cfg.seed), epochs=cfg.epochs,
+        eps=cfg.eps if mimir else 0.0, steps=1 if mimir else 0,
+        step_size=(cfg.alpha or 1.25 * cfg.eps) if mimir else 0.0,
+        lam=args.mi_lambda if mimir else 0.0, sigma=args.mi_sigma, estimator=args.mi_estimator,
+        lr=cfg.lr, seed=cfg.seed, progress=cfg.progress, checkpoint=out / "pretrained.safetensors",
+    )
+    return {"pretrained": str(out / "pretrained.safetensors"), "method": args.method,
+            "loss_per_epoch": result.losses, "images_per_s": result.images_per_s}
+
+
 def run(args: argparse.Namespace) -> int:
     from robustgate.models.data import DatasetMissing
     from robustgate.models.train import TrainConfig, train
@@ -108,8 +160,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("robustgate").setLevel(logging.INFO)
     keys = TrainConfig.__dataclass_fields__
+    pretraining = args.method in PRETRAIN_METHODS
     try:
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
+        values = {k: v for k, v in vars(args).items() if k in keys}
+        if pretraining:
+            values["method"] = "standard"  # TrainConfig validates the shared options; the objective is MAE/MIMIR
+        cfg = TrainConfig(**values)
+        if pretraining:
+            print(json.dumps(pretrain_encoder(cfg, args), indent=1))
+            return 0
         summary = train(cfg)
     except (ValueError, DatasetMissing) as exc:
         print(f"robustgate train: error: {exc}", file=sys.stderr)

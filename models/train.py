@@ -95,6 +95,7 @@ class TrainConfig:
     name: str | None = None
     threads: int | None = None
     progress: bool = True
+    init: str | None = None  # pre-trained MAE/MIMIR checkpoint whose encoder initializes a vit_tiny
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -251,6 +252,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     module = build_arch(cfg.arch, **arch_kwargs).to(device)
+    if cfg.init:  # adversarial fine-tuning of a pre-trained encoder (MIMIR, docs/MIMIR.md)
+        from robustgate.models.mimir import init_classifier
+
+        kept = init_classifier(module, cfg.init)
+        log.info("initialized the encoder from %s; own initialization kept for %s", cfg.init, ", ".join(kept))
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:

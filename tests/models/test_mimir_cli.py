@@ -1,0 +1,43 @@
+"""`robustgate train --method mae-pretrain|mimir-pretrain` then `--init` for adversarial fine-tuning."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from robustgate.models.bundle import Bundle
+from robustgate.models.mimir import load_pretrained
+from robustgate.proxy.cli import main
+
+TINY_VIT = '{"dim": 32, "depth": 1, "heads": 2}'
+COMMON = ["--dataset", "fashion-mnist", "--arch", "vit_tiny", "--arch-kwargs", TINY_VIT, "--train-items", "64",
+          "--batch-size", "32", "--threads", "1", "--no-progress", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("method", ["mae-pretrain", "mimir-pretrain"])
+def test_pretrain_then_init_loads_the_encoder_into_the_bundle(tmp_path, capsys, method):
+    pre = tmp_path / "pre"
+    assert main(["train", *COMMON, "--method", method, "--eps", "0.1", "--lr", "1e-3", "--out", str(pre)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == method and len(report["loss_per_epoch"]) == 1
+    ckpt = pre / "pretrained.safetensors"
+    encoder = load_pretrained(ckpt).encoder_state_dict()
+
+    # lr 0 with Adam and no weight decay leaves the initial weights as they are: the exported
+    # classifier's encoder must then be exactly the pre-trained one
+    out = tmp_path / "fine"
+    assert main(["train", *COMMON, "--method", "standard", "--init", str(ckpt), "--optimizer", "adam", "--lr", "0",
+                 "--weight-decay", "0", "--max-steps-per-epoch", "1", "--val-items", "16", "--val-steps", "1",
+                 "--test-items", "16", "--test-steps", "1", "--no-features", "--out", str(out)]) == 0
+    bundle = Bundle.load(out)
+    weights = load_file(str(bundle.path(bundle.spec.backbone.weights)))
+    assert bundle.spec.backbone.recipe["init"] == str(ckpt)
+    for key, value in encoder.items():
+        assert key in weights, key
+        assert weights[key].equal(value), key
+
+
+def test_pretraining_needs_vit_tiny(tmp_path, capsys):
+    rc = main(["train", "--arch", "cnn", "--method", "mae-pretrain", "--train-items", "8", "--no-progress",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2 and "pre-trains a vit_tiny encoder" in capsys.readouterr().err
