@@ -39,14 +39,20 @@ class _OrtClassifier:
         return self.features_model(x)
 
 
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up
-    runs = []
+def _time_pair(base, extra, reps: int) -> tuple[float, float]:
+    """Median seconds of ``base()`` and ``extra()``, timed alternately so that the machine's load
+    drift (shared cores) hits both alike."""
+    base(), extra()  # warm-up
+    tb, te = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
+        base()
+        t1 = time.perf_counter()
+        extra()
+        t2 = time.perf_counter()
+        tb.append(t1 - t0)
+        te.append(t2 - t1)
+    return statistics.median(tb), statistics.median(te)
 
 
 def main() -> int:
@@ -62,15 +68,14 @@ def main() -> int:
     bundle = Bundle.load(args.bundle)
     clf = _OrtClassifier(bundle, args.threads)
     x = torch.rand(args.batch, *bundle.input.shape, generator=torch.Generator().manual_seed(0))
-    base = _time(lambda: clf.logits(x), args.reps)
-    out = {"batch": args.batch, "threads": args.threads, "reps": args.reps,
-           "backbone_seconds": base, "backbone_images_per_s": args.batch / base, "stages": {}}
+    out = {"batch": args.batch, "threads": args.threads, "reps": args.reps, "stages": {}}
     for name in args.stages:
         spec = bundle.defense(name)
         det = build(spec.kind, **{**spec.params, "runtime": "onnx"})
         det.load_artifacts({r: bundle.path(a) for r, a in spec.files.items()})
-        t = _time(lambda: det.score(x, clf), args.reps)
-        out["stages"][name] = {"seconds": t, "added_fraction": t / base}
+        base, t = _time_pair(lambda: clf.logits(x), lambda: det.score(x, clf), args.reps)
+        out["stages"][name] = {"backbone_seconds": base, "backbone_images_per_s": args.batch / base,
+                               "detector_seconds": t, "added_fraction": t / base}
     print(json.dumps(out, indent=1))
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
