@@ -2,7 +2,7 @@
 rejection, against non-adaptive PGD made on the bundle's torch backbone (issue 5 targets:
 TPR >= 95% at 1% FPR against PGD L-inf eps 0.1; clean false rejection on the test set <= 1.5%).
 
-    .venv/bin/python bench/detect/measure.py --bundle bundles/default-magnet \\
+    .venv/bin/python bench/detect/measure.py --bundle bundles/default \\
         --stages magnet_l1 magnet_l2 --n-test 2000 --out bench/results/detect.json
 
 Each named stage is a detector fitted into the bundle by `robustgate fit` (threshold from

@@ -1,7 +1,7 @@
 """Cost of detection at batch 64 in ONNX Runtime (what the proxy runs): backbone alone vs
 backbone + each detector's online part, images per second, median of repeated timed runs.
 
-    .venv/bin/python bench/detect/throughput.py --bundle bundles/default-magnet --stages magnet_l1
+    .venv/bin/python bench/detect/throughput.py --bundle bundles/default --stages magnet_l1
 
 Issue 5 target: detection adds at most 25% to the per-image cost at batch 64. ``threads`` ONNX
 Runtime intra-op threads (1 by default: the machine is shared; the ratio is what matters).
