@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from robustgate.defenses.base import Detector, Ensemble, Purifier, build, registry
-from robustgate.defenses.pipeline import Stage, validate_stages
+from robustgate.defenses.pipeline import Stage, split_stages, validate_stages
 
 
 class ModuleClassifier:
@@ -124,16 +124,15 @@ class PipelineTwin(nn.Module):
     # ---- what the stage list holds ----------------------------------------------------------
     @property
     def detectors(self) -> list[Stage]:
-        return [s for s in self.stages if isinstance(s.defense, Detector)]
+        return split_stages(self.stages)[0]
 
     @property
     def purifiers(self) -> list[Stage]:
-        return [s for s in self.stages if isinstance(s.defense, Purifier)]
+        return split_stages(self.stages)[1]
 
     @property
     def ensemble(self) -> Stage | None:
-        last = self.stages[-1] if self.stages else None
-        return last if last is not None and isinstance(last.defense, Ensemble) else None
+        return split_stages(self.stages)[2]
 
     @property
     def randomized(self) -> bool:

@@ -80,6 +80,15 @@ def validate_stages(stages: list[Stage]) -> None:
             raise ValueError(f"stage {s.name!r}: {type(s.defense).__name__} is not a detector, purifier or ensemble")
 
 
+def split_stages(stages: list[Stage]) -> tuple[list[Stage], list[Stage], Stage | None]:
+    """``(detectors, purifiers, ensemble)`` of a stage list, each in config order; the ensemble
+    is the last stage when it is one (``validate_stages`` refuses it anywhere else)."""
+    detectors = [s for s in stages if isinstance(s.defense, Detector)]
+    purifiers = [s for s in stages if isinstance(s.defense, Purifier)]
+    last = stages[-1] if stages else None
+    return detectors, purifiers, (last if last is not None and isinstance(last.defense, Ensemble) else None)
+
+
 class DefendedModel:
     """Runs the configured stages around ``classify``.
 
@@ -108,16 +117,15 @@ class DefendedModel:
 
     @property
     def detectors(self) -> list[Stage]:
-        return [s for s in self.stages if isinstance(s.defense, Detector)]
+        return split_stages(self.stages)[0]
 
     @property
     def purifiers(self) -> list[Stage]:
-        return [s for s in self.stages if isinstance(s.defense, Purifier)]
+        return split_stages(self.stages)[1]
 
     @property
     def ensemble(self) -> Stage | None:
-        last = self.stages[-1] if self.stages else None
-        return last if last is not None and isinstance(last.defense, Ensemble) else None
+        return split_stages(self.stages)[2]
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> PipelineResult:
         """Runs the pipeline on ``x`` ``[N, C, H, W]`` (already validated by the caller)."""

@@ -9,8 +9,6 @@ readiness true and answers again; constructor validation.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,33 +18,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+import harness  # tests/proxy/upstream (pytest pythonpath)
+from harness import wait_until
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 from robustgate.proxy.backends.base import BackendError
 from robustgate.proxy.backends.upstream import UpstreamBackend
 
 
-def load_harness():
-    name = "robustgate_tests_upstream_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "upstream" / "harness.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-harness = load_harness()
 SLOW_S = 3.0
-
-
-def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
-    """Polls ``predicate`` (a wait, not a timing assertion: the bound only stops a hung test)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s} s")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

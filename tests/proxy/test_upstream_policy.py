@@ -3,39 +3,17 @@ server on loopback (tests/proxy/upstream/scripted.py): what MLServer cannot be t
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+import scripted  # tests/proxy/upstream (pytest pythonpath)
+from harness import wait_until
 from robustgate.proxy.backends.base import BackendError
 from robustgate.proxy.backends.upstream import UpstreamBackend
 
 
-def load(name: str):
-    key = f"robustgate_tests_upstream_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).parent / "upstream" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-scripted = load("scripted")
-
-
-def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
-    """Polls ``predicate`` (a wait, not a timing assertion: the bound only stops a hung test)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s} s")
-        time.sleep(0.05)
 
 
 def pixels(n: int, seed: int = 0) -> np.ndarray:

@@ -8,11 +8,7 @@ ready; the upstream restarted on the same port brings readiness and answers back
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,28 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-
-def load_harness():
-    name = "robustgate_tests_upstream_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "upstream" / "harness.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+import harness  # tests/proxy/upstream (pytest pythonpath)
+from harness import wait_until
 
 
-harness = load_harness()
 SLOW_S = 5.0
-
-
-def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
-    """Polls ``predicate`` (a wait, not a timing assertion: the bound only stops a hung test)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s} s")
-        time.sleep(0.05)
 
 
 def images(n: int, seed: int) -> np.ndarray:

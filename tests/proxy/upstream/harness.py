@@ -10,7 +10,7 @@ ONNX CNN over its gRPC V2 endpoint, as a subprocess on loopback ports.
   port, so a client's channel sees the upstream die and come back. MLServer's REST port gets a
   fresh free port at every start, its metrics server is disabled, parallel workers are off.
 
-Imported by path (``tests/`` is not a package): see ``load_harness`` in the test modules.
+Imported as ``harness`` (pyproject's pytest ``pythonpath`` holds tests/proxy/upstream).
 """
 
 from __future__ import annotations
@@ -248,3 +248,12 @@ def infer_direct(url: str, model_name: str, x: np.ndarray, timeout_s: float = 10
         else:
             out[o.name] = np.asarray(o.contents.fp32_contents, dtype=np.float32).reshape(tuple(o.shape))
     return out
+
+
+def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
+    """Polls ``predicate`` (a wait, not a timing assertion: the bound only stops a hung test)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s} s")
+        time.sleep(0.05)
