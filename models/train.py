@@ -120,6 +120,9 @@ class TrainConfig:
             self.alpha = 1.25 * self.eps if self.method == "fast-at" else 2.5 * self.eps / self.steps
         if self.alpha <= 0 and self.method != "standard":
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.init is not None and not Path(self.init).is_file():
+            raise ValueError(f"--init {self.init}: no such file (a pretrained.safetensors written by "
+                             f"`robustgate train --method mimir-pretrain|mae-pretrain`)")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.epochs:
             raise ValueError(f"stop_after must be in [1, epochs={self.epochs}], got {self.stop_after}")
 

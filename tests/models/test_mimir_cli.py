@@ -41,3 +41,8 @@ def test_pretraining_needs_vit_tiny(tmp_path, capsys):
     rc = main(["train", "--arch", "cnn", "--method", "mae-pretrain", "--train-items", "8", "--no-progress",
                "--out", str(tmp_path / "x")])
     assert rc == 2 and "pre-trains a vit_tiny encoder" in capsys.readouterr().err
+
+
+def test_a_missing_init_checkpoint_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", *COMMON, "--init", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "missing.safetensors: no such file" in capsys.readouterr().err
