@@ -13,6 +13,13 @@ Semantics (DESIGN.md, "The defense pipeline"):
 3. The classifier runs once on the purified batch, or -- when the last stage is an ensemble --
    once on the ``N*T`` expanded copies (one batched backend call), then ``aggregate``.
    An ensemble abstention is a rejection whose reason is the ensemble's stage name.
+   **Shared pass**: when the pipeline has no purifier and no ensemble, the classifier's input is
+   the raw ``x`` the detectors score; given ``classify_features`` (the proxy's ONNX Runtime
+   backend, whose graph also outputs the backbone's late features) the classify pass runs first,
+   once, and detectors that query the backbone on ``x`` (SafetyNet's features, MagNet-JSD's
+   logits on ``x``) read its outputs instead of running the backbone again. Same scores, same
+   verdicts; without ``classify_features`` (the red team's torch twin, upstream backends) the
+   detectors query ``classifier`` as before.
 4. A stage that raises follows the failure policy: ``fail-closed`` rejects every item of the
    batch (reason ``"<stage> failed"``); ``fail-open`` skips the stage and records the failure.
    The classifier failing is never absorbed here: it propagates to the caller.
@@ -65,6 +72,30 @@ class PipelineResult:
     failed_stages: list[str] = field(default_factory=list)
 
 
+class SharedPass:
+    """A :class:`~robustgate.defenses.base.Classifier` view of one batch's classify pass: asked
+    about the very tensor ``x`` that was classified (identity, not equality), it answers from the
+    pass's ``logits`` ``[N, K]`` and ``features`` ``[N, D]`` (None when the backend gave none);
+    asked about anything else (MagNet's ``AE(x)``), it asks ``classifier``."""
+
+    def __init__(self, classifier: Classifier | None, x: torch.Tensor, logits: torch.Tensor,
+                 features: torch.Tensor | None):
+        self.classifier, self.x, self._logits, self._features = classifier, x, logits, features
+
+    def _fallback(self) -> Classifier:
+        if self.classifier is None:
+            raise ValueError("this detector queries the backbone but the pipeline has no local classifier")
+        return self.classifier
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits if x is self.x else self._fallback().logits(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x is self.x and self._features is not None:
+            return self._features
+        return self._fallback().features(x)
+
+
 def validate_stages(stages: list[Stage]) -> None:
     """Raises ``ValueError`` for a stage list the runner cannot execute."""
     names = [s.name for s in stages]
@@ -98,6 +129,8 @@ class DefendedModel:
             twin (red team). Called exactly once per batch.
         classifier: the local backbone view detectors may query (MagNet, SafetyNet).
         failure_policy: ``fail-closed`` (default) or ``fail-open``.
+        classify_features: optional ``[M, C, H, W]`` -> (``[M, K]`` logits, ``[M, D]`` features or
+            None) in one pass; used instead of ``classify`` for the shared pass (module docstring).
     """
 
     def __init__(
@@ -106,6 +139,7 @@ class DefendedModel:
         classify: Callable[[torch.Tensor], torch.Tensor],
         classifier: Classifier | None = None,
         failure_policy: FailurePolicy = "fail-closed",
+        classify_features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ):
         if failure_policy not in ("fail-closed", "fail-open"):
             raise ValueError(f"failure_policy must be 'fail-closed' or 'fail-open', got {failure_policy!r}")
@@ -114,6 +148,7 @@ class DefendedModel:
         self.classify = classify
         self.classifier = classifier
         self.failure_policy = failure_policy
+        self.classify_features = classify_features
 
     @property
     def detectors(self) -> list[Stage]:
@@ -145,12 +180,21 @@ class DefendedModel:
                         verdict[i] = REJECTED
                         reason[i] = f"{stage.name} failed"
 
+        # 0. shared pass: classify the raw input first when it is what the classifier sees anyway
+        logits, classifier = None, self.classifier
+        detectors, purifiers, ens_stage = split_stages(self.stages)
+        if self.classify_features is not None and detectors and not purifiers and ens_stage is None:
+            t0 = time.perf_counter()
+            logits, feats = self.classify_features(x)  # [N, K], [N, D] or None
+            seconds["classify"] = time.perf_counter() - t0
+            classifier = SharedPass(self.classifier, x, logits, feats)
+
         # 1. detectors on the raw input
-        for stage in self.detectors:
+        for stage in detectors:
             det: Detector = stage.defense  # type: ignore[assignment]
             t0 = time.perf_counter()
             try:
-                s = det.score(x, self.classifier).detach().reshape(n).float()
+                s = det.score(x, classifier).detach().reshape(n).float()
             except Exception:  # noqa: BLE001 - a failing stage follows the failure policy, recorded by name
                 seconds[stage.name] = time.perf_counter() - t0
                 _fail(stage)
@@ -169,7 +213,7 @@ class DefendedModel:
 
         # 2. purifiers in order
         h = x
-        for stage in self.purifiers:
+        for stage in purifiers:
             t0 = time.perf_counter()
             try:
                 h = stage.defense.purify(h, generator)  # type: ignore[attr-defined]
@@ -178,9 +222,10 @@ class DefendedModel:
             seconds[stage.name] = time.perf_counter() - t0
 
         # 3. classify (fanned out by the ensemble when there is one)
-        ens_stage = self.ensemble
         radius = None
-        if ens_stage is None:
+        if logits is not None:
+            pass  # classified in the shared pass (step 0)
+        elif ens_stage is None:
             t0 = time.perf_counter()
             logits = self.classify(h)
             seconds["classify"] = time.perf_counter() - t0

@@ -10,12 +10,21 @@ the edge), given the time left of the batch's tightest client deadline.
 Randomness: every batch gets a fresh ``torch.Generator`` seeded from ``os.urandom`` (an attacker
 cannot predict the noise), unless ``pipeline.seed`` is set (tests), then each batch is seeded
 with it.
+
+Threads: ``robustgate serve`` calls :func:`pin_torch_threads` once at start. The pipeline's torch
+work (input checks, score arithmetic, quantization) is small per batch, next to the ONNX Runtime
+sessions that do the compute on their own thread pools; torch's OpenMP pool on cores shared with
+those sessions (and with other processes) stalls at its barriers instead -- measured on the shared
+2-core machine: the range check of one batch of 64 images took 74 ms with torch's 2 threads, 1 ms
+with 1 (bench/results/detect.proxy_cost.md). The Kubernetes sidecar sets OMP_NUM_THREADS=1 for
+the same reason.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -25,6 +34,15 @@ from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage
 from robustgate.models.bundle import Bundle
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import PipelineConfig
+
+
+def pin_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
+    """Sets torch's intra-op threads to 1 for the proxy process, unless ``OMP_NUM_THREADS`` is set
+    (torch then follows it); returns the thread count in effect. Process-wide: call it from the
+    serving entry point only (module docstring, "Threads")."""
+    if "OMP_NUM_THREADS" not in environ:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def build_stages(cfg: PipelineConfig, bundle: Bundle) -> list[Stage]:
@@ -64,6 +82,7 @@ class PipelineRunner:
     classifier: Classifier | None
     failure_policy: str = "fail-closed"
     seed: int | None = None
+    share_features: bool = True  # the shared classify pass (defenses/pipeline.py); False: as before
 
     def __post_init__(self):
         # validates the stage list once at start (the per-batch models reuse these stages)
@@ -84,13 +103,23 @@ class PipelineRunner:
 
         return classify
 
+    def _classify_features_with(self, timeout: float | None):
+        def classify_features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # [M, K], [M, D] | None
+            arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+            logits, feats = self.backend.infer_with_features(arr, timeout=timeout)
+            return (torch.from_numpy(np.asarray(logits, dtype=np.float32)),
+                    None if feats is None else torch.from_numpy(np.asarray(feats, dtype=np.float32)))
+
+        return classify_features
+
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
         return torch.Generator().manual_seed(seed)
 
     def __call__(self, x: np.ndarray, timeout: float | None = None) -> PipelineResult:
         """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result."""
-        model = DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy)
+        model = DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,
+                              classify_features=self._classify_features_with(timeout) if self.share_features else None)
         with torch.no_grad():
             return model(torch.from_numpy(x), generator=self.generator())
 

@@ -1,6 +1,10 @@
 """Dynamic batching: coalesce concurrent requests into one pipeline call, then split the answers.
 
-The first waiting request waits at most ``max_queue_delay_s`` for company; a batch closes when
+The first waiting request waits at most ``max_queue_delay_s`` for company -- and only when company
+is expected: when the recent gap between arrivals (an exponential moving average) is longer than
+the delay, a request that finds the queue empty runs at once instead of idling for the full delay
+(a lone request at low load pays no batching latency; under load, arrivals are closer than the
+delay and batches fill as before). A batch closes when
 the next request would take it past ``max_batch_size`` items (a request larger than that runs
 alone, never split). Batches run in worker threads (the pipeline is synchronous torch/numpy;
 ONNX Runtime releases the GIL), and the next batch is collected only when a worker is free, so
@@ -29,6 +33,7 @@ from robustgate.defenses.pipeline import PipelineResult
 
 
 log = logging.getLogger("robustgate.proxy")
+GAP_EMA = 0.25  # weight of the newest inter-arrival gap in the moving average
 
 
 class QueueFull(Exception):
@@ -100,6 +105,20 @@ class Batcher:
         self._slots: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustgate-batch")
+        self._last_arrival: float | None = None
+        self._gap_s = float("inf")  # moving average of the time between arrivals; inf = no history yet
+        self.closed_early = 0  # batches run before the delay ended because no company was expected
+
+    def _arrived(self, now: float) -> None:
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._gap_s = gap if self._gap_s == float("inf") else (1 - GAP_EMA) * self._gap_s + GAP_EMA * gap
+        self._last_arrival = now
+
+    @property
+    def company_expected(self) -> bool:
+        """Whether another request is likely within ``max_queue_delay_s`` (recent arrivals were closer)."""
+        return self._gap_s < self.max_queue_delay_s
 
     @property
     def depth(self) -> int:
@@ -143,6 +162,7 @@ class Batcher:
                 f"{self.max_queue_items} (batching.max_queue_items); retry later"
             )
         p = _Pending(x=x, future=asyncio.get_running_loop().create_future(), deadline=deadline)
+        self._arrived(p.enqueued)
         self._queue.append(p)
         self._depth += n
         self._wake.set()
@@ -184,6 +204,9 @@ class Batcher:
                 continue
             left = end - time.monotonic()
             if left <= 0:
+                break
+            if not self.company_expected:
+                self.closed_early += 1
                 break
             self._wake.clear()
             try:

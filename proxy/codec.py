@@ -6,8 +6,9 @@ Pure functions, no I/O: the server calls :func:`decode_infer` on the way in and
 (docs/PROTOCOL.md lists them).
 
 - Inputs: one tensor named as the bundle's input, shape ``[N, C, H, W]`` with ``(C, H, W)`` the
-  bundle's per-item shape, datatype FP32 (pixels in the declared value range) or UINT8 (scaled
-  by 1/255 into [0, 1]); contents typed (``fp32_contents`` / ``uint_contents``) or raw
+  bundle's per-item shape, datatype FP32 (pixels in the declared value range) or UINT8 (divided
+  by 255 into [0, 1], bit-identical to the dataset loaders' floats); contents typed
+  (``fp32_contents`` / ``uint_contents``) or raw
   (``raw_input_contents``, little-endian), never both.
 - Outputs: the bundle's logits output ``[N, K]`` FP32, ``robustgate_verdict`` INT32 ``[N]``,
   ``robustgate_score_<stage>`` FP32 ``[N]`` per detector stage, ``robustgate_radius`` FP32 ``[N]``
@@ -169,7 +170,7 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
 
     # 4. to float32 pixels, then finiteness and range
     if inp.datatype == "UINT8":
-        x = arr.astype(np.float32) * np.float32(1.0 / 255.0)
+        x = arr.astype(np.float32) / np.float32(255.0)  # division, as the dataset loaders do: same pixels
     else:
         x = arr.astype(np.float32, copy=True)
     x = x.reshape(shape)  # [N, C, H, W]

@@ -70,6 +70,26 @@ class TlsConfig(_Strict):
         return self.cert is not None
 
 
+class AuthConfig(_Strict):
+    """Optional bearer-token check on every RPC but the probes (docs/PROTOCOL.md, "Authentication")."""
+
+    bearer_token_file: Path | None = None  # file holding the token (surrounding whitespace ignored); None = no check
+
+    @model_validator(mode="after")
+    def _check(self) -> "AuthConfig":
+        p = self.bearer_token_file
+        if p is not None:
+            if not Path(p).is_file():
+                raise ValueError(f"auth.bearer_token_file: file {p} does not exist")
+            if not Path(p).read_bytes().strip():
+                raise ValueError(f"auth.bearer_token_file: file {p} is empty")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.bearer_token_file is not None
+
+
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(8001, ge=0, le=65535)  # 0 = any free port
@@ -78,6 +98,8 @@ class ServerConfig(_Strict):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # gRPC send and receive limit
     grace_s: float = Field(30.0, ge=0)  # SIGTERM drain: time in-flight requests get to finish
     tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    admin: bool = True  # serve robustgate.admin.v1.Admin/Reload (token-protected when auth is on)
 
 
 class OnnxRuntimeConfig(_Strict):

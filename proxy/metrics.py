@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 OUTCOMES = (
     "accepted", "flagged", "rejected", "invalid", "not_found", "resource_exhausted",
     "upstream_error", "deadline_exceeded", "internal",
+    "unavailable",  # the server is shutting down (answered UNAVAILABLE: the client may retry elsewhere)
 )
 # 100 us .. ~30 s
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -43,6 +44,12 @@ class Metrics:
         self.stage_failures = Counter(
             "robustgate_stage_failures", "Stages that raised, by stage and failure policy", ["stage", "policy"], registry=r,
         )
+        self.auth_failures = Counter(
+            "robustgate_auth_failures", "RPCs refused UNAUTHENTICATED (missing or wrong bearer token)", registry=r,
+        )
+        self.reloads = Counter("robustgate_reloads", "Hot reloads of the pipeline, by result", ["result"], registry=r)
+        for result in ("ok", "error"):
+            self.reloads.labels(result=result)
         self.build_info = Gauge("robustgate_build_info", "Build and bundle", ["version", "bundle", "revision"], registry=r)
         self.build_info.labels(version=version, bundle=bundle, revision=revision).set(1)
         for outcome in OUTCOMES:  # export zeros so rates and alerts work from the start

@@ -3,7 +3,10 @@
 ``robustgate serve --bundle DIR`` runs with defaults (onnxruntime on cpu, no defense stages,
 batching on); ``robustgate serve --config FILE`` reads the YAML config (docs/PROTOCOL.md and
 proxy/config.py). ``--port`` / ``--metrics-port`` override the config. A bad config or bundle
-exits 2 with a message naming the key or file; SIGTERM/SIGINT drain gracefully and exit 0.
+exits 2 with a message naming the key or file; SIGTERM/SIGINT drain gracefully and exit 0; SIGHUP
+re-reads the config file and the bundle and swaps in the new pipeline (thresholds, actions, stage
+params) without dropping requests -- a bad new config is logged and the running one kept
+(ProxyServer.reload; docs/OPERATIONS.md "Hot reload").
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import sys
 from pathlib import Path
 
 from robustgate.models.bundle import Bundle, BundleError
-from robustgate.proxy.assemble import build_runner
+from robustgate.proxy.assemble import build_runner, pin_torch_threads
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, load_config
-from robustgate.proxy.server import ProxyServer
+from robustgate.proxy.server import ProxyServer, ReloadError
 
 log = logging.getLogger("robustgate.proxy")
 
@@ -73,8 +76,9 @@ def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
     return OnnxClassifier(OnnxBackend(bundle, device="cpu", intra_op_threads=1, inter_op_threads=1))
 
 
-def build_server(cfg: ProxyConfig) -> ProxyServer:
-    """Everything but the event loop; raises BundleError / ValueError with a precise message."""
+def build_server(cfg: ProxyConfig, config_loader=None) -> ProxyServer:
+    """Everything but the event loop; raises BundleError / ValueError with a precise message.
+    ``config_loader() -> ProxyConfig`` is what a hot reload re-reads (None: reload refused)."""
     bundle = Bundle.load(cfg.bundle)
     backend = make_backend(cfg, bundle)
     try:
@@ -83,7 +87,7 @@ def build_server(cfg: ProxyConfig) -> ProxyServer:
         backend.close()
         raise
     revision = str(bundle.spec.provenance.get("code_revision", "unknown"))
-    return ProxyServer(cfg, bundle, backend, runner, revision=revision)
+    return ProxyServer(cfg, bundle, backend, runner, revision=revision, config_loader=config_loader)
 
 
 async def serve(server: ProxyServer) -> None:
@@ -92,6 +96,20 @@ async def serve(server: ProxyServer) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        try:
+            await server.reload()
+        except ReloadError:  # logged by reload(); the running pipeline stays
+            pass
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     print(f"robustgate: serving {server.contract.model_name} on port {server.port}, metrics on port {server.metrics_port}",
           flush=True)
     await stop.wait()
@@ -103,9 +121,10 @@ async def serve(server: ProxyServer) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pin_torch_threads()  # torch's OpenMP pool stalls the pipeline on shared cores (proxy/assemble.py)
     try:
         cfg = config_from_args(args)
-        server = build_server(cfg)
+        server = build_server(cfg, config_loader=lambda: config_from_args(args))
     except (ConfigError, BundleError, ValueError, OSError) as exc:
         print(f"robustgate serve: {exc}", file=sys.stderr)
         return 2

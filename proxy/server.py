@@ -11,35 +11,43 @@ server. The transport only decodes, queues, applies the verdict semantics and en
   ``robustgate-score``, ``robustgate-threshold`` (first rejected item);
 - item mode: every item is answered; rejected items' logits are NaN.
 
-Bad input never crashes it: every error path answers a status with a message. Draining (SIGTERM)
-turns health NOT_SERVING, stops accepting RPCs, lets in-flight ones finish within the grace.
+Bad input never crashes it: every error path answers a status with a message, bytes that are not
+a valid protobuf message included (INVALID_ARGUMENT). Draining (SIGTERM) turns health NOT_SERVING,
+stops accepting RPCs, lets in-flight ones finish within the grace. ``reload()`` (SIGHUP or the
+``robustgate.admin.v1.Admin/Reload`` RPC) swaps in a re-read pipeline without dropping requests.
+An optional bearer token (``server.auth``) guards every RPC but the probes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pool, empty_pb2, struct_pb2
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from robustgate import __version__
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
-from robustgate.proxy.assemble import PipelineRunner
+from robustgate.models.bundle import Bundle, BundleError
+from robustgate.proxy.assemble import PipelineRunner, build_runner
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 from robustgate.proxy.batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
 from robustgate.proxy.codec import (
     RADIUS_OUTPUT, SCORE_PREFIX, VERDICT_OUTPUT, VERDICT_NAMES, Answer, InputContract, ProtocolError,
     check_model, decode_infer, encode_infer,
 )
-from robustgate.proxy.config import ProxyConfig
+from robustgate.proxy.config import ConfigError, ProxyConfig
 from robustgate.proxy.metrics import Metrics
 from robustgate.proxy.triton_compat import model_config_handler
 from robustgate.protos import open_inference_grpc_pb2 as pb
@@ -50,6 +58,9 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 # "" and SERVICE_NAME it does not follow the upstream, so a dead model server takes the pod out of
 # the Service (readiness) without restarting the proxy in a loop.
 LIVENESS_SERVICE = "liveness"
+ADMIN_SERVICE = "robustgate.admin.v1.Admin"
+# RPCs answered without a bearer token: the probes (Kubernetes' gRPC probes cannot send headers)
+AUTH_EXEMPT = (f"/{SERVICE_NAME}/ServerLive", f"/{SERVICE_NAME}/ServerReady", "/grpc.health.v1.Health/")
 log = logging.getLogger("robustgate.proxy")
 
 _OUTCOME_BY_CODE = {
@@ -105,9 +116,126 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+class ReloadError(Exception):
+    """A reload refused; the running pipeline is kept. The message says why."""
+
+
+def read_token(path: Path) -> bytes:
+    return Path(path).read_bytes().strip()
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Refuses every RPC but the probes (AUTH_EXEMPT) with UNAUTHENTICATED unless its metadata holds
+    ``authorization: Bearer <token>``. ``token()`` is read per call (a reload may rotate it); the
+    comparison is constant-time (hmac.compare_digest)."""
+
+    def __init__(self, token: Callable[[], bytes | None], on_failure: Callable[[], None]):
+        self.token = token
+        self.on_failure = on_failure
+
+    async def intercept_service(self, continuation, details):
+        expected = self.token()
+        if expected is None or details.method.startswith(AUTH_EXEMPT):
+            return await continuation(details)
+        got = b""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else bytes(value)
+                break
+        scheme, _, token = got.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:  # unknown method: UNIMPLEMENTED as usual
+            return None
+        self.on_failure()
+        message = "missing bearer token (metadata authorization: Bearer <token>)" if not got else "invalid bearer token"
+        return _deny(handler, message)
+
+
+def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED."""
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def streaming(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+_RPC_TYPES = {  # method -> (request, response) message classes of the Open Inference Protocol service
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
+
+
+def add_inference_service(servicer: "InferenceServicer", server: grpc.aio.Server) -> None:
+    """Registers the OIP service like the generated ``add_GRPCInferenceServiceServicer_to_server``,
+    except that requests arrive as bytes and are parsed here: bytes that are no valid message answer
+    INVALID_ARGUMENT naming the message type (grpc's own deserializer failure answers UNKNOWN)."""
+
+    def parsing(name: str, request_type):
+        behavior = getattr(servicer, name)
+
+        async def handler(raw: bytes, context):
+            try:
+                request = request_type.FromString(raw)
+            except DecodeError as exc:
+                servicer.undecodable(name)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request is not a valid {request_type.DESCRIPTOR.full_name} message: {exc}")
+            return await behavior(request, context)
+
+        return handler
+
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(parsing(name, req), response_serializer=resp.SerializeToString)
+        for name, (req, resp) in _RPC_TYPES.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def admin_handler(proxy: "ProxyServer") -> grpc.GenericRpcHandler:
+    """``robustgate.admin.v1.Admin/Reload`` (google.protobuf.Empty -> google.protobuf.Struct): the
+    hot reload of ProxyServer.reload; a refused reload answers FAILED_PRECONDITION with the reason."""
+
+    async def reload(request, context):
+        try:
+            summary = await proxy.reload()
+        except ReloadError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"reload refused, the running pipeline is kept: {exc}")
+        out = struct_pb2.Struct()
+        out.update(summary)
+        return out
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        reload, request_deserializer=empty_pb2.Empty.FromString, response_serializer=struct_pb2.Struct.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(ADMIN_SERVICE, {"Reload": handler})
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, proxy: "ProxyServer"):
         self.p = proxy
+
+    def undecodable(self, method: str) -> None:
+        if method == "ModelInfer":
+            self.p.metrics.requests.labels(outcome="invalid").inc()
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -148,8 +276,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 class ProxyServer:
     """One proxy instance. ``await start()`` binds and serves; ``await stop(grace)`` drains."""
 
-    def __init__(self, cfg: ProxyConfig, bundle, backend: Backend, runner: PipelineRunner, revision: str = "unknown"):
+    def __init__(self, cfg: ProxyConfig, bundle, backend: Backend, runner: PipelineRunner, revision: str = "unknown",
+                 config_loader: Callable[[], ProxyConfig] | None = None):
         self.cfg = cfg
+        self.config_loader = config_loader  # re-reads the config for a hot reload (None: reload refused)
         self.bundle = bundle
         self.backend = backend
         self.runner = runner
@@ -176,7 +306,7 @@ class ProxyServer:
         )
         b = cfg.batching
         self.batcher = Batcher(
-            run=runner, enabled=b.enabled, max_batch_size=b.max_batch_size,
+            run=self._run_batch, enabled=b.enabled, max_batch_size=b.max_batch_size,
             max_queue_delay_s=b.max_queue_delay_ms / 1000.0, max_queue_items=b.max_queue_items,
             on_batch=self._on_batch, workers=b.resolved_workers(cfg.backend.kind),
         )
@@ -187,6 +317,8 @@ class ProxyServer:
         self.metrics_port: int | None = None
         self.draining = False
         self._health_task: asyncio.Task | None = None
+        self._token = read_token(cfg.server.auth.bearer_token_file) if cfg.server.auth.enabled else None
+        self._reload_lock: asyncio.Lock | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def _credentials(self) -> grpc.ServerCredentials | None:
@@ -203,11 +335,15 @@ class ProxyServer:
         """Binds the gRPC port and the metrics port; returns the bound gRPC port."""
         s = self.cfg.server
         limit = s.max_message_bytes
-        self.server = grpc.aio.server(options=[
+        auth = BearerAuth(lambda: self._token, self.metrics.auth_failures.inc)
+        self.server = grpc.aio.server(interceptors=[auth], options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
             ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
         ])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), self.server)
+        self._reload_lock = asyncio.Lock()
+        add_inference_service(InferenceServicer(self), self.server)
+        if s.admin:
+            self.server.add_generic_rpc_handlers((admin_handler(self),))
         compat = model_config_handler(self)  # Triton's ModelConfig, for perf_analyzer
         if compat is not None:
             self.server.add_generic_rpc_handlers((compat,))
@@ -271,6 +407,85 @@ class ProxyServer:
         if self.server is not None:
             await self.server.wait_for_termination()
 
+    # ---- hot reload ------------------------------------------------------------------------
+    def _run_batch(self, x: np.ndarray, timeout: float | None) -> PipelineResult:
+        """The batcher's ``run``: the current runner, read once per batch (a reload swaps it)."""
+        return self.runner(x, timeout)
+
+    async def reload(self) -> dict:
+        """Re-reads the config (``config_loader``) and the bundle (checksums verified) and swaps in
+        the new pipeline -- thresholds, actions, stage params, failure policy, verdict mode -- and
+        the bearer token file's token. Batches already running finish on the old pipeline; nothing
+        is dropped. Anything invalid raises :class:`ReloadError` and keeps the running pipeline.
+        Changes outside ``pipeline`` (ports, backend, batching, limits, bundle path) need a restart;
+        they are listed in the answer's ``ignored`` and logged. Returns a summary."""
+        async with self._reload_lock:
+            try:
+                cfg, runner, token = await asyncio.get_running_loop().run_in_executor(None, self._prepare_reload)
+            except ReloadError as exc:
+                self.metrics.reloads.labels(result="error").inc()
+                log.error("reload refused, keeping the running pipeline: %s", exc)
+                raise
+            ignored = [k for k in ("bundle", "model_name", "server", "backend", "batching", "limits")
+                       if getattr(cfg, k) != getattr(self.cfg, k)]
+            self.runner = runner  # one attribute store: the next batch runs the new pipeline
+            self.cfg = self.cfg.model_copy(update={"pipeline": cfg.pipeline})
+            self._token = token
+            for stage in runner.stages:
+                self.metrics.rejections.labels(detector=stage.name)
+            self.metrics.reloads.labels(result="ok").inc()
+            summary = self.pipeline_summary()
+            summary["ignored"] = ignored
+            log.info("reloaded the pipeline: %s", summary)
+            if ignored:
+                log.warning("reload: changes to %s need a restart and were not applied", ", ".join(ignored))
+            return summary
+
+    def _prepare_reload(self) -> tuple[ProxyConfig, PipelineRunner, bytes | None]:
+        """Everything that can fail, off the event loop; touches nothing the server uses."""
+        if self.config_loader is None:
+            raise ReloadError("this server has no config source to reload from")
+        try:
+            cfg = self.config_loader()
+        except (ConfigError, ValueError, OSError) as exc:
+            raise ReloadError(str(exc)) from None
+        if Path(cfg.bundle).resolve() != Path(self.cfg.bundle).resolve():
+            raise ReloadError(f"bundle: {cfg.bundle} is not the served bundle {self.cfg.bundle}; restart to change it")
+        try:
+            bundle = Bundle.load(cfg.bundle)
+        except (BundleError, ValueError, OSError) as exc:
+            raise ReloadError(f"bundle {cfg.bundle}: {exc}") from None
+        if bundle.spec.backbone.onnx.sha256 != self.bundle.spec.backbone.onnx.sha256:
+            raise ReloadError("the bundle's backbone changed; restart to serve a new backbone")
+        old = self.runner
+        try:
+            runner = build_runner(cfg.pipeline, bundle, old.backend, old.classifier)
+        except Exception as exc:  # noqa: BLE001 - any failure to build keeps the old pipeline
+            raise ReloadError(f"{type(exc).__name__}: {exc}") from None
+        if runner.detector_names != old.detector_names or runner.has_ensemble != old.has_ensemble:
+            raise ReloadError(
+                f"the detector stages {list(runner.detector_names)} (ensemble {runner.has_ensemble}) differ from the "
+                f"served ones {list(old.detector_names)} (ensemble {old.has_ensemble}): they name the response's "
+                f"outputs; restart to change them"
+            )
+        auth = self.cfg.server.auth
+        try:
+            token = read_token(auth.bearer_token_file) if auth.enabled else None
+        except OSError as exc:
+            raise ReloadError(f"server.auth.bearer_token_file: {exc}") from None
+        if auth.enabled and not token:
+            raise ReloadError(f"server.auth.bearer_token_file: {auth.bearer_token_file} is empty")
+        return cfg, runner, token
+
+    def pipeline_summary(self) -> dict:
+        stages = self.runner.stages
+        return {
+            "thresholds": {s.name: float(s.defense.threshold) for s in stages if getattr(s.defense, "threshold", None) is not None},
+            "actions": {s.name: s.action for s in stages},
+            "failure_policy": self.runner.failure_policy,
+            "verdict_mode": self.cfg.pipeline.verdict_mode,
+        }
+
     # ---- inference -------------------------------------------------------------------------
     def model_metadata(self) -> pb.ModelMetadataResponse:
         c = self.contract
@@ -324,7 +539,7 @@ class ProxyServer:
         except DeadlineExpired as exc:
             return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline_exceeded"), None
         except BatcherClosed as exc:
-            return _Failure(grpc.StatusCode.UNAVAILABLE, str(exc), "internal"), None
+            return _Failure(grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable"), None
         except BackendError as exc:
             m.upstream_errors.labels(code=exc.code).inc()
             code = grpc.StatusCode[exc.code] if exc.code in grpc.StatusCode.__members__ else grpc.StatusCode.INTERNAL

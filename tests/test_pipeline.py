@@ -175,3 +175,62 @@ def test_invalid_stage_lists_are_refused(stages, message):
 def test_unknown_failure_policy_is_refused():
     with pytest.raises(ValueError, match="failure_policy"):
         DefendedModel([], CountingClassifier(), failure_policy="retry")
+
+
+class FeatureDetector(Detector):
+    """Score = sum of the classifier's features on x plus its logit 1 on x (a SafetyNet-like query)."""
+
+    kind = "test_features"
+
+    def score(self, x, classifier=None):
+        return classifier.features(x).sum(1) + classifier.logits(x)[:, 1]
+
+
+class LocalBackbone:
+    """The local classifier view: features = per-item mean; counts its calls."""
+
+    def __init__(self):
+        self.model, self.calls = CountingClassifier(), []
+
+    def logits(self, x):
+        self.calls.append("logits")
+        return self.model(x)
+
+    def features(self, x):
+        self.calls.append("features")
+        return x.mean(dim=(2, 3))  # [N, C]
+
+
+def test_shared_pass_serves_detectors_from_the_classify_pass():
+    x = batch()
+    plain_local, shared_local = LocalBackbone(), LocalBackbone()
+    stages = [Stage("feat", FeatureDetector(threshold=1.0))]
+    plain = DefendedModel(stages, CountingClassifier(), plain_local)(x)
+    classify, passes = CountingClassifier(), []
+
+    def classify_features(h):  # one pass: logits and features
+        passes.append(h)
+        return LocalBackbone().model(h), h.mean(dim=(2, 3))
+
+    shared = DefendedModel(stages, classify, shared_local, classify_features=classify_features)(x)
+    assert len(passes) == 1 and passes[0] is x and classify.calls == []  # classify ran once, in the shared pass
+    assert shared_local.calls == [] and plain_local.calls == ["features", "logits"]  # no second backbone run
+    assert torch.equal(shared.scores["feat"], plain.scores["feat"]) and torch.equal(shared.logits, plain.logits)
+    assert shared.verdict.tolist() == plain.verdict.tolist() == [ACCEPTED, ACCEPTED, REJECTED]
+
+
+def test_shared_pass_not_used_when_the_classifier_sees_purified_input():
+    local, passes = LocalBackbone(), []
+    stages = [Stage("feat", FeatureDetector(threshold=1.0)), Stage("shift", AddPurifier(0.25))]
+    out = DefendedModel(stages, CountingClassifier(), local,
+                        classify_features=lambda h: passes.append(h) or (None, None))(batch())
+    assert passes == [] and local.calls == ["features", "logits"]  # detectors queried the local backbone
+    assert out.logits.shape == (3, 2)
+
+
+def test_shared_pass_without_features_falls_back_to_the_local_classifier():
+    local = LocalBackbone()
+    out = DefendedModel([Stage("feat", FeatureDetector(threshold=1.0))], CountingClassifier(), local,
+                        classify_features=lambda h: (CountingClassifier()(h), None))(batch())
+    assert local.calls == ["features"]  # logits on x came from the pass, features from the local copy
+    assert out.verdict.tolist() == [ACCEPTED, ACCEPTED, REJECTED]

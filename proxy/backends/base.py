@@ -47,6 +47,12 @@ class Backend(ABC):
         ``timeout``: seconds left of the client's deadline (None = no deadline). Raises
         :class:`BackendError` on failure."""
 
+    def infer_with_features(self, x: np.ndarray, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits ``[M, K]`` and, when this backend computes them in the same pass, the backbone's
+        late features ``[M, D]`` (what SafetyNet reads), else None. Default: :meth:`infer` and
+        None -- detectors then query the bundle's local copy of the backbone."""
+        return self.infer(x, timeout), None
+
     @abstractmethod
     def ready(self) -> bool:
         """True when the backend can answer now (session loaded / upstream reports ready)."""

@@ -4,6 +4,8 @@
 called concurrently and releases the GIL). ``OnnxClassifier`` is the same session seen as a
 :class:`robustgate.defenses.base.Classifier` for detectors that query the local backbone
 (MagNet's divergence, SafetyNet's late activations from the "features" output).
+``OnnxBackend.infer_with_features`` returns logits and features from one session call: the
+pipeline's shared pass (defenses/pipeline.py) then spares SafetyNet a second backbone run.
 
 Providers from ``device``: ``cpu`` -> CPUExecutionProvider; ``cuda`` -> CUDAExecutionProvider
 (an error when this onnxruntime build lacks it); ``auto`` -> CUDA when available, else CPU.
@@ -80,6 +82,13 @@ class OnnxBackend(Backend):
         # [M, C, H, W] -> [M, K]; ORT has no per-call deadline, the batch is short
         (logits,) = self.run(np.ascontiguousarray(x, dtype=np.float32), [self.logits_output])
         return np.asarray(logits, dtype=np.float32)
+
+    def infer_with_features(self, x: np.ndarray, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        # one session call for both outputs: the pipeline's detectors reuse the classify pass
+        if self.features_output is None:
+            return self.infer(x, timeout), None
+        logits, feats = self.run(np.ascontiguousarray(x, dtype=np.float32), [self.logits_output, self.features_output])
+        return np.asarray(logits, dtype=np.float32), np.asarray(feats, dtype=np.float32).reshape(x.shape[0], -1)
 
     def ready(self) -> bool:
         return not self._closed

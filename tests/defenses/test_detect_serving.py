@@ -128,3 +128,16 @@ def test_flag_mode_returns_prediction_with_verdict(served):
         assert scores[0] <= served["threshold"] < scores[1]
     finally:
         proxy.stop()
+
+
+def test_onnx_backend_shared_pass_matches_separate_calls(tiny_bundle):
+    """One session call gives the logits of ``infer`` and the features a detector would read."""
+    from robustgate.proxy.backends.onnx import OnnxBackend
+
+    backend = OnnxBackend(Bundle.load(tiny_bundle), intra_op_threads=1)
+    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    logits, feats = backend.infer_with_features(x)
+    assert np.array_equal(logits, backend.infer(x))
+    want = backend.classifier().features(torch.from_numpy(x)).numpy()
+    assert feats.shape == want.shape and np.array_equal(feats, want)
+    backend.close()

@@ -28,6 +28,8 @@ METRICS = {
     "robustgate_queue_depth": "gauge",
     "robustgate_upstream_errors_total": "counter",
     "robustgate_stage_failures_total": "counter",
+    "robustgate_auth_failures_total": "counter",
+    "robustgate_reloads_total": "counter",
     "robustgate_build_info": "gauge",
 }
 
