@@ -1,5 +1,5 @@
 """Detection figures on a fitted bundle: TPR at the calibrated FPR, ROC AUC and clean false
-rejection, against non-adaptive PGD made on the bundle's torch backbone (issue 5 targets:
+rejection, against non-adaptive attacks (PGD by default; FGSM, CW-L2, DeepFool with --attacks) made on the bundle's torch backbone (issue 5 targets:
 TPR >= 95% at 1% FPR against PGD L-inf eps 0.1; clean false rejection on the test set <= 1.5%).
 
     .venv/bin/python bench/detect/measure.py --bundle bundles/default \\
@@ -30,12 +30,38 @@ from robustgate.models.data import load_splits
 from robustgate.models.twin import TorchClassifier, load_backbone
 
 
+ATTACKS = ("fgsm", "pgd", "cw", "deepfool")
+
+
+def make_attack(module, attack: str, eps: float | None, steps: int):
+    """The torchattacks attack and its threat-model record. fgsm/pgd: L-inf at ``eps`` (pgd:
+    ``steps`` steps of min(eps/4, 2.5 eps/steps), random start); cw: CW-L2 (c=1, kappa=0, 100 Adam
+    steps of 0.01); deepfool: L2, 50 steps, overshoot 0.02 -- both minimal-perturbation, unbounded."""
+    if attack == "fgsm":
+        return torchattacks.FGSM(module, eps=eps), {"attack": "fgsm", "norm": "linf", "eps": eps}
+    if attack == "pgd":
+        alpha = min(eps / 4, 2.5 * eps / steps)
+        return (torchattacks.PGD(module, eps=eps, alpha=alpha, steps=steps, random_start=True),
+                {"attack": "pgd", "norm": "linf", "eps": eps, "steps": steps, "step_size": alpha, "restarts": 1})
+    if attack == "cw":
+        return (torchattacks.CW(module, c=1.0, kappa=0.0, steps=100, lr=0.01),
+                {"attack": "cw", "norm": "l2", "c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.01})
+    if attack == "deepfool":
+        return (torchattacks.DeepFool(module, steps=50, overshoot=0.02),
+                {"attack": "deepfool", "norm": "l2", "steps": 50, "overshoot": 0.02})
+    raise ValueError(f"unknown attack {attack!r}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--stages", nargs="+", required=True)
     p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--attacks", nargs="+", default=["pgd"], choices=list(ATTACKS),
+                   help="non-adaptive attacks on the backbone (fgsm/pgd at each --eps; cw = CW-L2, deepfool = L2)")
     p.add_argument("--eps", type=float, nargs="+", default=[0.1])
+    p.add_argument("--n-slow", type=int, default=None,
+                   help="items attacked by cw and deepfool (default: --n-test; they cost ~50x pgd's time)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--runtime", choices=["torch", "onnx"], default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -77,23 +103,27 @@ def main() -> int:
     # adversarials on a seeded test subset
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: args.n_test]
     xs, ys = x[idx], y[idx]
-    for eps in args.eps:
+    runs = [(a, e) for a in args.attacks for e in (args.eps if a in ("fgsm", "pgd") else [None])]
+    for attack, eps in runs:
         t0 = time.perf_counter()
-        atk = torchattacks.PGD(module, eps=eps, alpha=min(eps / 4, 2.5 * eps / args.steps), steps=args.steps, random_start=True)
+        n_items = len(xs) if attack in ("fgsm", "pgd") or args.n_slow is None else min(args.n_slow, len(xs))
+        atk, threat = make_attack(module, attack, eps, args.steps)
         torch.manual_seed(0)
-        adv = torch.cat([atk(xs[i:i + 250], ys[i:i + 250]) for i in range(0, len(xs), 250)])
+        adv = torch.cat([atk(xs[i:min(i + 250, n_items)], ys[i:min(i + 250, n_items)]) for i in range(0, n_items, 250)])
+        sub = idx[:n_items]
         with torch.no_grad():
-            clean_acc = (module(xs).argmax(1) == ys).float().mean().item()
-            fooled = module(adv).argmax(1) != ys  # [n] the attack changed the backbone's answer
+            clean_acc = (module(xs[:n_items]).argmax(1) == ys[:n_items]).float().mean().item()
+            fooled = module(adv).argmax(1) != ys[:n_items]  # [n] the attack changed the backbone's answer
             adv_acc = 1.0 - fooled.float().mean().item()
-        cell = {"threat": {"attack": "pgd", "norm": "linf", "eps": eps, "steps": args.steps, "restarts": 1,
-                           "target": "backbone (non-adaptive)", "n": len(xs)},
+        cell = {"threat": {**threat, "target": "backbone (non-adaptive)", "n": n_items},
+                "mean_perturbation": {"linf": (adv - xs[:n_items]).flatten(1).abs().amax(1).mean().item(),
+                                      "l2": (adv - xs[:n_items]).flatten(1).norm(dim=1).mean().item()},
                 "backbone_clean_accuracy": clean_acc, "backbone_adv_accuracy": adv_acc,
                 "attack_seconds": round(time.perf_counter() - t0, 1), "stages": {}}
-        caught_any = torch.zeros(len(xs), dtype=torch.bool)
+        caught_any = torch.zeros(n_items, dtype=torch.bool)
         for n, d in dets.items():
             a = score_batches(d, adv, clf)
-            c = clean_full[n][idx]
+            c = clean_full[n][sub]
             caught = a > d.threshold
             caught_any |= caught
             cell["stages"][n] = {"tpr_at_calibrated_fpr": caught.float().mean().item(),
@@ -103,8 +133,9 @@ def main() -> int:
         cell["n_fooling"] = int(fooled.sum())
         # pipeline robust accuracy under this non-adaptive attack: correct or rejected
         cell["backbone_plus_detectors_robust_accuracy"] = ((~fooled) | caught_any).float().mean().item()
-        result["attacks"][f"pgd_linf_{eps:g}"] = cell
-        print(json.dumps({f"pgd eps {eps:g}": cell}, indent=1), flush=True)
+        key = f"{attack}_linf_{eps:g}" if eps is not None else f"{attack}_l2"
+        result["attacks"][key] = cell
+        print(json.dumps({key: cell}, indent=1), flush=True)
     print(json.dumps({k: v for k, v in result.items() if k != "attacks"}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

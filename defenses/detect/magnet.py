@@ -44,9 +44,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustgate.defenses.base import Classifier, FitData, Detector, Purifier, check_images, register
-from robustgate.defenses.runtime import OnnxModel, check_runtime, export_onnx, load_weights, save_weights
+import numpy as np
+import onnxruntime as ort
+
+from robustgate.defenses.runtime import check_runtime, export_onnx, load_weights, save_weights
 
 ARCHS = ("I", "II")
+# ONNX Runtime graph optimization levels. "all" adds layout transforms (NCHWc) that speed up wide
+# convolutions; for an autoencoder of a few channels at full resolution they cost more than they
+# save (measured, batch 64, 1 thread: width 4 ~2.3x faster with "extended", width 32 ~1.8x slower;
+# bench/results/detect.md).
+ORT_OPTIMIZATION = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
 ACTIVATIONS = ("sigmoid", "relu")
 CRITERIA = ("l1", "l2", "jsd")
 
@@ -122,19 +132,45 @@ def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: 
     return 0.5 * (kl_pm + kl_qm)
 
 
+class AeSession:
+    """The exported autoencoder in one ONNX Runtime CPU session: ``[N, C, H, W]`` torch tensor ->
+    ``AE(x)`` (float32, no gradient). ``threads`` intra-op threads (idle workers do not spin, so
+    that they leave shared cores to the backbone's session); ``optimization`` a key of
+    ``ORT_OPTIMIZATION``."""
+
+    def __init__(self, path: Path, threads: int = 1, optimization: str = "all"):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ORT_OPTIMIZATION[optimization]
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.item_shape = tuple(int(d) for d in self.session.get_inputs()[0].shape[1:])  # (C, H, W)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        (rec,) = self.session.run(None, {self.input_name: arr})
+        return torch.from_numpy(np.asarray(rec, dtype=np.float32)).to(x.device)
+
+
 class _AutoencoderDefense:
     """What the detector and the reformer share: config validation, the autoencoder in two
     runtimes, fit, save and load."""
 
     kind: ClassVar[str]
 
-    def _init_ae(self, arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime) -> None:
+    def _init_ae(self, arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime,
+                 onnx_threads=1, onnx_optimization="all") -> None:
         if arch not in ARCHS:
             raise ValueError(f"{self.kind}: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"{self.kind}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         check_runtime(runtime)
-        for name, v in (("width", width), ("epochs", epochs), ("batch_size", batch_size)):
+        if onnx_optimization not in ORT_OPTIMIZATION:
+            raise ValueError(f"{self.kind}: onnx_optimization must be one of {', '.join(ORT_OPTIMIZATION)}, "
+                             f"got {onnx_optimization!r}")
+        for name, v in (("width", width), ("epochs", epochs), ("batch_size", batch_size), ("onnx_threads", onnx_threads)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{self.kind}: {name} must be a positive integer, got {v!r}")
         if not 0.0 <= noise < 1.0:
@@ -147,8 +183,9 @@ class _AutoencoderDefense:
         self.noise, self.epochs = float(noise), epochs
         self.batch_size, self.lr, self.weight_decay = batch_size, float(lr), float(weight_decay)
         self.seed, self.runtime = int(seed), runtime
+        self.onnx_threads, self.onnx_optimization = onnx_threads, onnx_optimization
         self.ae: nn.Module | None = None  # torch twin
-        self._onnx: OnnxModel | None = None
+        self._onnx: AeSession | None = None
         self._channels: int | None = None
         self._item_shape: tuple[int, ...] | None = None
         self.history: list[float] = []
@@ -187,8 +224,8 @@ class _AutoencoderDefense:
             channels = fh.get_tensor("0.weight").shape[1]  # first conv: [w, C, 3, 3]
         self._channels = int(channels)
         self.ae = load_weights(autoencoder(self.arch, self._channels, self.width, self.activation), files["ae_weights"]).requires_grad_(False)
-        session = OnnxModel(files["ae_onnx"])
-        self._item_shape = tuple(int(d) for d in session.session.get_inputs()[0].shape[1:])  # (C, H, W)
+        session = AeSession(files["ae_onnx"], self.onnx_threads, self.onnx_optimization)
+        self._item_shape = session.item_shape  # (C, H, W)
         self._onnx = session if self.runtime == "onnx" else None
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,6 +268,9 @@ class MagNet(_AutoencoderDefense, Detector):
         epochs, batch_size, lr, weight_decay, seed: autoencoder training (Adam; the paper
             trains 100 epochs with L2 regularization 1e-9).
         runtime: ``"torch"`` (differentiable twin, default) or ``"onnx"`` (ONNX Runtime, proxy).
+        onnx_threads: intra-op threads of the ONNX Runtime session (``runtime="onnx"``).
+        onnx_optimization: its graph optimization level, ``"all"`` (default), ``"extended"`` (faster
+            for narrow autoencoders, see ``ORT_OPTIMIZATION``) or ``"basic"``. Same scores.
         threshold: calibrated threshold (set by fit/calibration).
     """
 
@@ -238,15 +278,16 @@ class MagNet(_AutoencoderDefense, Detector):
 
     def __init__(self, criterion: str = "l1", temperature: float = 10.0, arch: str = "II", width: int = 32,
                  activation: str = "relu", noise: float = 0.1, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3,
-                 weight_decay: float = 1e-9, seed: int = 0, runtime: str = "torch",
-                 threshold: float | None = None):
+                 weight_decay: float = 1e-9, seed: int = 0, runtime: str = "torch", onnx_threads: int = 1,
+                 onnx_optimization: str = "all", threshold: float | None = None):
         Detector.__init__(self, threshold)
         if criterion not in CRITERIA:
             raise ValueError(f"magnet: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
         if not temperature > 0:
             raise ValueError(f"magnet: temperature must be positive, got {temperature}")
         self.criterion, self.temperature = criterion, float(temperature)
-        self._init_ae(arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime)
+        self._init_ae(arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime,
+                      onnx_threads, onnx_optimization)
 
     def fit(self, data: FitData, classifier: Classifier | None = None) -> None:
         """Trains the autoencoder on ``data.train_x`` (clean); calibration is done by the caller."""
@@ -276,8 +317,9 @@ class MagNetReformer(_AutoencoderDefense, Purifier):
 
     def __init__(self, arch: str = "I", width: int = 32, activation: str = "relu", noise: float = 0.1, epochs: int = 5,
                  batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-9, seed: int = 0,
-                 runtime: str = "torch"):
-        self._init_ae(arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime)
+                 runtime: str = "torch", onnx_threads: int = 1, onnx_optimization: str = "all"):
+        self._init_ae(arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime,
+                      onnx_threads, onnx_optimization)
 
     def fit(self, data: FitData, classifier: Classifier | None = None) -> None:
         check_images(data.train_x, data.value_range, who="reformer.fit train_x")

@@ -54,14 +54,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from robustgate.defenses.base import Classifier, FitData, Purifier, check_images, register
+from robustgate.defenses.runtime import OnnxModel, check_runtime, export_onnx
 
-WEIGHTS_FILE, CONFIG_FILE = "diffusion_unet.safetensors", "diffusion_unet.json"
+WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE = "diffusion_unet.safetensors", "diffusion_unet.json", "diffusion_unet.onnx"
+ONNX_PARITY_ATOL = 1e-4  # max |eps_onnx - eps_torch| accepted when the ONNX graph is written
 
 
 # ---- pure functions ------------------------------------------------------------------------------
@@ -102,12 +105,30 @@ def _pad_multiple(z: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[i
     return F.pad(z, (0, pw, 0, ph), mode="replicate"), (h, w)  # [N, C, H+ph, W+pw]
 
 
-def ddim_purify(unet: UNet2DModel, alphas_cumprod: torch.Tensor, x: torch.Tensor, t_star: int, steps: int,
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [N, C, H, W], t [N] int64) -> eps [N, C, H, W]
+
+
+def torch_eps(unet: UNet2DModel) -> EpsModel:
+    """``eps_theta`` as the torch UNet (differentiable)."""
+    return lambda z, t: unet(z, t).sample
+
+
+def onnx_eps(model: OnnxModel) -> EpsModel:
+    """``eps_theta`` as the exported UNet in ONNX Runtime (no gradient)."""
+    def eps(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model.run_feeds({"sample": np.ascontiguousarray(z.detach().cpu().numpy(), dtype=np.float32),
+                               "timestep": t.detach().cpu().numpy().astype(np.int64)})
+        return torch.from_numpy(out).to(z.device)
+    return eps
+
+
+def ddim_purify(eps_model: EpsModel, alphas_cumprod: torch.Tensor, x: torch.Tensor, t_star: int, steps: int,
                 generator: torch.Generator | None = None, multiple: int = 4) -> torch.Tensor:
-    """DiffPure with a DDIM reverse process (module docstring, steps 1-3).
+    """DiffPure with a DDIM reverse process (module docstring, steps 1-3); ``eps_model`` is
+    ``eps_theta`` (:func:`torch_eps` or :func:`onnx_eps`).
 
     ``x`` ``[N, C, H, W]`` in ``[0, 1]`` -> ``[N, C, H, W]`` in ``[0, 1]``; differentiable in ``x``
-    when gradients are enabled. ``t_star = 0`` returns ``x`` itself."""
+    when gradients are enabled and ``eps_model`` is. ``t_star = 0`` returns ``x`` itself."""
     if t_star == 0:
         return x
     abar = alphas_cumprod.to(device=x.device, dtype=x.dtype)  # [T]
@@ -121,7 +142,7 @@ def ddim_purify(unet: UNet2DModel, alphas_cumprod: torch.Tensor, x: torch.Tensor
         a_t = abar[tau]
         a_prev = abar[taus[i + 1]] if i + 1 < len(taus) else torch.ones_like(a_t)
         t_batch = torch.full((z.shape[0],), tau, device=x.device, dtype=torch.long)
-        eps_hat = unet(z, t_batch).sample  # eps_theta(z_tau, tau)
+        eps_hat = eps_model(z, t_batch)  # eps_theta(z_tau, tau)
         x0_hat = ((z - (1.0 - a_t).sqrt() * eps_hat) / a_t.sqrt()).clamp(-1.0, 1.0)
         z = a_prev.sqrt() * x0_hat + (1.0 - a_prev).sqrt() * eps_hat  # z_prev
     # 3. back to pixels
@@ -173,6 +194,41 @@ def train_ddpm(unet: UNet2DModel, ddpm: DDPMScheduler, images: torch.Tensor, ste
             "loss_curve_every": log_every, "loss_curve": curve}
 
 
+class _EpsNet(torch.nn.Module):
+    """``(sample, timestep) -> eps``: the UNet with a plain tensor output, for ONNX export."""
+
+    def __init__(self, unet: UNet2DModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep).sample
+
+
+def export_unet(unet: UNet2DModel, path: Path, channels: int, multiple: int) -> float:
+    """Writes ``unet`` as ONNX (inputs ``sample`` [N, C, H, W] with N, H, W dynamic and
+    ``timestep`` [N] int64; output ``eps``), then checks ONNX Runtime against torch on two probe
+    shapes; returns the max abs difference, raising ValueError above ``ONNX_PARITY_ATOL``."""
+    net = _EpsNet(unet).eval()
+    g = torch.Generator().manual_seed(0)
+    side = 7 * multiple  # 28 for the default 3-level UNet
+    example = (torch.randn(2, channels, side, side, generator=g), torch.tensor([10, 200]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings from diffusers' shape asserts
+        export_onnx(net, example, path, input_name=("sample", "timestep"), output_name="eps",
+                    dynamic_axes={"sample": {0: "batch", 2: "height", 3: "width"},
+                                  "eps": {0: "batch", 2: "height", 3: "width"}})
+    session, worst = OnnxModel(path, output="eps"), 0.0
+    for n, h in ((3, side), (1, 2 * multiple)):
+        z, t = torch.randn(n, channels, h, h, generator=g), torch.randint(0, 300, (n,), generator=g)
+        with torch.no_grad():
+            want = net(z, t)
+        worst = max(worst, float((onnx_eps(session)(z, t) - want).abs().max()))
+    if worst > ONNX_PARITY_ATOL:
+        raise ValueError(f"diffusion: ONNX UNet differs from torch by {worst:.3g} > {ONNX_PARITY_ATOL}")
+    return worst
+
+
 # ---- the purifier --------------------------------------------------------------------------------
 
 def _int_in(name: str, v: object, lo: int, hi: int | None = None) -> int:
@@ -194,6 +250,9 @@ class DiffusionPurifier(Purifier):
         num_train_timesteps: length of the DDPM schedule.
         train_t_max, train_steps, batch_size, lr, ema_decay, seed: the ``fit`` recipe (seed also
             fixes the untrained initialization).
+        runtime: ``"torch"`` (differentiable twin, the red team's; default) or ``"onnx"`` (the
+            exported UNet in ONNX Runtime, what the proxy runs; needs the ``onnx`` artifact).
+        onnx_threads: ONNX Runtime intra-op threads (0 = its default, one per core).
     """
 
     kind: ClassVar[str] = "diffusion"
@@ -203,7 +262,8 @@ class DiffusionPurifier(Purifier):
     def __init__(self, t_star: int = 100, steps: int = 2, channels: int = 1,
                  block_out_channels: list[int] | None = None, layers_per_block: int = 1,
                  num_train_timesteps: int = 1000, train_t_max: int = 300, train_steps: int = 1000,
-                 batch_size: int = 32, lr: float = 2e-3, ema_decay: float = 0.995, seed: int = 0):
+                 batch_size: int = 32, lr: float = 2e-3, ema_decay: float = 0.995, seed: int = 0,
+                 runtime: str = "torch", onnx_threads: int = 0):
         self.num_train_timesteps = _int_in("num_train_timesteps", num_train_timesteps, 2)
         self.train_t_max = _int_in("train_t_max", train_t_max, 1, num_train_timesteps - 1)
         self.t_star = _int_in("t_star", t_star, 0, self.train_t_max)
@@ -224,6 +284,13 @@ class DiffusionPurifier(Purifier):
             raise ValueError(f"diffusion: ema_decay must lie in [0, 1), got {ema_decay!r}")
         self.ema_decay = float(ema_decay)
         self.seed = _int_in("seed", seed, 0)
+        try:
+            check_runtime(runtime)
+        except ValueError as exc:
+            raise ValueError(f"diffusion: {exc}") from None
+        self.runtime = runtime
+        self.onnx_threads = _int_in("onnx_threads", onnx_threads, 0)
+        self._onnx: OnnxModel | None = None
         self.unet = make_unet(self.channels, self.block_out_channels, self.layers_per_block, self.seed).eval()
         self.ddpm, self.ddim = make_schedulers(self.num_train_timesteps)
         self.fitted = False
@@ -241,8 +308,15 @@ class DiffusionPurifier(Purifier):
         if not self.fitted and self.t_star > 0 and not self._warned_unfitted:
             warnings.warn("diffusion: purifying with an untrained UNet (fit it or load its artifacts)", stacklevel=2)
             self._warned_unfitted = True
+        if self.runtime == "onnx":
+            if self._onnx is None:
+                raise ValueError("diffusion: runtime 'onnx' needs the 'onnx' artifact (load_artifacts)")
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise ValueError("diffusion: runtime 'onnx' has no gradient; attack the runtime 'torch' twin")
+            return ddim_purify(onnx_eps(self._onnx), self.ddim.alphas_cumprod, x, self.t_star, self.steps,
+                               generator, self.multiple)
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
-            return ddim_purify(self.unet, self.ddim.alphas_cumprod, x, self.t_star, self.steps, generator,
+            return ddim_purify(torch_eps(self.unet), self.ddim.alphas_cumprod, x, self.t_star, self.steps, generator,
                                self.multiple)
 
     def fit(self, data: FitData, classifier: Classifier | None = None,
@@ -263,14 +337,15 @@ class DiffusionPurifier(Purifier):
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()},
                   str(directory / WEIGHTS_FILE))
+        parity = export_unet(self.unet, directory / ONNX_FILE, self.channels, self.multiple)
         meta = {"unet": dict(self.unet.config), "num_train_timesteps": self.num_train_timesteps,
-                "training": self.training_record}
+                "training": self.training_record, "onnx_max_abs_diff": parity}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=list) + "\n")
-        return {"weights": WEIGHTS_FILE, "config": CONFIG_FILE}
+        return {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "onnx": ONNX_FILE}
 
     def load_artifacts(self, files: dict[str, Path]) -> None:
-        if set(files) != {"weights", "config"}:
-            raise ValueError(f"diffusion: expected artifacts 'weights' and 'config', got {sorted(files)}")
+        if not {"weights", "config"} <= set(files) <= {"weights", "config", "onnx"}:
+            raise ValueError(f"diffusion: expected artifacts 'weights', 'config' (and 'onnx'), got {sorted(files)}")
         meta = json.loads(Path(files["config"]).read_text())
         saved = meta["unet"]
         for key, mine in (("block_out_channels", self.block_out_channels), ("layers_per_block", self.layers_per_block),
@@ -282,6 +357,11 @@ class DiffusionPurifier(Purifier):
                              f"config says {self.num_train_timesteps}")
         self.unet.load_state_dict(load_file(str(files["weights"])))
         self.unet.eval()
+        self._onnx = None
+        if self.runtime == "onnx":
+            if "onnx" not in files:
+                raise ValueError("diffusion: runtime 'onnx' needs the 'onnx' artifact; re-save the model to write it")
+            self._onnx = OnnxModel(files["onnx"], output="eps", threads=self.onnx_threads)
         self.training_record = meta.get("training")
         self.fitted = True
 

@@ -36,6 +36,13 @@ def test_rbf_decision_matches_formula():
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
+def test_positives_all_keeps_every_attacked_image(detect_fit_data, tiny_classifier):
+    det = build("safetynet", levels=2, attacks=["fgsm"], eps=[0.05], n_fit=40, positives="all", seed=1)
+    det.fit(detect_fit_data, tiny_classifier)
+    assert det.fit_report["n_adv"] == det.fit_report["n_clean"] == 20
+    assert det.fit_report["attacks"]["fgsm@0.05"]["fooled"] < 1.0  # so "fooling" would have kept fewer
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -44,6 +51,7 @@ def test_rbf_decision_matches_formula():
         ({"eps": [0.1, 2.0]}, r"eps must be a non-empty list of values in \(0, 1\)"),
         ({"gamma": -1.0}, "gamma must be 'scale' or a positive number"),
         ({"runtime": "sklearn"}, "runtime must be one of torch, onnx"),
+        ({"positives": "some"}, "positives must be one of fooling, all"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
@@ -54,8 +62,10 @@ def test_bad_config_raises(kwargs, match):
 def test_fit_report_and_needs_classifier(fitted_safetynet, detect_fit_data):
     rep = fitted_safetynet.fit_report
     assert {"fgsm@0.1", "pgd@0.1", "deepfool"} <= set(rep["attacks"])
-    assert rep["n_clean"] == rep["n_adv"] == 150
+    assert rep["n_clean"] == 150 and rep["positives"] == "fooling"
     assert rep["attacks"]["pgd@0.2"]["fooled"] > 0.5  # the attacks did produce adversarials
+    # only the adversarials that fool the backbone are positives
+    assert rep["n_adv"] == sum(round(a["n"] * a["fooled"]) for a in rep["attacks"].values()) < 150
     with pytest.raises(ValueError, match="needs the torch classifier"):
         build("safetynet").fit(detect_fit_data, None)
     with pytest.raises(ValueError, match="needs the classifier"):

@@ -1,14 +1,13 @@
 """Diffusion purification (DiffPure) on tiny untrained UNets and an exact oracle denoiser."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from robustgate.defenses.base import FitData, build
 from robustgate.defenses.purify.diffusion import (
-    CONFIG_FILE, WEIGHTS_FILE, DiffusionPurifier, ddim_purify, make_schedulers, reverse_timesteps,
+    CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, DiffusionPurifier, ddim_purify, make_schedulers, reverse_timesteps,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:diffusion. purifying with an untrained UNet")
@@ -77,7 +76,7 @@ def test_ddim_with_an_exact_denoiser_recovers_the_single_training_image(t_star, 
 
     def oracle(z, t):
         a = abar[t].view(-1, 1, 1, 1)
-        return SimpleNamespace(sample=(z - a.sqrt() * c) / (1 - a).sqrt())
+        return (z - a.sqrt() * c) / (1 - a).sqrt()
 
     x = torch.rand(3, 1, 8, 8)
     out = ddim_purify(oracle, abar, x, t_star, steps, torch.Generator().manual_seed(0))
@@ -93,7 +92,7 @@ def test_fit_save_load_round_trip(tmp_path):
     assert p.fitted and p.training_record["steps"] == 3 and len(p.training_record["loss_curve"]) == 1
     assert any(not torch.equal(before[k], v) for k, v in p.unet.state_dict().items())  # it trained
     files = p.save(tmp_path)
-    assert files == {"weights": WEIGHTS_FILE, "config": CONFIG_FILE}
+    assert files == {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "onnx": ONNX_FILE}
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["unet"]["block_out_channels"] == [8, 16]
     q = build("diffusion", **p.config())
     q.load_artifacts({role: tmp_path / name for role, name in files.items()})
@@ -102,7 +101,7 @@ def test_fit_save_load_round_trip(tmp_path):
     wrong = build("diffusion", block_out_channels=[8, 24])
     with pytest.raises(ValueError, match="artifact UNet has block_out_channels"):
         wrong.load_artifacts({role: tmp_path / name for role, name in files.items()})
-    with pytest.raises(ValueError, match="expected artifacts 'weights' and 'config'"):
+    with pytest.raises(ValueError, match=r"expected artifacts 'weights', 'config' \(and 'onnx'\)"):
         q.load_artifacts({"weights": tmp_path / WEIGHTS_FILE})
 
 
@@ -115,3 +114,42 @@ def test_rejects_bad_config_and_channel_mismatch(tiny):
         DiffusionPurifier(block_out_channels=[12])
     with pytest.raises(ValueError, match="model has 1 channel"):
         tiny.purify(torch.rand(1, 3, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """A tiny UNet trained 2 steps and saved: safetensors + JSON + ONNX."""
+    p = build("diffusion", block_out_channels=[8, 16], train_steps=2, batch_size=4, t_star=60, steps=2)
+    data = torch.rand(8, 1, 12, 12)
+    p.fit(FitData(data, torch.zeros(8), data[:2], torch.zeros(2)))
+    root = tmp_path_factory.mktemp("diffusion-onnx")
+    files = {role: root / name for role, name in p.save(root).items()}
+    return p, files
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 28, 28), (2, 1, 13, 10)])
+def test_onnx_runtime_matches_the_torch_twin(saved_tiny, shape):
+    p, files = saved_tiny
+    assert json.loads(files["config"].read_text())["onnx_max_abs_diff"] <= 1e-4
+    q = build("diffusion", **{**p.config(), "runtime": "onnx", "onnx_threads": 1})
+    q.load_artifacts(files)
+    x = torch.rand(shape)
+    want = p.purify(x, torch.Generator().manual_seed(3))
+    got = q.purify(x, torch.Generator().manual_seed(3))
+    assert got.shape == x.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert not torch.equal(got, x)  # it did purify
+
+
+def test_onnx_runtime_refuses_gradients_and_needs_its_artifact(saved_tiny):
+    p, files = saved_tiny
+    q = build("diffusion", **{**p.config(), "runtime": "onnx"})
+    with pytest.raises(ValueError, match="runtime 'onnx' needs the 'onnx' artifact"):
+        q.purify(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="runtime 'onnx' needs the 'onnx' artifact; re-save"):
+        q.load_artifacts({"weights": files["weights"], "config": files["config"]})
+    q.load_artifacts(files)
+    with pytest.raises(ValueError, match="runtime 'onnx' has no gradient"):
+        q.purify(torch.rand(1, 1, 8, 8, requires_grad=True))
+    with pytest.raises(ValueError, match="diffusion: runtime must be one of torch, onnx"):
+        build("diffusion", runtime="tensorrt")

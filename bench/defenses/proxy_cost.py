@@ -1,0 +1,170 @@
+"""What each purifier costs through the proxy: items/s of a real ``robustgate serve`` at batch-64
+requests with the pipeline empty vs with one purifier stage, in interleaved rounds.
+
+One ``robustgate serve`` subprocess per configuration (ONNX Runtime backend, dynamic batching on,
+``max_batch_size`` 64) on 127.0.0.1; all are started first, then each round loads every
+configuration in turn for ``--duration`` seconds (closed loop, ``--concurrency`` clients sending
+batch-64 FP32 requests, bench/serving/loadgen.py) -- the order reverses every round so that a drift
+in the machine's load does not favour one side. An idle server uses no CPU while another is
+measured. Per round, a purifier's cost is ``1 - items/s(purifier) / items/s(empty)`` of the
+same round; the report gives the median over rounds (target: <= 10% for the cheap purifiers) and
+the items/s of every window, with the load average beside each.
+
+    .venv/bin/python bench/defenses/proxy_cost.py --rounds 5 --out bench/results/purify.proxy_cost
+    .venv/bin/python bench/defenses/proxy_cost.py --bundle /tmp/std-diffusion --configs empty,diffusion \\
+        --out bench/results/purify.proxy_diffusion
+
+Configurations: ``empty``, ``jpeg``, ``noise``, ``bitdepth``, ``median`` (each purifier with its
+default parameters), ``diffusion`` (the bundle's fitted ``diffusion`` stage with ``runtime: onnx``;
+``--diffusion-params`` adds stage params), or ``name=<JSON list of stages>`` for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "bench" / "serving"))
+import loadgen  # noqa: E402  (bench/ is not a package)
+from run import Proxy, loadavg, machine  # noqa: E402
+
+from robustgate.models.bundle import Bundle  # noqa: E402
+
+CHEAP = ("jpeg", "noise", "bitdepth", "median")
+TARGET_CHEAP_COST = 0.10
+TARGET_DIFFUSION_ITEMS_PER_S = 100.0
+
+
+def stages_for(name: str, diffusion_params: dict) -> list[dict]:
+    if name == "empty":
+        return []
+    if name in CHEAP:
+        return [{"name": name, "kind": name, "action": "log", "params": {}}]
+    if name == "diffusion":
+        return [{"name": "diffusion", "kind": "diffusion", "action": "log",
+                 "params": {"runtime": "onnx", **diffusion_params}}]
+    raise ValueError(f"unknown configuration {name!r}; give name=<JSON stages> for a custom one")
+
+
+def parse_configs(spec: str, diffusion_params: dict) -> dict[str, list[dict]]:
+    out = {}
+    for item in spec.split(","):
+        name, sep, stages = item.partition("=")
+        out[name] = json.loads(stages) if sep else stages_for(name, diffusion_params)
+    if "empty" not in out:
+        raise ValueError("--configs must include 'empty' (the reference)")
+    return out
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=REPO / "bundles" / "default")
+    ap.add_argument("--configs", default="empty," + ",".join(CHEAP))
+    ap.add_argument("--diffusion-params", default="{}", help="JSON params added to the diffusion stage")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds measured per window")
+    ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each window")
+    ap.add_argument("--batch", type=int, default=64, help="items per request")
+    ap.add_argument("--concurrency", type=int, default=2, help="closed-loop clients")
+    ap.add_argument("--intra-op-threads", type=int, default=0, help="backend ONNX Runtime threads (0 = default)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "purify.proxy_cost")
+    args = ap.parse_args(argv)
+    configs = parse_configs(args.configs, json.loads(args.diffusion_params))
+    bundle = Bundle.load(args.bundle)
+    item_shape = tuple(bundle.input.shape)
+    started, load_start, uptime_start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), loadavg(), uptime()
+    windows: dict[str, list[dict]] = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory(prefix="proxy-cost-") as tmp:
+        servers = {}
+        try:
+            for name, stages in configs.items():
+                servers[name] = Proxy(Path(tmp), args.bundle.resolve(), {
+                    "backend": {"kind": "onnxruntime", "onnxruntime": {"intra_op_threads": args.intra_op_threads}},
+                    "batching": {"enabled": True, "max_batch_size": 64},
+                    "pipeline": {"stages": stages, "verdict_mode": "item"},
+                }, None, bundle.name)
+            order = list(configs)
+            for r in range(args.rounds):
+                for name in (order if r % 2 == 0 else order[::-1]):
+                    before = loadavg()
+                    res = loadgen.run_load(servers[name].url, bundle.name, bundle.input.name, item_shape,
+                                           args.concurrency, batch=args.batch, warmup_s=args.warmup,
+                                           duration_s=args.duration, seed=r,
+                                           server_pids={"server": servers[name].proc.pid})
+                    res.update(round=r, loadavg_before=before, loadavg_after=loadavg())
+                    windows[name].append(res)
+                    print(json.dumps({"config": name, "round": r, "items_per_s": round(res["items_per_s"], 1),
+                                      "errors": res["errors"], "load": res["loadavg_after"][0]}), flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    summary = {}
+    for name, ws in windows.items():
+        ips = [w["items_per_s"] for w in ws]
+        entry = {"items_per_s_median": statistics.median(ips), "items_per_s": ips,
+                 "p50_ms_median": statistics.median(w["p50_ms"] for w in ws if w["p50_ms"] is not None),
+                 "server_cpu_cores_median": statistics.median(w["cpu_cores"]["server"] for w in ws),
+                 "errors": sum(sum(w["errors"].values()) for w in ws), "stages": configs[name]}
+        if name != "empty":
+            costs = [1.0 - w["items_per_s"] / e["items_per_s"] for w, e in zip(ws, windows["empty"])]
+            entry["cost_per_round"] = costs
+            entry["cost_median"] = statistics.median(costs)
+            if name in CHEAP:
+                entry["target"] = f"cost <= {TARGET_CHEAP_COST:.0%}"
+                entry["target_met"] = entry["cost_median"] <= TARGET_CHEAP_COST
+            elif name.startswith("diffusion"):
+                entry["target"] = f">= {TARGET_DIFFUSION_ITEMS_PER_S:.0f} items/s"
+                entry["target_met"] = entry["items_per_s_median"] >= TARGET_DIFFUSION_ITEMS_PER_S
+        summary[name] = entry
+    result = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "uptime_start": uptime_start, "uptime_end": uptime(), "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "machine": machine(), "bundle": str(args.bundle), "batch": args.batch, "concurrency": args.concurrency,
+        "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
+        "intra_op_threads": args.intra_op_threads, "summary": summary, "windows": windows,
+    }
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{args.out}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        "# Purifier cost through the proxy", "",
+        f"`{r['command']}`, {r['started_utc']} to {r['finished_utc']}.", "",
+        f"A real `robustgate serve` per configuration (bundle `{r['bundle']}`, ONNX Runtime backend, batching on, "
+        f"max batch 64), closed loop of {r['concurrency']} clients sending batch-{r['batch']} FP32 requests, "
+        f"{r['rounds']} interleaved rounds of {r['duration_s']} s windows (order reversed every other round).",
+        f"Machine: {r['machine']['cores']} cores shared with other jobs; `uptime` at start: `{r['uptime_start']}`; "
+        f"at end: `{r['uptime_end']}`.", "",
+        "| configuration | items/s (median) | items/s per round | cost vs empty (median) | p50 ms | server CPU cores | target |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for name, s in r["summary"].items():
+        cost = f"{100 * s['cost_median']:.1f}%" if "cost_median" in s else "(reference)"
+        target = "" if "target" not in s else f"{s['target']}: {'met' if s['target_met'] else 'NOT met'}"
+        per_round = ", ".join(f"{v:.0f}" for v in s["items_per_s"])
+        lines.append(f"| {name} | {s['items_per_s_median']:.0f} | {per_round} | {cost} | {s['p50_ms_median']:.1f} | "
+                     f"{s['server_cpu_cores_median']:.2f} | {target} |")
+    errors = {name: s["errors"] for name, s in r["summary"].items() if s["errors"]}
+    lines += ["", f"Request errors: {errors or 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
