@@ -301,11 +301,12 @@ class Evaluation:
         eot = s.eot if twin.randomized else 1
         tm = threat_model(attack, eps, s.n, s.steps, s.restarts, eot, s.queries)
         oracle_url = s.url if attack == "square" and config.name == s.url_config else None
-        fp = _fingerprint({"config": self._config_fingerprint(config), "threat_model": tm.as_dict(), "url": oracle_url})
+        threat = tm.as_dict() | (a.params(tm, self.backbone.backbone) if a.params else {})  # + step size etc.
+        fp = _fingerprint({"config": self._config_fingerprint(config), "threat_model": threat, "url": oracle_url})
         hit = self._cached(key, fp)
         if hit is not None:
             return hit
-        base = {"config": config.name, "attack": attack, "eps": eps, "threat_model": tm.as_dict(),
+        base = {"config": config.name, "attack": attack, "eps": eps, "threat_model": threat,
                 "adaptive": a.adaptive}
         if attack == "eot" and not twin.randomized:
             return self._store(key, fp, {**base, "status": "skipped", "reason": "no randomized stage: EOT = bpda"})
@@ -317,7 +318,7 @@ class Evaluation:
         cache = None
         if a.target == "backbone":
             cache = f"{attack}__eps{eps:g}__" + _fingerprint({
-                "backbone": self.bundle.spec.backbone.onnx.sha256, "threat_model": tm.as_dict(),
+                "backbone": self.bundle.spec.backbone.onnx.sha256, "threat_model": threat,
                 "offset": s.offset, "seed": s.seed})
         x_adv, gen_seconds = self._adversarial(attack, tm, ctx, cache)
         ans = _run_served(served, x_adv, s.batch_size)

@@ -25,6 +25,12 @@ Adaptive (differentiate the **pipeline** twin, :mod:`robustgate.attacks.differen
 - ``joint`` -- :class:`robustgate.attacks.joint.JointPGD`, evades the detectors while fooling
   the classifier (Carlini & Wagner, AISec 2017).
 
+MIMIR's adaptive attacks (Xu et al., arXiv 2312.04960) on the backbone's encoder, white-box:
+
+- ``pgd-mi`` -- :class:`robustgate.attacks.pgd_mi.PGDMI`, PGD on CE + lambda * HSIC(z, x + delta);
+- ``feature-pgd`` -- :class:`robustgate.attacks.feature_pgd.FeaturePGD`, PGD pushing the encoder's
+  representation of x + delta away from that of x.
+
 Black-box: ``square`` -- :class:`robustgate.attacks.square.SquareLinf` against the served
 pipeline's answers only (the local DefendedModel, or the live gRPC endpoint).
 """
@@ -39,7 +45,9 @@ import torchattacks
 from torch import nn
 
 from robustgate.attacks.differentiable import PipelineTwin
+from robustgate.attacks.feature_pgd import FeaturePGD
 from robustgate.attacks.joint import JointPGD
+from robustgate.attacks.pgd_mi import PGDMI
 from robustgate.attacks.square import QueryOracle, SquareLinf
 from robustgate.attacks.threat import Norm, Target, ThreatModel, project
 
@@ -64,6 +72,8 @@ class AttackDef:
     adaptive: bool
     run: Callable[[AttackContext, ThreatModel, torch.Tensor, torch.Tensor], torch.Tensor]
     fixed_steps: int | None = None  # the attack's own iteration count (CW, DeepFool, AutoAttack)
+    # (threat model, undefended backbone module) -> the attack's own settings, written into the cell's threat model
+    params: Callable[[ThreatModel, nn.Module], dict] | None = None
 
 
 def _fgsm(ctx, tm, x, y):
@@ -120,6 +130,18 @@ def _joint(ctx, tm, x, y):
     return JointPGD(ctx.twin, eps=tm.eps, steps=tm.steps, restarts=tm.restarts, eot=tm.eot)(x, y)
 
 
+def _module(ctx) -> nn.Module:
+    return getattr(ctx.backbone, "backbone", ctx.backbone)  # the nn.Module inside BackboneOnly
+
+
+def _pgd_mi(ctx, tm, x, y):
+    return PGDMI(_module(ctx), eps=tm.eps, steps=tm.steps)(x, y)
+
+
+def _feature_pgd(ctx, tm, x, y):
+    return FeaturePGD(_module(ctx), eps=tm.eps, steps=tm.steps)(x, y)
+
+
 def _square(ctx, tm, x, y):
     return SquareLinf(ctx.oracle, eps=tm.eps, queries=tm.queries or 1000, seed=ctx.seed)(x, y)
 
@@ -134,6 +156,12 @@ ATTACKS: dict[str, AttackDef] = {a.name: a for a in [
     AttackDef("eot", "linf", "pipeline", True, _eot),
     AttackDef("joint", "linf", "pipeline", True, _joint),
     AttackDef("square", "linf", "endpoint", True, _square, fixed_steps=1),
+    # MIMIR's adaptive attacks on the backbone's encoder (docs/MIMIR.md); their step size,
+    # lambda, representation... are written into the cell's threat model
+    AttackDef("pgd-mi", "linf", "backbone", True, _pgd_mi,
+              params=lambda tm, module: PGDMI(module, eps=tm.eps, steps=tm.steps).params()),
+    AttackDef("feature-pgd", "linf", "backbone", True, _feature_pgd,
+              params=lambda tm, module: FeaturePGD(module, eps=tm.eps, steps=tm.steps).params()),
 ]}
 
 

@@ -1,0 +1,138 @@
+"""Red-team benchmark (issue 4): the default bundle's evaluation matrix, timed.
+
+    .venv/bin/python bench/redteam/run.py [--n 1000] [--n-autoattack 500] [--threads 2] \
+        [--matrix bench/redteam/matrix.yaml] [--out reports/redteam]
+
+Runs ``robustgate eval`` twice on ``bundles/default`` -- the matrix of configurations in
+``matrix.yaml`` (no defense, each defense alone, the default pipeline) x the white-box,
+adaptive and black-box attacks at n = ``--n``, then AutoAttack (standard) at n =
+``--n-autoattack`` -- and records for each run its wall time, the CPU seconds it used, the load
+average before and after, and every cell's own wall time. The target is that the whole matrix
+completes in at most 2 hours on this 2-core machine; on a shared machine the wall time is an
+upper bound and the CPU seconds say how much of it was this benchmark's.
+
+Results: bench/results/redteam.json and bench/results/redteam.md (the reports themselves stay in
+``--out``: results.json/results.md/plots per run, cells cached so an interrupted run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET_SECONDS = 2 * 3600
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed_eval(argv: list[str]) -> dict:
+    """Runs ``robustgate eval ARGV`` to completion and measures it."""
+    cmd = [sys.executable, "-m", "robustgate.proxy.cli", "eval", *argv]
+    load_before = os.getloadavg()
+    cpu0, t0 = _children_cpu(), time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    return {
+        "command": "robustgate eval " + " ".join(shlex.quote(a) for a in argv),
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(_children_cpu() - cpu0, 1),
+        "load_before": [round(v, 2) for v in load_before],
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def cell_rows(report_dir: Path) -> list[dict]:
+    result = json.loads((report_dir / "results.json").read_text())
+    return [
+        {"config": c["config"], "attack": c["attack"], "eps": c["eps"], "status": c["status"],
+         "robust_accuracy": (c.get("metrics") or {}).get("robust_accuracy"),
+         "wall_seconds": round(c.get("wall_seconds", 0.0), 1)}
+        for c in result["cells"]
+    ]
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "# Red-team benchmark: the default bundle's evaluation matrix",
+        "",
+        f"Command: `{summary['command']}` ({summary['created']}, {summary['machine']}).",
+        "",
+        f"**Total wall time {summary['total_wall_seconds'] / 60:.1f} min** (target <= 120 min: "
+        f"**{'met' if summary['target_met'] else 'not met'}**), "
+        f"CPU {summary['total_cpu_seconds'] / 60:.1f} min.",
+        "",
+        "| run | command | wall s | CPU s | load before / after |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, run in summary["runs"].items():
+        lines.append(f"| {name} | `{run['command']}` | {run['wall_seconds']} | {run['cpu_seconds']} | "
+                     f"{run['load_before'][0]} / {run['load_after'][0]} |")
+    for name, run in summary["runs"].items():
+        lines += ["", f"## {name}: cells", "", "| config | attack | eps | status | robust acc | wall s |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for c in run["cells"]:
+            acc = "" if c["robust_accuracy"] is None else f"{c['robust_accuracy']:.3f}"
+            lines.append(f"| {c['config']} | {c['attack']} | {c['eps']} | {c['status']} | {acc} | {c['wall_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default="bundles/default")
+    p.add_argument("--matrix", default="bench/redteam/matrix.yaml")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n-autoattack", type=int, default=500)
+    p.add_argument("--attacks", default="fgsm,pgd,bpda,eot,joint,square")
+    p.add_argument("--eps", default="0.1,0.3")
+    p.add_argument("--eot", type=int, default=8)
+    p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="reports/redteam")
+    p.add_argument("--results", default="bench/results/redteam")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    common = ["--bundle", args.bundle, "--pipeline", args.matrix, "--threads", str(args.threads), "--no-progress"]
+    plan = {
+        "matrix": [*common, "--each-alone", "--attacks", args.attacks, "--eps", args.eps, "--n", str(args.n),
+                   "--steps", "20", "--eot", str(args.eot), "--queries", str(args.queries),
+                   "--out", str(out / "matrix")],
+        "autoattack": [*common, "--attacks", "autoattack", "--eps", "0.1", "--n", str(args.n_autoattack),
+                       "--out", str(out / "autoattack")],
+    }
+    runs = {}
+    for name, argv in plan.items():
+        runs[name] = timed_eval(argv)
+        runs[name]["cells"] = cell_rows(ROOT / argv[argv.index("--out") + 1])
+    total_wall = sum(r["wall_seconds"] for r in runs.values())
+    summary = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python bench/redteam/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "machine": f"{os.cpu_count()} cores",
+        "runs": runs,
+        "total_wall_seconds": round(total_wall, 1),
+        "total_cpu_seconds": round(sum(r["cpu_seconds"] for r in runs.values()), 1),
+        "target_seconds": TARGET_SECONDS,
+        "target_met": total_wall <= TARGET_SECONDS,
+    }
+    results = ROOT / args.results
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    results.with_suffix(".md").write_text(markdown(summary))
+    print(f"total {total_wall / 60:.1f} min (target 120): wrote {results}.json and {results}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
