@@ -171,10 +171,13 @@ def defect(req: pb.ModelInferRequest, t: Target, rng: np.random.Generator, info:
         return "datatype", inv
     if k == 4:
         d = int(rng.integers(len(inp.shape)))
-        inp.shape[d] = int(rng.choice([0, -1, -(2**63), 2**63 - 1, 2**31, 2**32 + int(inp.shape[d])]))
+        inp.shape[d] = int(rng.choice([0, -1, -(2**63), 2**63 - 1, 2**31, min(2**63 - 1, 2**32 + int(inp.shape[d]))]))
         return "huge/zero/negative dim", inv
     if k == 5:
-        if rng.random() < 0.5:
+        grow = rng.random() < 0.5
+        if len(inp.shape) != 1 + len(t.item_shape):  # an earlier rank defect: move further, never back to a valid rank
+            grow = len(inp.shape) > 1 + len(t.item_shape)
+        if grow:
             inp.shape.append(int(rng.integers(1, 4)))
         else:
             del inp.shape[int(rng.integers(len(inp.shape)))]
