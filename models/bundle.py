@@ -21,6 +21,7 @@ never pickle. Loading fails with :class:`BundleError` and a message that names t
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -213,14 +214,27 @@ class Bundle:
         return Bundle(self.root, self.spec.model_copy(update={"defenses": defenses}))
 
     def save(self) -> Path:
-        """Writes ``bundle.yaml`` (artifact files must already be in place and hashed)."""
+        """Writes ``bundle.yaml`` (artifact files must already be in place and hashed) and gives
+        every artifact the permissions of a file created under the process umask: safetensors
+        writes its files 0600, which a non-root server (the container image) could not read."""
         self.root.mkdir(parents=True, exist_ok=True)
+        mode = 0o666 & ~_umask()
+        for art in self.artifacts().values():
+            path = self.root / art.path
+            if path.is_file():
+                path.chmod(mode)
         data = self.spec.model_dump(mode="json", exclude_none=True)
         path = self.root / BUNDLE_FILE
         tmp = path.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         tmp.replace(path)
         return path
+
+
+def _umask() -> int:
+    current = os.umask(0)  # the only portable way to read it: set, then restore at once
+    os.umask(current)
+    return current
 
 
 def artifact(root: Path, relpath: str) -> Artifact:

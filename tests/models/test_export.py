@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -120,6 +123,11 @@ def test_bundle_round_trip(tmp_path):
         assert torch.equal(twin(x), module(x))
     # bundle.yaml is plain YAML (safe_load), no python tags
     assert isinstance(yaml.safe_load((tmp_path / "b" / "bundle.yaml").read_text()), dict)
+    # artifacts get the umask's permissions, not safetensors' 0600 (a non-root server must read them)
+    umask = os.umask(0)
+    os.umask(umask)
+    for art in again.artifacts().values():
+        assert stat.S_IMODE((tmp_path / "b" / art.path).stat().st_mode) == 0o666 & ~umask, art.path
 
 
 def test_tampered_weights_refuse_to_load(tmp_path):
