@@ -1,13 +1,16 @@
 """Red-team benchmark (issue 4): the default bundle's evaluation matrix, timed.
 
-    .venv/bin/python bench/redteam/run.py [--n 1000] [--n-autoattack 500] [--threads 2] \
-        [--matrix bench/redteam/matrix.yaml] [--out reports/redteam]
+    .venv/bin/python bench/redteam/run.py [--n 1000] [--n-autoattack 500] [--n-diffusion 200] \
+        [--threads 2] [--matrix bench/redteam/matrix.yaml] [--out reports/redteam]
 
-Runs ``robustgate eval`` twice on ``bundles/default`` -- the matrix of configurations in
+Runs ``robustgate eval`` three times on ``bundles/default`` -- the matrix of configurations in
 ``matrix.yaml`` (no defense, each defense alone, the default pipeline) x the white-box,
-adaptive and black-box attacks at n = ``--n``, then AutoAttack (standard) at n =
-``--n-autoattack`` -- and records for each run its wall time, the CPU seconds it used, the load
-average before and after, and every cell's own wall time. The target is that the whole matrix
+adaptive and black-box attacks at n = ``--n``; AutoAttack (standard) at n = ``--n-autoattack``;
+and the diffusion purifier (``diffusion.yaml``) under the same attacks at n = ``--n-diffusion``
+(each of its forward passes costs two UNet evaluations, ~100x the backbone: at n = 1000 its
+EOT and Square cells alone would take many hours here) -- and records for each run its wall
+time, the CPU seconds it used, the load average before and after, and every cell's own wall
+time. The target is that the whole matrix
 completes in at most 2 hours on this 2-core machine; on a shared machine the wall time is an
 upper bound and the CPU seconds say how much of it was this benchmark's.
 
@@ -93,6 +96,9 @@ def main() -> int:
     p.add_argument("--matrix", default="bench/redteam/matrix.yaml")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--n-autoattack", type=int, default=500)
+    p.add_argument("--n-diffusion", type=int, default=200, help="items of the diffusion run (0: skip it)")
+    p.add_argument("--diffusion-matrix", default="bench/redteam/diffusion.yaml")
+    p.add_argument("--diffusion-eot", type=int, default=4)
     p.add_argument("--attacks", default="fgsm,pgd,bpda,eot,joint,square")
     p.add_argument("--eps", default="0.1,0.3")
     p.add_argument("--eot", type=int, default=8)
@@ -111,6 +117,11 @@ def main() -> int:
         "autoattack": [*common, "--attacks", "autoattack", "--eps", "0.1", "--n", str(args.n_autoattack),
                        "--out", str(out / "autoattack")],
     }
+    if args.n_diffusion:
+        plan["diffusion"] = ["--bundle", args.bundle, "--pipeline", args.diffusion_matrix, "--threads", str(args.threads),
+                             "--no-progress", "--attacks", args.attacks, "--eps", args.eps, "--n", str(args.n_diffusion),
+                             "--steps", "20", "--eot", str(args.diffusion_eot), "--queries", str(args.queries),
+                             "--out", str(out / "diffusion")]
     runs = {}
     for name, argv in plan.items():
         runs[name] = timed_eval(argv)
