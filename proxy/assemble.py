@@ -5,7 +5,8 @@ fitted defense under the stage's name, its kind must match, its params are the b
 stage's ``params`` are merged over them), its artifact files (checksums verified by
 ``Bundle.load``) are loaded with ``load_artifacts`` and its calibrated threshold is used unless
 the stage sets ``threshold``. The classify step is the backend's ``infer`` (torch <-> numpy at
-the edge), given the time left of the batch's tightest client deadline.
+the edge), given the time left until the batch's latest client deadline (none when one of its
+requests has none; proxy/batcher.py).
 
 Randomness: every batch gets a fresh ``torch.Generator`` seeded from ``os.urandom`` (an attacker
 cannot predict the noise), unless ``pipeline.seed`` is set (tests), then each batch is seeded

@@ -237,8 +237,11 @@ class Batcher:
                 started = time.monotonic()
                 for p in batch:
                     p.started = started
-                deadlines = [p.deadline for p in batch if p.deadline is not None]
-                timeout = max(0.0, min(deadlines) - started) if deadlines else None
+                # the batch may run until its most patient request's deadline (none if one has no
+                # deadline): a short deadline must not fail the requests it shares the batch with --
+                # its own client gives up at its deadline and gRPC answers it DEADLINE_EXCEEDED
+                deadlines = [p.deadline for p in batch]
+                timeout = None if None in deadlines else max(0.0, max(deadlines) - started)
                 result = await loop.run_in_executor(self._executor, self.run, x, timeout)
             except asyncio.CancelledError:
                 _fail(batch, BatcherClosed("the server is shutting down"))

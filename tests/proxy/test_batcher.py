@@ -108,3 +108,32 @@ def test_several_workers_run_batches_at_once():
         assert [r.logits.item() for r, _ in res] == pytest.approx([0.1, 0.2, 0.3])
 
     asyncio.run(go())
+
+
+def test_a_batch_runs_until_its_most_patient_deadline():
+    """A short deadline never cuts short the requests sharing its batch: ``run`` gets the time left
+    until the latest deadline, and no timeout when a request has no deadline."""
+    import time
+
+    timeouts = []
+
+    def run(x, timeout):
+        timeouts.append(timeout)
+        m = torch.from_numpy(x.mean(axis=(1, 2, 3)))
+        return PipelineResult(logits=m[:, None], verdict=torch.zeros(len(m), dtype=torch.int64), reason=[None] * len(m))
+
+    async def go(deadlines):
+        b = Batcher(run, enabled=True, max_batch_size=8, max_queue_delay_s=0.2, max_queue_items=10)
+        b.start()
+        try:
+            now = time.monotonic()
+            res = await asyncio.gather(*(b.submit(items([v]), None if d is None else now + d)
+                                         for v, d in zip((0.1, 0.2, 0.3), deadlines)))
+        finally:
+            await b.stop()
+        assert [r.logits.item() for r, _ in res] == pytest.approx([0.1, 0.2, 0.3])
+
+    asyncio.run(go([5.0, 60.0, 30.0]))
+    assert len(timeouts) == 1 and 50.0 < timeouts[0] <= 60.0  # the latest, not the tightest (5 s)
+    asyncio.run(go([5.0, None, 30.0]))
+    assert len(timeouts) == 2 and timeouts[1] is None
