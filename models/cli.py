@@ -98,8 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="onecycle", choices=SCHEDULES, help="learning-rate schedule (default onecycle)")
 
     g = parser.add_argument_group("selection and evaluation")
-    g.add_argument("--select", default="robust", choices=SELECT,
-                   help="keep the epoch with the best validation PGD (robust), clean accuracy, or the last")
+    g.add_argument("--select", default=None, choices=SELECT,
+                   help="keep the epoch with the best validation PGD (robust), clean accuracy, or the last "
+                        "(default: clean for --method standard, robust for the adversarial methods)")
     g.add_argument("--val-items", type=int, default=1000, help="validation items evaluated each epoch (default 1000)")
     g.add_argument("--val-steps", type=int, default=10, help="validation PGD steps (default 10)")
     g.add_argument("--test-items", type=int, help="test items for the final measurement (default: all)")

@@ -82,7 +82,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     val_items: int = 1000
     val_steps: int = 10
-    select: str = "robust"
+    select: str | None = None  # None: "clean" for method standard (its PGD accuracy is ~0), else "robust"
     test_items: int | None = None  # None: the whole test set
     test_steps: int = 20
     test_restarts: int = 1
@@ -106,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.select is None:
+            self.select = "clean" if self.method == "standard" else "robust"
         if self.select not in SELECT:
             raise ValueError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
         for key in ("epochs", "batch_size", "steps", "restarts", "val_steps", "test_steps", "test_restarts"):

@@ -205,3 +205,13 @@ def test_imagefolder(tmp_path):
     assert s.train_x.shape == (8, 3, 8, 8) and s.val_x.shape == (4, 3, 8, 8) and s.test_x.shape == (4, 3, 8, 8)
     assert 0 <= s.train_x.min() and s.train_x.max() <= 1
     assert sorted(torch.cat([s.train_y, s.val_y]).tolist()) == [0] * 6 + [1] * 6
+
+
+def test_model_selection_default_follows_the_method(tmp_path):
+    # a standard model's validation PGD accuracy is ~0 at every epoch: selecting on it would keep
+    # an arbitrary epoch, so standard training selects on clean accuracy unless told otherwise
+    assert _cfg(tmp_path, "s", method="standard").select == "clean"
+    assert _cfg(tmp_path, "s", method="standard", noise_sigma=0.25).select == "clean"
+    for method in ("fast-at", "pgd-at", "trades", "mart"):
+        assert _cfg(tmp_path, "a", method=method).select == "robust"
+    assert _cfg(tmp_path, "s", method="standard", select="last").select == "last"
