@@ -28,13 +28,12 @@ surrogate, not the vote; the runner always *scores* attacks on the served pipeli
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustgate.defenses.base import Detector, Ensemble, Purifier, build, registry
+from robustgate.defenses.base import Detector, Ensemble, Purifier, build_from_bundle
 from robustgate.defenses.pipeline import Stage, split_stages, validate_stages
 
 
@@ -55,10 +54,9 @@ class ModuleClassifier:
 def build_stages(stage_configs: list[dict[str, Any]], bundle: Any | None = None, twin: bool = False) -> list[Stage]:
     """Builds pipeline stages from the proxy's stage list ``[{name, kind, action, params, threshold}]``.
 
-    As the proxy does (proxy/assemble.py): when ``bundle`` has a fitted defense under the stage's
-    name, its kind must match, its params are the base with the stage's ``params`` merged over
-    them, its artifacts (checksums verified at load) are loaded and its calibrated threshold is
-    used unless the stage sets ``threshold``. ``twin=True`` forces ``runtime: torch`` on every
+    Each defense exactly as the proxy builds it (``defenses.base.build_from_bundle``, shared with
+    proxy/assemble.py): the bundle's fitted params, artifacts and calibrated threshold, the
+    stage's ``params`` and ``threshold`` over them. ``twin=True`` forces ``runtime: torch`` on every
     defense that has a ``runtime`` parameter (its differentiable torch copy instead of the ONNX
     session the proxy may run; each defense's parity test ties the two)."""
     stages = []
@@ -70,23 +68,8 @@ def build_stages(stage_configs: list[dict[str, Any]], bundle: Any | None = None,
             raise ValueError(f"pipeline stage {i}: missing 'kind'")
         name = cfg.get("name", cfg["kind"])
         action = cfg.get("action", "reject")
-        params = dict(cfg.get("params") or {})
-        threshold = cfg.get("threshold")
-        fitted = bundle.spec.defenses.get(name) if bundle is not None else None
-        if fitted is not None:
-            if fitted.kind != cfg["kind"]:
-                raise ValueError(f"stage {name!r}: config kind {cfg['kind']!r} but the bundle fitted {fitted.kind!r}")
-            params = {**fitted.params, **params}
-            if threshold is None:
-                threshold = fitted.threshold
-        if twin and "runtime" in inspect.signature(registry()[cfg["kind"]].__init__).parameters:
-            params["runtime"] = "torch"
-        defense = build(cfg["kind"], **params)
-        if fitted is not None and fitted.files:
-            defense.load_artifacts({role: bundle.path(art) for role, art in fitted.files.items()})
-        defense.to("cpu")
-        if isinstance(defense, Detector) and threshold is not None:
-            defense.threshold = float(threshold)
+        defense = build_from_bundle(cfg["kind"], name, dict(cfg.get("params") or {}), cfg.get("threshold"), bundle,
+                                    where=f"pipeline stage {i} ({name})", runtime="torch" if twin else None)
         stages.append(Stage(name=name, defense=defense, action=action))
     return stages
 

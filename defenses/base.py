@@ -92,6 +92,40 @@ def build(kind: str, **config: Any) -> "Defense":
     return reg[kind](**config)
 
 
+def build_from_bundle(kind: str, name: str, params: dict[str, Any], threshold: float | None, bundle: Any | None,
+                      *, where: str, runtime: str | None = None) -> "Defense":
+    """One pipeline stage's defense, as the proxy serves it and the red team attacks it: when
+    ``bundle`` holds a fitted defense called ``name``, its kind must be ``kind``, its params are the
+    base with ``params`` merged over them, its artifacts (checksums verified by ``Bundle.load``) are
+    loaded and its calibrated threshold is used unless ``threshold`` is given. ``runtime`` overrides
+    the ``runtime`` parameter of the defenses that have one (the red team's ``"torch"`` twins).
+    ``ValueError`` starting with ``where`` on any problem, e.g. a ``needs_artifacts`` defense that
+    the bundle has not fitted (``bundle=None``: no bundle, the caller's own untrained defenses --
+    red-team unit tests)."""
+    fitted = bundle.spec.defenses.get(name) if bundle is not None else None
+    if fitted is not None:
+        if fitted.kind != kind:
+            raise ValueError(f"{where}: kind {kind!r} but the bundle's fitted {name!r} is {fitted.kind!r}")
+        params = {**fitted.params, **params}
+        if threshold is None:
+            threshold = fitted.threshold
+    if runtime is not None and kind in registry() and "runtime" in inspect.signature(registry()[kind].__init__).parameters:
+        params = {**params, "runtime": runtime}
+    try:
+        defense = build(kind, **params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot build defense {kind!r}: {exc}") from exc
+    if fitted is not None and fitted.files:
+        defense.load_artifacts({role: bundle.path(art) for role, art in fitted.files.items()})
+    elif defense.needs_artifacts and bundle is not None:
+        raise ValueError(f"{where}: {kind!r} runs a fitted model, but the bundle has no fitted defense {name!r}; "
+                         f"fit it first: robustgate fit --bundle BUNDLE --defense {kind} --name {name}")
+    defense.to("cpu")
+    if isinstance(defense, Detector) and threshold is not None:
+        defense.threshold = float(threshold)
+    return defense
+
+
 class Defense(ABC):
     """Base of every defense. Subclasses set ``kind`` and ``role`` and validate their keyword
     arguments in ``__init__`` (raise ``ValueError`` naming the bad argument)."""
@@ -102,6 +136,9 @@ class Defense(ABC):
     randomized: ClassVar[bool] = False
     #: The stage has useful gradients (if False, the red team uses ``bpda``).
     differentiable: ClassVar[bool] = True
+    #: The stage runs a fitted model (autoencoder, SVM, diffusion model): serving it without the
+    #: artifacts ``robustgate fit`` writes into the bundle is refused at start.
+    needs_artifacts: ClassVar[bool] = False
 
     def config(self) -> dict[str, Any]:
         """The constructor's keyword arguments, so that ``build(kind, **config())`` round-trips.

@@ -1,10 +1,11 @@
 """Pipeline assembly: config stages + bundle + backend -> a runnable defended model per batch.
 
-Each configured stage becomes ``defenses.base.build(kind, **params)``. When the bundle holds a
-fitted defense under the stage's name, its kind must match, its params are the base (the
-stage's ``params`` are merged over them), its artifact files (checksums verified by
+Each configured stage becomes ``defenses.base.build_from_bundle(kind, name, params, ...)``: when
+the bundle holds a fitted defense under the stage's name, its kind must match, its params are the
+base (the stage's ``params`` are merged over them), its artifact files (checksums verified by
 ``Bundle.load``) are loaded with ``load_artifacts`` and its calibrated threshold is used unless
-the stage sets ``threshold``. The classify step is the backend's ``infer`` (torch <-> numpy at
+the stage sets ``threshold``; a defense that runs a fitted model but has none in the bundle is
+refused at start. The classify step is the backend's ``infer`` (torch <-> numpy at
 the edge), given the time left until the batch's latest client deadline (none when one of its
 requests has none; proxy/batcher.py).
 
@@ -30,7 +31,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from robustgate.defenses.base import Classifier, Detector, Ensemble, build
+from robustgate.defenses.base import Classifier, Detector, Ensemble, build_from_bundle
 from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage
 from robustgate.models.bundle import Bundle
 from robustgate.proxy.backends.base import Backend
@@ -50,25 +51,8 @@ def build_stages(cfg: PipelineConfig, bundle: Bundle) -> list[Stage]:
     """The configured stages, built and loaded; ValueError naming the stage on any problem."""
     stages = []
     for i, sc in enumerate(cfg.stages):
-        where = f"pipeline.stages.{i} ({sc.name})"
-        fitted = bundle.spec.defenses.get(sc.name)
-        params = dict(sc.params)
-        threshold = sc.threshold
-        if fitted is not None:
-            if fitted.kind != sc.kind:
-                raise ValueError(f"{where}: kind {sc.kind!r} but the bundle's fitted {sc.name!r} is {fitted.kind!r}")
-            params = {**fitted.params, **sc.params}
-            if threshold is None:
-                threshold = fitted.threshold
-        try:
-            defense = build(sc.kind, **params)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: cannot build defense {sc.kind!r}: {exc}") from exc
-        if fitted is not None and fitted.files:
-            defense.load_artifacts({role: bundle.path(art) for role, art in fitted.files.items()})
-        defense.to("cpu")
-        if isinstance(defense, Detector) and threshold is not None:
-            defense.threshold = float(threshold)
+        defense = build_from_bundle(sc.kind, sc.name, dict(sc.params), sc.threshold, bundle,
+                                    where=f"pipeline.stages.{i} ({sc.name})")
         stages.append(Stage(name=sc.name, defense=defense, action=sc.action))
     return stages
 

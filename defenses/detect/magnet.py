@@ -159,6 +159,7 @@ class _AutoencoderDefense:
     runtimes, fit, save and load."""
 
     kind: ClassVar[str]
+    needs_artifacts: ClassVar[bool] = True
 
     def _init_ae(self, arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime,
                  onnx_threads=1, onnx_optimization="all") -> None:

@@ -145,6 +145,7 @@ class SafetyNet(Detector):
     """
 
     kind = "safetynet"
+    needs_artifacts: ClassVar[bool] = True
     differentiable: ClassVar[bool] = False  # quantization: the torch gradient is a BPDA surrogate
 
     def __init__(self, levels: int = 3, attacks: tuple[str, ...] | list[str] = ("fgsm", "pgd", "deepfool"),

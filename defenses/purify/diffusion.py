@@ -256,6 +256,7 @@ class DiffusionPurifier(Purifier):
     """
 
     kind: ClassVar[str] = "diffusion"
+    needs_artifacts: ClassVar[bool] = True
     randomized: ClassVar[bool] = True
     differentiable: ClassVar[bool] = True
 

@@ -118,7 +118,9 @@ def test_eot_attacks_through_the_diffusion_sampler(tiny, backbone, test_images):
     x, y = test_images[0][:6], test_images[1][:6]
     cfg = [{"name": "diffpure", "kind": "diffusion",
             "params": {"t_star": 20, "steps": 1, "block_out_channels": [8, 16, 16]}}]
-    twin = PipelineTwin(backbone, build_stages(cfg, tiny, twin=True))
+    with pytest.raises(ValueError, match="runs a fitted model, but the bundle has no fitted defense 'diffpure'"):
+        build_stages(cfg, tiny, twin=True)  # the red team attacks what the proxy would serve: nothing here
+    twin = PipelineTwin(backbone, build_stages(cfg, None, twin=True))  # an untrained UNet, no bundle
     assert twin.randomized and twin.non_differentiable == []
     # the purifier's Jacobian is not the identity: the gradient really goes through the UNet
     xg = x.clone().requires_grad_(True)
