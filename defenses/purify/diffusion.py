@@ -31,8 +31,10 @@ Training budget (``fit`` -> :func:`train_ddpm`): ``train_steps`` Adam steps of b
 ``[0, train_t_max]`` only (purification never uses larger ``t``, so the CPU budget goes where it
 is used), EMA of the weights (decay ``ema_decay``). The defaults (1,000 steps x 32 images, about
 0.6 epoch of Fashion-MNIST) were sized at ~1.2 s per step on one torch thread of the shared
-2-core machine (~20 minutes); the recorded run took 2,330 s (39 min) because the machine's load
-average stayed at 9-15 from other jobs (``bench/defenses/train_diffusion.py``; its loss curve and
+2-core machine (~20 minutes); the first recorded run took 2,330 s (39 min) because the machine's
+load average stayed at 9-15 from other jobs, and ``robustgate fit --bundle bundles/default --defense
+diffusion --name diffusion`` re-ran it in 540 s (one torch thread, load ~4) with bit-identical
+weights (``bench/defenses/train_diffusion.py``; its loss curve and
 time are kept in the artifact's JSON; clean accuracy vs t* in bench/results/purify.diffusion_accuracy.md).
 Under CPU contention one torch thread trains several times faster than two.
 
