@@ -56,19 +56,23 @@ def run(args: argparse.Namespace) -> int:
 
     from robustgate.attacks.reports import write_reports
     from robustgate.attacks.runner import EvalSettings, Evaluation, load_pipelines
-    from robustgate.models.bundle import Bundle
+    from robustgate.models.bundle import Bundle, BundleError
 
     torch.set_num_threads(args.threads)
-    bundle = Bundle.load(args.bundle)
-    configs = load_pipelines(args.pipeline, each_alone=args.each_alone)
-    settings = EvalSettings(
-        attacks=args.attacks, eps=args.eps, eps_l2=args.eps_l2, n=args.n, offset=args.offset, steps=args.steps,
-        restarts=args.restarts, eot=args.eot, queries=args.queries, radii=args.radii, batch_size=args.batch_size,
-        seed=args.seed, url=args.url, model_name=args.model_name,
-        url_config=args.url_config or (configs[-1].name if args.url else None),
-    )
-    evaluation = Evaluation(bundle, configs, settings, args.out, progress=not args.no_progress,
-                            surface_points=args.surface_points)
+    try:  # everything that validates the request, before the first attack runs
+        bundle = Bundle.load(args.bundle)
+        configs = load_pipelines(args.pipeline, each_alone=args.each_alone)
+        settings = EvalSettings(
+            attacks=args.attacks, eps=args.eps, eps_l2=args.eps_l2, n=args.n, offset=args.offset, steps=args.steps,
+            restarts=args.restarts, eot=args.eot, queries=args.queries, radii=args.radii, batch_size=args.batch_size,
+            seed=args.seed, url=args.url, model_name=args.model_name,
+            url_config=args.url_config or (configs[-1].name if args.url else None),
+        )
+        evaluation = Evaluation(bundle, configs, settings, args.out, progress=not args.no_progress,
+                                surface_points=args.surface_points)
+    except (BundleError, ValueError, OSError) as exc:
+        print(f"robustgate eval: {exc}", file=sys.stderr)
+        return 2
     result = evaluation.run()
     result["command"] = "robustgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     paths = write_reports(result, args.out)

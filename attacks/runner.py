@@ -204,6 +204,13 @@ class Evaluation:
         self.num_classes = len(bundle.classes)
         if tuple(bundle.input.shape) != (1, 28, 28):
             raise ValueError(f"bundle input shape {bundle.input.shape}: the evaluation data is Fashion-MNIST [1, 28, 28]")
+        # every configuration is built here, before any cell runs: a bad one fails at once, not hours in
+        self.built: dict[str, tuple[DefendedModel, PipelineTwin]] = {}
+        for cfg in configs:
+            stages = build_stages(cfg.stages, bundle)
+            self.built[cfg.name] = (served_pipeline(bundle, stages, cfg.failure_policy, classifier=self.onnx),
+                                    PipelineTwin(self.backbone.backbone, build_stages(cfg.stages, bundle, twin=True),
+                                                 bpda=True))
         self.x, self.y = fashion_mnist_test(settings.n, settings.offset)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         (self.out / "adv").mkdir(parents=True, exist_ok=True)
@@ -369,9 +376,7 @@ class Evaluation:
         }
         bar = tqdm(total=len(plan) + len(self.configs), desc="eval", unit="cell", disable=not self.progress)
         for cfg in self.configs:
-            stages = build_stages(cfg.stages, self.bundle)
-            served = served_pipeline(self.bundle, stages, cfg.failure_policy, classifier=self.onnx)
-            twin = PipelineTwin(self.backbone.backbone, build_stages(cfg.stages, self.bundle, twin=True), bpda=True)
+            served, twin = self.built[cfg.name]
             clean = self._clean(cfg, served)
             bar.update(1)
             result["configs"][cfg.name] = {

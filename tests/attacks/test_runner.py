@@ -98,6 +98,24 @@ def test_cli_eval(tiny_bundle, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_eval_refuses_a_configuration_it_cannot_build_before_any_cell(tiny_bundle, tmp_path, capsys):
+    from robustgate.proxy.cli import main
+
+    pipeline = tmp_path / "configs.yaml"
+    pipeline.write_text(yaml.safe_dump({"configs": {
+        "bits": {"stages": [{"name": "bits", "kind": "bitdepth", "params": {"bits": 3}}]},
+        "svm": {"stages": [{"name": "svm", "kind": "safetynet", "action": "reject"}]}}}))  # not fitted in the bundle
+    out = tmp_path / "refused"
+    rc = main(["eval", "--bundle", str(tiny_bundle), "--pipeline", str(pipeline), "--attacks", "pgd", "--eps", "0.1",
+               "--n", "8", "--steps", "2", "--out", str(out), "--no-progress", "--surface-points", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "robustgate eval: pipeline stage 0 (svm): 'safetynet' runs a fitted model" in err
+    assert not (out / "cells").exists() or not any((out / "cells").iterdir())  # nothing ran
+    assert main(["eval", "--bundle", str(tmp_path / "nowhere"), "--n", "8", "--out", str(out), "--no-progress"]) == 2
+    assert "robustgate eval:" in capsys.readouterr().err
+
+
 def test_bad_pipeline_files_are_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"stuff": 1}))
