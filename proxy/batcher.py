@@ -8,13 +8,32 @@ delay and batches fill as before). A batch closes when
 the next request would take it past ``max_batch_size`` items (a request larger than that runs
 alone, never split). Batches run in worker threads (the pipeline is synchronous torch/numpy;
 ONNX Runtime releases the GIL), and the next batch is collected only when a worker is free, so
-requests arriving meanwhile pile up into it. The queue is bounded by ``max_queue_items`` items: a request that would exceed it fails at
-once with :class:`QueueFull` (the server answers RESOURCE_EXHAUSTED); it never grows without
-limit. With ``enabled=False`` every request runs alone, in arrival order. ``workers`` batches may
-run at once (default 1: the in-process backend already uses every core; an upstream backend
-gains from several calls in flight); a batch is collected only when a worker is free.
+requests arriving meanwhile pile up into it. With ``enabled=False`` every request runs alone, in
+arrival order. ``workers`` batches may run at once (default 1: the in-process backend already uses
+every core; an upstream backend gains from several calls in flight); a batch is collected only when
+a worker is free.
 
-Each request gets back exactly its own rows of the batch's :class:`PipelineResult`.
+Admission, checked when a request is submitted (:meth:`Batcher.admission`); a refused request fails
+at once with :class:`QueueFull` (the server answers RESOURCE_EXHAUSTED) and never waits:
+
+- the item bound: the queue holds at most ``max_queue_items`` items, so it never grows without limit;
+- the wait budget (``max_queue_wait_s``, None = off): a request is refused when the items already
+  waiting would take longer than the budget to work off -- ``depth * seconds_per_item / workers``,
+  where ``seconds_per_item`` is the recent service time: the ratio of moving averages (weight
+  SERVICE_EMA per batch, so full batches under load dominate) of the batches' item counts and
+  cycles. A batch's cycle runs from when it could have started (its oldest request's arrival, or,
+  if that request was already waiting, the moment a worker became free) to when its worker is free
+  again: the pipeline run *and* the event loop's time to collect the batch, hand it to the worker
+  thread and hand the answers back -- which dominates when the event loop is short of CPU. The
+  queue's length is thus held in time, not items: it adapts to the pipeline's cost (a diffusion
+  purifier is ~100x slower per item than MagNet) and to the CPU the process gets. Not counted: the
+  batch(es) already running, so a served request's latency is about the budget plus a batch run
+  plus its own batch. A request that finds the queue empty is always admitted, and so is every
+  request until a first batch has run (no estimate yet). The estimate only moves when a batch ends:
+  a pipeline that stalls mid-batch is bounded by the item bound and by deadlines.
+
+Each request gets back exactly its own rows of the batch's :class:`PipelineResult`. ``clock`` (default
+``time.monotonic``) times arrivals, deadlines and batches; tests pass a controllable one.
 """
 
 from __future__ import annotations
@@ -24,7 +43,7 @@ import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -34,10 +53,12 @@ from robustgate.defenses.pipeline import PipelineResult
 
 log = logging.getLogger("robustgate.proxy")
 GAP_EMA = 0.25  # weight of the newest inter-arrival gap in the moving average
+SERVICE_EMA = 0.2  # weight of the newest batch in the moving averages of batch seconds and items
 
 
 class QueueFull(Exception):
-    """The batcher's queue holds ``max_queue_items`` items already."""
+    """The batcher refuses a request: its queue holds ``max_queue_items`` items already, or the
+    items waiting would take longer than ``max_queue_wait_s`` to work off."""
 
 
 class DeadlineExpired(Exception):
@@ -52,8 +73,8 @@ class BatcherClosed(Exception):
 class _Pending:
     x: np.ndarray  # [n, C, H, W]
     future: asyncio.Future
-    deadline: float | None  # time.monotonic() value, None = no deadline
-    enqueued: float = field(default_factory=time.monotonic)
+    deadline: float | None  # a value of the batcher's clock (time.monotonic()), None = no deadline
+    enqueued: float
     started: float | None = None  # when its batch began to run
 
     @property
@@ -76,7 +97,9 @@ class Batcher:
         run: ``(x [M, C, H, W] float32, timeout_s | None) -> PipelineResult``, synchronous.
         enabled: coalesce requests (False: each request alone).
         max_batch_size: items per batch; max_queue_delay_s: wait for company; max_queue_items: bound.
+        max_queue_wait_s: the wait budget (module docstring, "Admission"); None = off.
         on_batch: called in the event loop after each executed batch with its item count.
+        clock: seconds, monotonic (default time.monotonic; deadlines are values of it).
     """
 
     def __init__(
@@ -88,15 +111,21 @@ class Batcher:
         max_queue_items: int = 1024,
         on_batch: Callable[[int, PipelineResult], None] | None = None,
         workers: int = 1,
+        max_queue_wait_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if max_batch_size < 1 or max_queue_items < 1 or max_queue_delay_s < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue_items and workers must be >= 1 and max_queue_delay_s >= 0")
+        if max_queue_wait_s is not None and not max_queue_wait_s > 0:
+            raise ValueError(f"max_queue_wait_s must be > 0 or None (off), got {max_queue_wait_s}")
         self.run = run
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_items = max_queue_items
+        self.max_queue_wait_s = max_queue_wait_s
         self.on_batch = on_batch
+        self.clock = clock
         self._queue: collections.deque[_Pending] = collections.deque()
         self._depth = 0  # items waiting (not yet running)
         self._wake: asyncio.Event | None = None
@@ -108,6 +137,9 @@ class Batcher:
         self._last_arrival: float | None = None
         self._gap_s = float("inf")  # moving average of the time between arrivals; inf = no history yet
         self.closed_early = 0  # batches run before the delay ended because no company was expected
+        self._batch_s: float | None = None  # moving averages of executed batches' cycle seconds and items
+        self._batch_items: float | None = None
+        self._freed_at: float | None = None  # when a worker last became free
 
     def _arrived(self, now: float) -> None:
         if self._last_arrival is not None:
@@ -123,6 +155,38 @@ class Batcher:
     @property
     def depth(self) -> int:
         return self._depth
+
+    @property
+    def seconds_per_item(self) -> float | None:
+        """The recent service time per item (None until a batch has run)."""
+        return None if self._batch_s is None else self._batch_s / self._batch_items
+
+    def expected_wait_s(self) -> float | None:
+        """Seconds the items now waiting would take to work off (None until a batch has run)."""
+        t = self.seconds_per_item
+        return None if t is None else self._depth * t / self.workers
+
+    def _served(self, items: int, seconds: float) -> None:
+        if self._batch_s is None:
+            self._batch_s, self._batch_items = seconds, float(items)
+        else:
+            self._batch_s += SERVICE_EMA * (seconds - self._batch_s)
+            self._batch_items += SERVICE_EMA * (items - self._batch_items)
+
+    def admission(self, n: int) -> str | None:
+        """Why a request of ``n`` items would be refused now (QueueFull's message), or None. A
+        request of 1 item is the easiest to admit, so ``admission(1)`` refusing means every request
+        is refused (the server checks that before decoding a request)."""
+        if self._depth + n > self.max_queue_items:
+            return (f"queue full: {self._depth} items waiting, this request adds {n}, limit "
+                    f"{self.max_queue_items} (batching.max_queue_items); retry later")
+        if self.max_queue_wait_s is not None and self._depth:
+            wait = self.expected_wait_s()
+            if wait is not None and wait > self.max_queue_wait_s:
+                return (f"queue wait over budget: the {self._depth} items waiting would take about "
+                        f"{wait * 1e3:.0f} ms at the recent {self.seconds_per_item * 1e3:.2f} ms per item, "
+                        f"budget {self.max_queue_wait_s * 1e3:.0f} ms (batching.max_queue_wait_ms); retry later")
+        return None
 
     def start(self) -> None:
         """Starts the batching loop on the running event loop."""
@@ -156,12 +220,10 @@ class Batcher:
         if self._task is None:
             raise BatcherClosed("the batcher is not running")
         n = int(x.shape[0])
-        if self._depth + n > self.max_queue_items:
-            raise QueueFull(
-                f"queue full: {self._depth} items waiting, this request adds {n}, limit "
-                f"{self.max_queue_items} (batching.max_queue_items); retry later"
-            )
-        p = _Pending(x=x, future=asyncio.get_running_loop().create_future(), deadline=deadline)
+        refused = self.admission(n)
+        if refused is not None:
+            raise QueueFull(refused)
+        p = _Pending(x=x, future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued=self.clock())
         self._arrived(p.enqueued)
         self._queue.append(p)
         self._depth += n
@@ -175,7 +237,7 @@ class Batcher:
             self._depth -= p.n
             if p.future.done():  # a cancelled client's request is dropped here
                 continue
-            if p.deadline is not None and time.monotonic() >= p.deadline:
+            if p.deadline is not None and self.clock() >= p.deadline:
                 p.future.set_exception(DeadlineExpired("the request's deadline passed while it was queued"))
                 continue
             return p
@@ -202,7 +264,7 @@ class Batcher:
                     batch.append(p)
                     items += p.n
                 continue
-            left = end - time.monotonic()
+            left = end - self.clock()
             if left <= 0:
                 break
             if not self.company_expected:
@@ -220,21 +282,27 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()
+            freed = self._freed_at
             try:
                 batch = await self._collect()
             except BaseException:
                 self._slots.release()
                 raise
-            task = loop.create_task(self._execute(batch))
+            task = loop.create_task(self._execute(batch, freed))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[_Pending], freed: float | None) -> None:
+        """Runs ``batch``; ``freed``: when a worker last became free before it was collected (None: never)."""
         loop = asyncio.get_running_loop()
+        # its cycle began when it could have: at its oldest request's arrival, or, when that request
+        # was already waiting, when a worker became free for it
+        since = batch[0].enqueued if freed is None else max(freed, batch[0].enqueued)
+        items = sum(p.n for p in batch)
         try:
             try:
                 x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch], axis=0)  # [M, C, H, W]
-                started = time.monotonic()
+                started = self.clock()
                 for p in batch:
                     p.started = started
                 # the batch may run until its most patient request's deadline (none if one has no
@@ -261,6 +329,8 @@ class Batcher:
                     p.future.set_result(slice_result(result, a, b))
                 a = b
         finally:
+            self._freed_at = self.clock()
+            self._served(items, self._freed_at - since)  # a failed batch took its time too
             self._slots.release()
 
 

@@ -134,6 +134,10 @@ class BatchingConfig(_Strict):
     max_batch_size: int = Field(32, ge=1)  # items per executed batch (a larger request runs alone)
     max_queue_delay_ms: float = Field(2.0, ge=0)  # how long the first waiting request waits for company
     max_queue_items: int = Field(1024, ge=1)  # items waiting; beyond -> RESOURCE_EXHAUSTED
+    max_queue_wait_ms: float | None = Field(None, gt=0, description=(
+        "wait budget: a request is refused (RESOURCE_EXHAUSTED) when the items already waiting would take "
+        "longer than this to work off at the recent service time per item; null = off (only max_queue_items "
+        "bounds the queue); deploy/default.yaml sets 100"))
     workers: int | None = Field(None, ge=1)  # batches running at once; None: 1 (onnxruntime), 4 (upstream)
 
     def resolved_workers(self, backend_kind: str) -> int:

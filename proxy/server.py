@@ -12,10 +12,13 @@ server. The transport only decodes, queues, applies the verdict semantics and en
 - item mode: every item is answered; rejected items' logits are NaN.
 
 Bad input never crashes it: every error path answers a status with a message, bytes that are not
-a valid protobuf message included (INVALID_ARGUMENT). Draining (SIGTERM) turns health NOT_SERVING,
-stops accepting RPCs, lets in-flight ones finish within the grace. ``reload()`` (SIGHUP or the
-``robustgate.admin.v1.Admin/Reload`` RPC) swaps in a re-read pipeline without dropping requests.
-An optional bearer token (``server.auth``) guards every RPC but the probes.
+a valid protobuf message included (INVALID_ARGUMENT). Overload: the batcher's admission (its item
+bound and wait budget, proxy/batcher.py) is asked before a request's payload is decoded, so that a
+refusal (RESOURCE_EXHAUSTED) costs the event loop next to nothing beyond the gRPC call itself.
+Draining (SIGTERM) turns health NOT_SERVING, stops accepting RPCs, lets in-flight ones finish
+within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC) swaps in a
+re-read pipeline without dropping requests. An optional bearer token (``server.auth``) guards
+every RPC but the probes.
 """
 
 from __future__ import annotations
@@ -308,6 +311,7 @@ class ProxyServer:
         self.batcher = Batcher(
             run=self._run_batch, enabled=b.enabled, max_batch_size=b.max_batch_size,
             max_queue_delay_s=b.max_queue_delay_ms / 1000.0, max_queue_items=b.max_queue_items,
+            max_queue_wait_s=None if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1000.0,
             on_batch=self._on_batch, workers=b.resolved_workers(cfg.backend.kind),
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
@@ -519,6 +523,9 @@ class ProxyServer:
         """-> (failure, None) or (None, response). Never raises for a bad request."""
         m = self.metrics
         try:
+            refused = self.batcher.admission(1)  # refusing even 1 item: refuse before paying for the decode
+            if refused is not None:
+                raise QueueFull(refused)
             t0 = time.perf_counter()
             decoded = decode_infer(request, self.contract)
             t1 = time.perf_counter()

@@ -11,6 +11,13 @@ queue past ``batching.max_queue_items`` fails at once with RESOURCE_EXHAUSTED).
   answer is either OK with its own logits or RESOURCE_EXHAUSTED, the server's counters match the
   clients' tallies, the depth (sampled throughout, and as the robustgate_queue_depth gauge) never
   exceeds the bound, and after the load stops a concurrent burst below capacity is served in full.
+- The wait budget (``batching.max_queue_wait_ms``): a stage that takes 1 s per item on the batcher's
+  clock (a controllable clock, shifted by the stage itself, so nothing depends on the machine's speed)
+  and a budget of 2.5 s: with one batch held shut, 3 requests queue (0, 1 and 2 s of work ahead of
+  them) and the rest are refused RESOURCE_EXHAUSTED at once naming the setting -- a request for an
+  unknown model too, since admission is checked before the payload is decoded; the counters say so;
+  once the gate opens every admitted request gets its own logits, and the unknown model is NOT_FOUND
+  again.
 No wall-clock assertion: speed and latency under overload are measured by bench/hardening/overload.py.
 """
 
@@ -20,6 +27,7 @@ import concurrent.futures
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +37,10 @@ from tritonclient.utils import InferenceServerException
 from harness import wait_until  # tests/proxy/upstream (pytest pythonpath)
 from robustgate.defenses import base as defenses_base
 from robustgate.defenses.base import Purifier, register
+from robustgate.proxy.config import ConfigError, load_config
 
 QUEUE = 4  # batching.max_queue_items
+REPO = Path(__file__).resolve().parents[2]
 
 
 class SlowPurifier(Purifier):
@@ -53,17 +63,57 @@ def slow_stage():
     defenses_base._REGISTRY.pop(SlowPurifier.kind, None)  # no public unregister in the contract
 
 
+class ShiftedClock:
+    """``time.monotonic()`` plus an offset that only ``advance`` moves: the batcher's clock in the
+    wait-budget test (the server's deadlines stay on time.monotonic and far away)."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class ClockedGatePurifier(Purifier):
+    """Identity purifier that signals ``entered``, waits for ``gate``, then moves ``clock`` on by
+    ``seconds_per_item`` per item: a stage of a known cost on the batcher's clock."""
+
+    kind = "test_hardening_clocked_gate"
+
+    def __init__(self, gate: threading.Event, entered: threading.Event, clock: ShiftedClock, seconds_per_item: float):
+        self.gate, self.entered, self.clock, self.seconds_per_item = gate, entered, clock, seconds_per_item
+
+    def purify(self, x, generator=None):
+        self.entered.set()
+        if not self.gate.wait(timeout=60):
+            raise RuntimeError("gate never opened")
+        self.clock.advance(self.seconds_per_item * x.shape[0])
+        return x
+
+
+@pytest.fixture
+def clocked_stage():
+    register(ClockedGatePurifier)
+    yield
+    defenses_base._REGISTRY.pop(ClockedGatePurifier.kind, None)
+
+
 def infer(client: tc.InferenceServerClient, x: np.ndarray) -> np.ndarray:
     inp = tc.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     return client.infer("tiny", [inp], client_timeout=120).as_numpy("logits")
 
 
-def attempt(url: str, x: np.ndarray) -> tuple[str, str, np.ndarray | None]:
+def attempt(url: str, x: np.ndarray, model: str = "tiny") -> tuple[str, str, np.ndarray | None]:
     """(status, message, logits) of one request on its own client."""
     with tc.InferenceServerClient(url) as client:
         try:
-            return "OK", "", infer(client, x)
+            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return "OK", "", client.infer(model, [inp], client_timeout=120).as_numpy("logits")
         except InferenceServerException as exc:
             return str(exc.status()).removeprefix("StatusCode."), exc.message(), None
 
@@ -199,3 +249,84 @@ def test_sustained_overload_keeps_every_answer_its_own(start_proxy, ort_logits, 
     for x, (status, message, logits) in zip(burst, results):
         assert status == "OK", message
         np.testing.assert_allclose(logits, ort_logits(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_wait_budget_refuses_at_once_what_would_wait_too_long(start_proxy, ort_logits, clocked_stage):
+    gate, entered, clock = threading.Event(), threading.Event(), ShiftedClock()
+    gate.set()
+    p = start_proxy(
+        pipeline={"stages": [{"name": "clocked", "kind": "test_hardening_clocked_gate",
+                              "params": {"gate": gate, "entered": entered, "clock": clock, "seconds_per_item": 1.0}}]},
+        batching={"max_batch_size": 1, "max_queue_delay_ms": 0, "max_queue_items": 64, "max_queue_wait_ms": 2500},
+        limits={"max_batch_items": 2},
+    )
+    p.server.batcher.clock = clock  # before the first request: arrivals, batches and the estimate on it
+    reg = p.server.metrics.registry
+    rng = np.random.default_rng(7)
+    warm, first = images(rng, 1), images(rng, 1)
+    flood = [images(rng, 1) for _ in range(8)]
+    status, message, _ = attempt(p.url, warm)  # one batch of 1 item: 1 s per item (plus the real few ms)
+    assert status == "OK", message
+    assert 1.0 <= p.server.batcher.seconds_per_item < 1.2
+    gate.clear()
+    entered.clear()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(flood) + 1) as pool:
+            running = pool.submit(attempt, p.url, first)
+            assert entered.wait(30), "the first request never reached the pipeline"
+            futures = [pool.submit(attempt, p.url, x) for x in flood]
+            done = lambda: [f for f in futures if f.done()]  # noqa: E731
+            # 0, 1 and 2 s of work ahead: admitted; 3 s > 2.5 s: refused -- while the gate is still shut
+            wait_until(lambda: len(done()) == len(flood) - 3 and p.server.batcher.depth == 3,
+                       what="5 refusals and 3 queued while the gate is shut")
+            refused = [f.result() for f in done()]
+            unknown = attempt(p.url, warm, model="nope")  # refused before its payload is even looked at
+            gate.set()
+            answers = [running.result(120)] + [f.result(120) for f in futures]
+    finally:
+        gate.set()
+
+    assert Counter(s for s, _, _ in refused) == {"RESOURCE_EXHAUSTED": 5}
+    for _, m, _ in refused + [unknown]:
+        assert "batching.max_queue_wait_ms" in m and "budget 2500 ms" in m and "3 items waiting" in m, m
+    assert unknown[0] == "RESOURCE_EXHAUSTED"
+    assert Counter(s for s, _, _ in answers) == {"OK": 4, "RESOURCE_EXHAUSTED": 5}
+    for x, (status, _, logits) in zip([first] + flood, answers):
+        if status == "OK":
+            np.testing.assert_allclose(logits, ort_logits(x), rtol=1e-5, atol=1e-6)
+    assert reg.get_sample_value("robustgate_requests_total", {"outcome": "resource_exhausted"}) == 6
+    assert reg.get_sample_value("robustgate_requests_total", {"outcome": "accepted"}) == 1 + 4
+    assert reg.get_sample_value("robustgate_requests_total", {"outcome": "not_found"}) == 0
+
+    # the queue drained: an empty queue admits whatever the estimate, and decoding is back
+    assert p.server.batcher.depth == 0
+    assert attempt(p.url, warm, model="nope")[0] == "NOT_FOUND"
+    later = [images(rng, int(rng.integers(1, 3))) for _ in range(3)]
+    for x in later:
+        status, message, logits = attempt(p.url, x)
+        assert status == "OK", message
+        np.testing.assert_allclose(logits, ort_logits(x), rtol=1e-5, atol=1e-6)
+    assert reg.get_sample_value("robustgate_requests_total", {"outcome": "accepted"}) == 1 + 4 + 3
+
+
+def config(bundle, environ: dict | None = None, **sections):
+    return load_config(None, environ=environ or {}, overrides={"bundle": str(bundle), **sections})
+
+
+@pytest.mark.parametrize("value, error", [
+    (0, "greater than 0"), (-5, "greater than 0"), ("soon", "valid number"),
+])
+def test_a_bad_wait_budget_is_refused_naming_the_key(proxy_bundle, value, error):
+    with pytest.raises(ConfigError, match=rf"batching\.max_queue_wait_ms: .*{error}"):
+        config(proxy_bundle, batching={"max_queue_wait_ms": value})
+    with pytest.raises(ConfigError, match=rf"batching\.max_queue_wait_ms: .*{error}.*ROBUSTGATE_BATCHING__MAX_QUEUE_WAIT_MS"):
+        config(proxy_bundle, environ={"ROBUSTGATE_BATCHING__MAX_QUEUE_WAIT_MS": str(value)})
+
+
+def test_the_wait_budget_is_off_by_default_on_in_the_shipped_config_and_set_from_the_environment(proxy_bundle):
+    assert config(proxy_bundle).batching.max_queue_wait_ms is None
+    assert config(proxy_bundle, environ={"ROBUSTGATE_BATCHING__MAX_QUEUE_WAIT_MS": "80"}).batching.max_queue_wait_ms == 80.0
+    shipped = REPO / "deploy" / "default.yaml"
+    assert load_config(shipped, environ={}).batching.max_queue_wait_ms == 100.0
+    off = load_config(shipped, environ={"ROBUSTGATE_BATCHING__MAX_QUEUE_WAIT_MS": "null"})  # environment over the file
+    assert off.batching.max_queue_wait_ms is None

@@ -137,3 +137,179 @@ def test_a_batch_runs_until_its_most_patient_deadline():
     assert len(timeouts) == 1 and 50.0 < timeouts[0] <= 60.0  # the latest, not the tightest (5 s)
     asyncio.run(go([5.0, None, 30.0]))
     assert len(timeouts) == 2 and timeouts[1] is None
+
+
+class Clock:
+    """A controllable clock: only ``advance`` moves it (the batcher's ``clock``)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def clocked_run(clock: Clock, seconds_per_item: list[float], gate, entered):
+    """``run`` that takes ``seconds_per_item[0]`` per item on ``clock`` and waits for ``gate`` first."""
+
+    def run(x, timeout):
+        entered.set()
+        assert gate.wait(30), "never released"
+        clock.advance(seconds_per_item[0] * x.shape[0])
+        m = torch.from_numpy(x.mean(axis=(1, 2, 3)))  # [M]
+        return PipelineResult(logits=m[:, None], verdict=torch.zeros(len(m), dtype=torch.int64), reason=[None] * len(m))
+
+    return run
+
+
+async def _until(predicate, what: str) -> None:
+    for _ in range(3000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_the_wait_budget_refuses_once_the_items_waiting_would_take_longer():
+    """10 ms per item (on a controllable clock), budget 55 ms: with one batch running, 6 one-item
+    requests queue (the 6th sees 5 waiting: 50 ms), the 7th sees 60 ms and is refused at once with
+    a message naming the setting; every admitted request then gets its own answer. A slower
+    service time lowers the depth at which it refuses; an empty queue always admits."""
+    import threading
+
+    clock, cost = Clock(), [0.010]
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+
+    async def go():
+        b = Batcher(clocked_run(clock, cost, gate, entered), max_batch_size=1, max_queue_delay_s=0,
+                    max_queue_items=100, max_queue_wait_s=0.055, clock=clock)
+        b.start()
+        try:
+            assert b.seconds_per_item is None and b.admission(1) is None  # no estimate before a batch ran
+            await b.submit(items([0.1, 0.1, 0.1, 0.1]))
+            assert b.seconds_per_item == pytest.approx(0.010) and b.expected_wait_s() == 0
+            gate.clear()
+            entered.clear()
+            running = asyncio.ensure_future(b.submit(items([0.2])))
+            await _until(entered.is_set, "the first batch runs")
+            queued = []
+            for i in range(6):
+                queued.append(asyncio.ensure_future(b.submit(items([0.3 + i / 100]))))
+                await _until(lambda: b.depth == i + 1, f"{i + 1} waiting")
+            assert b.expected_wait_s() == pytest.approx(0.060)
+            with pytest.raises(QueueFull, match=r"6 items waiting would take about 60 ms at the recent 10.00 ms per item, "
+                                                r"budget 55 ms \(batching.max_queue_wait_ms\)"):
+                await asyncio.wait_for(b.submit(items([0.9])), 10)  # the bound only stops a hung test
+            assert b.depth == 6 and not any(f.done() for f in queued)  # refused without waiting for the gate
+            gate.set()
+            answers = [await running] + [await f for f in queued]
+            assert [r.logits.item() for r, _ in answers] == pytest.approx([0.2] + [0.3 + i / 100 for i in range(6)])
+            assert b.depth == 0 and b.admission(1) is None
+
+            cost[0] = 0.050  # the service slows down: the estimate follows, the same budget admits fewer
+            for _ in range(30):
+                await b.submit(items([0.5]))
+            assert b.seconds_per_item == pytest.approx(0.050, rel=1e-2)
+            gate.clear()
+            entered.clear()
+            running = asyncio.ensure_future(b.submit(items([0.2])))
+            await _until(entered.is_set, "a batch runs")
+            queued = [asyncio.ensure_future(b.submit(items([0.3])))]
+            await _until(lambda: b.depth == 1, "1 waiting")
+            queued.append(asyncio.ensure_future(b.submit(items([0.3]))))  # 1 waiting: 50 ms, admitted
+            await _until(lambda: b.depth == 2, "2 waiting")
+            with pytest.raises(QueueFull, match="batching.max_queue_wait_ms"):  # 2 waiting: 100 ms
+                await asyncio.wait_for(b.submit(items([0.9])), 10)
+            gate.set()
+            await asyncio.gather(running, *queued)
+        finally:
+            gate.set()
+            await b.stop()
+
+    asyncio.run(go())
+
+
+def test_without_a_wait_budget_only_the_item_bound_refuses():
+    """max_queue_wait_s=None: however slow the service, requests queue up to max_queue_items."""
+    import threading
+
+    clock, cost = Clock(), [10.0]  # 10 s per item
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+
+    async def go():
+        b = Batcher(clocked_run(clock, cost, gate, entered), max_batch_size=1, max_queue_delay_s=0,
+                    max_queue_items=5, clock=clock)
+        b.start()
+        try:
+            await b.submit(items([0.1]))
+            gate.clear()
+            entered.clear()
+            running = asyncio.ensure_future(b.submit(items([0.2])))
+            await _until(entered.is_set, "the first batch runs")
+            queued = [asyncio.ensure_future(b.submit(items([0.3]))) for _ in range(5)]
+            await _until(lambda: b.depth == 5, "5 waiting")
+            assert b.expected_wait_s() == pytest.approx(50.0)
+            with pytest.raises(QueueFull, match=r"limit 5 \(batching.max_queue_items\)"):
+                await asyncio.wait_for(b.submit(items([0.9])), 10)
+            gate.set()
+            await asyncio.gather(running, *queued)
+        finally:
+            gate.set()
+            await b.stop()
+
+    asyncio.run(go())
+
+
+def test_the_wait_budget_divides_by_the_workers_and_must_be_positive():
+    b = Batcher(echo_run([]), workers=4, max_queue_wait_s=0.1)
+    b._served(8, 0.08)  # one batch of 8 items in 80 ms
+    b._depth = 20  # as if 20 items were waiting: 20 * 10 ms / 4 workers
+    assert b.expected_wait_s() == pytest.approx(0.05) and b.admission(1) is None
+    b._depth = 44
+    assert "110 ms" in b.admission(1)
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="max_queue_wait_s must be > 0"):
+            Batcher(echo_run([]), max_queue_wait_s=bad)
+
+
+def test_the_service_time_counts_the_event_loops_share_of_a_batch_not_only_the_run():
+    """The pipeline takes 10 ms per item, the event loop another 10 ms per batch (an ``on_batch``
+    hook that moves the clock: a loop short of CPU): one-item batches cost 20 ms, so a 55 ms budget
+    refuses at 3 waiting (60 ms), not at 6 as the run time alone would say."""
+    import threading
+
+    clock, cost = Clock(), [0.010]
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+
+    async def go():
+        b = Batcher(clocked_run(clock, cost, gate, entered), max_batch_size=1, max_queue_delay_s=0,
+                    max_queue_items=100, max_queue_wait_s=0.055, clock=clock,
+                    on_batch=lambda n, result: clock.advance(0.010))
+        b.start()
+        try:
+            for _ in range(3):
+                await b.submit(items([0.1]))
+            assert b.seconds_per_item == pytest.approx(0.020)
+            gate.clear()
+            entered.clear()
+            running = asyncio.ensure_future(b.submit(items([0.2])))
+            await _until(entered.is_set, "a batch runs")
+            queued = []
+            for i in range(3):
+                queued.append(asyncio.ensure_future(b.submit(items([0.3]))))
+                await _until(lambda: b.depth == i + 1, f"{i + 1} waiting")
+            with pytest.raises(QueueFull, match="3 items waiting would take about 60 ms"):
+                await asyncio.wait_for(b.submit(items([0.9])), 10)
+            gate.set()
+            await asyncio.gather(running, *queued)
+        finally:
+            gate.set()
+            await b.stop()
+
+    asyncio.run(go())
