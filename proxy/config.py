@@ -106,6 +106,7 @@ class OnnxRuntimeConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     intra_op_threads: int = Field(0, ge=0)  # 0 = ONNX Runtime's default
     inter_op_threads: int = Field(0, ge=0)
+    spinning: bool = False  # let idle ONNX Runtime threads busy-wait for work (burns CPU between batches)
 
 
 class UpstreamConfig(_Strict):

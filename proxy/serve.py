@@ -57,7 +57,8 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
         from robustgate.proxy.backends.onnx import OnnxBackend
 
         o = cfg.backend.onnxruntime
-        return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads)
+        return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads,
+                           spinning=o.spinning)
     from robustgate.proxy.backends import upstream
 
     u = cfg.backend.upstream.model_dump()

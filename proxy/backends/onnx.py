@@ -43,7 +43,8 @@ def providers_for(device: str) -> list[str]:
 class OnnxBackend(Backend):
     """Runs ``bundle``'s ONNX backbone with ONNX Runtime; returns its logits output."""
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0):
+    def __init__(self, bundle: Bundle, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0,
+                 spinning: bool = False):
         if intra_op_threads < 0 or inter_op_threads < 0:
             raise ValueError("intra_op_threads and inter_op_threads must be >= 0 (0 = onnxruntime default)")
         self.bundle = bundle
@@ -51,6 +52,12 @@ class OnnxBackend(Backend):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
+        if not spinning:
+            # idle pool threads sleep instead of busy-waiting for the next batch: spinning kept a
+            # near-idle proxy (40 requests/s) at 0.96 of a core against 0.20 without it, CPU that a
+            # sidecar's neighbours and the proxy's own event loop need (bench/results/hardening.overload.md)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         path = bundle.path(bundle.spec.backbone.onnx)
         providers = providers_for(device)
         try:

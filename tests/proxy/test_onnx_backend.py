@@ -41,6 +41,22 @@ def test_backend_infers_logits_and_features(proxy_bundle, ort_logits):
     assert not backend.ready()
 
 
+def test_idle_threads_do_not_spin_unless_asked(proxy_bundle, ort_logits):
+    x = np.random.default_rng(5).random((3, 1, 28, 28), dtype=np.float32)
+    def entry(opts, key):
+        try:
+            return opts.get_session_config_entry(key)
+        except RuntimeError:  # not set: ONNX Runtime's default, which spins
+            return None
+
+    for spinning, want in ((False, "0"), (True, None)):
+        backend = OnnxBackend(Bundle.load(proxy_bundle), intra_op_threads=2, spinning=spinning)
+        opts = backend.session.get_session_options()
+        assert entry(opts, "session.intra_op.allow_spinning") == want
+        np.testing.assert_array_equal(backend.infer(x), ort_logits(x))  # same answers either way
+        backend.close()
+
+
 def test_features_without_a_features_output_is_a_clear_error(proxy_bundle, tmp_path):
     import onnx
 
