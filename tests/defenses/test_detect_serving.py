@@ -6,10 +6,8 @@ detector, score and threshold; in flag mode the prediction comes back with the v
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
-import threading
 
 import grpc
 import numpy as np
@@ -23,33 +21,10 @@ from robustgate.defenses.base import build
 from robustgate.defenses.cli import fit_defense, load_splits
 from robustgate.models.bundle import Bundle
 from robustgate.models.twin import TorchClassifier, load_backbone
-from robustgate.proxy.config import load_config
-from robustgate.proxy.serve import build_server
+
+from loopback import LoopbackProxy
 
 STAGE = "magnet"
-
-
-class Proxy:
-    """A real proxy server on free loopback ports, its event loop in a daemon thread."""
-
-    def __init__(self, bundle, pipeline):
-        cfg = load_config(None, environ={}, overrides={
-            "bundle": str(bundle), "pipeline": pipeline,
-            "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
-        self.server = build_server(cfg)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.url = f"127.0.0.1:{self._call(self.server.start())}"
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
-
-    def stop(self):
-        self._call(self.server.stop(1.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 def infer(url, model, x):
@@ -92,7 +67,7 @@ def pipeline(action):
 
 
 def test_clean_accepted_and_adversarial_rejected(served):
-    proxy = Proxy(served["root"], pipeline("reject"))
+    proxy = LoopbackProxy(served["root"], pipeline("reject"))
     try:
         res = infer(proxy.url, served["name"], served["clean"])
         np.testing.assert_array_equal(res.as_numpy("robustgate_verdict"), np.zeros(8))
@@ -116,7 +91,7 @@ def test_clean_accepted_and_adversarial_rejected(served):
 
 
 def test_flag_mode_returns_prediction_with_verdict(served):
-    proxy = Proxy(served["root"], pipeline("flag"))
+    proxy = LoopbackProxy(served["root"], pipeline("flag"))
     try:
         batch = np.concatenate([served["clean"][:1], served["adv"]])
         res = infer(proxy.url, served["name"], batch)

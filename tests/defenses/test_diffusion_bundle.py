@@ -6,10 +6,8 @@ twin's purify -> backbone offline."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -22,32 +20,8 @@ from robustgate.defenses.cli import load_splits
 from robustgate.models.bundle import Bundle
 from robustgate.models.twin import load_backbone
 from robustgate.proxy.cli import main as robustgate
-from robustgate.proxy.config import load_config
-from robustgate.proxy.serve import build_server
 
-
-
-class Proxy:
-    """A real proxy server on free loopback ports, its event loop in a daemon thread."""
-
-    def __init__(self, bundle, pipeline):
-        cfg = load_config(None, environ={}, overrides={
-            "bundle": str(bundle), "pipeline": pipeline,
-            "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
-        self.server = build_server(cfg)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.url = f"127.0.0.1:{self._call(self.server.start())}"
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
-
-    def stop(self):
-        self._call(self.server.stop(1.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
+from loopback import LoopbackProxy
 
 PARAMS = {"block_out_channels": [8, 16], "train_steps": 4, "batch_size": 8, "t_star": 80, "steps": 2,
           "train_t_max": 300, "seed": 3}
@@ -110,7 +84,7 @@ def test_served_through_the_proxy_with_the_onnx_unet(fitted):
     with torch.no_grad():
         want = backbone(twin.purify(x, torch.Generator().manual_seed(seed))).numpy()
         undefended = backbone(x).numpy()
-    proxy = Proxy(fitted, {"stages": [{"name": "diffusion", "kind": "diffusion", "action": "log",
+    proxy = LoopbackProxy(fitted, {"stages": [{"name": "diffusion", "kind": "diffusion", "action": "log",
                                        "params": {"runtime": "onnx", "onnx_threads": 1}}], "seed": seed})
     try:
         client = tc.InferenceServerClient(proxy.url)
@@ -131,7 +105,7 @@ def test_the_stage_params_override_the_fitted_ones(fitted):
     x = load_splits(n_test=4, seed=6)["test"][0]
     with torch.no_grad():
         want = load_backbone(bundle)(x).numpy()
-    proxy = Proxy(fitted, {"stages": [{"name": "diffusion", "kind": "diffusion", "params": {"runtime": "onnx", "t_star": 0}}]})
+    proxy = LoopbackProxy(fitted, {"stages": [{"name": "diffusion", "kind": "diffusion", "params": {"runtime": "onnx", "t_star": 0}}]})
     try:
         client = tc.InferenceServerClient(proxy.url)
         inp = tc.InferInput("input", list(x.shape), "FP32")

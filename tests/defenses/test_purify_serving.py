@@ -13,8 +13,6 @@ of backend calls are checked too.
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import threading
 
 import grpc
@@ -34,6 +32,8 @@ from robustgate.models.twin import load_backbone
 from robustgate.proxy.config import load_config
 from robustgate.proxy.serve import build_server
 
+from loopback import LoopbackProxy
+
 SEED = 11  # pipeline.seed of every proxy here
 N_ITEMS = 4
 PURIFIERS = {  # kind -> params (the issue's settings)
@@ -47,24 +47,19 @@ TTE_PRESET = [("id", 0, 0, False), ("hflip", 0, 0, True), ("dx=1", 0, 1, False),
 SMOOTH = {"sigma": 0.25, "n0": 8, "n": 64, "alpha": 0.01}
 
 
-class Proxy:
-    """A real proxy server on free loopback ports, its event loop in a daemon thread; its
-    backend's ``infer`` / ``infer_with_features`` record every array they are asked to classify."""
+class Proxy(LoopbackProxy):
+    """A loopback proxy whose backend's ``infer`` / ``infer_with_features`` record every array they
+    are asked to classify; every batch seeded with ``SEED``."""
 
     def __init__(self, bundle, pipeline):
-        cfg = load_config(None, environ={}, overrides={
-            "bundle": str(bundle), "pipeline": {"seed": SEED, **pipeline},
-            "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
-        self.server = build_server(cfg)
         self.calls: list[tuple[str, np.ndarray]] = []
         self._lock = threading.Lock()
+        super().__init__(bundle, {"seed": SEED, **pipeline})
+
+    def prepare(self) -> None:
         backend = self.server.runner.backend
         for name in ("infer", "infer_with_features"):
             setattr(backend, name, self._recording(name, getattr(backend, name)))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.url = f"127.0.0.1:{self._call(self.server.start())}"
 
     def _recording(self, name, method):
         def wrapped(x, timeout=None):
@@ -78,15 +73,6 @@ class Proxy:
         with self._lock:
             calls, self.calls = self.calls, []
         return calls
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
-
-    def stop(self):
-        self._call(self.server.stop(1.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
