@@ -16,6 +16,7 @@ import onnxruntime as ort
 import torch
 
 from robustgate.defenses.pipeline import DefendedModel, FailurePolicy, Stage
+from robustgate.proxy.config import PipelineConfig
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -55,10 +56,13 @@ class OnnxClassifier:
 
 
 def served_pipeline(bundle, stages: list[Stage], failure_policy: FailurePolicy = "fail-closed",
-                    classifier: OnnxClassifier | None = None) -> DefendedModel:
-    """The proxy's pipeline object on the bundle's ONNX graph."""
+                    classifier: OnnxClassifier | None = None,
+                    max_fanout_items: int | None = PipelineConfig.model_fields["max_fanout_items"].default) -> DefendedModel:
+    """The proxy's pipeline object on the bundle's ONNX graph (``max_fanout_items``: as the proxy's
+    default ``pipeline.max_fanout_items``)."""
     clf = classifier or OnnxClassifier(bundle)
-    return DefendedModel(stages, classify=clf, classifier=clf, failure_policy=failure_policy)
+    return DefendedModel(stages, classify=clf, classifier=clf, failure_policy=failure_policy,
+                         max_fanout_items=max_fanout_items)
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -11,7 +11,8 @@ Semantics (DESIGN.md, "The defense pipeline"):
    (verdict REJECTED), ``flag`` (FLAGGED unless rejected elsewhere) or ``log`` (score only).
 2. Purifiers transform the input in the order the config gives.
 3. The classifier runs once on the purified batch, or -- when the last stage is an ensemble --
-   once on the ``N*T`` expanded copies (one batched backend call), then ``aggregate``.
+   once on the ``N*T`` expanded copies (one batched backend call; consecutive calls of at most
+   ``max_fanout_items`` copies when there are more), then ``aggregate``.
    An ensemble abstention is a rejection whose reason is the ensemble's stage name.
    **Shared pass**: when the pipeline has no purifier and no ensemble, the classifier's input is
    the raw ``x`` the detectors score; given ``classify_features`` (the proxy's ONNX Runtime
@@ -131,6 +132,9 @@ class DefendedModel:
         failure_policy: ``fail-closed`` (default) or ``fail-open``.
         classify_features: optional ``[M, C, H, W]`` -> (``[M, K]`` logits, ``[M, D]`` features or
             None) in one pass; used instead of ``classify`` for the shared pass (module docstring).
+        max_fanout_items: the most copies an ensemble sends to ``classify`` in one call: a larger
+            fan-out (smoothing with n = 1,000 on a batch of 64 is 68,000 images, gigabytes of
+            activations) is classified in consecutive chunks of at most this many (None: one call).
     """
 
     def __init__(
@@ -140,9 +144,13 @@ class DefendedModel:
         classifier: Classifier | None = None,
         failure_policy: FailurePolicy = "fail-closed",
         classify_features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+        max_fanout_items: int | None = None,
     ):
         if failure_policy not in ("fail-closed", "fail-open"):
             raise ValueError(f"failure_policy must be 'fail-closed' or 'fail-open', got {failure_policy!r}")
+        if max_fanout_items is not None and max_fanout_items < 1:
+            raise ValueError(f"max_fanout_items must be >= 1 or None, got {max_fanout_items!r}")
+        self.max_fanout_items = max_fanout_items
         validate_stages(stages)
         self.stages = list(stages)
         self.classify = classify
@@ -234,7 +242,11 @@ class DefendedModel:
             t0 = time.perf_counter()
             copies = ens.expand(h, generator)  # [N*T, C, H, W]
             t1 = time.perf_counter()
-            fanned = self.classify(copies)  # [N*T, K], one backend call
+            step = self.max_fanout_items
+            if step is None or copies.shape[0] <= step:
+                fanned = self.classify(copies)  # [N*T, K], one backend call
+            else:  # one backend call per chunk of at most max_fanout_items copies
+                fanned = torch.cat([self.classify(copies[i:i + step]) for i in range(0, copies.shape[0], step)])
             t2 = time.perf_counter()
             result = ens.aggregate(fanned)
             seconds["classify"] = t2 - t1

@@ -68,6 +68,7 @@ class PipelineRunner:
     failure_policy: str = "fail-closed"
     seed: int | None = None
     share_features: bool = True  # the shared classify pass (defenses/pipeline.py); False: as before
+    max_fanout_items: int | None = None  # an ensemble's copies per backend call (pipeline.max_fanout_items)
 
     def __post_init__(self):
         # validates the stage list once at start (the per-batch models reuse these stages)
@@ -104,7 +105,8 @@ class PipelineRunner:
     def __call__(self, x: np.ndarray, timeout: float | None = None) -> PipelineResult:
         """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result."""
         model = DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,
-                              classify_features=self._classify_features_with(timeout) if self.share_features else None)
+                              classify_features=self._classify_features_with(timeout) if self.share_features else None,
+                              max_fanout_items=self.max_fanout_items)
         with torch.no_grad():
             return model(torch.from_numpy(x), generator=self.generator())
 
@@ -112,5 +114,5 @@ class PipelineRunner:
 def build_runner(cfg: PipelineConfig, bundle: Bundle, backend: Backend, classifier: Classifier | None) -> PipelineRunner:
     return PipelineRunner(
         stages=build_stages(cfg, bundle), backend=backend, classifier=classifier,
-        failure_policy=cfg.failure_policy, seed=cfg.seed,
+        failure_policy=cfg.failure_policy, seed=cfg.seed, max_fanout_items=cfg.max_fanout_items,
     )

@@ -158,6 +158,8 @@ class PipelineConfig(_Strict):
     failure_policy: Literal["fail-closed", "fail-open"] = "fail-closed"
     verdict_mode: Literal["request", "item"] = "request"
     seed: int | None = None  # fixed per-batch seed (tests); None = fresh os.urandom seed per batch
+    # an ensemble's copies per backend call (smoothing's n0 + n copies per item add up fast); more -> several calls
+    max_fanout_items: int = Field(4096, ge=1)
 
     @field_validator("stages")
     @classmethod

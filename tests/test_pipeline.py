@@ -142,6 +142,17 @@ def test_ensemble_fans_out_in_one_classify_call_and_abstention_rejects():
     assert torch.allclose(out.logits.exp().sum(-1), torch.ones(3))
 
 
+@pytest.mark.parametrize("limit, calls", [(6, [6]), (100, [6]), (4, [4, 2]), (1, [1] * 6)])
+def test_a_large_fan_out_is_classified_in_chunks_with_the_same_answer(limit, calls):
+    whole = DefendedModel([Stage("flip", FlipEnsemble())], CountingClassifier())(batch())
+    clf = CountingClassifier()
+    out = DefendedModel([Stage("flip", FlipEnsemble())], clf, max_fanout_items=limit)(batch())
+    assert clf.calls == calls  # consecutive backend calls of at most `limit` copies
+    assert torch.equal(out.logits, whole.logits) and out.verdict.tolist() == whole.verdict.tolist()
+    with pytest.raises(ValueError, match="max_fanout_items"):
+        DefendedModel([], clf, max_fanout_items=0)
+
+
 def test_fail_closed_rejects_every_item_and_fail_open_skips_the_stage():
     stages = [Stage("broken", BrokenDetector(threshold=0.0))]
     closed = DefendedModel(stages, CountingClassifier(), failure_policy="fail-closed")(batch())
