@@ -182,8 +182,8 @@ def main() -> int:
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "windows"} for k, v in result["variants"].items()}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(result))
+        args.out.with_name(args.out.name + ".json").write_text(json.dumps(result, indent=1))
+        args.out.with_name(args.out.name + ".md").write_text(markdown(result))
     return 0
 
 

@@ -158,8 +158,8 @@ def main() -> int:
     }
     results = ROOT / args.results
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    results.with_suffix(".md").write_text(markdown(summary))
+    results.with_name(results.name + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+    results.with_name(results.name + ".md").write_text(markdown(summary))
     print(f"total {total_wall / 60:.1f} min (target 120): wrote {results}.json and {results}.md")
     return 0
 
