@@ -96,6 +96,17 @@ def test_median_matches_a_hand_computed_window():
     assert y[0, 0, 0, 0].item() == pytest.approx(5 / 24)
 
 
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_median_matches_scipy(kernel_size):
+    """The 3x3 min/max network and the k x k sort agree with scipy's median filter (its "mirror"
+    mode is torch's "reflect"), ties and 3-channel images included."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    g = torch.Generator().manual_seed(kernel_size)
+    x = torch.randint(0, 8, (4, 3, 11, 9), generator=g).float() / 7  # few levels: many ties
+    want = ndimage.median_filter(x.numpy(), size=(1, 1, kernel_size, kernel_size), mode="mirror")
+    assert torch.equal(median_filter(x, kernel_size), torch.from_numpy(want))
+
+
 def test_median_kernel_one_is_identity_and_too_large_kernel_fails(fixed_images):
     assert torch.equal(build("median", kernel_size=1).purify(fixed_images), fixed_images)
     with pytest.raises(ValueError, match="reflect padding"):

@@ -2,12 +2,17 @@
 
 import json
 
+import numpy as np
+import onnxruntime as ort
 import pytest
+import tritonclient.grpc as tc
 from safetensors.torch import load_file
 
 from robustgate.models.bundle import Bundle
 from robustgate.models.mimir import load_pretrained
 from robustgate.proxy.cli import main
+
+from loopback import LoopbackProxy
 
 TINY_VIT = '{"dim": 32, "depth": 1, "heads": 2}'
 COMMON = ["--dataset", "fashion-mnist", "--arch", "vit_tiny", "--arch-kwargs", TINY_VIT, "--train-items", "64",
@@ -35,6 +40,20 @@ def test_pretrain_then_init_loads_the_encoder_into_the_bundle(tmp_path, capsys, 
     for key, value in encoder.items():
         assert key in weights, key
         assert weights[key].equal(value), key
+
+    # ... and the fine-tuned ViT is served: a loopback proxy answers tritonclient with ONNX Runtime's logits
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    want = ort.InferenceSession(str(bundle.path(bundle.spec.backbone.onnx)),
+                                providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
+    proxy = LoopbackProxy(out, {"stages": []})
+    try:
+        inp = tc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with tc.InferenceServerClient(proxy.url) as client:
+            got = client.infer(bundle.name, [inp]).as_numpy("logits")
+    finally:
+        proxy.stop()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_pretraining_needs_vit_tiny(tmp_path, capsys):
