@@ -173,6 +173,25 @@ async def _until(predicate, what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
+async def _hold_a_batch(b: Batcher, gate, entered) -> asyncio.Future:
+    """Submits a one-item request (value 0.2) whose batch blocks in ``clocked_run`` until ``gate``
+    is set again; returns once that batch runs, with the request's future."""
+    gate.clear()
+    entered.clear()
+    running = asyncio.ensure_future(b.submit(items([0.2])))
+    await _until(entered.is_set, "a batch runs")
+    return running
+
+
+async def _refused_then_served(b: Batcher, gate, running, queued, match: str) -> None:
+    """One more request is refused at once with a message matching ``match``; releasing ``gate``
+    then answers the running and every queued request."""
+    with pytest.raises(QueueFull, match=match):
+        await asyncio.wait_for(b.submit(items([0.9])), 10)  # the bound only stops a hung test
+    gate.set()
+    await asyncio.gather(running, *queued)
+
+
 def test_the_wait_budget_refuses_once_the_items_waiting_would_take_longer():
     """10 ms per item (on a controllable clock), budget 55 ms: with one batch running, 6 one-item
     requests queue (the 6th sees 5 waiting: 50 ms), the 7th sees 60 ms and is refused at once with
@@ -192,10 +211,7 @@ def test_the_wait_budget_refuses_once_the_items_waiting_would_take_longer():
             assert b.seconds_per_item is None and b.admission(1) is None  # no estimate before a batch ran
             await b.submit(items([0.1, 0.1, 0.1, 0.1]))
             assert b.seconds_per_item == pytest.approx(0.010) and b.expected_wait_s() == 0
-            gate.clear()
-            entered.clear()
-            running = asyncio.ensure_future(b.submit(items([0.2])))
-            await _until(entered.is_set, "the first batch runs")
+            running = await _hold_a_batch(b, gate, entered)
             queued = []
             for i in range(6):
                 queued.append(asyncio.ensure_future(b.submit(items([0.3 + i / 100]))))
@@ -214,18 +230,12 @@ def test_the_wait_budget_refuses_once_the_items_waiting_would_take_longer():
             for _ in range(30):
                 await b.submit(items([0.5]))
             assert b.seconds_per_item == pytest.approx(0.050, rel=1e-2)
-            gate.clear()
-            entered.clear()
-            running = asyncio.ensure_future(b.submit(items([0.2])))
-            await _until(entered.is_set, "a batch runs")
+            running = await _hold_a_batch(b, gate, entered)
             queued = [asyncio.ensure_future(b.submit(items([0.3])))]
             await _until(lambda: b.depth == 1, "1 waiting")
             queued.append(asyncio.ensure_future(b.submit(items([0.3]))))  # 1 waiting: 50 ms, admitted
             await _until(lambda: b.depth == 2, "2 waiting")
-            with pytest.raises(QueueFull, match="batching.max_queue_wait_ms"):  # 2 waiting: 100 ms
-                await asyncio.wait_for(b.submit(items([0.9])), 10)
-            gate.set()
-            await asyncio.gather(running, *queued)
+            await _refused_then_served(b, gate, running, queued, "batching.max_queue_wait_ms")  # 2 waiting: 100 ms
         finally:
             gate.set()
             await b.stop()
@@ -247,17 +257,11 @@ def test_without_a_wait_budget_only_the_item_bound_refuses():
         b.start()
         try:
             await b.submit(items([0.1]))
-            gate.clear()
-            entered.clear()
-            running = asyncio.ensure_future(b.submit(items([0.2])))
-            await _until(entered.is_set, "the first batch runs")
+            running = await _hold_a_batch(b, gate, entered)
             queued = [asyncio.ensure_future(b.submit(items([0.3]))) for _ in range(5)]
             await _until(lambda: b.depth == 5, "5 waiting")
             assert b.expected_wait_s() == pytest.approx(50.0)
-            with pytest.raises(QueueFull, match=r"limit 5 \(batching.max_queue_items\)"):
-                await asyncio.wait_for(b.submit(items([0.9])), 10)
-            gate.set()
-            await asyncio.gather(running, *queued)
+            await _refused_then_served(b, gate, running, queued, r"limit 5 \(batching.max_queue_items\)")
         finally:
             gate.set()
             await b.stop()
@@ -296,10 +300,7 @@ def test_the_service_time_counts_the_event_loops_share_of_a_batch_not_only_the_r
             for _ in range(3):
                 await b.submit(items([0.1]))
             assert b.seconds_per_item == pytest.approx(0.020)
-            gate.clear()
-            entered.clear()
-            running = asyncio.ensure_future(b.submit(items([0.2])))
-            await _until(entered.is_set, "a batch runs")
+            running = await _hold_a_batch(b, gate, entered)
             queued = []
             for i in range(3):
                 queued.append(asyncio.ensure_future(b.submit(items([0.3]))))
