@@ -49,6 +49,7 @@ from typing import Callable
 import numpy as np
 
 from robustgate.defenses.pipeline import PipelineResult
+from robustgate.proxy.priority import lower_this_thread
 
 
 log = logging.getLogger("robustgate.proxy")
@@ -100,6 +101,7 @@ class Batcher:
         max_queue_wait_s: the wait budget (module docstring, "Admission"); None = off.
         on_batch: called in the event loop after each executed batch with its item count.
         clock: seconds, monotonic (default time.monotonic; deadlines are values of it).
+        thread_nice: niceness the worker threads add to their own (proxy/priority.py; 0 = none).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class Batcher:
         workers: int = 1,
         max_queue_wait_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        thread_nice: int = 0,
     ):
         if max_batch_size < 1 or max_queue_items < 1 or max_queue_delay_s < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue_items and workers must be >= 1 and max_queue_delay_s >= 0")
@@ -133,7 +136,8 @@ class Batcher:
         self.workers = workers
         self._slots: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustgate-batch")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustgate-batch",
+                                            initializer=lower_this_thread, initargs=(thread_nice,))
         self._last_arrival: float | None = None
         self._gap_s = float("inf")  # moving average of the time between arrivals; inf = no history yet
         self.closed_early = 0  # batches run before the delay ended because no company was expected

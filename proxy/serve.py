@@ -22,6 +22,7 @@ from robustgate.models.bundle import Bundle, BundleError
 from robustgate.proxy.assemble import build_runner, pin_torch_threads
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, load_config
+from robustgate.proxy.priority import call_at_priority
 from robustgate.proxy.server import ProxyServer, ReloadError
 
 log = logging.getLogger("robustgate.proxy")
@@ -77,18 +78,22 @@ def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
     return OnnxClassifier(OnnxBackend(bundle, device="cpu", intra_op_threads=1, inter_op_threads=1))
 
 
-def build_server(cfg: ProxyConfig, config_loader=None) -> ProxyServer:
+def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False) -> ProxyServer:
     """Everything but the event loop; raises BundleError / ValueError with a precise message.
-    ``config_loader() -> ProxyConfig`` is what a hot reload re-reads (None: reload refused)."""
+    ``config_loader() -> ProxyConfig`` is what a hot reload re-reads (None: reload refused);
+    ``freeze_heap``: the process is the server's own (``robustgate serve``), see ProxyServer."""
     bundle = Bundle.load(cfg.bundle)
-    backend = make_backend(cfg, bundle)
+    # sessions built at compute priority: the pools they start inherit it (proxy/priority.py)
+    backend = call_at_priority(cfg.server.compute_nice, make_backend, cfg, bundle)
     try:
-        runner = build_runner(cfg.pipeline, bundle, backend, local_classifier(cfg, bundle, backend))
+        runner = call_at_priority(cfg.server.compute_nice, lambda: build_runner(
+            cfg.pipeline, bundle, backend, local_classifier(cfg, bundle, backend)))
     except Exception:
         backend.close()
         raise
     revision = str(bundle.spec.provenance.get("code_revision", "unknown"))
-    return ProxyServer(cfg, bundle, backend, runner, revision=revision, config_loader=config_loader)
+    return ProxyServer(cfg, bundle, backend, runner, revision=revision, config_loader=config_loader,
+                       freeze_heap=freeze_heap)
 
 
 async def serve(server: ProxyServer) -> None:
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     pin_torch_threads()  # torch's OpenMP pool stalls the pipeline on shared cores (proxy/assemble.py)
     try:
         cfg = config_from_args(args)
-        server = build_server(cfg, config_loader=lambda: config_from_args(args))
+        server = build_server(cfg, config_loader=lambda: config_from_args(args), freeze_heap=True)
     except (ConfigError, BundleError, ValueError, OSError) as exc:
         print(f"robustgate serve: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ every RPC but the probes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import math
@@ -52,6 +53,7 @@ from robustgate.proxy.codec import (
 )
 from robustgate.proxy.config import ConfigError, ProxyConfig
 from robustgate.proxy.metrics import Metrics
+from robustgate.proxy.priority import call_at_priority
 from robustgate.proxy.triton_compat import model_config_handler
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
@@ -280,12 +282,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+def freeze_heap() -> None:
+    """Moves every object alive now (torch, ONNX Runtime, the bundle: ~490k objects) out of the
+    cyclic garbage collector's reach. Under load the collector's full passes over that heap took
+    ~235 ms each, stopping the event loop: the p99 of even a refusal was a GC pause
+    (bench/results/hardening.overload*.md). Objects made afterwards are collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 class ProxyServer:
     """One proxy instance. ``await start()`` binds and serves; ``await stop(grace)`` drains."""
 
     def __init__(self, cfg: ProxyConfig, bundle, backend: Backend, runner: PipelineRunner, revision: str = "unknown",
-                 config_loader: Callable[[], ProxyConfig] | None = None):
+                 config_loader: Callable[[], ProxyConfig] | None = None, freeze_heap: bool = False):
         self.cfg = cfg
+        self.freeze_heap = freeze_heap  # gc.freeze() after start and reload (freeze_heap()); the CLI's server sets it
         self.config_loader = config_loader  # re-reads the config for a hot reload (None: reload refused)
         self.bundle = bundle
         self.backend = backend
@@ -317,6 +329,7 @@ class ProxyServer:
             max_queue_delay_s=b.max_queue_delay_ms / 1000.0, max_queue_items=b.max_queue_items,
             max_queue_wait_s=None if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1000.0,
             on_batch=self._on_batch, workers=b.resolved_workers(cfg.backend.kind),
+            thread_nice=cfg.server.compute_nice,
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self.health = HealthServicer()
@@ -375,6 +388,8 @@ class ProxyServer:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._update_health()
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+        if self.freeze_heap:
+            freeze_heap()
         log.info("robustgate serving %s on port %d (metrics %s)", self.contract.model_name, self.port, self.metrics_port)
         return self.port
 
@@ -429,7 +444,9 @@ class ProxyServer:
         they are listed in the answer's ``ignored`` and logged. Returns a summary."""
         async with self._reload_lock:
             try:
-                cfg, runner, token = await asyncio.get_running_loop().run_in_executor(None, self._prepare_reload)
+                # built at compute priority: the new sessions' pools inherit it (proxy/priority.py)
+                cfg, runner, token = await asyncio.get_running_loop().run_in_executor(
+                    None, call_at_priority, self.cfg.server.compute_nice, self._prepare_reload)
             except ReloadError as exc:
                 self.metrics.reloads.labels(result="error").inc()
                 log.error("reload refused, keeping the running pipeline: %s", exc)
@@ -442,6 +459,8 @@ class ProxyServer:
             for stage in runner.stages:
                 self.metrics.rejections.labels(detector=stage.name)
             self.metrics.reloads.labels(result="ok").inc()
+            if self.freeze_heap:
+                freeze_heap()  # the new pipeline's objects join the frozen heap
             summary = self.pipeline_summary()
             summary["ignored"] = ignored
             log.info("reloaded the pipeline: %s", summary)

@@ -134,9 +134,9 @@ def ort_logits(proxy_bundle):
 class RunningProxy:
     """A real ProxyServer on 127.0.0.1 free ports, served by an event loop in a daemon thread."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, freeze_heap: bool = False):
         self.cfg = cfg
-        self.server = build_server(cfg)
+        self.server = build_server(cfg, freeze_heap=freeze_heap)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="proxy-loop", daemon=True)
         self.thread.start()
@@ -183,8 +183,8 @@ def start_proxy(proxy_bundle):
     """``start_proxy(**config_sections) -> RunningProxy``; every proxy started is stopped after the test."""
     started: list[RunningProxy] = []
 
-    def start(bundle: Path | None = None, **sections) -> RunningProxy:
-        p = RunningProxy(proxy_config(bundle or proxy_bundle, **sections))
+    def start(bundle: Path | None = None, *, freeze_heap: bool = False, **sections) -> RunningProxy:
+        p = RunningProxy(proxy_config(bundle or proxy_bundle, **sections), freeze_heap=freeze_heap)
         started.append(p)
         return p
 
