@@ -6,6 +6,14 @@ mapped back to ``[0, 1]``. Pillow rather than ``torchvision.io.encode_jpeg``: to
 deprecates its image codecs and fixes 4:2:0 chroma subsampling. Quantizing the
 DCT coefficients removes part of a small high-frequency perturbation.
 
+The batch goes through the codec as one mosaic (:func:`mosaic_roundtrip`), not image by image:
+baseline JPEG without chroma subsampling codes every 8x8 block on its own (DCT, quantization,
+inverse DCT; only the lossless entropy coding links blocks), so an image padded to whole blocks the
+way libjpeg pads a partial block (its last row and column repeated) and placed on the block grid of
+a larger picture decodes to exactly the pixels it decodes to alone -- a test checks this bit for
+bit. One encode and decode of a 256x256 mosaic costs about what two 28x28 images cost one at a time,
+most of the per-image cost being Pillow's per-call overhead (bench/results/purify.proxy_cost.md).
+
 Known limits: the codec is not differentiable and hides the gradient, which is exactly the
 "obfuscated gradients" pattern: BPDA with the identity as the backward pass breaks it (Athalye,
 Carlini & Wagner, ICML 2018), and attacks that optimise through a differentiable JPEG
@@ -29,7 +37,7 @@ from robustgate.defenses.base import Purifier, check_images, register
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """``[N, C, H, W]`` floats in ``[0, 1]`` -> uint8 ``[N, C, H, W]`` (round to nearest level)."""
-    return (x.detach() * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return (x.detach() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _codec(img: np.ndarray, mode: str, quality: int) -> np.ndarray:
@@ -39,6 +47,34 @@ def _codec(img: np.ndarray, mode: str, quality: int) -> np.ndarray:
     buf.seek(0)
     with Image.open(buf) as decoded:
         return np.asarray(decoded.convert(mode))
+
+
+BLOCK = 8  # the JPEG block edge (one MCU without chroma subsampling)
+MAX_SIDE = 65_500  # JPEG's largest picture side is 65,535
+
+
+def mosaic_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
+    """``pixels`` ``[N, H, W, C]`` uint8 (C = 1 or 3) -> the same after one JPEG encode + decode of
+    their mosaic; identical to :func:`_codec` on each image (module docstring). The result may be a
+    strided view of the decoded mosaic."""
+    n, h, w, c = pixels.shape
+    ch, cw = -(-h // BLOCK) * BLOCK, -(-w // BLOCK) * BLOCK  # each image's cell: whole blocks
+    cols = max(1, min(n, int(np.ceil(np.sqrt(n * ch / cw))), MAX_SIDE // cw))  # about square
+    rows = -(-n // cols)
+    if rows * ch > MAX_SIDE:  # a batch too large for one picture: in picture-sized slices
+        per = (MAX_SIDE // ch) * cols
+        return np.concatenate([mosaic_roundtrip(pixels[i:i + per], quality) for i in range(0, n, per)])
+    picture = np.zeros((rows * ch, cols * cw, c), dtype=np.uint8)
+    cells = picture.reshape(rows, ch, cols, cw, c)  # a view: [row, y, col, x, channel]
+    if n < rows * cols:  # the last row's empty cells stay black: no block of theirs touches an image
+        pixels = np.concatenate([pixels, np.zeros((rows * cols - n, h, w, c), dtype=np.uint8)])
+    cells[:, :h, :, :w] = pixels.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4)
+    cells[:, h:] = cells[:, h - 1:h]  # libjpeg's padding of a partial block: the last row and column repeated
+    cells[:, :, :, w:] = cells[:, :, :, w - 1:w]
+    decoded = _codec(picture[..., 0] if c == 1 else picture, "L" if c == 1 else "RGB", quality)
+    decoded = decoded.reshape(rows, ch, cols, cw, c).transpose(0, 2, 1, 3, 4).reshape(rows * cols, ch, cw, c)
+    out = decoded[:n, :h, :w]
+    return out if out.flags.writeable else out.copy()  # torch.from_numpy wants a writable array
 
 
 def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -51,10 +87,8 @@ def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.detach().clone()
     pixels = to_uint8(x).cpu().permute(0, 2, 3, 1).numpy()  # [N, H, W, C] uint8; the codec runs on the CPU
-    mode = "L" if c == 1 else "RGB"
-    decoded = np.stack([_codec(img[..., 0] if c == 1 else img, mode, quality) for img in pixels])  # [N, H, W(, C)]
-    decoded = torch.from_numpy(decoded).reshape(pixels.shape).permute(0, 3, 1, 2)  # [N, C, H, W] uint8
-    return (decoded.to(torch.float32) / 255.0).to(device=x.device, dtype=x.dtype)
+    decoded = torch.from_numpy(mosaic_roundtrip(pixels, quality)).permute(0, 3, 1, 2)  # [N, C, H, W] uint8
+    return decoded.to(torch.float32).div_(255.0).to(device=x.device, dtype=x.dtype)
 
 
 @register

