@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="served model name at --url (default: bundle name)")
     parser.add_argument("--surface-points", type=int, default=2, help="test points per config for loss surfaces")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="worker processes computing cells at once, one torch thread each (e.g. one per core)")
     parser.add_argument("--out", required=True, help="report directory (cells cached in OUT/cells)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -59,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from robustgate.models.bundle import Bundle, BundleError
 
     torch.set_num_threads(args.threads)
+    if args.parallel < 1:
+        print(f"robustgate eval: --parallel must be >= 1, got {args.parallel}", file=sys.stderr)
+        return 2
     try:  # everything that validates the request, before the first attack runs
         bundle = Bundle.load(args.bundle)
         configs = load_pipelines(args.pipeline, each_alone=args.each_alone)
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     except (BundleError, ValueError, OSError) as exc:
         print(f"robustgate eval: {exc}", file=sys.stderr)
         return 2
-    result = evaluation.run()
+    result = evaluation.run(parallel=args.parallel)
     result["command"] = "robustgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     paths = write_reports(result, args.out)
     flags = [r for r in result["sanity"] if r["status"] == "FLAG"]

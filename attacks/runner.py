@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -228,7 +229,7 @@ class Evaluation:
         data = {"schema": CELL_SCHEMA, "fingerprint": fingerprint, "n": self.settings.n,
                 "offset": self.settings.offset, **data}
         path = self.out / "cells" / f"{key}.json"
-        tmp = path.with_suffix(".json.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: --parallel workers
         tmp.write_text(json.dumps(data))
         tmp.replace(path)
         return data
@@ -295,9 +296,11 @@ class Evaluation:
             parts.append(adv)
         seconds = time.perf_counter() - t0
         x_adv = torch.cat(parts)
-        if cache_key is not None:
-            save_file({"x_adv": x_adv.contiguous(), "seconds": torch.tensor([seconds])},
-                      str(self.out / "adv" / f"{cache_key}.safetensors"))
+        if cache_key is not None:  # written whole, then renamed: a parallel reader never sees half a file
+            path = self.out / "adv" / f"{cache_key}.safetensors"
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            save_file({"x_adv": x_adv.contiguous(), "seconds": torch.tensor([seconds])}, str(tmp))
+            tmp.replace(path)
         return x_adv, seconds
 
     def _cell(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, clean: dict,
@@ -361,13 +364,25 @@ class Evaluation:
         return [name for name, sc in twin.detector_scores(x).items() if not sc.requires_grad]
 
     # ---- the matrix -------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def config(self, name: str) -> PipelineConfig:
+        return next(c for c in self.configs if c.name == name)
+
+    def run(self, parallel: int = 1) -> dict[str, Any]:
+        """The whole matrix. ``parallel`` > 1: the cells are first computed by that many worker
+        processes into the cache (attacks/parallel.py), then assembled here as usual."""
         s = self.settings
         plan = []
         for cfg in self.configs:
             for attack in s.attacks:
                 for eps in (s.eps_l2 if ATTACKS[attack].norm == "l2" else s.eps):
                     plan.append((cfg, attack, eps))
+        if parallel > 1:
+            from robustgate.attacks.parallel import fill_cache
+
+            with tqdm(total=len(plan) + len(self.configs), desc=f"eval x{parallel}", unit="cell",
+                      disable=not self.progress) as filling:
+                fill_cache(self, [(c.name, a, e) for c, a, e in plan], parallel,
+                           on_done=lambda label: filling.update(1))
         result: dict[str, Any] = {
             "bundle": {"path": str(self.bundle.root), "name": self.bundle.name,
                        "backbone_sha256": self.bundle.spec.backbone.onnx.sha256},

@@ -1,7 +1,7 @@
 """Red-team benchmark (issue 4): the default bundle's evaluation matrix, timed.
 
     .venv/bin/python bench/redteam/run.py [--n 1000] [--n-autoattack 500] [--n-diffusion 200] \
-        [--threads 2] [--matrix bench/redteam/matrix.yaml] [--out reports/redteam]
+        [--threads 1] [--parallel 2] [--matrix bench/redteam/matrix.yaml] [--out reports/redteam]
 
 Runs ``robustgate eval`` three times on ``bundles/default`` -- the matrix of configurations in
 ``matrix.yaml`` (no defense, each defense alone, the default pipeline) x the white-box,
@@ -12,7 +12,10 @@ EOT and Square cells alone would take many hours here) -- and records for each r
 time, the CPU seconds it used, the load average before and after, and every cell's own wall
 time. The target is that the whole matrix
 completes in at most 2 hours on this 2-core machine; on a shared machine the wall time is an
-upper bound and the CPU seconds say how much of it was this benchmark's.
+upper bound and the CPU seconds say how much of it was this benchmark's. ``--parallel K`` runs
+each invocation's cells in K worker processes (``robustgate eval --parallel``, attacks/parallel.py;
+one per core); the wall time of cells reused from an interrupted run is then added as if they had
+run one after another (an upper bound).
 
 Results: bench/results/redteam.json and bench/results/redteam.md (the reports themselves stay in
 ``--out``: results.json/results.md/plots per run, cells cached so an interrupted run resumes).
@@ -122,12 +125,14 @@ def main() -> int:
     p.add_argument("--eot", type=int, default=8)
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=1, help="worker processes per eval run (robustgate eval --parallel)")
     p.add_argument("--out", default="reports/redteam")
     p.add_argument("--results", default="bench/results/redteam")
     args = p.parse_args()
 
     out = Path(args.out)
-    common = ["--bundle", args.bundle, "--pipeline", args.matrix, "--threads", str(args.threads), "--no-progress"]
+    par = ["--parallel", str(args.parallel)] if args.parallel > 1 else []
+    common = ["--bundle", args.bundle, "--pipeline", args.matrix, "--threads", str(args.threads), *par, "--no-progress"]
     plan = {
         "matrix": [*common, "--each-alone", "--attacks", args.attacks, "--eps", args.eps, "--n", str(args.n),
                    "--steps", "20", "--eot", str(args.eot), "--queries", str(args.queries),
@@ -137,7 +142,7 @@ def main() -> int:
     }
     if args.n_diffusion:
         plan["diffusion"] = ["--bundle", args.bundle, "--pipeline", args.diffusion_matrix, "--threads", str(args.threads),
-                             "--no-progress", "--attacks", args.attacks, "--eps", args.eps, "--n", str(args.n_diffusion),
+                             *par, "--no-progress", "--attacks", args.attacks, "--eps", args.eps, "--n", str(args.n_diffusion),
                              "--steps", "20", "--eot", str(args.diffusion_eot), "--queries", str(args.queries),
                              "--out", str(out / "diffusion")]
     runs = {}

@@ -49,7 +49,7 @@ import onnxruntime as ort
 
 from robustgate.defenses.runtime import check_runtime, export_onnx, load_weights, save_weights
 
-ARCHS = ("I", "II")
+ARCHS = ("I", "II", "III")
 # ONNX Runtime graph optimization levels. "all" adds layout transforms (NCHWc) that speed up wide
 # convolutions; for an autoencoder of a few channels at full resolution they cost more than they
 # save (measured, batch 64, 1 thread: width 4 ~2.3x faster with "extended", width 32 ~1.8x slower;
@@ -66,7 +66,10 @@ def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = 
     """Autoencoder I (detector I and the reformer): conv-act, avg-pool, two conv-act, upsample,
     conv-act, conv-sigmoid to ``channels``. Autoencoder II (detector II): two conv-act layers and
     a conv-sigmoid, no pooling. All convolutions 3x3 with ``width`` filters; the paper uses
-    ``width=3`` and sigmoid activations ("Conv.Sigmoid 3x3x3"). The output is always a sigmoid,
+    ``width=3`` and sigmoid activations ("Conv.Sigmoid 3x3x3"). Autoencoder III (robustgate's, for
+    a detector much cheaper than the classifier it guards): II's three layers with the first
+    strided (half resolution) and the last a 4x4 transposed convolution back to full resolution,
+    ~1/6 of II's cost at the same width (even H and W only). The output is always a sigmoid,
     so reconstructions stay in [0, 1]."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
@@ -86,6 +89,12 @@ def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = 
             nn.Conv2d(channels, width, 3, padding=1), act(),
             nn.Conv2d(width, width, 3, padding=1), act(),
             nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid(),
+        )
+    if arch == "III":  # robustgate's, not the paper's: autoencoder II's depth at half resolution
+        return nn.Sequential(
+            nn.Conv2d(channels, width, 3, stride=2, padding=1), act(),  # [N, w, ceil(H/2), ceil(W/2)]
+            nn.Conv2d(width, width, 3, padding=1), act(),
+            nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1), nn.Sigmoid(),  # [N, C, 2*ceil(H/2), ...]
         )
     raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
@@ -194,6 +203,9 @@ class _AutoencoderDefense:
     def _fit_ae(self, data: FitData) -> None:
         self._channels = data.train_x.shape[1]
         self._item_shape = tuple(data.train_x.shape[1:])  # (C, H, W) of the ONNX export
+        if self.arch == "III" and any(side % 2 for side in self._item_shape[1:]):
+            raise ValueError(f"{self.kind}: arch III halves and doubles the resolution, so it needs an even height "
+                             f"and width, got {self._item_shape[1:]}; use arch I or II")
         with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
             torch.manual_seed(self.seed)
             ae = autoencoder(self.arch, self._channels, self.width, self.activation)
@@ -256,7 +268,7 @@ class MagNet(_AutoencoderDefense, Detector):
     Args:
         criterion: ``"l1"``, ``"l2"`` or ``"jsd"``.
         temperature: ``T`` of the JSD criterion (ignored otherwise), > 0.
-        arch: autoencoder ``"I"`` (pooling) or ``"II"`` (no pooling).
+        arch: autoencoder ``"I"`` (pooling), ``"II"`` (no pooling) or ``"III"`` (II at half resolution).
         width: filters per conv layer (the paper: 3).
         activation: hidden activation, ``"sigmoid"`` (the paper) or ``"relu"``.
 

@@ -145,3 +145,32 @@ def test_smoothing_reports_certified_accuracy(tiny, backbone, tmp_path):
     eot = next(c for c in result["cells"] if c["attack"] == "eot")
     assert eot["status"] == "done" and eot["threat_model"]["eot"] == 2
     assert "Certified accuracy" in (tmp_path / "s" / "results.md").read_text()
+
+
+def test_parallel_workers_fill_the_same_cells_as_one_process(tiny_bundle, tmp_path):
+    """``--parallel 2``: two worker processes compute the cells, the parent assembles them; every
+    cell matches the one-process run (attacks are seeded per cell, so order does not matter), and
+    a second parallel run finds everything cached."""
+    from robustgate.proxy.cli import main
+
+    pipeline = tmp_path / "configs.yaml"
+    pipeline.write_text(yaml.safe_dump({"configs": {
+        "bits": {"stages": [{"name": "bits", "kind": "bitdepth", "params": {"bits": 3}}]},
+        "jpeg": {"stages": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 60}}]}}}))
+    common = ["eval", "--bundle", str(tiny_bundle), "--pipeline", str(pipeline), "--attacks", "fgsm,pgd,bpda,square",
+              "--eps", "0.1,0.3", "--n", "12", "--steps", "3", "--queries", "8", "--no-progress", "--surface-points", "0"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--parallel", "2", "--out", str(tmp_path / "two")]) == 0
+
+    def cells(name):
+        data = json.loads((tmp_path / name / "results.json").read_text())
+        return {(c["config"], c["attack"], c["eps"]): (c["status"], c.get("metrics", {}).get("robust_accuracy"))
+                for c in data["cells"]}
+
+    one, two = cells("one"), cells("two")
+    assert len(one) == 3 * 4 * 2 and one == two
+    stored = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "two" / "cells").iterdir()}
+    assert not [f for f in (tmp_path / "two" / "cells").iterdir() if f.name.endswith(".tmp")]
+    assert main([*common, "--parallel", "2", "--out", str(tmp_path / "two")]) == 0
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "two" / "cells").iterdir()} == stored  # all reused
+    assert main([*common, "--parallel", "0", "--out", str(tmp_path / "bad")]) == 2

@@ -42,7 +42,7 @@ def test_reconstruction_error_norms():
     assert reconstruction_error(x, r, 2).tolist() == pytest.approx([0.5, 0.0])
 
 
-@pytest.mark.parametrize("arch", ["I", "II"])
+@pytest.mark.parametrize("arch", ["I", "II", "III"])
 def test_autoencoders_keep_shape_and_range(arch):
     ae = autoencoder(arch, channels=1, width=3)
     y = ae(torch.rand(2, 1, 28, 28))
@@ -53,7 +53,7 @@ def test_autoencoders_keep_shape_and_range(arch):
     "kwargs, match",
     [
         ({"criterion": "l3"}, "criterion must be one of l1, l2, jsd"),
-        ({"arch": "III"}, "arch must be one of I, II"),
+        ({"arch": "IV"}, "arch must be one of I, II, III"),
         ({"temperature": 0}, "temperature must be positive"),
         ({"runtime": "tf"}, "runtime must be one of torch, onnx"),
         ({"epochs": 0}, "epochs must be a positive integer"),
@@ -63,6 +63,12 @@ def test_autoencoders_keep_shape_and_range(arch):
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build("magnet", **kwargs)
+
+
+def test_arch_iii_refuses_odd_image_sides_at_fit():
+    odd = torch.rand(8, 1, 27, 28)
+    with pytest.raises(ValueError, match="arch III halves and doubles the resolution, so it needs an even height"):
+        build("magnet", arch="III", width=4, epochs=1).fit(FitData(odd, torch.zeros(8, dtype=torch.long), odd, None))
 
 
 def test_unfitted_and_missing_classifier_raise(fitted_magnet, fixed_images):
