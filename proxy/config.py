@@ -100,9 +100,9 @@ class ServerConfig(_Strict):
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     admin: bool = True  # serve robustgate.admin.v1.Admin/Reload (token-protected when auth is on)
-    # niceness added to the threads that compute batches (batch workers, ONNX Runtime's pools), so that
-    # the event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off
-    compute_nice: int = Field(10, ge=0, le=19)
+    compute_nice: int = Field(10, ge=0, le=19, description=(
+        "niceness added to the threads that compute batches (batch workers, ONNX Runtime's pools), so that the "
+        "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off"))
 
 
 class OnnxRuntimeConfig(_Strict):
