@@ -6,7 +6,8 @@ cached files (attacks/runner.py), so the workers only fill the cache: each build
 torch thread) and computes the cells it is handed; the parent then runs the ordinary sequential
 pass, which finds every cell cached and assembles the reports exactly as a one-process run would.
 Processes rather than threads: the attacks are Python-heavy torch loops that a shared GIL would
-serialize.
+serialize. The workers are spawned, not forked: they know the defenses robustgate registers on
+import, not ones a caller registered at run time.
 
 Order, so that no core idles at the end while one long cell runs on: first every configuration's
 clean pass and one cell per backbone attack (its adversarial examples are shared by every
@@ -94,5 +95,4 @@ def _drain(futures: list[Future], on_done: Callable[[str], None]) -> None:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for f in done:
             label = f.result()  # re-raises a worker's exception here
-            if isinstance(label, str):
-                on_done(label)
+            on_done(label if isinstance(label, str) else "clean pass")
