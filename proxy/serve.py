@@ -78,19 +78,23 @@ def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
     return OnnxClassifier(OnnxBackend(bundle, device="cpu", intra_op_threads=1, inter_op_threads=1))
 
 
+def _build_pipeline(cfg: ProxyConfig, bundle: Bundle):
+    """The backend and the pipeline runner around it (the backend is closed if the runner fails)."""
+    backend = make_backend(cfg, bundle)
+    try:
+        return backend, build_runner(cfg.pipeline, bundle, backend, local_classifier(cfg, bundle, backend))
+    except Exception:
+        backend.close()
+        raise
+
+
 def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False) -> ProxyServer:
     """Everything but the event loop; raises BundleError / ValueError with a precise message.
     ``config_loader() -> ProxyConfig`` is what a hot reload re-reads (None: reload refused);
     ``freeze_heap``: the process is the server's own (``robustgate serve``), see ProxyServer."""
     bundle = Bundle.load(cfg.bundle)
     # sessions built at compute priority: the pools they start inherit it (proxy/priority.py)
-    backend = call_at_priority(cfg.server.compute_nice, make_backend, cfg, bundle)
-    try:
-        runner = call_at_priority(cfg.server.compute_nice, lambda: build_runner(
-            cfg.pipeline, bundle, backend, local_classifier(cfg, bundle, backend)))
-    except Exception:
-        backend.close()
-        raise
+    backend, runner = call_at_priority(cfg.server.compute_nice, _build_pipeline, cfg, bundle)
     revision = str(bundle.spec.provenance.get("code_revision", "unknown"))
     return ProxyServer(cfg, bundle, backend, runner, revision=revision, config_loader=config_loader,
                        freeze_heap=freeze_heap)

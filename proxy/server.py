@@ -282,7 +282,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def freeze_heap() -> None:
+def freeze_gc_heap() -> None:
     """Moves every object alive now (torch, ONNX Runtime, the bundle: ~490k objects) out of the
     cyclic garbage collector's reach. Under load the collector's full passes over that heap took
     ~235 ms each, stopping the event loop: the p99 of even a refusal was a GC pause
@@ -297,7 +297,7 @@ class ProxyServer:
     def __init__(self, cfg: ProxyConfig, bundle, backend: Backend, runner: PipelineRunner, revision: str = "unknown",
                  config_loader: Callable[[], ProxyConfig] | None = None, freeze_heap: bool = False):
         self.cfg = cfg
-        self.freeze_heap = freeze_heap  # gc.freeze() after start and reload (freeze_heap()); the CLI's server sets it
+        self.freeze_heap = freeze_heap  # freeze_gc_heap() after start and reload; the CLI's server sets it
         self.config_loader = config_loader  # re-reads the config for a hot reload (None: reload refused)
         self.bundle = bundle
         self.backend = backend
@@ -389,7 +389,7 @@ class ProxyServer:
         await self._update_health()
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
         if self.freeze_heap:
-            freeze_heap()
+            freeze_gc_heap()
         log.info("robustgate serving %s on port %d (metrics %s)", self.contract.model_name, self.port, self.metrics_port)
         return self.port
 
@@ -460,7 +460,7 @@ class ProxyServer:
                 self.metrics.rejections.labels(detector=stage.name)
             self.metrics.reloads.labels(result="ok").inc()
             if self.freeze_heap:
-                freeze_heap()  # the new pipeline's objects join the frozen heap
+                freeze_gc_heap()  # the new pipeline's objects join the frozen heap
             summary = self.pipeline_summary()
             summary["ignored"] = ignored
             log.info("reloaded the pipeline: %s", summary)
