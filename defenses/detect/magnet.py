@@ -69,7 +69,7 @@ def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = 
     ``width=3`` and sigmoid activations ("Conv.Sigmoid 3x3x3"). Autoencoder III (robustgate's, for
     a detector much cheaper than the classifier it guards): II's three layers with the first
     strided (half resolution) and the last a 4x4 transposed convolution back to full resolution,
-    ~1/6 of II's cost at the same width (even H and W only). The output is always a sigmoid,
+    ~1/6 of II's cost at width 16 (bench/results/detect.ae_cost.md; even H and W only). The output is always a sigmoid,
     so reconstructions stay in [0, 1]."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
