@@ -15,12 +15,14 @@ calls do nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("robustgate.proxy")
 
 PER_THREAD = sys.platform.startswith("linux")
 
@@ -30,8 +32,11 @@ def lower_this_thread(nice: int) -> None:
     if nice <= 0 or not PER_THREAD:
         return
     tid = threading.get_native_id()
-    current = os.getpriority(os.PRIO_PROCESS, tid)
-    os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
+    except OSError as exc:  # a sandbox that forbids it: serve at equal priority rather than not at all
+        log.warning("server.compute_nice: could not lower thread %d's priority (%s); it runs at the loop's", tid, exc)
 
 
 def call_at_priority(nice: int, fn: Callable[..., T], *args, **kwargs) -> T:

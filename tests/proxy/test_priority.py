@@ -125,3 +125,12 @@ def test_the_serve_process_freezes_its_heap_after_start(start_proxy):
     finally:
         proxy.stop()
         gc.unfreeze()  # hand the test process's heap back to the collector
+
+
+def test_a_refused_priority_change_is_logged_and_the_thread_runs_on(monkeypatch, caplog):
+    def refuse(*args):
+        raise PermissionError("not allowed here")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    assert call_at_priority(5, lambda: "served") == "served"
+    assert "could not lower thread" in caplog.text and "not allowed here" in caplog.text
