@@ -535,10 +535,7 @@ class ProxyServer:
         for stage, seconds in result.seconds.items():
             m.stage_duration.labels(stage=stage).observe(seconds)
         for stage, scores in result.scores.items():
-            hist = m.detector_score.labels(detector=stage)
-            for s in scores.tolist():
-                if math.isfinite(s):
-                    hist.observe(s)
+            m.detector_score.observe_many(stage, scores.detach().cpu().numpy())
         for stage in result.failed_stages:
             m.stage_failures.labels(stage=stage, policy=self.runner.failure_policy).inc()
 
@@ -583,8 +580,9 @@ class ProxyServer:
         """Verdict semantics and encoding of one request's share of a batch result."""
         m = self.metrics
         verdict = result.verdict.numpy()  # [N]
-        for v in verdict.tolist():
-            m.items.labels(verdict=VERDICT_NAMES[v]).inc()
+        for v, count in enumerate(np.bincount(verdict, minlength=len(VERDICT_NAMES)).tolist()):
+            if count:  # one increment per verdict, not per item (~3.5 us each on the event loop)
+                m.items.labels(verdict=VERDICT_NAMES[v]).inc(count)
         for i in np.flatnonzero(verdict == REJECTED).tolist():
             reason = result.reason[i] or "unknown"
             m.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc()

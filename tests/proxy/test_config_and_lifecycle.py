@@ -116,7 +116,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path, proxy_bundl
     path = write(tmp_path, {
         "bundle": str(proxy_bundle),
         "server": {"host": "127.0.0.1", "metrics_host": "127.0.0.1", "grace_s": 60},
-        "batching": {"enabled": True, "max_batch_size": 64},
+        "batching": {"enabled": True, "max_batch_size": 64, "workers": 1},  # one batch runs at a time
         "pipeline": {"stages": [{"name": "slow", "kind": "test_proxy_sleep", "params": {"seconds": 0.4}}]},
     })
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
