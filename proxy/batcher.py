@@ -9,7 +9,7 @@ the next request would take it past ``max_batch_size`` items (a request larger t
 alone, never split). Batches run in worker threads (the pipeline is synchronous torch/numpy;
 ONNX Runtime releases the GIL), and the next batch is collected only when a worker is free, so
 requests arriving meanwhile pile up into it. With ``enabled=False`` every request runs alone, in
-arrival order. ``workers`` batches may run at once (the server's default: 2 for the in-process backend,
+arrival order. ``workers`` batches may run at once (the server's default: 1 for the in-process backend,
 4 for an upstream one, ``BatchingConfig.resolved_workers``); a batch is collected only when a worker
 is free.
 

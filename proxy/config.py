@@ -142,14 +142,14 @@ class BatchingConfig(_Strict):
         "wait budget: a request is refused (RESOURCE_EXHAUSTED) when the items already waiting would take "
         "longer than this to work off at the recent service time per item; null = off (only max_queue_items "
         "bounds the queue); deploy/default.yaml sets 100"))
-    workers: int | None = Field(None, ge=1)  # batches running at once; None: 2 (onnxruntime), 4 (upstream)
+    workers: int | None = Field(None, ge=1)  # batches running at once; None: 1 (onnxruntime), 4 (upstream)
 
     def resolved_workers(self, backend_kind: str) -> int:
-        # onnxruntime: two batches in flight, so that one computes while the event loop hands the
-        # other's answers back, and a single-threaded stage (the MagNet autoencoder, the JPEG codec)
-        # overlaps the other batch's backbone: +15-20% items/s at batch 64 on 2 cores, and half
-        # MagNet's added cost (bench/results/detect.proxy_cost_workers)
-        return self.workers if self.workers is not None else (4 if backend_kind == "upstream" else 2)
+        # onnxruntime: one batch at a time. Two in flight give +15-20% items/s at batch 64
+        # (bench/results/detect.proxy_cost_workers, purify.proxy_cost_workers2) but under an overload
+        # of small requests the second worker's Python work contends for the GIL with the event loop:
+        # refusal p99 1.2 s instead of 0.11 s at 1,500 requests/s (hardening.overload_workers2)
+        return self.workers if self.workers is not None else (4 if backend_kind == "upstream" else 1)
 
 
 class StageConfig(_Strict):
