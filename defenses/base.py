@@ -195,6 +195,13 @@ class Detector(Defense):
     def score(self, x: torch.Tensor, classifier: Classifier | None = None) -> torch.Tensor:
         """``[N, C, H, W]`` -> ``[N]`` float scores, higher = more likely adversarial."""
 
+    def onnx_score_model(self):
+        """The score as one ONNX graph, ``[N, C, H, W]`` raw input -> ``[N]``, that a backend may
+        fuse into the backbone's graph (proxy/backends/fuse.py): one session call for both, without
+        this detector's own session and tensor glue. ``None`` (the default): no such graph, the
+        pipeline calls :meth:`score`. Its scores must equal :meth:`score`'s (a parity test)."""
+        return None
+
     def is_adversarial(self, scores: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: score above the calibrated threshold."""
         if self.threshold is None:

@@ -20,7 +20,10 @@ Semantics (DESIGN.md, "The defense pipeline"):
    once, and detectors that query the backbone on ``x`` (SafetyNet's features, MagNet-JSD's
    logits on ``x``) read its outputs instead of running the backbone again. Same scores, same
    verdicts; without ``classify_features`` (the red team's torch twin, upstream backends) the
-   detectors query ``classifier`` as before.
+   detectors query ``classifier`` as before. **Fused scores**: ``classify_features`` may also
+   return scores it computed in the same pass, by stage name (the proxy fuses MagNet's
+   reconstruction error into the backbone's ONNX graph, proxy/backends/fuse.py); those detectors'
+   ``score`` is not called and their time is part of ``classify``'s.
 4. A stage that raises follows the failure policy: ``fail-closed`` rejects every item of the
    batch (reason ``"<stage> failed"``); ``fail-open`` skips the stage and records the failure.
    The classifier failing is never absorbed here: it propagates to the caller.
@@ -131,7 +134,8 @@ class DefendedModel:
         classifier: the local backbone view detectors may query (MagNet, SafetyNet).
         failure_policy: ``fail-closed`` (default) or ``fail-open``.
         classify_features: optional ``[M, C, H, W]`` -> (``[M, K]`` logits, ``[M, D]`` features or
-            None) in one pass; used instead of ``classify`` for the shared pass (module docstring).
+            None[, stage name -> ``[M]`` fused scores]) in one pass; used instead of ``classify`` for
+            the shared pass (module docstring).
         max_fanout_items: the most copies an ensemble sends to ``classify`` in one call: a larger
             fan-out (smoothing with n = 1,000 on a batch of 64 is 68,000 images, gigabytes of
             activations) is classified in consecutive chunks of at most this many (None: one call).
@@ -189,25 +193,29 @@ class DefendedModel:
                         reason[i] = f"{stage.name} failed"
 
         # 0. shared pass: classify the raw input first when it is what the classifier sees anyway
-        logits, classifier = None, self.classifier
+        logits, classifier, fused = None, self.classifier, {}
         detectors, purifiers, ens_stage = split_stages(self.stages)
         if self.classify_features is not None and detectors and not purifiers and ens_stage is None:
             t0 = time.perf_counter()
-            logits, feats = self.classify_features(x)  # [N, K], [N, D] or None
+            logits, feats, *more = self.classify_features(x)  # [N, K], [N, D] or None[, {stage: [N]}]
             seconds["classify"] = time.perf_counter() - t0
             classifier = SharedPass(self.classifier, x, logits, feats)
+            fused = more[0] if more else {}
 
         # 1. detectors on the raw input
         for stage in detectors:
             det: Detector = stage.defense  # type: ignore[assignment]
-            t0 = time.perf_counter()
-            try:
-                s = det.score(x, classifier).detach().reshape(n).float()
-            except Exception:  # noqa: BLE001 - a failing stage follows the failure policy, recorded by name
+            if stage.name in fused:  # computed in the shared pass (its time is classify's)
+                s = fused[stage.name].detach().reshape(n).float()
+            else:
+                t0 = time.perf_counter()
+                try:
+                    s = det.score(x, classifier).detach().reshape(n).float()
+                except Exception:  # noqa: BLE001 - a failing stage follows the failure policy, recorded by name
+                    seconds[stage.name] = time.perf_counter() - t0
+                    _fail(stage)
+                    continue
                 seconds[stage.name] = time.perf_counter() - t0
-                _fail(stage)
-                continue
-            seconds[stage.name] = time.perf_counter() - t0
             scores[stage.name] = s
             if det.threshold is None:
                 continue

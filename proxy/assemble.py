@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from robustgate.defenses.base import Classifier, Detector, Ensemble, build_from_bundle
-from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage
+from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage, split_stages
 from robustgate.models.bundle import Bundle
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import PipelineConfig
@@ -73,6 +73,17 @@ class PipelineRunner:
     def __post_init__(self):
         # validates the stage list once at start (the per-batch models reuse these stages)
         DefendedModel(self.stages, self._classify_with(None), self.classifier, self.failure_policy)
+        self.fused = self._fuse()
+
+    def _fuse(self):
+        """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score
+        graph, when the pipeline has a shared pass (detectors only) and the backend can fuse;
+        else None. A detector that fuses here runs in the backbone's session call."""
+        detectors, purifiers, ensemble = split_stages(self.stages)
+        if not (self.share_features and detectors and not purifiers and ensemble is None and hasattr(self.backend, "fused_pass")):
+            return None
+        models = {s.name: m for s in detectors if (m := s.defense.onnx_score_model()) is not None}
+        return self.backend.fused_pass(models) if models else None
 
     @property
     def detector_names(self) -> tuple[str, ...]:
@@ -90,8 +101,12 @@ class PipelineRunner:
         return classify
 
     def _classify_features_with(self, timeout: float | None):
-        def classify_features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # [M, K], [M, D] | None
+        def classify_features(x: torch.Tensor) -> tuple:  # [M, K], [M, D] | None[, {stage: [M]}]
             arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+            if self.fused is not None:
+                logits, feats, scores = self.fused(arr)
+                return (torch.from_numpy(logits), None if feats is None else torch.from_numpy(feats),
+                        {stage: torch.from_numpy(v) for stage, v in scores.items()})
             logits, feats = self.backend.infer_with_features(arr, timeout=timeout)
             return (torch.from_numpy(np.asarray(logits, dtype=np.float32)),
                     None if feats is None else torch.from_numpy(np.asarray(feats, dtype=np.float32)))

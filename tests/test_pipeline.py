@@ -245,3 +245,16 @@ def test_shared_pass_without_features_falls_back_to_the_local_classifier():
                         classify_features=lambda h: (CountingClassifier()(h), None))(batch())
     assert local.calls == ["features"]  # logits on x came from the pass, features from the local copy
     assert out.verdict.tolist() == [ACCEPTED, ACCEPTED, REJECTED]
+
+
+def test_fused_scores_from_the_shared_pass_replace_the_detector_call():
+    x = batch()
+    plain = DefendedModel([Stage("mean", MeanDetector(threshold=0.5))], CountingClassifier())(x)
+    # the fused score is the same function of x; the detector itself would fail if called
+    stages = [Stage("mean", BrokenDetector(threshold=0.5)), Stage("feat", FeatureDetector(threshold=1.0), "log")]
+    fused = DefendedModel(stages, CountingClassifier(), LocalBackbone(), failure_policy="fail-closed",
+                          classify_features=lambda h: (LocalBackbone().model(h), h.mean(dim=(2, 3)),
+                                                       {"mean": MeanDetector().score(h)}))(x)
+    assert fused.failed_stages == [] and "mean" not in fused.seconds and "feat" in fused.seconds
+    assert torch.equal(fused.scores["mean"], plain.scores["mean"])
+    assert fused.verdict.tolist() == plain.verdict.tolist() and fused.reason == plain.reason

@@ -141,6 +141,42 @@ def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: 
     return 0.5 * (kl_pm + kl_qm)
 
 
+def reconstruction_error_graph(ae, p: int):
+    """``ae`` (an autoencoder's ONNX model, one input ``[N, C, H, W]`` -> one output ``AE(x)``)
+    extended to :func:`reconstruction_error`'s ``||x - AE(x)||_p`` per item: a new model whose one
+    output, ``score`` ``[N]``, is the L1 (``p = 1``) or L2 (``p = 2``) error over all pixels."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if p not in (1, 2):
+        raise ValueError(f"reconstruction_error_graph: p must be 1 or 2, got {p!r}")
+    model = onnx.ModelProto()
+    model.CopyFrom(ae)
+    g = model.graph
+    if len(g.input) != 1 or len(g.output) != 1:
+        raise ValueError("reconstruction_error_graph: the autoencoder graph must have one input and one output")
+    x, rec = g.input[0].name, g.output[0].name
+    taken = {n for node in g.node for n in (*node.input, *node.output)} | {i.name for i in g.initializer}
+    name = lambda base: next(f"{base}_{i}" for i in range(len(taken) + 1) if f"{base}_{i}" not in taken)  # noqa: E731
+    diff, err, axes, score = name("score_diff"), name("score_err"), name("score_axes"), "score"
+    if score in taken:
+        raise ValueError("reconstruction_error_graph: the autoencoder graph already has a value named 'score'")
+    g.initializer.append(helper.make_tensor(axes, TensorProto.INT64, [3], [1, 2, 3]))
+    g.node.append(helper.make_node("Sub", [x, rec], [diff]))
+    if p == 1:
+        g.node.extend([helper.make_node("Abs", [diff], [err]),
+                       helper.make_node("ReduceSum", [err, axes], [score], keepdims=0)])
+    else:
+        total = name("score_sq_sum")
+        g.node.extend([helper.make_node("Mul", [diff, diff], [err]),
+                       helper.make_node("ReduceSum", [err, axes], [total], keepdims=0),
+                       helper.make_node("Sqrt", [total], [score])])
+    batch = g.input[0].type.tensor_type.shape.dim[0]
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info(score, TensorProto.FLOAT, [batch.dim_param or batch.dim_value or "batch"]))
+    return model
+
+
 class AeSession:
     """The exported autoencoder in one ONNX Runtime CPU session: ``[N, C, H, W]`` torch tensor ->
     ``AE(x)`` (float32, no gradient). ``threads`` intra-op threads (idle workers do not spin, so
@@ -196,6 +232,7 @@ class _AutoencoderDefense:
         self.onnx_threads, self.onnx_optimization = onnx_threads, onnx_optimization
         self.ae: nn.Module | None = None  # torch twin
         self._onnx: AeSession | None = None
+        self._onnx_path: Path | None = None  # ae.onnx, once loaded (onnx_score_model)
         self._channels: int | None = None
         self._item_shape: tuple[int, ...] | None = None
         self.history: list[float] = []
@@ -240,6 +277,7 @@ class _AutoencoderDefense:
         session = AeSession(files["ae_onnx"], self.onnx_threads, self.onnx_optimization)
         self._item_shape = session.item_shape  # (C, H, W)
         self._onnx = session if self.runtime == "onnx" else None
+        self._onnx_path = Path(files["ae_onnx"])
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``AE(x)``: ``[N, C, H, W]`` -> ``[N, C, H, W]`` in [0, 1] (sigmoid output)."""
@@ -318,6 +356,16 @@ class MagNet(_AutoencoderDefense, Detector):
         if self.criterion == "l2":
             return reconstruction_error(x, rec, 2)
         return jensen_shannon(classifier.logits(x), classifier.logits(rec), self.temperature)
+
+    def onnx_score_model(self):
+        """With ``runtime="onnx"`` and a reconstruction-error criterion (l1, l2): ``ae.onnx`` plus the
+        error, for the proxy to fuse into the backbone's graph (Detector.onnx_score_model). None for
+        the torch runtime and for ``jsd`` (it needs the backbone on ``AE(x)``)."""
+        if self.runtime != "onnx" or self.criterion == "jsd" or self._onnx is None:
+            return None
+        import onnx
+
+        return reconstruction_error_graph(onnx.load(str(self._onnx_path)), 1 if self.criterion == "l1" else 2)
 
 
 @register

@@ -60,6 +60,7 @@ class OnnxBackend(Backend):
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         path = bundle.path(bundle.spec.backbone.onnx)
         providers = providers_for(device)
+        self._opts, self._providers = opts, providers
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types; name the file
@@ -97,6 +98,22 @@ class OnnxBackend(Backend):
         logits, feats = self.run(np.ascontiguousarray(x, dtype=np.float32), [self.logits_output, self.features_output])
         return np.asarray(logits, dtype=np.float32), np.asarray(feats, dtype=np.float32).reshape(x.shape[0], -1)
 
+    def fused_pass(self, score_models: dict[str, "onnx.ModelProto"]) -> "FusedPass":
+        """A second session of the backbone with these detectors' score graphs fused in
+        (proxy/backends/fuse.py), for the pipeline's shared pass; this backend's own session is
+        unchanged. ValueError when a graph cannot be fused or ONNX Runtime refuses the result."""
+        import onnx
+
+        from robustgate.proxy.backends.fuse import fuse_score_graphs
+
+        path = self.bundle.path(self.bundle.spec.backbone.onnx)
+        fused, outputs = fuse_score_graphs(onnx.load(str(path)), score_models)
+        try:
+            session = ort.InferenceSession(fused.SerializeToString(), sess_options=self._opts, providers=self._providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ValueError(f"{path}: ONNX Runtime could not load the backbone fused with {sorted(outputs)}: {exc}") from exc
+        return FusedPass(self, session, outputs)
+
     def ready(self) -> bool:
         return not self._closed
 
@@ -118,6 +135,30 @@ class OnnxBackend(Backend):
 
     def close(self) -> None:
         self._closed = True
+
+
+class FusedPass:
+    """The backbone and fused detector scores in one session call: ``x`` ``[M, C, H, W]`` float32
+    -> (logits ``[M, K]``, features ``[M, D]`` or None, stage -> score ``[M]``)."""
+
+    def __init__(self, backend: OnnxBackend, session: ort.InferenceSession, score_outputs: dict[str, str]):
+        self.backend, self.session, self.score_outputs = backend, session, dict(score_outputs)
+        self.stages = tuple(self.score_outputs)
+        self._names = [backend.logits_output, *([backend.features_output] if backend.features_output else []),
+                       *self.score_outputs.values()]
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+        if self.backend._closed:
+            raise BackendError("UNAVAILABLE", "onnxruntime backend is closed")
+        try:
+            got = self.session.run(self._names, {self.backend.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        except Exception as exc:  # as OnnxBackend.run
+            raise BackendError("INTERNAL", f"onnxruntime failed: {exc}") from exc
+        logits, rest = np.asarray(got[0], dtype=np.float32), got[1:]
+        feats = None
+        if self.backend.features_output:
+            feats, rest = np.asarray(rest[0], dtype=np.float32).reshape(x.shape[0], -1), rest[1:]
+        return logits, feats, {stage: np.asarray(s, dtype=np.float32) for stage, s in zip(self.stages, rest)}
 
 
 class OnnxClassifier:

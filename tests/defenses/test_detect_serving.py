@@ -69,6 +69,8 @@ def pipeline(action):
 def test_clean_accepted_and_adversarial_rejected(served):
     proxy = LoopbackProxy(served["root"], pipeline("reject"))
     try:
+        # the L1 detector runs inside the backbone's session call (proxy/backends/fuse.py)
+        assert proxy.server.runner.fused is not None and proxy.server.runner.fused.stages == (STAGE,)
         res = infer(proxy.url, served["name"], served["clean"])
         np.testing.assert_array_equal(res.as_numpy("robustgate_verdict"), np.zeros(8))
         with torch.no_grad():
