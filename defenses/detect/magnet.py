@@ -25,7 +25,9 @@ Runtime when the stage's params say ``runtime: onnx``) and as a safetensors stat
 (``ae.safetensors``, the torch twin). ``runtime="torch"`` (default) keeps the autograd graph:
 ``score`` is differentiable in ``x`` (through the classifier too, for ``jsd``, when the
 classifier is a differentiable torch view), which is what an adaptive attack needs to drive the
-score under the threshold. A parity test checks both runtimes give the same scores.
+score under the threshold. A parity test checks both runtimes give the same scores. With
+``runtime: onnx`` and criterion l1 or l2, ``onnx_score_model`` gives ``ae.onnx`` extended with the
+error itself, which the proxy fuses into the backbone's session (proxy/backends/fuse.py).
 
 Known limit: MagNet is not robust to adaptive attacks. Carlini & Wagner ("MagNet and 'Efficient
 Defenses Against Adversarial Attacks' are Not Robust to Adversarial Examples", 2017) break it
