@@ -23,7 +23,7 @@ Semantics (DESIGN.md, "The defense pipeline"):
    detectors query ``classifier`` as before. **Fused scores**: ``classify_features`` may also
    return scores it computed in the same pass, by stage name (the proxy fuses MagNet's
    reconstruction error into the backbone's ONNX graph, proxy/backends/fuse.py); those detectors'
-   ``score`` is not called and their time is part of ``classify``'s.
+   ``score`` is not called, their time is part of ``classify``'s, and they fail with it.
 4. A stage that raises follows the failure policy: ``fail-closed`` rejects every item of the
    batch (reason ``"<stage> failed"``); ``fail-open`` skips the stage and records the failure.
    The classifier failing is never absorbed here: it propagates to the caller.

@@ -5,9 +5,11 @@ A detector whose score is a function of the raw input alone and exists as an ONN
 session: the fused model has the backbone's input, its outputs, and one ``[N]`` score output per
 fused detector. Where the pipeline classifies the raw input anyway (its shared pass,
 defenses/pipeline.py) this spares the detector's separate session call, the copies in and out of
-it and its torch glue -- on the default pipeline half of MagNet's added cost in process
-(bench/results/detect.proxy_cost_fused). ONNX Runtime runs the fused graph's nodes one after the
-other, each on the backbone session's intra-op threads.
+it and its torch glue: through the proxy the default pipeline's detection cost at batch 64 fell
+from +24-45% to +19-20% (bench/results/detect.md). ONNX Runtime runs the fused graph's nodes one
+after the other, each on the backbone session's intra-op threads. A fused detector fails with the
+classify pass it is part of: the failure propagates as the backbone's would (an INTERNAL answer),
+it is not absorbed by the pipeline's failure policy.
 
 Written by hand because ``onnx.compose.merge_models`` chains a model's outputs into another's
 inputs; here two graphs read one shared input side by side. Every name of a score graph (nodes,
@@ -58,6 +60,11 @@ def fuse_score_graphs(backbone: onnx.ModelProto, scores: dict[str, onnx.ModelPro
         def rename(name: str) -> str:
             return name if name == "" else x.name if name == inp else prefix + name  # "" = an omitted optional input
 
+        out = SCORE_OUTPUT_PREFIX + stage
+        new_names = {rename(n) for n in (*(i.name for i in sg.initializer), *(o for nd in sg.node for o in nd.output))}
+        if out in taken or new_names & taken:
+            raise ValueError(f"fuse: names of {stage}'s score graph collide with the backbone's")
+        taken |= new_names | {out}
         for init in sg.initializer:
             new = g.initializer.add()
             new.CopyFrom(init)
@@ -72,9 +79,6 @@ def fuse_score_graphs(backbone: onnx.ModelProto, scores: dict[str, onnx.ModelPro
             new = g.value_info.add()
             new.CopyFrom(vi)
             new.name = rename(vi.name)
-        out = SCORE_OUTPUT_PREFIX + stage
-        if out in taken or any(rename(n) in taken for node in sg.node for n in node.output):
-            raise ValueError(f"fuse: names of {stage}'s score graph collide with the backbone's")
         # the score graph's output becomes a fused output under a name the backbone cannot hold
         g.node.add().CopyFrom(onnx.helper.make_node("Identity", [rename(sg.output[0].name)], [out], name=prefix + "score_out"))
         o = g.output.add()

@@ -85,3 +85,6 @@ def test_graphs_that_cannot_be_fused_are_refused(tiny_bundle, ae_model):
     two_outputs.graph.output.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, None))
     with pytest.raises(ValueError, match="one input and one output"):
         fuse_score_graphs(backbone, {"m": two_outputs})
+    once, _ = fuse_score_graphs(backbone, {"m": reconstruction_error_graph(model, 1)})
+    with pytest.raises(ValueError, match="collide"):  # a second "m" would shadow the first's names
+        fuse_score_graphs(once, {"m": reconstruction_error_graph(model, 1)})
