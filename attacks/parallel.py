@@ -10,10 +10,11 @@ serialize. The workers are spawned, not forked: they know the defenses robustgat
 import, not ones a caller registered at run time.
 
 Order, so that no core idles at the end while one long cell runs on: first every configuration's
-clean pass and one cell per backbone attack (its adversarial examples are shared by every
-configuration, so later cells reuse them instead of generating them twice at once); then the
-other cells, longest expected first -- the configuration's measured clean latency per item times
-a per-attack weight (queries or steps x samples), a plain heuristic.
+clean pass; then the adversarial examples of every backbone attack, one task per attack batch (a
+backbone attack's examples are shared by every configuration and cached batch by batch, so that
+AutoAttack's 500 images, two batches, take two workers instead of one for ~20 minutes); then the
+cells, longest expected first -- the configuration's measured clean latency per item times a
+per-attack weight (queries or steps x samples), a plain heuristic.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def _clean(config_name: str) -> float:
     return float(_worker._clean(cfg, served)["metrics"]["latency_ms_per_item"])
 
 
+def _backbone_part(config_name: str, attack: str, eps: float, start: int) -> str:
+    cfg = _worker.config(config_name)
+    served, twin = _worker.built[config_name]
+    _worker.backbone_part(cfg, served, twin, attack, eps, start)
+    return f"{attack} eps={eps:g} examples from {start}"
+
+
 def _cell(config_name: str, attack: str, eps: float) -> str:
     cfg = _worker.config(config_name)
     served, twin = _worker.built[config_name]
@@ -83,10 +91,11 @@ def _schedule(pool: ProcessPoolExecutor, evaluation, plan: list[tuple[str, str, 
     latency_f = {c.name: pool.submit(_clean, c.name) for c in evaluation.configs}
     _drain(list(latency_f.values()), on_done)
     latency = {name: f.result() for name, f in latency_f.items()}
-    _drain([pool.submit(_cell, *c) for c in first_of.values()], on_done)
-    rest = [c for c in plan if c not in first_of.values()]
-    rest.sort(key=lambda c: latency[c[0]] * ATTACK_WEIGHT.get(c[1], 50), reverse=True)
-    _drain([pool.submit(_cell, *c) for c in rest], on_done)
+    parts = [(*c, start) for c in first_of.values() for start in evaluation.part_starts()]
+    parts.sort(key=lambda p: ATTACK_WEIGHT.get(p[1], 50), reverse=True)  # AutoAttack's first
+    _drain([pool.submit(_backbone_part, *p) for p in parts], lambda label: None)
+    cells = sorted(plan, key=lambda c: latency[c[0]] * ATTACK_WEIGHT.get(c[1], 50), reverse=True)
+    _drain([pool.submit(_cell, *c) for c in cells], on_done)
 
 
 def _drain(futures: list[Future], on_done: Callable[[str], None]) -> None:

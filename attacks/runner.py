@@ -277,42 +277,79 @@ class Evaluation:
         return self._store(key, fp, {"config": config.name, "metrics": metrics, "answers": ans})
 
     def _adversarial(self, attack: str, tm, ctx: AttackContext, cache_key: str | None) -> tuple[torch.Tensor, float]:
-        """Runs ``attack`` over the test set in batches; asserts the perturbation after each."""
+        """Runs ``attack`` over the test set in batches; asserts the perturbation after each.
+        ``cache_key`` (backbone attacks): each batch is its own cached part, seeded by its offset,
+        so that parallel workers can generate the parts of one attack side by side (attacks/parallel.py)."""
         if cache_key is not None:
-            path = self.out / "adv" / f"{cache_key}.safetensors"
-            if path.is_file():
-                stored = load_file(str(path))
-                x_adv = stored["x_adv"]
-                check_perturbation(x_adv, self.x, tm.norm, tm.eps, who=f"{attack} (cached)")
-                return x_adv, float(stored["seconds"].item())
+            parts = [self._adversarial_part(attack, tm, ctx, cache_key, i) for i in self.part_starts()]
+            return torch.cat([p for p, _ in parts]), sum(sec for _, sec in parts)
         run = ATTACKS[attack].run
         parts = []
         t0 = time.perf_counter()
         torch.manual_seed(self.settings.seed)
-        for i in range(0, len(self.x), self.settings.batch_size):
+        for i in self.part_starts():
             xb, yb = self.x[i:i + self.settings.batch_size], self.y[i:i + self.settings.batch_size]
             adv = run(ctx, tm, xb, yb).detach().float()
             check_perturbation(adv, xb, tm.norm, tm.eps, who=attack)
             parts.append(adv)
+        return torch.cat(parts), time.perf_counter() - t0
+
+    def part_starts(self) -> range:
+        """The first test-set index of every attack batch."""
+        return range(0, len(self.x), self.settings.batch_size)
+
+    def _adversarial_part(self, attack: str, tm, ctx: AttackContext, cache_key: str, start: int) -> tuple[torch.Tensor, float]:
+        """One batch of a backbone attack, from the cache or generated (seed + ``start``) and stored."""
+        xb, yb = self.x[start:start + self.settings.batch_size], self.y[start:start + self.settings.batch_size]
+        path = self.out / "adv" / cache_key / f"{start}.safetensors"
+        if path.is_file():
+            stored = load_file(str(path))
+            check_perturbation(stored["x_adv"], xb, tm.norm, tm.eps, who=f"{attack} (cached)")
+            return stored["x_adv"], float(stored["seconds"].item())
+        t0 = time.perf_counter()
+        torch.manual_seed(self.settings.seed + start)
+        adv = ATTACKS[attack].run(ctx, tm, xb, yb).detach().float()
+        check_perturbation(adv, xb, tm.norm, tm.eps, who=attack)
         seconds = time.perf_counter() - t0
-        x_adv = torch.cat(parts)
-        if cache_key is not None:  # written whole, then renamed: a parallel reader never sees half a file
-            path = self.out / "adv" / f"{cache_key}.safetensors"
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            save_file({"x_adv": x_adv.contiguous(), "seconds": torch.tensor([seconds])}, str(tmp))
-            tmp.replace(path)
-        return x_adv, seconds
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: a parallel
+        save_file({"x_adv": adv.contiguous(), "seconds": torch.tensor([seconds])}, str(tmp))  # reader never sees half a file
+        tmp.replace(path)
+        return adv, seconds
+
+    def _attack_setup(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, attack: str, eps: float):
+        """-> (threat model, its recorded parameters, attack context, backbone cache key or None)."""
+        s = self.settings
+        a = ATTACKS[attack]
+        eot = s.eot if twin.randomized else 1
+        tm = threat_model(attack, eps, s.n, s.steps, s.restarts, eot, s.queries)
+        threat = tm.as_dict() | (a.params(tm, self.backbone.backbone) if a.params else {})  # + step size etc.
+        ctx = AttackContext(self.backbone, twin, self._oracle(served, config), self.num_classes, s.seed)
+        # backbone attacks do not depend on the configuration: generate once, reuse across configs
+        cache = None
+        if a.target == "backbone":
+            cache = f"{attack}__eps{eps:g}__" + _fingerprint({
+                "backbone": self.bundle.spec.backbone.onnx.sha256, "threat_model": threat,
+                "offset": s.offset, "seed": s.seed, "batch_size": s.batch_size, "seeding": "per batch"})
+        return tm, threat, ctx, cache
+
+    def backbone_part(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, attack: str,
+                      eps: float, start: int) -> None:
+        """Generates (or finds) one cached batch of a backbone attack (attacks/parallel.py)."""
+        tm, _, ctx, cache = self._attack_setup(config, served, twin, attack, eps)
+        if cache is None:
+            raise ValueError(f"{attack} is not a backbone attack: its examples are not cached in parts")
+        self._adversarial_part(attack, tm, ctx, cache, start)
 
     def _cell(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, clean: dict,
               attack: str, eps: float) -> dict:
         key = _cell_key(config.name, attack, eps)
         s = self.settings
         a = ATTACKS[attack]
-        eot = s.eot if twin.randomized else 1
-        tm = threat_model(attack, eps, s.n, s.steps, s.restarts, eot, s.queries)
         oracle_url = s.url if attack == "square" and config.name == s.url_config else None
-        threat = tm.as_dict() | (a.params(tm, self.backbone.backbone) if a.params else {})  # + step size etc.
-        fp = _fingerprint({"config": self._config_fingerprint(config), "threat_model": threat, "url": oracle_url})
+        tm, threat, ctx, cache = self._attack_setup(config, served, twin, attack, eps)
+        fp = _fingerprint({"config": self._config_fingerprint(config), "threat_model": threat, "url": oracle_url,
+                           "adversarial_set": cache})
         hit = self._cached(key, fp)
         if hit is not None:
             return hit
@@ -323,13 +360,6 @@ class Evaluation:
         if attack == "joint" and not twin.detectors:
             return self._store(key, fp, {**base, "status": "skipped", "reason": "no detector stage: joint = bpda"})
         t0 = time.perf_counter()
-        ctx = AttackContext(self.backbone, twin, self._oracle(served, config), self.num_classes, s.seed)
-        # backbone attacks do not depend on the configuration: generate once, reuse across configs
-        cache = None
-        if a.target == "backbone":
-            cache = f"{attack}__eps{eps:g}__" + _fingerprint({
-                "backbone": self.bundle.spec.backbone.onnx.sha256, "threat_model": threat,
-                "offset": s.offset, "seed": s.seed})
         x_adv, gen_seconds = self._adversarial(attack, tm, ctx, cache)
         ans = _run_served(served, x_adv, s.batch_size)
         y = np.asarray(self.y.tolist())
