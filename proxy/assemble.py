@@ -77,10 +77,10 @@ class PipelineRunner:
 
     def _fuse(self):
         """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score
-        graph, when the pipeline has a shared pass (detectors only) and the backend can fuse;
-        else None. A detector that fuses here runs in the backbone's session call."""
+        graph, when the pipeline has a shared pass (detectors only) and the backend can fuse
+        (Backend.fused_pass); else None. A detector that fuses here runs in the backbone's session call."""
         detectors, purifiers, ensemble = split_stages(self.stages)
-        if not (self.share_features and detectors and not purifiers and ensemble is None and hasattr(self.backend, "fused_pass")):
+        if not (self.share_features and detectors and not purifiers and ensemble is None):
             return None
         models = {s.name: m for s in detectors if (m := s.defense.onnx_score_model()) is not None}
         return self.backend.fused_pass(models) if models else None

@@ -24,6 +24,7 @@ every RPC but the probes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import hmac
 import logging
@@ -583,10 +584,10 @@ class ProxyServer:
         for v, count in enumerate(np.bincount(verdict, minlength=len(VERDICT_NAMES)).tolist()):
             if count:  # one increment per verdict, not per item (~3.5 us each on the event loop)
                 m.items.labels(verdict=VERDICT_NAMES[v]).inc(count)
-        for i in np.flatnonzero(verdict == REJECTED).tolist():
-            reason = result.reason[i] or "unknown"
-            m.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc()
         rejected = np.flatnonzero(verdict == REJECTED)
+        # one increment per rejecting stage, not per item (an attack burst rejects whole batches)
+        for reason, count in collections.Counter(result.reason[i] or "unknown" for i in rejected.tolist()).items():
+            m.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc(count)
         if rejected.size and self.cfg.pipeline.verdict_mode == "request":
             return rejection(result, int(rejected[0])), None
 

@@ -27,6 +27,8 @@ def main() -> int:
     runs = []
     for path in args.runs:
         r = json.loads(path.read_text())
+        if args.variant not in r.get("variants", {}):
+            p.error(f"{path}: no variant {args.variant!r} (has: {', '.join(r.get('variants', {})) or 'none'})")
         v = r["variants"][args.variant]
         runs.append({"file": str(path), "command": r["command"], "started": r["started"], "revision": r["revision"],
                      "rounds": v["added_cost_per_round"], "median": v["added_cost_median"]})

@@ -30,6 +30,9 @@ RESULTS = REPO / "bench" / "results"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 _SERVING = re.compile(r"robustgate: serving (\S+) on port (\d+), metrics on port (\S+)")
 
+sys.path.insert(0, str(REPO / "bench" / "serving"))
+from loadgen import process_cpu_s  # noqa: E402,F401  (one /proc reader for every bench script)
+
 
 def loadavg() -> list[float]:
     return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]

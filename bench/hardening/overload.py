@@ -80,7 +80,6 @@ REFUSAL_TARGET_S = 0.050
 RSS_TARGET = 0.10
 SERVED = ("OK", "PERMISSION_DENIED")
 LAG_PERIOD_S = 0.005  # the load generator's event-loop probe sleeps this long
-HZ = os.sysconf("SC_CLK_TCK")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -114,12 +113,6 @@ def bucket_quantile_ms(start: dict, end: dict, q: float) -> float | None:
         if count >= q * total:
             return le * 1e3
     return float("inf")
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of process ``pid`` (all threads), seconds."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / HZ
 
 
 def schedstat_s(pid: int, tid: int) -> tuple[float, float]:
@@ -222,7 +215,7 @@ async def run_load(server: common.Serve, pool: list[tuple[bytes, np.ndarray]], r
                 run_s, wait_s = schedstat_s(server.pid, server.pid)
                 b.update(queue_depth=scraped["queue_depth"], handler_buckets=scraped["handler_buckets"],
                          queue_buckets=scraped["queue_buckets"], at=time.perf_counter() - t0,
-                         server_cpu_s=proc_cpu_s(server.pid), loop_run_s=run_s, loop_wait_s=wait_s,
+                         server_cpu_s=common.process_cpu_s(server.pid), loop_run_s=run_s, loop_wait_s=wait_s,
                          client_cpu_s=time.process_time())
                 await asyncio.sleep(1.0)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import textwrap
@@ -57,11 +56,6 @@ TRIVIAL_SERVER = textwrap.dedent("""
 """)
 
 
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 async def closed_loop(url: str, request: pb.ModelInferRequest, calls: int, concurrency: int, pid: int) -> dict:
     async with grpc.aio.insecure_channel(url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -84,9 +78,9 @@ async def closed_loop(url: str, request: pb.ModelInferRequest, calls: int, concu
             async with slots:
                 await one()
 
-        cpu0, t0 = process_cpu_s(pid), time.perf_counter()
+        cpu0, t0 = common.process_cpu_s(pid), time.perf_counter()
         await asyncio.gather(*(limited() for _ in range(calls)))
-        wall, cpu = time.perf_counter() - t0, process_cpu_s(pid) - cpu0
+        wall, cpu = time.perf_counter() - t0, common.process_cpu_s(pid) - cpu0
     return {"calls": calls, "calls_per_s": calls / wall, "server_cpu_us_per_call": cpu / calls * 1e6,
             "server_cores": cpu / wall, "codes": codes}
 

@@ -53,6 +53,12 @@ class Backend(ABC):
         None -- detectors then query the bundle's local copy of the backbone."""
         return self.infer(x, timeout), None
 
+    def fused_pass(self, score_models: dict):
+        """A callable ``x`` -> (logits, features or None, stage -> ``[M]`` score) computing these
+        detectors' score graphs in the backbone's own call (proxy/backends/fuse.py), or None when
+        this backend cannot fuse (the default: an upstream runs only its own model)."""
+        return None
+
     @abstractmethod
     def ready(self) -> bool:
         """True when the backend can answer now (session loaded / upstream reports ready)."""
