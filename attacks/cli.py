@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="HOST:PORT of a live proxy for the square attack")
     parser.add_argument("--url-config", default=None, help="which configuration the live proxy serves")
     parser.add_argument("--model-name", default=None, help="served model name at --url (default: bundle name)")
+    parser.add_argument("--twin-precision", choices=["float32", "bfloat16"], default="float32",
+                        help="precision of the differentiable purifiers (the diffusion sampler) inside the attacked "
+                             "pipeline twin; bfloat16 is ~2x faster on CPUs with AVX512-BF16, recorded per cell")
     parser.add_argument("--surface-points", type=int, default=2, help="test points per config for loss surfaces")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--parallel", type=int, default=1,
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         settings = EvalSettings(
             attacks=args.attacks, eps=args.eps, eps_l2=args.eps_l2, n=args.n, offset=args.offset, steps=args.steps,
             restarts=args.restarts, eot=args.eot, queries=args.queries, radii=args.radii, batch_size=args.batch_size,
-            seed=args.seed, url=args.url, model_name=args.model_name,
+            seed=args.seed, url=args.url, model_name=args.model_name, twin_precision=args.twin_precision,
             url_config=args.url_config or (configs[-1].name if args.url else None),
         )
         evaluation = Evaluation(bundle, configs, settings, args.out, progress=not args.no_progress,

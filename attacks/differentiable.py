@@ -90,10 +90,15 @@ class PipelineTwin(nn.Module):
             (True) or block the gradient there (False).
         generator: fixes the randomness of randomized stages (None: fresh draws every call,
             which is what EOT needs).
+        precision: ``torch.bfloat16`` runs the differentiable purifiers' own computation (the
+            diffusion sampler's UNet passes, forward and backward) under CPU/CUDA autocast in
+            that precision; the backbone, detectors and BPDA surrogates stay float32. An
+            attacker's choice that changes only how precisely the gradient is computed (the
+            attacked examples are always scored on the float32 served pipeline); None: float32.
     """
 
     def __init__(self, backbone: nn.Module, stages: list[Stage], bpda: bool = True,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, precision: torch.dtype | None = None):
         super().__init__()
         validate_stages(stages)  # the same checks the served DefendedModel makes
         self.backbone = backbone.eval()
@@ -102,6 +107,7 @@ class PipelineTwin(nn.Module):
         self.stages = list(stages)
         self.bpda = bpda
         self.generator = generator
+        self.precision = precision
         self.classifier = ModuleClassifier(self.backbone)
 
     # ---- what the stage list holds ----------------------------------------------------------
@@ -133,7 +139,10 @@ class PipelineTwin(nn.Module):
         h = x
         for stage in self.purifiers:
             p: Purifier = stage.defense  # type: ignore[assignment]
-            if p.differentiable:
+            if p.differentiable and self.precision is not None:
+                with torch.autocast(h.device.type, dtype=self.precision):
+                    h = p.purify(h, self.generator).to(x.dtype)
+            elif p.differentiable:
                 h = p.purify(h, self.generator)
             else:
                 value = p.purify(h.detach(), self.generator)

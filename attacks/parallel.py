@@ -10,11 +10,12 @@ serialize. The workers are spawned, not forked: they know the defenses robustgat
 import, not ones a caller registered at run time.
 
 Order, so that no core idles at the end while one long cell runs on: first every configuration's
-clean pass; then the adversarial examples of every backbone attack, one task per attack batch (a
-backbone attack's examples are shared by every configuration and cached batch by batch, so that
-AutoAttack's 500 images, two batches, take two workers instead of one for ~20 minutes); then the
-cells, longest expected first -- the configuration's measured clean latency per item times a
-per-attack weight (queries or steps x samples), a plain heuristic.
+clean pass; then the adversarial examples of every cell, one task per attack batch (cached batch
+by batch; a backbone attack's examples once, shared by every configuration), longest expected
+first -- the configuration's measured clean latency per item times a per-attack weight (queries or
+steps x samples), a plain heuristic -- so that a long cell (AutoAttack's 500 images, Square on the
+diffusion purifier) is split over the workers instead of holding one core while the other idles;
+last the cells themselves, which only score the cached examples on the served pipeline.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ def _clean(config_name: str) -> float:
     return float(_worker._clean(cfg, served)["metrics"]["latency_ms_per_item"])
 
 
-def _backbone_part(config_name: str, attack: str, eps: float, start: int) -> str:
+def _part(config_name: str, attack: str, eps: float, start: int) -> str:
     cfg = _worker.config(config_name)
     served, twin = _worker.built[config_name]
-    _worker.backbone_part(cfg, served, twin, attack, eps, start)
-    return f"{attack} eps={eps:g} examples from {start}"
+    _worker.attack_part(cfg, served, twin, attack, eps, start)
+    return f"{config_name} {attack} eps={eps:g} examples from {start}"
 
 
 def _cell(config_name: str, attack: str, eps: float) -> str:
@@ -84,17 +85,25 @@ def fill_cache(evaluation, plan: list[tuple[str, str, float]], parallel: int,
 
 def _schedule(pool: ProcessPoolExecutor, evaluation, plan: list[tuple[str, str, float]],
               on_done: Callable[[str], None]) -> None:
-    first_of: dict[tuple[str, float], tuple[str, str, float]] = {}
-    for cfg, attack, eps in plan:
-        if ATTACKS[attack].target == "backbone":
-            first_of.setdefault((attack, eps), (cfg, attack, eps))
     latency_f = {c.name: pool.submit(_clean, c.name) for c in evaluation.configs}
     _drain(list(latency_f.values()), on_done)
     latency = {name: f.result() for name, f in latency_f.items()}
-    parts = [(*c, start) for c in first_of.values() for start in evaluation.part_starts()]
-    parts.sort(key=lambda p: ATTACK_WEIGHT.get(p[1], 50), reverse=True)  # AutoAttack's first
-    _drain([pool.submit(_backbone_part, *p) for p in parts], lambda label: None)
-    cells = sorted(plan, key=lambda c: latency[c[0]] * ATTACK_WEIGHT.get(c[1], 50), reverse=True)
+    # one generating task per (cell, batch); a backbone attack's once, under its first configuration
+    generating: dict[tuple, tuple[str, str, float]] = {}
+    for cfg, attack, eps in plan:
+        if evaluation.skip_reason(evaluation.built[cfg][1], attack) is None:
+            generating.setdefault((attack, eps) if ATTACKS[attack].target == "backbone" else (cfg, attack, eps),
+                                  (cfg, attack, eps))
+    undefended = min(latency.values())  # a backbone attack's cost does not depend on the configuration
+
+    def expected(cfg: str, attack: str) -> float:
+        per_item = undefended if ATTACKS[attack].target == "backbone" else latency[cfg]
+        return per_item * ATTACK_WEIGHT.get(attack, 50)
+
+    parts = [(*c, start) for c in generating.values() for start in evaluation.part_starts()]
+    parts.sort(key=lambda p: expected(p[0], p[1]), reverse=True)
+    _drain([pool.submit(_part, *p) for p in parts], lambda label: None)
+    cells = sorted(plan, key=lambda c: expected(c[0], c[1]), reverse=True)
     _drain([pool.submit(_cell, *c) for c in cells], on_done)
 
 

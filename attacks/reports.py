@@ -133,7 +133,9 @@ def markdown(result: dict[str, Any]) -> str:
         ran = [c for c in row.values() if c["status"] == "done"] or list(row.values())
         tm = max(ran, key=lambda c: c["threat_model"]["eot"])["threat_model"]
         desc = (f"{tm['norm']} ε={eps:g}, steps {tm['steps']}, restarts {tm['restarts']}, EOT {tm['eot']}"
-                + (f", queries {tm['queries']}" if tm.get("queries") else "") + f", n {tm['n']}")
+                + (f", queries {tm['queries']}" if tm.get("queries") else "")
+                + (f", twin in {tm['twin_precision']}" if tm.get("twin_precision", "float32") != "float32" else "")
+                + f", n {tm['n']}")
         vals = []
         for cfg in configs:
             c = row.get(cfg)

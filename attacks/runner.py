@@ -5,8 +5,9 @@ For every configuration the runner builds the stages exactly as the proxy does
 served pipeline (:func:`~robustgate.attacks.served.served_pipeline`: DefendedModel on the ONNX
 graph) and generates the attacks on the torch twin (adaptive) or the undefended backbone
 (non-adaptive). After every attack the perturbation is asserted to stay within eps and the
-[0, 1] box. Each finished cell is written as JSON under ``out/cells/`` (and the adversarial
-examples of backbone attacks under ``out/adv/``), so an interrupted run resumes where it stopped.
+[0, 1] box. Each finished cell is written as JSON under ``out/cells/`` and its adversarial
+examples batch by batch under ``out/adv/`` (safetensors), so an interrupted run resumes where it
+stopped; a backbone attack's examples are generated once and shared by every configuration.
 
 Metrics (each cell carries its :class:`~robustgate.attacks.threat.ThreatModel`):
 
@@ -48,6 +49,7 @@ from robustgate.attacks.threat import check_perturbation
 from robustgate.defenses.pipeline import FLAGGED, REJECTED, DefendedModel
 
 CELL_SCHEMA = 1
+TWIN_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -122,6 +124,9 @@ class EvalSettings:
     url: str | None = None  # live proxy for the black-box attack (else the local served pipeline)
     model_name: str | None = None
     url_config: str | None = None  # the configuration the live proxy at ``url`` serves
+    # precision of the differentiable purifiers inside the pipeline twin (PipelineTwin.precision);
+    # written into the threat model of every attack on the pipeline twin
+    twin_precision: str = "float32"
 
     def __post_init__(self):
         unknown = [a for a in self.attacks if a not in ATTACKS]
@@ -129,6 +134,8 @@ class EvalSettings:
             raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.twin_precision not in TWIN_PRECISIONS:
+            raise ValueError(f"twin_precision must be one of {', '.join(TWIN_PRECISIONS)}, got {self.twin_precision!r}")
 
 
 def _fingerprint(obj: Any) -> str:
@@ -211,7 +218,7 @@ class Evaluation:
             stages = build_stages(cfg.stages, bundle)
             self.built[cfg.name] = (served_pipeline(bundle, stages, cfg.failure_policy, classifier=self.onnx),
                                     PipelineTwin(self.backbone.backbone, build_stages(cfg.stages, bundle, twin=True),
-                                                 bpda=True))
+                                                 bpda=True, precision=TWIN_PRECISIONS[settings.twin_precision]))
         self.x, self.y = fashion_mnist_test(settings.n, settings.offset)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         (self.out / "adv").mkdir(parents=True, exist_ok=True)
@@ -276,30 +283,20 @@ class Evaluation:
             }
         return self._store(key, fp, {"config": config.name, "metrics": metrics, "answers": ans})
 
-    def _adversarial(self, attack: str, tm, ctx: AttackContext, cache_key: str | None) -> tuple[torch.Tensor, float]:
-        """Runs ``attack`` over the test set in batches; asserts the perturbation after each.
-        ``cache_key`` (backbone attacks): each batch is its own cached part, seeded by its offset,
-        so that parallel workers can generate the parts of one attack side by side (attacks/parallel.py)."""
-        if cache_key is not None:
-            parts = [self._adversarial_part(attack, tm, ctx, cache_key, i) for i in self.part_starts()]
-            return torch.cat([p for p, _ in parts]), sum(sec for _, sec in parts)
-        run = ATTACKS[attack].run
-        parts = []
-        t0 = time.perf_counter()
-        torch.manual_seed(self.settings.seed)
-        for i in self.part_starts():
-            xb, yb = self.x[i:i + self.settings.batch_size], self.y[i:i + self.settings.batch_size]
-            adv = run(ctx, tm, xb, yb).detach().float()
-            check_perturbation(adv, xb, tm.norm, tm.eps, who=attack)
-            parts.append(adv)
-        return torch.cat(parts), time.perf_counter() - t0
+    def _adversarial(self, attack: str, tm, ctx: AttackContext, cache_key: str) -> tuple[torch.Tensor, float]:
+        """Runs ``attack`` over the test set batch by batch: each batch is its own cached part,
+        seeded by its first index, so that parallel workers can generate the parts of one cell
+        side by side (attacks/parallel.py) and an interrupted cell resumes at its next batch.
+        -> (the adversarial examples, the seconds their generation took, summed over the parts)."""
+        parts = [self._adversarial_part(attack, tm, ctx, cache_key, i) for i in self.part_starts()]
+        return torch.cat([p for p, _ in parts]), sum(sec for _, sec in parts)
 
     def part_starts(self) -> range:
         """The first test-set index of every attack batch."""
         return range(0, len(self.x), self.settings.batch_size)
 
     def _adversarial_part(self, attack: str, tm, ctx: AttackContext, cache_key: str, start: int) -> tuple[torch.Tensor, float]:
-        """One batch of a backbone attack, from the cache or generated (seed + ``start``) and stored."""
+        """One batch of an attack, from the cache or generated (seed + ``start``), asserted and stored."""
         xb, yb = self.x[start:start + self.settings.batch_size], self.y[start:start + self.settings.batch_size]
         path = self.out / "adv" / cache_key / f"{start}.safetensors"
         if path.is_file():
@@ -313,32 +310,45 @@ class Evaluation:
         seconds = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: a parallel
-        save_file({"x_adv": adv.contiguous(), "seconds": torch.tensor([seconds])}, str(tmp))  # reader never sees half a file
+        save_file({"x_adv": adv.contiguous(), "seconds": torch.tensor([seconds], dtype=torch.float64)}, str(tmp))  # reader never sees half a file
         tmp.replace(path)
         return adv, seconds
 
     def _attack_setup(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, attack: str, eps: float):
-        """-> (threat model, its recorded parameters, attack context, backbone cache key or None)."""
+        """-> (threat model, its recorded parameters, attack context, the key of its cached
+        adversarial examples, the live oracle's URL or None)."""
         s = self.settings
         a = ATTACKS[attack]
         eot = s.eot if twin.randomized else 1
         tm = threat_model(attack, eps, s.n, s.steps, s.restarts, eot, s.queries)
         threat = tm.as_dict() | (a.params(tm, self.backbone.backbone) if a.params else {})  # + step size etc.
+        if a.target == "pipeline":
+            threat["twin_precision"] = s.twin_precision
         ctx = AttackContext(self.backbone, twin, self._oracle(served, config), self.num_classes, s.seed)
-        # backbone attacks do not depend on the configuration: generate once, reuse across configs
-        cache = None
-        if a.target == "backbone":
+        oracle_url = s.url if attack == "square" and config.name == s.url_config else None
+        batches = {"offset": s.offset, "seed": s.seed, "batch_size": s.batch_size, "seeding": "per batch"}
+        if a.target == "backbone":  # does not depend on the configuration: generated once, reused across configs
             cache = f"{attack}__eps{eps:g}__" + _fingerprint({
-                "backbone": self.bundle.spec.backbone.onnx.sha256, "threat_model": threat,
-                "offset": s.offset, "seed": s.seed, "batch_size": s.batch_size, "seeding": "per batch"})
-        return tm, threat, ctx, cache
+                "backbone": self.bundle.spec.backbone.onnx.sha256, "threat_model": threat, **batches})
+        else:
+            cache = f"{config.name}__{attack}__eps{eps:g}__" + _fingerprint({
+                "config": self._config_fingerprint(config), "threat_model": threat, "url": oracle_url, **batches})
+        return tm, threat, ctx, cache, oracle_url
 
-    def backbone_part(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, attack: str,
-                      eps: float, start: int) -> None:
-        """Generates (or finds) one cached batch of a backbone attack (attacks/parallel.py)."""
-        tm, _, ctx, cache = self._attack_setup(config, served, twin, attack, eps)
-        if cache is None:
-            raise ValueError(f"{attack} is not a backbone attack: its examples are not cached in parts")
+    @staticmethod
+    def skip_reason(twin: PipelineTwin, attack: str) -> str | None:
+        """Why ``attack`` on this configuration would only repeat another cell (None: it does not)."""
+        if attack == "eot" and not twin.randomized:
+            return "no randomized stage: EOT = bpda"
+        if attack == "joint" and not twin.detectors:
+            return "no detector stage: joint = bpda"
+        return None
+
+    def attack_part(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, attack: str,
+                    eps: float, start: int) -> None:
+        """Generates (or finds) the cached batch from ``start`` of one cell's adversarial
+        examples (attacks/parallel.py)."""
+        tm, _, ctx, cache, _ = self._attack_setup(config, served, twin, attack, eps)
         self._adversarial_part(attack, tm, ctx, cache, start)
 
     def _cell(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, clean: dict,
@@ -346,8 +356,7 @@ class Evaluation:
         key = _cell_key(config.name, attack, eps)
         s = self.settings
         a = ATTACKS[attack]
-        oracle_url = s.url if attack == "square" and config.name == s.url_config else None
-        tm, threat, ctx, cache = self._attack_setup(config, served, twin, attack, eps)
+        tm, threat, ctx, cache, oracle_url = self._attack_setup(config, served, twin, attack, eps)
         fp = _fingerprint({"config": self._config_fingerprint(config), "threat_model": threat, "url": oracle_url,
                            "adversarial_set": cache})
         hit = self._cached(key, fp)
@@ -355,12 +364,11 @@ class Evaluation:
             return hit
         base = {"config": config.name, "attack": attack, "eps": eps, "threat_model": threat,
                 "adaptive": a.adaptive}
-        if attack == "eot" and not twin.randomized:
-            return self._store(key, fp, {**base, "status": "skipped", "reason": "no randomized stage: EOT = bpda"})
-        if attack == "joint" and not twin.detectors:
-            return self._store(key, fp, {**base, "status": "skipped", "reason": "no detector stage: joint = bpda"})
-        t0 = time.perf_counter()
+        reason = self.skip_reason(twin, attack)
+        if reason is not None:
+            return self._store(key, fp, {**base, "status": "skipped", "reason": reason})
         x_adv, gen_seconds = self._adversarial(attack, tm, ctx, cache)
+        t0 = time.perf_counter()
         ans = _run_served(served, x_adv, s.batch_size)
         y = np.asarray(self.y.tolist())
         verdict, pred = np.asarray(ans["verdict"]), np.asarray(ans["pred"])
@@ -386,8 +394,12 @@ class Evaluation:
                                else "local served pipeline")
         if attack == "joint":
             extra["detectors_without_gradient"] = self._detectors_without_gradient(twin)
+        scoring = time.perf_counter() - t0
+        # wall time of the cell: its examples' generation (summed over their batches, wherever they ran;
+        # a backbone attack's examples are shared by every configuration and counted in each) + scoring
         return self._store(key, fp, {**base, "status": "done", "metrics": metrics, "detectors": detectors,
-                                 "wall_seconds": time.perf_counter() - t0, "answers": ans, **extra})
+                                 "wall_seconds": gen_seconds + scoring, "scoring_seconds": scoring,
+                                 "answers": ans, **extra})
 
     def _detectors_without_gradient(self, twin: PipelineTwin) -> list[str]:
         x = self.x[:2].clone().requires_grad_(True)

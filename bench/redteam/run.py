@@ -1,21 +1,23 @@
 """Red-team benchmark (issue 4): the default bundle's evaluation matrix, timed.
 
-    .venv/bin/python bench/redteam/run.py [--n 1000] [--n-autoattack 500] [--n-diffusion 200] \
+    .venv/bin/python bench/redteam/run.py [--n 1000] [--n-autoattack 500] [--n-diffusion 1000] \
         [--threads 1] [--parallel 2] [--matrix bench/redteam/matrix.yaml] [--out reports/redteam]
 
 Runs ``robustgate eval`` three times on ``bundles/default`` -- the matrix of configurations in
 ``matrix.yaml`` (no defense, each defense alone, the default pipeline) x the white-box,
 adaptive and black-box attacks at n = ``--n``; AutoAttack (standard) at n = ``--n-autoattack``;
 and the diffusion purifier (``diffusion.yaml``) under the same attacks at n = ``--n-diffusion``
-(each of its forward passes costs two UNet evaluations, ~100x the backbone: at n = 1000 its
-EOT and Square cells alone would take many hours here) -- and records for each run its wall
-time, the CPU seconds it used, the load average before and after, and every cell's own wall
-time. The target is that the whole matrix
+(each of its forward passes costs two UNet evaluations, ~100x the backbone; its twin's sampler
+is differentiated in ``--diffusion-twin-precision``, bfloat16 by default: ~2x faster here, see
+docs/EVALUATION.md) -- and records for each run its wall time, the CPU seconds it used, the load
+average before and after, and every cell's own wall time (the generation of its adversarial
+examples, summed over their batches, plus their scoring). The target is that the whole matrix
 completes in at most 2 hours on this 2-core machine; on a shared machine the wall time is an
 upper bound and the CPU seconds say how much of it was this benchmark's. ``--parallel K`` runs
-each invocation's cells in K worker processes (``robustgate eval --parallel``, attacks/parallel.py;
-one per core); the wall time of cells reused from an interrupted run is then added as if they had
-run one after another (an upper bound).
+each invocation's batches of adversarial examples in K worker processes (``robustgate eval
+--parallel``, attacks/parallel.py; one per core); the recorded generation and scoring time of
+what an interrupted run had cached is then added as if it had run one thing after another (an
+upper bound).
 
 Results: bench/results/redteam.json and bench/results/redteam.md (the reports themselves stay in
 ``--out``: results.json/results.md/plots per run, cells cached so an interrupted run resumes).
@@ -33,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_SECONDS = 2 * 3600
 
@@ -42,30 +46,39 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _cell_files(report_dir: Path) -> dict[str, int]:
-    """The report's cached cells: file name -> modification time (ns)."""
-    return {f.name: f.stat().st_mtime_ns for f in (report_dir / "cells").glob("*.json")}
+def _cached_files(report_dir: Path) -> dict[str, int]:
+    """The report's cached cells and batches of adversarial examples: path -> modification time (ns)."""
+    files = [*(report_dir / "cells").glob("*.json"), *(report_dir / "adv").glob("*/*.safetensors")]
+    return {str(f.relative_to(report_dir)): f.stat().st_mtime_ns for f in files}
+
+
+def _recorded_seconds(report_dir: Path, name: str) -> float:
+    """What a cached file's computation took: a cell's scoring, a batch's generation."""
+    path = report_dir / name
+    if path.suffix == ".safetensors":
+        return float(load_file(str(path))["seconds"].item())
+    return float(json.loads(path.read_text()).get("scoring_seconds", 0.0))
 
 
 def timed_eval(argv: list[str], report_dir: Path) -> dict:
-    """Runs ``robustgate eval ARGV`` to completion and measures it. Cells an earlier, interrupted
-    invocation left in ``report_dir`` are reused by the runner (its per-cell cache); their own
-    recorded wall times are added, so that ``wall_seconds`` is what an uninterrupted run would
-    have taken (``this_invocation_seconds`` is this one alone)."""
+    """Runs ``robustgate eval ARGV`` to completion and measures it. Cells and batches an earlier,
+    interrupted invocation left in ``report_dir`` are reused by the runner (its cache); their own
+    recorded times are added, so that ``wall_seconds`` is what an uninterrupted run would have
+    taken (``this_invocation_seconds`` is this one alone)."""
     cmd = [sys.executable, "-m", "robustgate.proxy.cli", "eval", *argv]
-    before = _cell_files(report_dir)
+    before = _cached_files(report_dir)
     load_before = os.getloadavg()
     cpu0, t0 = _children_cpu(), time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     wall = time.perf_counter() - t0
-    reused = [name for name, mtime in _cell_files(report_dir).items() if before.get(name) == mtime]
-    reused_s = sum(json.loads((report_dir / "cells" / name).read_text()).get("wall_seconds", 0.0) for name in reused)
+    reused = [name for name, mtime in _cached_files(report_dir).items() if before.get(name) == mtime]
+    reused_s = sum(_recorded_seconds(report_dir, name) for name in reused)
     return {
         "command": "robustgate eval " + " ".join(shlex.quote(a) for a in argv),
         "wall_seconds": round(wall + reused_s, 1),
         "this_invocation_seconds": round(wall, 1),
-        "reused_cells": len(reused),
-        "reused_cells_seconds": round(reused_s, 1),
+        "reused_files": len(reused),
+        "reused_seconds": round(reused_s, 1),
         "cpu_seconds": round(_children_cpu() - cpu0, 1),  # this invocation's only
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in os.getloadavg()],
@@ -77,7 +90,8 @@ def cell_rows(report_dir: Path) -> list[dict]:
     return [
         {"config": c["config"], "attack": c["attack"], "eps": c["eps"], "status": c["status"],
          "robust_accuracy": (c.get("metrics") or {}).get("robust_accuracy"),
-         "wall_seconds": round(c.get("wall_seconds", 0.0), 1)}
+         "wall_seconds": round(c.get("wall_seconds", 0.0), 1),
+         "generation_seconds": round((c.get("metrics") or {}).get("generation_seconds", 0.0), 1)}
         for c in result["cells"]
     ]
 
@@ -92,22 +106,27 @@ def markdown(summary: dict) -> str:
         f"**{'met' if summary['target_met'] else 'not met'}**), "
         f"CPU of these invocations {summary['total_cpu_seconds'] / 60:.1f} min.",
         "",
-        "Wall s counts every cell once: a run resumed after an interruption reuses the cells it had "
-        "cached, and their recorded wall times are added to the resumed invocation's.",
+        "A run's wall s counts everything once: a run resumed after an interruption reuses the cells and "
+        "batches of adversarial examples it had cached, and their recorded times are added to the resumed "
+        "invocation's. A cell's wall s is the generation of its examples (summed over their batches, which "
+        "the workers generate side by side; a backbone attack's examples are shared by every configuration "
+        "and counted in each) plus their scoring on the served pipeline.",
         "",
-        "| run | command | wall s | of which reused cells (count, s) | CPU s (this invocation) | load before / after |",
+        "| run | command | wall s | of which reused files (count, s) | CPU s (this invocation) | load before / after |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, run in summary["runs"].items():
-        lines.append(f"| {name} | `{run['command']}` | {run['wall_seconds']} | {run['reused_cells']}, "
-                     f"{run['reused_cells_seconds']} | {run['cpu_seconds']} | "
+        lines.append(f"| {name} | `{run['command']}` | {run['wall_seconds']} | {run['reused_files']}, "
+                     f"{run['reused_seconds']} | {run['cpu_seconds']} | "
                      f"{run['load_before'][0]} / {run['load_after'][0]} |")
     for name, run in summary["runs"].items():
-        lines += ["", f"## {name}: cells", "", "| config | attack | eps | status | robust acc | wall s |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", f"## {name}: cells", "",
+                  "| config | attack | eps | status | robust acc | wall s | of which generation s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for c in run["cells"]:
             acc = "" if c["robust_accuracy"] is None else f"{c['robust_accuracy']:.3f}"
-            lines.append(f"| {c['config']} | {c['attack']} | {c['eps']} | {c['status']} | {acc} | {c['wall_seconds']} |")
+            lines.append(f"| {c['config']} | {c['attack']} | {c['eps']} | {c['status']} | {acc} | {c['wall_seconds']} "
+                         f"| {c['generation_seconds']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,9 +136,11 @@ def main() -> int:
     p.add_argument("--matrix", default="bench/redteam/matrix.yaml")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--n-autoattack", type=int, default=500)
-    p.add_argument("--n-diffusion", type=int, default=200, help="items of the diffusion run (0: skip it)")
+    p.add_argument("--n-diffusion", type=int, default=1000, help="items of the diffusion run (0: skip it)")
     p.add_argument("--diffusion-matrix", default="bench/redteam/diffusion.yaml")
     p.add_argument("--diffusion-eot", type=int, default=4)
+    p.add_argument("--diffusion-twin-precision", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="robustgate eval --twin-precision of the diffusion run")
     p.add_argument("--attacks", default="fgsm,pgd,bpda,eot,joint,square")
     p.add_argument("--eps", default="0.1,0.3")
     p.add_argument("--eot", type=int, default=8)
@@ -144,7 +165,7 @@ def main() -> int:
         plan["diffusion"] = ["--bundle", args.bundle, "--pipeline", args.diffusion_matrix, "--threads", str(args.threads),
                              *par, "--no-progress", "--attacks", args.attacks, "--eps", args.eps, "--n", str(args.n_diffusion),
                              "--steps", "20", "--eot", str(args.diffusion_eot), "--queries", str(args.queries),
-                             "--out", str(out / "diffusion")]
+                             "--twin-precision", args.diffusion_twin_precision, "--out", str(out / "diffusion")]
     runs = {}
     for name, argv in plan.items():
         report_dir = ROOT / argv[argv.index("--out") + 1]

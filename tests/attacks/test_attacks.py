@@ -134,3 +134,29 @@ def test_eot_attacks_through_the_diffusion_sampler(tiny, backbone, test_images):
     adv = ATTACKS["eot"].run(AttackContext(BackboneOnly(backbone), twin, None, 10), tm, x, y)
     check_perturbation(adv, x, "linf", 0.1)
     assert (adv != x).any()
+
+
+@pytest.mark.filterwarnings("ignore:diffusion. purifying with an untrained UNet")
+def test_bfloat16_twin_differentiates_the_sampler_in_bfloat16_and_stays_close(backbone, test_images):
+    """``PipelineTwin(precision=torch.bfloat16)`` (``robustgate eval --twin-precision bfloat16``):
+    the diffusion sampler's UNet runs under autocast, its output comes back as float32, and the
+    purified images and the input gradient stay close to the float32 twin's for the same noise."""
+    x = test_images[0][:6]
+    cfg = [{"name": "diffpure", "kind": "diffusion",
+            "params": {"t_star": 20, "steps": 2, "block_out_channels": [8, 16, 16]}}]
+    stages = build_stages(cfg, None, twin=True)
+    v = torch.randn_like(x)
+
+    def purified_and_gradient(precision):
+        twin = PipelineTwin(backbone, stages, generator=torch.Generator().manual_seed(0), precision=precision)
+        xg = x.clone().requires_grad_(True)
+        out = twin.purify(xg)
+        (g,) = torch.autograd.grad((out * v).sum(), xg)
+        return out.detach(), g
+
+    out32, g32 = purified_and_gradient(None)
+    out16, g16 = purified_and_gradient(torch.bfloat16)
+    assert out16.dtype == torch.float32 and g16.dtype == torch.float32
+    assert not torch.equal(out16, out32)  # the UNet really ran in bfloat16 ...
+    assert (out16 - out32).abs().max() < 0.05  # ... and purifies (nearly) the same way
+    assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99
