@@ -31,7 +31,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 _SERVING = re.compile(r"robustgate: serving (\S+) on port (\d+), metrics on port (\S+)")
 
 sys.path.insert(0, str(REPO / "bench" / "serving"))
-from loadgen import process_cpu_s  # noqa: E402,F401  (one /proc reader for every bench script)
+from loadgen import make_request, process_cpu_s  # noqa: E402,F401  (one /proc reader, one request builder)
 
 
 def loadavg() -> list[float]:
@@ -66,10 +66,7 @@ def test_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def infer_request(model: str, x: np.ndarray, input_name: str = "input") -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
-    return req
+    return make_request(model, input_name, x)
 
 
 def logits_of(resp: pb.ModelInferResponse, name: str = "logits") -> np.ndarray:

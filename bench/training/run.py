@@ -116,9 +116,10 @@ def main() -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(result))
-    print(out.with_suffix(".md").read_text())
+    # OUT.json and OUT.md: with_suffix would replace the part after a dot (training.default -> training.json)
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_name(out.name + ".md").write_text(_markdown(result))
+    print(out.with_name(out.name + ".md").read_text())
     return 0
 
 
