@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="served model name at --url (default: bundle name)")
     parser.add_argument("--twin-precision", choices=["float32", "bfloat16"], default="float32",
                         help="precision of the differentiable purifiers (the diffusion sampler) inside the attacked "
-                             "pipeline twin; bfloat16 is ~2x faster on CPUs with AVX512-BF16, recorded per cell")
+                             "pipeline twin; bfloat16: 1.61x per attack step here (bench/results/redteam.twin_precision.md), recorded per cell")
     parser.add_argument("--surface-points", type=int, default=2, help="test points per config for loss surfaces")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--parallel", type=int, default=1,

@@ -139,11 +139,10 @@ class PipelineTwin(nn.Module):
         h = x
         for stage in self.purifiers:
             p: Purifier = stage.defense  # type: ignore[assignment]
-            if p.differentiable and self.precision is not None:
-                with torch.autocast(h.device.type, dtype=self.precision):
+            if p.differentiable:
+                with torch.autocast(h.device.type, dtype=self.precision or torch.bfloat16,
+                                    enabled=self.precision is not None):
                     h = p.purify(h, self.generator).to(x.dtype)
-            elif p.differentiable:
-                h = p.purify(h, self.generator)
             else:
                 value = p.purify(h.detach(), self.generator)
                 h = straight_through(value, p.bpda(h)) if self.bpda else value.detach()
