@@ -6,7 +6,7 @@ mapped back to ``[0, 1]``. Pillow rather than ``torchvision.io.encode_jpeg``: to
 deprecates its image codecs and fixes 4:2:0 chroma subsampling. Quantizing the
 DCT coefficients removes part of a small high-frequency perturbation.
 
-The batch goes through the codec as one mosaic (:func:`mosaic_roundtrip`), not image by image:
+The batch goes through the codec as one mosaic (:func:`jpeg_roundtrip`), not image by image:
 baseline JPEG without chroma subsampling codes every 8x8 block on its own (DCT, quantization,
 inverse DCT; only the lossless entropy coding links blocks), so an image padded to whole blocks the
 way libjpeg pads a partial block (its last row and column repeated) and placed on the block grid of
@@ -35,60 +35,65 @@ from PIL import Image
 from robustgate.defenses.base import Purifier, check_images, register
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` floats in ``[0, 1]`` -> uint8 ``[N, C, H, W]`` (round to nearest level)."""
-    return (x.detach() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
 def _codec(img: np.ndarray, mode: str, quality: int) -> np.ndarray:
-    """One ``[H, W]`` (L) or ``[H, W, 3]`` (RGB) uint8 image through JPEG encode + decode."""
+    """One ``[H, W]`` (L) or ``[H, W, 3]`` (RGB) uint8 image through JPEG encode + decode.
+
+    Each step is one call into Pillow's C code (``frombuffer`` shares ``img``, ``load`` decodes at
+    once, no mode conversion): every call into C releases the GIL, and in the proxy's worker thread
+    each release can cost a wait for the event loop (bench/results/purify.md)."""
+    h, w = img.shape[:2]
     buf = io.BytesIO()
-    Image.fromarray(img, mode=mode).save(buf, format="JPEG", quality=quality, subsampling=0)
+    Image.frombuffer(mode, (w, h), np.ascontiguousarray(img), "raw", mode, 0, 1).save(
+        buf, format="JPEG", quality=quality, subsampling=0)
     buf.seek(0)
     with Image.open(buf) as decoded:
-        return np.asarray(decoded.convert(mode))
+        decoded.load()
+        if decoded.mode != mode:  # libjpeg decodes a 1-component picture to L, a 3-component one to RGB
+            raise RuntimeError(f"jpeg: the codec decoded {mode} as {decoded.mode}")
+        return np.asarray(decoded)
 
 
 BLOCK = 8  # the JPEG block edge (one MCU without chroma subsampling)
 MAX_SIDE = 65_500  # JPEG's largest picture side is 65,535
 
 
-def mosaic_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
-    """``pixels`` ``[N, H, W, C]`` uint8 (C = 1 or 3) -> the same after one JPEG encode + decode of
-    their mosaic; identical to :func:`_codec` on each image (module docstring). The result may be a
-    strided view of the decoded mosaic."""
-    n, h, w, c = pixels.shape
+def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """Encodes every image of ``x`` ``[N, C, H, W]`` (pixels in ``[0, 1]``, C = 1 or 3) as JPEG at
+    ``quality`` and decodes it again, all of them as one mosaic picture; each image comes back
+    exactly as :func:`_codec` returns it alone (module docstring).
+
+    Returns ``[N, C, H, W]`` of ``x``'s dtype and device, values on the 1/255 grid in ``[0, 1]``.
+    Every pixel is written once on the way in (scaled, rounded and placed in its cell) and once on
+    the way out, with as few calls into numpy as the layout allows -- each releases the GIL."""
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        raise ValueError(f"jpeg: expected 1 (grayscale) or 3 (RGB) channels, got {c}")
+    if n == 0:
+        return x.detach().clone()
     ch, cw = -(-h // BLOCK) * BLOCK, -(-w // BLOCK) * BLOCK  # each image's cell: whole blocks
     cols = max(1, min(n, int(np.ceil(np.sqrt(n * ch / cw))), MAX_SIDE // cw))  # about square
     rows = -(-n // cols)
     if rows * ch > MAX_SIDE:  # a batch too large for one picture: in picture-sized slices
         per = (MAX_SIDE // ch) * cols
-        return np.concatenate([mosaic_roundtrip(pixels[i:i + per], quality) for i in range(0, n, per)])
-    picture = np.zeros((rows * ch, cols * cw, c), dtype=np.uint8)
-    cells = picture.reshape(rows, ch, cols, cw, c)  # a view: [row, y, col, x, channel]
+        return torch.cat([jpeg_roundtrip(x[i:i + per], quality) for i in range(0, n, per)])
+    src = x.detach().cpu()
+    src = (src if src.dtype in (torch.float32, torch.float64) else src.float()).numpy()
     if n < rows * cols:  # the last row's empty cells stay black: no block of theirs touches an image
-        pixels = np.concatenate([pixels, np.zeros((rows * cols - n, h, w, c), dtype=np.uint8)])
-    cells[:, :h, :, :w] = pixels.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4)
+        src = np.concatenate([src, np.zeros((rows * cols - n, c, h, w), dtype=src.dtype)])
+    scaled = np.multiply(src.reshape(rows, cols, c, h, w).transpose(0, 3, 1, 4, 2), 255.0)  # [row, y, col, x, ch]
+    scaled += 0.5
+    picture = np.empty((rows * ch, cols * cw, c), dtype=np.uint8)
+    cells = picture.reshape(rows, ch, cols, cw, c)  # a view: [row, y, col, x, channel]
+    # x + 0.5 truncated = round half up (x >= 0: check_images ran); torch.round would tie to even,
+    # which only differs on exact halves, never hit by inputs on the 1/255 grid
+    np.copyto(cells[:, :h, :, :w], scaled, casting="unsafe")
     cells[:, h:] = cells[:, h - 1:h]  # libjpeg's padding of a partial block: the last row and column repeated
     cells[:, :, :, w:] = cells[:, :, :, w - 1:w]
     decoded = _codec(picture[..., 0] if c == 1 else picture, "L" if c == 1 else "RGB", quality)
-    decoded = decoded.reshape(rows, ch, cols, cw, c).transpose(0, 2, 1, 3, 4).reshape(rows * cols, ch, cw, c)
-    out = decoded[:n, :h, :w]
-    return out if out.flags.writeable else out.copy()  # torch.from_numpy wants a writable array
-
-
-def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """Encodes every image of ``x`` ``[N, C, H, W]`` as JPEG at ``quality`` and decodes it again.
-
-    Returns ``[N, C, H, W]`` of ``x``'s dtype and device, values on the 1/255 grid in ``[0, 1]``."""
-    c = x.shape[1]
-    if c not in (1, 3):
-        raise ValueError(f"jpeg: expected 1 (grayscale) or 3 (RGB) channels, got {c}")
-    if x.shape[0] == 0:
-        return x.detach().clone()
-    pixels = to_uint8(x).cpu().permute(0, 2, 3, 1).numpy()  # [N, H, W, C] uint8; the codec runs on the CPU
-    decoded = torch.from_numpy(mosaic_roundtrip(pixels, quality)).permute(0, 3, 1, 2)  # [N, C, H, W] uint8
-    return decoded.to(torch.float32).div_(255.0).to(device=x.device, dtype=x.dtype)
+    out = np.empty((rows * cols, c, h, w), dtype=np.float32)
+    np.divide(decoded.reshape(rows, ch, cols, cw, c)[:, :h, :, :w].transpose(0, 2, 4, 1, 3), np.float32(255.0),
+              out=out.reshape(rows, cols, c, h, w))
+    return torch.from_numpy(out[:n]).to(device=x.device, dtype=x.dtype)
 
 
 @register

@@ -52,14 +52,26 @@ def test_jpeg_mosaic_decodes_each_image_exactly_as_alone(n, h, w, c, quality):
     pixels[0] = 255 - pixels[0]  # an edge-heavy image beside the others
     mode = "L" if c == 1 else "RGB"
     alone = np.stack([jpeg._codec(img[..., 0] if c == 1 else img, mode, quality) for img in pixels]).reshape(pixels.shape)
-    assert np.array_equal(jpeg.mosaic_roundtrip(pixels, quality), alone)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # [N, C, H, W] on the 1/255 grid
+    y = jpeg_roundtrip(x, quality)
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    assert torch.equal(y * 255, torch.from_numpy(alone).permute(0, 3, 1, 2).float())  # the grid is exact
+
+
+def test_jpeg_rounds_each_pixel_to_the_nearest_level_before_coding(monkeypatch):
+    coded = []
+    monkeypatch.setattr(jpeg, "_codec", lambda img, mode, quality: coded.append(img.copy()) or img)
+    x = torch.tensor([0.0, 0.4 / 255, 0.6 / 255, 1.0, 254.49 / 255, 127.51 / 255]).reshape(1, 1, 2, 3)
+    y = jpeg_roundtrip(x, 90)  # the codec replaced by the identity: only the rounding is left
+    assert coded[0][:2, :3].tolist() == [[0, 0, 1], [255, 254, 128]]
+    assert torch.equal(y * 255, torch.tensor([[0.0, 0, 1], [255, 254, 128]]).reshape(1, 1, 2, 3))
 
 
 def test_jpeg_mosaic_too_large_for_one_picture_goes_in_slices(monkeypatch):
-    pixels = np.random.default_rng(1).integers(0, 256, (10, 28, 28, 1), dtype=np.uint8)
-    whole = jpeg.mosaic_roundtrip(pixels, 75)
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (10, 1, 28, 28), dtype=np.uint8)).float() / 255
+    whole = jpeg_roundtrip(x, 75)
     monkeypatch.setattr(jpeg, "MAX_SIDE", 64)  # two 32-pixel cells per side at most
-    assert np.array_equal(jpeg.mosaic_roundtrip(pixels, 75), whole)
+    assert torch.equal(jpeg_roundtrip(x, 75), whole)
 
 
 def test_jpeg_keeps_float64_and_an_empty_batch():
