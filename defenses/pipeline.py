@@ -76,6 +76,21 @@ class PipelineResult:
     failed_stages: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Front:
+    """A batch after :meth:`DefendedModel.front`: the purified input, the verdicts and scores so
+    far, and the logits when the shared pass already classified it (else None)."""
+
+    purified: torch.Tensor
+    verdict: torch.Tensor
+    reason: list[str | None]
+    scores: dict[str, torch.Tensor]
+    thresholds: dict[str, float]
+    seconds: dict[str, float]
+    failed: list[str]
+    logits: torch.Tensor | None = None
+
+
 class SharedPass:
     """A :class:`~robustgate.defenses.base.Classifier` view of one batch's classify pass: asked
     about the very tensor ``x`` that was classified (identity, not equality), it answers from the
@@ -176,6 +191,13 @@ class DefendedModel:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> PipelineResult:
         """Runs the pipeline on ``x`` ``[N, C, H, W]`` (already validated by the caller)."""
+        return self.back(self.front(x, generator), generator)
+
+    def front(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Front:
+        """Steps 0-2 (the shared pass, the detectors, the purifiers) on ``x`` ``[N, C, H, W]``;
+        :meth:`back` finishes the batch. The proxy runs the two halves in different threads so
+        that one batch's purifiers overlap the previous batch's classify (proxy/batcher.py);
+        ``back(front(x, g), g)`` is exactly ``self(x, g)``."""
         n = x.shape[0]
         verdict = torch.full((n,), ACCEPTED, dtype=torch.int64)
         reason: list[str | None] = [None] * n
@@ -236,7 +258,13 @@ class DefendedModel:
             except Exception:  # noqa: BLE001 - see failure policy
                 _fail(stage)
             seconds[stage.name] = time.perf_counter() - t0
+        return Front(purified=h, verdict=verdict, reason=reason, scores=scores, thresholds=thresholds,
+                     seconds=seconds, failed=failed, logits=logits)
 
+    def back(self, front: Front, generator: torch.Generator | None = None) -> PipelineResult:
+        """Step 3 (classify, the ensemble) and the result, after :meth:`front`."""
+        h, logits, verdict, reason, seconds = front.purified, front.logits, front.verdict, front.reason, front.seconds
+        ens_stage = split_stages(self.stages)[2]
         # 3. classify (fanned out by the ensemble when there is one)
         radius = None
         if logits is not None:
@@ -266,6 +294,6 @@ class DefendedModel:
                     verdict[i], reason[i] = REJECTED, ens_stage.name
 
         return PipelineResult(
-            logits=logits, verdict=verdict, reason=reason, scores=scores, thresholds=thresholds,
-            radius=radius, seconds=seconds, failed_stages=failed,
+            logits=logits, verdict=verdict, reason=reason, scores=front.scores, thresholds=front.thresholds,
+            radius=radius, seconds=seconds, failed_stages=front.failed,
         )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -117,13 +117,37 @@ class PipelineRunner:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
         return torch.Generator().manual_seed(seed)
 
+    @property
+    def has_purifiers(self) -> bool:
+        """Whether the batch has a front half worth a thread of its own (:meth:`prepare`)."""
+        return bool(split_stages(self.stages)[1])
+
+    def _model(self, timeout: float | None) -> DefendedModel:
+        return DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,
+                             classify_features=self._classify_features_with(timeout) if self.share_features else None,
+                             max_fanout_items=self.max_fanout_items)
+
     def __call__(self, x: np.ndarray, timeout: float | None = None) -> PipelineResult:
         """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result."""
-        model = DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,
-                              classify_features=self._classify_features_with(timeout) if self.share_features else None,
-                              max_fanout_items=self.max_fanout_items)
         with torch.no_grad():
-            return model(torch.from_numpy(x), generator=self.generator())
+            return self._model(timeout)(torch.from_numpy(x), generator=self.generator())
+
+    def prepare(self, x: np.ndarray) -> Callable[[float | None], PipelineResult]:
+        """The detectors and purifiers on ``x`` now; returns ``finish(timeout)``, which classifies
+        and gives what ``self(x, timeout)`` gives. The two halves may run in different threads
+        (the batcher overlaps one batch's ``prepare`` with the previous batch's ``finish``);
+        ``finish`` belongs to this runner, so a batch prepared before a reload finishes with the
+        pipeline it started with. Without purifiers the shared pass would classify here, with no
+        timeout: the server calls it only when :attr:`has_purifiers`."""
+        generator = self.generator()
+        with torch.no_grad():  # grad mode is per thread: each half sets its own
+            front = self._model(None).front(torch.from_numpy(x), generator)
+
+        def finish(timeout: float | None) -> PipelineResult:
+            with torch.no_grad():
+                return self._model(timeout).back(front, generator)
+
+        return finish
 
 
 def build_runner(cfg: PipelineConfig, bundle: Bundle, backend: Backend, classifier: Classifier | None) -> PipelineRunner:

@@ -13,6 +13,17 @@ arrival order. ``workers`` batches may run at once (the server's default: 1 for 
 4 for an upstream one, ``BatchingConfig.resolved_workers``); a batch is collected only when a worker
 is free.
 
+Front halves (``front``, the server's ``batching.overlap_front``): for a pipeline with purifiers,
+a batch is collected as soon as the *front thread* is free, not a worker; its detectors and purifiers
+(the runner's ``prepare``) run there, then it waits for a worker to classify (``finish``). So one
+batch's JPEG or median filter runs while the previous batch is in ONNX Runtime, on the core the
+classify pass leaves idle, instead of adding to it. The front slot passes on only when the batch has
+its worker, so at most one batch has left the queue beyond those running: the queue, its bound and
+the admission below stay as they are. Pipelines without purifiers run whole, as before. It pays
+only when classify leaves a core idle (one ONNX Runtime thread, an upstream backend): with ONNX
+Runtime's two threads on two cores the front thread only contends with them, so the server ships it
+off (proxy/config.py, bench/results/purify.md).
+
 Admission, checked when a request is submitted (:meth:`Batcher.admission`); a refused request fails
 at once with :class:`QueueFull` (the server answers RESOURCE_EXHAUSTED) and never waits:
 
@@ -40,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +114,9 @@ class Batcher:
         on_batch: called in the event loop after each executed batch with its item count.
         clock: seconds, monotonic (default time.monotonic; deadlines are values of it).
         thread_nice: niceness the worker threads add to their own (proxy/priority.py; 0 = none).
+        front: asked before each batch is collected (module docstring, "Front halves"): the batch's
+            front half, ``x -> finish(timeout) -> PipelineResult``, run in a thread of its own, or
+            None to run the batch whole with ``run``. None: every batch runs whole.
     """
 
     def __init__(
@@ -116,6 +131,7 @@ class Batcher:
         max_queue_wait_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         thread_nice: int = 0,
+        front: Callable[[], Callable[[np.ndarray], Callable[[float | None], PipelineResult]] | None] | None = None,
     ):
         if max_batch_size < 1 or max_queue_items < 1 or max_queue_delay_s < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue_items and workers must be >= 1 and max_queue_delay_s >= 0")
@@ -138,6 +154,10 @@ class Batcher:
         self._running: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustgate-batch",
                                             initializer=lower_this_thread, initargs=(thread_nice,))
+        self.front = front
+        self._front_slot: asyncio.Semaphore | None = None
+        self._front_executor = None if front is None else ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="robustgate-front", initializer=lower_this_thread, initargs=(thread_nice,))
         self._last_arrival: float | None = None
         self._gap_s = float("inf")  # moving average of the time between arrivals; inf = no history yet
         self.closed_early = 0  # batches run before the delay ended because no company was expected
@@ -196,6 +216,7 @@ class Batcher:
         """Starts the batching loop on the running event loop."""
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.workers)
+        self._front_slot = asyncio.Semaphore(1)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="robustgate-batcher")
 
     async def stop(self) -> None:
@@ -217,6 +238,8 @@ class Batcher:
                 p.future.set_exception(BatcherClosed("the server is shutting down"))
         self._depth = 0
         self._executor.shutdown(wait=True)
+        if self._front_executor is not None:
+            self._front_executor.shutdown(wait=True)
 
     async def submit(self, x: np.ndarray, deadline: float | None = None) -> tuple[PipelineResult, float]:
         """Queues ``x`` ``[n, C, H, W]``; returns its rows of the batch result and the seconds it
@@ -282,39 +305,69 @@ class Batcher:
         return batch
 
     async def _loop(self) -> None:
-        """Waits for a free worker, collects a batch for it, runs it as its own task."""
+        """Waits for a free worker (or, for a batch with a front half, a free front thread),
+        collects a batch for it, runs it as its own task."""
         loop = asyncio.get_running_loop()
         while True:
-            await self._slots.acquire()
+            fronted = self.front is not None and self.front() is not None
+            if self.front is not None:
+                # first the front slot, even for a batch that runs whole: a batch between its front
+                # half and its worker holds it, and must get the worker before the next batch does
+                await self._front_slot.acquire()
+                if not fronted:
+                    try:
+                        await self._slots.acquire()
+                    finally:
+                        self._front_slot.release()
+            else:
+                await self._slots.acquire()
+            gate = self._front_slot if fronted else self._slots
             freed = self._freed_at
             try:
                 batch = await self._collect()
             except BaseException:
-                self._slots.release()
+                gate.release()
                 raise
-            task = loop.create_task(self._execute(batch, freed))
+            task = loop.create_task(self._execute(batch, freed, fronted))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _execute(self, batch: list[_Pending], freed: float | None) -> None:
-        """Runs ``batch``; ``freed``: when a worker last became free before it was collected (None: never)."""
+    async def _execute(self, batch: list[_Pending], freed: float | None, fronted: bool = False) -> None:
+        """Runs ``batch``; ``freed``: when a worker last became free before it was collected (None:
+        never). ``fronted``: the batch holds the front slot, not a worker: its front half (asked
+        for now, so that a reload since is seen) runs in the front thread, then -- once a worker is
+        free, which frees the front slot for the next batch -- its ``finish(timeout)`` in the worker."""
         loop = asyncio.get_running_loop()
-        # its cycle began when it could have: at its oldest request's arrival, or, when that request
-        # was already waiting, when a worker became free for it
-        since = batch[0].enqueued if freed is None else max(freed, batch[0].enqueued)
         items = sum(p.n for p in batch)
+        holds_front, holds_worker = fronted, not fronted
+        # its cycle began when it could have: at its oldest request's arrival, or, when that request
+        # was already waiting, when a worker became free for it (for a batch with a front half: free
+        # after its front, so a slow front counts too)
+        since = batch[0].enqueued if freed is None else max(freed, batch[0].enqueued)
         try:
             try:
                 x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch], axis=0)  # [M, C, H, W]
                 started = self.clock()
                 for p in batch:
                     p.started = started
+                front = self.front() if fronted else None
+                if front is None:
+                    run = functools.partial(self.run, x)
+                else:
+                    run = await loop.run_in_executor(self._front_executor, front, x)  # finish(timeout)
+                if fronted:
+                    await self._slots.acquire()
+                    holds_worker = True
+                    self._front_slot.release()
+                    holds_front = False
+                    if self._freed_at is not None:
+                        since = max(self._freed_at, batch[0].enqueued)
                 # the batch may run until its most patient request's deadline (none if one has no
                 # deadline): a short deadline must not fail the requests it shares the batch with --
                 # its own client gives up at its deadline and gRPC answers it DEADLINE_EXCEEDED
                 deadlines = [p.deadline for p in batch]
-                timeout = None if None in deadlines else max(0.0, max(deadlines) - started)
-                result = await loop.run_in_executor(self._executor, self.run, x, timeout)
+                timeout = None if None in deadlines else max(0.0, max(deadlines) - self.clock())
+                result = await loop.run_in_executor(self._executor, run, timeout)
             except asyncio.CancelledError:
                 _fail(batch, BatcherClosed("the server is shutting down"))
                 raise
@@ -333,9 +386,12 @@ class Batcher:
                     p.future.set_result(slice_result(result, a, b))
                 a = b
         finally:
-            self._freed_at = self.clock()
-            self._served(items, self._freed_at - since)  # a failed batch took its time too
-            self._slots.release()
+            if holds_front:
+                self._front_slot.release()
+            if holds_worker:
+                self._freed_at = self.clock()
+                self._served(items, self._freed_at - since)  # a failed batch took its time too
+                self._slots.release()
 
 
 def _fail(batch: list[_Pending], exc: BaseException) -> None:

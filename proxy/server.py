@@ -330,7 +330,7 @@ class ProxyServer:
             max_queue_delay_s=b.max_queue_delay_ms / 1000.0, max_queue_items=b.max_queue_items,
             max_queue_wait_s=None if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1000.0,
             on_batch=self._on_batch, workers=b.resolved_workers(cfg.backend.kind),
-            thread_nice=cfg.server.compute_nice,
+            thread_nice=cfg.server.compute_nice, front=self._front_half if b.overlap_front else None,
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self.health = HealthServicer()
@@ -435,6 +435,11 @@ class ProxyServer:
     def _run_batch(self, x: np.ndarray, timeout: float | None) -> PipelineResult:
         """The batcher's ``run``: the current runner, read once per batch (a reload swaps it)."""
         return self.runner(x, timeout)
+
+    def _front_half(self):
+        """The batcher's ``front``: the current runner's ``prepare`` when it has purifiers, else None."""
+        runner = self.runner
+        return runner.prepare if runner.has_purifiers else None
 
     async def reload(self) -> dict:
         """Re-reads the config (``config_loader``) and the bundle (checksums verified) and swaps in

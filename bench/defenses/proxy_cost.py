@@ -16,7 +16,10 @@ the items/s of every window, with the load average beside each.
 
 Configurations: ``empty``, ``jpeg``, ``noise``, ``bitdepth``, ``median`` (each purifier with its
 default parameters), ``diffusion`` (the bundle's fitted ``diffusion`` stage with ``runtime: onnx``;
-``--diffusion-params`` adds stage params), or ``name=<JSON list of stages>`` for anything else.
+``--diffusion-params`` adds stage params), or ``name=<JSON>`` for anything else: a list of stages,
+or ``{"stages": [...], "batching": {...}}``; items are separated by ``;``, e.g.
+``--configs 'empty,jpeg;jpeg-whole={"stages": [{"name": "jpeg", "kind": "jpeg", "action": "log"}],
+"batching": {"overlap_front": false}}'``.
 """
 
 from __future__ import annotations
@@ -51,14 +54,21 @@ def stages_for(name: str, diffusion_params: dict) -> list[dict]:
     if name == "diffusion":
         return [{"name": "diffusion", "kind": "diffusion", "action": "log",
                  "params": {"runtime": "onnx", **diffusion_params}}]
-    raise ValueError(f"unknown configuration {name!r}; give name=<JSON stages> for a custom one")
+    raise ValueError(f"unknown configuration {name!r}; give name=<JSON> for a custom one")
 
 
-def parse_configs(spec: str, diffusion_params: dict) -> dict[str, list[dict]]:
+def parse_configs(spec: str, diffusion_params: dict) -> dict[str, dict]:
+    """``;``-separated items, each ``name[,name...]`` (known configurations) or ``name=<JSON>``: a
+    list of stages, or an object with ``stages`` and ``batching`` (merged over the benchmark's
+    batching section) -> name -> ``{"stages": [...], "batching": {...}}``."""
     out = {}
-    for item in spec.split(","):
-        name, sep, stages = item.partition("=")
-        out[name] = json.loads(stages) if sep else stages_for(name, diffusion_params)
+    for item in filter(None, spec.split(";")):
+        name, sep, given = item.partition("=")
+        if not sep:
+            out.update({n: {"stages": stages_for(n, diffusion_params), "batching": {}} for n in item.split(",")})
+            continue
+        value = json.loads(given)
+        out[name] = {"batching": {}, **value} if isinstance(value, dict) else {"stages": value, "batching": {}}
     if "empty" not in out:
         raise ValueError("--configs must include 'empty' (the reference)")
     return out
@@ -89,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="proxy-cost-") as tmp:
         servers = {}
         try:
-            for name, stages in configs.items():
+            for name, conf in configs.items():
                 servers[name] = Proxy(Path(tmp), args.bundle.resolve(), {
                     "backend": {"kind": "onnxruntime", "onnxruntime": {"intra_op_threads": args.intra_op_threads}},
-                    "batching": {"enabled": True, "max_batch_size": 64},
-                    "pipeline": {"stages": stages, "verdict_mode": "item"},
+                    "batching": {"enabled": True, "max_batch_size": 64, **conf["batching"]},
+                    "pipeline": {"stages": conf["stages"], "verdict_mode": "item"},
                 }, None, bundle.name)
             order = list(configs)
             for r in range(args.rounds):
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"items_per_s_median": statistics.median(ips), "items_per_s": ips,
                  "p50_ms_median": statistics.median(w["p50_ms"] for w in ws if w["p50_ms"] is not None),
                  "server_cpu_cores_median": statistics.median(w["cpu_cores"]["server"] for w in ws),
-                 "errors": sum(sum(w["errors"].values()) for w in ws), "stages": configs[name]}
+                 "errors": sum(sum(w["errors"].values()) for w in ws), **configs[name]}
         if name != "empty":
             costs = [1.0 - w["items_per_s"] / e["items_per_s"] for w, e in zip(ws, windows["empty"])]
             entry["cost_per_round"] = costs

@@ -14,12 +14,13 @@ from robustgate.proxy.serve import build_server
 
 
 class LoopbackProxy:
-    """``LoopbackProxy(bundle, pipeline)``: serves ``bundle`` with the ``pipeline`` config section
-    on 127.0.0.1; ``url`` is ``host:port``, ``server`` the ProxyServer; ``stop()`` drains it."""
+    """``LoopbackProxy(bundle, pipeline[, sections])``: serves ``bundle`` with the ``pipeline``
+    config section (and any other ``sections``, e.g. ``{"batching": {...}}``) on 127.0.0.1; ``url``
+    is ``host:port``, ``server`` the ProxyServer; ``stop()`` drains it."""
 
-    def __init__(self, bundle: str | Path, pipeline: dict):
+    def __init__(self, bundle: str | Path, pipeline: dict, sections: dict | None = None):
         cfg = load_config(None, environ={}, overrides={
-            "bundle": str(bundle), "pipeline": pipeline,
+            **(sections or {}), "bundle": str(bundle), "pipeline": pipeline,
             "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
         self.server = build_server(cfg)
         self.prepare()

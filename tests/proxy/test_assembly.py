@@ -77,3 +77,28 @@ def test_smoothing_ensemble_answers_radius_and_seeded_runs_repeat(start_proxy):
     reg = p.server.metrics.registry
     assert reg.get_sample_value("robustgate_batch_size_sum") == 6
     assert reg.get_sample_value("robustgate_stage_duration_seconds_count", {"stage": "smooth"}) == 2
+
+
+def test_a_runners_front_half_and_finish_in_two_threads_give_what_one_call_gives(proxy_bundle):
+    """The batcher runs ``prepare`` and its ``finish`` in different threads (proxy/batcher.py,
+    "Front halves"): same logits, verdicts and scores as the runner called whole, same seed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from robustgate.proxy.assemble import build_runner
+    from robustgate.proxy.backends.onnx import OnnxBackend
+    from robustgate.proxy.config import PipelineConfig
+
+    bundle = Bundle.load(proxy_bundle)
+    cfg = PipelineConfig(seed=11, stages=[
+        {"name": "median", "kind": "median"}, {"name": "noise", "kind": "noise", "params": {"sigma": 0.2}}])
+    runner = build_runner(cfg, bundle, OnnxBackend(bundle), None)
+    assert runner.has_purifiers
+    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    whole = runner(x, None)
+    with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b:
+        finish = a.submit(runner.prepare, x).result()
+        split = b.submit(finish, None).result()
+    np.testing.assert_array_equal(split.logits.numpy(), whole.logits.numpy())
+    assert split.verdict.tolist() == whole.verdict.tolist() and split.reason == whole.reason
+    assert set(split.seconds) == set(whole.seconds) == {"median", "noise", "classify"}
+    assert not build_runner(PipelineConfig(), bundle, OnnxBackend(bundle), None).has_purifiers
