@@ -8,6 +8,9 @@ sending ``--calls`` calls of 2 Fashion-MNIST test images (raw FP32):
 
 - ``grpc.aio, abort``: a grpc.aio server whose ModelInfer only aborts with RESOURCE_EXHAUSTED (no
   robustgate code): the transport's floor;
+- ``grpc.aio, maximum_concurrent_rpcs 1``: the same server with grpc.aio's own concurrency limit
+  at 1 (the one admitted call holds its slot 50 ms): the calls beyond it are refused
+  RESOURCE_EXHAUSTED by grpc.aio's Cython code before any handler runs;
 - ``robustgate, NOT_FOUND``: ``robustgate serve`` (deploy/default.yaml) asked for an unknown model,
   answered before any decoding -- the path a refusal takes through the handler;
 - ``robustgate, served``: the same server answering the clean images (decode, batcher, MagNet +
@@ -38,15 +41,19 @@ from robustgate.protos import open_inference_grpc_pb2 as pb  # noqa: E402
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc  # noqa: E402
 
 TRIVIAL_SERVER = textwrap.dedent("""
-    import asyncio, grpc
+    import asyncio, sys, grpc
     from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
+
+    LIMIT = int(sys.argv[1])  # 0: the handler aborts every call; else grpc.aio's concurrency limit
 
     class Abort(pb_grpc.GRPCInferenceServiceServicer):
         async def ModelInfer(self, request, context):
+            if LIMIT:  # holds its slot a while: the calls beyond the limit are refused by grpc.aio
+                await asyncio.sleep(0.05)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "full")
 
     async def main():
-        server = grpc.aio.server()
+        server = grpc.aio.server(maximum_concurrent_rpcs=LIMIT or None)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(Abort(), server)
         print(server.add_insecure_port("127.0.0.1:0"), flush=True)
         await server.start()
@@ -95,15 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), common.loadavg()
     rows = []
 
-    proc = subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(proc.stdout.readline())
-        res = asyncio.run(closed_loop(f"127.0.0.1:{port}", common.infer_request("default", x), args.calls,
-                                      args.concurrency, proc.pid))
-        rows.append({"server": "grpc.aio, abort", **res})
-    finally:
-        proc.kill()
-        proc.wait(10)
+    for label, limit in (("grpc.aio, abort", 0), ("grpc.aio, maximum_concurrent_rpcs 1", 1)):
+        proc = subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, str(limit)], stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline())
+            res = asyncio.run(closed_loop(f"127.0.0.1:{port}", common.infer_request("default", x), args.calls,
+                                          args.concurrency, proc.pid))
+            rows.append({"server": label, **res})
+        finally:
+            proc.kill()
+            proc.wait(10)
 
     server = common.Serve(common.REPO / "deploy" / "default.yaml")
     try:
