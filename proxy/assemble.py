@@ -74,6 +74,8 @@ class PipelineRunner:
         # validates the stage list once at start (the per-batch models reuse these stages)
         DefendedModel(self.stages, self._classify_with(None), self.classifier, self.failure_policy)
         self.fused = self._fuse()
+        # whether the batch has a front half worth a thread of its own (:meth:`prepare`); asked per batch
+        self.has_purifiers = bool(split_stages(self.stages)[1])
 
     def _fuse(self):
         """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score
@@ -116,11 +118,6 @@ class PipelineRunner:
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
         return torch.Generator().manual_seed(seed)
-
-    @property
-    def has_purifiers(self) -> bool:
-        """Whether the batch has a front half worth a thread of its own (:meth:`prepare`)."""
-        return bool(split_stages(self.stages)[1])
 
     def _model(self, timeout: float | None) -> DefendedModel:
         return DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,

@@ -314,13 +314,12 @@ class Batcher:
                 # first the front slot, even for a batch that runs whole: a batch between its front
                 # half and its worker holds it, and must get the worker before the next batch does
                 await self._front_slot.acquire()
-                if not fronted:
-                    try:
-                        await self._slots.acquire()
-                    finally:
+            if not fronted:
+                try:
+                    await self._slots.acquire()
+                finally:
+                    if self.front is not None:
                         self._front_slot.release()
-            else:
-                await self._slots.acquire()
             gate = self._front_slot if fronted else self._slots
             freed = self._freed_at
             try:
