@@ -10,6 +10,14 @@ measured. Per round, a purifier's cost is ``1 - items/s(purifier) / items/s(empt
 same round; the report gives the median over rounds (target: <= 10% for the cheap purifiers) and
 the items/s of every window, with the load average beside each.
 
+What the requests carry (``--inputs``, one or more, measured in the same rounds against the same
+servers): ``test``, the bundle's test images (its recipe's dataset), a different window of them
+each round -- what a served classifier sees; ``perturbed``, the same images plus a random ±ε sign
+pattern (ε = ``--eps``, clipped to [0, 1]): the high-frequency energy of an L∞ attack at that
+budget, not an attack; ``uniform``, uniform noise in [0, 1), the worst case for a codec's entropy
+coding. The backbone's cost does not depend on the pixels, a JPEG round trip's does (a noise
+picture codes into twice the bytes of a test-image picture), so its cost is given per input.
+
     .venv/bin/python bench/defenses/proxy_cost.py --rounds 5 --out bench/results/purify.proxy_cost
     .venv/bin/python bench/defenses/proxy_cost.py --bundle /tmp/std-diffusion --configs empty,diffusion \\
         --out bench/results/purify.proxy_diffusion
@@ -33,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "bench" / "serving"))
@@ -40,10 +50,12 @@ import loadgen  # noqa: E402  (bench/ is not a package)
 from run import Proxy, loadavg, machine  # noqa: E402
 
 from robustgate.models.bundle import Bundle  # noqa: E402
+from robustgate.models.data import load_splits  # noqa: E402
 
 CHEAP = ("jpeg", "noise", "bitdepth", "median")
 TARGET_CHEAP_COST = 0.10
 TARGET_DIFFUSION_ITEMS_PER_S = 100.0
+INPUTS = ("test", "perturbed", "uniform")
 
 
 def stages_for(name: str, diffusion_params: dict) -> list[dict]:
@@ -74,6 +86,23 @@ def parse_configs(spec: str, diffusion_params: dict) -> dict[str, dict]:
     return out
 
 
+def payloads(kinds: list[str], bundle: Bundle, batch: int, rounds: int, eps: float) -> dict[str, list[np.ndarray]]:
+    """kind -> one ``[batch, *input shape]`` float32 payload per round (module docstring)."""
+    item_shape = tuple(bundle.input.shape)
+    out = {"uniform": [np.random.default_rng(r).random((batch, *item_shape), dtype=np.float32) for r in range(rounds)]}
+    if {"test", "perturbed"} & set(kinds):
+        recipe = bundle.spec.backbone.recipe
+        test_x = load_splits(recipe.get("dataset", "fashion-mnist"), recipe.get("data_dir"),
+                             val_size=int(recipe.get("val_size", 5000)), seed=int(recipe.get("seed", 0))).test_x
+        if tuple(test_x.shape[1:]) != item_shape or len(test_x) < batch:
+            raise ValueError(f"the test set {tuple(test_x.shape)} does not fit batch-{batch} requests of {item_shape}")
+        windows = [test_x.numpy()[(start := (r * batch) % (len(test_x) - batch + 1)):start + batch] for r in range(rounds)]
+        out["test"] = [np.ascontiguousarray(w, dtype=np.float32) for w in windows]
+        out["perturbed"] = [np.clip(w + eps * np.sign(np.random.default_rng(1000 + r).standard_normal(w.shape)), 0.0, 1.0)
+                            .astype(np.float32) for r, w in enumerate(out["test"])]
+    return {k: out[k] for k in kinds}
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -89,13 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="items per request")
     ap.add_argument("--concurrency", type=int, default=2, help="closed-loop clients")
     ap.add_argument("--intra-op-threads", type=int, default=0, help="backend ONNX Runtime threads (0 = default)")
+    ap.add_argument("--inputs", default="test,uniform",
+                    help=f"what the requests carry, comma-separated: {', '.join(INPUTS)} (module docstring)")
+    ap.add_argument("--eps", type=float, default=0.1, help="the perturbed input's L-infinity budget")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "purify.proxy_cost")
     args = ap.parse_args(argv)
     configs = parse_configs(args.configs, json.loads(args.diffusion_params))
+    kinds = list(dict.fromkeys(filter(None, args.inputs.split(","))))
+    if not kinds or set(kinds) - set(INPUTS):
+        ap.error(f"--inputs: expected some of {', '.join(INPUTS)}, got {args.inputs!r}")
     bundle = Bundle.load(args.bundle)
     item_shape = tuple(bundle.input.shape)
+    data = payloads(kinds, bundle, args.batch, args.rounds, args.eps)
     started, load_start, uptime_start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), loadavg(), uptime()
-    windows: dict[str, list[dict]] = {name: [] for name in configs}
+    windows: dict[str, dict[str, list[dict]]] = {kind: {name: [] for name in configs} for kind in kinds}
     with tempfile.TemporaryDirectory(prefix="proxy-cost-") as tmp:
         servers = {}
         try:
@@ -107,20 +143,41 @@ def main(argv: list[str] | None = None) -> int:
                 }, None, bundle.name)
             order = list(configs)
             for r in range(args.rounds):
-                for name in (order if r % 2 == 0 else order[::-1]):
-                    before = loadavg()
-                    res = loadgen.run_load(servers[name].url, bundle.name, bundle.input.name, item_shape,
-                                           args.concurrency, batch=args.batch, warmup_s=args.warmup,
-                                           duration_s=args.duration, seed=r,
-                                           server_pids={"server": servers[name].proc.pid})
-                    res.update(round=r, loadavg_before=before, loadavg_after=loadavg())
-                    windows[name].append(res)
-                    print(json.dumps({"config": name, "round": r, "items_per_s": round(res["items_per_s"], 1),
-                                      "errors": res["errors"], "load": res["loadavg_after"][0]}), flush=True)
+                for kind in kinds:
+                    for name in (order if r % 2 == 0 else order[::-1]):
+                        before = loadavg()
+                        res = loadgen.run_load(servers[name].url, bundle.name, bundle.input.name, item_shape,
+                                               args.concurrency, batch=args.batch, warmup_s=args.warmup,
+                                               duration_s=args.duration, server_pids={"server": servers[name].proc.pid},
+                                               x=data[kind][r])
+                        res.update(round=r, loadavg_before=before, loadavg_after=loadavg())
+                        windows[kind][name].append(res)
+                        print(json.dumps({"inputs": kind, "config": name, "round": r,
+                                          "items_per_s": round(res["items_per_s"], 1), "errors": res["errors"],
+                                          "load": res["loadavg_after"][0]}), flush=True)
         finally:
             for server in servers.values():
                 server.stop()
 
+    summary = {kind: summarize(ws, configs) for kind, ws in windows.items()}
+    result = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "uptime_start": uptime_start, "uptime_end": uptime(), "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "machine": machine(), "bundle": str(args.bundle), "batch": args.batch, "concurrency": args.concurrency,
+        "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
+        "intra_op_threads": args.intra_op_threads, "inputs": kinds, "eps": args.eps,
+        "summary": summary, "windows": windows,
+    }
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{args.out}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def summarize(windows: dict[str, list[dict]], configs: dict[str, dict]) -> dict[str, dict]:
+    """config -> medians over the rounds of one input kind, each cost against ``empty``'s window of the
+    same round."""
     summary = {}
     for name, ws in windows.items():
         ips = [w["items_per_s"] for w in ws]
@@ -139,18 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                 entry["target"] = f">= {TARGET_DIFFUSION_ITEMS_PER_S:.0f} items/s"
                 entry["target_met"] = entry["items_per_s_median"] >= TARGET_DIFFUSION_ITEMS_PER_S
         summary[name] = entry
-    result = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "uptime_start": uptime_start, "uptime_end": uptime(), "loadavg_start": load_start, "loadavg_end": loadavg(),
-        "machine": machine(), "bundle": str(args.bundle), "batch": args.batch, "concurrency": args.concurrency,
-        "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
-        "intra_op_threads": args.intra_op_threads, "summary": summary, "windows": windows,
-    }
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{args.out}.md").write_text(markdown(result))
-    print(markdown(result))
-    return 0
+    return summary
+
+
+INPUT_LABELS = {"test": "`test` = the bundle's test images",
+                "perturbed": "`perturbed` = the test images + a random ±{eps} sign pattern",
+                "uniform": "`uniform` = uniform noise in [0, 1)"}
 
 
 def markdown(r: dict) -> str:
@@ -160,18 +211,19 @@ def markdown(r: dict) -> str:
         f"A real `robustgate serve` per configuration (bundle `{r['bundle']}`, ONNX Runtime backend, batching on, "
         f"max batch 64), closed loop of {r['concurrency']} clients sending batch-{r['batch']} FP32 requests, "
         f"{r['rounds']} interleaved rounds of {r['duration_s']} s windows (order reversed every other round).",
+        f"Inputs (module docstring): {', '.join(INPUT_LABELS[k].format(eps=r['eps']) for k in r['inputs'])}.",
         f"Machine: {r['machine']['cores']} cores shared with other jobs; `uptime` at start: `{r['uptime_start']}`; "
         f"at end: `{r['uptime_end']}`.", "",
-        "| configuration | items/s (median) | items/s per round | cost vs empty (median) | p50 ms | server CPU cores | target |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+        "| inputs | configuration | items/s (median) | items/s per round | cost vs empty (median) | p50 ms | server CPU cores | target |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
-    for name, s in r["summary"].items():
+    for kind, name, s in ((k, n, s) for k, per in r["summary"].items() for n, s in per.items()):
         cost = f"{100 * s['cost_median']:.1f}%" if "cost_median" in s else "(reference)"
         target = "" if "target" not in s else f"{s['target']}: {'met' if s['target_met'] else 'NOT met'}"
         per_round = ", ".join(f"{v:.0f}" for v in s["items_per_s"])
-        lines.append(f"| {name} | {s['items_per_s_median']:.0f} | {per_round} | {cost} | {s['p50_ms_median']:.1f} | "
+        lines.append(f"| {kind} | {name} | {s['items_per_s_median']:.0f} | {per_round} | {cost} | {s['p50_ms_median']:.1f} | "
                      f"{s['server_cpu_cores_median']:.2f} | {target} |")
-    errors = {name: s["errors"] for name, s in r["summary"].items() if s["errors"]}
+    errors = {f"{k}/{n}": s["errors"] for k, per in r["summary"].items() for n, s in per.items() if s["errors"]}
     lines += ["", f"Request errors: {errors or 'none'}."]
     return "\n".join(lines) + "\n"
 

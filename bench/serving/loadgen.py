@@ -107,12 +107,18 @@ async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: in
 
 def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
              warmup_s: float = 1.0, duration_s: float = 5.0, timeout_s: float = 30.0, seed: int = 0,
-             server_pids: dict[str, int] | None = None) -> dict:
+             server_pids: dict[str, int] | None = None, x: np.ndarray | None = None) -> dict:
     """Closed-loop load on ``url`` (host:port); returns throughput, latency percentiles and the CPU
-    cores used by this client and by each of ``server_pids`` during the measured window."""
+    cores used by this client and by each of ``server_pids`` during the measured window.
+
+    Every request carries ``x`` ``[batch, *item_shape]`` when given, else uniform noise in [0, 1)
+    drawn with ``seed``."""
     if not url.startswith(("127.", "localhost:", "[::1]:")):
         raise ValueError(f"{url}: the benchmark only sends traffic to loopback addresses")
-    x = np.random.default_rng(seed).random((batch, *item_shape), dtype=np.float32)  # [B, C, H, W] in [0, 1)
+    if x is None:
+        x = np.random.default_rng(seed).random((batch, *item_shape), dtype=np.float32)  # [B, C, H, W] in [0, 1)
+    elif x.shape != (batch, *item_shape):
+        raise ValueError(f"payload of shape {x.shape}, expected {(batch, *item_shape)}")
     req = make_request(model, input_name, x)
     probes: dict[str, Callable[[], float]] = {"client": time.process_time}
     for name, pid in (server_pids or {}).items():
