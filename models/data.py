@@ -165,3 +165,10 @@ def load_splits(
         test_x=tex, test_y=tey,
         info={"val_size": val_size, "split_seed": seed, "train_size": len(train_idx), "test_size": len(tex)},
     )
+
+
+def recipe_splits(recipe: dict) -> Splits:
+    """The splits a backbone was trained on, from its bundle's training recipe (dataset, data dir,
+    validation size and split seed, with the trainer's defaults where the recipe is silent)."""
+    return load_splits(recipe.get("dataset", "fashion-mnist"), recipe.get("data_dir"),
+                       val_size=int(recipe.get("val_size", 5000)), seed=int(recipe.get("seed", 0)))

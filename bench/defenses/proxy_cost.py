@@ -50,7 +50,7 @@ import loadgen  # noqa: E402  (bench/ is not a package)
 from run import Proxy, loadavg, machine  # noqa: E402
 
 from robustgate.models.bundle import Bundle  # noqa: E402
-from robustgate.models.data import load_splits  # noqa: E402
+from robustgate.models.data import recipe_splits  # noqa: E402
 
 CHEAP = ("jpeg", "noise", "bitdepth", "median")
 TARGET_CHEAP_COST = 0.10
@@ -89,15 +89,15 @@ def parse_configs(spec: str, diffusion_params: dict) -> dict[str, dict]:
 def payloads(kinds: list[str], bundle: Bundle, batch: int, rounds: int, eps: float) -> dict[str, list[np.ndarray]]:
     """kind -> one ``[batch, *input shape]`` float32 payload per round (module docstring)."""
     item_shape = tuple(bundle.input.shape)
-    out = {"uniform": [np.random.default_rng(r).random((batch, *item_shape), dtype=np.float32) for r in range(rounds)]}
+    out = {}
+    if "uniform" in kinds:
+        out["uniform"] = [np.random.default_rng(r).random((batch, *item_shape), dtype=np.float32) for r in range(rounds)]
     if {"test", "perturbed"} & set(kinds):
-        recipe = bundle.spec.backbone.recipe
-        test_x = load_splits(recipe.get("dataset", "fashion-mnist"), recipe.get("data_dir"),
-                             val_size=int(recipe.get("val_size", 5000)), seed=int(recipe.get("seed", 0))).test_x
+        test_x = recipe_splits(bundle.spec.backbone.recipe).test_x.numpy()
         if tuple(test_x.shape[1:]) != item_shape or len(test_x) < batch:
             raise ValueError(f"the test set {tuple(test_x.shape)} does not fit batch-{batch} requests of {item_shape}")
-        windows = [test_x.numpy()[(start := (r * batch) % (len(test_x) - batch + 1)):start + batch] for r in range(rounds)]
-        out["test"] = [np.ascontiguousarray(w, dtype=np.float32) for w in windows]
+        starts = [(r * batch) % (len(test_x) - batch + 1) for r in range(rounds)]
+        out["test"] = [np.ascontiguousarray(test_x[s:s + batch], dtype=np.float32) for s in starts]
         out["perturbed"] = [np.clip(w + eps * np.sign(np.random.default_rng(1000 + r).standard_normal(w.shape)), 0.0, 1.0)
                             .astype(np.float32) for r, w in enumerate(out["test"])]
     return {k: out[k] for k in kinds}

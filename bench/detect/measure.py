@@ -26,7 +26,7 @@ from robustgate.defenses import calibration as cal
 from robustgate.defenses.base import build
 from robustgate.defenses.cli import score_batches
 from robustgate.models.bundle import Bundle
-from robustgate.models.data import load_splits
+from robustgate.models.data import recipe_splits
 from robustgate.models.twin import TorchClassifier, load_backbone
 
 
@@ -70,9 +70,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     bundle = Bundle.load(args.bundle)
-    recipe = bundle.spec.backbone.recipe
-    splits = load_splits(recipe.get("dataset", "fashion-mnist"), recipe.get("data_dir"),
-                         val_size=int(recipe.get("val_size", 5000)), seed=int(recipe.get("seed", 0)))
+    splits = recipe_splits(bundle.spec.backbone.recipe)
     module = load_backbone(bundle)
     clf = TorchClassifier(module)
     x, y = splits.test_x, splits.test_y
