@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-apt_pkgs=(dataset-fashion-mnist prometheus libb64-0d)
+apt_pkgs=(dataset-fashion-mnist prometheus libb64-0d haproxy)  # haproxy: the native front (deploy/haproxy)
 missing=()
 [ "${ROBUSTGATE_SKIP_APT:-0}" = 1 ] && apt_pkgs=()
 for p in ${apt_pkgs[@]+"${apt_pkgs[@]}"}; do

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     "backend": {"kind": "onnxruntime", "onnxruntime": {"intra_op_threads": args.intra_op_threads}},
                     "batching": {"enabled": True, "max_batch_size": 64, **conf["batching"]},
                     "pipeline": {"stages": conf["stages"], "verdict_mode": "item"},
+                    **({"server": conf["server"]} if "server" in conf else {}),
                 }, None, bundle.name)
             order = list(configs)
             for r in range(args.rounds):

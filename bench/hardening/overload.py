@@ -31,6 +31,11 @@ config, the same without the wait budget (the behaviour before it), and with one
 intra-op thread, at 1,500 requests/s in both modes, plus shipped and no budget at 800 requests/s
 (~1.3x capacity: where the event loop still has CPU to spare on this machine).
 
+Front (``--front haproxy``): deploy/haproxy/haproxy.cfg started in front of each run's server
+(``--front-max-inflight`` calls open to it, ``--front-max-queue`` queued before the front refuses in
+its own C code); the load goes to the front, pinned mode puts the front on the server's cores, and
+the front's CPU and its own refusal count (its Prometheus exporter) are recorded beside the server's.
+
 Targets (issue 9, item 3), as checked here: refusals are quick (p99 <= 50 ms); served requests keep
 the latency objective of deploy/prometheus (99% under 250 ms) during the overload; memory is bounded
 (RSS at the end of the overload within 10% of the end of the baseline); recovery: no refusal and the
@@ -61,6 +66,9 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 from soak import reference_logits  # noqa: E402
+
+sys.path.insert(0, str(common.REPO / "tests" / "helpers"))
+from front import REFUSED_PREFIX, HAProxyFront  # noqa: E402  (the tests' launcher of deploy/haproxy)
 
 from robustgate.models.bundle import Bundle  # noqa: E402
 from robustgate.protos import open_inference_grpc_pb2 as pb  # noqa: E402
@@ -158,10 +166,11 @@ def merged(base: dict, over: dict) -> dict:
 
 def new_second(phase: str, t: int) -> dict:
     return {"phase": phase, "t": t, "sent": 0, "statuses": Counter(), "served_s": [], "refused_s": [],
-            "client_skipped": 0, "mismatches": 0, "lag_s": []}
+            "front_refused": 0, "client_skipped": 0, "mismatches": 0, "lag_s": []}
 
 
-async def run_load(server: common.Serve, pool: list[tuple[bytes, np.ndarray]], ref: np.ndarray, rate: float, args) -> dict:
+async def run_load(server: common.Serve, front: HAProxyFront | None, pool: list[tuple[bytes, np.ndarray]], ref: np.ndarray,
+                   rate: float, args) -> dict:
     rng = random.Random(args.seed)
     buckets: dict[tuple[str, int], dict] = {}  # (phase, whole second since start) -> tallies
     current = "baseline"
@@ -179,7 +188,7 @@ async def run_load(server: common.Serve, pool: list[tuple[bytes, np.ndarray]], r
             buckets[key] = new_second(*key)
         return buckets[key]
 
-    async with grpc.aio.insecure_channel(server.url) as channel:
+    async with grpc.aio.insecure_channel(server.url if front is None else front.url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         infer = channel.unary_unary(INFER, request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString)
 
@@ -190,7 +199,7 @@ async def run_load(server: common.Serve, pool: list[tuple[bytes, np.ndarray]], r
                 resp = await infer(request, timeout=args.timeout)
                 status = "OK"
             except grpc.aio.AioRpcError as exc:
-                resp, status = None, exc.code().name
+                resp, status, details = None, exc.code().name, exc.details() or ""
                 if status not in SERVED + ("RESOURCE_EXHAUSTED",) and len(errors) < 10:
                     errors.append(f"{status} after {time.perf_counter() - start:.2f} s: {exc.details()}")
             finally:
@@ -201,6 +210,7 @@ async def run_load(server: common.Serve, pool: list[tuple[bytes, np.ndarray]], r
                 bucket["served_s"].append(took)
             elif status == "RESOURCE_EXHAUSTED":
                 bucket["refused_s"].append(took)
+                bucket["front_refused"] += details.startswith(REFUSED_PREFIX)
             if resp is not None:
                 got = common.logits_of(resp)
                 if got.shape != ref[idx].shape or not np.allclose(got, ref[idx], rtol=1e-4, atol=1e-4):
@@ -216,7 +226,8 @@ async def run_load(server: common.Serve, pool: list[tuple[bytes, np.ndarray]], r
                 b.update(queue_depth=scraped["queue_depth"], handler_buckets=scraped["handler_buckets"],
                          queue_buckets=scraped["queue_buckets"], at=time.perf_counter() - t0,
                          server_cpu_s=common.process_cpu_s(server.pid), loop_run_s=run_s, loop_wait_s=wait_s,
-                         client_cpu_s=time.process_time())
+                         client_cpu_s=time.process_time(),
+                         front_cpu_s=None if front is None else common.process_cpu_s(front.pid))
                 await asyncio.sleep(1.0)
 
         async def lag() -> None:  # the load generator's own scheduling delay
@@ -251,6 +262,7 @@ async def run_load(server: common.Serve, pool: list[tuple[bytes, np.ndarray]], r
 
         sampler, lagger = loop.create_task(sample()), loop.create_task(lag())
         before = await loop.run_in_executor(None, scrape, server.metrics_port)
+        front_before = None if front is None else await loop.run_in_executor(None, front.metrics)
         await phase("baseline", args.base_rate, args.base_s)
         await phase("overload", rate, args.overload_s)
         drain_start = time.perf_counter()
@@ -264,12 +276,14 @@ async def run_load(server: common.Serve, pool: list[tuple[bytes, np.ndarray]], r
         sampler.cancel()
         lagger.cancel()
         after = await loop.run_in_executor(None, scrape, server.metrics_port)
+        front_after = None if front is None else await loop.run_in_executor(None, front.metrics)
         ready = (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
     server_counts = {k: after["requests"].get(k, 0) - before["requests"].get(k, 0) for k in after["requests"]}
     order = {"baseline": 0, "overload": 1, "drain": 2, "recovery": 3}
     seconds = [buckets[k] for k in sorted(buckets, key=lambda k: (k[1], order[k[0]]))]
+    front_refused = None if front is None else front_after["refused"] - front_before["refused"]
     return {"seconds": seconds, "durations": durations, "drain_s": drain_s, "errors": errors, "server_requests": server_counts,
-            "ready_after": bool(ready)}
+            "front_refused": front_refused, "ready_after": bool(ready)}
 
 
 def where_time_goes(seconds: list[dict], name: str) -> dict:
@@ -291,6 +305,7 @@ def where_time_goes(seconds: list[dict], name: str) -> dict:
         "loop_running": (last["loop_run_s"] - first["loop_run_s"]) / wall,
         "loop_waiting_for_cpu": (last["loop_wait_s"] - first["loop_wait_s"]) / wall,
         "client_cores": (last["client_cpu_s"] - first["client_cpu_s"]) / wall,
+        "front_cores": None if last.get("front_cpu_s") is None else (last["front_cpu_s"] - first["front_cpu_s"]) / wall,
     }
 
 
@@ -311,6 +326,7 @@ def summarize_phase(seconds: list[dict], name: str, duration_s: float) -> dict:
         "refused_p50_ms": common.percentile_ms(refused, 50), "refused_p99_ms": common.percentile_ms(refused, 99),
         "refused_max_ms": float(max(refused) * 1e3) if refused else None,
         "client_lag_p99_ms": common.percentile_ms(lags, 99),
+        "front_refused": sum(s["front_refused"] for s in rows),
         "client_skipped": sum(s["client_skipped"] for s in rows), "mismatches": sum(s["mismatches"] for s in rows),
         "rss_mib_last": next((s["rss_mib"] for s in reversed(rows) if "rss_mib" in s), None),
         "rss_mib_max": max((s["rss_mib"] for s in rows if "rss_mib" in s), default=None),
@@ -335,9 +351,14 @@ def one_run(variant: str, mode: str, rate: float, overrides: dict, x: np.ndarray
     if q is not None and q < 256:  # limits.max_batch_items must fit the queue; the load sends <= max_batch items
         overrides = merged(overrides, {"limits": {"max_batch_items": min(q, 64)}})
     server = common.Serve(args.config, overrides=overrides, nice=args.nice)
+    front = None
     try:
+        if args.front == "haproxy":
+            front = HAProxyFront(server.url, args.front_max_inflight, args.front_max_queue, args.front_queue_timeout)
         if mode == "pinned":
             pin(server.pid, cpu_list(args.server_cpus))
+            if front is not None:
+                pin(front.pid, cpu_list(args.server_cpus))
         bundle = Bundle.load(common.REPO / server.config["bundle"])
         stages = {st["name"] for st in server.config.get("pipeline", {}).get("stages", [])}
         served_bundle = {"name": bundle.name, "backbone_sha256": bundle.spec.backbone.onnx.sha256[:12],
@@ -348,14 +369,16 @@ def one_run(variant: str, mode: str, rate: float, overrides: dict, x: np.ndarray
         pool = request_pool(server.model, x, args)
         rss_idle = common.rss_mib(server.pid)
         load0 = common.loadavg()
-        load = asyncio.run(run_load(server, pool, ref, rate, args))
+        load = asyncio.run(run_load(server, front, pool, ref, rate, args))
         load1 = common.loadavg()
         alive = server.alive()
         batching = server.config.get("batching", {})
     finally:
+        front_code = None if front is None else front.stop()
         code = server.stop()
     phases = {p: summarize_phase(load["seconds"], p, load["durations"][p]) for p in ("baseline", "overload", "recovery")}
     client_refused = sum(s["statuses"].get("RESOURCE_EXHAUSTED", 0) for s in load["seconds"])
+    client_front_refused = sum(s["front_refused"] for s in load["seconds"])
     other: Counter = Counter()
     for s in load["seconds"]:
         other.update({k: v for k, v in s["statuses"].items() if k not in SERVED + ("RESOURCE_EXHAUSTED",)})
@@ -369,9 +392,11 @@ def one_run(variant: str, mode: str, rate: float, overrides: dict, x: np.ndarray
                      and r["served_over_slo"] <= 0.01,
         "no_mismatch": all(p["mismatches"] == 0 for p in phases.values()),
         "no_other_status": not other,
-        # every answer the server's handler gave is counted; CANCELLED ones never reached it
+        # every answer the server's handler gave is counted; CANCELLED ones never reached it, nor
+        # did the front's own refusals, which the front counts
         "server_counted_every_answer": sum(load["server_requests"].values())
-        == sum(sum(s["statuses"].values()) for s in load["seconds"]) - other.get("CANCELLED", 0),
+        == sum(sum(s["statuses"].values()) for s in load["seconds"]) - other.get("CANCELLED", 0) - client_front_refused,
+        "front_counted_every_refusal": load["front_refused"] is None or load["front_refused"] == client_front_refused,
     }
     return {
         "variant": variant, "overrides": overrides, "mode": mode, "rate": rate,
@@ -379,7 +404,11 @@ def one_run(variant: str, mode: str, rate: float, overrides: dict, x: np.ndarray
         "batching": batching, "loadavg_start": load0, "loadavg_end": load1,
         "server_command": server.command, "bundle": served_bundle, "rss_idle_mib": rss_idle,
         "rss_growth_overload": rss_growth, "phases": phases, "drain_s": load["drain_s"],
-        "client_refused": client_refused, "server_refused": load["server_requests"].get("resource_exhausted"),
+        "client_refused": client_refused, "server_refused": load["server_requests"].get("resource_exhausted", 0),
+        "front": None if front is None else {"kind": args.front, "max_inflight": args.front_max_inflight,
+                                             "max_queue": args.front_max_queue, "queue_timeout": args.front_queue_timeout,
+                                             "command": " ".join(front.command), "exit_code": front_code},
+        "client_front_refused": client_front_refused, "front_refused": load["front_refused"],
         "server_requests": load["server_requests"], "server_total": sum(load["server_requests"].values()),
         "client_total": sum(sum(s["statuses"].values()) for s in load["seconds"]),
         "other_statuses": dict(other), "other_errors": load["errors"],
@@ -407,7 +436,8 @@ def _le(v) -> str:
 
 def _label(run: dict) -> str:
     mode = run["mode"] if run["mode"] == "shared" else f"pinned (server cpu {run['cpus']['server']}, client cpu {run['cpus']['client']})"
-    return f"{run['variant']}, {mode}, {run['rate']:,.0f}/s"
+    front = "" if not run.get("front") else f", HAProxy front ({run['front']['max_inflight']} in flight, queue {run['front']['max_queue']})"
+    return f"{run['variant']}, {mode}, {run['rate']:,.0f}/s{front}"
 
 
 def markdown(r: dict) -> str:
@@ -457,8 +487,8 @@ def markdown(r: dict) -> str:
                 f"{over} | {_ms(p['refused_p50_ms'])} / {_ms(p['refused_p99_ms'])} / {_ms(p['refused_max_ms'])} | "
                 f"{_ms(p['queue_depth_max'])} | {_ms(p['rss_mib_last'])} |")
     lines += ["", "| run | refusals quick | served within objective under overload | memory bounded "
-              "(RSS growth) | recovered | mismatches | other statuses | refusals client / server | answers counted by "
-              "the server / by the client (without CANCELLED) | drain s | ready, exit code |",
+              "(RSS growth) | recovered | mismatches | other statuses | refusals client / server (+ front) | answers counted by "
+              "the server / by the client (without CANCELLED and the front's refusals) | drain s | ready, exit code |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     yes = {True: "**met**", False: "**not met**"}
     for run in r["runs"]:
@@ -468,8 +498,11 @@ def markdown(r: dict) -> str:
             f"| {_label(run)} | {yes[ch['refusals_quick']]} | {yes[ch['served_slo_in_overload']]} | "
             f"{yes[ch['memory_bounded']]} ({100 * run['rss_growth_overload']:+.1f}%) | {yes[ch['recovered']]} | {mism} | "
             f"{', '.join(f'{k} {v:,}' for k, v in run['other_statuses'].items()) or 0} | "
-            f"{run['client_refused']:,} / {run['server_refused']:,.0f} | {run['server_total']:,.0f} / "
-            f"{run['client_total'] - run['other_statuses'].get('CANCELLED', 0):,} | {run['drain_s']:.1f} | "
+            f"{run['client_refused']:,} / {run['server_refused']:,.0f}"
+            + ("" if not run.get("front") else f" + front {run['front_refused']:,.0f}")
+            + f" | {run['server_total']:,.0f} / "
+            f"{run['client_total'] - run['other_statuses'].get('CANCELLED', 0) - run.get('client_front_refused', 0):,} | "
+            f"{run['drain_s']:.1f} | "
             f"{run['ready_after']}, {run['exit_code']} |")
     lines += ["", "## Where the time goes", "",
               "Client p99 is what the load generator saw; handler p99 is the server's robustgate_request_duration_seconds "
@@ -478,7 +511,7 @@ def markdown(r: dict) -> str:
               "main thread (share of a core running / runnable but waiting for a core, from schedstat); client lag p99 is "
               "the load generator's own event-loop delay.", "",
               "| run | phase | client p99 ms (served / refused) | handler p99 ms | queue p99 ms | "
-              "event loop running / waiting for a core | server cores | client cores | client lag p99 ms |",
+              "event loop running / waiting for a core | server cores (+ front) | client cores | client lag p99 ms |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in r["runs"]:
         for name, p in run["phases"].items():
@@ -488,7 +521,9 @@ def markdown(r: dict) -> str:
             lines.append(
                 f"| {_label(run)} | {name} | {_ms(p['served_p99_ms'])} / {_ms(p['refused_p99_ms'])} | "
                 f"{_le(w['handler_p99_ms'])} | {_le(w['queue_p99_ms'])} | {w['loop_running']:.2f} / "
-                f"{w['loop_waiting_for_cpu']:.2f} | {w['server_cores']:.2f} | {w['client_cores']:.2f} | "
+                f"{w['loop_waiting_for_cpu']:.2f} | {w['server_cores']:.2f}"
+                + ("" if w.get("front_cores") is None else f" + {w['front_cores']:.2f}")
+                + f" | {w['client_cores']:.2f} | "
                 f"{_ms(p['client_lag_p99_ms'])} |")
     for run in r["runs"]:
         lines += ["", f"## Timeline, {_label(run)} (5-second windows)", "",
@@ -540,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="distinct serialized requests to draw from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nice", type=int, default=0, help="niceness added to the server process")
+    ap.add_argument("--front", choices=("none", "haproxy"), default="none",
+                    help="haproxy: deploy/haproxy/haproxy.cfg in front of each run's server (module docstring)")
+    ap.add_argument("--front-max-inflight", type=int, default=64, help="the front's calls open to the server")
+    ap.add_argument("--front-max-queue", type=int, default=64, help="calls queued in the front before it refuses")
+    ap.add_argument("--front-queue-timeout", default="250ms", help="the longest a call waits in the front's queue")
     ap.add_argument("--out-dir", type=Path, default=common.RESULTS)
     ap.add_argument("--name", default="hardening.overload")
     args = ap.parse_args(argv)
@@ -573,14 +613,16 @@ def main(argv: list[str] | None = None) -> int:
                    "recovery_s": args.recovery_s, "max_batch": args.max_batch, "max_inflight": args.max_inflight,
                    "timeout_s": args.timeout, "pool": args.pool, "requests": args.requests, "seed": args.seed,
                    "runs": [list(r) for r in runs_wanted], "server_cpus": args.server_cpus,
-                   "client_cpus": args.client_cpus},
+                   "client_cpus": args.client_cpus, "front": args.front,
+                   "front_max_inflight": args.front_max_inflight, "front_max_queue": args.front_max_queue,
+                   "front_queue_timeout": args.front_queue_timeout},
         "targets": {"refusal_p99_ms": REFUSAL_TARGET_S * 1e3, "slo_ms": SLO_S * 1e3, "rss_growth": RSS_TARGET},
         "runs": runs,
     }
     js, md = common.write_results(args.name, result, markdown(result), args.out_dir)
     print(f"wrote {js} and {md}")
     ok = all(run["checks"]["no_mismatch"] and run["checks"]["no_other_status"] and run["ready_after"]
-             and run["exit_code"] == 0 for run in runs)
+             and run["exit_code"] == 0 and run["checks"]["front_counted_every_refusal"] for run in runs)
     return 0 if ok else 1
 
 
