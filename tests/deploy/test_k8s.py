@@ -91,9 +91,12 @@ def test_strict_validation_rejects_a_misspelled_field():
 def test_rendered_kustomization_is_valid(directory):
     rendered = render(directory)
     kinds = sorted(r["kind"] for r in rendered)
+    # an overlay's own (not replacing) generators add ConfigMaps: the front's haproxy.cfg
+    added = [] if directory == BASE else [
+        "ConfigMap" for g in kustomization(directory).get("configMapGenerator", []) if g.get("behavior") != "replace"]
     assert kinds == sorted(
         ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
-         "PodDisruptionBudget", "Service", "Service", "ServiceAccount"]
+         "PodDisruptionBudget", "Service", "Service", "ServiceAccount", *added]
     )
     for resource in rendered:
         kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
@@ -288,3 +291,60 @@ def test_shipped_pipeline_stages_are_fitted_in_the_default_bundle():
     for stage in proxy_config().pipeline.stages:
         assert stage.name in bundle.spec.defenses, f"bundles/default has no fitted {stage.name!r} for the k8s pipeline"
         assert bundle.defense(stage.name).kind == stage.kind
+
+
+# --- overlays/front: the native front (deploy/haproxy) as a third container of the pod --------
+
+FRONT = K8S / "overlays" / "front"
+FRONT_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def env_of(c: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", [])}
+
+
+def test_front_overlay_ships_the_tested_haproxy_config():
+    """kustomize reads no file outside the overlay, so it holds a copy of the file that
+    tests/hardening/test_front.py runs a real HAProxy with: the two must not drift."""
+    assert (FRONT / "haproxy.cfg").read_text() == FRONT_CFG.read_text(), (
+        "deploy/k8s/overlays/front/haproxy.cfg differs from deploy/haproxy/haproxy.cfg: copy it over")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its built-in kustomize) is not installed")
+def test_front_overlay_puts_haproxy_between_the_service_and_a_loopback_proxy():
+    rendered = render(FRONT)
+    spec = by_kind(rendered, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["seed-model-repository", "robustgate", "front"], (
+        "the seed step first; the front after robustgate, so it stops first")
+    proxy, front = container(spec, "robustgate"), container(spec, "front")
+    assert front["restartPolicy"] == "Always" and front["image"].startswith("haproxy:")
+    # robustgate with the overlay's environment: on loopback, where only the front reaches it
+    cfg = load_config(BASE / "robustgate.yaml", environ=env_of(proxy))
+    assert cfg.server.host == "127.0.0.1"
+    fenv = env_of(front)
+    needed = set(re.findall(r"\$\{(ROBUSTGATE_FRONT_\w+)\}", FRONT_CFG.read_text()))
+    assert needed and needed <= fenv.keys(), f"the front's environment lacks {needed - fenv.keys()}"
+    assert fenv["ROBUSTGATE_FRONT_UPSTREAM"] == f"127.0.0.1:{cfg.server.port}"
+    front_ports = {p["name"]: p["containerPort"] for p in front["ports"]}
+    proxy_ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    assert front_ports["grpc"] == int(fenv["ROBUSTGATE_FRONT_BIND"].rpartition(":")[2]) == 8001
+    assert front_ports["front-metrics"] == int(fenv["ROBUSTGATE_FRONT_METRICS_BIND"].rpartition(":")[2])
+    assert proxy_ports == {"metrics": cfg.server.metrics_port}, "robustgate's gRPC port belongs to the front now"
+    # the Services' `grpc` target is the front; the probes reach robustgate's health service through it
+    for svc in (r for r in rendered if r["kind"] == "Service"):
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in front_ports.keys() | proxy_ports.keys()
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert proxy[probe]["grpc"]["port"] == front_ports["grpc"]
+    assert front["livenessProbe"]["httpGet"]["port"] == front_ports["front-metrics"]
+    mount = next(m for m in front["volumeMounts"] if m["name"] == "robustgate-front")
+    assert front["args"] == ["haproxy", "-f", f"{mount['mountPath']}/haproxy.cfg"]
+    # the front's exporter is open to the monitoring namespace only, like robustgate's metrics
+    policy = by_kind(rendered, "NetworkPolicy")["spec"]
+    opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert opened == {front_ports["grpc"], cfg.server.metrics_port, front_ports["front-metrics"]}
+    monitoring = next(r for r in policy["ingress"] if "from" in r)
+    assert {p["port"] for p in monitoring["ports"]} == {cfg.server.metrics_port, front_ports["front-metrics"]}
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(front["resources"][kind])
+    assert front["securityContext"]["allowPrivilegeEscalation"] is False

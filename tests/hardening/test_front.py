@@ -5,7 +5,8 @@ proxy, through tritonclient.
   ``max_queue`` more; every further call is answered RESOURCE_EXHAUSTED by the front itself *while
   the pipeline is still blocked* (the proxy never sees it, the front's own metrics count it), and
   once the pipeline runs again every admitted call gets its own answer.
-- The other RPCs (ServerReady, ModelMetadata) pass through.
+- The other RPCs (grpc.health.v1, the kubelet's probes; ServerReady, ModelMetadata) pass through
+  unlimited: answered even while the front's queue is full.
 - The proxy gone: UNAVAILABLE from the front, promptly, with the front's message.
 """
 
@@ -16,9 +17,11 @@ import threading
 import time
 from collections import Counter
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from front import REFUSED_PREFIX, HAProxyFront, haproxy_binary  # tests/helpers (pytest pythonpath)
@@ -38,6 +41,13 @@ def call(url: str, x: np.ndarray) -> tuple[str, str, np.ndarray | None]:
             return "OK", "", client.infer("tiny", [inp], client_timeout=120).as_numpy("logits")
         except InferenceServerException as exc:
             return str(exc.status()).removeprefix("StatusCode."), exc.message(), None
+
+
+def health(url: str) -> str:
+    """The grpc.health.v1 status of service "" (the readiness probe's question), through ``url``."""
+    with grpc.insecure_channel(url) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def test_the_front_refuses_beyond_its_queue_at_once_and_every_admitted_call_gets_its_answer(start_proxy, ort_logits):
@@ -65,6 +75,11 @@ def test_the_front_refuses_beyond_its_queue_at_once_and_every_admitted_call_gets
                        what=f"{len(xs) - admitted} refusals by the front and a full front queue while the gate is shut")
             refused = [f.result() for f in done()]
             assert front.metrics()["inflight"] == INFLIGHT
+            # the queue is full and inference refused, but probes and control calls still pass
+            assert health(front.url) == "SERVING"
+            with tc.InferenceServerClient(front.url) as client:
+                assert client.is_server_ready() and client.is_model_ready("tiny")
+            assert front.metrics()["queued"] == QUEUE and len(done()) == len(xs) - admitted
             gate.set()
             answers = [first.result(120)] + [f.result(120) for f in rest]
         counts = front.metrics()

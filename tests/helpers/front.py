@@ -18,6 +18,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 REFUSED_PREFIX = "robustgate front:"  # every answer the front gives itself starts so (grpc-message)
+# what .metrics() reads from HAProxy's Prometheus exporter, and all that deploy/prometheus's
+# RobustgateFrontOverloaded may use (tests/deploy/test_prometheus_rules.py)
+REFUSED, REQUESTS = "haproxy_frontend_intercepted_requests_total", "haproxy_frontend_http_requests_total"
+QUEUED, INFLIGHT = "haproxy_backend_current_queue", "haproxy_server_current_sessions"
+SERIES = frozenset({REFUSED, REQUESTS, QUEUED, INFLIGHT})
 
 
 def free_port() -> int:
@@ -83,10 +88,9 @@ class HAProxyFront:
                 raise KeyError(f"{metric}{{{labels}}} not in haproxy's /metrics")
             return float(m.group(1))
 
-        return {"refused": value("haproxy_frontend_intercepted_requests_total", 'proxy="grpc"'),
-                "requests": value("haproxy_frontend_http_requests_total", 'proxy="grpc"'),
-                "queued": value("haproxy_backend_current_queue", 'proxy="robustgate"'),
-                "inflight": value("haproxy_server_current_sessions", 'proxy="robustgate",server="proxy"')}
+        return {"refused": value(REFUSED, 'proxy="grpc"'), "requests": value(REQUESTS, 'proxy="grpc"'),
+                "queued": value(QUEUED, 'proxy="robustgate"'),
+                "inflight": value(INFLIGHT, 'proxy="robustgate",server="proxy"')}
 
     def stop(self, timeout_s: float = 10.0) -> int:
         if self.proc.poll() is None:
