@@ -68,6 +68,10 @@ def container(spec: dict, name: str) -> dict:
     return next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == name)
 
 
+def env_of(c: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", [])}
+
+
 def proxy_config():
     return load_config(BASE / "robustgate.yaml", environ={})
 
@@ -166,7 +170,7 @@ def test_proxy_forwards_to_the_loopback_only_model_server():
 
 def test_model_name_and_batch_limit_agree_between_proxy_seed_and_triton():
     cfg = proxy_config()
-    env = {e["name"]: e["value"] for e in container(pod_spec(), "seed-model-repository")["env"]}
+    env = env_of(container(pod_spec(), "seed-model-repository"))
     directories = [BASE, *OVERLAYS]
     for directory in directories:
         pbtxt_path = directory / "config.pbtxt"
@@ -245,7 +249,7 @@ def test_seed_init_container_copies_the_bundle_backbone(tiny_bundle, tmp_path):
     from robustgate.models.bundle import Bundle
 
     seed = container(pod_spec(), "seed-model-repository")
-    env = {e["name"]: e["value"] for e in seed["env"]}
+    env = env_of(seed)
     env.update(BUNDLE=str(tiny_bundle), MODEL_REPOSITORY=str(tmp_path / "models"), TRITON_CONFIG=str(BASE / "config.pbtxt"))
     assert seed["command"] == ["python", "-c"]
     proc = subprocess.run([sys.executable, "-c", *seed["args"]], env={**os.environ, **env},
@@ -297,10 +301,6 @@ def test_shipped_pipeline_stages_are_fitted_in_the_default_bundle():
 
 FRONT = K8S / "overlays" / "front"
 FRONT_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
-
-
-def env_of(c: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c.get("env", [])}
 
 
 def test_front_overlay_ships_the_tested_haproxy_config():
