@@ -52,13 +52,15 @@ class Classifier(Protocol):
 @dataclass
 class FitData:
     """What ``fit`` gets: clean training images for fitting, clean validation images (held out
-    of training) for calibration. Images ``[N, C, H, W]`` in the value range, labels ``[N]``."""
+    of training) for calibration. Images ``[N, C, H, W]`` in the value range, labels ``[N]``.
+    ``progress``: show tqdm bars (stderr) over the fitting loops (``robustgate fit`` sets it)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
     value_range: tuple[float, float] = (0.0, 1.0)
+    progress: bool = False
 
 
 _REGISTRY: dict[str, type["Defense"]] = {}
