@@ -79,9 +79,10 @@ class Autoencoder(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # [N, C, H', W'], H' and W' multiples
-        return super().forward(x)[..., :h, :w]
+        if not (ph or pw):  # nothing to pad or crop (the exported graph is then the plain layers)
+            return super().forward(x)
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # [N, C, H', W'], H' and W' multiples
+        return super().forward(x)[..., :h, :w]  # [N, C, H, W]
 
 
 def resolve_downsample(arch: str, downsample: int | str, item_shape: tuple[int, ...]) -> int:
