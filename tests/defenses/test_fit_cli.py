@@ -3,6 +3,7 @@ params, threshold and calibration record in bundle.yaml, and the result loads, v
 reproduces its calibration."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,47 @@ def test_fit_errors_are_clear(bundle_copy):
         fit_defense(bundle_copy, "magnet", splits=bad)
     with pytest.raises(BundleError, match="no bundle.yaml"):
         fit_defense(bundle_copy / "nowhere", "magnet", splits=splits)
+
+
+def test_fit_help_shows_defaults_and_the_shipped_recipe(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.replace("\\\n", " ").split())  # the epilog's commands: one line each
+    assert "--no-progress" in text and "--dataset" in text and "--data-dir" in text
+    assert "clean false-positive rate of detectors (default: 0.01)" in text
+    assert "scoring batch size (default: 500)" in text
+    # the epilog gives the commands the shipped bundle's defenses were fitted with (its bundle.yaml)
+    shipped = Bundle.load(Path(__file__).resolve().parents[2] / "bundles" / "default").spec.defenses["magnet_l1"]
+    p = shipped.params
+    assert (f"--defense magnet --name magnet_l1 --n-train {shipped.calibration['fit']['n_train']} "
+            f"--params criterion={p['criterion']} arch={p['arch']} width={p['width']} epochs={p['epochs']} lr={p['lr']}") in text
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_fit_shows_progress_unless_told_not_to(bundle_copy, capsys, progress):
+    """Issue 23: tqdm bars over the autoencoder's epochs (with the loss) and over the scoring
+    passes, on stderr; --no-progress silences them and leaves stdout's summary lines as they were."""
+    argv = ["fit", "--bundle", str(bundle_copy), "--defense", "magnet", "--params", "epochs=2", "width=4",
+            "--n-train", "300", "--n-val", "100", "--n-test", "100", "--batch-size", "50"]
+    assert main(argv + ([] if progress else ["--no-progress"])) == 0
+    out, err = capsys.readouterr()
+    assert "calibrated magnet" in out
+    if progress:
+        assert "magnet autoencoder II" in err and "epoch=2/2" in err and "loss=" in err
+        assert "magnet: scoring validation" in err and "magnet: scoring test" in err
+    else:
+        assert "autoencoder" not in err and "scoring" not in err
+
+
+def test_fit_refuses_safetynet_on_a_bundle_without_a_feature_output(bundle_copy):
+    import yaml
+
+    spec = yaml.safe_load((bundle_copy / "bundle.yaml").read_text())
+    spec["backbone"]["features_output"] = None
+    (bundle_copy / "bundle.yaml").write_text(yaml.safe_dump(spec))
+    splits = load_splits(n_train=50, n_val=20, n_test=20)
+    before = (bundle_copy / "bundle.yaml").read_bytes()
+    with pytest.raises(ValueError, match="'safetynet' reads the backbone's late-stage activations, but bundle .* "
+                                         "names no feature output .*--features-output NAME"):
+        fit_defense(bundle_copy, "safetynet", splits=splits)
+    assert (bundle_copy / "bundle.yaml").read_bytes() == before and not (bundle_copy / "defenses" / "safetynet").exists()
