@@ -40,7 +40,7 @@ from robustgate.defenses import calibration
 from robustgate.defenses.base import Detector, FitData, build, check_features_output, registry
 
 EPILOG = """\
-the shipped bundles/default was fitted with (docs/OPERATIONS.md):
+the shipped bundles/default was fitted with (its bundle.yaml records each one's params):
   robustgate fit --bundle bundles/default --defense magnet --name magnet_l1 --n-train 50000 \\
       --params criterion=l1 arch=III width=16 epochs=40 lr=0.002
   robustgate fit --bundle bundles/default --defense safetynet --name safetynet
@@ -57,19 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--defense", required=True, metavar="KIND",
                         help="defense kind from the registry: " + ", ".join(sorted(registry())))
     parser.add_argument("--name", help="name of the fitted defense in the bundle (= the pipeline stage name); "
-                                       "None: the KIND")
+                                       "default: the KIND")
     parser.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of detectors")
     parser.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE",
                         help="constructor arguments (YAML values); unset ones keep the kind's defaults")
-    parser.add_argument("--n-train", type=int, default=None, help="training images used for fitting (None: the "
+    parser.add_argument("--n-train", type=int, default=None, help="training images used for fitting (default: the "
                                                                   "whole train split, 55,000 for Fashion-MNIST)")
-    parser.add_argument("--n-val", type=int, default=None, help="validation images for calibration (None: the whole "
+    parser.add_argument("--n-val", type=int, default=None, help="validation images for calibration (default: the whole "
                                                                 "validation split, 5,000 for Fashion-MNIST)")
-    parser.add_argument("--n-test", type=int, default=None, help="test images for the reported FPR (None: the whole "
+    parser.add_argument("--n-test", type=int, default=None, help="test images for the reported FPR (default: the whole "
                                                                  "test split, 10,000 for Fashion-MNIST)")
     parser.add_argument("--seed", type=int, default=0, help="subset selection seed")
     parser.add_argument("--split-seed", type=int, default=None,
-                        help="train/validation split seed (None: the bundle recipe's `seed` for its own dataset, "
+                        help="train/validation split seed (default: the bundle recipe's `seed` for its own dataset, "
                              "so that validation holds no image the backbone trained on; else 0)")
     parser.add_argument("--batch-size", type=int, default=500, help="scoring batch size")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
@@ -78,7 +78,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after every help text; the epilog's command lines kept as written."""
+    """Defaults shown after the help texts (ArgumentDefaultsHelpFormatter) except where they say
+    nothing -- required arguments, switches, None defaults whose help text says what None means --
+    or the help already names the default; the epilog's command lines kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default is None or action.default is argparse.SUPPRESS
+                or isinstance(action.default, bool) or "default" in text):
+            return text
+        return super()._get_help_string(action)
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:

@@ -20,6 +20,13 @@ autoencoder, artifacts and threshold, e.g. stages ``magnet_l2`` (criterion l2, a
 MagNet stage (the paper's "any detector fires -> reject"); each stage is calibrated on its own,
 so the union of k stages has a clean FPR of at most k times the per-stage target.
 
+Any input: the autoencoders are sized to the images they are fitted on -- their first and last
+convolutions to the channels, the down-sampling stages of autoencoders I and III to the resolution
+(``downsample="auto"``: the bottleneck near 14 pixels a side as the paper's 28 -> 14, so 1 stage at
+28x28 and 32x32, 4 at 224x224), and any height and width is padded to what those stages need and
+cropped back. At [1, 28, 28] they are exactly the layers of the first 28x28-only version, so
+bundles fitted then (bundles/default) load unchanged (a regression test checks the scores).
+
 Runtimes: ``fit`` writes the autoencoder as ONNX (``ae.onnx``, what the proxy runs in ONNX
 Runtime when the stage's params say ``runtime: onnx``) and as a safetensors state dict
 (``ae.safetensors``, the torch twin). ``runtime="torch"`` (default) keeps the autograd graph:
