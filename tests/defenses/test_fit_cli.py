@@ -129,3 +129,48 @@ def test_fit_refuses_safetynet_on_a_bundle_without_a_feature_output(bundle_copy)
                                          "names no feature output .*--features-output NAME"):
         fit_defense(bundle_copy, "safetynet", splits=splits)
     assert (bundle_copy / "bundle.yaml").read_bytes() == before and not (bundle_copy / "defenses" / "safetynet").exists()
+
+
+def test_fit_on_an_rgb_bundle_and_its_imagefolder(tmp_path):
+    """Issue 21: `robustgate fit` on a 3x32x32 model and its ImageFolder (read through the data
+    layer, conformed to the bundle's input shape): MagNet, SafetyNet and the diffusion UNet are sized
+    to RGB 32x32, written, verified, and rebuilt from the bundle by the assembly in both runtimes."""
+    from PIL import Image
+
+    from robustgate.defenses.base import build_from_bundle
+    from robustgate.models.archs import build_arch
+    from robustgate.models.export import write_bundle
+
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "folder"
+    for part, n in (("train", 40), ("test", 12)):
+        for k, cls in enumerate(("warm", "cold")):
+            (data / part / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = torch.rand(36, 36, 3, generator=g) * 0.5
+                arr[..., 0 if k == 0 else 2] += 0.5  # a red or a blue tint; 36x36: conformed to 32x32
+                Image.fromarray((arr * 255).to(torch.uint8).numpy()).save(data / part / cls / f"{i}.png")
+    kwargs = {"in_channels": 3, "num_classes": 2, "image_size": 32, "width": 4, "hidden": 16,
+              "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    torch.manual_seed(0)
+    bundle_dir = tmp_path / "rgb"
+    write_bundle(bundle_dir, build_arch("cnn", **kwargs), arch="cnn", arch_kwargs=kwargs, classes=["warm", "cold"],
+                 input_shape=(3, 32, 32), recipe={"dataset": "imagefolder", "data_dir": str(data), "val_size": 16, "seed": 0})
+    common = ["--bundle", str(bundle_dir), "--target-fpr", "0.25", "--no-progress"]
+    assert main(["fit", *common, "--defense", "magnet", "--params", "epochs=1", "width=4", "arch=I"]) == 0
+    assert main(["fit", *common, "--defense", "safetynet", "--params", "n_fit=24", "steps=2", "attacks=[fgsm]",
+                 "positives=all"]) == 0
+    assert main(["fit", *common, "--defense", "diffusion", "--params", "block_out_channels=[8, 16]",
+                 "train_steps=2", "batch_size=4", "t_star=20", "steps=1"]) == 0
+    bundle = Bundle.load(bundle_dir)
+    assert bundle.defense("magnet").calibration["fit"]["n_train"] == 64  # 80 training images less 16 for validation
+    assert bundle.defense("diffusion").params["channels"] == 3 and bundle.defense("diffusion").params["sample_size"] == 32
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    clf = TorchClassifier(load_backbone(bundle))
+    for runtime in ("torch", "onnx"):
+        for kind in ("magnet", "safetynet"):
+            det = build_from_bundle(kind, kind, {}, None, bundle, where=kind, runtime=runtime)
+            assert det.score(x, clf).shape == (3,) and det.threshold is not None
+        pur = build_from_bundle("diffusion", "diffusion", {}, None, bundle, where="diffusion", runtime=runtime)
+        with torch.no_grad():
+            assert pur.purify(x, torch.Generator().manual_seed(0)).shape == (3, 3, 32, 32)
