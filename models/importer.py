@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -112,8 +113,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="where --dataset lives")
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The import as a canonical command line (every flag given, in a fixed order), for provenance:
+    the same whether it came from a shell or from ``robustgate.proxy.cli.main(argv)``."""
+    parts = ["robustgate", "import"]
+    for key, value in vars(args).items():
+        if key == "command" or value is None or value is False or (key == "model_version" and value == ""):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            parts += [flag, shlex.quote(text)]
+    return " ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = command_line(args)
     try:
         if args.upstream is not None:
             if not args.model:
@@ -123,14 +141,14 @@ def run(args: argparse.Namespace) -> int:
                     raise ImportRefused(f"--{flag.replace('_', '-')} applies to --onnx only")
             bundle = import_upstream(args.upstream, args.model, args.out, model_version=args.model_version,
                                      name=args.name, classes=args.classes, input_shape=args.input_shape,
-                                     value_range=args.value_range, force=args.force)
+                                     value_range=args.value_range, force=args.force, command=command)
         else:
             if args.model:
                 raise ImportRefused("--model applies to --upstream only")
             bundle = import_onnx(args.onnx, args.out, name=args.name, classes=args.classes,
                                  input_shape=args.input_shape, value_range=args.value_range,
                                  logits_output=args.logits_output, features_output=args.features_output,
-                                 dataset=args.dataset, data_dir=args.data_dir, force=args.force)
+                                 dataset=args.dataset, data_dir=args.data_dir, force=args.force, command=command)
     except (ImportRefused, BundleError) as exc:
         print(f"robustgate import: {exc}", file=sys.stderr)
         return 2
@@ -158,6 +176,7 @@ def import_onnx(
     data_dir: str | Path | None = None,
     force: bool = False,
     parity_items: int = PARITY_ITEMS,
+    command: str | None = None,
 ) -> Bundle:
     """Imports ``onnx_file`` into the bundle directory ``out``; returns the loaded, verified bundle.
     :class:`ImportRefused` (nothing written) when the model cannot be served as given."""
@@ -208,7 +227,7 @@ def import_onnx(
                         **({"data_dir": str(data_dir)} if data_dir else {})},
             ),
             provenance=provenance(source={"onnx": str(onnx_file.resolve()), "sha256": source_sha},
-                                  import_notes=notes),
+                                  import_notes=notes, **({"command": command} if command else {})),
         )
         return _publish(tmp, out, spec, force)
     except BaseException:
@@ -500,6 +519,7 @@ def import_upstream(
     value_range: tuple[float, float] | None = None,
     force: bool = False,
     timeout_s: float = 10.0,
+    command: str | None = None,
 ) -> Bundle:
     """Reads ``model_name``'s ModelMetadata from the V2 gRPC server at ``url`` and writes a bundle
     with no ONNX file and no twin (served with ``backend.kind: upstream``)."""
@@ -577,7 +597,7 @@ def import_upstream(
             ),
             provenance=provenance(source={"upstream": url, "model_name": model_name, "model_version": model_version,
                                           "metadata_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()},
-                                  import_notes=notes),
+                                  import_notes=notes, **({"command": command} if command else {})),
         )
         return _publish(tmp, out, spec, force)
     except BaseException:
