@@ -458,14 +458,13 @@ def _twin(model, output_names: list[str], logits: str, features: str | None, x: 
     """Converts and checks the torch twin: ("onnx", note, parity) or ("none", why, parity)."""
     import torch
 
-    from robustgate.models.twin import OnnxTwin, Unconvertible, convert_onnx
+    from robustgate.models.twin import OnnxTwin, Unconvertible, convert_onnx, onnx2torch_version
 
     try:
-        import onnx2torch
-
-        version = getattr(onnx2torch, "__version__", None) or _dist_version("onnx2torch")
+        import onnx2torch  # noqa: F401 - declared in pyproject; a missing one means no twin, said so
     except ImportError:
         return "none", "onnx2torch is not installed", {}
+    version = onnx2torch_version()
     try:
         twin = OnnxTwin(convert_onnx(model), output_names, logits, features).eval()
     except Unconvertible as exc:
@@ -492,15 +491,6 @@ def _twin(model, output_names: list[str], logits: str, features: str | None, x: 
     if bad:
         return "none", f"the onnx2torch {version} conversion differs from ONNX Runtime by {bad} (> atol {tols})", parity
     return "onnx", f"converted from {ONNX_FILE} by onnx2torch {version} when loaded", parity
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # ---- the upstream source -----------------------------------------------------------------------

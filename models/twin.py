@@ -23,6 +23,7 @@ calls in ``torch.no_grad()`` when gradients are not wanted.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from robustgate.models.bundle import Bundle, BundleError
 # onnx2torch 1.5 implements each operator up to this opset; a newer graph (torch's exporter writes
 # opset 18-20) is first brought down to it by onnx's version converter
 ONNX2TORCH_OPSET = 17
+
+log = logging.getLogger(__name__)
 
 
 class NoTwin(BundleError):
@@ -70,6 +73,11 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
             module = convert_onnx(onnx.load(str(path)))
         except Unconvertible as exc:  # recorded as convertible at import: another onnx2torch version?
             raise NoTwin(f"{bundle.root}: {path.name} no longer converts to torch: {exc}") from exc
+        checked = spec.twin_parity.get("converter")
+        current = f"onnx2torch {onnx2torch_version()}"
+        if checked and checked != current:
+            log.warning("%s: the twin was checked against ONNX Runtime with %s at import; this is %s "
+                        "(re-import to check it again)", bundle.root, checked, current)
         try:
             twin = OnnxTwin(module, onnx_output_names(path), spec.logits_output, spec.features_output)
         except ValueError as exc:
@@ -85,6 +93,15 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
     except RuntimeError as exc:
         raise BundleError(f"{bundle.root}: {spec.weights.path} does not fit {spec.arch}: {exc}") from exc
     return module.to(device).eval()
+
+
+def onnx2torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnx2torch")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def onnx_output_names(path: Path) -> list[str]:

@@ -210,7 +210,8 @@ def test_unconvertible_model_imports_without_a_twin_and_serves(models, tmp_path)
     with pytest.raises(NoTwin, match="Mish.*gradient"):
         load_backbone(out)
     x = images(4, (3, 32, 32))
-    proxy = LoopbackProxy(out, {"stages": [{"name": "median", "kind": "median"}, {"name": "bits", "kind": "bitdepth"}]})
+    proxy = LoopbackProxy(out, {"stages": [{"name": "median", "kind": "median"}, {"name": "bits", "kind": "bitdepth"},
+                                         {"name": "jpeg", "kind": "jpeg", "params": {"quality": 75}}]})
     try:
         got, verdict = triton_logits(proxy.url, bundle.name, x)
     finally:
