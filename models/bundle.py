@@ -129,7 +129,7 @@ class BackboneSpec(_Strict):
     arch_kwargs: dict[str, Any] = {}
     twin: Literal["arch", "onnx", "none"] | None = None
     twin_note: str | None = None  # why there is no twin, or how the onnx twin was converted
-    twin_parity: dict[str, Any] = {}  # twin vs ONNX Runtime at import: inputs, max |diff|, tolerance
+    twin_parity: dict[str, Any] | None = None  # twin vs ONNX Runtime at import: inputs, max |diff|, tolerance
     logits_output: str = "logits"
     features_output: str | None = None  # late-stage ReLU activations (SafetyNet), if exported
     recipe: dict[str, Any] = {}

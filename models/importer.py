@@ -47,6 +47,7 @@ from robustgate.models.bundle import (
     SCHEMA_VERSION, BackboneSpec, Bundle, BundleError, BundleSpec, InputSpec, UpstreamSource, artifact, provenance,
     sha256_file,
 )
+from robustgate.models.data import add_data_arguments
 
 ONNX_FILE = "backbone.onnx"
 PARITY_ITEMS = 64  # real (or random) images the twin is checked on
@@ -109,8 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logits-output", metavar="NAME", help="the output holding the logits [batch, classes]")
     p.add_argument("--features-output", metavar="NAME",
                    help="an output holding per-item features [batch, ...] (SafetyNet); default: one called 'features'")
-    p.add_argument("--dataset", help="data to check the torch twin on (robustgate.models.data names)")
-    p.add_argument("--data-dir", type=Path, help="where --dataset lives")
+    # the data the torch twin is checked on; recorded as the bundle's dataset (fit and eval default to it)
+    add_data_arguments(p)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -194,7 +195,7 @@ def import_onnx(
     if value_range is None:
         notes.append("value range assumed 0,1 (pixels scaled to [0, 1]); --value-range LO,HI sets another")
 
-    x, inputs_note, data_classes = _parity_inputs(shape, (lo, hi), dataset, data_dir, parity_items)
+    x, inputs_note, data_classes, transform = _parity_inputs(shape, (lo, hi), dataset, data_dir, parity_items)
     session = _session(onnx_file)
     wanted = [logits_name, *([features_name] if features_name else [])]
     ort_out = _run_checked(session, sig, wanted, x, onnx_file)
@@ -221,10 +222,11 @@ def import_onnx(
             input=InputSpec(name=sig.input_name, shape=shape, value_range=(lo, hi)),
             classes=class_names,
             backbone=BackboneSpec(
-                onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity,
+                onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity or None,
                 logits_output=logits_name, features_output=features_name,
                 recipe={"imported": True, **({"dataset": dataset} if dataset else {}),
-                        **({"data_dir": str(data_dir)} if data_dir else {})},
+                        **({"data_dir": str(data_dir)} if data_dir else {}),
+                        **({"transform": transform} if transform else {})},
             ),
             provenance=provenance(source={"onnx": str(onnx_file.resolve()), "sha256": source_sha},
                                   import_notes=notes, **({"command": command} if command else {})),
@@ -418,39 +420,32 @@ def _class_names(classes: str | int | list[str] | None, k: int, data_classes: li
 
 
 def _parity_inputs(shape: tuple[int, int, int], value_range: tuple[float, float], dataset: str | None,
-                   data_dir: str | Path | None, n: int) -> tuple[np.ndarray, str, list[str] | None]:
-    """``[n, C, H, W]`` float32 in the value range, a sentence saying what they are, and the
-    dataset's class names (None without a dataset)."""
+                   data_dir: str | Path | None, n: int) -> tuple[np.ndarray, str, list[str] | None, dict | None]:
+    """``[n, C, H, W]`` float32 in the value range, a sentence saying what they are, the dataset's
+    class names and the transform that conformed its images to ``shape`` (both None without a
+    dataset)."""
     lo, hi = value_range
     if dataset is None:
         rng = np.random.default_rng(0)
         x = (lo + (hi - lo) * rng.random((n, *shape))).astype(np.float32)
-        return x, f"{n} uniform random images in [{lo}, {hi}] (seed 0; no --dataset given)", None
+        return x, f"{n} uniform random images in [{lo}, {hi}] (seed 0; no --dataset given)", None, None
     import torch
-    import torch.nn.functional as F
 
-    from robustgate.models.data import DatasetMissing, load_splits
+    from robustgate.models.data import DatasetMissing, conform, describe_transform, load_splits
 
     try:
-        splits = load_splits(dataset, data_dir, val_size=0)
+        # the one data layer every command uses; an ImageFolder is decoded straight to the shape,
+        # the others are conformed here -- only the n test images used, not the whole set
+        imagefolder = dataset == "imagefolder"
+        splits = load_splits(dataset, data_dir, val_size=None, input_shape=shape if imagefolder else None)
+        images = splits.test_x[:n]  # [n, c, h, w] in [0, 1]
+        transform = splits.info["transform"] if imagefolder else describe_transform(tuple(images.shape[1:]), shape)
+        images = images if imagefolder else conform(images, shape)  # [n, C, H, W]
     except (DatasetMissing, ValueError, OSError) as exc:
         raise ImportRefused(f"--dataset {dataset}: {exc}") from None
-    images = splits.test_x[:n]  # [n, c, h, w] in [0, 1]
-    c, h, w = shape
-    how = []
-    if images.shape[1] != c:
-        if images.shape[1] == 1:
-            images = images.expand(-1, c, -1, -1)
-            how.append(f"grey repeated to {c} channels")
-        else:
-            raise ImportRefused(f"--dataset {dataset} has {images.shape[1]} channels; the model takes {c}")
-    if tuple(images.shape[2:]) != (h, w):
-        # bilinear with antialiasing: what torchvision's Resize does on tensors
-        images = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-        how.append(f"resized {tuple(splits.test_x.shape[2:])} -> {(h, w)}")
     x = (lo + (hi - lo) * images).to(torch.float32).contiguous().numpy()
-    what = f"the first {len(x)} images of {dataset}'s test split, scaled to [{lo}, {hi}]"
-    return x, what + (f" ({'; '.join(how)})" if how else ""), list(splits.classes)
+    what = f"the first {len(x)} images of {dataset}'s test split, conformed to {list(shape)}, scaled to [{lo}, {hi}]"
+    return x, what, list(splits.classes), transform
 
 
 def _twin(model, output_names: list[str], logits: str, features: str | None, x: np.ndarray,

@@ -73,7 +73,7 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
             module = convert_onnx(onnx.load(str(path)))
         except Unconvertible as exc:  # recorded as convertible at import: another onnx2torch version?
             raise NoTwin(f"{bundle.root}: {path.name} no longer converts to torch: {exc}") from exc
-        checked = spec.twin_parity.get("converter")
+        checked = (spec.twin_parity or {}).get("converter")
         current = f"onnx2torch {onnx2torch_version()}"
         if checked and checked != current:
             log.warning("%s: the twin was checked against ONNX Runtime with %s at import; this is %s "

@@ -10,6 +10,8 @@ implement) imports without a twin and still serves; ``--upstream`` reads a real 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -166,15 +168,15 @@ def test_cnn32_imports_with_a_twin_that_matches_onnx_runtime_and_serves(models, 
 
 
 def test_features_model_checked_on_real_data_and_served_with_a_defense(models, tmp_path):
-    """Fashion-MNIST (the data set on this machine) as the parity inputs: grey 28x28 repeated to
-    3 channels and resized to 64x64; its class names are taken since the model has 10 logits."""
+    """Fashion-MNIST (the data set on this machine) as the parity inputs, conformed by the data
+    layer to 3x64x64; its class names are taken since the model has 10 logits."""
     out = tmp_path / "b64"
     bundle = import_onnx(models["cnn64f"], out, dataset="fashion-mnist", parity_items=32)
     bb = bundle.spec.backbone
     assert bb.features_output == "features" and bb.twin == "onnx"
-    assert "fashion-mnist's test split" in bb.twin_parity["inputs"] and "resized" in bb.twin_parity["inputs"]
+    assert "fashion-mnist's test split, conformed to [3, 64, 64]" in bb.twin_parity["inputs"]
     assert bb.twin_parity["items"] == 32 and bundle.classes[0] == "T-shirt/top"
-    assert bb.recipe["dataset"] == "fashion-mnist"
+    assert bb.recipe["dataset"] == "fashion-mnist" and bb.recipe["transform"]["channels"] == "1->3"
 
     twin = load_backbone(bundle)
     clf = TorchClassifier(twin)
@@ -205,7 +207,7 @@ def test_unconvertible_model_imports_without_a_twin_and_serves(models, tmp_path)
     out = tmp_path / "mish"
     bundle = import_onnx(models["mish"], out)
     bb = bundle.spec.backbone
-    assert bb.twin == "none" and not has_twin(bundle) and "Mish" in bb.twin_note and bb.twin_parity == {}
+    assert bb.twin == "none" and not has_twin(bundle) and "Mish" in bb.twin_note and bb.twin_parity is None
     assert any("no torch twin" in n for n in bundle.spec.provenance["import_notes"])
     with pytest.raises(NoTwin, match="Mish.*gradient"):
         load_backbone(out)
@@ -288,8 +290,15 @@ def test_refuses_an_existing_out_dir_unless_forced(models, tmp_path):
 def test_old_bundles_keep_their_meaning(tmp_path):
     """A bundle.yaml without ``twin``: weights -> an arch twin, none -> no twin; no onnx and no
     upstream is refused at load."""
+    import yaml
+
     from robustgate.models.bundle import BackboneSpec, UpstreamSource
 
+    default = Path(__file__).resolve().parents[2] / "bundles" / "default"
+    bundle = Bundle.load(default, verify=False)
+    assert bundle.spec.backbone.twin is None and bundle.spec.backbone.twin_kind() == "arch" and has_twin(bundle)
+    raw = yaml.safe_load((default / "bundle.yaml").read_text())
+    assert bundle.spec.model_dump(mode="json", exclude_none=True) == raw  # re-saved unchanged
     art = {"path": "backbone.onnx", "sha256": "0" * 64}
     assert BackboneSpec(onnx=art, arch="cnn", weights={"path": "w.safetensors", "sha256": "1" * 64}).twin_kind() == "arch"
     assert BackboneSpec(onnx=art, arch="cnn").twin_kind() == "none"
