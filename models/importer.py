@@ -267,10 +267,19 @@ def _load_onnx(path: Path):
 
     if not path.is_file():
         raise ImportRefused(f"{path}: no such file")
+    from onnx.external_data_helper import uses_external_data
+
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: not a model
+        raise ImportRefused(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        # the bundle holds one file per artifact, checksummed; weights beside it would not travel
+        raise ImportRefused(f"{path}: keeps its weights in external data files; save it as one file "
+                            f"(onnx.save(onnx.load(path), out, save_as_external_data=False), under 2 GB)")
+    try:
         onnx.checker.check_model(model)
-    except Exception as exc:  # protobuf DecodeError, onnx ValidationError, ...: not a model
+    except Exception as exc:  # onnx's ValidationError and friends
         raise ImportRefused(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:300]})") from None
     if not model.graph.node:
         raise ImportRefused(f"{path}: not a valid ONNX model (the graph has no nodes)")

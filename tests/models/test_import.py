@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -20,10 +21,12 @@ import tritonclient.grpc as tc
 from torch import nn
 
 import harness  # tests/proxy/upstream (pytest pythonpath)
+import scripted  # tests/proxy/upstream
 from loopback import LoopbackProxy  # tests/helpers
 from robustgate.models.bundle import Bundle, BundleError, sha256_file
 from robustgate.models.importer import ImportRefused, import_onnx, import_upstream
 from robustgate.models.twin import NoTwin, TorchClassifier, has_twin, load_backbone
+from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.proxy.cli import main as cli
 
 
@@ -244,6 +247,16 @@ def test_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
     refused(tmp_path, capsys, ["--onnx", str(bad)], "not a valid ONNX model")
 
 
+def test_refuses_weights_in_external_data_files(models, tmp_path, capsys):
+    import onnx
+
+    split = tmp_path / "split" / "model.onnx"
+    split.parent.mkdir()
+    onnx.save(onnx.load(str(models["cnn32"])), str(split), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    refused(tmp_path, capsys, ["--onnx", str(split)], "keeps its weights in external data files")
+
+
 def test_refuses_dynamic_hw_without_input_shape(models, tmp_path, capsys):
     refused(tmp_path, capsys, ["--onnx", str(models["dynhw"])], "dynamic H/W ([?, 3, ?, ?]); give the per-item "
             "shape the model is served at with --input-shape C,H,W")
@@ -343,5 +356,59 @@ def test_upstream_import_reads_mlserver_metadata_and_serves_through_it(models, t
                                        rtol=1e-5, atol=1e-6)
         finally:
             plain.stop()
+    finally:
+        server.stop()
+
+
+class TritonStyle(scripted.ScriptedUpstream):
+    """The scripted upstream (``logits[i, k] = mean(x[i]) + k``) declaring its metadata as
+    ``meta`` says: Triton leaves the batch axis out when the model has ``max_batch_size > 0``."""
+
+    def __init__(self, inputs: list[dict], outputs: list[dict]):
+        super().__init__()
+        self.inputs, self.outputs = inputs, outputs
+
+    def ModelMetadata(self, request, context):
+        if request.name != "formula":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} not found")
+        resp = pb.ModelMetadataResponse(name="formula", versions=["1"], platform="tensorrt_plan")
+        for t in self.inputs:
+            resp.inputs.add(**t)
+        for t in self.outputs:
+            resp.outputs.add(**t)
+        return resp
+
+
+def test_upstream_metadata_without_the_batch_axis_and_refusals(tmp_path, capsys):
+    pixels = {"name": "pixels", "datatype": "FP32", "shape": [1, 4, 4]}
+    server = TritonStyle([pixels], [{"name": "logits", "datatype": "FP32", "shape": [scripted.K]}]).start()
+    try:
+        bundle = import_upstream(server.url, "formula", tmp_path / "t", value_range=(0.0, 255.0))
+        assert tuple(bundle.input.shape) == (1, 4, 4) and bundle.input.name == "pixels" and len(bundle.classes) == 10
+        assert bundle.spec.backbone.upstream.platform == "tensorrt_plan" and bundle.input.value_range == (0.0, 255.0)
+        x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+        proxy = LoopbackProxy(tmp_path / "t", {"stages": []},
+                              {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
+        try:
+            with tc.InferenceServerClient(proxy.url) as client:
+                inp = tc.InferInput("pixels", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                got = client.infer("formula", [inp]).as_numpy("logits")
+        finally:
+            proxy.stop()
+        np.testing.assert_allclose(got, scripted.formula_logits(x), rtol=1e-6)
+
+        server.inputs = [{**pixels, "shape": [1, 1, 4, 4]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "fixed batch dimension of 1")
+        server.inputs = [{**pixels, "shape": [-1, -1, -1, -1]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "--input-shape C,H,W")
+        server.inputs = [{**pixels, "datatype": "UINT8"}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "is UINT8")
+        server.inputs = [pixels]
+        server.outputs = [{"name": "probs", "datatype": "FP32", "shape": [-1, 10]},
+                          {"name": "embedding", "datatype": "FP32", "shape": [-1, 64]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "one called 'logits'")
+        server.outputs = [{"name": "logits", "datatype": "FP32", "shape": [-1, 10, 2]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "must be [batch, classes]")
     finally:
         server.stop()
