@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from robustgate.models.bundle import (
     SCHEMA_VERSION, BackboneSpec, Bundle, BundleError, BundleSpec, InputSpec, UpstreamSource, artifact, provenance,
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                                  input_shape=args.input_shape, value_range=args.value_range,
                                  logits_output=args.logits_output, features_output=args.features_output,
                                  dataset=args.dataset, data_dir=args.data_dir, force=args.force, command=command)
-    except (ImportRefused, BundleError) as exc:
+    except (ImportRefused, BundleError, ValidationError) as exc:  # ValidationError: a bundle.yaml key, named
         print(f"robustgate import: {exc}", file=sys.stderr)
         return 2
     bb = bundle.spec.backbone
