@@ -258,19 +258,18 @@ def bundle_row() -> Row:
 
 
 def probe_row() -> Row:
-    """bench/results/probe.json: attacks/probe.py's ``probe()`` answer ({"clean": counts, "pgd": counts},
-    counts = sent/accepted/flagged/rejected/correct) plus its "command"."""
-    src = "bench/results/probe.json"
+    src = "bench/results/probe.run.json"
     p = load(src)
     c, a = p["clean"], p["pgd"]
-    return Row("`robustgate probe` against `deploy/default.yaml`",
-               f"clean: {c['accepted'] + c['flagged']} of {c['sent']} accepted; PGD: {a['rejected']} of {a['sent']} "
-               "rejected (crafted on the backbone alone, not adaptive to the detector)", [src])
+    return Row(f"`robustgate probe` against `{p['config']}` ({p['started_utc'][:10]})",
+               f"clean: {c['accepted'] + c['flagged']} of {c['sent']} accepted; PGD (l∞ ε = {p['eps']}, crafted on the "
+               f"backbone alone, not adaptive to the detector): {a['rejected']} of {a['sent']} rejected", [src])
 
 
 ROWS = [training_row, autoattack_row, serving_rows, detect_row, purify_row, overload_row, redteam_row,
         diffusion_row, smoothing_row, mimir_row, soak_fuzz_rows, probe_row, bundle_row]
-PLACEHOLDER = {probe_row: ("`robustgate probe` against `deploy/default.yaml`", ["bench/results/probe.json"])}
+PLACEHOLDER = {probe_row: ("`robustgate probe` against `deploy/default.yaml` (`python bench/probe/run.py`)",
+                           ["bench/results/probe.run.json"])}
 
 
 def rows() -> list[Row]:
