@@ -2,8 +2,8 @@
 
 One command (see README.md) measures, for batch-1 requests at concurrency 1, 16 and 64:
 
-(a) raw in-process ONNX Runtime on the bundle's backbone (the ceiling), and the same at larger
-    batch sizes to find the ceiling's best batch size;
+(a) raw in-process ONNX Runtime on the bundle's backbone, batch-1 callers at each concurrency and
+    one caller at larger batch sizes; the ceiling is the best items/s of all these points;
 (b) the proxy (``robustgate serve``, ONNX Runtime backend, no defense stages) with dynamic
     batching off and on;
 (c) the proxy forwarding to Seldon MLServer (``backend.kind: upstream``) vs MLServer called
