@@ -75,6 +75,8 @@ def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
 
     if isinstance(backend, OnnxBackend):
         return OnnxClassifier(backend)
+    if bundle.spec.backbone.onnx is None:
+        return None  # imported from the upstream without its ONNX file: stateless stages only
     return OnnxClassifier(OnnxBackend(bundle, device="cpu", intra_op_threads=1, inter_op_threads=1))
 
 

@@ -488,7 +488,7 @@ class ProxyServer:
             bundle = Bundle.load(cfg.bundle)
         except (BundleError, ValueError, OSError) as exc:
             raise ReloadError(f"bundle {cfg.bundle}: {exc}") from None
-        if bundle.spec.backbone.onnx.sha256 != self.bundle.spec.backbone.onnx.sha256:
+        if bundle.spec.backbone.onnx != self.bundle.spec.backbone.onnx:  # None: no ONNX file (upstream-only)
             raise ReloadError("the bundle's backbone changed; restart to serve a new backbone")
         old = self.runner
         try:
