@@ -45,7 +45,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from robustgate import __version__
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
 from robustgate.models.bundle import Bundle, BundleError
-from robustgate.proxy.assemble import PipelineRunner, build_runner
+from robustgate.defenses.assemble import PipelineRunner, build_runner
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 from robustgate.proxy.batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
 from robustgate.proxy.codec import (

@@ -84,7 +84,7 @@ def test_a_runners_front_half_and_finish_in_two_threads_give_what_one_call_gives
     "Front halves"): same logits, verdicts and scores as the runner called whole, same seed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from robustgate.proxy.assemble import build_runner
+    from robustgate.defenses.assemble import build_runner
     from robustgate.proxy.backends.onnx import OnnxBackend
     from robustgate.proxy.config import PipelineConfig
 
