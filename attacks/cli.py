@@ -38,14 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps", type=_floats, default=[0.1], help="l-inf radii, comma-separated")
     parser.add_argument("--eps-l2", type=_floats, default=[1.0, 2.0], help="l2 radii for cw, deepfool")
     parser.add_argument("--n", type=int, default=100, help="test images (the dataset's test split from --offset)")
-    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--offset", type=int, default=0, help="first test image")
     parser.add_argument("--steps", type=int, default=20, help="iterations of pgd/bpda/eot/joint")
-    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--restarts", type=int, default=1, help="restarts of pgd/bpda/eot/joint")
     parser.add_argument("--eot", type=int, default=8, help="EOT samples (only where a stage is randomized)")
     parser.add_argument("--queries", type=int, default=500, help="square: query budget per item")
     parser.add_argument("--radii", type=_floats, default=[0.0, 0.25, 0.5, 1.0], help="certified L2 radii")
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=250, help="images per attack batch and served batch")
+    parser.add_argument("--seed", type=int, default=0, help="attack seed (per batch: seed + first index)")
     parser.add_argument("--url", default=None, help="HOST:PORT of a live proxy for the square attack")
     parser.add_argument("--url-config", default=None, help="which configuration the live proxy serves")
     parser.add_argument("--model-name", default=None, help="served model name at --url (default: bundle name)")
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=1,
                         help="worker processes computing cells at once, one torch thread each (e.g. one per core)")
     parser.add_argument("--out", required=True, help="report directory (cells cached in OUT/cells)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="served model name (default: the bundle's name)")
     parser.add_argument("--model", dest="model_name", help=argparse.SUPPRESS)  # the flag's old name
     parser.add_argument("--eps", type=float, default=0.1, help="l-inf radius of the PGD attack")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20, help="PGD iterations")
+    parser.add_argument("--offset", type=int, default=0, help="first test image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per ModelInfer")
     add_data_arguments(parser)
 

@@ -150,3 +150,38 @@ def test_eval_works_on_an_rgb_bundle_of_another_size(tmp_path):
         twin_pred = evaluation.built["none"][1](evaluation.x).argmax(1)
     assert result["configs"]["none"]["clean"]["backbone_clean_accuracy"] == pytest.approx(
         float((twin_pred == evaluation.y).float().mean()))
+
+
+def test_eval_and_probe_show_their_defaults_and_the_data_flags(capsys):
+    import argparse
+
+    from robustgate.attacks import cli, probe
+    from robustgate.proxy.cli import main
+
+    for command in ("eval", "probe"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--dataset {fashion-mnist,mnist,cifar10,imagefolder}" in text and "--data-dir" in text
+        assert "(default: 0)" in text  # --offset: ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser()
+    probe.add_arguments(p)
+    assert p.parse_args(["--url", "u", "--model", "old"]).model_name == "old"  # the old flag, hidden
+    assert p.parse_args(["--url", "u", "--model-name", "new"]).model_name == "new"
+    assert "--model " not in p.format_help() and "--model-name" in p.format_help()
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--bundle", "b", "--out", "o"])
+    assert args.device == "cpu" and args.surrogate is None and args.dataset is None
+    assert "--device {cpu,cuda,auto}" in " ".join(p.format_help().split())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_eval_generates_attacks_on_cuda(tiny, tmp_path, hf_threshold):
+    configs = load_pipelines(None)
+    settings = EvalSettings(attacks=["pgd", "bpda"], eps=[0.1], n=8, steps=3, device="cuda")
+    evaluation = Evaluation(tiny, configs, settings, tmp_path / "cuda", progress=False, surface_points=1)
+    assert next(evaluation.backbone.parameters()).device.type == "cuda"
+    result = evaluation.run()
+    assert {c["attack"]: c["status"] for c in result["cells"]} == {"pgd": "done", "bpda": "done"}
+    assert result["loss_surfaces"]["none"]
