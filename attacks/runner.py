@@ -404,7 +404,9 @@ class Evaluation:
             return stored["x_adv"], float(stored["seconds"].item())
         t0 = time.perf_counter()
         torch.manual_seed(self.settings.seed + start)
-        adv = ATTACKS[attack].run(ctx, tm, xb.to(self.device), yb.to(self.device)).detach().float().cpu()
+        # gradient attacks run where the twin is; a query attack where its oracle answers (the host)
+        dev = "cpu" if ATTACKS[attack].target == "endpoint" else self.device
+        adv = ATTACKS[attack].run(ctx, tm, xb.to(dev), yb.to(dev)).detach().float().cpu()
         check_perturbation(adv, xb, tm.norm, tm.eps, who=attack)
         seconds = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ class PipelineConfig(_Strict):
     seed: int | None = None  # fixed per-batch seed (tests); None = fresh os.urandom seed per batch
     # an ensemble's copies per backend call (smoothing's n0 + n copies per item add up fast); more -> several calls
     max_fanout_items: int = Field(4096, ge=1)
-    device: Device = "cpu"  # where the stages compute (module docstring, "Device")
+    device: Device = "cpu"  # where the stages compute; auto = cuda when available (defenses/assemble.py, "Device")
 
     @field_validator("stages")
     @classmethod
