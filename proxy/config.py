@@ -145,7 +145,7 @@ class BatchingConfig(_Strict):
         "longer than this to work off at the recent service time per item; null = off (only max_queue_items "
         "bounds the queue); deploy/default.yaml sets 100"))
     workers: int | None = Field(None, ge=1)  # batches running at once; None: 1 (onnxruntime), 4 (upstream)
-    # Measured (bench/results/purify.md): with ONNX Runtime on 1 intra-op thread JPEG's cost fell from
+    # Measured (bench/results/defenses.md): with ONNX Runtime on 1 intra-op thread JPEG's cost fell from
     # 10.3% to -1.5%; with its default 2 threads on 2 cores it saved nothing (14.4% -> 15.6%) and cost
     # bit depth 6 points (purify.proxy_cost_overlap*). Hence off.
     overlap_front: bool = Field(False, description=(
