@@ -23,7 +23,8 @@ from robustgate.defenses.assemble import build_runner, pin_torch_threads
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, load_config
 from robustgate.proxy.priority import call_at_priority
-from robustgate.proxy.server import ProxyServer, ReloadError
+from robustgate.proxy.reload import ReloadError
+from robustgate.proxy.server import ProxyServer
 
 log = logging.getLogger("robustgate.proxy")
 
