@@ -235,6 +235,15 @@ class Bundle:
     def path(self, art: Artifact) -> Path:
         return self.root / art.path
 
+    @property
+    def backbone_id(self) -> str:
+        """What identifies the served backbone in reports and caches: its ONNX file's sha256, or
+        ``upstream:URL/MODEL`` for a bundle imported from a model server (no ONNX file)."""
+        bb = self.spec.backbone
+        if bb.onnx is not None:
+            return bb.onnx.sha256
+        return f"upstream:{bb.upstream.url}/{bb.upstream.model_name}"
+
     def onnx_path(self) -> Path:
         """The backbone's ONNX file; BundleError when the bundle has none (imported from a model
         server: it can only be served with the upstream backend)."""

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "run.py " + " ".join(argv),
         "started_utc": started, "machine": machine(), "load_average_start": loadavg(),
         "bundle": {"path": str(bundle_dir), "source": bundle_source, "name": model, "input": list(item_shape),
-                   "arch": bundle.spec.backbone.arch, "backbone_sha256": bundle.spec.backbone.onnx.sha256},
+                   "arch": bundle.spec.backbone.arch, "backbone_sha256": bundle.backbone_id},
         "settings": {"warmup_s": args.warmup, "duration_s": args.duration, "concurrency": concurrencies,
                      "client": "bench/serving/loadgen.py (grpc.aio, one channel, closed loop, raw FP32, batch-1)"},
         "raw_onnxruntime": {"batch1": {}, "by_batch": {}},
