@@ -21,7 +21,7 @@ inverse DCT; only the lossless entropy coding links blocks), so an image padded 
 way libjpeg pads a partial block (its last row and column repeated) and placed on the block grid of
 a larger picture decodes to exactly the pixels it decodes to alone -- a test checks this bit for
 bit. One encode and decode of a 256x256 mosaic costs about what two 28x28 images cost one at a time,
-most of the per-image cost being Pillow's per-call overhead (bench/results/purify.proxy_cost.md).
+most of the per-image cost being Pillow's per-call overhead (bench/results/defenses.md).
 With chroma subsampling the mosaic would not be exact: libjpeg's decoder upsamples chroma with a
 triangle filter that reads the neighbouring chroma sample, which at an image's edge is the edge
 itself but in a mosaic belongs to the next image; so ``4:2:2`` and ``4:2:0`` code RGB images one
