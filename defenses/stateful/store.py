@@ -211,7 +211,10 @@ class MemoryStore(HistoryStore):
         return scores
 
     def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[M]`` uint64 keys -> bucket ``[M]`` int64 and 16-bit tag ``[M]``."""
+        """``[M]`` uint64 keys -> bucket ``[M]`` int64 and 16-bit tag ``[M]``. The keys are mixed first
+        (murmur3's finaliser step, a bijection), so keys that differ only in some bits differ in both."""
+        keys = keys * np.uint64(0xFF51AFD7ED558CCD)
+        keys ^= keys >> np.uint64(33)
         bucket = (keys & np.uint64(self._buckets - 1)).astype(np.int64)
         tag = (keys >> np.uint64(48)).astype(np.uint16)
         return bucket, tag
