@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import decode_jpeg, encode_jpeg
 
 from robustgate.defenses.calibration import calibrate
+from robustgate.defenses.purify.jpeg import jpeg_roundtrip
 from robustgate.defenses.stateful.base import StatefulDetector
 from robustgate.defenses.stateful.store import MemoryStore
 
@@ -43,8 +43,7 @@ def near_duplicate(x: torch.Tensor, kind: str, generator: torch.Generator) -> to
         return TF.adjust_brightness(x, factor).clamp(0, 1)
     if kind == "jpeg":
         quality = int(torch.randint(70, 96, (), generator=generator))
-        u8 = (x * 255).round().to(torch.uint8)
-        return decode_jpeg(encode_jpeg(u8, quality=quality)).float().div(255).reshape(c, h, w)
+        return jpeg_roundtrip(x[None], quality)[0]  # the JPEG purifier's codec (Pillow / libjpeg)
     raise ValueError(f"near-duplicate kind must be one of {NEAR_KINDS}, got {kind!r}")
 
 
