@@ -52,7 +52,8 @@ def hash_token(token: bytes) -> str:
     return hashlib.sha256(b"robustgate-client-token\0" + token).hexdigest()[:32]
 
 
-def client_identity(auth_context: Mapping[str, Iterable[bytes]] | None, metadata: Iterable[tuple[str, str | bytes]] | None,
+def client_identity(auth_context: Mapping[str, Iterable[bytes]] | None,
+                    metadata: Iterable[tuple[str, str | bytes]] | None,
                     peer: str | None, header: str | None = DEFAULT_HEADER) -> str:
     """The call's client identity (module docstring): ``mtls:...``, ``token:...``, ``header:...`` or
     ``peer:...``; ``peer:unknown`` when nothing identifies the caller."""

@@ -153,8 +153,8 @@ def main() -> None:
               "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
               "detector": det.config(), "store": store.config(), "memory": memory, "latency": latency,
               "throughput": throughput}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)  # a stem: OUT.json and OUT.md (with_suffix would eat ".cost")
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     lines = [
         "# Stateful detector cost (Blacklight, in-memory and Redis stores)", "",
@@ -183,7 +183,7 @@ def main() -> None:
               "they are the client's side only. The Redis row is one Lua script call over loopback TCP. "
               "Fingerprints in the memory and latency rows are synthetic (each query keeps 18 of its predecessor's "
               "20 hashes); the throughput rows hash real pixels."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

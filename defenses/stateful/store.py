@@ -85,7 +85,8 @@ class HistoryStore(ABC):
     def __init__(self, max_entries: int = 1_000_000, max_per_client: int = 10_000, max_clients: int = 100_000,
                  ttl_s: float = 3600.0):
         _check_bounds(max_entries, max_per_client, max_clients, ttl_s)
-        self.max_entries, self.max_per_client, self.max_clients, self.ttl_s = max_entries, max_per_client, max_clients, float(ttl_s)
+        self.max_entries, self.max_per_client, self.max_clients = max_entries, max_per_client, max_clients
+        self.ttl_s = float(ttl_s)
 
     def config(self) -> dict[str, Any]:
         return {"backend": self.backend, "max_entries": self.max_entries, "max_per_client": self.max_per_client,
@@ -148,6 +149,7 @@ class MemoryStore(HistoryStore):
 
     def clear(self) -> None:
         self._clients.clear()  # entries of forgotten client ids never match again
+        self._inserted = 0
 
     def stats(self) -> dict[str, int]:
         arrays = (self._e_seq, self._e_client, self._e_cidx, self._e_time, self._e_digest, self._tags, self._p_seq)
@@ -222,6 +224,14 @@ class MemoryStore(HistoryStore):
     def _post(self, keys: np.ndarray, seq: np.uint32) -> None:
         """Points each key at entry ``seq``: the way with the same tag, else the oldest way."""
         b, t = self._locate(keys)
+        if np.unique(b).size < b.size:  # two keys in one bucket would pick the same way: one at a time
+            for i in range(b.size):
+                self._write(b[i:i + 1], t[i:i + 1], seq)
+            return
+        self._write(b, t, seq)
+
+    def _write(self, b: np.ndarray, t: np.ndarray, seq: np.uint32) -> None:
+        """Postings ``(bucket b [M], tag t [M]) -> seq`` for ``M`` distinct buckets."""
         same = self._tags[b] == t[:, None]  # [M, WAYS]
         age = (seq - self._p_seq[b]).astype(np.uint32)  # empty ways (seq 0) are the oldest
         way = np.where(same.any(1), same.argmax(1), age.argmax(1))

@@ -102,3 +102,17 @@ def test_build_store_validates_the_config():
         build_store({"ttl_s": 0})
     with pytest.raises(ValueError, match="unexpected keyword"):
         build_store({"max_entrys": 5})
+
+
+def test_history_survives_a_config_reload_when_the_store_is_handed_over():
+    store = MemoryStore(max_entries=4096, max_per_client=4096, key=KEY)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 1, 28, 28, generator=g)
+    Blacklight(store=store, threshold=9.0).observe("a", x)
+    reloaded = Blacklight(**{**Blacklight(store=store).config(), "threshold": 12.0}, store=store)  # new config, same store
+    step = x.clone()
+    step[0, 0, 7:9, 7:9] = torch.rand(2, 2, generator=g)
+    assert bool(reloaded.is_adversarial(reloaded.observe("a", step))[0])
+    store.clear()
+    assert store.stats()["entries"] == 0 and store.stats()["clients"] == 0
+    assert reloaded.observe("a", step.clone() * 0.5).tolist() == [0.0]

@@ -117,3 +117,13 @@ def test_two_detectors_share_one_client_stream_through_redis(redis_url):
     assert torch.equal(mem.observe("z", stream), fresh.observe("z", stream))
     fresh.store.clear()
     assert fresh.store.stats()["entries"] == 0
+
+
+def test_memory_store_keeps_every_posting_when_keys_share_a_bucket():
+    # the smallest index (2 buckets x 8 ways): 4 hashes + 1 digest always share buckets
+    store = MemoryStore(max_entries=1, max_per_client=1, hashes_per_query=K)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h = rng.integers(1, 2**63, (1, K), dtype=np.uint64)
+        store.observe("a", rng.integers(1, 2**63, 1, dtype=np.uint64), h, now=0.0)
+        assert store.observe("a", rng.integers(1, 2**63, 1, dtype=np.uint64), h, now=0.0).tolist() == [K]
