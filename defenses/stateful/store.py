@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -140,6 +141,7 @@ class MemoryStore(HistoryStore):
         self._next_client = 1
         self._seq = 0  # last sequence number used (uint32 arithmetic)
         self._inserted = 0
+        self._lock = threading.Lock()  # observe() from several worker threads is serialised
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hashes_per_query": self.hashes_per_query}
@@ -148,8 +150,9 @@ class MemoryStore(HistoryStore):
         return self._key
 
     def clear(self) -> None:
-        self._clients.clear()  # entries of forgotten client ids never match again
-        self._inserted = 0
+        with self._lock:
+            self._clients.clear()  # entries of forgotten client ids never match again
+            self._inserted = 0
 
     def stats(self) -> dict[str, int]:
         arrays = (self._e_seq, self._e_client, self._e_cidx, self._e_time, self._e_digest, self._tags, self._p_seq)
@@ -179,6 +182,10 @@ class MemoryStore(HistoryStore):
     def observe(self, client: str, digests: np.ndarray, hashes: np.ndarray, now: float | None = None) -> np.ndarray:
         _check_observe(digests, hashes)
         now = time.time() if now is None else float(now)
+        with self._lock:
+            return self._observe(client, digests, hashes, now)
+
+    def _observe(self, client: str, digests: np.ndarray, hashes: np.ndarray, now: float) -> np.ndarray:
         rec = self._client(client)
         cid = rec[0]
         mix = np.uint64((cid * _MIX) & 0xFFFFFFFFFFFFFFFF)

@@ -127,3 +127,19 @@ def test_memory_store_keeps_every_posting_when_keys_share_a_bucket():
         h = rng.integers(1, 2**63, (1, K), dtype=np.uint64)
         store.observe("a", rng.integers(1, 2**63, 1, dtype=np.uint64), h, now=0.0)
         assert store.observe("a", rng.integers(1, 2**63, 1, dtype=np.uint64), h, now=0.0).tolist() == [K]
+
+
+def test_memory_store_serialises_concurrent_callers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = MemoryStore(max_entries=10_000, max_per_client=10_000, hashes_per_query=K)
+    rng = np.random.default_rng(1)
+    h = rng.integers(1, 2**63, (1, K), dtype=np.uint64)
+
+    def client(c: int) -> list[int]:
+        return [int(store.observe(f"c{c}", np.array([i + 1], dtype=np.uint64), h, now=0.0)[0]) for i in range(200)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(client, range(4)))
+    assert all(r == [0] + [K] * 199 for r in results)  # each client's stream intact
+    assert store.stats()["entries"] == 800
