@@ -45,9 +45,9 @@ def probe(url: str, bundle_dir: str, n: int = 32, model: str | None = None, eps:
 
     bundle = Bundle.load(bundle_dir)
     splits = bundle_splits(bundle, dataset, data_dir)
-    x, y = splits.test_x[offset: offset + n], splits.test_y[offset: offset + n]
-    if len(y) < n:
-        raise ValueError(f"asked for {n} test images from offset {offset}; {splits.name} has only {len(splits.test_y)}")
+    if offset + n > splits.size("test"):
+        raise ValueError(f"asked for {n} test images from offset {offset}; {splits.name} has only {splits.size('test')}")
+    x, y = splits.take("test", n, offset)  # conformed to the bundle's input
     backbone = BackboneOnly(load_backbone(bundle))
     tm = threat_model("pgd", eps, n=n, steps=steps, restarts=1, eot=1, queries=1)
     torch.manual_seed(0)

@@ -264,11 +264,10 @@ class Evaluation:
             self.built[cfg.name] = (served, twin)
         splits = bundle_splits(bundle, settings.dataset, settings.data_dir)
         self.data_name = splits.name
-        self.x = splits.test_x[settings.offset: settings.offset + settings.n]
-        self.y = splits.test_y[settings.offset: settings.offset + settings.n]
-        if len(self.y) < settings.n:
+        if settings.offset + settings.n > splits.size("test"):
             raise ValueError(f"asked for {settings.n} test images from offset {settings.offset}; "
-                             f"{splits.name} has only {len(splits.test_y)}")
+                             f"{splits.name} has only {splits.size('test')}")
+        self.x, self.y = splits.take("test", settings.n, settings.offset)  # conformed to the bundle's input
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         (self.out / "adv").mkdir(parents=True, exist_ok=True)
 

@@ -441,16 +441,13 @@ def _parity_inputs(shape: tuple[int, int, int], value_range: tuple[float, float]
         return x, f"{n} uniform random images in [{lo}, {hi}] (seed 0; no --dataset given)", None, None
     import torch
 
-    from robustgate.models.data import DatasetMissing, conform, describe_transform, load_splits
+    from robustgate.models.data import DatasetMissing, load_splits
 
     try:
-        # the one data layer every command uses; an ImageFolder is decoded straight to the shape,
-        # the others are conformed here -- only the n test images used, not the whole set
-        imagefolder = dataset == "imagefolder"
-        splits = load_splits(dataset, data_dir, val_size=None, input_shape=shape if imagefolder else None)
-        images = splits.test_x[:n]  # [n, c, h, w] in [0, 1]
-        transform = splits.info["transform"] if imagefolder else describe_transform(tuple(images.shape[1:]), shape)
-        images = images if imagefolder else conform(images, shape)  # [n, C, H, W]
+        # the one data layer every command uses (conforms only the n test images taken)
+        splits = load_splits(dataset, data_dir, val_size=None, input_shape=shape)
+        images, _ = splits.take("test", min(n, splits.size("test")))  # [n, C, H, W] in [0, 1]
+        transform = splits.info["transform"]
     except (DatasetMissing, ValueError, OSError) as exc:
         raise ImportRefused(f"--dataset {dataset}: {exc}") from None
     x = (lo + (hi - lo) * images).to(torch.float32).contiguous().numpy()

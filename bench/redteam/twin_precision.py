@@ -60,7 +60,7 @@ def main() -> int:
     stages = build_stages(PipelineConfig(stages=[{"name": args.stage, "kind": "diffusion"}]), bundle, twin=True)
     backbone = load_backbone(bundle, device="cpu")
     splits = bundle_splits(bundle)
-    x, y = splits.test_x[:args.batch], splits.test_y[:args.batch]
+    x, y = splits.take("test", args.batch)
     rows, grads = {}, {}
     for name, precision in (("float32", None), ("bfloat16", torch.bfloat16)):
         twin = PipelineTwin(backbone, stages, precision=precision)
