@@ -102,13 +102,16 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 
 # ---- data --------------------------------------------------------------------------------------------
-def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if n is None or n >= x.shape[0]:
-        return x, y
+def _subset(sp, which: str, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` items of split ``which`` chosen by ``seed`` (all of them for None), conformed to the
+    splits' shape: only the items taken are conformed (``Splits.take``)."""
+    size = sp.size(which)
+    if n is None or n >= size:
+        return sp.split(which)  # the whole split (Splits refuses one too large to conform at once)
     if n < 1:
         raise ValueError(f"subset size must be positive, got {n}")
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    return x[idx], y[idx]
+    idx = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+    return sp.take(which, index=idx)
 
 
 def subsample(sp, n_train: int | None = None, n_val: int | None = None, n_test: int | None = None,
@@ -116,9 +119,9 @@ def subsample(sp, n_train: int | None = None, n_val: int | None = None, n_test: 
     """``robustgate.models.data.Splits`` -> ``{"train", "val", "test"}`` -> ``(x [N, C, H, W] float32
     in [0, 1], y [N])``, each a seeded random subset of at most ``n_*`` items (None: all)."""
     return {
-        "train": _subset(sp.train_x, sp.train_y, n_train, seed),
-        "val": _subset(sp.val_x, sp.val_y, n_val, seed + 1),
-        "test": _subset(sp.test_x, sp.test_y, n_test, seed + 2),
+        "train": _subset(sp, "train", n_train, seed),
+        "val": _subset(sp, "val", n_val, seed + 1),
+        "test": _subset(sp, "test", n_test, seed + 2),
     }
 
 
