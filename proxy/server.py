@@ -6,9 +6,10 @@ server. The transport only decodes, queues, applies the verdict semantics and en
 (COMMON.md "Rejection status"; docs/PROTOCOL.md):
 
 - request mode (default): a request holding a rejected item fails with PERMISSION_DENIED,
-  details ``rejected by robustgate: item <i> stage <name> score <s> threshold <t>`` and trailing
-  metadata ``robustgate-verdict=rejected``, ``robustgate-stage``, ``robustgate-item``,
-  ``robustgate-score``, ``robustgate-threshold`` (first rejected item);
+  details ``rejected by robustgate: item <i> stage <name>`` and trailing metadata
+  ``robustgate-verdict=rejected``, ``robustgate-stage``, ``robustgate-item`` (first rejected
+  item); the score and threshold (`` score <s> threshold <t>``, ``robustgate-score``,
+  ``robustgate-threshold``) only with ``server.explain`` -- they are an evasion oracle;
 - item mode: every item is answered; rejected items' logits are NaN.
 
 Bad input never crashes it: every error path answers a status with a message, bytes that are not
@@ -16,7 +17,8 @@ a valid protobuf message included (INVALID_ARGUMENT). Overload: the batcher's ad
 bound and wait budget, proxy/batcher.py) is asked before a request's payload is decoded, so that a
 refusal (RESOURCE_EXHAUSTED) costs the event loop next to nothing beyond the gRPC call itself.
 Draining (SIGTERM) turns health NOT_SERVING, stops accepting RPCs, lets in-flight ones finish
-within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC) swaps in a
+within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC, served only
+when ``server.admin`` enables it: behind the token or on its own loopback port) swaps in a
 re-read pipeline without dropping requests. An optional bearer token (``server.auth``) guards
 every RPC but the probes.
 """
@@ -89,22 +91,22 @@ class _Failure:
     metadata: tuple[tuple[str, str], ...] = ()
 
 
-def rejection(result: PipelineResult, i: int) -> _Failure:
-    """The PERMISSION_DENIED answer for rejected item ``i`` (request mode)."""
+def rejection(result: PipelineResult, i: int, explain: bool = False) -> _Failure:
+    """The PERMISSION_DENIED answer for rejected item ``i`` (request mode). The score and threshold
+    are logged always and answered only with ``explain`` (server.explain): a client that sees them
+    can walk an input under the threshold (docs/OPERATIONS.md, "Threat model")."""
     stage = result.reason[i] or "unknown"
     base = stage[: -len(" failed")] if stage.endswith(" failed") else stage
     score = result.scores.get(base)
     s = float(score[i]) if score is not None else math.nan
     t = result.thresholds.get(base, math.nan)
-    return _Failure(
-        grpc.StatusCode.PERMISSION_DENIED,
-        f"rejected by robustgate: item {i} stage {stage} score {s:.6g} threshold {t:.6g}",
-        "rejected",
-        (
-            ("robustgate-verdict", "rejected"), ("robustgate-stage", stage), ("robustgate-item", str(i)),
-            ("robustgate-score", repr(s)), ("robustgate-threshold", repr(t)),
-        ),
-    )
+    log.info("rejected: item %d stage %s score %.6g threshold %.6g", i, stage, s, t)
+    message = f"rejected by robustgate: item {i} stage {stage}"
+    metadata = (("robustgate-verdict", "rejected"), ("robustgate-stage", stage), ("robustgate-item", str(i)))
+    if explain:
+        message += f" score {s:.6g} threshold {t:.6g}"
+        metadata += (("robustgate-score", repr(s)), ("robustgate-threshold", repr(t)))
+    return _Failure(grpc.StatusCode.PERMISSION_DENIED, message, "rejected", metadata)
 
 
 def bundle_metadata(bundle) -> ModelMeta:
@@ -337,6 +339,8 @@ class ProxyServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.admin_server: grpc.aio.Server | None = None  # the admin service's own server (server.admin.port)
+        self.admin_port: int | None = None
         self.draining = False
         self._health_task: asyncio.Task | None = None
         self._token = read_token(cfg.server.auth.bearer_token_file) if cfg.server.auth.enabled else None
@@ -364,7 +368,7 @@ class ProxyServer:
         ])
         self._reload_lock = asyncio.Lock()
         add_inference_service(InferenceServicer(self), self.server)
-        if s.admin:
+        if s.admin.enabled and s.admin.port is None:  # on the inference port: config validation demands the token
             self.server.add_generic_rpc_handlers((admin_handler(self),))
         compat = model_config_handler(self)  # Triton's ModelConfig, for perf_analyzer
         if compat is not None:
@@ -382,6 +386,8 @@ class ProxyServer:
             raise OSError(f"cannot bind the gRPC port {address}: {exc}") from exc
         if not self.port:
             raise OSError(f"cannot bind the gRPC port {address}")
+        if s.admin.enabled and s.admin.port is not None:
+            self.admin_port = await self._start_admin(auth, creds)
         self.batcher.start()
         await self.server.start()
         if s.metrics_port is not None:
@@ -391,8 +397,28 @@ class ProxyServer:
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
         if self.freeze_heap:
             freeze_gc_heap()
-        log.info("robustgate serving %s on port %d (metrics %s)", self.contract.model_name, self.port, self.metrics_port)
+        log.info("robustgate serving %s on port %d (metrics %s, admin %s)", self.contract.model_name, self.port,
+                 self.metrics_port, "off" if not s.admin.enabled else self.admin_port or "on the gRPC port")
+        if s.explain and not s.auth.enabled:
+            log.warning("server.explain is on without server.auth: every client sees the detectors' scores and "
+                        "thresholds in rejections (docs/OPERATIONS.md, 'Threat model')")
         return self.port
+
+    async def _start_admin(self, auth: "BearerAuth", creds: grpc.ServerCredentials | None) -> int:
+        """The admin service on its own port (server.admin.port, bound to server.admin.host: loopback
+        unless the token guards it); the same token check and TLS as the inference port."""
+        a = self.cfg.server.admin
+        self.admin_server = grpc.aio.server(interceptors=[auth], options=[("grpc.so_reuseport", 0)])
+        self.admin_server.add_generic_rpc_handlers((admin_handler(self),))
+        address = f"{a.host}:{a.port}"
+        try:
+            port = self.admin_server.add_secure_port(address, creds) if creds else self.admin_server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind the admin port {address}: {exc}") from exc
+        if not port:
+            raise OSError(f"cannot bind the admin port {address}")
+        await self.admin_server.start()
+        return port
 
     def is_ready(self) -> bool:
         return not self.draining and self.backend.ready()
@@ -423,6 +449,8 @@ class ProxyServer:
         await self.begin_drain()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.admin_server is not None:
+            await self.admin_server.stop(0)
         await self.batcher.stop()
         self.metrics.close()
         self.backend.close()
@@ -594,7 +622,7 @@ class ProxyServer:
         for reason, count in collections.Counter(result.reason[i] or "unknown" for i in rejected.tolist()).items():
             m.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc(count)
         if rejected.size and self.cfg.pipeline.verdict_mode == "request":
-            return rejection(result, int(rejected[0])), None
+            return rejection(result, int(rejected[0]), self.cfg.server.explain), None
 
         t2 = time.perf_counter()
         logits = result.logits.detach().cpu().numpy().astype(np.float32, copy=True)  # [N, K]

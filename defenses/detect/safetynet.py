@@ -53,7 +53,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torchattacks
 from safetensors.torch import load_file, save_file
 from sklearn.svm import SVC
 from torch import nn
@@ -116,6 +115,8 @@ class _LogitsModule(nn.Module):
 def make_adversarials(classifier: Classifier, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float,
                       steps: int) -> torch.Tensor:
     """Adversarial versions of ``x`` ``[N, C, H, W]`` by torchattacks on the torch classifier."""
+    import torchattacks  # only fitting needs it: `serve` runs without it (pyproject.toml, `attack`/`fit`)
+
     model = _LogitsModule(classifier).eval().to(x.device)
     if attack == "fgsm":
         atk = torchattacks.FGSM(model, eps=eps)
