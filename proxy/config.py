@@ -99,7 +99,7 @@ class AdminConfig(_Strict):
     (``server.auth``) or on its own port bound to loopback. A bare ``true``/``false`` (the older
     ``server.admin: true``) means ``enabled``."""
 
-    enabled: bool = False
+    enabled: bool = False  # serve robustgate.admin.v1.Admin/Reload (hot reload; SIGHUP works without it)
     port: int | None = Field(None, ge=0, le=65535, description=(
         "own port for the admin service (0 = any free port); null = the inference port, which needs server.auth"))
     host: str = Field("127.0.0.1", description=(
