@@ -17,8 +17,17 @@ Sources:
 - ``mnist``, ``cifar10``: torchvision's own on-disk formats under ``--data-dir`` (nothing is
   downloaded at run time).
 - ``imagefolder``: any ``torchvision.datasets.ImageFolder`` tree; ``data_dir/train`` and
-  ``data_dir/test`` (one sub-folder per class). Images are loaded into memory, so this is for
-  small datasets.
+  ``data_dir/test`` (one sub-folder per class), any image size and mode. Images are loaded into
+  memory, so this is for small datasets.
+
+Conforming to a model: a user's classifier fixes its input ``(C, H, W)``; ``load_splits(...,
+input_shape=(C, H, W))`` (and :func:`bundle_splits`, which takes the shape from the bundle) turns
+every image into that shape with torchvision's functional transforms, the same ones for every
+command: channels first (grayscale -> RGB repeats the plane; RGB -> grayscale is ITU-R 601-2 luma,
+torchvision's ``rgb_to_grayscale``; an ImageFolder image is decoded by Pillow straight to ``L`` or
+``RGB``), then a bilinear, antialiased resize that makes the image just cover ``H x W`` keeping its
+aspect ratio, then a centre crop to ``H x W``. ``Splits.info["transform"]`` records what was done
+(``fit`` and ``import`` write it into the bundle).
 """
 
 from __future__ import annotations
@@ -110,7 +119,89 @@ def _to_float(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t.contiguous().float().div_(255.0)
 
 
-def _load_raw(name: str, data_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def cover_size(h: int, w: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The ``(h', w')`` an ``h x w`` image is resized to so that it just covers ``target`` ``(H, W)``
+    with its aspect ratio kept (the centre crop then cuts the rest)."""
+    th, tw = target
+    scale = max(th / h, tw / w)
+    return max(th, round(h * scale)), max(tw, round(w * scale))
+
+
+def conform(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``[N, c, h, w]`` float in [0, 1] -> ``[N, C, H, W]`` (module docstring, "Conforming").
+
+    Channels: 1 -> 3 repeats the plane, 3 -> 1 is luma; any other pair raises ``ValueError``.
+    Space: bilinear antialiased resize to cover ``H x W`` keeping the aspect ratio, centre crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    c, (C, H, W) = x.shape[1], shape
+    if c != C:
+        if (c, C) == (1, 3):
+            x = x.expand(-1, 3, -1, -1)
+        elif (c, C) == (3, 1):
+            x = TF.rgb_to_grayscale(x)
+        else:
+            raise ValueError(f"cannot turn {c}-channel images into the model's {C} channels (only 1 <-> 3)")
+    h, w = x.shape[-2:]
+    if (h, w) != (H, W):
+        x = TF.resize(x, list(cover_size(h, w, (H, W))), antialias=True).clamp_(0.0, 1.0)
+        x = TF.center_crop(x, [H, W])
+    return x.contiguous()
+
+
+def describe_transform(source: tuple[int, ...] | None, shape: tuple[int, int, int]) -> dict:
+    """What :func:`conform` does to ``source`` ``(c, h, w)`` images (None: sizes vary, as in an
+    ImageFolder) to reach ``shape``: the record ``fit`` and ``import`` keep in the bundle."""
+    C, H, W = shape
+    rec: dict = {"to_shape": [C, H, W], "interpolation": "bilinear", "antialias": True}
+    if source is None:
+        rec.update(channels=f"decoded as {'RGB' if C == 3 else 'L'}", resize="cover (aspect kept)", center_crop=[H, W])
+        return rec
+    c, h, w = source
+    rec["channels"] = None if c == C else f"{c}->{C}"
+    if (h, w) != (H, W):
+        rec.update(resize=list(cover_size(h, w, (H, W))), center_crop=[H, W])
+    else:
+        rec.update(resize=None, center_crop=None)
+    return rec
+
+
+def _imagefolder_part(root: Path, input_shape: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One ImageFolder part (``train`` or ``test``) as ``[N, C, H, W]``, labels ``[N]``, classes.
+
+    Without ``input_shape`` every image must have the same size (its first image's mode decides
+    RGB or L); with it, each image is decoded to the shape's mode and conformed on its own."""
+    import torchvision
+    from PIL import Image
+
+    if not root.is_dir():
+        raise DatasetMissing(f"imagefolder: {root} does not exist (need train/ and test/)")
+    ds = torchvision.datasets.ImageFolder(str(root), loader=lambda p: Image.open(p))
+    if len(ds) == 0:
+        raise DatasetMissing(f"imagefolder: {root} holds no images")
+    to_tensor = torchvision.transforms.functional.pil_to_tensor
+    if input_shape is not None:
+        mode = "RGB" if input_shape[0] == 3 else "L"
+        if input_shape[0] not in (1, 3):
+            raise ValueError(f"imagefolder: images decode to 1 or 3 channels, the model wants {input_shape[0]}")
+    else:
+        first = ds[0][0]
+        mode = "L" if first.mode in ("L", "1", "I;16", "I", "F") else "RGB"
+    xs, ys = [], []
+    for img, y in ds:
+        t = to_tensor(img.convert(mode)).float().div_(255.0).unsqueeze(0)  # [1, C, h, w]
+        if input_shape is not None:
+            t = conform(t, input_shape)
+        elif xs and t.shape != xs[0].shape:
+            raise ValueError(f"imagefolder: {root} holds images of different sizes ({tuple(xs[0].shape[1:])} and "
+                             f"{tuple(t.shape[1:])}); give the model's input shape (a bundle or --input-shape) to resize them")
+        xs.append(t)
+        ys.append(y)
+    return torch.cat(xs), torch.tensor(ys, dtype=torch.long), list(ds.classes)
+
+
+def _load_raw(name: str, data_dir: Path | None, input_shape: tuple[int, int, int] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     import torchvision
 
     if name == "fashion-mnist":
@@ -132,13 +223,7 @@ def _load_raw(name: str, data_dir: Path | None) -> tuple[torch.Tensor, torch.Ten
         return (_to_float(np.asarray(tr.data)), torch.as_tensor(tr.targets).long(),
                 _to_float(np.asarray(te.data)), torch.as_tensor(te.targets).long(), classes)
     if name == "imagefolder":
-        out = []
-        for part in ("train", "test"):
-            if not (data_dir / part).is_dir():
-                raise DatasetMissing(f"imagefolder: {data_dir / part} does not exist (need train/ and test/)")
-            ds = torchvision.datasets.ImageFolder(str(data_dir / part), transform=torchvision.transforms.ToTensor())
-            xs, ys = zip(*(ds[i] for i in range(len(ds))))
-            out.append((torch.stack(xs), torch.tensor(ys, dtype=torch.long), ds.classes))
+        out = [_imagefolder_part(data_dir / part, input_shape) for part in ("train", "test")]
         (trx, try_, classes), (tex, tey, test_classes) = out
         if classes != test_classes:
             raise ValueError(f"imagefolder: train classes {classes} differ from test classes {test_classes}")
@@ -149,21 +234,39 @@ def _load_raw(name: str, data_dir: Path | None) -> tuple[torch.Tensor, torch.Ten
 def load_splits(
     name: str = "fashion-mnist",
     data_dir: str | Path | None = None,
-    val_size: int = 5000,
+    val_size: int | None = 5000,
     seed: int = 0,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> Splits:
-    """Loads ``name`` and splits its training set into train / validation with ``seed``."""
-    trx, trY, tex, tey, classes = _load_raw(name, Path(data_dir) if data_dir is not None else None)
+    """Loads ``name`` and splits its training set into train / validation with ``seed``.
+
+    ``val_size`` None: 5,000 or a tenth of the training set, whichever is smaller.
+    ``input_shape`` ``(C, H, W)``: every image conformed to it (module docstring)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
+    trx, trY, tex, tey, classes = _load_raw(name, Path(data_dir) if data_dir is not None else None, shape)
+    source = None if name == "imagefolder" else tuple(trx.shape[1:])
+    transform = None
+    if shape is not None:
+        transform = describe_transform(source, shape)
+        if name != "imagefolder":
+            trx, tex = conform(trx, shape), conform(tex, shape)
+    if val_size is None:
+        val_size = min(5000, len(trx) // 10)
     if not 0 <= val_size < len(trx):
         raise ValueError(f"val_size must be in [0, {len(trx)}), got {val_size}")
     perm = torch.randperm(len(trx), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    info = {"val_size": val_size, "split_seed": seed, "train_size": len(train_idx), "test_size": len(tex)}
+    if transform is not None:
+        info["transform"] = transform
     return Splits(
         name=name, classes=classes,
         train_x=trx[train_idx], train_y=trY[train_idx],
         val_x=trx[val_idx], val_y=trY[val_idx],
         test_x=tex, test_y=tey,
-        info={"val_size": val_size, "split_seed": seed, "train_size": len(train_idx), "test_size": len(tex)},
+        info=info,
     )
 
 
@@ -172,3 +275,36 @@ def recipe_splits(recipe: dict) -> Splits:
     validation size and split seed, with the trainer's defaults where the recipe is silent)."""
     return load_splits(recipe.get("dataset", "fashion-mnist"), recipe.get("data_dir"),
                        val_size=int(recipe.get("val_size", 5000)), seed=int(recipe.get("seed", 0)))
+
+
+def bundle_splits(bundle, dataset: str | None = None, data_dir: str | Path | None = None,
+                  val_size: int | None = None, seed: int | None = None) -> Splits:
+    """The data a bundle is fitted and evaluated on, conformed to its input shape.
+
+    ``dataset`` / ``data_dir`` default to the bundle's training recipe (``robustgate train`` and
+    ``robustgate import --dataset`` record them), else Fashion-MNIST; the validation size and split
+    seed default to the recipe's when the dataset is the recipe's (so the validation split is never
+    one the backbone trained on), else to :func:`load_splits`' defaults."""
+    recipe = bundle.spec.backbone.recipe or {}
+    own = recipe.get("dataset", "fashion-mnist")
+    name = dataset or own
+    same = name == own
+    if data_dir is None and same:
+        data_dir = recipe.get("data_dir")
+    if val_size is None:
+        val_size = int(recipe["val_size"]) if same and "val_size" in recipe else (5000 if name == "fashion-mnist" else None)
+    if seed is None:
+        seed = int(recipe.get("seed", 0)) if same else 0
+    return load_splits(name, data_dir, val_size=val_size, seed=seed, input_shape=tuple(bundle.input.shape))
+
+
+def add_data_arguments(parser, *, default: str | None = None) -> None:
+    """The ``--dataset`` / ``--data-dir`` pair every command takes (train, fit, eval, probe, import).
+    ``default`` None: the bundle's recipe decides (:func:`bundle_splits`)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=default,
+                   help="dataset (default: " + (default or "the bundle recipe's dataset, else fashion-mnist") + ")")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="dataset root: fashion-mnist the four .gz files (default: Debian's "
+                        f"{FASHION_MNIST_DIR}); mnist/cifar10 torchvision's format; imagefolder train/ and test/ "
+                        "with one sub-folder per class")

@@ -22,13 +22,23 @@ from robustgate.models.archs import build_arch
 from robustgate.models.bundle import Bundle, BundleError
 
 
+class NoTwin(BundleError):
+    """The bundle's backbone has no torch twin: only attacks that need no gradient apply to it."""
+
+
+def has_twin(bundle: Bundle) -> bool:
+    """Whether :func:`load_backbone` can build a differentiable twin of the bundle's backbone."""
+    return bundle.spec.backbone.weights is not None
+
+
 def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Bundle (or its directory) -> the eval-mode ``nn.Module`` twin on ``device``."""
+    """Bundle (or its directory) -> the eval-mode ``nn.Module`` twin on ``device``; :class:`NoTwin`
+    when the bundle has none."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     spec = bundle.spec.backbone
-    if spec.weights is None:
-        raise BundleError(f"{bundle.root}: backbone has no safetensors weights, so it has no torch twin")
+    if not has_twin(bundle):
+        raise NoTwin(f"{bundle.root}: backbone has no safetensors weights, so it has no torch twin")
     try:
         module = build_arch(spec.arch, **spec.arch_kwargs)
     except (TypeError, ValueError) as exc:
