@@ -36,7 +36,19 @@ import yaml
 from robustgate.defenses import calibration
 from robustgate.defenses.base import Detector, FitData, build, registry
 
+FIT_EPILOG = """\
+example (the shipped detector of deploy/default.yaml, fitted into bundles/default):
+  robustgate fit --bundle bundles/default --defense magnet --name magnet_l1 \\
+    --params criterion=l1 arch=III width=16 activation=relu epochs=40 lr=0.002 --n-train 50000
+
+The stage that serves it names the same --name (deploy/default.yaml, docs/OPERATIONS.md); what each
+detector and purifier buys against adaptive attacks: docs/EVALUATION.md. SafetyNet's fit needs
+scikit-learn's ONNX export and torchattacks (the `fit` extra, README "Install").
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = FIT_EPILOG  # formatter: robustgate.proxy.cli.HelpFormatter (defaults shown)
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory (bundle.yaml)")
     parser.add_argument("--defense", required=True, help="defense kind from the registry (magnet, safetynet, reformer, ...)")
     parser.add_argument("--name", help="name of the fitted defense in the bundle (= the pipeline stage name); default: KIND")
