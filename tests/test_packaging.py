@@ -140,6 +140,7 @@ def test_the_wheel_serves_from_a_clean_venv_and_answers_the_probe(tmp_path):
         t_attack = time.monotonic()
         out = run([exe, "probe", "--url", f"127.0.0.1:{port}", "--n", "100", "--bundle", ROOT / "bundles" / "default"],
                   cwd=tmp_path, timeout=600)
+        print(out)
         rows = probe_rows(out)
         clean, pgd = rows["clean"], rows["pgd eps=0.1"]
         for r in (clean, pgd):
