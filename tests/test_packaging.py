@@ -31,6 +31,66 @@ def test_every_package_directory_is_listed_in_pyproject():
     assert listed - found == set(), "pyproject.toml lists packages that do not exist"
 
 
+# imported by the package but not declared, each with the reason (pyproject.toml says more)
+UNDECLARED = {"torchattacks": "its requests~=2.25.1 pin clashes with tritonclient: installed with --no-deps"}
+
+
+def declared_distributions() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    return {canonical(re.match(r"[A-Za-z0-9_.\-]+", s)[0]) for s in specs}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_third_party_import_is_declared():
+    """Every module the shipped packages import (at any depth: lazy imports too) comes from a distribution
+    that pyproject.toml declares, in the core or an extra (mapped with importlib.metadata)."""
+    import ast
+    import importlib.metadata
+
+    shipped = [p for p in ROOT.rglob("*.py") if not (set(p.relative_to(ROOT).parts[:1]) & NOT_SHIPPED)
+               and not p.relative_to(ROOT).parts[0].startswith(".") and p.relative_to(ROOT).parts[0] != "examples"]
+    modules = set()
+    for path in shipped:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = sorted(modules - set(sys.stdlib_module_names) - {"robustgate", "__future__"})
+    dists = importlib.metadata.packages_distributions()
+    declared = declared_distributions()
+    missing = []
+    for module in third_party:
+        if module in UNDECLARED:
+            continue
+        names = {canonical(d) for d in dists.get(module, [])}
+        if not names & declared:
+            missing.append(f"{module} (from {sorted(names) or 'no installed distribution'})")
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    assert {"PIL", "onnxruntime", "torchattacks", "tritonclient", "diffusers"} <= set(third_party)  # the scan sees them
+
+
+def test_one_onnx_runtime_per_extra():
+    """The core declares no ONNX Runtime; `cpu` and `gpu` each declare one build of the `onnxruntime`
+    module, so that `robustgate[gpu]` never installs onnxruntime-gpu beside onnxruntime."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def runtimes(specs):
+        return {canonical(re.match(r"[A-Za-z0-9_.\-]+", s)[0]) for s in specs} & {"onnxruntime", "onnxruntime-gpu"}
+
+    assert runtimes(project["dependencies"]) == set()
+    assert runtimes(extras["cpu"]) == {"onnxruntime"} and runtimes(extras["gpu"]) == {"onnxruntime-gpu"}
+    for name, specs in extras.items():
+        if name not in ("cpu", "gpu"):
+            assert runtimes(specs) == set() and not any("[cpu" in s or "[gpu" in s or ",cpu" in s or ",gpu" in s
+                                                         for s in specs), name
+
+
 def test_cli_help_lists_every_subcommand():
     out = subprocess.run(
         [sys.executable, "-m", "robustgate.proxy.cli", "--help"], capture_output=True, text=True, check=True
