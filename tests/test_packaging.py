@@ -162,6 +162,7 @@ def probe_rows(out: str) -> dict[str, dict[str, int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~7 min on the shared 2-core machine (installs of ~5.5 GB, then deleting them)
 def test_the_wheel_serves_from_a_clean_venv_and_answers_the_probe(tmp_path):
     """Build the wheel; a fresh venv (no scripts/install.sh, no access to this checkout) gets torch and
     `robustgate[cpu]` only -- the serve-only install -- and runs `robustgate serve` with the shipped
