@@ -43,7 +43,7 @@ example (the shipped detector of deploy/default.yaml, fitted into bundles/defaul
 
 The stage that serves it names the same --name (deploy/default.yaml, docs/OPERATIONS.md); what each
 detector and purifier buys against adaptive attacks: docs/EVALUATION.md. SafetyNet's fit needs
-scikit-learn's ONNX export and torchattacks (the `fit` extra, README "Install").
+scikit-learn's ONNX export and torchattacks (the `fit` extra, docs/OPERATIONS.md "Installing").
 """
 
 

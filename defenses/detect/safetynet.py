@@ -32,7 +32,7 @@ forward value is the hard code, the backward pass uses a sigmoid relaxation of t
 ``SVMClassifier`` kernel (what skl2onnx emits) evaluates the 805 support vectors of the default
 bundle's detector ~5x slower than the torch path's ``cdist`` + matrix product: through the proxy
 at batch 64 SafetyNet adds +170% with ``runtime: onnx`` and +32% with ``runtime: torch``
-(bench/results/detect.proxy_cost_safetynet_runtime.md) -- serve it with the torch runtime.
+(bench/results/detect.proxy_cost.safetynet_runtime.md) -- serve it with the torch runtime.
 
 Upstream mode: when the proxy forwards classification to an upstream V2 server, the activations
 are not available from the upstream; SafetyNet reads them from the bundle's *local* copy of the

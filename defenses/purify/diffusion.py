@@ -35,7 +35,7 @@ is used), EMA of the weights (decay ``ema_decay``). The defaults (1,000 steps x 
 load average stayed at 9-15 from other jobs, and ``robustgate fit --bundle bundles/default --defense
 diffusion --name diffusion`` re-ran it in 540 s (one torch thread, load ~4) with bit-identical
 weights (``bench/defenses/train_diffusion.py``; its loss curve and
-time are kept in the artifact's JSON; clean accuracy vs t* in bench/results/purify.diffusion_accuracy.md).
+time are kept in the artifact's JSON; clean accuracy vs t* in bench/results/defenses.diffusion_accuracy.md).
 Under CPU contention one torch thread trains several times faster than two.
 
 Known limits: the purified image is random (``randomized = True``): evaluate with EOT over the

@@ -40,7 +40,7 @@ def _codec(img: np.ndarray, mode: str, quality: int) -> np.ndarray:
 
     Each step is one call into Pillow's C code (``frombuffer`` shares ``img``, ``load`` decodes at
     once, no mode conversion): every call into C releases the GIL, and in the proxy's worker thread
-    each release can cost a wait for the event loop (bench/results/purify.md)."""
+    each release can cost a wait for the event loop (bench/results/defenses.md)."""
     h, w = img.shape[:2]
     buf = io.BytesIO()
     Image.frombuffer(mode, (w, h), np.ascontiguousarray(img), "raw", mode, 0, 1).save(
