@@ -417,24 +417,30 @@ def _compare(args: argparse.Namespace, x: torch.Tensor) -> int:
     for method in METHODS:
         torch.manual_seed(args.seed)
         runs[method] = (MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads,
-                                          patch_size=args.patch_size), [], [])
+                                          patch_size=args.patch_size), [], [], [])
     attack = dict(eps=args.eps, steps=args.steps, step_size=args.step_size, lam=args.lam)
     clean = dict(eps=0.0, steps=0, step_size=0.0, lam=0.0)
     for rep in range(args.compare):
-        for method, (model, wall, cpu) in runs.items():
+        for method, (model, wall, cpu, pgd) in runs.items():
             r = pretrain(model, make_loader(x, args.batch_size, args.seed + rep), epochs=1, sigma=args.sigma,
                          estimator=args.estimator, lr=args.lr or scaled_lr(args.blr, args.batch_size),
                          seed=args.seed + rep, progress=False, device=args.device,
                          **(attack if method == "mimir-pretrain" else clean))
             wall.append(r.seconds[0])
             cpu.append(r.cpu_seconds[0])
-    med = {m: (statistics.median(w), statistics.median(c)) for m, (_, w, c) in runs.items()}
+            pgd.append(r.pgd_seconds[0])
+    med = {m: (statistics.median(w), statistics.median(c)) for m, (_, w, c, _) in runs.items()}
+    mimir_wall, mimir_pgd = runs["mimir-pretrain"][1], runs["mimir-pretrain"][3]
     report = {
         "config": dict(n=args.n, batch_size=args.batch_size, dim=args.dim, depth=args.depth, heads=args.heads,
                        threads=torch.get_num_threads(), repeats=args.compare, **attack, sigma=args.sigma,
-                       estimator=args.estimator),
-        "wall_seconds": {m: w for m, (_, w, _) in runs.items()},
-        "cpu_seconds": {m: c for m, (_, _, c) in runs.items()},
+                       estimator=args.estimator, device=args.device, patch_size=args.patch_size,
+                       decoder=runs["mae-pretrain"][0].config["decoder_dim"],
+                       decoder_depth=runs["mae-pretrain"][0].config["decoder_depth"]),
+        "wall_seconds": {m: w for m, (_, w, _, _) in runs.items()},
+        "cpu_seconds": {m: c for m, (_, _, c, _) in runs.items()},
+        "mimir_pgd_seconds": mimir_pgd,
+        "mimir_pgd_share_of_epoch": statistics.median(p / w for p, w in zip(mimir_pgd, mimir_wall)),
         "median_wall_seconds_per_epoch": {m: v[0] for m, v in med.items()},
         "median_cpu_seconds_per_epoch": {m: v[1] for m, v in med.items()},
         "mimir_over_mae_wall": med["mimir-pretrain"][0] / med["mae-pretrain"][0],

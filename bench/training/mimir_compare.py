@@ -233,8 +233,9 @@ def val_robustness(run: Run, clf: torch.nn.Module) -> tuple[float, float]:
 
 
 # ---- evaluation and paired statistics ------------------------------------------------------------
-def autoattack_outcomes(run: Run, clf: torch.nn.Module) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per-image (clean correct, robust correct) on the eval images under AutoAttack; seconds."""
+def autoattack_outcomes(run: Run, clf: torch.nn.Module, lo: int = 0, hi: int | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-image (clean correct, robust correct) on eval images [lo:hi] under AutoAttack; seconds."""
     import torchattacks
 
     clf.eval()
@@ -245,8 +246,9 @@ def autoattack_outcomes(run: Run, clf: torch.nn.Module) -> tuple[np.ndarray, np.
         attack = torchattacks.APGD(clf, norm="Linf", eps=EPS, steps=100, loss="ce", seed=0)
     clean, robust = [], []
     bs = run.args.eval_batch
-    for i in tqdm(range(0, len(run.test_x), bs), desc="AutoAttack", disable=not run.args.progress, leave=False):
-        xb, yb = run.test_x[i:i + bs], run.test_y[i:i + bs]
+    hi = len(run.test_x) if hi is None else hi
+    for i in tqdm(range(lo, hi, bs), desc="AutoAttack", disable=not run.args.progress, leave=False):
+        xb, yb = run.test_x[i:min(i + bs, hi)], run.test_y[i:min(i + bs, hi)]
         with torch.no_grad():
             ok = clf(xb).argmax(1) == yb
         x_adv = attack(xb, yb)
@@ -329,31 +331,67 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
+    """Trains every arm and seed for the same planned seconds, then runs AutoAttack over the eval
+    images in chunks, every model on the same chunk, for as many chunks as the budget leaves (at
+    least one): all arms are always scored on the same images. A report is written after every
+    model and every chunk, so a run stopped from outside still leaves its results."""
     run = Run(args)
     lam = _chosen_lam(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"--arms: unknown {sorted(unknown)}; known: {', '.join(ARMS)}")
     per_step = calibrate(run, lam, args.calibration_steps)
-    train_budget = args.budget_minutes * 60 * (1 - args.eval_share) - run.elapsed()
+    budget = args.budget_minutes * 60
+    train_budget = budget * (1 - args.eval_share) - run.elapsed()
     seconds = max(1.0, train_budget / (len(arms) * len(seeds)))
-    records, outcomes, clean_out = [], {a: [] for a in arms}, {a: [] for a in arms}
+    stem = args.out or RESULTS / "training.mimir_compare"
+    state = {"lam": lam, "seeds": seeds, "arms": arms, "per_step": per_step, "seconds": seconds, "records": [],
+             "outcomes": {}, "chunk_seconds": []}
+    models = {}
     for seed in seeds:
         for arm in arms:
             clf, record = train_arm(run, arm, seed, lam, seconds, per_step)
-            c, r, t = autoattack_outcomes(run, clf)
-            record.update(clean=float(c.mean()), robust=float(r.mean()), eval_seconds=round(t, 1))
-            outcomes[arm].append(r)
-            clean_out[arm].append(c)
-            records.append(record)
-            print(json.dumps({k: record[k] for k in ("arm", "seed", "train_seconds", "clean", "robust",
-                                                     "eval_seconds")}), flush=True)
+            models[(arm, seed)] = clf
+            state["records"].append(record)
+            print(json.dumps({k: record[k] for k in ("arm", "seed", "planned_seconds", "train_seconds")}), flush=True)
+            _write_compare(run, args, stem, state, final=False)
+    # AutoAttack, chunk by chunk over the same images for every model
+    outcomes = {key: ([], []) for key in models}  # (clean, robust) per chunk
+    n_done = 0
+    while n_done < len(run.test_x):
+        t0 = time.perf_counter()
+        lo, hi = n_done, min(n_done + args.eval_batch, len(run.test_x))
+        for key, clf in models.items():
+            c, r, _ = autoattack_outcomes(run, clf, lo, hi)
+            outcomes[key][0].append(c)
+            outcomes[key][1].append(r)
+        n_done = hi
+        state["chunk_seconds"].append(round(time.perf_counter() - t0, 1))
+        state["outcomes"] = {key: (np.concatenate(c), np.concatenate(r)) for key, (c, r) in outcomes.items()}
+        _write_compare(run, args, stem, state, final=False)
+        print(json.dumps({"eval_images": n_done, "chunk_seconds": state["chunk_seconds"][-1],
+                          "elapsed": round(run.elapsed(), 1)}), flush=True)
+        if run.elapsed() + max(state["chunk_seconds"]) > budget:
+            break
+    _write_compare(run, args, stem, state, final=True)
+    return 0
+
+
+def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, final: bool) -> None:
+    lam, seeds, arms, records = state["lam"], state["seeds"], state["arms"], state["records"]
+    outcomes = {arm: [state["outcomes"][(arm, s)][1] for s in seeds if (arm, s) in state["outcomes"]] for arm in arms}
+    clean_out = {arm: [state["outcomes"][(arm, s)][0] for s in seeds if (arm, s) in state["outcomes"]]
+                 for arm in arms}
+    n_eval = len(next(iter(state["outcomes"].values()))[0]) if state["outcomes"] else 0
     summary = {}
     for arm in arms:
         rob = [float(o.mean()) for o in outcomes[arm]]
-        summary[arm] = {"label": ARMS[arm], "robust_per_seed": rob, "robust_mean": float(np.mean(rob)),
+        summary[arm] = {"label": ARMS[arm], "robust_per_seed": rob, "robust_mean": float(np.mean(rob)) if rob else None,
                         "clean_per_seed": [float(o.mean()) for o in clean_out[arm]],
                         "train_seconds_per_seed": [r["train_seconds"] for r in records if r["arm"] == arm]}
-    pairs = compare_pairs(outcomes)
+    pairs = compare_pairs(outcomes) if n_eval else []
     target = next((p for p in pairs if (p["first"], p["second"]) == ("mimir", "scratch")), None)
     verdict = None
     if target:
@@ -363,21 +401,28 @@ def compare(args: argparse.Namespace) -> int:
                    "undecided: the 95% CI of MIMIR - scratch contains +3 points")
     report = {
         "what": "MIMIR vs adversarial MAE vs MAE + PGD-AT vs PGD-AT from scratch at equal wall-clock training time",
-        "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
+        "complete": final, "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
         "equal_compute": "wall clock: each arm and seed trains for the same planned seconds, from per-step times "
                          "measured in this process (calibration); realized seconds in train_seconds_per_seed",
         "lam": lam, "lam_source": "sweep" if args.lam is None else "--lam", "sigma": args.sigma or "median",
         "attack": ("AutoAttack standard (torchattacks: APGD-CE, APGD-T, FAB-T, Square), linf eps 0.1"
                    if args.attack == "autoattack" else "APGD-CE only (smoke test, not AutoAttack)"),
-        "n_eval": len(run.test_x), "eval_images": f"test[:{len(run.test_x)}]", "seeds": seeds, "arch": run.arch,
-        "seconds_per_step": per_step, "planned_train_seconds_per_arm": round(seconds, 2),
-        "train_items": len(run.train_x), "batch_size": args.batch_size, "pretrain_share": args.pretrain_share,
-        "summary": summary, "paired": pairs, "target_mimir_plus_3_over_scratch": verdict, "runs": records,
+        "n_eval": n_eval, "n_eval_asked": len(run.test_x), "eval_images": f"test[:{n_eval}]",
+        "eval_chunk_seconds": state["chunk_seconds"], "seeds": seeds, "arch": run.arch,
+        "ft_pgd_steps": args.ft_pgd_steps, "seconds_per_step": state["per_step"],
+        "mimir_over_mae_seconds_per_step": state["per_step"]["mimir"] / state["per_step"]["mae"],
+        "planned_train_seconds_per_arm": round(state["seconds"], 2), "train_items": len(run.train_x),
+        "batch_size": args.batch_size, "pretrain_share": args.pretrain_share, "summary": summary, "paired": pairs,
+        "target_mimir_plus_3_over_scratch": verdict, "runs": records,
         "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
         "machine": machine(run),
     }
-    _write(args.out or RESULTS / "training.mimir_compare", report, _compare_md(report))
-    return 0
+    md = _compare_md(report)
+    json_path, md_path = _paths(stem)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(md)
+    if final:
+        print(md)
 
 
 def _chosen_lam(args: argparse.Namespace) -> float:
@@ -392,11 +437,17 @@ def _chosen_lam(args: argparse.Namespace) -> float:
 
 
 # ---- reports -----------------------------------------------------------------------------------------
-def _write(stem: Path, report: dict, md: str) -> None:
+def _paths(stem: Path) -> tuple[Path, Path]:
+    """``<stem>.json``, ``<stem>.md`` (appended: ``with_suffix`` would eat ``.mimir_sweep``)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(md)
+    return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
+
+
+def _write(stem: Path, report: dict, md: str) -> None:
+    json_path, md_path = _paths(stem)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(md)
     print(md)
 
 
@@ -433,13 +484,15 @@ def _compare_md(r: dict) -> str:
              f"torch {r['machine']['torch']}. Encoder {r['arch']['dim']}-d x {r['arch']['depth']} blocks, patch "
              f"{r['arch']['patch_size']}; lambda {r['lam']:g} ({r['lam_source']}), sigma {r['sigma']}. "
              f"{r['equal_compute']}: {r['planned_train_seconds_per_arm']} s per arm and seed "
-             f"(pre-training share {r['pretrain_share']}). Attack: {r['attack']} on {r['eval_images']}, "
-             f"seeds {r['seeds']}.\n",
+             f"(pre-training share {r['pretrain_share']}, fine-tuning PGD-{r['ft_pgd_steps']}). Attack: {r['attack']} "
+             f"on {r['eval_images']} ({r['n_eval_asked']} asked; chunks stop at the budget), seeds {r['seeds']}."
+             + ("" if r["complete"] else " **Incomplete: written while running.**") + "\n",
              "| arm | robust per seed (%) | **robust mean** | clean per seed | training s per seed |",
              "| --- | --- | --- | --- | --- |"]
     for s in r["summary"].values():
+        mean = _pct(s["robust_mean"]) if s["robust_mean"] is not None else "n/a"
         lines.append(f"| {s['label']} | {', '.join(_pct(v) for v in s['robust_per_seed'])} | "
-                     f"**{_pct(s['robust_mean'])}** | {', '.join(_pct(v) for v in s['clean_per_seed'])} | "
+                     f"**{mean}** | {', '.join(_pct(v) for v in s['clean_per_seed'])} | "
                      f"{', '.join(f'{v:.0f}' for v in s['train_seconds_per_seed'])} |")
     lines += ["", "Paired tests (per-image robust outcomes on the same images):", "",
               "| first - second | difference (seed-averaged) | bootstrap 95% CI | McNemar p per seed | pooled p |",
@@ -450,6 +503,11 @@ def _compare_md(r: dict) -> str:
                      f"[{100 * b['ci95'][0]:+.1f}, {100 * b['ci95'][1]:+.1f}] | "
                      f"{', '.join(format(m['p_value'], '.3g') for m in p['mcnemar_per_seed'])} | "
                      f"{p['mcnemar_pooled_seeds']['p_value']:.3g} |")
+    ps = r["seconds_per_step"]
+    lines += ["", f"Pre-training cost per batch (calibration, median): MIMIR {ps['mimir']:.4f} s, adversarial MAE "
+              f"{ps['adv-mae']:.4f} s, clean MAE {ps['mae']:.4f} s: MIMIR / MAE = "
+              f"**{r['mimir_over_mae_seconds_per_step']:.2f}x** (target <= 1.3x); PGD-{r['ft_pgd_steps']} AT step "
+              f"{ps['pgd-at']:.4f} s."]
     lines += ["", f"Target (MIMIR >= +3 points over scratch): {r['target_mimir_plus_3_over_scratch']}.",
               f"Total {r['total_seconds']} s of a {r['budget_seconds']} s budget.\n"]
     return "\n".join(lines)
@@ -472,10 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="sweep: seed")
     p.add_argument("--n-eval", type=int, default=1000, help="compare: AutoAttack test images (default 1000)")
     p.add_argument("--n-val", type=int, default=500, help="validation images for the sweep's PGD-10 (default 500)")
-    p.add_argument("--eval-batch", type=int, default=500)
+    p.add_argument("--eval-batch", type=int, default=250,
+                   help="compare: AutoAttack chunk; chunks run until the budget is spent (default 250)")
     p.add_argument("--attack", choices=["autoattack", "apgd-ce"], default="autoattack",
                    help="compare: autoattack (default) or apgd-ce (smoke tests only)")
-    p.add_argument("--eval-share", type=float, default=0.4, help="compare: budget share kept for AutoAttack (0.4)")
+    p.add_argument("--eval-share", type=float, default=0.4,
+                   help="compare: budget share kept for AutoAttack (default 0.4); evaluation stops at the budget")
     p.add_argument("--pretrain-share", type=float, default=0.5, help="pre-trained arms: share spent pre-training")
     p.add_argument("--train-items", type=int, help="training images (default: all 55,000)")
     p.add_argument("--batch-size", type=int, default=128)
