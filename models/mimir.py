@@ -28,8 +28,11 @@ Defaults (``PAPER_DEFAULTS``) follow the reference code (github.com/xiaoyunxxy/M
 ``pretrain.py`` and ``advmae_jobscript_cifar10.sh``, CIFAR-10 ViT): eps = 8/255, one PGD step of
 alpha = 0.0392 (10/255) from a uniform random start, lambda = 1e-5 on the normalized-CCA HSIC
 with sigma = 5, mask ratio 0.75, AdamW(betas 0.9/0.95, weight decay 0.05), base lr 1.5e-4 per
-256 images, 800 epochs with 40 warm-up epochs (cosine schedule). For Fashion-MNIST the threat
-model of this project is eps = 0.1 (see docs/MIMIR.md for the recipe).
+256 images (``scaled_lr``), 800 epochs with 40 warm-up epochs (cosine schedule), normalized-pixel
+targets. ``pretrain`` uses them except for sigma, whose default is the median heuristic (sigma 5 on
+[0, 1] pixels makes the kernel near constant), and lambda, which is to be calibrated
+(``bench/training/mimir_compare.py sweep``; the MI term's share of the loss is logged every epoch).
+For Fashion-MNIST the threat model of this project is eps = 0.1 (see docs/MIMIR.md).
 
 Known limits: the robustness comes from the adversarial *fine-tuning*; pre-training alone gives
 no robust classifier. The MI penalty is an HSIC proxy, not a bound. One PGD step per batch makes
