@@ -93,3 +93,13 @@ def test_finetune_trains_and_is_seeded(fmnist_subset):
         assert torch.equal(states[0][k], states[1][k]), k
     with pytest.raises(ValueError, match="fewer than one batch"):
         finetune(model, x[:8], y[:8], steps=1, batch_size=32, progress=False)
+
+
+def test_fine_tuning_options_export_to_onnx(tmp_path):
+    """A mean-pooled, drop-path, sin-cos vit_tiny exports and matches torch (what a MIMIR bundle holds)."""
+    from robustgate.models.export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_arch("vit_tiny", **TINY, pool="mean", drop_path=0.1, pos_embed="sincos").eval()
+    errors = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
+    assert errors["logits"] < 1e-4 and errors["features"] < 1e-4
