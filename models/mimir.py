@@ -209,7 +209,8 @@ def pretrain(
     if sigma is not None and sigma <= 0:
         raise ValueError(f"sigma must be positive or None (median heuristic), got {sigma}")
     batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None
-    if warmup_epochs is None:
+    default_warmup = warmup_epochs is None
+    if default_warmup:
         warmup_epochs = PAPER_DEFAULTS["warmup_fraction"] * epochs
     config = dict(epochs=epochs, eps=eps, steps=steps, step_size=step_size, lam=lam,
                   sigma="median" if sigma is None else sigma, estimator=estimator, lr=lr, weight_decay=weight_decay,
@@ -223,6 +224,8 @@ def pretrain(
     if max_steps is not None:
         total = min(total, max_steps) if total else max_steps
     warmup = int(warmup_epochs * batches_per_epoch) if batches_per_epoch else 0
+    if default_warmup and total:  # 5% of the steps actually run (max_steps may end the run early)
+        warmup = int(PAPER_DEFAULTS["warmup_fraction"] * total)
     result, step = PretrainResult(config=config), 0
 
     for epoch in range(epochs):
