@@ -537,8 +537,9 @@ def main(argv: list[str] | None = None) -> int:
                         "1000 on CUDA, where Square's 5,000 sequential queries make small chunks slow)")
     p.add_argument("--attack", choices=["autoattack", "apgd-ce"], default="autoattack",
                    help="compare: autoattack (default) or apgd-ce (smoke tests only)")
-    p.add_argument("--eval-share", type=float, default=0.4,
-                   help="compare: budget share kept for AutoAttack (default 0.4); evaluation stops at the budget")
+    p.add_argument("--eval-share", type=float, default=0.45,
+                   help="compare: budget share kept for AutoAttack (default 0.45); evaluation stops at the budget "
+                        "after the first chunk")
     p.add_argument("--pretrain-share", type=float, default=0.5, help="pre-trained arms: share spent pre-training")
     p.add_argument("--train-items", type=int, help="training images (default: all 55,000)")
     p.add_argument("--batch-size", type=int, default=None,
