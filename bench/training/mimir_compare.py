@@ -52,12 +52,8 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def _import_robustgate() -> None:
-    """Makes ``import robustgate`` work from any checkout folder name (the repo root *is* the package)."""
-    try:
-        import robustgate  # noqa: F401
-        return
-    except ImportError:
-        pass
+    """Makes ``import robustgate`` import *this* checkout (the repo root is the package), whatever
+    its folder is called and whatever else is installed."""
     if ROOT.name == "robustgate":
         sys.path.insert(0, str(ROOT.parent))
     else:  # a checkout under another name: link it as robustgate in a temporary folder
