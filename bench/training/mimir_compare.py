@@ -1,6 +1,9 @@
 """MIMIR vs adversarial MAE vs MAE + PGD-AT vs PGD-AT from scratch, at equal wall-clock compute.
 
-    # lambda sweep (one seed, validation PGD-10 robustness picks lambda) -> training.mimir_sweep.json/.md
+    # pre-training cost per epoch, MIMIR vs clean MAE (paper Table 10) -> training.mimir_compare.cost.json/.md
+    python bench/training/mimir_compare.py cost --budget-minutes 5
+
+    # lambda sweep (one seed, validation PGD-10 robustness picks lambda) -> training.mimir_compare.sweep.json/.md
     python bench/training/mimir_compare.py sweep --budget-minutes 30 --device cpu
 
     # the comparison (2 seeds x 4 arms, AutoAttack on the same test images, paired tests)
@@ -322,7 +325,7 @@ def sweep(args: argparse.Namespace) -> int:
         "rows": rows, "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
         "machine": machine(run),
     }
-    _write(args.out or RESULTS / "training.mimir_sweep", report, _sweep_md(report))
+    _write(args.out or RESULTS / "training.mimir_compare.sweep", report, _sweep_md(report))
     return 0
 
 
@@ -423,10 +426,54 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         print(md)
 
 
+def cost(args: argparse.Namespace) -> int:
+    """MIMIR vs clean MAE seconds per pre-training epoch, epochs alternating on the same images
+    (``python -m robustgate.models.mimir --compare``), for each ``--patch-sizes``; the PGD step's share."""
+    from robustgate.models import mimir
+
+    dev = torch.device(args.device)
+    preset = {**PRESETS["cuda" if dev.type == "cuda" else "cpu"],
+              **{k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k) is not None}}
+    rows, t0 = {}, time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for patch in (int(v) for v in args.patch_sizes.split(",")):
+            argv = ["--compare", str(args.repeats), "--n", str(args.cost_images), "--batch-size", str(args.batch_size),
+                    "--dim", str(preset["dim"]), "--depth", str(preset["depth"]), "--heads", str(preset["heads"]),
+                    "--patch-size", str(patch), "--lam", "1e-3", "--device", args.device,
+                    "--threads", str(args.threads or 0), "--json", f"{tmp}/p{patch}.json"]
+            if args.data_dir:
+                raise SystemExit("cost reads Debian's Fashion-MNIST (python -m robustgate.models.mimir has no --data-dir)")
+            mimir.main(argv)
+            rows[patch] = {"argv": "python -m robustgate.models.mimir " + " ".join(argv[:-2]),
+                           **json.loads(Path(f"{tmp}/p{patch}.json").read_text())}
+            if time.perf_counter() - t0 > args.budget_minutes * 60:
+                break
+    report = {"what": "pre-training seconds per epoch, MIMIR (1 PGD step + nHSIC, median sigma) vs clean MAE, epochs "
+                      "alternating on the same images (paper Table 10; target <= 1.3x)",
+              "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
+              "by_patch_size": rows, "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                                 "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                                                 "device": args.device, "load_average_at_end": os.getloadavg()}}
+    lines = ["# MIMIR vs MAE: pre-training time per epoch\n", f"`{report['command']}`\n",
+             f"Machine: {args.device}, {report['machine']['platform']}, torch {torch.__version__}, load average at end "
+             f"{report['machine']['load_average_at_end']}. Encoder {preset['dim']}-d x {preset['depth']} blocks, decoder "
+             "sized to it, norm_pix_loss, nHSIC with median-heuristic sigma, lambda 1e-3; MAE and MIMIR epochs alternate "
+             f"{args.repeats} times on the same {args.cost_images} images, batch {args.batch_size}.\n",
+             "| patch | MAE CPU s / epoch | MIMIR CPU s / epoch | **ratio (CPU)** | ratio (wall) | PGD share of MIMIR's epoch |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for patch, r in rows.items():
+        c = r["median_cpu_seconds_per_epoch"]
+        lines.append(f"| {patch} | {c['mae-pretrain']:.2f} | {c['mimir-pretrain']:.2f} | **{r['mimir_over_mae_cpu']:.2f}x** "
+                     f"| {r['mimir_over_mae_wall']:.2f}x | {100 * r['mimir_pgd_share_of_epoch']:.0f}% |")
+    lines.append("\nTarget <= 1.3x MAE per epoch (docs/MIMIR.md explains the gap on a CPU).\n")
+    _write(args.out or RESULTS / "training.mimir_compare.cost", report, "\n".join(lines))
+    return 0
+
+
 def _chosen_lam(args: argparse.Namespace) -> float:
     if args.lam is not None:
         return args.lam
-    path = RESULTS / "training.mimir_sweep.json"
+    path = RESULTS / "training.mimir_compare.sweep.json"
     if not path.is_file():
         raise SystemExit(f"--lam not given and no sweep result at {path}: run the sweep phase first")
     sweep_report = json.loads(path.read_text())
@@ -436,7 +483,7 @@ def _chosen_lam(args: argparse.Namespace) -> float:
 
 # ---- reports -----------------------------------------------------------------------------------------
 def _paths(stem: Path) -> tuple[Path, Path]:
-    """``<stem>.json``, ``<stem>.md`` (appended: ``with_suffix`` would eat ``.mimir_sweep``)."""
+    """``<stem>.json``, ``<stem>.md`` (appended: ``with_suffix`` would eat ``.mimir_compare``)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
@@ -514,7 +561,7 @@ def _compare_md(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["sweep", "compare"])
+    p.add_argument("phase", choices=["cost", "sweep", "compare"])
     p.add_argument("--budget-minutes", type=float, required=True,
                    help="wall-clock minutes for the whole phase (training, evaluation); every arm is scaled to fit")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -549,16 +596,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch-size", type=int, help="4 (7x7 grid) or 2 (14x14) on 28x28")
     p.add_argument("--ft-pgd-steps", type=int, default=REFERENCE["steps"],
                    help="PGD steps of the fine-tuning attack (default 10, the reference's)")
+    p.add_argument("--patch-sizes", default="4,2", help="cost: patch sizes timed (default 4,2)")
+    p.add_argument("--repeats", type=int, default=3, help="cost: alternations of MAE and MIMIR epochs (default 3)")
+    p.add_argument("--cost-images", type=int, default=1024, help="cost: images per epoch (default 1024)")
     p.add_argument("--calibration-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", type=Path, help="output stem (default bench/results/training.mimir_{sweep,compare})")
+    p.add_argument("--out", type=Path,
+                   help="output stem (default bench/results/training.mimir_compare[.cost|.sweep])")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     args.argv = argv
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (512 if cuda else 128)
     args.eval_batch = args.eval_batch or (1000 if cuda else 250)
-    return {"sweep": sweep, "compare": compare}[args.phase](args)
+    return {"cost": cost, "sweep": sweep, "compare": compare}[args.phase](args)
 
 
 if __name__ == "__main__":
