@@ -36,7 +36,6 @@ import gzip
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,27 +55,80 @@ class DatasetMissing(FileNotFoundError):
     """The dataset's files are not where they should be; the message says how to get them."""
 
 
-@dataclass
-class Splits:
-    """Images ``[N, C, H, W]`` float32 in [0, 1]; labels ``[N]`` int64."""
+MAX_CONFORM_BYTES = 4 << 30  # the most a whole conformed split may take in memory (float32)
 
-    name: str
-    classes: list[str]
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    info: dict = field(default_factory=dict)
+
+class Splits:
+    """Images ``[N, C, H, W]`` float32 in [0, 1]; labels ``[N]`` int64; per split ``train``,
+    ``val``, ``test``.
+
+    With a ``shape`` ``(C, H, W)`` the images are stored as read and conformed to it (:func:`conform`)
+    only when asked: ``take(split, n, offset)`` conforms just those items, and the attributes
+    ``train_x`` / ``val_x`` / ``test_x`` conform (once, cached) the whole split, refusing with a
+    clear message when that would take more than ``MAX_CONFORM_BYTES`` -- Fashion-MNIST's training
+    set at 3x224x224 would be 33 GB; commands take subsets (``--n-train``, ``--n``)."""
+
+    def __init__(self, name: str, classes: list[str], train_x: torch.Tensor, train_y: torch.Tensor,
+                 val_x: torch.Tensor, val_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 info: dict | None = None, shape: tuple[int, int, int] | None = None):
+        self.name, self.classes, self.info, self.shape = name, classes, dict(info or {}), shape
+        self.train_y, self.val_y, self.test_y = train_y, val_y, test_y
+        self._raw = {"train": train_x, "val": val_x, "test": test_x}
+        self._conformed: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _check(which: str) -> None:
+        if which not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {which!r}")
+
+    def _needs_conform(self, raw: torch.Tensor) -> bool:
+        return self.shape is not None and tuple(raw.shape[1:]) != tuple(self.shape)
+
+    def _whole(self, which: str) -> torch.Tensor:
+        if which not in self._conformed:
+            raw = self._raw[which]
+            if self._needs_conform(raw):
+                need = len(raw) * 4 * int(np.prod(self.shape))
+                if need > MAX_CONFORM_BYTES:
+                    raise ValueError(
+                        f"{self.name}: conforming all {len(raw)} {which} images to {tuple(self.shape)} would take "
+                        f"{need / 2**30:.1f} GiB; take a subset (Splits.take; the commands' --n-train / --n)")
+                raw = torch.cat([conform(raw[i:i + 4096], self.shape) for i in range(0, len(raw), 4096)])
+            self._conformed[which] = raw
+        return self._conformed[which]
+
+    train_x = property(lambda self: self._whole("train"))
+    val_x = property(lambda self: self._whole("val"))
+    test_x = property(lambda self: self._whole("test"))
+
+    def size(self, which: str) -> int:
+        self._check(which)
+        return len(self._raw[which])
+
+    def take(self, which: str, n: int | None = None, offset: int = 0,
+             index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` items of split ``which`` from ``offset`` (or the items at ``index``), conformed:
+        ``[n, C, H, W]``, ``[n]``. Conforms only what it returns."""
+        self._check(which)
+        raw, y = self._raw[which], getattr(self, f"{which}_y")
+        if index is None:
+            end = len(raw) if n is None else offset + n
+            if end > len(raw) or offset < 0:
+                raise ValueError(f"asked for items {offset}..{end} of {which}; it has {len(raw)}")
+            sel, x = slice(offset, end), None
+        else:
+            sel = index
+        if which in self._conformed:
+            return self._conformed[which][sel], y[sel]
+        x = raw[sel]
+        return (conform(x, self.shape) if self._needs_conform(raw) else x), y[sel]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])
+        return tuple(self.shape) if self.shape is not None else tuple(self._raw["train"].shape[1:])
 
     def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if which not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {which!r}")
+        self._check(which)
         return getattr(self, f"{which}_x"), getattr(self, f"{which}_y")
 
 
@@ -249,9 +301,7 @@ def load_splits(
     source = None if name == "imagefolder" else tuple(trx.shape[1:])
     transform = None
     if shape is not None:
-        transform = describe_transform(source, shape)
-        if name != "imagefolder":
-            trx, tex = conform(trx, shape), conform(tex, shape)
+        transform = describe_transform(source, shape)  # applied lazily by Splits (imagefolder: already)
     if val_size is None:
         val_size = min(5000, len(trx) // 10)
     if not 0 <= val_size < len(trx):
@@ -266,7 +316,7 @@ def load_splits(
         train_x=trx[train_idx], train_y=trY[train_idx],
         val_x=trx[val_idx], val_y=trY[val_idx],
         test_x=tex, test_y=tey,
-        info=info,
+        info=info, shape=shape,
     )
 
 

@@ -104,3 +104,16 @@ def test_add_data_arguments():
 def test_unknown_dataset_named():
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
         load_splits("svhn")
+
+
+def test_large_shapes_conform_lazily_and_refuse_whole_splits(fmnist_splits):
+    s = load_splits("fashion-mnist", seed=0, input_shape=(3, 224, 224))
+    x, y = s.take("test", 4, offset=10)  # only these four are conformed
+    assert x.shape == (4, 3, 224, 224) and torch.equal(y, fmnist_splits.test_y[10:14])
+    assert s.size("train") == 55000 and s.input_shape == (3, 224, 224)
+    with pytest.raises(ValueError, match=r"would take 30\.8 GiB; take a subset"):
+        s.train_x  # noqa: B018 - the attribute conforms the whole split
+    xi, yi = s.take("val", index=torch.tensor([0, 5]))
+    assert xi.shape == (2, 3, 224, 224) and torch.equal(yi, fmnist_splits.val_y[[0, 5]])
+    with pytest.raises(ValueError, match="asked for items 9998..10002 of test"):
+        s.take("test", 4, offset=9998)
