@@ -116,6 +116,7 @@ class Run:
                 preset[k] = getattr(args, k)
         self.arch = dict(in_channels=1, image_size=28, mean=mean, std=std, **preset)
         self.t_start = time.perf_counter()
+        self.started_utc = _started()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -137,13 +138,27 @@ class Run:
         return make_loader(self.train_x, self.args.batch_size, seed)
 
 
-def machine(run: Run) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(run.device),
-            "load_average_at_end": os.getloadavg()}
-    if run.device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(run.device)
+def machine(device: torch.device) -> dict:
+    """The keys bench/report.py reads (cpu, cores, robustgate_revision) and the device used."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
+    try:
+        import subprocess
+
+        revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        revision = "?"
+    info = {"cpu": cpu, "cores": os.cpu_count(), "robustgate_revision": revision, "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "load_average_at_end": os.getloadavg()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _started() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---- calibration: seconds per step of each kind ------------------------------------------------
@@ -317,13 +332,13 @@ def sweep(args: argparse.Namespace) -> int:
     report = {
         "what": "MIMIR lambda sweep: MIMIR pre-training + PGD-AT fine-tuning per lambda at equal wall clock, "
                 "validation PGD-10 robustness picks lambda",
-        "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
+        "command": "python bench/training/mimir_compare.py " + " ".join(args.argv), "started_utc": run.started_utc,
         "chosen_lam": best["lam"], "chosen_nonzero_lam": best_nonzero["lam"] if best_nonzero else None,
         "ft_pgd_steps": args.ft_pgd_steps, "selected_by": f"validation PGD-10 accuracy on {len(run.val_x)} held-out items",
         "arch": run.arch, "seconds_per_step": per_step, "seconds_per_arm": round(seconds, 2),
         "train_items": len(run.train_x), "batch_size": args.batch_size, "sigma": args.sigma or "median",
         "rows": rows, "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
-        "machine": machine(run),
+        "machine": machine(run.device),
     }
     _write(args.out or RESULTS / "training.mimir_compare.sweep", report, _sweep_md(report))
     return 0
@@ -403,6 +418,7 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
     report = {
         "what": "MIMIR vs adversarial MAE vs MAE + PGD-AT vs PGD-AT from scratch at equal wall-clock training time",
         "complete": final, "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
+        "started_utc": run.started_utc,
         "equal_compute": "wall clock: each arm and seed trains for the same planned seconds, from per-step times "
                          "measured in this process (calibration); realized seconds in train_seconds_per_seed",
         "lam": lam, "lam_source": "sweep" if args.lam is None else "--lam", "sigma": args.sigma or "median",
@@ -416,7 +432,7 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         "batch_size": args.batch_size, "pretrain_share": args.pretrain_share, "summary": summary, "paired": pairs,
         "target_mimir_plus_3_over_scratch": verdict, "runs": records,
         "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
-        "machine": machine(run),
+        "machine": machine(run.device),
     }
     md = _compare_md(report)
     json_path, md_path = _paths(stem)
@@ -434,7 +450,7 @@ def cost(args: argparse.Namespace) -> int:
     dev = torch.device(args.device)
     preset = {**PRESETS["cuda" if dev.type == "cuda" else "cpu"],
               **{k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k) is not None}}
-    rows, t0 = {}, time.perf_counter()
+    rows, t0, started = {}, time.perf_counter(), _started()
     with tempfile.TemporaryDirectory() as tmp:
         for patch in (int(v) for v in args.patch_sizes.split(",")):
             argv = ["--compare", str(args.repeats), "--n", str(args.cost_images), "--batch-size", str(args.batch_size),
@@ -451,11 +467,10 @@ def cost(args: argparse.Namespace) -> int:
     report = {"what": "pre-training seconds per epoch, MIMIR (1 PGD step + nHSIC, median sigma) vs clean MAE, epochs "
                       "alternating on the same images (paper Table 10; target <= 1.3x)",
               "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
-              "by_patch_size": rows, "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                                 "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                                 "device": args.device, "load_average_at_end": os.getloadavg()}}
+              "started_utc": started, "by_patch_size": rows, "machine": machine(dev)}
     lines = ["# MIMIR vs MAE: pre-training time per epoch\n", f"`{report['command']}`\n",
-             f"Machine: {args.device}, {report['machine']['platform']}, torch {torch.__version__}, load average at end "
+             f"Machine: {args.device}, {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
+             f"{torch.__version__}, revision {report['machine']['robustgate_revision']}, load average at end "
              f"{report['machine']['load_average_at_end']}. Encoder {preset['dim']}-d x {preset['depth']} blocks, decoder "
              "sized to it, norm_pix_loss, nHSIC with median-heuristic sigma, lambda 1e-3; MAE and MIMIR epochs alternate "
              f"{args.repeats} times on the same {args.cost_images} images, batch {args.batch_size}.\n",
