@@ -184,7 +184,7 @@ def calibrate(run: Run, lam: float, repeats: int) -> dict[str, float]:
     def pre_step(eps: float, lam_: float):
         masking = mae.sample_masking(b, generator=gen)
         delta = pgd_delta(mae, x, masking, eps=eps, steps=1 if eps else 0, step_size=PGD_STEP, generator=gen)
-        loss, _, _ = mimir_loss(mae, x, delta, masking, lam=lam_, sigma=run.args.sigma)
+        loss, _, _ = mimir_loss(mae, x, delta, masking, lam=lam_, sigma=run.args.sigma, estimator=run.args.estimator)
         opt_m.zero_grad()
         loss.backward()
         opt_m.step()
@@ -220,7 +220,8 @@ def train_arm(run: Run, arm: str, seed: int, lam: float, seconds: float, per_ste
         res = pretrain(
             mae, loader, epochs=epochs, max_steps=pre_steps, eps=0.0 if arm == "mae" else EPS,
             steps=0 if arm == "mae" else 1, step_size=0.0 if arm == "mae" else PGD_STEP,
-            lam=lam if arm == "mimir" else 0.0, sigma=a.sigma, lr=scaled_lr(a.pretrain_blr, a.batch_size),
+            lam=lam if arm == "mimir" else 0.0, sigma=a.sigma, estimator=a.estimator,
+            lr=scaled_lr(a.pretrain_blr, a.batch_size),
             seed=seed, device=run.device, progress=a.progress,
         )
         run.sync()
@@ -337,6 +338,7 @@ def sweep(args: argparse.Namespace) -> int:
         "ft_pgd_steps": args.ft_pgd_steps, "selected_by": f"validation PGD-10 accuracy on {len(run.val_x)} held-out items",
         "arch": run.arch, "seconds_per_step": per_step, "seconds_per_arm": round(seconds, 2),
         "train_items": len(run.train_x), "batch_size": args.batch_size, "sigma": args.sigma or "median",
+        "estimator": args.estimator,
         "rows": rows, "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
         "machine": machine(run.device),
     }
@@ -422,6 +424,7 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         "equal_compute": "wall clock: each arm and seed trains for the same planned seconds, from per-step times "
                          "measured in this process (calibration); realized seconds in train_seconds_per_seed",
         "lam": lam, "lam_source": "sweep" if args.lam is None else "--lam", "sigma": args.sigma or "median",
+        "estimator": args.estimator,
         "attack": ("AutoAttack standard (torchattacks: APGD-CE, APGD-T, FAB-T, Square), linf eps 0.1"
                    if args.attack == "autoattack" else "APGD-CE only (smoke test, not AutoAttack)"),
         "n_eval": n_eval, "n_eval_asked": len(run.test_x), "eval_images": f"test[:{n_eval}]",
@@ -482,6 +485,47 @@ def cost(args: argparse.Namespace) -> int:
                      f"| {r['mimir_over_mae_wall']:.2f}x | {100 * r['mimir_pgd_share_of_epoch']:.0f}% |")
     lines.append("\nTarget <= 1.3x MAE per epoch (docs/MIMIR.md explains the gap on a CPU).\n")
     _write(args.out or RESULTS / "training.mimir_compare.cost", report, "\n".join(lines))
+    return 0
+
+
+def mi_check(args: argparse.Namespace) -> int:
+    """Does the MI estimate depend on the data? Each estimator and width on (x + delta, z) of real
+    batches against the same with z permuted across the batch (independent by construction)."""
+    from robustgate.models.hsic import ESTIMATORS
+
+    run = Run(args)
+    mae = run.mae(args.seed).eval()
+    rows: dict[str, dict] = {}
+    for b in range(args.batches):
+        x = run.train_x[b * args.batch_size:(b + 1) * args.batch_size]
+        gen = torch.Generator().manual_seed(b)
+        x_adv = (x + (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * EPS).clamp(0, 1)
+        with torch.no_grad():
+            z = mae.forward_encoder(x_adv, mae.sample_masking(len(x), generator=gen)).flatten(1)  # [n, (1+K) dim]
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        for name, fn in ESTIMATORS.items():
+            for sigma in (5.0, None):
+                key = f"{name}, sigma {sigma:g}" if sigma else f"{name}, sigma median"
+                r = rows.setdefault(key, {"paired": [], "z_permuted": []})
+                r["paired"].append(fn(x_adv.flatten(1), z, sigma_x=sigma, sigma_y=sigma).item())
+                r["z_permuted"].append(fn(x_adv.flatten(1), z[perm], sigma_x=sigma, sigma_y=sigma).item())
+    for r in rows.values():
+        r["paired_mean"], r["permuted_mean"] = float(np.mean(r["paired"])), float(np.mean(r["z_permuted"]))
+        r["ratio"] = r["paired_mean"] / r["permuted_mean"] if r["permuted_mean"] else None
+    report = {"what": "MI estimators on (x + delta, latent) of an initialized MAE encoder: paired vs latent permuted "
+                      "(a useful estimate is clearly larger when paired)",
+              "command": "python bench/training/mimir_compare.py " + " ".join(args.argv), "started_utc": run.started_utc,
+              "batch_size": args.batch_size, "batches": args.batches, "arch": run.arch, "rows": rows,
+              "machine": machine(run.device)}
+    lines = ["# MIMIR: does the MI estimate depend on the data?\n", f"`{report['command']}`\n",
+             f"{args.batches} batches of {args.batch_size} Fashion-MNIST training images + uniform noise of eps {EPS}; z = "
+             f"the latent of an initialized {run.arch['dim']}-d x {run.arch['depth']} MAE encoder. Permuting z across "
+             "the batch makes the pair independent: an estimate that does not drop then measures nothing.\n",
+             "| estimator, kernel width | paired (mean) | z permuted (mean) | paired / permuted |", "| --- | --- | --- | --- |"]
+    for key, r in rows.items():
+        ratio = f"{r['ratio']:.4f}" if r["ratio"] else "n/a"
+        lines.append(f"| {key} | {r['paired_mean']:.6g} | {r['permuted_mean']:.6g} | {ratio} |")
+    _write(args.out or RESULTS / "training.mimir_compare.mi_check", report, "\n".join(lines) + "\n")
     return 0
 
 
@@ -576,7 +620,7 @@ def _compare_md(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["cost", "sweep", "compare"])
+    p.add_argument("phase", choices=["cost", "mi-check", "sweep", "compare"])
     p.add_argument("--budget-minutes", type=float, required=True,
                    help="wall-clock minutes for the whole phase (training, evaluation); every arm is scaled to fit")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -585,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lam", type=float, help="compare: MIMIR's lambda (default: the sweep's choice)")
     p.add_argument("--sigma", type=lambda t: None if t == "median" else float(t), default=None,
                    help="HSIC kernel width or 'median' (default: median heuristic)")
+    p.add_argument("--estimator", choices=["nhsic_cca", "hsic"], default=PAPER_DEFAULTS["estimator"],
+                   help="MI estimator (default nhsic_cca, the reference's; see the mi-check phase)")
+    p.add_argument("--batches", type=int, default=5, help="mi-check: batches (default 5)")
     p.add_argument("--arms", default=",".join(ARMS), help="compare: arms (default all four)")
     p.add_argument("--seeds", default="0,1", help="compare: seeds (default 0,1)")
     p.add_argument("--seed", type=int, default=0, help="sweep: seed")
@@ -624,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (512 if cuda else 128)
     args.eval_batch = args.eval_batch or (1000 if cuda else 250)
-    return {"cost": cost, "sweep": sweep, "compare": compare}[args.phase](args)
+    return {"cost": cost, "mi-check": mi_check, "sweep": sweep, "compare": compare}[args.phase](args)
 
 
 if __name__ == "__main__":
