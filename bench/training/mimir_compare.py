@@ -536,6 +536,9 @@ def _chosen_lam(args: argparse.Namespace) -> float:
     if not path.is_file():
         raise SystemExit(f"--lam not given and no sweep result at {path}: run the sweep phase first")
     sweep_report = json.loads(path.read_text())
+    if sweep_report.get("estimator", "nhsic_cca") != args.estimator:
+        raise SystemExit(f"the sweep in {path} calibrated lambda for {sweep_report.get('estimator', 'nhsic_cca')}, "
+                         f"not --estimator {args.estimator}: give --lam")
     # lambda 0 is the adv-mae arm already: the MIMIR arm takes the best nonzero lambda of the sweep
     return float(sweep_report["chosen_lam"] or sweep_report["chosen_nonzero_lam"])
 
