@@ -186,6 +186,8 @@ class Attacker:
         """``x`` ``[C, H, W]`` one attack query -> the reply the attack sees (charged, recorded)."""
         if ledger.blocked and self.on_block == "stop":
             raise ClientBlocked
+        if ledger.queries >= ledger.budget:
+            raise BudgetExhausted  # before the spacing queries: none are sent for a query that will not be
         oracle = self._oracle()
         if self.spacing is not None:
             sp = self.spacing
