@@ -256,3 +256,35 @@ def test_benign_streams_count_detections_per_client(start, recording, images, ti
                                             "benign-near_duplicates-1"}
     q = stream("near_duplicates", benign[:4], variants=3)
     assert q.shape == (16, *benign.shape[1:]) and float(q.min()) >= 0 and float(q.max()) <= 1
+
+
+def test_cli_entry_runs_the_matrix(start, recording, tiny, tmp_path):
+    import argparse
+
+    from robustgate.attacks.endpoint_cli import add_endpoint_arguments, run_endpoint
+
+    proxy = start([])
+    parser = argparse.ArgumentParser()  # the shared options, as attacks/cli.py declares them
+    for flag in ("--url", "--model-name", "--bundle", "--out"):
+        parser.add_argument(flag)
+    parser.add_argument("--attacks", type=lambda t: t.split(","))
+    parser.add_argument("--eps", type=lambda t: [float(v) for v in t.split(",")])
+    parser.add_argument("--queries", type=lambda t: [int(v) for v in t.split(",")])
+    for flag in ("--n", "--offset", "--seed"):
+        parser.add_argument(flag, type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    add_endpoint_arguments(parser)
+    args = parser.parse_args(["--url", proxy.url, "--model-name", tiny.name, "--out", str(tmp_path), "--attacks",
+                              "square,hopskipjump-sybil", "--eps", "0.1", "--queries", "5,8", "--n", "2",
+                              "--offset", "300", "--sybil-identities", "2", "--benign-n", "4", "--benign-clients", "2",
+                              "--no-progress"])
+    assert run_endpoint(args) == 0
+    import json
+
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [(c["attack"], c["budget"]) for c in result["cells"]] == [
+        ("square", 5), ("square", 8), ("hopskipjump-sybil", 5), ("hopskipjump-sybil", 8)]
+    assert len(recording.seen) == sum(c["metrics"]["attack_queries"] for c in result["cells"]) + sum(
+        b["queries"] for b in result["benign"].values())
+    args.url = None
+    assert run_endpoint(args) == 2
