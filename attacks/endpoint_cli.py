@@ -39,9 +39,11 @@ def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sybil-identities", type=int, default=8, help="identities of the -sybil attacks")
     g.add_argument("--benign-per-query", type=int, default=1, help="-spacing: benign queries before each attack query")
     g.add_argument("--wait-s", type=float, default=0.0, help="-spacing: seconds between attack queries")
-    g.add_argument("--transform", type=float, nargs=3, default=[0.02, 0.02, 2], metavar=("BRIGHTNESS", "NOISE", "RESAMPLE"),
+    g.add_argument("--transform", type=float, nargs=3, default=[0.02, 0.02, 2],
+                   metavar=("BRIGHTNESS", "NOISE", "RESAMPLE"),
                    help="-transform: brightness shift, uniform noise, re-draws of a rejected query")
-    g.add_argument("--on-block", choices=["stop", "continue"], default="stop", help="after a block: stop that image's attack")
+    g.add_argument("--on-block", choices=["stop", "continue"], default="stop",
+                   help="after a block: stop that image's attack")
     g.add_argument("--surrogate", default=None, help="bundle whose torch twin is the transfer attack's surrogate")
     g.add_argument("--benign-n", type=int, default=1000, help="benign images (test set after the attacked ones)")
     g.add_argument("--benign-clients", type=int, default=100, help="benign identities the streams are split over")
@@ -81,7 +83,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
         surrogate = load_backbone(args.surrogate)
     x, y = fashion_mnist_test(args.n, offset=args.offset)
     benign, _ = fashion_mnist_test(args.benign_n, offset=args.offset + args.n)  # disjoint from the attacked images
-    command = "robustgate eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = "robustgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for i, eps in enumerate(args.eps):
         try:
             settings = EndpointSettings(

@@ -21,8 +21,9 @@ query attacks by :class:`Attacker`:
 - ``transform``: each query is randomly transformed before it is sent (a brightness shift and
   uniform pixel noise, projected back into the eps-ball so the sent query is still a valid
   candidate), and a rejected query is re-drawn with a larger transform up to ``resample`` times
-  -- the rejection-sampling idea of Feng et al.'s adaptive attacks, here without their learned
-  step-size schedule;
+  -- the rejection-sampling idea of Feng et al.'s OARS (Oracle-guided Adaptive Rejection
+  Sampling), simplified: OARS also tunes the attack's own step size and direction from the
+  rejections it leaks, which this adaptation does not;
 - ``sybil``: ``identities`` clients; queries go round-robin over them, each client a separate
   gRPC channel sending its own identity (a metadata header, or its own bearer token).
 
@@ -76,6 +77,10 @@ class ClientBlocked(Exception):
     """Raised after a block when the attacker stops (``on_block="stop"``)."""
 
 
+class Succeeded(Exception):
+    """Raised once the ledger holds a success: the attacker has what it came for."""
+
+
 @dataclass
 class Ledger:
     """One image's attack: ``x0`` ``[C, H, W]`` clean, ``y`` true label, ``eps`` l-inf radius,
@@ -93,6 +98,7 @@ class Ledger:
     outcomes: Counter = field(default_factory=Counter)
     stages: Counter = field(default_factory=Counter)
     blocked: bool = False
+    restarts: int = 0  # times the ART attack ended by itself and was started again
 
     def charge(self) -> None:
         if self.queries >= self.budget:
@@ -118,7 +124,8 @@ class Ledger:
 
     def summary(self) -> dict[str, Any]:
         return {"queries": self.queries, "success_at": self.success_at, "first_detection": self.first_detection,
-                "blocked": self.blocked, "outcomes": dict(self.outcomes), "stages": dict(self.stages)}
+                "blocked": self.blocked, "restarts": self.restarts, "outcomes": dict(self.outcomes),
+                "stages": dict(self.stages)}
 
 
 @dataclass(frozen=True)
@@ -182,8 +189,9 @@ class Attacker:
         noise = (torch.rand(x.shape, generator=self.gen) * 2 - 1) * t.noise * scale
         return (x0 + (x + shift + noise - x0).clamp(-eps, eps)).clamp(0, 1)  # stays in the ball and the box
 
-    def send(self, x: torch.Tensor, ledger: Ledger) -> Reply:
-        """``x`` ``[C, H, W]`` one attack query -> the reply the attack sees (charged, recorded)."""
+    def send(self, x: torch.Tensor, ledger: Ledger, transform: bool = True) -> Reply:
+        """``x`` ``[C, H, W]`` one attack query -> the reply the attack sees (charged, recorded).
+        ``transform=False``: sent as is (a starting point from another image, not a candidate)."""
         if ledger.blocked and self.on_block == "stop":
             raise ClientBlocked
         if ledger.queries >= ledger.budget:
@@ -206,10 +214,11 @@ class Attacker:
                         raise ClientBlocked
             if sp.wait_s > 0:
                 time.sleep(sp.wait_s)
-        tries = 1 + (self.transform.resample if self.transform is not None else 0)
+        moved = self.transform is not None and transform
+        tries = 1 + (self.transform.resample if moved else 0)
         for attempt in range(tries):
             ledger.charge()
-            q = self._transformed(x, ledger.x0, ledger.eps, 2.0 ** attempt) if self.transform is not None else x
+            q = self._transformed(x, ledger.x0, ledger.eps, 2.0 ** attempt) if moved else x
             reply = oracle.ask(q)
             self.sent += 1
             ledger.record(q, reply)
@@ -230,6 +239,8 @@ def _art_classifier(attacker: Attacker, ledger: Ledger, shape: tuple[int, ...], 
         out = np.empty((len(batch), classes), dtype=np.float32)
         for i, item in enumerate(batch):
             reply = attacker.send(torch.from_numpy(np.asarray(item, dtype=np.float32)), ledger)
+            if ledger.success_at is not None:
+                raise Succeeded
             if reply.refused:
                 out[i] = refused_row
             elif decision:
@@ -244,10 +255,27 @@ def _art_classifier(attacker: Attacker, ledger: Ledger, shape: tuple[int, ...], 
                                            clip_values=(0.0, 1.0))
 
 
+def _starting_point(attacker: Attacker, ledger: Ledger, pool: torch.Tensor,
+                    start: int) -> tuple[torch.Tensor | None, int]:
+    """A decision-based attack's start: the first image of ``pool`` ``[B, C, H, W]`` from ``start``
+    that the endpoint answers with a label other than ``ledger.y`` (each try is a charged query).
+    -> (image ``[C, H, W]`` or None when the pool ran out, next start)."""
+    for i in range(start, len(pool)):
+        reply = attacker.send(pool[i], ledger, transform=False)
+        if not reply.refused and int(np.argmax(reply.logits)) != ledger.y:
+            return pool[i], i + 1
+    return None, len(pool)
+
+
 def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, eps: float, budget: int,
-                     classes: int, detection_stages: frozenset[str], p_init: float = 0.3) -> Ledger:
-    """One image: ART ``attack`` ("square" or "hopskipjump") through ``attacker`` until success
-    (Square stops itself), the budget, or a block. ``x0`` ``[C, H, W]`` in [0, 1]."""
+                     classes: int, detection_stages: frozenset[str], p_init: float = 0.3,
+                     init_pool: torch.Tensor | None = None) -> Ledger:
+    """One image: ART ``attack`` ("square" or "hopskipjump") through ``attacker`` until success,
+    the budget, or a block, restarting the attack when it gives up early (HopSkipJump finds no
+    adversarial starting point, Square ends its iterations). ``x0`` ``[C, H, W]`` in [0, 1];
+    ``init_pool`` ``[B, C, H, W]``: other images HopSkipJump may start from (its usual start, an
+    image of another class; without it ART's own random-noise search, which a detector of noisy
+    inputs refuses)."""
     from art.attacks.evasion import HopSkipJump, SquareAttack
 
     ledger = Ledger(x0=x0, y=y, eps=eps, budget=budget, detection_stages=detection_stages)
@@ -263,11 +291,21 @@ def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, 
         raise ValueError(f"unknown query attack {attack!r}; known: {QUERY_ATTACKS}")
     x = x0.numpy()[None].astype(np.float32)
     onehot = np.eye(classes, dtype=np.float32)[[y]]
+    next_init = 0
     try:
-        # Square stops by itself on success; HopSkipJump keeps shrinking its perturbation, so it
-        # runs until the ledger's budget ends it (its success is decided by the ledger anyway)
-        art_attack.generate(x, y=onehot)
-    except (BudgetExhausted, ClientBlocked):
+        while True:
+            before = ledger.queries
+            kwargs = {}
+            if decision and init_pool is not None:
+                start, next_init = _starting_point(attacker, ledger, init_pool, next_init)
+                if start is None:
+                    break
+                kwargs["x_adv_init"] = start.numpy()[None].astype(np.float32)
+            art_attack.generate(x, y=onehot, **kwargs)
+            ledger.restarts += 1
+            if ledger.queries == before:  # the attack sent nothing: it would never end
+                break
+    except (BudgetExhausted, ClientBlocked, Succeeded):
         pass
     return ledger
 
@@ -310,9 +348,9 @@ def cell_metrics(ledgers: Sequence[Ledger]) -> dict[str, Any]:
         "detected_share": len(det) / n if n else None,
         "completed_before_detection_share": len(before) / n if n else None,
         "blocked_share": sum(lg.blocked for lg in ledgers) / n if n else None,
-        "queries_to_first_detection_median": statistics.median(to_det) if to_det else None,
+        "queries_to_first_detection_median": float(statistics.median(to_det)) if to_det else None,
         "queries_to_first_detection": to_det,
-        "queries_to_success_median": statistics.median(lg.success_at for lg in succ) if succ else None,
+        "queries_to_success_median": float(statistics.median(lg.success_at for lg in succ)) if succ else None,
         "attack_queries": sum(lg.queries for lg in ledgers),
         "outcomes": dict(sum((lg.outcomes for lg in ledgers), Counter())),
         "rejections_by_stage": dict(sum((lg.stages for lg in ledgers), Counter())),
@@ -392,7 +430,7 @@ def run_cell(s: EndpointSettings, name: str, budget: int, x: torch.Tensor, y: to
             attacker = _attacker(s, adapt, benign, s.seed * 100003 + i)
             try:
                 ledgers.append(run_query_attack(base, attacker, x[i], int(y[i]), s.eps, budget, classes, stages,
-                                                p_init=s.p_init))
+                                                p_init=s.p_init, init_pool=benign))
             finally:
                 for o in attacker.oracles:
                     o.close()

@@ -51,7 +51,8 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{_f(b['detected_share'])} | {_f(b['clients_ever_blocked_share'])} | "
                          f"{_f(b['clients_ever_detected_share'])} |")
     lines += ["", "## Wall time per cell (s)", "", "| attack | budget | seconds |", "| --- | --- | --- |"]
-    lines += [f"| {c['attack']} | {c['budget']} | {c['wall_seconds']:.1f} |" for c in result["cells"] if c["status"] == "done"]
+    lines += [f"| {c['attack']} | {c['budget']} | {c['wall_seconds']:.1f} |"
+              for c in result["cells"] if c["status"] == "done"]
     return "\n".join(lines) + "\n"
 
 

@@ -143,7 +143,7 @@ def test_query_attacks_account_for_every_query(start, recording, images, tiny, a
     assert len(recording.seen) == m["attack_queries"] == sum(i["queries"] for i in items)  # the server's own count
     for i in items:
         assert 1 <= i["queries"] <= budget
-        assert i["success_at"] is not None or i["queries"] == budget  # stopped by success or by the budget
+        assert i["queries"] == (budget if i["success_at"] is None else i["success_at"])  # stopped by either
         assert i["first_detection"] is None and i["outcomes"].get("rejected", 0) == 0  # nothing to detect here
     assert 0.0 <= m["robust_accuracy"] <= 1.0
     assert m["robust_accuracy"] == 1 - sum(i["success_at"] is not None for i in items) / len(items)
