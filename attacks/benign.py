@@ -19,10 +19,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg, encode_jpeg
 from tqdm import tqdm
 
 from robustgate.attacks.endpoint import GrpcOracle
+from robustgate.defenses.purify.jpeg import jpeg_roundtrip
 
 STREAMS = ("shuffled", "retries", "near_duplicates")
 
@@ -47,8 +47,7 @@ def brightness(x: torch.Tensor, gen: torch.Generator, spread: float = 0.1) -> to
 def jpeg(x: torch.Tensor, gen: torch.Generator, qualities: tuple[int, int] = (70, 95)) -> torch.Tensor:
     """``[C, H, W]`` in [0, 1] re-encoded as JPEG at a quality drawn from ``qualities``."""
     q = int(torch.randint(qualities[0], qualities[1] + 1, (1,), generator=gen))
-    u8 = (x * 255).round().clamp(0, 255).to(torch.uint8)
-    return decode_jpeg(encode_jpeg(u8, quality=q)).float().div(255).reshape(x.shape)
+    return jpeg_roundtrip(x[None], q)[0]  # the JPEG purifier's codec (Pillow)
 
 
 NEAR_DUPLICATES = (small_crop, brightness, jpeg)
