@@ -269,13 +269,14 @@ def _starting_point(attacker: Attacker, ledger: Ledger, pool: torch.Tensor,
 
 def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, eps: float, budget: int,
                      classes: int, detection_stages: frozenset[str], p_init: float = 0.3,
-                     init_pool: torch.Tensor | None = None) -> Ledger:
+                     init_pool: torch.Tensor | None = None, seed: int = 0) -> Ledger:
     """One image: ART ``attack`` ("square" or "hopskipjump") through ``attacker`` until success,
     the budget, or a block, restarting the attack when it gives up early (HopSkipJump finds no
     adversarial starting point, Square ends its iterations). ``x0`` ``[C, H, W]`` in [0, 1];
     ``init_pool`` ``[B, C, H, W]``: other images HopSkipJump may start from (its usual start, an
     image of another class; without it ART's own random-noise search, which a detector of noisy
-    inputs refuses)."""
+    inputs refuses). ``seed`` seeds numpy's global generator, which ART draws from, for this
+    image's attack only (the caller's generator state is restored)."""
     from art.attacks.evasion import HopSkipJump, SquareAttack
 
     ledger = Ledger(x0=x0, y=y, eps=eps, budget=budget, detection_stages=detection_stages)
@@ -292,6 +293,8 @@ def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, 
     x = x0.numpy()[None].astype(np.float32)
     onehot = np.eye(classes, dtype=np.float32)[[y]]
     next_init = 0
+    numpy_state = np.random.get_state()
+    np.random.seed(seed)
     try:
         while True:
             before = ledger.queries
@@ -307,6 +310,8 @@ def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, 
                 break
     except (BudgetExhausted, ClientBlocked, Succeeded):
         pass
+    finally:
+        np.random.set_state(numpy_state)
     return ledger
 
 
@@ -427,10 +432,11 @@ def run_cell(s: EndpointSettings, name: str, budget: int, x: torch.Tensor, y: to
     else:
         n_ids = s.sybil_identities if adapt == "sybil" else 1
         for i in tqdm(range(len(x)), desc=f"{name} q={budget}", disable=not progress, leave=False):
-            attacker = _attacker(s, adapt, benign, s.seed * 100003 + i)
+            item_seed = s.seed * 100003 + i
+            attacker = _attacker(s, adapt, benign, item_seed)
             try:
                 ledgers.append(run_query_attack(base, attacker, x[i], int(y[i]), s.eps, budget, classes, stages,
-                                                p_init=s.p_init, init_pool=benign))
+                                                p_init=s.p_init, init_pool=benign, seed=item_seed))
             finally:
                 for o in attacker.oracles:
                     o.close()
