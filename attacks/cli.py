@@ -25,6 +25,10 @@ def _names(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``robustgate eval`` (the parser should use ArgumentDefaultsHelpFormatter)."""
+    from robustgate.models.data import add_data_arguments
+
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--bundle", required=True, help="bundle directory")
     parser.add_argument("--pipeline", default=None,
                         help="YAML: a proxy config, {stages: [...]}, or {configs: {NAME: {stages: [...]}}}; "
@@ -33,27 +37,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attacks", type=_names, default=["pgd"], help=f"comma-separated: {', '.join(ATTACKS)}")
     parser.add_argument("--eps", type=_floats, default=[0.1], help="l-inf radii, comma-separated")
     parser.add_argument("--eps-l2", type=_floats, default=[1.0, 2.0], help="l2 radii for cw, deepfool")
-    parser.add_argument("--n", type=int, default=100, help="test images (Fashion-MNIST t10k from --offset)")
-    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--n", type=int, default=100, help="test images (the dataset's test split from --offset)")
+    parser.add_argument("--offset", type=int, default=0, help="first test image")
     parser.add_argument("--steps", type=int, default=20, help="iterations of pgd/bpda/eot/joint")
-    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--restarts", type=int, default=1, help="restarts of pgd/bpda/eot/joint")
     parser.add_argument("--eot", type=int, default=8, help="EOT samples (only where a stage is randomized)")
     parser.add_argument("--queries", type=int, default=500, help="square: query budget per item")
     parser.add_argument("--radii", type=_floats, default=[0.0, 0.25, 0.5, 1.0], help="certified L2 radii")
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=250, help="images per attack batch and served batch")
+    parser.add_argument("--seed", type=int, default=0, help="attack seed (per batch: seed + first index)")
     parser.add_argument("--url", default=None, help="HOST:PORT of a live proxy for the square attack")
     parser.add_argument("--url-config", default=None, help="which configuration the live proxy serves")
     parser.add_argument("--model-name", default=None, help="served model name at --url (default: bundle name)")
     parser.add_argument("--twin-precision", choices=["float32", "bfloat16"], default="float32",
                         help="precision of the differentiable purifiers (the diffusion sampler) inside the attacked "
                              "pipeline twin; bfloat16: 1.61x per attack step here (bench/results/redteam.twin_precision.md), recorded per cell")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                        help="where attacks are generated (the torch twin and its stages); auto = cuda when available. "
+                             "The served pipeline keeps its config's pipeline.device")
+    parser.add_argument("--surrogate", default=None,
+                        help="bundle whose torch twin crafts transfer attacks when --bundle has no twin "
+                             "(an imported model the converter could not handle)")
+    add_data_arguments(parser)
     parser.add_argument("--surface-points", type=int, default=2, help="test points per config for loss surfaces")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--parallel", type=int, default=1,
                         help="worker processes computing cells at once, one torch thread each (e.g. one per core)")
     parser.add_argument("--out", required=True, help="report directory (cells cached in OUT/cells)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             restarts=args.restarts, eot=args.eot, queries=args.queries, radii=args.radii, batch_size=args.batch_size,
             seed=args.seed, url=args.url, model_name=args.model_name, twin_precision=args.twin_precision,
             url_config=args.url_config or (configs[-1].name if args.url else None),
+            dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
+            device=args.device, surrogate=args.surrogate,
         )
         evaluation = Evaluation(bundle, configs, settings, args.out, progress=not args.no_progress,
                                 surface_points=args.surface_points)
@@ -89,4 +102,6 @@ def run(args: argparse.Namespace) -> int:
           f"{len(flags)} sanity flag(s)")
     for r in flags:
         print(f"  FLAG {r['check']} {r['config']}: {r['detail']}")
+    for attack, reason in result["skipped_attacks"].items():
+        print(f"  SKIPPED {attack}: {reason}")
     return 0

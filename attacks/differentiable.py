@@ -1,8 +1,9 @@
 """The attackable twin of the served pipeline: the same stages, run on the torch backbone.
 
-The proxy runs :class:`robustgate.defenses.pipeline.DefendedModel` with the bundle's ONNX graph
-as ``classify``. An attacker needs gradients, so :class:`PipelineTwin` computes the same
-pipeline output on the torch twin of that graph (``models.twin.load_backbone``) as an
+The proxy runs the stages of ``defenses.assemble.build_stages`` with the bundle's ONNX graph as
+``classify``. An attacker needs gradients, so :class:`PipelineTwin` computes the same pipeline
+output, on the stages ``build_stages(..., twin=True)`` builds, with the torch twin of that graph
+(``models.twin.load_backbone``) as an
 ``nn.Module`` mapping ``[N, C, H, W]`` pixels in ``[0, 1]`` to logits ``[N, K]`` -- the form
 torchattacks expects. A parity test ties the two together (tests/attacks/test_parity.py).
 
@@ -28,12 +29,10 @@ surrogate, not the vote; the runner always *scores* attacks on the served pipeli
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from robustgate.defenses.base import Detector, Ensemble, Purifier, build_from_bundle
+from robustgate.defenses.base import Detector, Ensemble, Purifier
 from robustgate.defenses.pipeline import Stage, split_stages, validate_stages
 
 
@@ -51,29 +50,6 @@ class ModuleClassifier:
         return self.module.features(x)
 
 
-def build_stages(stage_configs: list[dict[str, Any]], bundle: Any | None = None, twin: bool = False) -> list[Stage]:
-    """Builds pipeline stages from the proxy's stage list ``[{name, kind, action, params, threshold}]``.
-
-    Each defense exactly as the proxy builds it (``defenses.base.build_from_bundle``, shared with
-    proxy/assemble.py): the bundle's fitted params, artifacts and calibrated threshold, the
-    stage's ``params`` and ``threshold`` over them. ``twin=True`` forces ``runtime: torch`` on every
-    defense that has a ``runtime`` parameter (its differentiable torch copy instead of the ONNX
-    session the proxy may run; each defense's parity test ties the two)."""
-    stages = []
-    for i, cfg in enumerate(stage_configs):
-        unknown = set(cfg) - {"name", "kind", "action", "params", "threshold"}
-        if unknown:
-            raise ValueError(f"pipeline stage {i}: unknown keys {sorted(unknown)} (expected name, kind, action, params, threshold)")
-        if "kind" not in cfg:
-            raise ValueError(f"pipeline stage {i}: missing 'kind'")
-        name = cfg.get("name", cfg["kind"])
-        action = cfg.get("action", "reject")
-        defense = build_from_bundle(cfg["kind"], name, dict(cfg.get("params") or {}), cfg.get("threshold"), bundle,
-                                    where=f"pipeline stage {i} ({name})", runtime="torch" if twin else None)
-        stages.append(Stage(name=name, defense=defense, action=action))
-    return stages
-
-
 def straight_through(forward_value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     """BPDA: the value of ``forward_value``, the gradient of ``surrogate`` (same shape)."""
     return surrogate + (forward_value - surrogate).detach()
@@ -85,7 +61,8 @@ class PipelineTwin(nn.Module):
     Args:
         backbone: the torch twin of the served backbone (eval mode; its parameters are frozen
             here, the attack differentiates w.r.t. the input only).
-        stages: the served stages (``build_stages``); detectors do not change the logits.
+        stages: the served stages (``defenses.assemble.build_stages(..., twin=True)``); detectors do
+            not change the logits.
         bpda: use each non-differentiable purifier's ``bpda`` surrogate in the backward pass
             (True) or block the gradient there (False).
         generator: fixes the randomness of randomized stages (None: fresh draws every call,

@@ -91,7 +91,7 @@ def _schedule(pool: ProcessPoolExecutor, evaluation, plan: list[tuple[str, str, 
     # one generating task per (cell, batch); a backbone attack's once, under its first configuration
     generating: dict[tuple, tuple[str, str, float]] = {}
     for cfg, attack, eps in plan:
-        if evaluation.skip_reason(evaluation.built[cfg][1], attack) is None:
+        if evaluation.skip_reason(cfg, attack) is None:
             generating.setdefault((attack, eps) if ATTACKS[attack].target == "backbone" else (cfg, attack, eps),
                                   (cfg, attack, eps))
     undefended = min(latency.values())  # a backbone attack's cost does not depend on the configuration

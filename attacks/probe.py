@@ -1,6 +1,7 @@
 """``robustgate probe``: a client-side smoke check of a running proxy, for operators.
 
-Sends Fashion-MNIST test images to the proxy, clean and PGD-attacked (the attack runs offline on
+Sends test images of the bundle's dataset (``--dataset``/``--data-dir``, conformed to the bundle's
+input shape by ``models.data.bundle_splits``) to the proxy, clean and PGD-attacked (the attack runs offline on
 the torch twin of a local bundle's backbone -- a non-adaptive, transfer attack: it does not know
 the served defenses), one ModelInfer per image, and prints how many were accepted, flagged,
 rejected and correctly classified. It is a smoke check, not an evaluation: `robustgate eval` is.
@@ -13,31 +14,40 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from robustgate.models.data import add_data_arguments
+
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--url", required=True, help="HOST:PORT of the proxy's gRPC endpoint")
-    parser.add_argument("--n", type=int, default=32, help="test images (Fashion-MNIST t10k)")
+    parser.add_argument("--n", type=int, default=32, help="test images (the dataset's test split from --offset)")
     parser.add_argument("--bundle", default="bundles/default", help="local bundle whose torch twin is attacked")
-    parser.add_argument("--model", default=None, help="served model name (default: the bundle's name)")
+    parser.add_argument("--model-name", default=None, help="served model name (default: the bundle's name)")
+    parser.add_argument("--model", dest="model_name", help=argparse.SUPPRESS)  # the flag's old name
     parser.add_argument("--eps", type=float, default=0.1, help="l-inf radius of the PGD attack")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20, help="PGD iterations")
+    parser.add_argument("--offset", type=int, default=0, help="first test image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per ModelInfer")
+    add_data_arguments(parser)
 
 
 def probe(url: str, bundle_dir: str, n: int = 32, model: str | None = None, eps: float = 0.1, steps: int = 20,
-          offset: int = 0, timeout: float = 30.0) -> dict[str, dict[str, int]]:
+          offset: int = 0, timeout: float = 30.0, dataset: str | None = None,
+          data_dir: str | None = None) -> dict[str, dict[str, int]]:
     """Returns ``{"clean": counts, "pgd": counts}``, counts = sent/accepted/flagged/rejected/correct."""
     import torch
 
     from robustgate.attacks.differentiable import BackboneOnly
     from robustgate.attacks.endpoint import GrpcOracle
-    from robustgate.attacks.served import fashion_mnist_test
     from robustgate.attacks.suite import ATTACKS, AttackContext, threat_model
     from robustgate.attacks.threat import check_perturbation
     from robustgate.models.bundle import Bundle
+    from robustgate.models.data import bundle_splits
     from robustgate.models.twin import load_backbone
 
     bundle = Bundle.load(bundle_dir)
-    x, y = fashion_mnist_test(n, offset)
+    splits = bundle_splits(bundle, dataset, data_dir)
+    if offset + n > splits.size("test"):
+        raise ValueError(f"asked for {n} test images from offset {offset}; {splits.name} has only {splits.size('test')}")
+    x, y = splits.take("test", n, offset)  # conformed to the bundle's input
     backbone = BackboneOnly(load_backbone(bundle))
     tm = threat_model("pgd", eps, n=n, steps=steps, restarts=1, eot=1, queries=1)
     torch.manual_seed(0)
@@ -66,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
     from robustgate.models.bundle import BundleError
 
     try:
-        counts = probe(args.url, args.bundle, n=args.n, model=args.model, eps=args.eps, steps=args.steps,
-                       offset=args.offset, timeout=args.timeout)
+        counts = probe(args.url, args.bundle, n=args.n, model=args.model_name, eps=args.eps, steps=args.steps,
+                       offset=args.offset, timeout=args.timeout, dataset=args.dataset,
+                       data_dir=None if args.data_dir is None else str(args.data_dir))
     except InferenceServerException as exc:
         print(f"robustgate probe: the proxy at {args.url} answered with an error: {exc}", file=sys.stderr)
         return 1
-    except BundleError as exc:
+    except (BundleError, ValueError, OSError) as exc:  # NoTwin included: the probe attacks the twin
         print(f"robustgate probe: {exc}", file=sys.stderr)
         return 2
     print(f"{'images':<16}{'sent':>6}{'accepted':>10}{'flagged':>9}{'rejected':>10}{'correct':>9}")

@@ -107,8 +107,17 @@ def markdown(result: dict[str, Any]) -> str:
     configs = list(result["configs"])
     lines = [f"# robustgate eval: {result['bundle']['name']}", "",
              f"Bundle `{result['bundle']['path']}` (backbone sha256 {result['bundle']['backbone_sha256'][:12]}…), "
-             f"{result['n']} Fashion-MNIST test images from offset {result['offset']}. Command: `{result['command']}`.",
-             "", "## Clean", "",
+             f"{result['n']} images of the {result.get('data', 'Fashion-MNIST test set')} from offset {result['offset']}. "
+             f"Command: `{result['command']}`.", ""]
+    if result.get("transfer_from"):
+        t = result["transfer_from"]
+        lines += [f"**Transfer**: this bundle has no torch twin; the backbone attacks were crafted on the twin of "
+                  f"the surrogate bundle `{t['path']}` ({t['name']}, backbone sha256 {t['backbone_sha256'][:12]}…) "
+                  f"and scored on this bundle's served pipeline.", ""]
+    if result.get("skipped_attacks"):
+        lines += ["**Skipped attacks** (not run on this bundle, so no robustness figure below covers them):", ""]
+        lines += [f"- `{a}`: {r}" for a, r in result["skipped_attacks"].items()] + [""]
+    lines += ["## Clean", "",
              "| config | stages | clean accuracy (accepted & correct) | false-rejection rate | flag rate | latency ms/item |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, info in result["configs"].items():

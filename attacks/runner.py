@@ -1,13 +1,20 @@
 """The evaluation matrix: pipeline configurations x attacks x epsilons, scored on the served path.
 
-For every configuration the runner builds the stages exactly as the proxy does
-(:func:`~robustgate.attacks.differentiable.build_stages`), scores clean and attacked images on the
-served pipeline (:func:`~robustgate.attacks.served.served_pipeline`: DefendedModel on the ONNX
-graph) and generates the attacks on the torch twin (adaptive) or the undefended backbone
-(non-adaptive). After every attack the perturbation is asserted to stay within eps and the
-[0, 1] box. Each finished cell is written as JSON under ``out/cells/`` and its adversarial
-examples batch by batch under ``out/adv/`` (safetensors), so an interrupted run resumes where it
-stopped; a backbone attack's examples are generated once and shared by every configuration.
+Every configuration is built by the one assembly the proxy uses (:mod:`robustgate.defenses.assemble`):
+its stages are validated by the proxy's own pydantic ``PipelineConfig``, the served pipeline is the
+proxy's :class:`~robustgate.defenses.assemble.PipelineRunner` on the proxy's ONNX Runtime backend
+(proxy/backends/onnx.py), and the attacked twin is ``build_stages(..., twin=True)`` on the torch
+twin of the backbone. Attacks are generated on the twin (adaptive) or the undefended backbone
+(non-adaptive) and always scored on the served runner. After every attack the perturbation is
+asserted to stay within eps and the [0, 1] box. Each finished cell is written as JSON under
+``out/cells/`` and its adversarial examples batch by batch under ``out/adv/`` (safetensors), so an
+interrupted run resumes where it stopped; a backbone attack's examples are generated once and
+shared by every configuration.
+
+A bundle without a torch twin (``models.twin.has_twin``) gets only the attacks that need no
+gradient of it: Square through the served pipeline, and, with ``surrogate``, the backbone attacks
+crafted on the surrogate bundle's twin (transfer, recorded in the threat model). Every other
+attack is skipped with its reason in every report (``skipped_attacks``).
 
 Metrics (each cell carries its :class:`~robustgate.attacks.threat.ThreatModel`):
 
@@ -36,39 +43,70 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from tqdm import tqdm
 
-from robustgate.attacks.differentiable import BackboneOnly, PipelineTwin, build_stages
-from robustgate.attacks.served import OnnxClassifier, fashion_mnist_test, served_pipeline
+from robustgate.attacks.differentiable import BackboneOnly, PipelineTwin
 from robustgate.attacks.square import LocalOracle, QueryOracle
 from robustgate.attacks.suite import ATTACKS, AttackContext, threat_model
 from robustgate.attacks.threat import check_perturbation
-from robustgate.defenses.pipeline import FLAGGED, REJECTED, DefendedModel
+from robustgate.defenses.assemble import (
+    PipelineConfig, PipelineRunner, build_runner, build_stages, describe_error, resolve_device,
+)
+from robustgate.defenses.base import Detector
+from robustgate.defenses.pipeline import FLAGGED, REJECTED, Stage, split_stages
 
 CELL_SCHEMA = 1
 TWIN_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class PipelineConfig:
+class NamedPipeline:
+    """One configuration of the matrix: a name (a report column) and the proxy's pipeline config."""
+
     name: str
-    stages: list[dict[str, Any]]
-    failure_policy: str = "fail-closed"
+    pipeline: PipelineConfig
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        """The stages as written (defaults left out): what reports show and fingerprints hash."""
+        return [s.model_dump(mode="json", exclude_defaults=True) for s in self.pipeline.stages]
+
+    @property
+    def failure_policy(self) -> str:
+        return self.pipeline.failure_policy
 
 
-def load_pipelines(path: str | Path | None, each_alone: bool = False) -> list[PipelineConfig]:
-    """Reads the configurations to evaluate. Accepted YAML shapes:
+def _validated(path: Path, key: str, body: Any) -> PipelineConfig:
+    """``body`` as the proxy's PipelineConfig (a stage without a name is named after its kind);
+    ValueError naming the bad key, e.g. ``configs.jpeg.stages.0.kind: Field required``."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise ValueError(f"{path}: {key or 'top level'}: expected a mapping with 'stages'")
+    if isinstance(body.get("stages"), list):
+        body = {**body, "stages": [{"name": st["kind"], **st} if isinstance(st, dict) and "kind" in st
+                                   and "name" not in st else st for st in body["stages"]]}
+    try:
+        return PipelineConfig.model_validate(body)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {describe_error(exc, key)}") from None
 
-    - a proxy config: ``pipeline: {stages: [...], failure_policy}`` (named after the file);
-    - ``stages: [...]`` (named after the file);
-    - ``configs: {NAME: {stages: [...], failure_policy}}``.
+
+def load_pipelines(path: str | Path | None, each_alone: bool = False) -> list[NamedPipeline]:
+    """Reads the configurations to evaluate, each validated by the proxy's ``PipelineConfig``.
+    Accepted YAML shapes:
+
+    - a proxy config: ``pipeline: {stages: [...], failure_policy, ...}`` (named after the file);
+    - ``stages: [...]`` and the other pipeline keys at the top level (named after the file);
+    - ``configs: {NAME: {stages: [...], failure_policy, ...}}``.
 
     The undefended backbone (``none``, no stages) always comes first; ``each_alone`` adds one
     configuration per stage of every listed pipeline (``only-<stage name>``)."""
-    configs = [PipelineConfig("none", [])]
+    configs = [NamedPipeline("none", PipelineConfig())]
     if path is None:
         return configs
     path = Path(path)
@@ -76,30 +114,23 @@ def load_pipelines(path: str | Path | None, each_alone: bool = False) -> list[Pi
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     if "configs" in raw:
-        items = raw["configs"]
-        if not isinstance(items, dict):
-            raise ValueError(f"{path}: 'configs' must map names to {{stages, failure_policy}}")
+        if not isinstance(raw["configs"], dict):
+            raise ValueError(f"{path}: configs: must map names to {{stages, failure_policy}}")
+        listed = [NamedPipeline(str(name), _validated(path, f"configs.{name}", body))
+                  for name, body in raw["configs"].items()]
     elif "pipeline" in raw:
-        items = {path.stem: raw["pipeline"] or {}}
+        listed = [NamedPipeline(path.stem, _validated(path, "pipeline", raw["pipeline"]))]
     elif "stages" in raw:
-        items = {path.stem: raw}
+        listed = [NamedPipeline(path.stem, _validated(path, "", raw))]
     else:
         raise ValueError(f"{path}: expected 'configs', 'pipeline' or 'stages' at the top level")
-    listed = []
-    for name, body in items.items():
-        stages = list((body or {}).get("stages") or [])
-        for i, st in enumerate(stages):
-            if not isinstance(st, dict) or "kind" not in st:
-                raise ValueError(f"{path}: config {name!r} stage {i} needs at least a 'kind'")
-            st.setdefault("name", st["kind"])
-        listed.append(PipelineConfig(str(name), stages, (body or {}).get("failure_policy", "fail-closed")))
     if each_alone:
         seen = set()
         for cfg in listed:
-            for st in cfg.stages:
-                if st["name"] not in seen and len(cfg.stages) > 1:
-                    seen.add(st["name"])
-                    configs.append(PipelineConfig(f"only-{st['name']}", [st], cfg.failure_policy))
+            for st in cfg.pipeline.stages:
+                if st.name not in seen and len(cfg.pipeline.stages) > 1:
+                    seen.add(st.name)
+                    configs.append(NamedPipeline(f"only-{st.name}", cfg.pipeline.model_copy(update={"stages": [st]})))
     configs.extend(c for c in listed if c.name != "none")
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
@@ -127,6 +158,10 @@ class EvalSettings:
     # precision of the differentiable purifiers inside the pipeline twin (PipelineTwin.precision);
     # written into the threat model of every attack on the pipeline twin
     twin_precision: str = "float32"
+    dataset: str | None = None  # models.data dataset name; None: the bundle recipe's, else fashion-mnist
+    data_dir: str | None = None
+    device: str = "cpu"  # where attacks are generated (the twin and the backbone): cpu | cuda | auto
+    surrogate: str | None = None  # a bundle whose twin crafts transfer attacks when this one has none
 
     def __post_init__(self):
         unknown = [a for a in self.attacks if a not in ATTACKS]
@@ -146,14 +181,13 @@ def _cell_key(config: str, attack: str, eps: float) -> str:
     return f"{config}__{attack}__eps{eps:g}"
 
 
-def _run_served(model: DefendedModel, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
+def _run_served(model: PipelineRunner, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
     """Served answers for ``x``: per-item prediction, verdict, detector scores, radius, seconds."""
     preds, verdicts, radii, scores = [], [], [], {}
     seconds = 0.0
     for i in range(0, len(x), batch_size):
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model(x[i:i + batch_size])
+        out = model(x[i:i + batch_size])
         seconds += time.perf_counter() - t0
         preds.append(out.logits.argmax(1))
         verdicts.append(out.verdict)
@@ -191,37 +225,96 @@ def _detector_metrics(clean: dict, adv: dict, thresholds: dict[str, float]) -> d
     return out
 
 
-class Evaluation:
-    """One ``robustgate eval`` run. ``backbone``: the torch twin (default: loaded from the
-    bundle by ``models.twin.load_backbone``)."""
+def _randomized(stages: list[Stage]) -> bool:
+    """Some stage draws random numbers: attacks must use EOT (as PipelineTwin.randomized)."""
+    return any(s.defense.randomized for s in stages if not isinstance(s.defense, Detector))
 
-    def __init__(self, bundle, configs: list[PipelineConfig], settings: EvalSettings, out: str | Path,
+
+class Evaluation:
+    """One ``robustgate eval`` run. ``backbone``: the torch twin (default: loaded from the bundle
+    by ``models.twin.load_backbone`` when ``models.twin.has_twin``, else from ``settings.surrogate``
+    for transfer attacks, else none: gradient attacks are skipped with their reason)."""
+
+    def __init__(self, bundle, configs: list[NamedPipeline], settings: EvalSettings, out: str | Path,
                  backbone: nn.Module | None = None, progress: bool = True, surface_points: int = 2):
+        from robustgate.models.data import bundle_splits
+        from robustgate.proxy.backends.onnx import OnnxBackend, OnnxClassifier
+
         self.bundle = bundle
         self.configs = configs
         self.settings = settings
         self.out = Path(out)
         self.progress = progress
         self.surface_points = surface_points
-        if backbone is None:
-            from robustgate.models.twin import load_backbone
-
-            backbone = load_backbone(bundle, device="cpu")
-        self.backbone = BackboneOnly(backbone)
-        self.onnx = OnnxClassifier(bundle)
+        self.device = resolve_device(settings.device)
+        self.transfer_from, self.no_twin = self._attack_model(backbone)
+        self.backbone = None if self.attacked is None else BackboneOnly(self.attacked.to(self.device))
+        # the proxy's own backend and local classifier (proxy/serve.py make_backend, local_classifier)
+        self.backend = OnnxBackend(bundle, device="cpu", intra_op_threads=1, inter_op_threads=1)
+        classifier = OnnxClassifier(self.backend)
         self.num_classes = len(bundle.classes)
-        if tuple(bundle.input.shape) != (1, 28, 28):
-            raise ValueError(f"bundle input shape {bundle.input.shape}: the evaluation data is Fashion-MNIST [1, 28, 28]")
         # every configuration is built here, before any cell runs: a bad one fails at once, not hours in
-        self.built: dict[str, tuple[DefendedModel, PipelineTwin]] = {}
+        self.built: dict[str, tuple[PipelineRunner, PipelineTwin | None]] = {}
         for cfg in configs:
-            stages = build_stages(cfg.stages, bundle)
-            self.built[cfg.name] = (served_pipeline(bundle, stages, cfg.failure_policy, classifier=self.onnx),
-                                    PipelineTwin(self.backbone.backbone, build_stages(cfg.stages, bundle, twin=True),
-                                                 bpda=True, precision=TWIN_PRECISIONS[settings.twin_precision]))
-        self.x, self.y = fashion_mnist_test(settings.n, settings.offset)
+            served = build_runner(cfg.pipeline, bundle, self.backend, classifier)
+            twin = None
+            if self.transfer_from is None and self.backbone is not None:
+                twin = PipelineTwin(self.backbone.backbone, build_stages(cfg.pipeline, bundle, twin=True, device=self.device),
+                                    bpda=True, precision=TWIN_PRECISIONS[settings.twin_precision])
+            self.built[cfg.name] = (served, twin)
+        splits = bundle_splits(bundle, settings.dataset, settings.data_dir)
+        self.data_name = splits.name
+        if settings.offset + settings.n > splits.size("test"):
+            raise ValueError(f"asked for {settings.n} test images from offset {settings.offset}; "
+                             f"{splits.name} has only {splits.size('test')}")
+        self.x, self.y = splits.take("test", settings.n, settings.offset)  # conformed to the bundle's input
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         (self.out / "adv").mkdir(parents=True, exist_ok=True)
+
+    def _attack_model(self, backbone: nn.Module | None) -> tuple[dict | None, str | None]:
+        """Sets ``self.attacked``, the torch module gradient attacks differentiate; returns (the
+        surrogate bundle when the attacks are transferred from it, else None; why this bundle has
+        no twin, else None)."""
+        from robustgate.models.bundle import Bundle
+        from robustgate.models.twin import has_twin, load_backbone
+
+        self.attacked = backbone
+        if backbone is not None:
+            return None, None
+        if has_twin(self.bundle):
+            self.attacked = load_backbone(self.bundle, device=self.device)
+            return None, None
+        reason = f"bundle {self.bundle.name!r} has no torch twin"
+        if self.settings.surrogate is None:
+            return None, reason
+        surrogate = Bundle.load(self.settings.surrogate)
+        if not has_twin(surrogate):
+            raise ValueError(f"surrogate {surrogate.root}: that bundle has no torch twin either")
+        if (tuple(surrogate.input.shape) != tuple(self.bundle.input.shape)
+                or len(surrogate.classes) != len(self.bundle.classes)):
+            raise ValueError(f"surrogate {surrogate.root}: input {list(surrogate.input.shape)} with "
+                             f"{len(surrogate.classes)} classes does not match the evaluated bundle's "
+                             f"{list(self.bundle.input.shape)} with {len(self.bundle.classes)} classes")
+        self.attacked = load_backbone(surrogate, device=self.device)
+        return {"path": str(surrogate.root), "name": surrogate.name,
+                "backbone_sha256": surrogate.backbone_id}, reason
+
+    def attack_skip(self, attack: str) -> str | None:
+        """Why ``attack`` cannot run on this bundle at all (None: it can): only when it has no twin."""
+        a = ATTACKS[attack]
+        if self.no_twin is None or a.target == "endpoint":
+            return None
+        if self.transfer_from is None:
+            return (f"{self.no_twin}: {attack} needs gradients of the model; pass --surrogate BUNDLE for transfer "
+                    f"attacks crafted on another bundle's twin")
+        if a.target == "pipeline":
+            return (f"{self.no_twin}: {attack} differentiates this bundle's defended pipeline; the surrogate "
+                    f"{self.transfer_from['name']!r} transfers the backbone attacks only")
+        return None
+
+    def skipped_attacks(self) -> dict[str, str]:
+        """``{attack: reason}`` for the requested attacks that do not run on this bundle."""
+        return {a: r for a in self.settings.attacks if (r := self.attack_skip(a)) is not None}
 
     # ---- cache ------------------------------------------------------------------------------
     def _cached(self, key: str, fingerprint: str) -> dict | None:
@@ -242,21 +335,27 @@ class Evaluation:
         return data
 
     # ---- pieces -----------------------------------------------------------------------------
-    def _oracle(self, served: DefendedModel, config: PipelineConfig) -> QueryOracle:
+    def _oracle(self, served: PipelineRunner, config: NamedPipeline) -> QueryOracle:
         if self.settings.url is None or config.name != self.settings.url_config:
             return LocalOracle(served)
         from robustgate.attacks.endpoint import GrpcOracle
 
         return GrpcOracle(self.settings.url, self.settings.model_name or self.bundle.name)
 
-    def _config_fingerprint(self, config: PipelineConfig) -> str:
+    def _config_fingerprint(self, config: NamedPipeline) -> str:
         """What a configuration's cells depend on: the bundle (manifest, so every artifact's
-        sha256), the stages, the failure policy, the data and the seed."""
+        sha256), the pipeline config, the data and the seed."""
         manifest = (self.bundle.root / "bundle.yaml").read_text()
-        return _fingerprint({"bundle": manifest, "stages": config.stages, "policy": config.failure_policy,
-                             "n": self.settings.n, "offset": self.settings.offset, "seed": self.settings.seed})
+        return _fingerprint({"bundle": manifest, "pipeline": config.pipeline.model_dump(mode="json"),
+                             "data": self.data_name, "n": self.settings.n, "offset": self.settings.offset,
+                             "seed": self.settings.seed})
 
-    def _clean(self, config: PipelineConfig, served: DefendedModel) -> dict:
+    def _backbone_accuracy(self, x: torch.Tensor) -> float:
+        """The undefended served backbone (the proxy's ONNX Runtime backend) on ``x``."""
+        logits = torch.from_numpy(self.backend.infer(x.detach().cpu().numpy()))
+        return float((logits.argmax(1) == self.y).float().mean())
+
+    def _clean(self, config: NamedPipeline, served: PipelineRunner) -> dict:
         key = f"{config.name}__clean"
         fp = self._config_fingerprint(config)
         hit = self._cached(key, fp)
@@ -267,8 +366,7 @@ class Evaluation:
         verdict, pred = np.asarray(ans["verdict"]), np.asarray(ans["pred"])
         correct = pred == np.asarray(y)
         rejected = verdict == REJECTED
-        with torch.no_grad():
-            backbone_acc = float((self.onnx(self.x).argmax(1) == self.y).float().mean())
+        backbone_acc = self._backbone_accuracy(self.x)
         metrics = {
             "clean_accuracy": float((correct & ~rejected).mean()),
             "false_rejection_rate": float(rejected.mean()),
@@ -305,7 +403,9 @@ class Evaluation:
             return stored["x_adv"], float(stored["seconds"].item())
         t0 = time.perf_counter()
         torch.manual_seed(self.settings.seed + start)
-        adv = ATTACKS[attack].run(ctx, tm, xb, yb).detach().float()
+        # gradient attacks run where the twin is; a query attack where its oracle answers (the host)
+        dev = "cpu" if ATTACKS[attack].target == "endpoint" else self.device
+        adv = ATTACKS[attack].run(ctx, tm, xb.to(dev), yb.to(dev)).detach().float().cpu()
         check_perturbation(adv, xb, tm.norm, tm.eps, who=attack)
         seconds = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,44 +414,54 @@ class Evaluation:
         tmp.replace(path)
         return adv, seconds
 
-    def _attack_setup(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, attack: str, eps: float):
+    def _attack_setup(self, config: NamedPipeline, served: PipelineRunner, twin: PipelineTwin | None, attack: str,
+                      eps: float):
         """-> (threat model, its recorded parameters, attack context, the key of its cached
         adversarial examples, the live oracle's URL or None)."""
         s = self.settings
         a = ATTACKS[attack]
-        eot = s.eot if twin.randomized else 1
+        eot = s.eot if _randomized(served.stages) else 1
         tm = threat_model(attack, eps, s.n, s.steps, s.restarts, eot, s.queries)
-        threat = tm.as_dict() | (a.params(tm, self.backbone.backbone) if a.params else {})  # + step size etc.
+        threat = tm.as_dict()
+        if a.params and self.backbone is not None:
+            threat |= a.params(tm, self.backbone.backbone)  # + step size etc.
         if a.target == "pipeline":
             threat["twin_precision"] = s.twin_precision
+        if a.target == "backbone" and self.transfer_from is not None:  # crafted on another bundle's twin
+            threat["transfer_from"] = self.transfer_from["name"]
         ctx = AttackContext(self.backbone, twin, self._oracle(served, config), self.num_classes, s.seed)
         oracle_url = s.url if attack == "square" and config.name == s.url_config else None
         batches = {"offset": s.offset, "seed": s.seed, "batch_size": s.batch_size, "seeding": "per batch"}
         if a.target == "backbone":  # does not depend on the configuration: generated once, reused across configs
+            attacked = (self.transfer_from or {}).get("backbone_sha256") or self.bundle.backbone_id
             cache = f"{attack}__eps{eps:g}__" + _fingerprint({
-                "backbone": self.bundle.spec.backbone.onnx.sha256, "threat_model": threat, **batches})
+                "backbone": attacked, "data": self.data_name, "threat_model": threat, **batches})
         else:
             cache = f"{config.name}__{attack}__eps{eps:g}__" + _fingerprint({
                 "config": self._config_fingerprint(config), "threat_model": threat, "url": oracle_url, **batches})
         return tm, threat, ctx, cache, oracle_url
 
-    @staticmethod
-    def skip_reason(twin: PipelineTwin, attack: str) -> str | None:
-        """Why ``attack`` on this configuration would only repeat another cell (None: it does not)."""
-        if attack == "eot" and not twin.randomized:
+    def skip_reason(self, config_name: str, attack: str) -> str | None:
+        """Why ``attack`` does not run on this configuration (None: it runs): it cannot run on this
+        bundle (:meth:`attack_skip`), or it would only repeat another cell."""
+        reason = self.attack_skip(attack)
+        if reason is not None:
+            return reason
+        stages = self.built[config_name][0].stages
+        if attack == "eot" and not _randomized(stages):
             return "no randomized stage: EOT = bpda"
-        if attack == "joint" and not twin.detectors:
+        if attack == "joint" and not split_stages(stages)[0]:
             return "no detector stage: joint = bpda"
         return None
 
-    def attack_part(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, attack: str,
+    def attack_part(self, config: NamedPipeline, served: PipelineRunner, twin: PipelineTwin | None, attack: str,
                     eps: float, start: int) -> None:
         """Generates (or finds) the cached batch from ``start`` of one cell's adversarial
         examples (attacks/parallel.py)."""
         tm, _, ctx, cache, _ = self._attack_setup(config, served, twin, attack, eps)
         self._adversarial_part(attack, tm, ctx, cache, start)
 
-    def _cell(self, config: PipelineConfig, served: DefendedModel, twin: PipelineTwin, clean: dict,
+    def _cell(self, config: NamedPipeline, served: PipelineRunner, twin: PipelineTwin | None, clean: dict,
               attack: str, eps: float) -> dict:
         key = _cell_key(config.name, attack, eps)
         s = self.settings
@@ -364,7 +474,7 @@ class Evaluation:
             return hit
         base = {"config": config.name, "attack": attack, "eps": eps, "threat_model": threat,
                 "adaptive": a.adaptive}
-        reason = self.skip_reason(twin, attack)
+        reason = self.skip_reason(config.name, attack)
         if reason is not None:
             return self._store(key, fp, {**base, "status": "skipped", "reason": reason})
         x_adv, gen_seconds = self._adversarial(attack, tm, ctx, cache)
@@ -375,8 +485,7 @@ class Evaluation:
         rejected = verdict == REJECTED
         clean_ok = (np.asarray(clean["answers"]["pred"]) == y) & (np.asarray(clean["answers"]["verdict"]) != REJECTED)
         fooled = ~rejected & (pred != y)
-        with torch.no_grad():
-            backbone_acc = float((self.onnx(x_adv).argmax(1) == self.y).float().mean())
+        backbone_acc = self._backbone_accuracy(x_adv)
         metrics = {
             "robust_accuracy": float((rejected | (pred == y)).mean()),
             "attack_success_rate": float(fooled[clean_ok].mean()) if clean_ok.any() else 0.0,
@@ -385,7 +494,7 @@ class Evaluation:
             "backbone_accuracy_on_these_examples": backbone_acc,
             "generation_seconds": gen_seconds,
         }
-        thresholds = {st.name: float(st.defense.threshold) for st in twin.detectors
+        thresholds = {st.name: float(st.defense.threshold) for st in split_stages(served.stages)[0]
                       if st.defense.threshold is not None}
         detectors = _detector_metrics(clean["answers"], ans, thresholds)
         extra: dict[str, Any] = {}
@@ -402,11 +511,11 @@ class Evaluation:
                                  "answers": ans, **extra})
 
     def _detectors_without_gradient(self, twin: PipelineTwin) -> list[str]:
-        x = self.x[:2].clone().requires_grad_(True)
+        x = self.x[:2].to(self.device).requires_grad_(True)
         return [name for name, sc in twin.detector_scores(x).items() if not sc.requires_grad]
 
     # ---- the matrix -------------------------------------------------------------------------
-    def config(self, name: str) -> PipelineConfig:
+    def config(self, name: str) -> NamedPipeline:
         return next(c for c in self.configs if c.name == name)
 
     def run(self, parallel: int = 1) -> dict[str, Any]:
@@ -427,25 +536,30 @@ class Evaluation:
                            on_done=lambda label: filling.update(1))
         result: dict[str, Any] = {
             "bundle": {"path": str(self.bundle.root), "name": self.bundle.name,
-                       "backbone_sha256": self.bundle.spec.backbone.onnx.sha256},
-            "n": s.n, "offset": s.offset, "data": "Fashion-MNIST test set (t10k)",
+                       "backbone_sha256": self.bundle.backbone_id},
+            "n": s.n, "offset": s.offset, "data": f"{self.data_name} test set",
             "settings": asdict(s), "configs": {}, "cells": [],
+            # attacks that did not run on this bundle and why (a bundle without a torch twin)
+            "skipped_attacks": self.skipped_attacks(), "transfer_from": self.transfer_from,
         }
         bar = tqdm(total=len(plan) + len(self.configs), desc="eval", unit="cell", disable=not self.progress)
         for cfg in self.configs:
             served, twin = self.built[cfg.name]
             clean = self._clean(cfg, served)
             bar.update(1)
+            detectors, purifiers, _ = split_stages(served.stages)
             result["configs"][cfg.name] = {
                 "stages": cfg.stages, "failure_policy": cfg.failure_policy, "clean": clean["metrics"],
-                "randomized": twin.randomized, "non_differentiable": twin.non_differentiable,
-                "detectors": {st.name: {"threshold": st.defense.threshold, "action": st.action} for st in twin.detectors},
+                "randomized": _randomized(served.stages),
+                "non_differentiable": [st.name for st in purifiers if not st.defense.differentiable],
+                "detectors": {st.name: {"threshold": st.defense.threshold, "action": st.action} for st in detectors},
                 "clean_scores": clean["answers"]["scores"],
             }
-            if self.surface_points:
+            if self.surface_points and twin is not None:
                 radius = max(s.eps) if s.eps else 0.3
                 result.setdefault("loss_surfaces", {})[cfg.name] = [
-                    loss_surface(twin, self.x[i:i + 1], self.y[i:i + 1], radius, seed=s.seed + i)
+                    loss_surface(twin, self.x[i:i + 1].to(self.device), self.y[i:i + 1].to(self.device), radius,
+                                 seed=s.seed + i)
                     for i in range(min(self.surface_points, len(self.x)))
                 ]
             for c, attack, eps in plan:
@@ -473,9 +587,9 @@ def loss_surface(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: flo
     (g,) = torch.autograd.grad(loss, xg, allow_unused=True)
     g = torch.zeros_like(x) if g is None else g.sign()
     gen = torch.Generator().manual_seed(seed)
-    r = torch.randint(0, 2, x.shape, generator=gen).float() * 2 - 1
+    r = (torch.randint(0, 2, x.shape, generator=gen).float() * 2 - 1).to(x.device)  # same draw on every device
     steps = torch.linspace(-radius, radius, grid)
-    a, b = torch.meshgrid(steps, steps, indexing="ij")  # [G, G]
+    a, b = (t.to(x.device) for t in torch.meshgrid(steps, steps, indexing="ij"))  # [G, G]
     pts = (x + a.reshape(-1, 1, 1, 1) * g + b.reshape(-1, 1, 1, 1) * r).clamp(0, 1)  # [G*G, C, H, W]
     with torch.no_grad():
         losses = nn.functional.cross_entropy(model(pts), y.expand(len(pts)), reduction="none")

@@ -25,7 +25,8 @@ from typing import Protocol
 import torch
 
 from robustgate.attacks.joint import margin_loss
-from robustgate.defenses.pipeline import REJECTED, DefendedModel
+from robustgate.defenses.assemble import PipelineRunner
+from robustgate.defenses.pipeline import REJECTED
 
 
 class QueryOracle(Protocol):
@@ -36,9 +37,9 @@ class QueryOracle(Protocol):
 
 
 class LocalOracle:
-    """The served pipeline in process (same DefendedModel the proxy runs), answered per item."""
+    """The served pipeline in process (the proxy's own runner, defenses/assemble.py), answered per item."""
 
-    def __init__(self, model: DefendedModel):
+    def __init__(self, model: PipelineRunner):
         self.model = model
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ MIMIR's adaptive attacks (Xu et al., arXiv 2312.04960) on the backbone's encoder
   representation of x + delta away from that of x.
 
 Black-box: ``square`` -- :class:`robustgate.attacks.square.SquareLinf` against the served
-pipeline's answers only (the local DefendedModel, or the live gRPC endpoint).
+pipeline's answers only (the proxy's runner in process, or the live gRPC endpoint).
 """
 
 from __future__ import annotations

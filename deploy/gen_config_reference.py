@@ -47,7 +47,8 @@ def field_notes(model: type[BaseModel]) -> dict[str, str]:
 def models_by_title() -> dict[str, type[BaseModel]]:
     return {
         obj.__name__: obj for obj in vars(config_module).values()
-        if inspect.isclass(obj) and issubclass(obj, BaseModel) and obj.__module__ == config_module.__name__
+        # the config's own models and those it imports (the pipeline section: defenses/assemble.py)
+        if inspect.isclass(obj) and issubclass(obj, BaseModel) and obj.__module__.startswith("robustgate.")
     }
 
 

@@ -1,14 +1,15 @@
 """The bundle: one directory that fully describes what the proxy serves.
 
-Written by ``robustgate train`` / ``robustgate fit``, read by ``robustgate serve`` and
+Written by ``robustgate train`` / ``robustgate import`` / ``robustgate fit``, read by ``robustgate serve`` and
 ``robustgate eval``. ``bundle.yaml`` at its root holds (DESIGN.md, "The bundle"):
 
 - ``schema_version`` -- an unknown version refuses to load;
 - ``input`` -- per-item shape (C, H, W), layout, datatype, value range and the normalization the
   model applies *inside* its graph (inputs are always raw pixels in ``value_range``);
 - ``classes`` -- class names, index = logit position;
-- ``backbone`` -- the ONNX file the proxy runs, the safetensors weights of its torch twin (the
-  red team differentiates that), architecture name and keyword arguments, training recipe and
+- ``backbone`` -- the ONNX file the proxy runs (or, for a model imported from a running model
+  server, where that server is), how its torch twin is built (the red team differentiates that:
+  architecture + safetensors weights, the ONNX file converted, or none), training recipe and
   measured metrics;
 - ``defenses`` -- each fitted defense by name: kind, artifact files, parameters, threshold and
   calibration record;
@@ -94,15 +95,62 @@ class InputSpec(_Strict):
         return self
 
 
+class UpstreamSource(_Strict):
+    """Where a backbone without an ONNX file is served: a V2 model server read at import time."""
+
+    url: str  # host:port of its gRPC endpoint, as given to ``robustgate import --upstream``
+    model_name: str
+    model_version: str = ""
+    platform: str = ""  # as the server's ModelMetadata named it (e.g. onnxruntime_onnx, triton)
+
+
+TWIN_KINDS = ("arch", "onnx", "none")
+
+
 class BackboneSpec(_Strict):
-    onnx: Artifact
-    weights: Artifact | None = None  # safetensors state dict of the torch twin
+    """The classifier. ``onnx`` is the graph the in-process backend runs; a bundle imported from a
+    running model server (``robustgate import --upstream``) has none and names ``upstream`` instead.
+
+    The torch twin (what ``fit`` and the red team differentiate), by ``twin``:
+
+    - ``arch``: ``build_arch(arch, **arch_kwargs)`` with the safetensors ``weights`` (``train``);
+    - ``onnx``: the ONNX file itself, converted to torch by onnx2torch when loaded
+      (``robustgate import``; ``twin_parity`` records the check against ONNX Runtime);
+    - ``none``: no twin (``twin_note`` says why); only gradient-free attacks apply.
+
+    ``twin`` absent (bundles written before it existed): ``arch`` when ``weights`` is set, else
+    ``none`` -- see :meth:`twin_kind`.
+    """
+
+    onnx: Artifact | None = None
+    upstream: UpstreamSource | None = None
+    weights: Artifact | None = None  # safetensors state dict of the torch twin (twin: arch)
     arch: str
     arch_kwargs: dict[str, Any] = {}
+    twin: Literal["arch", "onnx", "none"] | None = None
+    twin_note: str | None = None  # why there is no twin, or how the onnx twin was converted
+    twin_parity: dict[str, Any] | None = None  # twin vs ONNX Runtime at import: inputs, max |diff|, tolerance
     logits_output: str = "logits"
     features_output: str | None = None  # late-stage ReLU activations (SafetyNet), if exported
     recipe: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BackboneSpec":
+        if self.onnx is None and self.upstream is None:
+            raise ValueError("backbone.onnx: required (or backbone.upstream, for a backbone served by a model server)")
+        kind = self.twin_kind()
+        if kind == "arch" and self.weights is None:
+            raise ValueError("backbone.twin is 'arch' but backbone.weights is missing")
+        if kind == "onnx" and self.onnx is None:
+            raise ValueError("backbone.twin is 'onnx' but the backbone has no onnx file to convert")
+        return self
+
+    def twin_kind(self) -> str:
+        """``arch`` | ``onnx`` | ``none`` (the stored ``twin``, or what an older bundle implies)."""
+        if self.twin is not None:
+            return self.twin
+        return "arch" if self.weights is not None else "none"
 
 
 class DefenseSpec(_Strict):
@@ -162,7 +210,9 @@ class Bundle:
 
     def artifacts(self) -> dict[str, Artifact]:
         """Every artifact by a dotted key naming where it is declared."""
-        out = {"backbone.onnx": self.spec.backbone.onnx}
+        out = {}
+        if self.spec.backbone.onnx is not None:
+            out["backbone.onnx"] = self.spec.backbone.onnx
         if self.spec.backbone.weights is not None:
             out["backbone.weights"] = self.spec.backbone.weights
         for name, d in self.spec.defenses.items():
@@ -184,6 +234,28 @@ class Bundle:
 
     def path(self, art: Artifact) -> Path:
         return self.root / art.path
+
+    @property
+    def backbone_id(self) -> str:
+        """What identifies the served backbone in reports and caches: its ONNX file's sha256, or
+        ``upstream:URL/MODEL`` for a bundle imported from a model server (no ONNX file)."""
+        bb = self.spec.backbone
+        if bb.onnx is not None:
+            return bb.onnx.sha256
+        return f"upstream:{bb.upstream.url}/{bb.upstream.model_name}"
+
+    def onnx_path(self) -> Path:
+        """The backbone's ONNX file; BundleError when the bundle has none (imported from a model
+        server: it can only be served with the upstream backend)."""
+        bb = self.spec.backbone
+        if bb.onnx is None:
+            up = bb.upstream
+            where = f" (imported from model {up.model_name!r} at {up.url})" if up is not None else ""
+            raise BundleError(
+                f"{self.root}: the backbone has no ONNX file{where}; serve it with backend.kind: upstream, "
+                f"or import the ONNX file with `robustgate import --onnx`"
+            )
+        return self.path(bb.onnx)
 
     @property
     def name(self) -> str:

@@ -1,17 +1,29 @@
 """The torch twin of a bundle's backbone: the same weights as the ONNX graph, differentiable.
 
-``load_backbone(bundle)`` rebuilds the architecture named in ``bundle.yaml`` (``backbone.arch``
-with ``backbone.arch_kwargs``) and loads the safetensors state dict (checksum already verified by
-``Bundle.load``), strictly: a missing or unexpected key fails. The red team attacks this twin;
-the export's parity check guarantees it computes what the served ONNX graph computes.
+``load_backbone(bundle)`` builds the twin ``bundle.yaml`` declares (``backbone.twin``,
+models/bundle.py):
 
-``TorchClassifier(module)`` adapts it to :class:`robustgate.defenses.base.Classifier`. It does
+- ``arch`` (bundles written by ``robustgate train``): rebuilds the architecture
+  (``backbone.arch`` with ``backbone.arch_kwargs``) and loads the safetensors state dict (checksum
+  already verified by ``Bundle.load``), strictly: a missing or unexpected key fails. The export's
+  parity check guarantees it computes what the served ONNX graph computes.
+- ``onnx`` (bundles written by ``robustgate import``): converts the bundle's own ONNX file with
+  onnx2torch (:func:`convert_onnx`) into an :class:`OnnxTwin`. The ONNX file is the twin's only
+  source -- no second copy of the weights that could drift from the served graph, and no pickle;
+  the conversion is deterministic (the weights are the graph's initializers). ``robustgate
+  import`` checked the converted module against ONNX Runtime and recorded the result in
+  ``backbone.twin_parity``.
+- ``none``: raises :class:`NoTwin` (only attacks that need no gradient apply to such a bundle).
+
+``TorchClassifier(module)`` adapts a twin to :class:`robustgate.defenses.base.Classifier`. It does
 not disable gradients (adaptive attacks differentiate through detectors that query it); wrap
 calls in ``torch.no_grad()`` when gradients are not wanted.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -21,14 +33,56 @@ from torch import nn
 from robustgate.models.archs import build_arch
 from robustgate.models.bundle import Bundle, BundleError
 
+# onnx2torch 1.5 implements each operator up to this opset; a newer graph (torch's exporter writes
+# opset 18-20) is first brought down to it by onnx's version converter
+ONNX2TORCH_OPSET = 17
+
+log = logging.getLogger(__name__)
+
+
+class NoTwin(BundleError):
+    """The bundle's backbone has no torch twin: only attacks that need no gradient apply to it."""
+
+
+class Unconvertible(ValueError):
+    """onnx2torch cannot turn this ONNX graph into a torch module; the message says why."""
+
+
+def has_twin(bundle: Bundle) -> bool:
+    """Whether :func:`load_backbone` can build a differentiable twin of the bundle's backbone."""
+    return bundle.spec.backbone.twin_kind() != "none"
+
 
 def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Bundle (or its directory) -> the eval-mode ``nn.Module`` twin on ``device``."""
+    """Bundle (or its directory) -> the eval-mode ``nn.Module`` twin on ``device``; :class:`NoTwin`
+    when the bundle has none. The module maps ``[N, C, H, W]`` pixels to logits ``[N, K]`` and has
+    ``features(x) -> [N, D]``."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     spec = bundle.spec.backbone
-    if spec.weights is None:
-        raise BundleError(f"{bundle.root}: backbone has no safetensors weights, so it has no torch twin")
+    kind = spec.twin_kind()
+    if kind == "none":
+        why = spec.twin_note or "the backbone has no safetensors weights and no convertible ONNX file"
+        raise NoTwin(f"{bundle.root}: the backbone has no torch twin ({why}); only attacks that need no "
+                     f"gradient (transfer from a surrogate bundle, Square) apply to it")
+    if kind == "onnx":
+        import onnx
+
+        path = bundle.onnx_path()
+        try:
+            module = convert_onnx(onnx.load(str(path)))
+        except Unconvertible as exc:  # recorded as convertible at import: another onnx2torch version?
+            raise NoTwin(f"{bundle.root}: {path.name} no longer converts to torch: {exc}") from exc
+        checked = (spec.twin_parity or {}).get("converter")
+        current = f"onnx2torch {onnx2torch_version()}"
+        if checked and checked != current:
+            log.warning("%s: the twin was checked against ONNX Runtime with %s at import; this is %s "
+                        "(re-import to check it again)", bundle.root, checked, current)
+        try:
+            twin = OnnxTwin(module, onnx_output_names(path), spec.logits_output, spec.features_output)
+        except ValueError as exc:
+            raise BundleError(f"{bundle.root}: {exc}") from exc
+        return twin.to(device).eval()
     try:
         module = build_arch(spec.arch, **spec.arch_kwargs)
     except (TypeError, ValueError) as exc:
@@ -39,6 +93,112 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
     except RuntimeError as exc:
         raise BundleError(f"{bundle.root}: {spec.weights.path} does not fit {spec.arch}: {exc}") from exc
     return module.to(device).eval()
+
+
+def onnx2torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnx2torch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def onnx_output_names(path: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+
+def convert_onnx(model: "onnx.ModelProto") -> nn.Module:
+    """ONNX graph -> torch ``GraphModule`` (onnx2torch) returning the graph's outputs in order (a
+    tensor for one output, a list for several). :class:`Unconvertible` when it cannot.
+
+    Two rewrites first, on a copy, each exact for the inputs the proxy serves:
+
+    - ``Reshape(allowzero=1)`` (torch's exporter writes it; onnx2torch refuses it) loses the
+      attribute when its target shape is a constant holding no 0, or is computed at run time: then
+      a 0 could only come from a zero-sized dimension, and batches are never empty;
+    - a graph newer than opset 17 whose operators onnx2torch does not implement at that version
+      is converted down to opset 17 with ``onnx.version_converter`` (e.g. ReduceMean-18, whose
+      axes became an input).
+    """
+    import onnx
+    import onnx2torch
+    from onnx import numpy_helper, version_converter
+
+    model = copy.deepcopy(model)
+    _drop_allowzero(model, onnx, numpy_helper)
+    try:
+        return onnx2torch.convert(model)
+    except NotImplementedError as first:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is None or opset <= ONNX2TORCH_OPSET:
+            raise Unconvertible(str(first)) from first
+        try:
+            older = version_converter.convert_version(model, ONNX2TORCH_OPSET)
+        except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+            raise Unconvertible(f"{first}; converting the graph from opset {opset} down to "
+                                f"{ONNX2TORCH_OPSET} failed too: {exc}") from exc
+        _drop_allowzero(older, onnx, numpy_helper)
+        try:
+            return onnx2torch.convert(older)
+        except NotImplementedError as exc:
+            raise Unconvertible(f"{exc} (after converting opset {opset} down to {ONNX2TORCH_OPSET})") from exc
+        except Exception as exc:  # onnx2torch raises assorted errors on graphs it half-supports
+            raise Unconvertible(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise Unconvertible(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _drop_allowzero(model, onnx, numpy_helper) -> None:
+    constants = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    constants[node.output[0]] = a.t
+    for node in model.graph.node:
+        if node.op_type != "Reshape":
+            continue
+        for a in list(node.attribute):
+            if a.name == "allowzero" and a.i == 1:
+                shape = constants.get(node.input[1])
+                if shape is not None and (numpy_helper.to_array(shape) == 0).any():
+                    raise Unconvertible(f"Reshape {node.name!r} has allowzero=1 and a 0 in its target shape; "
+                                        f"onnx2torch cannot express it")
+                node.attribute.remove(a)
+
+
+class OnnxTwin(nn.Module):
+    """A converted ONNX graph as a backbone: ``forward(x)`` ``[N, C, H, W]`` -> logits ``[N, K]``,
+    ``features(x)`` -> ``[N, D]`` (the graph's features output, flattened per item)."""
+
+    def __init__(self, graph: nn.Module, output_names: list[str], logits_output: str,
+                 features_output: str | None = None):
+        super().__init__()
+        if logits_output not in output_names:
+            raise ValueError(f"logits output {logits_output!r} is not among the graph's outputs {output_names}")
+        if features_output is not None and features_output not in output_names:
+            raise ValueError(f"features output {features_output!r} is not among the graph's outputs {output_names}")
+        self.graph = graph
+        self.output_names = list(output_names)
+        self.logits_output, self.features_output = logits_output, features_output
+        self._logits_index = self.output_names.index(logits_output)
+        self._features_index = None if features_output is None else self.output_names.index(features_output)
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.graph(x)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, K]
+        return self.outputs(x)[self._logits_index]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, D]
+        if self._features_index is None:
+            raise ValueError(f"the backbone has no features output (outputs: {self.output_names}); "
+                             f"import it with --features-output NAME")
+        return self.outputs(x)[self._features_index].reshape(x.shape[0], -1)
 
 
 class TorchClassifier:

@@ -22,7 +22,7 @@ its worker, so at most one batch has left the queue beyond those running: the qu
 the admission below stay as they are. Pipelines without purifiers run whole, as before. It pays
 only when classify leaves a core idle (one ONNX Runtime thread, an upstream backend): with ONNX
 Runtime's two threads on two cores the front thread only contends with them, so the server ships it
-off (proxy/config.py, bench/results/purify.md).
+off (proxy/config.py, bench/results/defenses.md).
 
 Admission, checked when a request is submitted (:meth:`Batcher.admission`); a refused request fails
 at once with :class:`QueueFull` (the server answers RESOURCE_EXHAUSTED) and never waits:

@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("robustgate.proxy.serve", "start the defense proxy (Open Inference Protocol over gRPC)"),
     "train": ("robustgate.models.cli", "train a (robust) backbone and write a bundle"),
+    "import": ("robustgate.models.importer", "turn your own ONNX model (or a served one) into a bundle"),
     "fit": ("robustgate.defenses.cli", "fit and calibrate a defense into a bundle"),
     "eval": ("robustgate.attacks.cli", "attack the served pipeline and write reports"),
     "probe": ("robustgate.attacks.probe", "send clean and attacked test images to a running proxy"),

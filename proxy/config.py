@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# the pipeline section is the one assembly's (proxy and red team build their stages the same way)
+from robustgate.defenses.assemble import STAGE_NAME, PipelineConfig, StageConfig  # noqa: F401
 
 log = logging.getLogger("robustgate.proxy")
 ENV_PREFIX = "ROBUSTGATE_"
-STAGE_NAME = r"^[A-Za-z0-9_.-]+$"  # safe in output names, metric labels and metadata
 
 
 class ConfigError(ValueError):
@@ -143,7 +145,7 @@ class BatchingConfig(_Strict):
         "longer than this to work off at the recent service time per item; null = off (only max_queue_items "
         "bounds the queue); deploy/default.yaml sets 100"))
     workers: int | None = Field(None, ge=1)  # batches running at once; None: 1 (onnxruntime), 4 (upstream)
-    # Measured (bench/results/purify.md): with ONNX Runtime on 1 intra-op thread JPEG's cost fell from
+    # Measured (bench/results/defenses.md): with ONNX Runtime on 1 intra-op thread JPEG's cost fell from
     # 10.3% to -1.5%; with its default 2 threads on 2 cores it saved nothing (14.4% -> 15.6%) and cost
     # bit depth 6 points (purify.proxy_cost_overlap*). Hence off.
     overlap_front: bool = Field(False, description=(
@@ -157,32 +159,6 @@ class BatchingConfig(_Strict):
         # of small requests the second worker's Python work contends for the GIL with the event loop:
         # refusal p99 1.2 s instead of 0.11 s at 1,500 requests/s (hardening.overload_workers2)
         return self.workers if self.workers is not None else (4 if backend_kind == "upstream" else 1)
-
-
-class StageConfig(_Strict):
-    name: str = Field(pattern=STAGE_NAME)
-    kind: str
-    action: Literal["reject", "flag", "log"] = "reject"
-    params: dict[str, Any] = {}  # merged over the bundle's fitted params (stage params win)
-    threshold: float | None = None  # overrides the bundle's calibrated threshold
-
-
-class PipelineConfig(_Strict):
-    stages: list[StageConfig] = []
-    failure_policy: Literal["fail-closed", "fail-open"] = "fail-closed"
-    verdict_mode: Literal["request", "item"] = "request"
-    seed: int | None = None  # fixed per-batch seed (tests); None = fresh os.urandom seed per batch
-    # an ensemble's copies per backend call (smoothing's n0 + n copies per item add up fast); more -> several calls
-    max_fanout_items: int = Field(4096, ge=1)
-
-    @field_validator("stages")
-    @classmethod
-    def _unique(cls, v: list[StageConfig]) -> list[StageConfig]:
-        names = [s.name for s in v]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
-        return v
 
 
 class LimitsConfig(_Strict):

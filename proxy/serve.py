@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 
 from robustgate.models.bundle import Bundle, BundleError
-from robustgate.proxy.assemble import build_runner, pin_torch_threads
+from robustgate.defenses.assemble import build_runner, pin_torch_threads
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, load_config
 from robustgate.proxy.priority import call_at_priority
-from robustgate.proxy.server import ProxyServer, ReloadError
+from robustgate.proxy.reload import ReloadError
+from robustgate.proxy.server import ProxyServer
 
 log = logging.getLogger("robustgate.proxy")
 
@@ -75,6 +76,8 @@ def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
 
     if isinstance(backend, OnnxBackend):
         return OnnxClassifier(backend)
+    if bundle.spec.backbone.onnx is None:
+        return None  # imported from the upstream without its ONNX file: stateless stages only
     return OnnxClassifier(OnnxBackend(bundle, device="cpu", intra_op_threads=1, inter_op_threads=1))
 
 
@@ -131,7 +134,7 @@ async def serve(server: ProxyServer) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pin_torch_threads()  # torch's OpenMP pool stalls the pipeline on shared cores (proxy/assemble.py)
+    pin_torch_threads()  # torch's OpenMP pool stalls the pipeline on shared cores (defenses/assemble.py)
     try:
         cfg = config_from_args(args)
         server = build_server(cfg, config_loader=lambda: config_from_args(args), freeze_heap=True)

@@ -2,36 +2,26 @@
 
 ``ProxyServer`` wires the codec, the batcher (which runs the pipeline in a worker thread), the
 Prometheus metrics, the grpc.health.v1 health service and server reflection into one grpc.aio
-server. The transport only decodes, queues, applies the verdict semantics and encodes
-(COMMON.md "Rejection status"; docs/PROTOCOL.md):
-
-- request mode (default): a request holding a rejected item fails with PERMISSION_DENIED,
-  details ``rejected by robustgate: item <i> stage <name> score <s> threshold <t>`` and trailing
-  metadata ``robustgate-verdict=rejected``, ``robustgate-stage``, ``robustgate-item``,
-  ``robustgate-score``, ``robustgate-threshold`` (first rejected item);
-- item mode: every item is answered; rejected items' logits are NaN.
+server. The transport only decodes, queues, applies the verdict rules (proxy/verdicts.py: request
+and item modes, the rejection status) and encodes.
 
 Bad input never crashes it: every error path answers a status with a message, bytes that are not
 a valid protobuf message included (INVALID_ARGUMENT). Overload: the batcher's admission (its item
 bound and wait budget, proxy/batcher.py) is asked before a request's payload is decoded, so that a
 refusal (RESOURCE_EXHAUSTED) costs the event loop next to nothing beyond the gRPC call itself.
 Draining (SIGTERM) turns health NOT_SERVING, stops accepting RPCs, lets in-flight ones finish
-within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC) swaps in a
-re-read pipeline without dropping requests. An optional bearer token (``server.auth``) guards
+within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC; proxy/reload.py)
+swaps in a re-read pipeline without dropping requests. An optional bearer token (``server.auth``) guards
 every RPC but the probes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import gc
 import hmac
 import logging
-import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -43,19 +33,19 @@ from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from robustgate import __version__
-from robustgate.defenses.pipeline import REJECTED, PipelineResult
-from robustgate.models.bundle import Bundle, BundleError
-from robustgate.proxy.assemble import PipelineRunner, build_runner
+from robustgate.defenses.pipeline import PipelineResult
+from robustgate.defenses.assemble import PipelineRunner
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 from robustgate.proxy.batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
 from robustgate.proxy.codec import (
     RADIUS_OUTPUT, SCORE_PREFIX, VERDICT_OUTPUT, VERDICT_NAMES, Answer, InputContract, ProtocolError,
     check_model, decode_infer, encode_infer,
 )
-from robustgate.proxy.config import ConfigError, ProxyConfig
+from robustgate.proxy.config import ProxyConfig
 from robustgate.proxy.metrics import Metrics
-from robustgate.proxy.priority import call_at_priority
+from robustgate.proxy.reload import ReloadError, prepare_reload, read_token, reload
 from robustgate.proxy.triton_compat import model_config_handler
+from robustgate.proxy.verdicts import _OUTCOME_BY_CODE, _Failure, outcome, rejection, verdict_answer  # noqa: F401
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 
@@ -72,40 +62,6 @@ log = logging.getLogger("robustgate.proxy")
 # request arrived: transit and event-loop lag later), and its cancellation then reaches the handler
 # just before the server-side deadline. A cancellation this close to the deadline counts as one.
 DEADLINE_SLACK_S = 0.1
-
-_OUTCOME_BY_CODE = {
-    "INVALID_ARGUMENT": "invalid",
-    "NOT_FOUND": "not_found",
-    "RESOURCE_EXHAUSTED": "resource_exhausted",
-    "DEADLINE_EXCEEDED": "deadline_exceeded",
-}
-
-
-@dataclass
-class _Failure:
-    code: grpc.StatusCode
-    message: str
-    outcome: str
-    metadata: tuple[tuple[str, str], ...] = ()
-
-
-def rejection(result: PipelineResult, i: int) -> _Failure:
-    """The PERMISSION_DENIED answer for rejected item ``i`` (request mode)."""
-    stage = result.reason[i] or "unknown"
-    base = stage[: -len(" failed")] if stage.endswith(" failed") else stage
-    score = result.scores.get(base)
-    s = float(score[i]) if score is not None else math.nan
-    t = result.thresholds.get(base, math.nan)
-    return _Failure(
-        grpc.StatusCode.PERMISSION_DENIED,
-        f"rejected by robustgate: item {i} stage {stage} score {s:.6g} threshold {t:.6g}",
-        "rejected",
-        (
-            ("robustgate-verdict", "rejected"), ("robustgate-stage", stage), ("robustgate-item", str(i)),
-            ("robustgate-score", repr(s)), ("robustgate-threshold", repr(t)),
-        ),
-    )
-
 
 def bundle_metadata(bundle) -> ModelMeta:
     """The model's metadata as the bundle declares it."""
@@ -124,14 +80,6 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
     for fd in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         pool.AddSerializedFile(fd.serialized_pb)
     return pool
-
-
-class ReloadError(Exception):
-    """A reload refused; the running pipeline is kept. The message says why."""
-
-
-def read_token(path: Path) -> bytes:
-    return Path(path).read_bytes().strip()
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
@@ -442,73 +390,12 @@ class ProxyServer:
         return runner.prepare if runner.has_purifiers else None
 
     async def reload(self) -> dict:
-        """Re-reads the config (``config_loader``) and the bundle (checksums verified) and swaps in
-        the new pipeline -- thresholds, actions, stage params, failure policy, verdict mode -- and
-        the bearer token file's token. Batches already running finish on the old pipeline; nothing
-        is dropped. Anything invalid raises :class:`ReloadError` and keeps the running pipeline.
-        Changes outside ``pipeline`` (ports, backend, batching, limits, bundle path) need a restart;
-        they are listed in the answer's ``ignored`` and logged. Returns a summary."""
-        async with self._reload_lock:
-            try:
-                # built at compute priority: the new sessions' pools inherit it (proxy/priority.py)
-                cfg, runner, token = await asyncio.get_running_loop().run_in_executor(
-                    None, call_at_priority, self.cfg.server.compute_nice, self._prepare_reload)
-            except ReloadError as exc:
-                self.metrics.reloads.labels(result="error").inc()
-                log.error("reload refused, keeping the running pipeline: %s", exc)
-                raise
-            ignored = [k for k in ("bundle", "model_name", "server", "backend", "batching", "limits")
-                       if getattr(cfg, k) != getattr(self.cfg, k)]
-            self.runner = runner  # one attribute store: the next batch runs the new pipeline
-            self.cfg = self.cfg.model_copy(update={"pipeline": cfg.pipeline})
-            self._token = token
-            for stage in runner.stages:
-                self.metrics.rejections.labels(detector=stage.name)
-            self.metrics.reloads.labels(result="ok").inc()
-            if self.freeze_heap:
-                freeze_gc_heap()  # the new pipeline's objects join the frozen heap
-            summary = self.pipeline_summary()
-            summary["ignored"] = ignored
-            log.info("reloaded the pipeline: %s", summary)
-            if ignored:
-                log.warning("reload: changes to %s need a restart and were not applied", ", ".join(ignored))
-            return summary
+        """Swaps in a re-read pipeline without dropping requests (proxy/reload.py ``reload``)."""
+        return await reload(self)
 
     def _prepare_reload(self) -> tuple[ProxyConfig, PipelineRunner, bytes | None]:
-        """Everything that can fail, off the event loop; touches nothing the server uses."""
-        if self.config_loader is None:
-            raise ReloadError("this server has no config source to reload from")
-        try:
-            cfg = self.config_loader()
-        except (ConfigError, ValueError, OSError) as exc:
-            raise ReloadError(str(exc)) from None
-        if Path(cfg.bundle).resolve() != Path(self.cfg.bundle).resolve():
-            raise ReloadError(f"bundle: {cfg.bundle} is not the served bundle {self.cfg.bundle}; restart to change it")
-        try:
-            bundle = Bundle.load(cfg.bundle)
-        except (BundleError, ValueError, OSError) as exc:
-            raise ReloadError(f"bundle {cfg.bundle}: {exc}") from None
-        if bundle.spec.backbone.onnx.sha256 != self.bundle.spec.backbone.onnx.sha256:
-            raise ReloadError("the bundle's backbone changed; restart to serve a new backbone")
-        old = self.runner
-        try:
-            runner = build_runner(cfg.pipeline, bundle, old.backend, old.classifier)
-        except Exception as exc:  # noqa: BLE001 - any failure to build keeps the old pipeline
-            raise ReloadError(f"{type(exc).__name__}: {exc}") from None
-        if runner.detector_names != old.detector_names or runner.has_ensemble != old.has_ensemble:
-            raise ReloadError(
-                f"the detector stages {list(runner.detector_names)} (ensemble {runner.has_ensemble}) differ from the "
-                f"served ones {list(old.detector_names)} (ensemble {old.has_ensemble}): they name the response's "
-                f"outputs; restart to change them"
-            )
-        auth = self.cfg.server.auth
-        try:
-            token = read_token(auth.bearer_token_file) if auth.enabled else None
-        except OSError as exc:
-            raise ReloadError(f"server.auth.bearer_token_file: {exc}") from None
-        if auth.enabled and not token:
-            raise ReloadError(f"server.auth.bearer_token_file: {auth.bearer_token_file} is empty")
-        return cfg, runner, token
+        """Everything that can fail, off the event loop (proxy/reload.py ``prepare_reload``)."""
+        return prepare_reload(self)
 
     def pipeline_summary(self) -> dict:
         stages = self.runner.stages
@@ -583,32 +470,13 @@ class ProxyServer:
             return _Failure(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", "internal"), None
 
     def _respond(self, request: pb.ModelInferRequest, decoded, result: PipelineResult):
-        """Verdict semantics and encoding of one request's share of a batch result."""
-        m = self.metrics
-        verdict = result.verdict.numpy()  # [N]
-        for v, count in enumerate(np.bincount(verdict, minlength=len(VERDICT_NAMES)).tolist()):
-            if count:  # one increment per verdict, not per item (~3.5 us each on the event loop)
-                m.items.labels(verdict=VERDICT_NAMES[v]).inc(count)
-        rejected = np.flatnonzero(verdict == REJECTED)
-        # one increment per rejecting stage, not per item (an attack burst rejects whole batches)
-        for reason, count in collections.Counter(result.reason[i] or "unknown" for i in rejected.tolist()).items():
-            m.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc(count)
-        if rejected.size and self.cfg.pipeline.verdict_mode == "request":
-            return rejection(result, int(rejected[0])), None
-
+        """Verdict semantics (proxy/verdicts.py) and encoding of one request's share of a batch result."""
         t2 = time.perf_counter()
-        logits = result.logits.detach().cpu().numpy().astype(np.float32, copy=True)  # [N, K]
-        logits[rejected] = np.nan
-        answer = Answer(
-            logits=logits, verdict=verdict, reasons=result.reason,
-            scores={k: v.detach().cpu().numpy() for k, v in result.scores.items()},
-            radius=None if result.radius is None else result.radius.detach().cpu().numpy(),
-        )
+        failure, answer = verdict_answer(result, self.cfg.pipeline.verdict_mode, self.metrics)
+        if failure is not None:
+            return failure, None
         version = request.model_version or self.contract.versions[0]
         response = encode_infer(decoded, answer, self.contract, version)
-        m.stage_duration.labels(stage="encode").observe(time.perf_counter() - t2)
-        outcome = "flagged" if (verdict != 0).any() else "accepted"
-        if rejected.size:
-            outcome = "rejected"
-        m.requests.labels(outcome=outcome).inc()
+        self.metrics.stage_duration.labels(stage="encode").observe(time.perf_counter() - t2)
+        self.metrics.requests.labels(outcome=outcome(answer.verdict)).inc()
         return None, response

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-apt_pkgs=(dataset-fashion-mnist prometheus libb64-0d haproxy)  # haproxy: the native front (deploy/haproxy)
+apt_pkgs=(dataset-fashion-mnist prometheus libb64-0d haproxy redis-server)  # haproxy: the native front (deploy/haproxy); redis-server: the stateful detector's shared-store tests
 missing=()
 [ "${ROBUSTGATE_SKIP_APT:-0}" = 1 ] && apt_pkgs=()
 for p in ${apt_pkgs[@]+"${apt_pkgs[@]}"}; do

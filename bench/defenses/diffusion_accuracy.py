@@ -6,7 +6,7 @@ seeded Fashion-MNIST train split. Purifier: the trained DDPM from ``--artifacts`
 is evaluated on the first ``--n`` test images with one diffusion draw (generator seed 0).
 
     .venv/bin/python bench/defenses/diffusion_accuracy.py --artifacts /work/diffrun/model \
-        --n 500 --out bench/results/purify.diffusion_accuracy
+        --n 500 --out bench/results/defenses.diffusion_accuracy
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="safetensors file: load the quick backbone from it if present, else train and write it")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/purify.diffusion_accuracy"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/defenses.diffusion_accuracy"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

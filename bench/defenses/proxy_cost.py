@@ -18,9 +18,9 @@ budget, not an attack; ``uniform``, uniform noise in [0, 1), the worst case for 
 coding. The backbone's cost does not depend on the pixels, a JPEG round trip's does (a noise
 picture codes into twice the bytes of a test-image picture), so its cost is given per input.
 
-    .venv/bin/python bench/defenses/proxy_cost.py --rounds 5 --out bench/results/purify.proxy_cost
+    .venv/bin/python bench/defenses/proxy_cost.py --rounds 5 --inputs test,perturbed,uniform --out bench/results/defenses.proxy_cost
     .venv/bin/python bench/defenses/proxy_cost.py --bundle /tmp/std-diffusion --configs empty,diffusion \\
-        --out bench/results/purify.proxy_diffusion
+        --out bench/results/defenses.proxy_cost.diffusion
 
 Configurations: ``empty``, ``jpeg``, ``noise``, ``bitdepth``, ``median`` (each purifier with its
 default parameters), ``diffusion`` (the bundle's fitted ``diffusion`` stage with ``runtime: onnx``;
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inputs", default="test,uniform",
                     help=f"what the requests carry, comma-separated: {', '.join(INPUTS)} (module docstring)")
     ap.add_argument("--eps", type=float, default=0.1, help="the perturbed input's L-infinity budget")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "purify.proxy_cost")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "defenses.proxy_cost")
     args = ap.parse_args(argv)
     configs = parse_configs(args.configs, json.loads(args.diffusion_params))
     kinds = list(dict.fromkeys(filter(None, args.inputs.split(","))))

@@ -7,7 +7,7 @@ depend on the weights) as the reference for "a cheap purifier costs at most 10% 
 ``overhead = t_stage / t_backbone``. Median over ``--repeats`` timed runs after one warm-up.
 
     .venv/bin/python bench/defenses/purify_throughput.py --threads 2 \
-        [--diffusion-artifacts /work/diffrun/model] --out bench/results/purify
+        [--diffusion-artifacts /work/diffrun/model] --out bench/results/defenses.purify_throughput
 
 The machine's 2 cores are shared with other engineers' jobs: the load average at start and end
 is recorded; under contention two torch threads can be several times slower than one, so the
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--diffusion-artifacts", type=Path, default=None,
                     help="directory with diffusion_unet.safetensors/.json (speed is the same untrained)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/purify"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/defenses.purify_throughput"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     x = load_splits("fashion-mnist", seed=0).test_x[: args.batch].contiguous()  # [B, 1, 28, 28]

@@ -3,7 +3,8 @@ rejection, against non-adaptive attacks (PGD by default; FGSM, CW-L2, DeepFool w
 TPR >= 95% at 1% FPR against PGD L-inf eps 0.1; clean false rejection on the test set <= 1.5%).
 
     .venv/bin/python bench/detect/measure.py --bundle bundles/default \\
-        --stages magnet_l1 magnet_l2 --n-test 2000 --out bench/results/detect.json
+        --stages magnet_l1 --n-test 1000 --n-slow 300 --attacks fgsm pgd cw deepfool \\
+        --out bench/results/detect.measure.magnet      # writes OUT.json and OUT.md
 
 Each named stage is a detector fitted into the bundle by `robustgate fit` (threshold from
 bundle.yaml, runtime as fitted unless --runtime). "any" is the pipeline's verdict when all the
@@ -16,6 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +36,32 @@ from robustgate.models.twin import TorchClassifier, load_backbone
 
 
 ATTACKS = ("fgsm", "pgd", "cw", "deepfool")
+
+
+def markdown(r: dict) -> str:
+    """The results file's Markdown twin: the command, the machine and one row per attack and stage."""
+    lines = [f"# Detection figures: {', '.join(r['stages'])} on `{r['bundle']}`", "",
+             f"Command: `{r.get('command', 'not recorded')}`; started {r.get('started_utc', 'not recorded')}; "
+             f"machine: {r.get('machine', 'not recorded')}.", "",
+             "| stage | threshold | test false rejection |", "| --- | --- | --- |"]
+    for n, st in r["stages"].items():
+        lines.append(f"| {n} | {st['threshold']:.6g} | {100 * st['test_false_rejection']:.2f}% |")
+    lines += ["", "| attack (non-adaptive, on the backbone) | items | backbone acc. under attack | stage | TPR at calibrated FPR "
+              "| TPR on fooling items | AUC | backbone + detectors robust |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, cell in r["attacks"].items():
+        for n, st in cell["stages"].items():
+            fool = "" if st["tpr_on_fooling_items"] is None else f"{100 * st['tpr_on_fooling_items']:.1f}%"
+            lines.append(f"| {key} | {cell['threat']['n']:,} | {100 * cell['backbone_adv_accuracy']:.1f}% | {n} "
+                         f"| {100 * st['tpr_at_calibrated_fpr']:.1f}% | {fool} | {st['auc']:.4f} "
+                         f"| {100 * cell['backbone_plus_detectors_robust_accuracy']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"{cpu}, {os.cpu_count()} cores, revision {rev or 'unknown'}"
 
 
 def make_attack(module, attack: str, eps: float | None, steps: int):
@@ -65,7 +96,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--runtime", choices=["torch", "onnx"], default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md (e.g. bench/results/detect.measure.magnet)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -83,7 +114,8 @@ def main() -> int:
         det.threshold = spec.threshold
         dets[name] = det
 
-    result = {"bundle": str(args.bundle), "stages": {}, "attacks": {}, "n_test_full": len(x)}
+    result = {"command": " ".join(["python", *sys.argv]), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine(), "bundle": str(args.bundle), "stages": {}, "attacks": {}, "n_test_full": len(x)}
     # clean false rejection on the whole test set
     t0 = time.perf_counter()
     clean_full = {n: score_batches(d, x, clf) for n, d in dets.items()}
@@ -137,7 +169,9 @@ def main() -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "attacks"}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        # OUT.json and OUT.md: with_suffix would replace the part after a dot (detect.measure.magnet)
+        args.out.with_name(args.out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_name(args.out.name + ".md").write_text(markdown(result))
     return 0
 
 

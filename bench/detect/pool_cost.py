@@ -5,7 +5,7 @@ rounds of all runs together give a steadier figure:
 
     .venv/bin/python bench/detect/pool_cost.py --variant magnet_l1 \\
         bench/results/detect.proxy_cost_fused.json bench/results/detect.proxy_cost_fused_b.json \\
-        bench/results/detect.proxy_cost_fused_c.json --out bench/results/detect.proxy_cost_fused_pooled
+        bench/results/detect.proxy_cost.json --out bench/results/detect.pool_cost
 """
 
 from __future__ import annotations

@@ -364,7 +364,7 @@ def one_run(variant: str, mode: str, rate: float, overrides: dict, x: np.ndarray
                 pin(front.pid, cpu_list(args.server_cpus))
         bundle = Bundle.load(common.REPO / server.config["bundle"])
         stages = {st["name"] for st in server.config.get("pipeline", {}).get("stages", [])}
-        served_bundle = {"name": bundle.name, "backbone_sha256": bundle.spec.backbone.onnx.sha256[:12],
+        served_bundle = {"name": bundle.name, "backbone_sha256": bundle.backbone_id[:12],
                          "defenses": {n: {"threshold": d.threshold, "width": d.params.get("width"),
                                           "sha256": {r: a.sha256[:12] for r, a in d.files.items()}}
                                       for n, d in bundle.spec.defenses.items() if n in stages}}

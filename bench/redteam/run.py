@@ -19,7 +19,7 @@ each invocation's batches of adversarial examples in K worker processes (``robus
 what an interrupted run had cached is then added as if it had run one thing after another (an
 upper bound).
 
-Results: bench/results/redteam.json and bench/results/redteam.md (the reports themselves stay in
+Results: bench/results/redteam.run.json and bench/results/redteam.run.md (the reports themselves stay in
 ``--out``: results.json/results.md/plots per run, cells cached so an interrupted run resumes).
 """
 
@@ -148,7 +148,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parallel", type=int, default=1, help="worker processes per eval run (robustgate eval --parallel)")
     p.add_argument("--out", default="reports/redteam")
-    p.add_argument("--results", default="bench/results/redteam")
+    p.add_argument("--results", default="bench/results/redteam.run")
     args = p.parse_args()
 
     out = Path(args.out)

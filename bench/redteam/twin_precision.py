@@ -50,15 +50,17 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from robustgate.attacks.differentiable import PipelineTwin, build_stages
-    from robustgate.attacks.served import fashion_mnist_test
+    from robustgate.attacks.differentiable import PipelineTwin
+    from robustgate.defenses.assemble import PipelineConfig, build_stages
     from robustgate.models.bundle import Bundle
+    from robustgate.models.data import bundle_splits
     from robustgate.models.twin import load_backbone
 
     bundle = Bundle.load(ROOT / args.bundle)
-    stages = build_stages([{"name": args.stage, "kind": "diffusion"}], bundle, twin=True)
+    stages = build_stages(PipelineConfig(stages=[{"name": args.stage, "kind": "diffusion"}]), bundle, twin=True)
     backbone = load_backbone(bundle, device="cpu")
-    x, y = fashion_mnist_test(args.batch, 0)
+    splits = bundle_splits(bundle)
+    x, y = splits.take("test", args.batch)
     rows, grads = {}, {}
     for name, precision in (("float32", None), ("bfloat16", torch.bfloat16)):
         twin = PipelineTwin(backbone, stages, precision=precision)

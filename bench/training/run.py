@@ -14,7 +14,7 @@
    end of the recipe) and labelled as such.
 
 The machine is shared (load average recorded): throughput figures are lower bounds of what an
-idle 2-core machine gives. Writes bench/results/training.json and bench/results/training.md.
+idle 2-core machine gives. Writes bench/results/training.run.json and bench/results/training.run.md.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> int:
     ap.add_argument("--inner-steps", type=int, default=10, help="inner PGD/TRADES steps for pgd-at, trades, mart")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pgd", action="store_true", help="re-measure PGD-20 on the full test set (minutes)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "training"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "training.run"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     command = "python bench/training/run.py " + " ".join(sys.argv[1:])
@@ -116,7 +116,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # OUT.json and OUT.md: with_suffix would replace the part after a dot (training.default -> training.json)
+    # OUT.json and OUT.md: with_suffix would replace the part after a dot (training.run -> training.json)
     out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_name(out.name + ".md").write_text(_markdown(result))
     print(out.with_name(out.name + ".md").read_text())

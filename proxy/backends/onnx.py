@@ -58,7 +58,7 @@ class OnnxBackend(Backend):
             # sidecar's neighbours and the proxy's own event loop need (bench/results/hardening.overload.md)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        path = bundle.path(bundle.spec.backbone.onnx)
+        path = bundle.onnx_path()  # BundleError for a bundle imported from a model server
         providers = providers_for(device)
         self._opts, self._providers = opts, providers
         try:
@@ -106,7 +106,7 @@ class OnnxBackend(Backend):
 
         from robustgate.proxy.backends.fuse import fuse_score_graphs
 
-        path = self.bundle.path(self.bundle.spec.backbone.onnx)
+        path = self.bundle.onnx_path()
         fused, outputs = fuse_score_graphs(onnx.load(str(path)), score_models)
         try:
             session = ort.InferenceSession(fused.SerializeToString(), sess_options=self._opts, providers=self._providers)

@@ -5,20 +5,20 @@ black-box attack only sees what the served pipeline answers."""
 import pytest
 import torch
 
-from robustgate.attacks.differentiable import BackboneOnly, PipelineTwin, build_stages
+from robustgate.attacks.differentiable import BackboneOnly, PipelineTwin
 from robustgate.attacks.joint import JointPGD
-from robustgate.attacks.served import served_pipeline
 from robustgate.attacks.square import LocalOracle, SquareLinf
 from robustgate.attacks.suite import ATTACKS, AttackContext, threat_model
 from robustgate.attacks.threat import check_perturbation, perturbation_norm
 from robustgate.defenses.pipeline import REJECTED
+from assembly import served, stages_of  # tests/helpers: the one assembly, as eval uses it
 
 JPEG = [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 60}}]
 
 
 def _served_outcome(tiny, cfg, x_adv, y):
     """(attack success rate = accepted and wrong, rejection rate) on the served ONNX pipeline."""
-    out = served_pipeline(tiny, build_stages(cfg, tiny))(x_adv)
+    out = served(tiny, cfg)(x_adv)
     rejected = out.verdict == REJECTED
     fooled = ~rejected & (out.logits.argmax(1) != y)
     return fooled.float().mean().item(), rejected.float().mean().item()
@@ -29,8 +29,8 @@ def test_attack_stays_in_ball_and_box(name, tiny, backbone, test_images, hf_thre
     x, y = test_images[0][:12], test_images[1][:12]
     cfg = [{"name": "hf", "kind": "attacks_test_hf", "threshold": hf_threshold},
            {"name": "noise", "kind": "noise", "params": {"sigma": 0.05}}, *JPEG]
-    twin = PipelineTwin(backbone, build_stages(cfg, tiny, twin=True))
-    oracle = LocalOracle(served_pipeline(tiny, build_stages(cfg, tiny)))
+    twin = PipelineTwin(backbone, stages_of(cfg, tiny, twin=True))
+    oracle = LocalOracle(served(tiny, cfg))
     ctx = AttackContext(BackboneOnly(backbone), twin, oracle, num_classes=10)
     a = ATTACKS[name]
     eps = 1.0 if a.norm == "l2" else (0.3 if name == "autoattack" else 0.1)
@@ -61,7 +61,7 @@ def test_bpda_beats_plain_pgd_on_jpeg(tiny, backbone, test_images):
     """Plain PGD through the JPEG stage gets no gradient (the codec hides it: only the random
     start moves the input); BPDA's straight-through backward pass restores it."""
     x, y = test_images
-    stages = build_stages(JPEG, tiny, twin=True)
+    stages = stages_of(JPEG, tiny, twin=True)
     torch.manual_seed(0)
     plain = JointPGD(PipelineTwin(backbone, stages, bpda=False), eps=0.05, steps=20)(x, y)
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def test_bpda_beats_plain_pgd_on_jpeg(tiny, backbone, test_images):
 def test_joint_loss_evades_the_detector_better_than_ignoring_it(tiny, backbone, test_images, hf_threshold):
     x, y = test_images
     cfg = [{"name": "hf", "kind": "attacks_test_hf", "action": "reject", "threshold": hf_threshold}]
-    twin = PipelineTwin(backbone, build_stages(cfg, tiny, twin=True))
+    twin = PipelineTwin(backbone, stages_of(cfg, tiny, twin=True))
     tm = threat_model("bpda", 0.1, n=len(x), steps=20, restarts=1, eot=1, queries=1)
     ctx = AttackContext(BackboneOnly(backbone), twin, None, 10)
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_square_sees_rejections_as_failed_queries(tiny, backbone, test_images):
     x, y = test_images[0][:16], test_images[1][:16]
     # a detector that rejects everything: every query fails, nothing is ever accepted
     reject_all = [{"name": "hf", "kind": "attacks_test_hf", "action": "reject", "threshold": -1.0}]
-    oracle = LocalOracle(served_pipeline(tiny, build_stages(reject_all, tiny)))
+    oracle = LocalOracle(served(tiny, reject_all))
     logits, rejected = oracle(x)
     assert rejected.all() and torch.isnan(logits).all()
     attack = SquareLinf(oracle, eps=0.2, queries=20)
@@ -102,7 +102,7 @@ def test_square_sees_rejections_as_failed_queries(tiny, backbone, test_images):
     check_perturbation(adv, x, "linf", 0.2)
     assert torch.all(attack.queries_used == 20)  # never "succeeded": the budget is spent
     # undefended: the same budget fools some items, and stops querying the ones it fooled
-    open_oracle = LocalOracle(served_pipeline(tiny, build_stages([], tiny)))
+    open_oracle = LocalOracle(served(tiny, []))
     attack = SquareLinf(open_oracle, eps=0.2, queries=100)
     adv = attack(x, y)
     check_perturbation(adv, x, "linf", 0.2)
@@ -119,8 +119,8 @@ def test_eot_attacks_through_the_diffusion_sampler(tiny, backbone, test_images):
     cfg = [{"name": "diffpure", "kind": "diffusion",
             "params": {"t_star": 20, "steps": 1, "block_out_channels": [8, 16, 16]}}]
     with pytest.raises(ValueError, match="runs a fitted model, but the bundle has no fitted defense 'diffpure'"):
-        build_stages(cfg, tiny, twin=True)  # the red team attacks what the proxy would serve: nothing here
-    twin = PipelineTwin(backbone, build_stages(cfg, None, twin=True))  # an untrained UNet, no bundle
+        stages_of(cfg, tiny, twin=True)  # the red team attacks what the proxy would serve: nothing here
+    twin = PipelineTwin(backbone, stages_of(cfg, None, twin=True))  # an untrained UNet, no bundle
     assert twin.randomized and twin.non_differentiable == []
     # the purifier's Jacobian is not the identity: the gradient really goes through the UNet
     xg = x.clone().requires_grad_(True)
@@ -144,7 +144,7 @@ def test_bfloat16_twin_differentiates_the_sampler_in_bfloat16_and_stays_close(ba
     x = test_images[0][:6]
     cfg = [{"name": "diffpure", "kind": "diffusion",
             "params": {"t_star": 20, "steps": 2, "block_out_channels": [8, 16, 16]}}]
-    stages = build_stages(cfg, None, twin=True)
+    stages = stages_of(cfg, None, twin=True)
     v = torch.randn_like(x)
 
     def purified_and_gradient(precision):

@@ -10,7 +10,6 @@ import torch
 
 from robustgate.attacks.endpoint import GrpcOracle
 from robustgate.attacks.probe import probe
-from robustgate.attacks.served import fashion_mnist_test
 from robustgate.attacks.square import SquareLinf
 from robustgate.attacks.threat import check_perturbation
 from robustgate.proxy.config import load_config
@@ -46,8 +45,8 @@ def guarded_proxy(tiny_bundle, hf_threshold):
     p.stop()
 
 
-def test_square_through_grpc_counts_rejections(guarded_proxy, tiny):
-    x, y = fashion_mnist_test(8, offset=100)
+def test_square_through_grpc_counts_rejections(guarded_proxy, tiny, fmnist_splits):
+    x, y = fmnist_splits.test_x[100:108], fmnist_splits.test_y[100:108]
     oracle = GrpcOracle(guarded_proxy.url, tiny.name)
     try:
         # a noisy image trips the detector: the attacker gets PERMISSION_DENIED, no logits
@@ -85,13 +84,14 @@ def test_probe_cli_prints_the_table(guarded_proxy, tiny_bundle, capsys):
 
 
 def test_eval_sends_square_to_the_live_proxy(guarded_proxy, tiny, backbone, hf_threshold, tmp_path):
-    from robustgate.attacks.runner import EvalSettings, Evaluation, PipelineConfig
+    from robustgate.attacks.runner import EvalSettings, Evaluation, NamedPipeline
+    from robustgate.defenses.assemble import PipelineConfig
 
-    guarded = PipelineConfig("guarded", [{"name": "hf", "kind": "attacks_test_hf", "action": "reject",
-                                          "threshold": hf_threshold}])
+    guarded = NamedPipeline("guarded", PipelineConfig(stages=[{"name": "hf", "kind": "attacks_test_hf", "action": "reject",
+                                                               "threshold": hf_threshold}]))
     settings = EvalSettings(attacks=["square"], eps=[0.1], n=4, queries=5, url=guarded_proxy.url,
                             url_config="guarded", model_name=tiny.name)
-    result = Evaluation(tiny, [PipelineConfig("none", []), guarded], settings, tmp_path / "r", backbone=backbone,
+    result = Evaluation(tiny, [NamedPipeline("none", PipelineConfig()), guarded], settings, tmp_path / "r", backbone=backbone,
                         progress=False, surface_points=0).run()
     oracles = {c["config"]: c["oracle"] for c in result["cells"]}
     assert oracles == {"none": "local served pipeline", "guarded": f"grpc://{guarded_proxy.url}"}

@@ -1,11 +1,11 @@
-"""The twin computes what is served: DefendedModel on the ONNX graph (ONNX Runtime) and the torch
+"""The twin computes what is served: the proxy's runner on its ONNX Runtime backend and the torch
 PipelineTwin give the same logits on clean inputs, stage by stage."""
 
 import pytest
 import torch
 
-from robustgate.attacks.differentiable import PipelineTwin, build_stages
-from robustgate.attacks.served import served_pipeline
+from robustgate.attacks.differentiable import PipelineTwin
+from assembly import served, stages_of  # tests/helpers: the one assembly, as eval uses it
 
 CONFIGS = {
     "none": [],
@@ -22,9 +22,8 @@ CONFIGS = {
 def test_twin_matches_served_onnx_pipeline(name, tiny, backbone, test_images):
     x, _ = test_images
     cfg = CONFIGS[name]
-    served = served_pipeline(tiny, build_stages(cfg, tiny))
-    twin = PipelineTwin(backbone, build_stages(cfg, tiny, twin=True))
-    out = served(x, generator=torch.Generator().manual_seed(7))
+    out = served(tiny, cfg, seed=7)(x)  # the proxy's runner: each batch's generator seeded with 7
+    twin = PipelineTwin(backbone, stages_of(cfg, tiny, twin=True))
     twin.generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         logits = twin(x)
@@ -37,7 +36,7 @@ def test_twin_matches_served_onnx_pipeline(name, tiny, backbone, test_images):
 
 def test_bpda_forward_is_the_real_purifier_and_backward_the_surrogate(tiny, backbone, test_images):
     x, _ = test_images
-    stages = build_stages(CONFIGS["jpeg"], tiny, twin=True)
+    stages = stages_of(CONFIGS["jpeg"], tiny, twin=True)
     jpeg = stages[0].defense
     with_bpda = PipelineTwin(backbone, stages, bpda=True)
     without = PipelineTwin(backbone, stages, bpda=False)

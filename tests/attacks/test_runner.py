@@ -8,7 +8,7 @@ import yaml
 
 from robustgate.attacks import suite
 from robustgate.attacks.reports import write_reports
-from robustgate.attacks.runner import EvalSettings, Evaluation, load_pipelines
+from robustgate.attacks.runner import EvalSettings, Evaluation, NamedPipeline, load_pipelines
 
 
 @pytest.fixture()
@@ -84,8 +84,9 @@ def test_eval_writes_reports_and_resumes(tiny, backbone, pipeline_file, tmp_path
     with pytest.raises(AssertionError, match="recomputed"):
         Evaluation(tiny, configs, settings, out, backbone=backbone, progress=False, surface_points=0).run()
     # a cached cell is never reused for different inputs: same config name, other stage params
-    changed = [configs[0], configs[2]]
-    changed[1].stages[1]["params"]["sigma"] = 0.06
+    guarded = configs[2].pipeline.model_copy(deep=True)
+    guarded.stages[1].params["sigma"] = 0.06
+    changed = [configs[0], NamedPipeline("guarded", guarded)]
     with pytest.raises(AssertionError, match="recomputed"):
         Evaluation(tiny, changed, settings, out, backbone=backbone, progress=False, surface_points=0).run()
 
@@ -118,7 +119,7 @@ def test_cli_eval_refuses_a_configuration_it_cannot_build_before_any_cell(tiny_b
                "--n", "8", "--steps", "2", "--out", str(out), "--no-progress", "--surface-points", "0"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "robustgate eval: pipeline stage 0 (svm): 'safetynet' runs a fitted model" in err
+    assert "robustgate eval: pipeline.stages.0 (svm): 'safetynet' runs a fitted model" in err
     assert not (out / "cells").exists() or not any((out / "cells").iterdir())  # nothing ran
     assert main(["eval", "--bundle", str(tmp_path / "nowhere"), "--n", "8", "--out", str(out), "--no-progress"]) == 2
     assert "robustgate eval:" in capsys.readouterr().err
@@ -129,18 +130,25 @@ def test_bad_pipeline_files_are_refused(tmp_path):
     bad.write_text(yaml.safe_dump({"stuff": 1}))
     with pytest.raises(ValueError, match="expected 'configs', 'pipeline' or 'stages'"):
         load_pipelines(bad)
+    # validated by the proxy's own PipelineConfig: the error names the bad key
     bad.write_text(yaml.safe_dump({"stages": [{"name": "x"}]}))
-    with pytest.raises(ValueError, match="needs at least a 'kind'"):
+    with pytest.raises(ValueError, match=r"stages\.0\.kind: Field required"):
+        load_pipelines(bad)
+    bad.write_text(yaml.safe_dump({"configs": {"j": {"stages": [{"kind": "jpeg", "acton": "flag"}]}}}))
+    with pytest.raises(ValueError, match=r"configs\.j\.stages\.0\.acton: Extra inputs are not permitted"):
+        load_pipelines(bad)
+    bad.write_text(yaml.safe_dump({"pipeline": {"failure_policy": "maybe", "stages": []}}))
+    with pytest.raises(ValueError, match=r"pipeline\.failure_policy: Input should be 'fail-closed' or 'fail-open'"):
         load_pipelines(bad)
     with pytest.raises(ValueError, match="unknown attacks"):
         EvalSettings(attacks=["nope"], eps=[0.1])
 
 
 def test_smoothing_reports_certified_accuracy(tiny, backbone, tmp_path):
-    from robustgate.attacks.runner import PipelineConfig
+    from robustgate.defenses.assemble import PipelineConfig
 
-    configs = [PipelineConfig("smooth", [{"name": "smooth", "kind": "smoothing",
-                                          "params": {"sigma": 0.25, "n0": 8, "n": 32, "alpha": 0.01}}])]
+    configs = [NamedPipeline("smooth", PipelineConfig(stages=[{"name": "smooth", "kind": "smoothing",
+                                                               "params": {"sigma": 0.25, "n0": 8, "n": 32, "alpha": 0.01}}]))]
     settings = EvalSettings(attacks=["pgd", "eot"], eps=[0.1], n=12, steps=3, eot=2, radii=[0.0, 0.25, 0.5])
     result = Evaluation(tiny, configs, settings, tmp_path / "s", backbone=backbone, progress=False,
                         surface_points=1).run()

@@ -5,7 +5,7 @@ Every served answer is compared with values computed here, offline, independentl
 the tiny trained bundle's ONNX backbone run directly in ONNX Runtime on the purifier's own output
 (``build(kind, **params).purify(x, generator)``), on hand-built TTE copies, or on hand-drawn
 smoothing noise. The proxy's randomness is reproduced exactly: with ``pipeline.seed`` set, each
-batch gets ``torch.Generator().manual_seed(seed)`` (proxy/assemble.py ``PipelineRunner.generator``)
+batch gets ``torch.Generator().manual_seed(seed)`` (defenses/assemble.py ``PipelineRunner.generator``)
 and a request sent alone is a batch of its own. Each proxy's backend is wrapped to record what it
 is asked to classify, so the purified input itself (shape, dtype, range, values) and the number
 of backend calls are checked too.

@@ -266,7 +266,7 @@ def test_shipped_pipeline_builds_against_a_bundle_fitted_as_documented(magnet_bu
     --name magnet`: names and kinds match, every detector gets its calibrated threshold."""
     from robustgate.defenses.base import Detector
     from robustgate.models.bundle import Bundle
-    from robustgate.proxy.assemble import build_stages
+    from robustgate.defenses.assemble import build_stages
 
     bundle = Bundle.load(magnet_bundle)
     stages = build_stages(proxy_config().pipeline, bundle)

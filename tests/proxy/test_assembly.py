@@ -84,7 +84,7 @@ def test_a_runners_front_half_and_finish_in_two_threads_give_what_one_call_gives
     "Front halves"): same logits, verdicts and scores as the runner called whole, same seed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from robustgate.proxy.assemble import build_runner
+    from robustgate.defenses.assemble import build_runner
     from robustgate.proxy.backends.onnx import OnnxBackend
     from robustgate.proxy.config import PipelineConfig
 
@@ -102,3 +102,91 @@ def test_a_runners_front_half_and_finish_in_two_threads_give_what_one_call_gives
     assert split.verdict.tolist() == whole.verdict.tolist() and split.reason == whole.reason
     assert set(split.seconds) == set(whole.seconds) == {"median", "noise", "classify"}
     assert not build_runner(PipelineConfig(), bundle, OnnxBackend(bundle), None).has_purifiers
+
+
+# ---- device (defenses/assemble.py, "Device") --------------------------------------------------
+CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine")
+
+
+class _DeviceSpy:
+    """Records the devices the assembly moves a stage to (wraps the registered defense's ``to``)."""
+
+    def __init__(self, monkeypatch):
+        from robustgate.defenses.base import Defense
+
+        self.moves: list[tuple[str, str]] = []
+        original = Defense.to
+
+        def to(defense, device):
+            self.moves.append((defense.kind, str(device)))
+            return original(defense, device)
+
+        monkeypatch.setattr(Defense, "to", to)
+
+
+def test_device_is_validated_and_resolved_once(proxy_bundle):
+    import torch
+
+    from robustgate.defenses.assemble import PipelineConfig, build_stages, resolve_device
+    from robustgate.proxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pipeline\.device: Input should be 'cpu', 'cuda' or 'auto'"):
+        load_config(None, environ={}, overrides={"bundle": str(proxy_bundle), "pipeline": {"device": "gpu"}})
+    with pytest.raises(ConfigError, match=r"pipeline\.stages\.0\.device: Input should be"):
+        load_config(None, environ={}, overrides={"bundle": str(proxy_bundle), "pipeline": {
+            "stages": [{"name": "m", "kind": "median", "device": "tpu"}]}})
+    assert load_config(None, environ={"ROBUSTGATE_PIPELINE__DEVICE": "auto"},
+                       overrides={"bundle": str(proxy_bundle)}).pipeline.device == "auto"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"pipeline\.stages\.0 \(m\): device is 'cuda' but torch sees no CUDA"):
+            build_stages(PipelineConfig(device="cuda", stages=[{"name": "m", "kind": "median"}]), Bundle.load(proxy_bundle))
+
+
+def test_stages_go_to_the_pipeline_device_unless_they_override_it(proxy_bundle, monkeypatch):
+    import torch
+
+    from robustgate.defenses.assemble import PipelineConfig, build_runner, build_stages
+    from robustgate.proxy.backends.onnx import OnnxBackend
+
+    bundle = Bundle.load(proxy_bundle)
+    spy = _DeviceSpy(monkeypatch)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = PipelineConfig(device="auto", stages=[{"name": "m", "kind": "median"},
+                                                {"name": "n", "kind": "noise", "params": {"sigma": 0.1}, "device": "cpu"}])
+    build_stages(cfg, bundle)
+    assert dict(spy.moves) == {"median": auto, "noise": "cpu"}  # where each stage was moved last
+    spy.moves.clear()
+    build_stages(cfg, bundle, twin=True, device="cpu")  # eval's --device overrides the pipeline's, not a stage's
+    assert dict(spy.moves) == {"median": "cpu", "noise": "cpu"}
+    assert build_runner(cfg, bundle, OnnxBackend(bundle), None).device == auto
+
+
+def test_host_only_stages_are_named(proxy_bundle):
+    from robustgate.defenses.assemble import PipelineConfig, build_stages, host_only
+
+    stages = build_stages(PipelineConfig(stages=[{"name": "j", "kind": "jpeg"}, {"name": "m", "kind": "median"}]),
+                          Bundle.load(proxy_bundle))
+    assert "Pillow" in host_only(stages[0].defense) and host_only(stages[1].defense) is None
+
+
+@CUDA
+def test_a_cuda_pipeline_answers_what_the_cpu_pipeline_answers_and_logs_host_stages_once(proxy_bundle, caplog):
+    from robustgate.defenses.assemble import PipelineConfig, build_runner
+    from robustgate.proxy.backends.onnx import OnnxBackend
+
+    bundle = Bundle.load(proxy_bundle)
+    stages = [{"name": "bits", "kind": "bitdepth", "params": {"bits": 4}}, {"name": "median", "kind": "median"},
+              {"name": "jpeg", "kind": "jpeg"}]
+    backend = OnnxBackend(bundle)
+    with caplog.at_level("WARNING", logger="robustgate.assemble"):
+        gpu = build_runner(PipelineConfig(stages=stages, device="cuda", seed=3), bundle, backend, None)
+    assert [r.getMessage() for r in caplog.records if "compute on the host" in r.getMessage()] == [
+        "stages that compute on the host, not on cuda: jpeg (encodes with Pillow on the host (the batch is copied "
+        "there and back))"]
+    cpu = build_runner(PipelineConfig(stages=stages, seed=3), bundle, backend, None)
+    x = np.random.default_rng(0).random((6, 1, 28, 28), dtype=np.float32)
+    a, b = gpu(x), cpu(x)
+    assert a.logits.device.type == "cpu" and a.verdict.tolist() == b.verdict.tolist()
+    np.testing.assert_allclose(a.logits.numpy(), b.logits.numpy(), atol=1e-4)

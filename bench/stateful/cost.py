@@ -1,0 +1,191 @@
+"""Cost of the stateful detector (issue 22 targets: memory <= 256 MiB for 1,000,000 remembered
+queries, p99 lookup <= 1 ms): the in-memory store filled with 1,000,000 queries (its array bytes
+and the process's resident-memory growth), the latency of one store call (lookup + insert of one
+query) on the full store and through a real redis-server on loopback, and the throughput of
+``Blacklight.observe`` (fingerprint + store) at batch 1 and 64 on [1, 28, 28] Fashion-MNIST test
+images and [3, 32, 32] uniform noise.
+
+    nice -n 10 python bench/stateful/cost.py [--entries 1000000] [--out bench/results/stateful.cost]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench" / "hardening"))
+from common import machine, rss_mib, test_images  # noqa: E402
+
+from robustgate.defenses.stateful import Blacklight, MemoryStore, RedisStore  # noqa: E402
+
+K = 20
+
+
+def synthetic_stream(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` queries of one client: digests ``[n]`` and fingerprints ``[n, K]`` where each query keeps
+    18 of the previous query's hashes (an attack's near-copies) -- the postings a real stream writes."""
+    hashes = np.empty((n, K), dtype=np.uint64)
+    hashes[0] = rng.integers(1, 2**63, K, dtype=np.uint64)
+    for i in range(1, n):
+        hashes[i] = hashes[i - 1]
+        hashes[i, rng.integers(0, K, 2)] = rng.integers(1, 2**63, 2, dtype=np.uint64)
+    return rng.integers(1, 2**63, n, dtype=np.uint64), hashes
+
+
+def fill(store, entries: int, clients: int, rng) -> None:
+    for c in tqdm(range(clients), desc="fill 1 query at a time", unit="client"):
+        per = entries // clients + (c < entries % clients)
+        d, h = synthetic_stream(rng, per)
+        for i in range(per):
+            store.observe(f"client-{c}", d[i:i + 1], h[i:i + 1], now=1000.0)
+
+
+def call_latency(store, n: int, rng, now: float | None) -> dict[str, float]:
+    """Latency of ``n`` single-query store calls (lookup + insert) of 50 clients, in microseconds."""
+    times, cpu = np.empty(n), np.empty(n)
+    streams = [synthetic_stream(rng, n // 50 + 1) for _ in range(50)]
+    for i in tqdm(range(n), desc="store latency", unit="q"):
+        d, h = streams[i % 50]
+        j = i // 50
+        t, c = time.perf_counter_ns(), time.thread_time_ns()
+        store.observe(f"lat-{i % 50}", d[j:j + 1], h[j:j + 1], now=now)
+        times[i], cpu[i] = time.perf_counter_ns() - t, time.thread_time_ns() - c
+    times /= 1e3
+    cpu /= 1e3
+    return {"p50_us": float(np.percentile(times, 50)), "p99_us": float(np.percentile(times, 99)),
+            "max_us": float(times.max()), "cpu_p50_us": float(np.percentile(cpu, 50)),
+            "cpu_p99_us": float(np.percentile(cpu, 99)), "n": n}
+
+
+def observe_throughput(det: Blacklight, x: torch.Tensor, batch: int, seconds: float) -> dict[str, float]:
+    """Images per second of ``det.observe`` on batches of ``x``, one client per 256 images."""
+    done, start, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        xb = x[(i * batch) % len(x):][:batch]
+        det.observe(f"tp-{done // 256}", xb)
+        done += len(xb)
+        i += 1
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": done / elapsed, "us_per_image": 1e6 * elapsed / done, "images": done}
+
+
+def start_redis() -> tuple[subprocess.Popen, str, Path]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = Path(tempfile.mkdtemp(prefix="rg-redis-"))
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    import redis
+
+    for _ in range(100):
+        try:
+            redis.Redis(port=port).ping()
+            return proc, f"redis://127.0.0.1:{port}/0", workdir
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--entries", type=int, default=1_000_000)
+    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--latency-queries", type=int, default=20_000)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per throughput cell")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "stateful.cost"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    import os
+
+    rss0 = rss_mib(os.getpid())
+    store = MemoryStore(max_entries=args.entries, max_per_client=min(10_000, args.entries), max_clients=100_000, ttl_s=1e9,
+                        hashes_per_query=K)
+    # a client's first query, then the store filled to max_entries: is the oldest entry still matched?
+    d_old, h_old = synthetic_stream(rng, 1)
+    store.observe("old", d_old, h_old, now=1000.0)
+    t0 = time.perf_counter()
+    fill(store, args.entries - 1, args.clients, rng)
+    fill_s = time.perf_counter() - t0
+    rss1 = rss_mib(os.getpid())
+    retained = int(store.observe("old", d_old + np.uint64(1), h_old, now=1000.0)[0])
+    stats = store.stats()
+    memory = {"entries": stats["entries"], "clients": stats["clients"], "store_bytes": stats["bytes"],
+              "store_mib": stats["bytes"] / 2**20, "rss_growth_mib": rss1 - rss0,
+              "fill_s": fill_s, "fill_queries_per_s": (args.entries - 1) / fill_s,
+              "oldest_query_match_count": retained, "oldest_query_still_matched": retained == K}
+    latency = {"memory_full": call_latency(store, args.latency_queries, rng, now=1000.0)}
+
+    proc, url, workdir = start_redis()
+    try:
+        rstore = RedisStore(url, max_entries=args.entries, max_per_client=min(10_000, args.entries), ttl_s=3600.0, prefix="bench")
+        latency["redis_loopback"] = call_latency(rstore, min(args.latency_queries, 5000), rng, now=None)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    fm, _ = test_images(2048)
+    inputs = {"1x28x28": torch.from_numpy(fm), "3x32x32": torch.rand(2048, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    det = Blacklight(store=store)
+    throughput = {}
+    for name, x in inputs.items():
+        for batch in (1, 64):
+            throughput[f"{name}_b{batch}"] = observe_throughput(det, x, batch, args.seconds)
+            print(name, batch, throughput[f"{name}_b{batch}"], flush=True)
+
+    result = {"command": "nice -n 10 python bench/stateful/cost.py " + " ".join(sys.argv[1:]),
+              "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
+              "detector": det.config(), "store": store.config(), "memory": memory, "latency": latency,
+              "throughput": throughput}
+    out = Path(args.out)  # a stem: OUT.json and OUT.md (with_suffix would eat ".cost")
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    lines = [
+        "# Stateful detector cost (Blacklight, in-memory and Redis stores)", "",
+        f"Command: `{result['command']}` ({result['when']}), {m['cpu']}, {m['cores']} cores shared with other jobs, "
+        f"torch 1 thread, revision {m['robustgate_revision']}.", "",
+        f"Detector: {det.config()}; store: {store.config()}.", "",
+        "## Memory for remembered queries", "",
+        "| entries | store arrays | process RSS growth | fill rate | its oldest query still matched (20 of 20 hashes) |",
+        "| ---: | ---: | ---: | ---: | --- |",
+        f"| {memory['entries']:,} | {memory['store_mib']:.1f} MiB | {memory['rss_growth_mib']:.1f} MiB | "
+        f"{memory['fill_queries_per_s']:,.0f} queries/s | {memory['oldest_query_still_matched']} |", "",
+        "## One store call (lookup + insert of one query)", "",
+        "| store | wall p50 | wall p99 | wall max | CPU p50 | CPU p99 | calls |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, lat in latency.items():
+        lines.append(f"| {name} | {lat['p50_us']:.0f} µs | {lat['p99_us']:.0f} µs | {lat['max_us']:.0f} µs | "
+                     f"{lat['cpu_p50_us']:.0f} µs | {lat['cpu_p99_us']:.0f} µs | {lat['n']:,} |")
+    lines += ["", "## `Blacklight.observe` throughput (fingerprint + the in-memory store above, full)", "",
+              "| input | batch | images/s | µs per image |", "| --- | ---: | ---: | ---: |"]
+    for key, tp in throughput.items():
+        shape, batch = key.rsplit("_b", 1)
+        lines.append(f"| {shape} | {batch} | {tp['images_per_s']:,.0f} | {tp['us_per_image']:.0f} |")
+    lines += ["", "Notes: store latency is wall time per call on a shared 2-core machine (other jobs running), so "
+              "wall p99/max include scheduling noise; the CPU columns (this thread's CPU time) do not; for Redis "
+              "they are the client's side only. The Redis row is one Lua script call over loopback TCP. "
+              "Fingerprints in the memory and latency rows are synthetic (each query keeps 18 of its predecessor's "
+              "20 hashes); the throughput rows hash real pixels."]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

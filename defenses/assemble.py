@@ -1,0 +1,278 @@
+"""The one pipeline assembly: stage config + bundle -> the stages, and the runner that serves them.
+
+The proxy (proxy/serve.py, proxy/reload.py) and the red team (``robustgate eval``, attacks/runner.py)
+build their pipelines only here, so "measured on the pipeline the proxy runs" holds by
+construction:
+
+- :class:`StageConfig` / :class:`PipelineConfig`: the pydantic ``pipeline:`` section of the proxy's
+  config file (the red team reads the same model from its own YAML shapes);
+- :func:`build_stages`: each configured stage is ``defenses.base.build_from_bundle(kind, name,
+  params, ...)``: when the bundle holds a fitted defense under the stage's name, its kind must
+  match, its params are the base (the stage's ``params`` are merged over them), its artifact files
+  (checksums verified by ``Bundle.load``) are loaded and its calibrated threshold is used unless the
+  stage sets ``threshold``; a defense that runs a fitted model but has none in the bundle is refused
+  at start. ``twin=True`` builds the red team's differentiable copies (``runtime: torch`` on every
+  defense that has a ``runtime`` parameter; each defense's parity test ties the two);
+- :class:`PipelineRunner`: one batch through the stages with a backend (the proxy's ONNX Runtime
+  session or its upstream) as the classify step (torch <-> numpy at the edge), given the time left
+  until the batch's latest client deadline (none when one of its requests has none;
+  proxy/batcher.py).
+
+Device: ``pipeline.device`` (``cpu | cuda | auto``; a stage's own ``device`` overrides it) is
+resolved once (:func:`resolve_device`; ``auto`` = cuda when ``torch.cuda.is_available()``), each
+stage is moved there with ``Defense.to``, and the runner hands the batch to the stages on the
+pipeline's device. A stage that computes on the host whatever the setting (ONNX Runtime CPU
+sessions, Pillow's JPEG codec) is named once in the log at build time, never per request. The
+classify step stays where its backend runs (ONNX Runtime's provider: ``backend.onnxruntime.device``).
+
+Randomness: every batch gets a fresh ``torch.Generator`` seeded from ``os.urandom`` (an attacker
+cannot predict the noise), unless ``pipeline.seed`` is set (tests), then each batch is seeded with it.
+
+Threads: ``robustgate serve`` calls :func:`pin_torch_threads` once at start. The pipeline's torch
+work (input checks, score arithmetic, quantization) is small per batch, next to the ONNX Runtime
+sessions that do the compute on their own thread pools; torch's OpenMP pool on cores shared with
+those sessions (and with other processes) stalls at its barriers instead (measured:
+bench/results/detect.proxy_cost.md). The Kubernetes sidecar sets OMP_NUM_THREADS=1 for the same
+reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from robustgate.defenses.base import Classifier, Defense, Detector, Ensemble, build_from_bundle
+from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage, split_stages
+
+if TYPE_CHECKING:  # the backend interface lives with the transport; only its methods are used here
+    from robustgate.proxy.backends.base import Backend
+
+log = logging.getLogger("robustgate.assemble")
+STAGE_NAME = r"^[A-Za-z0-9_.-]+$"  # safe in output names, metric labels and metadata
+Device = Literal["cpu", "cuda", "auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageConfig(_Strict):
+    name: str = Field(pattern=STAGE_NAME)
+    kind: str
+    action: Literal["reject", "flag", "log"] = "reject"
+    params: dict[str, Any] = {}  # merged over the bundle's fitted params (stage params win)
+    threshold: float | None = None  # overrides the bundle's calibrated threshold
+    device: Device | None = None  # overrides pipeline.device for this stage
+
+
+class PipelineConfig(_Strict):
+    stages: list[StageConfig] = []
+    failure_policy: Literal["fail-closed", "fail-open"] = "fail-closed"
+    verdict_mode: Literal["request", "item"] = "request"
+    seed: int | None = None  # fixed per-batch seed (tests); None = fresh os.urandom seed per batch
+    # an ensemble's copies per backend call (smoothing's n0 + n copies per item add up fast); more -> several calls
+    max_fanout_items: int = Field(4096, ge=1)
+    device: Device = "cpu"  # where the stages compute; auto = cuda when available (defenses/assemble.py, "Device")
+
+    @field_validator("stages")
+    @classmethod
+    def _unique(cls, v: list[StageConfig]) -> list[StageConfig]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+
+def describe_error(exc: ValidationError, prefix: str = "") -> str:
+    """``key.path: message; ...`` for every error of ``exc``, each key under ``prefix``."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join([p for p in (prefix,) if p] + [str(p) for p in err["loc"]]) or "config"
+        parts.append(f"{key}: {re.sub(r'^Value error, ', '', err['msg'])}")
+    return "; ".join(parts)
+
+
+def resolve_device(device: str) -> str:
+    """``cpu | cuda | auto`` -> ``cpu`` or ``cuda``; ValueError for cuda without a CUDA device."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but torch sees no CUDA device (torch.cuda.is_available() is False); "
+                         "use device: cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def host_only(defense: Defense) -> str | None:
+    """Why ``defense`` computes on the host whatever its device (None: it follows ``Defense.to``)."""
+    if getattr(defense, "runtime", None) == "onnx":
+        return "runs in an ONNX Runtime CPU session (runtime: onnx)"
+    reason = getattr(type(defense), "host_only", None)  # a defense may declare it (class attribute, str)
+    if reason:
+        return str(reason)
+    if defense.kind == "jpeg":  # defenses/purify/jpeg.py encodes with Pillow
+        return "encodes with Pillow on the host (the batch is copied there and back)"
+    return None
+
+
+def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
+                 device: str | None = None) -> list[Stage]:
+    """The configured stages, built, loaded and on their device; ValueError naming the stage on any
+    problem. ``twin``: the red team's differentiable copies. ``device`` overrides ``cfg.device`` (a
+    stage's own ``device`` still wins); ``bundle=None``: untrained defenses, no bundle (tests)."""
+    default = device or cfg.device
+    stages, on_host = [], []
+    for i, sc in enumerate(cfg.stages):
+        where = f"pipeline.stages.{i} ({sc.name})"
+        defense = build_from_bundle(sc.kind, sc.name, dict(sc.params), sc.threshold, bundle, where=where,
+                                    runtime="torch" if twin else None)
+        try:
+            target = resolve_device(sc.device or default)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        defense.to(target)
+        if target != "cpu" and (reason := host_only(defense)) is not None:
+            on_host.append(f"{sc.name} ({reason})")
+        stages.append(Stage(name=sc.name, defense=defense, action=sc.action))
+    if on_host:  # once, at start: these stages do not follow the device setting
+        log.warning("stages that compute on the host, not on %s: %s", resolve_device(default), "; ".join(on_host))
+    return stages
+
+
+def pin_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
+    """Sets torch's intra-op threads to 1 for the proxy process, unless ``OMP_NUM_THREADS`` is set
+    (torch then follows it); returns the thread count in effect. Process-wide: call it from the
+    serving entry point only (module docstring, "Threads")."""
+    if "OMP_NUM_THREADS" not in environ:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+@dataclass
+class PipelineRunner:
+    """Runs one batch through the stages with the backend as classifier (synchronous; call it
+    from a worker thread). ``device``: where the batch meets the stages (resolved, ``cpu`` or
+    ``cuda``); results come back on the host."""
+
+    stages: list[Stage]
+    backend: "Backend"
+    classifier: Classifier | None
+    failure_policy: str = "fail-closed"
+    seed: int | None = None
+    share_features: bool = True  # the shared classify pass (defenses/pipeline.py); False: as before
+    max_fanout_items: int | None = None  # an ensemble's copies per backend call (pipeline.max_fanout_items)
+    device: str = "cpu"
+
+    def __post_init__(self):
+        # validates the stage list once at start (the per-batch models reuse these stages)
+        DefendedModel(self.stages, self._classify_with(None), self.classifier, self.failure_policy)
+        self.fused = self._fuse()
+        # whether the batch has a front half worth a thread of its own (:meth:`prepare`); asked per batch
+        self.has_purifiers = bool(split_stages(self.stages)[1])
+
+    def _fuse(self):
+        """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score
+        graph, when the pipeline has a shared pass (detectors only) and the backend can fuse
+        (Backend.fused_pass); else None. A detector that fuses here runs in the backbone's session call."""
+        detectors, purifiers, ensemble = split_stages(self.stages)
+        if not (self.share_features and detectors and not purifiers and ensemble is None):
+            return None
+        models = {s.name: m for s in detectors if (m := s.defense.onnx_score_model()) is not None}
+        return self.backend.fused_pass(models) if models else None
+
+    @property
+    def detector_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages if isinstance(s.defense, Detector))
+
+    @property
+    def has_ensemble(self) -> bool:
+        return bool(self.stages) and isinstance(self.stages[-1].defense, Ensemble)
+
+    def _classify_with(self, timeout: float | None):
+        def classify(x: torch.Tensor) -> torch.Tensor:  # [M, C, H, W] -> [M, K] on x's device
+            logits = np.asarray(self.backend.infer(_host(x), timeout=timeout), dtype=np.float32)
+            return torch.from_numpy(logits).to(x.device)
+
+        return classify
+
+    def _classify_features_with(self, timeout: float | None):
+        def classify_features(x: torch.Tensor) -> tuple:  # [M, K], [M, D] | None[, {stage: [M]}]
+            arr = _host(x)
+
+            def back(a):
+                return None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float32)).to(x.device)
+
+            if self.fused is not None:
+                logits, feats, scores = self.fused(arr)
+                return back(logits), back(feats), {stage: back(v) for stage, v in scores.items()}
+            logits, feats = self.backend.infer_with_features(arr, timeout=timeout)
+            return back(logits), back(feats)
+
+        return classify_features
+
+    def generator(self) -> torch.Generator:
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def _model(self, timeout: float | None) -> DefendedModel:
+        return DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,
+                             classify_features=self._classify_features_with(timeout) if self.share_features else None,
+                             max_fanout_items=self.max_fanout_items)
+
+    def _input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x.detach()
+        return t if self.device == "cpu" else t.to(self.device)
+
+    def _on_host(self, result: PipelineResult) -> PipelineResult:
+        if self.device == "cpu":
+            return result
+        result.logits, result.verdict = result.logits.cpu(), result.verdict.cpu()
+        result.scores = {k: v.cpu() for k, v in result.scores.items()}
+        result.radius = None if result.radius is None else result.radius.cpu()
+        return result
+
+    def __call__(self, x: np.ndarray | torch.Tensor, timeout: float | None = None) -> PipelineResult:
+        """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result (on the host)."""
+        with torch.no_grad():
+            return self._on_host(self._model(timeout)(self._input(x), generator=self.generator()))
+
+    def prepare(self, x: np.ndarray) -> Callable[[float | None], PipelineResult]:
+        """The detectors and purifiers on ``x`` now; returns ``finish(timeout)``, which classifies
+        and gives what ``self(x, timeout)`` gives. The two halves may run in different threads
+        (the batcher overlaps one batch's ``prepare`` with the previous batch's ``finish``);
+        ``finish`` belongs to this runner, so a batch prepared before a reload finishes with the
+        pipeline it started with. Without purifiers the shared pass would classify here, with no
+        timeout: the server calls it only when :attr:`has_purifiers`."""
+        generator = self.generator()
+        with torch.no_grad():  # grad mode is per thread: each half sets its own
+            front = self._model(None).front(self._input(x), generator)
+
+        def finish(timeout: float | None) -> PipelineResult:
+            with torch.no_grad():
+                return self._on_host(self._model(timeout).back(front, generator))
+
+        return finish
+
+
+def build_runner(cfg: PipelineConfig, bundle: Any, backend: "Backend", classifier: Classifier | None,
+                 device: str | None = None) -> PipelineRunner:
+    """The served pipeline of ``cfg``: its stages (:func:`build_stages`) in a :class:`PipelineRunner`
+    on ``backend``. ``device`` overrides ``cfg.device``."""
+    return PipelineRunner(
+        stages=build_stages(cfg, bundle, device=device), backend=backend, classifier=classifier,
+        failure_policy=cfg.failure_policy, seed=cfg.seed, max_fanout_items=cfg.max_fanout_items,
+        device=resolve_device(device or cfg.device),
+    )

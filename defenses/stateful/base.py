@@ -1,0 +1,75 @@
+"""The interface of stateful detectors: scores that depend on what the same client sent before.
+
+A per-image detector (defenses.base.Detector) sees one item; a query-based black-box attack
+(Square, NES, HopSkipJump, ...) is only visible as a *stream* of near-copies from one client. A
+:class:`StatefulDetector` therefore takes the client's identity with the batch:
+
+    observe(client, x [N, C, H, W]) -> scores [N]
+
+records each query in that client's history (a :class:`~robustgate.defenses.stateful.store.HistoryStore`)
+and scores it against that history, in order; higher = more like a query attack; a query is
+flagged when ``score > threshold`` (the threshold calibrated on benign streams by
+defenses.stateful.calibration). Like every defense, the constructor's keyword arguments are the
+configuration (``config()``); the store is not configuration but state: the proxy builds it once
+and hands the same object to the detector of every config reload (``store=``), so a reload keeps
+the attackers' histories.
+
+Not registered in the defense registry: the pipeline runner calls ``Detector.score(x)`` without a
+client; the integration step passes each item's client identity (proxy/identity.py) and calls
+``observe``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from robustgate.defenses.base import Defense, Role, check_images
+from robustgate.defenses.stateful.store import HistoryStore, MemoryStore
+
+
+class StatefulDetector(Defense):
+    """Base of the stateful detectors: one required method, :meth:`observe`."""
+
+    role: ClassVar[Role] = "detector"
+    differentiable: ClassVar[bool] = False  # a white-box attacker gets no gradient through the history
+
+    def __init__(self, threshold: float | None = None, value_range: tuple[float, float] = (0.0, 1.0),
+                 store: HistoryStore | None = None):
+        if threshold is not None and not isinstance(threshold, (int, float)):
+            raise ValueError(f"threshold must be a number or None, got {threshold!r}")
+        lo, hi = value_range
+        if not lo < hi:
+            raise ValueError(f"value_range must be (low, high) with low < high, got {value_range!r}")
+        self.threshold = None if threshold is None else float(threshold)
+        self.value_range = (float(lo), float(hi))
+        self.store = store if store is not None else self.default_store()
+
+    def default_store(self) -> HistoryStore:
+        """The store used when none is handed in: an in-memory one with the default bounds."""
+        return MemoryStore()
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg.pop("store", None)  # state, not configuration
+        return cfg
+
+    def observe(self, client: str, x: torch.Tensor, now: float | None = None) -> torch.Tensor:
+        """Records the queries ``x`` ``[N, C, H, W]`` (raw pixels in ``value_range``) of ``client`` in
+        order and returns their scores ``[N]`` float32 (each against the history before it)."""
+        if not isinstance(client, str) or not client:
+            raise ValueError(f"{self.kind}: client must be a non-empty string, got {client!r}")
+        check_images(x, self.value_range, who=f"{self.kind} input")
+        return self._observe(client, x.detach().cpu(), now)
+
+    @abstractmethod
+    def _observe(self, client: str, x: torch.Tensor, now: float | None) -> torch.Tensor:
+        """``observe`` after validation: ``x`` ``[N, C, H, W]`` on the CPU -> ``[N]`` float32."""
+
+    def is_adversarial(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: score above the calibrated threshold."""
+        if self.threshold is None:
+            raise ValueError(f"{self.kind}: no threshold; calibrate it on benign streams before use")
+        return scores > self.threshold

@@ -1,0 +1,95 @@
+"""Calibrating a stateful detector's threshold on benign query streams.
+
+A stateful score depends on the stream, so the clean scores a threshold is picked from
+(defenses.calibration.threshold_at_fpr) come from benign *streams*, each client's queries scored
+against that client's earlier ones, of three kinds a real client sends (issue 22):
+
+- distinct images in random order (a client classifying its data);
+- exact retries: an image sent again (score 0 by construction, but they are in the denominator);
+- benign near-duplicates: the same picture again after a small crop (resized back), a brightness
+  change or a JPEG re-encoding.
+
+``benign_streams`` builds such streams from a set of images; ``stream_scores`` runs them through a
+copy of the detector with a fresh, private store (never the serving store); ``calibrate_stateful``
+sets the threshold to the target per-query false-positive rate and returns the calibration record
+(defenses.calibration.calibrate's fields).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from robustgate.defenses.calibration import calibrate
+from robustgate.defenses.purify.jpeg import jpeg_roundtrip
+from robustgate.defenses.stateful.base import StatefulDetector
+from robustgate.defenses.stateful.store import MemoryStore
+
+NEAR_KINDS = ("crop", "brightness", "jpeg")
+
+
+def near_duplicate(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """One benign near-duplicate of ``x`` ``[C, H, W]`` in [0, 1]: ``crop`` (1-2 pixels cut from each
+    side at random, resized back), ``brightness`` (factor in [0.9, 1.1]) or ``jpeg`` (quality 70-95)."""
+    c, h, w = x.shape
+    if kind == "crop":
+        t, l, b, r = torch.randint(0, 3, (4,), generator=generator).tolist()
+        return TF.resized_crop(x, t, l, h - t - b, w - l - r, [h, w], antialias=True).clamp(0, 1)
+    if kind == "brightness":
+        factor = 0.9 + 0.2 * float(torch.rand((), generator=generator))
+        return TF.adjust_brightness(x, factor).clamp(0, 1)
+    if kind == "jpeg":
+        quality = int(torch.randint(70, 96, (), generator=generator))
+        return jpeg_roundtrip(x[None], quality)[0]  # the JPEG purifier's codec (Pillow / libjpeg)
+    raise ValueError(f"near-duplicate kind must be one of {NEAR_KINDS}, got {kind!r}")
+
+
+def benign_streams(x: torch.Tensor, clients: int, generator: torch.Generator, retry_rate: float = 0.1,
+                   near_rate: float = 0.1) -> list[tuple[str, torch.Tensor]]:
+    """``x`` ``[N, C, H, W]`` in [0, 1] -> ``clients`` streams ``(client, [M_i, C, H, W])``: the images in
+    random order, split evenly; after each image, with probability ``retry_rate`` the same image
+    again and with probability ``near_rate`` one near-duplicate of it (kind drawn uniformly)."""
+    if not 1 <= clients <= len(x):
+        raise ValueError(f"clients must be in [1, {len(x)}], got {clients}")
+    for name, rate in (("retry_rate", retry_rate), ("near_rate", near_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {rate}")
+    order = torch.randperm(len(x), generator=generator)
+    streams = []
+    for c, part in enumerate(order.tensor_split(clients)):
+        items = []
+        for i in part.tolist():
+            items.append(x[i])
+            if float(torch.rand((), generator=generator)) < retry_rate:
+                items.append(x[i].clone())
+            if float(torch.rand((), generator=generator)) < near_rate:
+                kind = NEAR_KINDS[int(torch.randint(0, len(NEAR_KINDS), (), generator=generator))]
+                items.append(near_duplicate(x[i], kind, generator))
+        streams.append((f"benign-{c}", torch.stack(items)))
+    return streams
+
+
+def stream_scores(detector: StatefulDetector, streams: list[tuple[str, torch.Tensor]], batch: int = 64) -> np.ndarray:
+    """Every query's score ``[sum M_i]``, each stream observed in order by a copy of ``detector``
+    holding a fresh in-memory store (the serving store is not touched)."""
+    total = sum(len(s) for _, s in streams)
+    store = MemoryStore(max_entries=max(total, 2), max_per_client=max(total, 2), max_clients=max(len(streams), 1),
+                        ttl_s=1e9, hashes_per_query=getattr(detector, "top_k", 20))
+    probe = type(detector)(**detector.config(), store=store)
+    scores = [probe.observe(client, s[i:i + batch]).numpy() for client, s in streams for i in range(0, len(s), batch)]
+    return np.concatenate(scores)
+
+
+def calibrate_stateful(detector: StatefulDetector, val_streams: list[tuple[str, torch.Tensor]],
+                       test_streams: list[tuple[str, torch.Tensor]] | None = None,
+                       target_fpr: float = 0.005) -> dict[str, Any]:
+    """Sets ``detector.threshold`` so that at most ``target_fpr`` of the validation streams' queries
+    score above it; returns the calibration record (test FPR measured on ``test_streams``)."""
+    val = stream_scores(detector, val_streams)
+    test = stream_scores(detector, test_streams) if test_streams is not None else None
+    record = calibrate(val, test, target_fpr)
+    detector.threshold = record["threshold"]
+    return record

@@ -1,0 +1,597 @@
+"""``robustgate import``: a user's own classifier -> a bundle the proxy serves and the toolchain reads.
+
+Two sources:
+
+- ``--onnx MODEL.onnx``: the input/output signature is read from the graph (onnx, then ONNX
+  Runtime runs it); the file is copied into the bundle as ``backbone.onnx`` with its sha256; its
+  torch twin (what ``fit`` and the red team differentiate) is the ONNX file converted by onnx2torch
+  at load time (models/twin.py), checked here against ONNX Runtime on real inputs (``--dataset``
+  / ``--data-dir``'s test split) or, without a dataset, on uniform random pixels in the value range
+  -- the bundle records which, the largest differences and the tolerance. A graph onnx2torch cannot
+  convert, or whose conversion disagrees with ONNX Runtime, still imports: ``backbone.twin`` is
+  ``none`` and ``backbone.twin_note`` says why; the proxy serves it and stateless defenses apply.
+- ``--upstream HOST:PORT --model NAME``: the signature is read from a running V2 server's
+  ModelMetadata (Triton, KServe, MLServer; tritonclient.grpc). The bundle has no ONNX file and no
+  twin, and is served with ``backend.kind: upstream``.
+
+What the graph cannot say comes from flags, and a missing one is named in the error: ``--input-shape
+C,H,W`` for dynamic channel/height/width, ``--classes FILE|N`` when the logits width is dynamic,
+``--logits-output`` when the graph has several outputs and none is called ``logits``. What is
+assumed rather than read (the value range, class names) is printed as a note.
+
+The batch axis: the proxy coalesces requests into batches, so the graph's first input dimension
+must be dynamic. A graph exported with a fixed batch of 1 is refused with the command that
+re-exports it -- rewriting the input's first dimension would not reach reshapes inside the graph
+that baked the batch size in, and a model that silently mixes up items is worse than a refusal.
+
+Every refusal is one :class:`ImportRefused` with one message, and nothing is written: the bundle is
+built in a sibling temporary directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from robustgate.models.bundle import (
+    SCHEMA_VERSION, BackboneSpec, Bundle, BundleError, BundleSpec, InputSpec, UpstreamSource, artifact, provenance,
+    sha256_file,
+)
+from robustgate.models.data import add_data_arguments
+
+ONNX_FILE = "backbone.onnx"
+PARITY_ITEMS = 64  # real (or random) images the twin is checked on
+PARITY_RTOL = 1e-4  # tolerance: atol = PARITY_RTOL * max(1, max |ONNX Runtime output|), per output
+LOGITS = "logits"
+FEATURES = "features"
+
+log = logging.getLogger(__name__)
+
+
+class ImportRefused(ValueError):
+    """The model cannot be imported as given; the message names the problem and the flag that fixes it."""
+
+
+@dataclass
+class Signature:
+    """What the model takes and returns. ``shape`` is (C, H, W); dims are None where dynamic."""
+
+    input_name: str
+    input_dims: list[int | None]  # [N, C, H, W] as declared
+    outputs: dict[str, list[int | None]]  # name -> declared dims
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- flags ---------------------------------------------------------------------------------
+def _triple(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (three integers), got {text!r}") from None
+    if min(c, h, w) <= 0:
+        raise argparse.ArgumentTypeError(f"C,H,W must be positive, got {text!r}")
+    return c, h, w
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"LO must be below HI, got {text!r}")
+    return lo, hi
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", type=Path, metavar="MODEL.onnx", help="the model as one ONNX file")
+    src.add_argument("--upstream", metavar="HOST:PORT",
+                     help="read the signature from a running V2 model server (gRPC) instead; needs --model")
+    p.add_argument("--model", help="with --upstream: the model's name on that server")
+    p.add_argument("--model-version", default="", help="with --upstream: its version (default: the server's)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the bundle directory to write")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--name", help="the served model name (default: DIR's name)")
+    p.add_argument("--classes", metavar="FILE|N", help="class names, one per line, or their number")
+    p.add_argument("--input-shape", type=_triple, metavar="C,H,W", help="per-item input shape, for dynamic C/H/W")
+    p.add_argument("--value-range", type=_pair, default=None, metavar="LO,HI",
+                   help="the pixel range the model expects (default 0,1)")
+    p.add_argument("--logits-output", metavar="NAME", help="the output holding the logits [batch, classes]")
+    p.add_argument("--features-output", metavar="NAME",
+                   help="an output holding per-item features [batch, ...] (SafetyNet); default: one called 'features'")
+    # the data the torch twin is checked on; recorded as the bundle's dataset (fit and eval default to it)
+    add_data_arguments(p)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The import as a canonical command line (every flag given, in a fixed order), for provenance:
+    the same whether it came from a shell or from ``robustgate.proxy.cli.main(argv)``."""
+    parts = ["robustgate", "import"]
+    for key, value in vars(args).items():
+        if key == "command" or value is None or value is False or (key == "model_version" and value == ""):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            parts += [flag, shlex.quote(text)]
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = command_line(args)
+    try:
+        if args.upstream is not None:
+            if not args.model:
+                raise ImportRefused("--upstream needs --model NAME (the model's name on that server)")
+            for flag in ("dataset", "logits_output", "features_output"):
+                if getattr(args, flag) is not None:
+                    raise ImportRefused(f"--{flag.replace('_', '-')} applies to --onnx only")
+            bundle = import_upstream(args.upstream, args.model, args.out, model_version=args.model_version,
+                                     name=args.name, classes=args.classes, input_shape=args.input_shape,
+                                     value_range=args.value_range, force=args.force, command=command)
+        else:
+            if args.model:
+                raise ImportRefused("--model applies to --upstream only")
+            bundle = import_onnx(args.onnx, args.out, name=args.name, classes=args.classes,
+                                 input_shape=args.input_shape, value_range=args.value_range,
+                                 logits_output=args.logits_output, features_output=args.features_output,
+                                 dataset=args.dataset, data_dir=args.data_dir, force=args.force, command=command)
+    except (ImportRefused, BundleError, ValidationError) as exc:  # ValidationError: a bundle.yaml key, named
+        print(f"robustgate import: {exc}", file=sys.stderr)
+        return 2
+    bb = bundle.spec.backbone
+    twin = bb.twin_kind()
+    print(f"wrote {bundle.root}: input {list(bundle.input.shape)}, {len(bundle.classes)} classes, "
+          f"torch twin: {twin}")
+    for note in bundle.spec.provenance.get("import_notes", []):
+        print(f"note: {note}")
+    return 0
+
+
+# ---- the ONNX source ---------------------------------------------------------------------------
+def import_onnx(
+    onnx_file: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    classes: str | int | list[str] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    value_range: tuple[float, float] | None = None,
+    logits_output: str | None = None,
+    features_output: str | None = None,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    force: bool = False,
+    parity_items: int = PARITY_ITEMS,
+    command: str | None = None,
+) -> Bundle:
+    """Imports ``onnx_file`` into the bundle directory ``out``; returns the loaded, verified bundle.
+    :class:`ImportRefused` (nothing written) when the model cannot be served as given."""
+    onnx_file, out = Path(onnx_file), Path(out)
+    _check_out(out, force)
+    if dataset is None and data_dir is not None:
+        raise ImportRefused("--data-dir needs --dataset NAME")
+    model = _load_onnx(onnx_file)
+    sig = _signature(model, onnx_file)
+    notes = list(sig.notes)
+    shape = _input_shape(sig, input_shape, onnx_file)
+    logits_name, features_name = _pick_outputs(sig, logits_output, features_output, onnx_file)
+    k_declared = sig.outputs[logits_name][1] if len(sig.outputs[logits_name]) == 2 else None
+    lo, hi = value_range or (0.0, 1.0)
+    if value_range is None:
+        notes.append("value range assumed 0,1 (pixels scaled to [0, 1]); --value-range LO,HI sets another")
+
+    x, inputs_note, data_classes, transform = _parity_inputs(shape, (lo, hi), dataset, data_dir, parity_items)
+    session = _session(onnx_file)
+    wanted = [logits_name, *([features_name] if features_name else [])]
+    ort_out = _run_checked(session, sig, wanted, x, onnx_file)
+    k = ort_out[0].shape[1]
+    if k_declared is not None and k_declared != k:
+        raise ImportRefused(f"{onnx_file}: output {logits_name!r} declares {k_declared} classes but returns {k}")
+    class_names = _class_names(classes, k, data_classes, notes)
+
+    twin, twin_note, parity = _twin(model, list(sig.outputs), logits_name, features_name, x, ort_out,
+                                    inputs_note, onnx_file)
+    if twin == "none":
+        notes.append(f"no torch twin: {twin_note}; only gradient-free attacks apply")
+
+    tmp = _tmp_dir(out)
+    try:
+        shutil.copyfile(onnx_file, tmp / ONNX_FILE)
+        onnx_art = artifact(tmp, ONNX_FILE)
+        source_sha = sha256_file(onnx_file)
+        if onnx_art.sha256 != source_sha:
+            raise ImportRefused(f"{onnx_file} changed while it was being copied; import it again")
+        spec = BundleSpec(
+            schema_version=SCHEMA_VERSION,
+            name=name or out.name,
+            input=InputSpec(name=sig.input_name, shape=shape, value_range=(lo, hi)),
+            classes=class_names,
+            backbone=BackboneSpec(
+                onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity or None,
+                logits_output=logits_name, features_output=features_name,
+                recipe={"imported": True, **({"dataset": dataset} if dataset else {}),
+                        **({"data_dir": str(data_dir)} if data_dir else {}),
+                        **({"transform": transform} if transform else {})},
+            ),
+            provenance=provenance(source={"onnx": str(onnx_file.resolve()), "sha256": source_sha},
+                                  import_notes=notes, **({"command": command} if command else {})),
+        )
+        return _publish(tmp, out, spec, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ImportRefused(f"{out} already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ImportRefused(f"{out} exists and is not a directory")
+
+
+def _tmp_dir(out: Path) -> Path:
+    tmp = out.with_name(f".{out.name}.import-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, out: Path, spec: BundleSpec, force: bool) -> Bundle:
+    """Writes bundle.yaml into ``tmp``, verifies it loads, and renames it to ``out``."""
+    Bundle(tmp, spec).save()
+    Bundle.load(tmp)  # the manifest and every checksum, before anything becomes visible
+    if out.exists() and force:
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return Bundle.load(out)
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    if not path.is_file():
+        raise ImportRefused(f"{path}: no such file")
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: not a model
+        raise ImportRefused(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        # the bundle holds one file per artifact, checksummed; weights beside it would not travel
+        raise ImportRefused(f"{path}: keeps its weights in external data files; save it as one file "
+                            f"(onnx.save(onnx.load(path), out, save_as_external_data=False), under 2 GB)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx's ValidationError and friends
+        raise ImportRefused(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if not model.graph.node:
+        raise ImportRefused(f"{path}: not a valid ONNX model (the graph has no nodes)")
+    return model
+
+
+def _dims(value_info) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+def _signature(model, path: Path) -> Signature:
+    from onnx import TensorProto
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    if len(inputs) != 1:
+        raise ImportRefused(f"{path}: the graph takes {len(inputs)} inputs ({[v.name for v in inputs]}); "
+                            f"robustgate serves image classifiers with exactly one input [batch, C, H, W]")
+    inp = inputs[0]
+    if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ImportRefused(f"{path}: input {inp.name!r} is {TensorProto.DataType.Name(inp.type.tensor_type.elem_type)}; "
+                            f"robustgate feeds FP32 pixels (export the model with a float32 input)")
+    dims = _dims(inp)
+    if len(dims) != 4:
+        raise ImportRefused(f"{path}: input {inp.name!r} has rank {len(dims)} ({dims}); expected [batch, C, H, W]")
+    if dims[0] is not None:
+        hint = ("torch.onnx.export(model, (x,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim('batch')},)) "
+                "or, with the older exporter, dynamic_axes={'<input>': {0: 'batch'}, '<each output>': {0: 'batch'}}")
+        raise ImportRefused(
+            f"{path}: input {inp.name!r} has a fixed batch dimension of {dims[0]}; the proxy batches requests, "
+            f"so the first dimension must be dynamic. Re-export the model with a dynamic batch axis, e.g. {hint}")
+    outputs = {}
+    for o in model.graph.output:
+        if o.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue  # e.g. an int64 argmax output: not logits nor features
+        outputs[o.name] = _dims(o)
+    if not outputs:
+        raise ImportRefused(f"{path}: the graph has no FP32 output (outputs: {[o.name for o in model.graph.output]})")
+    return Signature(inp.name, dims, outputs)
+
+
+def _input_shape(sig: Signature, given: tuple[int, int, int] | None, path: Path) -> tuple[int, int, int]:
+    declared = sig.input_dims[1:]
+    if given is None:
+        missing = [axis for axis, d in zip("CHW", declared) if d is None]
+        if missing:
+            raise ImportRefused(
+                f"{path}: input {sig.input_name!r} has dynamic {'/'.join(missing)} ({_fmt(sig.input_dims)}); "
+                f"give the per-item shape the model is served at with --input-shape C,H,W")
+        return tuple(declared)
+    for axis, d, g in zip("CHW", declared, given):
+        if d is not None and d != g:
+            raise ImportRefused(f"{path}: --input-shape {','.join(map(str, given))} contradicts the graph's "
+                                f"{axis} = {d} ({_fmt(sig.input_dims)})")
+    return tuple(given)
+
+
+def _fmt(dims: list[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _pick_outputs(sig: Signature, logits: str | None, features: str | None, path: Path) -> tuple[str, str | None]:
+    names = list(sig.outputs)
+    for flag, value in (("--logits-output", logits), ("--features-output", features)):
+        if value is not None and value not in names:
+            raise ImportRefused(f"{path}: {flag} {value!r} is not an FP32 output of the graph (outputs: {names})")
+    if logits is None:
+        if LOGITS in names:
+            logits = LOGITS
+        elif len(names) == 1:
+            logits = names[0]
+        else:
+            raise ImportRefused(f"{path}: the graph has several outputs {names} and none is called 'logits'; "
+                                f"name the one holding [batch, classes] with --logits-output NAME")
+    if features is None and FEATURES in names and logits != FEATURES:
+        features = FEATURES
+    if features == logits:
+        raise ImportRefused(f"{path}: --features-output and the logits output are both {logits!r}")
+    dims = sig.outputs[logits]
+    if len(dims) != 2 or (dims[0] is not None and dims[0] != sig.input_dims[0]):
+        raise ImportRefused(f"{path}: output {logits!r} has shape {_fmt(dims)}; the logits must be [batch, classes] "
+                            f"(name another output with --logits-output NAME)")
+    if features is not None and len(sig.outputs[features]) < 2:
+        raise ImportRefused(f"{path}: features output {features!r} has shape {_fmt(sig.outputs[features])}; "
+                            f"expected [batch, ...]")
+    return logits, features
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ImportRefused(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
+
+
+def _run_checked(session, sig: Signature, outputs: list[str], x: np.ndarray, path: Path) -> list[np.ndarray]:
+    """Runs ``x`` [n, C, H, W] and one item alone; every output must keep the batch as its first
+    dimension, and the logits be [n, K]: the declared signature is checked by running it."""
+    try:
+        got = session.run(outputs, {sig.input_name: x})
+        one = session.run(outputs, {sig.input_name: x[:1]})
+    except Exception as exc:  # ORT's errors are not a stable hierarchy
+        raise ImportRefused(f"{path}: ONNX Runtime fails on a batch of shape {list(x.shape)}: {exc}") from None
+    for name, a, b in zip(outputs, got, one):
+        if a.ndim < 2 or a.shape[0] != len(x) or b.shape[0] != 1:
+            raise ImportRefused(f"{path}: output {name!r} returns shape {list(a.shape)} for a batch of {len(x)} "
+                                f"(and {list(b.shape)} for 1); expected [batch, ...]")
+    logits = got[0]
+    if logits.ndim != 2:
+        raise ImportRefused(f"{path}: output {outputs[0]!r} returns shape {list(logits.shape)}; the logits must be "
+                            f"[batch, classes] (name another output with --logits-output NAME)")
+    if logits.shape[1] < 2:
+        raise ImportRefused(f"{path}: output {outputs[0]!r} has {logits.shape[1]} class(es); a classifier needs >= 2")
+    if not np.allclose(got[0][:1], one[0], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(one[0]).max()))):
+        raise ImportRefused(f"{path}: item 0 gets different logits alone and in a batch of {len(x)}: the graph "
+                            f"mixes items across the batch (was the batch size baked in at export?)")
+    return [np.asarray(a, dtype=np.float32) for a in got]
+
+
+def _class_names(classes: str | int | list[str] | None, k: int, data_classes: list[str] | None,
+                 notes: list[str]) -> list[str]:
+    if classes is None:
+        if data_classes is not None and len(data_classes) == k:
+            notes.append("class names taken from the dataset")
+            return list(data_classes)
+        notes.append(f"class names not given: called 0..{k - 1}; --classes FILE names them")
+        return [str(i) for i in range(k)]
+    if isinstance(classes, list):
+        names = classes
+    elif isinstance(classes, int) or str(classes).isdigit():
+        n = int(classes)
+        if n != k:
+            raise ImportRefused(f"--classes {n}: the logits output has {k} classes")
+        return [str(i) for i in range(k)]
+    else:
+        path = Path(classes)
+        if not path.is_file():
+            raise ImportRefused(f"--classes {classes}: neither a number nor a file")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(names) != k:
+            raise ImportRefused(f"--classes {path}: {len(names)} class names for a logits output of {k} classes")
+    if len(set(names)) != len(names):
+        raise ImportRefused(f"--classes: class names repeat ({names})")
+    return list(names)
+
+
+def _parity_inputs(shape: tuple[int, int, int], value_range: tuple[float, float], dataset: str | None,
+                   data_dir: str | Path | None, n: int) -> tuple[np.ndarray, str, list[str] | None, dict | None]:
+    """``[n, C, H, W]`` float32 in the value range, a sentence saying what they are, the dataset's
+    class names and the transform that conformed its images to ``shape`` (both None without a
+    dataset)."""
+    lo, hi = value_range
+    if dataset is None:
+        rng = np.random.default_rng(0)
+        x = (lo + (hi - lo) * rng.random((n, *shape))).astype(np.float32)
+        return x, f"{n} uniform random images in [{lo}, {hi}] (seed 0; no --dataset given)", None, None
+    import torch
+
+    from robustgate.models.data import DatasetMissing, load_splits
+
+    try:
+        # the one data layer every command uses (conforms only the n test images taken)
+        splits = load_splits(dataset, data_dir, val_size=None, input_shape=shape)
+        images, _ = splits.take("test", min(n, splits.size("test")))  # [n, C, H, W] in [0, 1]
+        transform = splits.info["transform"]
+    except (DatasetMissing, ValueError, OSError) as exc:
+        raise ImportRefused(f"--dataset {dataset}: {exc}") from None
+    x = (lo + (hi - lo) * images).to(torch.float32).contiguous().numpy()
+    what = f"the first {len(x)} images of {dataset}'s test split, conformed to {list(shape)}, scaled to [{lo}, {hi}]"
+    return x, what, list(splits.classes), transform
+
+
+def _twin(model, output_names: list[str], logits: str, features: str | None, x: np.ndarray,
+          ort_out: list[np.ndarray], inputs_note: str, path: Path) -> tuple[str, str | None, dict[str, Any]]:
+    """Converts and checks the torch twin: ("onnx", note, parity) or ("none", why, parity)."""
+    import torch
+
+    from robustgate.models.twin import OnnxTwin, Unconvertible, convert_onnx, onnx2torch_version
+
+    try:
+        import onnx2torch  # noqa: F401 - declared in pyproject; a missing one means no twin, said so
+    except ImportError:
+        return "none", "onnx2torch is not installed", {}
+    version = onnx2torch_version()
+    try:
+        twin = OnnxTwin(convert_onnx(model), output_names, logits, features).eval()
+    except Unconvertible as exc:
+        return "none", f"onnx2torch {version} cannot convert {path.name}: {exc}", {}
+    names = [logits, *([features] if features else [])]
+    diffs, tols = {}, {}
+    try:
+        with torch.no_grad():
+            xt = torch.from_numpy(x)
+            got = [twin(xt)] + ([twin.features(xt)] if features else [])
+    except Exception as exc:  # a converted module that fails to run is no twin; say why
+        return "none", f"the onnx2torch {version} conversion fails to run: {type(exc).__name__}: {exc}", {}
+    for name, want, have in zip(names, ort_out, got):
+        want = want.reshape(len(x), -1)
+        have = have.detach().numpy().reshape(len(x), -1)
+        if want.shape != have.shape:
+            return "none", f"the converted module returns {name} of shape {list(have.shape)}, ONNX Runtime {list(want.shape)}", {}
+        diffs[name] = float(np.abs(want - have).max())
+        tols[name] = PARITY_RTOL * max(1.0, float(np.abs(want).max()))
+    agree = float((ort_out[0].argmax(1) == got[0].detach().numpy().argmax(1)).mean())
+    parity = {"inputs": inputs_note, "items": len(x), "max_abs_diff": diffs, "atol": tols,
+              "argmax_agreement": agree, "converter": f"onnx2torch {version}"}
+    bad = {k: v for k, v in diffs.items() if not v <= tols[k]}
+    if bad:
+        return "none", f"the onnx2torch {version} conversion differs from ONNX Runtime by {bad} (> atol {tols})", parity
+    return "onnx", f"converted from {ONNX_FILE} by onnx2torch {version} when loaded", parity
+
+
+# ---- the upstream source -----------------------------------------------------------------------
+_V2_TYPES_OK = ("FP32",)
+
+
+def import_upstream(
+    url: str,
+    model_name: str,
+    out: str | Path,
+    *,
+    model_version: str = "",
+    name: str | None = None,
+    classes: str | int | list[str] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    value_range: tuple[float, float] | None = None,
+    force: bool = False,
+    timeout_s: float = 10.0,
+    command: str | None = None,
+) -> Bundle:
+    """Reads ``model_name``'s ModelMetadata from the V2 gRPC server at ``url`` and writes a bundle
+    with no ONNX file and no twin (served with ``backend.kind: upstream``)."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    from robustgate.proxy.backends.upstream import split_url
+
+    out = Path(out)
+    _check_out(out, force)
+    try:
+        split_url(url)
+    except ValueError as exc:
+        raise ImportRefused(f"--upstream: {exc}") from None
+    try:
+        with tc.InferenceServerClient(url) as client:
+            meta = client.get_model_metadata(model_name, model_version, as_json=True, client_timeout=timeout_s)
+    except InferenceServerException as exc:
+        raise ImportRefused(f"--upstream {url} --model {model_name}: ModelMetadata failed: {exc}") from None
+    where = f"{url} model {model_name!r}"
+    inputs, outputs = meta.get("inputs", []), meta.get("outputs", [])
+    if len(inputs) != 1:
+        raise ImportRefused(f"{where}: declares {len(inputs)} inputs; robustgate serves classifiers with one input")
+    inp = inputs[0]
+    if inp.get("datatype") not in _V2_TYPES_OK:
+        raise ImportRefused(f"{where}: input {inp['name']!r} is {inp.get('datatype')}; the upstream backend sends FP32")
+    dims = [int(d) for d in inp.get("shape", [])]
+    dims = [None if d < 0 else d for d in dims]
+    notes = []
+    if len(dims) == 3:  # Triton with max_batch_size > 0 leaves the batch axis out of the metadata
+        dims = [None, *dims]
+    if len(dims) != 4:
+        raise ImportRefused(f"{where}: input {inp['name']!r} has shape {_fmt(dims)}; expected [batch, C, H, W]")
+    if dims[0] is not None:
+        raise ImportRefused(f"{where}: input {inp['name']!r} has a fixed batch dimension of {dims[0]}; the proxy "
+                            f"batches requests, so the model must accept a dynamic batch")
+    sig = Signature(inp["name"], dims, {o["name"]: [None if int(d) < 0 else int(d) for d in o.get("shape", [])]
+                                        for o in outputs})
+    shape = _input_shape(sig, input_shape, Path(where))
+    names = list(sig.outputs)
+    logits = LOGITS if LOGITS in names else (names[0] if len(names) == 1 else None)
+    if logits is None:
+        # the upstream backend reads "logits" or the only output (proxy/backends/upstream.py)
+        raise ImportRefused(f"{where}: outputs {names}; the upstream backend needs one called 'logits' or a single output")
+    ldims = sig.outputs[logits]
+    if len(ldims) == 1:
+        ldims = [None, *ldims]
+    if len(ldims) != 2 or ldims[0] is not None:
+        raise ImportRefused(f"{where}: output {logits!r} has shape {_fmt(ldims)}; the logits must be [batch, classes]")
+    k = ldims[1]
+    if k is None:
+        if classes is None:
+            raise ImportRefused(f"{where}: output {logits!r} has a dynamic class count; give --classes FILE|N")
+        k = int(classes) if isinstance(classes, int) or str(classes).isdigit() else None
+        if k is None:
+            k = len([l for l in Path(classes).read_text().splitlines() if l.strip()]) if Path(classes).is_file() else 0
+    lo, hi = value_range or (0.0, 1.0)
+    if value_range is None:
+        notes.append("value range assumed 0,1 (pixels scaled to [0, 1]); --value-range LO,HI sets another")
+    class_names = _class_names(classes, k, None, notes)
+    notes.append("no ONNX file: serve with backend.kind: upstream; no torch twin (only gradient-free attacks apply)")
+    tmp = _tmp_dir(out)
+    try:
+        spec = BundleSpec(
+            schema_version=SCHEMA_VERSION,
+            name=name or model_name,
+            input=InputSpec(name=inp["name"], shape=shape, value_range=(lo, hi)),
+            classes=class_names,
+            backbone=BackboneSpec(
+                upstream=UpstreamSource(url=url, model_name=model_name, model_version=model_version,
+                                        platform=str(meta.get("platform", ""))),
+                arch="upstream", twin="none",
+                twin_note=f"imported from a model server ({where}) without its ONNX file",
+                logits_output=logits, recipe={"imported": True},
+            ),
+            provenance=provenance(source={"upstream": url, "model_name": model_name, "model_version": model_version,
+                                          "metadata_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()},
+                                  import_notes=notes, **({"command": command} if command else {})),
+        )
+        return _publish(tmp, out, spec, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,118 @@
+"""Blacklight's fingerprint and scoring rule, on the in-memory store (no server needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from robustgate.defenses.stateful import Blacklight, MemoryStore, build_store
+from robustgate.defenses.stateful.blacklight import top_k_distinct
+from robustgate.defenses.stateful.siphash import siphash24
+
+KEY = bytes(range(16))
+
+
+def test_siphash_matches_the_papers_test_vectors():
+    # SipHash-2-4, key 00..0f (Aumasson & Bernstein 2012, appendix A; reference implementation's vectors)
+    assert int(siphash24(KEY, np.zeros((1, 0), np.uint8))[0]) == 0x726FDB47DD0E0E31
+    assert int(siphash24(KEY, np.arange(15, dtype=np.uint8)[None])[0]) == 0xA129CA6149BE45E5
+    two = siphash24(KEY, np.stack([np.arange(15, dtype=np.uint8), np.arange(15, dtype=np.uint8)]))
+    assert two[0] == two[1]
+
+
+def test_top_k_distinct_keeps_the_largest_distinct_values_padded_with_zero():
+    h = np.array([[5, 9, 9, 1, 7], [3, 3, 3, 3, 3]], dtype=np.uint64)
+    assert top_k_distinct(h.copy(), 3).tolist() == [[5, 7, 9], [0, 0, 3]]
+
+
+def _detector(**kw) -> Blacklight:
+    return Blacklight(store=MemoryStore(max_entries=4096, max_per_client=4096, hashes_per_query=20, key=KEY), **kw)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 20, 24)])
+def test_near_copy_matches_unrelated_image_does_not_retry_scores_zero(shape):
+    g = torch.Generator().manual_seed(0)
+    d = _detector()
+    x = torch.rand(1, *shape, generator=g)
+    assert d.observe("a", x).tolist() == [0.0]  # empty history
+    assert d.observe("a", x.clone()).tolist() == [0.0]  # an exact retry is not evidence
+    near = x.clone()
+    near[0, :, 1:3, 1:3] = torch.rand(shape[0], 2, 2, generator=g)  # a Square-like step
+    assert float(d.observe("a", near)[0]) >= 15
+    assert float(d.observe("a", torch.rand(1, *shape, generator=g))[0]) <= 3  # unrelated noise
+    assert d.observe("b", near.clone()).tolist() == [0.0]  # another client's history is separate
+
+
+def test_a_batch_is_scored_in_order_and_matches_one_by_one():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 1, 28, 28, generator=g)
+    steps = x.repeat(6, 1, 1, 1)
+    for i in range(1, 6):
+        steps[i:, 0, 2 * i:2 * i + 2, 3:5] = torch.rand(2, 2, generator=g)
+    batched = _detector().observe("c", steps)
+    one = _detector()
+    single = torch.cat([one.observe("c", steps[i:i + 1]) for i in range(6)])
+    assert torch.equal(batched, single)
+    assert batched[0] == 0 and (batched[1:] >= 15).all()
+
+
+def test_the_fingerprint_depends_on_the_secret_key():
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    a = Blacklight(store=MemoryStore(max_entries=16, max_per_client=16, key=KEY)).fingerprint(x)
+    b = Blacklight(store=MemoryStore(max_entries=16, max_per_client=16, key=bytes(16))).fingerprint(x)
+    assert np.array_equal(a, Blacklight(store=MemoryStore(max_entries=16, max_per_client=16, key=KEY)).fingerprint(x))
+    assert len(np.intersect1d(a[0], b[0])) == 0
+
+
+def test_config_round_trips_and_the_store_is_not_configuration():
+    d = _detector(window=12, top_k=10, threshold=7.0)
+    cfg = d.config()
+    assert cfg == {"quantization": 50, "window": 12, "stride": 1, "top_k": 10, "threshold": 7.0, "value_range": (0.0, 1.0)}
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    again = Blacklight(**cfg, store=MemoryStore(max_entries=4096, max_per_client=4096, key=KEY))
+    assert np.array_equal(d.fingerprint(x), again.fingerprint(x))
+
+
+@pytest.mark.parametrize("kw, match", [({"window": 0}, "window"), ({"quantization": 300}, "quantization"),
+                                       ({"top_k": 1.5}, "top_k"), ({"threshold": "x"}, "threshold")])
+def test_bad_parameters_name_the_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Blacklight(**kw)
+
+
+def test_bad_input_fails_loudly():
+    d = _detector()
+    with pytest.raises(ValueError, match="outside the declared range"):
+        d.observe("a", torch.full((1, 1, 28, 28), 2.0))
+    with pytest.raises(ValueError, match="client"):
+        d.observe("", torch.zeros(1, 1, 28, 28))
+    with pytest.raises(ValueError, match="window 20 is longer"):
+        d.observe("a", torch.zeros(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="no threshold"):
+        d.is_adversarial(torch.zeros(1))
+
+
+def test_build_store_validates_the_config():
+    with pytest.raises(ValueError, match="backend"):
+        build_store({"backend": "disk"})
+    with pytest.raises(ValueError, match="max_per_client"):
+        build_store({"max_entries": 10, "max_per_client": 11})
+    with pytest.raises(ValueError, match="ttl_s"):
+        build_store({"ttl_s": 0})
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        build_store({"max_entrys": 5})
+
+
+def test_history_survives_a_config_reload_when_the_store_is_handed_over():
+    store = MemoryStore(max_entries=4096, max_per_client=4096, key=KEY)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 1, 28, 28, generator=g)
+    Blacklight(store=store, threshold=9.0).observe("a", x)
+    reloaded = Blacklight(**{**Blacklight(store=store).config(), "threshold": 12.0}, store=store)  # new config, same store
+    step = x.clone()
+    step[0, 0, 7:9, 7:9] = torch.rand(2, 2, generator=g)
+    assert bool(reloaded.is_adversarial(reloaded.observe("a", step))[0])
+    store.clear()
+    assert store.stats()["entries"] == 0 and store.stats()["clients"] == 0
+    assert reloaded.observe("a", step.clone() * 0.5).tolist() == [0.0]

@@ -1,0 +1,145 @@
+"""The history stores' bounds, and two detectors sharing one real Redis server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from robustgate.defenses.stateful import Blacklight, MemoryStore, RedisStore
+
+K = 4
+
+
+def _h(*rows) -> np.ndarray:
+    return np.array(rows, dtype=np.uint64).reshape(len(rows), -1)
+
+
+def _d(*values) -> np.ndarray:
+    return np.array(values, dtype=np.uint64)
+
+
+def _stores(redis_url):
+    yield MemoryStore(max_entries=64, max_per_client=3, max_clients=2, ttl_s=10.0, hashes_per_query=K)
+    yield RedisStore(redis_url, max_entries=64, max_per_client=3, max_clients=2, ttl_s=10.0,
+                     prefix=f"t{time.monotonic_ns()}")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server (scripts/install.sh installs Debian's redis-server) on a free loopback port."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is missing: scripts/install.sh installs it (apt-get install redis-server)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir), "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_counts_retries_and_per_client_bound(backend, redis_url):
+    store = dict(zip(["memory", "redis"], _stores(redis_url)))[backend]
+    # query 1..3 share hashes 1,2 with the first; retry of query 1 scores 0
+    got = store.observe("a", _d(11, 12, 11), _h([1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 3, 4]), now=0.0)
+    assert got.tolist() == [0, 2, 0]
+    assert store.observe("a", _d(13), _h([0, 0, 5, 6]), now=1.0).tolist() == [2]  # zeros are no hash
+    # max_per_client = 3: entries 12, 13 and the newest are kept, 11 is gone (no retry, no match)
+    assert store.observe("a", _d(14), _h([7, 8, 9, 10]), now=2.0).tolist() == [0]
+    assert store.observe("a", _d(11), _h([3, 4, 20, 21]), now=3.0).tolist() == [0]
+    assert store.observe("a", _d(15), _h([3, 4, 22, 23]), now=4.0).tolist() == [2]  # matches the re-sent 11
+    assert store.observe("b", _d(15), _h([3, 4, 22, 23]), now=4.0).tolist() == [0]  # clients are separate
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_ttl_forgets_old_queries(backend, redis_url):
+    store = dict(zip(["memory", "redis"], _stores(redis_url)))[backend]
+    store.observe("a", _d(1), _h([1, 2, 3, 4]), now=100.0)
+    assert store.observe("a", _d(2), _h([1, 2, 3, 9]), now=109.0).tolist() == [3]
+    assert store.observe("a", _d(3), _h([1, 2, 3, 8]), now=125.0).tolist() == [0]  # both older than 10 s
+    assert store.observe("a", _d(1), _h([1, 2, 3, 4]), now=200.0).tolist() == [0]
+
+
+def test_memory_store_global_and_client_bounds_and_stats():
+    store = MemoryStore(max_entries=4, max_per_client=4, max_clients=2, ttl_s=1e6, hashes_per_query=K)
+    store.observe("a", _d(1), _h([1, 2, 3, 4]), now=0.0)
+    for i in range(4):  # four more entries push a's out of the global bound
+        store.observe("b", _d(10 + i), _h([100 + i, 200 + i, 300 + i, 400 + i]), now=0.0)
+    assert store.observe("a", _d(2), _h([1, 2, 3, 4]), now=0.0).tolist() == [0]
+    store.observe("c", _d(3), _h([5, 6, 7, 8]), now=0.0)  # third client: b, the least recently active, is forgotten
+    assert store.observe("b", _d(20), _h([100 + 3, 200 + 3, 9, 9]), now=0.0).tolist() == [0]
+    stats = store.stats()
+    assert stats["entries"] == 4 and stats["clients"] == 2
+    assert stats["bytes"] >= 4 * 28  # arrays are preallocated
+
+
+def test_two_detectors_share_one_client_stream_through_redis(redis_url):
+    prefix = f"share{time.monotonic_ns()}"
+    pod_a = Blacklight(store=RedisStore(redis_url, max_entries=1000, max_per_client=1000, prefix=prefix))
+    pod_b = Blacklight(store=RedisStore(redis_url, max_entries=1000, max_per_client=1000, prefix=prefix))
+    assert pod_a.store.fingerprint_key() == pod_b.store.fingerprint_key()  # set once, shared
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 28, 28, generator=g)
+    assert pod_a.observe("attacker", x).tolist() == [0.0]
+    step = x.clone()
+    step[0, 0, 4:6, 4:6] = torch.rand(2, 2, generator=g)
+    assert float(pod_b.observe("attacker", step)[0]) >= 15  # the other replica sees the first query
+    assert pod_b.observe("attacker", x.clone()).tolist() == [0.0]  # a retry through another pod
+    assert pod_a.observe("someone-else", step.clone()).tolist() == [0.0]
+    stats = pod_a.store.stats()
+    assert stats["clients"] == 2 and stats["entries"] == 3 and stats["bytes"] > 0
+    # same scores as the in-memory store for the same stream and key
+    mem = Blacklight(store=MemoryStore(max_entries=1000, max_per_client=1000, key=pod_a.store.fingerprint_key()))
+    stream = torch.cat([x, step, x.clone(), step + 0.0])
+    fresh = Blacklight(store=RedisStore(redis_url, max_entries=1000, max_per_client=1000, prefix=prefix))
+    assert torch.equal(mem.observe("z", stream), fresh.observe("z", stream))
+    fresh.store.clear()
+    assert fresh.store.stats()["entries"] == 0
+
+
+def test_memory_store_keeps_every_posting_when_keys_share_a_bucket():
+    # the smallest index (2 buckets x 8 ways): 4 hashes + 1 digest always share buckets
+    store = MemoryStore(max_entries=1, max_per_client=1, hashes_per_query=K)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h = rng.integers(1, 2**63, (1, K), dtype=np.uint64)
+        store.observe("a", rng.integers(1, 2**63, 1, dtype=np.uint64), h, now=0.0)
+        assert store.observe("a", rng.integers(1, 2**63, 1, dtype=np.uint64), h, now=0.0).tolist() == [K]
+
+
+def test_memory_store_serialises_concurrent_callers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = MemoryStore(max_entries=10_000, max_per_client=10_000, hashes_per_query=K)
+    rng = np.random.default_rng(1)
+    h = rng.integers(1, 2**63, (1, K), dtype=np.uint64)
+
+    def client(c: int) -> list[int]:
+        return [int(store.observe(f"c{c}", np.array([i + 1], dtype=np.uint64), h, now=0.0)[0]) for i in range(200)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(client, range(4)))
+    assert all(r == [0] + [K] * 199 for r in results)  # each client's stream intact
+    assert store.stats()["entries"] == 800

@@ -1,0 +1,414 @@
+"""``robustgate import``: a user's own ONNX model (or one a V2 server serves) -> a bundle.
+
+Tiny RGB models written in plain torch, exported with ``torch.onnx.export`` with a dynamic batch
+axis (random seeded weights: importing does not depend on training), imported through the real
+command, loaded and verified by ``Bundle.load``, their torch twin checked against ONNX Runtime,
+served by a real proxy on loopback and called with tritonclient. Every refusal writes nothing. A
+model onnx2torch cannot convert (``nn.Mish`` exports as ONNX ``Mish``, which it does not
+implement) imports without a twin and still serves; ``--upstream`` reads a real MLServer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import tritonclient.grpc as tc
+from torch import nn
+
+import harness  # tests/proxy/upstream (pytest pythonpath)
+import scripted  # tests/proxy/upstream
+from loopback import LoopbackProxy  # tests/helpers
+from robustgate.models.bundle import Bundle, BundleError, sha256_file
+from robustgate.models.importer import ImportRefused, import_onnx, import_upstream
+from robustgate.models.twin import NoTwin, TorchClassifier, has_twin, load_backbone
+from robustgate.protos import open_inference_grpc_pb2 as pb
+from robustgate.proxy.cli import main as cli
+
+
+class Cnn32(nn.Module):
+    """3 convs on [N, 3, 32, 32] -> logits [N, 10]."""
+
+    def __init__(self, classes: int = 10, act: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), act(),  # [N, 8, 16, 16]
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), act(),  # [N, 16, 8, 8]
+            nn.Conv2d(16, 16, 3, stride=2, padding=1), act(),  # [N, 16, 4, 4]
+            nn.Flatten(),  # [N, 256]
+        )
+        self.head = nn.Linear(256, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Cnn64Features(nn.Module):
+    """[N, 3, 64, 64] -> (logits [N, 10], features [N, 32])."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),  # [N, 8, 32, 32]
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),  # [N, 16, 16, 16]
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),  # [N, 32, 8, 8]
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # [N, 32]
+        )
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.head(f), f
+
+
+class FeatureMap(nn.Module):
+    """[N, 3, 32, 32] -> [N, 4, 32, 32]: not a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def export(module: nn.Module, path, shape, outputs=("logits",), dynamic=True, legacy=False, dynamic_hw=False):
+    """``torch.onnx.export`` with the batch axis dynamic (torch.export-based exporter unless ``legacy``)."""
+    torch.manual_seed(0)
+    module = module.eval()
+    x = torch.rand(2 if dynamic else 1, *shape)  # a fixed batch is 1, as a naive export writes it
+    if legacy:
+        axes = {0: "batch", **({2: "h", 3: "w"} if dynamic_hw else {})}
+        torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=list(outputs),
+                          dynamic_axes={"input": axes, **{o: {0: "batch"} for o in outputs}} if dynamic else None,
+                          dynamo=False)
+    else:
+        torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=list(outputs),
+                          dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None,
+                          dynamo=True, external_data=False)
+    return path
+
+
+def make(cls, *args, **kwargs):
+    torch.manual_seed(0)
+    return cls(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    torch.set_num_threads(1)
+    return {
+        "cnn32": export(make(Cnn32), d / "cnn32.onnx", (3, 32, 32)),
+        "cnn64f": export(make(Cnn64Features), d / "cnn64f.onnx", (3, 64, 64), outputs=("logits", "features"),
+                         legacy=True),
+        "mish": export(make(Cnn32, act=nn.Mish), d / "mish.onnx", (3, 32, 32)),
+        "fixed": export(make(Cnn32), d / "fixed.onnx", (3, 32, 32), dynamic=False),
+        "dynhw": export(make(Cnn64Features), d / "dynhw.onnx", (3, 64, 64), outputs=("logits", "features"),
+                        legacy=True, dynamic_hw=True),
+        "map": export(make(FeatureMap), d / "map.onnx", (3, 32, 32), outputs=("map",)),
+    }
+
+
+def ort_run(onnx_file, x: np.ndarray, outputs=("logits",)) -> list[np.ndarray]:
+    return ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(list(outputs), {"input": x})
+
+
+def images(n: int, shape, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
+
+
+def triton_logits(url: str, model: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with tc.InferenceServerClient(url) as client:
+        inp = tc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer(model, [inp])
+    return result.as_numpy("logits"), result.as_numpy("robustgate_verdict")
+
+
+# ---- import -> load -> twin -> serve ---------------------------------------------------------
+def test_cnn32_imports_with_a_twin_that_matches_onnx_runtime_and_serves(models, tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(f"kind-{i}" for i in range(10)) + "\n")
+    out = tmp_path / "b32"
+    assert cli(["import", "--onnx", str(models["cnn32"]), "--out", str(out), "--name", "mine",
+                "--classes", str(classes)]) == 0
+    bundle = Bundle.load(out)  # every checksum verified
+    bb = bundle.spec.backbone
+    assert bundle.name == "mine" and bundle.classes == [f"kind-{i}" for i in range(10)]
+    assert tuple(bundle.input.shape) == (3, 32, 32) and bundle.input.value_range == (0.0, 1.0)
+    assert bb.twin == "onnx" and has_twin(bundle) and bb.features_output is None
+    assert sha256_file(out / "backbone.onnx") == sha256_file(models["cnn32"]) == bb.onnx.sha256
+    prov = bundle.spec.provenance
+    assert prov["source"] == {"onnx": str(models["cnn32"].resolve()), "sha256": bb.onnx.sha256}
+    assert "import --onnx" in prov["command"] and prov["code_revision"]
+    parity = bb.twin_parity
+    assert parity["items"] == 64 and "uniform random" in parity["inputs"]  # no --dataset: the documented fallback
+    assert parity["max_abs_diff"]["logits"] <= parity["atol"]["logits"] and parity["argmax_agreement"] == 1.0
+
+    twin = load_backbone(out)
+    x = images(9, (3, 32, 32))
+    want = ort_run(out / "backbone.onnx", x)[0]
+    xt = torch.from_numpy(x).requires_grad_(True)
+    got = twin(xt)
+    np.testing.assert_allclose(got.detach().numpy(), want, atol=1e-4, rtol=1e-4)
+    got[:, 3].sum().backward()  # differentiable: what fit and the red team need
+    assert xt.grad is not None and float(xt.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="no features output"):
+        twin.features(xt)
+
+    proxy = LoopbackProxy(out, {"stages": []})
+    try:
+        logits, verdict = triton_logits(proxy.url, "mine", x)
+    finally:
+        proxy.stop()
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(verdict, np.zeros(9, dtype=np.int32))
+
+
+def test_features_model_checked_on_real_data_and_served_with_a_defense(models, tmp_path):
+    """Fashion-MNIST (the data set on this machine) as the parity inputs, conformed by the data
+    layer to 3x64x64; its class names are taken since the model has 10 logits."""
+    out = tmp_path / "b64"
+    bundle = import_onnx(models["cnn64f"], out, dataset="fashion-mnist", parity_items=32)
+    bb = bundle.spec.backbone
+    assert bb.features_output == "features" and bb.twin == "onnx"
+    assert "fashion-mnist's test split, conformed to [3, 64, 64]" in bb.twin_parity["inputs"]
+    assert bb.twin_parity["items"] == 32 and bundle.classes[0] == "T-shirt/top"
+    assert bb.recipe["dataset"] == "fashion-mnist" and bb.recipe["transform"]["channels"] == "1->3"
+
+    twin = load_backbone(bundle)
+    clf = TorchClassifier(twin)
+    x = images(5, (3, 64, 64))
+    logits, feats = ort_run(out / "backbone.onnx", x, ("logits", "features"))
+    with torch.no_grad():
+        np.testing.assert_allclose(clf.logits(torch.from_numpy(x)).numpy(), logits, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(clf.features(torch.from_numpy(x)).numpy(), feats, atol=1e-4, rtol=1e-4)
+
+    proxy = LoopbackProxy(out, {"stages": [{"name": "median", "kind": "median"}]})
+    try:
+        got, verdict = triton_logits(proxy.url, bundle.name, x)
+    finally:
+        proxy.stop()
+    assert got.shape == (5, 10) and np.isfinite(got).all()
+    np.testing.assert_array_equal(verdict, np.zeros(5, dtype=np.int32))
+
+
+def test_dynamic_hw_imports_with_input_shape(models, tmp_path):
+    bundle = import_onnx(models["dynhw"], tmp_path / "b", input_shape=(3, 48, 48), value_range=(-1.0, 1.0))
+    assert tuple(bundle.input.shape) == (3, 48, 48) and bundle.input.value_range == (-1.0, 1.0)
+    assert "[-1.0, 1.0]" in bundle.spec.backbone.twin_parity["inputs"]
+    assert bundle.spec.backbone.twin == "onnx"
+
+
+# ---- a model the converter cannot handle ---------------------------------------------------
+def test_unconvertible_model_imports_without_a_twin_and_serves(models, tmp_path):
+    out = tmp_path / "mish"
+    bundle = import_onnx(models["mish"], out)
+    bb = bundle.spec.backbone
+    assert bb.twin == "none" and not has_twin(bundle) and "Mish" in bb.twin_note and bb.twin_parity is None
+    assert any("no torch twin" in n for n in bundle.spec.provenance["import_notes"])
+    with pytest.raises(NoTwin, match="Mish.*gradient"):
+        load_backbone(out)
+    x = images(4, (3, 32, 32))
+    proxy = LoopbackProxy(out, {"stages": [{"name": "median", "kind": "median"}, {"name": "bits", "kind": "bitdepth"},
+                                         {"name": "jpeg", "kind": "jpeg", "params": {"quality": 75}}]})
+    try:
+        got, verdict = triton_logits(proxy.url, bundle.name, x)
+    finally:
+        proxy.stop()
+    assert got.shape == (4, 10) and np.isfinite(got).all()
+    np.testing.assert_array_equal(verdict, np.zeros(4, dtype=np.int32))
+    plain = LoopbackProxy(out, {"stages": []})
+    try:
+        np.testing.assert_allclose(triton_logits(plain.url, bundle.name, x)[0], ort_run(out / "backbone.onnx", x)[0],
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        plain.stop()
+
+
+# ---- refusals: one clear error, nothing written --------------------------------------------
+def refused(tmp_path, capsys, argv: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    assert cli(["import", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustgate import: ") and message in err, err
+    assert err.count("\n") == 1, err  # one message
+    assert not out.exists() and not list(tmp_path.glob(".out*")), list(tmp_path.iterdir())
+
+
+def test_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot a model at all")
+    refused(tmp_path, capsys, ["--onnx", str(bad)], "not a valid ONNX model")
+
+
+def test_refuses_weights_in_external_data_files(models, tmp_path, capsys):
+    import onnx
+
+    split = tmp_path / "split" / "model.onnx"
+    split.parent.mkdir()
+    onnx.save(onnx.load(str(models["cnn32"])), str(split), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    refused(tmp_path, capsys, ["--onnx", str(split)], "keeps its weights in external data files")
+
+
+def test_refuses_dynamic_hw_without_input_shape(models, tmp_path, capsys):
+    refused(tmp_path, capsys, ["--onnx", str(models["dynhw"])], "dynamic H/W ([?, 3, ?, ?]); give the per-item "
+            "shape the model is served at with --input-shape C,H,W")
+
+
+def test_refuses_input_shape_that_contradicts_the_graph(models, tmp_path, capsys):
+    refused(tmp_path, capsys, ["--onnx", str(models["cnn32"]), "--input-shape", "3,64,64"], "contradicts the graph's H = 32")
+
+
+def test_refuses_a_fixed_batch_of_one(models, tmp_path, capsys):
+    refused(tmp_path, capsys, ["--onnx", str(models["fixed"])], "fixed batch dimension of 1")
+
+
+def test_refuses_an_output_that_is_not_batch_by_classes(models, tmp_path, capsys):
+    refused(tmp_path, capsys, ["--onnx", str(models["map"])], "the logits must be [batch, classes]")
+
+
+def test_refuses_a_class_file_of_the_wrong_length(models, tmp_path, capsys):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\nbird\n")
+    refused(tmp_path, capsys, ["--onnx", str(models["cnn32"]), "--classes", str(classes)],
+            "3 class names for a logits output of 10 classes")
+    refused(tmp_path, capsys, ["--onnx", str(models["cnn32"]), "--classes", "7"], "--classes 7: the logits output has 10")
+
+
+def test_refuses_output_names_that_are_not_outputs(models, tmp_path, capsys):
+    refused(tmp_path, capsys, ["--onnx", str(models["cnn64f"]), "--logits-output", "probs"],
+            "--logits-output 'probs' is not an FP32 output of the graph (outputs: ['logits', 'features'])")
+    refused(tmp_path, capsys, ["--onnx", str(models["cnn32"]), "--features-output", "penultimate"],
+            "--features-output 'penultimate' is not an FP32 output")
+
+
+def test_refuses_an_existing_out_dir_unless_forced(models, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ImportRefused, match="already exists"):
+        import_onnx(models["cnn32"], out)
+    assert (out / "keep").exists()
+    bundle = import_onnx(models["cnn32"], out, force=True)
+    assert not (out / "keep").exists() and bundle.spec.backbone.twin == "onnx"
+
+
+def test_old_bundles_keep_their_meaning(tmp_path):
+    """A bundle.yaml without ``twin``: weights -> an arch twin, none -> no twin; no onnx and no
+    upstream is refused at load."""
+    import yaml
+
+    from robustgate.models.bundle import BackboneSpec, UpstreamSource
+
+    default = Path(__file__).resolve().parents[2] / "bundles" / "default"
+    bundle = Bundle.load(default, verify=False)
+    assert bundle.spec.backbone.twin is None and bundle.spec.backbone.twin_kind() == "arch" and has_twin(bundle)
+    raw = yaml.safe_load((default / "bundle.yaml").read_text())
+    assert bundle.spec.model_dump(mode="json", exclude_none=True) == raw  # re-saved unchanged
+    art = {"path": "backbone.onnx", "sha256": "0" * 64}
+    assert BackboneSpec(onnx=art, arch="cnn", weights={"path": "w.safetensors", "sha256": "1" * 64}).twin_kind() == "arch"
+    assert BackboneSpec(onnx=art, arch="cnn").twin_kind() == "none"
+    with pytest.raises(ValueError, match="backbone.onnx: required"):
+        BackboneSpec(arch="cnn")
+    with pytest.raises(ValueError, match="twin is 'onnx' but"):
+        BackboneSpec(upstream=UpstreamSource(url="h:1", model_name="m"), arch="x", twin="onnx")
+
+
+# ---- --upstream: the signature from a running MLServer -------------------------------------
+def test_upstream_import_reads_mlserver_metadata_and_serves_through_it(models, tmp_path, capsys):
+    server = harness.MLServerProcess(tmp_path / "mlserver", {"cnn32": {"onnx": models["cnn32"]}})
+    server.start()
+    try:
+        out = tmp_path / "up"
+        assert cli(["import", "--upstream", server.url, "--model", "cnn32", "--out", str(out)]) == 0
+        bundle = Bundle.load(out)
+        bb = bundle.spec.backbone
+        assert bb.onnx is None and bb.upstream.url == server.url and bb.upstream.model_name == "cnn32"
+        assert tuple(bundle.input.shape) == (3, 32, 32) and len(bundle.classes) == 10 and bundle.name == "cnn32"
+        assert not has_twin(bundle) and not (out / "backbone.onnx").exists()
+        with pytest.raises(NoTwin, match="model server"):
+            load_backbone(bundle)
+        with pytest.raises(BundleError, match="no ONNX file.*backend.kind: upstream"):
+            bundle.onnx_path()
+        with pytest.raises(BundleError, match="no ONNX file"):
+            LoopbackProxy(out, {"stages": []})  # the in-process backend needs the ONNX file: refused
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "absent"], "ModelMetadata failed")
+
+        x = images(3, (3, 32, 32))
+        proxy = LoopbackProxy(out, {"stages": [{"name": "median", "kind": "median"}]},
+                              {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
+        try:
+            got, verdict = triton_logits(proxy.url, "cnn32", x)
+        finally:
+            proxy.stop()
+        assert got.shape == (3, 10) and np.isfinite(got).all()
+        np.testing.assert_array_equal(verdict, np.zeros(3, dtype=np.int32))
+        plain = LoopbackProxy(out, {"stages": []}, {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
+        try:
+            np.testing.assert_allclose(triton_logits(plain.url, "cnn32", x)[0], ort_run(models["cnn32"], x)[0],
+                                       rtol=1e-5, atol=1e-6)
+        finally:
+            plain.stop()
+    finally:
+        server.stop()
+
+
+class TritonStyle(scripted.ScriptedUpstream):
+    """The scripted upstream (``logits[i, k] = mean(x[i]) + k``) declaring its metadata as
+    ``meta`` says: Triton leaves the batch axis out when the model has ``max_batch_size > 0``."""
+
+    def __init__(self, inputs: list[dict], outputs: list[dict]):
+        super().__init__()
+        self.inputs, self.outputs = inputs, outputs
+
+    def ModelMetadata(self, request, context):
+        if request.name != "formula":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} not found")
+        resp = pb.ModelMetadataResponse(name="formula", versions=["1"], platform="tensorrt_plan")
+        for t in self.inputs:
+            resp.inputs.add(**t)
+        for t in self.outputs:
+            resp.outputs.add(**t)
+        return resp
+
+
+def test_upstream_metadata_without_the_batch_axis_and_refusals(tmp_path, capsys):
+    pixels = {"name": "pixels", "datatype": "FP32", "shape": [1, 4, 4]}
+    server = TritonStyle([pixels], [{"name": "logits", "datatype": "FP32", "shape": [scripted.K]}]).start()
+    try:
+        bundle = import_upstream(server.url, "formula", tmp_path / "t", value_range=(0.0, 255.0))
+        assert tuple(bundle.input.shape) == (1, 4, 4) and bundle.input.name == "pixels" and len(bundle.classes) == 10
+        assert bundle.spec.backbone.upstream.platform == "tensorrt_plan" and bundle.input.value_range == (0.0, 255.0)
+        x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+        proxy = LoopbackProxy(tmp_path / "t", {"stages": []},
+                              {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
+        try:
+            with tc.InferenceServerClient(proxy.url) as client:
+                inp = tc.InferInput("pixels", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                got = client.infer("formula", [inp]).as_numpy("logits")
+        finally:
+            proxy.stop()
+        np.testing.assert_allclose(got, scripted.formula_logits(x), rtol=1e-6)
+
+        server.inputs = [{**pixels, "shape": [1, 1, 4, 4]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "fixed batch dimension of 1")
+        server.inputs = [{**pixels, "shape": [-1, -1, -1, -1]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "--input-shape C,H,W")
+        server.inputs = [{**pixels, "datatype": "UINT8"}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "is UINT8")
+        server.inputs = [pixels]
+        server.outputs = [{"name": "probs", "datatype": "FP32", "shape": [-1, 10]},
+                          {"name": "embedding", "datatype": "FP32", "shape": [-1, 64]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "one called 'logits'")
+        server.outputs = [{"name": "logits", "datatype": "FP32", "shape": [-1, 10, 2]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "must be [batch, classes]")
+    finally:
+        server.stop()
