@@ -4,7 +4,9 @@ attacks/cli.py owns the ``eval`` parser; it calls :func:`add_endpoint_arguments`
 ``--threat endpoint`` is given, hands the parsed arguments to :func:`run_endpoint`. Shared with
 the model-threat evaluation: ``--url``, ``--model-name``, ``--bundle`` (the served model's name
 when ``--model-name`` is not given), ``--attacks``, ``--eps``, ``--queries`` (here a list of
-budgets), ``--n``, ``--offset``, ``--seed``, ``--out``, ``--no-progress``.
+budgets), ``--n``, ``--offset``, ``--dataset``, ``--data-dir``, ``--seed``, ``--out``,
+``--no-progress``. The test images come from ``--bundle``'s dataset (models/data.py, conformed to
+its input), attacked ones from ``--offset``, benign ones right after them.
 """
 
 from __future__ import annotations
@@ -54,19 +56,18 @@ def run_endpoint(args: argparse.Namespace) -> int:
     """Runs :func:`~robustgate.attacks.endpoint_redteam.run_endpoint_matrix` once per ``--eps`` and
     writes results.json / results.md (one per eps under ``OUT/eps-<e>/`` when several)."""
     from robustgate.attacks.endpoint_redteam import run_endpoint_matrix
-    from robustgate.attacks.served import fashion_mnist_test
+    from robustgate.models.bundle import Bundle
+    from robustgate.models.data import bundle_splits
 
     if not args.url:
         print("robustgate eval --threat endpoint: --url HOST:PORT of a live proxy is required", file=sys.stderr)
         return 2
-    model = args.model_name
-    if model is None and getattr(args, "bundle", None):
-        from robustgate.models.bundle import Bundle
-
-        model = Bundle.load(args.bundle).name
-    if model is None:
-        print("robustgate eval --threat endpoint: give --model-name (or --bundle)", file=sys.stderr)
+    if not getattr(args, "bundle", None):
+        print("robustgate eval --threat endpoint: --bundle (the served model's bundle: its dataset and classes) "
+              "is required", file=sys.stderr)
         return 2
+    bundle = Bundle.load(args.bundle)
+    model = args.model_name or bundle.name
     budgets = args.queries if isinstance(args.queries, list) else [int(args.queries)]
     tokens = None
     if args.tokens_file:
@@ -81,8 +82,13 @@ def run_endpoint(args: argparse.Namespace) -> int:
         from robustgate.models.twin import load_backbone
 
         surrogate = load_backbone(args.surrogate)
-    x, y = fashion_mnist_test(args.n, offset=args.offset)
-    benign, _ = fashion_mnist_test(args.benign_n, offset=args.offset + args.n)  # disjoint from the attacked images
+    splits = bundle_splits(bundle, getattr(args, "dataset", None), getattr(args, "data_dir", None))
+    if args.offset + args.n + args.benign_n > splits.size("test"):
+        print(f"robustgate eval --threat endpoint: --offset {args.offset} + --n {args.n} + --benign-n {args.benign_n} "
+              f"exceeds the {splits.size('test')} test items of {splits.name}", file=sys.stderr)
+        return 2
+    x, y = splits.take("test", args.n, args.offset)
+    benign, _ = splits.take("test", args.benign_n, args.offset + args.n)  # disjoint from the attacked images
     command = "robustgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for i, eps in enumerate(args.eps):
         try:
@@ -96,21 +102,9 @@ def run_endpoint(args: argparse.Namespace) -> int:
             print(f"robustgate eval --threat endpoint: {exc}", file=sys.stderr)
             return 2
         out = Path(args.out) if len(args.eps) == 1 else Path(args.out) / f"eps-{eps:g}"
-        run_endpoint_matrix(settings, x, y, classes=_classes(args.url, model), benign=benign, surrogate=surrogate,
+        run_endpoint_matrix(settings, x, y, classes=len(bundle.classes), benign=benign, surrogate=surrogate,
                             benign_streams=not args.no_benign and i == 0, benign_clients=args.benign_clients,
                             out=str(out), command=command, progress=not args.no_progress)
         print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
 
-
-def _classes(url: str, model: str) -> int:
-    """The number of classes the served model declares (its logits output's last dimension)."""
-    from robustgate.attacks.endpoint import GrpcOracle
-
-    oracle = GrpcOracle(url, model)
-    try:
-        meta = oracle.client.get_model_metadata(model, as_json=True)
-        shape = next(o["shape"] for o in meta["outputs"] if o["name"] == oracle.output_name)
-        return int(shape[-1])
-    finally:
-        oracle.close()

@@ -25,7 +25,6 @@ from robustgate.attacks.endpoint import EXHAUSTED_STATUS, REJECTED_STATUS, GrpcO
 from robustgate.attacks.endpoint_redteam import (
     Attacker, EndpointSettings, Ledger, Transform, identity_headers, run_cell, run_endpoint_matrix, run_query_attack,
 )
-from robustgate.attacks.served import fashion_mnist_test
 from robustgate.defenses import base as defenses_base
 from robustgate.defenses.base import Detector, register
 from robustgate.proxy import server as server_module
@@ -110,8 +109,8 @@ STATEFUL = [{"name": "stateful", "kind": "redteam_test_memory", "action": "rejec
 
 
 @pytest.fixture(scope="module")
-def images():
-    x, y = fashion_mnist_test(40, offset=200)
+def images(fmnist_splits):
+    x, y = fmnist_splits.take("test", 40, 200)
     return x[:4], y[:4], x[8:40]  # attacked images, labels, a disjoint benign pool
 
 
@@ -258,7 +257,7 @@ def test_benign_streams_count_detections_per_client(start, recording, images, ti
     assert q.shape == (16, *benign.shape[1:]) and float(q.min()) >= 0 and float(q.max()) <= 1
 
 
-def test_cli_entry_runs_the_matrix(start, recording, tiny, tmp_path):
+def test_cli_entry_runs_the_matrix(start, recording, tiny, tiny_bundle, tmp_path):
     import argparse
 
     from robustgate.attacks.endpoint_cli import add_endpoint_arguments, run_endpoint
@@ -274,7 +273,7 @@ def test_cli_entry_runs_the_matrix(start, recording, tiny, tmp_path):
         parser.add_argument(flag, type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     add_endpoint_arguments(parser)
-    args = parser.parse_args(["--url", proxy.url, "--model-name", tiny.name, "--out", str(tmp_path), "--attacks",
+    args = parser.parse_args(["--url", proxy.url, "--bundle", str(tiny_bundle), "--out", str(tmp_path), "--attacks",
                               "square,hopskipjump-sybil", "--eps", "0.1", "--queries", "5,8", "--n", "2",
                               "--offset", "300", "--sybil-identities", "2", "--benign-n", "4", "--benign-clients", "2",
                               "--no-progress"])
@@ -288,6 +287,8 @@ def test_cli_entry_runs_the_matrix(start, recording, tiny, tmp_path):
         b["queries"] for b in result["benign"].values())
     args.url = None
     assert run_endpoint(args) == 2
+    args.url, args.n = proxy.url, 10**6
+    assert run_endpoint(args) == 2  # more images than the test split holds: one clear error
 
 
 def test_a_cell_is_reproducible_under_its_seed(start, recording, images, tiny):
