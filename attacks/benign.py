@@ -7,7 +7,9 @@ identities that send their share in order, one ModelInfer per query:
 - ``shuffled``: the test images in random order, each once;
 - ``retries``: each image sent ``repeats`` times back to back (a client retrying on a timeout);
 - ``near_duplicates``: each image, then ``variants`` near-copies a real client produces: a small
-  crop resized back, a brightness change, a JPEG re-encoding (one of each in turn).
+  crop resized back, a brightness change, a JPEG re-encoding (one of each in turn; the very
+  near-duplicates the stateful detector's threshold is calibrated on,
+  defenses/stateful/calibration.py).
 
 Per stream: the share of benign queries refused (any stage, and by the detection stages or a
 block), and the share of benign clients ever blocked / ever detected.
@@ -18,39 +20,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from robustgate.attacks.endpoint import GrpcOracle
-from robustgate.defenses.purify.jpeg import jpeg_roundtrip
+from robustgate.defenses.stateful.calibration import NEAR_KINDS, near_duplicate
 
 STREAMS = ("shuffled", "retries", "near_duplicates")
-
-
-def small_crop(x: torch.Tensor, gen: torch.Generator, max_px: int = 2) -> torch.Tensor:
-    """``[C, H, W]`` -> ``[C, H, W]``: 1..``max_px`` pixels cut from each side at random, resized
-    back (bilinear, antialiased) -- a client's slightly different framing."""
-    c, h, w = x.shape
-    t, b, l, r = (int(v) for v in torch.randint(0, max_px + 1, (4,), generator=gen))
-    if t + b + l + r == 0:
-        t = 1
-    crop = x[:, t:h - b, l:w - r]
-    return F.interpolate(crop[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
-
-
-def brightness(x: torch.Tensor, gen: torch.Generator, spread: float = 0.1) -> torch.Tensor:
-    """``[C, H, W]`` scaled by a factor in ``[1 - spread, 1 + spread]``, clamped to [0, 1]."""
-    f = 1 + (float(torch.rand(1, generator=gen)) * 2 - 1) * spread
-    return (x * f).clamp(0, 1)
-
-
-def jpeg(x: torch.Tensor, gen: torch.Generator, qualities: tuple[int, int] = (70, 95)) -> torch.Tensor:
-    """``[C, H, W]`` in [0, 1] re-encoded as JPEG at a quality drawn from ``qualities``."""
-    q = int(torch.randint(qualities[0], qualities[1] + 1, (1,), generator=gen))
-    return jpeg_roundtrip(x[None], q)[0]  # the JPEG purifier's codec (Pillow)
-
-
-NEAR_DUPLICATES = (small_crop, brightness, jpeg)
 
 
 def stream(name: str, x: torch.Tensor, seed: int = 0, repeats: int = 3, variants: int = 3) -> torch.Tensor:
@@ -65,7 +40,7 @@ def stream(name: str, x: torch.Tensor, seed: int = 0, repeats: int = 3, variants
         items = []
         for i in order.tolist():
             items.append(x[i])
-            items.extend(NEAR_DUPLICATES[v % len(NEAR_DUPLICATES)](x[i], gen) for v in range(variants))
+            items.extend(near_duplicate(x[i], NEAR_KINDS[v % len(NEAR_KINDS)], gen) for v in range(variants))
         return torch.stack(items)
     raise ValueError(f"unknown benign stream {name!r}; known: {STREAMS}")
 
