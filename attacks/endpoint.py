@@ -6,7 +6,8 @@ would leak nothing more and lose answers). Every answer is read as a :class:`Rep
 
 - ``accepted`` / ``flagged``: logits came back (``robustgate_verdict`` 0 / 1 when declared);
 - ``rejected``: PERMISSION_DENIED ``rejected by robustgate: item <i> stage <name> ...`` -- the
-  item was rejected by the named stage; no logits;
+  item was rejected by the named stage; no logits (in ``item`` verdict mode: verdict 2, the stage
+  from the ``robustgate_reasons`` parameter);
 - ``blocked``: any other PERMISSION_DENIED or RESOURCE_EXHAUSTED -- the proxy refuses this
   *client* (a stateful detector's block, a per-client budget or rate limit); no logits;
 - ``overloaded``: RESOURCE_EXHAUSTED ``queue full: ...`` from the batcher's admission: the
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
+
+from robustgate.proxy.codec import REASONS_PARAM
 
 REJECTED_STATUS = "StatusCode.PERMISSION_DENIED"
 EXHAUSTED_STATUS = "StatusCode.RESOURCE_EXHAUSTED"
@@ -114,6 +117,11 @@ class GrpcOracle:
                 return reply
             self.queries += 1
             verdict = int(res.as_numpy(self.verdict_output).reshape(-1)[0]) if self.verdict_output is not None else 0
+            if verdict == 2:  # item verdict mode: a rejected item is answered, with NaN logits
+                self.rejections += 1
+                reasons = res.get_response().parameters[REASONS_PARAM].string_param.split(",")
+                stage = reasons[0].removesuffix(" failed") if reasons and reasons[0] else None
+                return Reply("rejected", stage=stage)
             return Reply("flagged" if verdict == 1 else "accepted", logits=res.as_numpy(self.output_name).reshape(-1))
         raise AssertionError("unreachable: the retry loop returns or raises")
 

@@ -95,8 +95,8 @@ def recording(monkeypatch):
 def start(recording, tiny_bundle):
     started = []
 
-    def run(stages: list[dict]) -> LoopbackProxy:
-        p = LoopbackProxy(tiny_bundle, {"stages": stages})
+    def run(stages: list[dict], verdict_mode: str = "request") -> LoopbackProxy:
+        p = LoopbackProxy(tiny_bundle, {"stages": stages, "verdict_mode": verdict_mode})
         started.append(p)
         return p
 
@@ -153,8 +153,9 @@ def test_query_attacks_account_for_every_query(start, recording, images, tiny, a
         assert m["attack_success_rate"] > 0  # the tiny model is not robust at eps 0.15
 
 
-def test_stateful_rejections_are_detections(start, recording, images, tiny):
-    proxy = start(STATEFUL)
+@pytest.mark.parametrize("verdict_mode", ["request", "item"])
+def test_stateful_rejections_are_detections(start, recording, images, tiny, verdict_mode):
+    proxy = start(STATEFUL, verdict_mode)
     x, y, benign = images
     s = EndpointSettings(url=proxy.url, model=tiny.name, attacks=["square"], budgets=[60], eps=0.15)
     cell = run_cell(s, "square", 60, x[:3], y[:3], benign, classes=len(tiny.classes), progress=False)
