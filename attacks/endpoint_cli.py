@@ -46,7 +46,6 @@ def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
                    help="-transform: brightness shift, uniform noise, re-draws of a rejected query")
     g.add_argument("--on-block", choices=["stop", "continue"], default="stop",
                    help="after a block: stop that image's attack")
-    g.add_argument("--surrogate", default=None, help="bundle whose torch twin is the transfer attack's surrogate")
     g.add_argument("--benign-n", type=int, default=1000, help="benign images (test set after the attacked ones)")
     g.add_argument("--benign-clients", type=int, default=100, help="benign identities the streams are split over")
     g.add_argument("--no-benign", action="store_true", help="skip the benign streams")

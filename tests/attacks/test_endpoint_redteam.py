@@ -261,24 +261,18 @@ def test_benign_streams_count_detections_per_client(start, recording, images, ti
 def test_cli_entry_runs_the_matrix(start, recording, tiny, tiny_bundle, tmp_path):
     import argparse
 
-    from robustgate.attacks.endpoint_cli import add_endpoint_arguments, run_endpoint
+    from robustgate.attacks import cli as eval_cli
+    from robustgate.attacks.endpoint_cli import run_endpoint
 
     proxy = start([])
-    parser = argparse.ArgumentParser()  # the shared options, as attacks/cli.py declares them
-    for flag in ("--url", "--model-name", "--bundle", "--out"):
-        parser.add_argument(flag)
-    parser.add_argument("--attacks", type=lambda t: t.split(","))
-    parser.add_argument("--eps", type=lambda t: [float(v) for v in t.split(",")])
-    parser.add_argument("--queries", type=lambda t: [int(v) for v in t.split(",")])
-    for flag in ("--n", "--offset", "--seed"):
-        parser.add_argument(flag, type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
-    add_endpoint_arguments(parser)
-    args = parser.parse_args(["--url", proxy.url, "--bundle", str(tiny_bundle), "--out", str(tmp_path), "--attacks",
-                              "square,hopskipjump-sybil", "--eps", "0.1", "--queries", "5,8", "--n", "2",
-                              "--offset", "300", "--sybil-identities", "2", "--benign-n", "4", "--benign-clients", "2",
-                              "--no-progress"])
-    assert run_endpoint(args) == 0
+    parser = argparse.ArgumentParser()  # robustgate eval's own parser
+    eval_cli.add_arguments(parser)
+    args = parser.parse_args(["--threat", "endpoint", "--url", proxy.url, "--bundle", str(tiny_bundle), "--out",
+                              str(tmp_path), "--attacks", "square,hopskipjump-sybil", "--eps", "0.1", "--queries", "5,8",
+                              "--n", "2", "--offset", "300", "--sybil-identities", "2", "--benign-n", "4",
+                              "--benign-clients", "2", "--no-progress"])
+    assert eval_cli.run(args) == 0
+    assert args.surrogate is None
     import json
 
     result = json.loads((tmp_path / "results.json").read_text())
