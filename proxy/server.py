@@ -467,6 +467,7 @@ class ProxyServer:
                     m.queries_refused.labels(reason=refusal.reason).inc(n)
                     if first:
                         m.clients_blocked.labels(reason=refusal.reason).inc()
+                        log.info("client %s refused (%s): %s", client, refusal.reason, refusal.message)
                     return limited(refusal.message, refusal.retry_after_s), None
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
             try:
@@ -476,7 +477,7 @@ class ProxyServer:
                     m.requests.labels(outcome="deadline_exceeded").inc()
                 raise
             m.stage_duration.labels(stage="queue").observe(queued)
-            return self._respond(request, decoded, result)
+            return self._respond(request, decoded, result, client)
         except ProtocolError as exc:
             return _Failure(grpc.StatusCode[exc.code], exc.message, _OUTCOME_BY_CODE.get(exc.code, "invalid")), None
         except QueueFull as exc:
@@ -494,7 +495,7 @@ class ProxyServer:
             log.exception("ModelInfer failed")
             return _Failure(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", "internal"), None
 
-    def _count_block(self, result: PipelineResult) -> None:
+    def _count_block(self, result: PipelineResult, client: str | None) -> None:
         """Counts a blocked client's refused items, and the client as newly blocked when one of its
         items scored over the threshold in this request (the query that set the block; a blocked
         client's later queries are not observed, so they score 0)."""
@@ -503,13 +504,14 @@ class ProxyServer:
         t, s = result.thresholds.get(stage), result.scores.get(stage)
         if t is not None and s is not None and bool((s > t).any()):
             self.metrics.clients_blocked.labels(reason=stage).inc()
+            log.info("client %s refused (%s): blocked by the stateful stage", client, stage)
 
-    def _respond(self, request: pb.ModelInferRequest, decoded, result: PipelineResult):
+    def _respond(self, request: pb.ModelInferRequest, decoded, result: PipelineResult, client: str | None = None):
         """Verdict semantics (proxy/verdicts.py) and encoding of one request's share of a batch result."""
         t2 = time.perf_counter()
         refused = blocked(result, time.time())
         if refused is not None:
-            self._count_block(result)
+            self._count_block(result, client)
             return refused, None
         failure, answer = verdict_answer(result, self.cfg.pipeline.verdict_mode, self.metrics)
         if failure is not None:
