@@ -274,3 +274,28 @@ def test_bad_output_policy_names_the_key(proxy_bundle):
     with pytest.raises(ConfigError, match=r"action: block needs kind stateful"):
         load_config(None, environ={}, overrides={"bundle": str(proxy_bundle), "pipeline": {"stages": [
             {"name": "m", "kind": "test_proxy_mean", "action": "block", "threshold": 0.5}]}})
+
+
+# ---- the threshold from the bundle ---------------------------------------------------------------------
+def test_fit_calibrates_on_benign_streams_and_the_proxy_serves_the_bundles_threshold(start_proxy, proxy_bundle, tmp_path):
+    from robustgate.defenses.cli import fit_defense
+    from robustgate.models.bundle import Bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(proxy_bundle, bundle)
+    x = fmnist_images(900, offset=1000)
+    y = np.zeros(len(x), dtype=np.int64)
+    import torch
+
+    splits = {k: (torch.from_numpy(x[i * 300:(i + 1) * 300]), torch.from_numpy(y[:300]))
+              for i, k in enumerate(("train", "val", "test"))}
+    spec = fit_defense(bundle, "stateful", name="sd", params={"top_k": 20}, target_fpr=0.01, splits=splits, log=lambda *_: None)
+    fitted = Bundle.load(bundle).spec.defenses["sd"]
+    assert fitted.kind == "stateful" and fitted.threshold == spec["threshold"]
+    assert fitted.calibration["val_fpr"] <= 0.01 and fitted.calibration["n_val"] > 300  # retries and near-duplicates too
+    assert "store" not in fitted.params
+
+    p = start_proxy(bundle=bundle, pipeline={"stages": [{"name": "sd", "kind": "stateful", "store": SMALL_STORE}]})
+    assert p.server.pipeline_summary()["thresholds"]["sd"] == fitted.threshold
+    answers = [ask(p.url, q[None], ATTACKER)[0] for q in attack_stream(x[0], 10, seed=5)]
+    assert answers.count("StatusCode.PERMISSION_DENIED") >= 8, answers
