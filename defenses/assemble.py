@@ -74,6 +74,9 @@ class StageConfig(_Strict):
     # ({kind: memory | redis, url, max_entries, max_per_client, max_clients, ttl_s, ...}; defenses/stateful/store.py)
     store: dict[str, Any] | None = None
     cooldown_s: float = Field(300.0, gt=0)  # action block: how long a detected client is refused
+    # action block: detections of one client (forgotten store.ttl_s after its last) that block it; a
+    # query attack is detected on nearly every query, a benign client at the per-query FPR now and then
+    block_after: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _stateful_only(self) -> "StageConfig":
@@ -189,7 +192,8 @@ def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
         defense.to(target)
         if target != "cpu" and (reason := host_only(defense)) is not None:
             on_host.append(f"{sc.name} ({reason})")
-        stages.append(Stage(name=sc.name, defense=defense, action=sc.action, cooldown_s=sc.cooldown_s))
+        stages.append(Stage(name=sc.name, defense=defense, action=sc.action, cooldown_s=sc.cooldown_s,
+                            block_after=sc.block_after))
     if on_host:  # once, at start: these stages do not follow the device setting
         log.warning("stages that compute on the host, not on %s: %s", resolve_device(default), "; ".join(on_host))
     return stages

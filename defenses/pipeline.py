@@ -28,8 +28,8 @@ Semantics (DESIGN.md, "The defense pipeline"):
    ``score(x)``) see the stream: given ``clients`` (one identity per item, proxy/identity.py), each
    client's items of the batch are observed together, clients in order of first appearance (the
    arrival order); their scores join ``scores`` and their threshold acts like a detector's, with
-   one more action, ``block``: the item is rejected and its client blocked for the stage's
-   ``cooldown_s`` (``store.block``); an item of a client blocked already is not observed, it is
+   one more action, ``block``: the item is rejected, and once its client has ``block_after``
+   detections the client is blocked for the stage's ``cooldown_s`` (``store.block``); an item of a client blocked already is not observed, it is
    rejected with ``blocked[i]`` = the block's end (the proxy answers RESOURCE_EXHAUSTED with a
    retry hint). Without ``clients`` (the red team's white-box runs, eval) stateful stages are
    skipped: a single batch has no stream, and nothing measured on one may change.
@@ -62,6 +62,7 @@ class Stage:
     defense: Defense
     action: Action = "reject"
     cooldown_s: float = 0.0  # action block: how long a detected client stays blocked
+    block_after: int = 1  # action block: detections (within the store's ttl_s) that block the client
 
 
 @dataclass
@@ -359,8 +360,9 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str]) -> tuple[
     """One stateful stage on a batch: ``x`` ``[N, C, H, W]``, ``clients`` ``[N]`` -> scores ``[N]`` and
     per item the end of its client's block (None: not blocked). Each client's items are observed in
     one call, clients in order of first appearance; a blocked client's items are not observed (score
-    0); with action ``block`` a client whose item scores above the threshold is blocked for
-    ``stage.cooldown_s`` from now, and all its items of this batch answer as blocked."""
+    0); with action ``block`` each item over the threshold is rejected and counts as a detection of
+    its client (``store.add_detections``); at ``stage.block_after`` detections the client is blocked
+    for ``stage.cooldown_s`` from now, and all its items of this batch answer as blocked."""
     det = stage.defense
     store = det.store
     n = x.shape[0]
@@ -379,7 +381,8 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str]) -> tuple[
         rows = torch.as_tensor(idx)
         s = det.observe(client, x[rows], now).reshape(len(idx)).float()
         scores[rows] = s.to(scores.device)
-        if stage.action == "block" and det.threshold is not None and bool((s > det.threshold).any()):
+        hits = int((s > det.threshold).sum()) if stage.action == "block" and det.threshold is not None else 0
+        if hits and store.add_detections(client, hits, now) >= stage.block_after:
             store.block(client, now + stage.cooldown_s)
             for i in idx:
                 ends[i] = now + stage.cooldown_s

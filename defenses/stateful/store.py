@@ -119,6 +119,11 @@ class HistoryStore(ABC):
     def blocked_until(self, client: str, now: float | None = None) -> float | None:
         """When ``client``'s block ends, or None when it is not blocked at ``now`` (default: now)."""
 
+    @abstractmethod
+    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
+        """Adds ``n`` detections to ``client``'s count and returns the count; the count is forgotten
+        ``ttl_s`` after the client's last detection (the ``block`` action's ``block_after``)."""
+
 
 class MemoryStore(HistoryStore):
     """In-process history store (numpy arrays; see the module docstring)."""
@@ -152,6 +157,7 @@ class MemoryStore(HistoryStore):
         self._inserted = 0
         self._lock = threading.Lock()  # observe() from several worker threads is serialised
         self._blocks: dict[str, float] = {}  # client -> block end (epoch seconds); at most max_clients
+        self._strikes: OrderedDict[str, list[float]] = OrderedDict()  # client -> [detections, last one's time]
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hashes_per_query": self.hashes_per_query}
@@ -163,7 +169,21 @@ class MemoryStore(HistoryStore):
         with self._lock:
             self._clients.clear()  # entries of forgotten client ids never match again
             self._blocks.clear()
+            self._strikes.clear()
             self._inserted = 0
+
+    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
+        now = time.time() if now is None else float(now)
+        with self._lock:
+            rec = self._strikes.pop(client, None)
+            if rec is None or now - rec[1] > self.ttl_s:
+                rec = [0, now]
+            rec[0] += int(n)
+            rec[1] = now
+            self._strikes[client] = rec  # most recent last
+            while len(self._strikes) > self.max_clients:
+                self._strikes.popitem(last=False)
+            return int(rec[0])
 
     def block(self, client: str, until: float) -> None:
         with self._lock:
@@ -382,6 +402,13 @@ class RedisStore(HistoryStore):
         old = self._redis.get(name)
         if old is None or float(old) < until:
             self._redis.set(name, repr(float(until)), px=ms)
+
+    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
+        name = self._keys(client)[0][:-2] + ":s"
+        pipe = self._redis.pipeline()
+        pipe.incrby(name, int(n))
+        pipe.pexpire(name, int(math.ceil(self.ttl_s * 1000)))
+        return int(pipe.execute()[0])
 
     def blocked_until(self, client: str, now: float | None = None) -> float | None:
         value = self._redis.get(self._block_key(client))

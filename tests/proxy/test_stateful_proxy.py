@@ -110,7 +110,7 @@ def test_attack_rejected_benign_stream_and_retries_accepted(start_proxy):
 
 
 def test_block_refuses_the_client_until_its_cool_down_ends(start_proxy):
-    p = start_proxy(pipeline={"stages": [stateful_stage(action="block", cooldown_s=2.0)]})
+    p = start_proxy(pipeline={"stages": [stateful_stage(action="block", cooldown_s=2.0, block_after=1)]})
     stream = attack_stream(fmnist_images(1)[0], 6, seed=1)
     first = [ask(p.url, x[None], ATTACKER) for x in stream[:3]]
     assert first[0][0] == "ok"
@@ -129,13 +129,21 @@ def test_block_refuses_the_client_until_its_cool_down_ends(start_proxy):
     assert ask(p.url, fresh[2][None], ATTACKER)[0] == "ok"  # the cool-down ended
 
 
+def test_block_after_several_detections(start_proxy):
+    p = start_proxy(pipeline={"stages": [stateful_stage(action="block", cooldown_s=60.0, block_after=3)]})
+    answers = [ask(p.url, x[None], ATTACKER) for x in attack_stream(fmnist_images(1, offset=9)[0], 5, seed=6)]
+    assert [a[0] for a in answers] == ["ok", "StatusCode.PERMISSION_DENIED", "StatusCode.PERMISSION_DENIED",
+                                       "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.RESOURCE_EXHAUSTED"], answers
+    assert metric(p.metrics_port, "robustgate_clients_blocked_total", {"reason": "sd"}) == 1
+
+
 def test_block_answer_carries_the_retry_hint_in_trailers(start_proxy):
     import grpc
 
     from robustgate.protos import open_inference_grpc_pb2 as pb
     from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 
-    p = start_proxy(pipeline={"stages": [stateful_stage(action="block", cooldown_s=30.0)]})
+    p = start_proxy(pipeline={"stages": [stateful_stage(action="block", cooldown_s=30.0, block_after=1)]})
     stream = attack_stream(fmnist_images(1, offset=7)[0], 3, seed=2)
     with grpc.insecure_channel(p.url) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
