@@ -45,7 +45,12 @@ the shipped bundles/default was fitted with (its bundle.yaml records each one's 
       --params criterion=l1 arch=III width=16 epochs=40 lr=0.002
   robustgate fit --bundle bundles/default --defense safetynet --name safetynet
   robustgate fit --bundle bundles/default --defense diffusion --name diffusion
-each kind's parameters and defaults: its class docstring (defenses/detect, defenses/purify)."""
+each kind's parameters and defaults: its class docstring (defenses/detect, defenses/purify).
+The stage that serves a fitted defense names the same --name (deploy/default.yaml, docs/OPERATIONS.md);
+what each detector and purifier buys against adaptive attacks: docs/EVALUATION.md. SafetyNet's fit
+needs scikit-learn's ONNX export and torchattacks (the `fit` extra, docs/OPERATIONS.md "Installing")."""
+
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

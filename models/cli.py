@@ -12,8 +12,14 @@ import sys
 
 EPILOG = """\
 examples:
-  # the default Fashion-MNIST bundle (docs/TRAINING.md has the exact recipe and its numbers)
-  robustgate train --dataset fashion-mnist --arch cnn --method trades --eps 0.1 --epochs 10 --out bundles/mine
+  # the shipped bundles/default (docs/TRAINING.md, "The default bundle": why this recipe, its numbers;
+  # there it runs as 2 DDP processes under torchrun, same flags)
+  robustgate train --dataset fashion-mnist --arch cnn --arch-kwargs '{"width": 16, "hidden": 256}' \\
+    --method fast-at --eps 0.1 --epochs 15 --batch-size 128 --optimizer adam --lr 0.002 --weight-decay 0 \\
+    --schedule onecycle --seed 0 --name default --out bundles/mine
+
+  # TRADES instead (a --steps inner attack per batch: several times the cost of fast-at on a CPU)
+  robustgate train --dataset fashion-mnist --arch cnn --method trades --eps 0.1 --epochs 10 --out bundles/trades
 
   # a quick, non-robust baseline
   robustgate train --method standard --epochs 2 --out bundles/standard
@@ -38,7 +44,8 @@ fine-tune it adversarially:
   robustgate train --arch vit_tiny --method pgd-at --init runs/mimir/pretrained.safetensors --eps 0.1 --out bundles/mimir
 
 The bundle's bundle.yaml records the recipe, the epoch chosen by validation PGD accuracy, and
-clean / PGD-20 test accuracy with the threat model they were measured under.
+clean / PGD-20 test accuracy with the threat model they were measured under. Next steps:
+`robustgate fit` (a detector into the bundle), `robustgate serve --bundle DIR` (docs/OPERATIONS.md).
 """
 
 
@@ -48,11 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from robustgate.models.losses import METHODS
     from robustgate.models.train import OPTIMIZERS, SCHEDULES, SELECT
 
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EPILOG
+    parser.epilog = EPILOG  # formatter: robustgate.proxy.cli.HelpFormatter (defaults shown, epilog as written)
     g = parser.add_argument_group("output")
     g.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
-    g.add_argument("--name", help="bundle name (default: the --out folder name)")
+    g.add_argument("--name", "--model-name", dest="name",
+                   help="bundle name, which `serve` answers to as the model name (default: the --out folder name)")
     g.add_argument("--checkpoint-dir", help="where epoch checkpoints go (default: <out>.ckpt)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
     g.add_argument("--no-features", dest="features", action="store_false",
@@ -89,12 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eps-ramp-epochs", type=float, default=0.0, help="grow eps linearly over this many epochs (default 0)")
 
     g = parser.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="training epochs")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
-    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="optimizer (the shipped recipe: adam)")
     g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (the shipped recipe: 0)")
     g.add_argument("--schedule", default="onecycle", choices=SCHEDULES, help="learning-rate schedule (default onecycle)")
 
     g = parser.add_argument_group("selection and evaluation")
@@ -105,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-steps", type=int, default=10, help="validation PGD steps (default 10)")
     g.add_argument("--test-items", type=int, help="test items for the final measurement (default: all)")
     g.add_argument("--test-steps", type=int, default=20, help="final PGD steps (default 20)")
-    g.add_argument("--test-restarts", type=int, default=1)
+    g.add_argument("--test-restarts", type=int, default=1, help="final PGD random restarts")
 
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, the initialization, data order and attacks")

@@ -3,14 +3,16 @@
 ``ProxyServer`` wires the codec, the batcher (which runs the pipeline in a worker thread), the
 Prometheus metrics, the grpc.health.v1 health service and server reflection into one grpc.aio
 server. The transport only decodes, queues, applies the verdict rules (proxy/verdicts.py: request
-and item modes, the rejection status) and encodes.
+and item modes, the rejection status -- without the detector's score and threshold unless
+``server.explain``) and encodes.
 
 Bad input never crashes it: every error path answers a status with a message, bytes that are not
 a valid protobuf message included (INVALID_ARGUMENT). Overload: the batcher's admission (its item
 bound and wait budget, proxy/batcher.py) is asked before a request's payload is decoded, so that a
 refusal (RESOURCE_EXHAUSTED) costs the event loop next to nothing beyond the gRPC call itself.
 Draining (SIGTERM) turns health NOT_SERVING, stops accepting RPCs, lets in-flight ones finish
-within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC; proxy/reload.py)
+within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC, served only
+when ``server.admin`` enables it: behind the token or on its own loopback port; proxy/reload.py)
 swaps in a re-read pipeline without dropping requests. An optional bearer token (``server.auth``) guards
 every RPC but the probes.
 """
@@ -293,6 +295,8 @@ class ProxyServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.admin_server: grpc.aio.Server | None = None  # the admin service's own server (server.admin.port)
+        self.admin_port: int | None = None
         self.draining = False
         self._health_task: asyncio.Task | None = None
         self._token = read_token(cfg.server.auth.bearer_token_file) if cfg.server.auth.enabled else None
@@ -320,7 +324,7 @@ class ProxyServer:
         ])
         self._reload_lock = asyncio.Lock()
         add_inference_service(InferenceServicer(self), self.server)
-        if s.admin:
+        if s.admin.enabled and s.admin.port is None:  # on the inference port: config validation demands the token
             self.server.add_generic_rpc_handlers((admin_handler(self),))
         compat = model_config_handler(self)  # Triton's ModelConfig, for perf_analyzer
         if compat is not None:
@@ -338,6 +342,8 @@ class ProxyServer:
             raise OSError(f"cannot bind the gRPC port {address}: {exc}") from exc
         if not self.port:
             raise OSError(f"cannot bind the gRPC port {address}")
+        if s.admin.enabled and s.admin.port is not None:
+            self.admin_port = await self._start_admin(auth, creds)
         self.batcher.start()
         await self.server.start()
         if s.metrics_port is not None:
@@ -347,8 +353,28 @@ class ProxyServer:
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
         if self.freeze_heap:
             freeze_gc_heap()
-        log.info("robustgate serving %s on port %d (metrics %s)", self.contract.model_name, self.port, self.metrics_port)
+        log.info("robustgate serving %s on port %d (metrics %s, admin %s)", self.contract.model_name, self.port,
+                 self.metrics_port, "off" if not s.admin.enabled else self.admin_port or "on the gRPC port")
+        if s.explain and not s.auth.enabled:
+            log.warning("server.explain is on without server.auth: every client sees the detectors' scores and "
+                        "thresholds in rejections (docs/OPERATIONS.md, 'Threat model')")
         return self.port
+
+    async def _start_admin(self, auth: "BearerAuth", creds: grpc.ServerCredentials | None) -> int:
+        """The admin service on its own port (server.admin.port, bound to server.admin.host: loopback
+        unless the token guards it); the same token check and TLS as the inference port."""
+        a = self.cfg.server.admin
+        self.admin_server = grpc.aio.server(interceptors=[auth], options=[("grpc.so_reuseport", 0)])
+        self.admin_server.add_generic_rpc_handlers((admin_handler(self),))
+        address = f"{a.host}:{a.port}"
+        try:
+            port = self.admin_server.add_secure_port(address, creds) if creds else self.admin_server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind the admin port {address}: {exc}") from exc
+        if not port:
+            raise OSError(f"cannot bind the admin port {address}")
+        await self.admin_server.start()
+        return port
 
     def is_ready(self) -> bool:
         return not self.draining and self.backend.ready()
@@ -379,6 +405,8 @@ class ProxyServer:
         await self.begin_drain()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.admin_server is not None:
+            await self.admin_server.stop(0)
         await self.batcher.stop()
         self.metrics.close()
         self.backend.close()
@@ -513,7 +541,7 @@ class ProxyServer:
         if refused is not None:
             self._count_block(result, client)
             return refused, None
-        failure, answer = verdict_answer(result, self.cfg.pipeline.verdict_mode, self.metrics)
+        failure, answer = verdict_answer(result, self.cfg.pipeline.verdict_mode, self.metrics, self.cfg.server.explain)
         if failure is not None:
             return failure, None
         answer.logits = apply_outputs(answer.logits, self.cfg.outputs)
