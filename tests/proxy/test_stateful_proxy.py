@@ -307,3 +307,28 @@ def test_fit_calibrates_on_benign_streams_and_the_proxy_serves_the_bundles_thres
     assert p.server.pipeline_summary()["thresholds"]["sd"] == fitted.threshold
     answers = [ask(p.url, q[None], ATTACKER)[0] for q in attack_stream(x[0], 10, seed=5)]
     assert answers.count("StatusCode.PERMISSION_DENIED") >= 8, answers
+
+
+# ---- several clients in one batch ----------------------------------------------------------------------
+def test_one_batch_observes_each_client_in_arrival_order():
+    import torch
+
+    from robustgate.defenses.assemble import PipelineConfig, build_stages
+    from robustgate.defenses.pipeline import REJECTED, DefendedModel
+
+    cfg = PipelineConfig.model_validate({"stages": [stateful_stage()]})
+    stages = build_stages(cfg, None)
+    model = DefendedModel(stages, classify=lambda x: torch.zeros(x.shape[0], 10))
+    base = fmnist_images(2, offset=60)
+    near = attack_stream(base[0], 3, seed=7)
+    # A's three near-copies interleaved with B's two distinct images, one batch
+    x = torch.from_numpy(np.stack([near[0], base[1], near[1], base[1], near[2]]))
+    clients = ["A", "B", "A", "B", "A"]
+    r = model(x, clients=clients)
+    s = r.scores["sd"].tolist()
+    assert s[0] == 0 and s[1] == 0 and s[3] == 0  # A's first query, B's image and B's exact retry
+    assert s[2] > 10 and s[4] > 10  # each A query against A's earlier ones of the same batch
+    assert r.verdict.tolist() == [0, 0, REJECTED, 0, REJECTED] and r.reason[2] == "sd"
+    # without identities (the red team's white-box runs) the stage is skipped: nothing observed
+    assert "sd" not in model(x).scores
+    assert stages[0].defense.store.stats()["entries"] == 4  # A x3, B x1 (the retry is not recorded)
