@@ -11,7 +11,7 @@ status"; docs/PROTOCOL.md).
   (per-item verdict, each detector's score, the certified radius) travel beside them.
 
 - a blocked client (a stateful stage's ``block`` action, defenses/pipeline.py) is answered
-  RESOURCE_EXHAUSTED ``client refused by robustgate: stage <name>; retry after <s> s``, trailing
+  RESOURCE_EXHAUSTED ``client refused by robustgate: retry after <s> s; stage <name>``, trailing
   metadata ``robustgate-verdict=blocked``, ``robustgate-stage``, ``retry-after-ms`` (:func:`blocked`),
   in both modes: the refusal is of the client, not of an item. RESOURCE_EXHAUSTED rather than
   PERMISSION_DENIED because clients, gRPC retry policies and gateways already read it as "back off
@@ -108,7 +108,7 @@ def blocked(result: PipelineResult, now: float) -> _Failure | None:
     stage = result.reason[i] or "unknown"
     wait = max(0.0, end - now)
     return _Failure(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, f"client refused by robustgate: stage {stage}; retry after {math.ceil(wait)} s",
+        grpc.StatusCode.RESOURCE_EXHAUSTED, f"client refused by robustgate: retry after {math.ceil(wait)} s; stage {stage}",
         "blocked",
         (("robustgate-verdict", "blocked"), ("robustgate-stage", stage), ("retry-after-ms", str(math.ceil(wait * 1000)))),
     )
