@@ -83,7 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "encoder and write <out>/pretrained.safetensors instead of a bundle")
     g.add_argument("--init", help="pre-trained MAE/MIMIR checkpoint initializing the vit_tiny encoder (fine-tuning)")
     g.add_argument("--mi-lambda", type=float, default=1e-5, help="mimir-pretrain: weight of the HSIC penalty (default 1e-5)")
-    g.add_argument("--mi-sigma", type=float, default=5.0, help="mimir-pretrain: HSIC kernel width (default 5)")
+    g.add_argument("--mi-sigma", default="median",
+                   help="mimir-pretrain: HSIC kernel width, or 'median' for the median heuristic (default; the "
+                        "reference's 5 makes the kernel near constant on [0, 1] pixels, docs/MIMIR.md)")
+    g.add_argument("--blr", type=float, default=1.5e-4,
+                   help="mimir-/mae-pretrain: base lr, lr = blr * batch / 256 (default 1.5e-4, the reference's); "
+                        "--lr applies to fine-tuning only")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="mimir-/mae-pretrain: linear lr warm-up before the cosine (default 5%% of --epochs)")
+    g.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
+                   help="mimir-/mae-pretrain: reconstruct raw pixels instead of per-patch normalized ones")
     g.add_argument("--mi-estimator", default="nhsic_cca", choices=["nhsic_cca", "hsic"],
                    help="mimir-pretrain: mutual-information estimator (default nhsic_cca, as the reference code)")
     g.add_argument("--eps", type=float, default=0.1, help="l-inf radius in [0, 1] pixel units (default 0.1)")
@@ -133,7 +142,7 @@ def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
 
     from robustgate.models.data import load_splits
     from robustgate.models.mae import MaskedAutoencoder
-    from robustgate.models.mimir import make_loader, pretrain
+    from robustgate.models.mimir import make_loader, parse_sigma, pretrain, scaled_lr
     from robustgate.models.train import _arch_kwargs, _channel_stats
 
     if cfg.arch != "vit_tiny":
@@ -145,8 +154,12 @@ def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
     mean, std = _channel_stats(splits.train_x)
     kwargs = _arch_kwargs(cfg, splits.input_shape, len(splits.classes), mean, std)
     kwargs.pop("num_classes")
+    for key in ("pool", "drop_path"):  # classifier-only options: fine-tuning sets them, not the MAE
+        kwargs.pop(key, None)
+    kwargs.setdefault("pos_embed", "sincos")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `robustgate train` does
     torch.manual_seed(cfg.seed)
-    mae = MaskedAutoencoder(**kwargs)  # the encoder is exactly the classifier's (docs/MIMIR.md)
+    mae = MaskedAutoencoder(**kwargs, norm_pix_loss=args.norm_pix_loss)  # encoder = the classifier's (docs/MIMIR.md)
     mimir = args.method == "mimir-pretrain"
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,11 +167,15 @@ def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
         mae, make_loader(train_x, cfg.batch_size, cfg.seed), epochs=cfg.epochs,
         eps=cfg.eps if mimir else 0.0, steps=1 if mimir else 0,
         step_size=(cfg.alpha or 1.25 * cfg.eps) if mimir else 0.0,
-        lam=args.mi_lambda if mimir else 0.0, sigma=args.mi_sigma, estimator=args.mi_estimator,
-        lr=cfg.lr, seed=cfg.seed, progress=cfg.progress, checkpoint=out / "pretrained.safetensors",
+        lam=args.mi_lambda if mimir else 0.0, sigma=parse_sigma(args.mi_sigma), estimator=args.mi_estimator,
+        lr=scaled_lr(args.blr, cfg.batch_size), warmup_epochs=args.warmup_epochs, seed=cfg.seed, device=device,
+        progress=cfg.progress, checkpoint=out / "pretrained.safetensors",
     )
-    return {"pretrained": str(out / "pretrained.safetensors"), "method": args.method,
-            "loss_per_epoch": result.losses, "images_per_s": result.images_per_s}
+    return {"pretrained": str(out / "pretrained.safetensors"), "method": args.method, "device": str(device),
+            "classifier_arch_kwargs": {"pos_embed": kwargs["pos_embed"]},
+            "loss_per_epoch": result.losses, "rec_loss_per_epoch": result.rec_losses,
+            "mi_share_per_epoch": result.mi_share, "pgd_seconds_per_epoch": result.pgd_seconds,
+            "seconds_per_epoch": result.seconds, "images_per_s": result.images_per_s}
 
 
 def run(args: argparse.Namespace) -> int:

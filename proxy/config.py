@@ -122,6 +122,9 @@ class ServerConfig(_Strict):
     grace_s: float = Field(30.0, ge=0)  # SIGTERM drain: time in-flight requests get to finish
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
+    identity_header: str | None = Field("x-client-id", pattern=r"^[a-z0-9_.-]+$", description=(
+        "the metadata header that names a client that has no client certificate and no bearer token "
+        "(proxy/identity.py; docs/OPERATIONS.md 'Client identity'); null = none, the peer address next"))
     admin: AdminConfig = AdminConfig()
     explain: bool = Field(False, description=(
         "a rejection's status details and trailing metadata carry the detector's score and threshold; for "
@@ -204,8 +207,31 @@ class BatchingConfig(_Strict):
         return self.workers if self.workers is not None else (4 if backend_kind == "upstream" else 1)
 
 
+class ClientLimitsConfig(_Strict):
+    """Per-client query limits keyed on the client identity (proxy/ratelimit.py); counted in items,
+    per replica. Both off by default."""
+
+    rate_per_s: float | None = Field(None, gt=0)  # token bucket refill, queries per second; null = no rate limit
+    burst: int | None = Field(None, ge=1)  # bucket size; default: ceil(rate_per_s)
+    budget: int | None = Field(None, ge=1)  # queries per client per window; null = no budget
+    window_s: float = Field(86400.0, gt=0)  # the budget's window (a day)
+    max_clients: int = Field(100_000, ge=1)  # clients remembered (least recently seen forgotten first)
+
+
 class LimitsConfig(_Strict):
     max_batch_items: int = Field(256, ge=1)  # items in one ModelInfer; beyond -> INVALID_ARGUMENT
+    per_client: ClientLimitsConfig = ClientLimitsConfig()
+
+
+class OutputsConfig(_Strict):
+    """What an accepted item's answer tells the client (proxy/outputs.py; docs/PROTOCOL.md "Output policies")."""
+
+    policy: Literal["logits", "top_k", "label", "aaa"] = "logits"  # logits = the model's, as before
+    k: int = Field(1, ge=1)  # top_k: probabilities kept
+    decimals: int = Field(2, ge=0, le=8)  # top_k: rounding
+    tau: float = Field(0.5, gt=0)  # aaa: interval width of the margin
+    alpha: float = Field(0.9, gt=0, lt=1)  # aaa: reflection strength
+    temperature: float = Field(1.0, gt=0)  # aaa: calibration temperature kept
 
 
 class ProxyConfig(_Strict):
@@ -216,6 +242,7 @@ class ProxyConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     pipeline: PipelineConfig = PipelineConfig()
     limits: LimitsConfig = LimitsConfig()
+    outputs: OutputsConfig = OutputsConfig()
 
     @model_validator(mode="after")
     def _fits(self) -> "ProxyConfig":

@@ -27,7 +27,10 @@ OUTCOMES = (
     "accepted", "flagged", "rejected", "invalid", "not_found", "resource_exhausted",
     "upstream_error", "deadline_exceeded", "internal",
     "unavailable",  # the server is shutting down (answered UNAVAILABLE: the client may retry elsewhere)
+    "blocked",  # the client is blocked by a stateful stage (answered RESOURCE_EXHAUSTED with a retry hint)
+    "limited",  # the client is over its rate limit or query budget (RESOURCE_EXHAUSTED with a retry hint)
 )
+REFUSAL_REASONS = ("rate", "budget")  # proxy/ratelimit.py; a stateful stage's block counts under its name
 # 100 us .. ~30 s
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -124,6 +127,53 @@ class BatchHistogram:
         yield family
 
 
+class StoreStats:
+    """Gauges of the stateful stages' history stores, read at scrape time (``stores()`` -> stage ->
+    ``{entries, clients, bytes}``, defenses/stateful/store.py ``stats``). A store that cannot answer
+    (Redis down) is left out of that scrape."""
+
+    def __init__(self, stores: Callable[[], dict], registry: CollectorRegistry):
+        self.stores = stores
+        self.gauges = None
+        if multiprocess():  # a scrape-time collector cannot cross processes: :meth:`refresh` writes gauges
+            self.gauges = {k: Gauge(f"robustgate_stateful_{k}", doc, ["stage"], registry=registry, multiprocess_mode="max")
+                           for k, doc in self.DOCS}
+        else:
+            registry.register(self)
+
+    DOCS = (("entries", "Queries remembered by a stateful stage's history store"),
+            ("clients", "Clients remembered by a stateful stage's history store"),
+            ("bytes", "Memory of a stateful stage's history store (Redis: the server's used_memory)"))
+
+    def refresh(self) -> None:
+        """Multiprocess mode: the stores' figures now, for the supervisor's next scrape (the largest
+        over the workers: with a shared store every worker reads the same; per-process memory stores
+        are each their own, docs/OPERATIONS.md "Workers")."""
+        for stage, store in sorted(self.stores().items()):
+            try:
+                stats = store.stats()
+            except Exception:  # noqa: BLE001 - as a scrape: one store's failure is left out
+                continue
+            for k, gauge in self.gauges.items():
+                gauge.labels(stage=stage).set(float(stats[k]))
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        fams = {k: GaugeMetricFamily(f"robustgate_stateful_{k}", doc, labels=["stage"]) for k, doc in self.DOCS}
+        for stage, store in sorted(self.stores().items()):
+            try:
+                stats = store.stats()
+            except Exception:  # noqa: BLE001 - a scrape never fails for one store
+                continue
+            for k, fam in fams.items():
+                fam.add_metric([stage], float(stats[k]))
+        yield from fams.values()
+
+
 class Metrics:
     def __init__(self, version: str, bundle: str, revision: str, stages: tuple[str, ...] = ()):
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -164,6 +214,20 @@ class Metrics:
         # Prometheus sees rather than a series that appears mid-burst
         for stage in stages:
             self.rejections.labels(detector=stage)
+        self.clients_blocked = Counter(
+            "robustgate_clients_blocked", "Clients that started being refused: by a stateful stage's block (its name) "
+            "or by their rate limit or query budget (rate, budget)", ["reason"], registry=r)
+        self.queries_refused = Counter(
+            "robustgate_queries_refused", "Items refused to a blocked or limited client, by reason (stage, rate, budget)",
+            ["reason"], registry=r)
+        self.stateful_detections = Counter(
+            "robustgate_stateful_detections", "Queries a stateful stage scored above its threshold", ["stage"], registry=r)
+        self.stateful_observe = Histogram(
+            "robustgate_stateful_observe_duration_seconds", "Wall time of a stateful stage per batch (fingerprints, "
+            "store lookups and inserts)", ["stage"], registry=r, buckets=LATENCY_BUCKETS)
+        for reason in REFUSAL_REASONS:
+            self.clients_blocked.labels(reason=reason)
+            self.queries_refused.labels(reason=reason)
         # the children the hot path observes per call, looked up once (labels() takes a lock and
         # builds a key per call)
         self.decode_duration = self.stage_duration.labels(stage="decode")
@@ -182,6 +246,17 @@ class Metrics:
         """``robustgate_items_total{verdict=...}``'s child (cached)."""
         return self._verdict_items[verdict]
 
+    def watch_stores(self, stores: Callable[[], dict]) -> None:
+        """Exports the stateful stores' gauges (:class:`StoreStats`); ``stores()`` -> stage -> store."""
+        self._store_stats = StoreStats(stores, self.registry)
+
+    def watch_stateful(self, stages: Iterable[str]) -> None:
+        """Zero series for the stateful stages (a reload may add one)."""
+        for stage in stages:
+            self.stateful_detections.labels(stage=stage)
+            self.clients_blocked.labels(reason=stage)
+            self.queries_refused.labels(reason=stage)
+
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self._depth = depth
         if not multiprocess():  # read at each scrape; across processes :meth:`refresh` writes it
@@ -190,9 +265,14 @@ class Metrics:
     def refresh(self) -> None:
         """Multiprocess mode: writes the queue depth for the supervisor's next scrape (the server
         calls this from its health loop, once a second); single process: nothing to do."""
+        if not multiprocess():
+            return
         depth = getattr(self, "_depth", None)
-        if depth is not None and multiprocess():
+        if depth is not None:
             self.queue_depth.set(depth())
+        stats = getattr(self, "_store_stats", None)
+        if stats is not None:
+            stats.refresh()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the /metrics HTTP endpoint; returns the bound port (``port`` 0 = any free one)."""

@@ -10,6 +10,16 @@ status"; docs/PROTOCOL.md).
 - item mode: every item is answered; rejected items' logits are NaN, and the verdict outputs
   (per-item verdict, each detector's score, the certified radius) travel beside them.
 
+- a blocked client (a stateful stage's ``block`` action, defenses/pipeline.py) is answered
+  RESOURCE_EXHAUSTED ``client refused by robustgate: retry after <s> s; stage <name>``, trailing
+  metadata ``robustgate-verdict=blocked``, ``robustgate-stage``, ``retry-after-ms`` (:func:`blocked`),
+  in both modes: the refusal is of the client, not of an item. RESOURCE_EXHAUSTED rather than
+  PERMISSION_DENIED because clients, gRPC retry policies and gateways already read it as "back off
+  and retry later", which is exactly what a cool-down asks, and a benign client caught by mistake
+  recovers by itself; PERMISSION_DENIED reads as "never retry" and would turn a false positive into
+  an outage for that client;
+- an accepted item's logits pass through the model's output policy (:func:`apply_outputs`).
+
 Every verdict and rejecting stage is counted in the metrics here; the transport (proxy/server.py)
 only encodes what :func:`verdict_answer` gives it.
 """
@@ -87,6 +97,55 @@ def verdict_answer(result: PipelineResult, verdict_mode: str, metrics: Metrics,
         scores={k: v.detach().cpu().numpy() for k, v in result.scores.items()},
         radius=None if result.radius is None else result.radius.detach().cpu().numpy(),
     )
+
+
+def blocked(result: PipelineResult, now: float) -> _Failure | None:
+    """The RESOURCE_EXHAUSTED answer when an item's client is blocked (module docstring), else None."""
+    ends = [(e, i) for i, e in enumerate(result.blocked) if e is not None]
+    if not ends:
+        return None
+    end, i = max(ends)
+    stage = result.reason[i] or "unknown"
+    wait = max(0.0, end - now)
+    return _Failure(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, f"client refused by robustgate: retry after {math.ceil(wait)} s; stage {stage}",
+        "blocked",
+        (("robustgate-verdict", "blocked"), ("robustgate-stage", stage), ("retry-after-ms", str(math.ceil(wait * 1000)))),
+    )
+
+
+def limited(message: str, retry_after_s: float) -> _Failure:
+    """The RESOURCE_EXHAUSTED answer of a client over its rate limit or budget (proxy/ratelimit.py)."""
+    ms = "-1" if math.isinf(retry_after_s) else str(math.ceil(retry_after_s * 1000))  # -1: never (request > burst)
+    return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"client limit: {message}", "limited",
+                    (("robustgate-verdict", "limited"), ("retry-after-ms", ms)))
+
+
+def apply_outputs(logits: np.ndarray, policy) -> np.ndarray:
+    """``[N, K]`` logits (NaN rows = rejected items, kept NaN) -> what the answer carries under the
+    output policy ``policy`` (proxy/config.py OutputsConfig; proxy/outputs.py): ``logits`` unchanged;
+    ``top_k`` the k largest probabilities rounded, others 0; ``label`` the argmax one-hot (1 at the
+    class, 0 elsewhere: the output keeps its name and ``[N, K]`` shape, so clients that take the
+    argmax keep working); ``aaa`` the AAA-post-processed logits."""
+    if policy.policy == "logits":
+        return logits
+    from robustgate.proxy import outputs
+
+    out = np.full_like(logits, np.nan, dtype=np.float32)
+    ok = ~np.isnan(logits).any(axis=1)
+    if ok.any():
+        z = logits[ok]
+        if policy.policy == "top_k":
+            out[ok] = outputs.top_k_probabilities(z, policy.k, policy.decimals)
+        elif policy.policy == "label":
+            onehot = np.zeros_like(z, dtype=np.float32)
+            onehot[np.arange(len(z)), outputs.label_only(z)] = 1.0
+            out[ok] = onehot
+        elif policy.policy == "aaa":
+            out[ok] = outputs.aaa(z, tau=policy.tau, alpha=policy.alpha, temperature=policy.temperature)
+        else:
+            raise ValueError(f"unknown output policy {policy.policy!r}")
+    return out
 
 
 def outcome(verdict: np.ndarray) -> str:
