@@ -241,6 +241,6 @@ def encode_infer(
             out.contents.fp32_contents.extend(arr.reshape(-1).tolist())
         else:
             out.contents.int_contents.extend(arr.reshape(-1).tolist())
-    resp.parameters[VERDICTS_PARAM].string_param = ",".join(VERDICT_NAMES[int(v)] for v in answer.verdict)
+    resp.parameters[VERDICTS_PARAM].string_param = ",".join([VERDICT_NAMES[v] for v in np.asarray(answer.verdict).tolist()])
     resp.parameters[REASONS_PARAM].string_param = ",".join(r or "" for r in answer.reasons)
     return resp
