@@ -113,7 +113,15 @@ class Metrics:
         # Prometheus sees rather than a series that appears mid-burst
         for stage in stages:
             self.rejections.labels(detector=stage)
+        self._backend_info = Gauge("robustgate_backend_info", "The backbone's runtime: kind (onnxruntime | torch | "
+                                   "upstream), device, provider (ONNX Runtime's execution provider, or torch)",
+                                   ["kind", "device", "provider"], registry=r)
         self._http = None
+
+    def backend_info(self, kind: str, device: str, provider: str) -> None:
+        """Sets ``robustgate_backend_info{kind,device,provider} 1`` (one series: a new call replaces it)."""
+        self._backend_info.clear()
+        self._backend_info.labels(kind=kind, device=device, provider=provider).set(1)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
