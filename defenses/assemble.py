@@ -277,7 +277,10 @@ class PipelineRunner:
 
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-        return torch.Generator().manual_seed(seed)
+        # on the pipeline's device: the stages draw their noise where their batch is (torch refuses a
+        # CPU generator for CUDA tensors); a stage that overrides the device to the CPU in a CUDA
+        # pipeline therefore cannot draw from it
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _model(self, timeout: float | None) -> DefendedModel:
         return DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,

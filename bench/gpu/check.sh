@@ -112,7 +112,7 @@ PYEOF
 
 if [ "$SMALL" = 1 ]; then
   N_EVAL=8; AA_N=${CHECK_AA_N:-8}; N_PREC=500; EVAL_EXTRA="--steps 5"; EVAL_BATCH=8
-  LOAD="--concurrency 2 --procs 1 --duration 3 --warmup 0.5"; LOAD_DIFF="--concurrency 1 --procs 1 --duration 8 --warmup 1"
+  LOAD="--concurrency 2 --procs 1 --duration 3 --warmup 0.5"; LOAD_DIFF="--batch 8 --concurrency 1 --procs 1 --duration 6 --warmup 1"
   TRAIN_EXTRA="--train-items 512 --max-steps-per-epoch 4 --val-items 32 --test-items 32 --batch-size 64"; DDP_STEPS=4
 else
   N_EVAL=10000; AA_N=${CHECK_AA_N:-1000}; N_PREC=10000; EVAL_EXTRA=""; EVAL_BATCH=1000

@@ -174,7 +174,7 @@ def test_cuda_without_a_cuda_device_is_a_clear_error(bundle):
 
 
 # ---- on a GPU (bench/gpu/check.sh) -------------------------------------------------------------
-@pytest.mark.parametrize("precision,atol", [("float32", 1e-3), ("bfloat16", None)])
+@pytest.mark.parametrize("precision,atol", [("float32", 2e-2), ("bfloat16", None)])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 def test_cuda_torch_backend_answers_what_onnxruntime_answers(bundle, images, precision, atol):
@@ -182,8 +182,8 @@ def test_cuda_torch_backend_answers_what_onnxruntime_answers(bundle, images, pre
     backend = TorchBackend(bundle, device="cuda", precision=precision)
     assert backend.info()["device"] == "cuda" and next(backend.module.parameters()).is_cuda
     got = backend.infer(images)
-    if atol is not None:  # TF32 may be on for convolutions: 1e-3, not 1e-4
-        np.testing.assert_allclose(got, want, atol=atol, rtol=1e-3)
+    if atol is not None:  # cuDNN may run float32 convolutions in TF32 (10-bit mantissa): not 1e-4
+        np.testing.assert_allclose(got, want, atol=atol, rtol=1e-2)
     assert (got[:64].argmax(1) == want[:64].argmax(1)).mean() >= 0.95
     t = backend.infer_tensor(torch.from_numpy(images).cuda())
     assert t.is_cuda and t.dtype == torch.float32
@@ -208,8 +208,8 @@ def test_cuda_runner_keeps_the_batch_on_the_device_and_answers_what_the_cpu_answ
     monkeypatch.undo()
     want = build_runner(PipelineConfig(stages=MAGNET_ONNX, seed=1), bundle,
                         OnnxBackend(bundle, intra_op_threads=1, inter_op_threads=1), None)(images)
-    np.testing.assert_allclose(got.logits.numpy(), want.logits.numpy(), atol=1e-3, rtol=1e-3)
-    np.testing.assert_allclose(got.scores["magnet_l1"].numpy(), want.scores["magnet_l1"].numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(got.logits.numpy(), want.logits.numpy(), atol=2e-2, rtol=1e-2)  # TF32, as above
+    np.testing.assert_allclose(got.scores["magnet_l1"].numpy(), want.scores["magnet_l1"].numpy(), atol=1e-2, rtol=1e-2)
     assert (got.verdict == want.verdict).float().mean() >= 0.97  # TF32 may move a score across the threshold
 
 
@@ -222,6 +222,25 @@ def test_cuda_proxy_with_onnxruntime_on_cuda_serves_the_twin_and_says_so(images)
     got, metrics = _serve_and_infer(DEFAULT, {"stages": MAGNET_TORCH, "device": "cuda", "seed": 0, "verdict_mode": "item"},
                                     {"kind": "onnxruntime", "onnxruntime": {"device": "cuda"}}, x)
     want, _ = _serve_and_infer(DEFAULT, {"stages": MAGNET_ONNX, "seed": 0, "verdict_mode": "item"}, {"kind": "onnxruntime"}, x)
-    np.testing.assert_allclose(got.as_numpy("logits"), want.as_numpy("logits"), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(got.as_numpy("logits"), want.as_numpy("logits"), atol=2e-2, rtol=1e-2)
     provider = "CUDAExecutionProvider" if has_cuda_provider() else "torch (onnxruntime has no CUDA provider)"
     assert f'device="cuda"' in _info_line(metrics) and f'provider="{provider}"' in _info_line(metrics)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
+def test_cuda_diffusion_purifier_draws_its_noise_on_the_device(bundle, images):
+    """The runner's generator lives on the pipeline's device: the diffusion purifier (and every
+    stage that draws noise with ``device=x.device``) runs on cuda, seeded runs repeat, and the
+    purified test images are still mostly classified right."""
+    from robustgate.defenses.assemble import PipelineConfig, build_runner
+    from robustgate.models.data import load_splits
+
+    backend = TorchBackend(bundle, device="cuda")
+    stages = [{"name": "diffusion", "kind": "diffusion", "action": "log", "params": {"runtime": "torch"}}]
+    runner = build_runner(PipelineConfig(stages=stages, device="cuda", seed=5), bundle, backend, backend.classifier())
+    assert runner.generator().device.type == "cuda"
+    a, b = runner(images[:64]), runner(images[:64])
+    np.testing.assert_array_equal(a.logits.numpy(), b.logits.numpy())
+    _, y = load_splits("fashion-mnist", val_size=0).take("test", 64, offset=100)
+    assert (a.logits.argmax(1) == y).float().mean() >= 0.7
