@@ -111,11 +111,11 @@ PYEOF
 }
 
 if [ "$SMALL" = 1 ]; then
-  N_EVAL=8; AA_N=${CHECK_AA_N:-8}; N_PREC=500; EVAL_EXTRA="--steps 5"; EVAL_BATCH=8
+  N_EVAL=8; AA_N=${CHECK_AA_N:-8}; N_PREC=500; EVAL_EXTRA="--steps 5"; EVAL_BATCH=8; THREADS=""
   LOAD="--concurrency 2 --procs 1 --duration 3 --warmup 0.5"; LOAD_DIFF="--batch 8 --concurrency 1 --procs 1 --duration 6 --warmup 1"
   TRAIN_EXTRA="--train-items 512 --max-steps-per-epoch 4 --val-items 32 --test-items 32 --batch-size 64"; DDP_STEPS=4
 else
-  N_EVAL=10000; AA_N=${CHECK_AA_N:-1000}; N_PREC=10000; EVAL_EXTRA=""; EVAL_BATCH=1000
+  N_EVAL=10000; AA_N=${CHECK_AA_N:-1000}; N_PREC=10000; EVAL_EXTRA=""; EVAL_BATCH=1000; THREADS="--threads 8"
   LOAD="--concurrency 32,128 --procs 8 --duration 5 --warmup 1"; LOAD_DIFF="--concurrency 32,128 --procs 8 --duration 5 --warmup 1"
   TRAIN_EXTRA="--val-items 1000 --test-items 1000"; DDP_STEPS=20
 fi
@@ -128,10 +128,10 @@ part tests 100 "$PY" -m pytest tests/proxy/test_torch_backend.py tests/proxy/tes
 part serve_default 80 "$PY" bench/gpu/serve_load.py --preset default --device "$DEVICE" $LOAD --out "$WORK/res/serve_default"
 part serve_diffusion 75 "$PY" bench/gpu/serve_load.py --preset diffusion --device "$DEVICE" $LOAD_DIFF --out "$WORK/res/serve_diffusion"
 part eval_pgd 60 "$PY" -m robustgate.proxy.cli eval --bundle bundles/default --pipeline deploy/default.yaml --attacks pgd \
-  --n "$N_EVAL" --device "$DEVICE" --batch-size "$EVAL_BATCH" $EVAL_EXTRA --no-progress --out "$WORK/eval_pgd"
+  --n "$N_EVAL" --device "$DEVICE" --batch-size "$EVAL_BATCH" $EVAL_EXTRA $THREADS --no-progress --out "$WORK/eval_pgd"
 part precision 40 "$PY" bench/gpu/precision.py --device "$DEVICE" --n "$N_PREC" --out "$WORK/res/precision"
 part eval_autoattack 90 "$PY" -m robustgate.proxy.cli eval --bundle bundles/default --pipeline deploy/default.yaml \
-  --attacks autoattack --n "$AA_N" --device "$DEVICE" --batch-size "$EVAL_BATCH" --no-progress --out "$WORK/eval_autoattack"
+  --attacks autoattack --n "$AA_N" --device "$DEVICE" --batch-size "$EVAL_BATCH" $THREADS --no-progress --out "$WORK/eval_autoattack"
 part train 50 "$PY" -m torch.distributed.run --nproc_per_node 1 -m robustgate.proxy.cli train --dataset fashion-mnist \
   --arch cnn --arch-kwargs '{"width": 16, "hidden": 256}' --method fast-at --eps 0.1 --epochs 1 --optimizer adam \
   --lr 0.002 --weight-decay 0 --schedule onecycle --seed 0 $TRAIN_EXTRA --no-progress --out "$WORK/train_bundle"
