@@ -45,6 +45,7 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 ln -s "$REPO" "$WORK/pkg/robustgate"
 export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}"
 export ROBUSTGATE_CACHE="$WORK/cache"
+export ROBUSTGATE_REVISION="${ROBUSTGATE_REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}"
 echo "check.sh: device $DEVICE, small $SMALL, budget ${BUDGET}s, work $WORK, results $DEST"
 
 # ---- Fashion-MNIST ----------------------------------------------------------------------------------
