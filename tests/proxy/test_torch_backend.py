@@ -103,6 +103,29 @@ def test_the_runner_hands_the_torch_backend_tensors(bundle, images, monkeypatch)
     assert got.verdict.tolist() == want.verdict.tolist()
 
 
+def test_the_device_path_packs_the_results_into_one_copy_and_changes_no_answer(bundle, images):
+    """The runner's device path (input staging, outputs packed into one tensor for one device->host
+    copy, unpacked with their dtypes) run on the CPU under the device name ``cpu:0``: the same
+    answers as the host path, radius (smoothing) and scores (detectors) included."""
+    from robustgate.defenses.assemble import PipelineConfig, build_runner
+
+    backend = TorchBackend(bundle, device="cpu")
+    x = images[:12]
+    for stages in ([{"name": "smooth", "kind": "smoothing", "params": {"n0": 8, "n": 16}}],
+                   [{"name": "noise", "kind": "noise", "action": "log"}, *MAGNET_TORCH]):
+        runner = build_runner(PipelineConfig(stages=stages, seed=2), bundle, backend, backend.classifier())
+        want = runner(x)
+        runner.device = "cpu:0"  # not "cpu": takes the device path
+        for got in (runner(x), runner.prepare(x)(None)):
+            assert torch.equal(got.logits, want.logits) and torch.equal(got.verdict, want.verdict)
+            assert got.verdict.dtype == want.verdict.dtype == torch.int64
+            assert got.scores.keys() == want.scores.keys()
+            assert all(torch.equal(got.scores[k], want.scores[k]) for k in got.scores)
+            assert (got.radius is None) == (want.radius is None)
+            if want.radius is not None:
+                assert torch.allclose(got.radius, want.radius, equal_nan=True)
+
+
 def _serve_and_infer(bundle_dir: Path, pipeline: dict, backend: dict, x: np.ndarray):
     proxy = LoopbackProxy(bundle_dir, pipeline, {"backend": backend})
     try:
