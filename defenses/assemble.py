@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from robustgate.defenses.base import Classifier, Defense, Detector, Ensemble, build_from_bundle
-from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage, split_stages
+from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage, is_stateful, split_stages
 
 if TYPE_CHECKING:  # the backend interface lives with the transport; only its methods are used here
     from robustgate.proxy.backends.base import Backend
@@ -70,10 +70,25 @@ class _Strict(BaseModel):
 class StageConfig(_Strict):
     name: str = Field(pattern=STAGE_NAME)
     kind: str
-    action: Literal["reject", "flag", "log"] = "reject"
+    action: Literal["reject", "flag", "log", "block"] = "reject"  # block: stateful stages only
     params: dict[str, Any] = {}  # merged over the bundle's fitted params (stage params win)
     threshold: float | None = None  # overrides the bundle's calibrated threshold
     device: Device | None = None  # overrides pipeline.device for this stage
+    # stateful stages (kind: stateful): the history store, built once and kept across reloads
+    # ({kind: memory | redis, url, max_entries, max_per_client, max_clients, ttl_s, ...}; defenses/stateful/store.py)
+    store: dict[str, Any] | None = None
+    cooldown_s: float = Field(300.0, gt=0)  # action block: how long a detected client is refused
+    # action block: detections of one client (forgotten store.ttl_s after its last) that block it; a
+    # query attack is detected on nearly every query, a benign client at the per-query FPR now and then
+    block_after: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _stateful_only(self) -> "StageConfig":
+        if self.kind != "stateful" and self.store is not None:
+            raise ValueError(f"store: only stateful stages keep a store (kind is {self.kind!r})")
+        if self.kind != "stateful" and self.action == "block":
+            raise ValueError(f"action: block needs kind stateful (it blocks a client), got kind {self.kind!r}")
+        return self
 
 
 class PipelineConfig(_Strict):
@@ -128,17 +143,52 @@ def host_only(defense: Defense) -> str | None:
     return None
 
 
+StoreMap = dict  # stage name -> (the stage's store config, the HistoryStore built from it)
+
+
+def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, where: str):
+    """``(spec, store)`` for stateful stage ``sc``: the running store when ``stores`` holds one for
+    this stage built from the same ``store:`` config (a reload keeps the histories and blocks), else a
+    new one (``defenses.stateful.build_store``; a memory store holds ``top_k`` hashes per query)."""
+    from robustgate.defenses.stateful.store import build_store
+
+    spec = dict(sc.store or {"kind": "memory"})
+    old = (stores or {}).get(sc.name)
+    if old is not None and old[0] == spec:
+        return old
+    if old is not None:
+        log.warning("%s: store config changed from %s to %s; the new store starts empty", where, old[0], spec)
+    built = dict(spec)
+    if built.get("kind", built.get("backend", "memory")) == "memory":
+        fitted = bundle.spec.defenses.get(sc.name) if bundle is not None else None
+        top_k = {**(fitted.params if fitted is not None else {}), **sc.params}.get("top_k", 20)
+        built.setdefault("hashes_per_query", top_k)
+    try:
+        return spec, build_store(built)
+    except Exception as exc:  # noqa: BLE001 - a bad store config or an unreachable Redis refuses the pipeline
+        raise ValueError(f"{where}: store: {exc}") from None
+
+
 def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
-                 device: str | None = None) -> list[Stage]:
+                 device: str | None = None, stores: StoreMap | None = None) -> list[Stage]:
     """The configured stages, built, loaded and on their device; ValueError naming the stage on any
     problem. ``twin``: the red team's differentiable copies. ``device`` overrides ``cfg.device`` (a
-    stage's own ``device`` still wins); ``bundle=None``: untrained defenses, no bundle (tests)."""
+    stage's own ``device`` still wins); ``bundle=None``: untrained defenses, no bundle (tests).
+    ``stores``: the running pipeline's stateful stores (:attr:`PipelineRunner.stores`), handed to the
+    rebuilt stages of the same name and store config (:func:`stage_store`)."""
     default = device or cfg.device
     stages, on_host = [], []
     for i, sc in enumerate(cfg.stages):
         where = f"pipeline.stages.{i} ({sc.name})"
-        defense = build_from_bundle(sc.kind, sc.name, dict(sc.params), sc.threshold, bundle, where=where,
+        params = dict(sc.params)
+        if sc.kind == "stateful":
+            params["store"] = stage_store(sc, bundle, stores, where)[1]
+            if bundle is not None:
+                params.setdefault("value_range", tuple(bundle.input.value_range))
+        defense = build_from_bundle(sc.kind, sc.name, params, sc.threshold, bundle, where=where,
                                     runtime="torch" if twin else None)
+        if sc.kind == "stateful":
+            defense.store_spec = dict(sc.store or {"kind": "memory"})  # what stage_store compares on reload
         try:
             target = resolve_device(sc.device or default)
         except ValueError as exc:
@@ -146,7 +196,8 @@ def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
         defense.to(target)
         if target != "cpu" and (reason := host_only(defense)) is not None:
             on_host.append(f"{sc.name} ({reason})")
-        stages.append(Stage(name=sc.name, defense=defense, action=sc.action))
+        stages.append(Stage(name=sc.name, defense=defense, action=sc.action, cooldown_s=sc.cooldown_s,
+                            block_after=sc.block_after))
     if on_host:  # once, at start: these stages do not follow the device setting
         log.warning("stages that compute on the host, not on %s: %s", resolve_device(default), "; ".join(on_host))
     return stages
@@ -237,6 +288,16 @@ class PipelineRunner:
         return tuple(s.name for s in self.stages if isinstance(s.defense, Detector))
 
     @property
+    def stateful_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages if is_stateful(s.defense))
+
+    @property
+    def stores(self) -> StoreMap:
+        """The stateful stages' stores by stage name: ``(store config, HistoryStore)``; a reload hands
+        them to the rebuilt pipeline (proxy/reload.py)."""
+        return {s.name: (s.defense.store_spec, s.defense.store) for s in self.stages if is_stateful(s.defense)}
+
+    @property
     def has_ensemble(self) -> bool:
         return bool(self.stages) and isinstance(self.stages[-1].defense, Ensemble)
 
@@ -312,12 +373,14 @@ class PipelineRunner:
             result.radius = rest[:, -1].to(result.radius.dtype)
         return result
 
-    def __call__(self, x: np.ndarray | torch.Tensor, timeout: float | None = None) -> PipelineResult:
-        """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result (on the host)."""
+    def __call__(self, x: np.ndarray | torch.Tensor, timeout: float | None = None,
+                 clients: list[str] | None = None) -> PipelineResult:
+        """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result (on the host).
+        ``clients``: one identity per item (proxy/identity.py) for the stateful stages; None skips them."""
         with torch.no_grad():
-            return self._on_host(self._model(timeout)(self._input(x), generator=self.generator()))
+            return self._on_host(self._model(timeout)(self._input(x), generator=self.generator(), clients=clients))
 
-    def prepare(self, x: np.ndarray) -> Callable[[float | None], PipelineResult]:
+    def prepare(self, x: np.ndarray, clients: list[str] | None = None) -> Callable[[float | None], PipelineResult]:
         """The detectors and purifiers on ``x`` now; returns ``finish(timeout)``, which classifies
         and gives what ``self(x, timeout)`` gives. The two halves may run in different threads
         (the batcher overlaps one batch's ``prepare`` with the previous batch's ``finish``);
@@ -326,7 +389,7 @@ class PipelineRunner:
         timeout: the server calls it only when :attr:`has_purifiers`."""
         generator = self.generator()
         with torch.no_grad():  # grad mode is per thread: each half sets its own
-            front = self._model(None).front(self._input(x), generator)
+            front = self._model(None).front(self._input(x), generator, clients)
 
         def finish(timeout: float | None) -> PipelineResult:
             with torch.no_grad():
@@ -336,11 +399,12 @@ class PipelineRunner:
 
 
 def build_runner(cfg: PipelineConfig, bundle: Any, backend: "Backend", classifier: Classifier | None,
-                 device: str | None = None) -> PipelineRunner:
+                 device: str | None = None, stores: StoreMap | None = None) -> PipelineRunner:
     """The served pipeline of ``cfg``: its stages (:func:`build_stages`) in a :class:`PipelineRunner`
-    on ``backend``. ``device`` overrides ``cfg.device``."""
+    on ``backend``. ``device`` overrides ``cfg.device``; ``stores``: the running pipeline's stateful
+    stores, kept (a reload)."""
     return PipelineRunner(
-        stages=build_stages(cfg, bundle, device=device), backend=backend, classifier=classifier,
+        stages=build_stages(cfg, bundle, device=device, stores=stores), backend=backend, classifier=classifier,
         failure_policy=cfg.failure_policy, seed=cfg.seed, max_fanout_items=cfg.max_fanout_items,
         device=resolve_device(device or cfg.device),
     )

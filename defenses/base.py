@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 
 Role = Literal["detector", "purifier", "ensemble"]
-Action = Literal["reject", "flag", "log"]
+Action = Literal["reject", "flag", "log", "block"]  # block: stateful stages only (defenses/pipeline.py)
 
 
 class Classifier(Protocol):
@@ -52,13 +52,15 @@ class Classifier(Protocol):
 @dataclass
 class FitData:
     """What ``fit`` gets: clean training images for fitting, clean validation images (held out
-    of training) for calibration. Images ``[N, C, H, W]`` in the value range, labels ``[N]``."""
+    of training) for calibration. Images ``[N, C, H, W]`` in the value range, labels ``[N]``.
+    ``progress``: show tqdm bars (stderr) over the fitting loops (``robustgate fit`` sets it)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
     value_range: tuple[float, float] = (0.0, 1.0)
+    progress: bool = False
 
 
 _REGISTRY: dict[str, type["Defense"]] = {}
@@ -78,6 +80,7 @@ def register(cls: type["Defense"]) -> type["Defense"]:
 def _load_builtin_defenses() -> None:
     # Importing the role packages runs their @register decorators.
     from robustgate.defenses import detect, ensemble, purify  # noqa: F401
+    from robustgate.defenses.stateful import stage  # noqa: F401  (kind: stateful)
 
 
 def registry() -> dict[str, type["Defense"]]:
@@ -104,6 +107,8 @@ def build_from_bundle(kind: str, name: str, params: dict[str, Any], threshold: f
     the bundle has not fitted (``bundle=None``: no bundle, the caller's own untrained defenses --
     red-team unit tests)."""
     fitted = bundle.spec.defenses.get(name) if bundle is not None else None
+    if bundle is not None and kind in registry():
+        check_features_output(registry()[kind], bundle, where)
     if fitted is not None:
         if fitted.kind != kind:
             raise ValueError(f"{where}: kind {kind!r} but the bundle's fitted {name!r} is {fitted.kind!r}")
@@ -122,9 +127,20 @@ def build_from_bundle(kind: str, name: str, params: dict[str, Any], threshold: f
         raise ValueError(f"{where}: {kind!r} runs a fitted model, but the bundle has no fitted defense {name!r}; "
                          f"fit it first: robustgate fit --bundle BUNDLE --defense {kind} --name {name}")
     defense.to("cpu")
-    if isinstance(defense, Detector) and threshold is not None:
+    if (isinstance(defense, Detector) or defense.role == "detector") and threshold is not None:
         defense.threshold = float(threshold)
     return defense
+
+
+def check_features_output(cls: type["Defense"], bundle: Any, where: str) -> None:
+    """``ValueError`` starting with ``where`` when defense class ``cls`` reads the backbone's
+    features (``needs_features``) but ``bundle``'s backbone names no feature output."""
+    if getattr(cls, "needs_features", False) and bundle.spec.backbone.features_output is None:
+        raise ValueError(
+            f"{where}: {cls.kind!r} reads the backbone's late-stage activations, but bundle {bundle.spec.name!r} "
+            f"names no feature output (backbone.features_output is unset); import the model with "
+            f"--features-output NAME (an output of its ONNX graph, e.g. the penultimate layer) or choose "
+            f"a detector that needs none (magnet)")
 
 
 class Defense(ABC):
@@ -187,6 +203,9 @@ class Purifier(Defense):
 
 class Detector(Defense):
     role: ClassVar[Role] = "detector"
+    #: The score reads ``classifier.features`` (late-stage activations): the bundle's backbone must
+    #: name its feature output (``backbone.features_output``), else the stage is refused at assembly.
+    needs_features: ClassVar[bool] = False
 
     def __init__(self, threshold: float | None = None):
         self.threshold = threshold

@@ -1,24 +1,27 @@
 """`robustgate fit`: fit a defense offline, calibrate it, and record it in a bundle.
 
     robustgate fit --bundle DIR --defense KIND [--name NAME] [--target-fpr 0.01]
-                   [--params key=value ...] [--n-train N] [--seed S]
+                   [--params key=value ...] [--n-train N] [--seed S] [--dataset D --data-dir P]
+                   [--no-progress]
 
-Steps: load the bundle (every sha256 verified) and its dataset splits -- train (fitting),
-validation (calibration, held out of the training images used here) and test (the reported
-test FPR); build the defense ``KIND`` from the registry with ``--params`` (values parsed as
-YAML: ``criterion=l1``, ``eps=[0.05,0.1]``); ``fit`` it on the train split with the bundle's torch
-twin as classifier; ``save`` its artifacts under ``DIR/defenses/NAME/``; for detectors, score
-the clean validation split and set the threshold at the target false-positive rate
-(defenses.calibration), measure the FPR on the clean test split; write the DefenseSpec (kind,
-artifacts with sha256, params, threshold, calibration record) into ``DIR/bundle.yaml`` and
-reload the bundle to verify it. Generic over kinds: purifiers (``--defense diffusion``,
-``reformer``) fit through it too, without calibration.
+Steps: load the bundle (every sha256 verified) and its dataset splits conformed to the bundle's
+input shape (robustgate.models.data.bundle_splits) -- train (fitting), validation (calibration,
+held out of the training images used here) and test (the reported test FPR); build the defense
+``KIND`` from the registry with ``--params`` (values parsed as YAML: ``criterion=l1``,
+``eps=[0.05,0.1]``); ``fit`` it on the train split with the bundle's torch twin as classifier
+(None when the bundle has no twin: the defenses that query the backbone say so); ``save`` its
+artifacts under ``DIR/defenses/NAME/``; for detectors, score the clean validation split and set
+the threshold at the target false-positive rate (defenses.calibration), measure the FPR on the
+clean test split; write the DefenseSpec (kind, artifacts with sha256, params, threshold,
+calibration record) into ``DIR/bundle.yaml`` and reload the bundle to verify it. Generic over
+kinds: purifiers (``--defense diffusion``, ``reformer``) fit through it too, without calibration.
+Progress (tqdm, stderr): the fitting loops (autoencoder and UNet epochs or steps with their loss,
+SafetyNet's attacks) and the scoring passes; ``--no-progress`` turns the bars off.
 
-Data: the trainer's splits (robustgate.models.data.load_splits): validation = 5,000 images of
-the official training set chosen by the split seed and never trained on (neither by the
-backbone nor here), test = the official test set. The split seed and validation size must be the
-trainer's (read from the bundle recipe's ``seed`` and ``val_size``, else 0 and 5,000). ``--n-train``/``--n-val``/``--n-test``
-take seeded random subsets of each split.
+Data: the trainer's splits when the dataset is the bundle recipe's: validation = the images of the
+official training set chosen by the recipe's split seed and never trained on (neither by the
+backbone nor here), test = the official test set; another ``--dataset`` is split with its own
+seed. ``--n-train``/``--n-val``/``--n-test`` take seeded random subsets of each split.
 """
 
 from __future__ import annotations
@@ -34,23 +37,62 @@ import torch
 import yaml
 
 from robustgate.defenses import calibration
-from robustgate.defenses.base import Detector, FitData, build, registry
+from robustgate.defenses.base import Detector, FitData, build, check_features_output, registry
+
+EPILOG = """\
+the shipped bundles/default was fitted with (its bundle.yaml records each one's params):
+  robustgate fit --bundle bundles/default --defense magnet --name magnet_l1 --n-train 50000 \\
+      --params criterion=l1 arch=III width=16 epochs=40 lr=0.002
+  robustgate fit --bundle bundles/default --defense safetynet --name safetynet
+  robustgate fit --bundle bundles/default --defense diffusion --name diffusion
+each kind's parameters and defaults: its class docstring (defenses/detect, defenses/purify).
+The stage that serves a fitted defense names the same --name (deploy/default.yaml, docs/OPERATIONS.md);
+what each detector and purifier buys against adaptive attacks: docs/EVALUATION.md. SafetyNet's fit
+needs scikit-learn's ONNX export and torchattacks (the `fit` extra, docs/OPERATIONS.md "Installing")."""
+
+
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from robustgate.models.data import add_data_arguments
+
+    parser.formatter_class = _HelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory (bundle.yaml)")
-    parser.add_argument("--defense", required=True, help="defense kind from the registry (magnet, safetynet, reformer, ...)")
-    parser.add_argument("--name", help="name of the fitted defense in the bundle (= the pipeline stage name); default: KIND")
-    parser.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of detectors (default 0.01)")
-    parser.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE", help="constructor arguments (YAML values)")
-    parser.add_argument("--n-train", type=int, default=None, help="training images used for fitting (default: all 55,000)")
-    parser.add_argument("--n-val", type=int, default=None, help="validation images for calibration (default: all 5,000)")
-    parser.add_argument("--n-test", type=int, default=None, help="test images for the reported FPR (default: all 10,000)")
+    parser.add_argument("--defense", required=True, metavar="KIND",
+                        help="defense kind from the registry: " + ", ".join(sorted(registry())))
+    parser.add_argument("--name", help="name of the fitted defense in the bundle (= the pipeline stage name); "
+                                       "default: the KIND")
+    parser.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of detectors")
+    parser.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="constructor arguments (YAML values); unset ones keep the kind's defaults")
+    parser.add_argument("--n-train", type=int, default=None, help="training images used for fitting (default: the "
+                                                                  "whole train split, 55,000 for Fashion-MNIST)")
+    parser.add_argument("--n-val", type=int, default=None, help="validation images for calibration (default: the whole "
+                                                                "validation split, 5,000 for Fashion-MNIST)")
+    parser.add_argument("--n-test", type=int, default=None, help="test images for the reported FPR (default: the whole "
+                                                                 "test split, 10,000 for Fashion-MNIST)")
     parser.add_argument("--seed", type=int, default=0, help="subset selection seed")
-    parser.add_argument("--dataset", default=None, help="dataset name (default: the bundle recipe's `dataset`, else fashion-mnist)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="dataset files (default: the trainer's default location)")
     parser.add_argument("--split-seed", type=int, default=None,
-                        help="train/validation split seed; must be the trainer's (default: the bundle recipe's `seed`, else 0)")
+                        help="train/validation split seed (default: the bundle recipe's `seed` for its own dataset, "
+                             "so that validation holds no image the backbone trained on; else 0)")
     parser.add_argument("--batch-size", type=int, default=500, help="scoring batch size")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (tqdm on stderr) over fitting and scoring")
+    add_data_arguments(parser)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after the help texts (ArgumentDefaultsHelpFormatter) except where they say
+    nothing -- required arguments, switches, None defaults whose help text says what None means --
+    or the help already names the default; the epilog's command lines kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default is None or action.default is argparse.SUPPRESS
+                or isinstance(action.default, bool) or "default" in text):
+            return text
+        return super()._get_help_string(action)
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -65,36 +107,53 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 
 # ---- data --------------------------------------------------------------------------------------------
-def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if n is None or n >= x.shape[0]:
-        return x, y
+def _subset(sp, which: str, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` items of split ``which`` chosen by ``seed`` (all of them for None), conformed to the
+    splits' shape: only the items taken are conformed (``Splits.take``)."""
+    size = sp.size(which)
+    if n is None or n >= size:
+        return sp.split(which)  # the whole split (Splits refuses one too large to conform at once)
     if n < 1:
         raise ValueError(f"subset size must be positive, got {n}")
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    return x[idx], y[idx]
+    idx = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+    return sp.take(which, index=idx)
+
+
+def subsample(sp, n_train: int | None = None, n_val: int | None = None, n_test: int | None = None,
+              seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``robustgate.models.data.Splits`` -> ``{"train", "val", "test"}`` -> ``(x [N, C, H, W] float32
+    in [0, 1], y [N])``, each a seeded random subset of at most ``n_*`` items (None: all)."""
+    return {
+        "train": _subset(sp, "train", n_train, seed),
+        "val": _subset(sp, "val", n_val, seed + 1),
+        "test": _subset(sp, "test", n_test, seed + 2),
+    }
 
 
 def load_splits(dataset: str = "fashion-mnist", data_dir: Path | None = None, n_train: int | None = None,
                 n_val: int | None = None, n_test: int | None = None, split_seed: int = 0,
                 seed: int = 0, val_size: int = 5000) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The trainer's splits (robustgate.models.data, ``split_seed`` and ``val_size``), subsampled
-    with ``seed``: ``{"train", "val", "test"}`` -> ``(x [N, C, H, W] float32 in [0, 1], y [N])``."""
+    """The trainer's splits of ``dataset`` as stored (robustgate.models.data, ``split_seed`` and
+    ``val_size``), subsampled with ``seed`` (:func:`subsample`)."""
     from robustgate.models.data import load_splits as trainer_splits
 
     sp = trainer_splits(dataset, data_dir=data_dir, val_size=val_size, seed=split_seed)
-    return {
-        "train": _subset(sp.train_x, sp.train_y, n_train, seed),
-        "val": _subset(sp.val_x, sp.val_y, n_val, seed + 1),
-        "test": _subset(sp.test_x, sp.test_y, n_test, seed + 2),
-    }
+    return subsample(sp, n_train, n_val, n_test, seed)
 
 
 # ---- scoring -----------------------------------------------------------------------------------------
-def score_batches(detector: Detector, x: torch.Tensor, classifier, batch_size: int = 500) -> torch.Tensor:
-    """Detector scores ``[N]`` of ``x`` ``[N, C, H, W]`` without gradients, in batches."""
-    with torch.no_grad():
-        return torch.cat([detector.score(x[i:i + batch_size], classifier).detach().float()
-                          for i in range(0, x.shape[0], batch_size)])
+def score_batches(detector: Detector, x: torch.Tensor, classifier, batch_size: int = 500,
+                  progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+    """Detector scores ``[N]`` of ``x`` ``[N, C, H, W]`` without gradients, in batches (a tqdm bar
+    over the images with ``progress``)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with torch.no_grad(), tqdm(total=x.shape[0], desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for i in range(0, x.shape[0], batch_size):
+            out.append(detector.score(x[i:i + batch_size], classifier).detach().float())
+            bar.update(out[-1].shape[0])
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _plain(value: Any) -> Any:
@@ -109,22 +168,30 @@ def _plain(value: Any) -> Any:
 
 def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params: dict[str, Any] | None = None,
                 target_fpr: float = 0.01, splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                batch_size: int = 500, log=print) -> dict[str, Any]:
+                batch_size: int = 500, log=print, progress: bool = False) -> dict[str, Any]:
     """Fits, saves and calibrates ``kind`` into the bundle at ``bundle_dir``; returns the DefenseSpec
-    written (as a dict). ``splits`` as :func:`load_splits` returns."""
+    written (as a dict). ``splits`` as :func:`subsample` returns; ``progress``: tqdm bars."""
     from robustgate.models.bundle import Bundle, DefenseSpec, artifact
-    from robustgate.models.twin import TorchClassifier, load_backbone
+    from robustgate.models.twin import TorchClassifier, has_twin, load_backbone
 
     name = name or kind
     bundle = Bundle.load(bundle_dir)  # verifies every sha256
     if kind not in registry():
         raise ValueError(f"unknown defense kind {kind!r}; known: {', '.join(sorted(registry()))}")
+    check_features_output(registry()[kind], bundle, where="fit")
+    stateful = kind == "stateful"
+    if stateful:  # calibrated on benign streams with private stores (defenses/stateful/calibration.py)
+        from robustgate.defenses.stateful.store import MemoryStore
+
+        params = {"value_range": tuple(bundle.input.value_range), **(params or {}),
+                  "store": MemoryStore(max_entries=2, max_per_client=1, max_clients=1)}
     defense = build(kind, **(params or {}))
-    classifier = TorchClassifier(load_backbone(bundle))
+    # the defenses that query the backbone (SafetyNet, MagNet's jsd) refuse None with their own message
+    classifier = TorchClassifier(load_backbone(bundle)) if has_twin(bundle) else None
     (tx, ty), (vx, vy), (sx, sy) = splits["train"], splits["val"], splits["test"]
     if tuple(tx.shape[1:]) != tuple(bundle.input.shape):
         raise ValueError(f"data items have shape {tuple(tx.shape[1:])}, the bundle expects {tuple(bundle.input.shape)}")
-    data = FitData(tx, ty, vx, vy, value_range=tuple(bundle.input.value_range))
+    data = FitData(tx, ty, vx, vy, value_range=tuple(bundle.input.value_range), progress=progress)
 
     t0 = time.perf_counter()
     log(f"fitting {kind} as {name!r} on {tx.shape[0]} training images ...")
@@ -135,9 +202,21 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
     files = {role: artifact(bundle.root, str(rel_dir / rel)) for role, rel in written.items()}
 
     threshold, record = None, None
-    if isinstance(defense, Detector):
-        val_scores = score_batches(defense, vx, classifier, batch_size)
-        test_scores = score_batches(defense, sx, classifier, batch_size)
+    if stateful:
+        from robustgate.defenses.stateful.calibration import benign_streams, calibrate_stateful
+
+        g = torch.Generator().manual_seed(0)
+        # about 100 queries per benign client: each client's images in random order, 10% exact
+        # retries, 10% near-duplicates (crop, brightness, JPEG)
+        val_streams = benign_streams(vx, max(1, vx.shape[0] // 100), g)
+        test_streams = benign_streams(sx, max(1, sx.shape[0] // 100), g)
+        record = calibrate_stateful(defense, val_streams, test_streams, target_fpr)
+        threshold = record["threshold"]
+        log(f"calibrated {name} on benign streams: target FPR {target_fpr:.4f}  threshold {threshold:.6g}  "
+            f"val FPR {record['val_fpr']:.4f} (n={record['n_val']})  test FPR {record['test_fpr']:.4f} (n={record['n_test']})")
+    elif isinstance(defense, Detector):
+        val_scores = score_batches(defense, vx, classifier, batch_size, progress, f"{name}: scoring validation")
+        test_scores = score_batches(defense, sx, classifier, batch_size, progress, f"{name}: scoring test")
         record = calibration.calibrate(val_scores, test_scores, target_fpr)
         threshold = record["threshold"]
         log(f"calibrated {name}: target FPR {target_fpr:.4f}  threshold {threshold:.6g}  "
@@ -163,14 +242,12 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     params = parse_params(args.params)
     from robustgate.models.bundle import Bundle
+    from robustgate.models.data import bundle_splits
 
-    recipe = Bundle.load(args.bundle).spec.backbone.recipe
-    dataset = args.dataset or recipe.get("dataset", "fashion-mnist")
-    # the trainer splits train/validation with its recipe's seed and val_size (models/train.py)
-    split_seed = args.split_seed if args.split_seed is not None else int(recipe.get("seed", 0))
-    data_dir = args.data_dir if args.data_dir is not None else recipe.get("data_dir")
-    splits = load_splits(dataset, data_dir, args.n_train, args.n_val, args.n_test, split_seed, args.seed,
-                         val_size=int(recipe.get("val_size", 5000)))
+    # conformed to the bundle's input shape; the recipe's dataset, validation size and split seed
+    # (the trainer's, models/train.py) unless told otherwise
+    sp = bundle_splits(Bundle.load(args.bundle), args.dataset, args.data_dir, seed=args.split_seed)
+    splits = subsample(sp, args.n_train, args.n_val, args.n_test, args.seed)
     fit_defense(args.bundle, args.defense, name=args.name, params=params, target_fpr=args.target_fpr,
-                splits=splits, batch_size=args.batch_size)
+                splits=splits, batch_size=args.batch_size, progress=args.progress)
     return 0

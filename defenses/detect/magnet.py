@@ -20,6 +20,13 @@ autoencoder, artifacts and threshold, e.g. stages ``magnet_l2`` (criterion l2, a
 MagNet stage (the paper's "any detector fires -> reject"); each stage is calibrated on its own,
 so the union of k stages has a clean FPR of at most k times the per-stage target.
 
+Any input: the autoencoders are sized to the images they are fitted on -- their first and last
+convolutions to the channels, the down-sampling stages of autoencoders I and III to the resolution
+(``downsample="auto"``: the bottleneck near 14 pixels a side as the paper's 28 -> 14, so 1 stage at
+28x28 and 32x32, 4 at 224x224), and any height and width is padded to what those stages need and
+cropped back. At [1, 28, 28] they are exactly the layers of the first 28x28-only version, so
+bundles fitted then (bundles/default) load unchanged (a regression test checks the scores).
+
 Runtimes: ``fit`` writes the autoencoder as ONNX (``ae.onnx``, what the proxy runs in ONNX
 Runtime when the stage's params say ``runtime: onnx``) and as a safetensors state dict
 (``ae.safetensors``, the torch twin). ``runtime="torch"`` (default) keeps the autograd graph:
@@ -38,6 +45,8 @@ against non-adaptive attacks as such.
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -63,53 +72,94 @@ ACTIVATIONS = ("sigmoid", "relu")
 CRITERIA = ("l1", "l2", "jsd")
 
 
-# ---- the paper's MNIST autoencoders (Meng & Chen 2017, Table 1) ---------------------------------
-def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = "sigmoid") -> nn.Sequential:
-    """Autoencoder I (detector I and the reformer): conv-act, avg-pool, two conv-act, upsample,
-    conv-act, conv-sigmoid to ``channels``. Autoencoder II (detector II): two conv-act layers and
-    a conv-sigmoid, no pooling. All convolutions 3x3 with ``width`` filters; the paper uses
-    ``width=3`` and sigmoid activations ("Conv.Sigmoid 3x3x3"). Autoencoder III (robustgate's, for
-    a detector much cheaper than the classifier it guards): II's three layers with the first
-    strided (half resolution) and the last a 4x4 transposed convolution back to full resolution,
-    ~1/6 of II's cost at width 16 (bench/results/detect.ae_cost.md; even H and W only). The output is always a sigmoid,
-    so reconstructions stay in [0, 1]."""
+# ---- the autoencoders: the paper's MNIST ones (Meng & Chen 2017, Table 1), sized to the input -----
+class Autoencoder(nn.Sequential):
+    """A MagNet autoencoder: ``[N, C, H, W]`` -> ``[N, C, H, W]`` in ``[0, 1]``. Its layers are
+    the ``nn.Sequential`` (state-dict keys ``0.weight`` ...); ``forward`` pads the input (replicate)
+    to a multiple of ``2**downsample`` -- what its down-sampling stages need -- and crops the output
+    back, so every height and width works. An input that already fits is not padded."""
+
+    def __init__(self, *layers: nn.Module, downsample: int = 0):
+        super().__init__(*layers)
+        self.multiple = 2 ** downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.multiple, (-w) % self.multiple
+        if not (ph or pw):  # nothing to pad or crop (the exported graph is then the plain layers)
+            return super().forward(x)
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # [N, C, H', W'], H' and W' multiples
+        return super().forward(x)[..., :h, :w]  # [N, C, H, W]
+
+
+def resolve_downsample(arch: str, downsample: int | str, item_shape: tuple[int, ...]) -> int:
+    """The number of 2x down-sampling stages of autoencoder ``arch`` for items ``(C, H, W)``:
+    0 for II (full resolution by definition); for I and III the given integer, or with ``"auto"``
+    the one that brings the smaller side nearest to 14 pixels, the paper's 28 -> 14 (1 for 28x28
+    and 32x32, 2 for 64x64, 4 for 224x224): the receptive field and the cost per pixel scale with
+    the image instead of staying those of a 28x28 picture."""
+    if arch == "II":
+        return 0
+    if downsample != "auto":
+        return int(downsample)
+    side = min(int(s) for s in item_shape[-2:])
+    return max(1, round(math.log2(max(side, 1) / 14)))
+
+
+def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = "sigmoid",
+                downsample: int = 1) -> Autoencoder:
+    """Autoencoder I (detector I and the reformer): conv-act, ``downsample`` times (avg-pool,
+    conv-act), conv-act, ``downsample`` times (upsample, conv-act), conv-sigmoid to ``channels``.
+    Autoencoder II (detector II): two conv-act layers and a conv-sigmoid, no pooling. All
+    convolutions 3x3 with ``width`` filters; the paper uses ``width=3`` and sigmoid activations
+    ("Conv.Sigmoid 3x3x3") and one pooling stage for 28x28. Autoencoder III (robustgate's, for a
+    detector much cheaper than the classifier it guards): ``downsample`` strided conv-act layers,
+    a conv-act, and 4x4 transposed convolutions back to full resolution (the last to ``channels``,
+    sigmoid); with one stage ~1/6 of II's cost at width 16 (bench/results/detect.ae_cost.md).
+    With ``downsample=1`` I and III are exactly the layers (and state-dict keys) the 28x28 bundles
+    were fitted with. The output is always a sigmoid, so reconstructions stay in [0, 1]."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     act = nn.Sigmoid if activation == "sigmoid" else nn.ReLU
+    conv = lambda cin, cout: nn.Conv2d(cin, cout, 3, padding=1)  # noqa: E731
     if arch == "I":
-        return nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), act(),
-            nn.AvgPool2d(2),  # [N, w, H/2, W/2]
-            nn.Conv2d(width, width, 3, padding=1), act(),
-            nn.Conv2d(width, width, 3, padding=1), act(),
-            nn.Upsample(scale_factor=2, mode="nearest"),  # [N, w, H, W]
-            nn.Conv2d(width, width, 3, padding=1), act(),
-            nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid(),
-        )
+        layers: list[nn.Module] = [conv(channels, width), act()]
+        for _ in range(downsample):
+            layers += [nn.AvgPool2d(2), conv(width, width), act()]  # [N, w, H/2^i, W/2^i]
+        layers += [conv(width, width), act()]
+        for _ in range(downsample):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), conv(width, width), act()]  # back up
+        layers += [conv(width, channels), nn.Sigmoid()]  # [N, C, H, W]
+        return Autoencoder(*layers, downsample=downsample)
     if arch == "II":
-        return nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), act(),
-            nn.Conv2d(width, width, 3, padding=1), act(),
-            nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid(),
-        )
-    if arch == "III":  # robustgate's, not the paper's: autoencoder II's depth at half resolution
-        return nn.Sequential(
-            nn.Conv2d(channels, width, 3, stride=2, padding=1), act(),  # [N, w, ceil(H/2), ceil(W/2)]
-            nn.Conv2d(width, width, 3, padding=1), act(),
-            nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1), nn.Sigmoid(),  # [N, C, 2*ceil(H/2), ...]
-        )
+        return Autoencoder(conv(channels, width), act(), conv(width, width), act(), conv(width, channels), nn.Sigmoid())
+    if arch == "III":  # robustgate's, not the paper's: autoencoder II's depth at reduced resolution
+        layers = []
+        for i in range(downsample):
+            layers += [nn.Conv2d(channels if i == 0 else width, width, 3, stride=2, padding=1), act()]  # halves H, W
+        layers += [conv(width, width), act()]
+        for i in range(downsample):
+            last = i == downsample - 1
+            layers += [nn.ConvTranspose2d(width, channels if last else width, 4, stride=2, padding=1),
+                       nn.Sigmoid() if last else act()]  # doubles H, W
+        return Autoencoder(*layers, downsample=downsample)
     raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
 def train_autoencoder(ae: nn.Module, x: torch.Tensor, *, noise: float, epochs: int, batch_size: int,
-                      lr: float, weight_decay: float, seed: int) -> list[float]:
+                      lr: float, weight_decay: float, seed: int, progress: bool = False, desc: str = "autoencoder") -> list[float]:
     """Noise-regularized training on clean images ``x`` ``[N, C, H, W]`` in [0, 1]: minimize
-    ``MSE(AE(clip(x + noise * eps)), x)``. Returns the mean loss per epoch."""
+    ``MSE(AE(clip(x + noise * eps)), x)``. Returns the mean loss per epoch. ``progress``: a tqdm
+    bar over the epochs' batches (stderr) with the epoch and its running loss."""
+    from tqdm.auto import tqdm
+
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay)
     ae.train()
     history = []
-    for _ in range(epochs):
+    batches = -(-x.shape[0] // batch_size)
+    bar = tqdm(total=epochs * batches, desc=desc, unit="batch", disable=not progress, leave=False)
+    for epoch in range(epochs):
         order = torch.randperm(x.shape[0], generator=g)
         total = 0.0
         for start in range(0, x.shape[0], batch_size):
@@ -120,7 +170,10 @@ def train_autoencoder(ae: nn.Module, x: torch.Tensor, *, noise: float, epochs: i
             loss.backward()
             opt.step()
             total += loss.item() * xb.shape[0]
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{total / min(start + batch_size, x.shape[0]):.5f}")
         history.append(total / x.shape[0])
+    bar.close()
     ae.eval()
     return history
 
@@ -209,9 +262,11 @@ class _AutoencoderDefense:
     needs_artifacts: ClassVar[bool] = True
 
     def _init_ae(self, arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime,
-                 onnx_threads=1, onnx_optimization="all") -> None:
+                 onnx_threads=1, onnx_optimization="all", downsample="auto") -> None:
         if arch not in ARCHS:
             raise ValueError(f"{self.kind}: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        if downsample != "auto" and (isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1):
+            raise ValueError(f"{self.kind}: downsample must be 'auto' or an integer >= 1, got {downsample!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"{self.kind}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         check_runtime(runtime)
@@ -230,7 +285,7 @@ class _AutoencoderDefense:
         self.arch, self.width, self.activation = arch, width, activation
         self.noise, self.epochs = float(noise), epochs
         self.batch_size, self.lr, self.weight_decay = batch_size, float(lr), float(weight_decay)
-        self.seed, self.runtime = int(seed), runtime
+        self.seed, self.runtime, self.downsample = int(seed), runtime, downsample
         self.onnx_threads, self.onnx_optimization = onnx_threads, onnx_optimization
         self.ae: nn.Module | None = None  # torch twin
         self._onnx: AeSession | None = None
@@ -242,18 +297,21 @@ class _AutoencoderDefense:
     def _fit_ae(self, data: FitData) -> None:
         self._channels = data.train_x.shape[1]
         self._item_shape = tuple(data.train_x.shape[1:])  # (C, H, W) of the ONNX export
-        if self.arch == "III" and any(side % 2 for side in self._item_shape[1:]):
-            raise ValueError(f"{self.kind}: arch III halves and doubles the resolution, so it needs an even height "
-                             f"and width, got {self._item_shape[1:]}; use arch I or II")
         with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
             torch.manual_seed(self.seed)
-            ae = autoencoder(self.arch, self._channels, self.width, self.activation)
+            ae = self._build_ae(self._item_shape)
         self.history = train_autoencoder(
             ae, data.train_x.float(), noise=self.noise, epochs=self.epochs, batch_size=self.batch_size,
-            lr=self.lr, weight_decay=self.weight_decay, seed=self.seed,
+            lr=self.lr, weight_decay=self.weight_decay, seed=self.seed, progress=data.progress,
+            desc=f"{self.kind} autoencoder {self.arch}",
         )
         self.ae = ae.requires_grad_(False)
         self._onnx = None
+
+    def _build_ae(self, item_shape: tuple[int, ...]) -> Autoencoder:
+        """The configured autoencoder sized to items ``(C, H, W)`` (channels, down-sampling stages)."""
+        stages = resolve_downsample(self.arch, self.downsample, item_shape)
+        return autoencoder(self.arch, int(item_shape[0]), self.width, self.activation, stages)
 
     def save(self, directory: Path) -> dict[str, str]:
         """Writes ``ae.safetensors`` (torch twin) and ``ae.onnx`` (proxy) into ``directory``."""
@@ -263,21 +321,23 @@ class _AutoencoderDefense:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_weights(self.ae, directory / "ae.safetensors")
-        export_onnx(self.ae, example, directory / "ae.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the padding is fixed at the item shape
+            export_onnx(self.ae, example, directory / "ae.onnx")
         return {"ae_weights": "ae.safetensors", "ae_onnx": "ae.onnx"}
 
     def load_artifacts(self, files: dict[str, Path]) -> None:
         missing = {"ae_weights", "ae_onnx"} - set(files)
         if missing:
             raise ValueError(f"{self.kind}: artifacts {sorted(missing)} missing (got {sorted(files)})")
-        from safetensors import safe_open
-
-        with safe_open(str(files["ae_weights"]), framework="pt") as fh:
-            channels = fh.get_tensor("0.weight").shape[1]  # first conv: [w, C, 3, 3]
-        self._channels = int(channels)
-        self.ae = load_weights(autoencoder(self.arch, self._channels, self.width, self.activation), files["ae_weights"]).requires_grad_(False)
         session = AeSession(files["ae_onnx"], self.onnx_threads, self.onnx_optimization)
-        self._item_shape = session.item_shape  # (C, H, W)
+        self._item_shape = session.item_shape  # (C, H, W) the autoencoder was fitted and exported at
+        self._channels = int(self._item_shape[0])
+        try:
+            self.ae = load_weights(self._build_ae(self._item_shape), files["ae_weights"]).requires_grad_(False)
+        except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or wrong shapes
+            raise ValueError(f"{self.kind}: the autoencoder weights do not fit arch {self.arch} width {self.width} "
+                             f"downsample {self.downsample} at {self._item_shape}: {exc}") from exc
         self._onnx = session if self.runtime == "onnx" else None
         self._onnx_path = Path(files["ae_onnx"])
 
@@ -285,8 +345,9 @@ class _AutoencoderDefense:
         """``AE(x)``: ``[N, C, H, W]`` -> ``[N, C, H, W]`` in [0, 1] (sigmoid output)."""
         if self.ae is None:
             raise ValueError(f"{self.kind}: not fitted (no autoencoder); run `robustgate fit` or load_artifacts")
-        if self._channels is not None and x.shape[1] != self._channels:
-            raise ValueError(f"{self.kind}: autoencoder expects {self._channels} channels, got shape {tuple(x.shape)}")
+        if self._item_shape is not None and tuple(x.shape[1:]) != tuple(self._item_shape):
+            raise ValueError(f"{self.kind}: the autoencoder was fitted on items {tuple(self._item_shape)}, "
+                             f"got shape {tuple(x.shape)}")
         if self.runtime == "onnx":
             if self._onnx is None:
                 raise ValueError(f"{self.kind}: runtime 'onnx' needs the ae_onnx artifact (load_artifacts)")
@@ -324,6 +385,9 @@ class MagNet(_AutoencoderDefense, Detector):
         onnx_threads: intra-op threads of the ONNX Runtime session (``runtime="onnx"``).
         onnx_optimization: its graph optimization level, ``"all"`` (default), ``"extended"`` (faster
             for narrow autoencoders, see ``ORT_OPTIMIZATION``) or ``"basic"``. Same scores.
+        downsample: 2x down-sampling stages of autoencoders I and III (II has none): ``"auto"``
+            (default; from the fitted image size, :func:`resolve_downsample`: 1 at 28x28 and 32x32,
+            4 at 224x224) or an integer >= 1. Any height and width works (padded, then cropped).
         threshold: calibrated threshold (set by fit/calibration).
     """
 
@@ -332,7 +396,7 @@ class MagNet(_AutoencoderDefense, Detector):
     def __init__(self, criterion: str = "l1", temperature: float = 10.0, arch: str = "II", width: int = 32,
                  activation: str = "relu", noise: float = 0.1, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3,
                  weight_decay: float = 1e-9, seed: int = 0, runtime: str = "torch", onnx_threads: int = 1,
-                 onnx_optimization: str = "all", threshold: float | None = None):
+                 onnx_optimization: str = "all", downsample: int | str = "auto", threshold: float | None = None):
         Detector.__init__(self, threshold)
         if criterion not in CRITERIA:
             raise ValueError(f"magnet: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
@@ -340,7 +404,7 @@ class MagNet(_AutoencoderDefense, Detector):
             raise ValueError(f"magnet: temperature must be positive, got {temperature}")
         self.criterion, self.temperature = criterion, float(temperature)
         self._init_ae(arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime,
-                      onnx_threads, onnx_optimization)
+                      onnx_threads, onnx_optimization, downsample)
 
     def fit(self, data: FitData, classifier: Classifier | None = None) -> None:
         """Trains the autoencoder on ``data.train_x`` (clean); calibration is done by the caller."""
@@ -380,9 +444,10 @@ class MagNetReformer(_AutoencoderDefense, Purifier):
 
     def __init__(self, arch: str = "I", width: int = 32, activation: str = "relu", noise: float = 0.1, epochs: int = 5,
                  batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-9, seed: int = 0,
-                 runtime: str = "torch", onnx_threads: int = 1, onnx_optimization: str = "all"):
+                 runtime: str = "torch", onnx_threads: int = 1, onnx_optimization: str = "all",
+                 downsample: int | str = "auto"):
         self._init_ae(arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime,
-                      onnx_threads, onnx_optimization)
+                      onnx_threads, onnx_optimization, downsample)
 
     def fit(self, data: FitData, classifier: Classifier | None = None) -> None:
         check_images(data.train_x, data.value_range, who="reformer.fit train_x")

@@ -5,8 +5,13 @@ Adversarial examples push the backbone's late-stage ReLU units into activation p
 those of clean images. SafetyNet quantizes those activations into discrete codes and trains an
 RBF-kernel SVM to tell codes of clean images from codes of adversarial ones:
 
-1. ``a = classifier.features(x)`` ``[N, D]``: the late-stage ReLU activations (every robustgate
-   backbone exposes them; the bundle's ONNX graph has a ``features`` output).
+1. ``a = classifier.features(x)`` flattened to ``[N, D]``: late-stage ReLU activations, read from
+   the output that the bundle's ``backbone.features_output`` names (every robustgate backbone
+   exports one called ``features``; for an imported model, ``robustgate import --features-output
+   NAME`` names one of its graph's outputs, e.g. a ``[N, C, h, w]`` feature map, flattened here).
+   The proxy reads it from the ONNX graph (``runtime: onnx`` or not), ``fit`` and the red team
+   from the torch twin. A bundle that names no feature output cannot run SafetyNet: ``fit`` and
+   the pipeline assembly refuse it with a message naming what is missing (``needs_features``).
 2. Codes: each unit is quantized against per-unit thresholds fitted on clean training images --
    ``levels=2``: active or not (``a > 0``, the paper's binary code); ``levels=L > 2``: the
    thresholds are ``0`` and the ``1/(L-1) .. (L-2)/(L-1)`` quantiles of that unit's positive
@@ -53,9 +58,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torchattacks
 from safetensors.torch import load_file, save_file
-from sklearn.svm import SVC
 from torch import nn
 
 from robustgate.defenses.base import Classifier, Detector, FitData, check_images, register
@@ -115,7 +118,12 @@ class _LogitsModule(nn.Module):
 
 def make_adversarials(classifier: Classifier, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float,
                       steps: int) -> torch.Tensor:
-    """Adversarial versions of ``x`` ``[N, C, H, W]`` by torchattacks on the torch classifier."""
+    """Adversarial versions of ``x`` ``[N, C, H, W]`` by torchattacks on the torch classifier.
+
+    torchattacks is imported here, not at module level: only ``fit`` makes adversarials, and
+    serving or attacking a fitted bundle must not need it (issue 23)."""
+    import torchattacks
+
     model = _LogitsModule(classifier).eval().to(x.device)
     if attack == "fgsm":
         atk = torchattacks.FGSM(model, eps=eps)
@@ -150,6 +158,7 @@ class SafetyNet(Detector):
 
     kind = "safetynet"
     needs_artifacts: ClassVar[bool] = True
+    needs_features: ClassVar[bool] = True  # reads classifier.features (the bundle's features_output)
     differentiable: ClassVar[bool] = False  # quantization: the torch gradient is a BPDA surrogate
 
     def __init__(self, levels: int = 3, attacks: tuple[str, ...] | list[str] = ("fgsm", "pgd", "deepfool"),
@@ -179,7 +188,7 @@ class SafetyNet(Detector):
         self.positives = positives
         self.levels, self.attacks, self.eps, self.steps, self.n_fit = levels, attacks, eps, steps, n_fit
         self.C, self.gamma, self.seed, self.runtime = float(C), gamma, int(seed), runtime
-        self._svm: SVC | None = None
+        self._svm = None  # sklearn.svm.SVC once fitted (imported in fit: serving needs no scikit-learn)
         self._state: dict[str, torch.Tensor] | None = None  # thresholds, support, dual_coef, intercept, gamma
         self._onnx: OnnxModel | None = None
         self._column = 0  # which ONNX score column holds the decision value (set at export)
@@ -192,6 +201,8 @@ class SafetyNet(Detector):
         if classifier is None:
             raise ValueError("safetynet: fit needs the torch classifier (to read features and to attack)")
         check_images(data.train_x, data.value_range, who="safetynet.fit train_x")
+        from sklearn.svm import SVC
+        from tqdm.auto import tqdm
         g = torch.Generator().manual_seed(self.seed)
         n = min(self.n_fit, data.train_x.shape[0])
         idx = torch.randperm(data.train_x.shape[0], generator=g)[:n]
@@ -201,26 +212,32 @@ class SafetyNet(Detector):
         # 1. adversarial examples, the attacked half split among attacks (and eps for fgsm/pgd)
         chunks = torch.arange(x_atk.shape[0]).chunk(len(self.attacks))
         advs, per_attack = [], {}
-        for attack, rows in zip(self.attacks, chunks):
-            budgets = self.eps if attack in ("fgsm", "pgd") else [0.0]
-            for e, sub in zip(budgets, rows.chunk(len(budgets))):
-                adv = make_adversarials(classifier, x_atk[sub], y_atk[sub], attack, e, self.steps)
-                with torch.no_grad():
-                    fooled = classifier.logits(adv).argmax(1) != y_atk[sub]  # [n]
-                per_attack[f"{attack}" + (f"@{e:g}" if e else "")] = {
-                    "n": len(sub), "fooled": round(fooled.float().mean().item(), 4)}
-                advs.append(adv[fooled] if self.positives == "fooling" else adv)
+        jobs = [(attack, e, sub) for attack, rows in zip(self.attacks, chunks)
+                for e, sub in zip(self.eps if attack in ("fgsm", "pgd") else [0.0],
+                                  rows.chunk(len(self.eps) if attack in ("fgsm", "pgd") else 1))]
+        bar = tqdm(jobs, desc="safetynet adversarials", unit="attack", disable=not data.progress, leave=False)
+        for attack, e, sub in bar:
+            # one attack at one budget on its share of the images
+            bar.set_postfix(attack=attack + (f"@{e:g}" if e else ""), images=len(sub))
+            adv = make_adversarials(classifier, x_atk[sub], y_atk[sub], attack, e, self.steps)
+            with torch.no_grad():
+                fooled = classifier.logits(adv).argmax(1) != y_atk[sub]  # [n]
+            per_attack[f"{attack}" + (f"@{e:g}" if e else "")] = {
+                "n": len(sub), "fooled": round(fooled.float().mean().item(), 4)}
+            advs.append(adv[fooled] if self.positives == "fooling" else adv)
         x_adv = torch.cat(advs)
         if x_adv.shape[0] < 2:
             raise ValueError(f"safetynet: only {x_adv.shape[0]} adversarial training examples fooled the backbone "
                              f"({per_attack}); raise n_fit or eps, or use positives='all'")
         # 2. quantizer on clean activations, codes of both sets
         with torch.no_grad():
-            a_clean, a_adv = classifier.features(x_clean), classifier.features(x_adv)
+            a_clean, a_adv = classifier.features(x_clean).flatten(1), classifier.features(x_adv).flatten(1)  # [n, D]
         thresholds = fit_quantizer(a_clean, self.levels)  # [L-1, D]
         codes = torch.cat([quantize(a_clean, thresholds), quantize(a_adv, thresholds)]).numpy()
         labels = np.r_[np.zeros(len(a_clean), dtype=int), np.ones(len(a_adv), dtype=int)]
         # 3. the RBF SVM
+        if data.progress:  # one scikit-learn call, no loop to report on: say what runs
+            tqdm.write(f"safetynet: fitting the RBF SVM on {len(codes)} codes of {codes.shape[1]} units ...")
         svm = SVC(kernel="rbf", C=self.C, gamma=self.gamma).fit(codes, labels)
         self._svm = svm
         self._state = {
@@ -280,7 +297,7 @@ class SafetyNet(Detector):
         """``[N, C, H, W]`` -> ``[N, D]`` quantized codes of ``classifier.features(x)``."""
         if self._state is None:
             raise ValueError("safetynet: not fitted (no SVM); run `robustgate fit` or load_artifacts")
-        return quantize(classifier.features(x), self._state["thresholds"].to(x.device))
+        return quantize(classifier.features(x).flatten(1), self._state["thresholds"].to(x.device))
 
     def score(self, x: torch.Tensor, classifier: Classifier | None = None) -> torch.Tensor:
         """``[N, C, H, W]`` -> ``[N]`` SVM decision values (higher = adversarial)."""

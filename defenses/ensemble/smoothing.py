@@ -32,6 +32,10 @@ Online (in the pipeline) ``expand`` draws the ``n0 + n`` (CERTIFY) or ``n`` (PRE
 per item, item-major, so the pipeline's single backend call carries them, and ``aggregate``
 counts the votes. Offline, :func:`certify` and :func:`predict` run the same procedure over a
 torch classifier in chunks (the red team's certified accuracy at L2 radii 0.25, 0.5, 1.0).
+
+Any ``C x H x W``: the noise is i.i.d. over every pixel and channel, and the certified radius is
+an L2 distance over all ``C*H*W`` values -- the same radius allows a smaller change per value on a
+larger image, so compare radii across input sizes with that in mind.
 """
 
 from __future__ import annotations

@@ -11,8 +11,11 @@ the true loss, and Pérez et al. report gains of a few points on top of adversar
 models, not robustness on its own. It multiplies inference cost by ``T``.
 
 Transformations are written as strings so configs stay plain YAML: ``id``, ``hflip``,
-``dx=<int>`` (shift right by that many pixels; negative = left), ``dy=<int>`` (down), combined
-with ``+`` (e.g. ``hflip+dx=1``). Shifts pad by replicating the border (the usual crop-with-
+``dx=<int>`` (shift right by that many pixels; negative = left), ``dy=<int>`` (down), or a shift
+relative to the image's side, ``dx=<p>%`` / ``dy=<p>%`` (``p`` percent of the width / height,
+rounded, at least one pixel: ``dx=6%`` is 2 pixels at 32x32 and 13 at 224x224), combined with
+``+`` (e.g. ``hflip+dx=1``). The presets of 28x28 and 32x32 data sets shift by pixels, the
+``imagefolder`` preset (a user's images of any size) by percent. Shifts pad by replicating the border (the usual crop-with-
 padding augmentation keeps the image content; Fashion-MNIST's border is background anyway).
 """
 
@@ -32,24 +35,38 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "fashion-mnist": ("id", "hflip", "dx=1", "dx=-1", "dy=1", "dy=-1"),
     "mnist": ("id", "dx=1", "dx=-1", "dy=1", "dy=-1"),
     "cifar10": ("id", "hflip", "dx=2", "dx=-2", "dy=2", "dy=-2", "hflip+dx=2", "hflip+dx=-2"),
+    # cifar10's set with its 2 of 32 pixels as a share of the side, for any size
+    "imagefolder": ("id", "hflip", "dx=6%", "dx=-6%", "dy=6%", "dy=-6%", "hflip+dx=6%", "hflip+dx=-6%"),
 }
-_SHIFT = re.compile(r"^(dx|dy)=(-?\d+)$")
+_SHIFT = re.compile(r"^(dx|dy)=(-?\d+(?:\.\d+)?%|-?\d+)$")
 
 
 @dataclass(frozen=True)
 class Transform:
-    """A parsed transformation: optional horizontal flip, then a shift by ``(dy, dx)`` pixels."""
+    """A parsed transformation: optional horizontal flip, then a shift by ``(dy, dx)`` pixels plus
+    ``(dy_pct, dx_pct)`` percent of the height and width (:meth:`pixels`)."""
 
     hflip: bool = False
     dy: int = 0
     dx: int = 0
+    dy_pct: float = 0.0
+    dx_pct: float = 0.0
+
+    def pixels(self, h: int, w: int) -> tuple[int, int]:
+        """``(dy, dx)`` in pixels for ``h x w`` images; a nonzero percentage is at least one pixel."""
+        def px(pct: float, side: int) -> int:
+            if pct == 0:
+                return 0
+            n = max(1, round(abs(pct) / 100 * side))
+            return n if pct > 0 else -n
+        return self.dy + px(self.dy_pct, h), self.dx + px(self.dx_pct, w)
 
 
 def parse_transform(spec: str) -> Transform:
     """``"hflip+dx=1"`` -> ``Transform(hflip=True, dy=0, dx=1)``; ValueError on unknown parts."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"tte: a transform must be a non-empty string, got {spec!r}")
-    hflip, shift = False, {"dx": 0, "dy": 0}
+    hflip, shift, pct = False, {"dx": 0, "dy": 0}, {"dx": 0.0, "dy": 0.0}
     for part in spec.split("+"):
         part = part.strip()
         if part == "id":
@@ -59,9 +76,13 @@ def parse_transform(spec: str) -> Transform:
             continue
         m = _SHIFT.match(part)
         if m is None:
-            raise ValueError(f"tte: unknown transform part {part!r} in {spec!r} (use id, hflip, dx=<int>, dy=<int>)")
-        shift[m.group(1)] += int(m.group(2))
-    return Transform(hflip=hflip, dy=shift["dy"], dx=shift["dx"])
+            raise ValueError(f"tte: unknown transform part {part!r} in {spec!r} "
+                             f"(use id, hflip, dx=<int>, dy=<int>, dx=<p>%, dy=<p>%)")
+        if m.group(2).endswith("%"):
+            pct[m.group(1)] += float(m.group(2)[:-1])
+        else:
+            shift[m.group(1)] += int(m.group(2))
+    return Transform(hflip=hflip, dy=shift["dy"], dx=shift["dx"], dy_pct=pct["dy"], dx_pct=pct["dx"])
 
 
 def shift_image(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -78,7 +99,7 @@ def apply_transform(x: torch.Tensor, t: Transform) -> torch.Tensor:
     """``[N, C, H, W]`` -> ``[N, C, H, W]``; differentiable."""
     if t.hflip:
         x = x.flip(-1)
-    return shift_image(x, t.dy, t.dx)
+    return shift_image(x, *t.pixels(*x.shape[-2:]))
 
 
 def expand_transforms(x: torch.Tensor, transforms: list[Transform]) -> torch.Tensor:
@@ -99,7 +120,8 @@ class TestTimeTransformEnsemble(Ensemble):
     """Averaged softmax over a fixed transformation set.
 
     Args:
-        dataset: picks the preset transformation set (``fashion-mnist``, ``mnist``, ``cifar10``).
+        dataset: picks the preset transformation set (``fashion-mnist``, ``mnist``, ``cifar10``;
+            ``imagefolder``: shifts relative to the image size, for any H x W).
         transforms: an explicit list of transform strings; overrides ``dataset``'s preset.
     """
 
@@ -129,8 +151,9 @@ class TestTimeTransformEnsemble(Ensemble):
         check_images(x, who="tte")
         h, w = x.shape[-2:]
         for t in self._transforms:
-            if abs(t.dy) >= h or abs(t.dx) >= w:
-                raise ValueError(f"tte: shift ({t.dy}, {t.dx}) does not fit images of size {h}x{w}")
+            dy, dx = t.pixels(h, w)
+            if abs(dy) >= h or abs(dx) >= w:
+                raise ValueError(f"tte: shift ({dy}, {dx}) does not fit images of size {h}x{w}")
         return expand_transforms(x, self._transforms)
 
     def aggregate(self, logits: torch.Tensor) -> EnsembleResult:

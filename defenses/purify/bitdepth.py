@@ -1,7 +1,8 @@
 """Bit-depth reduction, the first squeezer of Feature Squeezing (Xu, Evans & Qi, NDSS 2018,
 "Feature Squeezing: Detecting Adversarial Examples in Deep Neural Networks").
 
-Each pixel is quantized to ``2**bits`` levels: ``round(x * (2**bits - 1)) / (2**bits - 1)``. On
+Each value -- every pixel of every channel, grayscale or RGB, any size -- is quantized on its
+own to ``2**bits`` levels: ``round(x * (2**bits - 1)) / (2**bits - 1)``. On
 (Fashion-)MNIST Xu et al. use 1 bit; 4-5 bits keep natural images recognisable.
 
 Known limits: rounding has zero gradient almost everywhere, so a gradient attack sees nothing --

@@ -23,8 +23,13 @@ sigma = 0) is three lines over the scheduler's own ``alphas_cumprod``. The forwa
 training use ``DDPMScheduler.add_noise``.
 
 The model: a diffusers ``UNet2DModel`` without attention (3 resolution levels, ~1.06M parameters
-at the default widths 32/64/64), so 28x28 inputs need no padding (28 -> 14 -> 7); other sizes
-are padded (replicate) to a multiple of 4 and cropped back.
+at the default widths 32/64/64 for one channel), sized to the data it is fitted on: its channels
+(1 for Fashion-MNIST, 3 for RGB; ``channels=None`` takes them from the data) and its sample size
+(recorded in the UNet's config). Any height and width works: the input is padded (replicate) to
+the multiple of ``2**(levels - 1)`` its down-sampling needs and cropped back (28x28 needs none
+with 3 levels: 28 -> 14 -> 7; 32x32 and 224x224 none either). The widths
+(``block_out_channels``) and depth are parameters; larger images cost more per image (the
+convolutions scale with H x W), so narrower widths or fewer ``train_steps`` suit them on a CPU.
 
 Training budget (``fit`` -> :func:`train_ddpm`): ``train_steps`` Adam steps of batch
 ``batch_size`` of the epsilon-prediction loss, timesteps drawn uniformly from
@@ -71,13 +76,16 @@ ONNX_PARITY_ATOL = 1e-4  # max |eps_onnx - eps_torch| accepted when the ONNX gra
 
 # ---- pure functions ------------------------------------------------------------------------------
 
-def make_unet(channels: int, block_out_channels: list[int], layers_per_block: int, seed: int) -> UNet2DModel:
-    """A small attention-free ``UNet2DModel`` (deterministic initialization from ``seed``)."""
+def make_unet(channels: int, block_out_channels: list[int], layers_per_block: int, seed: int,
+              sample_size: int = 28) -> UNet2DModel:
+    """A small attention-free ``UNet2DModel`` (deterministic initialization from ``seed``) for
+    ``channels``-channel images; ``sample_size`` (the image side) is recorded in its config only:
+    the weights do not depend on it and any size runs (padded by :func:`ddim_purify`)."""
     levels = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(
-            sample_size=28, in_channels=channels, out_channels=channels,
+            sample_size=sample_size, in_channels=channels, out_channels=channels,
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
             norm_num_groups=8,
@@ -153,11 +161,15 @@ def ddim_purify(eps_model: EpsModel, alphas_cumprod: torch.Tensor, x: torch.Tens
 
 def train_ddpm(unet: UNet2DModel, ddpm: DDPMScheduler, images: torch.Tensor, steps: int, batch_size: int,
                lr: float, t_max: int, seed: int, ema_decay: float = 0.995, multiple: int = 4,
-               log: Callable[[dict[str, Any]], None] | None = None, log_every: int = 50) -> dict[str, Any]:
+               log: Callable[[dict[str, Any]], None] | None = None, log_every: int = 50,
+               progress: bool = False) -> dict[str, Any]:
     """Trains ``unet`` in place with the DDPM epsilon-prediction loss (Ho et al., Algorithm 1) on
     ``images`` ``[N, C, H, W]`` in ``[0, 1]``, timesteps uniform in ``[0, t_max]``; Adam with a
     50-step linear warmup; at the end the weights are replaced by their EMA. Returns a training
-    record (steps, seconds, loss curve)."""
+    record (steps, seconds, loss curve). ``progress``: a tqdm bar (stderr) over the steps with the
+    epoch (images seen / N) and the mean loss of the last ``log_every`` steps."""
+    from tqdm.auto import tqdm
+
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
@@ -166,8 +178,9 @@ def train_ddpm(unet: UNet2DModel, ddpm: DDPMScheduler, images: torch.Tensor, ste
     was_training = unet.training
     unet.train()
     t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="diffusion UNet", unit="step", disable=not progress, leave=False)
     try:
-        for step in range(steps):
+        for step in bar:
             idx = torch.randint(0, len(images), (batch_size,), generator=g)
             z0, _ = _pad_multiple(2.0 * images[idx] - 1.0, multiple)  # [B, C, H', W']
             noise = torch.randn(z0.shape, generator=g)
@@ -184,10 +197,14 @@ def train_ddpm(unet: UNet2DModel, ddpm: DDPMScheduler, images: torch.Tensor, ste
                     else:
                         ema[k].copy_(v)
             losses.append(loss.item())
+            if progress and (step % 10 == 9 or step + 1 == steps):
+                recent = losses[-log_every:]
+                bar.set_postfix(epoch=f"{(step + 1) * batch_size / len(images):.2f}", loss=f"{sum(recent) / len(recent):.4f}")
             if log is not None and (step + 1) % log_every == 0:
                 log({"step": step + 1, "loss": sum(losses[-log_every:]) / log_every,
                      "seconds": round(time.perf_counter() - t0, 1)})
     finally:
+        bar.close()
         unet.train(was_training)
     unet.load_state_dict(ema)
     curve = [round(sum(losses[i:i + log_every]) / len(losses[i:i + log_every]), 5)
@@ -247,7 +264,11 @@ class DiffusionPurifier(Purifier):
     Args:
         t_star: diffusion timestep to purify from (0 = identity; <= ``train_t_max``).
         steps: DDIM reverse steps ``k`` (>= 1; at most ``t_star`` distinct steps are used).
-        channels: image channels (1 for Fashion-MNIST).
+        channels: image channels (1 for Fashion-MNIST, 3 for RGB); None (default): those of the
+            images ``fit`` gets (or of the loaded artifacts; an unfitted purifier takes the first
+            input's). The bundle records the number.
+        sample_size: the image side recorded in the UNet's config; None (default): the fitted
+            images' larger side (28 until fitted). Any size runs (padding, module docstring).
         block_out_channels, layers_per_block: UNet widths and depth (3 levels = 2 downsamplings).
         num_train_timesteps: length of the DDPM schedule.
         train_t_max, train_steps, batch_size, lr, ema_decay, seed: the ``fit`` recipe (seed also
@@ -262,16 +283,17 @@ class DiffusionPurifier(Purifier):
     randomized: ClassVar[bool] = True
     differentiable: ClassVar[bool] = True
 
-    def __init__(self, t_star: int = 100, steps: int = 2, channels: int = 1,
+    def __init__(self, t_star: int = 100, steps: int = 2, channels: int | None = None,
                  block_out_channels: list[int] | None = None, layers_per_block: int = 1,
                  num_train_timesteps: int = 1000, train_t_max: int = 300, train_steps: int = 1000,
                  batch_size: int = 32, lr: float = 2e-3, ema_decay: float = 0.995, seed: int = 0,
-                 runtime: str = "torch", onnx_threads: int = 0):
+                 runtime: str = "torch", onnx_threads: int = 0, sample_size: int | None = None):
         self.num_train_timesteps = _int_in("num_train_timesteps", num_train_timesteps, 2)
         self.train_t_max = _int_in("train_t_max", train_t_max, 1, num_train_timesteps - 1)
         self.t_star = _int_in("t_star", t_star, 0, self.train_t_max)
         self.steps = _int_in("steps", steps, 1)
-        self.channels = _int_in("channels", channels, 1)
+        self.channels = None if channels is None else _int_in("channels", channels, 1)
+        self.sample_size = None if sample_size is None else _int_in("sample_size", sample_size, 1)
         boc = [32, 64, 64] if block_out_channels is None else block_out_channels
         if (isinstance(boc, str) or not isinstance(boc, (list, tuple)) or len(boc) < 1
                 or any(isinstance(c, bool) or not isinstance(c, int) or c < 8 or c % 8 for c in boc)):
@@ -294,11 +316,20 @@ class DiffusionPurifier(Purifier):
         self.runtime = runtime
         self.onnx_threads = _int_in("onnx_threads", onnx_threads, 0)
         self._onnx: OnnxModel | None = None
-        self.unet = make_unet(self.channels, self.block_out_channels, self.layers_per_block, self.seed).eval()
+        self.unet: UNet2DModel | None = None  # built for the channels once known (_build_unet)
+        if self.channels is not None:
+            self._build_unet(self.channels, self.sample_size)
         self.ddpm, self.ddim = make_schedulers(self.num_train_timesteps)
         self.fitted = False
         self.training_record: dict[str, Any] | None = None
         self._warned_unfitted = False
+
+    def _build_unet(self, channels: int, sample_size: int | None) -> UNet2DModel:
+        """(Re)creates the untrained UNet for ``channels`` (initialization fixed by ``seed``)."""
+        self.channels, self.sample_size = channels, sample_size
+        self.unet = make_unet(channels, self.block_out_channels, self.layers_per_block, self.seed,
+                              sample_size or 28).eval()
+        return self.unet
 
     @property
     def multiple(self) -> int:
@@ -306,6 +337,8 @@ class DiffusionPurifier(Purifier):
 
     def purify(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         check_images(x, who="diffusion")
+        if self.unet is None:  # unfitted, channels from the data: the first input's
+            self._build_unet(int(x.shape[1]), self.sample_size)
         if x.shape[1] != self.channels:
             raise ValueError(f"diffusion: model has {self.channels} channel(s), input has {x.shape[1]}")
         if not self.fitted and self.t_star > 0 and not self._warned_unfitted:
@@ -326,16 +359,21 @@ class DiffusionPurifier(Purifier):
             log: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Trains the DDPM on ``data.train_x`` with the constructor's recipe (see module docstring)."""
         check_images(data.train_x, data.value_range, who="diffusion fit")
-        if data.train_x.shape[1] != self.channels:
-            raise ValueError(f"diffusion: model has {self.channels} channel(s), data has {data.train_x.shape[1]}")
+        c, side = int(data.train_x.shape[1]), int(max(data.train_x.shape[-2:]))
+        if self.channels is not None and c != self.channels:
+            raise ValueError(f"diffusion: model has {self.channels} channel(s), data has {c}")
+        if not self.fitted:  # sized to the data (the same seeded initialization as at construction)
+            self._build_unet(c, self.sample_size or side)
         self.training_record = train_ddpm(
             self.unet, self.ddpm, data.train_x, self.train_steps, self.batch_size, self.lr, self.train_t_max,
-            self.seed, self.ema_decay, self.multiple, log=log,
+            self.seed, self.ema_decay, self.multiple, log=log, progress=data.progress,
         )
         self.unet.eval()
         self.fitted = True
 
     def save(self, directory: Path) -> dict[str, str]:
+        if self.unet is None:
+            raise ValueError("diffusion: nothing to save; fit it first (the UNet's channels come from the data)")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()},
@@ -352,12 +390,16 @@ class DiffusionPurifier(Purifier):
         meta = json.loads(Path(files["config"]).read_text())
         saved = meta["unet"]
         for key, mine in (("block_out_channels", self.block_out_channels), ("layers_per_block", self.layers_per_block),
-                          ("in_channels", self.channels)):
+                          ("in_channels", self.channels), ("sample_size", self.sample_size)):
+            if mine is None:  # unset: the artifact's
+                continue
             if (list(saved[key]) if isinstance(mine, list) else saved[key]) != mine:
                 raise ValueError(f"diffusion: artifact UNet has {key}={saved[key]!r}, config says {mine!r}")
         if meta["num_train_timesteps"] != self.num_train_timesteps:
             raise ValueError(f"diffusion: artifact schedule has {meta['num_train_timesteps']} timesteps, "
                              f"config says {self.num_train_timesteps}")
+        if self.unet is None or (self.channels, self.sample_size) != (saved["in_channels"], saved["sample_size"]):
+            self._build_unet(int(saved["in_channels"]), int(saved["sample_size"]))
         self.unet.load_state_dict(load_file(str(files["weights"])))
         self.unet.eval()
         self._onnx = None
@@ -369,5 +411,6 @@ class DiffusionPurifier(Purifier):
         self.fitted = True
 
     def to(self, device: torch.device | str) -> "DiffusionPurifier":
-        self.unet.to(device)
+        if self.unet is not None:
+            self.unet.to(device)
         return self

@@ -1,18 +1,31 @@
 """JPEG compression as an input purifier (Dziugaite et al. 2016; Das et al. 2017; Guo et al. 2018).
 
 The batch is rounded to 8-bit pixels, encoded and decoded by a real JPEG codec (libjpeg through
-Pillow, baseline, no chroma subsampling so that quality 100 is near-identity in RGB too), and
-mapped back to ``[0, 1]``. Pillow rather than ``torchvision.io.encode_jpeg``: torchvision 0.29
-deprecates its image codecs and fixes 4:2:0 chroma subsampling. Quantizing the
+Pillow, baseline), and mapped back to ``[0, 1]``. Pillow rather than ``torchvision.io.encode_jpeg``:
+torchvision 0.29 deprecates its image codecs and fixes 4:2:0 chroma subsampling. Quantizing the
 DCT coefficients removes part of a small high-frequency perturbation.
 
-The batch goes through the codec as one mosaic (:func:`jpeg_roundtrip`), not image by image:
+Colour: a grayscale image (``C = 1``) is coded as one luma component (Pillow mode ``L``) and stays
+grayscale. An RGB image (``C = 3``) is coded the way JPEG codes colour: Pillow hands it to libjpeg
+as ``RGB``, which converts it to YCbCr (ITU-R BT.601, full range), quantizes luma with the luma
+table and both chroma planes with the coarser chroma table, and converts back on decoding.
+``subsampling`` sets the chroma resolution: ``"4:4:4"`` (default: full-resolution chroma, so
+quality 100 stays near-identity and the purifier only removes what the quantization removes),
+``"4:2:2"`` (half horizontal) or ``"4:2:0"`` (half in both directions: what cameras and Pillow's
+own default write; it blurs colour edges and costs some clean accuracy).
+
+Without chroma subsampling the batch goes through the codec as one mosaic (:func:`jpeg_roundtrip`),
+not image by image:
 baseline JPEG without chroma subsampling codes every 8x8 block on its own (DCT, quantization,
 inverse DCT; only the lossless entropy coding links blocks), so an image padded to whole blocks the
 way libjpeg pads a partial block (its last row and column repeated) and placed on the block grid of
 a larger picture decodes to exactly the pixels it decodes to alone -- a test checks this bit for
 bit. One encode and decode of a 256x256 mosaic costs about what two 28x28 images cost one at a time,
-most of the per-image cost being Pillow's per-call overhead (bench/results/purify.proxy_cost.md).
+most of the per-image cost being Pillow's per-call overhead (bench/results/defenses.md).
+With chroma subsampling the mosaic would not be exact: libjpeg's decoder upsamples chroma with a
+triangle filter that reads the neighbouring chroma sample, which at an image's edge is the edge
+itself but in a mosaic belongs to the next image; so ``4:2:2`` and ``4:2:0`` code RGB images one
+at a time (exact, slower).
 
 Known limits: the codec is not differentiable and hides the gradient, which is exactly the
 "obfuscated gradients" pattern: BPDA with the identity as the backward pass breaks it (Athalye,
@@ -20,7 +33,8 @@ Carlini & Wagner, ICML 2018), and attacks that optimise through a differentiable
 approximation break it too (Shin & Song 2017). Report it only under BPDA. Low quality also costs
 clean accuracy, so ``quality`` is a trade-off, not a robustness knob.
 
-Input contract: ``[N, C, H, W]`` float pixels in ``[0, 1]`` with ``C`` = 1 (grayscale) or 3 (RGB).
+Input contract: ``[N, C, H, W]`` float pixels in ``[0, 1]`` with ``C`` = 1 (grayscale) or 3 (RGB),
+any height and width up to JPEG's 65,535.
 """
 
 from __future__ import annotations
@@ -35,8 +49,12 @@ from PIL import Image
 from robustgate.defenses.base import Purifier, check_images, register
 
 
-def _codec(img: np.ndarray, mode: str, quality: int) -> np.ndarray:
-    """One ``[H, W]`` (L) or ``[H, W, 3]`` (RGB) uint8 image through JPEG encode + decode.
+SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}  # Pillow's codes
+
+
+def _codec(img: np.ndarray, mode: str, quality: int, subsampling: str = "4:4:4") -> np.ndarray:
+    """One ``[H, W]`` (L) or ``[H, W, 3]`` (RGB) uint8 image through JPEG encode + decode
+    (``subsampling``: a key of ``SUBSAMPLING``; it applies to RGB only).
 
     Each step is one call into Pillow's C code (``frombuffer`` shares ``img``, ``load`` decodes at
     once, no mode conversion): every call into C releases the GIL, and in the proxy's worker thread
@@ -44,7 +62,7 @@ def _codec(img: np.ndarray, mode: str, quality: int) -> np.ndarray:
     h, w = img.shape[:2]
     buf = io.BytesIO()
     Image.frombuffer(mode, (w, h), np.ascontiguousarray(img), "raw", mode, 0, 1).save(
-        buf, format="JPEG", quality=quality, subsampling=0)
+        buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING[subsampling])
     buf.seek(0)
     with Image.open(buf) as decoded:
         decoded.load()
@@ -57,10 +75,20 @@ BLOCK = 8  # the JPEG block edge (one MCU without chroma subsampling)
 MAX_SIDE = 65_500  # JPEG's largest picture side is 65,535
 
 
-def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
+def _one_by_one(x: torch.Tensor, quality: int, subsampling: str) -> torch.Tensor:
+    """:func:`jpeg_roundtrip` image by image, for RGB with chroma subsampling (module docstring)."""
+    src = x.detach().cpu().float().numpy()  # [N, 3, H, W]
+    pixels = np.empty(src.shape[:1] + src.shape[2:] + src.shape[1:2], dtype=np.uint8)  # [N, H, W, 3]
+    np.copyto(pixels, src.transpose(0, 2, 3, 1) * 255.0 + 0.5, casting="unsafe")  # round half up, as below
+    out = np.stack([_codec(img, "RGB", quality, subsampling) for img in pixels])  # [N, H, W, 3]
+    return torch.from_numpy(out.transpose(0, 3, 1, 2) / np.float32(255.0)).to(device=x.device, dtype=x.dtype)
+
+
+def jpeg_roundtrip(x: torch.Tensor, quality: int, subsampling: str = "4:4:4") -> torch.Tensor:
     """Encodes every image of ``x`` ``[N, C, H, W]`` (pixels in ``[0, 1]``, C = 1 or 3) as JPEG at
     ``quality`` and decodes it again, all of them as one mosaic picture; each image comes back
-    exactly as :func:`_codec` returns it alone (module docstring).
+    exactly as :func:`_codec` returns it alone (module docstring). RGB with ``subsampling`` other
+    than ``"4:4:4"`` goes image by image instead.
 
     Returns ``[N, C, H, W]`` of ``x``'s dtype and device, values on the 1/255 grid in ``[0, 1]``.
     Every pixel is written once on the way in (scaled, rounded and placed in its cell) and once on
@@ -70,12 +98,14 @@ def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
         raise ValueError(f"jpeg: expected 1 (grayscale) or 3 (RGB) channels, got {c}")
     if n == 0:
         return x.detach().clone()
+    if c == 3 and subsampling != "4:4:4":
+        return _one_by_one(x, quality, subsampling)
     ch, cw = -(-h // BLOCK) * BLOCK, -(-w // BLOCK) * BLOCK  # each image's cell: whole blocks
     cols = max(1, min(n, int(np.ceil(np.sqrt(n * ch / cw))), MAX_SIDE // cw))  # about square
     rows = -(-n // cols)
     if rows * ch > MAX_SIDE:  # a batch too large for one picture: in picture-sized slices
         per = (MAX_SIDE // ch) * cols
-        return torch.cat([jpeg_roundtrip(x[i:i + per], quality) for i in range(0, n, per)])
+        return torch.cat([jpeg_roundtrip(x[i:i + per], quality, subsampling) for i in range(0, n, per)])
     src = x.detach().cpu()
     src = (src if src.dtype in (torch.float32, torch.float64) else src.float()).numpy()
     if n < rows * cols:  # the last row's empty cells stay black: no block of theirs touches an image
@@ -98,7 +128,9 @@ def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
 
 @register
 class JpegPurifier(Purifier):
-    """JPEG round trip at ``quality`` (1..100; 100 = finest quantization, near-identity).
+    """JPEG round trip at ``quality`` (1..100; 100 = finest quantization, near-identity), RGB
+    through YCbCr with chroma ``subsampling`` ``"4:4:4"`` (default), ``"4:2:2"`` or ``"4:2:0"``
+    (module docstring; grayscale images ignore it).
 
     BPDA surrogate: the identity (straight-through), the approximation Athalye et al. used; the
     codec's output is close to its input, so ``d purify / d x ~ I``."""
@@ -107,14 +139,16 @@ class JpegPurifier(Purifier):
     randomized: ClassVar[bool] = False
     differentiable: ClassVar[bool] = False
 
-    def __init__(self, quality: int = 75):
+    def __init__(self, quality: int = 75, subsampling: str = "4:4:4"):
         if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
             raise ValueError(f"jpeg: quality must be an integer in [1, 100], got {quality!r}")
-        self.quality = quality
+        if subsampling not in SUBSAMPLING:
+            raise ValueError(f"jpeg: subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
+        self.quality, self.subsampling = quality, subsampling
 
     def purify(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         check_images(x, who="jpeg")
-        return jpeg_roundtrip(x, self.quality)
+        return jpeg_roundtrip(x, self.quality, self.subsampling)
 
     def bpda(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -2,8 +2,8 @@
 "Defending against Whitebox Adversarial Attacks via Randomized Discretization"; the smoothing
 view in Cohen et al. 2019).
 
-``purify(x) = clamp(x + sigma * eps, 0, 1)`` with ``eps ~ N(0, I)`` drawn from the caller's
-generator, so a seeded generator reproduces the output exactly.
+``purify(x) = clamp(x + sigma * eps, 0, 1)`` with ``eps ~ N(0, I)`` -- independent for every pixel
+of every channel, at any ``C x H x W`` -- drawn from the caller's generator, so a seeded generator reproduces the output exactly.
 
 Known limits: the randomness makes single-sample gradients noisy, not absent; Expectation over
 Transformation (averaging gradients over many draws; Athalye, Carlini & Wagner, ICML 2018)

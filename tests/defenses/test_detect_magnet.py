@@ -10,7 +10,7 @@ import torch
 
 from robustgate.defenses import calibration as cal
 from robustgate.defenses.base import FitData, build
-from robustgate.defenses.detect.magnet import autoencoder, jensen_shannon, reconstruction_error
+from robustgate.defenses.detect.magnet import autoencoder, jensen_shannon, reconstruction_error, resolve_downsample
 
 
 def _reload(det, tmp_path, **overrides):
@@ -65,10 +65,59 @@ def test_bad_config_raises(kwargs, match):
         build("magnet", **kwargs)
 
 
-def test_arch_iii_refuses_odd_image_sides_at_fit():
-    odd = torch.rand(8, 1, 27, 28)
-    with pytest.raises(ValueError, match="arch III halves and doubles the resolution, so it needs an even height"):
-        build("magnet", arch="III", width=4, epochs=1).fit(FitData(odd, torch.zeros(8, dtype=torch.long), odd, None))
+@pytest.mark.parametrize("arch", ["I", "III"])
+def test_odd_image_sides_are_padded_and_cropped(arch, tmp_path):
+    """Issue 21: any H x W. (Arch III used to refuse odd sides at fit; the autoencoder now pads to
+    what its down-sampling needs and crops back.)"""
+    odd = torch.rand(8, 1, 27, 29)
+    det = build("magnet", arch=arch, width=4, epochs=1)
+    det.fit(FitData(odd, torch.zeros(8, dtype=torch.long), odd, None))
+    with torch.no_grad():
+        assert det.reconstruct(odd).shape == odd.shape
+        want = det.score(odd)
+    onnx = _reload(det, tmp_path, runtime="onnx")
+    assert torch.allclose(onnx.score(odd), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, stages", [((1, 28, 28), 1), ((3, 32, 32), 1), ((3, 64, 64), 2), ((3, 224, 224), 4)])
+def test_autoencoders_scale_with_the_input(shape, stages):
+    """Down-sampling stages follow the resolution (bottleneck side near 14 px, the paper's 28 -> 14),
+    the first and last layers the channels; arch II stays at full resolution."""
+    assert resolve_downsample("I", "auto", shape) == resolve_downsample("III", "auto", shape) == stages
+    assert resolve_downsample("II", "auto", shape) == 0
+    for arch in ("I", "III"):
+        ae = autoencoder(arch, shape[0], 4, "relu", stages)
+        pools = sum(isinstance(m, torch.nn.AvgPool2d) or (isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)) for m in ae)
+        assert pools == stages, arch
+        assert ae[0].in_channels == shape[0]
+        with torch.no_grad():
+            assert ae(torch.rand(1, *shape)).shape == (1, *shape)
+
+
+def test_shipped_default_bundle_loads_with_identical_scores():
+    """Regression: the autoencoder sized to [1, 28, 28] is exactly the one bundles/default's MagNet was
+    fitted with (same layers and state-dict keys): the shipped artifacts load and score as recorded
+    before the architecture learned to scale (arch III, width 16), in torch and in ONNX Runtime."""
+    from pathlib import Path
+
+    from robustgate.defenses.base import build_from_bundle
+    from robustgate.models.bundle import Bundle
+
+    bundle = Bundle.load(Path(__file__).resolve().parents[2] / "bundles" / "default")
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    blob = (0.9 * torch.exp(-((yy - 10) ** 2 + (xx - 16) ** 2) / 30.0))[None, None]
+    x = torch.cat([torch.rand(4, 1, 28, 28, generator=g), blob * torch.tensor([1.0, 0.8, 0.6, 0.4])[:, None, None, None]])
+    recorded = [82.66523742675781, 80.54940795898438, 79.72992706298828, 81.77644348144531,
+                11.419928550720215, 11.601256370544434, 11.798602104187012, 11.021689414978027]
+    for runtime in ("torch", "onnx"):
+        det = build_from_bundle("magnet", "magnet_l1", {}, None, bundle, where="test", runtime=runtime)
+        assert det.config()["downsample"] == "auto" and det.ae is not None
+        with torch.no_grad():
+            got = det.score(x).tolist()
+        assert got == pytest.approx(recorded, rel=1e-6, abs=1e-4), runtime
+        if runtime == "torch":
+            assert got == recorded  # bit-identical: the very layers the artifacts were fitted with
 
 
 def test_unfitted_and_missing_classifier_raise(fitted_magnet, fixed_images):
@@ -78,7 +127,7 @@ def test_unfitted_and_missing_classifier_raise(fitted_magnet, fixed_images):
     jsd.criterion = "jsd"
     with pytest.raises(ValueError, match="needs the classifier"):
         jsd.score(torch.rand(2, 1, 28, 28))
-    with pytest.raises(ValueError, match="expects 1 channels"):
+    with pytest.raises(ValueError, match=r"fitted on items \(1, 28, 28\)"):
         fitted_magnet.score(torch.rand(2, 3, 28, 28))
 
 

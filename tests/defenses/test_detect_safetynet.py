@@ -104,3 +104,42 @@ def test_score_has_surrogate_gradient(fitted_safetynet, detect_test_set, tiny_cl
     (g,) = torch.autograd.grad(s.sum(), z)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     assert fitted_safetynet.differentiable is False  # the red team knows the gradient is BPDA
+
+
+def test_serving_a_fitted_safetynet_needs_neither_torchattacks_nor_scikit_learn():
+    """Issue 23: the registry and a fitted SafetyNet load and score without importing torchattacks
+    (only fit makes adversarials) or scikit-learn (only fit trains the SVM)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = f"""
+import sys, torch
+from robustgate.defenses.base import build_from_bundle, registry
+from robustgate.models.bundle import Bundle
+from robustgate.proxy.backends.onnx import OnnxBackend, OnnxClassifier
+bundle = Bundle.load({str(root / "bundles" / "default")!r})
+assert "safetynet" in registry()
+for runtime in ("onnx", "torch"):
+    det = build_from_bundle("safetynet", "safetynet", {{}}, None, bundle, where="t", runtime=runtime)
+    print(det.score(torch.rand(2, 1, 28, 28), OnnxClassifier(OnnxBackend(bundle))).shape)
+print(sorted(m for m in ("torchattacks", "sklearn") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True).stdout
+    assert out.split("\n")[-2] == "[]", out
+
+
+def test_assembly_refuses_safetynet_when_the_bundle_names_no_feature_output(tiny_bundle):
+    from robustgate.defenses.base import build_from_bundle
+    from robustgate.models.bundle import Bundle
+
+    tiny = Bundle.load(tiny_bundle)
+    spec = tiny.spec.model_copy(update={"backbone": tiny.spec.backbone.model_copy(update={"features_output": None})})
+    bundle = Bundle(tiny.root, spec)
+    with pytest.raises(ValueError, match=r"^stage 'sn': 'safetynet' reads the backbone's late-stage activations, .*"
+                                         r"backbone.features_output is unset"):
+        build_from_bundle("safetynet", "sn", {}, None, bundle, where="stage 'sn'")
+    # detectors that read no features are unaffected
+    assert build_from_bundle("magnet", "m", {}, 1.0, None, where="x").kind == "magnet"

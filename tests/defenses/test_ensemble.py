@@ -183,3 +183,21 @@ def test_offline_certify_and_predict_in_chunks(two_class_data, two_class_model):
 def test_smoothing_rejects_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build("smoothing", **kwargs)
+
+
+@pytest.mark.parametrize("h, w, want", [(28, 28, (2, 2)), (32, 32, (2, 2)), (224, 224, (13, 13)), (10, 100, (1, 6))])
+def test_tte_relative_shifts_scale_with_the_image(h, w, want):
+    """Issue 21: ``dx=<p>%`` shifts by a share of the side (at least one pixel), so the imagefolder
+    preset means the same augmentation at 32x32 and 224x224."""
+    from robustgate.defenses.ensemble.tte import parse_transform, shift_image
+
+    t = parse_transform("hflip+dy=6%+dx=6%")
+    assert t.pixels(h, w) == want and parse_transform("dx=-6%").pixels(h, w) == (0, -want[1])
+    e = build("tte", dataset="imagefolder")
+    x = torch.rand(2, 3, h, w)
+    copies = e.expand(x).view(2, e.copies, 3, h, w)
+    assert torch.equal(copies[:, 0], x) and torch.equal(copies[:, 1], x.flip(-1))
+    assert torch.equal(copies[:, 2], shift_image(x, 0, want[1]))
+    assert build("tte", transforms=["dx=1", "dx=50%"]).expand(torch.rand(1, 1, 4, 4)).shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="unknown transform part 'dx=5.5'"):
+        build("tte", transforms=["dx=5.5"])

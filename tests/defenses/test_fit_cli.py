@@ -3,6 +3,7 @@ params, threshold and calibration record in bundle.yaml, and the result loads, v
 reproduces its calibration."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,92 @@ def test_fit_errors_are_clear(bundle_copy):
         fit_defense(bundle_copy, "magnet", splits=bad)
     with pytest.raises(BundleError, match="no bundle.yaml"):
         fit_defense(bundle_copy / "nowhere", "magnet", splits=splits)
+
+
+def test_fit_help_shows_defaults_and_the_shipped_recipe(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.replace("\\\n", " ").split())  # the epilog's commands: one line each
+    assert "--no-progress" in text and "--dataset" in text and "--data-dir" in text
+    assert "clean false-positive rate of detectors (default: 0.01)" in text
+    assert "scoring batch size (default: 500)" in text
+    # the epilog gives the commands the shipped bundle's defenses were fitted with (its bundle.yaml)
+    shipped = Bundle.load(Path(__file__).resolve().parents[2] / "bundles" / "default").spec.defenses["magnet_l1"]
+    p = shipped.params
+    assert (f"--defense magnet --name magnet_l1 --n-train {shipped.calibration['fit']['n_train']} "
+            f"--params criterion={p['criterion']} arch={p['arch']} width={p['width']} epochs={p['epochs']} lr={p['lr']}") in text
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_fit_shows_progress_unless_told_not_to(bundle_copy, capsys, progress):
+    """Issue 23: tqdm bars over the autoencoder's epochs (with the loss) and over the scoring
+    passes, on stderr; --no-progress silences them and leaves stdout's summary lines as they were."""
+    argv = ["fit", "--bundle", str(bundle_copy), "--defense", "magnet", "--params", "epochs=2", "width=4",
+            "--n-train", "300", "--n-val", "100", "--n-test", "100", "--batch-size", "50"]
+    assert main(argv + ([] if progress else ["--no-progress"])) == 0
+    out, err = capsys.readouterr()
+    assert "calibrated magnet" in out
+    if progress:
+        assert "magnet autoencoder II" in err and "epoch=2/2" in err and "loss=" in err
+        assert "magnet: scoring validation" in err and "magnet: scoring test" in err
+    else:
+        assert "autoencoder" not in err and "scoring" not in err
+
+
+def test_fit_refuses_safetynet_on_a_bundle_without_a_feature_output(bundle_copy):
+    import yaml
+
+    spec = yaml.safe_load((bundle_copy / "bundle.yaml").read_text())
+    spec["backbone"]["features_output"] = None
+    (bundle_copy / "bundle.yaml").write_text(yaml.safe_dump(spec))
+    splits = load_splits(n_train=50, n_val=20, n_test=20)
+    before = (bundle_copy / "bundle.yaml").read_bytes()
+    with pytest.raises(ValueError, match="'safetynet' reads the backbone's late-stage activations, but bundle .* "
+                                         "names no feature output .*--features-output NAME"):
+        fit_defense(bundle_copy, "safetynet", splits=splits)
+    assert (bundle_copy / "bundle.yaml").read_bytes() == before and not (bundle_copy / "defenses" / "safetynet").exists()
+
+
+def test_fit_on_an_rgb_bundle_and_its_imagefolder(tmp_path):
+    """Issue 21: `robustgate fit` on a 3x32x32 model and its ImageFolder (read through the data
+    layer, conformed to the bundle's input shape): MagNet, SafetyNet and the diffusion UNet are sized
+    to RGB 32x32, written, verified, and rebuilt from the bundle by the assembly in both runtimes."""
+    from PIL import Image
+
+    from robustgate.defenses.base import build_from_bundle
+    from robustgate.models.archs import build_arch
+    from robustgate.models.export import write_bundle
+
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "folder"
+    for part, n in (("train", 40), ("test", 12)):
+        for k, cls in enumerate(("warm", "cold")):
+            (data / part / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = torch.rand(36, 36, 3, generator=g) * 0.5
+                arr[..., 0 if k == 0 else 2] += 0.5  # a red or a blue tint; 36x36: conformed to 32x32
+                Image.fromarray((arr * 255).to(torch.uint8).numpy()).save(data / part / cls / f"{i}.png")
+    kwargs = {"in_channels": 3, "num_classes": 2, "image_size": 32, "width": 4, "hidden": 16,
+              "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    torch.manual_seed(0)
+    bundle_dir = tmp_path / "rgb"
+    write_bundle(bundle_dir, build_arch("cnn", **kwargs), arch="cnn", arch_kwargs=kwargs, classes=["warm", "cold"],
+                 input_shape=(3, 32, 32), recipe={"dataset": "imagefolder", "data_dir": str(data), "val_size": 16, "seed": 0})
+    common = ["--bundle", str(bundle_dir), "--target-fpr", "0.25", "--no-progress"]
+    assert main(["fit", *common, "--defense", "magnet", "--params", "epochs=1", "width=4", "arch=I"]) == 0
+    assert main(["fit", *common, "--defense", "safetynet", "--params", "n_fit=24", "steps=2", "attacks=[fgsm]",
+                 "positives=all"]) == 0
+    assert main(["fit", *common, "--defense", "diffusion", "--params", "block_out_channels=[8, 16]",
+                 "train_steps=2", "batch_size=4", "t_star=20", "steps=1"]) == 0
+    bundle = Bundle.load(bundle_dir)
+    assert bundle.defense("magnet").calibration["fit"]["n_train"] == 64  # 80 training images less 16 for validation
+    assert bundle.defense("diffusion").params["channels"] == 3 and bundle.defense("diffusion").params["sample_size"] == 32
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    clf = TorchClassifier(load_backbone(bundle))
+    for runtime in ("torch", "onnx"):
+        for kind in ("magnet", "safetynet"):
+            det = build_from_bundle(kind, kind, {}, None, bundle, where=kind, runtime=runtime)
+            assert det.score(x, clf).shape == (3,) and det.threshold is not None
+        pur = build_from_bundle("diffusion", "diffusion", {}, None, bundle, where="diffusion", runtime=runtime)
+        with torch.no_grad():
+            assert pur.purify(x, torch.Generator().manual_seed(0)).shape == (3, 3, 32, 32)

@@ -58,6 +58,46 @@ def test_jpeg_mosaic_decodes_each_image_exactly_as_alone(n, h, w, c, quality):
     assert torch.equal(y * 255, torch.from_numpy(alone).permute(0, 3, 1, 2).float())  # the grid is exact
 
 
+@pytest.mark.parametrize("subsampling", ["4:2:2", "4:2:0"])
+def test_jpeg_chroma_subsampling_codes_each_rgb_image_alone(subsampling):
+    """With subsampled chroma every RGB image goes through the codec on its own (the mosaic would not
+    be exact: libjpeg's chroma upsampling reads across image borders) and matches Pillow's own
+    round trip of it at that subsampling; the chroma resolution is what the parameter says."""
+    import io
+
+    from PIL import Image
+    from PIL.JpegImagePlugin import get_sampling
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (3, 20, 18, 3), dtype=np.uint8)  # [N, H, W, 3]
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    y = JpegPurifier(quality=80, subsampling=subsampling).purify(x)
+    for img, got in zip(pixels, y):
+        buf = io.BytesIO()
+        Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=80, subsampling=subsampling)
+        buf.seek(0)
+        with Image.open(buf) as decoded:
+            assert get_sampling(decoded) == jpeg.SUBSAMPLING[subsampling]  # the file says what was asked
+            want = np.asarray(decoded.convert("RGB"))
+        assert torch.equal(got * 255, torch.from_numpy(want).permute(2, 0, 1).float())
+    # subsampled chroma loses more colour detail than full-resolution chroma at the same quality
+    full = JpegPurifier(quality=80).purify(x)
+    assert (y - x).abs().mean() > (full - x).abs().mean()
+
+
+def test_jpeg_grayscale_stays_grayscale_and_colour_survives():
+    gray = torch.rand(2, 1, 24, 24)
+    out = JpegPurifier(quality=75, subsampling="4:2:0").purify(gray)  # subsampling does not apply to one channel
+    assert out.shape == (2, 1, 24, 24) and torch.equal(out, JpegPurifier(quality=75).purify(gray))
+    red = torch.zeros(1, 3, 32, 32)
+    red[:, 0] = 0.9
+    for subsampling in ("4:4:4", "4:2:0"):
+        y = JpegPurifier(quality=50, subsampling=subsampling).purify(red)
+        assert (y - red).abs().max() < 0.03  # YCbCr round trip keeps a flat colour
+    with pytest.raises(ValueError, match="subsampling must be one of 4:4:4, 4:2:2, 4:2:0"):
+        JpegPurifier(subsampling="420")
+
+
 def test_jpeg_rounds_each_pixel_to_the_nearest_level_before_coding(monkeypatch):
     coded = []
     monkeypatch.setattr(jpeg, "_codec", lambda img, mode, quality: coded.append(img.copy()) or img)

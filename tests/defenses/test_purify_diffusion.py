@@ -84,7 +84,7 @@ def test_ddim_with_an_exact_denoiser_recovers_the_single_training_image(t_star, 
 
 
 def test_fit_save_load_round_trip(tmp_path):
-    p = build("diffusion", block_out_channels=[8, 16], train_steps=3, batch_size=4, t_star=20, steps=2)
+    p = build("diffusion", channels=1, block_out_channels=[8, 16], train_steps=3, batch_size=4, t_star=20, steps=2)
     data = torch.rand(16, 1, 8, 8)
     before = {k: v.clone() for k, v in p.unet.state_dict().items()}
     logs = []
@@ -153,3 +153,26 @@ def test_onnx_runtime_refuses_gradients_and_needs_its_artifact(saved_tiny):
         q.purify(torch.rand(1, 1, 8, 8, requires_grad=True))
     with pytest.raises(ValueError, match="diffusion: runtime must be one of torch, onnx"):
         build("diffusion", runtime="tensorrt")
+
+
+def test_unet_is_sized_to_the_data_it_is_fitted_on(tmp_path):
+    """Issue 21: channels and sample size come from the fitted images (channels=None), any H x W runs
+    (padded to what the down-sampling needs and cropped back), and the bundle's params record them."""
+    p = build("diffusion", block_out_channels=[8, 16, 16], train_steps=2, batch_size=4, t_star=20, steps=1)
+    assert p.unet is None and p.config()["channels"] is None
+    data = torch.rand(8, 3, 13, 10)  # odd, and not a multiple of the 4 the two down-samplings need
+    p.fit(FitData(data, torch.zeros(8), data[:2], torch.zeros(2)))
+    assert p.config()["channels"] == 3 and p.config()["sample_size"] == 13
+    assert p.unet.config.in_channels == p.unet.config.out_channels == 3 and p.unet.config.sample_size == 13
+    out = p.purify(data[:2], torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 13, 10)
+    files = p.save(tmp_path)
+    for params in (p.config(), {**p.config(), "channels": None, "sample_size": None}):
+        q = build("diffusion", **params)
+        q.load_artifacts({role: tmp_path / name for role, name in files.items()})
+        assert q.channels == 3 and q.sample_size == 13
+        assert torch.equal(q.purify(data[:2], torch.Generator().manual_seed(0)), out)
+    with pytest.raises(ValueError, match="model has 3 channel"):
+        p.purify(torch.rand(1, 1, 13, 10))
+    with pytest.raises(ValueError, match="artifact UNet has in_channels=3, config says 1"):
+        build("diffusion", **{**p.config(), "channels": 1}).load_artifacts({r: tmp_path / n for r, n in files.items()})

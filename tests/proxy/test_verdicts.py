@@ -53,11 +53,12 @@ def test_request_mode_rejects_with_permission_denied_and_metadata(start_proxy, o
             stub.ModelInfer(raw_request(PAIR), timeout=30)
         e = err.value
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert e.details() == "rejected by robustgate: item 1 stage brightness score 0.8 threshold 0.5"
+        # by default (server.explain off) neither the details nor the metadata reveal score or threshold
+        assert e.details() == "rejected by robustgate: item 1 stage brightness"
         md = dict(e.trailing_metadata())
         assert md["robustgate-verdict"] == "rejected" and md["robustgate-stage"] == "brightness"
         assert md["robustgate-item"] == "1"
-        assert float(md["robustgate-score"]) == pytest.approx(0.8) and float(md["robustgate-threshold"]) == 0.5
+        assert not {"robustgate-score", "robustgate-threshold"} & set(md), md
         # the clean item alone passes, with its detector score as an extra output
         ok = stub.ModelInfer(raw_request(DARK), timeout=30)
     names = [o.name for o in ok.outputs]
@@ -73,6 +74,31 @@ def test_request_mode_rejects_with_permission_denied_and_metadata(start_proxy, o
     assert reg.get_sample_value("robustgate_rejections_total", {"detector": "brightness"}) == 2
     assert reg.get_sample_value("robustgate_items_total", {"verdict": "accepted"}) == 2  # DARK in PAIR, DARK alone
     assert reg.get_sample_value("robustgate_detector_score_count", {"detector": "brightness"}) == 4
+
+
+def test_explain_names_score_and_threshold_and_metrics_keep_them_either_way(start_proxy, caplog):
+    p = start_proxy(server={"explain": True}, pipeline=stage())
+    with grpc.insecure_channel(p.url) as ch, caplog.at_level("INFO", logger="robustgate.proxy"):
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(raw_request(PAIR), timeout=30)
+    e = err.value
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert e.details() == "rejected by robustgate: item 1 stage brightness score 0.8 threshold 0.5"
+    md = dict(e.trailing_metadata())
+    assert float(md["robustgate-score"]) == pytest.approx(0.8) and float(md["robustgate-threshold"]) == 0.5
+    # the operator's view is the same with or without explain: the log line and the score histogram
+    assert "rejected: item 1 stage brightness score 0.8 threshold 0.5" in caplog.text
+    reg = p.server.metrics.registry
+    assert reg.get_sample_value("robustgate_detector_score_count", {"detector": "brightness"}) == 2
+
+
+def test_without_explain_the_log_still_has_score_and_threshold(start_proxy, caplog):
+    p = start_proxy(pipeline=stage())
+    with grpc.insecure_channel(p.url) as ch, caplog.at_level("INFO", logger="robustgate.proxy"):
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(raw_request(BRIGHT), timeout=30)
+    assert err.value.details() == "rejected by robustgate: item 0 stage brightness"
+    assert "rejected: item 0 stage brightness score 0.8 threshold 0.5" in caplog.text
 
 
 def test_flag_returns_prediction_and_verdict(start_proxy, ort_logits):
