@@ -272,7 +272,8 @@ class ProxyServer:
             value_range=tuple(bundle.input.value_range),
             max_batch_items=cfg.limits.max_batch_items,
             logits_output=bundle.spec.backbone.logits_output,
-            detector_stages=runner.detector_names,
+            # detector scores are an oracle for evading the detector: answered only with server.explain
+            detector_stages=runner.detector_names if cfg.server.explain else (),
             has_ensemble=runner.has_ensemble,
         )
         self.metrics = Metrics(

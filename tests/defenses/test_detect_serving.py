@@ -94,7 +94,7 @@ def test_clean_accepted_and_adversarial_rejected(served):
 
 
 def test_flag_mode_returns_prediction_with_verdict(served):
-    proxy = LoopbackProxy(served["root"], pipeline("flag"))
+    proxy = LoopbackProxy(served["root"], pipeline("flag"), {"server": {"explain": True}})  # scores: explain only
     try:
         batch = np.concatenate([served["clean"][:1], served["adv"]])
         res = infer(proxy.url, served["name"], batch)
