@@ -127,7 +127,8 @@ def test_the_device_path_packs_the_results_into_one_copy_and_changes_no_answer(b
 
 
 def _serve_and_infer(bundle_dir: Path, pipeline: dict, backend: dict, x: np.ndarray):
-    proxy = LoopbackProxy(bundle_dir, pipeline, {"backend": backend})
+    # explain on: the detector scores are answered only to a trusted client (server.explain)
+    proxy = LoopbackProxy(bundle_dir, pipeline, {"backend": backend, "server": {"explain": True}})
     try:
         client = tc.InferenceServerClient(proxy.url)
         inp = tc.InferInput("input", list(x.shape), "FP32")
