@@ -159,7 +159,15 @@ class Metrics:
         for reason in REFUSAL_REASONS:
             self.clients_blocked.labels(reason=reason)
             self.queries_refused.labels(reason=reason)
+        self._backend_info = Gauge("robustgate_backend_info", "The backbone's runtime: kind (onnxruntime | torch | "
+                                   "upstream), device, provider (ONNX Runtime's execution provider, or torch)",
+                                   ["kind", "device", "provider"], registry=r)
         self._http = None
+
+    def backend_info(self, kind: str, device: str, provider: str) -> None:
+        """Sets ``robustgate_backend_info{kind,device,provider} 1`` (one series: a new call replaces it)."""
+        self._backend_info.clear()
+        self._backend_info.labels(kind=kind, device=device, provider=provider).set(1)
 
     def watch_stores(self, stores: Callable[[], dict]) -> None:
         """Exports the stateful stores' gauges (:class:`StoreStats`); ``stores()`` -> stage -> store."""
