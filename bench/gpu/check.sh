@@ -25,7 +25,7 @@
 #   train           torchrun --nproc_per_node 1: one epoch of the default bundle's recipe (fast-AT CNN)
 #   ddp             torchrun --nproc_per_node 1 with an NCCL process group and DDP (ddp_smoke.py)
 # Results: $OUT/gpu.check.{json,md} and check.log (what the device tool brings back), and the same
-# under bench/results/ as gpu.check.* (cuda) or gpu.check_cpu_small.* (CHECK_DEVICE=cpu).
+# under bench/results/ as gpu.check.* (cuda) or gpu.check.cpu_small.* (CHECK_DEVICE=cpu).
 set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
@@ -36,7 +36,7 @@ if [ "$DEVICE" = cuda ]; then BUDGET=${CHECK_BUDGET_S:-400}; else BUDGET=${CHECK
 T0=$(date +%s)
 WORK=$(mktemp -d /tmp/robustgate-check.XXXXXX)
 mkdir -p "$WORK/parts" "$WORK/res" "$WORK/pkg"
-NAME=gpu.check; [ "$DEVICE" = cpu ] && NAME=gpu.check_cpu_small; [ "$DEVICE" = cpu ] && [ "$SMALL" != 1 ] && NAME=gpu.check_cpu
+NAME=gpu.check; [ "$DEVICE" = cpu ] && NAME=gpu.check.cpu_small; [ "$DEVICE" = cpu ] && [ "$SMALL" != 1 ] && NAME=gpu.check.cpu
 DEST=${OUT:-$WORK/out}
 mkdir -p "$DEST"
 exec > >(tee -a "$WORK/check.log") 2>&1

@@ -1,7 +1,7 @@
 """Clean accuracy of the served backbone in float32, bfloat16 and float16 (``backend.precision``).
 
     python bench/gpu/precision.py [--bundle bundles/default] [--device cpu|cuda] [--n 10000] \\
-        [--batch 1024] [--out bench/results/gpu.precision_cpu]
+        [--batch 1024] [--out bench/results/gpu.precision.cpu]
 
 Runs the bundle's test split through :class:`robustgate.proxy.backends.torch.TorchBackend` at each
 precision (autocast; logits returned in float32) and reports, per precision: clean accuracy, the
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--n", type=int, default=10000, help="test images (from the first)")
     ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.precision_cpu")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.precision.cpu")
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
