@@ -23,7 +23,10 @@ resolved once (:func:`resolve_device`; ``auto`` = cuda when ``torch.cuda.is_avai
 stage is moved there with ``Defense.to``, and the runner hands the batch to the stages on the
 pipeline's device. A stage that computes on the host whatever the setting (ONNX Runtime CPU
 sessions, Pillow's JPEG codec) is named once in the log at build time, never per request. The
-classify step stays where its backend runs (ONNX Runtime's provider: ``backend.onnxruntime.device``).
+classify step stays where its backend runs (ONNX Runtime's provider: ``backend.onnxruntime.device``);
+a backend that takes torch tensors (``Backend.accepts_tensors``: the torch twin,
+proxy/backends/torch.py) gets the batch as it is, on the device, so that on a GPU the batch is
+copied in once (from a pinned host buffer) and the results copied out once (:meth:`PipelineRunner._on_host`).
 
 Randomness: every batch gets a fresh ``torch.Generator`` seeded from ``os.urandom`` (an attacker
 cannot predict the noise), unless ``pipeline.seed`` is set (tests), then each batch is seeded with it.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
@@ -212,6 +216,41 @@ def _host(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
+class _PinnedStaging:
+    """A page-locked host buffer per thread for the batch's host->device copy (an asynchronous
+    DMA from pinned memory, instead of the driver's extra staging copy from pageable memory). The
+    buffer grows to the largest batch seen; an event recorded after each copy is waited on before
+    the buffer is overwritten, so a thread never overwrites a copy still in flight."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.event = None
+
+    def to_device(self, t: torch.Tensor, device: str) -> torch.Tensor:
+        if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+            return t.to(device)
+        n = t.numel()
+        if self.event is not None:
+            self.event.synchronize()
+        if self.buffer is None or self.buffer.numel() < n or self.buffer.dtype != t.dtype:
+            self.buffer = torch.empty(n, dtype=t.dtype, pin_memory=True)
+        host = self.buffer[:n].view(t.shape)
+        host.copy_(t)
+        out = host.to(device, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return out
+
+
+_staging_local = threading.local()
+
+
+def _staging() -> _PinnedStaging:
+    if not hasattr(_staging_local, "staging"):
+        _staging_local.staging = _PinnedStaging()
+    return _staging_local.staging
+
+
 @dataclass
 class PipelineRunner:
     """Runs one batch through the stages with the backend as classifier (synchronous; call it
@@ -263,6 +302,12 @@ class PipelineRunner:
         return bool(self.stages) and isinstance(self.stages[-1].defense, Ensemble)
 
     def _classify_with(self, timeout: float | None):
+        if getattr(self.backend, "accepts_tensors", False):  # a torch backend: no host round trip
+            def classify_tensor(x: torch.Tensor) -> torch.Tensor:  # [M, C, H, W] -> [M, K] on x's device
+                return self.backend.infer_tensor(x).to(x.device)
+
+            return classify_tensor
+
         def classify(x: torch.Tensor) -> torch.Tensor:  # [M, C, H, W] -> [M, K] on x's device
             logits = np.asarray(self.backend.infer(_host(x), timeout=timeout), dtype=np.float32)
             return torch.from_numpy(logits).to(x.device)
@@ -270,6 +315,13 @@ class PipelineRunner:
         return classify
 
     def _classify_features_with(self, timeout: float | None):
+        if self.fused is None and getattr(self.backend, "accepts_tensors", False):
+            def classify_features_tensor(x: torch.Tensor) -> tuple:  # [M, K], [M, D] | None on x's device
+                logits, feats = self.backend.infer_with_features_tensor(x)
+                return logits.to(x.device), None if feats is None else feats.to(x.device)
+
+            return classify_features_tensor
+
         def classify_features(x: torch.Tensor) -> tuple:  # [M, K], [M, D] | None[, {stage: [M]}]
             arr = _host(x)
 
@@ -286,7 +338,10 @@ class PipelineRunner:
 
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-        return torch.Generator().manual_seed(seed)
+        # on the pipeline's device: the stages draw their noise where their batch is (torch refuses a
+        # CPU generator for CUDA tensors); a stage that overrides the device to the CPU in a CUDA
+        # pipeline therefore cannot draw from it
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _model(self, timeout: float | None) -> DefendedModel:
         return DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,
@@ -295,14 +350,27 @@ class PipelineRunner:
 
     def _input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x.detach()
-        return t if self.device == "cpu" else t.to(self.device)
+        if self.device == "cpu" or t.device.type != "cpu":
+            return t if self.device == "cpu" else t.to(self.device)
+        return _staging().to_device(t, self.device)  # one host->device copy, from a pinned buffer
 
     def _on_host(self, result: PipelineResult) -> PipelineResult:
+        """The result's tensors on the host with one device->host copy: logits, verdict, scores and
+        radius are packed into one float32 device tensor first (verdicts are small integers, exact
+        in float32)."""
         if self.device == "cpu":
             return result
-        result.logits, result.verdict = result.logits.cpu(), result.verdict.cpu()
-        result.scores = {k: v.cpu() for k, v in result.scores.items()}
-        result.radius = None if result.radius is None else result.radius.cpu()
+        n = result.verdict.shape[0]
+        parts = [result.logits.float().reshape(n, -1), result.verdict.float().reshape(n, 1),
+                 *(v.float().reshape(n, 1) for v in result.scores.values()),
+                 *(() if result.radius is None else (result.radius.float().reshape(n, 1),))]
+        packed = torch.cat([p.to(self.device) for p in parts], dim=1).cpu()  # [N, K + 1 + S (+ 1)]
+        k = parts[0].shape[1]
+        logits, verdict, rest = packed[:, :k], packed[:, k].to(result.verdict.dtype), packed[:, k + 1:]
+        result.logits, result.verdict = logits.to(result.logits.dtype), verdict
+        result.scores = {name: rest[:, i].to(v.dtype) for i, (name, v) in enumerate(result.scores.items())}
+        if result.radius is not None:
+            result.radius = rest[:, -1].to(result.radius.dtype)
         return result
 
     def __call__(self, x: np.ndarray | torch.Tensor, timeout: float | None = None,

@@ -175,9 +175,19 @@ class UpstreamConfig(_Strict):
     tls_key: str | None = None
 
 
+class TorchBackendConfig(_Strict):
+    """``backend.kind: torch``: the bundle's torch twin in-process (proxy/backends/torch.py)."""
+
+    device: Literal["cpu", "cuda", "auto"] | None = None  # None: pipeline.device
+
+
 class BackendConfig(_Strict):
-    kind: Literal["onnxruntime", "upstream"] = "onnxruntime"
+    kind: Literal["onnxruntime", "torch", "upstream"] = "onnxruntime"
+    # compute precision of an in-process torch backbone (kind torch, or onnxruntime's fallback to
+    # the twin on cuda): autocast to bf16/fp16; the accuracy cost: bench/results/gpu.precision*.md
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+    torch: TorchBackendConfig = TorchBackendConfig()
     upstream: UpstreamConfig = UpstreamConfig()
 
 

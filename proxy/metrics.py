@@ -228,6 +228,10 @@ class Metrics:
         for reason in REFUSAL_REASONS:
             self.clients_blocked.labels(reason=reason)
             self.queries_refused.labels(reason=reason)
+        self._backend_info = Gauge("robustgate_backend_info", "The backbone's runtime: kind (onnxruntime | torch | "
+                                   "upstream), device, provider (ONNX Runtime's execution provider, or torch)",
+                                   ["kind", "device", "provider"], registry=r,
+                                   multiprocess_mode="max")
         # the children the hot path observes per call, looked up once (labels() takes a lock and
         # builds a key per call)
         self.decode_duration = self.stage_duration.labels(stage="decode")
@@ -245,6 +249,11 @@ class Metrics:
     def verdict_items(self, verdict: str):
         """``robustgate_items_total{verdict=...}``'s child (cached)."""
         return self._verdict_items[verdict]
+
+    def backend_info(self, kind: str, device: str, provider: str) -> None:
+        """Sets ``robustgate_backend_info{kind,device,provider} 1`` (one series: a new call replaces it)."""
+        self._backend_info.clear()
+        self._backend_info.labels(kind=kind, device=device, provider=provider).set(1)
 
     def watch_stores(self, stores: Callable[[], dict]) -> None:
         """Exports the stateful stores' gauges (:class:`StoreStats`); ``stores()`` -> stage -> store."""

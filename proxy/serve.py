@@ -86,10 +86,30 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
 
 
 def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
+    """The configured backend. ``onnxruntime`` on ``cuda`` (or ``auto`` on a machine with a CUDA
+    device) without onnxruntime-gpu runs the bundle's torch twin on the GPU instead, said once in
+    the log here and in ``robustgate_backend_info{provider}``."""
+    from robustgate.defenses.assemble import resolve_device
+
+    if cfg.backend.kind == "torch":
+        from robustgate.proxy.backends.torch import TorchBackend
+
+        device = resolve_device(cfg.backend.torch.device or cfg.pipeline.device)
+        return TorchBackend(bundle, device=device, precision=cfg.backend.precision)
     if cfg.backend.kind == "onnxruntime":
-        from robustgate.proxy.backends.onnx import OnnxBackend
+        from robustgate.proxy.backends.onnx import OnnxBackend, has_cuda_provider
 
         o = cfg.backend.onnxruntime
+        wants_gpu = o.device == "cuda" or (o.device == "auto" and resolve_device("auto") == "cuda")
+        if wants_gpu and not has_cuda_provider():
+            from robustgate.proxy.backends.torch import TorchBackend
+
+            device = resolve_device(o.device)  # ValueError when cuda is asked for and torch sees none
+            log.warning("backend.onnxruntime.device is %r but this onnxruntime has no CUDAExecutionProvider "
+                        "(onnxruntime-gpu is not installed): the backbone runs as the bundle's torch twin on %s",
+                        o.device, device)
+            return TorchBackend(bundle, device=device, precision=cfg.backend.precision,
+                                provider="torch (onnxruntime has no CUDA provider)")
         return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads,
                            spinning=o.spinning)
     from robustgate.proxy.backends import upstream
@@ -100,11 +120,14 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
 
 
 def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
-    """The local backbone detectors may query: the backend's own session, or a CPU one."""
+    """The local backbone detectors may query: the backend's own session or twin, or a CPU one."""
     if not cfg.pipeline.stages:
         return None
     from robustgate.proxy.backends.onnx import OnnxBackend, OnnxClassifier
+    from robustgate.proxy.backends.torch import TorchBackend
 
+    if isinstance(backend, TorchBackend):
+        return backend.classifier()  # the twin, on the backend's device
     if isinstance(backend, OnnxBackend):
         return OnnxClassifier(backend)
     if bundle.spec.backbone.onnx is None:
@@ -130,8 +153,10 @@ def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False
     # sessions built at compute priority: the pools they start inherit it (proxy/priority.py)
     backend, runner = call_at_priority(cfg.server.compute_nice, _build_pipeline, cfg, bundle)
     revision = str(bundle.spec.provenance.get("code_revision", "unknown"))
-    return ProxyServer(cfg, bundle, backend, runner, revision=revision, config_loader=config_loader,
-                       freeze_heap=freeze_heap)
+    server = ProxyServer(cfg, bundle, backend, runner, revision=revision, config_loader=config_loader,
+                         freeze_heap=freeze_heap)
+    server.metrics.backend_info(**backend.info())  # which backbone runtime serves, and where
+    return server
 
 
 async def serve(server: ProxyServer, announce=None) -> None:
