@@ -104,9 +104,23 @@ def worker_config(cfg: ProxyConfig, index: int, port: int, admin_port: int | Non
     return cfg.model_copy(update={"server": cfg.server.model_copy(update=server)})
 
 
-def _worker_main(args: argparse.Namespace, index: int, port: int, admin_port: int | None, conn) -> None:
+def _die_with(supervisor: int) -> None:
+    """Linux: this worker gets SIGTERM (and drains) when its supervisor dies, even by SIGKILL, rather
+    than serve on as an orphan; exits at once if the supervisor is already gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != supervisor:
+        sys.exit(1)
+
+
+def _worker_main(args: argparse.Namespace, index: int, port: int, admin_port: int | None, conn,
+                 supervisor: int) -> None:
     """One worker process: the single-process server on the shared port (proxy/serve.py)."""
     import asyncio
+
+    _die_with(supervisor)
 
     from robustgate.defenses.assemble import pin_torch_threads
     from robustgate.models.bundle import BundleError
@@ -155,7 +169,6 @@ class Supervisor:
                 f.unlink()
         else:
             path = self._own_dir = tempfile.mkdtemp(prefix="robustgate-metrics-")
-        os.environ[MULTIPROC_ENV] = path  # before the workers import prometheus_client
         return path
 
     def _on_signal(self, signum, frame) -> None:
@@ -175,22 +188,24 @@ class Supervisor:
         a = s.admin
         admin_port = _free_port(a.host, a.port) if a.enabled and a.port is not None else None
         mpdir = self._metrics_dir()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         ctx = multiprocessing.get_context("spawn")
-        rc = 0
+        # the workers inherit the environment when they start, before they import prometheus_client;
+        # this process keeps its own (it reads the directory by path)
+        previous = os.environ.get(MULTIPROC_ENV)
+        os.environ[MULTIPROC_ENV] = mpdir
         try:
             for i in range(self.n):
                 parent, child = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_worker_main, args=(self.args, i, port, admin_port, child),
+                p = ctx.Process(target=_worker_main, args=(self.args, i, port, admin_port, child, os.getpid()),
                                 name=f"robustgate-worker-{i}", daemon=False)
                 p.start()
                 child.close()
                 self.procs.append(p)
                 self.conns.append(parent)
+            _restore(previous)
             if not self._wait_ready():
-                rc = 2
-                return rc
+                return 0 if self._stop else 2  # stopped while starting, or a worker could not start
             metrics_port = None
             if s.metrics_port is not None:
                 self._http = _serve_metrics(s.metrics_port, s.metrics_host, mpdir)
@@ -198,10 +213,12 @@ class Supervisor:
             admin = f", admin on port {admin_port}" if admin_port is not None else ""
             print(f"robustgate: serving {self.model} on port {port}, metrics on port "
                   f"{metrics_port}{admin} ({self.n} workers)", flush=True)
-            rc = self._watch()
-            return rc
+            return self._watch()
         finally:
-            self._shutdown()
+            _restore(previous)
+            self._shutdown(mpdir)
+            for sig, handler in handlers.items():  # the caller's (a test's) handlers back
+                signal.signal(sig, handler)
 
     def _wait_ready(self) -> bool:
         """Until every worker says it serves; False (after stopping the rest) if one exits first."""
@@ -247,7 +264,7 @@ class Supervisor:
                     return 1
         return 0
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, mpdir: str) -> None:
         print("robustgate: draining", flush=True)
         for p in self.procs:
             if p.is_alive():
@@ -261,7 +278,7 @@ class Supervisor:
                 p.kill()
                 p.join(10)
             codes.append(p.exitcode)
-            _mark_dead(p.pid)
+            _mark_dead(p.pid, mpdir)
         if self._http is not None:
             server, thread = self._http
             server.shutdown()
@@ -279,10 +296,17 @@ def _serve_metrics(port: int, host: str, path: str):
     return serve_merged(port, host, path)
 
 
-def _mark_dead(pid: int) -> None:
+def _mark_dead(pid: int, path: str) -> None:
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid, path)
+
+
+def _restore(previous: str | None) -> None:
+    if previous is None:
+        os.environ.pop(MULTIPROC_ENV, None)
+    else:
+        os.environ[MULTIPROC_ENV] = previous
 
 
 def supervise(args: argparse.Namespace, cfg: ProxyConfig, n: int) -> int:

@@ -217,3 +217,19 @@ def test_worker_config_shares_the_port_and_gives_the_admin_port_to_worker_0(tmp_
     assert w1.server.admin.enabled is False
     with pytest.raises(ValueError, match="server.workers"):
         load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "server": {"workers": 0}}))
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path, proxy_bundle):
+    r = Replica(tmp_path, proxy_bundle, stages=[])
+    try:
+        infer(r.url, np.zeros((1, 1, 28, 28), np.float32))
+        pids = [int(f.stem.split("_")[-1]) for f in r.mpdir.glob("counter_*.db")]
+        assert len(pids) == WORKERS
+        r.proc.kill()  # SIGKILL: no drain, no forwarding
+        r.proc.wait()
+        deadline = time.monotonic() + 60
+        while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], "a worker outlived its supervisor"
+    finally:
+        r.kill()
