@@ -5,6 +5,7 @@ both."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import signal
@@ -21,6 +22,8 @@ import tritonclient.grpc as tc
 from google.protobuf import empty_pb2, struct_pb2
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
+
+from tritonclient.utils import InferenceServerException
 
 from robustgate.proxy.workers import cgroup_cpus, default_workers, worker_config
 from robustgate.proxy.config import load_config
@@ -42,7 +45,8 @@ def scrape(port: int) -> dict[str, dict]:
 class Replica:
     """``serve_with_sleep.py serve --config`` with ``server.workers: 2`` and its own metrics directory."""
 
-    def __init__(self, tmp_path: Path, bundle: Path, stages: list, admin: bool = False):
+    def __init__(self, tmp_path: Path, bundle: Path, stages: list, admin: bool = False, batching: dict | None = None,
+                 limits: dict | None = None):
         import yaml
 
         self.mpdir = tmp_path / "metrics"
@@ -50,8 +54,9 @@ class Replica:
         if admin:
             server["admin"] = {"enabled": True, "port": 0}
         cfg = {"bundle": str(bundle), "server": server,
-               "batching": {"enabled": False, "workers": 1},  # one request per batch, one batch at a time
-               "pipeline": {"stages": stages}}
+               # default: one request per batch, one batch at a time
+               "batching": batching or {"enabled": False, "workers": 1},
+               "pipeline": {"stages": stages}, **({"limits": limits} if limits else {})}
         self.config = tmp_path / "proxy.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
@@ -231,5 +236,42 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path, proxy_bundle):
         while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], "a worker outlived its supervisor"
+    finally:
+        r.kill()
+
+
+def attempt(url: str, x: np.ndarray) -> tuple[str, np.ndarray | None]:
+    """(status, logits) of one request on a connection of its own."""
+    try:
+        return "OK", infer(url, x)
+    except InferenceServerException as exc:
+        return str(exc.status()).removeprefix("StatusCode."), None
+
+
+def test_a_flood_on_two_workers_is_served_or_refused_and_nothing_is_lost(tmp_path, proxy_bundle, ort_logits):
+    queue = 3  # per worker
+    r = Replica(tmp_path, proxy_bundle, stages=[{"name": "slow", "kind": "test_proxy_sleep", "params": {"seconds": 0.2}}],
+                batching={"enabled": True, "max_batch_size": 1, "max_queue_items": queue, "workers": 1},
+                limits={"max_batch_items": 1})
+    try:
+        rng = np.random.default_rng(0)
+        flood = [rng.random((1, 1, 28, 28), dtype=np.float32) for _ in range(40)]  # distinct images
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(lambda x: attempt(r.url, x), flood))
+        statuses = collections.Counter(s for s, _ in answers)
+        assert set(statuses) <= {"OK", "RESOURCE_EXHAUSTED"}, statuses  # each answered: served or refused at once
+        assert statuses["RESOURCE_EXHAUSTED"] > 0 and statuses["OK"] >= WORKERS, statuses
+        for x, (status, logits) in zip(flood, answers):
+            if status == "OK":  # every served answer is its own request's
+                np.testing.assert_allclose(logits, ort_logits(x), rtol=1e-5, atol=1e-6)
+        served = r.per_worker("robustgate_requests_total", {"outcome": "accepted"})
+        refused = counter(r.metrics_port, "robustgate_requests_total", outcome="resource_exhausted")
+        assert sum(served.values()) == statuses["OK"] and refused == statuses["RESOURCE_EXHAUSTED"]
+        # the load dropped: every new request is served
+        later = [rng.random((1, 1, 28, 28), dtype=np.float32) for _ in range(6)]
+        for x in later:
+            np.testing.assert_allclose(infer(r.url, x), ort_logits(x), rtol=1e-5, atol=1e-6)
+        code, _ = r.stop()
+        assert code == 0
     finally:
         r.kill()
