@@ -5,7 +5,17 @@
 #   CHECK_DEVICE=cpu CHECK_SMALL=1 bash bench/gpu/check.sh   # the same script, tiny sizes, on a CPU
 #
 # Installs nothing from the network. Expects the carried wheels already installed by the caller
-# (pip install --no-index --no-deps --target DIR .whl/*.whl; DIR on PYTHONPATH); when pytest is not
+# (pip install --no-index --no-deps --target DIR .whl/*.whl; DIR on PYTHONPATH). What the H200 machine
+# lacked on 2026-12-04 (cp312 wheels, pip download --no-deps --only-binary=:all: --python-version 3.12):
+# pydantic, pydantic-core, annotated-types, typing-inspection, diffusers, regex, importlib_metadata,
+# zipp, torchattacks, onnx2torch, tritonclient, python-rapidjson, grpcio-health-checking,
+# grpcio-reflection, and for the tests pytest, pluggy, iniconfig, pygments, packaging, pytest-timeout.
+# Pass ROBUSTGATE_REVISION=<rev>: the device's copy of the tree may carry another commit's .git.
+# The run of record (bench/results/gpu.check.md) was, from the repository root with .whl and
+# .gpu-data carried (the training images as .xz to fit the 64 MiB transfer, re-gzipped there):
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
+#   python3 -c "import lzma,gzip,shutil; shutil.copyfileobj(lzma.open('.gpu-data/fashion-mnist/train-images-idx3-ubyte.xz'),
+#     gzip.open('.gpu-data/fashion-mnist/train-images-idx3-ubyte.gz','wb',compresslevel=1))"; bash bench/gpu/check.sh when pytest is not
 # importable it installs .whl/pytest* and their dependencies from .whl the same way. Fashion-MNIST:
 # /usr/share/datasets/fashion-mnist, else the carried .gpu-data/fashion-mnist (bench/gpu/pack_data.py),
 # linked there (root on the GPU machine).
@@ -34,6 +44,8 @@ SMALL=${CHECK_SMALL:-0}
 PY=${PYTHON:-python3}
 if [ "$DEVICE" = cuda ]; then BUDGET=${CHECK_BUDGET_S:-400}; else BUDGET=${CHECK_BUDGET_S:-1500}; fi
 T0=$(date +%s)
+export CHECK_STARTED_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ) CHECK_DEVICE=${CHECK_DEVICE:-cuda}
+export CHECK_COMMAND="${CHECK_COMMAND:-CHECK_DEVICE=${CHECK_DEVICE:-cuda} CHECK_SMALL=${CHECK_SMALL:-0} bash bench/gpu/check.sh}"
 WORK=$(mktemp -d /tmp/robustgate-check.XXXXXX)
 mkdir -p "$WORK/parts" "$WORK/res" "$WORK/pkg"
 NAME=gpu.check; [ "$DEVICE" = cpu ] && NAME=gpu.check.cpu_small; [ "$DEVICE" = cpu ] && [ "$SMALL" != 1 ] && NAME=gpu.check.cpu
@@ -45,7 +57,7 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 ln -s "$REPO" "$WORK/pkg/robustgate"
 export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}"
 export ROBUSTGATE_CACHE="$WORK/cache"
-export ROBUSTGATE_REVISION="${ROBUSTGATE_REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}"
+export ROBUSTGATE_REVISION="${ROBUSTGATE_REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}"  # see the header
 echo "check.sh: device $DEVICE, small $SMALL, budget ${BUDGET}s, work $WORK, results $DEST"
 
 # ---- Fashion-MNIST ----------------------------------------------------------------------------------

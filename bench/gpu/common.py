@@ -20,11 +20,14 @@ def machine(device: str) -> dict:
     """Where a figure was measured: CPU model and cores, GPU name (on cuda), versions, revision."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    try:  # the GPU machine gets a copy of the working tree: maybe no .git, maybe no git
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        rev = ""
-    rev = rev or os.environ.get("ROBUSTGATE_REVISION", "")
+    # the GPU machine gets a copy of the working tree whose .git may name another commit (seen: the
+    # session's base): the caller's ROBUSTGATE_REVISION wins, git is the fallback
+    rev = os.environ.get("ROBUSTGATE_REVISION", "")
+    if not rev:
+        try:
+            rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            rev = ""
     out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
            "device": device, "robustgate_revision": rev or "unknown"}
     if device == "cuda" and torch.cuda.is_available():

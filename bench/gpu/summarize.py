@@ -44,7 +44,15 @@ def _eval_summary(results: dict | None) -> dict | None:
 
 def main(work: Path, prefix: Path) -> int:
     parts = [json.loads(line) for line in (work / "parts.jsonl").read_text().splitlines() if line.strip()]
-    out = {"parts": {}}
+    import os
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine  # noqa: E402  (bench/ is not a package)
+
+    device = os.environ.get("CHECK_DEVICE", "cuda")
+    out = {"command": os.environ.get("CHECK_COMMAND", "bash bench/gpu/check.sh"),
+           "started_utc": os.environ.get("CHECK_STARTED_UTC", "not recorded"), "machine": machine(device),
+           "parts": {}}
     for p in parts:
         name = p["name"]
         entry = dict(p)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from redis_server import start_redis, stop_redis  # tests/helpers
 from robustgate.defenses.stateful import Blacklight, MemoryStore, RedisStore
 
 K = 4
@@ -32,31 +30,10 @@ def _stores(redis_url):
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    """A real redis-server (scripts/install.sh installs Debian's redis-server) on a free loopback port."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is missing: scripts/install.sh installs it (apt-get install redis-server)"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir), "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    """A real redis-server on a free loopback port (tests/helpers/redis_server.py)."""
+    url, proc = start_redis(tmp_path_factory.mktemp("redis"), "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    yield url
+    stop_redis(proc)
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])

@@ -15,8 +15,6 @@ from __future__ import annotations
 import gzip
 import re
 import shutil
-import socket
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from redis_server import start_redis, stop_redis  # tests/helpers
 from robustgate.proxy import outputs
 from robustgate.proxy.config import load_config
 
@@ -190,30 +189,10 @@ def test_reload_keeps_the_history_and_applies_the_new_threshold(start_proxy, pro
 # ---- shared state through a real Redis ----------------------------------------------------------------
 @pytest.fixture
 def redis_server(tmp_path):
-    """A real redis-server (scripts/install.sh installs it) on a free loopback port: (url, process)."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is missing: scripts/install.sh installs it (apt-get install redis-server)"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0", proc
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """A real redis-server on a free loopback port (tests/helpers/redis_server.py): (url, process)."""
+    url, proc = start_redis(tmp_path)
+    yield url, proc
+    stop_redis(proc)
 
 
 def test_two_proxies_sharing_redis_see_one_clients_stream(start_proxy, redis_server):
