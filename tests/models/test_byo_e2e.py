@@ -202,3 +202,14 @@ def y_eval(data: Path, n: int) -> np.ndarray:
     classes = sorted(p.name for p in (data / "test").iterdir())
     paths = sorted((data / "test").rglob("*.png"), key=lambda p: (classes.index(p.parent.name), p.name))
     return np.array([CLASSES.index(p.parent.name) for p in paths[:n]])
+
+
+def test_import_refuses_the_datasets_classes_in_another_order(user, tmp_path, capsys):
+    """ImageFolder numbers classes by sorted folder name; a class file listing the same names in
+    another order would make every accuracy fit/eval/probe report wrong: refused, nothing written."""
+    wrong = tmp_path / "classes.txt"
+    wrong.write_text("red\ngreen\nblue\n")
+    out = tmp_path / "b"
+    assert cli(["import", "--onnx", str(user["onnx"]), "--out", str(out), "--classes", str(wrong),
+                "--dataset", "imagefolder", "--data-dir", str(user["data"])]) == 2
+    assert "in another order" in capsys.readouterr().err and not out.exists()
