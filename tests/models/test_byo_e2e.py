@@ -213,3 +213,22 @@ def test_import_refuses_the_datasets_classes_in_another_order(user, tmp_path, ca
     assert cli(["import", "--onnx", str(user["onnx"]), "--out", str(out), "--classes", str(wrong),
                 "--dataset", "imagefolder", "--data-dir", str(user["data"])]) == 2
     assert "in another order" in capsys.readouterr().err and not out.exists()
+
+
+def test_torchvision_resnet_from_the_torchscript_exporter_gets_a_twin(tmp_path):
+    """torch's TorchScript exporter folds BatchNorm into the convs and writes an ``Identity`` where two
+    folded biases are equal; the twin inlines those (models/twin.py) instead of giving up."""
+    import onnx
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    path = tmp_path / "r18.onnx"
+    torch.onnx.export(net, (torch.rand(2, 3, 32, 32),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    assert any(n.op_type == "Identity" for n in onnx.load(str(path)).graph.node)  # what the rewrite is for
+    assert cli(["import", "--onnx", str(path), "--out", str(tmp_path / "b")]) == 0
+    bb = Bundle.load(tmp_path / "b").spec.backbone
+    assert bb.twin == "onnx", bb.twin_note
+    assert bb.twin_parity["argmax_agreement"] == 1.0
+    assert bb.twin_parity["max_abs_diff"]["logits"] <= bb.twin_parity["atol"]["logits"]
