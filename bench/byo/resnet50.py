@@ -60,6 +60,20 @@ STAGES = {
 }
 
 
+BATCHING = {"max_batch_size": 16}  # concurrency 16 of batch-1 requests never coalesces more
+
+
+class BigMessages(serving.harness.MLServerProcess):
+    """The test harness's MLServer with gRPC messages up to 64 MiB (the proxy's own limit): at
+    3x224x224 FP32 (588 KiB an item) MLServer's 4 MiB default refuses, with RESOURCE_EXHAUSTED, the
+    batches of 7 items or more that the proxy coalesces and forwards."""
+
+    def _write_settings(self) -> None:
+        super()._write_settings()
+        path = self.workdir / "settings.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "grpc_max_message_length": 64 << 20}, indent=2))
+
+
 def export_resnet50(path: Path) -> None:
     """torchvision ResNet-50, random seeded weights, ``input`` [N, 3, 224, 224] -> ``logits`` [N, 1000]."""
     import torch
@@ -91,8 +105,9 @@ def uint8_load(url: str, concurrency: int, warmup: float, duration: float, pids:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=15.0, help="seconds measured per point")
-    p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds measured per point and round")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all points (medians reported)")
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--name", default="byo.resnet50")
     args = p.parse_args(argv)
@@ -103,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/byo/resnet50.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": serving.machine(),
         "load_average_start": serving.loadavg(),
-        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "input": list(SHAPE),
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds, "input": list(SHAPE),
                      "client": "bench/serving/loadgen.py (grpc.aio closed loop, batch-1 requests, raw contents)",
-                     "proxy": "robustgate serve (bench/serving/run.py Proxy: batching on, max_batch_size 64, 2 ms)"},
+                     "proxy": "robustgate serve (bench/serving/run.py Proxy: batching on, max_batch_size 16, 2 ms)",
+                     "mlserver": "tests/proxy/upstream/mlserver_onnx.py, parallel_workers 0, grpc_max_message_length "
+                                 "64 MiB (its 4 MiB default refuses a coalesced batch of 7+ items at 224x224)"},
         "steps": [], "points": {},
     }
     log("exporting torchvision resnet50(weights=None)")
@@ -120,37 +137,50 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: {r['items_per_s']:.1f} items/s p50 {r['p50_ms']:.1f} ms errors {r['errors']}")
 
     onnx_path = str(bundle / "backbone.onnx")
-    for c in (1, 16):
-        point(f"raw_ort_c{c}", loadgen.run_raw_ort(onnx_path, "input", SHAPE, c, 1, args.warmup, args.duration))
-    for stage, stages in [("none", []), *STAGES.items()]:
-        proxy = serving.Proxy(work, bundle, {"backend": {"kind": "onnxruntime"}, "pipeline": {"stages": stages}},
-                              None, MODEL)
-        try:
-            pids = {"proxy": proxy.proc.pid}
-            for c in ((1, 16) if stage == "none" else (16,)):
-                point(f"proxy_{stage}_c{c}", loadgen.run_load(proxy.url, MODEL, "input", SHAPE, c, 1, args.warmup,
-                                                               args.duration, server_pids=pids))
-            if stage == "none":
-                for c in (1, 16):
-                    point(f"proxy_none_uint8_c{c}", uint8_load(proxy.url, c, args.warmup, args.duration, pids))
-        finally:
-            proxy.stop()
-    upstream = serving.harness.MLServerProcess(work / "mlserver", {MODEL: {"onnx": onnx_path, "intra_op_threads": 0}})
-    upstream.start()
+    pts: dict[str, list[dict]] = {}
+    servers: list = []
+    # every server at once, then the points in interleaved rounds: on a shared machine the load
+    # drifts over minutes, and a reference measured minutes apart from its proxy would compare loads
     try:
+        proxies = {stage: serving.Proxy(work, bundle, {"backend": {"kind": "onnxruntime"}, "batching": BATCHING,
+                                                       "pipeline": {"stages": stages}}, None, MODEL)
+                   for stage, stages in [("none", []), *STAGES.items()]}
+        servers += proxies.values()
+        upstream = BigMessages(work / "mlserver", {MODEL: {"onnx": onnx_path, "intra_op_threads": 0}})
+        upstream.start()
+        servers.append(upstream)
+        forward = serving.Proxy(work, bundle, {"backend": {"kind": "upstream"}, "batching": BATCHING}, upstream.url,
+                                MODEL)
+        servers.append(forward)
+        load = lambda url, c, pids: (lambda: loadgen.run_load(  # noqa: E731
+            url, MODEL, "input", SHAPE, c, 1, args.warmup, args.duration, server_pids=pids))
+        plan = {}
         for c in (1, 16):
-            point(f"mlserver_c{c}", loadgen.run_load(upstream.url, MODEL, "input", SHAPE, c, 1, args.warmup,
-                                                     args.duration, server_pids={"mlserver": upstream.proc.pid}))
-        proxy = serving.Proxy(work, bundle, {"backend": {"kind": "upstream"}}, upstream.url, MODEL)
-        try:
-            for c in (1, 16):
-                point(f"proxy_upstream_c{c}", loadgen.run_load(
-                    proxy.url, MODEL, "input", SHAPE, c, 1, args.warmup, args.duration,
-                    server_pids={"proxy": proxy.proc.pid, "mlserver": upstream.proc.pid}))
-        finally:
-            proxy.stop()
+            plan[f"raw_ort_c{c}"] = lambda c=c: loadgen.run_raw_ort(onnx_path, "input", SHAPE, c, 1, args.warmup,
+                                                                    args.duration)
+            plan[f"proxy_none_c{c}"] = load(proxies["none"].url, c, {"proxy": proxies["none"].proc.pid})
+            plan[f"proxy_none_uint8_c{c}"] = lambda c=c: uint8_load(proxies["none"].url, c, args.warmup, args.duration,
+                                                                    {"proxy": proxies["none"].proc.pid})
+            plan[f"mlserver_c{c}"] = load(upstream.url, c, {"mlserver": upstream.proc.pid})
+            plan[f"proxy_upstream_c{c}"] = load(forward.url, c, {"proxy": forward.proc.pid,
+                                                                 "mlserver": upstream.proc.pid})
+        for stage in STAGES:
+            plan[f"proxy_{stage}_c16"] = load(proxies[stage].url, 16, {"proxy": proxies[stage].proc.pid})
+        for i in range(args.rounds):
+            for name, measure in plan.items():
+                r = measure()
+                pts.setdefault(name, []).append(r)
+                log(f"round {i + 1}/{args.rounds} {name}: {r['items_per_s']:.1f} items/s p50 {r['p50_ms']:.1f} ms "
+                    f"errors {r['errors']}")
     finally:
-        upstream.stop()
+        for server in servers:
+            server.stop()
+    res["rounds"] = pts
+    res["points"] = {name: {"items_per_s": float(np.median([r["items_per_s"] for r in rs])),
+                            "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
+                            "p99_ms": float(np.median([r["p99_ms"] for r in rs])),
+                            "errors": {k: sum(r["errors"].get(k, 0) for r in rs) for r in rs for k in r["errors"]}}
+                     for name, rs in pts.items()}
     res["load_average_end"] = serving.loadavg()
     res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     res["checks"] = checks(res["points"])
@@ -196,8 +226,10 @@ def markdown(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; ONNX Runtime {m['onnxruntime']}, grpcio "
         f"{m['grpcio']}, MLServer {m['mlserver']}. **Shared** with other jobs (load average "
         f"{r['load_average_start']} at the start, {r['load_average_end']} at the end): each point is one "
-        f"{r['settings']['duration_s']:.0f} s window after {r['settings']['warmup_s']:.0f} s of warm-up, so "
-        "differences of a few percent are within the noise of this machine.", "",
+        f"{r['settings']['duration_s']:.0f} s window after {r['settings']['warmup_s']:.0f} s of warm-up, all "
+        f"servers up at once and the points measured in {r['settings']['rounds']} interleaved rounds; the table "
+        "gives the median over the rounds (every round is in the JSON). Differences of a few percent are within "
+        "the noise of this machine.", "",
         "Model: `torchvision.models.resnet50(weights=None)` (seeded random weights; nothing downloaded), exported to "
         "ONNX (3x224x224, dynamic batch) and imported with `robustgate import`. Steps:", "",
         *[f"- `{s}`" for s in r["steps"]], "",
