@@ -51,7 +51,7 @@ esac
 mkdir -p "$WORK/mlserver/models/classifier"
 cat > "$WORK/mlserver/settings.json" <<EOF
 {"host": "127.0.0.1", "grpc_port": $GRPC_PORT, "http_port": $HTTP_PORT, "metrics_endpoint": null,
- "parallel_workers": 0, "load_models_at_startup": true,
+ "parallel_workers": 0, "grpc_max_message_length": 67108864, "load_models_at_startup": true,
  "model_repository_root": "$WORK/mlserver/models"}
 EOF
 cat > "$WORK/mlserver/models/classifier/model-settings.json" <<EOF

@@ -53,6 +53,21 @@ def eval_default(settings: dict, out: Path, log) -> str:
     return "robustgate " + " ".join(args)
 
 
+def classes_covered(result: dict) -> dict[str, int]:
+    """How many of the evaluated test items (the first n from offset) each class holds: an
+    ImageFolder's test split is ordered by class, so its first n items can be one class only."""
+    from robustgate.models.bundle import Bundle
+    from robustgate.models.data import load_splits
+
+    words = result["command"].split()
+    flag = lambda name: words[words.index(name) + 1] if name in words else None  # noqa: E731
+    bundle = Bundle.load(result["bundle"]["path"])
+    splits = load_splits(flag("--dataset") or "fashion-mnist", flag("--data-dir"), input_shape=tuple(bundle.input.shape))
+    s = result["settings"]
+    y = splits.test_y[s["offset"]: s["offset"] + s["n"]]
+    return {splits.classes[k]: int((y == k).sum()) for k in sorted(set(y.tolist()))}
+
+
 def summarize(label: str, result: dict, byo_command: str | None) -> dict:
     """One evaluated model: per configuration clean figures and robust accuracy per attack and eps."""
     s = result["settings"]
@@ -67,6 +82,7 @@ def summarize(label: str, result: dict, byo_command: str | None) -> dict:
                          "robust_accuracy": robust, "worst_case": worst,
                          "stages": [st["name"] for st in info["stages"]]}
     return {"label": label, "bundle": result["bundle"], "data": result["data"], "eval_command": result["command"],
+            "classes_of_evaluated_items": classes_covered(result),
             "byo_command": byo_command, "created": result["created"], "settings": {k: s[k] for k in SAME},
             "configs": configs}
 
@@ -134,6 +150,10 @@ def markdown(r: dict) -> str:
             lines.append(f"| {model['label']} | {model['data']} | {name} ({', '.join(c['stages']) or 'no stage'}) | "
                          f"{c['clean_accuracy']:.3f} | {c['false_rejection_rate']:.3f} | " + " | ".join(cells) + " | "
                          + " | ".join(worst) + " |")
+    lines += ["", "Classes of the evaluated items (an ImageFolder's test split is ordered by class, and robustgate "
+              "eval takes the first n: read the figures of such a run as those of the classes it covers):", ""]
+    for model in r["models"]:
+        lines.append(f"- {model['label']}: " + ", ".join(f"{k} {v}" for k, v in model["classes_of_evaluated_items"].items()))
     lines += ["", "Commands:", ""]
     for model in r["models"]:
         lines.append(f"- {model['label']}: " + (f"`{model['byo_command']}`, then " if model["byo_command"] else "")
