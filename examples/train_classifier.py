@@ -3,6 +3,7 @@
 (docs/BYO.md walks through protecting it).
 
     python examples/train_classifier.py --dataset fashion-mnist --out /tmp/user/model.onnx
+    python examples/train_classifier.py --dataset fashion-mnist --n-train 10000 --width 16 --out /tmp/user/model.onnx  # examples/byo.sh's size
     python examples/train_classifier.py --dataset imagefolder --data-dir /tmp/rgb32 --out /tmp/user-rgb/model.onnx
     python examples/train_classifier.py --dataset cifar10 --data-dir ~/data --out /tmp/cifar/model.onnx
 
