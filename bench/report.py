@@ -276,7 +276,10 @@ def byo_example_rows() -> list[Row]:
     out = []
     for m in r["models"]:
         bare, mag = m["configs"]["none"], m["configs"]["magnet"]
-        out.append(Row(f"bring your own classifier ({r['started_utc'][:10]}): {m['label']}, {m['data']}",
+        covered = m["classes_of_evaluated_items"]
+        few = (f" (only {', '.join(f'{k} {v}' for k, v in covered.items())}: an ImageFolder's first test items)"
+               if len(covered) <= 3 else "")
+        out.append(Row(f"bring your own classifier ({r['started_utc'][:10]}): {m['label']}, {m['data']}{few}",
                        f"clean {pct(bare['clean_accuracy'])}; behind MagNet clean {pct(mag['clean_accuracy'])}, false "
                        f"rejections {pct(mag['false_rejection_rate'])}; worst-case robust accuracy at l∞ ε = {e} over "
                        f"{', '.join(s['attacks'])} ({s['n']} images): {pct(bare['worst_case'][str(e)])} bare, "
