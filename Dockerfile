@@ -15,30 +15,26 @@ FROM ${PYTHON_IMAGE} AS build
 ARG VARIANT=cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # scripts/install.sh switches: no system packages (the dataset, Prometheus and libb64 serve the
-# tests, not the proxy) and no dev extras.
+# tests, not the proxy) and the serve-only extras (`cpu` or `gpu`: no dev, red-team or fit tools).
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONSTRAINT=/opt/robustgate/deploy/docker/constraints.txt \
     ROBUSTGATE_SKIP_APT=1 \
-    ROBUSTGATE_EXTRAS=""
+    ROBUSTGATE_EXTRAS=cpu
 WORKDIR /opt/robustgate
 # .dockerignore is an allow-list: package sources, pyproject/README, the install script, the
 # constraints and bundles/default only.
 COPY . .
 # CPU: torch/torchvision from PyTorch's CPU index (2.14.1+cpu satisfies the ==2.14.1 pins and is
-# ~10x smaller than the CUDA wheel). GPU: torch's CUDA wheel from PyPI and the project's `gpu`
-# extra; onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, so the CPU wheel
-# is removed afterwards and the GPU wheel reinstalled over it.
+# ~10x smaller than the CUDA wheel) and the `cpu` extra (onnxruntime). GPU: torch's CUDA wheel from
+# PyPI and the `gpu` extra (onnxruntime-gpu alone: the core declares no ONNX Runtime, so the two
+# builds of the `onnxruntime` module never meet).
 RUN case "${VARIANT}" in \
       cpu) export PIP_INDEX_URL=https://download.pytorch.org/whl/cpu PIP_EXTRA_INDEX_URL=https://pypi.org/simple ;; \
       gpu) export ROBUSTGATE_EXTRAS=gpu ;; \
       *) echo "VARIANT must be cpu or gpu, got '${VARIANT}'" >&2; exit 1 ;; \
     esac \
  && bash scripts/install.sh \
- && if [ "${VARIANT}" = gpu ]; then \
-      .venv/bin/python -m pip uninstall -y onnxruntime \
-      && .venv/bin/python -m pip install --no-deps --force-reinstall onnxruntime-gpu; \
-    fi \
  && .venv/bin/robustgate --version \
  && .venv/bin/python -m compileall -q -x '/\.venv/' /opt/robustgate
 

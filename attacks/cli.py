@@ -17,11 +17,15 @@ def _floats(text: str) -> list[float]:
 
 
 def _names(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in ATTACKS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
-    return names
+    """Comma-separated attack names (checked in ``run`` against the threat model's attacks)."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML: a proxy config, {stages: [...]}, or {configs: {NAME: {stages: [...]}}}; "
                              "the undefended backbone ('none') is always evaluated too")
     parser.add_argument("--each-alone", action="store_true", help="also evaluate each stage alone")
-    parser.add_argument("--attacks", type=_names, default=["pgd"], help=f"comma-separated: {', '.join(ATTACKS)}")
+    parser.add_argument("--threat", choices=["model", "endpoint"], default="model",
+                        help="model: white-box and adaptive attacks on the served pipeline (needs the bundle); "
+                             "endpoint: query-only attacks on a live proxy at --url (attacks/endpoint_redteam.py)")
+    parser.add_argument("--attacks", type=_names, default=["pgd"],
+                        help=f"comma-separated; --threat model: {', '.join(ATTACKS)}; --threat endpoint: "
+                             "square, hopskipjump, each optionally -spacing/-transform/-sybil, and transfer")
     parser.add_argument("--eps", type=_floats, default=[0.1], help="l-inf radii, comma-separated")
     parser.add_argument("--eps-l2", type=_floats, default=[1.0, 2.0], help="l2 radii for cw, deepfool")
     parser.add_argument("--n", type=int, default=100, help="test images (the dataset's test split from --offset)")
@@ -42,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="iterations of pgd/bpda/eot/joint")
     parser.add_argument("--restarts", type=int, default=1, help="restarts of pgd/bpda/eot/joint")
     parser.add_argument("--eot", type=int, default=8, help="EOT samples (only where a stage is randomized)")
-    parser.add_argument("--queries", type=int, default=500, help="square: query budget per item")
+    parser.add_argument("--queries", type=_ints, default=[500],
+                        help="query budget per item (square); --threat endpoint: comma-separated budgets, e.g. 1000,5000,10000")
     parser.add_argument("--radii", type=_floats, default=[0.0, 0.25, 0.5, 1.0], help="certified L2 radii")
     parser.add_argument("--batch-size", type=int, default=250, help="images per attack batch and served batch")
     parser.add_argument("--seed", type=int, default=0, help="attack seed (per batch: seed + first index)")
@@ -65,9 +75,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes computing cells at once, one torch thread each (e.g. one per core)")
     parser.add_argument("--out", required=True, help="report directory (cells cached in OUT/cells)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from robustgate.attacks.endpoint_cli import add_endpoint_arguments
+
+    add_endpoint_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threat == "endpoint":
+        from robustgate.attacks.endpoint_cli import run_endpoint
+
+        return run_endpoint(args)
+    unknown = [a for a in args.attacks if a not in ATTACKS]
+    if unknown:
+        print(f"robustgate eval: unknown attacks {unknown}; known: {', '.join(ATTACKS)} "
+              "(query attacks on a live proxy: --threat endpoint)", file=sys.stderr)
+        return 2
+    if len(args.queries) != 1:
+        print(f"robustgate eval: --queries takes one budget with --threat model, got {args.queries}", file=sys.stderr)
+        return 2
     import torch
 
     from robustgate.attacks.reports import write_reports
@@ -83,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         configs = load_pipelines(args.pipeline, each_alone=args.each_alone)
         settings = EvalSettings(
             attacks=args.attacks, eps=args.eps, eps_l2=args.eps_l2, n=args.n, offset=args.offset, steps=args.steps,
-            restarts=args.restarts, eot=args.eot, queries=args.queries, radii=args.radii, batch_size=args.batch_size,
+            restarts=args.restarts, eot=args.eot, queries=args.queries[0], radii=args.radii, batch_size=args.batch_size,
             seed=args.seed, url=args.url, model_name=args.model_name, twin_precision=args.twin_precision,
             url_config=args.url_config or (configs[-1].name if args.url else None),
             dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),

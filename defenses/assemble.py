@@ -23,7 +23,10 @@ resolved once (:func:`resolve_device`; ``auto`` = cuda when ``torch.cuda.is_avai
 stage is moved there with ``Defense.to``, and the runner hands the batch to the stages on the
 pipeline's device. A stage that computes on the host whatever the setting (ONNX Runtime CPU
 sessions, Pillow's JPEG codec) is named once in the log at build time, never per request. The
-classify step stays where its backend runs (ONNX Runtime's provider: ``backend.onnxruntime.device``).
+classify step stays where its backend runs (ONNX Runtime's provider: ``backend.onnxruntime.device``);
+a backend that takes torch tensors (``Backend.accepts_tensors``: the torch twin,
+proxy/backends/torch.py) gets the batch as it is, on the device, so that on a GPU the batch is
+copied in once (from a pinned host buffer) and the results copied out once (:meth:`PipelineRunner._on_host`).
 
 Randomness: every batch gets a fresh ``torch.Generator`` seeded from ``os.urandom`` (an attacker
 cannot predict the noise), unless ``pipeline.seed`` is set (tests), then each batch is seeded with it.
@@ -41,15 +44,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from robustgate.defenses.base import Classifier, Defense, Detector, Ensemble, build_from_bundle
-from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage, split_stages
+from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage, is_stateful, split_stages
 
 if TYPE_CHECKING:  # the backend interface lives with the transport; only its methods are used here
     from robustgate.proxy.backends.base import Backend
@@ -66,10 +70,25 @@ class _Strict(BaseModel):
 class StageConfig(_Strict):
     name: str = Field(pattern=STAGE_NAME)
     kind: str
-    action: Literal["reject", "flag", "log"] = "reject"
+    action: Literal["reject", "flag", "log", "block"] = "reject"  # block: stateful stages only
     params: dict[str, Any] = {}  # merged over the bundle's fitted params (stage params win)
     threshold: float | None = None  # overrides the bundle's calibrated threshold
     device: Device | None = None  # overrides pipeline.device for this stage
+    # stateful stages (kind: stateful): the history store, built once and kept across reloads
+    # ({kind: memory | redis, url, max_entries, max_per_client, max_clients, ttl_s, ...}; defenses/stateful/store.py)
+    store: dict[str, Any] | None = None
+    cooldown_s: float = Field(300.0, gt=0)  # action block: how long a detected client is refused
+    # action block: detections of one client (forgotten store.ttl_s after its last) that block it; a
+    # query attack is detected on nearly every query, a benign client at the per-query FPR now and then
+    block_after: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _stateful_only(self) -> "StageConfig":
+        if self.kind != "stateful" and self.store is not None:
+            raise ValueError(f"store: only stateful stages keep a store (kind is {self.kind!r})")
+        if self.kind != "stateful" and self.action == "block":
+            raise ValueError(f"action: block needs kind stateful (it blocks a client), got kind {self.kind!r}")
+        return self
 
 
 class PipelineConfig(_Strict):
@@ -124,17 +143,52 @@ def host_only(defense: Defense) -> str | None:
     return None
 
 
+StoreMap = dict  # stage name -> (the stage's store config, the HistoryStore built from it)
+
+
+def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, where: str):
+    """``(spec, store)`` for stateful stage ``sc``: the running store when ``stores`` holds one for
+    this stage built from the same ``store:`` config (a reload keeps the histories and blocks), else a
+    new one (``defenses.stateful.build_store``; a memory store holds ``top_k`` hashes per query)."""
+    from robustgate.defenses.stateful.store import build_store
+
+    spec = dict(sc.store or {"kind": "memory"})
+    old = (stores or {}).get(sc.name)
+    if old is not None and old[0] == spec:
+        return old
+    if old is not None:
+        log.warning("%s: store config changed from %s to %s; the new store starts empty", where, old[0], spec)
+    built = dict(spec)
+    if built.get("kind", built.get("backend", "memory")) == "memory":
+        fitted = bundle.spec.defenses.get(sc.name) if bundle is not None else None
+        top_k = {**(fitted.params if fitted is not None else {}), **sc.params}.get("top_k", 20)
+        built.setdefault("hashes_per_query", top_k)
+    try:
+        return spec, build_store(built)
+    except Exception as exc:  # noqa: BLE001 - a bad store config or an unreachable Redis refuses the pipeline
+        raise ValueError(f"{where}: store: {exc}") from None
+
+
 def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
-                 device: str | None = None) -> list[Stage]:
+                 device: str | None = None, stores: StoreMap | None = None) -> list[Stage]:
     """The configured stages, built, loaded and on their device; ValueError naming the stage on any
     problem. ``twin``: the red team's differentiable copies. ``device`` overrides ``cfg.device`` (a
-    stage's own ``device`` still wins); ``bundle=None``: untrained defenses, no bundle (tests)."""
+    stage's own ``device`` still wins); ``bundle=None``: untrained defenses, no bundle (tests).
+    ``stores``: the running pipeline's stateful stores (:attr:`PipelineRunner.stores`), handed to the
+    rebuilt stages of the same name and store config (:func:`stage_store`)."""
     default = device or cfg.device
     stages, on_host = [], []
     for i, sc in enumerate(cfg.stages):
         where = f"pipeline.stages.{i} ({sc.name})"
-        defense = build_from_bundle(sc.kind, sc.name, dict(sc.params), sc.threshold, bundle, where=where,
+        params = dict(sc.params)
+        if sc.kind == "stateful":
+            params["store"] = stage_store(sc, bundle, stores, where)[1]
+            if bundle is not None:
+                params.setdefault("value_range", tuple(bundle.input.value_range))
+        defense = build_from_bundle(sc.kind, sc.name, params, sc.threshold, bundle, where=where,
                                     runtime="torch" if twin else None)
+        if sc.kind == "stateful":
+            defense.store_spec = dict(sc.store or {"kind": "memory"})  # what stage_store compares on reload
         try:
             target = resolve_device(sc.device or default)
         except ValueError as exc:
@@ -142,7 +196,8 @@ def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
         defense.to(target)
         if target != "cpu" and (reason := host_only(defense)) is not None:
             on_host.append(f"{sc.name} ({reason})")
-        stages.append(Stage(name=sc.name, defense=defense, action=sc.action))
+        stages.append(Stage(name=sc.name, defense=defense, action=sc.action, cooldown_s=sc.cooldown_s,
+                            block_after=sc.block_after))
     if on_host:  # once, at start: these stages do not follow the device setting
         log.warning("stages that compute on the host, not on %s: %s", resolve_device(default), "; ".join(on_host))
     return stages
@@ -159,6 +214,41 @@ def pin_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
 
 def _host(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+class _PinnedStaging:
+    """A page-locked host buffer per thread for the batch's host->device copy (an asynchronous
+    DMA from pinned memory, instead of the driver's extra staging copy from pageable memory). The
+    buffer grows to the largest batch seen; an event recorded after each copy is waited on before
+    the buffer is overwritten, so a thread never overwrites a copy still in flight."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.event = None
+
+    def to_device(self, t: torch.Tensor, device: str) -> torch.Tensor:
+        if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+            return t.to(device)
+        n = t.numel()
+        if self.event is not None:
+            self.event.synchronize()
+        if self.buffer is None or self.buffer.numel() < n or self.buffer.dtype != t.dtype:
+            self.buffer = torch.empty(n, dtype=t.dtype, pin_memory=True)
+        host = self.buffer[:n].view(t.shape)
+        host.copy_(t)
+        out = host.to(device, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return out
+
+
+_staging_local = threading.local()
+
+
+def _staging() -> _PinnedStaging:
+    if not hasattr(_staging_local, "staging"):
+        _staging_local.staging = _PinnedStaging()
+    return _staging_local.staging
 
 
 @dataclass
@@ -198,10 +288,26 @@ class PipelineRunner:
         return tuple(s.name for s in self.stages if isinstance(s.defense, Detector))
 
     @property
+    def stateful_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages if is_stateful(s.defense))
+
+    @property
+    def stores(self) -> StoreMap:
+        """The stateful stages' stores by stage name: ``(store config, HistoryStore)``; a reload hands
+        them to the rebuilt pipeline (proxy/reload.py)."""
+        return {s.name: (s.defense.store_spec, s.defense.store) for s in self.stages if is_stateful(s.defense)}
+
+    @property
     def has_ensemble(self) -> bool:
         return bool(self.stages) and isinstance(self.stages[-1].defense, Ensemble)
 
     def _classify_with(self, timeout: float | None):
+        if getattr(self.backend, "accepts_tensors", False):  # a torch backend: no host round trip
+            def classify_tensor(x: torch.Tensor) -> torch.Tensor:  # [M, C, H, W] -> [M, K] on x's device
+                return self.backend.infer_tensor(x).to(x.device)
+
+            return classify_tensor
+
         def classify(x: torch.Tensor) -> torch.Tensor:  # [M, C, H, W] -> [M, K] on x's device
             logits = np.asarray(self.backend.infer(_host(x), timeout=timeout), dtype=np.float32)
             return torch.from_numpy(logits).to(x.device)
@@ -209,6 +315,13 @@ class PipelineRunner:
         return classify
 
     def _classify_features_with(self, timeout: float | None):
+        if self.fused is None and getattr(self.backend, "accepts_tensors", False):
+            def classify_features_tensor(x: torch.Tensor) -> tuple:  # [M, K], [M, D] | None on x's device
+                logits, feats = self.backend.infer_with_features_tensor(x)
+                return logits.to(x.device), None if feats is None else feats.to(x.device)
+
+            return classify_features_tensor
+
         def classify_features(x: torch.Tensor) -> tuple:  # [M, K], [M, D] | None[, {stage: [M]}]
             arr = _host(x)
 
@@ -225,7 +338,10 @@ class PipelineRunner:
 
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-        return torch.Generator().manual_seed(seed)
+        # on the pipeline's device: the stages draw their noise where their batch is (torch refuses a
+        # CPU generator for CUDA tensors); a stage that overrides the device to the CPU in a CUDA
+        # pipeline therefore cannot draw from it
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _model(self, timeout: float | None) -> DefendedModel:
         return DefendedModel(self.stages, self._classify_with(timeout), self.classifier, self.failure_policy,
@@ -234,22 +350,37 @@ class PipelineRunner:
 
     def _input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x.detach()
-        return t if self.device == "cpu" else t.to(self.device)
+        if self.device == "cpu" or t.device.type != "cpu":
+            return t if self.device == "cpu" else t.to(self.device)
+        return _staging().to_device(t, self.device)  # one host->device copy, from a pinned buffer
 
     def _on_host(self, result: PipelineResult) -> PipelineResult:
+        """The result's tensors on the host with one device->host copy: logits, verdict, scores and
+        radius are packed into one float32 device tensor first (verdicts are small integers, exact
+        in float32)."""
         if self.device == "cpu":
             return result
-        result.logits, result.verdict = result.logits.cpu(), result.verdict.cpu()
-        result.scores = {k: v.cpu() for k, v in result.scores.items()}
-        result.radius = None if result.radius is None else result.radius.cpu()
+        n = result.verdict.shape[0]
+        parts = [result.logits.float().reshape(n, -1), result.verdict.float().reshape(n, 1),
+                 *(v.float().reshape(n, 1) for v in result.scores.values()),
+                 *(() if result.radius is None else (result.radius.float().reshape(n, 1),))]
+        packed = torch.cat([p.to(self.device) for p in parts], dim=1).cpu()  # [N, K + 1 + S (+ 1)]
+        k = parts[0].shape[1]
+        logits, verdict, rest = packed[:, :k], packed[:, k].to(result.verdict.dtype), packed[:, k + 1:]
+        result.logits, result.verdict = logits.to(result.logits.dtype), verdict
+        result.scores = {name: rest[:, i].to(v.dtype) for i, (name, v) in enumerate(result.scores.items())}
+        if result.radius is not None:
+            result.radius = rest[:, -1].to(result.radius.dtype)
         return result
 
-    def __call__(self, x: np.ndarray | torch.Tensor, timeout: float | None = None) -> PipelineResult:
-        """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result (on the host)."""
+    def __call__(self, x: np.ndarray | torch.Tensor, timeout: float | None = None,
+                 clients: list[str] | None = None) -> PipelineResult:
+        """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result (on the host).
+        ``clients``: one identity per item (proxy/identity.py) for the stateful stages; None skips them."""
         with torch.no_grad():
-            return self._on_host(self._model(timeout)(self._input(x), generator=self.generator()))
+            return self._on_host(self._model(timeout)(self._input(x), generator=self.generator(), clients=clients))
 
-    def prepare(self, x: np.ndarray) -> Callable[[float | None], PipelineResult]:
+    def prepare(self, x: np.ndarray, clients: list[str] | None = None) -> Callable[[float | None], PipelineResult]:
         """The detectors and purifiers on ``x`` now; returns ``finish(timeout)``, which classifies
         and gives what ``self(x, timeout)`` gives. The two halves may run in different threads
         (the batcher overlaps one batch's ``prepare`` with the previous batch's ``finish``);
@@ -258,7 +389,7 @@ class PipelineRunner:
         timeout: the server calls it only when :attr:`has_purifiers`."""
         generator = self.generator()
         with torch.no_grad():  # grad mode is per thread: each half sets its own
-            front = self._model(None).front(self._input(x), generator)
+            front = self._model(None).front(self._input(x), generator, clients)
 
         def finish(timeout: float | None) -> PipelineResult:
             with torch.no_grad():
@@ -268,11 +399,12 @@ class PipelineRunner:
 
 
 def build_runner(cfg: PipelineConfig, bundle: Any, backend: "Backend", classifier: Classifier | None,
-                 device: str | None = None) -> PipelineRunner:
+                 device: str | None = None, stores: StoreMap | None = None) -> PipelineRunner:
     """The served pipeline of ``cfg``: its stages (:func:`build_stages`) in a :class:`PipelineRunner`
-    on ``backend``. ``device`` overrides ``cfg.device``."""
+    on ``backend``. ``device`` overrides ``cfg.device``; ``stores``: the running pipeline's stateful
+    stores, kept (a reload)."""
     return PipelineRunner(
-        stages=build_stages(cfg, bundle, device=device), backend=backend, classifier=classifier,
+        stages=build_stages(cfg, bundle, device=device, stores=stores), backend=backend, classifier=classifier,
         failure_policy=cfg.failure_policy, seed=cfg.seed, max_fanout_items=cfg.max_fanout_items,
         device=resolve_device(device or cfg.device),
     )

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 
 Role = Literal["detector", "purifier", "ensemble"]
-Action = Literal["reject", "flag", "log"]
+Action = Literal["reject", "flag", "log", "block"]  # block: stateful stages only (defenses/pipeline.py)
 
 
 class Classifier(Protocol):
@@ -80,6 +80,7 @@ def register(cls: type["Defense"]) -> type["Defense"]:
 def _load_builtin_defenses() -> None:
     # Importing the role packages runs their @register decorators.
     from robustgate.defenses import detect, ensemble, purify  # noqa: F401
+    from robustgate.defenses.stateful import stage  # noqa: F401  (kind: stateful)
 
 
 def registry() -> dict[str, type["Defense"]]:
@@ -126,7 +127,7 @@ def build_from_bundle(kind: str, name: str, params: dict[str, Any], threshold: f
         raise ValueError(f"{where}: {kind!r} runs a fitted model, but the bundle has no fitted defense {name!r}; "
                          f"fit it first: robustgate fit --bundle BUNDLE --defense {kind} --name {name}")
     defense.to("cpu")
-    if isinstance(defense, Detector) and threshold is not None:
+    if (isinstance(defense, Detector) or defense.role == "detector") and threshold is not None:
         defense.threshold = float(threshold)
     return defense
 

@@ -45,7 +45,12 @@ the shipped bundles/default was fitted with (its bundle.yaml records each one's 
       --params criterion=l1 arch=III width=16 epochs=40 lr=0.002
   robustgate fit --bundle bundles/default --defense safetynet --name safetynet
   robustgate fit --bundle bundles/default --defense diffusion --name diffusion
-each kind's parameters and defaults: its class docstring (defenses/detect, defenses/purify)."""
+each kind's parameters and defaults: its class docstring (defenses/detect, defenses/purify).
+The stage that serves a fitted defense names the same --name (deploy/default.yaml, docs/OPERATIONS.md);
+what each detector and purifier buys against adaptive attacks: docs/EVALUATION.md. SafetyNet's fit
+needs scikit-learn's ONNX export and torchattacks (the `fit` extra, docs/OPERATIONS.md "Installing")."""
+
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +179,12 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
     if kind not in registry():
         raise ValueError(f"unknown defense kind {kind!r}; known: {', '.join(sorted(registry()))}")
     check_features_output(registry()[kind], bundle, where="fit")
+    stateful = kind == "stateful"
+    if stateful:  # calibrated on benign streams with private stores (defenses/stateful/calibration.py)
+        from robustgate.defenses.stateful.store import MemoryStore
+
+        params = {"value_range": tuple(bundle.input.value_range), **(params or {}),
+                  "store": MemoryStore(max_entries=2, max_per_client=1, max_clients=1)}
     defense = build(kind, **(params or {}))
     # the defenses that query the backbone (SafetyNet, MagNet's jsd) refuse None with their own message
     classifier = TorchClassifier(load_backbone(bundle)) if has_twin(bundle) else None
@@ -191,7 +202,19 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
     files = {role: artifact(bundle.root, str(rel_dir / rel)) for role, rel in written.items()}
 
     threshold, record = None, None
-    if isinstance(defense, Detector):
+    if stateful:
+        from robustgate.defenses.stateful.calibration import benign_streams, calibrate_stateful
+
+        g = torch.Generator().manual_seed(0)
+        # about 100 queries per benign client: each client's images in random order, 10% exact
+        # retries, 10% near-duplicates (crop, brightness, JPEG)
+        val_streams = benign_streams(vx, max(1, vx.shape[0] // 100), g)
+        test_streams = benign_streams(sx, max(1, sx.shape[0] // 100), g)
+        record = calibrate_stateful(defense, val_streams, test_streams, target_fpr)
+        threshold = record["threshold"]
+        log(f"calibrated {name} on benign streams: target FPR {target_fpr:.4f}  threshold {threshold:.6g}  "
+            f"val FPR {record['val_fpr']:.4f} (n={record['n_val']})  test FPR {record['test_fpr']:.4f} (n={record['n_test']})")
+    elif isinstance(defense, Detector):
         val_scores = score_batches(defense, vx, classifier, batch_size, progress, f"{name}: scoring validation")
         test_scores = score_batches(defense, sx, classifier, batch_size, progress, f"{name}: scoring test")
         record = calibration.calibrate(val_scores, test_scores, target_fpr)

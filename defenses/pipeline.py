@@ -24,7 +24,16 @@ Semantics (DESIGN.md, "The defense pipeline"):
    return scores it computed in the same pass, by stage name (the proxy fuses MagNet's
    reconstruction error into the backbone's ONNX graph, proxy/backends/fuse.py); those detectors'
    ``score`` is not called, their time is part of ``classify``'s, and they fail with it.
-4. A stage that raises follows the failure policy: ``fail-closed`` rejects every item of the
+4. Stateful stages (defenses/stateful: ``role`` detector, ``observe(client, x)`` instead of
+   ``score(x)``) see the stream: given ``clients`` (one identity per item, proxy/identity.py), each
+   client's items of the batch are observed together, clients in order of first appearance (the
+   arrival order); their scores join ``scores`` and their threshold acts like a detector's, with
+   one more action, ``block``: the item is rejected, and once its client has ``block_after``
+   detections the client is blocked for the stage's ``cooldown_s`` (``store.block``); an item of a client blocked already is not observed, it is
+   rejected with ``blocked[i]`` = the block's end (the proxy answers RESOURCE_EXHAUSTED with a
+   retry hint). Without ``clients`` (the red team's white-box runs, eval) stateful stages are
+   skipped: a single batch has no stream, and nothing measured on one may change.
+5. A stage that raises follows the failure policy: ``fail-closed`` rejects every item of the
    batch (reason ``"<stage> failed"``); ``fail-open`` skips the stage and records the failure.
    The classifier failing is never absorbed here: it propagates to the caller.
 """
@@ -52,6 +61,8 @@ class Stage:
     name: str
     defense: Defense
     action: Action = "reject"
+    cooldown_s: float = 0.0  # action block: how long a detected client stays blocked
+    block_after: int = 1  # action block: detections (within the store's ttl_s) that block the client
 
 
 @dataclass
@@ -74,6 +85,8 @@ class PipelineResult:
     radius: torch.Tensor | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     failed_stages: list[str] = field(default_factory=list)
+    # per item: when its client's block ends (epoch seconds), None when not blocked; [] when no item is
+    blocked: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +102,12 @@ class Front:
     seconds: dict[str, float]
     failed: list[str]
     logits: torch.Tensor | None = None
+    blocked: list[float | None] = field(default_factory=list)
+
+
+def is_stateful(defense: Defense) -> bool:
+    """A stateful detector: scores a client's stream with ``observe`` (defenses/stateful/base.py)."""
+    return defense.role == "detector" and hasattr(defense, "observe") and not isinstance(defense, Detector)
 
 
 class SharedPass:
@@ -124,9 +143,11 @@ def validate_stages(stages: list[Stage]) -> None:
     for i, s in enumerate(stages):
         if isinstance(s.defense, Ensemble) and i != len(stages) - 1:
             raise ValueError(f"ensemble stage {s.name!r} must be the last stage (it feeds the classifier)")
-        if isinstance(s.defense, Detector) and s.defense.threshold is None and s.action != "log":
+        if s.defense.role == "detector" and getattr(s.defense, "threshold", None) is None and s.action != "log":
             raise ValueError(f"detector stage {s.name!r} has no calibrated threshold; fit it or use action: log")
-        if not isinstance(s.defense, (Detector, Purifier, Ensemble)):
+        if s.action == "block" and not is_stateful(s.defense):
+            raise ValueError(f"stage {s.name!r}: action block needs a stateful stage (it blocks a client, not an item)")
+        if not isinstance(s.defense, (Detector, Purifier, Ensemble)) and not is_stateful(s.defense):
             raise ValueError(f"stage {s.name!r}: {type(s.defense).__name__} is not a detector, purifier or ensemble")
 
 
@@ -189,11 +210,14 @@ class DefendedModel:
     def ensemble(self) -> Stage | None:
         return split_stages(self.stages)[2]
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> PipelineResult:
-        """Runs the pipeline on ``x`` ``[N, C, H, W]`` (already validated by the caller)."""
-        return self.back(self.front(x, generator), generator)
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 clients: list[str] | None = None) -> PipelineResult:
+        """Runs the pipeline on ``x`` ``[N, C, H, W]`` (already validated by the caller); ``clients``:
+        one identity per item for the stateful stages (module docstring, step 4)."""
+        return self.back(self.front(x, generator, clients), generator)
 
-    def front(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Front:
+    def front(self, x: torch.Tensor, generator: torch.Generator | None = None,
+              clients: list[str] | None = None) -> Front:
         """Steps 0-2 (the shared pass, the detectors, the purifiers) on ``x`` ``[N, C, H, W]``;
         :meth:`back` finishes the batch. The proxy runs the two halves in different threads so
         that one batch's purifiers overlap the previous batch's classify (proxy/batcher.py);
@@ -205,6 +229,7 @@ class DefendedModel:
         thresholds: dict[str, float] = {}
         seconds: dict[str, float] = {}
         failed: list[str] = []
+        blocked: list[float | None] = []
 
         def _fail(stage: Stage) -> None:
             failed.append(stage.name)
@@ -249,6 +274,38 @@ class DefendedModel:
                 elif stage.action == "flag" and verdict[i] == ACCEPTED:
                     verdict[i], reason[i] = FLAGGED, stage.name
 
+        # 1b. stateful stages on the raw input, per client in arrival order
+        if clients is not None:
+            if len(clients) != n:
+                raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
+            for stage in self.stages:
+                if not is_stateful(stage.defense):
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    s, ends = observe_clients(stage, x, clients)
+                except Exception:  # noqa: BLE001 - a failing store (Redis down) follows the failure policy
+                    seconds[stage.name] = time.perf_counter() - t0
+                    _fail(stage)
+                    continue
+                seconds[stage.name] = time.perf_counter() - t0
+                scores[stage.name] = s
+                if any(e is not None for e in ends):
+                    blocked = blocked or [None] * n
+                    for i, end in enumerate(ends):
+                        if end is not None:
+                            blocked[i] = end if blocked[i] is None else max(blocked[i], end)
+                            verdict[i], reason[i] = REJECTED, stage.name
+                det = stage.defense
+                if det.threshold is None:
+                    continue
+                thresholds[stage.name] = float(det.threshold)
+                for i in torch.nonzero(det.is_adversarial(s)).flatten().tolist():
+                    if stage.action in ("reject", "block") and verdict[i] != REJECTED:
+                        verdict[i], reason[i] = REJECTED, stage.name
+                    elif stage.action == "flag" and verdict[i] == ACCEPTED:
+                        verdict[i], reason[i] = FLAGGED, stage.name
+
         # 2. purifiers in order
         h = x
         for stage in purifiers:
@@ -259,7 +316,7 @@ class DefendedModel:
                 _fail(stage)
             seconds[stage.name] = time.perf_counter() - t0
         return Front(purified=h, verdict=verdict, reason=reason, scores=scores, thresholds=thresholds,
-                     seconds=seconds, failed=failed, logits=logits)
+                     seconds=seconds, failed=failed, logits=logits, blocked=blocked)
 
     def back(self, front: Front, generator: torch.Generator | None = None) -> PipelineResult:
         """Step 3 (classify, the ensemble) and the result, after :meth:`front`."""
@@ -295,5 +352,38 @@ class DefendedModel:
 
         return PipelineResult(
             logits=logits, verdict=verdict, reason=reason, scores=front.scores, thresholds=front.thresholds,
-            radius=radius, seconds=seconds, failed_stages=front.failed,
+            radius=radius, seconds=seconds, failed_stages=front.failed, blocked=front.blocked,
         )
+
+
+def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str]) -> tuple[torch.Tensor, list[float | None]]:
+    """One stateful stage on a batch: ``x`` ``[N, C, H, W]``, ``clients`` ``[N]`` -> scores ``[N]`` and
+    per item the end of its client's block (None: not blocked). Each client's items are observed in
+    one call, clients in order of first appearance; a blocked client's items are not observed (score
+    0); with action ``block`` each item over the threshold is rejected and counts as a detection of
+    its client (``store.add_detections``); at ``stage.block_after`` detections the client is blocked
+    for ``stage.cooldown_s`` from now, and all its items of this batch answer as blocked."""
+    det = stage.defense
+    store = det.store
+    n = x.shape[0]
+    scores = torch.zeros(n, dtype=torch.float32)
+    ends: list[float | None] = [None] * n
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(clients):
+        groups.setdefault(c, []).append(i)
+    now = time.time()
+    for client, idx in groups.items():
+        until = store.blocked_until(client, now)
+        if until is not None:
+            for i in idx:
+                ends[i] = until
+            continue
+        rows = torch.as_tensor(idx)
+        s = det.observe(client, x[rows], now).reshape(len(idx)).float()
+        scores[rows] = s.to(scores.device)
+        hits = int((s > det.threshold).sum()) if stage.action == "block" and det.threshold is not None else 0
+        if hits and store.add_detections(client, hits, now) >= stage.block_after:
+            store.block(client, now + stage.cooldown_s)
+            for i in idx:
+                ends[i] = now + stage.cooldown_s
+    return scores, ends

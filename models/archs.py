@@ -197,14 +197,72 @@ class PreActResNet18(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # vit_tiny
 # ---------------------------------------------------------------------------------------------
+def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (MAE's ``get_2d_sincos_pos_embed``, written anew).
+
+    Half of ``dim`` encodes the row, half the column; each half is ``[sin(p w_k), cos(p w_k)]`` with
+    ``w_k = 1 / 10000^(k / (dim/4))``. Returns ``[1 + grid*grid, dim]`` (``[grid*grid, dim]``
+    without ``cls_token``; the class token's row is zeros), patches in row-major order.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [dim/4]
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # [grid, grid] each
+
+    def encode(p: torch.Tensor) -> torch.Tensor:  # [L] -> [L, dim/2]
+        angle = p[:, None] * omega[None, :]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    emb = torch.cat([encode(rows.flatten()), encode(cols.flatten())], dim=1)  # [L, dim]
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float()
+
+
+class DropPathEncoderLayer(nn.TransformerEncoderLayer):
+    """A pre-norm ``nn.TransformerEncoderLayer`` whose two residual branches are dropped per sample
+    with probability ``drop_path`` in training (stochastic depth, Huang et al. 2016; timm's
+    ``DropPath``, which the MAE/MIMIR fine-tuning uses). Same parameters and names as its base
+    class, so checkpoints load either way; identical to it in eval mode.
+    """
+
+    def __init__(self, *args, drop_path: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        self.drop_path = drop_path
+
+    def _drop(self, branch: torch.Tensor) -> torch.Tensor:  # [N, T, dim]
+        if not self.training or self.drop_path == 0.0:
+            return branch
+        keep = 1.0 - self.drop_path
+        mask = branch.new_empty(branch.shape[0], 1, 1).bernoulli_(keep)  # one draw per sample
+        return branch * mask / keep
+
+    def forward(self, src: torch.Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        x = src  # [N, T, dim]; norm_first, as every block built here
+        x = x + self._drop(self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal))
+        return x + self._drop(self._ff_block(self.norm2(x)))
+
+
+POS_EMBEDS = ("learned", "sincos")
+POOLS = ("cls", "mean")
+
+
 @register_arch("vit_tiny")
 class ViTTiny(nn.Module):
-    """A small ViT: patch embedding, learned position embeddings, a class token, pre-norm
-    transformer encoder (``nn.TransformerEncoderLayer``), then a ReLU pre-logit layer
-    (``features``, ``[N, dim]``) and a linear head.
+    """A small ViT: patch embedding, position embeddings, a class token, pre-norm transformer
+    encoder (``nn.TransformerEncoderLayer``), then a ReLU pre-logit layer (``features``,
+    ``[N, dim]``) and a linear head.
 
-    ``patch_embed``/``pos_embed``/``blocks``/``norm`` are what a masked-autoencoder pre-training
-    (MIMIR) reuses; ``forward_tokens`` runs the encoder on already-embedded tokens for that.
+    ``pos_embed``: ``"learned"`` (default) or ``"sincos"`` (fixed 2-D sine-cosine, MAE's; stored as
+    a frozen parameter so checkpoints keep the same keys). ``pool``: the pre-logit input is the
+    class token (``"cls"``, default) or the mean of the patch tokens (``"mean"``, MAE/MIMIR
+    fine-tuning's ``global_pool``). ``drop_path``: stochastic-depth rate of every block (training
+    only). ``patch_embed``/``pos_embed``/``blocks``/``norm`` are what a masked-autoencoder
+    pre-training (MIMIR) reuses; ``forward_tokens`` runs the encoder on already-embedded tokens.
     """
 
     def __init__(
@@ -219,6 +277,9 @@ class ViTTiny(nn.Module):
         mlp_ratio: float = 4.0,
         mean: tuple[float, ...] = FASHION_MNIST_MEAN,
         std: tuple[float, ...] = FASHION_MNIST_STD,
+        pos_embed: str = "learned",
+        pool: str = "cls",
+        drop_path: float = 0.0,
     ):
         super().__init__()
         _check_common(in_channels, num_classes, tuple(mean), tuple(std))
@@ -226,17 +287,26 @@ class ViTTiny(nn.Module):
             raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
         if dim % heads:
             raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.pool = pool
         self.normalize = Normalize(tuple(mean), tuple(std))
-        self.num_patches = (image_size // patch_size) ** 2
+        grid = image_size // patch_size
+        self.num_patches = grid ** 2
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, dim) * 0.02)
+        if pos_embed == "sincos":
+            self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid)[None], requires_grad=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, dim) * 0.02)
+        layer = dict(d_model=dim, nhead=heads, dim_feedforward=int(dim * mlp_ratio), dropout=0.0, activation="gelu",
+                     batch_first=True, norm_first=True)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
-                batch_first=True, norm_first=True,
-            )
-            for _ in range(depth)
+            DropPathEncoderLayer(**layer, drop_path=drop_path * i / max(1, depth - 1)) if drop_path > 0
+            else nn.TransformerEncoderLayer(**layer)
+            for i in range(depth)  # rates rise linearly with depth, as timm's drop_path_rate
         )
         self.norm = nn.LayerNorm(dim)
         self.pre_logits = nn.Linear(dim, dim)
@@ -254,8 +324,9 @@ class ViTTiny(nn.Module):
         return self.norm(h)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # -> [N, dim]
-        h = self.forward_tokens(self.embed(x))
-        return F.relu(self.pre_logits(h[:, 0]))
+        h = self.forward_tokens(self.embed(x))  # [N, 1 + L, dim]
+        pooled = h[:, 1:].mean(dim=1) if self.pool == "mean" else h[:, 0]  # [N, dim]
+        return F.relu(self.pre_logits(pooled))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -12,8 +12,14 @@ import sys
 
 EPILOG = """\
 examples:
-  # the default Fashion-MNIST bundle (docs/TRAINING.md has the exact recipe and its numbers)
-  robustgate train --dataset fashion-mnist --arch cnn --method trades --eps 0.1 --epochs 10 --out bundles/mine
+  # the shipped bundles/default (docs/TRAINING.md, "The default bundle": why this recipe, its numbers;
+  # there it runs as 2 DDP processes under torchrun, same flags)
+  robustgate train --dataset fashion-mnist --arch cnn --arch-kwargs '{"width": 16, "hidden": 256}' \\
+    --method fast-at --eps 0.1 --epochs 15 --batch-size 128 --optimizer adam --lr 0.002 --weight-decay 0 \\
+    --schedule onecycle --seed 0 --name default --out bundles/mine
+
+  # TRADES instead (a --steps inner attack per batch: several times the cost of fast-at on a CPU)
+  robustgate train --dataset fashion-mnist --arch cnn --method trades --eps 0.1 --epochs 10 --out bundles/trades
 
   # a quick, non-robust baseline
   robustgate train --method standard --epochs 2 --out bundles/standard
@@ -38,7 +44,8 @@ fine-tune it adversarially:
   robustgate train --arch vit_tiny --method pgd-at --init runs/mimir/pretrained.safetensors --eps 0.1 --out bundles/mimir
 
 The bundle's bundle.yaml records the recipe, the epoch chosen by validation PGD accuracy, and
-clean / PGD-20 test accuracy with the threat model they were measured under.
+clean / PGD-20 test accuracy with the threat model they were measured under. Next steps:
+`robustgate fit` (a detector into the bundle), `robustgate serve --bundle DIR` (docs/OPERATIONS.md).
 """
 
 
@@ -48,11 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from robustgate.models.losses import METHODS
     from robustgate.models.train import OPTIMIZERS, SCHEDULES, SELECT
 
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EPILOG
+    parser.epilog = EPILOG  # formatter: robustgate.proxy.cli.HelpFormatter (defaults shown, epilog as written)
     g = parser.add_argument_group("output")
     g.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
-    g.add_argument("--name", help="bundle name (default: the --out folder name)")
+    g.add_argument("--name", "--model-name", dest="name",
+                   help="bundle name, which `serve` answers to as the model name (default: the --out folder name)")
     g.add_argument("--checkpoint-dir", help="where epoch checkpoints go (default: <out>.ckpt)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
     g.add_argument("--no-features", dest="features", action="store_false",
@@ -76,7 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "encoder and write <out>/pretrained.safetensors instead of a bundle")
     g.add_argument("--init", help="pre-trained MAE/MIMIR checkpoint initializing the vit_tiny encoder (fine-tuning)")
     g.add_argument("--mi-lambda", type=float, default=1e-5, help="mimir-pretrain: weight of the HSIC penalty (default 1e-5)")
-    g.add_argument("--mi-sigma", type=float, default=5.0, help="mimir-pretrain: HSIC kernel width (default 5)")
+    g.add_argument("--mi-sigma", default="median",
+                   help="mimir-pretrain: HSIC kernel width, or 'median' for the median heuristic (default; the "
+                        "reference's 5 makes the kernel near constant on [0, 1] pixels, docs/MIMIR.md)")
+    g.add_argument("--blr", type=float, default=1.5e-4,
+                   help="mimir-/mae-pretrain: base lr, lr = blr * batch / 256 (default 1.5e-4, the reference's); "
+                        "--lr applies to fine-tuning only")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="mimir-/mae-pretrain: linear lr warm-up before the cosine (default 5%% of --epochs)")
+    g.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
+                   help="mimir-/mae-pretrain: reconstruct raw pixels instead of per-patch normalized ones")
     g.add_argument("--mi-estimator", default="nhsic_cca", choices=["nhsic_cca", "hsic"],
                    help="mimir-pretrain: mutual-information estimator (default nhsic_cca, as the reference code)")
     g.add_argument("--eps", type=float, default=0.1, help="l-inf radius in [0, 1] pixel units (default 0.1)")
@@ -89,12 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eps-ramp-epochs", type=float, default=0.0, help="grow eps linearly over this many epochs (default 0)")
 
     g = parser.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="training epochs")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
-    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="optimizer (the shipped recipe: adam)")
     g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (the shipped recipe: 0)")
     g.add_argument("--schedule", default="onecycle", choices=SCHEDULES, help="learning-rate schedule (default onecycle)")
 
     g = parser.add_argument_group("selection and evaluation")
@@ -105,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-steps", type=int, default=10, help="validation PGD steps (default 10)")
     g.add_argument("--test-items", type=int, help="test items for the final measurement (default: all)")
     g.add_argument("--test-steps", type=int, default=20, help="final PGD steps (default 20)")
-    g.add_argument("--test-restarts", type=int, default=1)
+    g.add_argument("--test-restarts", type=int, default=1, help="final PGD random restarts")
 
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, the initialization, data order and attacks")
@@ -126,7 +142,7 @@ def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
 
     from robustgate.models.data import load_splits
     from robustgate.models.mae import MaskedAutoencoder
-    from robustgate.models.mimir import make_loader, pretrain
+    from robustgate.models.mimir import make_loader, parse_sigma, pretrain, scaled_lr
     from robustgate.models.train import _arch_kwargs, _channel_stats
 
     if cfg.arch != "vit_tiny":
@@ -138,8 +154,12 @@ def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
     mean, std = _channel_stats(splits.train_x)
     kwargs = _arch_kwargs(cfg, splits.input_shape, len(splits.classes), mean, std)
     kwargs.pop("num_classes")
+    for key in ("pool", "drop_path"):  # classifier-only options: fine-tuning sets them, not the MAE
+        kwargs.pop(key, None)
+    kwargs.setdefault("pos_embed", "sincos")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `robustgate train` does
     torch.manual_seed(cfg.seed)
-    mae = MaskedAutoencoder(**kwargs)  # the encoder is exactly the classifier's (docs/MIMIR.md)
+    mae = MaskedAutoencoder(**kwargs, norm_pix_loss=args.norm_pix_loss)  # encoder = the classifier's (docs/MIMIR.md)
     mimir = args.method == "mimir-pretrain"
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,11 +167,15 @@ def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
         mae, make_loader(train_x, cfg.batch_size, cfg.seed), epochs=cfg.epochs,
         eps=cfg.eps if mimir else 0.0, steps=1 if mimir else 0,
         step_size=(cfg.alpha or 1.25 * cfg.eps) if mimir else 0.0,
-        lam=args.mi_lambda if mimir else 0.0, sigma=args.mi_sigma, estimator=args.mi_estimator,
-        lr=cfg.lr, seed=cfg.seed, progress=cfg.progress, checkpoint=out / "pretrained.safetensors",
+        lam=args.mi_lambda if mimir else 0.0, sigma=parse_sigma(args.mi_sigma), estimator=args.mi_estimator,
+        lr=scaled_lr(args.blr, cfg.batch_size), warmup_epochs=args.warmup_epochs, seed=cfg.seed, device=device,
+        progress=cfg.progress, checkpoint=out / "pretrained.safetensors",
     )
-    return {"pretrained": str(out / "pretrained.safetensors"), "method": args.method,
-            "loss_per_epoch": result.losses, "images_per_s": result.images_per_s}
+    return {"pretrained": str(out / "pretrained.safetensors"), "method": args.method, "device": str(device),
+            "classifier_arch_kwargs": {"pos_embed": kwargs["pos_embed"]},
+            "loss_per_epoch": result.losses, "rec_loss_per_epoch": result.rec_losses,
+            "mi_share_per_epoch": result.mi_share, "pgd_seconds_per_epoch": result.pgd_seconds,
+            "seconds_per_epoch": result.seconds, "images_per_s": result.images_per_s}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,11 @@ calls, ``sum(Rx * Ry^T)`` with ``R = Kc (Kc + eps n I)^-1`` and ``Kc = K H`` (Fu
 "Kernel measures of conditional dependence"). It lies in [0, n] roughly and is much larger than
 the biased HSIC, which is why MIMIR's lambda (1e-5) is paired with it.
 
-Known limits: HSIC is an estimate of dependence, not of mutual information in nats; the biased
+Known limits: with eps = 1e-5 (the reference's) and batches of ~128, the normalized-CCA value is
+nearly the same for dependent and for independent (permuted) pairs -- ``R`` is close to a
+projection and the sum counts shared dimensions (``bench/training/mimir_compare.py mi-check``,
+docs/MIMIR.md); the biased ``hsic`` does separate them. HSIC is an estimate of dependence, not of
+mutual information in nats; the biased
 estimator has an O(1/n) positive bias (independent samples give small positive values); with
 small batches and high-dimensional inputs the Gaussian kernel saturates unless sigma is tuned.
 """

@@ -9,19 +9,23 @@ the loss is the mean squared error on the *masked* patches only.
 
 Choices for 28x28 Fashion-MNIST (documented in docs/MIMIR.md):
 
-- patch size 4 on the unpadded 28x28 image, i.e. a 7x7 grid of L = 49 patches (the ``vit_tiny``
-  default), so the pre-trained encoder is exactly the classifier's encoder. With a mask ratio
-  of 0.75, ``int(49 * 0.25) = 12`` patches stay visible and 37 are masked in *every* image
-  (the exact count MAE uses: ``len_keep = int(L * (1 - mask_ratio))``).
+- patch size 4 on the unpadded 28x28 image (a 7x7 grid, L = 49; ``patch_size=2`` gives 14x14,
+  L = 196), so the pre-trained encoder is exactly the classifier's encoder. With a mask ratio of
+  0.75, ``int(L * 0.25)`` patches stay visible in *every* image (MAE's
+  ``len_keep = int(L * (1 - mask_ratio))``).
 - the encoder is a ``robustgate.models.archs.ViTTiny`` held as ``self.encoder``; its
   ``normalize``/``patch_embed``/``cls_token``/``pos_embed``/``blocks``/``norm`` are what MAE
   trains, so ``encoder_state_dict()`` loads into a ``build_arch("vit_tiny", ...)`` classifier
   with the same keys (only its ``pre_logits`` and ``head`` stay freshly initialised). The
   classifier's ``pre_logits``/``head`` inside ``self.encoder`` are frozen and unused here.
-- position embeddings are learned (as in ``vit_tiny``), not MAE's fixed 2-D sin-cos ones.
+- position embeddings: fixed 2-D sin-cos in encoder and decoder (MAE's; ``pos_embed="learned"``
+  gives the old learned ones).
+- the decoder is sized to the encoder (``decoder_size``): MIMIR's ViT-T pairs a 192-d, 12-block
+  encoder with a 128-d, 2-block decoder; the same ratios (2/3 of the width, 1/6 of the depth)
+  give a 48-d, 1-block decoder beside a 64-d, 4-block encoder.
 - inputs are [0, 1] pixels; normalization is inside the encoder. The reconstruction target is
-  the clean [0, 1] pixels of each patch (``norm_pix_loss=True`` gives MAE's per-patch
-  normalized target instead).
+  MAE's per-patch normalized pixels (``norm_pix_loss=True``, as the MIMIR scripts run it;
+  ``False`` gives the clean [0, 1] pixels).
 
 Known limits: MAE representations need fine-tuning to be useful for classification (linear
 probing is weak, He et al. 2022 Sec. 4); on 28x28 images with 49 patches the task is much easier
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustgate.models.archs import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ViTTiny
+from robustgate.models.archs import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ViTTiny, sincos_pos_embed_2d
 
 # Parameter/buffer names of ViTTiny that the MAE trains and the classifier reuses.
 ENCODER_KEYS = ("normalize.", "patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
@@ -87,6 +91,25 @@ def unpatchify(patches: torch.Tensor, p: int, c: int) -> torch.Tensor:
     return x.reshape(n, c, g * p, g * p)
 
 
+def decoder_size(dim: int, depth: int) -> tuple[int, int, int]:
+    """``(decoder_dim, decoder_depth, decoder_heads)`` in MIMIR's ViT-T proportions.
+
+    ViT-T: encoder 192-d x 12 blocks, decoder 128-d x 2 blocks (2/3 of the width, 1/6 of the
+    depth). The width is rounded to a multiple of 16 (>= 16) and split into heads of ~32 dims.
+    """
+    decoder_dim = max(16, 16 * round(dim * 2 / 3 / 16))
+    return decoder_dim, max(1, round(depth / 6)), max(1, decoder_dim // 32)
+
+
+def norm_pix_target(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's ``norm_pix_loss`` target: each patch [.., P] minus its mean, over sqrt(var + eps).
+
+    ``var`` is the unbiased variance over the patch's P values, as ``models_mae.py`` computes it.
+    """
+    mu, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    return (target - mu) / (var + eps) ** 0.5
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked patches of the per-patch MSE. pred/target [N, L, P], mask [N, L]."""
     per_patch = ((pred - target) ** 2).mean(dim=-1)  # [N, L]
@@ -109,15 +132,20 @@ class MaskedAutoencoder(nn.Module):
         depth: int = 12,
         heads: int = 3,
         mlp_ratio: float = 4.0,
-        decoder_dim: int = 128,
-        decoder_depth: int = 2,
-        decoder_heads: int = 4,
+        decoder_dim: int | None = None,
+        decoder_depth: int | None = None,
+        decoder_heads: int | None = None,
         mask_ratio: float = 0.75,
-        norm_pix_loss: bool = False,
+        norm_pix_loss: bool = True,
         mean: tuple[float, ...] = FASHION_MNIST_MEAN,
         std: tuple[float, ...] = FASHION_MNIST_STD,
+        pos_embed: str = "sincos",
     ):
         super().__init__()
+        sized = decoder_size(dim, depth)  # None: MIMIR's ViT-T proportions
+        decoder_dim = sized[0] if decoder_dim is None else decoder_dim
+        decoder_depth = sized[1] if decoder_depth is None else decoder_depth
+        decoder_heads = sized[2] if decoder_heads is None else decoder_heads
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if decoder_dim % decoder_heads:
@@ -128,7 +156,7 @@ class MaskedAutoencoder(nn.Module):
             in_channels=in_channels, image_size=image_size, patch_size=patch_size, dim=dim, depth=depth,
             heads=heads, mlp_ratio=mlp_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
             decoder_heads=decoder_heads, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
-            mean=tuple(mean), std=tuple(std),
+            mean=tuple(mean), std=tuple(std), pos_embed=pos_embed,
         )
         self.patch_size, self.in_channels = patch_size, in_channels
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
@@ -136,7 +164,7 @@ class MaskedAutoencoder(nn.Module):
         # 1. Encoder: the classifier's own module (its pre_logits/head are not used by MAE).
         self.encoder = ViTTiny(
             in_channels=in_channels, image_size=image_size, patch_size=patch_size, dim=dim, depth=depth,
-            heads=heads, mlp_ratio=mlp_ratio, mean=tuple(mean), std=tuple(std),
+            heads=heads, mlp_ratio=mlp_ratio, mean=tuple(mean), std=tuple(std), pos_embed=pos_embed,
         )
         for module in (self.encoder.pre_logits, self.encoder.head):
             module.requires_grad_(False)
@@ -147,7 +175,11 @@ class MaskedAutoencoder(nn.Module):
         # 2. Decoder: a light transformer over all L positions.
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim) * 0.02)
-        self.decoder_pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, decoder_dim) * 0.02)
+        if pos_embed == "sincos":
+            grid = image_size // patch_size
+            self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(decoder_dim, grid)[None], requires_grad=False)
+        else:
+            self.decoder_pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, decoder_dim) * 0.02)
         self.decoder_blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 decoder_dim, decoder_heads, int(decoder_dim * mlp_ratio), dropout=0.0, activation="gelu",
@@ -187,8 +219,7 @@ class MaskedAutoencoder(nn.Module):
         """MSE between ``pred`` [N, L, P] and the patches of ``target_images`` on masked patches."""
         target = patchify(target_images, self.patch_size)  # [N, L, p*p*C]
         if self.norm_pix_loss:
-            mu, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mu) / (var + 1e-6) ** 0.5
+            target = norm_pix_target(target)
         return masked_mse(pred, target, mask)
 
     def forward(
@@ -215,9 +246,9 @@ class MaskedAutoencoder(nn.Module):
         """``build_arch("vit_tiny", num_classes=K, **classifier_kwargs())`` matches this encoder."""
         c = self.config
         return {k: c[k] for k in ("in_channels", "image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio",
-                                  "mean", "std")}
+                                  "mean", "std", "pos_embed")}
 
 
 def mae_vit_tiny(**kwargs) -> MaskedAutoencoder:
-    """ViT-Tiny widths (dim 192, depth 12, 3 heads), decoder 128-d x 2 blocks (as MIMIR's ViT-T)."""
+    """ViT-Tiny widths (dim 192, depth 12, 3 heads), decoder 128-d x 2 blocks (``decoder_size``, MIMIR's ViT-T)."""
     return MaskedAutoencoder(**kwargs)

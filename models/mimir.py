@@ -28,8 +28,11 @@ Defaults (``PAPER_DEFAULTS``) follow the reference code (github.com/xiaoyunxxy/M
 ``pretrain.py`` and ``advmae_jobscript_cifar10.sh``, CIFAR-10 ViT): eps = 8/255, one PGD step of
 alpha = 0.0392 (10/255) from a uniform random start, lambda = 1e-5 on the normalized-CCA HSIC
 with sigma = 5, mask ratio 0.75, AdamW(betas 0.9/0.95, weight decay 0.05), base lr 1.5e-4 per
-256 images, 800 epochs with 40 warm-up epochs (cosine schedule). For Fashion-MNIST the threat
-model of this project is eps = 0.1 (see docs/MIMIR.md for the recipe).
+256 images (``scaled_lr``), 800 epochs with 40 warm-up epochs (cosine schedule), normalized-pixel
+targets. ``pretrain`` uses them except for sigma, whose default is the median heuristic (sigma 5 on
+[0, 1] pixels makes the kernel near constant), and lambda, which is to be calibrated
+(``bench/training/mimir_compare.py sweep``; the MI term's share of the loss is logged every epoch).
+For Fashion-MNIST the threat model of this project is eps = 0.1 (see docs/MIMIR.md).
 
 Known limits: the robustness comes from the adversarial *fine-tuning*; pre-training alone gives
 no robust classifier. The MI penalty is an HSIC proxy, not a bound. One PGD step per batch makes
@@ -59,8 +62,17 @@ from robustgate.models.mae import MaskedAutoencoder, Masking
 
 PAPER_DEFAULTS = dict(
     eps=8 / 255, steps=1, step_size=0.0392, lam=1e-5, sigma=5.0, estimator="nhsic_cca",
-    lr=1.5e-4, weight_decay=0.05, mask_ratio=0.75,
+    lr=1.5e-4, blr=1.5e-4, weight_decay=0.05, mask_ratio=0.75, warmup_fraction=40 / 800, norm_pix_loss=True,
 )
+# sigma=None (median heuristic) is pretrain's default instead of the reference's 5: with the
+# per-dimension width exp(-||a - b||^2 / (2 sigma^2 d)), sigma 5 on [0, 1] pixels gives
+# exp(-msd / 50) with msd the mean squared pixel difference (~0.1 between Fashion-MNIST images),
+# i.e. every kernel entry ~0.998: a near-constant kernel (docs/MIMIR.md, "sigma").
+
+
+def scaled_lr(blr: float, batch_size: int) -> float:
+    """The reference's absolute learning rate: ``blr * batch_size / 256`` (MAE's linear scaling)."""
+    return blr * batch_size / 256
 METHODS = ("mimir-pretrain", "mae-pretrain")
 
 
@@ -132,12 +144,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class PretrainResult:
-    """Per-epoch means: ``losses`` (total), ``rec_losses``, ``mi`` (NaN for MAE); throughput."""
+    """Per-epoch means: ``losses`` (total), ``rec_losses``, ``mi`` (NaN for MAE), ``mi_share``
+    (``lam * mi / loss``: the MI term's share of the loss, 0 for MAE); timing and throughput."""
 
     losses: list[float] = field(default_factory=list)
     rec_losses: list[float] = field(default_factory=list)
     mi: list[float] = field(default_factory=list)
+    mi_share: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # wall clock per epoch
+    pgd_seconds: list[float] = field(default_factory=list)  # wall clock of the PGD step (pgd_delta) per epoch
     cpu_seconds: list[float] = field(default_factory=list)  # process CPU time per epoch (all threads)
     images_per_s: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
@@ -156,11 +171,12 @@ def pretrain(
     steps: int = PAPER_DEFAULTS["steps"],
     step_size: float = PAPER_DEFAULTS["step_size"],
     lam: float = PAPER_DEFAULTS["lam"],
-    sigma: float | None = PAPER_DEFAULTS["sigma"],
+    sigma: float | None = None,
     estimator: str = PAPER_DEFAULTS["estimator"],
     lr: float = PAPER_DEFAULTS["lr"],
     weight_decay: float = PAPER_DEFAULTS["weight_decay"],
-    warmup_epochs: float = 0.0,
+    warmup_epochs: float | None = None,
+    max_steps: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -168,9 +184,13 @@ def pretrain(
 ) -> PretrainResult:
     """MIMIR pre-training of ``model`` over ``loader`` (batches of images or ``(images, labels)``).
 
-    ``eps=0, lam=0`` is clean MAE pre-training. Masks and PGD starts come from a generator seeded
-    with ``seed``; the loader's order is the caller's (seed it too for a reproducible run). The
-    model is left in train mode on ``device``. ``checkpoint``: safetensors path written at the end.
+    ``eps=0, lam=0`` is clean MAE pre-training. ``lr`` is absolute (``scaled_lr(blr, batch)`` gives
+    the reference's); it warms up linearly over ``warmup_epochs`` (None: the reference's 40 of
+    800 = 5% of the run), then follows a half cosine to 0. ``sigma=None``: HSIC kernel widths by
+    the median heuristic. ``max_steps`` stops (and ends the schedule) after that many batches.
+    Masks and PGD starts come from a generator seeded with ``seed``; the loader's order is the
+    caller's (seed it too for a reproducible run). The model is left in train mode on ``device``.
+    ``checkpoint``: safetensors path written at the end.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -184,29 +204,50 @@ def pretrain(
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
-    config = dict(epochs=epochs, eps=eps, steps=steps, step_size=step_size, lam=lam, sigma=sigma,
-                  estimator=estimator, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if sigma is not None and sigma <= 0:
+        raise ValueError(f"sigma must be positive or None (median heuristic), got {sigma}")
+    batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    default_warmup = warmup_epochs is None
+    if default_warmup:
+        warmup_epochs = PAPER_DEFAULTS["warmup_fraction"] * epochs
+    config = dict(epochs=epochs, eps=eps, steps=steps, step_size=step_size, lam=lam,
+                  sigma="median" if sigma is None else sigma, estimator=estimator, lr=lr, weight_decay=weight_decay,
+                  warmup_epochs=warmup_epochs, max_steps=max_steps, seed=seed, device=str(device),
                   method="mimir-pretrain" if (eps > 0 or lam > 0) else "mae-pretrain")
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
-    batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None
     total = epochs * batches_per_epoch if batches_per_epoch else None
+    if max_steps is not None:
+        total = min(total, max_steps) if total else max_steps
     warmup = int(warmup_epochs * batches_per_epoch) if batches_per_epoch else 0
+    if default_warmup and total:  # 5% of the steps actually run (max_steps may end the run early)
+        warmup = int(PAPER_DEFAULTS["warmup_fraction"] * total)
     result, step = PretrainResult(config=config), 0
 
     for epoch in range(epochs):
-        sums, n_images, t0, c0 = [0.0, 0.0, 0.0], 0, time.perf_counter(), time.process_time()
+        if max_steps is not None and step >= max_steps:
+            break
+        sums, n_images, t0, c0, t_pgd = [0.0, 0.0, 0.0, 0.0], 0, time.perf_counter(), time.process_time(), 0.0
         bar = tqdm(loader, desc=f"{config['method']} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for batch in bar:
+            if max_steps is not None and step >= max_steps:
+                break
             x = _images(batch).to(device)  # [N, C, H, W] in [0, 1]
             if total:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, lr)
             # 1. one masking per batch, shared by the attack and the update
             masking = model.sample_masking(x.shape[0], generator=gen)
-            # 2. the perturbation that hurts reconstruction most
+            # 2. the perturbation that hurts reconstruction most (timed: the PGD step's share)
+            _sync(device)
+            tp = time.perf_counter()
             delta = pgd_delta(model, x, masking, eps=eps, steps=steps, step_size=step_size, generator=gen)
+            _sync(device)
+            t_pgd += time.perf_counter() - tp
             # 3. reconstruct the clean image from the perturbed one, penalize I(x + delta, z)
             loss, rec, mi = mimir_loss(model, x, delta, masking, lam=lam, sigma=sigma, estimator=estimator)
             if not torch.isfinite(loss):
@@ -215,24 +256,35 @@ def pretrain(
             loss.backward()
             optimizer.step()
             b = x.shape[0]
+            mi_term = lam * mi.item() if lam > 0 else 0.0
             sums[0] += loss.item() * b
             sums[1] += rec.item() * b
             sums[2] += mi.item() * b
+            sums[3] += mi_term / max(loss.item(), 1e-12) * b
             n_images += b
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(rec=f"{rec.item():.4f}", mi=f"{mi.item():.3g}", mi_share=f"{sums[3] / n_images:.2%}")
         if n_images == 0:
             raise ValueError("the loader yielded no batches")
+        _sync(device)
         seconds = time.perf_counter() - t0
         result.losses.append(sums[0] / n_images)
         result.rec_losses.append(sums[1] / n_images)
         result.mi.append(sums[2] / n_images)
+        result.mi_share.append(sums[3] / n_images)
+        result.pgd_seconds.append(t_pgd)
         result.seconds.append(seconds)
         result.cpu_seconds.append(time.process_time() - c0)
         result.images_per_s.append(n_images / seconds)
     if checkpoint is not None:
         save_pretrained(model, checkpoint, extra={"pretrain": config})
     return result
+
+
+def _sync(device: torch.device) -> None:
+    """Waits for queued CUDA work so wall-clock timings are true (no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def make_loader(x: torch.Tensor, batch_size: int, seed: int = 0) -> torch.utils.data.DataLoader:
@@ -266,6 +318,7 @@ def load_pretrained(path: str | Path) -> MaskedAutoencoder:
         raise ValueError(f"{path} is not a robustgate MAE checkpoint (metadata format={meta.get('format')!r})")
     config = json.loads(meta["mae_config"])
     config["mean"], config["std"] = tuple(config["mean"]), tuple(config["std"])
+    config.setdefault("pos_embed", "learned")  # checkpoints written before sin-cos became the default
     model = MaskedAutoencoder(**config)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
@@ -299,6 +352,16 @@ def init_classifier(classifier: nn.Module, source: MaskedAutoencoder | str | Pat
 # ---------------------------------------------------------------------------------------------
 # command line: pre-train (or time) MAE / MIMIR on a Fashion-MNIST subset
 # ---------------------------------------------------------------------------------------------
+def parse_sigma(text: str | float | None) -> float | None:
+    """``"median"`` (or None) -> None (the median heuristic); else a positive float."""
+    if text is None or str(text).lower() == "median":
+        return None
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"sigma must be positive or 'median', got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m robustgate.models.mimir", description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=METHODS, default="mimir-pretrain")
@@ -309,10 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=PAPER_DEFAULTS["steps"])
     p.add_argument("--step-size", type=float, default=0.125, help="1.25 eps, the paper's 10/255 for 8/255")
     p.add_argument("--lam", type=float, default=PAPER_DEFAULTS["lam"])
-    p.add_argument("--sigma", type=float, default=PAPER_DEFAULTS["sigma"])
+    p.add_argument("--sigma", type=parse_sigma, default=None,
+                   help="HSIC kernel width, or 'median' (default: the median heuristic; the reference uses 5)")
     p.add_argument("--estimator", choices=sorted(ESTIMATORS), default=PAPER_DEFAULTS["estimator"])
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--blr", type=float, default=PAPER_DEFAULTS["blr"], help="base lr; lr = blr * batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="default: 5%% of the epochs (40 of 800)")
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--heads", type=int, default=3)
@@ -331,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         return _compare(args, x)
     torch.manual_seed(args.seed)
-    model = MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads)
+    model = MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads, patch_size=args.patch_size)
     mimir = args.method == "mimir-pretrain"
     result = pretrain(
         model, make_loader(x, args.batch_size, args.seed), epochs=args.epochs,
         eps=args.eps if mimir else 0.0, steps=args.steps if mimir else 0, step_size=args.step_size if mimir else 0.0,
-        lam=args.lam if mimir else 0.0, sigma=args.sigma, estimator=args.estimator, lr=args.lr,
-        warmup_epochs=args.warmup_epochs, seed=args.seed, checkpoint=args.out,
+        lam=args.lam if mimir else 0.0, sigma=args.sigma, estimator=args.estimator,
+        lr=args.lr or scaled_lr(args.blr, args.batch_size), warmup_epochs=args.warmup_epochs, seed=args.seed,
+        device=args.device, checkpoint=args.out,
     )
     report = asdict(result)
     report["config"].update(n=args.n, batch_size=args.batch_size, dim=args.dim, depth=args.depth, heads=args.heads,
@@ -354,23 +422,31 @@ def _compare(args: argparse.Namespace, x: torch.Tensor) -> int:
     runs = {}
     for method in METHODS:
         torch.manual_seed(args.seed)
-        runs[method] = (MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads), [], [])
+        runs[method] = (MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads,
+                                          patch_size=args.patch_size), [], [], [])
     attack = dict(eps=args.eps, steps=args.steps, step_size=args.step_size, lam=args.lam)
     clean = dict(eps=0.0, steps=0, step_size=0.0, lam=0.0)
     for rep in range(args.compare):
-        for method, (model, wall, cpu) in runs.items():
+        for method, (model, wall, cpu, pgd) in runs.items():
             r = pretrain(model, make_loader(x, args.batch_size, args.seed + rep), epochs=1, sigma=args.sigma,
-                         estimator=args.estimator, lr=args.lr, seed=args.seed + rep, progress=False,
+                         estimator=args.estimator, lr=args.lr or scaled_lr(args.blr, args.batch_size),
+                         seed=args.seed + rep, progress=False, device=args.device,
                          **(attack if method == "mimir-pretrain" else clean))
             wall.append(r.seconds[0])
             cpu.append(r.cpu_seconds[0])
-    med = {m: (statistics.median(w), statistics.median(c)) for m, (_, w, c) in runs.items()}
+            pgd.append(r.pgd_seconds[0])
+    med = {m: (statistics.median(w), statistics.median(c)) for m, (_, w, c, _) in runs.items()}
+    mimir_wall, mimir_pgd = runs["mimir-pretrain"][1], runs["mimir-pretrain"][3]
     report = {
         "config": dict(n=args.n, batch_size=args.batch_size, dim=args.dim, depth=args.depth, heads=args.heads,
                        threads=torch.get_num_threads(), repeats=args.compare, **attack, sigma=args.sigma,
-                       estimator=args.estimator),
-        "wall_seconds": {m: w for m, (_, w, _) in runs.items()},
-        "cpu_seconds": {m: c for m, (_, _, c) in runs.items()},
+                       estimator=args.estimator, device=args.device, patch_size=args.patch_size,
+                       decoder=runs["mae-pretrain"][0].config["decoder_dim"],
+                       decoder_depth=runs["mae-pretrain"][0].config["decoder_depth"]),
+        "wall_seconds": {m: w for m, (_, w, _, _) in runs.items()},
+        "cpu_seconds": {m: c for m, (_, _, c, _) in runs.items()},
+        "mimir_pgd_seconds": mimir_pgd,
+        "mimir_pgd_share_of_epoch": statistics.median(p / w for p, w in zip(mimir_pgd, mimir_wall)),
         "median_wall_seconds_per_epoch": {m: v[0] for m, v in med.items()},
         "median_cpu_seconds_per_epoch": {m: v[1] for m, v in med.items()},
         "mimir_over_mae_wall": med["mimir-pretrain"][0] / med["mae-pretrain"][0],

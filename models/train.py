@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 from robustgate.models.archs import arch_class, build_arch
 from robustgate.models.data import DATASETS, load_splits
-from robustgate.models.export import write_bundle
 from robustgate.models.inner import robust_accuracy
 from robustgate.models.losses import METHODS, passes_per_item
 
@@ -385,6 +384,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _finish(cfg, module, best_state, best, history, splits, arch_kwargs, out, device, world,
             train_images, train_seconds, wall_seconds) -> dict[str, Any]:
     """Loads the selected epoch, measures it on the test set, writes the bundle."""
+    from robustgate.models.export import write_bundle  # lazy: export pulls pydantic/onnx, training needs neither
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()

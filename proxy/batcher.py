@@ -43,6 +43,10 @@ at once with :class:`QueueFull` (the server answers RESOURCE_EXHAUSTED) and neve
   request until a first batch has run (no estimate yet). The estimate only moves when a batch ends:
   a pipeline that stalls mid-batch is bounded by the item bound and by deadlines.
 
+Clients: a request may name its client (``submit(..., client=)``, proxy/identity.py); the batch's
+``run`` / ``front`` then get ``clients=`` (one identity per item, in the batch's arrival order) for
+the stateful stages; a batch in which no request named one is run without it.
+
 Each request gets back exactly its own rows of the batch's :class:`PipelineResult`. ``clock`` (default
 ``time.monotonic``) times arrivals, deadlines and batches; tests pass a controllable one.
 """
@@ -89,6 +93,7 @@ class _Pending:
     deadline: float | None  # a value of the batcher's clock (time.monotonic()), None = no deadline
     enqueued: float
     started: float | None = None  # when its batch began to run
+    client: str | None = None  # the caller's identity (proxy/identity.py), None = not named
 
     @property
     def n(self) -> int:
@@ -101,7 +106,7 @@ def slice_result(r: PipelineResult, a: int, b: int) -> PipelineResult:
         logits=r.logits[a:b], verdict=r.verdict[a:b], reason=list(r.reason[a:b]),
         scores={k: v[a:b] for k, v in r.scores.items()}, thresholds=dict(r.thresholds),
         radius=None if r.radius is None else r.radius[a:b], seconds=dict(r.seconds),
-        failed_stages=list(r.failed_stages),
+        failed_stages=list(r.failed_stages), blocked=list(r.blocked[a:b]),
     )
 
 
@@ -241,16 +246,18 @@ class Batcher:
         if self._front_executor is not None:
             self._front_executor.shutdown(wait=True)
 
-    async def submit(self, x: np.ndarray, deadline: float | None = None) -> tuple[PipelineResult, float]:
-        """Queues ``x`` ``[n, C, H, W]``; returns its rows of the batch result and the seconds it
-        waited in the queue. Raises QueueFull."""
+    async def submit(self, x: np.ndarray, deadline: float | None = None,
+                     client: str | None = None) -> tuple[PipelineResult, float]:
+        """Queues ``x`` ``[n, C, H, W]`` of ``client``; returns its rows of the batch result and the
+        seconds it waited in the queue. Raises QueueFull."""
         if self._task is None:
             raise BatcherClosed("the batcher is not running")
         n = int(x.shape[0])
         refused = self.admission(n)
         if refused is not None:
             raise QueueFull(refused)
-        p = _Pending(x=x, future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued=self.clock())
+        p = _Pending(x=x, future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued=self.clock(),
+                     client=client)
         self._arrived(p.enqueued)
         self._queue.append(p)
         self._depth += n
@@ -349,11 +356,13 @@ class Batcher:
                 started = self.clock()
                 for p in batch:
                     p.started = started
+                named = {} if all(p.client is None for p in batch) else {
+                    "clients": [p.client or "peer:unknown" for p in batch for _ in range(p.n)]}  # [M], arrival order
                 front = self.front() if fronted else None
                 if front is None:
-                    run = functools.partial(self.run, x)
-                else:
-                    run = await loop.run_in_executor(self._front_executor, front, x)  # finish(timeout)
+                    run = functools.partial(self.run, x, **named)
+                else:  # finish(timeout)
+                    run = await loop.run_in_executor(self._front_executor, functools.partial(front, x, **named))
                 if fronted:
                     await self._slots.acquire()
                     holds_worker = True

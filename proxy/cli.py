@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # subcommand -> (module, one-line help)
@@ -21,6 +22,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every subcommand's help: epilogs as written (examples) and each option's default shown --
+    argparse.ArgumentDefaultsHelpFormatter, except that an option whose help already states its
+    default, or that has none (None, a switch), is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None
+                or isinstance(action.default, bool) or action.default is argparse.SUPPRESS
+                or action.default in ([], {})):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="robustgate",
@@ -32,7 +47,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {}
     for name, (_module, help_text) in SUBCOMMANDS.items():
-        subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        subparsers[name] = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
     return parser, subparsers
 
 
@@ -43,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         parser.parse_args(argv)  # handles --help/--version, errors on unknown commands
         parser.print_help()
+        return 2
+    if importlib.util.find_spec("onnxruntime") is None and not ({"-h", "--help"} & set(argv)):
+        # the core declares no ONNX Runtime: the `cpu` and `gpu` extras each bring one build (pyproject.toml)
+        print(f"robustgate {command}: ONNX Runtime is not installed; install robustgate[cpu] "
+              f"(or robustgate[gpu] for onnxruntime-gpu)", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[command][0])
     module.add_arguments(subparsers[command])

@@ -11,7 +11,7 @@ Pure functions, no I/O: the server calls :func:`decode_infer` on the way in and
   (``fp32_contents`` / ``uint_contents``) or raw
   (``raw_input_contents``, little-endian), never both.
 - Outputs: the bundle's logits output ``[N, K]`` FP32, ``robustgate_verdict`` INT32 ``[N]``,
-  ``robustgate_score_<stage>`` FP32 ``[N]`` per detector stage, ``robustgate_radius`` FP32 ``[N]``
+  ``robustgate_score_<stage>`` FP32 ``[N]`` per detector stage (only with ``server.explain``), ``robustgate_radius`` FP32 ``[N]``
   when an ensemble stage certifies; parameters ``robustgate_verdicts`` and ``robustgate_reasons``.
   Raw when the request was raw (tritonclient reads only ``raw_output_contents``), typed otherwise.
 """

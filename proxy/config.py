@@ -92,6 +92,27 @@ class AuthConfig(_Strict):
         return self.bearer_token_file is not None
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class AdminConfig(_Strict):
+    """The admin service ``robustgate.admin.v1.Admin/Reload`` (docs/OPERATIONS.md, "Hot reload" and
+    "Threat model"): off unless ``enabled``; when on, it answers only behind the bearer token
+    (``server.auth``) or on its own port bound to loopback. A bare ``true``/``false`` (the older
+    ``server.admin: true``) means ``enabled``."""
+
+    enabled: bool = False  # serve robustgate.admin.v1.Admin/Reload (hot reload; SIGHUP works without it)
+    port: int | None = Field(None, ge=0, le=65535, description=(
+        "own port for the admin service (0 = any free port); null = the inference port, which needs server.auth"))
+    host: str = Field("127.0.0.1", description=(
+        "address the admin port binds; anything but loopback needs server.auth"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
+
+
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(8001, ge=0, le=65535)  # 0 = any free port
@@ -101,10 +122,32 @@ class ServerConfig(_Strict):
     grace_s: float = Field(30.0, ge=0)  # SIGTERM drain: time in-flight requests get to finish
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
-    admin: bool = True  # serve robustgate.admin.v1.Admin/Reload (token-protected when auth is on)
+    identity_header: str | None = Field("x-client-id", pattern=r"^[a-z0-9_.-]+$", description=(
+        "the metadata header that names a client that has no client certificate and no bearer token "
+        "(proxy/identity.py; docs/OPERATIONS.md 'Client identity'); null = none, the peer address next"))
+    admin: AdminConfig = AdminConfig()
+    explain: bool = Field(False, description=(
+        "a rejection's status details and trailing metadata carry the detector's score and threshold; for "
+        "trusted clients only (an evasion oracle otherwise): turn it on together with server.auth"))
     compute_nice: int = Field(10, ge=0, le=19, description=(
         "niceness added to the threads that compute batches (batch workers, ONNX Runtime's pools), so that the "
         "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off"))
+
+    @model_validator(mode="after")
+    def _admin_guarded(self) -> "ServerConfig":
+        a = self.admin
+        if a.enabled and not self.auth.enabled:
+            if a.port is None:
+                raise ValueError(
+                    "admin.enabled: the Reload RPC on the inference port needs a bearer token (server.auth."
+                    "bearer_token_file); or give it its own loopback port (server.admin.port)")
+            if a.host not in LOOPBACK_HOSTS:
+                raise ValueError(
+                    f"admin.host: {a.host!r} is not loopback ({', '.join(LOOPBACK_HOSTS)}); an admin port reachable "
+                    f"from other hosts needs a bearer token (server.auth.bearer_token_file)")
+        if a.enabled and a.port is not None and a.port != 0 and a.port in (self.port, self.metrics_port):
+            raise ValueError(f"admin.port: {a.port} is already the gRPC or the metrics port")
+        return self
 
 
 class OnnxRuntimeConfig(_Strict):
@@ -129,9 +172,19 @@ class UpstreamConfig(_Strict):
     tls_key: str | None = None
 
 
+class TorchBackendConfig(_Strict):
+    """``backend.kind: torch``: the bundle's torch twin in-process (proxy/backends/torch.py)."""
+
+    device: Literal["cpu", "cuda", "auto"] | None = None  # None: pipeline.device
+
+
 class BackendConfig(_Strict):
-    kind: Literal["onnxruntime", "upstream"] = "onnxruntime"
+    kind: Literal["onnxruntime", "torch", "upstream"] = "onnxruntime"
+    # compute precision of an in-process torch backbone (kind torch, or onnxruntime's fallback to
+    # the twin on cuda): autocast to bf16/fp16; the accuracy cost: bench/results/gpu.precision*.md
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+    torch: TorchBackendConfig = TorchBackendConfig()
     upstream: UpstreamConfig = UpstreamConfig()
 
 
@@ -161,8 +214,31 @@ class BatchingConfig(_Strict):
         return self.workers if self.workers is not None else (4 if backend_kind == "upstream" else 1)
 
 
+class ClientLimitsConfig(_Strict):
+    """Per-client query limits keyed on the client identity (proxy/ratelimit.py); counted in items,
+    per replica. Both off by default."""
+
+    rate_per_s: float | None = Field(None, gt=0)  # token bucket refill, queries per second; null = no rate limit
+    burst: int | None = Field(None, ge=1)  # bucket size; default: ceil(rate_per_s)
+    budget: int | None = Field(None, ge=1)  # queries per client per window; null = no budget
+    window_s: float = Field(86400.0, gt=0)  # the budget's window (a day)
+    max_clients: int = Field(100_000, ge=1)  # clients remembered (least recently seen forgotten first)
+
+
 class LimitsConfig(_Strict):
     max_batch_items: int = Field(256, ge=1)  # items in one ModelInfer; beyond -> INVALID_ARGUMENT
+    per_client: ClientLimitsConfig = ClientLimitsConfig()
+
+
+class OutputsConfig(_Strict):
+    """What an accepted item's answer tells the client (proxy/outputs.py; docs/PROTOCOL.md "Output policies")."""
+
+    policy: Literal["logits", "top_k", "label", "aaa"] = "logits"  # logits = the model's, as before
+    k: int = Field(1, ge=1)  # top_k: probabilities kept
+    decimals: int = Field(2, ge=0, le=8)  # top_k: rounding
+    tau: float = Field(0.5, gt=0)  # aaa: interval width of the margin
+    alpha: float = Field(0.9, gt=0, lt=1)  # aaa: reflection strength
+    temperature: float = Field(1.0, gt=0)  # aaa: calibration temperature kept
 
 
 class ProxyConfig(_Strict):
@@ -173,6 +249,7 @@ class ProxyConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     pipeline: PipelineConfig = PipelineConfig()
     limits: LimitsConfig = LimitsConfig()
+    outputs: OutputsConfig = OutputsConfig()
 
     @model_validator(mode="after")
     def _fits(self) -> "ProxyConfig":

@@ -20,7 +20,10 @@ OUTCOMES = (
     "accepted", "flagged", "rejected", "invalid", "not_found", "resource_exhausted",
     "upstream_error", "deadline_exceeded", "internal",
     "unavailable",  # the server is shutting down (answered UNAVAILABLE: the client may retry elsewhere)
+    "blocked",  # the client is blocked by a stateful stage (answered RESOURCE_EXHAUSTED with a retry hint)
+    "limited",  # the client is over its rate limit or query budget (RESOURCE_EXHAUSTED with a retry hint)
 )
+REFUSAL_REASONS = ("rate", "budget")  # proxy/ratelimit.py; a stateful stage's block counts under its name
 # 100 us .. ~30 s
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -75,6 +78,35 @@ class BatchHistogram:
         yield family
 
 
+class StoreStats:
+    """Gauges of the stateful stages' history stores, read at scrape time (``stores()`` -> stage ->
+    ``{entries, clients, bytes}``, defenses/stateful/store.py ``stats``). A store that cannot answer
+    (Redis down) is left out of that scrape."""
+
+    def __init__(self, stores: Callable[[], dict], registry: CollectorRegistry):
+        self.stores = stores
+        registry.register(self)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        fams = {k: GaugeMetricFamily(f"robustgate_stateful_{k}", doc, labels=["stage"]) for k, doc in (
+            ("entries", "Queries remembered by a stateful stage's history store"),
+            ("clients", "Clients remembered by a stateful stage's history store"),
+            ("bytes", "Memory of a stateful stage's history store (Redis: the server's used_memory)"))}
+        for stage, store in sorted(self.stores().items()):
+            try:
+                stats = store.stats()
+            except Exception:  # noqa: BLE001 - a scrape never fails for one store
+                continue
+            for k, fam in fams.items():
+                fam.add_metric([stage], float(stats[k]))
+        yield from fams.values()
+
+
 class Metrics:
     def __init__(self, version: str, bundle: str, revision: str, stages: tuple[str, ...] = ()):
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -113,7 +145,40 @@ class Metrics:
         # Prometheus sees rather than a series that appears mid-burst
         for stage in stages:
             self.rejections.labels(detector=stage)
+        self.clients_blocked = Counter(
+            "robustgate_clients_blocked", "Clients that started being refused: by a stateful stage's block (its name) "
+            "or by their rate limit or query budget (rate, budget)", ["reason"], registry=r)
+        self.queries_refused = Counter(
+            "robustgate_queries_refused", "Items refused to a blocked or limited client, by reason (stage, rate, budget)",
+            ["reason"], registry=r)
+        self.stateful_detections = Counter(
+            "robustgate_stateful_detections", "Queries a stateful stage scored above its threshold", ["stage"], registry=r)
+        self.stateful_observe = Histogram(
+            "robustgate_stateful_observe_duration_seconds", "Wall time of a stateful stage per batch (fingerprints, "
+            "store lookups and inserts)", ["stage"], registry=r, buckets=LATENCY_BUCKETS)
+        for reason in REFUSAL_REASONS:
+            self.clients_blocked.labels(reason=reason)
+            self.queries_refused.labels(reason=reason)
+        self._backend_info = Gauge("robustgate_backend_info", "The backbone's runtime: kind (onnxruntime | torch | "
+                                   "upstream), device, provider (ONNX Runtime's execution provider, or torch)",
+                                   ["kind", "device", "provider"], registry=r)
         self._http = None
+
+    def backend_info(self, kind: str, device: str, provider: str) -> None:
+        """Sets ``robustgate_backend_info{kind,device,provider} 1`` (one series: a new call replaces it)."""
+        self._backend_info.clear()
+        self._backend_info.labels(kind=kind, device=device, provider=provider).set(1)
+
+    def watch_stores(self, stores: Callable[[], dict]) -> None:
+        """Exports the stateful stores' gauges (:class:`StoreStats`); ``stores()`` -> stage -> store."""
+        StoreStats(stores, self.registry)
+
+    def watch_stateful(self, stages: Iterable[str]) -> None:
+        """Zero series for the stateful stages (a reload may add one)."""
+        for stage in stages:
+            self.stateful_detections.labels(stage=stage)
+            self.clients_blocked.labels(reason=stage)
+            self.queries_refused.labels(reason=stage)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

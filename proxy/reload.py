@@ -36,7 +36,8 @@ def read_token(path: Path) -> bytes:
 
 async def reload(self: "ProxyServer") -> dict:
     """``ProxyServer.reload``: re-reads the config (``config_loader``) and the bundle (checksums verified) and swaps in
-    the new pipeline -- thresholds, actions, stage params, failure policy, verdict mode -- and
+    the new pipeline -- thresholds, actions, stage params, failure policy, verdict mode, output
+    policy; stateful stages keep their stores (histories, blocks) when their ``store:`` is unchanged -- and
     the bearer token file's token. Batches already running finish on the old pipeline; nothing
     is dropped. Anything invalid raises :class:`ReloadError` and keeps the running pipeline.
     Changes outside ``pipeline`` (ports, backend, batching, limits, bundle path) need a restart;
@@ -53,10 +54,11 @@ async def reload(self: "ProxyServer") -> dict:
         ignored = [k for k in ("bundle", "model_name", "server", "backend", "batching", "limits")
                    if getattr(cfg, k) != getattr(self.cfg, k)]
         self.runner = runner  # one attribute store: the next batch runs the new pipeline
-        self.cfg = self.cfg.model_copy(update={"pipeline": cfg.pipeline})
+        self.cfg = self.cfg.model_copy(update={"pipeline": cfg.pipeline, "outputs": cfg.outputs})
         self._token = token
         for stage in runner.stages:
             self.metrics.rejections.labels(detector=stage.name)
+        self.metrics.watch_stateful(runner.stateful_names)
         self.metrics.reloads.labels(result="ok").inc()
         if self.freeze_heap:
             freeze_gc_heap()  # the new pipeline's objects join the frozen heap
@@ -86,7 +88,8 @@ def prepare_reload(self: "ProxyServer") -> tuple[ProxyConfig, PipelineRunner, by
         raise ReloadError("the bundle's backbone changed; restart to serve a new backbone")
     old = self.runner
     try:
-        runner = build_runner(cfg.pipeline, bundle, old.backend, old.classifier)
+        # the stateful stages' stores are handed over: a reload keeps the histories and blocks
+        runner = build_runner(cfg.pipeline, bundle, old.backend, old.classifier, stores=old.stores)
     except Exception as exc:  # noqa: BLE001 - any failure to build keeps the old pipeline
         raise ReloadError(f"{type(exc).__name__}: {exc}") from None
     if runner.detector_names != old.detector_names or runner.has_ensemble != old.has_ensemble:

@@ -2,7 +2,8 @@
 
 ``robustgate serve --bundle DIR`` runs with defaults (onnxruntime on cpu, no defense stages,
 batching on); ``robustgate serve --config FILE`` reads the YAML config (docs/PROTOCOL.md and
-proxy/config.py). ``--port`` / ``--metrics-port`` override the config. A bad config or bundle
+proxy/config.py). ``--bundle``, ``--model-name``, ``--port``, ``--metrics-port`` and ``--host``
+override the config. A bad config or bundle
 exits 2 with a message naming the key or file; SIGTERM/SIGINT drain gracefully and exit 0; SIGHUP
 re-reads the config file and the bundle and swaps in the new pipeline (thresholds, actions, stage
 params) without dropping requests -- a bad new config is logged and the running one kept
@@ -21,7 +22,7 @@ from pathlib import Path
 from robustgate.models.bundle import Bundle, BundleError
 from robustgate.defenses.assemble import build_runner, pin_torch_threads
 from robustgate.proxy.backends.base import Backend
-from robustgate.proxy.config import ConfigError, ProxyConfig, load_config
+from robustgate.proxy.config import ConfigError, ProxyConfig, ServerConfig, load_config
 from robustgate.proxy.priority import call_at_priority
 from robustgate.proxy.reload import ReloadError
 from robustgate.proxy.server import ProxyServer
@@ -29,19 +30,48 @@ from robustgate.proxy.server import ProxyServer
 log = logging.getLogger("robustgate.proxy")
 
 
+EPILOG = """\
+examples:
+  # the shipped pipeline (bundles/default behind the MagNet detector), from the repository root
+  robustgate serve --config deploy/default.yaml
+
+  # the same on any free port; the chosen ports are printed
+  robustgate serve --config deploy/default.yaml --port 0 --metrics-port 0
+
+  # a bundle with no defense stages, under another model name
+  robustgate serve --bundle bundles/default --model-name fmnist
+
+Flags override the config file, which overrides the built-in defaults (docs/OPERATIONS.md,
+"Configuration reference"; every key is also an environment variable, ROBUSTGATE_SERVER__PORT=9000).
+The admin Reload RPC is off unless server.admin enables it; SIGHUP reloads either way
+(docs/OPERATIONS.md, "Hot reload" and "Threat model"). The protocol: docs/PROTOCOL.md.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file (see docs/PROTOCOL.md)")
-    parser.add_argument("--bundle", type=Path, help="bundle directory (overrides the config's `bundle`)")
-    parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 8002)")
-    parser.add_argument("--host", help="address to bind (default 0.0.0.0)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    # the defaults named in the help are the config's own (proxy/config.py), so they stay true
+    server = ServerConfig.model_fields
+    parser.epilog = EPILOG
+    parser.add_argument("--config", type=Path, help="YAML config file (default: none, built-in defaults; "
+                        "reference: docs/OPERATIONS.md)")
+    parser.add_argument("--bundle", type=Path, help="bundle directory (default: the config's `bundle`)")
+    parser.add_argument("--model-name", help="model name served to clients (default: the config's `model_name`, "
+                        "else the bundle's name)")
+    parser.add_argument("--port", type=int, help=f"gRPC port; 0 = any free port (default: the config's "
+                        f"server.port, else {server['port'].default})")
+    parser.add_argument("--metrics-port", type=int, help=f"Prometheus /metrics HTTP port (default: the config's "
+                        f"server.metrics_port, else {server['metrics_port'].default})")
+    parser.add_argument("--host", help=f"address to bind (default: the config's server.host, else {server['host'].default})")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                        help="logging level; INFO logs each rejection with its score and threshold")
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     overrides: dict = {}
     if args.bundle is not None:
         overrides["bundle"] = str(args.bundle)
+    if getattr(args, "model_name", None):
+        overrides["model_name"] = args.model_name
     server = {}
     if args.port is not None:
         server["port"] = args.port
@@ -55,10 +85,30 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
 
 
 def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
+    """The configured backend. ``onnxruntime`` on ``cuda`` (or ``auto`` on a machine with a CUDA
+    device) without onnxruntime-gpu runs the bundle's torch twin on the GPU instead, said once in
+    the log here and in ``robustgate_backend_info{provider}``."""
+    from robustgate.defenses.assemble import resolve_device
+
+    if cfg.backend.kind == "torch":
+        from robustgate.proxy.backends.torch import TorchBackend
+
+        device = resolve_device(cfg.backend.torch.device or cfg.pipeline.device)
+        return TorchBackend(bundle, device=device, precision=cfg.backend.precision)
     if cfg.backend.kind == "onnxruntime":
-        from robustgate.proxy.backends.onnx import OnnxBackend
+        from robustgate.proxy.backends.onnx import OnnxBackend, has_cuda_provider
 
         o = cfg.backend.onnxruntime
+        wants_gpu = o.device == "cuda" or (o.device == "auto" and resolve_device("auto") == "cuda")
+        if wants_gpu and not has_cuda_provider():
+            from robustgate.proxy.backends.torch import TorchBackend
+
+            device = resolve_device(o.device)  # ValueError when cuda is asked for and torch sees none
+            log.warning("backend.onnxruntime.device is %r but this onnxruntime has no CUDAExecutionProvider "
+                        "(onnxruntime-gpu is not installed): the backbone runs as the bundle's torch twin on %s",
+                        o.device, device)
+            return TorchBackend(bundle, device=device, precision=cfg.backend.precision,
+                                provider="torch (onnxruntime has no CUDA provider)")
         return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads,
                            spinning=o.spinning)
     from robustgate.proxy.backends import upstream
@@ -69,11 +119,14 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
 
 
 def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
-    """The local backbone detectors may query: the backend's own session, or a CPU one."""
+    """The local backbone detectors may query: the backend's own session or twin, or a CPU one."""
     if not cfg.pipeline.stages:
         return None
     from robustgate.proxy.backends.onnx import OnnxBackend, OnnxClassifier
+    from robustgate.proxy.backends.torch import TorchBackend
 
+    if isinstance(backend, TorchBackend):
+        return backend.classifier()  # the twin, on the backend's device
     if isinstance(backend, OnnxBackend):
         return OnnxClassifier(backend)
     if bundle.spec.backbone.onnx is None:
@@ -99,8 +152,10 @@ def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False
     # sessions built at compute priority: the pools they start inherit it (proxy/priority.py)
     backend, runner = call_at_priority(cfg.server.compute_nice, _build_pipeline, cfg, bundle)
     revision = str(bundle.spec.provenance.get("code_revision", "unknown"))
-    return ProxyServer(cfg, bundle, backend, runner, revision=revision, config_loader=config_loader,
-                       freeze_heap=freeze_heap)
+    server = ProxyServer(cfg, bundle, backend, runner, revision=revision, config_loader=config_loader,
+                         freeze_heap=freeze_heap)
+    server.metrics.backend_info(**backend.info())  # which backbone runtime serves, and where
+    return server
 
 
 async def serve(server: ProxyServer) -> None:
@@ -123,8 +178,9 @@ async def serve(server: ProxyServer) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    print(f"robustgate: serving {server.contract.model_name} on port {server.port}, metrics on port {server.metrics_port}",
-          flush=True)
+    admin = f", admin on port {server.admin_port}" if server.admin_port is not None else ""
+    print(f"robustgate: serving {server.contract.model_name} on port {server.port}, metrics on port {server.metrics_port}"
+          f"{admin}", flush=True)
     await stop.wait()
     print("robustgate: draining", flush=True)
     await server.stop()

@@ -3,14 +3,16 @@
 ``ProxyServer`` wires the codec, the batcher (which runs the pipeline in a worker thread), the
 Prometheus metrics, the grpc.health.v1 health service and server reflection into one grpc.aio
 server. The transport only decodes, queues, applies the verdict rules (proxy/verdicts.py: request
-and item modes, the rejection status) and encodes.
+and item modes, the rejection status -- without the detector's score and threshold unless
+``server.explain``) and encodes.
 
 Bad input never crashes it: every error path answers a status with a message, bytes that are not
 a valid protobuf message included (INVALID_ARGUMENT). Overload: the batcher's admission (its item
 bound and wait budget, proxy/batcher.py) is asked before a request's payload is decoded, so that a
 refusal (RESOURCE_EXHAUSTED) costs the event loop next to nothing beyond the gRPC call itself.
 Draining (SIGTERM) turns health NOT_SERVING, stops accepting RPCs, lets in-flight ones finish
-within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC; proxy/reload.py)
+within the grace. ``reload()`` (SIGHUP or the ``robustgate.admin.v1.Admin/Reload`` RPC, served only
+when ``server.admin`` enables it: behind the token or on its own loopback port; proxy/reload.py)
 swaps in a re-read pipeline without dropping requests. An optional bearer token (``server.auth``) guards
 every RPC but the probes.
 """
@@ -45,7 +47,11 @@ from robustgate.proxy.config import ProxyConfig
 from robustgate.proxy.metrics import Metrics
 from robustgate.proxy.reload import ReloadError, prepare_reload, read_token, reload
 from robustgate.proxy.triton_compat import model_config_handler
-from robustgate.proxy.verdicts import _OUTCOME_BY_CODE, _Failure, outcome, rejection, verdict_answer  # noqa: F401
+from robustgate.proxy.identity import call_identity
+from robustgate.proxy.ratelimit import ClientLimiter
+from robustgate.proxy.verdicts import (  # noqa: F401
+    _OUTCOME_BY_CODE, _Failure, apply_outputs, blocked, limited, outcome, rejection, verdict_answer,
+)
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 
@@ -220,7 +226,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         t0 = time.perf_counter()
-        failure, response = await self.p.infer(request, context.time_remaining())
+        client = call_identity(context, self.p.cfg.server.identity_header)
+        failure, response = await self.p.infer(request, context.time_remaining(), client)
         m = self.p.metrics
         m.request_duration.observe(time.perf_counter() - t0)
         if failure is not None:
@@ -265,7 +272,8 @@ class ProxyServer:
             value_range=tuple(bundle.input.value_range),
             max_batch_items=cfg.limits.max_batch_items,
             logits_output=bundle.spec.backbone.logits_output,
-            detector_stages=runner.detector_names,
+            # detector scores are an oracle for evading the detector: answered only with server.explain
+            detector_stages=runner.detector_names if cfg.server.explain else (),
             has_ensemble=runner.has_ensemble,
         )
         self.metrics = Metrics(
@@ -281,10 +289,15 @@ class ProxyServer:
             thread_nice=cfg.server.compute_nice, front=self._front_half if b.overlap_front else None,
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
+        self.metrics.watch_stateful(runner.stateful_names)
+        self.metrics.watch_stores(lambda: {name: store for name, (_, store) in self.runner.stores.items()})
+        self.limiter = ClientLimiter(**cfg.limits.per_client.model_dump())
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.admin_server: grpc.aio.Server | None = None  # the admin service's own server (server.admin.port)
+        self.admin_port: int | None = None
         self.draining = False
         self._health_task: asyncio.Task | None = None
         self._token = read_token(cfg.server.auth.bearer_token_file) if cfg.server.auth.enabled else None
@@ -312,7 +325,7 @@ class ProxyServer:
         ])
         self._reload_lock = asyncio.Lock()
         add_inference_service(InferenceServicer(self), self.server)
-        if s.admin:
+        if s.admin.enabled and s.admin.port is None:  # on the inference port: config validation demands the token
             self.server.add_generic_rpc_handlers((admin_handler(self),))
         compat = model_config_handler(self)  # Triton's ModelConfig, for perf_analyzer
         if compat is not None:
@@ -330,6 +343,8 @@ class ProxyServer:
             raise OSError(f"cannot bind the gRPC port {address}: {exc}") from exc
         if not self.port:
             raise OSError(f"cannot bind the gRPC port {address}")
+        if s.admin.enabled and s.admin.port is not None:
+            self.admin_port = await self._start_admin(auth, creds)
         self.batcher.start()
         await self.server.start()
         if s.metrics_port is not None:
@@ -339,8 +354,28 @@ class ProxyServer:
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
         if self.freeze_heap:
             freeze_gc_heap()
-        log.info("robustgate serving %s on port %d (metrics %s)", self.contract.model_name, self.port, self.metrics_port)
+        log.info("robustgate serving %s on port %d (metrics %s, admin %s)", self.contract.model_name, self.port,
+                 self.metrics_port, "off" if not s.admin.enabled else self.admin_port or "on the gRPC port")
+        if s.explain and not s.auth.enabled:
+            log.warning("server.explain is on without server.auth: every client sees the detectors' scores and "
+                        "thresholds in rejections (docs/OPERATIONS.md, 'Threat model')")
         return self.port
+
+    async def _start_admin(self, auth: "BearerAuth", creds: grpc.ServerCredentials | None) -> int:
+        """The admin service on its own port (server.admin.port, bound to server.admin.host: loopback
+        unless the token guards it); the same token check and TLS as the inference port."""
+        a = self.cfg.server.admin
+        self.admin_server = grpc.aio.server(interceptors=[auth], options=[("grpc.so_reuseport", 0)])
+        self.admin_server.add_generic_rpc_handlers((admin_handler(self),))
+        address = f"{a.host}:{a.port}"
+        try:
+            port = self.admin_server.add_secure_port(address, creds) if creds else self.admin_server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind the admin port {address}: {exc}") from exc
+        if not port:
+            raise OSError(f"cannot bind the admin port {address}")
+        await self.admin_server.start()
+        return port
 
     def is_ready(self) -> bool:
         return not self.draining and self.backend.ready()
@@ -371,6 +406,8 @@ class ProxyServer:
         await self.begin_drain()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.admin_server is not None:
+            await self.admin_server.stop(0)
         await self.batcher.stop()
         self.metrics.close()
         self.backend.close()
@@ -380,9 +417,9 @@ class ProxyServer:
             await self.server.wait_for_termination()
 
     # ---- hot reload ------------------------------------------------------------------------
-    def _run_batch(self, x: np.ndarray, timeout: float | None) -> PipelineResult:
+    def _run_batch(self, x: np.ndarray, timeout: float | None, clients: list[str] | None = None) -> PipelineResult:
         """The batcher's ``run``: the current runner, read once per batch (a reload swaps it)."""
-        return self.runner(x, timeout)
+        return self.runner(x, timeout, clients=clients)
 
     def _front_half(self):
         """The batcher's ``front``: the current runner's ``prepare`` when it has purifiers, else None."""
@@ -431,9 +468,18 @@ class ProxyServer:
             m.detector_score.observe_many(stage, scores.detach().cpu().numpy())
         for stage in result.failed_stages:
             m.stage_failures.labels(stage=stage, policy=self.runner.failure_policy).inc()
+        for stage in self.runner.stateful_names:
+            if stage in result.seconds:
+                m.stateful_observe.labels(stage=stage).observe(result.seconds[stage])
+            t = result.thresholds.get(stage)
+            if t is not None and stage in result.scores:
+                hits = int((result.scores[stage] > t).sum())
+                if hits:
+                    m.stateful_detections.labels(stage=stage).inc(hits)
 
-    async def infer(self, request: pb.ModelInferRequest, time_remaining: float | None):
-        """-> (failure, None) or (None, response). Never raises for a bad request."""
+    async def infer(self, request: pb.ModelInferRequest, time_remaining: float | None, client: str | None = None):
+        """-> (failure, None) or (None, response). Never raises for a bad request. ``client``: the
+        caller's identity (proxy/identity.py) for its limits and the stateful stages."""
         m = self.metrics
         try:
             refused = self.batcher.admission(1)  # refusing even 1 item: refuse before paying for the decode
@@ -443,15 +489,24 @@ class ProxyServer:
             decoded = decode_infer(request, self.contract)
             t1 = time.perf_counter()
             m.stage_duration.labels(stage="decode").observe(t1 - t0)
+            if client is not None and self.limiter.enabled:
+                n = int(decoded.x.shape[0])
+                refusal, first = self.limiter.check(client, n)
+                if refusal is not None:
+                    m.queries_refused.labels(reason=refusal.reason).inc(n)
+                    if first:
+                        m.clients_blocked.labels(reason=refusal.reason).inc()
+                        log.info("client %s refused (%s): %s", client, refusal.reason, refusal.message)
+                    return limited(refusal.message, refusal.retry_after_s), None
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
             try:
-                result, queued = await self.batcher.submit(decoded.x, deadline)
+                result, queued = await self.batcher.submit(decoded.x, deadline, client)
             except asyncio.CancelledError:  # grpc cancels the handler when the client's deadline passes
                 if deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
                     m.requests.labels(outcome="deadline_exceeded").inc()
                 raise
             m.stage_duration.labels(stage="queue").observe(queued)
-            return self._respond(request, decoded, result)
+            return self._respond(request, decoded, result, client)
         except ProtocolError as exc:
             return _Failure(grpc.StatusCode[exc.code], exc.message, _OUTCOME_BY_CODE.get(exc.code, "invalid")), None
         except QueueFull as exc:
@@ -469,12 +524,28 @@ class ProxyServer:
             log.exception("ModelInfer failed")
             return _Failure(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", "internal"), None
 
-    def _respond(self, request: pb.ModelInferRequest, decoded, result: PipelineResult):
+    def _count_block(self, result: PipelineResult, client: str | None) -> None:
+        """Counts a blocked client's refused items, and the client as newly blocked when one of its
+        items scored over the threshold in this request (the query that set the block; a blocked
+        client's later queries are not observed, so they score 0)."""
+        stage = next(result.reason[i] for i, e in enumerate(result.blocked) if e is not None) or "unknown"
+        self.metrics.queries_refused.labels(reason=stage).inc(len(result.blocked))
+        t, s = result.thresholds.get(stage), result.scores.get(stage)
+        if t is not None and s is not None and bool((s > t).any()):
+            self.metrics.clients_blocked.labels(reason=stage).inc()
+            log.info("client %s refused (%s): blocked by the stateful stage", client, stage)
+
+    def _respond(self, request: pb.ModelInferRequest, decoded, result: PipelineResult, client: str | None = None):
         """Verdict semantics (proxy/verdicts.py) and encoding of one request's share of a batch result."""
         t2 = time.perf_counter()
-        failure, answer = verdict_answer(result, self.cfg.pipeline.verdict_mode, self.metrics)
+        refused = blocked(result, time.time())
+        if refused is not None:
+            self._count_block(result, client)
+            return refused, None
+        failure, answer = verdict_answer(result, self.cfg.pipeline.verdict_mode, self.metrics, self.cfg.server.explain)
         if failure is not None:
             return failure, None
+        answer.logits = apply_outputs(answer.logits, self.cfg.outputs)
         version = request.model_version or self.contract.versions[0]
         response = encode_infer(decoded, answer, self.contract, version)
         self.metrics.stage_duration.labels(stage="encode").observe(time.perf_counter() - t2)

@@ -2,11 +2,23 @@
 status"; docs/PROTOCOL.md).
 
 - request mode (default): a request holding a rejected item fails with PERMISSION_DENIED,
-  details ``rejected by robustgate: item <i> stage <name> score <s> threshold <t>`` and trailing
-  metadata ``robustgate-verdict=rejected``, ``robustgate-stage``, ``robustgate-item``,
-  ``robustgate-score``, ``robustgate-threshold`` (first rejected item);
+  details ``rejected by robustgate: item <i> stage <name>`` and trailing metadata
+  ``robustgate-verdict=rejected``, ``robustgate-stage``, ``robustgate-item`` (first rejected
+  item); the score and threshold (`` score <s> threshold <t>``, ``robustgate-score``,
+  ``robustgate-threshold``) only with ``server.explain`` -- they are an evasion oracle, so by
+  default they go to the log and the metrics only;
 - item mode: every item is answered; rejected items' logits are NaN, and the verdict outputs
   (per-item verdict, each detector's score, the certified radius) travel beside them.
+
+- a blocked client (a stateful stage's ``block`` action, defenses/pipeline.py) is answered
+  RESOURCE_EXHAUSTED ``client refused by robustgate: retry after <s> s; stage <name>``, trailing
+  metadata ``robustgate-verdict=blocked``, ``robustgate-stage``, ``retry-after-ms`` (:func:`blocked`),
+  in both modes: the refusal is of the client, not of an item. RESOURCE_EXHAUSTED rather than
+  PERMISSION_DENIED because clients, gRPC retry policies and gateways already read it as "back off
+  and retry later", which is exactly what a cool-down asks, and a benign client caught by mistake
+  recovers by itself; PERMISSION_DENIED reads as "never retry" and would turn a false positive into
+  an outage for that client;
+- an accepted item's logits pass through the model's output policy (:func:`apply_outputs`).
 
 Every verdict and rejecting stage is counted in the metrics here; the transport (proxy/server.py)
 only encodes what :func:`verdict_answer` gives it.
@@ -15,6 +27,7 @@ only encodes what :func:`verdict_answer` gives it.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from dataclasses import dataclass
 
@@ -24,6 +37,8 @@ import numpy as np
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
 from robustgate.proxy.codec import VERDICT_NAMES, Answer
 from robustgate.proxy.metrics import Metrics
+
+log = logging.getLogger("robustgate.proxy")
 
 _OUTCOME_BY_CODE = {
     "INVALID_ARGUMENT": "invalid",
@@ -41,25 +56,26 @@ class _Failure:
     metadata: tuple[tuple[str, str], ...] = ()
 
 
-def rejection(result: PipelineResult, i: int) -> _Failure:
-    """The PERMISSION_DENIED answer for rejected item ``i`` (request mode)."""
+def rejection(result: PipelineResult, i: int, explain: bool = False) -> _Failure:
+    """The PERMISSION_DENIED answer for rejected item ``i`` (request mode). The score and threshold
+    are logged always and answered only with ``explain`` (server.explain): a client that sees them
+    can walk an input under the threshold (docs/OPERATIONS.md, "Threat model")."""
     stage = result.reason[i] or "unknown"
     base = stage[: -len(" failed")] if stage.endswith(" failed") else stage
     score = result.scores.get(base)
     s = float(score[i]) if score is not None else math.nan
     t = result.thresholds.get(base, math.nan)
-    return _Failure(
-        grpc.StatusCode.PERMISSION_DENIED,
-        f"rejected by robustgate: item {i} stage {stage} score {s:.6g} threshold {t:.6g}",
-        "rejected",
-        (
-            ("robustgate-verdict", "rejected"), ("robustgate-stage", stage), ("robustgate-item", str(i)),
-            ("robustgate-score", repr(s)), ("robustgate-threshold", repr(t)),
-        ),
-    )
+    log.info("rejected: item %d stage %s score %.6g threshold %.6g", i, stage, s, t)
+    message = f"rejected by robustgate: item {i} stage {stage}"
+    metadata = (("robustgate-verdict", "rejected"), ("robustgate-stage", stage), ("robustgate-item", str(i)))
+    if explain:
+        message += f" score {s:.6g} threshold {t:.6g}"
+        metadata += (("robustgate-score", repr(s)), ("robustgate-threshold", repr(t)))
+    return _Failure(grpc.StatusCode.PERMISSION_DENIED, message, "rejected", metadata)
 
 
-def verdict_answer(result: PipelineResult, verdict_mode: str, metrics: Metrics) -> tuple[_Failure | None, Answer | None]:
+def verdict_answer(result: PipelineResult, verdict_mode: str, metrics: Metrics,
+                   explain: bool = False) -> tuple[_Failure | None, Answer | None]:
     """One request's share of a batch result -> (the rejection, None) in request mode when an item
     was rejected, else (None, the answer to encode: logits ``[N, K]`` with rejected rows NaN, the
     verdicts ``[N]``, reasons, detector scores, radius). Counts items by verdict and rejections by
@@ -73,7 +89,7 @@ def verdict_answer(result: PipelineResult, verdict_mode: str, metrics: Metrics) 
     for reason, count in collections.Counter(result.reason[i] or "unknown" for i in rejected.tolist()).items():
         metrics.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc(count)
     if rejected.size and verdict_mode == "request":
-        return rejection(result, int(rejected[0])), None
+        return rejection(result, int(rejected[0]), explain), None
     logits = result.logits.detach().cpu().numpy().astype(np.float32, copy=True)  # [N, K]
     logits[rejected] = np.nan
     return None, Answer(
@@ -81,6 +97,55 @@ def verdict_answer(result: PipelineResult, verdict_mode: str, metrics: Metrics) 
         scores={k: v.detach().cpu().numpy() for k, v in result.scores.items()},
         radius=None if result.radius is None else result.radius.detach().cpu().numpy(),
     )
+
+
+def blocked(result: PipelineResult, now: float) -> _Failure | None:
+    """The RESOURCE_EXHAUSTED answer when an item's client is blocked (module docstring), else None."""
+    ends = [(e, i) for i, e in enumerate(result.blocked) if e is not None]
+    if not ends:
+        return None
+    end, i = max(ends)
+    stage = result.reason[i] or "unknown"
+    wait = max(0.0, end - now)
+    return _Failure(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, f"client refused by robustgate: retry after {math.ceil(wait)} s; stage {stage}",
+        "blocked",
+        (("robustgate-verdict", "blocked"), ("robustgate-stage", stage), ("retry-after-ms", str(math.ceil(wait * 1000)))),
+    )
+
+
+def limited(message: str, retry_after_s: float) -> _Failure:
+    """The RESOURCE_EXHAUSTED answer of a client over its rate limit or budget (proxy/ratelimit.py)."""
+    ms = "-1" if math.isinf(retry_after_s) else str(math.ceil(retry_after_s * 1000))  # -1: never (request > burst)
+    return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"client limit: {message}", "limited",
+                    (("robustgate-verdict", "limited"), ("retry-after-ms", ms)))
+
+
+def apply_outputs(logits: np.ndarray, policy) -> np.ndarray:
+    """``[N, K]`` logits (NaN rows = rejected items, kept NaN) -> what the answer carries under the
+    output policy ``policy`` (proxy/config.py OutputsConfig; proxy/outputs.py): ``logits`` unchanged;
+    ``top_k`` the k largest probabilities rounded, others 0; ``label`` the argmax one-hot (1 at the
+    class, 0 elsewhere: the output keeps its name and ``[N, K]`` shape, so clients that take the
+    argmax keep working); ``aaa`` the AAA-post-processed logits."""
+    if policy.policy == "logits":
+        return logits
+    from robustgate.proxy import outputs
+
+    out = np.full_like(logits, np.nan, dtype=np.float32)
+    ok = ~np.isnan(logits).any(axis=1)
+    if ok.any():
+        z = logits[ok]
+        if policy.policy == "top_k":
+            out[ok] = outputs.top_k_probabilities(z, policy.k, policy.decimals)
+        elif policy.policy == "label":
+            onehot = np.zeros_like(z, dtype=np.float32)
+            onehot[np.arange(len(z)), outputs.label_only(z)] = 1.0
+            out[ok] = onehot
+        elif policy.policy == "aaa":
+            out[ok] = outputs.aaa(z, tau=policy.tau, alpha=policy.alpha, temperature=policy.temperature)
+        else:
+            raise ValueError(f"unknown output policy {policy.policy!r}")
+    return out
 
 
 def outcome(verdict: np.ndarray) -> str:

@@ -64,10 +64,10 @@ def test_a_missing_results_file_gives_a_not_yet_recorded_row(report, monkeypatch
 
 
 def test_results_are_json_markdown_pairs_named_after_their_scripts():
-    scripts = {(p.parent.name, p.stem) for p in (REPO / "bench").glob("*/*.py")}
+    scripts = {(p.parent.name, p.stem) for ext in ("py", "sh") for p in (REPO / "bench").glob(f"*/*.{ext}")}
     for js in RESULTS.glob("*.json"):
         folder, script, *variant = js.stem.split(".")
-        assert (folder, script) in scripts, f"{js.name}: no bench/{folder}/{script}.py wrote it"
+        assert (folder, script) in scripts, f"{js.name}: no bench/{folder}/{script}.py (or .sh) wrote it"
         assert len(variant) <= 1, f"{js.name}: at most one variant"
         assert js.with_suffix(".md").is_file(), f"{js.name} has no Markdown twin"
         json.loads(js.read_text())

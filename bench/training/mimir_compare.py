@@ -1,261 +1,680 @@
-"""MIMIR vs MAE vs from-scratch PGD-AT at equal compute on Fashion-MNIST (eps 0.1, l-inf).
+"""MIMIR vs adversarial MAE vs MAE + PGD-AT vs PGD-AT from scratch, at equal wall-clock compute.
 
-    .venv/bin/python bench/training/mimir_compare.py size                 # per-batch CPU cost -> epoch plan
-    .venv/bin/python bench/training/mimir_compare.py train [--work DIR]   # the three arms (background-friendly)
-    .venv/bin/python bench/training/mimir_compare.py eval  [--work DIR]   # robustgate eval of each bundle
-    .venv/bin/python bench/training/mimir_compare.py table [--work DIR]   # the comparison table (markdown)
+    # pre-training cost per epoch, MIMIR vs clean MAE (paper Table 10) -> training.mimir_compare.cost.json/.md
+    python bench/training/mimir_compare.py cost --budget-minutes 5
 
-The arms (docs/MIMIR.md, "Comparison at equal compute"), all on the same reduced ViT
-(``vit_tiny`` with ``ARCH``), the same ``TRAIN_ITEMS`` training images and the same PGD-AT
-fine-tuning recipe (``FINETUNE``):
+    # lambda sweep (one seed, validation PGD-10 robustness picks lambda) -> training.mimir_compare.sweep.json/.md
+    python bench/training/mimir_compare.py sweep --budget-minutes 30 --device cpu
 
-  a-scratch  PGD-AT from a random initialization for ``EPOCHS["a-scratch"]`` epochs;
-  b-mae      clean MAE pre-training (``robustgate train --method mae-pretrain``), then PGD-AT
-             fine-tuning from the encoder (``--init``);
-  c-mimir    MIMIR pre-training (``--method mimir-pretrain``: 1 PGD step of 1.25 eps on the
-             reconstruction, HSIC penalty lambda 1e-5), then the same fine-tuning.
+    # the comparison (2 seeds x 4 arms, AutoAttack on the same test images, paired tests)
+    #   -> bench/results/training.mimir_compare.json/.md
+    python bench/training/mimir_compare.py compare --budget-minutes 9 --device cuda --n-eval 1000
 
-Equal compute = equal single-thread CPU seconds spent in training steps. ``size`` measures the CPU
-cost of one batch of each kind of step in one process, interleaved (so all see the same machine
-load), and prints the planned training CPU of each arm for the epochs in ``EPOCHS``; the epochs
-were chosen from that measurement so the three totals match within a few percent. ``train`` then
-records each job's real CPU time (user + sys from ``os.wait4``; it also includes data loading,
-the per-epoch validation PGD and the final test PGD, which the plan leaves out).
+Arms (all the same ``vit_tiny``; pre-trained arms fine-tuned with the reference recipe of
+``models/vit_finetune.py``: AdamW, layer-wise lr decay 0.65, weight decay 0.05, drop-path 0.1,
+warm-up + cosine, mean-pooled head, PGD-10):
 
-Every job runs as ``nice -n 5`` with one torch thread, at most ``--parallel`` (2) at a time, each
-logging to ``<work>/logs/<job>.log``. The machine is shared: wall times are not comparable, CPU
-times are.
+  mimir       MIMIR pre-training (1 PGD step of 1.25 eps on the reconstruction, nHSIC penalty with
+              the lambda chosen by the sweep, median-heuristic sigma), then PGD-AT fine-tuning;
+  adv-mae     the same with lambda = 0 (adversarial MAE: the ablation that isolates the MI term);
+  mae         clean MAE pre-training, then the same fine-tuning;
+  scratch     PGD-AT from a random initialization with the same recipe, no layer decay (1.0: a
+              random encoder has nothing to preserve) and the whole arm budget spent on PGD-AT.
+
+Equal compute = equal *wall-clock training seconds* per arm and seed, on one device, planned from
+per-step times measured in this process just before training (``calibrate``: a few steps of each
+kind, after a warm-up), so it also holds on a GPU where FLOPs and time part ways. Each arm's
+budget is ``--budget-minutes * (1 - --eval-share) / (arms * seeds)``; the pre-trained arms spend
+``--pretrain-share`` of it pre-training. The realized seconds are recorded beside the plan.
+
+Evaluation: torchattacks' AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; l-inf eps 0.1)
+on the first ``--n-eval`` test images, the same for every arm and seed; robust = correct on the
+clean image and on the attacked one. Paired tests between arms (per-image outcomes):
+McNemar's exact test per seed (binomial on the discordant pairs) and a paired bootstrap 95% CI of
+the difference in robust accuracy over the seed-averaged per-image outcomes (images resampled).
+
+Imports only torch, numpy, scipy, tqdm, safetensors and torchattacks (plus this repository's
+models/data, archs, mae, hsic, mimir, inner, vit_finetune) -- no pydantic / diffusers -- so it
+runs on a bare GPU machine with torchattacks carried as a wheel (docs/MIMIR.md has the command).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import shutil
-import statistics
-import subprocess
+import platform
 import sys
+import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PY = str(ROOT / ".venv" / "bin" / "python")
-
-ARCH = {"dim": 64, "depth": 4, "heads": 4, "patch_size": 4}  # ViT-tiny is dim 192, depth 12: hours/epoch here
-TRAIN_ITEMS = 10_000
-BATCH = 128
-EPS = 0.1
-FINETUNE = ["--method", "pgd-at", "--eps", str(EPS), "--steps", "5", "--optimizer", "adam", "--lr", "1e-3",
-            "--weight-decay", "0", "--schedule", "onecycle", "--val-items", "300", "--val-steps", "10",
-            "--test-items", "500", "--test-steps", "20"]
-PRETRAIN = ["--eps", str(EPS), "--alpha", str(1.25 * EPS), "--lr", "1e-3", "--mi-lambda", "1e-5", "--mi-sigma", "5",
-            "--mi-estimator", "nhsic_cca"]
-# ~1,040 training CPU-seconds per arm (`size`: per-batch costs 1.34 / 0.37 / 0.67 s for PGD-AT / MAE / MIMIR)
-EPOCHS = {"a-scratch": 10, "b-mae-pre": 14, "b-mae": 6, "c-mimir-pre": 8, "c-mimir": 6}
-ARMS = {"a-scratch": "PGD-AT from scratch", "b-mae": "MAE pre-training + PGD-AT",
-        "c-mimir": "MIMIR pre-training + PGD-AT"}
-EVAL_N, EVAL_N_AA = 500, 200
+RESULTS = ROOT / "bench" / "results"
 
 
-def _common(job: str) -> list[str]:
-    return ["--dataset", "fashion-mnist", "--arch", "vit_tiny", "--arch-kwargs", json.dumps(ARCH),
-            "--train-items", str(TRAIN_ITEMS), "--batch-size", str(BATCH), "--epochs", str(EPOCHS[job]),
-            "--threads", "1", "--seed", "0", "--no-progress"]
+def _import_robustgate() -> None:
+    """Makes ``import robustgate`` import *this* checkout (the repo root is the package), whatever
+    its folder is called and whatever else is installed."""
+    if ROOT.name == "robustgate":
+        sys.path.insert(0, str(ROOT.parent))
+    else:  # a checkout under another name: link it as robustgate in a temporary folder
+        link_dir = Path(tempfile.mkdtemp(prefix="rg_path_"))
+        (link_dir / "robustgate").symlink_to(ROOT)
+        sys.path.insert(0, str(link_dir))
 
 
-def jobs(work: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """job -> (robustgate train arguments, jobs it waits for)."""
-    def finetune(job: str, init: str | None) -> list[str]:
-        extra = ["--init", str(work / init / "pretrained.safetensors")] if init else []
-        return ["train", *_common(job), *FINETUNE, *extra, "--name", f"mimir-{job}",
-                "--checkpoint-dir", str(work / f"{job}.ckpt"), "--out", str(work / job)]
+_import_robustgate()
 
-    return {
-        "a-scratch": (finetune("a-scratch", None), []),
-        "c-mimir-pre": (["train", *_common("c-mimir-pre"), "--method", "mimir-pretrain", *PRETRAIN,
-                         "--out", str(work / "c-mimir-pre")], []),
-        "b-mae-pre": (["train", *_common("b-mae-pre"), "--method", "mae-pretrain", *PRETRAIN,
-                       "--out", str(work / "b-mae-pre")], []),
-        "c-mimir": (finetune("c-mimir", "c-mimir-pre"), ["c-mimir-pre"]),
-        "b-mae": (finetune("b-mae", "b-mae-pre"), ["b-mae-pre"]),
-    }
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from robustgate.models.archs import build_arch  # noqa: E402
+from robustgate.models.data import load_splits  # noqa: E402
+from robustgate.models.inner import robust_accuracy  # noqa: E402
+from robustgate.models.mae import MaskedAutoencoder  # noqa: E402
+from robustgate.models.mimir import (  # noqa: E402
+    PAPER_DEFAULTS, init_classifier, make_loader, mimir_loss, param_groups, pgd_delta, pretrain, scaled_lr,
+)
+from robustgate.models.vit_finetune import REFERENCE, finetune, param_groups_lrd  # noqa: E402
+
+EPS = 0.1  # this project's threat model: l-inf 0.1 on [0, 1] pixels
+PGD_STEP = 1.25 * EPS  # MIMIR's pre-training step: 10/255 for 8/255
+LAMS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
+ARMS = {"mimir": "MIMIR (chosen lambda) + PGD-AT", "adv-mae": "adversarial MAE (lambda 0) + PGD-AT",
+        "mae": "clean MAE + PGD-AT", "scratch": "PGD-AT from scratch"}
+PRESETS = {  # encoder sizes that fit the budgets: the real ViT-Tiny (192 x 12) costs hours per epoch on the CPU
+    "cpu": dict(dim=64, depth=4, heads=4, patch_size=4),
+    "cuda": dict(dim=128, depth=6, heads=4, patch_size=4),
+}
 
 
-# ---- size: the per-batch CPU cost of each kind of step --------------------------------------
-def size(args: argparse.Namespace) -> int:
-    import torch
+# ---- set-up -------------------------------------------------------------------------------------
+class Run:
+    """Data on the device, the architecture, timing helpers, shared by every phase."""
 
-    from robustgate.models.archs import build_arch
-    from robustgate.models.data import load_splits
-    from robustgate.models.losses import METHODS
-    from robustgate.models.mae import MaskedAutoencoder
-    from robustgate.models.mimir import mimir_loss, param_groups, pgd_delta
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        s = load_splits("fashion-mnist", args.data_dir, val_size=5000, seed=0)
+        n_train = args.train_items or len(s.train_x)
+        self.train_x, self.train_y = s.train_x[:n_train].to(self.device), s.train_y[:n_train].to(self.device)
+        self.val_x, self.val_y = s.val_x[: args.n_val].to(self.device), s.val_y[: args.n_val].to(self.device)
+        self.test_x, self.test_y = s.test_x[: args.n_eval].to(self.device), s.test_y[: args.n_eval].to(self.device)
+        mean = [round(float(v), 4) for v in s.train_x.mean(dim=(0, 2, 3))]
+        std = [round(float(v), 4) for v in s.train_x.std(dim=(0, 2, 3))]
+        preset = dict(PRESETS["cuda" if self.device.type == "cuda" else "cpu"])
+        for k in ("dim", "depth", "heads", "patch_size"):
+            if getattr(args, k) is not None:
+                preset[k] = getattr(args, k)
+        self.arch = dict(in_channels=1, image_size=28, mean=mean, std=std, **preset)
+        self.t_start = time.perf_counter()
+        self.started_utc = _started()
 
-    torch.set_num_threads(1)
-    s = load_splits("fashion-mnist", seed=0)
-    x, y = s.train_x[:BATCH], s.train_y[:BATCH]
-    torch.manual_seed(0)
-    clf, mae = build_arch("vit_tiny", **ARCH), MaskedAutoencoder(**ARCH)
-    opt_c = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    opt_m = torch.optim.AdamW(param_groups(mae, 0.05), lr=1e-3)
-    cfg = types.SimpleNamespace(eps=EPS, alpha=2.5 * EPS / 5, steps=5, restarts=1, beta=6.0, noise_sigma=0.0)
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def mae(self, seed: int) -> MaskedAutoencoder:
+        torch.manual_seed(seed)
+        return MaskedAutoencoder(**self.arch).to(self.device)
+
+    def classifier(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build_arch("vit_tiny", num_classes=10, pool=REFERENCE["pool"], drop_path=REFERENCE["drop_path"],
+                          **self.arch).to(self.device)
+
+    def loader(self, seed: int):
+        return make_loader(self.train_x, self.args.batch_size, seed)
+
+
+def machine(device: torch.device) -> dict:
+    """The keys bench/report.py reads (cpu, cores, robustgate_revision) and the device used."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
+    try:
+        import subprocess
+
+        revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        revision = "?"
+    info = {"cpu": cpu, "cores": os.cpu_count(), "robustgate_revision": revision, "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "load_average_at_end": os.getloadavg()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _started() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---- calibration: seconds per step of each kind ------------------------------------------------
+def calibrate(run: Run, lam: float, repeats: int) -> dict[str, float]:
+    """Median wall seconds of one batch of: PGD-10 AT, clean MAE, adversarial MAE / MIMIR pre-training."""
+    b = run.args.batch_size
+    x, y = run.train_x[:b], run.train_y[:b]
+    clf, mae = run.classifier(0), run.mae(0)
+    opt_c = torch.optim.AdamW(param_groups_lrd(clf, 0.05, 1.0), lr=1e-4)
+    opt_m = torch.optim.AdamW(param_groups(mae, 0.05), lr=1e-4, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(0)
+    from robustgate.models.inner import pgd
 
-    def pgd_at():
-        loss, _ = METHODS["pgd-at"](clf, x, y, cfg, gen)
+    def at_step():
+        k = run.args.ft_pgd_steps
+        x_adv = pgd(clf, x, y, EPS, 2.5 * EPS / k, k, generator=torch.Generator(device=run.device).manual_seed(0))
+        clf.train()
+        loss = torch.nn.functional.cross_entropy(clf(x_adv), y)
         opt_c.zero_grad()
         loss.backward()
         opt_c.step()
 
-    def pre(mimir: bool):
-        masking = mae.sample_masking(BATCH, generator=gen)
-        delta = pgd_delta(mae, x, masking, eps=EPS if mimir else 0.0, steps=1 if mimir else 0,
-                          step_size=1.25 * EPS, generator=gen)
-        loss, _, _ = mimir_loss(mae, x, delta, masking, lam=1e-5 if mimir else 0.0, sigma=5.0)
+    def pre_step(eps: float, lam_: float):
+        masking = mae.sample_masking(b, generator=gen)
+        delta = pgd_delta(mae, x, masking, eps=eps, steps=1 if eps else 0, step_size=PGD_STEP, generator=gen)
+        loss, _, _ = mimir_loss(mae, x, delta, masking, lam=lam_, sigma=run.args.sigma, estimator=run.args.estimator)
         opt_m.zero_grad()
         loss.backward()
         opt_m.step()
 
-    steps = {"pgd-at": pgd_at, "mae-pretrain": lambda: pre(False), "mimir-pretrain": lambda: pre(True)}
-    cpu = {k: [] for k in steps}
-    for _ in range(args.repeats + 1):  # the first round warms up and is dropped
-        for k, f in steps.items():
-            c0 = time.process_time()
+    kinds = {"pgd-at": at_step, "mae": lambda: pre_step(0.0, 0.0), "adv-mae": lambda: pre_step(EPS, 0.0),
+             "mimir": lambda: pre_step(EPS, lam if lam > 0 else 1e-4)}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(repeats + 1):  # round 0 warms up (allocations, kernels) and is dropped
+        for k, f in kinds.items():
+            run.sync()
+            t0 = time.perf_counter()
             f()
-            cpu[k].append(time.process_time() - c0)
-    per_batch = {k: statistics.median(v[1:]) for k, v in cpu.items()}
-    batches = TRAIN_ITEMS // BATCH
-    plan = {
-        "a-scratch": EPOCHS["a-scratch"] * batches * per_batch["pgd-at"],
-        "b-mae": batches * (EPOCHS["b-mae-pre"] * per_batch["mae-pretrain"] + EPOCHS["b-mae"] * per_batch["pgd-at"]),
-        "c-mimir": batches * (EPOCHS["c-mimir-pre"] * per_batch["mimir-pretrain"]
-                              + EPOCHS["c-mimir"] * per_batch["pgd-at"]),
-    }
-    report = {"arch": ARCH, "batch": BATCH, "train_items": TRAIN_ITEMS, "epochs": EPOCHS,
-              "cpu_seconds_per_batch": per_batch, "planned_training_cpu_seconds": plan,
-              "load_average": os.getloadavg()}
-    print(json.dumps(report, indent=1))
-    if args.work:
-        Path(args.work).mkdir(parents=True, exist_ok=True)
-        (Path(args.work) / "size.json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+            run.sync()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
-# ---- train: run the jobs, at most --parallel at a time ---------------------------------------
-def _start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as fh:
-        return subprocess.Popen(["nice", "-n", "5", PY, "-m", "robustgate.proxy.cli", *cmd], cwd=ROOT, env=env,
-                                stdout=fh, stderr=subprocess.STDOUT)
+# ---- one arm ------------------------------------------------------------------------------------
+def train_arm(run: Run, arm: str, seed: int, lam: float, seconds: float, per_step: dict[str, float]) -> tuple:
+    """Trains one arm for ~``seconds`` of wall clock; returns (classifier, record)."""
+    a = run.args
+    record: dict = {"arm": arm, "seed": seed, "planned_seconds": round(seconds, 2)}
+    pre_kind = {"mimir": "mimir", "adv-mae": "adv-mae", "mae": "mae"}.get(arm)
+    ft_seconds = seconds if pre_kind is None else seconds * (1 - a.pretrain_share)
+    clf = run.classifier(seed)
+    if pre_kind is not None:
+        pre_steps = max(1, int(seconds * a.pretrain_share / per_step[pre_kind]))
+        mae = run.mae(seed)
+        loader = run.loader(seed)
+        epochs = math.ceil(pre_steps / len(loader))
+        t0 = time.perf_counter()
+        res = pretrain(
+            mae, loader, epochs=epochs, max_steps=pre_steps, eps=0.0 if arm == "mae" else EPS,
+            steps=0 if arm == "mae" else 1, step_size=0.0 if arm == "mae" else PGD_STEP,
+            lam=lam if arm == "mimir" else 0.0, sigma=a.sigma, estimator=a.estimator,
+            lr=scaled_lr(a.pretrain_blr, a.batch_size),
+            seed=seed, device=run.device, progress=a.progress,
+        )
+        run.sync()
+        record["pretrain"] = {
+            "steps": pre_steps, "seconds": round(time.perf_counter() - t0, 2), "lam": lam if arm == "mimir" else 0.0,
+            "rec_loss_per_epoch": res.rec_losses, "mi_per_epoch": res.mi, "mi_share_per_epoch": res.mi_share,
+            "seconds_per_epoch": res.seconds, "pgd_seconds_per_epoch": res.pgd_seconds, "config": res.config,
+        }
+        init_classifier(clf, mae)
+        del mae
+    ft_steps = max(1, int(ft_seconds / per_step["pgd-at"]))
+    ft = finetune(clf, run.train_x, run.train_y, steps=ft_steps, batch_size=a.batch_size, eps=EPS,
+                  pgd_steps=a.ft_pgd_steps, blr=a.finetune_blr, layer_decay=1.0 if pre_kind is None else REFERENCE["layer_decay"], seed=seed,
+                  device=run.device, progress=a.progress, log_every=max(1, ft_steps // 10))
+    record["finetune"] = {"steps": ft_steps, "seconds": round(ft.seconds, 2), "loss": ft.loss, "acc": ft.acc,
+                          "config": ft.config}
+    record["train_seconds"] = round(ft.seconds + record.get("pretrain", {}).get("seconds", 0.0), 2)
+    return clf, record
 
 
-def run_jobs(todo: dict[str, tuple[list[str], list[str]]], work: Path, parallel: int, record: Path) -> int:
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    done: dict[str, dict] = json.loads(record.read_text()) if record.is_file() else {}
-    pending = {k: v for k, v in todo.items() if done.get(k, {}).get("returncode") != 0}
-    running: dict[int, tuple[str, subprocess.Popen, float]] = {}
-    while pending or running:
-        for name in list(pending):
-            cmd, needs = pending[name]
-            if len(running) < parallel and all(done.get(n, {}).get("returncode") == 0 for n in needs):
-                proc = _start(cmd, work / "logs" / f"{name}.log")
-                running[proc.pid] = (name, proc, time.time())
-                del pending[name]
-                print(f"{time.strftime('%H:%M:%S')} started {name} (pid {proc.pid})", flush=True)
-        if not running:
-            print(f"cannot start {sorted(pending)}: a job they need failed", file=sys.stderr)
-            return 1
-        pid, status, usage = os.wait4(-1, 0)
-        if pid not in running:
+def val_robustness(run: Run, clf: torch.nn.Module) -> tuple[float, float]:
+    """(clean, PGD-10) accuracy on the held-out validation images (model selection, never test)."""
+    return robust_accuracy(clf, run.val_x, run.val_y, EPS, 2.5 * EPS / 10, 10, seed=0)
+
+
+# ---- evaluation and paired statistics ------------------------------------------------------------
+def autoattack_outcomes(run: Run, clf: torch.nn.Module, lo: int = 0, hi: int | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-image (clean correct, robust correct) on eval images [lo:hi] under AutoAttack; seconds."""
+    import torchattacks
+
+    clf.eval()
+    t0 = time.perf_counter()
+    if run.args.attack == "autoattack":
+        attack = torchattacks.AutoAttack(clf, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
+    else:  # apgd-ce: smoke tests only (the report names the attack)
+        attack = torchattacks.APGD(clf, norm="Linf", eps=EPS, steps=100, loss="ce", seed=0)
+    clean, robust = [], []
+    bs = run.args.eval_batch
+    hi = len(run.test_x) if hi is None else hi
+    for i in tqdm(range(lo, hi, bs), desc="AutoAttack", disable=not run.args.progress, leave=False):
+        xb, yb = run.test_x[i:min(i + bs, hi)], run.test_y[i:min(i + bs, hi)]
+        with torch.no_grad():
+            ok = clf(xb).argmax(1) == yb
+        x_adv = attack(xb, yb)
+        with torch.no_grad():
+            rob = ok & (clf(x_adv).argmax(1) == yb)
+        clean.append(ok.cpu().numpy())
+        robust.append(rob.cpu().numpy())
+    run.sync()
+    return np.concatenate(clean), np.concatenate(robust), time.perf_counter() - t0
+
+
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict:
+    """Exact McNemar test of paired binary outcomes a, b [n]: binomial test on the discordant pairs."""
+    from scipy.stats import binomtest
+
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_first": only_a, "only_second": only_b, "p_value": float(p)}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> dict:
+    """Mean difference (a - b) of per-image outcomes [n] (e.g. seed-averaged) and its 95% bootstrap CI."""
+    rng = np.random.default_rng(seed)
+    d = a.astype(float) - b.astype(float)
+    idx = rng.integers(0, len(d), size=(resamples, len(d)))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"difference": float(d.mean()), "ci95": [float(lo), float(hi)], "resamples": resamples}
+
+
+def compare_pairs(outcomes: dict[str, list[np.ndarray]]) -> list[dict]:
+    """Paired tests of MIMIR against every other arm, and of every arm against scratch."""
+    pairs = [("mimir", "adv-mae"), ("mimir", "mae"), ("mimir", "scratch"), ("adv-mae", "scratch"),
+             ("mae", "scratch")]
+    out = []
+    for first, second in pairs:
+        if first not in outcomes or second not in outcomes:
             continue
-        name, proc, t0 = running.pop(pid)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        done[name] = {"returncode": proc.returncode, "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-                      "wall_seconds": round(time.time() - t0, 1), "load_average_at_end": os.getloadavg(),
-                      "command": "robustgate " + " ".join(todo[name][0])}
-        record.write_text(json.dumps(done, indent=1) + "\n")
-        print(f"{time.strftime('%H:%M:%S')} {name}: {done[name]}", flush=True)
-    return 0 if all(done[k]["returncode"] == 0 for k in todo) else 1
+        per_seed = [mcnemar_exact(a, b) for a, b in zip(outcomes[first], outcomes[second])]
+        pooled_a, pooled_b = np.concatenate(outcomes[first]), np.concatenate(outcomes[second])
+        avg_a = np.mean(np.stack(outcomes[first]), axis=0)
+        avg_b = np.mean(np.stack(outcomes[second]), axis=0)
+        out.append({"first": first, "second": second, "mcnemar_per_seed": per_seed,
+                    "mcnemar_pooled_seeds": mcnemar_exact(pooled_a, pooled_b),
+                    "bootstrap_seed_averaged": paired_bootstrap(avg_a, avg_b)})
+    return out
 
 
-def train(args: argparse.Namespace) -> int:
-    work = Path(args.work)
-    todo = jobs(work)
-    if args.only:
-        todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
-    return run_jobs(todo, work, args.parallel, work / "jobs.json")
-
-
-# ---- eval: robustgate eval of each arm's bundle -------------------------------------------------
-def evaluate(args: argparse.Namespace) -> int:
-    work = Path(args.work)
-    todo = {}
-    for arm in ARMS:
-        common = ["eval", "--bundle", str(work / arm), "--eps", str(EPS), "--steps", "20", "--threads", "1",
-                  "--surface-points", "0", "--no-progress", "--seed", "0"]
-        todo[f"eval-{arm}"] = ([*common, "--attacks", "pgd,pgd-mi,feature-pgd", "--n", str(args.n),
-                                "--out", str(work / "eval" / arm)], [])
-        todo[f"eval-{arm}-aa"] = ([*common, "--attacks", "autoattack", "--n", str(args.n_aa),
-                                   "--out", str(work / "eval" / f"{arm}-autoattack")], [])
-    if args.only:
-        todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
-    rc = run_jobs(todo, work, args.parallel, work / "eval_jobs.json")
-    if args.copy:
-        for name, (cmd, _) in todo.items():
-            src = Path(cmd[cmd.index("--out") + 1])
-            arm = src.name.replace("-autoattack", "")
-            dst = ROOT / "docs" / "results" / f"mimir-{arm}" / ("autoattack" if src.name.endswith("autoattack") else "")
-            if (src / "results.json").is_file():
-                dst.mkdir(parents=True, exist_ok=True)
-                for f in ("results.json", "results.md"):
-                    shutil.copy(src / f, dst / f)
-    return rc
-
-
-# ---- table ---------------------------------------------------------------------------------------
-def _accuracy(path: Path) -> dict[str, float]:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    acc = {"clean": data["configs"]["none"]["clean"]["clean_accuracy"]}
-    for c in data["cells"]:
-        if c.get("status") == "done":
-            acc[c["attack"]] = c["metrics"]["robust_accuracy"]
-    acc["n"] = data["n"]
-    return acc
-
-
-def table(args: argparse.Namespace) -> int:
-    work = Path(args.work)
-    train_jobs = json.loads((work / "jobs.json").read_text())
-    lines = ["| arm | training CPU s (pre-train + fine-tune) | clean | PGD-20 | AutoAttack | PGD-MI | feature PGD |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for arm, label in ARMS.items():
-        parts = [train_jobs[j]["cpu_seconds"] for j in (f"{arm}-pre", arm) if j in train_jobs]
-        cpu = " + ".join(f"{p:.0f}" for p in parts) + (f" = {sum(parts):.0f}" if len(parts) > 1 else "")
-        r = _accuracy(ROOT / "docs" / "results" / f"mimir-{arm}" / "results.json")
-        aa = _accuracy(ROOT / "docs" / "results" / f"mimir-{arm}" / "autoattack" / "results.json")
-        pct = lambda d, k: f"{100 * d[k]:.1f}" if k in d else "n/a"  # noqa: E731
-        lines.append(f"| {label} | {cpu} | {pct(r, 'clean')} | {pct(r, 'pgd')} | {pct(aa, 'autoattack')} "
-                     f"| {pct(r, 'pgd-mi')} | {pct(r, 'feature-pgd')} |")
-    print("\n".join(lines))
+# ---- phases -----------------------------------------------------------------------------------------
+def sweep(args: argparse.Namespace) -> int:
+    run = Run(args)
+    lams = [float(v) for v in args.lams.split(",")]
+    per_step = calibrate(run, max(lams), args.calibration_steps)
+    budget = args.budget_minutes * 60 - run.elapsed()
+    # the validation PGD-10 after each arm is ~ n_val/batch * (11/2) AT steps' worth of compute
+    val_cost = len(run.val_x) / args.batch_size * per_step["pgd-at"] * 0.5
+    seconds = max(1.0, budget / len(lams) - val_cost)
+    rows = []
+    for lam in tqdm(lams, desc="lambda sweep", disable=not args.progress):
+        clf, record = train_arm(run, "mimir" if lam > 0 else "adv-mae", args.seed, lam, seconds, per_step)
+        record["lam"] = lam
+        record["val_clean"], record["val_pgd10"] = val_robustness(run, clf)
+        rows.append(record)
+        print(json.dumps({k: record[k] for k in ("lam", "train_seconds", "val_clean", "val_pgd10")}), flush=True)
+    best = max(rows, key=lambda r: (r["val_pgd10"], -r["lam"]))  # ties: the smaller lambda
+    best_nonzero = max((r for r in rows if r["lam"] > 0), key=lambda r: (r["val_pgd10"], -r["lam"]), default=None)
+    report = {
+        "what": "MIMIR lambda sweep: MIMIR pre-training + PGD-AT fine-tuning per lambda at equal wall clock, "
+                "validation PGD-10 robustness picks lambda",
+        "command": "python bench/training/mimir_compare.py " + " ".join(args.argv), "started_utc": run.started_utc,
+        "chosen_lam": best["lam"], "chosen_nonzero_lam": best_nonzero["lam"] if best_nonzero else None,
+        "ft_pgd_steps": args.ft_pgd_steps, "selected_by": f"validation PGD-10 accuracy on {len(run.val_x)} held-out items",
+        "arch": run.arch, "seconds_per_step": per_step, "seconds_per_arm": round(seconds, 2),
+        "train_items": len(run.train_x), "batch_size": args.batch_size, "sigma": args.sigma or "median",
+        "estimator": args.estimator,
+        "rows": rows, "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
+        "machine": machine(run.device),
+    }
+    _write(args.out or RESULTS / "training.mimir_compare.sweep", report, _sweep_md(report))
     return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Trains every arm and seed for the same planned seconds, then runs AutoAttack over the eval
+    images in chunks, every model on the same chunk, for as many chunks as the budget leaves (at
+    least one): all arms are always scored on the same images. A report is written after every
+    model and every chunk, so a run stopped from outside still leaves its results."""
+    run = Run(args)
+    lam = _chosen_lam(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"--arms: unknown {sorted(unknown)}; known: {', '.join(ARMS)}")
+    per_step = calibrate(run, lam, args.calibration_steps)
+    budget = args.budget_minutes * 60
+    train_budget = budget * (1 - args.eval_share) - run.elapsed()
+    seconds = max(1.0, train_budget / (len(arms) * len(seeds)))
+    stem = args.out or RESULTS / "training.mimir_compare"
+    state = {"lam": lam, "seeds": seeds, "arms": arms, "per_step": per_step, "seconds": seconds, "records": [],
+             "outcomes": {}, "chunk_seconds": []}
+    models = {}
+    for seed in seeds:
+        for arm in arms:
+            clf, record = train_arm(run, arm, seed, lam, seconds, per_step)
+            models[(arm, seed)] = clf
+            state["records"].append(record)
+            print(json.dumps({k: record[k] for k in ("arm", "seed", "planned_seconds", "train_seconds")}), flush=True)
+            _write_compare(run, args, stem, state, final=False)
+    # AutoAttack, chunk by chunk over the same images for every model
+    outcomes = {key: ([], []) for key in models}  # (clean, robust) per chunk
+    n_done = 0
+    while n_done < len(run.test_x):
+        t0 = time.perf_counter()
+        lo, hi = n_done, min(n_done + args.eval_batch, len(run.test_x))
+        for key, clf in models.items():
+            c, r, _ = autoattack_outcomes(run, clf, lo, hi)
+            outcomes[key][0].append(c)
+            outcomes[key][1].append(r)
+            state["outcomes"][key] = (np.concatenate(outcomes[key][0]), np.concatenate(outcomes[key][1]))
+            _write_compare(run, args, stem, state, final=False)  # scored on the images all models share
+        n_done = hi
+        state["chunk_seconds"].append(round(time.perf_counter() - t0, 1))
+        print(json.dumps({"eval_images": n_done, "chunk_seconds": state["chunk_seconds"][-1],
+                          "elapsed": round(run.elapsed(), 1)}), flush=True)
+        if run.elapsed() + max(state["chunk_seconds"]) > budget:
+            break
+    _write_compare(run, args, stem, state, final=True)
+    return 0
+
+
+def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, final: bool) -> None:
+    lam, seeds, arms, records = state["lam"], state["seeds"], state["arms"], state["records"]
+    # while running, models may have been attacked on different numbers of images: keep the common prefix
+    n_eval = min((len(c) for c, _ in state["outcomes"].values()), default=0)
+    scored = {key: (c[:n_eval], r[:n_eval]) for key, (c, r) in state["outcomes"].items()}
+    outcomes = {arm: [scored[(arm, s)][1] for s in seeds if (arm, s) in scored] for arm in arms}
+    clean_out = {arm: [scored[(arm, s)][0] for s in seeds if (arm, s) in scored] for arm in arms}
+    summary = {}
+    for arm in arms:
+        rob = [float(o.mean()) for o in outcomes[arm]]
+        summary[arm] = {"label": ARMS[arm], "robust_per_seed": rob, "robust_mean": float(np.mean(rob)) if rob else None,
+                        "clean_per_seed": [float(o.mean()) for o in clean_out[arm]],
+                        "train_seconds_per_seed": [r["train_seconds"] for r in records if r["arm"] == arm]}
+    complete = {arm: o for arm, o in outcomes.items() if len(o) == len(seeds)}
+    pairs = compare_pairs(complete) if n_eval else []
+    target = next((p for p in pairs if (p["first"], p["second"]) == ("mimir", "scratch")), None)
+    verdict = None
+    if target:
+        lo, hi = target["bootstrap_seed_averaged"]["ci95"]
+        verdict = ("met: the 95% CI of MIMIR - scratch lies above +3 points" if lo > 0.03 else
+                   "not met, with 95% confidence: the CI of MIMIR - scratch lies below +3 points" if hi < 0.03 else
+                   "undecided: the 95% CI of MIMIR - scratch contains +3 points")
+    report = {
+        "what": "MIMIR vs adversarial MAE vs MAE + PGD-AT vs PGD-AT from scratch at equal wall-clock training time",
+        "complete": final, "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
+        "started_utc": run.started_utc,
+        "equal_compute": "wall clock: each arm and seed trains for the same planned seconds, from per-step times "
+                         "measured in this process (calibration); realized seconds in train_seconds_per_seed",
+        "lam": lam, "lam_source": "sweep" if args.lam is None else "--lam", "sigma": args.sigma or "median",
+        "estimator": args.estimator,
+        "attack": ("AutoAttack standard (torchattacks: APGD-CE, APGD-T, FAB-T, Square), linf eps 0.1"
+                   if args.attack == "autoattack" else "APGD-CE only (smoke test, not AutoAttack)"),
+        "n_eval": n_eval, "n_eval_asked": len(run.test_x), "eval_images": f"test[:{n_eval}]",
+        "eval_chunk_seconds": state["chunk_seconds"], "seeds": seeds, "arch": run.arch,
+        "ft_pgd_steps": args.ft_pgd_steps, "seconds_per_step": state["per_step"],
+        "mimir_over_mae_seconds_per_step": state["per_step"]["mimir"] / state["per_step"]["mae"],
+        "planned_train_seconds_per_arm": round(state["seconds"], 2), "train_items": len(run.train_x),
+        "batch_size": args.batch_size, "pretrain_share": args.pretrain_share, "summary": summary, "paired": pairs,
+        "target_mimir_plus_3_over_scratch": verdict, "runs": records,
+        "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
+        "machine": machine(run.device),
+    }
+    md = _compare_md(report)
+    json_path, md_path = _paths(stem)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(md)
+    if final:
+        print(md)
+
+
+def cost(args: argparse.Namespace) -> int:
+    """MIMIR vs clean MAE seconds per pre-training epoch, epochs alternating on the same images
+    (``python -m robustgate.models.mimir --compare``), for each ``--patch-sizes``; the PGD step's share."""
+    from robustgate.models import mimir
+
+    dev = torch.device(args.device)
+    preset = {**PRESETS["cuda" if dev.type == "cuda" else "cpu"],
+              **{k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k) is not None}}
+    rows, t0, started = {}, time.perf_counter(), _started()
+    with tempfile.TemporaryDirectory() as tmp:
+        for patch in (int(v) for v in args.patch_sizes.split(",")):
+            argv = ["--compare", str(args.repeats), "--n", str(args.cost_images), "--batch-size", str(args.batch_size),
+                    "--dim", str(preset["dim"]), "--depth", str(preset["depth"]), "--heads", str(preset["heads"]),
+                    "--patch-size", str(patch), "--lam", "1e-3", "--device", args.device,
+                    "--threads", str(args.threads or 0), "--json", f"{tmp}/p{patch}.json"]
+            if args.data_dir:
+                raise SystemExit("cost reads Debian's Fashion-MNIST (python -m robustgate.models.mimir has no --data-dir)")
+            mimir.main(argv)
+            rows[patch] = {"argv": "python -m robustgate.models.mimir " + " ".join(argv[:-2]),
+                           **json.loads(Path(f"{tmp}/p{patch}.json").read_text())}
+            if time.perf_counter() - t0 > args.budget_minutes * 60:
+                break
+    report = {"what": "pre-training seconds per epoch, MIMIR (1 PGD step + nHSIC, median sigma) vs clean MAE, epochs "
+                      "alternating on the same images (paper Table 10; target <= 1.3x)",
+              "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
+              "started_utc": started, "by_patch_size": rows, "machine": machine(dev)}
+    lines = ["# MIMIR vs MAE: pre-training time per epoch\n", f"`{report['command']}`\n",
+             f"Machine: {args.device}, {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
+             f"{torch.__version__}, revision {report['machine']['robustgate_revision']}, load average at end "
+             f"{report['machine']['load_average_at_end']}. Encoder {preset['dim']}-d x {preset['depth']} blocks, decoder "
+             "sized to it, norm_pix_loss, nHSIC with median-heuristic sigma, lambda 1e-3; MAE and MIMIR epochs alternate "
+             f"{args.repeats} times on the same {args.cost_images} images, batch {args.batch_size}.\n",
+             "| patch | MAE CPU s / epoch | MIMIR CPU s / epoch | **ratio (CPU)** | ratio (wall) | PGD share of MIMIR's epoch |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for patch, r in rows.items():
+        c = r["median_cpu_seconds_per_epoch"]
+        lines.append(f"| {patch} | {c['mae-pretrain']:.2f} | {c['mimir-pretrain']:.2f} | **{r['mimir_over_mae_cpu']:.2f}x** "
+                     f"| {r['mimir_over_mae_wall']:.2f}x | {100 * r['mimir_pgd_share_of_epoch']:.0f}% |")
+    lines.append("\nTarget <= 1.3x MAE per epoch (docs/MIMIR.md explains the gap on a CPU).\n")
+    _write(args.out or RESULTS / "training.mimir_compare.cost", report, "\n".join(lines))
+    return 0
+
+
+def mi_check(args: argparse.Namespace) -> int:
+    """Does the MI estimate depend on the data? Each estimator and width on (x + delta, z) of real
+    batches against the same with z permuted across the batch (independent by construction)."""
+    from robustgate.models.hsic import ESTIMATORS
+
+    run = Run(args)
+    mae = run.mae(args.seed).eval()
+    rows: dict[str, dict] = {}
+    for b in range(args.batches):
+        x = run.train_x[b * args.batch_size:(b + 1) * args.batch_size]
+        gen = torch.Generator().manual_seed(b)
+        x_adv = (x + (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * EPS).clamp(0, 1)
+        with torch.no_grad():
+            z = mae.forward_encoder(x_adv, mae.sample_masking(len(x), generator=gen)).flatten(1)  # [n, (1+K) dim]
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        for name, fn in ESTIMATORS.items():
+            for sigma in (5.0, None):
+                key = f"{name}, sigma {sigma:g}" if sigma else f"{name}, sigma median"
+                r = rows.setdefault(key, {"paired": [], "z_permuted": []})
+                r["paired"].append(fn(x_adv.flatten(1), z, sigma_x=sigma, sigma_y=sigma).item())
+                r["z_permuted"].append(fn(x_adv.flatten(1), z[perm], sigma_x=sigma, sigma_y=sigma).item())
+    for r in rows.values():
+        r["paired_mean"], r["permuted_mean"] = float(np.mean(r["paired"])), float(np.mean(r["z_permuted"]))
+        r["ratio"] = r["paired_mean"] / r["permuted_mean"] if r["permuted_mean"] else None
+    report = {"what": "MI estimators on (x + delta, latent) of an initialized MAE encoder: paired vs latent permuted "
+                      "(a useful estimate is clearly larger when paired)",
+              "command": "python bench/training/mimir_compare.py " + " ".join(args.argv), "started_utc": run.started_utc,
+              "batch_size": args.batch_size, "batches": args.batches, "arch": run.arch, "rows": rows,
+              "machine": machine(run.device)}
+    lines = ["# MIMIR: does the MI estimate depend on the data?\n", f"`{report['command']}`\n",
+             f"{args.batches} batches of {args.batch_size} Fashion-MNIST training images + uniform noise of eps {EPS}; z = "
+             f"the latent of an initialized {run.arch['dim']}-d x {run.arch['depth']} MAE encoder. Permuting z across "
+             "the batch makes the pair independent: an estimate that does not drop then measures nothing.\n",
+             "| estimator, kernel width | paired (mean) | z permuted (mean) | paired / permuted |", "| --- | --- | --- | --- |"]
+    for key, r in rows.items():
+        ratio = f"{r['ratio']:.4f}" if r["ratio"] else "n/a"
+        lines.append(f"| {key} | {r['paired_mean']:.6g} | {r['permuted_mean']:.6g} | {ratio} |")
+    _write(args.out or RESULTS / "training.mimir_compare.mi_check", report, "\n".join(lines) + "\n")
+    return 0
+
+
+def _chosen_lam(args: argparse.Namespace) -> float:
+    if args.lam is not None:
+        return args.lam
+    path = RESULTS / "training.mimir_compare.sweep.json"
+    if not path.is_file():
+        raise SystemExit(f"--lam not given and no sweep result at {path}: run the sweep phase first")
+    sweep_report = json.loads(path.read_text())
+    if sweep_report.get("estimator", "nhsic_cca") != args.estimator:
+        raise SystemExit(f"the sweep in {path} calibrated lambda for {sweep_report.get('estimator', 'nhsic_cca')}, "
+                         f"not --estimator {args.estimator}: give --lam")
+    # lambda 0 is the adv-mae arm already: the MIMIR arm takes the best nonzero lambda of the sweep
+    return float(sweep_report["chosen_lam"] or sweep_report["chosen_nonzero_lam"])
+
+
+# ---- reports -----------------------------------------------------------------------------------------
+def _paths(stem: Path) -> tuple[Path, Path]:
+    """``<stem>.json``, ``<stem>.md`` (appended: ``with_suffix`` would eat ``.mimir_compare``)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
+
+
+def _write(stem: Path, report: dict, md: str) -> None:
+    json_path, md_path = _paths(stem)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(md)
+    print(md)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _sweep_md(r: dict) -> str:
+    lines = [f"# MIMIR lambda sweep\n", f"`{r['command']}`\n",
+             f"Machine: {r['machine']['device']}, {r['machine']['platform']}, torch {r['machine']['torch']}, "
+             f"{r['machine']['torch_threads']} threads, load average at end {r['machine']['load_average_at_end']}.",
+             f"Encoder {r['arch']['dim']}-d x {r['arch']['depth']} blocks, patch {r['arch']['patch_size']}; "
+             f"{r['train_items']} training images, batch {r['batch_size']}; sigma {r['sigma']}; "
+             f"{r['seconds_per_arm']} s of training per lambda (half pre-training, half PGD-{r['ft_pgd_steps']} AT "
+             "fine-tuning).\n",
+             "| lambda | pre-train steps | MI share of the loss per epoch (%) | rec loss (last epoch) | fine-tune steps "
+             "| val clean | **val PGD-10** |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in r["rows"]:
+        p = row["pretrain"]
+        share = ", ".join(f"{100 * s:.2f}" for s in p["mi_share_per_epoch"])
+        lines.append(f"| {row['lam']:g} | {p['steps']} | {share} | {p['rec_loss_per_epoch'][-1]:.4f} | "
+                     f"{row['finetune']['steps']} | {_pct(row['val_clean'])} | **{_pct(row['val_pgd10'])}** |")
+    n = int(r["selected_by"].split(" on ")[1].split()[0])
+    half = 1.96 * math.sqrt(0.25 / n) * 100
+    lines += ["", f"Chosen lambda: **{r['chosen_lam']:g}**; best nonzero: {r['chosen_nonzero_lam']} ({r['selected_by']}; at n = {n} a single accuracy "
+              f"carries up to +-{half:.1f} points of binomial 95% error, so neighbouring lambdas are not "
+              "distinguished by this sweep alone).", f"Total {r['total_seconds']} s of a {r['budget_seconds']} s budget.\n"]
+    return "\n".join(lines)
+
+
+def _compare_md(r: dict) -> str:
+    lines = [f"# MIMIR comparison at equal compute\n", f"`{r['command']}`\n",
+             f"Machine: {r['machine']['device']} ({r['machine'].get('gpu', r['machine']['platform'])}), "
+             f"torch {r['machine']['torch']}. Encoder {r['arch']['dim']}-d x {r['arch']['depth']} blocks, patch "
+             f"{r['arch']['patch_size']}; lambda {r['lam']:g} ({r['lam_source']}), sigma {r['sigma']}. "
+             f"{r['equal_compute']}: {r['planned_train_seconds_per_arm']} s per arm and seed "
+             f"(pre-training share {r['pretrain_share']}, fine-tuning PGD-{r['ft_pgd_steps']}). Attack: {r['attack']} "
+             f"on {r['eval_images']} ({r['n_eval_asked']} asked; chunks stop at the budget), seeds {r['seeds']}."
+             + ("" if r["complete"] else " **Incomplete: written while running.**") + "\n",
+             "| arm | robust per seed (%) | **robust mean** | clean per seed | training s per seed |",
+             "| --- | --- | --- | --- | --- |"]
+    for s in r["summary"].values():
+        mean = _pct(s["robust_mean"]) if s["robust_mean"] is not None else "n/a"
+        lines.append(f"| {s['label']} | {', '.join(_pct(v) for v in s['robust_per_seed'])} | "
+                     f"**{mean}** | {', '.join(_pct(v) for v in s['clean_per_seed'])} | "
+                     f"{', '.join(f'{v:.0f}' for v in s['train_seconds_per_seed'])} |")
+    lines += ["", "Paired tests (per-image robust outcomes on the same images):", "",
+              "| first - second | difference (seed-averaged) | bootstrap 95% CI | McNemar p per seed | pooled p |",
+              "| --- | --- | --- | --- | --- |"]
+    for p in r["paired"]:
+        b = p["bootstrap_seed_averaged"]
+        lines.append(f"| {p['first']} - {p['second']} | {100 * b['difference']:+.1f} | "
+                     f"[{100 * b['ci95'][0]:+.1f}, {100 * b['ci95'][1]:+.1f}] | "
+                     f"{', '.join(format(m['p_value'], '.3g') for m in p['mcnemar_per_seed'])} | "
+                     f"{p['mcnemar_pooled_seeds']['p_value']:.3g} |")
+    ps = r["seconds_per_step"]
+    lines += ["", f"Pre-training cost per batch (calibration, median): MIMIR {ps['mimir']:.4f} s, adversarial MAE "
+              f"{ps['adv-mae']:.4f} s, clean MAE {ps['mae']:.4f} s: MIMIR / MAE = "
+              f"**{r['mimir_over_mae_seconds_per_step']:.2f}x** (target <= 1.3x); PGD-{r['ft_pgd_steps']} AT step "
+              f"{ps['pgd-at']:.4f} s."]
+    lines += ["", f"Target (MIMIR >= +3 points over scratch): {r['target_mimir_plus_3_over_scratch']}.",
+              f"Total {r['total_seconds']} s of a {r['budget_seconds']} s budget.\n"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["size", "train", "eval", "table"])
-    p.add_argument("--work", default="/tmp/mimir_cmp", help="bundles, checkpoints, logs (default /tmp/mimir_cmp)")
-    p.add_argument("--parallel", type=int, default=2, help="jobs at a time (default 2)")
-    p.add_argument("--only", help="comma-separated job names of the phase")
-    p.add_argument("--repeats", type=int, default=4, help="size: timed rounds (default 4)")
-    p.add_argument("--n", type=int, default=EVAL_N, help=f"eval: test items (default {EVAL_N})")
-    p.add_argument("--n-aa", type=int, default=EVAL_N_AA, help=f"eval: AutoAttack test items (default {EVAL_N_AA})")
-    p.add_argument("--no-copy", dest="copy", action="store_false", help="eval: do not copy reports to docs/results")
+    p.add_argument("phase", choices=["cost", "mi-check", "sweep", "compare"])
+    p.add_argument("--budget-minutes", type=float, required=True,
+                   help="wall-clock minutes for the whole phase (training, evaluation); every arm is scaled to fit")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--data-dir", help="folder with the four Fashion-MNIST .gz files (default: Debian's)")
+    p.add_argument("--lams", default=",".join(f"{v:g}" for v in LAMS), help="sweep: lambdas (default 0,1e-5,...,1e-2)")
+    p.add_argument("--lam", type=float, help="compare: MIMIR's lambda (default: the sweep's choice)")
+    p.add_argument("--sigma", type=lambda t: None if t == "median" else float(t), default=None,
+                   help="HSIC kernel width or 'median' (default: median heuristic)")
+    p.add_argument("--estimator", choices=["nhsic_cca", "hsic"], default=PAPER_DEFAULTS["estimator"],
+                   help="MI estimator (default nhsic_cca, the reference's; see the mi-check phase)")
+    p.add_argument("--batches", type=int, default=5, help="mi-check: batches (default 5)")
+    p.add_argument("--arms", default=",".join(ARMS), help="compare: arms (default all four)")
+    p.add_argument("--seeds", default="0,1", help="compare: seeds (default 0,1)")
+    p.add_argument("--seed", type=int, default=0, help="sweep: seed")
+    p.add_argument("--n-eval", type=int, default=1000, help="compare: AutoAttack test images (default 1000)")
+    p.add_argument("--n-val", type=int, default=500, help="validation images for the sweep's PGD-10 (default 500)")
+    p.add_argument("--eval-batch", type=int, default=None,
+                   help="compare: AutoAttack chunk; chunks run until the budget is spent (default 250 on the CPU, "
+                        "1000 on CUDA, where Square's 5,000 sequential queries make small chunks slow)")
+    p.add_argument("--attack", choices=["autoattack", "apgd-ce"], default="autoattack",
+                   help="compare: autoattack (default) or apgd-ce (smoke tests only)")
+    p.add_argument("--eval-share", type=float, default=0.45,
+                   help="compare: budget share kept for AutoAttack (default 0.45); evaluation stops at the budget "
+                        "after the first chunk")
+    p.add_argument("--pretrain-share", type=float, default=0.5, help="pre-trained arms: share spent pre-training")
+    p.add_argument("--train-items", type=int, help="training images (default: all 55,000)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default 128 on the CPU; 512 on CUDA (the reference's fine-tuning batch, 128 x 4 GPUs); "
+                        "learning rates scale as blr * batch / 256")
+    p.add_argument("--pretrain-blr", type=float, default=PAPER_DEFAULTS["blr"], help="lr = blr * batch / 256")
+    p.add_argument("--finetune-blr", type=float, default=REFERENCE["blr"], help="lr = blr * batch / 256")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--patch-size", type=int, help="4 (7x7 grid) or 2 (14x14) on 28x28")
+    p.add_argument("--ft-pgd-steps", type=int, default=REFERENCE["steps"],
+                   help="PGD steps of the fine-tuning attack (default 10, the reference's)")
+    p.add_argument("--patch-sizes", default="4,2", help="cost: patch sizes timed (default 4,2)")
+    p.add_argument("--repeats", type=int, default=3, help="cost: alternations of MAE and MIMIR epochs (default 3)")
+    p.add_argument("--cost-images", type=int, default=1024, help="cost: images per epoch (default 1024)")
+    p.add_argument("--calibration-steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path,
+                   help="output stem (default bench/results/training.mimir_compare[.cost|.sweep])")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    return {"size": size, "train": train, "eval": evaluate, "table": table}[args.phase](args)
+    args.argv = argv
+    cuda = args.device.startswith("cuda")
+    args.batch_size = args.batch_size or (512 if cuda else 128)
+    args.eval_batch = args.eval_batch or (1000 if cuda else 250)
+    return {"cost": cost, "mi-check": mi_check, "sweep": sweep, "compare": compare}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,20 @@ class HistoryStore(ABC):
     def clear(self) -> None:
         """Forgets every client."""
 
+    @abstractmethod
+    def block(self, client: str, until: float) -> None:
+        """Blocks ``client`` until the wall-clock time ``until`` (seconds since the epoch; a later
+        block extends an earlier one). The stateful stage's ``block`` action (defenses/pipeline.py)."""
+
+    @abstractmethod
+    def blocked_until(self, client: str, now: float | None = None) -> float | None:
+        """When ``client``'s block ends, or None when it is not blocked at ``now`` (default: now)."""
+
+    @abstractmethod
+    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
+        """Adds ``n`` detections to ``client``'s count and returns the count; the count is forgotten
+        ``ttl_s`` after the client's last detection (the ``block`` action's ``block_after``)."""
+
 
 class MemoryStore(HistoryStore):
     """In-process history store (numpy arrays; see the module docstring)."""
@@ -142,6 +156,8 @@ class MemoryStore(HistoryStore):
         self._seq = 0  # last sequence number used (uint32 arithmetic)
         self._inserted = 0
         self._lock = threading.Lock()  # observe() from several worker threads is serialised
+        self._blocks: dict[str, float] = {}  # client -> block end (epoch seconds); at most max_clients
+        self._strikes: OrderedDict[str, list[float]] = OrderedDict()  # client -> [detections, last one's time]
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hashes_per_query": self.hashes_per_query}
@@ -152,7 +168,43 @@ class MemoryStore(HistoryStore):
     def clear(self) -> None:
         with self._lock:
             self._clients.clear()  # entries of forgotten client ids never match again
+            self._blocks.clear()
+            self._strikes.clear()
             self._inserted = 0
+
+    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
+        now = time.time() if now is None else float(now)
+        with self._lock:
+            rec = self._strikes.pop(client, None)
+            if rec is None or now - rec[1] > self.ttl_s:
+                rec = [0, now]
+            rec[0] += int(n)
+            rec[1] = now
+            self._strikes[client] = rec  # most recent last
+            while len(self._strikes) > self.max_clients:
+                self._strikes.popitem(last=False)
+            return int(rec[0])
+
+    def block(self, client: str, until: float) -> None:
+        with self._lock:
+            self._blocks[client] = max(float(until), self._blocks.get(client, 0.0))
+            if len(self._blocks) > self.max_clients:  # bounded like the histories: expired ones first, then oldest
+                now = time.time()
+                for c in [c for c, t in self._blocks.items() if t <= now]:
+                    del self._blocks[c]
+                while len(self._blocks) > self.max_clients:
+                    del self._blocks[next(iter(self._blocks))]
+
+    def blocked_until(self, client: str, now: float | None = None) -> float | None:
+        until = self._blocks.get(client)
+        if until is None:
+            return None
+        if until <= (time.time() if now is None else now):
+            with self._lock:
+                if self._blocks.get(client) == until:
+                    del self._blocks[client]
+            return None
+        return until
 
     def stats(self) -> dict[str, int]:
         arrays = (self._e_seq, self._e_client, self._e_cidx, self._e_time, self._e_digest, self._tags, self._p_seq)
@@ -340,6 +392,31 @@ class RedisStore(HistoryStore):
         tag = client.replace("{", "(").replace("}", ")")  # braces would break the hash tag
         return [f"{self.prefix}:{{{tag}}}:p", f"{self.prefix}:{{{tag}}}:e", f"{self.prefix}:{{{tag}}}:n"]
 
+    def _block_key(self, client: str) -> str:
+        return self._keys(client)[0][:-2] + ":b"
+
+    def block(self, client: str, until: float) -> None:
+        # the key expires with the block; a shorter new block never shortens a longer one (GT)
+        ms = max(1, int(math.ceil((float(until) - time.time()) * 1000)))
+        name = self._block_key(client)
+        old = self._redis.get(name)
+        if old is None or float(old) < until:
+            self._redis.set(name, repr(float(until)), px=ms)
+
+    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
+        name = self._keys(client)[0][:-2] + ":s"
+        pipe = self._redis.pipeline()
+        pipe.incrby(name, int(n))
+        pipe.pexpire(name, int(math.ceil(self.ttl_s * 1000)))
+        return int(pipe.execute()[0])
+
+    def blocked_until(self, client: str, now: float | None = None) -> float | None:
+        value = self._redis.get(self._block_key(client))
+        if value is None:
+            return None
+        until = float(value)
+        return until if until > (time.time() if now is None else now) else None
+
     def fingerprint_key(self) -> bytes:
         if self._key is None:
             name = f"{self.prefix}:key"
@@ -372,9 +449,12 @@ class RedisStore(HistoryStore):
 
 
 def build_store(config: dict[str, Any] | None = None) -> HistoryStore:
-    """The store a config names: ``{backend: memory | redis, ...bounds, redis: url, prefix}``."""
+    """The store a config names: ``{backend: memory | redis, ...bounds, url, prefix}`` (``kind`` is
+    accepted for ``backend``, as the pipeline's ``store:`` section spells it)."""
     config = dict(config or {})
-    backend = config.pop("backend", "memory")
+    if "kind" in config and "backend" in config:
+        raise ValueError("store: give kind or backend, not both")
+    backend = config.pop("kind", None) or config.pop("backend", "memory")
     kinds = {"memory": MemoryStore, "redis": RedisStore}
     if backend not in kinds:
         raise ValueError(f"store.backend must be one of {sorted(kinds)}, got {backend!r}")

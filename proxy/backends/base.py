@@ -1,8 +1,8 @@
 """The classifier backend interface: where the proxy's ``classify`` step runs.
 
-Two implementations: ``onnx.OnnxBackend`` (in-process ONNX Runtime) and
-``upstream.UpstreamBackend`` (an upstream Open Inference Protocol server over a pooled gRPC
-channel). Backends are synchronous and thread-safe: the pipeline runs in a worker thread.
+Three implementations: ``onnx.OnnxBackend`` (in-process ONNX Runtime), ``torch.TorchBackend``
+(the bundle's torch twin in-process, on the CPU or a GPU) and ``upstream.UpstreamBackend`` (an
+upstream Open Inference Protocol server over a pooled gRPC channel). Backends are synchronous and thread-safe: the pipeline runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -69,3 +69,11 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Releases sessions/channels. Default: nothing to release."""
+
+    #: True when the backend also takes and returns torch tensors (``infer_tensor``,
+    #: ``infer_with_features_tensor``): the pipeline runner then keeps the batch on its device
+    accepts_tensors = False
+
+    def info(self) -> dict[str, str]:
+        """``kind``, ``device`` and ``provider`` labels of ``robustgate_backend_info`` (proxy/metrics.py)."""
+        return {"kind": type(self).__name__.removesuffix("Backend").lower(), "device": "remote", "provider": "grpc"}

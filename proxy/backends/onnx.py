@@ -9,6 +9,8 @@ pipeline's shared pass (defenses/pipeline.py) then spares SafetyNet a second bac
 
 Providers from ``device``: ``cpu`` -> CPUExecutionProvider; ``cuda`` -> CUDAExecutionProvider
 (an error when this onnxruntime build lacks it); ``auto`` -> CUDA when available, else CPU.
+Without onnxruntime-gpu, ``robustgate serve`` runs ``device: cuda`` (and ``auto`` on a machine
+with a CUDA device) on the torch twin instead (:func:`has_cuda_provider`; proxy/serve.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from robustgate.models.bundle import Bundle
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 
 _ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64"}
+
+
+def has_cuda_provider() -> bool:
+    """Whether this onnxruntime build can run on a CUDA device (onnxruntime-gpu)."""
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def providers_for(device: str) -> list[str]:
@@ -113,6 +120,11 @@ class OnnxBackend(Backend):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ValueError(f"{path}: ONNX Runtime could not load the backbone fused with {sorted(outputs)}: {exc}") from exc
         return FusedPass(self, session, outputs)
+
+    def info(self) -> dict[str, str]:
+        provider = self.session.get_providers()[0]  # the first provider is the one that runs the graph
+        return {"kind": "onnxruntime", "device": "cuda" if provider == "CUDAExecutionProvider" else "cpu",
+                "provider": provider}
 
     def ready(self) -> bool:
         return not self._closed

@@ -67,7 +67,8 @@ def pipeline(action):
 
 
 def test_clean_accepted_and_adversarial_rejected(served):
-    proxy = LoopbackProxy(served["root"], pipeline("reject"))
+    # server.explain: the rejection names score and threshold (off by default; tests/proxy/test_verdicts.py)
+    proxy = LoopbackProxy(served["root"], pipeline("reject"), {"server": {"explain": True}})
     try:
         # the L1 detector runs inside the backbone's session call (proxy/backends/fuse.py)
         assert proxy.server.runner.fused is not None and proxy.server.runner.fused.stages == (STAGE,)
@@ -93,7 +94,7 @@ def test_clean_accepted_and_adversarial_rejected(served):
 
 
 def test_flag_mode_returns_prediction_with_verdict(served):
-    proxy = LoopbackProxy(served["root"], pipeline("flag"))
+    proxy = LoopbackProxy(served["root"], pipeline("flag"), {"server": {"explain": True}})  # scores: explain only
     try:
         batch = np.concatenate([served["clean"][:1], served["adv"]])
         res = infer(proxy.url, served["name"], batch)

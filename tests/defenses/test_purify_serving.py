@@ -370,7 +370,7 @@ def test_smoothing_abstention_is_permission_denied_in_request_mode(serve, model_
         triton_infer(proxy.url, model_name, x)
     assert err.value.status() == str(grpc.StatusCode.PERMISSION_DENIED)
     first = int(np.flatnonzero(~want["certified"])[0])
-    assert err.value.message() == f"rejected by robustgate: item {first} stage smooth score nan threshold nan"
+    assert err.value.message() == f"rejected by robustgate: item {first} stage smooth"  # server.explain off
     assert_healthy(proxy.url, model_name)
     # a certified item sent alone (its own batch, so its own draw of the seeded noise) is answered
     item = int(np.flatnonzero(want["certified"] & (want["n_a"] < SMOOTH["n"]))[0])

@@ -31,6 +31,14 @@ METRICS = {
     "robustgate_auth_failures_total": "counter",
     "robustgate_reloads_total": "counter",
     "robustgate_build_info": "gauge",
+    # issue 22: per-client refusals and the stateful stages
+    "robustgate_clients_blocked_total": "counter",
+    "robustgate_queries_refused_total": "counter",
+    "robustgate_stateful_detections_total": "counter",
+    "robustgate_stateful_observe_duration_seconds": "histogram",
+    "robustgate_stateful_entries": "gauge",
+    "robustgate_stateful_clients": "gauge",
+    "robustgate_stateful_bytes": "gauge",
 }
 
 

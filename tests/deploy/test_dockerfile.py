@@ -146,7 +146,7 @@ def test_install_uses_the_readme_script_pinned_by_constraints():
     assert "PIP_CONSTRAINT=/opt/robustgate/deploy/docker/constraints.txt" in env
     args = dict(arg.split("=", 1) for ins, arg in build if ins == "ARG" and "=" in arg)
     assert args["VARIANT"] == "cpu"
-    assert "ROBUSTGATE_SKIP_APT=1" in env and 'ROBUSTGATE_EXTRAS=""' in env, "runtime dependencies only"
+    assert "ROBUSTGATE_SKIP_APT=1" in env and "ROBUSTGATE_EXTRAS=cpu" in env, "runtime dependencies only (CPU runtime)"
     assert "gpu) export ROBUSTGATE_EXTRAS=gpu" in runs, "the GPU image installs the project's `gpu` extra"
     script = (ROOT / "scripts" / "install.sh").read_text()
     assert "ROBUSTGATE_SKIP_APT" in script and "ROBUSTGATE_EXTRAS" in script, "install.sh reads the switches"
@@ -192,7 +192,8 @@ def constraint_pins() -> dict[str, str]:
 def test_constraints_pin_every_dependency_within_pyproject_ranges():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = constraint_pins()
-    for spec in project["dependencies"] + project["optional-dependencies"]["gpu"]:
+    extras = project["optional-dependencies"]
+    for spec in project["dependencies"] + extras["cpu"] + extras["gpu"]:
         req = Requirement(spec)
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} is not pinned in {CONSTRAINTS.name}"

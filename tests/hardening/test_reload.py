@@ -49,7 +49,10 @@ from robustgate.proxy.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 RELOAD = "/robustgate.admin.v1.Admin/Reload"
-SERVER = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}
+# the admin service on its own loopback port (it is off by default) and rejections that name the
+# score and threshold (server.explain; off by default): these tests read both
+ADMIN = {"admin": {"enabled": True, "port": 0}, "explain": True}
+SERVER = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1", **ADMIN}
 DENIED = re.compile(r"^rejected by robustgate: item (\d+) stage (\S+) score (\S+) threshold (\S+)$")
 OLD, NEW = 0.5, 0.35  # MeanDetector thresholds; items of mean 0.42 lie between them
 
@@ -62,6 +65,10 @@ def write_config(path: Path, bundle: Path, stages: list[dict], **sections) -> Pa
     path.write_text(yaml.safe_dump({"bundle": str(bundle), "server": SERVER,
                                     "pipeline": {"stages": stages, **sections.pop("pipeline", {})}, **sections}))
     return path
+
+
+def admin_url(proxy) -> str:
+    return f"127.0.0.1:{proxy.server.admin_port}"
 
 
 def reload_rpc(url: str) -> dict:
@@ -193,7 +200,7 @@ def consistent(a: Answer, t: float, ort_logits) -> bool:
 
 def test_reloads_under_a_concurrent_stream_drop_nothing(start_proxy, proxy_bundle, ort_logits, tmp_path):
     path = write_config(tmp_path / "proxy.yaml", proxy_bundle, [brightness(OLD)])
-    p = start_proxy(pipeline={"stages": [brightness(OLD)]})
+    p = start_proxy(server=ADMIN, pipeline={"stages": [brightness(OLD)]})
     served_by(p, path)
     stream = Stream(p.url)
     segments, current, last = [], OLD, float("-inf")
@@ -202,11 +209,11 @@ def test_reloads_under_a_concurrent_stream_drop_nothing(start_proxy, proxy_bundl
             stream.wait_answers_after(last, 25)
             if new == "bad":  # refused mid-stream: the segment goes on with the same threshold
                 path.write_text(path.read_text().replace("pipeline:", "pipeline:\n  thresholds: {brightness: 0.1}"))
-                refused_reload(p.url)
+                refused_reload(admin_url(p))
                 continue
             write_config(path, proxy_bundle, [brightness(new)])
             start = time.monotonic()
-            summary = reload_rpc(p.url)
+            summary = reload_rpc(admin_url(p))
             end = time.monotonic()
             assert summary == {"thresholds": {"brightness": new}, "actions": {"brightness": "reject"},
                                "failure_policy": "fail-closed", "verdict_mode": "request", "ignored": []}
@@ -239,7 +246,7 @@ def test_reloads_under_a_concurrent_stream_drop_nothing(start_proxy, proxy_bundl
 
 def test_reload_applies_actions_params_and_verdict_mode_not_batching(start_proxy, proxy_bundle, ort_logits, tmp_path):
     stages = [brightness(OLD), {"name": "squeeze", "kind": "bitdepth", "params": {"bits": 8}}]
-    p = start_proxy(pipeline={"stages": stages}, batching={"max_batch_size": 32})
+    p = start_proxy(server=ADMIN, pipeline={"stages": stages}, batching={"max_batch_size": 32})
     x = images_of_mean([0.2, 0.6], np.random.default_rng(0))  # item 1 over both thresholds
     client = tc.InferenceServerClient(p.url)
     assert denied(lambda: infer(client, x))[:2] == (1, "brightness")
@@ -248,7 +255,7 @@ def test_reload_applies_actions_params_and_verdict_mode_not_batching(start_proxy
                         [brightness(0.3, action="flag"), {"name": "squeeze", "kind": "bitdepth", "params": {"bits": 2}}],
                         pipeline={"verdict_mode": "item", "failure_policy": "fail-open"}, batching={"max_batch_size": 4})
     served_by(p, path)
-    summary = reload_rpc(p.url)
+    summary = reload_rpc(admin_url(p))
     assert summary == {"thresholds": {"brightness": 0.3}, "actions": {"brightness": "flag", "squeeze": "reject"},
                        "failure_policy": "fail-open", "verdict_mode": "item", "ignored": ["batching"]}
     r = infer(client, x)
@@ -288,14 +295,14 @@ def test_a_bad_new_config_is_refused_and_the_old_pipeline_serves(start_proxy, pr
     bundle = tmp_path / "bundle"
     shutil.copytree(proxy_bundle, bundle)
     path = write_config(tmp_path / "proxy.yaml", bundle, [brightness(OLD)])
-    p = start_proxy(bundle=bundle, pipeline={"stages": [brightness(OLD)]})
+    p = start_proxy(bundle=bundle, server=ADMIN, pipeline={"stages": [brightness(OLD)]})
     served_by(p, path)
     reg = p.server.metrics.registry
     edit, needle = BAD[case]
     if case != "unknown key":  # the unknown key goes into a file that is otherwise the one to apply
         write_config(path, bundle, [brightness(NEW)])
     edit(path, bundle)
-    details = refused_reload(p.url)
+    details = refused_reload(admin_url(p))
     assert needle in details, details
     assert reg.get_sample_value("robustgate_reloads_total", {"result": "error"}) == 1
     assert reg.get_sample_value("robustgate_reloads_total", {"result": "ok"}) == 0

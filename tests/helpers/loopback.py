@@ -21,7 +21,8 @@ class LoopbackProxy:
     def __init__(self, bundle: str | Path, pipeline: dict, sections: dict | None = None):
         cfg = load_config(None, environ={}, overrides={
             **(sections or {}), "bundle": str(bundle), "pipeline": pipeline,
-            "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
+            "server": {**(sections or {}).get("server", {}),
+                       "host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
         self.server = build_server(cfg)
         self.prepare()
         self.loop = asyncio.new_event_loop()

@@ -10,8 +10,8 @@ import torch
 from robustgate.models.archs import build_arch
 from robustgate.models.mae import MaskedAutoencoder
 from robustgate.models.mimir import (
-    PAPER_DEFAULTS, init_classifier, load_pretrained, main, make_loader, mimir_loss, pgd_delta, pretrain,
-    save_pretrained,
+    PAPER_DEFAULTS, init_classifier, load_pretrained, lr_at, main, make_loader, mimir_loss, parse_sigma, pgd_delta,
+    pretrain, save_pretrained, scaled_lr,
 )
 
 TINY = dict(dim=32, depth=2, heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
@@ -109,8 +109,11 @@ def test_checkpoint_round_trip(tmp_path, images):
     digest = save_pretrained(model, path, extra={"note": "test"})
     assert len(digest) == 64
     loaded = load_pretrained(path)
+    assert loaded.config == model.config  # sin-cos positions, decoder sizes, norm_pix_loss kept
+    assert not loaded.encoder.pos_embed.requires_grad and loaded.norm_pix_loss
     masking = model.sample_masking(8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        torch.testing.assert_close(model(images[:8], masking=masking)[0], loaded(images[:8], masking=masking)[0])
         torch.testing.assert_close(model(images[:8], masking=masking)[1], loaded(images[:8], masking=masking)[1])
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(Exception):
@@ -175,3 +178,60 @@ def test_command_line_writes_a_loadable_checkpoint(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["config"]["method"] == "mimir-pretrain" and len(data["losses"]) == 1
     assert load_pretrained(out).config["dim"] == 32
+
+
+def test_mi_share_and_pgd_time_are_logged_every_epoch(images):
+    model = _model()
+    r = pretrain(model, make_loader(images[:64], 32), epochs=2, eps=EPS, steps=1, step_size=0.125, lam=1e-3,
+                 lr=1e-3, progress=False)
+    assert len(r.mi_share) == 2 and all(0 < s < 1 for s in r.mi_share)
+    # share = lam * mi / loss, batch-averaged: with equal batches it is close to the ratio of the means
+    for share, mi, loss in zip(r.mi_share, r.mi, r.losses):
+        assert share == pytest.approx(1e-3 * mi / loss, rel=0.05)
+    assert len(r.pgd_seconds) == 2 and all(0 < p < s for p, s in zip(r.pgd_seconds, r.seconds))
+    assert r.config["sigma"] == "median"  # the default kernel width
+    r0 = pretrain(_model(), make_loader(images[:64], 32), epochs=1, eps=0.0, steps=0, step_size=0.0, lam=0.0,
+                  lr=1e-3, progress=False)
+    assert r0.mi_share == [0.0]
+
+
+def test_warmup_then_cosine_and_reference_lr_scaling(images):
+    assert scaled_lr(1.5e-4, 256) == pytest.approx(1.5e-4) and scaled_lr(1.5e-4, 128) == pytest.approx(7.5e-5)
+    lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.01
+    # max_steps ends the run (and the schedule) early
+    r = pretrain(_model(), make_loader(images[:128], 32), epochs=5, max_steps=3, lr=1e-3, eps=0.0, steps=0,
+                 step_size=0.0, lam=0.0, progress=False)
+    assert len(r.losses) == 1 and r.config["max_steps"] == 3
+
+
+def test_parse_sigma():
+    assert parse_sigma("median") is None and parse_sigma(None) is None and parse_sigma("2.5") == 2.5
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        parse_sigma("0")
+
+
+def test_pretrain_puts_model_and_batches_on_the_device(images, monkeypatch):
+    """``device`` reaches the model and every batch (checked by spying on pgd_delta's input)."""
+    import robustgate.models.mimir as mimir
+
+    seen = []
+    real = mimir.pgd_delta
+
+    def spy(model, x, *a, **k):
+        seen.append((x.device, next(model.parameters()).device))
+        return real(model, x, *a, **k)
+
+    monkeypatch.setattr(mimir, "pgd_delta", spy)
+    pretrain(_model(), make_loader(images[:64], 32), epochs=1, lr=1e-3, progress=False, device=torch.device("cpu"))
+    assert seen and all(d == (torch.device("cpu"), torch.device("cpu")) for d in seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pretrain_on_cuda(images):
+    model = _model()
+    r = pretrain(model, make_loader(images[:64], 32), epochs=1, eps=EPS, steps=1, step_size=0.125, lam=1e-3,
+                 lr=1e-3, progress=False, device="cuda")
+    assert next(model.parameters()).is_cuda and r.config["device"].startswith("cuda")

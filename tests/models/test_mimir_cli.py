@@ -65,3 +65,23 @@ def test_pretraining_needs_vit_tiny(tmp_path, capsys):
 def test_a_missing_init_checkpoint_is_a_clear_error(tmp_path, capsys):
     rc = main(["train", *COMMON, "--init", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")])
     assert rc == 2 and "missing.safetensors: no such file" in capsys.readouterr().err
+
+
+def test_pretraining_runs_on_the_gpu_when_there_is_one(tmp_path, capsys, monkeypatch):
+    """models/cli.py passes the device it picks to the pre-training loop (checked without a GPU)."""
+    import torch
+
+    import robustgate.models.mimir as mimir
+
+    captured = {}
+
+    def fake_pretrain(model, loader, **kwargs):
+        captured.update(kwargs)
+        return mimir.PretrainResult()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mimir, "pretrain", fake_pretrain)
+    assert main(["train", *COMMON, "--method", "mimir-pretrain", "--out", str(tmp_path / "pre")]) == 0
+    assert str(captured["device"]) == "cuda"
+    assert json.loads(capsys.readouterr().out)["device"] == "cuda"
+    assert captured["sigma"] is None and captured["lr"] == 1.5e-4 * 32 / 256  # median heuristic, blr scaling

@@ -34,7 +34,9 @@ def fitted_bundle(proxy_bundle, tmp_path_factory):
 
 
 def test_stage_takes_threshold_from_the_bundles_fitted_defense(start_proxy, fitted_bundle):
-    p = start_proxy(bundle=str(fitted_bundle), pipeline={"stages": [{"name": "brightness", "kind": "test_proxy_mean"}]})
+    # explain on (a trusted client's view): the rejection names the threshold the stage used
+    p = start_proxy(bundle=str(fitted_bundle), pipeline={"stages": [{"name": "brightness", "kind": "test_proxy_mean"}]},
+                    server={"explain": True})
     assert infer(p.url, DARK).as_numpy("robustgate_verdict").tolist() == [0]
     with pytest.raises(InferenceServerException) as err:
         infer(p.url, BRIGHT)

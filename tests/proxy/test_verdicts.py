@@ -53,17 +53,19 @@ def test_request_mode_rejects_with_permission_denied_and_metadata(start_proxy, o
             stub.ModelInfer(raw_request(PAIR), timeout=30)
         e = err.value
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert e.details() == "rejected by robustgate: item 1 stage brightness score 0.8 threshold 0.5"
+        # by default (server.explain off) neither the details nor the metadata reveal score or threshold
+        assert e.details() == "rejected by robustgate: item 1 stage brightness"
         md = dict(e.trailing_metadata())
         assert md["robustgate-verdict"] == "rejected" and md["robustgate-stage"] == "brightness"
         assert md["robustgate-item"] == "1"
-        assert float(md["robustgate-score"]) == pytest.approx(0.8) and float(md["robustgate-threshold"]) == 0.5
-        # the clean item alone passes, with its detector score as an extra output
+        assert not {"robustgate-score", "robustgate-threshold"} & set(md), md
+        # the clean item alone passes; its detector score is not an output without explain (an oracle)
         ok = stub.ModelInfer(raw_request(DARK), timeout=30)
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=p.server.contract.model_name), timeout=30)
     names = [o.name for o in ok.outputs]
-    assert names == ["logits", "robustgate_verdict", "robustgate_score_brightness"]
+    assert names == ["logits", "robustgate_verdict"]
+    assert [o.name for o in meta.outputs] == ["logits", "robustgate_verdict"]
     np.testing.assert_allclose(np.frombuffer(ok.raw_output_contents[0], np.float32).reshape(1, 10), ort_logits(DARK), rtol=1e-5, atol=1e-6)
-    assert np.frombuffer(ok.raw_output_contents[2], np.float32)[0] == pytest.approx(0.2)
     # tritonclient sees the same status; counters record it
     with pytest.raises(InferenceServerException) as terr:
         infer(p.url, BRIGHT)
@@ -75,8 +77,36 @@ def test_request_mode_rejects_with_permission_denied_and_metadata(start_proxy, o
     assert reg.get_sample_value("robustgate_detector_score_count", {"detector": "brightness"}) == 4
 
 
+def test_explain_names_score_and_threshold_and_metrics_keep_them_either_way(start_proxy, caplog):
+    p = start_proxy(server={"explain": True}, pipeline=stage())
+    with grpc.insecure_channel(p.url) as ch, caplog.at_level("INFO", logger="robustgate.proxy"):
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(raw_request(PAIR), timeout=30)
+    e = err.value
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert e.details() == "rejected by robustgate: item 1 stage brightness score 0.8 threshold 0.5"
+    md = dict(e.trailing_metadata())
+    assert float(md["robustgate-score"]) == pytest.approx(0.8) and float(md["robustgate-threshold"]) == 0.5
+    # the operator's view is the same with or without explain: the log line and the score histogram
+    assert "rejected: item 1 stage brightness score 0.8 threshold 0.5" in caplog.text
+    # and the accepted answer carries each detector's score as an extra output
+    ok = infer(p.url, DARK)
+    assert ok.as_numpy("robustgate_score_brightness")[0] == pytest.approx(0.2)
+    reg = p.server.metrics.registry
+    assert reg.get_sample_value("robustgate_detector_score_count", {"detector": "brightness"}) == 3  # PAIR, DARK
+
+
+def test_without_explain_the_log_still_has_score_and_threshold(start_proxy, caplog):
+    p = start_proxy(pipeline=stage())
+    with grpc.insecure_channel(p.url) as ch, caplog.at_level("INFO", logger="robustgate.proxy"):
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(raw_request(BRIGHT), timeout=30)
+    assert err.value.details() == "rejected by robustgate: item 0 stage brightness"
+    assert "rejected: item 0 stage brightness score 0.8 threshold 0.5" in caplog.text
+
+
 def test_flag_returns_prediction_and_verdict(start_proxy, ort_logits):
-    p = start_proxy(pipeline=stage("flag"))
+    p = start_proxy(server={"explain": True}, pipeline=stage("flag"))
     res = infer(p.url, PAIR)
     np.testing.assert_allclose(res.as_numpy("logits"), ort_logits(PAIR), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(res.as_numpy("robustgate_verdict"), [0, 1])
@@ -99,7 +129,7 @@ def test_item_mode_answers_every_item_with_nan_logits_for_rejected(start_proxy, 
 
 @pytest.mark.parametrize("policy", ["fail-closed", "fail-open"])
 def test_failing_stage_follows_the_failure_policy(start_proxy, ort_logits, policy):
-    p = start_proxy(pipeline={
+    p = start_proxy(server={"explain": True}, pipeline={
         "stages": [{"name": "boom", "kind": "test_proxy_broken", "action": "reject", "threshold": 0.0}],
         "failure_policy": policy,
     })
@@ -117,7 +147,7 @@ def test_failing_stage_follows_the_failure_policy(start_proxy, ort_logits, polic
 
 
 def test_detector_queries_the_local_backbone_features(start_proxy, proxy_bundle):
-    p = start_proxy(pipeline={"stages": [{"name": "fnorm", "kind": "test_proxy_featnorm", "action": "log"}]})
+    p = start_proxy(server={"explain": True}, pipeline={"stages": [{"name": "fnorm", "kind": "test_proxy_featnorm", "action": "log"}]})
     x = np.random.default_rng(1).random((3, 1, 28, 28), dtype=np.float32)
     res = infer(p.url, x)
     import onnxruntime as ort

@@ -1,0 +1,335 @@
+"""The stateful stage served (issue 22, items 1 and 2): a real proxy on loopback, the real
+tritonclient, several client identities (bearer tokens, the x-client-id header).
+
+- a query-attack stream (near-duplicates of one image) is rejected, and with ``action: block`` the
+  client is refused RESOURCE_EXHAUSTED with a retry hint until its cool-down ends, while a benign
+  stream of distinct Fashion-MNIST test images with exact retries is never refused;
+- a hot reload keeps the store (the attacker's history) and applies the new threshold;
+- two proxies sharing one real redis-server see one client's stream; a Redis failure follows the
+  pipeline's failure policy;
+- output policies change what an accepted answer carries on the wire.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from robustgate.proxy import outputs
+from robustgate.proxy.config import load_config
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+SMALL_STORE = {"kind": "memory", "max_entries": 4096, "max_per_client": 1024, "max_clients": 64, "ttl_s": 600}
+ATTACKER = {"authorization": "Bearer attacker-token"}
+BENIGN = {"authorization": "Bearer benign-token"}
+GATEWAY = {"x-client-id": "gateway-client-7"}
+
+
+def fmnist_images(n: int, offset: int = 0) -> np.ndarray:
+    """``n`` distinct Fashion-MNIST test images ``[n, 1, 28, 28]`` float32 in [0, 1]."""
+    if not FMNIST.is_file():
+        pytest.fail(f"{FMNIST} is missing: apt-get install -y dataset-fashion-mnist (docs: ENVIRONMENT)")
+    raw = np.frombuffer(gzip.open(FMNIST).read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    return (raw[offset:offset + n].astype(np.float32) / 255.0).copy()
+
+
+def attack_stream(base: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """A query attack's stream ``[n, 1, 28, 28]``: the base image plus a few +-0.05 pixel changes
+    each (Square/SimBA-like near-duplicates, each query new)."""
+    rng = np.random.default_rng(seed)
+    out = np.repeat(base[None], n, axis=0)
+    for i in range(n):
+        idx = rng.integers(0, 28, size=(8, 2))
+        out[i, 0, idx[:, 0], idx[:, 1]] += rng.choice([-0.05, 0.05], size=8)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def stateful_stage(**over) -> dict:
+    return {"name": "sd", "kind": "stateful", "action": "reject", "threshold": 10.0, "store": SMALL_STORE, **over}
+
+
+def ask(url: str, x: np.ndarray, headers: dict):
+    """One ModelInfer of ``x`` ``[1, 1, 28, 28]`` -> ("ok", logits [1, 10]) or (status, message, trailers)."""
+    with tc.InferenceServerClient(url) as client:
+        inp = tc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        try:
+            r = client.infer("tiny", [inp], headers=headers, client_timeout=60)
+        except InferenceServerException as exc:
+            return exc.status(), exc.message()
+        return "ok", r.as_numpy("logits")
+
+
+def metric(port: int, name: str, labels: dict | None = None) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                return s.value
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_attack_rejected_benign_stream_and_retries_accepted(start_proxy):
+    p = start_proxy(pipeline={"stages": [stateful_stage()]})
+    benign = fmnist_images(60)
+    sent = 0
+    for i, x in enumerate(benign):  # distinct test images, every 4th retried exactly (a client's retry)
+        for _ in range(2 if i % 4 == 0 else 1):
+            status, *_ = ask(p.url, x[None], BENIGN)
+            assert status == "ok", (i, status, _)
+            sent += 1
+    for i, x in enumerate(fmnist_images(20, offset=100)):  # a second benign client, named by a gateway header
+        assert ask(p.url, x[None], GATEWAY)[0] == "ok", i
+
+    answers = [ask(p.url, x[None], ATTACKER) for x in attack_stream(benign[0], 20)]
+    refused = [a for a in answers if a[0] != "ok"]
+    assert answers[0][0] == "ok"  # the first query has no history
+    assert len(refused) >= 17, [a[0] for a in answers]
+    for status, message in refused:
+        assert status == "StatusCode.PERMISSION_DENIED"
+        assert message.startswith("rejected by robustgate: item 0 stage sd"), message
+    # the attacker's history is its own: the benign client sending the same base image again is an exact retry of its own
+    assert ask(p.url, benign[0][None], BENIGN)[0] == "ok"
+    assert metric(p.metrics_port, "robustgate_stateful_detections_total", {"stage": "sd"}) == len(refused)
+    assert metric(p.metrics_port, "robustgate_stateful_clients", {"stage": "sd"}) == 3
+    assert metric(p.metrics_port, "robustgate_stateful_entries", {"stage": "sd"}) == sent - 15 + 20 + 20
+    assert metric(p.metrics_port, "robustgate_stateful_bytes", {"stage": "sd"}) > 0
+    assert metric(p.metrics_port, "robustgate_stateful_observe_duration_seconds_count", {"stage": "sd"}) > 0
+
+
+def test_block_refuses_the_client_until_its_cool_down_ends(start_proxy):
+    p = start_proxy(pipeline={"stages": [stateful_stage(action="block", cooldown_s=2.0, block_after=1)]})
+    stream = attack_stream(fmnist_images(1)[0], 6, seed=1)
+    first = [ask(p.url, x[None], ATTACKER) for x in stream[:3]]
+    assert first[0][0] == "ok"
+    status, message = first[1]
+    assert status == "StatusCode.RESOURCE_EXHAUSTED", first
+    assert re.fullmatch(r"client refused by robustgate: retry after \d+ s; stage sd", message), message
+    assert "score" not in message and "threshold" not in message
+    # blocked: even a distinct image is refused now, without being observed
+    fresh = fmnist_images(3, offset=500)
+    assert ask(p.url, fresh[0][None], ATTACKER)[0] == "StatusCode.RESOURCE_EXHAUSTED"
+    assert ask(p.url, fresh[1][None], BENIGN)[0] == "ok"  # other clients are not affected
+    assert metric(p.metrics_port, "robustgate_clients_blocked_total", {"reason": "sd"}) == 1
+    assert metric(p.metrics_port, "robustgate_queries_refused_total", {"reason": "sd"}) == 3
+    assert metric(p.metrics_port, "robustgate_requests_total", {"outcome": "blocked"}) == 3
+    time.sleep(2.2)
+    assert ask(p.url, fresh[2][None], ATTACKER)[0] == "ok"  # the cool-down ended
+
+
+def test_block_after_several_detections(start_proxy):
+    p = start_proxy(pipeline={"stages": [stateful_stage(action="block", cooldown_s=60.0, block_after=3)]})
+    answers = [ask(p.url, x[None], ATTACKER) for x in attack_stream(fmnist_images(1, offset=9)[0], 5, seed=6)]
+    assert [a[0] for a in answers] == ["ok", "StatusCode.PERMISSION_DENIED", "StatusCode.PERMISSION_DENIED",
+                                       "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.RESOURCE_EXHAUSTED"], answers
+    assert metric(p.metrics_port, "robustgate_clients_blocked_total", {"reason": "sd"}) == 1
+
+
+def test_block_answer_carries_the_retry_hint_in_trailers(start_proxy):
+    import grpc
+
+    from robustgate.protos import open_inference_grpc_pb2 as pb
+    from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
+
+    p = start_proxy(pipeline={"stages": [stateful_stage(action="block", cooldown_s=30.0, block_after=1)]})
+    stream = attack_stream(fmnist_images(1, offset=7)[0], 3, seed=2)
+    with grpc.insecure_channel(p.url) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        trailers = None
+        for x in stream:
+            req = pb.ModelInferRequest(model_name="tiny")
+            t = req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
+            t.contents.fp32_contents.extend(x.ravel().tolist())
+            try:
+                stub.ModelInfer(req, metadata=(("x-client-id", "raw-grpc"),), timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                trailers = dict(exc.trailing_metadata())
+                break
+    assert trailers is not None
+    assert trailers["robustgate-verdict"] == "blocked" and trailers["robustgate-stage"] == "sd"
+    assert 28_000 < int(trailers["retry-after-ms"]) <= 30_000
+
+
+def test_reload_keeps_the_history_and_applies_the_new_threshold(start_proxy, proxy_bundle, tmp_path):
+    path = tmp_path / "proxy.yaml"
+
+    def write(threshold: float) -> None:
+        path.write_text(yaml.safe_dump({"bundle": str(proxy_bundle), "pipeline": {"stages": [
+            stateful_stage(threshold=threshold)]}}))
+
+    write(1000.0)  # nothing is rejected yet: the history builds up
+    p = start_proxy(pipeline={"stages": [stateful_stage(threshold=1000.0)]})
+    p.server.config_loader = lambda: load_config(path, environ={}, overrides={
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
+    stream = attack_stream(fmnist_images(1, offset=3)[0], 6, seed=3)
+    for x in stream[:5]:
+        assert ask(p.url, x[None], ATTACKER)[0] == "ok"
+    store = p.server.runner.stores["sd"][1]
+    write(10.0)
+    summary = p.call(p.server.reload())
+    assert summary["thresholds"]["sd"] == 10.0
+    assert p.server.runner.stores["sd"][1] is store  # the same store object, handed over
+    status, message = ask(p.url, stream[5][None], ATTACKER)  # judged against the history sent before the reload
+    assert status == "StatusCode.PERMISSION_DENIED" and "stage sd" in message
+
+
+# ---- shared state through a real Redis ----------------------------------------------------------------
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server (scripts/install.sh installs it) on a free loopback port: (url, process)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is missing: scripts/install.sh installs it (apt-get install redis-server)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0", proc
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_two_proxies_sharing_redis_see_one_clients_stream(start_proxy, redis_server):
+    url, proc = redis_server
+    store = {"kind": "redis", "url": url, "max_per_client": 1000, "ttl_s": 600, "socket_timeout_s": 0.5}
+    a = start_proxy(pipeline={"stages": [stateful_stage(store=store)]})
+    b = start_proxy(pipeline={"stages": [stateful_stage(store=store)]})
+    stream = attack_stream(fmnist_images(1, offset=11)[0], 10, seed=4)
+    # the load balancer alternates the attacker between the pods: each pod alone sees every other query
+    answers = [ask((a, b)[i % 2].url, x[None], GATEWAY)[0] for i, x in enumerate(stream)]
+    assert answers[0] == "ok"
+    assert answers[1] == "StatusCode.PERMISSION_DENIED"  # b's first query of this client matches a's
+    assert answers.count("StatusCode.PERMISSION_DENIED") >= 8, answers
+    for i, x in enumerate(fmnist_images(10, offset=200)):
+        assert ask((a, b)[i % 2].url, x[None], BENIGN)[0] == "ok", i
+    assert metric(a.metrics_port, "robustgate_stateful_clients", {"stage": "sd"}) == 2
+
+    # Redis goes away: the stage fails and follows the failure policy (fail-closed: rejected, named)
+    proc.terminate()
+    proc.wait(timeout=10)
+    status, message = ask(a.url, fmnist_images(1, offset=300), BENIGN)
+    assert status == "StatusCode.PERMISSION_DENIED" and "stage sd failed" in message, (status, message)
+    assert metric(a.metrics_port, "robustgate_stage_failures_total", {"stage": "sd", "policy": "fail-closed"}) == 1
+
+
+def test_redis_failure_fail_open_answers(start_proxy, redis_server):
+    url, proc = redis_server
+    p = start_proxy(pipeline={"stages": [stateful_stage(store={"kind": "redis", "url": url, "socket_timeout_s": 0.5})],
+                              "failure_policy": "fail-open"})
+    assert ask(p.url, fmnist_images(1), BENIGN)[0] == "ok"
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert ask(p.url, fmnist_images(1, offset=1), BENIGN)[0] == "ok"
+    assert metric(p.metrics_port, "robustgate_stage_failures_total", {"stage": "sd", "policy": "fail-open"}) == 1
+
+
+# ---- output policies on the wire ------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", [{"policy": "logits"}, {"policy": "top_k", "k": 3, "decimals": 2},
+                                    {"policy": "label"}, {"policy": "aaa", "tau": 0.5, "alpha": 0.9}])
+def test_output_policies_on_the_wire(start_proxy, ort_logits, policy):
+    p = start_proxy(outputs=policy)
+    x = fmnist_images(4, offset=40)
+    with tc.InferenceServerClient(p.url) as client:
+        inp = tc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        got = client.infer("tiny", [inp], client_timeout=60).as_numpy("logits")
+    z = ort_logits(x)
+    assert got.shape == z.shape == (4, 10)
+    np.testing.assert_array_equal(got.argmax(axis=1), z.argmax(axis=1))  # every policy keeps the decision
+    if policy["policy"] == "logits":
+        np.testing.assert_allclose(got, z, rtol=1e-5, atol=1e-5)
+    elif policy["policy"] == "top_k":
+        np.testing.assert_allclose(got, outputs.top_k_probabilities(z, 3, 2), atol=1e-6)
+        assert ((got > 0).sum(axis=1) <= 3).all()
+    elif policy["policy"] == "label":
+        np.testing.assert_array_equal(got, np.eye(10, dtype=np.float32)[z.argmax(axis=1)])
+    else:
+        np.testing.assert_allclose(got, outputs.aaa(z, tau=0.5, alpha=0.9), rtol=1e-4, atol=1e-4)
+        assert not np.allclose(got, z, atol=1e-3)
+
+
+def test_bad_output_policy_names_the_key(proxy_bundle):
+    from robustgate.proxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"outputs\.policy"):
+        load_config(None, environ={}, overrides={"bundle": str(proxy_bundle), "outputs": {"policy": "probits"}})
+    with pytest.raises(ConfigError, match=r"action: block needs kind stateful"):
+        load_config(None, environ={}, overrides={"bundle": str(proxy_bundle), "pipeline": {"stages": [
+            {"name": "m", "kind": "test_proxy_mean", "action": "block", "threshold": 0.5}]}})
+
+
+# ---- the threshold from the bundle ---------------------------------------------------------------------
+def test_fit_calibrates_on_benign_streams_and_the_proxy_serves_the_bundles_threshold(start_proxy, proxy_bundle, tmp_path):
+    from robustgate.defenses.cli import fit_defense
+    from robustgate.models.bundle import Bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(proxy_bundle, bundle)
+    x = fmnist_images(900, offset=1000)
+    y = np.zeros(len(x), dtype=np.int64)
+    import torch
+
+    splits = {k: (torch.from_numpy(x[i * 300:(i + 1) * 300]), torch.from_numpy(y[:300]))
+              for i, k in enumerate(("train", "val", "test"))}
+    spec = fit_defense(bundle, "stateful", name="sd", params={"top_k": 20}, target_fpr=0.01, splits=splits, log=lambda *_: None)
+    fitted = Bundle.load(bundle).spec.defenses["sd"]
+    assert fitted.kind == "stateful" and fitted.threshold == spec["threshold"]
+    assert fitted.calibration["val_fpr"] <= 0.01 and fitted.calibration["n_val"] > 300  # retries and near-duplicates too
+    assert "store" not in fitted.params
+
+    p = start_proxy(bundle=bundle, pipeline={"stages": [{"name": "sd", "kind": "stateful", "store": SMALL_STORE}]})
+    assert p.server.pipeline_summary()["thresholds"]["sd"] == fitted.threshold
+    answers = [ask(p.url, q[None], ATTACKER)[0] for q in attack_stream(x[0], 10, seed=5)]
+    assert answers.count("StatusCode.PERMISSION_DENIED") >= 8, answers
+
+
+# ---- several clients in one batch ----------------------------------------------------------------------
+def test_one_batch_observes_each_client_in_arrival_order():
+    import torch
+
+    from robustgate.defenses.assemble import PipelineConfig, build_stages
+    from robustgate.defenses.pipeline import REJECTED, DefendedModel
+
+    cfg = PipelineConfig.model_validate({"stages": [stateful_stage()]})
+    stages = build_stages(cfg, None)
+    model = DefendedModel(stages, classify=lambda x: torch.zeros(x.shape[0], 10))
+    base = fmnist_images(2, offset=60)
+    near = attack_stream(base[0], 3, seed=7)
+    # A's three near-copies interleaved with B's two distinct images, one batch
+    x = torch.from_numpy(np.stack([near[0], base[1], near[1], base[1], near[2]]))
+    clients = ["A", "B", "A", "B", "A"]
+    r = model(x, clients=clients)
+    s = r.scores["sd"].tolist()
+    assert s[0] == 0 and s[1] == 0 and s[3] == 0  # A's first query, B's image and B's exact retry
+    assert s[2] > 10 and s[4] > 10  # each A query against A's earlier ones of the same batch
+    assert r.verdict.tolist() == [0, 0, REJECTED, 0, REJECTED] and r.reason[2] == "sd"
+    # without identities (the red team's white-box runs) the stage is skipped: nothing observed
+    assert "sd" not in model(x).scores
+    assert stages[0].defense.store.stats()["entries"] == 4  # A x3, B x1 (the retry is not recorded)
