@@ -138,7 +138,8 @@ def test_import_fit_serve_in_front_of_mlserver_and_eval(user, tmp_path):
         direct = harness.infer_direct(server.url, "tiny", x)["logits"]  # [60, 3]
         upstream = {"backend": {"kind": "upstream", "upstream": {"url": server.url}}}
         proxy = LoopbackProxy(out, {"stages": [{"name": "magnet", "kind": "magnet", "action": "reject"}],
-                                    "verdict_mode": "item"}, upstream)
+                                    "verdict_mode": "item"},
+                              {**upstream, "server": {"explain": True}})  # explain: the detector scores answered
         try:
             with tc.InferenceServerClient(proxy.url) as client:
                 inp = tc.InferInput("input", list(x.shape), "FP32")
