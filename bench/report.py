@@ -300,12 +300,53 @@ def probe_row() -> Row:
                f"backbone alone, not adaptive to the detector): {a['rejected']} of {a['sent']} rejected", [src])
 
 
+def byo_example_rows() -> list[Row]:
+    src = "bench/results/byo.example.json"
+    r = load(src)
+    s, e = r["settings"], max(r["settings"]["eps"])
+    out = []
+    for m in r["models"]:
+        bare, mag = m["configs"]["none"], m["configs"]["magnet"]
+        covered = m["classes_of_evaluated_items"]
+        few = (f" (only {', '.join(f'{k} {v}' for k, v in covered.items())}: an ImageFolder's first test items)"
+               if len(covered) <= 3 else "")
+        out.append(Row(f"bring your own classifier ({r['started_utc'][:10]}): {m['label']}, {m['data']}{few}",
+                       f"clean {pct(bare['clean_accuracy'])}; behind MagNet clean {pct(mag['clean_accuracy'])}, false "
+                       f"rejections {pct(mag['false_rejection_rate'])}; worst-case robust accuracy at l∞ ε = {e} over "
+                       f"{', '.join(s['attacks'])} ({s['n']} images): {pct(bare['worst_case'][str(e)])} bare, "
+                       f"{pct(mag['worst_case'][str(e)])} behind MagNet", [src]))
+    return out
+
+
+def byo_resnet50_row() -> Row:
+    src = "bench/results/byo.resnet50.json"
+    r = load(src)
+    ck, pts = r["checks"], r["points"]
+    stages = ", ".join(f"{k.split('_')[0]} {signed_pct(-c['value'])} ({met(c['met'])})"
+                       for k, c in ck.items() if k.split("_")[0] in ("jpeg", "median", "magnet"))
+    return Row(f"imported ResNet-50 at 3×224×224 ({r['started_utc'][:10]}, {r['machine']['cores']} shared cores, load "
+               f"average {r['load_average_start'][0]:.1f})",
+               f"proxy in-process vs raw ONNX Runtime: p50 {signed_pct(ck['inprocess_p50_added']['value'])} "
+               f"({met(ck['inprocess_p50_added']['met'])}), throughput at concurrency 16 "
+               f"{signed_pct(-ck['inprocess_throughput_cost']['value'])} ({met(ck['inprocess_throughput_cost']['met'])}); "
+               f"in front of MLServer vs direct: p50 {signed_pct(ck['upstream_p50_added']['value'])} "
+               f"({met(ck['upstream_p50_added']['met'])}), throughput {signed_pct(-ck['upstream_throughput_cost']['value'])} "
+               f"({met(ck['upstream_throughput_cost']['met'])}); stages' throughput (target -10%): {stages}; UINT8 "
+               f"{pts['proxy_none_uint8_c16']['items_per_s']:.1f} vs FP32 {pts['proxy_none_c16']['items_per_s']:.1f} items/s",
+               [src])
+
+
 ROWS = [training_row, autoattack_row, serving_rows, fastpath_rows, detect_row, purify_row, overload_row, redteam_row,
-        diffusion_row, smoothing_row, mimir_row, gpu_row, soak_fuzz_rows, probe_row, bundle_row]
+        diffusion_row, smoothing_row, mimir_row, gpu_row, soak_fuzz_rows, probe_row, byo_example_rows,
+        byo_resnet50_row, bundle_row]
 PLACEHOLDER = {fastpath_rows: ("the serving fast path (`python bench/hardening/rpc_floor.py`, `python bench/serving/workers.py`)",
                                ["bench/results/hardening.rpc_floor.json", "bench/results/serving.workers.json"]),
                probe_row: ("`robustgate probe` against `deploy/default.yaml` (`python bench/probe/run.py`)",
-                           ["bench/results/probe.run.json"])}
+                           ["bench/results/probe.run.json"]),
+               byo_example_rows: ("bring your own classifier: the example's figures (`python bench/byo/example.py`)",
+                                  ["bench/results/byo.example.json"]),
+               byo_resnet50_row: ("imported ResNet-50 at 3×224×224 behind the proxy (`python bench/byo/resnet50.py`)",
+                                  ["bench/results/byo.resnet50.json"])}
 
 
 def rows() -> list[Row]:

@@ -3,6 +3,7 @@
 (docs/BYO.md walks through protecting it).
 
     python examples/train_classifier.py --dataset fashion-mnist --out /tmp/user/model.onnx
+    python examples/train_classifier.py --dataset fashion-mnist --n-train 10000 --width 16 --out /tmp/user/model.onnx  # examples/byo.sh's size
     python examples/train_classifier.py --dataset imagefolder --data-dir /tmp/rgb32 --out /tmp/user-rgb/model.onnx
     python examples/train_classifier.py --dataset cifar10 --data-dir ~/data --out /tmp/cifar/model.onnx
 
@@ -90,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--n-train", type=int, default=None, help="train on the first N training images (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     train, test = datasets(args.dataset, args.data_dir)
     classes = list(train.classes)
+    if args.n_train is not None:
+        train = torch.utils.data.Subset(train, range(min(args.n_train, len(train))))
     x0 = train[0][0]
     c = x0.shape[0]
     stats = torch.stack([train[i][0] for i in range(0, len(train), max(1, len(train) // 2000))])

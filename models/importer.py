@@ -426,6 +426,10 @@ def _class_names(classes: str | int | list[str] | None, k: int, data_classes: li
             raise ImportRefused(f"--classes {path}: {len(names)} class names for a logits output of {k} classes")
     if len(set(names)) != len(names):
         raise ImportRefused(f"--classes: class names repeat ({names})")
+    if data_classes is not None and set(names) == set(data_classes) and list(names) != list(data_classes):
+        # the data layer numbers the dataset's classes in its own order: every accuracy would be wrong
+        raise ImportRefused(f"--classes names the dataset's classes in another order ({names}); the dataset numbers "
+                            f"them {list(data_classes)}: give the class names in the order of the model's logits")
     return list(names)
 
 

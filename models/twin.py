@@ -110,6 +110,25 @@ def onnx_output_names(path: Path) -> list[str]:
     return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
+def _inline_identity_initializers(model) -> None:
+    """Replaces each ``Identity`` node whose input is an initializer (and whose output is not a graph
+    output) by a copy of that initializer named as its output: the same values, no node."""
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            alias = copy.deepcopy(inits[node.input[0]])
+            alias.name = node.output[0]
+            model.graph.initializer.append(alias)
+            inits[alias.name] = alias
+        else:
+            keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
 def convert_onnx(model: "onnx.ModelProto") -> nn.Module:
     """ONNX graph -> torch ``GraphModule`` (onnx2torch) returning the graph's outputs in order (a
     tensor for one output, a list for several). :class:`Unconvertible` when it cannot.
@@ -119,6 +138,10 @@ def convert_onnx(model: "onnx.ModelProto") -> nn.Module:
     - ``Reshape(allowzero=1)`` (torch's exporter writes it; onnx2torch refuses it) loses the
       attribute when its target shape is a constant holding no 0, or is computed at run time: then
       a 0 could only come from a zero-sized dimension, and batches are never empty;
+    - ``Identity`` of an initializer (torch's TorchScript exporter writes one where two parameters
+      are equal, e.g. the conv biases of a torchvision ResNet after BatchNorm folding; onnx2torch
+      wants a Conv's weights and bias to be initializers) becomes a copy of that initializer under
+      the Identity's output name;
     - a graph newer than opset 17 whose operators onnx2torch does not implement at that version
       is converted down to opset 17 with ``onnx.version_converter`` (e.g. ReduceMean-18, whose
       axes became an input).
@@ -129,6 +152,7 @@ def convert_onnx(model: "onnx.ModelProto") -> nn.Module:
 
     model = copy.deepcopy(model)
     _drop_allowzero(model, onnx, numpy_helper)
+    _inline_identity_initializers(model)
     try:
         return onnx2torch.convert(model)
     except NotImplementedError as first:

@@ -1,0 +1,252 @@
+"""Bring your own classifier at a realistic size (issue 21, Benchmark): a torchvision ResNet-50
+(3x224x224, random weights -- throughput does not depend on them; nothing is downloaded) exported
+to ONNX with a dynamic batch axis, imported with ``robustgate import``, and served:
+
+- the proxy in-process (ONNX Runtime backend, no stages) vs raw in-process ONNX Runtime;
+- the proxy in front of Seldon MLServer (``backend.kind: upstream``) vs MLServer called directly;
+
+p50 latency at concurrency 1 and throughput at concurrency 16 (batch-1 requests; targets: the
+proxy adds <= 5% to p50 and costs <= 5% throughput); then JPEG, median and a MagNet detector
+fitted at 224x224 (``robustgate fit --defense magnet`` on Fashion-MNIST conformed to 3x224x224,
+small: how well it is fitted does not change its cost) each in the in-process proxy, target
+<= 10% of its no-stage throughput; and UINT8 requests (0..255, scaled by 1/255 by the proxy).
+
+Reuses bench/serving/run.py's machine description, proxy launcher and MLServer harness and
+bench/serving/loadgen.py's closed-loop client. Writes bench/results/byo.resnet50.json + .md.
+
+    nice -n 10 python bench/byo/resnet50.py [--duration 15] [--warmup 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+serving = _load("robustgate_bench_serving_run", REPO / "bench" / "serving" / "run.py")  # puts loadgen on sys.path
+import loadgen  # noqa: E402  (bench/serving/loadgen.py)
+
+from robustgate.protos import open_inference_grpc_pb2 as pb  # noqa: E402
+
+SHAPE = (3, 224, 224)
+MODEL = "resnet50"
+TARGET_PROXY_P50 = 0.05  # the proxy adds at most 5% to p50 at concurrency 1
+TARGET_PROXY_THROUGHPUT = 0.05  # and costs at most 5% of the throughput at concurrency 16
+TARGET_STAGE_THROUGHPUT = 0.10  # each stage costs at most 10% of the no-stage throughput
+STAGES = {
+    "jpeg": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 75}}],
+    "median": [{"name": "median", "kind": "median", "params": {"kernel_size": 3}}],
+    "magnet": [{"name": "magnet", "kind": "magnet", "action": "reject"}],
+}
+
+
+BATCHING = {"max_batch_size": 16}  # concurrency 16 of batch-1 requests never coalesces more
+
+
+class BigMessages(serving.harness.MLServerProcess):
+    """The test harness's MLServer with gRPC messages up to 64 MiB (the proxy's own limit): at
+    3x224x224 FP32 (588 KiB an item) MLServer's 4 MiB default refuses, with RESOURCE_EXHAUSTED, the
+    batches of 7 items or more that the proxy coalesces and forwards."""
+
+    def _write_settings(self) -> None:
+        super()._write_settings()
+        path = self.workdir / "settings.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "grpc_max_message_length": 64 << 20}, indent=2))
+
+
+def export_resnet50(path: Path) -> None:
+    """torchvision ResNet-50, random seeded weights, ``input`` [N, 3, 224, 224] -> ``logits`` [N, 1000]."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(weights=None).eval()
+    torch.onnx.export(net, (torch.rand(2, *SHAPE),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+
+
+def robustgate(args: list[str], log) -> str:
+    cmd = [sys.executable, "-m", "robustgate.proxy.cli", *args]
+    log("+ robustgate " + " ".join(args))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return f"robustgate {' '.join(args)}  ({time.perf_counter() - t0:.0f} s)"
+
+
+def uint8_load(url: str, concurrency: int, warmup: float, duration: float, pids: dict[str, int]) -> dict:
+    """loadgen's closed loop with a UINT8 payload (what camera pipelines send; the proxy scales by 1/255)."""
+    x = np.random.default_rng(0).integers(0, 256, size=(1, *SHAPE), dtype=np.uint8)  # [1, 3, 224, 224]
+    req = pb.ModelInferRequest(model_name=MODEL)
+    req.inputs.add(name="input", datatype="UINT8", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    probes = {"client": time.process_time, **{k: (lambda p=p: loadgen.process_cpu_s(p)) for k, p in pids.items()}}
+    return asyncio.run(loadgen._load(url, req, 1, concurrency, warmup, duration, 60.0, probes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=8.0, help="seconds measured per point and round")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all points (medians reported)")
+    p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
+    p.add_argument("--name", default="byo.resnet50")
+    args = p.parse_args(argv)
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    work = Path(tempfile.mkdtemp(prefix="robustgate-byo-r50-"))
+    onnx_file, bundle = work / "resnet50.onnx", work / "bundle"
+    res: dict = {
+        "command": "python bench/byo/resnet50.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": serving.machine(),
+        "load_average_start": serving.loadavg(),
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds, "input": list(SHAPE),
+                     "client": "bench/serving/loadgen.py (grpc.aio closed loop, batch-1 requests, raw contents)",
+                     "proxy": "robustgate serve (bench/serving/run.py Proxy: batching on, max_batch_size 16, 2 ms)",
+                     "mlserver": "tests/proxy/upstream/mlserver_onnx.py, parallel_workers 0, grpc_max_message_length "
+                                 "64 MiB (its 4 MiB default refuses a coalesced batch of 7+ items at 224x224)"},
+        "steps": [], "points": {},
+    }
+    log("exporting torchvision resnet50(weights=None)")
+    export_resnet50(onnx_file)
+    res["steps"].append(robustgate(["import", "--onnx", str(onnx_file), "--out", str(bundle), "--name", MODEL], log))
+    res["steps"].append(robustgate(["fit", "--bundle", str(bundle), "--defense", "magnet", "--dataset", "fashion-mnist",
+                                    "--n-train", "500", "--n-val", "200", "--n-test", "200", "--params", "epochs=1",
+                                    "--no-progress"], log))
+
+    def point(name: str, r: dict) -> None:
+        res["points"][name] = r
+        log(f"{name}: {r['items_per_s']:.1f} items/s p50 {r['p50_ms']:.1f} ms errors {r['errors']}")
+
+    onnx_path = str(bundle / "backbone.onnx")
+    pts: dict[str, list[dict]] = {}
+    servers: list = []
+    # every server at once, then the points in interleaved rounds: on a shared machine the load
+    # drifts over minutes, and a reference measured minutes apart from its proxy would compare loads
+    try:
+        proxies = {stage: serving.Proxy(work, bundle, {"backend": {"kind": "onnxruntime"}, "batching": BATCHING,
+                                                       "pipeline": {"stages": stages}}, None, MODEL)
+                   for stage, stages in [("none", []), *STAGES.items()]}
+        servers += proxies.values()
+        upstream = BigMessages(work / "mlserver", {MODEL: {"onnx": onnx_path, "intra_op_threads": 0}})
+        upstream.start()
+        servers.append(upstream)
+        forward = serving.Proxy(work, bundle, {"backend": {"kind": "upstream"}, "batching": BATCHING}, upstream.url,
+                                MODEL)
+        servers.append(forward)
+        load = lambda url, c, pids: (lambda: loadgen.run_load(  # noqa: E731
+            url, MODEL, "input", SHAPE, c, 1, args.warmup, args.duration, server_pids=pids))
+        plan = {}
+        for c in (1, 16):
+            plan[f"raw_ort_c{c}"] = lambda c=c: loadgen.run_raw_ort(onnx_path, "input", SHAPE, c, 1, args.warmup,
+                                                                    args.duration)
+            plan[f"proxy_none_c{c}"] = load(proxies["none"].url, c, {"proxy": proxies["none"].proc.pid})
+            plan[f"proxy_none_uint8_c{c}"] = lambda c=c: uint8_load(proxies["none"].url, c, args.warmup, args.duration,
+                                                                    {"proxy": proxies["none"].proc.pid})
+            plan[f"mlserver_c{c}"] = load(upstream.url, c, {"mlserver": upstream.proc.pid})
+            plan[f"proxy_upstream_c{c}"] = load(forward.url, c, {"proxy": forward.proc.pid,
+                                                                 "mlserver": upstream.proc.pid})
+        for stage in STAGES:
+            plan[f"proxy_{stage}_c16"] = load(proxies[stage].url, 16, {"proxy": proxies[stage].proc.pid})
+        for i in range(args.rounds):
+            for name, measure in plan.items():
+                r = measure()
+                pts.setdefault(name, []).append(r)
+                log(f"round {i + 1}/{args.rounds} {name}: {r['items_per_s']:.1f} items/s p50 {r['p50_ms']:.1f} ms "
+                    f"errors {r['errors']}")
+    finally:
+        for server in servers:
+            server.stop()
+    res["rounds"] = pts
+    res["points"] = {name: {"items_per_s": float(np.median([r["items_per_s"] for r in rs])),
+                            "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
+                            "p99_ms": float(np.median([r["p99_ms"] for r in rs])),
+                            "errors": {k: sum(r["errors"].get(k, 0) for r in rs) for r in rs for k in r["errors"]}}
+                     for name, rs in pts.items()}
+    res["load_average_end"] = serving.loadavg()
+    res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    res["checks"] = checks(res["points"])
+    out = Path(args.out_dir)
+    (out / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(res))
+    log(f"wrote {out / args.name}.json and .md")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def checks(pts: dict) -> dict:
+    def p50_added(a: str, b: str) -> float:
+        return pts[a]["p50_ms"] / pts[b]["p50_ms"] - 1.0
+
+    def cost(a: str, b: str) -> float:
+        return 1.0 - pts[a]["items_per_s"] / pts[b]["items_per_s"]
+
+    out = {
+        "inprocess_p50_added": {"value": p50_added("proxy_none_c1", "raw_ort_c1"), "target": TARGET_PROXY_P50},
+        "inprocess_throughput_cost": {"value": cost("proxy_none_c16", "raw_ort_c16"), "target": TARGET_PROXY_THROUGHPUT},
+        "upstream_p50_added": {"value": p50_added("proxy_upstream_c1", "mlserver_c1"), "target": TARGET_PROXY_P50},
+        "upstream_throughput_cost": {"value": cost("proxy_upstream_c16", "mlserver_c16"),
+                                     "target": TARGET_PROXY_THROUGHPUT},
+    }
+    for stage in STAGES:
+        out[f"{stage}_throughput_cost"] = {"value": cost(f"proxy_{stage}_c16", "proxy_none_c16"),
+                                          "target": TARGET_STAGE_THROUGHPUT}
+    for c in (1, 16):  # UINT8 is measured, not a target: its figures beside FP32's
+        out[f"uint8_vs_fp32_items_per_s_c{c}"] = {"value": pts[f"proxy_none_uint8_c{c}"]["items_per_s"]
+                                                  / pts[f"proxy_none_c{c}"]["items_per_s"], "target": None}
+    for v in out.values():
+        v["met"] = None if v["target"] is None else bool(v["value"] <= v["target"])
+    return out
+
+
+def markdown(r: dict) -> str:
+    m, pts = r["machine"], r["points"]
+    lines = [
+        "# Bring your own classifier at 224x224: torchvision ResNet-50 behind robustgate", "",
+        f"Command: `{r['command']}` (started {r['started_utc']}, finished {r['finished_utc']}; revision "
+        f"{m['robustgate_revision']}).", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; ONNX Runtime {m['onnxruntime']}, grpcio "
+        f"{m['grpcio']}, MLServer {m['mlserver']}. **Shared** with other jobs (load average "
+        f"{r['load_average_start']} at the start, {r['load_average_end']} at the end): each point is one "
+        f"{r['settings']['duration_s']:.0f} s window after {r['settings']['warmup_s']:.0f} s of warm-up, all "
+        f"servers up at once and the points measured in {r['settings']['rounds']} interleaved rounds; the table "
+        "gives the median over the rounds (every round is in the JSON). Differences of a few percent are within "
+        "the noise of this machine.", "",
+        "Model: `torchvision.models.resnet50(weights=None)` (seeded random weights; nothing downloaded), exported to "
+        "ONNX (3x224x224, dynamic batch) and imported with `robustgate import`. Steps:", "",
+        *[f"- `{s}`" for s in r["steps"]], "",
+        f"Client: {r['settings']['client']}; proxy: {r['settings']['proxy']}.", "",
+        "| point | items/s | p50 ms | p99 ms | errors |", "| --- | --- | --- | --- | --- |",
+    ]
+    for name, p in pts.items():
+        lines.append(f"| {name} | {p['items_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['errors'] or ''} |")
+    lines += ["", "| check | value | target | met |", "| --- | --- | --- | --- |"]
+    for name, c in r["checks"].items():
+        target = "" if c["target"] is None else f"<= {100 * c['target']:.0f}%"
+        value = f"{c['value']:.2f}x" if c["target"] is None else f"{100 * c['value']:+.1f}%"
+        lines.append(f"| {name} | {value} | {target} | {'' if c['met'] is None else ('met' if c['met'] else '**not met**')} |")
+    lines += ["", "Negative values: the proxy was faster than the reference in that window (its dynamic batching "
+              "coalesces the 16 concurrent batch-1 requests; the raw reference runs them one by one)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
