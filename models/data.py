@@ -298,6 +298,10 @@ def load_splits(
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
     trx, trY, tex, tey, classes = _load_raw(name, Path(data_dir) if data_dir is not None else None, shape)
+    if name == "imagefolder":  # ImageFolder lists its test images class by class; a seeded shuffle makes
+        # "the first n test images" (eval, probe) a sample of every class, as in the official test sets
+        order = torch.randperm(len(tex), generator=torch.Generator().manual_seed(seed))
+        tex, tey = tex[order], tey[order]
     source = None if name == "imagefolder" else tuple(trx.shape[1:])
     transform = None
     if shape is not None:

@@ -117,3 +117,12 @@ def test_large_shapes_conform_lazily_and_refuse_whole_splits(fmnist_splits):
     assert xi.shape == (2, 3, 224, 224) and torch.equal(yi, fmnist_splits.val_y[[0, 5]])
     with pytest.raises(ValueError, match="asked for items 9998..10002 of test"):
         s.take("test", 4, offset=9998)
+
+
+def test_imagefolder_test_split_is_a_seeded_mix_of_classes(tmp_path):
+    _imagefolder(tmp_path, [(8, 8)], per_class=20)
+    s = load_splits("imagefolder", data_dir=tmp_path, val_size=4, seed=0)
+    first = s.test_y[:10].tolist()
+    assert set(first) == {0, 1}, first  # not 10 images of the first class
+    assert torch.equal(load_splits("imagefolder", data_dir=tmp_path, val_size=4, seed=0).test_y, s.test_y)
+    assert sorted(s.test_y.tolist()) == [0] * 20 + [1] * 20
