@@ -152,6 +152,28 @@ def purify_row() -> Row:
                [big_src, src])
 
 
+def fastpath_rows() -> list[Row]:
+    floor_src, workers_src = "bench/results/hardening.rpc_floor.json", "bench/results/serving.workers.json"
+    f, w = load(floor_src), load(workers_src)
+    cpu = {(r["server"], r["workers"]): r["server_cpu_us_per_call"] for r in f["rows"]}
+    served = cpu[("robustgate, served", 1)]
+    c = max(r["concurrency"] for r in w["rows"])
+    best = max((r for r in w["rows"] if r["pipeline"] == "onnx" and r["concurrency"] == c), key=lambda r: r["items_per_s"])
+    scale = {r["workers"]: r["items_per_s"] for r in w["rows"] if r["pipeline"] == "default" and r["concurrency"] == c}
+    return [
+        Row(f"server CPU per batch-1 call ({f['started'][:10]}, load average {f['load_average_start'][0]:.1f} at start)",
+            f"served {served:.0f} µs (grpc.aio's floor {cpu[('grpc.aio, abort', 1)]:.0f}, NOT_FOUND "
+            f"{cpu[('robustgate, NOT_FOUND', 1)]:.0f}, rejected {cpu[('robustgate, rejected', 1)]:.0f}), target 350 µs "
+            f"{met(served <= 350)}", [floor_src]),
+        Row(f"batch-1 throughput with server.workers ({w['started'][:10]}, load average {w['load_average_start'][0]:.1f} "
+            "at start)",
+            f"best {num(best['items_per_s'])} items/s at concurrency {c} ({best['workers']} workers, no stages) vs the raw "
+            f"ONNX Runtime ceiling {num(w['ceiling']['items_per_s'])}: {pct(best['of_ceiling'], 0)}, target 40% "
+            f"{met(best['of_ceiling'] >= 0.4)}; default pipeline 2 workers / 1: "
+            f"{scale.get(2, float('nan')) / scale.get(1, float('nan')):.2f}×", [workers_src]),
+    ]
+
+
 def overload_row() -> Row:
     front_srcs = ["bench/results/hardening.overload.front.json", "bench/results/hardening.overload.front_3x.json"]
     alone_src = "bench/results/hardening.overload.json"
@@ -314,10 +336,12 @@ def byo_resnet50_row() -> Row:
                [src])
 
 
-ROWS = [training_row, autoattack_row, serving_rows, detect_row, purify_row, overload_row, redteam_row,
+ROWS = [training_row, autoattack_row, serving_rows, fastpath_rows, detect_row, purify_row, overload_row, redteam_row,
         diffusion_row, smoothing_row, mimir_row, gpu_row, soak_fuzz_rows, probe_row, byo_example_rows,
         byo_resnet50_row, bundle_row]
-PLACEHOLDER = {probe_row: ("`robustgate probe` against `deploy/default.yaml` (`python bench/probe/run.py`)",
+PLACEHOLDER = {fastpath_rows: ("the serving fast path (`python bench/hardening/rpc_floor.py`, `python bench/serving/workers.py`)",
+                               ["bench/results/hardening.rpc_floor.json", "bench/results/serving.workers.json"]),
+               probe_row: ("`robustgate probe` against `deploy/default.yaml` (`python bench/probe/run.py`)",
                            ["bench/results/probe.run.json"]),
                byo_example_rows: ("bring your own classifier: the example's figures (`python bench/byo/example.py`)",
                                   ["bench/results/byo.example.json"]),

@@ -101,12 +101,14 @@ class _Pending:
 
 
 def slice_result(r: PipelineResult, a: int, b: int) -> PipelineResult:
-    """Rows ``a:b`` of a batch result (the part that belongs to one request)."""
+    """Rows ``a:b`` of a batch result (the part that belongs to one request). The per-batch fields
+    (``thresholds``, ``seconds``, ``failed_stages``) are the batch's own objects, shared by its
+    requests and read only: copying them per request was per-call churn on the event loop."""
     return PipelineResult(
-        logits=r.logits[a:b], verdict=r.verdict[a:b], reason=list(r.reason[a:b]),
-        scores={k: v[a:b] for k, v in r.scores.items()}, thresholds=dict(r.thresholds),
-        radius=None if r.radius is None else r.radius[a:b], seconds=dict(r.seconds),
-        failed_stages=list(r.failed_stages), blocked=list(r.blocked[a:b]),
+        logits=r.logits[a:b], verdict=r.verdict[a:b], reason=r.reason[a:b],
+        scores={k: v[a:b] for k, v in r.scores.items()}, thresholds=r.thresholds,
+        radius=None if r.radius is None else r.radius[a:b], seconds=r.seconds,
+        failed_stages=r.failed_stages, blocked=r.blocked[a:b],
     )
 
 

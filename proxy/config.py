@@ -132,6 +132,9 @@ class ServerConfig(_Strict):
     compute_nice: int = Field(10, ge=0, le=19, description=(
         "niceness added to the threads that compute batches (batch workers, ONNX Runtime's pools), so that the "
         "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off"))
+    workers: int | None = Field(None, ge=1, description=(
+        "serving processes on the one port, each with its own event loop, batcher and backend sessions "
+        "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given; 1 = one process"))
 
     @model_validator(mode="after")
     def _admin_guarded(self) -> "ServerConfig":

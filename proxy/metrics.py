@@ -3,6 +3,13 @@
 Every instance owns a fresh ``CollectorRegistry`` (no global registry state, so several servers
 can live in one process, e.g. in tests). Names and labels are fixed by DESIGN.md / COMMON.md
 and alerted on by deploy/: keep them exactly.
+
+Several serving processes (``server.workers`` > 1, proxy/workers.py): the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` before the workers import prometheus_client, so every value is kept in
+that directory's memory-mapped files (prometheus-client's multiprocess mode, :func:`multiprocess`);
+the workers serve no metrics port, and the supervisor serves their sum (:func:`serve_merged`). Each
+gauge names how its per-process values merge (``multiprocess_mode``); the queue depth is a sum over
+the live workers, refreshed by :meth:`Metrics.refresh` (a callback gauge cannot cross processes).
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import threading
 from typing import Callable, Iterable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -27,6 +34,25 @@ REFUSAL_REASONS = ("rate", "budget")  # proxy/ratelimit.py; a stateful stage's b
 # 100 us .. ~30 s
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def multiprocess() -> bool:
+    """Whether prometheus_client keeps its values in PROMETHEUS_MULTIPROC_DIR's files (decided
+    when prometheus_client was first imported)."""
+    return values.ValueClass is not values.MutexValue
+
+
+def serve_merged(port: int, host: str, path: str):
+    """The supervisor's /metrics: every worker's values in ``path``, merged (prometheus-client's
+    MultiProcessCollector: counters and histograms summed, gauges by their multiprocess_mode).
+    Returns (http server, thread) as ``start_http_server`` does."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return start_http_server(port, addr=host, registry=registry)
+
+
 SCORE_BUCKETS = (-10, -1, -0.1, 0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 100, 1000)
 
 
@@ -46,7 +72,14 @@ class BatchHistogram:
         self.bounds = np.asarray(sorted(float(b) for b in buckets), dtype=np.float64)
         self._series: dict[str, list] = {}  # label value -> [counts per bucket + the +Inf one, sum]
         self._lock = threading.Lock()
-        registry.register(self)
+        # multiprocess mode: per label, one file-backed value per bucket (non-cumulative, as
+        # prometheus_client's own Histogram keeps them there) and one for the sum; the supervisor's
+        # MultiProcessCollector merges and exposes them, so this collector exposes nothing itself
+        self._files: dict[str, tuple[list, object]] | None = {} if multiprocess() else None
+        les = [floatToGoString(b) for b in self.bounds.tolist()] + ["+Inf"]
+        self._les = les
+        if self._files is None:
+            registry.register(self)
 
     def observe_many(self, label: str, values: np.ndarray) -> None:
         """Observes every finite value of ``values`` (NaN and infinities are not scores: skipped)."""
@@ -54,10 +87,26 @@ class BatchHistogram:
         v = v[np.isfinite(v)]
         # bucket i holds bounds[i-1] < v <= bounds[i] (Prometheus' "le"); index len(bounds) is +Inf
         counts = np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=self.bounds.size + 1)
+        if self._files is not None:
+            self._observe_files(label, counts, float(v.sum()))
+            return
         with self._lock:
             series = self._series.setdefault(label, [np.zeros(self.bounds.size + 1, dtype=np.int64), 0.0])
             series[0] += counts
             series[1] += float(v.sum())
+
+    def _observe_files(self, label: str, counts: np.ndarray, total: float) -> None:
+        with self._lock:
+            files = self._files.get(label)
+            if files is None:
+                value = values.ValueClass
+                buckets = [value("histogram", self.name, self.name + "_bucket", (self.labelname, "le"), (label, le),
+                                 self.documentation) for le in self._les]
+                files = self._files[label] = (buckets, value("histogram", self.name, self.name + "_sum",
+                                                              (self.labelname,), (label,), self.documentation))
+            for i in np.flatnonzero(counts).tolist():
+                files[0][i].inc(int(counts[i]))
+            files[1].inc(total)
 
     def describe(self):
         yield HistogramMetricFamily(self.name, self.documentation, labels=[self.labelname])
@@ -85,7 +134,28 @@ class StoreStats:
 
     def __init__(self, stores: Callable[[], dict], registry: CollectorRegistry):
         self.stores = stores
-        registry.register(self)
+        self.gauges = None
+        if multiprocess():  # a scrape-time collector cannot cross processes: :meth:`refresh` writes gauges
+            self.gauges = {k: Gauge(f"robustgate_stateful_{k}", doc, ["stage"], registry=registry, multiprocess_mode="max")
+                           for k, doc in self.DOCS}
+        else:
+            registry.register(self)
+
+    DOCS = (("entries", "Queries remembered by a stateful stage's history store"),
+            ("clients", "Clients remembered by a stateful stage's history store"),
+            ("bytes", "Memory of a stateful stage's history store (Redis: the server's used_memory)"))
+
+    def refresh(self) -> None:
+        """Multiprocess mode: the stores' figures now, for the supervisor's next scrape (the largest
+        over the workers: with a shared store every worker reads the same; per-process memory stores
+        are each their own, docs/OPERATIONS.md "Workers")."""
+        for stage, store in sorted(self.stores().items()):
+            try:
+                stats = store.stats()
+            except Exception:  # noqa: BLE001 - as a scrape: one store's failure is left out
+                continue
+            for k, gauge in self.gauges.items():
+                gauge.labels(stage=stage).set(float(stats[k]))
 
     def describe(self):
         return []
@@ -93,10 +163,7 @@ class StoreStats:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        fams = {k: GaugeMetricFamily(f"robustgate_stateful_{k}", doc, labels=["stage"]) for k, doc in (
-            ("entries", "Queries remembered by a stateful stage's history store"),
-            ("clients", "Clients remembered by a stateful stage's history store"),
-            ("bytes", "Memory of a stateful stage's history store (Redis: the server's used_memory)"))}
+        fams = {k: GaugeMetricFamily(f"robustgate_stateful_{k}", doc, labels=["stage"]) for k, doc in self.DOCS}
         for stage, store in sorted(self.stores().items()):
             try:
                 stats = store.stats()
@@ -123,7 +190,8 @@ class Metrics:
             "robustgate_request_duration_seconds", "End-to-end ModelInfer time", registry=r, buckets=LATENCY_BUCKETS,
         )
         self.batch_size = Histogram("robustgate_batch_size", "Items per executed batch", registry=r, buckets=BATCH_BUCKETS)
-        self.queue_depth = Gauge("robustgate_queue_depth", "Items waiting in the batcher", registry=r)
+        self.queue_depth = Gauge("robustgate_queue_depth", "Items waiting in the batcher", registry=r,
+                                 multiprocess_mode="livesum")
         self.upstream_errors = Counter("robustgate_upstream_errors", "Backend errors by gRPC code", ["code"], registry=r)
         self.stage_failures = Counter(
             "robustgate_stage_failures", "Stages that raised, by stage and failure policy", ["stage", "policy"], registry=r,
@@ -134,7 +202,8 @@ class Metrics:
         self.reloads = Counter("robustgate_reloads", "Hot reloads of the pipeline, by result", ["result"], registry=r)
         for result in ("ok", "error"):
             self.reloads.labels(result=result)
-        self.build_info = Gauge("robustgate_build_info", "Build and bundle", ["version", "bundle", "revision"], registry=r)
+        self.build_info = Gauge("robustgate_build_info", "Build and bundle", ["version", "bundle", "revision"], registry=r,
+                                multiprocess_mode="max")
         self.build_info.labels(version=version, bundle=bundle, revision=revision).set(1)
         for outcome in OUTCOMES:  # export zeros so rates and alerts work from the start
             self.requests.labels(outcome=outcome)
@@ -161,8 +230,25 @@ class Metrics:
             self.queries_refused.labels(reason=reason)
         self._backend_info = Gauge("robustgate_backend_info", "The backbone's runtime: kind (onnxruntime | torch | "
                                    "upstream), device, provider (ONNX Runtime's execution provider, or torch)",
-                                   ["kind", "device", "provider"], registry=r)
+                                   ["kind", "device", "provider"], registry=r,
+                                   multiprocess_mode="max")
+        # the children the hot path observes per call, looked up once (labels() takes a lock and
+        # builds a key per call)
+        self.decode_duration = self.stage_duration.labels(stage="decode")
+        self.queue_duration = self.stage_duration.labels(stage="queue")
+        self.encode_duration = self.stage_duration.labels(stage="encode")
+        self._outcomes = {outcome: self.requests.labels(outcome=outcome) for outcome in OUTCOMES}
+        self._verdict_items = {verdict: self.items.labels(verdict=verdict) for verdict in ("accepted", "flagged", "rejected")}
         self._http = None
+
+    def outcome_counter(self, outcome: str):
+        """``robustgate_requests_total{outcome=...}``'s child (cached for the OUTCOMES)."""
+        child = self._outcomes.get(outcome)
+        return child if child is not None else self.requests.labels(outcome=outcome)
+
+    def verdict_items(self, verdict: str):
+        """``robustgate_items_total{verdict=...}``'s child (cached)."""
+        return self._verdict_items[verdict]
 
     def backend_info(self, kind: str, device: str, provider: str) -> None:
         """Sets ``robustgate_backend_info{kind,device,provider} 1`` (one series: a new call replaces it)."""
@@ -171,7 +257,7 @@ class Metrics:
 
     def watch_stores(self, stores: Callable[[], dict]) -> None:
         """Exports the stateful stores' gauges (:class:`StoreStats`); ``stores()`` -> stage -> store."""
-        StoreStats(stores, self.registry)
+        self._store_stats = StoreStats(stores, self.registry)
 
     def watch_stateful(self, stages: Iterable[str]) -> None:
         """Zero series for the stateful stages (a reload may add one)."""
@@ -181,7 +267,21 @@ class Metrics:
             self.queries_refused.labels(reason=stage)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
-        self.queue_depth.set_function(depth)
+        self._depth = depth
+        if not multiprocess():  # read at each scrape; across processes :meth:`refresh` writes it
+            self.queue_depth.set_function(depth)
+
+    def refresh(self) -> None:
+        """Multiprocess mode: writes the queue depth for the supervisor's next scrape (the server
+        calls this from its health loop, once a second); single process: nothing to do."""
+        if not multiprocess():
+            return
+        depth = getattr(self, "_depth", None)
+        if depth is not None:
+            self.queue_depth.set(depth())
+        stats = getattr(self, "_store_stats", None)
+        if stats is not None:
+            stats.refresh()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the /metrics HTTP endpoint; returns the bound port (``port`` 0 = any free one)."""

@@ -61,6 +61,8 @@ async def reload(self: "ProxyServer") -> dict:
         self.metrics.watch_stateful(runner.stateful_names)
         self.metrics.reloads.labels(result="ok").inc()
         if self.freeze_heap:
+            from robustgate.proxy.server import freeze_gc_heap  # here: proxy/server.py imports this module
+
             freeze_gc_heap()  # the new pipeline's objects join the frozen heap
         summary = self.pipeline_summary()
         summary["ignored"] = ignored

@@ -26,6 +26,7 @@ from robustgate.proxy.config import ConfigError, ProxyConfig, ServerConfig, load
 from robustgate.proxy.priority import call_at_priority
 from robustgate.proxy.reload import ReloadError
 from robustgate.proxy.server import ProxyServer
+from robustgate.proxy.workers import resolved_workers, supervise
 
 log = logging.getLogger("robustgate.proxy")
 
@@ -158,7 +159,9 @@ def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False
     return server
 
 
-async def serve(server: ProxyServer) -> None:
+async def serve(server: ProxyServer, announce=None) -> None:
+    """Serves until SIGTERM/SIGINT, then drains; SIGHUP reloads. ``announce(server)``, once serving:
+    a worker's report to its supervisor (proxy/workers.py) instead of the "serving" line."""
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -179,12 +182,17 @@ async def serve(server: ProxyServer) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     admin = f", admin on port {server.admin_port}" if server.admin_port is not None else ""
-    print(f"robustgate: serving {server.contract.model_name} on port {server.port}, metrics on port {server.metrics_port}"
-          f"{admin}", flush=True)
+    if announce is None:
+        print(f"robustgate: serving {server.contract.model_name} on port {server.port}, metrics on port "
+              f"{server.metrics_port}{admin}", flush=True)
+    else:
+        announce(server)
     await stop.wait()
-    print("robustgate: draining", flush=True)
+    if announce is None:
+        print("robustgate: draining", flush=True)
     await server.stop()
-    print("robustgate: stopped", flush=True)
+    if announce is None:
+        print("robustgate: stopped", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
     pin_torch_threads()  # torch's OpenMP pool stalls the pipeline on shared cores (defenses/assemble.py)
     try:
         cfg = config_from_args(args)
+        workers = resolved_workers(cfg)
+        if workers > 1:  # a supervisor and its worker processes on the one port (proxy/workers.py)
+            return supervise(args, cfg, workers)
         server = build_server(cfg, config_loader=lambda: config_from_args(args), freeze_heap=True)
     except (ConfigError, BundleError, ValueError, OSError) as exc:
         print(f"robustgate serve: {exc}", file=sys.stderr)

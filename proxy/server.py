@@ -183,6 +183,8 @@ def admin_handler(proxy: "ProxyServer") -> grpc.GenericRpcHandler:
             summary = await proxy.reload()
         except ReloadError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"reload refused, the running pipeline is kept: {exc}")
+        if proxy.after_admin_reload is not None:  # the other worker processes reload too (proxy/workers.py)
+            proxy.after_admin_reload()
         out = struct_pb2.Struct()
         out.update(summary)
         return out
@@ -231,7 +233,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         m = self.p.metrics
         m.request_duration.observe(time.perf_counter() - t0)
         if failure is not None:
-            m.requests.labels(outcome=failure.outcome).inc()
+            m.outcome_counter(failure.outcome).inc()
             if failure.metadata:
                 context.set_trailing_metadata(failure.metadata)
             await context.abort(failure.code, failure.message)
@@ -302,6 +304,8 @@ class ProxyServer:
         self._health_task: asyncio.Task | None = None
         self._token = read_token(cfg.server.auth.bearer_token_file) if cfg.server.auth.enabled else None
         self._reload_lock: asyncio.Lock | None = None
+        self.reuse_port = False  # one of several worker processes on the port (proxy/workers.py)
+        self.after_admin_reload: Callable[[], None] | None = None  # workers: relays an RPC reload to the others
 
     # ---- lifecycle -------------------------------------------------------------------------
     def _credentials(self) -> grpc.ServerCredentials | None:
@@ -321,7 +325,9 @@ class ProxyServer:
         auth = BearerAuth(lambda: self._token, self.metrics.auth_failures.inc)
         self.server = grpc.aio.server(interceptors=[auth], options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-            ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+            # a second server on a taken port fails instead of sharing it -- unless this is one of
+            # server.workers processes sharing the port (proxy/workers.py sets reuse_port)
+            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
         ])
         self._reload_lock = asyncio.Lock()
         add_inference_service(InferenceServicer(self), self.server)
@@ -391,6 +397,7 @@ class ProxyServer:
             await asyncio.sleep(interval)
             if not self.draining:
                 await self._update_health()
+                self.metrics.refresh()  # multiprocess mode: the queue depth for the supervisor's scrape
 
     async def begin_drain(self) -> None:
         """First step of the drain: ServerReady false, health NOT_SERVING for good."""
@@ -487,8 +494,7 @@ class ProxyServer:
                 raise QueueFull(refused)
             t0 = time.perf_counter()
             decoded = decode_infer(request, self.contract)
-            t1 = time.perf_counter()
-            m.stage_duration.labels(stage="decode").observe(t1 - t0)
+            m.decode_duration.observe(time.perf_counter() - t0)
             if client is not None and self.limiter.enabled:
                 n = int(decoded.x.shape[0])
                 refusal, first = self.limiter.check(client, n)
@@ -505,7 +511,7 @@ class ProxyServer:
                 if deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
                     m.requests.labels(outcome="deadline_exceeded").inc()
                 raise
-            m.stage_duration.labels(stage="queue").observe(queued)
+            m.queue_duration.observe(queued)
             return self._respond(request, decoded, result, client)
         except ProtocolError as exc:
             return _Failure(grpc.StatusCode[exc.code], exc.message, _OUTCOME_BY_CODE.get(exc.code, "invalid")), None
@@ -548,6 +554,7 @@ class ProxyServer:
         answer.logits = apply_outputs(answer.logits, self.cfg.outputs)
         version = request.model_version or self.contract.versions[0]
         response = encode_infer(decoded, answer, self.contract, version)
-        self.metrics.stage_duration.labels(stage="encode").observe(time.perf_counter() - t2)
-        self.metrics.requests.labels(outcome=outcome(answer.verdict)).inc()
+        m = self.metrics
+        m.encode_duration.observe(time.perf_counter() - t2)
+        m.outcome_counter(outcome(answer.verdict)).inc()
         return None, response

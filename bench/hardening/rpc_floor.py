@@ -1,10 +1,11 @@
 """The event loop's floor: server CPU per ModelInfer call for a do-nothing grpc.aio server and for
-``robustgate serve``'s cheapest and its full answer paths (issue 9, overload: why refusals wait).
+each of ``robustgate serve``'s answer paths, with one and with two worker processes (issues 9, 25).
 
 A refusal is cheap in robustgate's handler, but every call also pays grpc.aio's own per-call work on
 the server's event loop; at 1,500 calls/s that work alone can fill much of a core. Measured here,
-each server alone, a closed-loop grpc.aio client (``--concurrency`` calls in flight, in this process)
-sending ``--calls`` calls of 2 Fashion-MNIST test images (raw FP32):
+each server alone, a closed-loop grpc.aio client in this process (``--concurrency`` calls in flight
+over ``--channels`` connections of their own, so that ``server.workers`` processes sharing the port
+each get some) sending ``--calls`` batch-1 calls (one Fashion-MNIST test image, raw FP32):
 
 - ``grpc.aio, abort``: a grpc.aio server whose ModelInfer only aborts with RESOURCE_EXHAUSTED (no
   robustgate code): the transport's floor;
@@ -13,19 +14,24 @@ sending ``--calls`` calls of 2 Fashion-MNIST test images (raw FP32):
   RESOURCE_EXHAUSTED by grpc.aio's Cython code before any handler runs;
 - ``robustgate, NOT_FOUND``: ``robustgate serve`` (deploy/default.yaml) asked for an unknown model,
   answered before any decoding -- the path a refusal takes through the handler;
-- ``robustgate, served``: the same server answering the clean images (decode, batcher, MagNet +
-  backbone, encode).
+- ``robustgate, served``: the same server answering the clean image (decode, batcher, MagNet +
+  backbone, encode);
+- ``robustgate, rejected``: the same server refusing an image of uniform noise that MagNet rejects
+  (PERMISSION_DENIED, request mode);
 
-Per call: the server process's CPU (user + system, every thread: event loop, gRPC's poller, ONNX
-Runtime) divided by the calls; and calls/s of the closed loop.
+each of the robustgate rows with ``server.workers`` 1 and 2. Per call: the server's CPU (user +
+system, every thread of the process and, with workers, of the supervisor and its children) divided
+by the calls; and calls/s of the closed loop. ``--profile``: a py-spy flame graph of the served path
+(one worker) is written beside the results (``OUT.served.svg``).
 
-    .venv/bin/python bench/hardening/rpc_floor.py --out hardening.rpc_floor
+    .venv/bin/python bench/hardening/rpc_floor.py --profile --out hardening.rpc_floor
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -33,6 +39,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
@@ -63,20 +70,40 @@ TRIVIAL_SERVER = textwrap.dedent("""
 """)
 
 
-async def closed_loop(url: str, request: pb.ModelInferRequest, calls: int, concurrency: int, pid: int) -> dict:
-    async with grpc.aio.insecure_channel(url) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants (a supervisor and its worker processes)."""
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            total += common.process_cpu_s(p)
+            for task in os.listdir(f"/proc/{p}/task"):
+                stack += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+async def closed_loop(url: str, request: pb.ModelInferRequest, calls: int, concurrency: int, pid: int,
+                      channels: int = 8) -> dict:
+    """``calls`` calls, ``concurrency`` in flight, spread over ``channels`` connections of their own
+    (grpc shares one connection among a process's channels to a target unless told not to)."""
+    opened = [grpc.aio.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels)]
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in opened]
         codes: dict[str, int] = {}
+        turn = [0]
 
         async def one() -> None:
+            turn[0] += 1
             try:
-                await stub.ModelInfer(request, timeout=60)
+                await stubs[turn[0] % channels].ModelInfer(request, timeout=60)
                 code = "OK"
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
             codes[code] = codes.get(code, 0) + 1
 
-        for _ in range(200):  # warm-up, not counted
+        for _ in range(max(200, 20 * channels)):  # warm-up (every connection up), not counted
             await one()
         codes.clear()
         slots = asyncio.Semaphore(concurrency)
@@ -85,20 +112,45 @@ async def closed_loop(url: str, request: pb.ModelInferRequest, calls: int, concu
             async with slots:
                 await one()
 
-        cpu0, t0 = common.process_cpu_s(pid), time.perf_counter()
+        cpu0, t0 = tree_cpu_s(pid), time.perf_counter()
         await asyncio.gather(*(limited() for _ in range(calls)))
-        wall, cpu = time.perf_counter() - t0, common.process_cpu_s(pid) - cpu0
+        wall, cpu = time.perf_counter() - t0, tree_cpu_s(pid) - cpu0
+    finally:
+        for ch in opened:
+            await ch.close()
     return {"calls": calls, "calls_per_s": calls / wall, "server_cpu_us_per_call": cpu / calls * 1e6,
             "server_cores": cpu / wall, "codes": codes}
+
+
+def rejected_image(seed: int = 0) -> np.ndarray:
+    """[1, 1, 28, 28] uniform noise in [0, 1]: nothing like a garment, MagNet rejects it."""
+    return np.random.default_rng(seed).random((1, 1, 28, 28), dtype=np.float32)
+
+
+def profile(server: "common.Serve", request: pb.ModelInferRequest, args, svg: Path) -> None:
+    """A py-spy flame graph of the served path under the same load (every thread, 200 Hz)."""
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(server.pid), "-o", str(svg),
+                            "-r", "200", "-d", "15", "--threads", "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        while spy.poll() is None:
+            asyncio.run(closed_loop(server.url, request, 2000, args.concurrency, server.pid, args.channels))
+    finally:
+        spy.wait(60)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=6000)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=8, help="client connections the calls are spread over")
+    ap.add_argument("--workers", default="1,2", help="server.workers values to measure robustgate with")
+    ap.add_argument("--profile", action="store_true", help="write a py-spy flame graph of the served path (OUT.served.svg)")
     ap.add_argument("--out", default="hardening.rpc_floor", help="results name in bench/results (OUT.json, OUT.md)")
     args = ap.parse_args(argv)
-    x, _ = common.test_images(2)
+    x, _ = common.test_images(1)  # [1, 1, 28, 28]
+    noise = rejected_image()
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), common.loadavg()
     rows = []
 
@@ -107,36 +159,50 @@ def main(argv: list[str] | None = None) -> int:
         try:
             port = int(proc.stdout.readline())
             res = asyncio.run(closed_loop(f"127.0.0.1:{port}", common.infer_request("default", x), args.calls,
-                                          args.concurrency, proc.pid))
-            rows.append({"server": label, **res})
+                                          args.concurrency, proc.pid, args.channels))
+            rows.append({"server": label, "workers": 1, **res})
         finally:
             proc.kill()
             proc.wait(10)
 
-    server = common.Serve(common.REPO / "deploy" / "default.yaml")
-    try:
-        for label, model in (("robustgate, NOT_FOUND", "no-such-model"), ("robustgate, served", server.model)):
-            res = asyncio.run(closed_loop(server.url, common.infer_request(model, x), args.calls, args.concurrency,
-                                          server.pid))
-            rows.append({"server": label, **res})
-    finally:
-        server.stop()
+    svg = None
+    for workers in [int(w) for w in args.workers.split(",")]:
+        server = common.Serve(common.REPO / "deploy" / "default.yaml", overrides={"server": {"workers": workers}})
+        try:
+            for label, model, image in (("robustgate, NOT_FOUND", "no-such-model", x), ("robustgate, served", server.model, x),
+                                        ("robustgate, rejected", server.model, noise)):
+                res = asyncio.run(closed_loop(server.url, common.infer_request(model, image), args.calls, args.concurrency,
+                                              server.pid, args.channels))
+                rows.append({"server": label, "workers": workers, **res})
+            if args.profile and workers == 1:
+                svg = common.RESULTS / f"{args.out}.served.svg"
+                profile(server, common.infer_request(server.model, x), args, svg)
+        finally:
+            server.stop()
 
     data = {"command": " ".join(["python", "bench/hardening/rpc_floor.py", *(argv if argv is not None else sys.argv[1:])]),
             "started": started, "load_average_start": load_start, "load_average_end": common.loadavg(),
-            "machine": common.machine(), "calls": args.calls, "concurrency": args.concurrency, "rows": rows}
+            "machine": common.machine(), "calls": args.calls, "concurrency": args.concurrency, "channels": args.channels,
+            "flame_graph": None if svg is None else svg.name, "rows": rows}
+    floor = rows[0]["server_cpu_us_per_call"]
     lines = ["# Hardening: the event loop's floor per ModelInfer call", "",
              f"- Command: `{data['command']}`",
              f"- Started {started}; load average at start {load_start}, at end {data['load_average_end']} "
-             "(2 cores, shared with other jobs); client and server on the same cores",
-             f"- {args.calls} calls of 2 test images each, {args.concurrency} in flight (closed loop), after 200 warm-up calls",
-             "", "| server | answers | calls/s | server CPU per call (µs) | server cores |", "| --- | --- | ---: | ---: | ---: |"]
+             f"({os.cpu_count()} cores, shared with other jobs: compare rows within this run); client and server on the "
+             "same cores",
+             f"- {args.calls} batch-1 calls (one test image) per row, {args.concurrency} in flight (closed loop) over "
+             f"{args.channels} connections, after a warm-up; `deploy/default.yaml` (MagNet + backbone)",
+             "", "| server | workers | answers | calls/s | server CPU per call (µs) | over the floor (µs) | server cores |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         codes = ", ".join(f"{k} {v}" for k, v in sorted(r["codes"].items()))
-        lines.append(f"| {r['server']} | {codes} | {r['calls_per_s']:,.0f} | {r['server_cpu_us_per_call']:.0f} | "
+        us = r["server_cpu_us_per_call"]
+        lines.append(f"| {r['server']} | {r['workers']} | {codes} | {r['calls_per_s']:,.0f} | {us:.0f} | {us - floor:+.0f} | "
                      f"{r['server_cores']:.2f} |")
-    floor = rows[0]["server_cpu_us_per_call"]
-    lines += ["", f"At 1,500 calls/s the transport's floor alone is {floor * 1500 / 1e6:.2f} of a core of server CPU.", ""]
+    lines += ["", f"At 1,500 calls/s the transport's floor alone is {floor * 1500 / 1e6:.2f} of a core of server CPU."]
+    if svg is not None:
+        lines += ["", f"Flame graph of the served path (one worker, py-spy, every thread): [{svg.name}]({svg.name})."]
+    lines.append("")
     js, md = common.write_results(args.out, data, "\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {js} and {md}")

@@ -131,7 +131,10 @@ class Proxy:
         cfg = {
             "bundle": str(bundle),
             "server": {"host": "127.0.0.1", "port": self.port, "metrics_port": harness.free_port(),
-                       "metrics_host": "127.0.0.1", "grace_s": 2.0},
+                       "metrics_host": "127.0.0.1", "grace_s": 2.0,
+                       # one process: this client's one channel reaches one worker, and the CPU probe reads
+                       # one pid (several workers: bench/serving/workers.py)
+                       "workers": 1},
             "batching": {"max_batch_size": 64, "max_queue_delay_ms": 2.0, "max_queue_items": 4096},
             "limits": {"max_batch_items": 256},
         }

@@ -334,6 +334,7 @@ def test_sighup_reloads_a_real_serve_process(tmp_path, fmnist_subset):
     original = path.read_text()
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
+    env["ROBUSTGATE_SERVER__WORKERS"] = "1"  # counts one process's reloads (N = 2: tests/proxy/test_workers.py)
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "robustgate.proxy.cli", "serve", "--config", str(path),
                                  "--port", "0", "--metrics-port", "0"], stdout=fh, stderr=subprocess.STDOUT, env=env)

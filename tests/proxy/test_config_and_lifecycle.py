@@ -121,6 +121,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path, proxy_bundl
     })
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
     env["ROBUSTGATE_BATCHING__ENABLED"] = "false"  # the environment wins over the file: one request per batch
+    env["ROBUSTGATE_SERVER__WORKERS"] = "1"  # one process's queue (N = 2: tests/proxy/test_workers.py)
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "serve_with_sleep.py"), "serve", "--config", str(path), "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

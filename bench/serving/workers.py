@@ -1,0 +1,161 @@
+"""Serving with ``server.workers`` 1 and 2: batch-1 items/s against the raw ONNX Runtime ceiling (issue 25).
+
+The ceiling is raw in-process ONNX Runtime on the bundle's backbone (bench/serving/loadgen.py
+``run_raw_ort``): the best items/s at any batch and concurrency measured here, as
+bench/results/serving.run.md states it. Against it, ``robustgate serve`` with dynamic batching on
+(max batch 64, 2 ms), in two pipelines -- no defense stages (``onnx``, the same comparison as
+serving.run.md) and the shipped default (``default``: deploy/default.yaml, MagNet fused into the
+backbone's session) -- each with ``server.workers`` 1 and 2, under a closed-loop grpc.aio client in
+this process sending batch-1 raw FP32 calls over ``--channels`` connections of their own (one
+connection stays on one worker). Per point: items/s, latency percentiles, the server's CPU cores
+(supervisor and workers together) and items/s as a share of the ceiling.
+
+    .venv/bin/python bench/serving/workers.py --out serving.workers
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "hardening"))
+import common  # noqa: E402  (bench/ is not a package)
+import loadgen  # noqa: E402
+from rpc_floor import tree_cpu_s  # noqa: E402
+
+from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc  # noqa: E402
+
+PIPELINES = {  # name -> (config file, overrides)
+    "onnx": (None, {"bundle": "bundles/default"}),
+    "default": (common.REPO / "deploy" / "default.yaml", {}),
+}
+BATCHING = {"enabled": True, "max_batch_size": 64, "max_queue_delay_ms": 2}
+RAW_POINTS = ((1, 1), (1, 16), (8, 1), (8, 4), (32, 1), (64, 1))  # (batch, concurrency)
+TARGET_FRACTION = 0.40  # issue 25: batch-1 throughput >= 40% of the ceiling at concurrency 64
+
+
+async def closed_loop(url: str, request, calls: int, concurrency: int, pid: int, channels: int) -> dict:
+    opened = [grpc.aio.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels)]
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in opened]
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        turn = [0]
+
+        async def one(record: bool) -> None:
+            turn[0] += 1
+            t0 = time.perf_counter()
+            try:
+                await stubs[turn[0] % channels].ModelInfer(request, timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                return
+            if record:
+                latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(one(False) for _ in range(max(concurrency, 20 * channels))))  # warm-up
+        slots = asyncio.Semaphore(concurrency)
+
+        async def limited() -> None:
+            async with slots:
+                await one(True)
+
+        cpu0, t0 = tree_cpu_s(pid), time.perf_counter()
+        await asyncio.gather(*(limited() for _ in range(calls)))
+        wall, cpu = time.perf_counter() - t0, tree_cpu_s(pid) - cpu0
+    finally:
+        for ch in opened:
+            await ch.close()
+    lat = np.asarray(latencies) * 1e3
+    return {"items_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "server_cores": cpu / wall, "errors": errors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=4000, help="measured calls per point")
+    ap.add_argument("--concurrency", default="16,64")
+    ap.add_argument("--channels", type=int, default=8)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--out", default="serving.workers")
+    args = ap.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), common.loadavg()
+    x, _ = common.test_images(1)  # [1, 1, 28, 28]
+
+    raw = []
+    onnx_file = str(common.REPO / "bundles" / "default" / "backbone.onnx")
+    for batch, conc in RAW_POINTS:
+        r = loadgen.run_raw_ort(onnx_file, "input", (1, 28, 28), conc, batch=batch, warmup_s=0.5, duration_s=2.0)
+        raw.append({"batch": batch, "concurrency": conc, "items_per_s": r["items_per_s"], "p50_ms": r["p50_ms"]})
+    ceiling = max(raw, key=lambda r: r["items_per_s"])
+
+    rows = []
+    for name, (config, overrides) in PIPELINES.items():
+        for workers in [int(w) for w in args.workers.split(",")]:
+            server = common.Serve(config, overrides={**overrides, "batching": BATCHING, "server": {"workers": workers}})
+            try:
+                request = common.infer_request(server.model, x)
+                for conc in concurrencies:
+                    r = asyncio.run(closed_loop(server.url, request, args.calls, conc, server.pid, args.channels))
+                    rows.append({"pipeline": name, "workers": workers, "concurrency": conc, **r,
+                                 "of_ceiling": r["items_per_s"] / ceiling["items_per_s"]})
+                    print(rows[-1], flush=True)
+            finally:
+                server.stop()
+
+    def point(pipeline: str, workers: int, conc: int) -> dict | None:
+        return next((r for r in rows if (r["pipeline"], r["workers"], r["concurrency"]) == (pipeline, workers, conc)), None)
+
+    data = {"command": " ".join(["python", "bench/serving/workers.py", *(argv if argv is not None else sys.argv[1:])]),
+            "started": started, "load_average_start": load_start, "load_average_end": common.loadavg(),
+            "machine": common.machine(), "calls": args.calls, "channels": args.channels, "raw": raw, "ceiling": ceiling,
+            "rows": rows}
+    lines = ["# Serving with server.workers 1 and 2 against the raw ONNX Runtime ceiling", "",
+             f"- Command: `{data['command']}`",
+             f"- Started {started}; load average at start {load_start}, at end {data['load_average_end']} "
+             f"({os.cpu_count()} cores, **shared with other jobs and with this client**: compare rows within this run; "
+             "with 2 cores two workers and the client contend for the same cores)",
+             f"- {args.calls} batch-1 calls per point over {args.channels} connections; batching on (max batch 64, 2 ms)",
+             "", "## Raw ONNX Runtime (the ceiling), bundles/default backbone", "",
+             "| batch | concurrency | items/s | p50 ms |", "| ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['batch']} | {r['concurrency']} | {r['items_per_s']:,.0f} | {r['p50_ms']:.3f} |" for r in raw]
+    lines += ["", f"Ceiling: {ceiling['items_per_s']:,.0f} items/s (batch {ceiling['batch']}, concurrency "
+              f"{ceiling['concurrency']}).", "", "## robustgate serve, batch-1 calls", "",
+              "| pipeline | workers | concurrency | items/s | of the ceiling | p50 ms | p99 ms | server cores | errors |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
+        lines.append(f"| {r['pipeline']} | {r['workers']} | {r['concurrency']} | {r['items_per_s']:,.0f} | "
+                     f"{r['of_ceiling']:.0%} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cores']:.2f} | {errors} |")
+    lines += ["", "## Target (issue 25)", ""]
+    c = max(concurrencies)
+    for name in PIPELINES:
+        best = max((r for r in rows if r["pipeline"] == name and r["concurrency"] == c), key=lambda r: r["items_per_s"],
+                   default=None)
+        if best is not None:
+            met = "met" if best["of_ceiling"] >= TARGET_FRACTION else "not met"
+            lines.append(f"- {name}: batch-1 throughput at concurrency {c} >= {TARGET_FRACTION:.0%} of the ceiling: "
+                         f"{best['of_ceiling']:.0%} ({best['items_per_s']:,.0f} items/s, {best['workers']} workers): {met}")
+    for name in PIPELINES:
+        one, two = point(name, 1, c), point(name, 2, c)
+        if one and two:
+            lines.append(f"- {name}: 2 workers / 1 worker at concurrency {c}: {two['items_per_s'] / one['items_per_s']:.2f}x")
+    lines.append("")
+    js, md = common.write_results(args.out, data, "\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {js} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""``server.workers: 2`` (proxy/workers.py): two serving processes on one port under a supervisor, a
+real ``robustgate serve`` subprocess and real clients: both workers answer, the metrics port serves
+their sum, SIGTERM drains both without losing a request, and a reload (SIGHUP, the admin RPC) reaches
+both."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from google.protobuf import empty_pb2, struct_pb2
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.parser import text_string_to_metric_families
+
+from tritonclient.utils import InferenceServerException
+
+from robustgate.proxy.workers import cgroup_cpus, default_workers, worker_config
+from robustgate.proxy.config import load_config
+
+HERE = Path(__file__).resolve().parent
+WORKERS = 2
+
+
+def scrape(port: int) -> dict[str, dict]:
+    """{sample name: {frozenset(labels): value}} from /metrics over HTTP."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, dict] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+class Replica:
+    """``serve_with_sleep.py serve --config`` with ``server.workers: 2`` and its own metrics directory."""
+
+    def __init__(self, tmp_path: Path, bundle: Path, stages: list, admin: bool = False, batching: dict | None = None,
+                 limits: dict | None = None):
+        import yaml
+
+        self.mpdir = tmp_path / "metrics"
+        server = {"host": "127.0.0.1", "metrics_host": "127.0.0.1", "grace_s": 60, "workers": WORKERS}
+        if admin:
+            server["admin"] = {"enabled": True, "port": 0}
+        cfg = {"bundle": str(bundle), "server": server,
+               # default: one request per batch, one batch at a time
+               "batching": batching or {"enabled": False, "workers": 1},
+               "pipeline": {"stages": stages}, **({"limits": limits} if limits else {})}
+        self.config = tmp_path / "proxy.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(self.mpdir)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "serve_with_sleep.py"), "serve", "--config", str(self.config), "--port", "0",
+             "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines = []
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("robustgate: serving"):
+                break
+        else:
+            raise AssertionError("".join(self.lines))
+        words = self.lines[-1].replace(",", "").split()
+        self.port, self.metrics_port = int(words[words.index("port") + 1]), int(words[words.index("metrics") + 3])
+        self.admin_port = int(words[words.index("admin") + 3]) if admin else None
+        self.url = f"127.0.0.1:{self.port}"
+
+    def per_worker(self, sample: str, labels: dict) -> dict[str, float]:
+        """{worker pid: value} of one counter sample, read from each worker's own file."""
+        out = {}
+        for f in self.mpdir.glob("counter_*.db"):
+            for key, value, _, _ in MmapedDict.read_all_values_from_file(str(f)):
+                if f'"{sample}"' in key and all(f'"{k}": "{v}"' in key for k, v in labels.items()):
+                    out[f.stem.split("_")[-1]] = out.get(f.stem.split("_")[-1], 0.0) + value
+        return out
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(120)
+        return code, self.proc.stdout.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def infer(url: str, x: np.ndarray) -> np.ndarray:
+    """One call on a connection of its own (SO_REUSEPORT spreads connections, not calls; grpc shares
+    one connection among a process's channels to the same target unless told not to)."""
+    client = tc.InferenceServerClient(url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        inp = tc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer("tiny", [inp]).as_numpy("logits")
+    finally:
+        client.close()
+
+
+def counter(port: int, name: str, **labels) -> float:
+    return scrape(port).get(name, {}).get(frozenset(labels.items()), 0.0)
+
+
+def test_two_workers_serve_one_port_and_the_metrics_port_sums_them(tmp_path, proxy_bundle, ort_logits):
+    r = Replica(tmp_path, proxy_bundle, stages=[])
+    try:
+        xs = [np.full((1, 1, 28, 28), (i % 10) / 10, np.float32) for i in range(40)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda x: infer(r.url, x), xs))
+        for x, got in zip(xs, answers):
+            np.testing.assert_allclose(got, ort_logits(x), rtol=1e-5, atol=1e-6)
+        per_worker = r.per_worker("robustgate_requests_total", {"outcome": "accepted"})
+        assert len(per_worker) == WORKERS and all(v > 0 for v in per_worker.values()), per_worker  # both served
+        assert sum(per_worker.values()) == 40
+        assert counter(r.metrics_port, "robustgate_requests_total", outcome="accepted") == 40  # merged: the sum
+        assert counter(r.metrics_port, "robustgate_items_total", verdict="accepted") == 40
+        build = scrape(r.metrics_port)["robustgate_build_info"]
+        assert list(build.values()) == [1.0]  # one series (max over the workers), no pid label
+        code, rest = r.stop()
+        assert code == 0 and "draining" in rest and "stopped" in rest
+    finally:
+        r.kill()
+
+
+def test_sigterm_drains_both_workers_and_loses_nothing(tmp_path, proxy_bundle, ort_logits):
+    r = Replica(tmp_path, proxy_bundle, stages=[{"name": "slow", "kind": "test_proxy_sleep", "params": {"seconds": 0.3}}])
+    try:
+        xs = [np.full((1, 1, 28, 28), (i % 10) / 10, np.float32) for i in range(12)]
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(infer, r.url, x) for x in xs]
+            for _ in range(600):  # both workers busy, requests queued behind them (refreshed once a second)
+                depth = scrape(r.metrics_port)["robustgate_queue_depth"][frozenset()]
+                if depth >= 4:
+                    break
+                time.sleep(0.05)
+            assert depth >= 4
+            r.proc.send_signal(signal.SIGTERM)
+            answers = [f.result(120) for f in futures]  # every in-flight request answered
+        assert r.proc.wait(120) == 0
+        for x, got in zip(xs, answers):
+            np.testing.assert_allclose(got, ort_logits(x), rtol=1e-5, atol=1e-6)
+        busy = r.per_worker("robustgate_requests_total", {"outcome": "accepted"})
+        assert len(busy) == WORKERS and sum(busy.values()) == 12, busy
+    finally:
+        r.kill()
+
+
+def _reloads(r: Replica, want: float) -> float:
+    for _ in range(300):
+        got = counter(r.metrics_port, "robustgate_reloads_total", result="ok")
+        if got >= want:
+            return got
+        time.sleep(0.1)
+    return got
+
+
+def test_reload_reaches_every_worker(tmp_path, proxy_bundle):
+    r = Replica(tmp_path, proxy_bundle, stages=[], admin=True)
+    try:
+        assert _reloads(r, 0) == 0
+        r.proc.send_signal(signal.SIGHUP)  # the supervisor relays it to both workers
+        assert _reloads(r, WORKERS) == WORKERS
+        per_worker = r.per_worker("robustgate_reloads_total", {"result": "ok"})
+        assert sorted(per_worker.values()) == [1.0, 1.0]
+        with grpc.insecure_channel(f"127.0.0.1:{r.admin_port}") as ch:  # worker 0's admin port
+            reload = ch.unary_unary("/robustgate.admin.v1.Admin/Reload", request_serializer=empty_pb2.Empty.SerializeToString,
+                                    response_deserializer=struct_pb2.Struct.FromString)
+            summary = reload(empty_pb2.Empty(), timeout=60)
+        assert summary["failure_policy"] == "fail-closed"
+        assert _reloads(r, 2 * WORKERS) == 2 * WORKERS  # the RPC's worker, then the other by relay
+        assert sorted(r.per_worker("robustgate_reloads_total", {"result": "ok"}).values()) == [2.0, 2.0]
+        code, _ = r.stop()
+        assert code == 0
+    finally:
+        r.kill()
+
+
+def test_a_bad_bundle_with_workers_exits_2_naming_it(tmp_path, capsys):
+    from robustgate.proxy.cli import main as cli_main
+
+    path = _write(tmp_path, {"bundle": str(tmp_path / "nope"),
+                             "server": {"workers": 2, "port": 0, "metrics_port": 0, "host": "127.0.0.1"}})
+    code = cli_main(["serve", "--config", str(path)])  # the workers fail; the supervisor says why, once
+    assert code == 2 and "no bundle.yaml" in capsys.readouterr().err
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    import yaml
+
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_default_workers_are_the_cores_capped_by_the_cgroup_quota(tmp_path):
+    assert default_workers() <= len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpus(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpus(tmp_path) is None
+    assert cgroup_cpus(tmp_path / "none") is None
+
+
+def test_worker_config_shares_the_port_and_gives_the_admin_port_to_worker_0(tmp_path, proxy_bundle):
+    cfg = load_config(_write(tmp_path, {"bundle": str(proxy_bundle),
+                                        "server": {"workers": 3, "admin": {"enabled": True, "port": 0}}}))
+    w0, w1 = worker_config(cfg, 0, 5000, 5003), worker_config(cfg, 1, 5000, 5003)
+    assert (w0.server.port, w1.server.port) == (5000, 5000)
+    assert w0.server.metrics_port is None and w1.server.metrics_port is None
+    assert (w0.server.admin.enabled, w0.server.admin.port) == (True, 5003)
+    assert w1.server.admin.enabled is False
+    with pytest.raises(ValueError, match="server.workers"):
+        load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "server": {"workers": 0}}))
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path, proxy_bundle):
+    r = Replica(tmp_path, proxy_bundle, stages=[])
+    try:
+        infer(r.url, np.zeros((1, 1, 28, 28), np.float32))
+        pids = [int(f.stem.split("_")[-1]) for f in r.mpdir.glob("counter_*.db")]
+        assert len(pids) == WORKERS
+        r.proc.kill()  # SIGKILL: no drain, no forwarding
+        r.proc.wait()
+        deadline = time.monotonic() + 60
+        while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], "a worker outlived its supervisor"
+    finally:
+        r.kill()
+
+
+def attempt(url: str, x: np.ndarray) -> tuple[str, np.ndarray | None]:
+    """(status, logits) of one request on a connection of its own."""
+    try:
+        return "OK", infer(url, x)
+    except InferenceServerException as exc:
+        return str(exc.status()).removeprefix("StatusCode."), None
+
+
+def test_a_flood_on_two_workers_is_served_or_refused_and_nothing_is_lost(tmp_path, proxy_bundle, ort_logits):
+    queue = 3  # per worker
+    r = Replica(tmp_path, proxy_bundle, stages=[{"name": "slow", "kind": "test_proxy_sleep", "params": {"seconds": 0.2}}],
+                batching={"enabled": True, "max_batch_size": 1, "max_queue_items": queue, "workers": 1},
+                limits={"max_batch_items": 1})
+    try:
+        rng = np.random.default_rng(0)
+        flood = [rng.random((1, 1, 28, 28), dtype=np.float32) for _ in range(40)]  # distinct images
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(lambda x: attempt(r.url, x), flood))
+        statuses = collections.Counter(s for s, _ in answers)
+        assert set(statuses) <= {"OK", "RESOURCE_EXHAUSTED"}, statuses  # each answered: served or refused at once
+        assert statuses["RESOURCE_EXHAUSTED"] > 0 and statuses["OK"] >= WORKERS, statuses
+        for x, (status, logits) in zip(flood, answers):
+            if status == "OK":  # every served answer is its own request's
+                np.testing.assert_allclose(logits, ort_logits(x), rtol=1e-5, atol=1e-6)
+        served = r.per_worker("robustgate_requests_total", {"outcome": "accepted"})
+        refused = counter(r.metrics_port, "robustgate_requests_total", outcome="resource_exhausted")
+        assert sum(served.values()) == statuses["OK"] and refused == statuses["RESOURCE_EXHAUSTED"]
+        # the load dropped: every new request is served
+        later = [rng.random((1, 1, 28, 28), dtype=np.float32) for _ in range(6)]
+        for x in later:
+            np.testing.assert_allclose(infer(r.url, x), ort_logits(x), rtol=1e-5, atol=1e-6)
+        code, _ = r.stop()
+        assert code == 0
+    finally:
+        r.kill()
