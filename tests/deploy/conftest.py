@@ -31,6 +31,7 @@ METRICS = {
     "robustgate_auth_failures_total": "counter",
     "robustgate_reloads_total": "counter",
     "robustgate_build_info": "gauge",
+    "robustgate_backend_info": "gauge",  # issue 24: the backbone's runtime (kind, device, provider)
     # issue 22: per-client refusals and the stateful stages
     "robustgate_clients_blocked_total": "counter",
     "robustgate_queries_refused_total": "counter",
