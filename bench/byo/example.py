@@ -54,8 +54,8 @@ def eval_default(settings: dict, out: Path, log) -> str:
 
 
 def classes_covered(result: dict) -> dict[str, int]:
-    """How many of the evaluated test items (the first n from offset) each class holds: an
-    ImageFolder's test split is ordered by class, so its first n items can be one class only."""
+    """How many of the evaluated test items (the first n from offset) each class holds (a check that
+    a run covers every class; an ImageFolder's test split is a seeded shuffle, models/data.py)."""
     from robustgate.models.bundle import Bundle
     from robustgate.models.data import load_splits
 
@@ -150,8 +150,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {model['label']} | {model['data']} | {name} ({', '.join(c['stages']) or 'no stage'}) | "
                          f"{c['clean_accuracy']:.3f} | {c['false_rejection_rate']:.3f} | " + " | ".join(cells) + " | "
                          + " | ".join(worst) + " |")
-    lines += ["", "Classes of the evaluated items (an ImageFolder's test split is ordered by class, and robustgate "
-              "eval takes the first n: read the figures of such a run as those of the classes it covers):", ""]
+    lines += ["", "Classes of the evaluated items (robustgate eval takes the first n test items; an ImageFolder's "
+              "test split is a seeded shuffle of its classes):", ""]
     for model in r["models"]:
         lines.append(f"- {model['label']}: " + ", ".join(f"{k} {v}" for k, v in model["classes_of_evaluated_items"].items()))
     lines += ["", "Commands:", ""]
