@@ -424,9 +424,9 @@ def markdown(r: dict, concurrencies: list[int]) -> str:
         f"- Run: {r['started_utc']} -> {r['finished_utc']}; robustgate revision {m['robustgate_revision']}",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, "
         f"onnxruntime {m['onnxruntime']}, grpcio {m['grpcio']}, mlserver {m['mlserver']}",
-        f"- Load average (1/5/15 min) at start {r['load_average_start']}, at end {r['load_average_end']}. "
-        "**Other engineers were using the same 2 cores during this run, and the client, the proxy and "
-        "MLServer share them too: every figure is a lower bound.**",
+        f"- Load average (1/5/15 min) at start {r['load_average_start']}, at end {r['load_average_end']} "
+        "(the 1-minute figure at the start says whether other work shared the cores). **The client, the proxy and "
+        "MLServer share the same cores: every figure is a lower bound.**",
         f"- Model: `{r['bundle']['name']}` ({r['bundle']['source']}; arch `{r['bundle']['arch']}`, backbone.onnx "
         f"sha256 {r['bundle']['backbone_sha256'][:12]}…), input {r['bundle']['input']} FP32.",
         f"- Client: {r['settings']['client']}; {r['settings']['warmup_s']} s warm-up, "
