@@ -224,8 +224,10 @@ def markdown(r: dict) -> str:
         f"Command: `{r['command']}` (started {r['started_utc']}, finished {r['finished_utc']}; revision "
         f"{m['robustgate_revision']}).", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; ONNX Runtime {m['onnxruntime']}, grpcio "
-        f"{m['grpcio']}, MLServer {m['mlserver']}. **Shared** with other jobs (load average "
-        f"{r['load_average_start']} at the start, {r['load_average_end']} at the end): each point is one "
+        f"{m['grpcio']}, MLServer {m['mlserver']}. "
+        + ("**Shared** with other jobs" if r['load_average_start'][0] > 1.5 else "No other job on the machine")
+        + f" (load average {r['load_average_start']} at the start, {r['load_average_end']} at the end; the client and "
+        f"the servers share the same 2 cores): each point is one "
         f"{r['settings']['duration_s']:.0f} s window after {r['settings']['warmup_s']:.0f} s of warm-up, all "
         f"servers up at once and the points measured in {r['settings']['rounds']} interleaved rounds; the table "
         "gives the median over the rounds (every round is in the JSON). Differences of a few percent are within "
