@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -13,7 +12,7 @@ import tritonclient.grpc as tc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import scrape  # tests/helpers
 from tritonclient.utils import InferenceServerException
 
 X = np.full((2, 1, 28, 28), 0.4, np.float32)
@@ -53,16 +52,6 @@ def test_reflection_lists_and_describes_the_service(proxy):
         svc = descriptor_pool.DescriptorPool(db).FindServiceByName("inference.GRPCInferenceService")
         assert {m.name for m in svc.methods} == {
             "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"}
-
-
-def scrape(port: int) -> dict[str, dict]:
-    """{sample name: {frozenset(labels): value}} from /metrics over HTTP."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, dict] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
-    return out
 
 
 def test_metrics_endpoint_counts_requests(proxy):

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -21,25 +20,15 @@ import pytest
 import tritonclient.grpc as tc
 from google.protobuf import empty_pb2, struct_pb2
 from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.parser import text_string_to_metric_families
 
 from tritonclient.utils import InferenceServerException
 
+from scrape import scrape  # tests/helpers
 from robustgate.proxy.workers import cgroup_cpus, default_workers, worker_config
 from robustgate.proxy.config import load_config
 
 HERE = Path(__file__).resolve().parent
 WORKERS = 2
-
-
-def scrape(port: int) -> dict[str, dict]:
-    """{sample name: {frozenset(labels): value}} from /metrics over HTTP."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, dict] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
-    return out
 
 
 class Replica:
