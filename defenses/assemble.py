@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from functools import cached_property
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
@@ -287,7 +288,7 @@ class PipelineRunner:
     def detector_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages if isinstance(s.defense, Detector))
 
-    @property
+    @cached_property  # asked per call on the event loop; a runner's stages never change
     def stateful_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages if is_stateful(s.defense))
 

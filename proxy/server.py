@@ -228,7 +228,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         t0 = time.perf_counter()
-        client = call_identity(context, self.p.cfg.server.identity_header)
+        p = self.p  # the caller's identity only where a per-client limit or a stateful stage reads it
+        client = (call_identity(context, p.cfg.server.identity_header)
+                  if p.limiter.enabled or p.runner.stateful_names else None)
         failure, response = await self.p.infer(request, context.time_remaining(), client)
         m = self.p.metrics
         m.request_duration.observe(time.perf_counter() - t0)
