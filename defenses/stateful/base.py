@@ -7,7 +7,8 @@ A per-image detector (defenses.base.Detector) sees one item; a query-based black
     observe(client, x [N, C, H, W]) -> scores [N]
 
 records each query in that client's history (a :class:`~robustgate.defenses.stateful.store.HistoryStore`)
-and scores it against that history, in order; higher = more like a query attack; a query is
+and scores it against that history, in order (``observe`` = ``observe_encoded(client, encode(x))``:
+the pipeline encodes a batch of many clients in one call, then scores each client's rows); higher = more like a query attack; a query is
 flagged when ``score > threshold`` (the threshold calibrated on benign streams by
 defenses.stateful.calibration). Like every defense, the constructor's keyword arguments are the
 configuration (``config()``); the store is not configuration but state: the proxy builds it once
@@ -24,6 +25,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from robustgate.defenses.base import Defense, Role, check_images
@@ -59,14 +61,28 @@ class StatefulDetector(Defense):
     def observe(self, client: str, x: torch.Tensor, now: float | None = None) -> torch.Tensor:
         """Records the queries ``x`` ``[N, C, H, W]`` (raw pixels in ``value_range``) of ``client`` in
         order and returns their scores ``[N]`` float32 (each against the history before it)."""
+        return self.observe_encoded(client, self.encode(x), now)
+
+    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
+        """What the store keeps of each query, for a whole batch of any clients at once: ``x``
+        ``[N, C, H, W]`` -> arrays with first dimension ``N`` (row ``i`` is item ``i``'s), so that the
+        pipeline encodes a batch once and hands each client its rows (:meth:`observe_encoded`)."""
+        check_images(x, self.value_range, who=f"{self.kind} input")
+        return self._encode(x.detach().cpu())
+
+    def observe_encoded(self, client: str, encoded: tuple[np.ndarray, ...], now: float | None = None) -> torch.Tensor:
+        """:meth:`observe` on rows of :meth:`encode`'s output: ``[N]`` float32 scores, in order."""
         if not isinstance(client, str) or not client:
             raise ValueError(f"{self.kind}: client must be a non-empty string, got {client!r}")
-        check_images(x, self.value_range, who=f"{self.kind} input")
-        return self._observe(client, x.detach().cpu(), now)
+        return self._observe_encoded(client, encoded, now)
 
     @abstractmethod
-    def _observe(self, client: str, x: torch.Tensor, now: float | None) -> torch.Tensor:
-        """``observe`` after validation: ``x`` ``[N, C, H, W]`` on the CPU -> ``[N]`` float32."""
+    def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
+        """``encode`` after validation: ``x`` ``[N, C, H, W]`` on the CPU -> arrays ``[N, ...]``."""
+
+    @abstractmethod
+    def _observe_encoded(self, client: str, encoded: tuple[np.ndarray, ...], now: float | None) -> torch.Tensor:
+        """``observe_encoded`` after validation -> ``[N]`` float32."""
 
     def is_adversarial(self, scores: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: score above the calibrated threshold."""

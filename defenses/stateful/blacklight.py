@@ -10,9 +10,9 @@ earlier query:
    stateful-defense reproduction by Feng et al., CCS 2023, so the bucket edges are secret too),
    then ``level = value // q`` (step ``q``);
 2. slide a window of ``w`` levels with stride ``s`` over the *flattened* ``C x H x W`` image (so
-   any input shape works, as in the paper) and hash each window with SipHash-2-4 under a secret
-   128-bit key (defenses/stateful/siphash.py; keyed, so an attacker can neither precompute
-   collisions nor know which hashes a query keeps);
+   any input shape works, as in the paper) and hash each window with a keyed universal hash and a
+   keyed finaliser (:func:`window_hashes`; the key comes from the store, so an attacker can neither
+   precompute collisions nor know which hashes a query keeps);
 3. keep the ``k`` largest distinct hash values: the fingerprint, a keyed pseudorandom sample of
    the windows that two near-copies sample alike;
 4. score = the number of fingerprint hashes shared with one earlier query of the same client
@@ -38,38 +38,114 @@ re-encodings) raise scores, which is what the calibration on benign near-duplica
 from __future__ import annotations
 
 import hashlib
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from robustgate.defenses.stateful.base import StatefulDetector
-from robustgate.defenses.stateful.siphash import siphash24
 from robustgate.defenses.stateful.store import HistoryStore, MemoryStore
+
+_U = np.uint64
+
+
+class WindowKey(NamedTuple):
+    """The secret material of one store's fingerprints for inputs of one size (:func:`window_key`)."""
+
+    salt: np.ndarray  # [D] int16 in [0, q): per-pixel quantisation offsets
+    coeffs: np.ndarray  # [ceil(w / 2)] uint64: the multilinear hash's coefficients
+    final: np.uint64  # xored into each window's hash before the finaliser
+    bits: int  # bits per level: two levels share one symbol of 2 * bits bits
+
+
+def window_key(key: bytes, size: int, q: int, window: int) -> WindowKey:
+    """The per-store secrets for inputs of ``size`` values, derived from the store's 16-byte
+    ``key`` (so Redis-sharing replicas agree), quantisation step ``q`` and ``window``."""
+    seed = int.from_bytes(hashlib.blake2b(key, person=b"rg-blacklight", digest_size=16).digest(), "little")
+    rng = np.random.default_rng(seed)
+    salt = rng.integers(0, q, size=size, dtype=np.int64).astype(np.int16)
+    coeffs = rng.integers(0, 2**64, size=(window + 1) // 2, dtype=np.uint64)
+    final = rng.integers(0, 2**64, dtype=np.uint64)
+    bits = ((255 + q - 1) // q).bit_length()  # the largest level is (255 + q - 1) // q
+    return WindowKey(salt, coeffs, _U(final), bits)
 
 
 def quantise(x: torch.Tensor, salt: np.ndarray, q: int, value_range: tuple[float, float]) -> np.ndarray:
     """``[N, C, H, W]`` float pixels -> ``[N, C*H*W]`` uint8 levels ``(round(255 * x') + salt) // q``
     with ``x'`` scaled from ``value_range`` to ``[0, 1]`` and ``salt`` ``[C*H*W]`` in ``[0, q)``."""
     lo, hi = value_range
-    v = torch.round((x.reshape(x.shape[0], -1).float() - lo) * (255.0 / (hi - lo))).to(torch.int16).numpy()  # [N, D]
-    return ((v + salt.astype(np.int16)) // q).astype(np.uint8)
+    v = x.reshape(x.shape[0], -1).float().numpy() - lo  # [N, D] (a new array: x is not written)
+    v *= 255.0 / (hi - lo)
+    np.rint(v, out=v)  # round half to even, as torch.round
+    return ((v.astype(np.int16) + salt) // q).astype(np.uint8)
 
 
-def window_hashes(levels: np.ndarray, key: bytes, window: int, stride: int) -> np.ndarray:
-    """``[N, D]`` levels -> ``[N, L]`` uint64 SipHash-2-4 of each window, ``L = (D - w) // s + 1``."""
-    windows = sliding_window_view(levels, window, axis=1)[:, ::stride, :]  # [N, L, w]
-    n, length, _ = windows.shape
-    return siphash24(key, np.ascontiguousarray(windows).reshape(n * length, window)).reshape(n, length)
+def fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser, in place on ``h`` (uint64): a bijection whose every output
+    bit depends on every input bit (avalanche)."""
+    h ^= h >> _U(33)
+    h *= _U(0xFF51AFD7ED558CCD)
+    h ^= h >> _U(33)
+    h *= _U(0xC4CEB9FE1A85EC53)
+    h ^= h >> _U(33)
+    return h
+
+
+def window_hashes(levels: np.ndarray, wkey: WindowKey, window: int, stride: int) -> np.ndarray:
+    """``[N, D]`` uint8 levels -> ``[N, L]`` uint64 keyed hashes of each window of ``w`` levels at
+    stride ``s``, ``L = (D - w) // s + 1``, computed for all windows of all items at once.
+
+    Why this is a sound Blacklight fingerprint (it replaces a per-window SipHash, a PRF, at a small
+    fraction of the cost):
+
+    1. pack two neighbouring levels into one symbol ``y_t = l_t | l_{t+1} << b`` (``b`` bits per
+       level, so the packing is injective); a window is the ``ceil(w / 2)`` symbols
+       ``y_j, y_{j+2}, ...`` (the last one a single level when ``w`` is odd);
+    2. multilinear hash ``m_j = sum_i a_i * y_{j+2i} mod 2**64`` with secret uniform 64-bit ``a_i``
+       (one multiply-add over the whole ``[N, L]`` batch per coefficient). Equal windows give equal
+       ``m``. Two unequal windows differ in some symbol by ``d != 0`` with ``|d| < 2**(2b)``, and
+       ``sum_i a_i d_i = 0 mod 2**64`` has probability ``2**(v - 64)`` over the key, ``v`` the lowest
+       2-adic valuation among the ``d_i`` (< 2b): at most ``2**(2b - 65)`` (``2**-59`` at the
+       default q = 50, b = 3) -- a universal hash (Carter & Wegman 1979; multilinear hashing,
+       Lemire & Kaser 2016). Unlike a polynomial hash modulo ``2**64`` (whose collisions can be
+       likely for structured differences such as ``(1, -2, 1)``), this bound holds for every pair;
+    3. ``h_j = fmix64(m_j xor f)``, ``f`` a secret word: a bijection, so collisions stay those of
+       step 2, while the order of the hashes -- which windows land in the top k -- is scrambled by
+       a keyed nonlinear mix. An attacker who knows neither ``a`` nor ``f`` cannot tell which
+       windows a query's fingerprint keeps, so cannot aim a perturbation outside them (Blacklight's
+       requirement; the paper uses SHA-256 per window). ``fmix64`` is not a cryptographic PRF: an
+       attacker who could read many hashes might learn about the key, but hashes never leave the
+       store (scores do not go to anonymous clients, docs/OPERATIONS.md).
+
+    No installed library hashes many short windows under a secret key in one vectorised call
+    (hashlib is one call per message), hence these few numpy operations.
+    """
+    n, d = levels.shape
+    w, s, b, pairs = window, stride, wkey.bits, window // 2
+    length = (d - w) // s + 1
+    lv = levels.astype(np.uint64)  # [N, D]
+    if pairs:
+        sym = lv[:, :-1] | (lv[:, 1:] << _U(b))  # [N, D - 1]: y_t = l_t | l_{t+1} << b
+        win = sliding_window_view(sym, 2 * pairs - 1, axis=1)[:, ::s, ::2][:, :length]  # [N, L, w // 2]
+        h = np.einsum("nlw,w->nl", win, wkey.coeffs[:pairs])  # [N, L] sum_i a_i y_{j+2i} mod 2**64
+    else:
+        h = np.zeros((n, length), dtype=np.uint64)
+    if w % 2:  # an odd window's last symbol is its last level alone
+        h += lv[:, w - 1:w - 1 + (length - 1) * s + 1:s] * wkey.coeffs[pairs]
+    h ^= wkey.final
+    return fmix64(h)
 
 
 def top_k_distinct(h: np.ndarray, k: int) -> np.ndarray:
     """``[N, L]`` uint64 -> ``[N, k]``: each row's ``k`` largest distinct values, ascending; rows with
-    fewer distinct values are padded with 0 (= no hash; a SipHash value of 0 has probability 2**-64)."""
-    h = np.sort(h, axis=1)
+    fewer distinct values are padded with 0 (= no hash; a hash value of 0 has probability 2**-64).
+    Sorts ``h`` in place."""
+    h.sort(axis=1)
     h[:, 1:][h[:, 1:] == h[:, :-1]] = 0  # keep one of each run of equal values
-    h = np.sort(h, axis=1)[:, -k:]
+    if h.shape[1] > k:
+        h = np.partition(h, h.shape[1] - k, axis=1)[:, -k:]  # the k largest, unordered
+    h = np.sort(h, axis=1)
     if h.shape[1] < k:
         h = np.concatenate([np.zeros((h.shape[0], k - h.shape[1]), dtype=np.uint64), h], axis=1)
     return h
@@ -82,12 +158,6 @@ def digests(x: torch.Tensor, key: bytes) -> np.ndarray:
     for i in range(raw.shape[0]):  # one C call per item; hashlib has no batch interface
         out[i] = int.from_bytes(hashlib.blake2b(raw[i].tobytes(), key=key, digest_size=8).digest(), "little")
     return out
-
-
-def salt_for(key: bytes, size: int, q: int) -> np.ndarray:
-    """The secret per-pixel offsets ``[size]`` in ``[0, q)``, derived from the key (replicas agree)."""
-    seed = int.from_bytes(hashlib.blake2b(key, person=b"rg-blacklight", digest_size=16).digest(), "little")
-    return np.random.default_rng(seed).integers(0, q, size=size, dtype=np.int64).astype(np.uint8)
 
 
 class Blacklight(StatefulDetector):
@@ -105,7 +175,7 @@ class Blacklight(StatefulDetector):
                 raise ValueError(f"{name} must be an integer in [1, {hi or 'inf'}], got {value!r}")
         self.quantization, self.window, self.stride, self.top_k = quantization, window, stride, top_k
         super().__init__(threshold=threshold, value_range=value_range, store=store)
-        self._salts: dict[int, np.ndarray] = {}
+        self._keys: dict[tuple[bytes, int], WindowKey] = {}
 
     def default_store(self) -> HistoryStore:
         return MemoryStore(hashes_per_query=self.top_k)
@@ -116,13 +186,17 @@ class Blacklight(StatefulDetector):
         if size < self.window:
             raise ValueError(f"{self.kind}: window {self.window} is longer than the input's {size} values")
         key = self.store.fingerprint_key()
-        if size not in self._salts:
-            self._salts[size] = salt_for(key, size, self.quantization)
-        levels = quantise(x, self._salts[size], self.quantization, self.value_range)  # [N, D]
-        return top_k_distinct(window_hashes(levels, key, self.window, self.stride), self.top_k)  # [N, k]
+        wkey = self._keys.get((key, size))
+        if wkey is None:
+            wkey = self._keys[(key, size)] = window_key(key, size, self.quantization, self.window)
+        levels = quantise(x, wkey.salt, self.quantization, self.value_range)  # [N, D]
+        return top_k_distinct(window_hashes(levels, wkey, self.window, self.stride), self.top_k)  # [N, k]
 
-    def _observe(self, client: str, x: torch.Tensor, now: float | None) -> torch.Tensor:
-        if not x.shape[0]:
+    def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
+        return digests(x, self.store.fingerprint_key()), self.fingerprint(x)
+
+    def _observe_encoded(self, client: str, encoded: tuple[np.ndarray, ...], now: float | None) -> torch.Tensor:
+        digest, hashes = encoded
+        if not digest.shape[0]:
             return torch.zeros(0)
-        scores = self.store.observe(client, digests(x, self.store.fingerprint_key()), self.fingerprint(x), now)
-        return torch.from_numpy(scores.astype(np.float32))
+        return torch.from_numpy(self.store.observe(client, digest, hashes, now).astype(np.float32))

@@ -98,6 +98,13 @@ class HistoryStore(ABC):
         """Scores and records one client's queries in order: digests ``[N]`` uint64, hashes ``[N, k]``
         uint64 (0 = no hash) -> ``[N]`` int64 match counts (0 for an exact retry)."""
 
+    def observe_batch(self, groups: list[tuple[str, np.ndarray, np.ndarray]],
+                      now: float | None = None) -> list[np.ndarray]:
+        """:meth:`observe` for several clients' queries ``[(client, digests [N_c], hashes [N_c, k]), ...]``,
+        clients in the order given -> one ``[N_c]`` score array per group. Same scores and state as
+        calling ``observe`` group after group (a store may do it in fewer steps)."""
+        return [self.observe(client, d, h, now) for client, d, h in groups]
+
     @abstractmethod
     def fingerprint_key(self) -> bytes:
         """The 16-byte secret key the fingerprints are computed under (stable for this store)."""
@@ -232,13 +239,25 @@ class MemoryStore(HistoryStore):
                 & (now - self._e_time[slots] <= self.ttl_s))
 
     def observe(self, client: str, digests: np.ndarray, hashes: np.ndarray, now: float | None = None) -> np.ndarray:
-        _check_observe(digests, hashes)
+        return self.observe_batch([(client, digests, hashes)], now)[0]
+
+    def observe_batch(self, groups: list[tuple[str, np.ndarray, np.ndarray]],
+                      now: float | None = None) -> list[np.ndarray]:
+        for _, d, h in groups:
+            _check_observe(d, h)
         now = time.time() if now is None else float(now)
         with self._lock:
-            return self._observe(client, digests, hashes, now)
+            recs = [self._client(client) for client, _, _ in groups]  # what one-by-one calls would do first
+            if sum(d.shape[0] for _, d, _ in groups) > 1:
+                from robustgate.defenses.stateful.batch import observe_vectorised  # it reads this module's constants
 
-    def _observe(self, client: str, digests: np.ndarray, hashes: np.ndarray, now: float) -> np.ndarray:
-        rec = self._client(client)
+                fast = observe_vectorised(self, recs, groups, now)  # defenses/stateful/batch.py
+                if fast is not None:
+                    return fast
+            return [self._observe(rec, d, h, now) for rec, (_, d, h) in zip(recs, groups)]
+
+    def _observe(self, rec: list[int], digests: np.ndarray, hashes: np.ndarray, now: float) -> np.ndarray:
+        """One client's queries, one at a time (the reference rule; ``rec`` = ``[client id, queries recorded]``)."""
         cid = rec[0]
         mix = np.uint64((cid * _MIX) & 0xFFFFFFFFFFFFFFFF)
         scores = np.zeros(digests.shape[0], dtype=np.int64)
@@ -289,10 +308,13 @@ class MemoryStore(HistoryStore):
             return
         self._write(b, t, seq)
 
-    def _write(self, b: np.ndarray, t: np.ndarray, seq: np.uint32) -> None:
-        """Postings ``(bucket b [M], tag t [M]) -> seq`` for ``M`` distinct buckets."""
+    def _write(self, b: np.ndarray, t: np.ndarray, seq, ref=None) -> None:
+        """Postings ``(bucket b [M], tag t [M]) -> seq`` (one uint32, or ``[M]``) for ``M`` distinct
+        buckets. The way: the one with the same tag, else the oldest, ages counted back from ``ref``
+        (default ``seq``; the vectorised path passes its batch's last sequence number)."""
+        ref = np.uint32(seq if ref is None else ref)
         same = self._tags[b] == t[:, None]  # [M, WAYS]
-        age = (seq - self._p_seq[b]).astype(np.uint32)  # empty ways (seq 0) are the oldest
+        age = (ref - self._p_seq[b]).astype(np.uint32)  # empty ways (seq 0) are the oldest
         way = np.where(same.any(1), same.argmax(1), age.argmax(1))
         self._tags[b, way] = t
         self._p_seq[b, way] = seq

@@ -7,23 +7,52 @@ import pytest
 import torch
 
 from robustgate.defenses.stateful import Blacklight, MemoryStore, build_store
-from robustgate.defenses.stateful.blacklight import top_k_distinct
-from robustgate.defenses.stateful.siphash import siphash24
+from robustgate.defenses.stateful.blacklight import top_k_distinct, window_hashes, window_key
 
 KEY = bytes(range(16))
 
 
-def test_siphash_matches_the_papers_test_vectors():
-    # SipHash-2-4, key 00..0f (Aumasson & Bernstein 2012, appendix A; reference implementation's vectors)
-    assert int(siphash24(KEY, np.zeros((1, 0), np.uint8))[0]) == 0x726FDB47DD0E0E31
-    assert int(siphash24(KEY, np.arange(15, dtype=np.uint8)[None])[0]) == 0xA129CA6149BE45E5
-    two = siphash24(KEY, np.stack([np.arange(15, dtype=np.uint8), np.arange(15, dtype=np.uint8)]))
-    assert two[0] == two[1]
+def _reference_window_hash(window: list[int], wkey, bits: int) -> int:
+    """One window's hash written out in Python integers (window_hashes' docstring, steps 1-3)."""
+    m = 0
+    for i in range(0, len(window), 2):
+        y = window[i] | (window[i + 1] << bits) if i + 1 < len(window) else window[i]
+        m = (m + int(wkey.coeffs[i // 2]) * y) % 2**64
+    h = m ^ int(wkey.final)
+    for mult in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        h ^= h >> 33
+        h = (h * mult) % 2**64
+    return h ^ (h >> 33)
+
+
+@pytest.mark.parametrize("window, stride", [(20, 1), (7, 3), (1, 1), (2, 2)])
+def test_window_hashes_match_the_formula_and_depend_only_on_the_window(window, stride):
+    wkey = window_key(KEY, 64, 50, window)
+    levels = np.random.default_rng(0).integers(0, 6, (3, 64)).astype(np.uint8)
+    levels[1, 30:30 + window] = levels[0, 2:2 + window]  # the same window at another position
+    h = window_hashes(levels, wkey, window, stride)
+    length = (64 - window) // stride + 1
+    assert h.shape == (3, length) and h.dtype == np.uint64
+    for n in range(3):
+        for j in range(length):
+            lv = levels[n, j * stride:j * stride + window].tolist()
+            assert int(h[n, j]) == _reference_window_hash(lv, wkey, wkey.bits)
+    same = window_hashes(np.stack([levels[0, 2:2 + window], levels[1, 30:30 + window]]), wkey, window, 1)
+    assert same[0, 0] == same[1, 0]
+    other = window_key(bytes(16), 64, 50, window)
+    assert not np.array_equal(h, window_hashes(levels, other, window, stride))
+
+
+def test_window_key_bits_fit_the_largest_level():
+    assert window_key(KEY, 10, 50, 20).bits == 3  # levels 0..6
+    assert window_key(KEY, 10, 1, 20).bits == 8  # levels 0..255
+    assert window_key(KEY, 10, 255, 20).bits == 1  # levels 0..1
 
 
 def test_top_k_distinct_keeps_the_largest_distinct_values_padded_with_zero():
     h = np.array([[5, 9, 9, 1, 7], [3, 3, 3, 3, 3]], dtype=np.uint64)
     assert top_k_distinct(h.copy(), 3).tolist() == [[5, 7, 9], [0, 0, 3]]
+    assert top_k_distinct(h.copy(), 6).tolist() == [[0, 0, 1, 5, 7, 9], [0, 0, 0, 0, 0, 3]]
 
 
 def _detector(**kw) -> Blacklight:

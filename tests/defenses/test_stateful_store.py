@@ -120,3 +120,54 @@ def test_memory_store_serialises_concurrent_callers():
         results = list(pool.map(client, range(4)))
     assert all(r == [0] + [K] * 199 for r in results)  # each client's stream intact
     assert store.stats()["entries"] == 800
+
+
+def _near_copy_streams(rng, clients: int, n: int, pool: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Queries of ``clients`` clients in arrival order: each keeps most of its client's previous
+    hashes (attack-like), with exact retries and hashes drawn from a small ``pool`` (collisions)."""
+    out, last = [], {}
+    for _ in range(n):
+        c = f"c{int(rng.integers(clients))}"
+        h = last.get(c, rng.integers(1, pool, K + 4, dtype=np.uint64)).copy()
+        if rng.random() < 0.2 and c in last:
+            d = np.uint64(hash(h.tobytes()) & 0xFFFFFFFF)  # the same query again
+        else:
+            h[rng.integers(0, K + 4, 2)] = rng.integers(0, pool, 2, dtype=np.uint64)  # 0 = no hash
+            d = np.uint64(rng.integers(1, 2**40))
+        last[c] = h
+        out.append((c, np.array([d], dtype=np.uint64), h[None].copy()))
+    return out
+
+
+@pytest.mark.parametrize("bounds, pool", [(dict(max_entries=4096, max_per_client=4096, max_clients=8), 2**62),
+                                          (dict(max_entries=64, max_per_client=9, max_clients=3), 2**62),
+                                          (dict(max_entries=16, max_per_client=16, max_clients=8), 40)])
+def test_batched_calls_leave_the_same_scores_and_state_as_one_query_at_a_time(bounds, pool, monkeypatch):
+    import robustgate.defenses.stateful.batch as batch_path
+
+    fast = []
+    real = batch_path.observe_vectorised
+    monkeypatch.setattr(batch_path, "observe_vectorised", lambda *a: fast.append(real(*a)) or fast[-1])
+    rng = np.random.default_rng(0)
+    key = bytes(16)
+    one = MemoryStore(**bounds, ttl_s=50.0, hashes_per_query=K + 4, key=key)
+    many = MemoryStore(**bounds, ttl_s=50.0, hashes_per_query=K + 4, key=key)
+    queries = _near_copy_streams(rng, 5, 1500, pool)
+    i, now = 0, 0.0
+    while i < len(queries):
+        size = int(rng.integers(1, 40))
+        part, i = queries[i:i + size], i + size
+        now += float(rng.integers(0, 3))
+        groups: dict[str, list] = {}
+        for c, d, h in part:  # a batch: each client's queries in order, clients by first appearance
+            groups.setdefault(c, []).append((d, h))
+        batch = [(c, np.concatenate([d for d, _ in v]), np.concatenate([h for _, h in v])) for c, v in groups.items()]
+        want = [np.concatenate([one.observe(c, d[j:j + 1], h[j:j + 1], now) for j in range(len(d))]) for c, d, h in batch]
+        got = many.observe_batch(batch, now)
+        for w, g_ in zip(want, got):
+            assert w.tolist() == g_.tolist()
+        for name in ("_e_seq", "_e_client", "_e_cidx", "_e_time", "_e_digest", "_tags", "_p_seq"):
+            assert np.array_equal(getattr(one, name), getattr(many, name)), name
+        assert one._seq == many._seq and one._inserted == many._inserted
+        assert list(one._clients.items()) == list(many._clients.items())
+    assert sum(f is not None for f in fast) >= 4  # the vectorised path ran (it gives up on some batches)
