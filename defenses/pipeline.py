@@ -359,8 +359,8 @@ class DefendedModel:
 def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str]) -> tuple[torch.Tensor, list[float | None]]:
     """One stateful stage on a batch: ``x`` ``[N, C, H, W]``, ``clients`` ``[N]`` -> scores ``[N]`` and
     per item the end of its client's block (None: not blocked). The unblocked items are encoded
-    (fingerprinted) in one call, then each client's rows are observed in one call, clients in order
-    of first appearance; a blocked client's items are not observed (score
+    (fingerprinted) in one call and observed in one call, each client's rows in order, clients in
+    order of first appearance; a blocked client's items are not observed (score
     0); with action ``block`` each item over the threshold is rejected and counts as a detection of
     its client (``store.add_detections``); at ``stage.block_after`` detections the client is blocked
     for ``stage.cooldown_s`` from now, and all its items of this batch answer as blocked."""
@@ -385,11 +385,15 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str]) -> tuple[
         return scores, ends
     rows = [i for _, idx in live for i in idx]  # the unblocked items, encoded in one call
     encoded = det.encode(x[torch.as_tensor(rows)])
-    at = 0
+    parts, at = [], 0
     for client, idx in live:
-        part = tuple(a[at:at + len(idx)] for a in encoded)
+        parts.append((client, tuple(a[at:at + len(idx)] for a in encoded)))
         at += len(idx)
-        s = det.observe_encoded(client, part, now).reshape(len(idx)).float()
+    # every client's history in one call: as one after the other (each client appears once per batch,
+    # so a block decided below cannot change another client's scores)
+    observed = det.observe_groups(parts, now)
+    for (client, idx), s in zip(live, observed):
+        s = s.reshape(len(idx)).float()
         scores[torch.as_tensor(idx)] = s.to(scores.device)
         hits = int((s > det.threshold).sum()) if stage.action == "block" and det.threshold is not None else 0
         if hits and store.add_detections(client, hits, now) >= stage.block_after:

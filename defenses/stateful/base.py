@@ -72,17 +72,23 @@ class StatefulDetector(Defense):
 
     def observe_encoded(self, client: str, encoded: tuple[np.ndarray, ...], now: float | None = None) -> torch.Tensor:
         """:meth:`observe` on rows of :meth:`encode`'s output: ``[N]`` float32 scores, in order."""
-        if not isinstance(client, str) or not client:
-            raise ValueError(f"{self.kind}: client must be a non-empty string, got {client!r}")
-        return self._observe_encoded(client, encoded, now)
+        return self.observe_groups([(client, encoded)], now)[0]
+
+    def observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None = None) -> list[torch.Tensor]:
+        """Several clients' encoded queries ``[(client, encoded rows), ...]`` observed as if one client
+        after the other, in the order given -> one ``[N_c]`` float32 score tensor per group."""
+        for client, _ in groups:
+            if not isinstance(client, str) or not client:
+                raise ValueError(f"{self.kind}: client must be a non-empty string, got {client!r}")
+        return self._observe_groups(groups, now)
 
     @abstractmethod
     def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
         """``encode`` after validation: ``x`` ``[N, C, H, W]`` on the CPU -> arrays ``[N, ...]``."""
 
     @abstractmethod
-    def _observe_encoded(self, client: str, encoded: tuple[np.ndarray, ...], now: float | None) -> torch.Tensor:
-        """``observe_encoded`` after validation -> ``[N]`` float32."""
+    def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
+        """``observe_groups`` after validation."""
 
     def is_adversarial(self, scores: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: score above the calibrated threshold."""

@@ -195,8 +195,6 @@ class Blacklight(StatefulDetector):
     def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
         return digests(x, self.store.fingerprint_key()), self.fingerprint(x)
 
-    def _observe_encoded(self, client: str, encoded: tuple[np.ndarray, ...], now: float | None) -> torch.Tensor:
-        digest, hashes = encoded
-        if not digest.shape[0]:
-            return torch.zeros(0)
-        return torch.from_numpy(self.store.observe(client, digest, hashes, now).astype(np.float32))
+    def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
+        scores = self.store.observe_batch([(client, d, h) for client, (d, h) in groups], now)  # one store call
+        return [torch.from_numpy(s.astype(np.float32)) for s in scores]

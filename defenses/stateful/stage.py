@@ -8,9 +8,10 @@ is not a parameter: the assembly builds it once from the stage's ``store:`` sect
 same object to every rebuilt stage (defenses/assemble.py, ``build_stages(stores=...)``), so a config
 reload keeps the clients' histories and blocks.
 
-How the pipeline runs it (defenses/pipeline.py): each item's client identity travels with it;
-``observe(client, x_items)`` is called once per client of the batch, in arrival order; a client
-already blocked (``store.blocked_until``) is not observed again until its block ends.
+How the pipeline runs it (defenses/pipeline.py): each item's client identity travels with it; the
+batch's items are fingerprinted in one ``encode`` call and observed in one ``observe_groups``
+call, each client's items in order, clients in arrival order; a client already blocked
+(``store.blocked_until``) is not observed again until its block ends.
 """
 
 from __future__ import annotations

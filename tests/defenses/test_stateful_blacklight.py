@@ -86,6 +86,22 @@ def test_a_batch_is_scored_in_order_and_matches_one_by_one():
     assert batched[0] == 0 and (batched[1:] >= 15).all()
 
 
+def test_several_clients_in_one_call_score_as_one_after_the_other():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 1, 28, 28, generator=g)
+    steps = x.repeat_interleave(4, 0)  # [8]: client a's 4 near-copies of x[0], then b's of x[1]
+    steps[1::2, 0, 10:12, 10:12] = torch.rand(4, 2, 2, generator=g)
+    one = _detector()
+    want = [one.observe("a", steps[:4]), one.observe("b", steps[4:])]
+    together = _detector()
+    enc = together.encode(steps)
+    got = together.observe_groups([("a", tuple(a[:4] for a in enc)), ("b", tuple(a[4:] for a in enc))])
+    assert all(torch.equal(w, g_) for w, g_ in zip(want, got))
+    assert (got[0][1:] >= 15).all() and (got[1][1:] >= 15).all()
+    with pytest.raises(ValueError, match="client"):
+        together.observe_groups([("", enc)])
+
+
 def test_the_fingerprint_depends_on_the_secret_key():
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     a = Blacklight(store=MemoryStore(max_entries=16, max_per_client=16, key=KEY)).fingerprint(x)
