@@ -90,7 +90,8 @@ def test_several_clients_in_one_call_score_as_one_after_the_other():
     g = torch.Generator().manual_seed(5)
     x = torch.rand(2, 1, 28, 28, generator=g)
     steps = x.repeat_interleave(4, 0)  # [8]: client a's 4 near-copies of x[0], then b's of x[1]
-    steps[1::2, 0, 10:12, 10:12] = torch.rand(4, 2, 2, generator=g)
+    for i in (1, 2, 3, 5, 6, 7):  # a Square-like step each
+        steps[i, 0, 3 * i:3 * i + 2, 10:12] = torch.rand(2, 2, generator=g)
     one = _detector()
     want = [one.observe("a", steps[:4]), one.observe("b", steps[4:])]
     together = _detector()
