@@ -63,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="defense kind from the registry: " + ", ".join(sorted(registry())))
     parser.add_argument("--name", help="name of the fitted defense in the bundle (= the pipeline stage name); "
                                        "default: the KIND")
-    parser.add_argument("--target-fpr", type=float, default=0.01, help="clean false-positive rate of detectors")
+    parser.add_argument("--target-fpr", type=float, default=None,
+                        help="clean false-positive rate of detectors (default: 0.01); for kind stateful the benign "
+                             "per-query rate shown with 95%% confidence (default: 0.005, defenses/stateful/calibration.py)")
     parser.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE",
                         help="constructor arguments (YAML values); unset ones keep the kind's defaults")
     parser.add_argument("--n-train", type=int, default=None, help="training images used for fitting (default: the "
@@ -167,10 +169,11 @@ def _plain(value: Any) -> Any:
 
 
 def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params: dict[str, Any] | None = None,
-                target_fpr: float = 0.01, splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                target_fpr: float | None = None, splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 batch_size: int = 500, log=print, progress: bool = False) -> dict[str, Any]:
     """Fits, saves and calibrates ``kind`` into the bundle at ``bundle_dir``; returns the DefenseSpec
-    written (as a dict). ``splits`` as :func:`subsample` returns; ``progress``: tqdm bars."""
+    written (as a dict). ``splits`` as :func:`subsample` returns; ``progress``: tqdm bars.
+    ``target_fpr`` None: 0.01 for detectors, the stateful calibration's own default for ``stateful``."""
     from robustgate.models.bundle import Bundle, DefenseSpec, artifact
     from robustgate.models.twin import TorchClassifier, has_twin, load_backbone
 
@@ -210,11 +213,18 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
         # retries, 10% near-duplicates (crop, brightness, JPEG)
         val_streams = benign_streams(vx, max(1, vx.shape[0] // 100), g)
         test_streams = benign_streams(sx, max(1, sx.shape[0] // 100), g)
-        record = calibrate_stateful(defense, val_streams, test_streams, target_fpr)
+        record = calibrate_stateful(defense, val_streams, test_streams,
+                                    **({} if target_fpr is None else {"target_fpr": target_fpr}))
         threshold = record["threshold"]
-        log(f"calibrated {name} on benign streams: target FPR {target_fpr:.4f}  threshold {threshold:.6g}  "
-            f"val FPR {record['val_fpr']:.4f} (n={record['n_val']})  test FPR {record['test_fpr']:.4f} (n={record['n_test']})")
+        log(f"calibrated {name} on benign streams: target FPR {record['target_fpr']:.4f} with confidence "
+            f"{record['confidence']:g} (upper bound {record['val_fpr_upper']:.4f})  threshold {threshold:.6g}  "
+            f"val FPR {record['val_fpr']:.4f} (n={record['n_val']}, {record['keys']} keys)  "
+            f"test FPR {record['test_fpr']:.4f} (n={record['n_test']})")
+        if record["val_fpr_upper"] > record["target_fpr"]:
+            log(f"warning: {record['n_val']} validation queries cannot show FPR <= {record['target_fpr']:g} with "
+                f"confidence {record['confidence']:g}; threshold set to the largest validation score (use more --n-val)")
     elif isinstance(defense, Detector):
+        target_fpr = 0.01 if target_fpr is None else target_fpr
         val_scores = score_batches(defense, vx, classifier, batch_size, progress, f"{name}: scoring validation")
         test_scores = score_batches(defense, sx, classifier, batch_size, progress, f"{name}: scoring test")
         record = calibration.calibrate(val_scores, test_scores, target_fpr)

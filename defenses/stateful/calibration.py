@@ -11,8 +11,18 @@ against that client's earlier ones, of three kinds a real client sends (issue 22
 
 ``benign_streams`` builds such streams from a set of images; ``stream_scores`` runs them through a
 copy of the detector with a fresh, private store (never the serving store); ``calibrate_stateful``
-sets the threshold to the target per-query false-positive rate and returns the calibration record
-(defenses.calibration.calibrate's fields).
+sets the threshold and returns the calibration record (defenses.calibration.calibrate's fields plus
+``confidence``, ``keys`` and ``val_fpr_upper``).
+
+The threshold is chosen with a margin, not at the target: a threshold picked where the validation
+FPR just meets the target (the order statistic of defenses.calibration) misses it on fresh traffic
+about half the time, and more here because (a) the scores are small integers (match counts in
+``[0, k]``), so the FPR moves in steps, and (b) the serving store draws its own secret key, so its
+scores are not the calibration's. ``calibrate_stateful`` therefore scores the validation streams
+under ``keys`` fresh keys and takes the smallest threshold whose one-sided Clopper-Pearson upper
+bound (``confidence``) on the per-query FPR -- the mean count over the keys out of the queries of
+one key -- is at most ``target_fpr``: the FPR on fresh benign traffic meets the target with that
+confidence (queries treated as independent draws).
 """
 
 from __future__ import annotations
@@ -22,13 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from scipy.stats import beta
 
-from robustgate.defenses.calibration import calibrate
+from robustgate.defenses.calibration import fpr, quantiles
 from robustgate.defenses.purify.jpeg import jpeg_roundtrip
 from robustgate.defenses.stateful.base import StatefulDetector
 from robustgate.defenses.stateful.store import MemoryStore
 
 NEAR_KINDS = ("crop", "brightness", "jpeg")
+TARGET_FPR = 0.005  # issue 22: at most 0.5% of benign queries refused
+CONFIDENCE = 0.95  # the calibration's confidence that the FPR on fresh benign traffic meets TARGET_FPR
+KEYS = 3  # fresh secret keys the validation streams are scored under
 
 
 def near_duplicate(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -83,13 +97,40 @@ def stream_scores(detector: StatefulDetector, streams: list[tuple[str, torch.Ten
     return np.concatenate(scores)
 
 
+def fpr_upper(flagged: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper bound at ``confidence`` on a false-positive rate from
+    ``flagged`` of ``n`` queries (``flagged`` may be a mean over keys, hence a float)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    return 1.0 if flagged >= n else float(beta.ppf(confidence, flagged + 1.0, n - flagged))
+
+
 def calibrate_stateful(detector: StatefulDetector, val_streams: list[tuple[str, torch.Tensor]],
                        test_streams: list[tuple[str, torch.Tensor]] | None = None,
-                       target_fpr: float = 0.005) -> dict[str, Any]:
-    """Sets ``detector.threshold`` so that at most ``target_fpr`` of the validation streams' queries
-    score above it; returns the calibration record (test FPR measured on ``test_streams``)."""
-    val = stream_scores(detector, val_streams)
+                       target_fpr: float = TARGET_FPR, confidence: float = CONFIDENCE,
+                       keys: int = KEYS) -> dict[str, Any]:
+    """Sets ``detector.threshold`` to the smallest score whose upper confidence bound on the benign
+    per-query FPR is at most ``target_fpr`` (module docstring) and returns the calibration record
+    (test FPR measured on ``test_streams`` under yet another fresh key)."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must lie in (0, 1), got {target_fpr}")
+    if not isinstance(keys, int) or keys < 1:
+        raise ValueError(f"keys must be a positive integer, got {keys!r}")
+    val = [stream_scores(detector, val_streams) for _ in range(keys)]  # each under a fresh store's key
+    n = val[0].size
+    threshold, upper = None, 1.0
+    for t in np.unique(np.concatenate(val)):  # ascending: the first that meets the bound is the smallest
+        upper = fpr_upper(float(np.mean([(v > t).sum() for v in val])), n, confidence)
+        if upper <= target_fpr:
+            threshold = float(t)
+            break
+    if threshold is None:  # too few queries to show the target: flag nothing seen in validation
+        threshold = float(max(v.max() for v in val))
     test = stream_scores(detector, test_streams) if test_streams is not None else None
-    record = calibrate(val, test, target_fpr)
-    detector.threshold = record["threshold"]
+    pooled = np.concatenate(val)
+    record = {"target_fpr": float(target_fpr), "threshold": threshold, "val_fpr": fpr(pooled, threshold),
+              "test_fpr": None if test is None else fpr(test, threshold), "n_val": int(n),
+              "n_test": None if test is None else int(test.size), "quantiles": quantiles(pooled),
+              "confidence": float(confidence), "keys": keys, "val_fpr_upper": upper}
+    detector.threshold = threshold
     return record

@@ -9,8 +9,8 @@ from torch import nn
 
 from robustgate.defenses.calibration import fpr, fpr_tolerance
 from robustgate.defenses.stateful import Blacklight, MemoryStore
-from robustgate.defenses.stateful.calibration import (NEAR_KINDS, benign_streams, calibrate_stateful, near_duplicate,
-                                                      stream_scores)
+from robustgate.defenses.stateful.calibration import (NEAR_KINDS, benign_streams, calibrate_stateful, fpr_upper,
+                                                      near_duplicate, stream_scores)
 
 TARGET_FPR = 0.01
 
@@ -32,12 +32,28 @@ def test_threshold_meets_the_target_fpr_on_held_out_benign_streams(calibrated):
     assert record["threshold"] == det.threshold and record["val_fpr"] <= TARGET_FPR
     n_val, n_test = record["n_val"], record["n_test"]
     assert n_val > 2000 and n_test > 2000  # retries and near-duplicates are in the streams
+    # the margin: the upper confidence bound, not only the measured rate, meets the target
+    assert record["val_fpr_upper"] <= TARGET_FPR and record["keys"] == 3 and record["confidence"] == 0.95
+    assert record["val_fpr"] < record["val_fpr_upper"]
     assert record["test_fpr"] <= TARGET_FPR + fpr_tolerance(TARGET_FPR, n_val, n_test)
     # the calibration ran on a private store: the detector's own history is untouched
     assert det.store.stats()["entries"] == 0
     # exact retries are never flagged
     scores = stream_scores(det, [("r", torch.cat([test[0][1][:5], test[0][1][:5]]))])
     assert (scores[5:] == 0).all()
+
+
+def test_the_upper_bound_is_clopper_pearson_and_bad_arguments_are_named():
+    assert fpr_upper(0, 1000) == pytest.approx(1 - 0.05 ** (1 / 1000))  # the exact bound at zero flagged
+    assert fpr_upper(10, 1000) > 0.01 and fpr_upper(1000, 1000) == 1.0
+    det = Blacklight(store=MemoryStore(max_entries=16, max_per_client=16))
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="target_fpr"):
+        calibrate_stateful(det, [("a", x)], target_fpr=0.0)
+    with pytest.raises(ValueError, match="keys"):
+        calibrate_stateful(det, [("a", x)], keys=0)
+    with pytest.raises(ValueError, match="confidence"):
+        fpr_upper(1, 10, confidence=1.5)
 
 
 def test_streams_hold_retries_and_every_near_duplicate_kind(fmnist_subset):

@@ -277,10 +277,13 @@ def test_fit_calibrates_on_benign_streams_and_the_proxy_serves_the_bundles_thres
 
     splits = {k: (torch.from_numpy(x[i * 300:(i + 1) * 300]), torch.from_numpy(y[:300]))
               for i, k in enumerate(("train", "val", "test"))}
-    spec = fit_defense(bundle, "stateful", name="sd", params={"top_k": 20}, target_fpr=0.01, splits=splits, log=lambda *_: None)
+    # 300 validation images (~360 queries) can show a 5% rate with 95% confidence, not 1% (the bound
+    # needs about 300 queries per flagged one at 1%: defenses/stateful/calibration.py)
+    spec = fit_defense(bundle, "stateful", name="sd", params={"top_k": 20}, target_fpr=0.05, splits=splits, log=lambda *_: None)
     fitted = Bundle.load(bundle).spec.defenses["sd"]
     assert fitted.kind == "stateful" and fitted.threshold == spec["threshold"]
-    assert fitted.calibration["val_fpr"] <= 0.01 and fitted.calibration["n_val"] > 300  # retries and near-duplicates too
+    assert fitted.calibration["val_fpr_upper"] <= 0.05 and fitted.calibration["val_fpr"] < 0.05
+    assert fitted.calibration["n_val"] > 300  # retries and near-duplicates too
     assert "store" not in fitted.params
 
     p = start_proxy(bundle=bundle, pipeline={"stages": [{"name": "sd", "kind": "stateful", "store": SMALL_STORE}]})
