@@ -77,9 +77,8 @@ def observe_vectorised(store: MemoryStore, recs: list[list[int]], groups: list[t
     b, t = b.reshape(n, k + 1), t.reshape(n, k + 1)
     # 3. what the store held before the batch: the ways with the tag, and whether they are live
     match = (st._tags[b] == t[..., None]) & valid[..., None]  # [N, k+1, WAYS]
-    seqs = np.where(match, st._p_seq[b], np.uint32(0))  # [N, k+1, WAYS] uint32 (0 = no posting)
-    mq, mc, mw = np.nonzero(match)  # the few matching ways: only they are read from the entry arrays
-    ms = seqs[mq, mc, mw]
+    mq, mc, mw = np.nonzero(match)  # the few matching ways: only they are read from the other arrays
+    ms = st._p_seq[b[mq, mc], mw]  # [M] their entries' sequence numbers
     mslot = ms & np.uint32(st._cap - 1)
     age0 = (np.uint32(st._seq) - ms).astype(np.int64)
     behind = count0[mq] - st._e_cidx[mslot].astype(np.int64)
@@ -90,6 +89,8 @@ def observe_vectorised(store: MemoryStore, recs: list[list[int]], groups: list[t
         return None  # an entry could fall out of the bounds during the batch
     live0 = np.zeros(match.shape, dtype=bool)
     live0[mq[ok], mc[ok], mw[ok]] = True
+    seqs = np.zeros(match.shape, dtype=np.uint32)  # [N, k+1, WAYS] the live ways' entries (0 elsewhere)
+    seqs[mq[ok], mc[ok], mw[ok]] = ms[ok]
     e_digest = np.zeros(match.shape[0::2], dtype=np.uint64)  # [N, WAYS] the digest column's entries' digests
     dsel = ok & (mc == k)
     e_digest[mq[dsel], mw[dsel]] = st._e_digest[mslot[dsel]]

@@ -53,6 +53,15 @@ def test_top_k_distinct_keeps_the_largest_distinct_values_padded_with_zero():
     h = np.array([[5, 9, 9, 1, 7], [3, 3, 3, 3, 3]], dtype=np.uint64)
     assert top_k_distinct(h.copy(), 3).tolist() == [[5, 7, 9], [0, 0, 3]]
     assert top_k_distinct(h.copy(), 6).tolist() == [[0, 0, 1, 5, 7, 9], [0, 0, 0, 0, 0, 3]]
+    # long rows (the partial selection) with many repeats among the largest (the full sort), against a set
+    rng = np.random.default_rng(0)
+    rows = rng.integers(1, 2**40, (50, 300)).astype(np.uint64)  # distinct: the partial selection answers
+    rows[::2, :200] = 2**41  # one repeated largest value crowds the 2k largest: the full sort answers
+    rows[1::4] %= 30  # rows with fewer than k distinct values
+    got = top_k_distinct(rows.copy(), 20)
+    for row, out in zip(rows, got):
+        want = sorted(set(row.tolist()))[-20:]
+        assert out.tolist() == [0] * (20 - len(want)) + want
 
 
 def _detector(**kw) -> Blacklight:
