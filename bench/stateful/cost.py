@@ -184,7 +184,7 @@ def main() -> None:
               "wall p99/max include scheduling noise; the CPU columns (this thread's CPU time) do not; for Redis "
               "they are the client's side only. The Redis row is one Lua script call over loopback TCP. "
               "Fingerprints in the memory and latency rows are synthetic (each query keeps 18 of its predecessor's "
-              "20 hashes); the throughput rows hash real pixels."]
+              "20 hashes); the throughput rows hash real pixels, one client per 256 images (its batch goes through the vectorised batch path, defenses/stateful/batch.py); their CPU column is this thread's CPU time per image, the figure to read on a shared machine."]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
