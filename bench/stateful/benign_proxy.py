@@ -2,7 +2,8 @@
 benign queries refused, <= 0.1% of benign clients ever blocked).
 
 Steps: copy the bundle, fit the ``stateful`` stage into the copy with ``robustgate fit``'s own code
-(calibrated on benign streams of ``--n-val`` validation images to ``--target-fpr``); serve the copy
+(calibrated on benign streams of ``--n-val`` validation images to ``--target-fpr``, by default
+the calibration's own: 0.005 with 95% confidence, defenses/stateful/calibration.py); serve the copy
 with that stage (``action: block``, the bundle's threshold) on loopback; send benign streams of
 ``--n-test`` test images (defenses/stateful/calibration.py ``benign_streams``: each client's images
 in random order, 10% exact retries, 10% near-duplicates: crop, brightness, JPEG) one query per
@@ -41,7 +42,8 @@ def main() -> int:
     ap.add_argument("--n-val", type=int, default=5000, help="validation images the threshold is calibrated on")
     ap.add_argument("--n-test", type=int, default=2000, help="test images sent as benign streams")
     ap.add_argument("--per-client", type=int, default=100, help="images per benign client")
-    ap.add_argument("--target-fpr", type=float, default=0.005)
+    ap.add_argument("--target-fpr", type=float, default=None,
+                    help="calibration target (default: the stateful calibration's, 0.005 shown with 95%% confidence)")
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--block-after", type=int, default=5, help="the stage's block_after (detections that block a client)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stateful.benign_proxy")
@@ -120,7 +122,8 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
                     "note": "shared 2-core machine, other jobs running; niced"},
         "bundle": str(args.bundle.relative_to(REPO)) if args.bundle.is_relative_to(REPO) else str(args.bundle),
-        "threshold": spec["threshold"], "calibration": {k: spec["calibration"][k] for k in ("target_fpr", "val_fpr", "test_fpr", "n_val", "n_test")},
+        "threshold": spec["threshold"], "calibration": {k: spec["calibration"][k] for k in ("target_fpr", "val_fpr", "test_fpr", "n_val", "n_test",
+                                                              "confidence", "keys", "val_fpr_upper")},
         "block_after": args.block_after, "fit_seconds": round(fit_s, 1), "send_seconds": round(send_s, 1),
         "clients": len(per_client), "queries": queries, "refused": refused,
         "rejected": sum(c["rejected"] for c in per_client), "blocked_queries": sum(c["blocked"] for c in per_client),
@@ -137,7 +140,9 @@ def main() -> int:
         f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs ({result['machine']['note']}).",
         "",
         f"Threshold {result['threshold']:g} (fitted on benign streams of {result['calibration']['n_val']} validation "
-        f"queries to target FPR {result['calibration']['target_fpr']}; val FPR {result['calibration']['val_fpr']:.4f}, "
+        f"queries to target FPR {result['calibration']['target_fpr']} with confidence {result['calibration']['confidence']} "
+        f"(upper bound {result['calibration']['val_fpr_upper']:.4f}, {result['calibration']['keys']} keys); "
+        f"val FPR {result['calibration']['val_fpr']:.4f}, "
         f"test FPR {result['calibration']['test_fpr']:.4f}); stage action `block`, `block_after` {args.block_after} "
         f"(each detection is a rejected query; the client is blocked at its {args.block_after}th).",
         "",
