@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 
 from robustgate.defenses.base import Action, Classifier, Defense, Detector, Ensemble, Purifier
@@ -383,6 +384,25 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str]) -> tuple[
                 ends[i] = until
     if not live:
         return scores, ends
+    rows = [i for _, idx in live for i in idx]  # the unblocked items, encoded in one call
+    encoded = det.encode(x if len(rows) == n and rows == list(range(n)) else x[torch.as_tensor(rows)])
+    parts, at = [], 0
+    for client, idx in live:
+        parts.append((client, tuple(a[at:at + len(idx)] for a in encoded)))
+        at += len(idx)
+    # every client's history in one call: as one after the other (each client appears once per batch,
+    # so a block decided below cannot change another client's scores); the bookkeeping in numpy, once
+    # per batch (a few torch calls per client cost more than the stage itself on small batches)
+    got = torch.cat([s.reshape(-1).float() for s in det.observe_groups(parts, now)]).numpy()  # [len(rows)]
+    scores.numpy()[rows] = got
+    if stage.action == "block" and det.threshold is not None and (got > det.threshold).any():
+        hits = np.add.reduceat((got > det.threshold).astype(np.int64), np.cumsum([0] + [len(i) for _, i in live[:-1]]))
+        for (client, idx), h in zip(live, hits.tolist()):
+            if h and store.add_detections(client, h, now) >= stage.block_after:
+                store.block(client, now + stage.cooldown_s)
+                for i in idx:
+                    ends[i] = now + stage.cooldown_s
+    return scores, ends
     rows = [i for _, idx in live for i in idx]  # the unblocked items, encoded in one call
     encoded = det.encode(x[torch.as_tensor(rows)])
     parts, at = [], 0

@@ -42,7 +42,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 
 from robustgate.defenses.stateful.base import StatefulDetector
 from robustgate.defenses.stateful.store import HistoryStore, MemoryStore
@@ -127,7 +127,8 @@ def window_hashes(levels: np.ndarray, wkey: WindowKey, window: int, stride: int)
     lv = levels.astype(np.uint64)  # [N, D]
     if pairs:
         sym = lv[:, :-1] | (lv[:, 1:] << _U(b))  # [N, D - 1]: y_t = l_t | l_{t+1} << b
-        win = sliding_window_view(sym, 2 * pairs - 1, axis=1)[:, ::s, ::2][:, :length]  # [N, L, w // 2]
+        st0, st1 = sym.strides  # window j's symbols y_{js}, y_{js+2}, ...: a strided view, no copy
+        win = as_strided(sym, shape=(n, length, pairs), strides=(st0, st1 * s, st1 * 2), writeable=False)  # [N, L, w // 2]
         h = np.einsum("nlw,w->nl", win, wkey.coeffs[:pairs])  # [N, L] sum_i a_i y_{j+2i} mod 2**64
     else:
         h = np.zeros((n, length), dtype=np.uint64)
