@@ -94,30 +94,38 @@ def observe_vectorised(store: MemoryStore, recs: list[list[int]], groups: list[t
     e_digest = np.zeros(match.shape[0::2], dtype=np.uint64)  # [N, WAYS] the digest column's entries' digests
     dsel = ok & (mc == k)
     e_digest[mq[dsel], mw[dsel]] = st._e_digest[mslot[dsel]]
-    # 4. slots written earlier in the batch (conservatively by every query): digest lookups must not hit them
     order = np.repeat(np.arange(n), k + 1).reshape(n, k + 1)
     slot = (b << 16) | t.astype(np.int64)  # [N, k+1] one integer per (bucket, tag)
-    fv = np.flatnonzero(valid.reshape(-1))
-    p = _runs_prev(slot.reshape(-1)[fv], order.reshape(-1)[fv])
-    prev_all = np.full(n * (k + 1), -1, dtype=np.int64)
-    prev_all[fv] = np.where(p >= 0, fv[np.maximum(p, 0)], -1)  # flattened position of the earlier writer
-    pd = prev_all.reshape(n, k + 1)[:, k]  # the digest column's earlier writer (flattened position) or -1
-    hit = pd >= 0
-    if hit.any():
-        pq, pc = np.divmod(pd[hit], k + 1)
-        same = (pc == k) & (g[pq] == g[hit]) & (dig[pq] == dig[hit])
-        if not same.all():
-            return None
-    # 5. new tags (absent before the batch) written into a bucket where a later lookup found a live entry
-    new_tag = valid & ~match.any(-1)  # [N, k+1]
-    found = live0.any(-1)  # [N, k+1]
-    if new_tag.any() and found.any():
-        nb, first = np.unique(b[new_tag], return_index=True)  # flattened order is query order
-        first_q = order[new_tag][first]
-        fb, fq = b[found], order[found]
-        at = np.minimum(np.searchsorted(nb, fb), nb.size - 1)
-        if ((nb[at] == fb) & (first_q[at] < fq)).any():
-            return None
+    # the common serving case, one query per client, each in buckets no other query of the batch
+    # touches: no query can see another's effects, and steps 4, 5 and 7's in-batch part are moot
+    hit = np.zeros(n, dtype=bool)
+    disjoint = False
+    if len(groups) == n:
+        vb = b[valid]
+        disjoint = np.unique(vb).size == np.unique(order[valid] * st._buckets + vb).size
+    if not disjoint:
+        # 4. slots written earlier in the batch (conservatively by every query): digest lookups must not hit them
+        fv = np.flatnonzero(valid.reshape(-1))
+        p = _runs_prev(slot.reshape(-1)[fv], order.reshape(-1)[fv])
+        prev_all = np.full(n * (k + 1), -1, dtype=np.int64)
+        prev_all[fv] = np.where(p >= 0, fv[np.maximum(p, 0)], -1)  # flattened position of the earlier writer
+        pd = prev_all.reshape(n, k + 1)[:, k]  # the digest column's earlier writer (flattened position) or -1
+        hit = pd >= 0
+        if hit.any():
+            pq, pc = np.divmod(pd[hit], k + 1)
+            same = (pc == k) & (g[pq] == g[hit]) & (dig[pq] == dig[hit])
+            if not same.all():
+                return None
+        # 5. new tags (absent before the batch) written into a bucket where a later lookup found a live entry
+        new_tag = valid & ~match.any(-1)  # [N, k+1]
+        found = live0.any(-1)  # [N, k+1]
+        if new_tag.any() and found.any():
+            nb, first = np.unique(b[new_tag], return_index=True)  # flattened order is query order
+            first_q = order[new_tag][first]
+            fb, fq = b[found], order[found]
+            at = np.minimum(np.searchsorted(nb, fb), nb.size - 1)
+            if ((nb[at] == fb) & (first_q[at] < fq)).any():
+                return None
     # 6. retries: the same client's digest earlier in the batch, or a live stored entry with it
     dup = np.zeros(n, dtype=bool)
     if hit.any():
@@ -129,7 +137,7 @@ def observe_vectorised(store: MemoryStore, recs: list[list[int]], groups: list[t
     # 7. hash lookups of recorded queries: the latest recorded writer of the slot in the batch, else the store
     rmask = valid & recorded[:, None]  # [N, k+1] postings written (and lookups made) by recorded queries
     prev = np.full((n, k + 1), -1, dtype=np.int64)
-    if rmask.any():
+    if rmask.any() and not disjoint:
         pos = np.flatnonzero(rmask.reshape(-1))
         p = _runs_prev(slot.reshape(-1)[pos], order.reshape(-1)[pos])
         prev.reshape(-1)[pos] = np.where(p >= 0, pos[np.maximum(p, 0)] // (k + 1), -1)  # writer query or -1

@@ -139,10 +139,14 @@ def _near_copy_streams(rng, clients: int, n: int, pool: int) -> list[tuple[str, 
     return out
 
 
-@pytest.mark.parametrize("bounds, pool", [(dict(max_entries=4096, max_per_client=4096, max_clients=8), 2**62),
-                                          (dict(max_entries=64, max_per_client=9, max_clients=3), 2**62),
-                                          (dict(max_entries=16, max_per_client=16, max_clients=8), 40)])
-def test_batched_calls_leave_the_same_scores_and_state_as_one_query_at_a_time(bounds, pool, monkeypatch):
+@pytest.mark.parametrize("bounds, pool, clients, most", [
+    (dict(max_entries=4096, max_per_client=4096, max_clients=8), 2**62, 5, 40),
+    (dict(max_entries=64, max_per_client=9, max_clients=3), 2**62, 5, 40),
+    (dict(max_entries=16, max_per_client=16, max_clients=8), 40, 5, 40),
+    # many clients, small batches: mostly one query per client (the serving case, its shortcut)
+    (dict(max_entries=4096, max_per_client=4096, max_clients=64), 2**62, 60, 8),
+    (dict(max_entries=64, max_per_client=64, max_clients=64), 2**62, 60, 8)])
+def test_batched_calls_leave_the_same_scores_and_state_as_one_query_at_a_time(bounds, pool, clients, most, monkeypatch):
     import robustgate.defenses.stateful.batch as batch_path
 
     fast = []
@@ -152,10 +156,10 @@ def test_batched_calls_leave_the_same_scores_and_state_as_one_query_at_a_time(bo
     key = bytes(16)
     one = MemoryStore(**bounds, ttl_s=50.0, hashes_per_query=K + 4, key=key)
     many = MemoryStore(**bounds, ttl_s=50.0, hashes_per_query=K + 4, key=key)
-    queries = _near_copy_streams(rng, 5, 1500, pool)
+    queries = _near_copy_streams(rng, clients, 1500, pool)
     i, now = 0, 0.0
     while i < len(queries):
-        size = int(rng.integers(1, 40))
+        size = int(rng.integers(1, most))
         part, i = queries[i:i + size], i + size
         now += float(rng.integers(0, 3))
         groups: dict[str, list] = {}
