@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -130,7 +131,7 @@ def _near_copy_streams(rng, clients: int, n: int, pool: int) -> list[tuple[str, 
         c = f"c{int(rng.integers(clients))}"
         h = last.get(c, rng.integers(1, pool, K + 4, dtype=np.uint64)).copy()
         if rng.random() < 0.2 and c in last:
-            d = np.uint64(hash(h.tobytes()) & 0xFFFFFFFF)  # the same query again
+            d = np.uint64(int.from_bytes(hashlib.blake2b(h.tobytes(), digest_size=4).digest(), "little"))  # the same query again
         else:
             h[rng.integers(0, K + 4, 2)] = rng.integers(0, pool, 2, dtype=np.uint64)  # 0 = no hash
             d = np.uint64(rng.integers(1, 2**40))
