@@ -45,6 +45,7 @@ the shipped bundles/default was fitted with (its bundle.yaml records each one's 
       --params criterion=l1 arch=III width=16 epochs=40 lr=0.002
   robustgate fit --bundle bundles/default --defense safetynet --name safetynet
   robustgate fit --bundle bundles/default --defense diffusion --name diffusion
+  robustgate fit --bundle bundles/default --defense stateful --name stateful
 each kind's parameters and defaults: its class docstring (defenses/detect, defenses/purify).
 The stage that serves a fitted defense names the same --name (deploy/default.yaml, docs/OPERATIONS.md);
 what each detector and purifier buys against adaptive attacks: docs/EVALUATION.md. SafetyNet's fit
