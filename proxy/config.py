@@ -157,10 +157,9 @@ class OnnxRuntimeConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     intra_op_threads: int = Field(0, ge=0)  # 0 = ONNX Runtime's default
     inter_op_threads: int = Field(0, ge=0)
-    # let idle ONNX Runtime threads busy-wait for work: true (burns CPU between batches), "run" (only
-    # while a batch runs: no wake-up per operator, none between batches) or false
-    # (proxy/backends/onnx.py SPINNING_CONFIG)
-    spinning: bool | Literal["run"] = False
+    spinning: bool | Literal["run"] = Field(False, description=(  # proxy/backends/onnx.py SPINNING_CONFIG
+        'let idle ONNX Runtime threads busy-wait for work: true (burns CPU between batches), "run" (only while a '
+        "batch runs: no wake-up per operator, none between batches)"))
 
 
 class UpstreamConfig(_Strict):
