@@ -322,12 +322,15 @@ def byo_resnet50_row() -> Row:
     src = "bench/results/byo.resnet50.json"
     r = load(src)
     ck, pts = r["checks"], r["points"]
-    stages = ", ".join(f"{k.split('_')[0]} {signed_pct(-c['value'])} ({met(c['met'])})"
+    stages = ", ".join(f"{k.removesuffix('_throughput_cost')} {signed_pct(-c['value'])} ({met(c['met'])})"
                        for k, c in ck.items() if k.split("_")[0] in ("jpeg", "median", "magnet"))
     return Row(f"imported ResNet-50 at 3×224×224 ({r['started_utc'][:10]}, {r['machine']['cores']} shared cores, load "
                f"average {r['load_average_start'][0]:.1f})",
                f"proxy in-process vs raw ONNX Runtime: p50 {signed_pct(ck['inprocess_p50_added']['value'])} "
-               f"({met(ck['inprocess_p50_added']['met'])}), throughput at concurrency 16 "
+               f"({met(ck['inprocess_p50_added']['met'])}"
+               + (f"; vs the same session behind a bare gRPC server {signed_pct(ck['inprocess_p50_added_vs_bare_grpc']['value'])}, "
+                  f"{met(ck['inprocess_p50_added_vs_bare_grpc']['met'])}" if "inprocess_p50_added_vs_bare_grpc" in ck else "")
+               + f"), throughput at concurrency 16 "
                f"{signed_pct(-ck['inprocess_throughput_cost']['value'])} ({met(ck['inprocess_throughput_cost']['met'])}); "
                f"in front of MLServer vs direct: p50 {signed_pct(ck['upstream_p50_added']['value'])} "
                f"({met(ck['upstream_p50_added']['met'])}), throughput {signed_pct(-ck['upstream_throughput_cost']['value'])} "

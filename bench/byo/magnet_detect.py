@@ -32,6 +32,17 @@ from robustgate.defenses.detect.magnet import resolve_arch, resolve_downsample
 from robustgate.models.data import load_splits
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def machine() -> dict:
+    """bench/serving/run.py's machine description (CPU, cores, versions, revision)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robustgate_bench_serving_run", REPO / "bench" / "serving" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.machine()
 EPS = (8 / 255, 0.1)
 # (shape, label, params over the defaults)
 RUNS = [((3, 32, 32), "default (auto: II)", {}),
@@ -74,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                "leaves a few thousand images too few steps)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "byo.magnet_detect")
     args = p.parse_args(argv)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="robustgate-magnet-detect-"))
     subprocess.run([sys.executable, str(REPO / "examples" / "make_rgb_imagefolder.py"), "--out", str(work / "rgb32"),
@@ -107,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     res = {"command": "python bench/byo/magnet_detect.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "started_utc": started, "machine": machine(),
            "data": f"examples/make_rgb_imagefolder.py: {args.n_train} train + {args.n_val} validation, {args.n_test} test",
            "rows": rows}
     Path(f"{args.out}.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = ["# MagNet's detection at 3x32x32 and 3x224x224 (RGB ImageFolder stand-in)", "",
-             f"Command: `{res['command']}` ({res['utc']}). Data: {res['data']} (32x32 PNGs conformed to the shape "
+             f"Command: `{res['command']}` ({res['started_utc']}). Data: {res['data']} (32x32 PNGs conformed to the shape "
              "by the data layer). Detector: L1 reconstruction error, threshold at 1% FPR on the clean validation "
              f"images, {args.epochs} autoencoder epochs at batch size {args.batch_size}. Attack: PGD L-inf (torchattacks, 20 steps of eps/8, random "
              "start) on a small CNN trained here for 3 epochs; non-adaptive (the attacker ignores the detector).", "",

@@ -13,8 +13,11 @@ to ONNX with a dynamic batch axis, imported with ``robustgate import``, and serv
 p50 latency at concurrency 1 and throughput at concurrency 16 (batch-1 requests; targets: the
 proxy adds <= 5% to p50 and costs <= 5% throughput); then JPEG, median and a MagNet detector
 fitted at 224x224 (``robustgate fit --defense magnet`` on Fashion-MNIST conformed to 3x224x224,
-small: how well it is fitted does not change its cost) each in the in-process proxy, target
-<= 10% of its no-stage throughput; and UINT8 requests (0..255, scaled by 1/255 by the proxy).
+small: how well it is fitted does not change its cost; its default ``arch: auto`` is autoencoder IV
+at this size) each in the in-process proxy, target <= 10% of its no-stage throughput -- MagNet twice:
+in torch (the fitted default, ``magnet``) and as deploy/default.yaml serves it, ``runtime: onnx``
+fused into the backbone's session (``magnet_onnx``); and UINT8 requests (0..255, scaled by 1/255 by
+the proxy).
 
 Reuses bench/serving/run.py's machine description, proxy launcher and MLServer harness and
 bench/serving/loadgen.py's closed-loop client. Writes bench/results/byo.resnet50.json + .md.
@@ -67,6 +70,8 @@ STAGES = {
     "jpeg": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 75}}],
     "median": [{"name": "median", "kind": "median", "params": {"kernel_size": 3}}],
     "magnet": [{"name": "magnet", "kind": "magnet", "action": "reject"}],
+    # as deploy/default.yaml serves it: the score graph fused into the backbone's session (proxy/backends/fuse.py)
+    "magnet_onnx": [{"name": "magnet", "kind": "magnet", "action": "reject", "params": {"runtime": "onnx"}}],
 }
 
 
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     log("exporting torchvision resnet50(weights=None)")
     export_resnet50(onnx_file)
     res["steps"].append(robustgate(["import", "--onnx", str(onnx_file), "--out", str(bundle), "--name", MODEL], log))
-    if wanted("proxy_magnet_c16"):  # the only point that serves a fitted defense
+    if wanted("proxy_magnet_c16") or wanted("proxy_magnet_onnx_c16"):  # the points that serve a fitted defense
         res["steps"].append(robustgate(["fit", "--bundle", str(bundle), "--defense", "magnet", "--dataset",
                                         "fashion-mnist", "--n-train", "500", "--n-val", "200", "--n-test", "200",
                                         "--params", "epochs=1", "--no-progress"], log))
