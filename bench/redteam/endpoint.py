@@ -47,6 +47,10 @@ def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int) -> dict:
 
 
 def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
+    """One arm: serve, attack, read the report (``--reuse``: an arm already in ``--work`` is read)."""
+    if args.reuse and (work / f"{arm}.done.json").is_file():
+        print(f"[{arm}] reusing {done}", flush=True)
+        return json.loads((work / f"{arm}.done.json").read_text())
     cfg_path = work / f"{arm}.yaml"
     cfg_path.write_text(yaml.safe_dump(arm_config(arm, args.bundle, args.pipeline, args.threads), sort_keys=False))
     out = work / arm
@@ -69,6 +73,7 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         report = json.loads((out / "results.json").read_text())
         report["wall_seconds"] = round(time.perf_counter() - t0, 1)
         report["served_config"] = serve.config
+        (work / f"{arm}.done.json").write_text(json.dumps(report, default=str))
         return report
     finally:
         serve.stop()
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--surrogate", type=Path, help="bundle whose backbone the transfer attack uses")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the proxy")
     ap.add_argument("--work", type=Path, help="folder for the configs, logs and raw reports (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read an arm that a run with the same --work already finished instead of rerunning it")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "redteam.endpoint")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
