@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['fit_s']:.0f} | {r['final_loss']:.4f} | {r['classifier_clean_acc']:.2f} | {r['test_fpr']:.3f} | "
                          f"{a['eps']:.3f} | {a['fooled']:.2f} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.2f} |")
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {args.out}.json and .md")
     return 0
 

@@ -254,15 +254,18 @@ def main(argv: list[str] | None = None) -> int:
             for name, measure in plan.items():
                 r = measure()
                 pts.setdefault(name, []).append(r)
-                log(f"round {i + 1}/{args.rounds} {name}: {r['items_per_s']:.1f} items/s p50 {r['p50_ms']:.1f} ms "
-                    f"errors {r['errors']}")
+                p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"  # None: no call ended in the window
+                log(f"round {i + 1}/{args.rounds} {name}: {r['items_per_s']:.1f} items/s p50 {p50} ms errors {r['errors']}")
     finally:
         for server in servers:
             server.stop()
     res["rounds"] = pts
-    res["points"] = {name: {"items_per_s": float(np.median([r["items_per_s"] for r in rs])),
-                            "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
-                            "p99_ms": float(np.median([r["p99_ms"] for r in rs])),
+    def median(rs: list[dict], key: str) -> float | None:  # None: no call ended in any window (too short)
+        values = [r[key] for r in rs if r[key] is not None]
+        return float(np.median(values)) if values else None
+
+    res["points"] = {name: {"items_per_s": median(rs, "items_per_s"), "p50_ms": median(rs, "p50_ms"),
+                            "p99_ms": median(rs, "p99_ms"),
                             "errors": {k: sum(r["errors"].get(k, 0) for r in rs) for r in rs for k in r["errors"]}}
                      for name, rs in pts.items()}
     res["load_average_end"] = serving.loadavg()
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def checks(pts: dict) -> dict:
+    pts = {k: v for k, v in pts.items() if v["p50_ms"] is not None and v["items_per_s"]}  # points with calls
+
     def p50_added(a: str, b: str) -> float:
         return pts[a]["p50_ms"] / pts[b]["p50_ms"] - 1.0
 
@@ -334,7 +339,8 @@ def markdown(r: dict) -> str:
         "| point | items/s | p50 ms | p99 ms | errors |", "| --- | --- | --- | --- | --- |",
     ]
     for name, p in pts.items():
-        lines.append(f"| {name} | {p['items_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['errors'] or ''} |")
+        ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"| {name} | {p['items_per_s']:.1f} | {ms(p['p50_ms'])} | {ms(p['p99_ms'])} | {p['errors'] or ''} |")
     lines += ["", "| check | value | target | met |", "| --- | --- | --- | --- |"]
     for name, c in r["checks"].items():
         target = "" if c["target"] is None else f"<= {100 * c['target']:.0f}%"
