@@ -134,7 +134,8 @@ class ServerConfig(_Strict):
         "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off"))
     workers: int | None = Field(None, ge=1, description=(
         "serving processes on the one port, each with its own event loop, batcher and backend sessions "
-        "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given; 1 = one process"))
+        "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given, or 1 when any stage or the backend runs on a GPU; "
+        "1 = one process"))
 
     @model_validator(mode="after")
     def _admin_guarded(self) -> "ServerConfig":
@@ -157,7 +158,9 @@ class OnnxRuntimeConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     intra_op_threads: int = Field(0, ge=0)  # 0 = ONNX Runtime's default
     inter_op_threads: int = Field(0, ge=0)
-    spinning: bool = False  # let idle ONNX Runtime threads busy-wait for work (burns CPU between batches)
+    spinning: bool | Literal["run"] = Field(False, description=(  # proxy/backends/onnx.py SPINNING_CONFIG
+        'let idle ONNX Runtime threads busy-wait for work: true (burns CPU between batches), "run" (only while a '
+        "batch runs: no wake-up per operator, none between batches)"))
 
 
 class UpstreamConfig(_Strict):

@@ -2,19 +2,30 @@
 (3x224x224, random weights -- throughput does not depend on them; nothing is downloaded) exported
 to ONNX with a dynamic batch axis, imported with ``robustgate import``, and served:
 
-- the proxy in-process (ONNX Runtime backend, no stages) vs raw in-process ONNX Runtime;
+- the proxy in-process (ONNX Runtime backend, no stages) vs raw in-process ONNX Runtime (no
+  transport at all) and, the fair reference, vs a bare grpc.aio V2 server running the same session
+  (bench/serving/bare_v2.py: the gRPC round trip of a 600 KB request without the proxy's work);
+  beside them raw ONNX Runtime with the proxy's session options (its threads do not spin) and the
+  proxy with ``backend.onnxruntime.spinning: run``, which split the proxy's added p50 into
+  transport, session options and the proxy's own work;
 - the proxy in front of Seldon MLServer (``backend.kind: upstream``) vs MLServer called directly;
 
 p50 latency at concurrency 1 and throughput at concurrency 16 (batch-1 requests; targets: the
 proxy adds <= 5% to p50 and costs <= 5% throughput); then JPEG, median and a MagNet detector
 fitted at 224x224 (``robustgate fit --defense magnet`` on Fashion-MNIST conformed to 3x224x224,
-small: how well it is fitted does not change its cost) each in the in-process proxy, target
-<= 10% of its no-stage throughput; and UINT8 requests (0..255, scaled by 1/255 by the proxy).
+small: how well it is fitted does not change its cost; its default ``arch: auto`` is autoencoder IV
+at this size) each in the in-process proxy, target <= 10% of its no-stage throughput -- MagNet twice:
+in torch (the fitted default, ``magnet``) and as deploy/default.yaml serves it, ``runtime: onnx``
+fused into the backbone's session (``magnet_onnx``); and UINT8 requests (0..255, scaled by 1/255 by
+the proxy).
 
 Reuses bench/serving/run.py's machine description, proxy launcher and MLServer harness and
 bench/serving/loadgen.py's closed-loop client. Writes bench/results/byo.resnet50.json + .md.
 
-    nice -n 10 python bench/byo/resnet50.py [--duration 15] [--warmup 3]
+    nice -n 10 python bench/byo/resnet50.py [--duration 15] [--warmup 3] [--points REGEX]
+
+``--points``: only the points whose name matches (a short check; only the servers they need start,
+and only the checks whose points were measured are written).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +59,7 @@ serving = _load("robustgate_bench_serving_run", REPO / "bench" / "serving" / "ru
 import loadgen  # noqa: E402  (bench/serving/loadgen.py)
 
 from robustgate.protos import open_inference_grpc_pb2 as pb  # noqa: E402
+from robustgate.proxy.backends.onnx import SPINNING_CONFIG  # noqa: E402
 
 SHAPE = (3, 224, 224)
 MODEL = "resnet50"
@@ -57,6 +70,8 @@ STAGES = {
     "jpeg": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 75}}],
     "median": [{"name": "median", "kind": "median", "params": {"kernel_size": 3}}],
     "magnet": [{"name": "magnet", "kind": "magnet", "action": "reject"}],
+    # as deploy/default.yaml serves it: the score graph fused into the backbone's session (proxy/backends/fuse.py)
+    "magnet_onnx": [{"name": "magnet", "kind": "magnet", "action": "reject", "params": {"runtime": "onnx"}}],
 }
 
 
@@ -72,6 +87,33 @@ class BigMessages(serving.harness.MLServerProcess):
         super()._write_settings()
         path = self.workdir / "settings.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "grpc_max_message_length": 64 << 20}, indent=2))
+
+
+class BareServer:
+    """bench/serving/bare_v2.py as a subprocess on a free 127.0.0.1 port (ONNX Runtime's default
+    session options, as the raw reference's)."""
+
+    def __init__(self, workdir: Path, onnx_file: str, model: str):
+        self.port = serving.harness.free_port()
+        self.log = workdir / f"bare-{self.port}.log"
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "serving" / "bare_v2.py"), "--onnx",
+                                          onnx_file, "--port", str(self.port), "--model", model],
+                                         stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        serving.wait_ready(self.url, model, self.proc, self.log)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 def export_resnet50(path: Path) -> None:
@@ -110,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all points (medians reported)")
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--name", default="byo.resnet50")
+    p.add_argument("--points", default=None, metavar="REGEX", help="only the points whose name matches (re.search)")
     args = p.parse_args(argv)
+    wanted = (lambda name: True) if args.points is None else (lambda name: re.search(args.points, name) is not None)  # noqa: E731
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     work = Path(tempfile.mkdtemp(prefix="robustgate-byo-r50-"))
     onnx_file, bundle = work / "resnet50.onnx", work / "bundle"
@@ -128,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     log("exporting torchvision resnet50(weights=None)")
     export_resnet50(onnx_file)
     res["steps"].append(robustgate(["import", "--onnx", str(onnx_file), "--out", str(bundle), "--name", MODEL], log))
-    res["steps"].append(robustgate(["fit", "--bundle", str(bundle), "--defense", "magnet", "--dataset", "fashion-mnist",
-                                    "--n-train", "500", "--n-val", "200", "--n-test", "200", "--params", "epochs=1",
-                                    "--no-progress"], log))
+    if wanted("proxy_magnet_c16") or wanted("proxy_magnet_onnx_c16"):  # the points that serve a fitted defense
+        res["steps"].append(robustgate(["fit", "--bundle", str(bundle), "--defense", "magnet", "--dataset",
+                                        "fashion-mnist", "--n-train", "500", "--n-val", "200", "--n-test", "200",
+                                        "--params", "epochs=1", "--no-progress"], log))
 
     def point(name: str, r: dict) -> None:
         res["points"][name] = r
@@ -139,46 +184,88 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = str(bundle / "backbone.onnx")
     pts: dict[str, list[dict]] = {}
     servers: list = []
-    # every server at once, then the points in interleaved rounds: on a shared machine the load
-    # drifts over minutes, and a reference measured minutes apart from its proxy would compare loads
+    # every server the points need at once, then the points in interleaved rounds: on a shared machine
+    # the load drifts over minutes, and a reference measured minutes apart from its proxy would compare loads
+    started: dict = {}
+
+    def server(key: str, start):
+        """The server ``key``, started on first use (a --points subset starts only those it needs)."""
+        if key not in started:
+            log(f"starting {key}")
+            started[key] = start()
+            servers.append(started[key])
+        return started[key]
+
+    def proxy(stage: str, onnxruntime: dict | None = None):
+        key = f"proxy_{stage}" + ("_spinrun" if onnxruntime else "")
+        return server(key, lambda: serving.Proxy(work, bundle, {
+            "backend": {"kind": "onnxruntime", **({"onnxruntime": onnxruntime} if onnxruntime else {})},
+            "batching": BATCHING, "pipeline": {"stages": [] if stage == "none" else STAGES[stage]}}, None, MODEL))
+
+    def upstream():
+        def start():
+            u = BigMessages(work / "mlserver", {MODEL: {"onnx": onnx_path, "intra_op_threads": 0}})
+            u.start()
+            return u
+        return server("mlserver", start)
+
+    def forward():
+        return server("proxy_upstream", lambda: serving.Proxy(work, bundle, {"backend": {"kind": "upstream"},
+                                                                            "batching": BATCHING}, upstream().url, MODEL))
+
+    def bare():
+        return server("bare_grpc", lambda: BareServer(work, onnx_path, MODEL))
+
+    def load(target, c: int, pids, uint8: bool = False):
+        def measure():
+            srv = target()
+            pid = pids(srv)  # {probe name: pid} for the CPU probes
+            if uint8:
+                return uint8_load(srv.url, c, args.warmup, args.duration, pid)
+            return loadgen.run_load(srv.url, MODEL, "input", SHAPE, c, 1, args.warmup, args.duration, server_pids=pid)
+        measure.server = target
+        return measure
+
     try:
-        proxies = {stage: serving.Proxy(work, bundle, {"backend": {"kind": "onnxruntime"}, "batching": BATCHING,
-                                                       "pipeline": {"stages": stages}}, None, MODEL)
-                   for stage, stages in [("none", []), *STAGES.items()]}
-        servers += proxies.values()
-        upstream = BigMessages(work / "mlserver", {MODEL: {"onnx": onnx_path, "intra_op_threads": 0}})
-        upstream.start()
-        servers.append(upstream)
-        forward = serving.Proxy(work, bundle, {"backend": {"kind": "upstream"}, "batching": BATCHING}, upstream.url,
-                                MODEL)
-        servers.append(forward)
-        load = lambda url, c, pids: (lambda: loadgen.run_load(  # noqa: E731
-            url, MODEL, "input", SHAPE, c, 1, args.warmup, args.duration, server_pids=pids))
         plan = {}
         for c in (1, 16):
             plan[f"raw_ort_c{c}"] = lambda c=c: loadgen.run_raw_ort(onnx_path, "input", SHAPE, c, 1, args.warmup,
                                                                     args.duration)
-            plan[f"proxy_none_c{c}"] = load(proxies["none"].url, c, {"proxy": proxies["none"].proc.pid})
-            plan[f"proxy_none_uint8_c{c}"] = lambda c=c: uint8_load(proxies["none"].url, c, args.warmup, args.duration,
-                                                                    {"proxy": proxies["none"].proc.pid})
-            plan[f"mlserver_c{c}"] = load(upstream.url, c, {"mlserver": upstream.proc.pid})
-            plan[f"proxy_upstream_c{c}"] = load(forward.url, c, {"proxy": forward.proc.pid,
-                                                                 "mlserver": upstream.proc.pid})
+            plan[f"bare_grpc_c{c}"] = load(bare, c, lambda s: {"bare": s.proc.pid})
+            plan[f"proxy_none_c{c}"] = load(lambda: proxy("none"), c, lambda s: {"proxy": s.proc.pid})
+            plan[f"proxy_none_uint8_c{c}"] = load(lambda: proxy("none"), c, lambda s: {"proxy": s.proc.pid}, uint8=True)
+            plan[f"proxy_none_spinrun_c{c}"] = load(lambda: proxy("none", {"spinning": "run"}), c,
+                                                    lambda s: {"proxy": s.proc.pid})
+            plan[f"mlserver_c{c}"] = load(upstream, c, lambda s: {"mlserver": s.proc.pid})
+            plan[f"proxy_upstream_c{c}"] = load(forward, c, lambda s: {"proxy": s.proc.pid,
+                                                                       "mlserver": upstream().proc.pid})
+        # the raw loop with the proxy's session options (backend.onnxruntime.spinning: false, the default)
+        plan["raw_ort_proxy_options_c1"] = lambda: loadgen.run_raw_ort(onnx_path, "input", SHAPE, 1, 1, args.warmup,
+                                                                       args.duration, session_config=SPINNING_CONFIG[False])
         for stage in STAGES:
-            plan[f"proxy_{stage}_c16"] = load(proxies[stage].url, 16, {"proxy": proxies[stage].proc.pid})
+            plan[f"proxy_{stage}_c16"] = load(lambda stage=stage: proxy(stage), 16, lambda s: {"proxy": s.proc.pid})
+        plan = {name: measure for name, measure in plan.items() if wanted(name)}
+        if not plan:
+            raise SystemExit(f"--points {args.points!r} matches no point")
+        for measure in plan.values():  # all up before the first round
+            if hasattr(measure, "server"):
+                measure.server()
         for i in range(args.rounds):
             for name, measure in plan.items():
                 r = measure()
                 pts.setdefault(name, []).append(r)
-                log(f"round {i + 1}/{args.rounds} {name}: {r['items_per_s']:.1f} items/s p50 {r['p50_ms']:.1f} ms "
-                    f"errors {r['errors']}")
+                p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"  # None: no call ended in the window
+                log(f"round {i + 1}/{args.rounds} {name}: {r['items_per_s']:.1f} items/s p50 {p50} ms errors {r['errors']}")
     finally:
         for server in servers:
             server.stop()
     res["rounds"] = pts
-    res["points"] = {name: {"items_per_s": float(np.median([r["items_per_s"] for r in rs])),
-                            "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
-                            "p99_ms": float(np.median([r["p99_ms"] for r in rs])),
+    def median(rs: list[dict], key: str) -> float | None:  # None: no call ended in any window (too short)
+        values = [r[key] for r in rs if r[key] is not None]
+        return float(np.median(values)) if values else None
+
+    res["points"] = {name: {"items_per_s": median(rs, "items_per_s"), "p50_ms": median(rs, "p50_ms"),
+                            "p99_ms": median(rs, "p99_ms"),
                             "errors": {k: sum(r["errors"].get(k, 0) for r in rs) for r in rs for k in r["errors"]}}
                      for name, rs in pts.items()}
     res["load_average_end"] = serving.loadavg()
@@ -193,25 +280,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def checks(pts: dict) -> dict:
+    pts = {k: v for k, v in pts.items() if v["p50_ms"] is not None and v["items_per_s"]}  # points with calls
+
     def p50_added(a: str, b: str) -> float:
         return pts[a]["p50_ms"] / pts[b]["p50_ms"] - 1.0
 
     def cost(a: str, b: str) -> float:
         return 1.0 - pts[a]["items_per_s"] / pts[b]["items_per_s"]
 
-    out = {
-        "inprocess_p50_added": {"value": p50_added("proxy_none_c1", "raw_ort_c1"), "target": TARGET_PROXY_P50},
-        "inprocess_throughput_cost": {"value": cost("proxy_none_c16", "raw_ort_c16"), "target": TARGET_PROXY_THROUGHPUT},
-        "upstream_p50_added": {"value": p50_added("proxy_upstream_c1", "mlserver_c1"), "target": TARGET_PROXY_P50},
-        "upstream_throughput_cost": {"value": cost("proxy_upstream_c16", "mlserver_c16"),
-                                     "target": TARGET_PROXY_THROUGHPUT},
-    }
-    for stage in STAGES:
-        out[f"{stage}_throughput_cost"] = {"value": cost(f"proxy_{stage}_c16", "proxy_none_c16"),
-                                          "target": TARGET_STAGE_THROUGHPUT}
-    for c in (1, 16):  # UINT8 is measured, not a target: its figures beside FP32's
-        out[f"uint8_vs_fp32_items_per_s_c{c}"] = {"value": pts[f"proxy_none_uint8_c{c}"]["items_per_s"]
-                                                  / pts[f"proxy_none_c{c}"]["items_per_s"], "target": None}
+    def ratio(a: str, b: str) -> float:
+        return pts[a]["items_per_s"] / pts[b]["items_per_s"]
+
+    # (check, function, point, reference, target); a check is written when both points were measured
+    specs = [
+        ("inprocess_p50_added", p50_added, "proxy_none_c1", "raw_ort_c1", TARGET_PROXY_P50),
+        ("inprocess_throughput_cost", cost, "proxy_none_c16", "raw_ort_c16", TARGET_PROXY_THROUGHPUT),
+        # the fair reference: the same session behind a bare grpc.aio V2 server (the raw loop has no transport)
+        ("inprocess_p50_added_vs_bare_grpc", p50_added, "proxy_none_c1", "bare_grpc_c1", TARGET_PROXY_P50),
+        ("inprocess_throughput_cost_vs_bare_grpc", cost, "proxy_none_c16", "bare_grpc_c16", TARGET_PROXY_THROUGHPUT),
+        ("upstream_p50_added", p50_added, "proxy_upstream_c1", "mlserver_c1", TARGET_PROXY_P50),
+        ("upstream_throughput_cost", cost, "proxy_upstream_c16", "mlserver_c16", TARGET_PROXY_THROUGHPUT),
+        *[(f"{stage}_throughput_cost", cost, f"proxy_{stage}_c16", "proxy_none_c16", TARGET_STAGE_THROUGHPUT)
+          for stage in STAGES],
+        # where the in-process p50 goes, measured not targeted: transport, the session options, spinning "run"
+        ("transport_p50_added", p50_added, "bare_grpc_c1", "raw_ort_c1", None),
+        ("proxy_session_options_p50_added", p50_added, "raw_ort_proxy_options_c1", "raw_ort_c1", None),
+        ("spinning_run_p50_added_vs_bare_grpc", p50_added, "proxy_none_spinrun_c1", "bare_grpc_c1", None),
+        ("spinning_run_throughput_cost_vs_bare_grpc", cost, "proxy_none_spinrun_c16", "bare_grpc_c16", None),
+        # UINT8 is measured, not a target: its figures beside FP32's
+        *[(f"uint8_vs_fp32_items_per_s_c{c}", ratio, f"proxy_none_uint8_c{c}", f"proxy_none_c{c}", None) for c in (1, 16)],
+    ]
+    out = {name: {"value": fn(a, b), "target": target, "points": [a, b]}
+           for name, fn, a, b, target in specs if a in pts and b in pts}
     for v in out.values():
         v["met"] = None if v["target"] is None else bool(v["value"] <= v["target"])
     return out
@@ -239,14 +339,22 @@ def markdown(r: dict) -> str:
         "| point | items/s | p50 ms | p99 ms | errors |", "| --- | --- | --- | --- | --- |",
     ]
     for name, p in pts.items():
-        lines.append(f"| {name} | {p['items_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['errors'] or ''} |")
+        ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"| {name} | {p['items_per_s']:.1f} | {ms(p['p50_ms'])} | {ms(p['p99_ms'])} | {p['errors'] or ''} |")
     lines += ["", "| check | value | target | met |", "| --- | --- | --- | --- |"]
     for name, c in r["checks"].items():
         target = "" if c["target"] is None else f"<= {100 * c['target']:.0f}%"
-        value = f"{c['value']:.2f}x" if c["target"] is None else f"{100 * c['value']:+.1f}%"
+        value = f"{c['value']:.2f}x" if name.startswith("uint8") else f"{100 * c['value']:+.1f}%"
         lines.append(f"| {name} | {value} | {target} | {'' if c['met'] is None else ('met' if c['met'] else '**not met**')} |")
     lines += ["", "Negative values: the proxy was faster than the reference in that window (its dynamic batching "
-              "coalesces the 16 concurrent batch-1 requests; the raw reference runs them one by one)."]
+              "coalesces the 16 concurrent batch-1 requests; the raw reference runs them one by one).", "",
+              "References: `raw_ort` is a closed loop on an ONNX Runtime session in the client's own process -- no "
+              "transport at all; `bare_grpc` is the same session (ONNX Runtime's default options) behind a bare "
+              "grpc.aio V2 server (bench/serving/bare_v2.py), so `proxy_none` over `bare_grpc` is the proxy's own "
+              "work and `bare_grpc` over `raw_ort` the gRPC round trip of a 600 KB request. `raw_ort_proxy_options` "
+              "is the raw loop with the proxy's session options (`backend.onnxruntime.spinning: false`: pool threads "
+              "sleep at every operator); `proxy_none_spinrun` the proxy with `spinning: run` (busy-wait only while "
+              "a batch runs)."]
     return "\n".join(lines) + "\n"
 
 

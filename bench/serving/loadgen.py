@@ -127,10 +127,14 @@ def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...],
 
 
 def run_raw_ort(onnx_file: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
-                warmup_s: float = 1.0, duration_s: float = 5.0, intra_op_threads: int = 0, seed: int = 0) -> dict:
-    """The same closed loop on an in-process ONNX Runtime session shared by ``concurrency`` threads."""
+                warmup_s: float = 1.0, duration_s: float = 5.0, intra_op_threads: int = 0, seed: int = 0,
+                session_config: dict[str, str] | None = None) -> dict:
+    """The same closed loop on an in-process ONNX Runtime session shared by ``concurrency`` threads.
+    ``session_config``: session config entries (e.g. ``{"session.intra_op.allow_spinning": "0"}``)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
     sess = ort.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(seed).random((batch, *item_shape), dtype=np.float32)  # [B, C, H, W]
     sess.run(None, {input_name: x})

@@ -26,6 +26,11 @@ convolutions to the channels, the down-sampling stages of autoencoders I and III
 28x28 and 32x32, 4 at 224x224), and any height and width is padded to what those stages need and
 cropped back. At [1, 28, 28] they are exactly the layers of the first 28x28-only version, so
 bundles fitted then (bundles/default) load unchanged (a regression test checks the scores).
+Large images: the detector's default ``arch="auto"`` is autoencoder II up to about 80 pixels a side
+and autoencoder IV above (:func:`resolve_arch`): II's full-resolution convolutions cost a large
+share of a ResNet-50's forward at 224x224, IV folds the image into channels (pixel-unshuffle to a
+side near 56) and runs II's three convolutions there (bench/results/byo.magnet_cost.md). A bundle
+records the ``arch`` it was fitted with, so a recorded architecture loads as it was fitted.
 
 Runtimes: ``fit`` writes the autoencoder as ONNX (``ae.onnx``, what the proxy runs in ONNX
 Runtime when the stage's params say ``runtime: onnx``) and as a safetensors state dict
@@ -60,7 +65,8 @@ import onnxruntime as ort
 
 from robustgate.defenses.runtime import check_runtime, export_onnx, load_weights, save_weights
 
-ARCHS = ("I", "II", "III")
+ARCHS = ("I", "II", "III", "IV")
+AUTO_ARCH_SIDE = 80  # arch "auto": II below this many pixels a side, IV from it (resolve_arch)
 # ONNX Runtime graph optimization levels. "all" adds layout transforms (NCHWc) that speed up wide
 # convolutions; for an autoencoder of a few channels at full resolution they cost more than they
 # save (measured, batch 64, 1 thread: width 4 ~2.3x faster with "extended", width 32 ~1.8x slower;
@@ -92,18 +98,29 @@ class Autoencoder(nn.Sequential):
         return super().forward(x)[..., :h, :w]  # [N, C, H, W]
 
 
+def resolve_arch(arch: str, item_shape: tuple[int, ...]) -> str:
+    """The autoencoder for items ``(C, H, W)``: ``arch`` itself, or for ``"auto"`` II when the
+    smaller side is under ``AUTO_ARCH_SIDE`` pixels (28x28, 32x32, 64x64: II as fitted before
+    ``auto`` existed) and IV from there on (II's full-resolution work grows with the pixel count)."""
+    if arch != "auto":
+        return arch
+    return "II" if min(int(s) for s in item_shape[-2:]) < AUTO_ARCH_SIDE else "IV"
+
+
 def resolve_downsample(arch: str, downsample: int | str, item_shape: tuple[int, ...]) -> int:
-    """The number of 2x down-sampling stages of autoencoder ``arch`` for items ``(C, H, W)``:
-    0 for II (full resolution by definition); for I and III the given integer, or with ``"auto"``
-    the one that brings the smaller side nearest to 14 pixels, the paper's 28 -> 14 (1 for 28x28
-    and 32x32, 2 for 64x64, 4 for 224x224): the receptive field and the cost per pixel scale with
-    the image instead of staying those of a 28x28 picture."""
+    """The number of 2x down-sampling stages of autoencoder ``arch`` (resolved, not ``"auto"``)
+    for items ``(C, H, W)``: 0 for II (full resolution by definition); for I, III and IV the given
+    integer, or with ``"auto"`` the one that brings the smaller side nearest to 14 pixels for I and
+    III, the paper's 28 -> 14 (1 for 28x28 and 32x32, 2 for 64x64, 4 for 224x224), and nearest to
+    56 pixels for IV (2 for 224x224: a side of 28 left too little to reconstruct from, measured in
+    bench/results/byo.magnet_cost.md): the receptive field and the cost per pixel scale with the
+    image instead of staying those of a 28x28 picture."""
     if arch == "II":
         return 0
     if downsample != "auto":
         return int(downsample)
     side = min(int(s) for s in item_shape[-2:])
-    return max(1, round(math.log2(max(side, 1) / 14)))
+    return max(1, round(math.log2(max(side, 1) / (56 if arch == "IV" else 14))))
 
 
 def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = "sigmoid",
@@ -116,6 +133,10 @@ def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = 
     detector much cheaper than the classifier it guards): ``downsample`` strided conv-act layers,
     a conv-act, and 4x4 transposed convolutions back to full resolution (the last to ``channels``,
     sigmoid); with one stage ~1/6 of II's cost at width 16 (bench/results/detect.ae_cost.md).
+    Autoencoder IV (robustgate's, for large images): pixel-unshuffle by ``r = 2**downsample``
+    (``[N, C, H, W]`` -> ``[N, C*r*r, H/r, W/r]``: no pixel is dropped, the image is folded into
+    channels), II's three convolutions at that resolution with ``max(width, C*r*r)`` filters (never
+    fewer than the folded channels they read), pixel-shuffle back, sigmoid.
     With ``downsample=1`` I and III are exactly the layers (and state-dict keys) the 28x28 bundles
     were fitted with. The output is always a sigmoid, so reconstructions stay in [0, 1]."""
     if activation not in ACTIVATIONS:
@@ -143,6 +164,12 @@ def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = 
             layers += [nn.ConvTranspose2d(width, channels if last else width, 4, stride=2, padding=1),
                        nn.Sigmoid() if last else act()]  # doubles H, W
         return Autoencoder(*layers, downsample=downsample)
+    if arch == "IV":  # robustgate's, not the paper's: autoencoder II on the pixel-unshuffled image
+        r = 2 ** downsample
+        folded = channels * r * r
+        w = max(width, folded)
+        return Autoencoder(nn.PixelUnshuffle(r), conv(folded, w), act(), conv(w, w), act(), conv(w, folded),  # [N, C*r*r, H/r, W/r]
+                           nn.PixelShuffle(r), nn.Sigmoid(), downsample=downsample)  # [N, C, H, W]
     raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
@@ -263,8 +290,8 @@ class _AutoencoderDefense:
 
     def _init_ae(self, arch, width, activation, noise, epochs, batch_size, lr, weight_decay, seed, runtime,
                  onnx_threads=1, onnx_optimization="all", downsample="auto") -> None:
-        if arch not in ARCHS:
-            raise ValueError(f"{self.kind}: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        if arch not in (*ARCHS, "auto"):
+            raise ValueError(f"{self.kind}: arch must be one of {', '.join(ARCHS)} or auto, got {arch!r}")
         if downsample != "auto" and (isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1):
             raise ValueError(f"{self.kind}: downsample must be 'auto' or an integer >= 1, got {downsample!r}")
         if activation not in ACTIVATIONS:
@@ -303,15 +330,16 @@ class _AutoencoderDefense:
         self.history = train_autoencoder(
             ae, data.train_x.float(), noise=self.noise, epochs=self.epochs, batch_size=self.batch_size,
             lr=self.lr, weight_decay=self.weight_decay, seed=self.seed, progress=data.progress,
-            desc=f"{self.kind} autoencoder {self.arch}",
+            desc=f"{self.kind} autoencoder {resolve_arch(self.arch, self._item_shape)}",
         )
         self.ae = ae.requires_grad_(False)
         self._onnx = None
 
     def _build_ae(self, item_shape: tuple[int, ...]) -> Autoencoder:
-        """The configured autoencoder sized to items ``(C, H, W)`` (channels, down-sampling stages)."""
-        stages = resolve_downsample(self.arch, self.downsample, item_shape)
-        return autoencoder(self.arch, int(item_shape[0]), self.width, self.activation, stages)
+        """The configured autoencoder sized to items ``(C, H, W)`` (arch, channels, down-sampling stages)."""
+        arch = resolve_arch(self.arch, item_shape)
+        stages = resolve_downsample(arch, self.downsample, item_shape)
+        return autoencoder(arch, int(item_shape[0]), self.width, self.activation, stages)
 
     def save(self, directory: Path) -> dict[str, str]:
         """Writes ``ae.safetensors`` (torch twin) and ``ae.onnx`` (proxy) into ``directory``."""
@@ -336,7 +364,8 @@ class _AutoencoderDefense:
         try:
             self.ae = load_weights(self._build_ae(self._item_shape), files["ae_weights"]).requires_grad_(False)
         except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or wrong shapes
-            raise ValueError(f"{self.kind}: the autoencoder weights do not fit arch {self.arch} width {self.width} "
+            arch = resolve_arch(self.arch, self._item_shape)
+            raise ValueError(f"{self.kind}: the autoencoder weights do not fit arch {arch} width {self.width} "
                              f"downsample {self.downsample} at {self._item_shape}: {exc}") from exc
         self._onnx = session if self.runtime == "onnx" else None
         self._onnx_path = Path(files["ae_onnx"])
@@ -369,11 +398,13 @@ class MagNet(_AutoencoderDefense, Detector):
     Args:
         criterion: ``"l1"``, ``"l2"`` or ``"jsd"``.
         temperature: ``T`` of the JSD criterion (ignored otherwise), > 0.
-        arch: autoencoder ``"I"`` (pooling), ``"II"`` (no pooling) or ``"III"`` (II at half resolution).
+        arch: autoencoder ``"I"`` (pooling), ``"II"`` (no pooling), ``"III"`` (strided, II at reduced
+            resolution), ``"IV"`` (II on the pixel-unshuffled image) or ``"auto"`` (default: II below
+            ``AUTO_ARCH_SIDE`` pixels a side, IV from there; :func:`resolve_arch`).
         width: filters per conv layer (the paper: 3).
         activation: hidden activation, ``"sigmoid"`` (the paper) or ``"relu"``.
 
-    Defaults (l1, autoencoder II, width 32, ReLU, 5 epochs) differ from the paper's MNIST
+    Defaults (l1, autoencoder II -- IV for large images --, width 32, ReLU, 5 epochs) differ from the paper's MNIST
     autoencoders (width 3, sigmoid, 100 epochs): measured on Fashion-MNIST with the CPU budget of
     this project (20,000 training images, 5 epochs, PGD eps 0.1 on a small CNN), the paper's
     autoencoder I with L2 reached ROC AUC 0.55, width 32 + ReLU autoencoder I 0.92 (L2) / 0.98 (L1),
@@ -385,15 +416,16 @@ class MagNet(_AutoencoderDefense, Detector):
         onnx_threads: intra-op threads of the ONNX Runtime session (``runtime="onnx"``).
         onnx_optimization: its graph optimization level, ``"all"`` (default), ``"extended"`` (faster
             for narrow autoencoders, see ``ORT_OPTIMIZATION``) or ``"basic"``. Same scores.
-        downsample: 2x down-sampling stages of autoencoders I and III (II has none): ``"auto"``
-            (default; from the fitted image size, :func:`resolve_downsample`: 1 at 28x28 and 32x32,
-            4 at 224x224) or an integer >= 1. Any height and width works (padded, then cropped).
+        downsample: 2x down-sampling stages of autoencoders I, III and IV (II has none): ``"auto"``
+            (default; from the fitted image size, :func:`resolve_downsample`: I and III 1 at 28x28 and
+            32x32, 4 at 224x224; IV 2 at 224x224) or an integer >= 1. Any height and width works
+            (padded, then cropped).
         threshold: calibrated threshold (set by fit/calibration).
     """
 
     kind = "magnet"
 
-    def __init__(self, criterion: str = "l1", temperature: float = 10.0, arch: str = "II", width: int = 32,
+    def __init__(self, criterion: str = "l1", temperature: float = 10.0, arch: str = "auto", width: int = 32,
                  activation: str = "relu", noise: float = 0.1, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3,
                  weight_decay: float = 1e-9, seed: int = 0, runtime: str = "torch", onnx_threads: int = 1,
                  onnx_optimization: str = "all", downsample: int | str = "auto", threshold: float | None = None):

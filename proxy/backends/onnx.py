@@ -22,6 +22,18 @@ import torch
 from robustgate.models.bundle import Bundle
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 
+# session config entries for ``spinning`` (OnnxBackend): False -- pool threads sleep whenever they
+# wait, between batches and at every operator inside one (an idle proxy at 40 requests/s used 0.96
+# of a core with spinning, 0.20 without: bench/results/hardening.overload.md); True -- ONNX
+# Runtime's default, they busy-wait for work; "run" -- they busy-wait while a run is in progress
+# (no wake-up per operator) and stop as soon as the last concurrent run returns
+# (``session.force_spinning_stop``), so an idle proxy does not spin. Under saturation runs follow
+# each other and "run" spins as True does (which made the overload p99 worse: docs/OPERATIONS.md).
+SPINNING_CONFIG: dict[bool | str, dict[str, str]] = {
+    False: {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
+    True: {},
+    "run": {"session.force_spinning_stop": "1"},
+}
 _ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64"}
 
 
@@ -51,20 +63,18 @@ class OnnxBackend(Backend):
     """Runs ``bundle``'s ONNX backbone with ONNX Runtime; returns its logits output."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0,
-                 spinning: bool = False):
+                 spinning: bool | str = False):
         if intra_op_threads < 0 or inter_op_threads < 0:
             raise ValueError("intra_op_threads and inter_op_threads must be >= 0 (0 = onnxruntime default)")
+        if spinning not in SPINNING_CONFIG:
+            raise ValueError(f"spinning must be false, true or 'run', got {spinning!r}")
         self.bundle = bundle
         self.device = device
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
-        if not spinning:
-            # idle pool threads sleep instead of busy-waiting for the next batch: spinning kept a
-            # near-idle proxy (40 requests/s) at 0.96 of a core against 0.20 without it, CPU that a
-            # sidecar's neighbours and the proxy's own event loop need (bench/results/hardening.overload.md)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        for key, value in SPINNING_CONFIG[spinning].items():  # when pool threads busy-wait (SPINNING_CONFIG)
+            opts.add_session_config_entry(key, value)
         path = bundle.onnx_path()  # BundleError for a bundle imported from a model server
         providers = providers_for(device)
         self._opts, self._providers = opts, providers

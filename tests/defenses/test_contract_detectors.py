@@ -102,7 +102,7 @@ def test_threshold_semantics(kind):
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 224, 224)]
 SHAPE_IDS = ["1x28x28", "3x32x32", "3x224x224"]
 SHAPE_PARAMS = {
-    "magnet": {"epochs": 1, "width": 8, "arch": "III", "criterion": "l2"},
+    "magnet": {"epochs": 1, "width": 8, "criterion": "l2"},  # arch auto, the default: II, IV at 224x224
     "safetynet": {"n_fit": 48, "steps": 2, "attacks": ["fgsm", "pgd"], "positives": "all"},
 }
 

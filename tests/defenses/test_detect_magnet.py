@@ -10,7 +10,8 @@ import torch
 
 from robustgate.defenses import calibration as cal
 from robustgate.defenses.base import FitData, build
-from robustgate.defenses.detect.magnet import autoencoder, jensen_shannon, reconstruction_error, resolve_downsample
+from robustgate.defenses.detect.magnet import autoencoder, jensen_shannon, reconstruction_error, resolve_arch, \
+    resolve_downsample
 
 
 def _reload(det, tmp_path, **overrides):
@@ -42,7 +43,7 @@ def test_reconstruction_error_norms():
     assert reconstruction_error(x, r, 2).tolist() == pytest.approx([0.5, 0.0])
 
 
-@pytest.mark.parametrize("arch", ["I", "II", "III"])
+@pytest.mark.parametrize("arch", ["I", "II", "III", "IV"])
 def test_autoencoders_keep_shape_and_range(arch):
     ae = autoencoder(arch, channels=1, width=3)
     y = ae(torch.rand(2, 1, 28, 28))
@@ -53,7 +54,7 @@ def test_autoencoders_keep_shape_and_range(arch):
     "kwargs, match",
     [
         ({"criterion": "l3"}, "criterion must be one of l1, l2, jsd"),
-        ({"arch": "IV"}, "arch must be one of I, II, III"),
+        ({"arch": "V"}, "arch must be one of I, II, III, IV or auto"),
         ({"temperature": 0}, "temperature must be positive"),
         ({"runtime": "tf"}, "runtime must be one of torch, onnx"),
         ({"epochs": 0}, "epochs must be a positive integer"),
@@ -65,7 +66,7 @@ def test_bad_config_raises(kwargs, match):
         build("magnet", **kwargs)
 
 
-@pytest.mark.parametrize("arch", ["I", "III"])
+@pytest.mark.parametrize("arch", ["I", "III", "IV"])
 def test_odd_image_sides_are_padded_and_cropped(arch, tmp_path):
     """Issue 21: any H x W. (Arch III used to refuse odd sides at fit; the autoencoder now pads to
     what its down-sampling needs and crops back.)"""
@@ -85,6 +86,7 @@ def test_autoencoders_scale_with_the_input(shape, stages):
     the first and last layers the channels; arch II stays at full resolution."""
     assert resolve_downsample("I", "auto", shape) == resolve_downsample("III", "auto", shape) == stages
     assert resolve_downsample("II", "auto", shape) == 0
+    assert resolve_arch("auto", shape) == ("IV" if shape[-1] == 224 else "II")  # II as before up to 64x64
     for arch in ("I", "III"):
         ae = autoencoder(arch, shape[0], 4, "relu", stages)
         pools = sum(isinstance(m, torch.nn.AvgPool2d) or (isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)) for m in ae)
@@ -92,6 +94,39 @@ def test_autoencoders_scale_with_the_input(shape, stages):
         assert ae[0].in_channels == shape[0]
         with torch.no_grad():
             assert ae(torch.rand(1, *shape)).shape == (1, *shape)
+
+
+@pytest.mark.parametrize("shape, stages, side", [((3, 224, 224), 2, 56), ((3, 112, 112), 1, 56), ((1, 96, 128), 1, 48)])
+def test_autoencoder_iv_folds_large_images(shape, stages, side):
+    """Arch IV (auto from 80 px a side): pixel-unshuffle to a side near 56, II's three convolutions
+    there with at least as many filters as folded channels, pixel-shuffle back; padded and cropped."""
+    assert resolve_downsample("IV", "auto", shape) == stages
+    ae = autoencoder("IV", shape[0], 32, "relu", stages)
+    folded = shape[0] * 4 ** stages
+    convs = [m for m in ae if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(folded, max(32, folded)), (max(32, folded),) * 2,
+                                                                (max(32, folded), folded)]
+    seen = []
+    hook = convs[0].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+    with torch.no_grad():
+        out = ae(torch.rand(2, *shape))
+    hook.remove()
+    assert out.shape == (2, *shape) and 0 <= out.min() and out.max() <= 1
+    assert min(seen[0]) == side
+
+
+def test_recorded_arch_ii_at_224_loads_as_fitted(tmp_path):
+    """A bundle fitted at 224x224 before ``arch: auto`` records ``arch: II`` (fit writes every
+    parameter): it rebuilds II, not the new default IV."""
+    x = torch.rand(4, 3, 224, 224)
+    old = build("magnet", arch="II", width=4, epochs=1, batch_size=4)
+    old.fit(FitData(x, torch.zeros(4, dtype=torch.long), x, None))
+    again = _reload(old, tmp_path)
+    assert again.config()["arch"] == "II" and not isinstance(again.ae[0], torch.nn.PixelUnshuffle)
+    with torch.no_grad():
+        assert torch.equal(again.score(x), old.score(x))
+    with pytest.raises(ValueError, match="do not fit arch IV"):  # the same weights read as the new default
+        _reload(old, tmp_path / "auto", arch="auto")
 
 
 def test_shipped_default_bundle_loads_with_identical_scores():
@@ -220,3 +255,45 @@ def test_reformer_purifies_and_round_trips(detect_fit_data, detect_test_set, tmp
             assert torch.allclose(got, out, atol=1e-5) if runtime == "onnx" else torch.equal(got, out)
     with pytest.raises(ValueError, match="outside the declared range"):
         ref.purify(x * 255)
+
+
+# ---- detection at the RGB shapes of issue 21 (arch auto: II at 32x32, IV at 224x224) ---------------
+def _scenes(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small generated RGB dataset: ``[n, C, H, W]`` in [0, 1], two smooth coloured blobs over a
+    coloured background (label: whether the brighter blob is on the left), and labels ``[n]``."""
+    c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    x = 0.3 * torch.rand(n, c, 1, 1, generator=g).expand(n, c, h, w).clone()  # background colour
+    for _ in range(2):
+        centre = torch.rand(n, 2, 1, 1, generator=g) * 0.6 + 0.2
+        width = 0.01 + 0.03 * torch.rand(n, 1, 1, generator=g)
+        blob = torch.exp(-((yy - centre[:, 0]) ** 2 + (xx - centre[:, 1]) ** 2) / width)  # [n, H, W]
+        x = x + blob[:, None] * 0.6 * torch.rand(n, c, 1, 1, generator=g)
+    y = (x[..., : w // 2].mean((1, 2, 3)) > x[..., w // 2:].mean((1, 2, 3))).long()
+    return x.clamp(0, 1), y
+
+
+@pytest.mark.parametrize("shape, arch", [((3, 32, 32), "II"), ((3, 224, 224), "IV")], ids=["3x32x32", "3x224x224"])
+def test_default_detector_sees_pgd_at_rgb_shapes(shape, arch):
+    """The default autoencoder (``arch: auto``) at 3x32x32 (II, as before) and at 3x224x224 (IV: the
+    image folded to 56x56 before the convolutions, a small share of a ResNet-50's cost,
+    bench/results/byo.magnet_cost.md) still tells PGD examples (L-inf eps 0.1, made on a small CNN)
+    from clean images of a small generated dataset: fails if the cheaper autoencoder goes blind
+    (bench/results/byo.magnet_detect.md measures it on the RGB ImageFolder stand-in)."""
+    import torchattacks
+
+    x, y = _scenes(256, shape, seed=0)
+    test_x, test_y = _scenes(48, shape, seed=1)
+    det = build("magnet", epochs=8, batch_size=16, seed=0)  # the default architecture; 128 steps of 16 images
+    det.fit(FitData(x, y, test_x[:4], test_y[:4]))
+    assert isinstance(det.ae[0], torch.nn.PixelUnshuffle) == (arch == "IV")
+    torch.manual_seed(0)
+    stride = shape[-1] // 32
+    clf = torch.nn.Sequential(torch.nn.Conv2d(3, 8, stride + 2, stride=stride, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(128, 2)).eval()
+    adv = torchattacks.PGD(clf, eps=0.1, alpha=0.02, steps=10, random_start=True)(test_x, test_y).detach()
+    with torch.no_grad():
+        clean, attacked = det.score(test_x), det.score(adv)
+    auc = cal.roc_auc(clean, attacked)
+    assert auc > 0.9, f"MagNet ({arch}) at {shape}: ROC AUC clean vs PGD eps 0.1 only {auc:.3f}"

@@ -49,12 +49,15 @@ def test_idle_threads_do_not_spin_unless_asked(proxy_bundle, ort_logits):
         except RuntimeError:  # not set: ONNX Runtime's default, which spins
             return None
 
-    for spinning, want in ((False, "0"), (True, None)):
+    for spinning, want, stop in ((False, "0", None), (True, None, None), ("run", None, "1")):
         backend = OnnxBackend(Bundle.load(proxy_bundle), intra_op_threads=2, spinning=spinning)
         opts = backend.session.get_session_options()
         assert entry(opts, "session.intra_op.allow_spinning") == want
+        assert entry(opts, "session.force_spinning_stop") == stop  # "run": spin only while a run is in progress
         np.testing.assert_array_equal(backend.infer(x), ort_logits(x))  # same answers either way
         backend.close()
+    with pytest.raises(ValueError, match="spinning must be false, true or 'run'"):
+        OnnxBackend(Bundle.load(proxy_bundle), spinning="always")
 
 
 def test_features_without_a_features_output_is_a_clear_error(proxy_bundle, tmp_path):
