@@ -295,7 +295,11 @@ class ProxyServer:
             max_queue_delay_s=b.max_queue_delay_ms / 1000.0, max_queue_items=b.max_queue_items,
             max_queue_wait_s=None if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1000.0,
             on_batch=self._on_batch, workers=b.resolved_workers(cfg.backend.kind),
-            thread_nice=cfg.server.compute_nice, front=self._front_half if b.overlap_front else None,
+            # an upstream backend's batch workers wait on the network: at a lower priority each of their
+            # wake-ups would queue behind every other process on the cores (the upstream's included), a
+            # latency the loop gains nothing from; local sessions' pools keep compute_nice (proxy/serve.py)
+            thread_nice=0 if cfg.backend.kind == "upstream" else cfg.server.compute_nice,
+            front=self._front_half if b.overlap_front else None,
             rows=_share,
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
