@@ -135,7 +135,8 @@ class ServerConfig(_Strict):
         "backend.kind upstream the batch workers, which wait on the network, keep the loop's priority"))
     workers: int | None = Field(None, ge=1, description=(
         "serving processes on the one port, each with its own event loop, batcher and backend sessions "
-        "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given; 1 = one process"))
+        "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given, or 1 when any stage or the backend runs on a GPU; "
+        "1 = one process"))
 
     @model_validator(mode="after")
     def _admin_guarded(self) -> "ServerConfig":

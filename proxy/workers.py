@@ -77,8 +77,34 @@ def default_workers() -> int:
     return max(1, n)
 
 
+def gpu_devices(cfg: ProxyConfig) -> list[str]:
+    """The config keys that put work on a CUDA device (``auto`` counts when torch sees one)."""
+    keys = {"pipeline.device": cfg.pipeline.device, "backend.onnxruntime.device": (
+        cfg.backend.onnxruntime.device if cfg.backend.kind == "onnxruntime" else None),
+        "backend.torch.device": cfg.backend.torch.device if cfg.backend.kind == "torch" else None}
+    keys.update({f"pipeline.stages[{s.name}].device": s.device for s in cfg.pipeline.stages})
+    if "auto" in keys.values():
+        import torch  # only to resolve "auto"; the serving process imports it anyway
+
+        cuda = torch.cuda.is_available()
+        keys = {k: ("cuda" if cuda else "cpu") if v == "auto" else v for k, v in keys.items()}
+    return [k for k, v in keys.items() if v == "cuda"]
+
+
 def resolved_workers(cfg: ProxyConfig) -> int:
-    return cfg.server.workers if cfg.server.workers is not None else default_workers()
+    """``server.workers``, else one process when any work is on a GPU, else the cores.
+
+    On a GPU one process batches for the device: N processes would hold N CUDA contexts and the
+    models N times in device memory and split the traffic into N smaller batches, which is what a
+    GPU serves worst; the event loop's CPU is rarely the limit there. Set ``server.workers`` to
+    override (e.g. when decode, not the GPU, is the limit)."""
+    if cfg.server.workers is not None:
+        return cfg.server.workers
+    gpu = gpu_devices(cfg)
+    if gpu:
+        log.info("server.workers: 1 (work on a GPU: %s); set server.workers to run more processes", ", ".join(gpu))
+        return 1
+    return default_workers()
 
 
 def _free_port(host: str, port: int) -> int:

@@ -54,7 +54,7 @@ def config_for(preset: str, device: str, bundle: Path, overrides: list[str]) -> 
     cfg = yaml.safe_load((REPO / "deploy" / "default.yaml").read_text())
     cfg["bundle"] = str(bundle)
     cfg["server"] = {**cfg.get("server", {}), "host": "127.0.0.1", "port": 0, "metrics_port": 0,
-                     "metrics_host": "127.0.0.1", "grace_s": 2}
+                     "metrics_host": "127.0.0.1", "grace_s": 2, "workers": 1}  # one process batches for the device
     cfg["backend"] = {"kind": "torch", "torch": {"device": device}}
     if preset == "default":
         stages = [{**s, "params": {**s.get("params", {}), "runtime": "torch"}} for s in cfg["pipeline"]["stages"]]

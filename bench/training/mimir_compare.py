@@ -351,6 +351,11 @@ def compare(args: argparse.Namespace) -> int:
     images in chunks, every model on the same chunk, for as many chunks as the budget leaves (at
     least one): all arms are always scored on the same images. A report is written after every
     model and every chunk, so a run stopped from outside still leaves its results."""
+    # what the evaluation needs, checked before minutes of training (a GPU run once lost its
+    # evaluation to a missing torchattacks after all eight models had trained)
+    import scipy.stats  # noqa: F401  (McNemar)
+    import torchattacks  # noqa: F401
+
     run = Run(args)
     lam = _chosen_lam(args)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from replica import WORKERS, Replica  # tests/helpers
 from scrape import scrape  # tests/helpers
-from robustgate.proxy.workers import cgroup_cpus, default_workers, worker_config
+from robustgate.proxy.workers import cgroup_cpus, default_workers, gpu_devices, resolved_workers, worker_config
 from robustgate.proxy.config import load_config
 
 
@@ -141,6 +141,28 @@ def test_default_workers_are_the_cores_capped_by_the_cgroup_quota(tmp_path):
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert cgroup_cpus(tmp_path) is None
     assert cgroup_cpus(tmp_path / "none") is None
+
+
+def test_a_pipeline_on_a_gpu_defaults_to_one_process_and_an_explicit_count_wins(tmp_path, proxy_bundle):
+    """No CUDA is needed: the choice reads the config; "auto" resolves to what torch sees."""
+    import torch
+
+    cpu = load_config(_write(tmp_path, {"bundle": str(proxy_bundle)}))
+    assert gpu_devices(cpu) == [] and resolved_workers(cpu) == default_workers()
+    on_gpu = load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "pipeline": {"device": "cuda"}}))
+    assert gpu_devices(on_gpu) == ["pipeline.device"] and resolved_workers(on_gpu) == 1
+    backend = load_config(_write(tmp_path, {"bundle": str(proxy_bundle),
+                                            "backend": {"kind": "torch", "torch": {"device": "cuda"}}}))
+    assert gpu_devices(backend) == ["backend.torch.device"] and resolved_workers(backend) == 1
+    # a device key of a backend that is not the one in use does not count
+    unused = load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "backend": {
+        "kind": "upstream", "onnxruntime": {"device": "cuda"}}}))
+    assert gpu_devices(unused) == []
+    auto = load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "pipeline": {"device": "auto"}}))
+    assert resolved_workers(auto) == (1 if torch.cuda.is_available() else default_workers())
+    explicit = load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "pipeline": {"device": "cuda"},
+                                             "server": {"workers": 3}}))
+    assert resolved_workers(explicit) == 3
 
 
 def test_worker_config_shares_the_port_and_gives_the_admin_port_to_worker_0(tmp_path, proxy_bundle):

@@ -1,0 +1,198 @@
+"""Issue 22's targets: query-only attacks through a live proxy, undefended vs the default pipeline.
+
+    python bench/redteam/endpoint.py --bundle BUNDLE [--n 200] [--budgets 5000] \\
+        [--attacks square,hopskipjump,...] [--arms undefended,defended] [--pipeline deploy/default.yaml] \\
+        [--surrogate bundles/default] --out bench/results/redteam.endpoint
+
+For each arm a real ``robustgate serve`` (bench/hardening/common.Serve, loopback, in-process ONNX
+Runtime) serves BUNDLE: ``undefended`` with no stage, ``defended`` with the stages of
+``--pipeline`` (deploy/default.yaml: what a user gets without writing a config); then the user's
+command, ``robustgate eval --threat endpoint --url ...``, attacks it (attacks/endpoint_redteam.py:
+ART's Square and HopSkipJump, the stateful-defense adaptations, a transfer attack from
+``--surrogate``) and, on the defended arm, runs the benign streams. BUNDLE should be the usual
+customer's model: standard-trained (``robustgate train --method standard`` or an imported one,
+e.g. bench/byo/example.py's), with the pipeline's defenses fitted for it (``robustgate fit``).
+
+Results: OUT.json (both arms' reports whole, the targets) and OUT.md (one table per arm, targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench" / "hardening"))
+from common import Serve, machine  # noqa: E402  (bench/hardening/common.py)
+
+ARMS = ("undefended", "defended")
+TARGET_BUDGET = 5000
+
+
+def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int) -> dict:
+    """The served config: ``--pipeline``'s stages (none undefended) over BUNDLE, one process."""
+    cfg = yaml.safe_load(pipeline.read_text())
+    cfg["bundle"] = str(bundle.resolve())
+    cfg.setdefault("server", {})["workers"] = 1  # one history: the memory store is per process
+    cfg["backend"] = {"kind": "onnxruntime", "onnxruntime": {"intra_op_threads": threads}}
+    if arm == "undefended":
+        cfg["pipeline"] = {**cfg.get("pipeline", {}), "stages": []}
+    return cfg
+
+
+def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
+    """One arm: serve, attack, read the report (``--reuse``: an arm already in ``--work`` is read)."""
+    if args.reuse and (work / f"{arm}.done.json").is_file():
+        print(f"[{arm}] reusing {done}", flush=True)
+        return json.loads((work / f"{arm}.done.json").read_text())
+    cfg_path = work / f"{arm}.yaml"
+    cfg_path.write_text(yaml.safe_dump(arm_config(arm, args.bundle, args.pipeline, args.threads), sort_keys=False))
+    out = work / arm
+    (work / f"{arm}-serve").mkdir(parents=True, exist_ok=True)
+    serve = Serve(cfg_path, workdir=work / f"{arm}-serve")
+    try:
+        cmd = [str(Path(sys.executable).with_name("robustgate")), "eval", "--threat", "endpoint",
+               "--url", serve.url, "--bundle", str(args.bundle), "--attacks", args.attacks,
+               "--queries", args.budgets, "--n", str(args.n), "--benign-n", str(args.benign_n),
+               "--benign-clients", str(args.benign_clients), "--eps", str(args.eps), "--out", str(out)]
+        if args.surrogate and "transfer" in args.attacks.split(","):
+            cmd += ["--surrogate", str(args.surrogate)]
+        if arm == "undefended":
+            cmd.append("--no-benign")  # no stage: nothing to refuse
+        if not args.progress:
+            cmd.append("--no-progress")
+        print(f"[{arm}] {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        report = json.loads((out / "results.json").read_text())
+        report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        report["served_config"] = serve.config
+        (work / f"{arm}.done.json").write_text(json.dumps(report, default=str))
+        return report
+    finally:
+        serve.stop()
+
+
+def _cell(report: dict, attack: str, budget: int) -> dict | None:
+    return next((c for c in report.get("cells", []) if c["attack"] == attack and c["budget"] == budget
+                 and c.get("status") == "done"), None)
+
+
+def targets(arms: dict[str, dict]) -> list[dict]:
+    """Issue 22's target lines that these arms measure (a line is absent when its cell did not run)."""
+    rows = []
+    und, dfd = arms.get("undefended"), arms.get("defended")
+    for attack in ("square", "hopskipjump"):
+        if und and (c := _cell(und, attack, TARGET_BUDGET)):
+            s = c["metrics"]["attack_success_rate"]
+            rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, undefended: success >= 80%",
+                         "value": f"{100 * s:.1f}%", "met": s >= 0.80})
+        if dfd and (c := _cell(dfd, attack, TARGET_BUDGET)):
+            m = c["metrics"]
+            rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: success <= 10%",
+                         "value": f"{100 * m['attack_success_rate']:.1f}%", "met": m["attack_success_rate"] <= 0.10})
+            q = m["queries_to_first_detection_median"]
+            rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: median queries to "
+                                   f"detection <= 50", "value": "never detected" if q is None else f"{q:g}",
+                         "met": q is not None and q <= 50})
+    if dfd and dfd.get("benign"):
+        b = dfd["benign"]
+        worst_q = max(v["refused_share"] for v in b.values())
+        worst_c = max(v["clients_ever_blocked_share"] for v in b.values())
+        rows.append({"target": "benign streams: queries refused <= 0.5% (worst stream)",
+                     "value": f"{100 * worst_q:.2f}%", "met": worst_q <= 0.005})
+        rows.append({"target": "benign streams: clients ever blocked <= 0.1% (worst stream)",
+                     "value": f"{100 * worst_c:.2f}%", "met": worst_c <= 0.001})
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Query-only attacks through a live proxy: undefended vs the default pipeline\n",
+             f"Command: `{result['command']}` ({result['started_utc']}, revision {result['machine']['robustgate_revision']}).\n",
+             f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; client and proxy on the same "
+             f"machine, loopback gRPC. Bundle `{result['bundle']}` ({result['bundle_note']}); "
+             f"defended pipeline: the stages of `{result['pipeline']}`: "
+             f"{', '.join(s['name'] + ' (' + s['kind'] + ', ' + s.get('action', 'reject') + ')' for s in result['defended_stages']) or 'none'}.\n",
+             "Success: the attacker received an accepted answer with a wrong label for a query within "
+             f"l∞ ε = {result['eps']} of the clean image (attacks/endpoint_redteam.py). Each image's attack is a "
+             "fresh client identity (Sybil: several); a blocked attack stops.\n"]
+    for arm, rep in result["arms"].items():
+        lines += [f"## {arm} ({rep['wall_seconds']:.0f} s)\n",
+                  "| attack | budget | n | success | detected | median queries to detection | completed before detection | median queries to success | attack queries |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for c in rep["cells"]:
+            if c.get("status") != "done":
+                lines.append(f"| {c['attack']} | {c['budget']} | | {c.get('status')}: {c.get('reason', '')} | | | | | |")
+                continue
+            m = c["metrics"]
+            q = m["queries_to_first_detection_median"]
+            qs = m["queries_to_success_median"]
+            lines.append(f"| {c['attack']} | {c['budget']} | {m['n']} | {100 * m['attack_success_rate']:.1f}% | "
+                         f"{100 * m['detected_share']:.1f}% | {'-' if q is None else f'{q:g}'} | "
+                         f"{100 * m['completed_before_detection_share']:.1f}% | {'-' if qs is None else f'{qs:g}'} | "
+                         f"{m['attack_queries']:,} |")
+        if rep.get("benign"):
+            lines += ["", "Benign streams (no attack; each stream over its clients):", "",
+                      "| stream | queries | clients | refused | detected | clients ever blocked |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            for name, v in rep["benign"].items():
+                lines.append(f"| {name} | {v['queries']:,} | {v['clients']} | {100 * v['refused_share']:.2f}% | "
+                             f"{100 * v['detected_share']:.2f}% | {100 * v['clients_ever_blocked_share']:.2f}% |")
+        lines.append("")
+    lines += ["## Targets (issue 22)\n", "| target | value | met |", "| --- | --- | --- |"]
+    lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, required=True, help="the served bundle (standard-trained, defenses fitted)")
+    ap.add_argument("--bundle-note", default="", help="how the bundle was made (goes into the report)")
+    ap.add_argument("--pipeline", type=Path, default=ROOT / "deploy" / "default.yaml")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--attacks", default="square,hopskipjump")
+    ap.add_argument("--budgets", default=str(TARGET_BUDGET), help="comma-separated query budgets")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--benign-n", type=int, default=1000)
+    ap.add_argument("--benign-clients", type=int, default=100)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--surrogate", type=Path, help="bundle whose backbone the transfer attack uses")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the proxy")
+    ap.add_argument("--work", type=Path, help="folder for the configs, logs and raw reports (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read an arm that a run with the same --work already finished instead of rerunning it")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "redteam.endpoint")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    if set(arms) - set(ARMS):
+        ap.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}; known: {', '.join(ARMS)}")
+    import tempfile
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="robustgate-endpoint-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    reports = {arm: run_arm(arm, args, work) for arm in arms}
+    defended_cfg = yaml.safe_load(args.pipeline.read_text())
+    result = {
+        "command": "python bench/redteam/endpoint.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started_utc": started, "machine": machine(), "bundle": str(args.bundle), "bundle_note": args.bundle_note,
+        "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
+        "defended_stages": defended_cfg.get("pipeline", {}).get("stages", []), "eps": args.eps, "arms": reports,
+    }
+    result["targets"] = targets(reports)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str))
+    Path(f"{args.out}.md").write_text(markdown(result))
+    print(f"wrote {args.out}.json and {args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
