@@ -46,6 +46,7 @@ import os
 import re
 from functools import cached_property
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
@@ -54,7 +55,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from robustgate.defenses.base import Classifier, Defense, Detector, Ensemble, build_from_bundle
-from robustgate.defenses.pipeline import DefendedModel, PipelineResult, Stage, is_stateful, split_stages
+from robustgate.defenses.pipeline import ACCEPTED, DefendedModel, PipelineResult, Stage, act, is_stateful, split_stages
 
 if TYPE_CHECKING:  # the backend interface lives with the transport; only its methods are used here
     from robustgate.proxy.backends.base import Backend
@@ -273,6 +274,7 @@ class PipelineRunner:
         self.fused = self._fuse()
         # whether the batch has a front half worth a thread of its own (:meth:`prepare`); asked per batch
         self.has_purifiers = bool(split_stages(self.stages)[1])
+        self.fused_only = self._fused_only()
 
     def _fuse(self):
         """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score
@@ -283,6 +285,40 @@ class PipelineRunner:
             return None
         models = {s.name: m for s in detectors if (m := s.defense.onnx_score_model()) is not None}
         return self.backend.fused_pass(models) if models else None
+
+    def _fused_only(self) -> bool:
+        """Whether the whole pipeline is the fused pass: every stage a detector whose score the fused
+        session computes and whose verdict is the base rule (score > threshold), on the CPU -- the
+        shipped default. Such a batch runs through :meth:`_run_fused` instead of DefendedModel."""
+        fused = set(self.fused.stages) if self.fused is not None else set()
+        return self.device == "cpu" and bool(self.stages) and all(
+            s.name in fused and isinstance(s.defense, Detector)
+            and type(s.defense).is_adversarial is Detector.is_adversarial for s in self.stages)
+
+    def _run_fused(self, x: np.ndarray | torch.Tensor, clients: list[str] | None) -> PipelineResult:
+        """DefendedModel's result for a pipeline that is only fused detectors (:meth:`_fused_only`):
+        one session call, then each stage's threshold and action on its score (pipeline.act), in
+        numpy -- without a per-batch model, generator and the torch round trips of the general path,
+        a few dozen tensor calls that each release and retake the GIL while the event loop wants it.
+        Equal to the general path's result (tests/defenses/test_pipeline_fused.py)."""
+        arr = x.detach().to("cpu", torch.float32).numpy() if isinstance(x, torch.Tensor) else x
+        n = arr.shape[0]
+        if clients is not None and len(clients) != n:
+            raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
+        t0 = time.perf_counter()
+        logits, _, fused = self.fused(arr)  # [N, K], -, {stage: [N]}
+        seconds = {"classify": time.perf_counter() - t0}
+        verdict, reason = [ACCEPTED] * n, [None] * n
+        scores, thresholds = {}, {}
+        for stage in self.stages:
+            s = fused[stage.name].reshape(n).astype(np.float32, copy=False)  # [N]
+            scores[stage.name] = torch.from_numpy(s)
+            if stage.defense.threshold is None:
+                continue
+            thresholds[stage.name] = t = float(stage.defense.threshold)
+            act(stage, np.flatnonzero(s > t).tolist(), verdict, reason)  # float32 > t, as the tensor comparison
+        return PipelineResult(logits=torch.from_numpy(logits), verdict=torch.tensor(verdict, dtype=torch.int64),
+                              reason=reason, scores=scores, thresholds=thresholds, seconds=seconds)
 
     @property
     def detector_names(self) -> tuple[str, ...]:
@@ -378,6 +414,8 @@ class PipelineRunner:
                  clients: list[str] | None = None) -> PipelineResult:
         """``x`` ``[N, C, H, W]`` float32 (validated by the codec) -> the pipeline's result (on the host).
         ``clients``: one identity per item (proxy/identity.py) for the stateful stages; None skips them."""
+        if self.fused_only:
+            return self._run_fused(x, clients)
         with torch.no_grad():
             return self._on_host(self._model(timeout)(self._input(x), generator=self.generator(), clients=clients))
 

@@ -106,6 +106,17 @@ class Front:
     blocked: list[float | None] = field(default_factory=list)
 
 
+def act(stage: Stage, hits: list[int], verdict, reason: list[str | None]) -> None:
+    """A detector stage's action on the items ``hits`` (score over its threshold): ``reject`` makes
+    them REJECTED (the first rejecting stage is the reason), ``flag`` FLAGGED unless rejected or
+    flagged already, ``log`` nothing. ``verdict``: ``[N]`` codes, a tensor or a list, updated in place."""
+    for i in hits:
+        if stage.action == "reject" and verdict[i] != REJECTED:
+            verdict[i], reason[i] = REJECTED, stage.name
+        elif stage.action == "flag" and verdict[i] == ACCEPTED:
+            verdict[i], reason[i] = FLAGGED, stage.name
+
+
 def is_stateful(defense: Defense) -> bool:
     """A stateful detector: scores a client's stream with ``observe`` (defenses/stateful/base.py)."""
     return defense.role == "detector" and hasattr(defense, "observe") and not isinstance(defense, Detector)
@@ -268,12 +279,7 @@ class DefendedModel:
             if det.threshold is None:
                 continue
             thresholds[stage.name] = float(det.threshold)
-            hit = det.is_adversarial(s)
-            for i in torch.nonzero(hit).flatten().tolist():
-                if stage.action == "reject" and verdict[i] != REJECTED:
-                    verdict[i], reason[i] = REJECTED, stage.name
-                elif stage.action == "flag" and verdict[i] == ACCEPTED:
-                    verdict[i], reason[i] = FLAGGED, stage.name
+            act(stage, torch.nonzero(det.is_adversarial(s)).flatten().tolist(), verdict, reason)
 
         # 1b. stateful stages on the raw input, per client in arrival order
         if clients is not None:

@@ -57,10 +57,11 @@ import asyncio
 import collections
 import functools
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -112,6 +113,66 @@ def slice_result(r: PipelineResult, a: int, b: int) -> PipelineResult:
     )
 
 
+class _Threads:
+    """``size`` threads that run jobs from one queue, each result handed back to the event loop
+    with one ``call_soon_threadsafe``: what ``loop.run_in_executor`` does, without the
+    ``concurrent.futures.Future``, the work item and the chained asyncio future it makes per job
+    (written here because a batch's two hand-offs were a per-batch cost on the event loop).
+    Started at the first job; :meth:`shutdown` lets queued jobs finish and joins the threads."""
+
+    def __init__(self, size: int, name: str, nice: int = 0):
+        self.size, self.name, self.nice = size, name, nice
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def run(self, loop: asyncio.AbstractEventLoop, fn: Callable, *args) -> asyncio.Future:
+        """``fn(*args)`` in one of the threads; the future settles with its result or exception."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._work, name=f"{self.name}_{i}", daemon=True)
+                             for i in range(self.size)]
+            for t in self._threads:
+                t.start()
+        future = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        lower_this_thread(self.nice)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            loop, future, fn, args = job
+            del job
+            if future.cancelled():  # its batch was given up before it started (the batcher stopping)
+                continue
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+                pass
+            del loop, future, fn, args, result, error
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled while the job ran
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class Batcher:
     """Args:
         run: ``(x [M, C, H, W] float32, timeout_s | None) -> PipelineResult``, synchronous.
@@ -124,6 +185,8 @@ class Batcher:
         front: asked before each batch is collected (module docstring, "Front halves"): the batch's
             front half, ``x -> finish(timeout) -> PipelineResult``, run in a thread of its own, or
             None to run the batch whole with ``run``. None: every batch runs whole.
+        rows: ``(result, a, b) -> what submit() returns for the request holding rows a:b`` (default
+            :func:`slice_result`; the server hands out ``(result, a, b)`` itself).
     """
 
     def __init__(
@@ -139,6 +202,7 @@ class Batcher:
         clock: Callable[[], float] = time.monotonic,
         thread_nice: int = 0,
         front: Callable[[], Callable[[np.ndarray], Callable[[float | None], PipelineResult]] | None] | None = None,
+        rows: Callable[[Any, int, int], Any] = slice_result,
     ):
         if max_batch_size < 1 or max_queue_items < 1 or max_queue_delay_s < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue_items and workers must be >= 1 and max_queue_delay_s >= 0")
@@ -159,12 +223,11 @@ class Batcher:
         self.workers = workers
         self._slots: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustgate-batch",
-                                            initializer=lower_this_thread, initargs=(thread_nice,))
+        self._threads = _Threads(workers, "robustgate-batch", thread_nice)
         self.front = front
+        self.rows = rows
         self._front_slot: asyncio.Semaphore | None = None
-        self._front_executor = None if front is None else ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="robustgate-front", initializer=lower_this_thread, initargs=(thread_nice,))
+        self._front_threads = None if front is None else _Threads(1, "robustgate-front", thread_nice)
         self._last_arrival: float | None = None
         self._gap_s = float("inf")  # moving average of the time between arrivals; inf = no history yet
         self.closed_early = 0  # batches run before the delay ended because no company was expected
@@ -244,9 +307,9 @@ class Batcher:
             if not p.future.done():
                 p.future.set_exception(BatcherClosed("the server is shutting down"))
         self._depth = 0
-        self._executor.shutdown(wait=True)
-        if self._front_executor is not None:
-            self._front_executor.shutdown(wait=True)
+        self._threads.shutdown()
+        if self._front_threads is not None:
+            self._front_threads.shutdown()
 
     async def submit(self, x: np.ndarray, deadline: float | None = None,
                      client: str | None = None) -> tuple[PipelineResult, float]:
@@ -364,7 +427,7 @@ class Batcher:
                 if front is None:
                     run = functools.partial(self.run, x, **named)
                 else:  # finish(timeout)
-                    run = await loop.run_in_executor(self._front_executor, functools.partial(front, x, **named))
+                    run = await self._front_threads.run(loop, functools.partial(front, x, **named))
                 if fronted:
                     await self._slots.acquire()
                     holds_worker = True
@@ -377,7 +440,7 @@ class Batcher:
                 # its own client gives up at its deadline and gRPC answers it DEADLINE_EXCEEDED
                 deadlines = [p.deadline for p in batch]
                 timeout = None if None in deadlines else max(0.0, max(deadlines) - self.clock())
-                result = await loop.run_in_executor(self._executor, run, timeout)
+                result = await self._threads.run(loop, run, timeout)
             except asyncio.CancelledError:
                 _fail(batch, BatcherClosed("the server is shutting down"))
                 raise
@@ -393,7 +456,7 @@ class Batcher:
             for p in batch:
                 b = a + p.n
                 if not p.future.done():
-                    p.future.set_result(slice_result(result, a, b))
+                    p.future.set_result(self.rows(result, a, b))
                 a = b
         finally:
             if holds_front:

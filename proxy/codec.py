@@ -35,6 +35,7 @@ VERDICT_NAMES = ("accepted", "flagged", "rejected")
 _DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 _TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 _INF = float("inf")
+MAX_RESPONSE_HEADS = 1024
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # the ufuncs themselves: numpy's min()/max() wrappers cost more than a 784-value reduction
 _CONTENT_FIELDS = (
     "bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
@@ -72,6 +73,13 @@ class InputContract:
             names.append(RADIUS_OUTPUT)
         return tuple(names)
 
+    @functools.cached_property
+    def response_heads(self) -> dict[tuple, bytes]:
+        """:func:`encode_infer_bytes`' cache: the serialized fixed part of a raw answer by (version,
+        outputs, N, K); at most MAX_RESPONSE_HEADS entries (a client choosing odd output lists and
+        batch sizes cannot grow it without bound)."""
+        return {}
+
 
 @dataclass
 class Decoded:
@@ -91,6 +99,7 @@ class Answer:
     reasons: list[str | None]
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> [N]
     radius: np.ndarray | None = None  # [N]
+    verdict_names: list[str] | None = None  # VERDICT_NAMES of ``verdict`` when already known
 
 
 def check_model(name: str, version: str, contract: InputContract) -> None:
@@ -241,6 +250,49 @@ def encode_infer(
             out.contents.fp32_contents.extend(arr.reshape(-1).tolist())
         else:
             out.contents.int_contents.extend(arr.reshape(-1).tolist())
-    resp.parameters[VERDICTS_PARAM].string_param = ",".join([VERDICT_NAMES[v] for v in np.asarray(answer.verdict).tolist()])
-    resp.parameters[REASONS_PARAM].string_param = ",".join(r or "" for r in answer.reasons)
+    _set_verdict_params(resp, answer)
     return resp
+
+
+def _set_verdict_params(resp: pb.ModelInferResponse, answer: Answer) -> None:
+    names = answer.verdict_names
+    if names is None:
+        names = [VERDICT_NAMES[v] for v in np.asarray(answer.verdict).tolist()]
+    resp.parameters[VERDICTS_PARAM].string_param = ",".join(names)
+    resp.parameters[REASONS_PARAM].string_param = ",".join([r or "" for r in answer.reasons])
+
+
+def encode_infer_bytes(decoded: Decoded, answer: Answer, contract: InputContract, model_version: str = "") -> bytes:
+    """:func:`encode_infer`'s response, serialized: the bytes the server sends. A raw answer is its
+    fixed part (model name and version, each output's name, datatype and shape), serialized once
+    per (version, outputs, N, K) and cached on ``contract``, followed by a small message with what
+    changes per request (id, parameters, raw contents): protobuf parses the concatenation of two
+    serialized messages as their merge (repeated fields appended, maps merged), so a client reads
+    exactly :func:`encode_infer`'s message, without the server building the outputs' message objects
+    for every answer. A typed answer is :func:`encode_infer`'s, serialized."""
+    if not decoded.raw:
+        return encode_infer(decoded, answer, contract, model_version).SerializeToString()
+    n, k = answer.logits.shape
+    key = (model_version, decoded.outputs, n, k)
+    head = contract.response_heads.get(key)
+    if head is None:
+        fixed = pb.ModelInferResponse(model_name=contract.model_name, model_version=model_version)
+        for name in decoded.outputs:
+            datatype, shape = ("FP32", [n, k]) if name == contract.logits_output else (
+                ("INT32", [n]) if name == VERDICT_OUTPUT else ("FP32", [n]))
+            fixed.outputs.add(name=name, datatype=datatype, shape=shape)
+        head = fixed.SerializeToString()
+        if len(contract.response_heads) < MAX_RESPONSE_HEADS:
+            contract.response_heads[key] = head
+    contents = []
+    for name in decoded.outputs:
+        if name == contract.logits_output:
+            contents.append(np.ascontiguousarray(answer.logits, dtype="<f4").tobytes())
+        elif name == VERDICT_OUTPUT:
+            contents.append(np.asarray(answer.verdict, dtype="<i4").tobytes())
+        else:
+            v = answer.radius if name == RADIUS_OUTPUT else answer.scores.get(name[len(SCORE_PREFIX):])
+            contents.append(np.full(n, np.nan, "<f4").tobytes() if v is None else np.asarray(v, dtype="<f4").tobytes())
+    tail = pb.ModelInferResponse(id=decoded.request_id, raw_output_contents=contents)
+    _set_verdict_params(tail, answer)
+    return head + tail.SerializeToString()

@@ -131,7 +131,8 @@ class ServerConfig(_Strict):
         "trusted clients only (an evasion oracle otherwise): turn it on together with server.auth"))
     compute_nice: int = Field(10, ge=0, le=19, description=(
         "niceness added to the threads that compute batches (batch workers, ONNX Runtime's pools), so that the "
-        "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off"))
+        "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off. With "
+        "backend.kind upstream the batch workers, which wait on the network, keep the loop's priority"))
     workers: int | None = Field(None, ge=1, description=(
         "serving processes on the one port, each with its own event loop, batcher and backend sessions "
         "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given, or 1 when any stage or the backend runs on a GPU; "

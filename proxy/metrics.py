@@ -239,12 +239,20 @@ class Metrics:
         self.encode_duration = self.stage_duration.labels(stage="encode")
         self._outcomes = {outcome: self.requests.labels(outcome=outcome) for outcome in OUTCOMES}
         self._verdict_items = {verdict: self.items.labels(verdict=verdict) for verdict in ("accepted", "flagged", "rejected")}
+        self._stages: dict = {}  # stage -> robustgate_stage_duration_seconds{stage} child (see stage_child)
         self._http = None
 
     def outcome_counter(self, outcome: str):
         """``robustgate_requests_total{outcome=...}``'s child (cached for the OUTCOMES)."""
         child = self._outcomes.get(outcome)
         return child if child is not None else self.requests.labels(outcome=outcome)
+
+    def stage_child(self, stage: str):
+        """``robustgate_stage_duration_seconds{stage=...}``'s child (cached; observed per batch)."""
+        child = self._stages.get(stage)
+        if child is None:
+            child = self._stages[stage] = self.stage_duration.labels(stage=stage)
+        return child
 
     def verdict_items(self, verdict: str):
         """``robustgate_items_total{verdict=...}``'s child (cached)."""

@@ -41,7 +41,7 @@ from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, Ten
 from robustgate.proxy.batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
 from robustgate.proxy.codec import (
     RADIUS_OUTPUT, SCORE_PREFIX, VERDICT_OUTPUT, VERDICT_NAMES, Answer, InputContract, ProtocolError,
-    check_model, decode_infer, encode_infer,
+    check_model, decode_infer, encode_infer_bytes,
 )
 from robustgate.proxy.config import ProxyConfig
 from robustgate.proxy.metrics import Metrics
@@ -50,7 +50,7 @@ from robustgate.proxy.triton_compat import model_config_handler
 from robustgate.proxy.identity import call_identity
 from robustgate.proxy.ratelimit import ClientLimiter
 from robustgate.proxy.verdicts import (  # noqa: F401
-    _OUTCOME_BY_CODE, _Failure, apply_outputs, blocked, limited, outcome, rejection, verdict_answer,
+    _OUTCOME_BY_CODE, BatchAnswer, _Failure, apply_outputs, blocked, limited, outcome, rejection, verdict_answer,
 )
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
@@ -166,12 +166,17 @@ def add_inference_service(servicer: "InferenceServicer", server: grpc.aio.Server
         return handler
 
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(parsing(name, req), response_serializer=resp.SerializeToString)
+        name: grpc.unary_unary_rpc_method_handler(parsing(name, req), response_serializer=_serialize)
         for name, (req, resp) in _RPC_TYPES.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _serialize(response) -> bytes:
+    """A response message, or one serialized already (ModelInfer's answers: codec.encode_infer_bytes)."""
+    return response if type(response) is bytes else response.SerializeToString()
 
 
 def admin_handler(proxy: "ProxyServer") -> grpc.GenericRpcHandler:
@@ -290,7 +295,12 @@ class ProxyServer:
             max_queue_delay_s=b.max_queue_delay_ms / 1000.0, max_queue_items=b.max_queue_items,
             max_queue_wait_s=None if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1000.0,
             on_batch=self._on_batch, workers=b.resolved_workers(cfg.backend.kind),
-            thread_nice=cfg.server.compute_nice, front=self._front_half if b.overlap_front else None,
+            # an upstream backend's batch workers wait on the network: at a lower priority each of their
+            # wake-ups would queue behind every other process on the cores (the upstream's included), a
+            # latency the loop gains nothing from; local sessions' pools keep compute_nice (proxy/serve.py)
+            thread_nice=0 if cfg.backend.kind == "upstream" else cfg.server.compute_nice,
+            front=self._front_half if b.overlap_front else None,
+            rows=_share,
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self.metrics.watch_stateful(runner.stateful_names)
@@ -324,8 +334,11 @@ class ProxyServer:
         """Binds the gRPC port and the metrics port; returns the bound gRPC port."""
         s = self.cfg.server
         limit = s.max_message_bytes
-        auth = BearerAuth(lambda: self._token, self.metrics.auth_failures.inc)
-        self.server = grpc.aio.server(interceptors=[auth], options=[
+        # the token check only where a token is configured: a reload re-reads the token file but
+        # cannot turn server.auth on (server settings need a restart), and an interceptor costs
+        # every call an extra coroutine
+        auth = BearerAuth(lambda: self._token, self.metrics.auth_failures.inc) if s.auth.enabled else None
+        self.server = grpc.aio.server(interceptors=[auth] if auth else None, options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
             # a second server on a taken port fails instead of sharing it -- unless this is one of
             # server.workers processes sharing the port (proxy/workers.py sets reuse_port)
@@ -369,11 +382,11 @@ class ProxyServer:
                         "thresholds in rejections (docs/OPERATIONS.md, 'Threat model')")
         return self.port
 
-    async def _start_admin(self, auth: "BearerAuth", creds: grpc.ServerCredentials | None) -> int:
+    async def _start_admin(self, auth: "BearerAuth | None", creds: grpc.ServerCredentials | None) -> int:
         """The admin service on its own port (server.admin.port, bound to server.admin.host: loopback
         unless the token guards it); the same token check and TLS as the inference port."""
         a = self.cfg.server.admin
-        self.admin_server = grpc.aio.server(interceptors=[auth], options=[("grpc.so_reuseport", 0)])
+        self.admin_server = grpc.aio.server(interceptors=[auth] if auth else None, options=[("grpc.so_reuseport", 0)])
         self.admin_server.add_generic_rpc_handlers((admin_handler(self),))
         address = f"{a.host}:{a.port}"
         try:
@@ -426,14 +439,22 @@ class ProxyServer:
             await self.server.wait_for_termination()
 
     # ---- hot reload ------------------------------------------------------------------------
-    def _run_batch(self, x: np.ndarray, timeout: float | None, clients: list[str] | None = None) -> PipelineResult:
-        """The batcher's ``run``: the current runner, read once per batch (a reload swaps it)."""
-        return self.runner(x, timeout, clients=clients)
+    def _run_batch(self, x: np.ndarray, timeout: float | None, clients: list[str] | None = None) -> BatchAnswer:
+        """The batcher's ``run`` (in its worker thread): the current runner, read once per batch (a
+        reload swaps it), its result as numpy for the requests' answers."""
+        return BatchAnswer.of(self.runner(x, timeout, clients=clients))
 
     def _front_half(self):
         """The batcher's ``front``: the current runner's ``prepare`` when it has purifiers, else None."""
         runner = self.runner
-        return runner.prepare if runner.has_purifiers else None
+        if not runner.has_purifiers:
+            return None
+
+        def prepare(x: np.ndarray, **named):
+            finish = runner.prepare(x, **named)
+            return lambda timeout: BatchAnswer.of(finish(timeout))
+
+        return prepare
 
     async def reload(self) -> dict:
         """Swaps in a re-read pipeline without dropping requests (proxy/reload.py ``reload``)."""
@@ -468,13 +489,14 @@ class ProxyServer:
             resp.outputs.add(name=RADIUS_OUTPUT, datatype="FP32", shape=[n])
         return resp
 
-    def _on_batch(self, n: int, result: PipelineResult) -> None:
+    def _on_batch(self, n: int, batch: BatchAnswer) -> None:
         m = self.metrics
         m.batch_size.observe(n)
+        result = batch.result
         for stage, seconds in result.seconds.items():
-            m.stage_duration.labels(stage=stage).observe(seconds)
-        for stage, scores in result.scores.items():
-            m.detector_score.observe_many(stage, scores.detach().cpu().numpy())
+            m.stage_child(stage).observe(seconds)
+        for stage, scores in batch.scores.items():
+            m.detector_score.observe_many(stage, scores)
         for stage in result.failed_stages:
             m.stage_failures.labels(stage=stage, policy=self.runner.failure_policy).inc()
         for stage in self.runner.stateful_names:
@@ -508,13 +530,13 @@ class ProxyServer:
                     return limited(refusal.message, refusal.retry_after_s), None
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
             try:
-                result, queued = await self.batcher.submit(decoded.x, deadline, client)
+                share, queued = await self.batcher.submit(decoded.x, deadline, client)
             except asyncio.CancelledError:  # grpc cancels the handler when the client's deadline passes
                 if deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
                     m.requests.labels(outcome="deadline_exceeded").inc()
                 raise
             m.queue_duration.observe(queued)
-            return self._respond(request, decoded, result, client)
+            return self._respond(request, decoded, share, client)
         except ProtocolError as exc:
             return _Failure(grpc.StatusCode[exc.code], exc.message, _OUTCOME_BY_CODE.get(exc.code, "invalid")), None
         except QueueFull as exc:
@@ -543,20 +565,32 @@ class ProxyServer:
             self.metrics.clients_blocked.labels(reason=stage).inc()
             log.info("client %s refused (%s): blocked by the stateful stage", client, stage)
 
-    def _respond(self, request: pb.ModelInferRequest, decoded, result: PipelineResult, client: str | None = None):
-        """Verdict semantics (proxy/verdicts.py) and encoding of one request's share of a batch result."""
+    def _respond(self, request: pb.ModelInferRequest, decoded, share: "Share", client: str | None = None):
+        """Verdict semantics (proxy/verdicts.py) and encoding of one request's share of a batch:
+        ``share`` = (the batch, its first row, its end row)."""
         t2 = time.perf_counter()
-        refused = blocked(result, time.time())
-        if refused is not None:
-            self._count_block(result, client)
-            return refused, None
-        failure, answer = verdict_answer(result, self.cfg.pipeline.verdict_mode, self.metrics, self.cfg.server.explain)
+        batch, a, b = share
+        if batch.any_blocked:
+            rows = batch.rows(a, b)
+            refused = blocked(rows, time.time())
+            if refused is not None:
+                self._count_block(rows, client)
+                return refused, None
+        failure, answer = verdict_answer(batch, a, b, self.cfg.pipeline.verdict_mode, self.metrics, self.cfg.server.explain)
         if failure is not None:
             return failure, None
         answer.logits = apply_outputs(answer.logits, self.cfg.outputs)
         version = request.model_version or self.contract.versions[0]
-        response = encode_infer(decoded, answer, self.contract, version)
+        response = encode_infer_bytes(decoded, answer, self.contract, version)
         m = self.metrics
         m.encode_duration.observe(time.perf_counter() - t2)
-        m.outcome_counter(outcome(answer.verdict)).inc()
+        m.outcome_counter(VERDICT_NAMES[max(batch.codes[a:b])]).inc()  # verdicts.outcome: the worst verdict
         return None, response
+
+
+Share = tuple[BatchAnswer, int, int]  # a request's rows [a, b) of its batch's answer
+
+
+def _share(batch: BatchAnswer, a: int, b: int) -> Share:
+    """The batcher's ``rows``: a request's share of its batch, without copying anything."""
+    return batch, a, b

@@ -35,6 +35,7 @@ import grpc
 import numpy as np
 
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
+from robustgate.proxy.batcher import slice_result
 from robustgate.proxy.codec import VERDICT_NAMES, Answer
 from robustgate.proxy.metrics import Metrics
 
@@ -74,29 +75,67 @@ def rejection(result: PipelineResult, i: int, explain: bool = False) -> _Failure
     return _Failure(grpc.StatusCode.PERMISSION_DENIED, message, "rejected", metadata)
 
 
-def verdict_answer(result: PipelineResult, verdict_mode: str, metrics: Metrics,
+@dataclass
+class BatchAnswer:
+    """One batch's :class:`PipelineResult` as numpy, made once per batch in its worker thread
+    (:meth:`of`); a request's answer is a row range ``[a, b)`` of it (the batcher hands each request
+    ``(batch, a, b)``), so the event loop converts no tensors and builds no per-request result."""
+
+    result: PipelineResult  # the batch's own (rejection details, blocks, stage times)
+    logits: np.ndarray  # [M, K] float32, the rows of rejected items NaN
+    verdict: np.ndarray  # [M] int64
+    codes: list[int]  # verdict as Python ints
+    names: list[str]  # VERDICT_NAMES[verdict] per item
+    reasons: list[str]  # the stage that flagged or rejected each item, "" when accepted
+    scores: dict[str, np.ndarray]  # detector stage -> [M] float32
+    radius: np.ndarray | None  # [M]
+    any_rejected: bool
+    any_blocked: bool
+
+    @classmethod
+    def of(cls, result: PipelineResult) -> "BatchAnswer":
+        verdict = result.verdict.numpy()  # [M] (on the host: the runner's result is)
+        codes = verdict.tolist()
+        rejected = REJECTED in codes
+        logits = result.logits.detach().cpu().numpy().astype(np.float32, copy=True)  # [M, K]
+        if rejected:
+            logits[verdict == REJECTED] = np.nan
+        return cls(
+            result=result, logits=logits, verdict=verdict, codes=codes, names=[VERDICT_NAMES[v] for v in codes],
+            reasons=[r or "" for r in result.reason],
+            scores={k: v.detach().cpu().numpy() for k, v in result.scores.items()},
+            radius=None if result.radius is None else result.radius.detach().cpu().numpy(),
+            any_rejected=rejected, any_blocked=any(e is not None for e in result.blocked),
+        )
+
+    def rows(self, a: int, b: int) -> PipelineResult:
+        """Rows ``a:b`` of the batch's PipelineResult (the rare paths: a rejection, a block)."""
+        return slice_result(self.result, a, b)
+
+
+def verdict_answer(batch: BatchAnswer, a: int, b: int, verdict_mode: str, metrics: Metrics,
                    explain: bool = False) -> tuple[_Failure | None, Answer | None]:
-    """One request's share of a batch result -> (the rejection, None) in request mode when an item
-    was rejected, else (None, the answer to encode: logits ``[N, K]`` with rejected rows NaN, the
-    verdicts ``[N]``, reasons, detector scores, radius). Counts items by verdict and rejections by
-    stage in ``metrics``."""
-    verdict = result.verdict.numpy()  # [N]
-    for v, count in enumerate(np.bincount(verdict, minlength=len(VERDICT_NAMES)).tolist()):
-        if count:  # one increment per verdict, not per item (~3.5 us each on the event loop)
-            metrics.verdict_items(VERDICT_NAMES[v]).inc(count)
-    rejected = np.flatnonzero(verdict == REJECTED)
-    # one increment per rejecting stage, not per item (an attack burst rejects whole batches)
-    for reason, count in (collections.Counter(result.reason[i] or "unknown" for i in rejected.tolist()).items()
-                          if rejected.size else ()):
-        metrics.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc(count)
-    if rejected.size and verdict_mode == "request":
-        return rejection(result, int(rejected[0]), explain), None
-    logits = result.logits.detach().cpu().numpy().astype(np.float32, copy=True)  # [N, K]
-    logits[rejected] = np.nan
+    """One request's share (rows ``a:b``) of a batch -> (the rejection, None) in request mode when
+    an item was rejected, else (None, the answer to encode: logits ``[N, K]`` with rejected rows NaN,
+    the verdicts ``[N]``, reasons, detector scores, radius). Counts items by verdict and rejections by stage in ``metrics``."""
+    codes = batch.codes[a:b]
+    if b - a == 1:
+        metrics.verdict_items(VERDICT_NAMES[codes[0]]).inc()
+    else:
+        for v in set(codes):  # one increment per verdict, not per item (~3.5 us each on the event loop)
+            metrics.verdict_items(VERDICT_NAMES[v]).inc(codes.count(v))
+    if batch.any_rejected and REJECTED in codes:
+        rows = batch.rows(a, b)
+        rejected = [i for i, v in enumerate(codes) if v == REJECTED]
+        # one increment per rejecting stage, not per item (an attack burst rejects whole batches)
+        for reason, count in collections.Counter(rows.reason[i] or "unknown" for i in rejected).items():
+            metrics.rejections.labels(detector=reason[: -len(" failed")] if reason.endswith(" failed") else reason).inc(count)
+        if verdict_mode == "request":
+            return rejection(rows, rejected[0], explain), None
     return None, Answer(
-        logits=logits, verdict=verdict, reasons=result.reason,
-        scores={k: v.detach().cpu().numpy() for k, v in result.scores.items()},
-        radius=None if result.radius is None else result.radius.detach().cpu().numpy(),
+        logits=batch.logits[a:b], verdict=batch.verdict[a:b], reasons=batch.reasons[a:b],
+        scores={k: v[a:b] for k, v in batch.scores.items()},
+        radius=None if batch.radius is None else batch.radius[a:b], verdict_names=batch.names[a:b],
     )
 
 
@@ -151,6 +190,4 @@ def apply_outputs(logits: np.ndarray, policy) -> np.ndarray:
 
 def outcome(verdict: np.ndarray) -> str:
     """The request's outcome label for ``robustgate_requests_total``: rejected, flagged or accepted."""
-    if (verdict == REJECTED).any():
-        return "rejected"
-    return "flagged" if (verdict != 0).any() else "accepted"
+    return VERDICT_NAMES[max(np.asarray(verdict).tolist())]  # the worst: REJECTED > FLAGGED > ACCEPTED

@@ -12,6 +12,12 @@ encodes its item's mean) for the scripted server -- so an answer handed to the w
 tests/proxy/ covers each fault with one request at a time (test_upstream_proxy.py: stopped and
 restarted, client deadline; test_upstream_backend.py: malformed answers, concurrent callers of the
 backend with a healthy upstream); this file adds the concurrent stream through the whole proxy.
+
+With ``server.workers: 2`` (issue 25; the last section): the killed and the stuck upstream again, against
+a real ``robustgate serve`` replica of two worker processes (tests/helpers/replica.py), each client on a
+connection of its own so that both workers serve; both workers must take part and the supervisor's
+merged metrics count every request exactly once. (Overload and drain with two workers:
+tests/proxy/test_workers.py.)
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from tritonclient.utils import InferenceServerException
 import harness  # tests/proxy/upstream (pytest pythonpath)
 import scripted
 from harness import wait_until
+from replica import WORKERS, Replica  # tests/helpers
+from scrape import scrape  # tests/helpers
 from robustgate.models.bundle import SCHEMA_VERSION, BackboneSpec, Bundle, BundleSpec, InputSpec, artifact
 
 STUCK_S = 5.0  # an upstream far slower than the proxy's timeout_s below
@@ -55,8 +63,9 @@ class Stream:
     (client deadline ``timeout_s``) until :meth:`stop`; every answer is kept."""
 
     def __init__(self, url: str, model: str, item_shape: tuple[int, int, int], threads: int = 6,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, channel_args: list | None = None):
         self.url, self.model, self.item_shape, self.timeout_s = url, model, item_shape, timeout_s
+        self.channel_args = channel_args  # e.g. a connection per client, to reach every worker process
         self.answers: list[Answer] = []
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
@@ -71,7 +80,7 @@ class Stream:
     def _run(self, seed: int) -> None:
         rng = np.random.default_rng(1000 + seed)
         try:
-            with tc.InferenceServerClient(self.url) as client:
+            with tc.InferenceServerClient(self.url, channel_args=self.channel_args) as client:
                 while not self._stop.is_set():
                     x = rng.random((int(rng.integers(1, 4)), *self.item_shape), dtype=np.float32)
                     inp = tc.InferInput("input", list(x.shape), "FP32")
@@ -280,3 +289,92 @@ def test_erroring_upstream_interleaved_with_answers(start_proxy, formula_bundle)
     assert_own_answers(answers, scripted.formula_logits)
     outcomes = assert_every_request_counted(proxy, answers)
     assert outcomes["upstream_error"] == len(answers) - statuses["OK"]
+
+
+# ---- two worker processes ----------------------------------------------------------------------------
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # SO_REUSEPORT spreads connections, not calls
+OUTCOMES = ("accepted", "upstream_error", "deadline_exceeded", "resource_exhausted", "internal", "invalid",
+            "unavailable")
+
+
+def merged_outcomes(r: Replica) -> dict[str, float]:
+    got = scrape(r.metrics_port).get("robustgate_requests_total", {})
+    return {o: got.get(frozenset({("outcome", o)}), 0.0) for o in OUTCOMES}
+
+
+def assert_counted_once(r: Replica, answers) -> dict[str, float]:
+    """The merged counters equal the answers (the workers refresh nothing for counters: read at once),
+    and each worker answered some."""
+    outcomes = merged_outcomes(r)
+    assert sum(outcomes.values()) == len(answers), (outcomes, len(answers))
+    assert outcomes["internal"] == 0 and outcomes["invalid"] == 0, outcomes
+    per_worker = Counter()
+    for o in OUTCOMES:
+        for pid, v in r.per_worker("robustgate_requests_total", {"outcome": o}).items():
+            per_worker[pid] += v
+    assert len([v for v in per_worker.values() if v > 0]) == WORKERS, per_worker
+    return outcomes
+
+
+def test_upstream_killed_mid_stream_then_restarted_with_two_workers(tmp_path, proxy_bundle, ort_logits):
+    server = harness.MLServerProcess(tmp_path / "mlserver", {"tiny": {"onnx": proxy_bundle / "backbone.onnx"}})
+    server.start()
+    r = None
+    try:
+        r = Replica(tmp_path, proxy_bundle, stages=[], backend=upstream_section(server.url, "tiny"),
+                    batching={"max_batch_size": 8})
+        probe = tc.InferenceServerClient(r.url)
+        stream = Stream(r.url, "tiny", (1, 28, 28), channel_args=OWN_CONNECTION).start()
+        stream.wait_for(lambda a: a.status == "OK", 30, "answers with the upstream up")
+
+        proc, server.proc = server.proc, None
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash, not a drain
+        proc.wait(10)
+        harness.wait_port_closed(server.grpc_port)
+        killed = time.monotonic()
+        stream.wait_for(lambda a: a.sent > killed and a.status != "OK", 20, "answers with the upstream dead")
+        wait_until(lambda: not probe.is_server_ready(), what="ServerReady false with the upstream dead")
+
+        restarting = time.monotonic()
+        server.start()  # the same gRPC port
+        wait_until(probe.is_server_ready, what="ServerReady true once the upstream is back")
+        time.sleep(1.5)  # each worker polls its own upstream health (health_interval_s 0.2): both see it back
+        ready = time.monotonic()
+        stream.wait_for(lambda a: a.sent > ready and a.status == "OK", 30, "answers after the restart")
+        answers = stream.stop()
+        statuses = Counter(a.status for a in answers)
+        assert set(statuses) == {"OK", "UNAVAILABLE"}, statuses
+        assert all(a.message.startswith("backend: upstream") for a in answers if a.status == "UNAVAILABLE")
+        outage = [a for a in answers if a.sent > killed and a.done < restarting]
+        assert outage and all(a.status == "UNAVAILABLE" for a in outage), Counter(a.status for a in outage)
+        after = [a for a in answers if a.sent > ready]
+        assert after and all(a.status == "OK" for a in after), Counter(a.status for a in after)
+        assert assert_own_answers(answers, ort_logits) >= 60
+        outcomes = assert_counted_once(r, answers)
+        assert outcomes["upstream_error"] == statuses["UNAVAILABLE"]
+        code, _ = r.stop()
+        assert code == 0
+    finally:
+        if r is not None:
+            r.kill()
+        server.stop()
+
+
+def test_upstream_slower_than_the_timeout_with_two_workers(tmp_path, proxy_bundle):
+    models = {"stuck": {"onnx": proxy_bundle / "backbone.onnx", "sleep_s": STUCK_S}}
+    with harness.MLServerProcess(tmp_path / "mlserver", models) as server:
+        r = Replica(tmp_path, proxy_bundle, stages=[], model_name="stuck",
+                    backend=upstream_section(server.url, "stuck", timeout_s=0.5),
+                    batching={"max_batch_size": 8, "workers": 4})
+        try:
+            stream = Stream(r.url, "stuck", (1, 28, 28), threads=6, channel_args=OWN_CONNECTION).start()
+            stream.wait_for(lambda a: True, 24, "answers from the stuck upstream")
+            answers = stream.stop()
+            assert Counter(a.status for a in answers) == {"DEADLINE_EXCEEDED": len(answers)}
+            assert all(a.message.startswith("backend: upstream") and a.done - a.sent < STUCK_S for a in answers)
+            outcomes = assert_counted_once(r, answers)
+            assert outcomes["deadline_exceeded"] == len(answers)
+            code, _ = r.stop()
+            assert code == 0
+        finally:
+            r.kill()

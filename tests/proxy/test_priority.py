@@ -4,6 +4,7 @@ collector's full passes (ProxyServer ``freeze_heap``)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import sys
@@ -34,8 +35,10 @@ def thread_ids(proxy) -> tuple[int, int]:
     async def on_loop() -> int:
         return threading.get_native_id()
 
-    worker = proxy.server.batcher._executor.submit(threading.get_native_id).result(10)
-    return worker, proxy.call(on_loop())
+    async def on_worker() -> int:
+        return await proxy.server.batcher._threads.run(asyncio.get_running_loop(), threading.get_native_id)
+
+    return proxy.call(on_worker()), proxy.call(on_loop())
 
 
 def infer_once(url: str) -> np.ndarray:

@@ -143,3 +143,24 @@ def test_proxy_started_before_its_upstream(start_proxy, tmp_path, proxy_bundle, 
             assert meta["inputs"][0]["name"] == "input"
     finally:
         server.stop()
+
+
+def test_upstream_batch_workers_keep_the_loop_priority(start_proxy, mlserver):
+    """server.compute_nice lowers the threads that compute; an upstream backend's batch workers wait
+    on the network instead, and keep the event loop's priority (proxy/server.py)."""
+    import asyncio
+    import os
+    import threading
+
+    proxy = start_proxy(backend=upstream_section(mlserver.url), server={"compute_nice": 6})
+    with tc.InferenceServerClient(proxy.url) as client:
+        triton_infer(client, "tiny", images(1, 0))
+
+    async def worker_and_loop() -> tuple[int, int]:
+        batcher = proxy.server.batcher
+        worker = await batcher._threads.run(asyncio.get_running_loop(), threading.get_native_id)
+        return worker, threading.get_native_id()
+
+    worker, loop = proxy.call(worker_and_loop())
+    assert worker != loop
+    assert os.getpriority(os.PRIO_PROCESS, worker) == os.getpriority(os.PRIO_PROCESS, loop)

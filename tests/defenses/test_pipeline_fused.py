@@ -1,0 +1,119 @@
+"""The runner's fused-only path (defenses/assemble.py ``PipelineRunner._run_fused``: every stage a
+detector fused into the backbone's session, verdicts in numpy) gives exactly the general path's
+result (DefendedModel on the same fused pass): logits, verdicts, reasons, scores, thresholds --
+with reject, flag and log actions, thresholds sitting exactly on a score, and several detectors
+that hit the same items; pipelines it does not cover take the general path."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from robustgate.defenses.assemble import PipelineRunner
+from robustgate.defenses.base import Detector
+from robustgate.defenses.detect.magnet import autoencoder, reconstruction_error_graph
+from robustgate.defenses.pipeline import Stage
+from robustgate.defenses.runtime import export_onnx
+from robustgate.models.bundle import Bundle
+from robustgate.proxy.backends.onnx import OnnxBackend, OnnxClassifier
+
+
+class AEError(Detector):
+    """Test-local detector: an autoencoder's L``p`` reconstruction error, as one ONNX graph that
+    the backend fuses (``onnx_score_model``) and as its own session (``score``)."""
+
+    kind = "test_fused_ae_error"
+
+    def __init__(self, graph: onnx.ModelProto, threshold: float | None = None):
+        super().__init__(threshold)
+        self.graph = graph
+        self._session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def score(self, x: torch.Tensor, classifier=None) -> torch.Tensor:  # [N, C, H, W] -> [N]
+        (s,) = self._session.run(None, {self._session.get_inputs()[0].name: x.numpy()})
+        return torch.from_numpy(s)
+
+    def onnx_score_model(self) -> onnx.ModelProto:
+        return self.graph
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fused") / "ae.onnx"
+    export_onnx(autoencoder("III", 1, 8, "relu").eval(), torch.zeros(2, 1, 28, 28), path)
+    model = onnx.load(str(path))
+    return {p: reconstruction_error_graph(model, p) for p in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_bundle):
+    b = OnnxBackend(Bundle.load(tiny_bundle), intra_op_threads=1)
+    yield b
+    b.close()
+
+
+def runner(backend, stages) -> PipelineRunner:
+    return PipelineRunner(stages=stages, backend=backend, classifier=OnnxClassifier(backend), seed=0)
+
+
+def general(r: PipelineRunner, x: np.ndarray, clients=None):
+    fast, r.fused_only = r.fused_only, False
+    try:
+        return r(x, clients=clients)
+    finally:
+        r.fused_only = fast
+
+
+def assert_same(got, want):
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert got.verdict.dtype == want.verdict.dtype == torch.int64
+    assert got.verdict.tolist() == want.verdict.tolist()
+    assert got.reason == want.reason
+    assert got.scores.keys() == want.scores.keys()
+    for k in want.scores:
+        torch.testing.assert_close(got.scores[k], want.scores[k], rtol=0, atol=0)
+    assert got.thresholds == want.thresholds
+    assert got.failed_stages == want.failed_stages == [] and got.blocked == want.blocked == []
+    assert got.radius is None and want.radius is None
+    assert set(got.seconds) == set(want.seconds) == {"classify"}
+
+
+def test_fused_path_equals_the_general_path(backend, graphs):
+    x = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
+    x[:4] = 0.5  # a few easy items
+    stages = [Stage("l1", AEError(graphs[1], 1.0), "reject"), Stage("l2", AEError(graphs[2], 1.0), "flag"),
+              Stage("l2_log", AEError(graphs[2]), "log")]
+    r = runner(backend, stages)
+    assert r.fused_only
+    scores = general(r, x).scores
+    # thresholds exactly on a score (ties are not over the threshold), at medians, and a log stage without one
+    for t1, t2 in ((float(scores["l1"][3]), float(scores["l2"][5])),
+                   (float(scores["l1"].median()), float(scores["l2"].median())),
+                   (float(scores["l1"].min()) - 1, float(scores["l2"].min()) - 1)):
+        stages[0].defense.threshold, stages[1].defense.threshold = t1, t2
+        stages[2].defense.threshold = None
+        got, want = r(x), general(r, x)
+        assert_same(got, want)
+        assert set(got.verdict.tolist()) - {0}  # something was flagged or rejected
+    # clients (no stateful stage): checked, not used
+    assert_same(r(x, clients=["peer:a"] * 16), general(r, x, clients=["peer:a"] * 16))
+    with pytest.raises(ValueError, match="one identity per item"):
+        r(x, clients=["peer:a"])
+
+
+def test_other_pipelines_take_the_general_path(backend, graphs):
+    class Unfused(AEError):
+        def onnx_score_model(self):
+            return None
+
+    class TwoSided(AEError):
+        def is_adversarial(self, scores):
+            return scores.abs() > self.threshold
+
+    assert not runner(backend, [Stage("l1", AEError(graphs[1], 1.0)), Stage("u", Unfused(graphs[2], 1.0))]).fused_only
+    assert not runner(backend, [Stage("t", TwoSided(graphs[1], 1.0))]).fused_only
+    assert not runner(backend, []).fused_only

@@ -1,0 +1,69 @@
+"""The answer's wire bytes (codec.encode_infer_bytes: a cached fixed part + the per-request part)
+parse to exactly the message codec.encode_infer builds, for raw and typed answers, every output
+subset and order, detector scores, a radius, NaN rows and batch sizes; the cache stays bounded."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from robustgate.protos import open_inference_grpc_pb2 as pb
+from robustgate.proxy import codec
+from robustgate.proxy.codec import Answer, Decoded, InputContract, encode_infer, encode_infer_bytes
+
+
+def contract(**kw) -> InputContract:
+    base = dict(model_name="tiny", versions=("1", "2"), input_name="input", item_shape=(1, 4, 4),
+                value_range=(0.0, 1.0), max_batch_items=8, logits_output="logits")
+    return InputContract(**{**base, **kw})
+
+
+def answer(n: int, k: int = 3, seed: int = 0, radius: bool = False) -> Answer:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k)).astype(np.float32)
+    verdict = rng.integers(0, 3, n)
+    logits[verdict == 2] = np.nan
+    reasons = [None if v == 0 else "magnet" for v in verdict.tolist()]
+    return Answer(logits=logits, verdict=verdict, reasons=reasons,
+                  scores={"magnet": rng.random(n).astype(np.float32)},
+                  radius=rng.random(n).astype(np.float32) if radius else None)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("n", [1, 3])
+def test_bytes_parse_to_the_message_for_every_output_subset(raw, n):
+    c = contract(detector_stages=("magnet",), has_ensemble=True)
+    a = answer(n, radius=True)
+    for size in range(1, len(c.output_names) + 1):
+        for outputs in itertools.permutations(c.output_names, size):
+            d = Decoded(x=np.zeros((n, 1, 4, 4), np.float32), raw=raw, outputs=outputs, request_id="req-7")
+            for version in ("1", "2"):
+                want = encode_infer(d, a, c, version)
+                got = pb.ModelInferResponse.FromString(encode_infer_bytes(d, a, c, version))
+                assert got == want, outputs
+                # and again from the cache
+                assert pb.ModelInferResponse.FromString(encode_infer_bytes(d, a, c, version)) == want
+
+
+def test_known_verdict_names_and_missing_scores_encode_as_before():
+    c = contract(detector_stages=("magnet", "other"), has_ensemble=True)
+    a = answer(2)  # no radius, no "other" score: NaN outputs
+    d = Decoded(x=np.zeros((2, 1, 4, 4), np.float32), raw=True, outputs=c.output_names)
+    want = encode_infer(d, a, c, "1")
+    a.verdict_names = [codec.VERDICT_NAMES[v] for v in a.verdict.tolist()]
+    got = pb.ModelInferResponse.FromString(encode_infer_bytes(d, a, c, "1"))
+    assert got.parameters == want.parameters and list(got.outputs) == list(want.outputs)
+    for g, w in zip(got.raw_output_contents, want.raw_output_contents):
+        np.testing.assert_array_equal(np.frombuffer(g, np.uint8), np.frombuffer(w, np.uint8))  # NaN bytes too
+
+
+def test_the_head_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(codec, "MAX_RESPONSE_HEADS", 4)
+    c = contract(max_batch_items=16)
+    for n in range(1, 11):
+        a = answer(n)
+        d = Decoded(x=np.zeros((n, 1, 4, 4), np.float32), raw=True, outputs=c.output_names)
+        assert pb.ModelInferResponse.FromString(encode_infer_bytes(d, a, c, "1")) == encode_infer(d, a, c, "1")
+    assert len(c.response_heads) == 4
