@@ -35,9 +35,17 @@ ARMS = ("undefended", "defended")
 TARGET_BUDGET = 5000
 
 
-def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int) -> dict:
-    """The served config: ``--pipeline``'s stages (none undefended) over BUNDLE, one process."""
+def defended_stages(pipeline: Path, add: list[str]) -> list[dict]:
+    """``--pipeline``'s stages, then each ``--add-stage`` (a YAML mapping) appended."""
+    stages = list(yaml.safe_load(pipeline.read_text()).get("pipeline", {}).get("stages", []))
+    return stages + [yaml.safe_load(text) for text in add]
+
+
+def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int, add: list[str] = ()) -> dict:
+    """The served config: ``--pipeline``'s stages and ``--add-stage`` (none undefended) over BUNDLE,
+    one process."""
     cfg = yaml.safe_load(pipeline.read_text())
+    cfg.setdefault("pipeline", {})["stages"] = defended_stages(pipeline, list(add))
     cfg["bundle"] = str(bundle.resolve())
     cfg.setdefault("server", {})["workers"] = 1  # one history: the memory store is per process
     cfg["backend"] = {"kind": "onnxruntime", "onnxruntime": {"intra_op_threads": threads}}
@@ -52,7 +60,8 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         print(f"[{arm}] reusing {done}", flush=True)
         return json.loads((work / f"{arm}.done.json").read_text())
     cfg_path = work / f"{arm}.yaml"
-    cfg_path.write_text(yaml.safe_dump(arm_config(arm, args.bundle, args.pipeline, args.threads), sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(arm_config(arm, args.bundle, args.pipeline, args.threads, args.add_stage),
+                                      sort_keys=False))
     out = work / arm
     (work / f"{arm}-serve").mkdir(parents=True, exist_ok=True)
     serve = Serve(cfg_path, workdir=work / f"{arm}-serve")
@@ -117,7 +126,7 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}` ({result['started_utc']}, revision {result['machine']['robustgate_revision']}).\n",
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; client and proxy on the same "
              f"machine, loopback gRPC. Bundle `{result['bundle']}` ({result['bundle_note']}); "
-             f"defended pipeline: the stages of `{result['pipeline']}`: "
+             f"defended pipeline: the stages of `{result['pipeline']}` (and any --add-stage): "
              f"{', '.join(s['name'] + ' (' + s['kind'] + ', ' + s.get('action', 'reject') + ')' for s in result['defended_stages']) or 'none'}.\n",
              "Success: the attacker received an accepted answer with a wrong label for a query within "
              f"l∞ ε = {result['eps']} of the clean image (attacks/endpoint_redteam.py). Each image's attack is a "
@@ -155,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, required=True, help="the served bundle (standard-trained, defenses fitted)")
     ap.add_argument("--bundle-note", default="", help="how the bundle was made (goes into the report)")
     ap.add_argument("--pipeline", type=Path, default=ROOT / "deploy" / "default.yaml")
+    ap.add_argument("--add-stage", action="append", default=[], metavar="YAML",
+                    help="a stage appended to --pipeline's on the defended arm, e.g. the stateful stage "
+                         "deploy/default.yaml documents but does not serve yet")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--attacks", default="square,hopskipjump")
     ap.add_argument("--budgets", default=str(TARGET_BUDGET), help="comma-separated query budgets")
@@ -179,12 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     reports = {arm: run_arm(arm, args, work) for arm in arms}
-    defended_cfg = yaml.safe_load(args.pipeline.read_text())
     result = {
         "command": "python bench/redteam/endpoint.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "started_utc": started, "machine": machine(), "bundle": str(args.bundle), "bundle_note": args.bundle_note,
         "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
-        "defended_stages": defended_cfg.get("pipeline", {}).get("stages", []), "eps": args.eps, "arms": reports,
+        "defended_stages": defended_stages(args.pipeline, args.add_stage), "eps": args.eps, "arms": reports,
     }
     result["targets"] = targets(reports)
     args.out.parent.mkdir(parents=True, exist_ok=True)

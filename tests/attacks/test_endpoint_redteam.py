@@ -54,9 +54,10 @@ class MemoryDetector(Detector):
         return out
 
 
-class RecordingAuth(server_module.BearerAuth):
-    """The server's auth interceptor, recording the identity header of every ModelInfer and
-    refusing a client after ``block_after`` of them (None: never)."""
+class RecordingAuth(grpc.aio.ServerInterceptor):
+    """A server interceptor (added to the proxy's gRPC server by the ``recording`` fixture),
+    recording the identity header of every ModelInfer and refusing a client after
+    ``block_after`` of them (None: never)."""
 
     seen: ClassVar[list[str | None]] = []
     block_after: ClassVar[int | None] = None
@@ -73,7 +74,7 @@ class RecordingAuth(server_module.BearerAuth):
                 handler = await continuation(details)
                 return grpc.unary_unary_rpc_method_handler(blocked, handler.request_deserializer,
                                                            handler.response_serializer)
-        return await super().intercept_service(continuation, details)
+        return await continuation(details)
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +88,12 @@ def memory_detector():
 def recording(monkeypatch):
     RecordingAuth.seen = []
     RecordingAuth.block_after = None
-    monkeypatch.setattr(server_module, "BearerAuth", RecordingAuth)
+    real = grpc.aio.server
+
+    def server_with_recorder(*args, interceptors=None, **kwargs):  # the proxy installs none without auth
+        return real(*args, interceptors=[RecordingAuth(), *(interceptors or ())], **kwargs)
+
+    monkeypatch.setattr(server_module.grpc.aio, "server", server_with_recorder)
     return RecordingAuth
 
 
