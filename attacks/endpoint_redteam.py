@@ -400,10 +400,12 @@ class EndpointSettings:
             raise ValueError(f"sybil_identities: must be >= 1, got {self.sybil_identities}")
 
 
-def _attacker(s: EndpointSettings, adapt: str, benign: torch.Tensor, item_seed: int) -> Attacker:
-    """A fresh attacker for one image: new identities per image (one attack campaign per image)."""
+def _attacker(s: EndpointSettings, adapt: str, benign: torch.Tensor, item_seed: int, cell: str = "") -> Attacker:
+    """A fresh attacker for one image: new identities per image (one attack campaign per image)
+    and per cell (``cell``: e.g. ``square-sybil@5000``; a client blocked in one cell would
+    otherwise be met, still blocked, by the next cell's attack on the same image)."""
     n_ids = s.sybil_identities if adapt == "sybil" else 1
-    headers = identity_headers(n_ids, s.identity_header, s.tokens, prefix=f"attacker{item_seed}")
+    headers = identity_headers(n_ids, s.identity_header, s.tokens, prefix=f"attacker{item_seed}{cell}")
     oracles = [GrpcOracle(s.url, s.model, headers=h) for h in headers]
     spacing = Spacing(benign, s.benign_per_query, s.wait_s) if adapt == "spacing" else None
     transform = s.transform if adapt == "transform" else None
@@ -421,7 +423,7 @@ def run_cell(s: EndpointSettings, name: str, budget: int, x: torch.Tensor, y: to
     if name == "transfer":
         if surrogate is None:
             raise ValueError("the transfer attack needs a surrogate model")
-        attacker = _attacker(s, "plain", benign, s.seed)
+        attacker = _attacker(s, "plain", benign, s.seed, cell=f"-{name}")
         try:
             ledgers = run_transfer(surrogate, attacker, x, y, s.eps, stages, steps=s.transfer_steps)
         finally:
@@ -433,7 +435,7 @@ def run_cell(s: EndpointSettings, name: str, budget: int, x: torch.Tensor, y: to
         n_ids = s.sybil_identities if adapt == "sybil" else 1
         for i in tqdm(range(len(x)), desc=f"{name} q={budget}", disable=not progress, leave=False):
             item_seed = s.seed * 100003 + i
-            attacker = _attacker(s, adapt, benign, item_seed)
+            attacker = _attacker(s, adapt, benign, item_seed, cell=f"-{name}@{budget}")
             try:
                 ledgers.append(run_query_attack(base, attacker, x[i], int(y[i]), s.eps, budget, classes, stages,
                                                 p_init=s.p_init, init_pool=benign, seed=item_seed))

@@ -111,10 +111,12 @@ def targets(arms: dict[str, dict]) -> list[dict]:
                                    f"detection <= 50", "value": "never detected" if q is None else f"{q:g}",
                          "met": q is not None and q <= 50})
     if dfd and dfd.get("benign"):
+        # the stateful stage's false positives: its rejections and blocks (``detected``), not the other
+        # stages' own false rejections (MagNet's are calibrated apart, to 1%; the table shows all refusals)
         b = dfd["benign"]
-        worst_q = max(v["refused_share"] for v in b.values())
+        worst_q = max(v["detected_share"] for v in b.values())
         worst_c = max(v["clients_ever_blocked_share"] for v in b.values())
-        rows.append({"target": "benign streams: queries refused <= 0.5% (worst stream)",
+        rows.append({"target": "benign streams: queries rejected by the stateful stage <= 0.5% (worst stream)",
                      "value": f"{100 * worst_q:.2f}%", "met": worst_q <= 0.005})
         rows.append({"target": "benign streams: clients ever blocked <= 0.1% (worst stream)",
                      "value": f"{100 * worst_c:.2f}%", "met": worst_c <= 0.001})
@@ -148,7 +150,7 @@ def markdown(result: dict) -> str:
                          f"{m['attack_queries']:,} |")
         if rep.get("benign"):
             lines += ["", "Benign streams (no attack; each stream over its clients):", "",
-                      "| stream | queries | clients | refused | detected | clients ever blocked |",
+                      "| stream | queries | clients | refused (any stage) | detected (stateful stage, blocks) | clients ever blocked |",
                       "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for name, v in rep["benign"].items():
                 lines.append(f"| {name} | {v['queries']:,} | {v['clients']} | {100 * v['refused_share']:.2f}% | "
