@@ -324,7 +324,7 @@ def test_upstream_killed_mid_stream_then_restarted_with_two_workers(tmp_path, pr
         r = Replica(tmp_path, proxy_bundle, stages=[], backend=upstream_section(server.url, "tiny"),
                     batching={"max_batch_size": 8})
         probe = tc.InferenceServerClient(r.url)
-        stream = Stream(r.url, "tiny", (1, 28, 28), channel_args=OWN_CONNECTION).start()
+        stream = Stream(r.url, "tiny", (1, 28, 28), threads=16, channel_args=OWN_CONNECTION).start()
         stream.wait_for(lambda a: a.status == "OK", 30, "answers with the upstream up")
 
         proc, server.proc = server.proc, None
@@ -367,7 +367,7 @@ def test_upstream_slower_than_the_timeout_with_two_workers(tmp_path, proxy_bundl
                     backend=upstream_section(server.url, "stuck", timeout_s=0.5),
                     batching={"max_batch_size": 8, "workers": 4})
         try:
-            stream = Stream(r.url, "stuck", (1, 28, 28), threads=6, channel_args=OWN_CONNECTION).start()
+            stream = Stream(r.url, "stuck", (1, 28, 28), threads=16, channel_args=OWN_CONNECTION).start()  # 16 connections: all on one worker with probability 2^-15
             stream.wait_for(lambda a: True, 24, "answers from the stuck upstream")
             answers = stream.stop()
             assert Counter(a.status for a in answers) == {"DEADLINE_EXCEEDED": len(answers)}
