@@ -347,15 +347,41 @@ def byo_resnet50_row() -> Row:
                [src])
 
 
+def endpoint_row() -> Row:
+    src = "bench/results/redteam.endpoint.json"
+    r = load(src)
+
+    def cells(arm: str) -> str:
+        out = []
+        for c in r["arms"].get(arm, {}).get("cells", []):
+            if c.get("status") != "done":
+                continue
+            m = c["metrics"]
+            q = m["queries_to_first_detection_median"]
+            out.append(f"{c['attack']}@{c['budget']} {100 * m['attack_success_rate']:.1f}%"
+                       + (f" (median {q:g} queries to detection)" if q is not None else ""))
+        return ", ".join(out)
+
+    missed = [t["target"] for t in r["targets"] if not t["met"]]
+    n = next(c["metrics"]["n"] for a in r["arms"].values() for c in a["cells"] if c.get("status") == "done")
+    return Row(f"query-only attacks through a live proxy (`robustgate eval --threat endpoint`), l∞ ε {r['eps']}, "
+               f"n {n}, bundle: {r['bundle_note'] or r['bundle']}",
+               f"attack success undefended: {cells('undefended')}; defended ({', '.join(s['name'] for s in r['defended_stages'])}): "
+               f"{cells('defended')}; targets: {len(r['targets']) - len(missed)} of {len(r['targets'])} met"
+               + (f" (not met: {'; '.join(missed)})" if missed else ""), [src])
+
+
 ROWS = [training_row, autoattack_row, serving_rows, fastpath_rows, detect_row, purify_row, overload_row, redteam_row,
         diffusion_row, smoothing_row, mimir_row, gpu_row, soak_fuzz_rows, probe_row, byo_example_rows,
-        byo_resnet50_row, bundle_row]
+        byo_resnet50_row, endpoint_row, bundle_row]
 PLACEHOLDER = {fastpath_rows: ("the serving fast path (`python bench/hardening/rpc_floor.py`, `python bench/serving/workers.py`)",
                                ["bench/results/hardening.rpc_floor.json", "bench/results/serving.workers.json"]),
                probe_row: ("`robustgate probe` against `deploy/default.yaml` (`python bench/probe/run.py`)",
                            ["bench/results/probe.run.json"]),
                byo_example_rows: ("bring your own classifier: the example's figures (`python bench/byo/example.py`)",
                                   ["bench/results/byo.example.json"]),
+               endpoint_row: ("query-only attacks through a live proxy, undefended vs defended (`python bench/redteam/endpoint.py`)",
+                              ["bench/results/redteam.endpoint.json"]),
                byo_resnet50_row: ("imported ResNet-50 at 3×224×224 behind the proxy (`python bench/byo/resnet50.py`)",
                                   ["bench/results/byo.resnet50.json"])}
 
