@@ -35,15 +35,8 @@ from robustgate.models.data import load_splits
 REPO = Path(__file__).resolve().parents[2]
 
 
-def machine() -> dict:
-    """bench/serving/run.py's machine description (CPU, cores, versions, revision)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("robustgate_bench_serving_run", REPO / "bench" / "serving" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from magnet_cost import machine  # noqa: E402  (bench/byo/magnet_cost.py: bench/serving/run.py's description)
 EPS = (8 / 255, 0.1)
 # (shape, label, params over the defaults)
 RUNS = [((3, 32, 32), "default (auto: II)", {}),

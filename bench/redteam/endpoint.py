@@ -57,7 +57,7 @@ def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int, add: list[s
 def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
     """One arm: serve, attack, read the report (``--reuse``: an arm already in ``--work`` is read)."""
     if args.reuse and (work / f"{arm}.done.json").is_file():
-        print(f"[{arm}] reusing {done}", flush=True)
+        print(f"[{arm}] reusing {work / (arm + '.done.json')}", flush=True)
         return json.loads((work / f"{arm}.done.json").read_text())
     cfg_path = work / f"{arm}.yaml"
     cfg_path.write_text(yaml.safe_dump(arm_config(arm, args.bundle, args.pipeline, args.threads, args.add_stage),

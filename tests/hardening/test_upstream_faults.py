@@ -115,6 +115,22 @@ class Stream:
         return list(self.answers)
 
 
+def assert_outage_then_served(answers, killed: float, restarting: float, ready: float, ort_logits) -> Counter:
+    """An upstream killed at ``killed``, restarting from ``restarting``, ready again at ``ready``:
+    only OK / UNAVAILABLE (the latter naming the upstream); every request sent after the kill and
+    answered before the restart began failed (the upstream was dead throughout); every request sent
+    once readiness was back was served, with its own logits. Returns the status counts."""
+    statuses = Counter(a.status for a in answers)
+    assert set(statuses) == {"OK", "UNAVAILABLE"}, statuses
+    assert all(a.message.startswith("backend: upstream") for a in answers if a.status == "UNAVAILABLE")
+    outage = [a for a in answers if a.sent > killed and a.done < restarting]
+    assert outage and all(a.status == "UNAVAILABLE" for a in outage), Counter(a.status for a in outage)
+    after = [a for a in answers if a.sent > ready]
+    assert after and all(a.status == "OK" for a in after), Counter(a.status for a in after)
+    assert assert_own_answers(answers, ort_logits) >= 60
+    return statuses
+
+
 def assert_own_answers(answers: list[Answer], reference) -> int:
     """Every OK answer equals ``reference(x)`` of its own request; returns how many were OK."""
     ok = [a for a in answers if a.status == "OK"]
@@ -184,16 +200,7 @@ def test_upstream_killed_mid_stream_then_restarted(start_proxy, tmp_path, proxy_
     finally:
         server.stop()
 
-    statuses = Counter(a.status for a in answers)
-    assert set(statuses) == {"OK", "UNAVAILABLE"}, statuses
-    assert all(a.message.startswith("backend: upstream") for a in answers if a.status == "UNAVAILABLE")
-    # sent after the kill and answered before the restart began: the upstream was dead throughout
-    outage = [a for a in answers if a.sent > killed and a.done < restarting]
-    assert outage and all(a.status == "UNAVAILABLE" for a in outage), Counter(a.status for a in outage)
-    # sent once readiness was back: all served again
-    after = [a for a in answers if a.sent > ready]
-    assert after and all(a.status == "OK" for a in after), Counter(a.status for a in after)
-    assert assert_own_answers(answers, ort_logits) >= 60
+    statuses = assert_outage_then_served(answers, killed, restarting, ready, ort_logits)
     outcomes = assert_every_request_counted(proxy, answers)
     assert outcomes["upstream_error"] == statuses["UNAVAILABLE"]
 
@@ -342,14 +349,7 @@ def test_upstream_killed_mid_stream_then_restarted_with_two_workers(tmp_path, pr
         ready = time.monotonic()
         stream.wait_for(lambda a: a.sent > ready and a.status == "OK", 30, "answers after the restart")
         answers = stream.stop()
-        statuses = Counter(a.status for a in answers)
-        assert set(statuses) == {"OK", "UNAVAILABLE"}, statuses
-        assert all(a.message.startswith("backend: upstream") for a in answers if a.status == "UNAVAILABLE")
-        outage = [a for a in answers if a.sent > killed and a.done < restarting]
-        assert outage and all(a.status == "UNAVAILABLE" for a in outage), Counter(a.status for a in outage)
-        after = [a for a in answers if a.sent > ready]
-        assert after and all(a.status == "OK" for a in after), Counter(a.status for a in after)
-        assert assert_own_answers(answers, ort_logits) >= 60
+        statuses = assert_outage_then_served(answers, killed, restarting, ready, ort_logits)
         outcomes = assert_counted_once(r, answers)
         assert outcomes["upstream_error"] == statuses["UNAVAILABLE"]
         code, _ = r.stop()
