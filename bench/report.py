@@ -351,14 +351,16 @@ def endpoint_row() -> Row:
     src = "bench/results/redteam.endpoint.json"
     r = load(src)
 
-    def cells(arm: str) -> str:
+    correct = r["clean_correct"]
+
+    def cells(arm: str) -> str:  # success over the images the model classifies correctly (the targets' reading)
         out = []
         for c in r["arms"].get(arm, {}).get("cells", []):
             if c.get("status") != "done":
                 continue
-            m = c["metrics"]
-            q = m["queries_to_first_detection_median"]
-            out.append(f"{c['attack']}@{c['budget']} {100 * m['attack_success_rate']:.1f}%"
+            hits = [it["success_at"] is not None for it, ok in zip(c["items"], correct) if ok]
+            q = c["metrics"]["queries_to_first_detection_median"]
+            out.append(f"{c['attack']}@{c['budget']} {100 * sum(hits) / len(hits):.1f}%"
                        + (f" (median {q:g} queries to detection)" if q is not None else ""))
         return ", ".join(out)
 
@@ -366,7 +368,7 @@ def endpoint_row() -> Row:
     n = next(c["metrics"]["n"] for a in r["arms"].values() for c in a["cells"] if c.get("status") == "done")
     return Row(f"query-only attacks through a live proxy (`robustgate eval --threat endpoint`), l∞ ε {r['eps']}, "
                f"n {n}, bundle: {r['bundle_note'] or r['bundle']}",
-               f"attack success undefended: {cells('undefended')}; defended ({', '.join(s['name'] for s in r['defended_stages'])}): "
+               f"attack success over the {sum(correct)} correctly classified images, undefended: {cells('undefended')}; defended ({', '.join(s['name'] for s in r['defended_stages'])}): "
                f"{cells('defended')}; targets: {len(r['targets']) - len(missed)} of {len(r['targets'])} met"
                + (f" (not met: {'; '.join(missed)})" if missed else ""), [src])
 

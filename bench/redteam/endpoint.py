@@ -88,24 +88,51 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         serve.stop()
 
 
+def clean_correct(bundle: Path, n: int) -> list[bool]:
+    """Whether the served model classifies each attacked image (the bundle's first ``n`` test items,
+    what ``eval --threat endpoint`` attacks) correctly before any attack: an image it already gets
+    wrong is a "success" at the attacker's first query, which no defense of queries can prevent."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from robustgate.models.bundle import Bundle
+    from robustgate.models.data import bundle_splits
+
+    b = Bundle.load(bundle)
+    x, y = bundle_splits(b).take("test", n, 0)
+    sess = ort.InferenceSession(str(b.onnx_path()), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: x.numpy().astype(np.float32)})[0]
+    return (logits.argmax(1) == y.numpy()).tolist()
+
+
+def success_among_correct(cell: dict, correct: list[bool]) -> float:
+    """Attack success over the images the model classified correctly (items are in image order)."""
+    hits = [it["success_at"] is not None for it, ok in zip(cell["items"], correct) if ok]
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
 def _cell(report: dict, attack: str, budget: int) -> dict | None:
     return next((c for c in report.get("cells", []) if c["attack"] == attack and c["budget"] == budget
                  and c.get("status") == "done"), None)
 
 
-def targets(arms: dict[str, dict]) -> list[dict]:
-    """Issue 22's target lines that these arms measure (a line is absent when its cell did not run)."""
+def targets(arms: dict[str, dict], correct: list[bool]) -> list[dict]:
+    """Issue 22's target lines that these arms measure (a line is absent when its cell did not run).
+    Success is counted over the images the model classifies correctly (``correct``; the tables show
+    both): the images it already gets wrong are lost before the first query."""
     rows = []
     und, dfd = arms.get("undefended"), arms.get("defended")
+    of = f"of the {sum(correct)} correctly classified images"
     for attack in ("square", "hopskipjump"):
         if und and (c := _cell(und, attack, TARGET_BUDGET)):
-            s = c["metrics"]["attack_success_rate"]
-            rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, undefended: success >= 80%",
+            s = success_among_correct(c, correct)
+            rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, undefended: success >= 80% ({of})",
                          "value": f"{100 * s:.1f}%", "met": s >= 0.80})
         if dfd and (c := _cell(dfd, attack, TARGET_BUDGET)):
             m = c["metrics"]
-            rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: success <= 10%",
-                         "value": f"{100 * m['attack_success_rate']:.1f}%", "met": m["attack_success_rate"] <= 0.10})
+            s = success_among_correct(c, correct)
+            rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: success <= 10% ({of})",
+                         "value": f"{100 * s:.1f}%", "met": s <= 0.10})
             q = m["queries_to_first_detection_median"]
             rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: median queries to "
                                    f"detection <= 50", "value": "never detected" if q is None else f"{q:g}",
@@ -130,22 +157,25 @@ def markdown(result: dict) -> str:
              f"machine, loopback gRPC. Bundle `{result['bundle']}` ({result['bundle_note']}); "
              f"defended pipeline: the stages of `{result['pipeline']}` (and any --add-stage): "
              f"{', '.join(s['name'] + ' (' + s['kind'] + ', ' + s.get('action', 'reject') + ')' for s in result['defended_stages']) or 'none'}.\n",
+             f"The model classifies {sum(result['clean_correct'])} of the {len(result['clean_correct'])} attacked images "
+             "correctly before any attack; the others count as successes at the first query (no defense of queries "
+             "can prevent them), so the targets read the success over the correctly classified ones. "
              "Success: the attacker received an accepted answer with a wrong label for a query within "
              f"l∞ ε = {result['eps']} of the clean image (attacks/endpoint_redteam.py). Each image's attack is a "
              "fresh client identity (Sybil: several); a blocked attack stops.\n"]
     for arm, rep in result["arms"].items():
         lines += [f"## {arm} ({rep['wall_seconds']:.0f} s)\n",
-                  "| attack | budget | n | success | detected | median queries to detection | completed before detection | median queries to success | attack queries |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| attack | budget | n | success | success, correctly classified images | detected | median queries to detection | completed before detection | median queries to success | attack queries |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for c in rep["cells"]:
             if c.get("status") != "done":
-                lines.append(f"| {c['attack']} | {c['budget']} | | {c.get('status')}: {c.get('reason', '')} | | | | | |")
+                lines.append(f"| {c['attack']} | {c['budget']} | | {c.get('status')}: {c.get('reason', '')} | | | | | | |")
                 continue
             m = c["metrics"]
             q = m["queries_to_first_detection_median"]
             qs = m["queries_to_success_median"]
             lines.append(f"| {c['attack']} | {c['budget']} | {m['n']} | {100 * m['attack_success_rate']:.1f}% | "
-                         f"{100 * m['detected_share']:.1f}% | {'-' if q is None else f'{q:g}'} | "
+                         f"{100 * success_among_correct(c, result['clean_correct']):.1f}% | {100 * m['detected_share']:.1f}% | {'-' if q is None else f'{q:g}'} | "
                          f"{100 * m['completed_before_detection_share']:.1f}% | {'-' if qs is None else f'{qs:g}'} | "
                          f"{m['attack_queries']:,} |")
         if rep.get("benign"):
@@ -199,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
         "defended_stages": defended_stages(args.pipeline, args.add_stage), "eps": args.eps, "arms": reports,
     }
-    result["targets"] = targets(reports)
+    n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
+    result["clean_correct"] = clean_correct(args.bundle, n)
+    result["targets"] = targets(reports, result["clean_correct"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str))
     Path(f"{args.out}.md").write_text(markdown(result))
