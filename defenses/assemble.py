@@ -55,7 +55,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from robustgate.defenses.base import Classifier, Defense, Detector, Ensemble, build_from_bundle
-from robustgate.defenses.pipeline import ACCEPTED, DefendedModel, PipelineResult, Stage, act, is_stateful, split_stages
+from robustgate.defenses.pipeline import (
+    ACCEPTED, REJECTED, DefendedModel, PipelineResult, Stage, act, is_stateful, run_stateful, split_stages,
+)
 
 if TYPE_CHECKING:  # the backend interface lives with the transport; only its methods are used here
     from robustgate.proxy.backends.base import Backend
@@ -287,13 +289,15 @@ class PipelineRunner:
         return self.backend.fused_pass(models) if models else None
 
     def _fused_only(self) -> bool:
-        """Whether the whole pipeline is the fused pass: every stage a detector whose score the fused
-        session computes and whose verdict is the base rule (score > threshold), on the CPU -- the
-        shipped default. Such a batch runs through :meth:`_run_fused` instead of DefendedModel."""
+        """Whether the whole pipeline is the fused pass (and stateful stages): every other stage a
+        detector whose score the fused session computes and whose verdict is the base rule (score >
+        threshold), on the CPU -- the shipped default, with or without the stateful stage. Such a
+        batch runs through :meth:`_run_fused` instead of DefendedModel."""
         fused = set(self.fused.stages) if self.fused is not None else set()
-        return self.device == "cpu" and bool(self.stages) and all(
-            s.name in fused and isinstance(s.defense, Detector)
-            and type(s.defense).is_adversarial is Detector.is_adversarial for s in self.stages)
+        return self.device == "cpu" and self.fused is not None and all(
+            is_stateful(s.defense) or (s.name in fused and isinstance(s.defense, Detector)
+                                       and type(s.defense).is_adversarial is Detector.is_adversarial)
+            for s in self.stages)
 
     def _run_fused(self, x: np.ndarray | torch.Tensor, clients: list[str] | None) -> PipelineResult:
         """DefendedModel's result for a pipeline that is only fused detectors (:meth:`_fused_only`):
@@ -309,16 +313,30 @@ class PipelineRunner:
         logits, _, fused = self.fused(arr)  # [N, K], -, {stage: [N]}
         seconds = {"classify": time.perf_counter() - t0}
         verdict, reason = [ACCEPTED] * n, [None] * n
-        scores, thresholds = {}, {}
+        scores, thresholds, failed, blocked = {}, {}, [], []
         for stage in self.stages:
+            if is_stateful(stage.defense):
+                continue
             s = fused[stage.name].reshape(n).astype(np.float32, copy=False)  # [N]
             scores[stage.name] = torch.from_numpy(s)
             if stage.defense.threshold is None:
                 continue
             thresholds[stage.name] = t = float(stage.defense.threshold)
             act(stage, np.flatnonzero(s > t).tolist(), verdict, reason)  # float32 > t, as the tensor comparison
+        if clients is not None and self.stateful_names:  # then the stateful stages, as DefendedModel's step 1b
+
+            def fail(stage: Stage) -> None:  # DefendedModel's failure policy
+                failed.append(stage.name)
+                if self.failure_policy == "fail-closed":
+                    for i in range(n):
+                        if verdict[i] != REJECTED:
+                            verdict[i], reason[i] = REJECTED, f"{stage.name} failed"
+
+            blocked = run_stateful(self.stages, torch.from_numpy(arr), clients, verdict, reason, scores, thresholds,
+                                   seconds, fail)
         return PipelineResult(logits=torch.from_numpy(logits), verdict=torch.tensor(verdict, dtype=torch.int64),
-                              reason=reason, scores=scores, thresholds=thresholds, seconds=seconds)
+                              reason=reason, scores=scores, thresholds=thresholds, seconds=seconds,
+                              failed_stages=failed, blocked=blocked)
 
     @property
     def detector_names(self) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -283,35 +283,7 @@ class DefendedModel:
 
         # 1b. stateful stages on the raw input, per client in arrival order
         if clients is not None:
-            if len(clients) != n:
-                raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
-            for stage in self.stages:
-                if not is_stateful(stage.defense):
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    s, ends = observe_clients(stage, x, clients)
-                except Exception:  # noqa: BLE001 - a failing store (Redis down) follows the failure policy
-                    seconds[stage.name] = time.perf_counter() - t0
-                    _fail(stage)
-                    continue
-                seconds[stage.name] = time.perf_counter() - t0
-                scores[stage.name] = s
-                if any(e is not None for e in ends):
-                    blocked = blocked or [None] * n
-                    for i, end in enumerate(ends):
-                        if end is not None:
-                            blocked[i] = end if blocked[i] is None else max(blocked[i], end)
-                            verdict[i], reason[i] = REJECTED, stage.name
-                det = stage.defense
-                if det.threshold is None:
-                    continue
-                thresholds[stage.name] = float(det.threshold)
-                for i in torch.nonzero(det.is_adversarial(s)).flatten().tolist():
-                    if stage.action in ("reject", "block") and verdict[i] != REJECTED:
-                        verdict[i], reason[i] = REJECTED, stage.name
-                    elif stage.action == "flag" and verdict[i] == ACCEPTED:
-                        verdict[i], reason[i] = FLAGGED, stage.name
+            blocked = run_stateful(self.stages, x, clients, verdict, reason, scores, thresholds, seconds, _fail)
 
         # 2. purifiers in order
         h = x
@@ -361,6 +333,48 @@ class DefendedModel:
             logits=logits, verdict=verdict, reason=reason, scores=front.scores, thresholds=front.thresholds,
             radius=radius, seconds=seconds, failed_stages=front.failed, blocked=front.blocked,
         )
+
+
+def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], verdict, reason: list[str | None],
+                 scores: dict, thresholds: dict, seconds: dict, fail: Callable[[Stage], None]) -> list[float | None]:
+    """Step 1b of the module docstring, shared by :class:`DefendedModel` and the proxy's fused path
+    (defenses/assemble.py ``PipelineRunner._run_fused``): every stateful stage of ``stages`` on
+    ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]``, in order; updates ``verdict`` (codes, tensor or
+    list), ``reason``, ``scores``, ``thresholds`` and ``seconds`` in place; a stage that raises
+    goes to ``fail`` (the failure policy). Returns ``blocked`` (per item the end of its client's
+    block, ``[]`` when none is)."""
+    n = x.shape[0]
+    if len(clients) != n:
+        raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
+    blocked: list[float | None] = []
+    for stage in stages:
+        if not is_stateful(stage.defense):
+            continue
+        t0 = time.perf_counter()
+        try:
+            s, ends = observe_clients(stage, x, clients)
+        except Exception:  # noqa: BLE001 - a failing store (Redis down) follows the failure policy
+            seconds[stage.name] = time.perf_counter() - t0
+            fail(stage)
+            continue
+        seconds[stage.name] = time.perf_counter() - t0
+        scores[stage.name] = s
+        if any(e is not None for e in ends):
+            blocked = blocked or [None] * n
+            for i, end in enumerate(ends):
+                if end is not None:
+                    blocked[i] = end if blocked[i] is None else max(blocked[i], end)
+                    verdict[i], reason[i] = REJECTED, stage.name
+        det = stage.defense
+        if det.threshold is None:
+            continue
+        thresholds[stage.name] = float(det.threshold)
+        for i in torch.nonzero(det.is_adversarial(s)).flatten().tolist():
+            if stage.action in ("reject", "block") and verdict[i] != REJECTED:
+                verdict[i], reason[i] = REJECTED, stage.name
+            elif stage.action == "flag" and verdict[i] == ACCEPTED:
+                verdict[i], reason[i] = FLAGGED, stage.name
+    return blocked
 
 
 def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str]) -> tuple[torch.Tensor, list[float | None]]:

@@ -117,3 +117,41 @@ def test_other_pipelines_take_the_general_path(backend, graphs):
     assert not runner(backend, [Stage("l1", AEError(graphs[1], 1.0)), Stage("u", Unfused(graphs[2], 1.0))]).fused_only
     assert not runner(backend, [Stage("t", TwoSided(graphs[1], 1.0))]).fused_only
     assert not runner(backend, []).fused_only
+
+
+def test_fused_path_with_a_stateful_stage_equals_the_general_path(backend, graphs):
+    """Fused detectors plus the stateful stage (deploy/default.yaml's documented pipeline) stay on the
+    fused path, and over a stream of batches -- near-copies from one client until it is blocked,
+    fresh images from others, a client with no history -- give the general path's results, blocks
+    included. Two runners with identical stores (same key), one per path, see the same stream."""
+    from robustgate.defenses.stateful import Blacklight, MemoryStore
+
+    def stages():
+        store = MemoryStore(max_entries=4096, max_per_client=4096, hashes_per_query=20, key=bytes(range(16)))
+        return [Stage("l1", AEError(graphs[1], 1.0), "reject"),
+                Stage("stateful", Blacklight(store=store, threshold=10.0), "block", cooldown_s=60.0, block_after=2)]
+
+    fast, slow = runner(backend, stages()), runner(backend, stages())
+    assert fast.fused_only and slow.fused_only
+    rng = np.random.default_rng(1)
+    base = rng.random((1, 1, 28, 28), dtype=np.float32)
+    blocked_seen = False
+    for step in range(6):
+        x = np.concatenate([base + rng.normal(0, 0.01, (4, 1, 28, 28)).astype(np.float32),  # one attacker's near-copies
+                            rng.random((4, 1, 28, 28), dtype=np.float32)]).clip(0, 1)
+        clients = ["attacker"] * 4 + [f"benign{step}-{i}" for i in range(4)]
+        got, want = fast(x, clients=clients), general(slow, x, clients=clients)
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+        assert got.verdict.tolist() == want.verdict.tolist() and got.reason == want.reason
+        assert got.scores.keys() == want.scores.keys() == {"l1", "stateful"}
+        for k in want.scores:
+            torch.testing.assert_close(got.scores[k].float(), want.scores[k].float(), rtol=0, atol=0)
+        assert got.thresholds == want.thresholds and got.failed_stages == want.failed_stages == []
+        # the same items blocked, until the same moment (each path reads the clock itself)
+        assert [b is None for b in got.blocked] == [b is None for b in want.blocked]
+        assert all(abs(g - w) < 5 for g, w in zip(got.blocked, want.blocked) if g is not None)
+        blocked_seen |= any(b is not None for b in got.blocked)
+    assert blocked_seen  # the stream did reach a block
+    # without clients (the red team's single batches) the stateful stage is skipped on both paths
+    got, want = fast(x), general(slow, x)
+    assert got.verdict.tolist() == want.verdict.tolist() and "stateful" not in got.scores
