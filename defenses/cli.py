@@ -46,6 +46,8 @@ the shipped bundles/default was fitted with (its bundle.yaml records each one's 
   robustgate fit --bundle bundles/default --defense safetynet --name safetynet
   robustgate fit --bundle bundles/default --defense diffusion --name diffusion
   robustgate fit --bundle bundles/default --defense stateful --name stateful
+the k-NN method of the stateful stage trains its similarity encoder (a small CNN; minutes on a CPU):
+  robustgate fit --bundle B --defense stateful --name stateful --params method=knn k=4
 each kind's parameters and defaults: its class docstring (defenses/detect, defenses/purify).
 The stage that serves a fitted defense names the same --name (deploy/default.yaml, docs/OPERATIONS.md);
 what each detector and purifier buys against adaptive attacks: docs/EVALUATION.md. SafetyNet's fit
@@ -185,10 +187,11 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
     check_features_output(registry()[kind], bundle, where="fit")
     stateful = kind == "stateful"
     if stateful:  # calibrated on benign streams with private stores (defenses/stateful/calibration.py)
-        from robustgate.defenses.stateful.store import MemoryStore
+        from robustgate.defenses.stateful.stage import store_for
 
-        params = {"value_range": tuple(bundle.input.value_range), **(params or {}),
-                  "store": MemoryStore(max_entries=2, max_per_client=1, max_clients=1)}
+        params = {"value_range": tuple(bundle.input.value_range), **(params or {})}
+        params["store"] = store_for(params.get("method", "blacklight"),
+                                    {"max_entries": 2, "max_per_client": 1, "max_clients": 1}, params.get("top_k", 20))
     defense = build(kind, **(params or {}))
     # the defenses that query the backbone (SafetyNet, MagNet's jsd) refuse None with their own message
     classifier = TorchClassifier(load_backbone(bundle)) if has_twin(bundle) else None
@@ -211,9 +214,11 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
 
         g = torch.Generator().manual_seed(0)
         # about 100 queries per benign client: each client's images in random order, 10% exact
-        # retries, 10% near-duplicates (crop, brightness, JPEG)
-        val_streams = benign_streams(vx, max(1, vx.shape[0] // 100), g)
-        test_streams = benign_streams(sx, max(1, sx.shape[0] // 100), g)
+        # retries, 10% near-duplicates (crop, brightness, JPEG): one each, or for the k-NN method the
+        # k - 1 in a row it promises to leave unflagged (defenses/stateful/knn.py)
+        near = {"near_copies": max(1, defense.k - 1)} if getattr(defense, "method", None) == "knn" else {}
+        val_streams = benign_streams(vx, max(1, vx.shape[0] // 100), g, **near)
+        test_streams = benign_streams(sx, max(1, sx.shape[0] // 100), g, **near)
         record = calibrate_stateful(defense, val_streams, test_streams,
                                     **({} if target_fpr is None else {"target_fpr": target_fpr}))
         threshold = record["threshold"]

@@ -53,6 +53,11 @@ class StatefulDetector(Defense):
         """The store used when none is handed in: an in-memory one with the default bounds."""
         return MemoryStore()
 
+    def private_store(self, **bounds) -> HistoryStore:
+        """A fresh in-memory store of this detector's kind with ``bounds`` (``max_entries``,
+        ``max_per_client``, ``max_clients``, ``ttl_s``): the calibration's private history."""
+        return MemoryStore(**bounds)
+
     def config(self) -> dict[str, Any]:
         cfg = super().config()
         cfg.pop("store", None)  # state, not configuration

@@ -196,6 +196,9 @@ class Blacklight(StatefulDetector):
     def default_store(self) -> HistoryStore:
         return MemoryStore(hashes_per_query=self.top_k)
 
+    def private_store(self, **bounds) -> HistoryStore:
+        return MemoryStore(hashes_per_query=self.top_k, **bounds)
+
     def fingerprint(self, x: torch.Tensor) -> np.ndarray:
         """``[N, C, H, W]`` -> ``[N, top_k]`` uint64 hashes (steps 1-3 of the module docstring)."""
         size = x[0].numel()

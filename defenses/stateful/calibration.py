@@ -27,6 +27,7 @@ confidence (queries treated as independent draws).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,6 @@ from scipy.stats import beta
 from robustgate.defenses.calibration import fpr, quantiles
 from robustgate.defenses.purify.jpeg import jpeg_roundtrip
 from robustgate.defenses.stateful.base import StatefulDetector
-from robustgate.defenses.stateful.store import MemoryStore
 
 NEAR_KINDS = ("crop", "brightness", "jpeg")
 TARGET_FPR = 0.005  # issue 22: at most 0.5% of benign queries refused
@@ -62,12 +62,15 @@ def near_duplicate(x: torch.Tensor, kind: str, generator: torch.Generator) -> to
 
 
 def benign_streams(x: torch.Tensor, clients: int, generator: torch.Generator, retry_rate: float = 0.1,
-                   near_rate: float = 0.1) -> list[tuple[str, torch.Tensor]]:
+                   near_rate: float = 0.1, near_copies: int = 1) -> list[tuple[str, torch.Tensor]]:
     """``x`` ``[N, C, H, W]`` in [0, 1] -> ``clients`` streams ``(client, [M_i, C, H, W])``: the images in
     random order, split evenly; after each image, with probability ``retry_rate`` the same image
-    again and with probability ``near_rate`` one near-duplicate of it (kind drawn uniformly)."""
+    again and with probability ``near_rate`` ``near_copies`` near-duplicates of it (each kind drawn
+    uniformly; the k-NN method promises ``k - 1`` of them unflagged, defenses/stateful/knn.py)."""
     if not 1 <= clients <= len(x):
         raise ValueError(f"clients must be in [1, {len(x)}], got {clients}")
+    if not isinstance(near_copies, int) or near_copies < 1:
+        raise ValueError(f"near_copies must be a positive integer, got {near_copies!r}")
     for name, rate in (("retry_rate", retry_rate), ("near_rate", near_rate)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {rate}")
@@ -80,8 +83,9 @@ def benign_streams(x: torch.Tensor, clients: int, generator: torch.Generator, re
             if float(torch.rand((), generator=generator)) < retry_rate:
                 items.append(x[i].clone())
             if float(torch.rand((), generator=generator)) < near_rate:
-                kind = NEAR_KINDS[int(torch.randint(0, len(NEAR_KINDS), (), generator=generator))]
-                items.append(near_duplicate(x[i], kind, generator))
+                for _ in range(near_copies):
+                    kind = NEAR_KINDS[int(torch.randint(0, len(NEAR_KINDS), (), generator=generator))]
+                    items.append(near_duplicate(x[i], kind, generator))
         streams.append((f"benign-{c}", torch.stack(items)))
     return streams
 
@@ -90,9 +94,9 @@ def stream_scores(detector: StatefulDetector, streams: list[tuple[str, torch.Ten
     """Every query's score ``[sum M_i]``, each stream observed in order by a copy of ``detector``
     holding a fresh in-memory store (the serving store is not touched)."""
     total = sum(len(s) for _, s in streams)
-    store = MemoryStore(max_entries=max(total, 2), max_per_client=max(total, 2), max_clients=max(len(streams), 1),
-                        ttl_s=1e9, hashes_per_query=getattr(detector, "top_k", 20))
-    probe = type(detector)(**detector.config(), store=store)
+    probe = copy.copy(detector)  # shares the fitted parts (an encoder's session), not the store
+    probe.store = detector.private_store(max_entries=max(total, 2), max_per_client=max(total, 2),
+                                         max_clients=max(len(streams), 1), ttl_s=1e9)
     scores = [probe.observe(client, s[i:i + batch]).numpy() for client, s in streams for i in range(0, len(s), batch)]
     return np.concatenate(scores)
 
@@ -118,12 +122,17 @@ def calibrate_stateful(detector: StatefulDetector, val_streams: list[tuple[str, 
         raise ValueError(f"keys must be a positive integer, got {keys!r}")
     val = [stream_scores(detector, val_streams) for _ in range(keys)]  # each under a fresh store's key
     n = val[0].size
-    threshold, upper = None, 1.0
-    for t in np.unique(np.concatenate(val)):  # ascending: the first that meets the bound is the smallest
-        upper = fpr_upper(float(np.mean([(v > t).sum() for v in val])), n, confidence)
-        if upper <= target_fpr:
-            threshold = float(t)
-            break
+    fpr_upper(0, n, confidence)  # validates confidence
+    # candidates: every validation score (a continuous score, the k-NN method's, has thousands); the
+    # flagged counts (score > t: ties are not flagged) and their bounds for all of them at once
+    candidates = np.unique(np.concatenate(val))  # ascending: the first that meets the bound is the smallest
+    flagged = np.mean([v.size - np.searchsorted(np.sort(v), candidates, side="right") for v in val], axis=0)
+    uppers = np.ones(candidates.size)
+    below = flagged < n
+    uppers[below] = beta.ppf(confidence, flagged[below] + 1.0, n - flagged[below])  # fpr_upper, vectorised
+    meets = np.flatnonzero(uppers <= target_fpr)
+    threshold = float(candidates[meets[0]]) if meets.size else None
+    upper = float(uppers[meets[0]] if meets.size else uppers[-1])
     if threshold is None:  # too few queries to show the target: flag nothing seen in validation
         threshold = float(max(v.max() for v in val))
     test = stream_scores(detector, test_streams) if test_streams is not None else None

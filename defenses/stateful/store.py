@@ -132,52 +132,14 @@ class HistoryStore(ABC):
         ``ttl_s`` after the client's last detection (the ``block`` action's ``block_after``)."""
 
 
-class MemoryStore(HistoryStore):
-    """In-process history store (numpy arrays; see the module docstring)."""
+class ClientFlags:
+    """The in-process blocks and detection counts of a store (``block``, ``blocked_until``,
+    ``add_detections`` of :class:`HistoryStore`), shared by the in-memory stores: needs ``_lock``,
+    ``ttl_s`` and ``max_clients``; call :meth:`_init_flags` in the constructor."""
 
-    backend = "memory"
-
-    def __init__(self, max_entries: int = 1_000_000, max_per_client: int = 10_000, max_clients: int = 100_000,
-                 ttl_s: float = 3600.0, hashes_per_query: int = 20, key: bytes | None = None):
-        super().__init__(max_entries, max_per_client, max_clients, ttl_s)
-        if not isinstance(hashes_per_query, int) or hashes_per_query < 1:
-            raise ValueError(f"hashes_per_query must be a positive integer, got {hashes_per_query!r}")
-        if key is not None and len(key) != 16:
-            raise ValueError(f"key must be 16 bytes, got {len(key)}")
-        self.hashes_per_query = hashes_per_query
-        self._key = key if key is not None else secrets.token_bytes(16)
-        # entry ring: slot = seq & (cap - 1); cap a power of two so the mapping survives seq's 2**32 wrap
-        self._cap = 1 << max(1, math.ceil(math.log2(max_entries)))
-        self._e_seq = np.zeros(self._cap, dtype=np.uint32)
-        self._e_client = np.zeros(self._cap, dtype=np.uint32)  # client ids start at 1: 0 = empty
-        self._e_cidx = np.zeros(self._cap, dtype=np.uint32)  # the client's own running index
-        self._e_time = np.zeros(self._cap, dtype=np.float64)
-        self._e_digest = np.zeros(self._cap, dtype=np.uint64)
-        # index: about 1.5 slots per posting (k hashes + 1 digest per entry)
-        postings = max_entries * (hashes_per_query + 1)
-        self._buckets = 1 << max(1, math.ceil(math.log2(1.5 * postings / WAYS)))
-        self._tags = np.zeros((self._buckets, WAYS), dtype=np.uint16)
-        self._p_seq = np.zeros((self._buckets, WAYS), dtype=np.uint32)
-        self._clients: OrderedDict[str, list[int]] = OrderedDict()  # client -> [id, queries recorded]
-        self._next_client = 1
-        self._seq = 0  # last sequence number used (uint32 arithmetic)
-        self._inserted = 0
-        self._lock = threading.Lock()  # observe() from several worker threads is serialised
+    def _init_flags(self) -> None:
         self._blocks: dict[str, float] = {}  # client -> block end (epoch seconds); at most max_clients
         self._strikes: OrderedDict[str, list[float]] = OrderedDict()  # client -> [detections, last one's time]
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "hashes_per_query": self.hashes_per_query}
-
-    def fingerprint_key(self) -> bytes:
-        return self._key
-
-    def clear(self) -> None:
-        with self._lock:
-            self._clients.clear()  # entries of forgotten client ids never match again
-            self._blocks.clear()
-            self._strikes.clear()
-            self._inserted = 0
 
     def add_detections(self, client: str, n: int, now: float | None = None) -> int:
         now = time.time() if now is None else float(now)
@@ -212,6 +174,53 @@ class MemoryStore(HistoryStore):
                     del self._blocks[client]
             return None
         return until
+
+
+class MemoryStore(ClientFlags, HistoryStore):
+    """In-process history store (numpy arrays; see the module docstring)."""
+
+    backend = "memory"
+
+    def __init__(self, max_entries: int = 1_000_000, max_per_client: int = 10_000, max_clients: int = 100_000,
+                 ttl_s: float = 3600.0, hashes_per_query: int = 20, key: bytes | None = None):
+        super().__init__(max_entries, max_per_client, max_clients, ttl_s)
+        if not isinstance(hashes_per_query, int) or hashes_per_query < 1:
+            raise ValueError(f"hashes_per_query must be a positive integer, got {hashes_per_query!r}")
+        if key is not None and len(key) != 16:
+            raise ValueError(f"key must be 16 bytes, got {len(key)}")
+        self.hashes_per_query = hashes_per_query
+        self._key = key if key is not None else secrets.token_bytes(16)
+        # entry ring: slot = seq & (cap - 1); cap a power of two so the mapping survives seq's 2**32 wrap
+        self._cap = 1 << max(1, math.ceil(math.log2(max_entries)))
+        self._e_seq = np.zeros(self._cap, dtype=np.uint32)
+        self._e_client = np.zeros(self._cap, dtype=np.uint32)  # client ids start at 1: 0 = empty
+        self._e_cidx = np.zeros(self._cap, dtype=np.uint32)  # the client's own running index
+        self._e_time = np.zeros(self._cap, dtype=np.float64)
+        self._e_digest = np.zeros(self._cap, dtype=np.uint64)
+        # index: about 1.5 slots per posting (k hashes + 1 digest per entry)
+        postings = max_entries * (hashes_per_query + 1)
+        self._buckets = 1 << max(1, math.ceil(math.log2(1.5 * postings / WAYS)))
+        self._tags = np.zeros((self._buckets, WAYS), dtype=np.uint16)
+        self._p_seq = np.zeros((self._buckets, WAYS), dtype=np.uint32)
+        self._clients: OrderedDict[str, list[int]] = OrderedDict()  # client -> [id, queries recorded]
+        self._next_client = 1
+        self._seq = 0  # last sequence number used (uint32 arithmetic)
+        self._inserted = 0
+        self._lock = threading.Lock()  # observe() from several worker threads is serialised
+        self._init_flags()
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "hashes_per_query": self.hashes_per_query}
+
+    def fingerprint_key(self) -> bytes:
+        return self._key
+
+    def clear(self) -> None:
+        with self._lock:
+            self._clients.clear()  # entries of forgotten client ids never match again
+            self._blocks.clear()
+            self._strikes.clear()
+            self._inserted = 0
 
     def stats(self) -> dict[str, int]:
         arrays = (self._e_seq, self._e_client, self._e_cidx, self._e_time, self._e_digest, self._tags, self._p_seq)

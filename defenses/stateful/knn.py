@@ -1,0 +1,269 @@
+"""A learned similarity encoder with k-nearest-neighbour scoring of each client's queries (Chen,
+Carlini & Wagner, "Stateful Detection of Black-Box Adversarial Attacks", SPAI 2020).
+
+A query-based attack (Square, HopSkipJump, NES, ...) sends queries that all lie in a small ball
+around one image; Blacklight's content hashes (defenses/stateful/blacklight.py) only match two
+queries that share many exact pixel windows, which Square's early, large squares destroy. Here a
+small CNN ``e`` is trained so that two images inside one l-inf ball -- and mild benign edits of
+one picture -- embed close, and different pictures far apart; a query is attack-like when its
+``k`` nearest earlier queries of the same client are all close:
+
+1. encode: pixels scaled to [0, 1] -> ``e(x)`` ``[d]`` (ONNX Runtime, one intra-op thread), stored as
+   float16 with a keyed digest of the raw input (exact retries);
+2. score: ``D = mean of the l2 distances from e(x) to its k nearest earlier (non-retry) queries of
+   the client`` (defenses/stateful/knn_store.py), reported as ``1 / (1 + D)`` in ``(0, 1]`` so that
+   higher = more attack-like, as every detector's; flagged when ``score > threshold`` (the
+   threshold calibrated on benign streams, defenses.stateful.calibration). A query with fewer than
+   ``k`` earlier queries, and an exact retry, score 0 (never flagged).
+
+``k`` (``k``) is what a benign client may do: it may send up to ``k - 1`` near-copies of one image
+(crops, brightness, re-encodings) within the history's TTL without being flagged, because the
+``k``-th neighbour of the last copy is another picture; an attack is flagged from its ``(k+1)``-th
+query on. Symbols: ``d`` = ``dim``, ``m`` = ``margin``.
+
+Training (``fit``, the paper's contrastive loss, Hadsell et al. 2006 with the margin on squared
+distances): two views of each training image, each a benign edit (brightness, 1-2 px crop, JPEG;
+probability ``p_benign``) followed by an attack-like perturbation inside an l-inf ball of radius
+``U(0, eps)`` (uniform, sign, Square-like stripes and squares, small Gaussian noise), so that the
+transformation-adaptive attacker of Feng et al. (CCS 2023) gains less; loss over a batch of ``B``
+images = mean over positive pairs (two views of one image) of ``||e_i - e_j||^2`` + mean over
+negative pairs (views of two images) of ``max(0, m^2 - ||e_i - e_j||^2)``.
+
+Known limits: as Blacklight's, a per-client history is evaded by spacing queries beyond its bounds
+or spreading them over identities (Sybil); an attack that succeeds within its first ``k`` queries
+is never seen; perturbations larger than the training ``eps`` (or edits unlike the training
+transforms) may embed far apart; the encoder is a network, so a white-box attacker holding it
+could search for perturbations that move the embedding (its weights stay in the bundle, never sent).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustgate.defenses.base import FitData
+from robustgate.defenses.stateful.base import StatefulDetector
+from robustgate.defenses.stateful.blacklight import digests
+from robustgate.defenses.stateful.knn_store import KnnMemoryStore
+from robustgate.defenses.stateful.store import HistoryStore
+
+
+class Encoder(nn.Module):
+    """``[N, C, H, W]`` in [0, 1] -> ``[N, dim]``: three 3x3 conv layers (the first two with stride 2),
+    global average pooling (any H, W) and a linear map."""
+
+    def __init__(self, channels: int, width: int = 16, dim: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU(),  # [N, w, H/2, W/2]
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),  # [N, 2w, H/4, W/4]
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())  # [N, 2w, H/4, W/4]
+        self.head = nn.Linear(2 * width, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))  # [N, dim]
+
+
+# ---- training views (pure tensor functions) --------------------------------------------------------
+def attack_delta(x: torch.Tensor, eps: float, g: torch.Generator, squares: int = 3) -> torch.Tensor:
+    """A perturbation ``[N, C, H, W]`` like a query attack's, each item inside its own l-inf ball of
+    radius ``r ~ U(0, eps)``: uniform noise, sign noise, Square-like (+-r vertical stripes, then
+    ``squares`` squares of side 1..H/2 set to +-r per channel; Andriushchenko et al. 2020's init and
+    steps) or Gaussian noise of std ``r / 3`` clipped to ``[-r, r]``, the kind drawn per item."""
+    n, c, h, w = x.shape
+    r = eps * torch.rand(n, 1, 1, 1, generator=g)  # [N, 1, 1, 1]
+
+    def sign(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 2, shape, generator=g).float() * 2 - 1
+
+    uniform = (torch.rand(x.shape, generator=g) * 2 - 1) * r
+    signs = sign(n, c, h, w) * r
+    square = sign(n, c, 1, w).expand(n, c, h, w)  # [N, C, H, W] stripes
+    rows, cols = torch.arange(h).view(1, 1, h, 1), torch.arange(w).view(1, 1, 1, w)
+    for _ in range(squares):  # each item's square j: side s, corner (top, left), one sign per channel
+        side = torch.randint(1, max(2, h // 2 + 1), (n, 1, 1, 1), generator=g)
+        top = (torch.rand(n, 1, 1, 1, generator=g) * (h - side + 1)).long()
+        left = (torch.rand(n, 1, 1, 1, generator=g) * (w - side + 1)).long()
+        inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)  # [N, 1, H, W]
+        square = torch.where(inside, sign(n, c, 1, 1), square)
+    square = square * r
+    gauss = torch.maximum(torch.minimum(torch.randn(x.shape, generator=g) * r / 3, r), -r)  # kept in the ball
+    kind = torch.randint(0, 4, (n, 1, 1, 1), generator=g)
+    return torch.where(kind == 0, uniform, torch.where(kind == 1, signs, torch.where(kind == 2, square, gauss)))
+
+
+def benign_edit(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each item of ``x`` ``[N, C, H, W]`` in [0, 1] edited as a real client's near-duplicate (the kinds
+    of defenses.stateful.calibration.near_duplicate): brightness x ``U(0.9, 1.1)``, a crop of 0-2
+    pixels per side resized back, or a JPEG re-encoding (quality 70-95, one per call; C = 1 or 3)."""
+    from robustgate.defenses.purify.jpeg import jpeg_roundtrip
+    from robustgate.defenses.stateful.calibration import near_duplicate
+
+    kinds = 3 if x.shape[1] in (1, 3) else 2
+    kind = torch.randint(0, kinds, (x.shape[0],), generator=g)
+    out = (x * (0.9 + 0.2 * torch.rand(x.shape[0], 1, 1, 1, generator=g))).clamp(0, 1)  # brightness
+    for i in torch.nonzero(kind == 1).flatten().tolist():
+        out[i] = near_duplicate(x[i], "crop", g)
+    jpeg = torch.nonzero(kind == 2).flatten()
+    if jpeg.numel():
+        out[jpeg] = jpeg_roundtrip(x[jpeg], int(torch.randint(70, 96, (), generator=g)))  # one batched codec call
+    return out
+
+
+def view(x: torch.Tensor, eps: float, p_benign: float, p_attack: float, g: torch.Generator) -> torch.Tensor:
+    """One random training view of ``x`` ``[N, C, H, W]`` in [0, 1]: with probability ``p_benign`` a
+    :func:`benign_edit`, then with probability ``p_attack`` an :func:`attack_delta`; clipped to [0, 1]."""
+    edited = (torch.rand(x.shape[0], 1, 1, 1, generator=g) < p_benign).float()
+    attacked = (torch.rand(x.shape[0], 1, 1, 1, generator=g) < p_attack).float()
+    out = x + edited * (benign_edit(x, g) - x)
+    return (out + attacked * attack_delta(x, eps, g)).clamp(0, 1)
+
+
+def contrastive_loss(e1: torch.Tensor, e2: torch.Tensor, margin: float) -> torch.Tensor:
+    """The two views' embeddings ``[B, d]`` x2 -> the loss of the module docstring: positives are
+    ``(e1[i], e2[i])``, negatives every pair of views of two different images."""
+    b = e1.shape[0]
+    e = torch.cat([e1, e2])  # [2B, d]
+    d2 = torch.cdist(e, e).pow(2)  # [2B, 2B]
+    image = torch.arange(2 * b) % b
+    same = image[:, None] == image[None, :]
+    pos = same & ~torch.eye(2 * b, dtype=torch.bool)
+    return d2[pos].mean() + F.relu(margin ** 2 - d2[~same]).mean()
+
+
+def train_encoder(enc: Encoder, x: torch.Tensor, *, steps: int, batch_size: int, lr: float, margin: float,
+                  eps: float, p_benign: float, p_attack: float, seed: int, progress: bool = False) -> list[float]:
+    """Trains ``enc`` on images ``x`` ``[N, C, H, W]`` in [0, 1] (module docstring); returns the mean
+    loss per 100 steps. ``progress``: a tqdm bar (stderr)."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(enc.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    enc.train()
+    history, window = [], []
+    with tqdm(total=steps, desc="knn encoder", unit="step", disable=not progress, leave=False) as bar:
+        for step in range(steps):
+            xb = x[torch.randint(0, x.shape[0], (batch_size,), generator=g)]
+            loss = contrastive_loss(enc(view(xb, eps, p_benign, p_attack, g)), enc(view(xb, eps, p_benign, p_attack, g)),
+                                    margin)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            window.append(loss.item())
+            if len(window) == 100 or step == steps - 1:
+                history.append(float(np.mean(window)))
+                window = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    enc.eval()
+    return history
+
+
+def knn_scores(dist: np.ndarray) -> np.ndarray:
+    """``[N, k]`` distances to the k nearest (``inf`` where missing) -> ``[N]`` float32 scores
+    ``1 / (1 + mean)``, 0 for a row with a missing neighbour (too little history, or a retry)."""
+    full = np.isfinite(dist).all(axis=1)
+    out = np.zeros(dist.shape[0], dtype=np.float32)
+    out[full] = 1.0 / (1.0 + dist[full].mean(axis=1))
+    return out
+
+
+class KnnDetector(StatefulDetector):
+    """k-NN over a learned embedding (module docstring). ``observe(client, x [N, C, H, W])`` -> ``[N]``
+    float32 scores in ``[0, 1]``; 0 for an exact retry or fewer than ``k`` earlier queries."""
+
+    kind: ClassVar[str] = "knn"
+    needs_artifacts: ClassVar[bool] = True
+
+    def __init__(self, k: int = 4, dim: int = 32, width: int = 16, steps: int = 3000, batch_size: int = 128,
+                 lr: float = 2e-3, margin: float = 1.0, eps: float = 0.1, p_benign: float = 0.5,
+                 p_attack: float = 0.8, seed: int = 0, threshold: float | None = None,
+                 value_range: tuple[float, float] = (0.0, 1.0), store: HistoryStore | None = None):
+        for name, value in (("k", k), ("dim", dim), ("width", width), ("steps", steps), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (negatives are other images), got {batch_size}")
+        for name, value, hi in (("lr", lr, None), ("margin", margin, None), ("eps", eps, 1.0),
+                                ("p_benign", p_benign, 1.0), ("p_attack", p_attack, 1.0)):
+            if not isinstance(value, (int, float)) or value < 0 or (hi is not None and value > hi):
+                raise ValueError(f"{name} must be a number in [0, {hi or 'inf'}], got {value!r}")
+        self.k, self.dim, self.width, self.steps, self.batch_size = k, dim, width, steps, batch_size
+        self.lr, self.margin, self.eps = float(lr), float(margin), float(eps)
+        self.p_benign, self.p_attack, self.seed = float(p_benign), float(p_attack), int(seed)
+        super().__init__(threshold=threshold, value_range=value_range, store=store)
+        if not isinstance(self.store, KnnMemoryStore):
+            raise ValueError(f"{self.kind}: store must hold embeddings (KnnMemoryStore), got {type(self.store).__name__}")
+        self.encoder: Encoder | None = None
+        self.history: list[float] = []
+        self._session = None
+
+    def default_store(self) -> HistoryStore:
+        return KnnMemoryStore()
+
+    def private_store(self, **bounds) -> HistoryStore:
+        return KnnMemoryStore(**bounds)
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.value_range
+        return (x.float() - lo) / (hi - lo)
+
+    # ---- offline ----
+    def fit(self, data: FitData, classifier=None) -> None:
+        x = self._unit(data.train_x.cpu())
+        self.encoder = Encoder(x.shape[1], self.width, self.dim)
+        self.history = train_encoder(self.encoder, x, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                                     margin=self.margin, eps=self.eps, p_benign=self.p_benign,
+                                     p_attack=self.p_attack, seed=self.seed, progress=data.progress)
+        self._item_shape = tuple(x.shape[1:])
+        self.fit_report = {"loss": self.history}  # mean contrastive loss per 100 steps (bundle.yaml)
+
+    def save(self, directory: Path) -> dict[str, str]:
+        """Writes ``encoder.onnx`` (batch axis dynamic, the item shape fixed) into ``directory``."""
+        from robustgate.defenses.runtime import export_onnx
+
+        if self.encoder is None:
+            raise ValueError(f"{self.kind}: nothing to save; fit the encoder first")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        export_onnx(self.encoder, torch.zeros(1, *self._item_shape), directory / "encoder.onnx", output_name="embedding")
+        self.load_artifacts({"encoder_onnx": directory / "encoder.onnx"})
+        return {"encoder_onnx": "encoder.onnx"}
+
+    def load_artifacts(self, files: dict[str, Path]) -> None:
+        from robustgate.defenses.runtime import OnnxModel
+
+        if set(files) != {"encoder_onnx"}:
+            raise ValueError(f"{self.kind}: expected the artifact encoder_onnx, got {sorted(files)}")
+        session = OnnxModel(files["encoder_onnx"], threads=1, spin=False)
+        out = session.session.get_outputs()[0].shape
+        if out[-1] != self.dim:
+            raise ValueError(f"{self.kind}: {files['encoder_onnx']} embeds in {out[-1]} dimensions, dim is {self.dim}")
+        self._session = session
+        self._item_shape = tuple(int(d) for d in session.session.get_inputs()[0].shape[1:])
+
+    # ---- online ----
+    def embed(self, x: torch.Tensor) -> np.ndarray:
+        """``[N, C, H, W]`` in ``value_range`` -> ``[N, dim]`` float32 embeddings (ONNX Runtime)."""
+        if self._session is None:
+            raise ValueError(f"{self.kind}: no encoder loaded; fit it first (robustgate fit --defense stateful "
+                             f"--params method=knn)")
+        if tuple(x.shape[1:]) != self._item_shape:
+            raise ValueError(f"{self.kind}: input items have shape {tuple(x.shape[1:])}, the encoder was fitted for "
+                             f"{self._item_shape}")
+        return self._session.run_numpy(self._unit(x).numpy())
+
+    def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
+        return digests(x, self.store.fingerprint_key()), self.embed(x).astype(np.float16)
+
+    def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
+        dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now)
+        return [torch.from_numpy(knn_scores(dist)) for dist in dists]

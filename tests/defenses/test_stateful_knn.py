@@ -1,0 +1,191 @@
+"""The k-NN stateful method (defenses/stateful/knn.py, knn_store.py): its scoring rule against a
+hand computation, retries, the store's bounds, configuration errors, and fit end to end on tiny data."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from robustgate.defenses.base import FitData, build
+from robustgate.defenses.stateful.knn import KnnDetector, attack_delta, contrastive_loss, knn_scores
+from robustgate.defenses.stateful.knn_store import KnnMemoryStore
+
+
+def _d(*values) -> np.ndarray:
+    return np.array(values, dtype=np.uint64)
+
+
+def _e(*rows) -> np.ndarray:
+    return np.array(rows, dtype=np.float16)
+
+
+def test_scores_are_the_mean_distance_to_the_k_nearest_earlier_queries():
+    store = KnnMemoryStore(max_entries=64, max_per_client=64, ttl_s=100.0)
+    emb = _e([0, 0], [3, 4], [0, 1], [6, 8], [0, 2])
+    dist = store.observe("a", _d(1, 2, 3, 4, 5), emb, k=2, now=0.0)
+    # by hand: query 2 = (0,1): distances 1 (to (0,0)) and sqrt(9+9) (to (3,4)); query 4 = (0,2):
+    # to (0,0) 2, (3,4) sqrt(13), (0,1) 1, (6,8) sqrt(72) -> nearest 1, 2
+    assert np.isinf(dist[0]).all() and dist[1][0] == 5 and np.isinf(dist[1][1])
+    np.testing.assert_allclose(dist[2], [1, np.sqrt(18)], rtol=1e-6)
+    np.testing.assert_allclose(dist[3], [5, np.sqrt(36 + 49)], rtol=1e-6)
+    np.testing.assert_allclose(dist[4], [1, 2], rtol=1e-6)
+    scores = knn_scores(dist)
+    assert scores[:2].tolist() == [0.0, 0.0]  # fewer than k earlier queries: never flagged
+    np.testing.assert_allclose(scores[2:], 1 / (1 + np.array([(1 + np.sqrt(18)) / 2, (5 + np.sqrt(85)) / 2, 1.5])), rtol=1e-6)
+    # one call or one query at a time: the same distances
+    other = KnnMemoryStore(max_entries=64, max_per_client=64, ttl_s=100.0)
+    one = np.concatenate([other.observe("a", _d(i + 1), emb[i:i + 1], k=2, now=0.0) for i in range(5)])
+    np.testing.assert_array_equal(one, dist)
+    # clients are separate
+    assert np.isinf(store.observe("b", _d(6), _e([0, 0]), k=1, now=0.0)).all()
+
+
+def test_exact_retries_are_never_evidence_and_not_recorded():
+    store = KnnMemoryStore(max_entries=64, max_per_client=64, ttl_s=100.0)
+    emb = _e([0, 0], [0, 1], [0, 0], [0, 1])
+    dist = store.observe("a", _d(1, 2, 1, 2), emb, k=1, now=0.0)  # queries 2 and 3 resend 0 and 1
+    assert np.isinf(dist[2]).all() and np.isinf(dist[3]).all()
+    assert store.stats()["entries"] == 2
+    assert np.isinf(store.observe("a", _d(2), _e([0, 1]), k=1, now=1.0)).all()  # a retry in a later call
+    np.testing.assert_allclose(store.observe("a", _d(3), _e([0, 1]), k=1, now=1.0), [[0.0]])  # same picture, new bytes
+
+
+def test_bounds_per_client_global_ttl_and_lru():
+    # max_per_client 2: the third-oldest query is forgotten
+    store = KnnMemoryStore(max_entries=100, max_per_client=2, max_clients=2, ttl_s=10.0)
+    store.observe("a", _d(1, 2, 3), _e([0, 0], [10, 0], [20, 0]), k=1, now=0.0)
+    np.testing.assert_allclose(store.observe("a", _d(4), _e([0, 0]), k=2, now=0.0), [[10, 20]])  # not 0: (0,0) is gone
+    assert store.stats()["entries"] == 2
+    # ttl: older than 10 s is forgotten
+    assert np.isinf(store.observe("a", _d(5), _e([0, 0]), k=1, now=20.0)).all()
+    # max_clients 2: a third client pushes out the least recently active one
+    store.observe("b", _d(1), _e([5, 5]), k=1, now=20.0)
+    store.observe("a", _d(6), _e([1, 1]), k=1, now=20.0)
+    store.observe("c", _d(1), _e([7, 7]), k=1, now=20.0)  # b is forgotten
+    assert np.isinf(store.observe("b", _d(2), _e([5, 5]), k=1, now=20.0)).all()
+    assert store.stats()["clients"] == 2
+    # max_entries 3: the oldest queries of any client fall out first
+    glob = KnnMemoryStore(max_entries=3, max_per_client=3, max_clients=8, ttl_s=100.0)
+    glob.observe("a", _d(1), _e([0, 0]), k=1, now=0.0)
+    glob.observe("b", _d(1, 2, 3), _e([1, 0], [2, 0], [3, 0]), k=1, now=0.0)
+    assert np.isinf(glob.observe("a", _d(2), _e([0, 0]), k=1, now=0.0)).all()  # a's query was pushed out
+    assert glob.stats()["entries"] == 3
+    # a bound that moves inside one call: each query sees what one-at-a-time calls would
+    one = KnnMemoryStore(max_entries=4, max_per_client=2, ttl_s=100.0)
+    many = KnnMemoryStore(max_entries=4, max_per_client=2, ttl_s=100.0)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(9, 4)).astype(np.float16)
+    digests = _d(1, 2, 3, 2, 4, 5, 6, 7, 1)
+    want = np.concatenate([one.observe("a", digests[i:i + 1], emb[i:i + 1], k=2, now=0.0) for i in range(9)])
+    np.testing.assert_array_equal(many.observe("a", digests, emb, k=2, now=0.0), want)
+    assert one.stats() == many.stats()
+    with pytest.raises(ValueError, match="dimensions"):
+        many.observe("a", _d(9), np.zeros((1, 3), dtype=np.float16), k=1)
+    with pytest.raises(ValueError, match="k must be"):
+        many.observe("a", _d(9), emb[:1], k=0)
+
+
+def test_memory_follows_the_live_entries():
+    store = KnnMemoryStore(max_entries=1000, max_per_client=1000, max_clients=10, ttl_s=100.0)
+    emb = np.zeros((1000, 32), dtype=np.float16)
+    store.observe("a", np.arange(1, 1001, dtype=np.uint64), emb, k=1, now=0.0)
+    full = store.stats()["bytes"]
+    assert full >= 1000 * 64 and store.stats()["entries"] == 1000
+    store.observe("b", np.arange(1, 1001, dtype=np.uint64), emb, k=1, now=0.0)  # pushes all of a's out
+    stats = store.stats()
+    assert stats["entries"] == 1000 and stats["bytes"] < 1.5 * full
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="method must be one of"):
+        build("stateful", method="lsh")
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        build("stateful", method="knn", k=0)
+    with pytest.raises(ValueError, match="eps must be"):
+        build("stateful", method="knn", eps=2.0)
+    with pytest.raises(TypeError):
+        build("stateful", method="knn", top_k=20)  # a Blacklight parameter
+    from robustgate.defenses.assemble import PipelineConfig, build_stages
+
+    def stage(**over):
+        return PipelineConfig.model_validate({"stages": [{"name": "sd", "kind": "stateful", "threshold": 0.5, **over}]})
+
+    with pytest.raises(ValueError, match=r"pipeline\.stages\.0 \(sd\): store: kind: 'redis' is not available for method knn"):
+        build_stages(stage(params={"method": "knn"}, store={"kind": "redis", "url": "redis://127.0.0.1:1/0"}), None)
+    with pytest.raises(ValueError, match=r"store: .*max_per_client"):
+        build_stages(stage(params={"method": "knn"}, store={"kind": "memory", "max_per_client": 0}), None)
+    with pytest.raises(ValueError, match=r"store: .*hashes_per_query"):
+        build_stages(stage(params={"method": "knn"}, store={"kind": "memory", "hashes_per_query": 20}), None)
+    # without a bundle the encoder is missing: the stage says so when it first encodes
+    det = build_stages(stage(params={"method": "knn"}), None)[0].defense
+    with pytest.raises(ValueError, match="no encoder loaded; fit it first"):
+        det.observe("a", torch.zeros(1, 1, 28, 28))
+
+
+def test_training_views_stay_in_the_ball_and_the_loss_separates():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 32, 32, generator=g)
+    delta = attack_delta(x, 0.1, g)
+    assert delta.shape == x.shape and float(delta.abs().max()) <= 0.1 + 1e-6
+    e = torch.tensor([[0.0, 0.0], [5.0, 0.0]])
+    # positives at distance 0, negatives beyond the margin: no loss; negatives at 0: margin^2
+    assert float(contrastive_loss(e, e.clone(), 1.0)) == 0.0
+    assert float(contrastive_loss(torch.zeros(2, 2), torch.zeros(2, 2), 1.0)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_fit_save_load_and_observe_any_shape(shape, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, *shape, generator=g)
+    det = KnnDetector(k=2, dim=8, width=4, steps=20, batch_size=16)
+    det.fit(FitData(x, torch.zeros(64), x[:8], torch.zeros(8)))
+    assert det.save(tmp_path) == {"encoder_onnx": "encoder.onnx"}
+    served = KnnDetector(k=2, dim=8, width=4, store=KnnMemoryStore(max_entries=100, max_per_client=100))
+    served.load_artifacts({"encoder_onnx": tmp_path / "encoder.onnx"})
+    with torch.no_grad():
+        want = det.encoder(x[:4]).numpy()
+    np.testing.assert_allclose(served.embed(x[:4]), want, rtol=1e-4, atol=1e-5)  # ONNX = torch
+    s = served.observe("a", torch.cat([x[:3], x[:1]]))
+    assert s[:2].tolist() == [0.0, 0.0] and float(s[2]) > 0 and float(s[3]) == 0.0  # too early; judged; a retry
+    with pytest.raises(ValueError, match="fitted for"):
+        served.observe("a", torch.rand(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="embeds in 8 dimensions, dim is 16"):
+        KnnDetector(dim=16).load_artifacts({"encoder_onnx": tmp_path / "encoder.onnx"})
+
+
+def test_fit_end_to_end_into_a_bundle(tiny_bundle, fmnist_subset, tmp_path):
+    from robustgate.defenses.base import build_from_bundle
+    from robustgate.defenses.cli import fit_defense
+    from robustgate.models.bundle import Bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    x, y = fmnist_subset("val", 900)
+    splits = {"train": (x[:300], y[:300]), "val": (x[300:600], y[300:600]), "test": (x[600:], y[600:])}
+    spec = fit_defense(bundle, "stateful", name="sd", params={"method": "knn", "k": 3, "steps": 100, "batch_size": 32},
+                       target_fpr=0.05, splits=splits, log=lambda *_: None)
+    fitted = Bundle.load(bundle).spec.defenses["sd"]  # verifies the sha256
+    assert fitted.params["method"] == "knn" and fitted.params["k"] == 3 and "store" not in fitted.params
+    assert set(fitted.files) == {"encoder_onnx"} and (bundle / "defenses" / "sd" / "encoder.onnx").is_file()
+    assert 0 < fitted.threshold == spec["threshold"] < 1
+    assert fitted.calibration["val_fpr_upper"] <= 0.05 and fitted.calibration["n_val"] > 300
+    assert len(fitted.calibration["fit"]["report"]["loss"]) >= 1
+    # the served stage: the bundle's encoder and threshold; an attack-like stream is flagged from query k + 1
+    det = build_from_bundle("stateful", "sd", {"store": KnnMemoryStore(max_entries=1000, max_per_client=1000)}, None, Bundle.load(bundle),
+                            where="test")
+    assert det.threshold == fitted.threshold
+    g = torch.Generator().manual_seed(1)
+    base = fmnist_subset("test", 1)[0]
+    attack = (base + (torch.rand(8, 1, 28, 28, generator=g) * 2 - 1) * 0.03).clamp(0, 1)
+    flagged = det.is_adversarial(det.observe("attacker", attack)).tolist()
+    assert flagged[:3] == [False] * 3 and all(flagged[3:]), flagged
+    # a checksum mismatch refuses the bundle
+    path = bundle / "defenses" / "sd" / "encoder.onnx"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(Exception, match="sha256|checksum"):
+        Bundle.load(bundle)
+    assert yaml.safe_load((bundle / "bundle.yaml").read_text())["defenses"]["sd"]["kind"] == "stateful"
