@@ -315,3 +315,79 @@ def test_one_batch_observes_each_client_in_arrival_order():
     # without identities (the red team's white-box runs) the stage is skipped: nothing observed
     assert "sd" not in model(x).scores
     assert stages[0].defense.store.stats()["entries"] == 4  # A x3, B x1 (the retry is not recorded)
+
+
+# ---- method knn: the learned encoder served -----------------------------------------------------------
+KNN_K = 3
+
+
+@pytest.fixture(scope="module")
+def knn_bundle(proxy_bundle, tmp_path_factory):
+    """The proxy's tiny bundle with ``sd`` fitted as ``method: knn`` (k 3; a 100-step encoder on 300
+    Fashion-MNIST test images; threshold at 1% benign FPR with 95% confidence on 300 more, which
+    about 360 validation queries show only with none flagged: the largest validation score)."""
+    import torch
+
+    from robustgate.defenses.cli import fit_defense
+
+    bundle = tmp_path_factory.mktemp("knn") / "bundle"
+    shutil.copytree(proxy_bundle, bundle)
+    x = fmnist_images(900, offset=2000)
+    y = np.zeros(len(x), dtype=np.int64)
+    splits = {k: (torch.from_numpy(x[i * 300:(i + 1) * 300]), torch.from_numpy(y[:300]))
+              for i, k in enumerate(("train", "val", "test"))}
+    fit_defense(bundle, "stateful", name="sd", params={"method": "knn", "k": KNN_K, "steps": 100, "batch_size": 32},
+                target_fpr=0.01, splits=splits, log=lambda *_: None)
+    return bundle
+
+
+def linf_stream(base: np.ndarray, n: int, eps: float = 0.03, seed: int = 0) -> np.ndarray:
+    """``n`` random l-inf perturbations of ``base`` ``[1, 28, 28]`` (uniform in the eps-ball): every
+    query of a score-based attack lies in such a ball."""
+    rng = np.random.default_rng(seed)
+    return np.clip(base[None] + rng.uniform(-eps, eps, size=(n, *base.shape)), 0, 1).astype(np.float32)
+
+
+def knn_stage(**over) -> dict:
+    return {"name": "sd", "kind": "stateful", "action": "block", "cooldown_s": 60.0, "block_after": 2,
+            "store": {"kind": "memory", "max_entries": 4096, "max_per_client": 1024, "max_clients": 64, "ttl_s": 600},
+            **over}
+
+
+def test_knn_flags_an_attack_from_query_k_plus_1_and_blocks_it_benign_stream_served(start_proxy, knn_bundle):
+    p = start_proxy(bundle=knn_bundle, pipeline={"stages": [knn_stage()]})
+    benign = fmnist_images(60, offset=5000)
+    for i in np.random.default_rng(0).permutation(len(benign)):  # distinct images, shuffled, every 5th retried
+        for _ in range(2 if i % 5 == 0 else 1):
+            assert ask(p.url, benign[i][None], BENIGN)[0] == "ok", i
+    answers = [ask(p.url, q[None], ATTACKER)[0] for q in linf_stream(benign[0], 8, seed=1)]
+    # k earlier queries are needed: the first k are answered, query k + 1 is a detection (rejected),
+    # query k + 2 the second, which blocks the client (block_after 2): it and the rest are refused
+    assert answers[:KNN_K] == ["ok"] * KNN_K, answers
+    assert answers[KNN_K] == "StatusCode.PERMISSION_DENIED", answers
+    assert set(answers[KNN_K + 1:]) == {"StatusCode.RESOURCE_EXHAUSTED"}, answers
+    assert metric(p.metrics_port, "robustgate_clients_blocked_total", {"reason": "sd"}) == 1
+    assert metric(p.metrics_port, "robustgate_stateful_clients", {"stage": "sd"}) == 2
+    assert ask(p.url, benign[1][None], BENIGN)[0] == "ok"  # the benign client is not affected
+
+
+def test_knn_reload_keeps_the_histories(start_proxy, knn_bundle, tmp_path):
+    from robustgate.models.bundle import Bundle
+
+    path = tmp_path / "proxy.yaml"
+    fitted = Bundle.load(knn_bundle).spec.defenses["sd"].threshold
+    stage = knn_stage(action="reject", threshold=1.0)  # scores lie in [0, 1]: nothing is flagged yet
+    p = start_proxy(bundle=knn_bundle, pipeline={"stages": [stage]})
+    p.server.config_loader = lambda: load_config(path, environ={}, overrides={
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
+    stream = linf_stream(fmnist_images(1, offset=5100)[0], KNN_K + 1, seed=2)
+    for q in stream[:KNN_K]:
+        assert ask(p.url, q[None], ATTACKER)[0] == "ok"
+    store = p.server.runner.stores["sd"][1]
+    stage.pop("threshold")  # the bundle's calibrated one
+    path.write_text(yaml.safe_dump({"bundle": str(knn_bundle), "pipeline": {"stages": [stage]}}))
+    summary = p.call(p.server.reload())
+    assert summary["thresholds"]["sd"] == fitted
+    assert p.server.runner.stores["sd"][1] is store
+    status, message = ask(p.url, stream[KNN_K][None], ATTACKER)  # its k nearest were sent before the reload
+    assert status == "StatusCode.PERMISSION_DENIED" and "stage sd" in message, (status, message)
