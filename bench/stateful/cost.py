@@ -6,6 +6,14 @@ query) on the full store and through a real redis-server on loopback, and the th
 images and [3, 32, 32] uniform noise.
 
     nice -n 10 python bench/stateful/cost.py [--entries 1000000] [--out bench/results/stateful.cost]
+
+``--method knn``: the same for the k-NN method (defenses/stateful/knn.py): the embedding store
+(knn_store.py) filled with 1,000,000 synthetic float16 embeddings, one store call (k-NN over the
+client's history + insert) on the full store, and ``observe`` (keyed digest + ONNX Runtime encoder
++ store) at batch 1, 16 and 64; the encoder is a freshly initialised one of the configured width
+and dim per input shape (its cost does not depend on its weights).
+
+    nice -n 10 python bench/stateful/cost.py --method knn [--out bench/results/stateful.knn.cost]
 """
 
 from __future__ import annotations
@@ -102,15 +110,126 @@ def start_redis() -> tuple[subprocess.Popen, str, Path]:
     raise RuntimeError("redis-server did not start")
 
 
+def knn_stream(rng: np.random.Generator, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` queries of one client: digests ``[n]`` and float16 embeddings ``[n, dim]``, each a small
+    step from the previous one (an attack's near-copies)."""
+    steps = rng.normal(scale=0.05, size=(n, dim)).astype(np.float32)
+    steps[0] = rng.normal(size=dim)
+    return rng.integers(1, 2**63, n, dtype=np.uint64), np.cumsum(steps, axis=0).astype(np.float16)
+
+
+def knn_main(args) -> None:
+    """``--method knn`` (module docstring)."""
+    import os
+    import tempfile as tf
+
+    from robustgate.defenses.stateful.knn import Encoder, KnnDetector
+    from robustgate.defenses.stateful.knn_store import KnnMemoryStore
+
+    rng = np.random.default_rng(0)
+    dim, k = args.dim, args.k
+    per_client = min(10_000, args.entries)
+    rss0 = rss_mib(os.getpid())
+    store = KnnMemoryStore(max_entries=args.entries, max_per_client=per_client, max_clients=100_000, ttl_s=1e9)
+    d_old, e_old = knn_stream(rng, 1, dim)
+    store.observe("old", d_old, e_old, k, now=1000.0)
+    t0 = time.perf_counter()
+    left = args.entries - 1
+    for c in tqdm(range(args.clients), desc="fill 50 queries per call", unit="client"):
+        per = left // args.clients + (c < left % args.clients)
+        d, e = knn_stream(rng, per, dim)
+        for i in range(0, per, 50):
+            store.observe(f"client-{c}", d[i:i + 50], e[i:i + 50], k, now=1000.0)
+    fill_s = time.perf_counter() - t0
+    rss1 = rss_mib(os.getpid())
+    retained = bool(np.isfinite(store.observe("old", d_old + np.uint64(1), e_old, 1, now=1000.0)).all())
+    stats = store.stats()
+    memory = {"entries": stats["entries"], "clients": stats["clients"], "store_bytes": stats["bytes"],
+              "store_mib": stats["bytes"] / 2**20, "rss_growth_mib": rss1 - rss0, "fill_s": fill_s,
+              "fill_queries_per_s": (args.entries - 1) / fill_s, "oldest_query_still_held": retained}
+    times, cpu = np.empty(args.latency_queries), np.empty(args.latency_queries)
+    for i in tqdm(range(args.latency_queries), desc="store latency", unit="q"):
+        d, e = knn_stream(rng, 1, dim)
+        t, c = time.perf_counter_ns(), time.thread_time_ns()
+        store.observe(f"client-{i % args.clients}", d, e, k, now=1000.0)
+        times[i], cpu[i] = time.perf_counter_ns() - t, time.thread_time_ns() - c
+    times, cpu = times / 1e3, cpu / 1e3
+    latency = {"memory_full": {"p50_us": float(np.percentile(times, 50)), "p99_us": float(np.percentile(times, 99)),
+                               "max_us": float(times.max()), "cpu_p50_us": float(np.percentile(cpu, 50)),
+                               "cpu_p99_us": float(np.percentile(cpu, 99)), "n": args.latency_queries,
+                               "history_per_client": per_client if args.entries // args.clients > per_client
+                               else args.entries // args.clients}}
+    fm, _ = test_images(2048)
+    inputs = {"1x28x28": torch.from_numpy(fm), "3x32x32": torch.rand(2048, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    throughput = {}
+    with tf.TemporaryDirectory() as tmp:
+        for name, x in inputs.items():
+            enc = Encoder(x.shape[1], args.width, dim)
+            det = KnnDetector(k=k, dim=dim, width=args.width, store=KnnMemoryStore(max_entries=args.entries,
+                                                                                    max_per_client=per_client))
+            det.encoder, det._item_shape = enc, tuple(x.shape[1:])
+            det.save(Path(tmp) / name)
+            for batch in (1, 16, 64):
+                throughput[f"{name}_b{batch}"] = observe_throughput(det, x, batch, args.seconds)
+                print(name, batch, throughput[f"{name}_b{batch}"], flush=True)
+    config = det.config()
+    result = {"command": "nice -n 10 python bench/stateful/cost.py " + " ".join(sys.argv[1:]),
+              "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
+              "detector": config, "store": store.config(), "memory": memory, "latency": latency,
+              "throughput": throughput}
+    out = Path(args.out)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    m = result["machine"]
+    lat = latency["memory_full"]
+    lines = [
+        "# Stateful detector cost (k-NN over a learned embedding, in-memory store)", "",
+        f"Command: `{result['command']}` ({result['when']}), {m['cpu']}, {m['cores']} cores shared with other jobs, "
+        f"torch 1 thread, ONNX Runtime 1 intra-op thread, revision {m['robustgate_revision']}.", "",
+        f"Detector: k {k}, dim {dim}, width {args.width}; store: {store.config()}.", "",
+        "## Memory for remembered queries", "",
+        f"| entries | store arrays | process RSS growth | fill rate | its oldest query still held |",
+        "| ---: | ---: | ---: | ---: | --- |",
+        f"| {memory['entries']:,} | {memory['store_mib']:.1f} MiB | {memory['rss_growth_mib']:.1f} MiB | "
+        f"{memory['fill_queries_per_s']:,.0f} queries/s | {memory['oldest_query_still_held']} |", "",
+        "## One store call (k-NN over the client's history + insert of one query)", "",
+        "| store | client history | wall p50 | wall p99 | wall max | CPU p50 | CPU p99 | calls |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| memory_full | {lat['history_per_client']:,} | {lat['p50_us']:.0f} µs | {lat['p99_us']:.0f} µs | "
+        f"{lat['max_us']:.0f} µs | {lat['cpu_p50_us']:.0f} µs | {lat['cpu_p99_us']:.0f} µs | {lat['n']:,} |", "",
+        "## `observe` throughput (digest + ONNX Runtime encoder + the store)", "",
+        "| input | batch | images/s | wall µs per image | CPU µs per image |", "| --- | ---: | ---: | ---: | ---: |"]
+    for key, tp in throughput.items():
+        shape, batch = key.rsplit("_b", 1)
+        lines.append(f"| {shape} | {batch} | {tp['images_per_s']:,.0f} | {tp['us_per_image']:.0f} | "
+                     f"{tp['cpu_us_per_image']:.0f} |")
+    lines += ["", "Notes: wall times on a shared 2-core machine (other jobs running) include scheduling noise; the "
+              "CPU columns (this thread's CPU time) do not. Memory and latency rows use synthetic embeddings "
+              "(random walks, one per client); the throughput rows encode real pixels (Fashion-MNIST test images; "
+              "uniform noise at 3x32x32) with a freshly initialised encoder of the same architecture as a fitted "
+              "one, one client per 256 images. A store call's cost grows with the client's history (k-NN by "
+              "brute force over it, O(history x dim))."]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=("blacklight", "knn"), default="blacklight")
+    ap.add_argument("--k", type=int, default=4, help="knn: neighbours")
+    ap.add_argument("--dim", type=int, default=32, help="knn: embedding dimensions")
+    ap.add_argument("--width", type=int, default=16, help="knn: encoder width")
     ap.add_argument("--entries", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--latency-queries", type=int, default=20_000)
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput cell")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "stateful.cost"))
+    ap.add_argument("--out", default=None, help="output stem (default: bench/results/stateful.cost, "
+                                                 "stateful.knn.cost with --method knn)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.out is None:
+        args.out = str(REPO / "bench" / "results" / ("stateful.knn.cost" if args.method == "knn" else "stateful.cost"))
+    if args.method == "knn":
+        return knn_main(args)
     rng = np.random.default_rng(0)
     import os
 

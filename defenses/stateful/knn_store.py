@@ -205,15 +205,15 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         # 2. retries: a digest seen live in the history or recorded earlier in this call (and still
         # within the bounds: the r-th recorded query sees the call's j-th while r - j <= lim)
         lim = min(self.max_entries, self.max_per_client)
-        hist_digests = set(h.digest[h.start:h.end][live0].tolist())
+        hist = h.digest[h.start:h.end]
+        in_hist = np.isin(digests, hist[live0]) if m and not moving else np.zeros(n, dtype=bool)  # [N]
         recorded = np.zeros(n, dtype=bool)
         seen: dict[int, int] = {}  # digest -> its index among the call's recorded queries
         r = 0
         rows = []
         for i, d in enumerate(digests.tolist()):
             live = self._live(h, self._seq + r, h.count + r, now) if moving else live0
-            if (d in seen and r - seen[d] <= lim) or (
-                    d in (set(h.digest[h.start:h.end][live].tolist()) if moving else hist_digests)):
+            if (d in seen and r - seen[d] <= lim) or in_hist[i] or (moving and (live & (hist == np.uint64(d))).any()):
                 continue
             recorded[i] = True
             seen[d] = r
@@ -224,11 +224,15 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         idx = np.flatnonzero(recorded)
         if idx.size:
             q = emb[idx]  # [R, d]
-            dist = pairwise_l2(q, np.concatenate([h.emb[h.start:h.end], q]))  # [R, m + R]
             gap = np.arange(idx.size)[:, None] - np.arange(idx.size)[None, :]  # [R, R] r - j
-            mask = np.concatenate([np.stack(rows) if m else np.zeros((idx.size, 0), dtype=bool),
-                                   (gap > 0) & (gap <= lim)], axis=1)
-            dist[~mask] = np.inf
+            mine = pairwise_l2(q, q)  # [R, R]
+            mine[~((gap > 0) & (gap <= lim))] = np.inf
+            if m:
+                dist = pairwise_l2(q, h.emb[h.start:h.end])  # [R, m]
+                dist[~(np.stack(rows) if moving else live0[None, :].repeat(idx.size, 0))] = np.inf
+                dist = np.concatenate([dist, mine], axis=1)  # [R, m + R]
+            else:
+                dist = mine
             out[idx] = k_smallest(dist, k)
             # 4. record them, then drop what fell out of the bounds (this client's and the owners')
             seqs = np.arange(self._seq + 1, self._seq + 1 + idx.size, dtype=np.int64)
