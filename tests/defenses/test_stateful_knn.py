@@ -33,9 +33,14 @@ def test_scores_are_the_mean_distance_to_the_k_nearest_earlier_queries():
     np.testing.assert_allclose(dist[2], [1, np.sqrt(18)], rtol=1e-6)
     np.testing.assert_allclose(dist[3], [5, np.sqrt(36 + 49)], rtol=1e-6)
     np.testing.assert_allclose(dist[4], [1, 2], rtol=1e-6)
-    scores = knn_scores(dist)
+    scores = knn_scores(dist, "mean")
     assert scores[:2].tolist() == [0.0, 0.0]  # fewer than k earlier queries: never flagged
     np.testing.assert_allclose(scores[2:], 1 / (1 + np.array([(1 + np.sqrt(18)) / 2, (5 + np.sqrt(85)) / 2, 1.5])), rtol=1e-6)
+    kth = knn_scores(dist, "kth")  # the k-th nearest: the largest of the k
+    assert kth[:2].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(kth[2:], 1 / (1 + np.array([np.sqrt(18), np.sqrt(85), 2.0])), rtol=1e-6)
+    with pytest.raises(ValueError, match="statistic"):
+        knn_scores(dist, "median")
     # one call or one query at a time: the same distances
     other = KnnMemoryStore(max_entries=64, max_per_client=64, ttl_s=100.0)
     one = np.concatenate([other.observe("a", _d(i + 1), emb[i:i + 1], k=2, now=0.0) for i in range(5)])
@@ -107,6 +112,8 @@ def test_config_errors_name_the_key():
         build("stateful", method="knn", k=0)
     with pytest.raises(ValueError, match="eps must be"):
         build("stateful", method="knn", eps=2.0)
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        build("stateful", method="knn", statistic="median")
     with pytest.raises(TypeError):
         build("stateful", method="knn", top_k=20)  # a Blacklight parameter
     from robustgate.defenses.assemble import PipelineConfig, build_stages
@@ -142,6 +149,7 @@ def test_fit_save_load_and_observe_any_shape(shape, tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, *shape, generator=g)
     det = KnnDetector(k=2, dim=8, width=4, steps=20, batch_size=16)
+    assert build("stateful", **{**det.config(), "method": "knn"}).config() == {**det.config(), "method": "knn"}
     det.fit(FitData(x, torch.zeros(64), x[:8], torch.zeros(8)))
     assert det.save(tmp_path) == {"encoder_onnx": "encoder.onnx"}
     served = KnnDetector(k=2, dim=8, width=4, store=KnnMemoryStore(max_entries=100, max_per_client=100))
