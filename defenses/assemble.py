@@ -152,25 +152,29 @@ StoreMap = dict  # stage name -> (the stage's store config, the HistoryStore bui
 
 def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, where: str):
     """``(spec, store)`` for stateful stage ``sc``: the running store when ``stores`` holds one for
-    this stage built from the same ``store:`` config for the same method (a reload keeps the
-    histories and blocks), else a new one (``defenses.stateful.stage.store_for``: a memory store of
+    this stage built from the same ``store:`` config for the same method and fitted artifacts (a
+    reload keeps the histories and blocks), else a new one (``defenses.stateful.stage.store_for``: a memory store of
     Blacklight holds ``top_k`` hashes per query; method knn keeps embeddings, in memory only)."""
     from robustgate.defenses.stateful.stage import store_for
 
     fitted = bundle.spec.defenses.get(sc.name) if bundle is not None else None
     params = {**(fitted.params if fitted is not None else {}), **sc.params}
     method = params.get("method", "blacklight")
+    # what the remembered queries mean: the method, and for knn the encoder that embedded them (a
+    # refitted encoder's embeddings are not comparable with the old one's)
+    origin = method + "".join(f":{a.sha256}" for a in (fitted.files.values() if fitted is not None else ()))
     spec = dict(sc.store or {"kind": "memory"})
     old = (stores or {}).get(sc.name)
-    if old is not None and old[0] == spec and getattr(old[1], "method", "blacklight") == method:
+    if old is not None and old[0] == spec and getattr(old[1], "origin", "blacklight") == origin:
         return old
     if old is not None:
-        log.warning("%s: store config changed from %s to %s; the new store starts empty", where, old[0], spec)
+        log.warning("%s: store config changed from %s to %s (or the stage's method or fitted artifacts: %s -> %s); "
+                    "the new store starts empty", where, old[0], spec, getattr(old[1], "origin", "blacklight"), origin)
     try:
         store = store_for(method, spec, params.get("top_k", 20))
     except Exception as exc:  # noqa: BLE001 - a bad store config or an unreachable Redis refuses the pipeline
         raise ValueError(f"{where}: store: {exc}") from None
-    store.method = method  # what the next reload compares on
+    store.origin = origin  # what the next reload compares on
     return spec, store
 
 

@@ -191,6 +191,16 @@ def test_fit_end_to_end_into_a_bundle(tiny_bundle, fmnist_subset, tmp_path):
     attack = (base + (torch.rand(8, 1, 28, 28, generator=g) * 2 - 1) * 0.03).clamp(0, 1)
     flagged = det.is_adversarial(det.observe("attacker", attack)).tolist()
     assert flagged[:3] == [False] * 3 and all(flagged[3:]), flagged
+    # a reload keeps the store for the same encoder, not for a refitted one (its embeddings differ)
+    from robustgate.defenses.assemble import PipelineConfig, build_stages
+
+    cfg = PipelineConfig.model_validate({"stages": [{"name": "sd", "kind": "stateful", "store": {"kind": "memory"}}]})
+    first = build_stages(cfg, Bundle.load(bundle))[0].defense
+    stores = {"sd": (first.store_spec, first.store)}
+    assert build_stages(cfg, Bundle.load(bundle), stores=stores)[0].defense.store is first.store
+    fit_defense(bundle, "stateful", name="sd", params={"method": "knn", "k": 3, "steps": 5, "batch_size": 32, "seed": 1},
+                target_fpr=0.05, splits=splits, log=lambda *_: None)
+    assert build_stages(cfg, Bundle.load(bundle), stores=stores)[0].defense.store is not first.store
     # a checksum mismatch refuses the bundle
     path = bundle / "defenses" / "sd" / "encoder.onnx"
     path.write_bytes(path.read_bytes() + b"\0")
