@@ -206,7 +206,11 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         # within the bounds: the r-th recorded query sees the call's j-th while r - j <= lim)
         lim = min(self.max_entries, self.max_per_client)
         hist = h.digest[h.start:h.end]
-        in_hist = np.isin(digests, hist[live0]) if m and not moving else np.zeros(n, dtype=bool)  # [N]
+        in_hist = np.zeros(n, dtype=bool)  # [N] the digest is a live history entry's
+        if m and not moving:
+            live_d = hist[live0]
+            # a comparison table for the usual small calls (np.isin sorts, costlier below ~10^6 pairs)
+            in_hist = (live_d[:, None] == digests[None, :]).any(0) if n * m <= 1 << 20 else np.isin(digests, live_d)
         recorded = np.zeros(n, dtype=bool)
         seen: dict[int, int] = {}  # digest -> its index among the call's recorded queries
         r = 0
@@ -225,8 +229,11 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         if idx.size:
             q = emb[idx]  # [R, d]
             gap = np.arange(idx.size)[:, None] - np.arange(idx.size)[None, :]  # [R, R] r - j
-            mine = pairwise_l2(q, q)  # [R, R]
-            mine[~((gap > 0) & (gap <= lim))] = np.inf
+            if idx.size > 1:
+                mine = pairwise_l2(q, q)  # [R, R]
+                mine[~((gap > 0) & (gap <= lim))] = np.inf
+            else:
+                mine = np.full((1, 1), np.inf, dtype=np.float32)  # a query is not its own neighbour
             if m:
                 dist = pairwise_l2(q, h.emb[h.start:h.end])  # [R, m]
                 dist[~(np.stack(rows) if moving else live0[None, :].repeat(idx.size, 0))] = np.inf
