@@ -36,7 +36,8 @@ import numpy as np
 
 from robustgate.defenses.stateful.store import ClientFlags, HistoryStore
 
-_MIN_CAP = 16
+_MIN_CAP = 4  # rows a new client's buffers start with (many clients send a few queries)
+_CLIENT_BYTES = 200  # the estimate of one client's Python objects (stats)
 
 
 class _History:
@@ -134,6 +135,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._next_client = 1
         self._seq = 0  # sequence number of the last recorded query (entries start at 1)
         self._held = 0  # live entries over all clients
+        self._bytes = 0  # the clients' buffers and objects (stats; kept current, not summed per scrape)
         self._dim: int | None = None
         self._lock = threading.Lock()
         self._init_flags()
@@ -148,11 +150,11 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             self._blocks.clear()
             self._strikes.clear()
             self._held = 0
+            self._bytes = 0
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            nbytes = self._owner.nbytes + sum(h.nbytes() + 200 for h in self._clients.values())
-            return {"entries": self._held, "clients": len(self._clients), "bytes": int(nbytes)}
+            return {"entries": self._held, "clients": len(self._clients), "bytes": int(self._owner.nbytes + self._bytes)}
 
     def _client(self, client: str, dim: int) -> _History:
         h = self._clients.get(client)
@@ -160,11 +162,13 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             self._clients.move_to_end(client)
             return h
         h = self._clients[client] = self._by_id[self._next_client] = _History(self._next_client, dim)
+        self._bytes += h.nbytes() + _CLIENT_BYTES
         self._next_client = (self._next_client % 0xFFFFFFFF) + 1
         while len(self._clients) > self.max_clients:
             _, gone = self._clients.popitem(last=False)
             self._by_id.pop(gone.cid, None)
             self._held -= gone.live
+            self._bytes -= gone.nbytes() + _CLIENT_BYTES
         return h
 
     def observe(self, client: str, digests: np.ndarray, embeddings: np.ndarray, k: int,
@@ -243,7 +247,9 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             out[idx] = k_smallest(dist, k)
             # 4. record them, then drop what fell out of the bounds (this client's and the owners')
             seqs = np.arange(self._seq + 1, self._seq + 1 + idx.size, dtype=np.int64)
+            self._bytes -= h.nbytes()
             h.append(q, digests[idx], now, seqs)
+            self._bytes += h.nbytes()
             self._held += idx.size
             self._seq += idx.size
             ring = seqs % self.max_entries
@@ -252,6 +258,8 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             for cid in {h.cid, *np.unique(pushed).tolist()}:
                 owner = self._by_id.get(cid)
                 if owner is not None:
+                    self._bytes -= owner.nbytes()
                     self._held -= owner.trim(self._seq - self.max_entries + 1,
                                              owner.count - self.max_per_client, now - self.ttl_s)
+                    self._bytes += owner.nbytes()
         return out

@@ -87,7 +87,7 @@ def test_bounds_per_client_global_ttl_and_lru():
     digests = _d(1, 2, 3, 2, 4, 5, 6, 7, 1)
     want = np.concatenate([one.observe("a", digests[i:i + 1], emb[i:i + 1], k=2, now=0.0) for i in range(9)])
     np.testing.assert_array_equal(many.observe("a", digests, emb, k=2, now=0.0), want)
-    assert one.stats() == many.stats()
+    assert {k: one.stats()[k] for k in ("entries", "clients")} == {k: many.stats()[k] for k in ("entries", "clients")}
     with pytest.raises(ValueError, match="dimensions"):
         many.observe("a", _d(9), np.zeros((1, 3), dtype=np.float16), k=1)
     with pytest.raises(ValueError, match="k must be"):
@@ -103,6 +103,10 @@ def test_memory_follows_the_live_entries():
     store.observe("b", np.arange(1, 1001, dtype=np.uint64), emb, k=1, now=0.0)  # pushes all of a's out
     stats = store.stats()
     assert stats["entries"] == 1000 and stats["bytes"] < 1.5 * full
+    recount = store._owner.nbytes + sum(h.nbytes() + 200 for h in store._clients.values())
+    assert stats["bytes"] == recount  # the running count is the buffers' size
+    store.clear()
+    assert store.stats() == {"entries": 0, "clients": 0, "bytes": store._owner.nbytes}
 
 
 def test_config_errors_name_the_key():
