@@ -23,7 +23,7 @@ neighbour of the last copy is another picture; an attack is flagged from its ``(
 The ``kth`` statistic keeps that promise by construction; the mean of ``k - 1`` near-zero distances
 and one far one can fall below an attack's (whose queries lie up to ``2 eps`` apart, farther than a
 JPEG re-encoding), so with ``mean`` the threshold the benign near-copies force lets attacks run
-longer (bench/results/stateful.knn.*, docs/OPERATIONS.md). Symbols: ``d`` = ``dim``, ``m`` = ``margin``.
+longer. Symbols: ``d`` = ``dim``, ``m`` = ``margin``.
 
 Training (``fit``, the paper's contrastive loss, Hadsell et al. 2006 with the margin on squared
 distances): two views of each training image, each a benign edit (brightness, 1-2 px crop, JPEG;
