@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from robustgate.defenses.base import Purifier, check_images, register
+from robustgate.defenses.purify.parts import run_parts
 
 
 def _median3x3(padded: torch.Tensor, h: int, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,11 +75,18 @@ def median_filter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
         return x.clone()
     p = kernel_size // 2
     if kernel_size == 3 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
-        # the served path: chunks of whole images into one output, intermediates reused (_median3x3)
+        # the served path: chunks of whole images into one output, intermediates reused (_median3x3),
+        # parts of the batch at once (parts.py)
         out = torch.empty_like(x)
-        step = max(1, CHUNK_VALUES // max(1, x[0:1].numel()))
-        for i in range(0, x.shape[0], step):
-            _median3x3(F.pad(x[i:i + step], (1, 1, 1, 1), mode="reflect"), *x.shape[-2:], out=out[i:i + step])
+        per_item = x[0:1].numel()
+        step = max(1, CHUNK_VALUES // max(1, per_item))
+
+        def part(a: int, b: int) -> None:
+            for i in range(a, b, step):
+                j = min(i + step, b)
+                _median3x3(F.pad(x[i:j], (1, 1, 1, 1), mode="reflect"), *x.shape[-2:], out=out[i:j])
+
+        run_parts(x.shape[0], per_item, part)
         return out
     padded = F.pad(x, (p, p, p, p), mode="reflect")  # [N, C, H+2p, W+2p]
     if kernel_size == 3:
