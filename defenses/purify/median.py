@@ -64,7 +64,7 @@ def _median3x3(padded: torch.Tensor, h: int, w: int, out: torch.Tensor | None = 
 
 # values per chunk of images filtered together on the CPU (~1 MiB of float32): a whole batch at
 # 3x224x224 makes every intermediate tens of MiB, and the 18 passes over them run from memory instead
-# of the cache, about twice as slow per image (bench/results/byo.purify_cost.md); small images still
+# of the cache, about twice as slow per image (bench/byo/purify_cost.py measures it); small images still
 # go a whole batch at a time (a Python step per image would cost more than it saves)
 CHUNK_VALUES = 1 << 18
 
