@@ -1,10 +1,13 @@
 """Dynamic batching: coalesce concurrent requests into one pipeline call, then split the answers.
 
 The first waiting request waits at most ``max_queue_delay_s`` for company -- and only when company
-is expected: when the recent gap between arrivals (an exponential moving average) is longer than
-the delay, a request that finds the queue empty runs at once instead of idling for the full delay
-(a lone request at low load pays no batching latency; under load, arrivals are closer than the
-delay and batches fill as before). A batch closes when
+is expected: when arrivals are recently closer than the delay (an exponential moving average of
+the gaps) *and* an arriving request recently found, on average, at least one other request
+outstanding (queued or running; a moving average of that count). Otherwise a request that finds
+the queue empty runs at once instead of idling for the full delay: a lone request at low load pays
+no batching latency, and neither does a lone client that sends its next request as soon as the
+last is answered (its gaps are short, but nothing can join it: it waits for its own answer); under
+load, arrivals are close and find others in flight, and batches fill as before. A batch closes when
 the next request would take it past ``max_batch_size`` items (a request larger than that runs
 alone, never split). Batches run in worker threads (the pipeline is synchronous torch/numpy;
 ONNX Runtime releases the GIL), and the next batch is collected only when a worker is free, so
@@ -230,12 +233,15 @@ class Batcher:
         self._front_threads = None if front is None else _Threads(1, "robustgate-front", thread_nice)
         self._last_arrival: float | None = None
         self._gap_s = float("inf")  # moving average of the time between arrivals; inf = no history yet
+        self._outstanding = 0  # requests submitted and not yet answered (queued or running)
+        self._others = 0.0  # moving average of the requests outstanding that an arrival found
         self.closed_early = 0  # batches run before the delay ended because no company was expected
         self._batch_s: float | None = None  # moving averages of executed batches' cycle seconds and items
         self._batch_items: float | None = None
         self._freed_at: float | None = None  # when a worker last became free
 
     def _arrived(self, now: float) -> None:
+        self._others += GAP_EMA * (self._outstanding - self._others)
         if self._last_arrival is not None:
             gap = now - self._last_arrival
             self._gap_s = gap if self._gap_s == float("inf") else (1 - GAP_EMA) * self._gap_s + GAP_EMA * gap
@@ -243,8 +249,9 @@ class Batcher:
 
     @property
     def company_expected(self) -> bool:
-        """Whether another request is likely within ``max_queue_delay_s`` (recent arrivals were closer)."""
-        return self._gap_s < self.max_queue_delay_s
+        """Whether another request is likely within ``max_queue_delay_s``: recent arrivals were closer
+        than that, and found on average at least one other request outstanding (module docstring)."""
+        return self._gap_s < self.max_queue_delay_s and self._others >= 1.0
 
     @property
     def depth(self) -> int:
@@ -326,8 +333,12 @@ class Batcher:
         self._arrived(p.enqueued)
         self._queue.append(p)
         self._depth += n
+        self._outstanding += 1
         self._wake.set()
-        result = await p.future
+        try:
+            result = await p.future
+        finally:
+            self._outstanding -= 1
         return result, (p.started or p.enqueued) - p.enqueued
 
     def _take(self) -> _Pending | None:

@@ -18,6 +18,10 @@ each get some) sending ``--calls`` batch-1 calls (one Fashion-MNIST test image, 
   backbone, encode);
 - ``robustgate, rejected``: the same server refusing an image of uniform noise that MagNet rejects
   (PERMISSION_DENIED, request mode);
+- ``robustgate, served, trivial model``: ``robustgate serve`` with no stage in front of a one-layer
+  linear classifier (784 x 10, imported with ``robustgate import``; a few microseconds of model work
+  per batch): the served path's own CPU -- decode, batcher, the runner, encode -- without the model's
+  compute, which ``served`` minus this row prices (the model is the user's, not robustgate's);
 
 each of the robustgate rows with ``server.workers`` 1 and 2. Per call: the server's CPU (user +
 system, every thread of the process and, with workers, of the supervisor and its children) divided
@@ -34,6 +38,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -140,6 +145,23 @@ def profile(server: "common.Serve", request: pb.ModelInferRequest, args, svg: Pa
         spy.wait(60)
 
 
+def trivial_bundle(root: Path) -> Path:
+    """A bundle around a one-layer linear classifier ``[N, 1, 28, 28] -> [N, 10]`` (seeded random
+    weights), made the way a user makes one: exported to ONNX, then ``robustgate import``."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
+    onnx_path = root / "linear.onnx"
+    torch.onnx.export(model, torch.zeros(1, 1, 28, 28), str(onnx_path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    bundle = root / "linear"
+    subprocess.run([str(Path(sys.executable).with_name("robustgate")), "import", "--onnx", str(onnx_path), "--out",
+                    str(bundle), "--classes", "10", "--name", "linear"], check=True, stdout=subprocess.DEVNULL)
+    return bundle
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=6000)
@@ -179,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
                 profile(server, common.infer_request(server.model, x), args, svg)
         finally:
             server.stop()
+    with tempfile.TemporaryDirectory(prefix="robustgate-rpc-floor-") as tmp:
+        server = common.Serve(common.REPO / "deploy" / "default.yaml",
+                              overrides={"bundle": str(trivial_bundle(Path(tmp))), "server": {"workers": 1},
+                                         "pipeline": {"stages": []}})
+        try:
+            res = asyncio.run(closed_loop(server.url, common.infer_request(server.model, x), args.calls, args.concurrency,
+                                          server.pid, args.channels))
+            rows.append({"server": "robustgate, served, trivial model", "workers": 1, **res})
+        finally:
+            server.stop()
 
     data = {"command": " ".join(["python", "bench/hardening/rpc_floor.py", *(argv if argv is not None else sys.argv[1:])]),
             "started": started, "load_average_start": load_start, "load_average_end": common.loadavg(),
@@ -191,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
              f"({os.cpu_count()} cores, shared with other jobs: compare rows within this run); client and server on the "
              "same cores",
              f"- {args.calls} batch-1 calls (one test image) per row, {args.concurrency} in flight (closed loop) over "
-             f"{args.channels} connections, after a warm-up; `deploy/default.yaml` (MagNet + backbone)",
+             f"{args.channels} connections, after a warm-up; `deploy/default.yaml` (MagNet + backbone); the last row "
+             "with no stage in front of a one-layer linear model (the served path without the model's compute)",
              "", "| server | workers | answers | calls/s | server CPU per call (µs) | over the floor (µs) | server cores |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -200,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['server']} | {r['workers']} | {codes} | {r['calls_per_s']:,.0f} | {us:.0f} | {us - floor:+.0f} | "
                      f"{r['server_cores']:.2f} |")
     lines += ["", f"At 1,500 calls/s the transport's floor alone is {floor * 1500 / 1e6:.2f} of a core of server CPU."]
+    trivial = next((r for r in rows if r["server"] == "robustgate, served, trivial model"), None)
+    served = next((r for r in rows if r["server"] == "robustgate, served" and r["workers"] == 1), None)
+    if trivial is not None and served is not None:
+        own, full = trivial["server_cpu_us_per_call"], served["server_cpu_us_per_call"]
+        lines += ["", f"The served path's own CPU (trivial model, no stage): {own:.0f} µs per call, {own - floor:+.0f} over "
+                  f"the floor; `deploy/default.yaml`'s MagNet + backbone add {full - own:.0f} µs per call (their "
+                  "compute, at the batch sizes this load makes, and the detector's verdict)."]
     if svg is not None:
         lines += ["", f"Flame graph of the served path (one worker, py-spy, every thread): [{svg.name}]({svg.name})."]
     lines.append("")

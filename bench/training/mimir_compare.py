@@ -10,6 +10,11 @@
     #   -> bench/results/training.mimir_compare.json/.md
     python bench/training/mimir_compare.py compare --budget-minutes 9 --device cuda --n-eval 1000
 
+    # the same comparison split over sessions: each trains some arms / seeds for the same planned
+    # seconds per model, then one merge -> bench/results/training.mimir_compare.json/.md
+    python bench/training/mimir_compare.py compare --arm-seconds 240 --arms mimir,scratch --seeds 0 ... --out PART
+    python bench/training/mimir_compare.py merge --parts PART1.json PART2.json ...
+
 Arms (all the same ``vit_tiny``; pre-trained arms fine-tuned with the reference recipe of
 ``models/vit_finetune.py``: AdamW, layer-wise lr decay 0.65, weight decay 0.05, drop-path 0.1,
 warm-up + cosine, mean-pooled head, PGD-10):
@@ -366,7 +371,7 @@ def compare(args: argparse.Namespace) -> int:
     per_step = calibrate(run, lam, args.calibration_steps)
     budget = args.budget_minutes * 60
     train_budget = budget * (1 - args.eval_share) - run.elapsed()
-    seconds = max(1.0, train_budget / (len(arms) * len(seeds)))
+    seconds = args.arm_seconds or max(1.0, train_budget / (len(arms) * len(seeds)))
     stem = args.out or RESULTS / "training.mimir_compare"
     state = {"lam": lam, "seeds": seeds, "arms": arms, "per_step": per_step, "seconds": seconds, "records": [],
              "outcomes": {}, "chunk_seconds": []}
@@ -400,11 +405,11 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, final: bool) -> None:
-    lam, seeds, arms, records = state["lam"], state["seeds"], state["arms"], state["records"]
-    # while running, models may have been attacked on different numbers of images: keep the common prefix
-    n_eval = min((len(c) for c, _ in state["outcomes"].values()), default=0)
-    scored = {key: (c[:n_eval], r[:n_eval]) for key, (c, r) in state["outcomes"].items()}
+def _scored(arms: list[str], seeds: list[int], records: list[dict], scored_outcomes: dict) -> dict:
+    """The report's figures from per-image outcomes ``{(arm, seed): (clean [n], robust [n]) bool}``
+    (all on the same first ``n`` test images): summary per arm, paired tests, the target's verdict."""
+    n_eval = min((len(c) for c, _ in scored_outcomes.values()), default=0)
+    scored = {key: (c[:n_eval], r[:n_eval]) for key, (c, r) in scored_outcomes.items()}
     outcomes = {arm: [scored[(arm, s)][1] for s in seeds if (arm, s) in scored] for arm in arms}
     clean_out = {arm: [scored[(arm, s)][0] for s in seeds if (arm, s) in scored] for arm in arms}
     summary = {}
@@ -422,6 +427,16 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         verdict = ("met: the 95% CI of MIMIR - scratch lies above +3 points" if lo > 0.03 else
                    "not met, with 95% confidence: the CI of MIMIR - scratch lies below +3 points" if hi < 0.03 else
                    "undecided: the 95% CI of MIMIR - scratch contains +3 points")
+    bits = {f"{arm}:{seed}": {"clean": "".join("1" if v else "0" for v in c),
+                              "robust": "".join("1" if v else "0" for v in r)} for (arm, seed), (c, r) in scored.items()}
+    return {"n_eval": n_eval, "eval_images": f"test[:{n_eval}]", "summary": summary, "paired": pairs,
+            "target_mimir_plus_3_over_scratch": verdict, "outcomes": bits}
+
+
+def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, final: bool) -> None:
+    lam, seeds, arms, records = state["lam"], state["seeds"], state["arms"], state["records"]
+    # while running, models may have been attacked on different numbers of images: keep the common prefix
+    figures = _scored(arms, seeds, records, state["outcomes"])
     report = {
         "what": "MIMIR vs adversarial MAE vs MAE + PGD-AT vs PGD-AT from scratch at equal wall-clock training time",
         "complete": final, "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
@@ -432,13 +447,12 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         "estimator": args.estimator,
         "attack": ("AutoAttack standard (torchattacks: APGD-CE, APGD-T, FAB-T, Square), linf eps 0.1"
                    if args.attack == "autoattack" else "APGD-CE only (smoke test, not AutoAttack)"),
-        "n_eval": n_eval, "n_eval_asked": len(run.test_x), "eval_images": f"test[:{n_eval}]",
-        "eval_chunk_seconds": state["chunk_seconds"], "seeds": seeds, "arch": run.arch,
+        "n_eval_asked": len(run.test_x), "eval_chunk_seconds": state["chunk_seconds"], "seeds": seeds,
+        "arms": arms, "arch": run.arch,
         "ft_pgd_steps": args.ft_pgd_steps, "seconds_per_step": state["per_step"],
         "mimir_over_mae_seconds_per_step": state["per_step"]["mimir"] / state["per_step"]["mae"],
         "planned_train_seconds_per_arm": round(state["seconds"], 2), "train_items": len(run.train_x),
-        "batch_size": args.batch_size, "pretrain_share": args.pretrain_share, "summary": summary, "paired": pairs,
-        "target_mimir_plus_3_over_scratch": verdict, "runs": records,
+        "batch_size": args.batch_size, "pretrain_share": args.pretrain_share, **figures, "runs": records,
         "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
         "machine": machine(run.device),
     }
@@ -448,6 +462,57 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
     md_path.write_text(md)
     if final:
         print(md)
+
+
+MUST_AGREE = ("lam", "estimator", "sigma", "attack", "arch", "ft_pgd_steps", "batch_size", "pretrain_share",
+              "planned_train_seconds_per_arm", "train_items")
+
+
+def merge(args: argparse.Namespace) -> int:
+    """One comparison from several ``compare`` runs that each trained some of the arms and seeds
+    (``--arms``, ``--seeds``) with the same settings and the same ``--arm-seconds``: e.g. one GPU
+    session per pair of models, when no single session holds all eight. Refuses parts whose
+    settings differ (:data:`MUST_AGREE`), an (arm, seed) trained twice, or a part written while
+    running; scores every model on the test images all parts attacked (their common prefix)."""
+    if not args.parts:
+        raise SystemExit("merge: give the compare results to merge with --parts A.json B.json ...")
+    parts = [json.loads(Path(path).read_text()) for path in args.parts]
+    first = parts[0]
+    for path, part in zip(args.parts, parts):
+        if "outcomes" not in part:
+            raise SystemExit(f"merge: {path} has no per-image outcomes (written before merge existed): rerun it")
+        if not part.get("complete"):
+            raise SystemExit(f"merge: {path} was written while running (complete: false)")
+        for key in MUST_AGREE:
+            if part.get(key) != first.get(key):
+                raise SystemExit(f"merge: {path} differs from {args.parts[0]} in {key}: "
+                                 f"{part.get(key)!r} vs {first.get(key)!r}")
+    scored, records, seen = {}, [], {}
+    for path, part in zip(args.parts, parts):
+        for key, bits in part["outcomes"].items():
+            if key in seen:
+                raise SystemExit(f"merge: {key} is in both {seen[key]} and {path}")
+            seen[key] = path
+            arm, seed = key.rsplit(":", 1)
+            scored[(arm, int(seed))] = (np.array([c == "1" for c in bits["clean"]]),
+                                        np.array([c == "1" for c in bits["robust"]]))
+        records += part["runs"]
+    arms = [a for a in ARMS if any(k[0] == a for k in scored)]
+    seeds = sorted({k[1] for k in scored})
+    records.sort(key=lambda r: (r["seed"], list(ARMS).index(r["arm"])))
+    report = {key: value for key, value in first.items() if key not in ("outcomes", "paired", "summary")}
+    report.update(_scored(arms, seeds, records, scored))
+    report.update(
+        command="python bench/training/mimir_compare.py " + " ".join(args.argv or []), complete=True, arms=arms,
+        seeds=seeds, runs=records, n_eval_asked=min(p["n_eval_asked"] for p in parts),
+        total_seconds=round(sum(p["total_seconds"] for p in parts), 1),
+        budget_seconds=sum(p["budget_seconds"] for p in parts),
+        parts=[{"path": str(path), "command": p["command"], "started_utc": p["started_utc"], "arms": p.get("arms"),
+                "seeds": p["seeds"], "n_eval": p["n_eval"], "seconds_per_step": p["seconds_per_step"],
+                "machine": p["machine"]} for path, p in zip(args.parts, parts)],
+    )
+    _write(args.out or RESULTS / "training.mimir_compare", report, _compare_md(report))
+    return 0
 
 
 def cost(args: argparse.Namespace) -> int:
@@ -628,8 +693,12 @@ def _compare_md(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["cost", "mi-check", "sweep", "compare"])
-    p.add_argument("--budget-minutes", type=float, required=True,
+    p.add_argument("phase", choices=["cost", "mi-check", "sweep", "compare", "merge"])
+    p.add_argument("--parts", nargs="+", type=Path, help="merge: the compare results (JSON) to merge")
+    p.add_argument("--arm-seconds", type=float,
+                   help="compare: planned training seconds per arm and seed (default: the budget's share); give the "
+                        "same value to every run of one comparison split over sessions, then merge them")
+    p.add_argument("--budget-minutes", type=float,
                    help="wall-clock minutes for the whole phase (training, evaluation); every arm is scaled to fit")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--data-dir", help="folder with the four Fashion-MNIST .gz files (default: Debian's)")
@@ -679,7 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (512 if cuda else 128)
     args.eval_batch = args.eval_batch or (1000 if cuda else 250)
-    return {"cost": cost, "mi-check": mi_check, "sweep": sweep, "compare": compare}[args.phase](args)
+    if args.phase != "merge" and args.budget_minutes is None:
+        p.error(f"{args.phase} needs --budget-minutes")
+    return {"cost": cost, "mi-check": mi_check, "sweep": sweep, "compare": compare, "merge": merge}[args.phase](args)
 
 
 if __name__ == "__main__":

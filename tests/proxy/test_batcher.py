@@ -57,6 +57,36 @@ def test_disabled_batching_runs_each_request_alone():
     assert asyncio.run(_coalesce(False)) == [2, 1, 2, 1, 2, 1]
 
 
+async def _closed_loops(clients, rounds):
+    """``clients`` closed-loop clients, each sending its next request when its last is answered."""
+    calls = []
+    b = Batcher(echo_run(calls), max_batch_size=64, max_queue_delay_s=0.05, max_queue_items=100)
+    b.start()
+
+    async def client(c):
+        for r in range(rounds):
+            res, _ = await b.submit(items([c / 100 + r / 10000]))
+            assert res.logits.shape == (1, 1)
+
+    try:
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return b.company_expected, b.closed_early, calls
+    finally:
+        await b.stop()
+
+
+def test_a_lone_closed_loop_client_never_waits_for_company():
+    # its gaps are far below the 50 ms delay, but each request waits for its own answer before the
+    # next: nothing can join it, so every batch runs at once (closed early) instead of idling 50 ms
+    expected, closed_early, calls = asyncio.run(_closed_loops(1, 30))
+    assert not expected and closed_early >= 29 and calls == [1] * 30
+
+
+def test_concurrent_clients_are_expected_to_bring_company():
+    expected, _, calls = asyncio.run(_closed_loops(8, 6))
+    assert expected and sum(calls) == 48 and max(calls) > 1
+
+
 def test_queue_bound_and_failure_isolation():
     async def go():
         calls = []

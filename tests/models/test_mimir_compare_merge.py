@@ -1,0 +1,60 @@
+"""bench/training/mimir_compare.py's merge: one comparison from runs that each trained some arms.
+
+Two real (tiny, CPU) ``compare`` runs -- one arm each, same settings and ``--arm-seconds`` -- are
+merged; the merged report scores both arms on the same images with the same per-image outcomes
+the parts recorded, and the refusals (an arm trained twice, settings that differ) write nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = importlib.util.spec_from_file_location("mimir_compare", ROOT / "bench" / "training" / "mimir_compare.py")
+mc = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(mc)
+
+pytest.importorskip("torchattacks")
+
+TINY = ["--budget-minutes", "1", "--seeds", "0", "--n-eval", "8", "--n-val", "8", "--train-items", "256",
+        "--attack", "apgd-ce", "--dim", "16", "--depth", "1", "--heads", "2", "--lam", "0.1",
+        "--calibration-steps", "1", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mimir-parts")
+    for arm in ("scratch", "mae"):
+        assert mc.main(["compare", "--arms", arm, "--arm-seconds", "2", "--out", str(d / arm), *TINY]) == 0
+    return d
+
+
+def test_merge_scores_every_arm_on_the_parts_outcomes(parts, tmp_path):
+    out = tmp_path / "merged"
+    assert mc.main(["merge", "--parts", str(parts / "scratch.json"), str(parts / "mae.json"), "--out", str(out)]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    a, b = (json.loads((parts / f"{arm}.json").read_text()) for arm in ("scratch", "mae"))
+    assert merged["complete"] and merged["arms"] == ["mae", "scratch"] and merged["seeds"] == [0]
+    assert merged["outcomes"] == {**a["outcomes"], **b["outcomes"]} and merged["n_eval"] == 8
+    for arm, part in (("scratch", a), ("mae", b)):
+        assert merged["summary"][arm]["robust_per_seed"] == part["summary"][arm]["robust_per_seed"]
+        robust = part["outcomes"][f"{arm}:0"]["robust"]
+        assert merged["summary"][arm]["robust_mean"] == pytest.approx(robust.count("1") / len(robust))
+    pair = [p for p in merged["paired"] if {p["first"], p["second"]} == {"mae", "scratch"}]
+    assert len(pair) == 1 and len(merged["parts"]) == 2 and merged["planned_train_seconds_per_arm"] == 2.0
+    assert (tmp_path / "merged.md").read_text().startswith("# MIMIR comparison")
+
+
+def test_merge_refuses_an_arm_twice_and_settings_that_differ(parts, tmp_path):
+    with pytest.raises(SystemExit, match="scratch:0 is in both"):
+        mc.main(["merge", "--parts", str(parts / "scratch.json"), str(parts / "scratch.json"), "--out", str(tmp_path / "x")])
+    other = json.loads((parts / "mae.json").read_text())
+    other["planned_train_seconds_per_arm"] = 3.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="planned_train_seconds_per_arm"):
+        mc.main(["merge", "--parts", str(parts / "scratch.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x.json").exists()
