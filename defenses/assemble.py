@@ -103,6 +103,10 @@ class PipelineConfig(_Strict):
     # an ensemble's copies per backend call (smoothing's n0 + n copies per item add up fast); more -> several calls
     max_fanout_items: int = Field(4096, ge=1)
     device: Device = "cpu"  # where the stages compute; auto = cuda when available (defenses/assemble.py, "Device")
+    purify_threads: int | None = Field(None, ge=1, description=(
+        "parts of a large batch that the median filter and JPEG compute at once, in threads of their own "
+        "(defenses/purify/parts.py), while the backbone's pool waits; null = the cores the process is given; "
+        "read by robustgate serve at start (a reload keeps the running count); eval and library use keep 1"))
 
     @field_validator("stages")
     @classmethod

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from robustgate.models.bundle import Bundle, BundleError
 from robustgate.defenses.assemble import build_runner, pin_torch_threads
+from robustgate.defenses.purify import parts as purify_parts
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, ServerConfig, load_config
 from robustgate.proxy.priority import call_at_priority
 from robustgate.proxy.reload import ReloadError
 from robustgate.proxy.server import ProxyServer
-from robustgate.proxy.workers import resolved_workers, supervise
+from robustgate.proxy.workers import default_workers, resolved_workers, supervise
 
 log = logging.getLogger("robustgate.proxy")
 
@@ -145,11 +146,21 @@ def _build_pipeline(cfg: ProxyConfig, bundle: Bundle):
         raise
 
 
+def set_purify_threads(cfg: ProxyConfig) -> int:
+    """``pipeline.purify_threads``, else the cores the process is given (proxy/workers.py), for the
+    purifiers that compute parts of a batch at once (defenses/purify/parts.py; process-wide). Returns
+    the count set."""
+    n = cfg.pipeline.purify_threads or default_workers()
+    purify_parts.set_threads(n)
+    return n
+
+
 def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False) -> ProxyServer:
     """Everything but the event loop; raises BundleError / ValueError with a precise message.
     ``config_loader() -> ProxyConfig`` is what a hot reload re-reads (None: reload refused);
     ``freeze_heap``: the process is the server's own (``robustgate serve``), see ProxyServer."""
     bundle = Bundle.load(cfg.bundle)
+    set_purify_threads(cfg)
     # sessions built at compute priority: the pools they start inherit it (proxy/priority.py)
     backend, runner = call_at_priority(cfg.server.compute_nice, _build_pipeline, cfg, bundle)
     revision = str(bundle.spec.provenance.get("code_revision", "unknown"))

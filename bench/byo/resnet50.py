@@ -6,8 +6,8 @@ to ONNX with a dynamic batch axis, imported with ``robustgate import``, and serv
   transport at all) and, the fair reference, vs a bare grpc.aio V2 server running the same session
   (bench/serving/bare_v2.py: the gRPC round trip of a 600 KB request without the proxy's work);
   beside them raw ONNX Runtime with the proxy's session options (its threads do not spin) and the
-  proxy with ``backend.onnxruntime.spinning: run``, which split the proxy's added p50 into
-  transport, session options and the proxy's own work;
+  proxy with ``backend.onnxruntime.spinning: run`` and with ``server.compute_nice: 0``, which split
+  the proxy's added p50 into transport, session options, thread priority and the proxy's own work;
 - the proxy in front of Seldon MLServer (``backend.kind: upstream``) vs MLServer called directly;
 
 p50 latency at concurrency 1 and throughput at concurrency 16 (batch-1 requests; targets: the
@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(started[key])
         return started[key]
 
-    def proxy(stage: str, onnxruntime: dict | None = None):
-        key = f"proxy_{stage}" + ("_spinrun" if onnxruntime else "")
+    def proxy(stage: str, onnxruntime: dict | None = None, nice0: bool = False):
+        key = f"proxy_{stage}" + ("_spinrun" if onnxruntime else "") + ("_nice0" if nice0 else "")
         return server(key, lambda: serving.Proxy(work, bundle, {
             "backend": {"kind": "onnxruntime", **({"onnxruntime": onnxruntime} if onnxruntime else {})},
+            **({"server": {"compute_nice": 0}} if nice0 else {}),
             "batching": BATCHING, "pipeline": {"stages": [] if stage == "none" else STAGES[stage]}}, None, MODEL))
 
     def upstream():
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             plan[f"mlserver_c{c}"] = load(upstream, c, lambda s: {"mlserver": s.proc.pid})
             plan[f"proxy_upstream_c{c}"] = load(forward, c, lambda s: {"proxy": s.proc.pid,
                                                                        "mlserver": upstream().proc.pid})
+        # the proxy with its compute threads at the event loop's priority (server.compute_nice: 0): on cores
+        # shared with other jobs the niced threads (default 10) wait behind them at every wake-up
+        plan["proxy_none_nice0_c1"] = load(lambda: proxy("none", nice0=True), 1, lambda s: {"proxy": s.proc.pid})
         # the raw loop with the proxy's session options (backend.onnxruntime.spinning: false, the default)
         plan["raw_ort_proxy_options_c1"] = lambda: loadgen.run_raw_ort(onnx_path, "input", SHAPE, 1, 1, args.warmup,
                                                                        args.duration, session_config=SPINNING_CONFIG[False])
@@ -307,6 +311,8 @@ def checks(pts: dict) -> dict:
         ("proxy_session_options_p50_added", p50_added, "raw_ort_proxy_options_c1", "raw_ort_c1", None),
         ("spinning_run_p50_added_vs_bare_grpc", p50_added, "proxy_none_spinrun_c1", "bare_grpc_c1", None),
         ("spinning_run_throughput_cost_vs_bare_grpc", cost, "proxy_none_spinrun_c16", "bare_grpc_c16", None),
+        ("compute_nice_p50_added", p50_added, "proxy_none_c1", "proxy_none_nice0_c1", None),
+        ("nice0_p50_added_vs_bare_grpc", p50_added, "proxy_none_nice0_c1", "bare_grpc_c1", None),
         # UINT8 is measured, not a target: its figures beside FP32's
         *[(f"uint8_vs_fp32_items_per_s_c{c}", ratio, f"proxy_none_uint8_c{c}", f"proxy_none_c{c}", None) for c in (1, 16)],
     ]
@@ -354,7 +360,10 @@ def markdown(r: dict) -> str:
               "work and `bare_grpc` over `raw_ort` the gRPC round trip of a 600 KB request. `raw_ort_proxy_options` "
               "is the raw loop with the proxy's session options (`backend.onnxruntime.spinning: false`: pool threads "
               "sleep at every operator); `proxy_none_spinrun` the proxy with `spinning: run` (busy-wait only while "
-              "a batch runs)."]
+              "a batch runs); `proxy_none_nice0` the proxy with `server.compute_nice: 0` (its batch worker and ONNX "
+              "Runtime's pool at the event loop's priority, as the bare server's: the default 10 lets the loop win a "
+              "contended core under overload, and on cores shared with other jobs makes every wake-up of those "
+              "threads wait behind them)."]
     return "\n".join(lines) + "\n"
 
 

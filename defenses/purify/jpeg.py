@@ -25,7 +25,8 @@ most of the per-image cost being Pillow's per-call overhead (bench/results/defen
 With chroma subsampling the mosaic would not be exact: libjpeg's decoder upsamples chroma with a
 triangle filter that reads the neighbouring chroma sample, which at an image's edge is the edge
 itself but in a mosaic belongs to the next image; so ``4:2:2`` and ``4:2:0`` code RGB images one
-at a time (exact, slower).
+at a time (exact, slower). A large batch (3x224x224 images) may be split into parts coded at once
+in threads of their own, a mosaic per part (defenses/purify/parts.py; the same pixels).
 
 Known limits: the codec is not differentiable and hides the gradient, which is exactly the
 "obfuscated gradients" pattern: BPDA with the identity as the backward pass breaks it (Athalye,
@@ -40,6 +41,7 @@ any height and width up to JPEG's 65,535.
 from __future__ import annotations
 
 import io
+import os
 from typing import ClassVar
 
 import numpy as np
@@ -47,9 +49,28 @@ import torch
 from PIL import Image
 
 from robustgate.defenses.base import Purifier, check_images, register
+from robustgate.defenses.purify.parts import run_parts
 
 
 SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}  # Pillow's codes
+
+
+def _encode(image: Image.Image, quality: int, subsampling: str) -> io.BytesIO:
+    """``image`` as a JPEG file in memory, encoded without holding the GIL where the platform allows:
+    Pillow releases it only while encoding to a real file descriptor (``encode_to_file``), not into a
+    ``BytesIO``, so the file is written to an anonymous in-memory file (``os.memfd_create``, Linux)
+    and read back. Held, the GIL would stall the proxy's event loop and the batch's other parts
+    (parts.py) for the whole encode."""
+    options = {"format": "JPEG", "quality": quality, "subsampling": SUBSAMPLING[subsampling]}
+    if not hasattr(os, "memfd_create"):
+        buf = io.BytesIO()
+        image.save(buf, **options)
+        buf.seek(0)
+        return buf
+    with os.fdopen(os.memfd_create("robustgate-jpeg"), "w+b") as fh:
+        image.save(fh, **options)
+        fh.seek(0)
+        return io.BytesIO(fh.read())
 
 
 def _codec(img: np.ndarray, mode: str, quality: int, subsampling: str = "4:4:4") -> np.ndarray:
@@ -60,10 +81,7 @@ def _codec(img: np.ndarray, mode: str, quality: int, subsampling: str = "4:4:4")
     once, no mode conversion): every call into C releases the GIL, and in the proxy's worker thread
     each release can cost a wait for the event loop (bench/results/defenses.md)."""
     h, w = img.shape[:2]
-    buf = io.BytesIO()
-    Image.frombuffer(mode, (w, h), np.ascontiguousarray(img), "raw", mode, 0, 1).save(
-        buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING[subsampling])
-    buf.seek(0)
+    buf = _encode(Image.frombuffer(mode, (w, h), np.ascontiguousarray(img), "raw", mode, 0, 1), quality, subsampling)
     with Image.open(buf) as decoded:
         decoded.load()
         if decoded.mode != mode:  # libjpeg decodes a 1-component picture to L, a 3-component one to RGB
@@ -75,39 +93,29 @@ BLOCK = 8  # the JPEG block edge (one MCU without chroma subsampling)
 MAX_SIDE = 65_500  # JPEG's largest picture side is 65,535
 
 
-def _one_by_one(x: torch.Tensor, quality: int, subsampling: str) -> torch.Tensor:
-    """:func:`jpeg_roundtrip` image by image, for RGB with chroma subsampling (module docstring)."""
-    src = x.detach().cpu().float().numpy()  # [N, 3, H, W]
-    pixels = np.empty(src.shape[:1] + src.shape[2:] + src.shape[1:2], dtype=np.uint8)  # [N, H, W, 3]
+def _one_by_one(src: np.ndarray, out: np.ndarray, quality: int, subsampling: str) -> None:
+    """:func:`jpeg_roundtrip` image by image, for RGB with chroma subsampling (module docstring):
+    ``src`` ``[n, 3, H, W]`` float pixels -> ``out`` ``[n, 3, H, W]`` float32."""
+    pixels = np.empty(src.shape[:1] + src.shape[2:] + src.shape[1:2], dtype=np.uint8)  # [n, H, W, 3]
     np.copyto(pixels, src.transpose(0, 2, 3, 1) * 255.0 + 0.5, casting="unsafe")  # round half up, as below
-    out = np.stack([_codec(img, "RGB", quality, subsampling) for img in pixels])  # [N, H, W, 3]
-    return torch.from_numpy(out.transpose(0, 3, 1, 2) / np.float32(255.0)).to(device=x.device, dtype=x.dtype)
+    for img, o in zip(pixels, out):
+        np.divide(_codec(img, "RGB", quality, subsampling).transpose(2, 0, 1), np.float32(255.0), out=o)
 
 
-def jpeg_roundtrip(x: torch.Tensor, quality: int, subsampling: str = "4:4:4") -> torch.Tensor:
-    """Encodes every image of ``x`` ``[N, C, H, W]`` (pixels in ``[0, 1]``, C = 1 or 3) as JPEG at
-    ``quality`` and decodes it again, all of them as one mosaic picture; each image comes back
-    exactly as :func:`_codec` returns it alone (module docstring). RGB with ``subsampling`` other
-    than ``"4:4:4"`` goes image by image instead.
-
-    Returns ``[N, C, H, W]`` of ``x``'s dtype and device, values on the 1/255 grid in ``[0, 1]``.
-    Every pixel is written once on the way in (scaled, rounded and placed in its cell) and once on
-    the way out, with as few calls into numpy as the layout allows -- each releases the GIL."""
-    n, c, h, w = x.shape
-    if c not in (1, 3):
-        raise ValueError(f"jpeg: expected 1 (grayscale) or 3 (RGB) channels, got {c}")
-    if n == 0:
-        return x.detach().clone()
-    if c == 3 and subsampling != "4:4:4":
-        return _one_by_one(x, quality, subsampling)
+def _mosaic(src: np.ndarray, out: np.ndarray, quality: int) -> None:
+    """``src`` ``[n, C, H, W]`` float pixels (n >= 1) through the codec as one mosaic picture (in
+    picture-sized slices when too large for one) -> ``out`` ``[n, C, H, W]`` float32. Every pixel is
+    written once on the way in (scaled, rounded and placed in its cell) and once on the way out, with
+    as few calls into numpy as the layout allows -- each releases the GIL."""
+    n, c, h, w = src.shape
     ch, cw = -(-h // BLOCK) * BLOCK, -(-w // BLOCK) * BLOCK  # each image's cell: whole blocks
     cols = max(1, min(n, int(np.ceil(np.sqrt(n * ch / cw))), MAX_SIDE // cw))  # about square
     rows = -(-n // cols)
     if rows * ch > MAX_SIDE:  # a batch too large for one picture: in picture-sized slices
         per = (MAX_SIDE // ch) * cols
-        return torch.cat([jpeg_roundtrip(x[i:i + per], quality, subsampling) for i in range(0, n, per)])
-    src = x.detach().cpu()
-    src = (src if src.dtype in (torch.float32, torch.float64) else src.float()).numpy()
+        for i in range(0, n, per):
+            _mosaic(src[i:i + per], out[i:i + per], quality)
+        return
     if n < rows * cols:  # the last row's empty cells stay black: no block of theirs touches an image
         src = np.concatenate([src, np.zeros((rows * cols - n, c, h, w), dtype=src.dtype)])
     scaled = np.multiply(src.reshape(rows, cols, c, h, w).transpose(0, 3, 1, 4, 2), 255.0)  # [row, y, col, x, ch]
@@ -120,10 +128,35 @@ def jpeg_roundtrip(x: torch.Tensor, quality: int, subsampling: str = "4:4:4") ->
     cells[:, h:] = cells[:, h - 1:h]  # libjpeg's padding of a partial block: the last row and column repeated
     cells[:, :, :, w:] = cells[:, :, :, w - 1:w]
     decoded = _codec(picture[..., 0] if c == 1 else picture, "L" if c == 1 else "RGB", quality)
-    out = np.empty((rows * cols, c, h, w), dtype=np.float32)
-    np.divide(decoded.reshape(rows, ch, cols, cw, c)[:, :h, :, :w].transpose(0, 2, 4, 1, 3), np.float32(255.0),
-              out=out.reshape(rows, cols, c, h, w))
-    return torch.from_numpy(out[:n]).to(device=x.device, dtype=x.dtype)
+    images = decoded.reshape(rows, ch, cols, cw, c)[:, :h, :, :w].transpose(0, 2, 4, 1, 3)  # [row, col, C, H, W]
+    full = n // cols  # rows of the mosaic whose every cell holds an image
+    np.divide(images[:full], np.float32(255.0), out=out[:full * cols].reshape(full, cols, c, h, w))
+    if full * cols < n:
+        np.divide(images[full, :n - full * cols], np.float32(255.0), out=out[full * cols:])
+
+
+def jpeg_roundtrip(x: torch.Tensor, quality: int, subsampling: str = "4:4:4") -> torch.Tensor:
+    """Encodes every image of ``x`` ``[N, C, H, W]`` (pixels in ``[0, 1]``, C = 1 or 3) as JPEG at
+    ``quality`` and decodes it again, as one mosaic picture per part of the batch (parts.py: one part
+    unless a large batch runs with purify threads); each image comes back exactly as :func:`_codec`
+    returns it alone (module docstring). RGB with ``subsampling`` other than ``"4:4:4"`` goes image
+    by image instead.
+
+    Returns ``[N, C, H, W]`` of ``x``'s dtype and device, values on the 1/255 grid in ``[0, 1]``."""
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        raise ValueError(f"jpeg: expected 1 (grayscale) or 3 (RGB) channels, got {c}")
+    if n == 0:
+        return x.detach().clone()
+    src = x.detach().cpu()
+    src = (src if src.dtype in (torch.float32, torch.float64) else src.float()).numpy()
+    out = np.empty((n, c, h, w), dtype=np.float32)
+    if c == 3 and subsampling != "4:4:4":
+        src32 = src.astype(np.float32, copy=False)  # image by image rounds in float32, as it always has
+        run_parts(n, c * h * w, lambda a, b: _one_by_one(src32[a:b], out[a:b], quality, subsampling))
+    else:
+        run_parts(n, c * h * w, lambda a, b: _mosaic(src[a:b], out[a:b], quality))
+    return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
 
 
 @register

@@ -193,3 +193,18 @@ def test_median_passes_gradients():
     x = torch.rand(1, 1, 6, 6, requires_grad=True)
     build("median").purify(x).sum().backward()
     assert x.grad.abs().sum() > 0 and x.grad.sum().item() == pytest.approx(36.0)  # each output routes 1
+
+
+def test_median_in_chunks_matches_scipy(monkeypatch):
+    """The served path (no autograd, CPU) filters chunks of images into one output with its
+    intermediates reused: one image per chunk gives the same values as scipy and as the autograd path."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    import robustgate.defenses.purify.median as median
+
+    monkeypatch.setattr(median, "CHUNK_VALUES", 1)  # one image per chunk
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 8, (3, 3, 10, 12), generator=g).float() / 7  # few levels: many ties
+    want = torch.from_numpy(ndimage.median_filter(x.numpy(), size=(1, 1, 3, 3), mode="mirror"))
+    assert torch.equal(median_filter(x, 3), want)
+    assert torch.equal(median_filter(x.clone().requires_grad_(True), 3).detach(), want)
+    assert median_filter(x[:0], 3).shape == (0, 3, 10, 12)
