@@ -20,8 +20,8 @@ each get some) sending ``--calls`` batch-1 calls (one Fashion-MNIST test image, 
   (PERMISSION_DENIED, request mode);
 - ``robustgate, served, trivial model``: ``robustgate serve`` with no stage in front of a one-layer
   linear classifier (784 x 10, imported with ``robustgate import``; a few microseconds of model work
-  per batch): the served path's own CPU -- decode, batcher, the runner, encode -- without the model's
-  compute, which ``served`` minus this row prices (the model is the user's, not robustgate's);
+  per batch): the served path's own CPU -- decode, batcher, the runner (the general path: no fused
+  detector), encode -- without the model's compute;
 
 each of the robustgate rows with ``server.workers`` 1 and 2. Per call: the server's CPU (user +
 system, every thread of the process and, with workers, of the supervisor and its children) divided
@@ -237,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     served = next((r for r in rows if r["server"] == "robustgate, served" and r["workers"] == 1), None)
     if trivial is not None and served is not None:
         own, full = trivial["server_cpu_us_per_call"], served["server_cpu_us_per_call"]
-        lines += ["", f"The served path's own CPU (trivial model, no stage): {own:.0f} µs per call, {own - floor:+.0f} over "
-                  f"the floor; `deploy/default.yaml`'s MagNet + backbone add {full - own:.0f} µs per call (their "
-                  "compute, at the batch sizes this load makes, and the detector's verdict)."]
+        lines += ["", f"The served path's own CPU with a trivial model and no stage: {own:.0f} µs per call, "
+                  f"{own - floor:+.0f} over the floor, against {full:.0f} for `deploy/default.yaml` (MagNet + backbone): "
+                  "at 32 calls in flight the batches are large, so the models' compute per call is small, and a "
+                  "pipeline with no stage takes the general path (DefendedModel) while the default's fused "
+                  "detector takes the one-session fast path."]
     if svg is not None:
         lines += ["", f"Flame graph of the served path (one worker, py-spy, every thread): [{svg.name}]({svg.name})."]
     lines.append("")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -184,7 +185,7 @@ def knn_main(args) -> None:
                 throughput[f"{name}_b{batch}"] = observe_throughput(det, x, batch, args.seconds)
                 print(name, batch, throughput[f"{name}_b{batch}"], flush=True)
     config = det.config()
-    result = {"command": "nice -n 10 python bench/stateful/cost.py " + " ".join(sys.argv[1:]),
+    result = {"command": "python bench/stateful/cost.py " + " ".join(sys.argv[1:]), "load_average": os.getloadavg(),
               "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
               "detector": config, "store": store.config(), "memory": memory, "latency": latency,
               "throughput": throughput}
@@ -193,7 +194,7 @@ def knn_main(args) -> None:
     m = result["machine"]
     lines = [
         "# Stateful detector cost (k-NN over a learned embedding, in-memory store)", "",
-        f"Command: `{result['command']}` ({result['when']}), {m['cpu']}, {m['cores']} cores shared with other jobs, "
+        f"Command: `{result['command']}` ({result['when']}), {m['cpu']}, {m['cores']} cores, load average at the end {tuple(round(v, 2) for v in result['load_average'])}, "
         f"torch 1 thread, ONNX Runtime 1 intra-op thread, revision {m['robustgate_revision']}.", "",
         f"Detector: k {k}, dim {dim}, width {args.width}; store: {store.config()}.", "",
         "## Memory for remembered queries", "",
@@ -213,7 +214,7 @@ def knn_main(args) -> None:
         shape, batch = key.rsplit("_b", 1)
         lines.append(f"| {shape} | {batch} | {tp['images_per_s']:,.0f} | {tp['us_per_image']:.0f} | "
                      f"{tp['cpu_us_per_image']:.0f} |")
-    lines += ["", "Notes: wall times on a shared 2-core machine (other jobs running) include scheduling noise; the "
+    lines += ["", "Notes: wall times include the scheduling noise of a 2-core machine (load average in the header); the "
               "CPU columns (this thread's CPU time) do not. Memory and latency rows use synthetic embeddings "
               "(random walks, one per client); the throughput rows encode real pixels (Fashion-MNIST test images; "
               "uniform noise at 3x32x32) with a freshly initialised encoder of the same architecture as a fitted "
@@ -280,7 +281,7 @@ def main() -> None:
             throughput[f"{name}_b{batch}"] = observe_throughput(det, x, batch, args.seconds)
             print(name, batch, throughput[f"{name}_b{batch}"], flush=True)
 
-    result = {"command": "nice -n 10 python bench/stateful/cost.py " + " ".join(sys.argv[1:]),
+    result = {"command": "python bench/stateful/cost.py " + " ".join(sys.argv[1:]), "load_average": os.getloadavg(),
               "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
               "detector": det.config(), "store": store.config(), "memory": memory, "latency": latency,
               "throughput": throughput}
@@ -289,7 +290,7 @@ def main() -> None:
     m = result["machine"]
     lines = [
         "# Stateful detector cost (Blacklight, in-memory and Redis stores)", "",
-        f"Command: `{result['command']}` ({result['when']}), {m['cpu']}, {m['cores']} cores shared with other jobs, "
+        f"Command: `{result['command']}` ({result['when']}), {m['cpu']}, {m['cores']} cores, load average at the end {tuple(round(v, 2) for v in result['load_average'])}, "
         f"torch 1 thread, revision {m['robustgate_revision']}.", "",
         f"Detector: {det.config()}; store: {store.config()}.", "",
         "## Memory for remembered queries", "",
@@ -310,7 +311,7 @@ def main() -> None:
         shape, batch = key.rsplit("_b", 1)
         lines.append(f"| {shape} | {batch} | {tp['images_per_s']:,.0f} | {tp['us_per_image']:.0f} | "
                      f"{tp['cpu_us_per_image']:.0f} |")
-    lines += ["", "Notes: store latency is wall time per call on a shared 2-core machine (other jobs running), so "
+    lines += ["", "Notes: store latency is wall time per call on a 2-core machine (load average in the header), so "
               "wall p99/max include scheduling noise; the CPU columns (this thread's CPU time) do not; for Redis "
               "they are the client's side only. The Redis row is one Lua script call over loopback TCP. "
               "Fingerprints in the memory and latency rows are synthetic (each query keeps 18 of its predecessor's "
