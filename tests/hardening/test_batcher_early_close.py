@@ -1,9 +1,11 @@
 """The batcher closes a batch early when no company is expected (a lone request does not idle for
-the whole max_queue_delay), and still coalesces requests that arrive closer than the delay."""
+the whole max_queue_delay), and still coalesces a stream of requests that arrive closer than the
+delay while others are outstanding (proxy/batcher.py's company rule)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import torch
@@ -12,9 +14,10 @@ from robustgate.defenses.pipeline import PipelineResult
 from robustgate.proxy.batcher import Batcher
 
 
-def recording_run(calls):
-    def run(x, timeout):  # logits = each item's mean pixel
+def recording_run(calls, seconds: float = 0.0):
+    def run(x, timeout):  # logits = each item's mean pixel; takes ``seconds`` (in the batch worker's thread)
         calls.append(x.shape[0])
+        time.sleep(seconds)
         m = torch.from_numpy(x.mean(axis=(1, 2, 3)))
         return PipelineResult(logits=m[:, None], verdict=torch.zeros(len(m), dtype=torch.int64), reason=[None] * len(m))
 
@@ -60,7 +63,8 @@ def test_requests_further_apart_than_the_delay_run_at_once():
 def test_requests_closer_than_the_delay_are_still_coalesced():
     async def go():
         calls = []
-        b = Batcher(recording_run(calls), max_batch_size=8, max_queue_delay_s=2.0, max_queue_items=16)
+        # a batch takes 20 ms: each request of the stream is still outstanding when the next arrives
+        b = Batcher(recording_run(calls, 0.02), max_batch_size=8, max_queue_delay_s=2.0, max_queue_items=16)
         b.start()
         try:
             futures = []
