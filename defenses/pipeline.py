@@ -335,29 +335,53 @@ class DefendedModel:
         )
 
 
-def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], verdict, reason: list[str | None],
-                 scores: dict, thresholds: dict, seconds: dict, fail: Callable[[Stage], None]) -> list[float | None]:
-    """Step 1b of the module docstring, shared by :class:`DefendedModel` and the proxy's fused path
-    (defenses/assemble.py ``PipelineRunner._run_fused``): every stateful stage of ``stages`` on
-    ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]``, in order; updates ``verdict`` (codes, tensor or
-    list), ``reason``, ``scores``, ``thresholds`` and ``seconds`` in place; a stage that raises
-    goes to ``fail`` (the failure policy). Returns ``blocked`` (per item the end of its client's
-    block, ``[]`` when none is)."""
-    n = x.shape[0]
-    if len(clients) != n:
-        raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
-    blocked: list[float | None] = []
+Observed = dict  # stage name -> (scores [N], per-item block ends, seconds), or (the exception it raised, seconds)
+
+
+def observe_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str]) -> Observed:
+    """The observing half of :func:`run_stateful`: every stateful stage of ``stages`` records and scores
+    ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]`` (:func:`observe_clients`), in order. It reads no
+    verdict, so the proxy's fused path runs it beside the backbone pass; a stage that raises is
+    returned with its exception (the failure policy is applied with the verdicts)."""
+    if len(clients) != x.shape[0]:
+        raise ValueError(f"clients must name one identity per item: {len(clients)} for {x.shape[0]} items")
+    out: Observed = {}
     for stage in stages:
         if not is_stateful(stage.defense):
             continue
         t0 = time.perf_counter()
         try:
             s, ends = observe_clients(stage, x, clients)
-        except Exception:  # noqa: BLE001 - a failing store (Redis down) follows the failure policy
-            seconds[stage.name] = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - a failing store (Redis down) follows the failure policy
+            out[stage.name] = (exc, time.perf_counter() - t0)
+            continue
+        out[stage.name] = (s, ends, time.perf_counter() - t0)
+    return out
+
+
+def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], verdict, reason: list[str | None],
+                 scores: dict, thresholds: dict, seconds: dict, fail: Callable[[Stage], None],
+                 observed: Observed | None = None) -> list[float | None]:
+    """Step 1b of the module docstring, shared by :class:`DefendedModel` and the proxy's fused path
+    (defenses/assemble.py ``PipelineRunner._run_fused``): every stateful stage of ``stages`` on
+    ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]``, in order; updates ``verdict`` (codes, tensor or
+    list), ``reason``, ``scores``, ``thresholds`` and ``seconds`` in place; a stage that raises
+    goes to ``fail`` (the failure policy). ``observed``: :func:`observe_stateful`'s result when it
+    already ran (None: it runs here). Returns ``blocked`` (per item the end of its client's block,
+    ``[]`` when none is)."""
+    n = x.shape[0]
+    if observed is None:
+        observed = observe_stateful(stages, x, clients)
+    blocked: list[float | None] = []
+    for stage in stages:
+        if not is_stateful(stage.defense):
+            continue
+        got = observed[stage.name]
+        if isinstance(got[0], Exception):
+            seconds[stage.name] = got[1]
             fail(stage)
             continue
-        seconds[stage.name] = time.perf_counter() - t0
+        s, ends, seconds[stage.name] = got
         scores[stage.name] = s
         if any(e is not None for e in ends):
             blocked = blocked or [None] * n
@@ -422,22 +446,4 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str]) -> tuple[
                 store.block(client, now + stage.cooldown_s)
                 for i in idx:
                     ends[i] = now + stage.cooldown_s
-    return scores, ends
-    rows = [i for _, idx in live for i in idx]  # the unblocked items, encoded in one call
-    encoded = det.encode(x[torch.as_tensor(rows)])
-    parts, at = [], 0
-    for client, idx in live:
-        parts.append((client, tuple(a[at:at + len(idx)] for a in encoded)))
-        at += len(idx)
-    # every client's history in one call: as one after the other (each client appears once per batch,
-    # so a block decided below cannot change another client's scores)
-    observed = det.observe_groups(parts, now)
-    for (client, idx), s in zip(live, observed):
-        s = s.reshape(len(idx)).float()
-        scores[torch.as_tensor(idx)] = s.to(scores.device)
-        hits = int((s > det.threshold).sum()) if stage.action == "block" and det.threshold is not None else 0
-        if hits and store.add_detections(client, hits, now) >= stage.block_after:
-            store.block(client, now + stage.cooldown_s)
-            for i in idx:
-                ends[i] = now + stage.cooldown_s
     return scores, ends
