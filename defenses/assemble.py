@@ -41,14 +41,12 @@ reason.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import re
 from functools import cached_property
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
@@ -58,8 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from robustgate.defenses.base import Classifier, Defense, Detector, Ensemble, build_from_bundle
 from robustgate.defenses.pipeline import (
-    ACCEPTED, REJECTED, DefendedModel, PipelineResult, Stage, act, is_stateful, observe_stateful, run_stateful,
-    split_stages,
+    ACCEPTED, REJECTED, DefendedModel, PipelineResult, Stage, act, is_stateful, run_stateful, split_stages,
 )
 
 if TYPE_CHECKING:  # the backend interface lives with the transport; only its methods are used here
@@ -289,12 +286,6 @@ class PipelineRunner:
         # whether the batch has a front half worth a thread of its own (:meth:`prepare`); asked per batch
         self.has_purifiers = bool(split_stages(self.stages)[1])
         self.fused_only = self._fused_only()
-        # the stateful stages' observation runs beside the fused pass, in a thread of this runner's own
-        # (_run_fused); it ends when the runner is collected (a reload builds a new one)
-        self._side: concurrent.futures.ThreadPoolExecutor | None = None
-        if self.fused_only and self.stateful_names:
-            self._side = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="robustgate-stateful")
-            weakref.finalize(self, self._side.shutdown, wait=False)
 
     def _fuse(self):
         """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score
@@ -327,19 +318,8 @@ class PipelineRunner:
         n = arr.shape[0]
         if clients is not None and len(clients) != n:
             raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
-        side = None
-        if clients is not None and self._side is not None:
-            # the stateful stages read no verdict: they observe the batch (encoder, store) while the
-            # backbone pass runs; their verdicts are applied below, after the fused detectors', in
-            # DefendedModel's order
-            side = self._side.submit(observe_stateful, self.stages, torch.from_numpy(arr), clients)
         t0 = time.perf_counter()
-        try:
-            logits, _, fused = self.fused(arr)  # [N, K], -, {stage: [N]}
-        except BaseException:
-            if side is not None:  # nothing of this batch still writes to the stores when it fails
-                concurrent.futures.wait([side])
-            raise
+        logits, _, fused = self.fused(arr)  # [N, K], -, {stage: [N]}
         seconds = {"classify": time.perf_counter() - t0}
         verdict, reason = [ACCEPTED] * n, [None] * n
         scores, thresholds, failed, blocked = {}, {}, [], []
@@ -362,7 +342,7 @@ class PipelineRunner:
                             verdict[i], reason[i] = REJECTED, f"{stage.name} failed"
 
             blocked = run_stateful(self.stages, torch.from_numpy(arr), clients, verdict, reason, scores, thresholds,
-                                   seconds, fail, observed=None if side is None else side.result())
+                                   seconds, fail)
         return PipelineResult(logits=torch.from_numpy(logits), verdict=torch.tensor(verdict, dtype=torch.int64),
                               reason=reason, scores=scores, thresholds=thresholds, seconds=seconds,
                               failed_stages=failed, blocked=blocked)

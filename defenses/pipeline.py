@@ -335,53 +335,29 @@ class DefendedModel:
         )
 
 
-Observed = dict  # stage name -> (scores [N], per-item block ends, seconds), or (the exception it raised, seconds)
-
-
-def observe_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str]) -> Observed:
-    """The observing half of :func:`run_stateful`: every stateful stage of ``stages`` records and scores
-    ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]`` (:func:`observe_clients`), in order. It reads no
-    verdict, so the proxy's fused path runs it beside the backbone pass; a stage that raises is
-    returned with its exception (the failure policy is applied with the verdicts)."""
-    if len(clients) != x.shape[0]:
-        raise ValueError(f"clients must name one identity per item: {len(clients)} for {x.shape[0]} items")
-    out: Observed = {}
+def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], verdict, reason: list[str | None],
+                 scores: dict, thresholds: dict, seconds: dict, fail: Callable[[Stage], None]) -> list[float | None]:
+    """Step 1b of the module docstring, shared by :class:`DefendedModel` and the proxy's fused path
+    (defenses/assemble.py ``PipelineRunner._run_fused``): every stateful stage of ``stages`` on
+    ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]``, in order; updates ``verdict`` (codes, tensor or
+    list), ``reason``, ``scores``, ``thresholds`` and ``seconds`` in place; a stage that raises
+    goes to ``fail`` (the failure policy). Returns ``blocked`` (per item the end of its client's
+    block, ``[]`` when none is)."""
+    n = x.shape[0]
+    if len(clients) != n:
+        raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
+    blocked: list[float | None] = []
     for stage in stages:
         if not is_stateful(stage.defense):
             continue
         t0 = time.perf_counter()
         try:
             s, ends = observe_clients(stage, x, clients)
-        except Exception as exc:  # noqa: BLE001 - a failing store (Redis down) follows the failure policy
-            out[stage.name] = (exc, time.perf_counter() - t0)
-            continue
-        out[stage.name] = (s, ends, time.perf_counter() - t0)
-    return out
-
-
-def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], verdict, reason: list[str | None],
-                 scores: dict, thresholds: dict, seconds: dict, fail: Callable[[Stage], None],
-                 observed: Observed | None = None) -> list[float | None]:
-    """Step 1b of the module docstring, shared by :class:`DefendedModel` and the proxy's fused path
-    (defenses/assemble.py ``PipelineRunner._run_fused``): every stateful stage of ``stages`` on
-    ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]``, in order; updates ``verdict`` (codes, tensor or
-    list), ``reason``, ``scores``, ``thresholds`` and ``seconds`` in place; a stage that raises
-    goes to ``fail`` (the failure policy). ``observed``: :func:`observe_stateful`'s result when it
-    already ran (None: it runs here). Returns ``blocked`` (per item the end of its client's block,
-    ``[]`` when none is)."""
-    n = x.shape[0]
-    if observed is None:
-        observed = observe_stateful(stages, x, clients)
-    blocked: list[float | None] = []
-    for stage in stages:
-        if not is_stateful(stage.defense):
-            continue
-        got = observed[stage.name]
-        if isinstance(got[0], Exception):
-            seconds[stage.name] = got[1]
+        except Exception:  # noqa: BLE001 - a failing store (Redis down) follows the failure policy
+            seconds[stage.name] = time.perf_counter() - t0
             fail(stage)
             continue
-        s, ends, seconds[stage.name] = got
+        seconds[stage.name] = time.perf_counter() - t0
         scores[stage.name] = s
         if any(e is not None for e in ends):
             blocked = blocked or [None] * n
