@@ -5,7 +5,7 @@ query) on the full store and through a real redis-server on loopback, and the th
 ``Blacklight.observe`` (fingerprint + store; wall and this thread's CPU time) at batch 1, 16 and 64 on [1, 28, 28] Fashion-MNIST test
 images and [3, 32, 32] uniform noise.
 
-    nice -n 10 python bench/stateful/cost.py [--entries 1000000] [--out bench/results/stateful.cost]
+    python bench/stateful/cost.py [--entries 1000000] [--out bench/results/stateful.cost]
 
 ``--method knn``: the same for the k-NN method (defenses/stateful/knn.py): the embedding store
 (knn_store.py) filled with 1,000,000 synthetic float16 embeddings, one store call (k-NN over the
@@ -13,7 +13,7 @@ client's history + insert) on the full store, and ``observe`` (keyed digest + ON
 + store) at batch 1, 16 and 64; the encoder is a freshly initialised one of the configured width
 and dim per input shape (its cost does not depend on its weights).
 
-    nice -n 10 python bench/stateful/cost.py --method knn [--out bench/results/stateful.knn.cost]
+    python bench/stateful/cost.py --method knn [--out bench/results/stateful.cost.knn]
 """
 
 from __future__ import annotations
@@ -235,11 +235,11 @@ def main() -> None:
     ap.add_argument("--latency-queries", type=int, default=20_000)
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput cell")
     ap.add_argument("--out", default=None, help="output stem (default: bench/results/stateful.cost, "
-                                                 "stateful.knn.cost with --method knn)")
+                                                 "stateful.cost.knn with --method knn)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.out is None:
-        args.out = str(REPO / "bench" / "results" / ("stateful.knn.cost" if args.method == "knn" else "stateful.cost"))
+        args.out = str(REPO / "bench" / "results" / ("stateful.cost.knn" if args.method == "knn" else "stateful.cost"))
     if args.method == "knn":
         return knn_main(args)
     rng = np.random.default_rng(0)

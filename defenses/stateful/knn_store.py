@@ -23,7 +23,7 @@ sequence numbers, the client's running index) whose live part is ``[start, end)`
 geometrically and shrink when mostly dead. One global ring ``owner[max_entries]`` (uint32 client
 ids, by sequence number) says whose entry each new query pushes out of the global bound, so dead
 entries are dropped when they die, not when their client next calls: memory follows the live
-entries (``stats()["bytes"]``; bench/results/stateful.knn.cost.md measures it at 1,000,000).
+entries (``stats()["bytes"]``; bench/results/stateful.cost.knn.md measures it at 1,000,000).
 """
 
 from __future__ import annotations
