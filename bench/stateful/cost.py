@@ -43,6 +43,16 @@ from robustgate.defenses.stateful import Blacklight, MemoryStore, RedisStore  # 
 K = 20
 
 
+def throughput_rows(throughput: dict) -> list[str]:
+    """The observe-throughput table's rows (both methods' reports): ``{"<shape>_b<batch>": cell}``."""
+    rows = []
+    for key, tp in throughput.items():
+        shape, batch = key.rsplit("_b", 1)
+        rows.append(f"| {shape} | {batch} | {tp['images_per_s']:,.0f} | {tp['us_per_image']:.0f} | "
+                    f"{tp['cpu_us_per_image']:.0f} |")
+    return rows
+
+
 def synthetic_stream(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` queries of one client: digests ``[n]`` and fingerprints ``[n, K]`` where each query keeps
     18 of the previous query's hashes (an attack's near-copies) -- the postings a real stream writes."""
@@ -210,10 +220,7 @@ def knn_main(args) -> None:
           for name, lat in latency.items()], "",
         "## `observe` throughput (digest + ONNX Runtime encoder + the store)", "",
         "| input | batch | images/s | wall µs per image | CPU µs per image |", "| --- | ---: | ---: | ---: | ---: |"]
-    for key, tp in throughput.items():
-        shape, batch = key.rsplit("_b", 1)
-        lines.append(f"| {shape} | {batch} | {tp['images_per_s']:,.0f} | {tp['us_per_image']:.0f} | "
-                     f"{tp['cpu_us_per_image']:.0f} |")
+    lines += throughput_rows(throughput)
     lines += ["", "Notes: wall times include the scheduling noise of a 2-core machine (load average in the header); the "
               "CPU columns (this thread's CPU time) do not. Memory and latency rows use synthetic embeddings "
               "(random walks, one per client); the throughput rows encode real pixels (Fashion-MNIST test images; "
@@ -307,10 +314,7 @@ def main() -> None:
                      f"{lat['cpu_p50_us']:.0f} µs | {lat['cpu_p99_us']:.0f} µs | {lat['n']:,} |")
     lines += ["", "## `Blacklight.observe` throughput (fingerprint + the in-memory store above, full)", "",
               "| input | batch | images/s | wall µs per image | CPU µs per image |", "| --- | ---: | ---: | ---: | ---: |"]
-    for key, tp in throughput.items():
-        shape, batch = key.rsplit("_b", 1)
-        lines.append(f"| {shape} | {batch} | {tp['images_per_s']:,.0f} | {tp['us_per_image']:.0f} | "
-                     f"{tp['cpu_us_per_image']:.0f} |")
+    lines += throughput_rows(throughput)
     lines += ["", "Notes: store latency is wall time per call on a 2-core machine (load average in the header), so "
               "wall p99/max include scheduling noise; the CPU columns (this thread's CPU time) do not; for Redis "
               "they are the client's side only. The Redis row is one Lua script call over loopback TCP. "
