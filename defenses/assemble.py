@@ -289,12 +289,15 @@ class PipelineRunner:
 
     def _fuse(self):
         """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score
-        graph, when the pipeline has a shared pass (detectors only) and the backend can fuse
-        (Backend.fused_pass); else None. A detector that fuses here runs in the backbone's session call."""
+        graph and the stateful stages that offer an embedding graph (the k-NN encoder), when the
+        pipeline has a shared pass (detectors and stateful stages only) and the backend can fuse
+        (Backend.fused_pass); else None. A stage that fuses here runs in the backbone's session call."""
         detectors, purifiers, ensemble = split_stages(self.stages)
-        if not (self.share_features and detectors and not purifiers and ensemble is None):
+        stateful = [s for s in self.stages if is_stateful(s.defense)]
+        if not (self.share_features and (detectors or stateful) and not purifiers and ensemble is None):
             return None
         models = {s.name: m for s in detectors if (m := s.defense.onnx_score_model()) is not None}
+        models.update({s.name: m for s in stateful if (m := s.defense.onnx_embedding_model()) is not None})
         return self.backend.fused_pass(models) if models else None
 
     def _fused_only(self) -> bool:
@@ -319,7 +322,7 @@ class PipelineRunner:
         if clients is not None and len(clients) != n:
             raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
         t0 = time.perf_counter()
-        logits, _, fused = self.fused(arr)  # [N, K], -, {stage: [N]}
+        logits, _, fused = self.fused(arr)  # [N, K], -, {stage: [N] score or [N, d] stateful embedding}
         seconds = {"classify": time.perf_counter() - t0}
         verdict, reason = [ACCEPTED] * n, [None] * n
         scores, thresholds, failed, blocked = {}, {}, [], []
@@ -342,7 +345,7 @@ class PipelineRunner:
                             verdict[i], reason[i] = REJECTED, f"{stage.name} failed"
 
             blocked = run_stateful(self.stages, torch.from_numpy(arr), clients, verdict, reason, scores, thresholds,
-                                   seconds, fail)
+                                   seconds, fail, embeddings=fused)
         return PipelineResult(logits=torch.from_numpy(logits), verdict=torch.tensor(verdict, dtype=torch.int64),
                               reason=reason, scores=scores, thresholds=thresholds, seconds=seconds,
                               failed_stages=failed, blocked=blocked)

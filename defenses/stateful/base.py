@@ -68,12 +68,27 @@ class StatefulDetector(Defense):
         order and returns their scores ``[N]`` float32 (each against the history before it)."""
         return self.observe_encoded(client, self.encode(x), now)
 
-    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
+    def encode(self, x: torch.Tensor, embedding: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """What the store keeps of each query, for a whole batch of any clients at once: ``x``
         ``[N, C, H, W]`` -> arrays with first dimension ``N`` (row ``i`` is item ``i``'s), so that the
-        pipeline encodes a batch once and hands each client its rows (:meth:`observe_encoded`)."""
+        pipeline encodes a batch once and hands each client its rows (:meth:`observe_encoded`).
+        ``embedding`` ``[N, d]``: what :meth:`onnx_embedding_model`'s graph gave for ``x`` in the
+        backbone's fused pass (proxy/backends/fuse.py), used instead of computing it again."""
         check_images(x, self.value_range, who=f"{self.kind} input")
-        return self._encode(x.detach().cpu())
+        if embedding is None:
+            return self._encode(x.detach().cpu())
+        return self._encode_embedded(x.detach().cpu(), embedding)
+
+    def onnx_embedding_model(self):
+        """The per-item part of :meth:`encode` that a network computes, as one ONNX graph ``[N, C, H, W]``
+        raw input -> ``[N, d]``, for the backend to fuse into the backbone's session (one session call
+        for both); ``None`` (the default): nothing to fuse. Its output, handed to :meth:`encode`,
+        must give what :meth:`encode` computes itself (a parity test)."""
+        return None
+
+    def _encode_embedded(self, x: torch.Tensor, embedding: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``encode`` with the fused pass's ``embedding`` ``[N, d]`` (:meth:`onnx_embedding_model`)."""
+        raise ValueError(f"{self.kind}: has no embedding model; encode computes everything itself")
 
     def observe_encoded(self, client: str, encoded: tuple[np.ndarray, ...], now: float | None = None) -> torch.Tensor:
         """:meth:`observe` on rows of :meth:`encode`'s output: ``[N]`` float32 scores, in order."""

@@ -175,6 +175,34 @@ def train_encoder(enc: Encoder, x: torch.Tensor, *, steps: int, batch_size: int,
     return history
 
 
+def unit_scaled_graph(model: "onnx.ModelProto", value_range: tuple[float, float]) -> "onnx.ModelProto":
+    """``model`` (one input ``[N, C, H, W]`` in [0, 1]) reading raw pixels in ``value_range`` instead:
+    ``(x - lo) / (hi - lo)`` in float32 before its first node, as :meth:`KnnDetector.embed` scales in
+    torch (the same two IEEE operations, so the same values); unchanged (a copy) for [0, 1]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    lo, hi = (float(v) for v in value_range)
+    if (lo, hi) == (0.0, 1.0):
+        return out
+    g = out.graph
+    raw = g.input[0].name
+    taken = {n for node in g.node for n in (*node.input, *node.output)} | {i.name for i in g.initializer}
+    shifted, unit, lo_name, span_name = (next(f"{b}_{i}" for i in range(len(taken) + 1) if f"{b}_{i}" not in taken)
+                                         for b in ("unit_shifted", "unit_x", "unit_lo", "unit_span"))
+    for node in g.node:  # every reader of the raw input reads the scaled one
+        node.input[:] = [unit if n == raw else n for n in node.input]
+    g.initializer.extend([helper.make_tensor(lo_name, TensorProto.FLOAT, [], [lo]),
+                          helper.make_tensor(span_name, TensorProto.FLOAT, [], [hi - lo])])
+    scale = [helper.make_node("Sub", [raw, lo_name], [shifted]), helper.make_node("Div", [shifted, span_name], [unit])]
+    nodes = scale + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
 STATISTICS = ("mean", "kth")
 
 
@@ -224,6 +252,7 @@ class KnnDetector(StatefulDetector):
         self.encoder: Encoder | None = None
         self.history: list[float] = []
         self._session = None
+        self._encoder_path: Path | None = None  # encoder.onnx, once loaded (onnx_embedding_model)
 
     def default_store(self) -> HistoryStore:
         return KnnMemoryStore()
@@ -263,6 +292,7 @@ class KnnDetector(StatefulDetector):
         if set(files) != {"encoder_onnx"}:
             raise ValueError(f"{self.kind}: expected the artifact encoder_onnx, got {sorted(files)}")
         session = OnnxModel(files["encoder_onnx"], threads=1, spin=False)
+        self._encoder_path = Path(files["encoder_onnx"])
         out = session.session.get_outputs()[0].shape
         if out[-1] != self.dim:
             raise ValueError(f"{self.kind}: {files['encoder_onnx']} embeds in {out[-1]} dimensions, dim is {self.dim}")
@@ -282,6 +312,23 @@ class KnnDetector(StatefulDetector):
 
     def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
         return digests(x, self.store.fingerprint_key()), self.embed(x).astype(np.float16)
+
+    def onnx_embedding_model(self):
+        """``encoder.onnx`` reading raw pixels in ``value_range`` (the scaling to [0, 1] of
+        :meth:`embed` prepended as ``Sub``/``Div`` nodes when the range is not [0, 1]): ``[N, C, H, W]``
+        -> ``[N, dim]``, fused into the backbone's session by the proxy (StatefulDetector.onnx_embedding_model).
+        None before an encoder is loaded."""
+        if self._encoder_path is None:
+            return None
+        import onnx
+
+        return unit_scaled_graph(onnx.load(str(self._encoder_path)), self.value_range)
+
+    def _encode_embedded(self, x: torch.Tensor, embedding: np.ndarray) -> tuple[np.ndarray, ...]:
+        emb = np.asarray(embedding)
+        if emb.shape != (x.shape[0], self.dim):
+            raise ValueError(f"{self.kind}: embedding must be [{x.shape[0]}, {self.dim}], got {emb.shape}")
+        return digests(x, self.store.fingerprint_key()), emb.astype(np.float16)
 
     def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
         dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now)

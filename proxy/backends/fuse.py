@@ -3,7 +3,8 @@
 A detector whose score is a function of the raw input alone and exists as an ONNX graph
 (``Detector.onnx_score_model``: MagNet's reconstruction error) can run in the backbone's own
 session: the fused model has the backbone's input, its outputs, and one ``[N]`` score output per
-fused detector. Where the pipeline classifies the raw input anyway (its shared pass,
+fused detector. A stateful stage's per-item embedding (``StatefulDetector.onnx_embedding_model``:
+the k-NN method's encoder, defenses/stateful/knn.py) fuses the same way, as one ``[N, d]`` output. Where the pipeline classifies the raw input anyway (its shared pass,
 defenses/pipeline.py) this spares the detector's separate session call, the copies in and out of
 it and its torch glue: through the proxy the default pipeline's detection cost at batch 64 fell
 from +24-45% to +19-20% (bench/results/detect.md). ONNX Runtime runs the fused graph's nodes one
@@ -31,10 +32,36 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
 
 
+def _at_opset(model: onnx.ModelProto, version: int, who: str) -> onnx.ModelProto:
+    """``model`` as it reads at default-domain opset ``version``: itself when none of its operators was
+    redefined between its opset and ``version``, else converted (onnx.version_converter)."""
+    own = _default_opset(model)
+    if own == version or all(onnx.defs.get_schema(n.op_type, own).since_version
+                             == onnx.defs.get_schema(n.op_type, version).since_version for n in model.graph.node):
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, version)
+    except Exception as exc:  # noqa: BLE001 - the converter raises its own types; name the part
+        raise ValueError(f"fuse: {who}'s graph (opset {own}) could not be converted to opset {version}: {exc}") from None
+
+
 def fuse_score_graphs(backbone: onnx.ModelProto, scores: dict[str, onnx.ModelProto]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """-> (the fused model, stage name -> its score output's name). ``backbone``: one input
-    ``[N, C, H, W]``; each score graph: one input of the same element type and item shape, one
-    ``[N]`` output, default-domain operators only, no subgraphs. Raises ValueError otherwise."""
+    """-> (the fused model, stage name -> its output's name). ``backbone``: one input
+    ``[N, C, H, W]``; each graph: one input of the same element type and item shape, one output
+    ``[N]`` (a score) or ``[N, d]`` (an embedding), default-domain operators only, no subgraphs.
+    Raises ValueError otherwise."""
+    # one default-domain opset for the whole graph: the newest of the parts; a part written for an
+    # older opset that uses an operator redefined since (the k-NN encoder's ReduceMean, whose axes
+    # became an input in opset 18) is converted first (onnx.version_converter); the others' operators
+    # mean the same at the newer opset (the checker below verifies the rest)
+    versions = [_default_opset(backbone), *(_default_opset(m) for m in scores.values())]
+    if len(set(versions)) > 1 and min(versions) < 13:
+        raise ValueError(f"fuse: opsets {sorted(set(versions))} differ and one is below 13; re-export the graphs")
+    version = max(versions)
+    backbone = _at_opset(backbone, version, "the backbone")
+    scores = {stage: _at_opset(m, version, stage) for stage, m in scores.items()}
     fused = onnx.ModelProto()
     fused.CopyFrom(backbone)
     g = fused.graph
@@ -48,6 +75,9 @@ def fuse_score_graphs(backbone: onnx.ModelProto, scores: dict[str, onnx.ModelPro
         sg = model.graph
         if len(sg.input) != 1 or len(sg.output) != 1:
             raise ValueError(f"fuse: {stage}'s score graph must have one input and one output")
+        rank = len(sg.output[0].type.tensor_type.shape.dim)
+        if sg.output[0].type.tensor_type.HasField("shape") and rank not in (1, 2):
+            raise ValueError(f"fuse: {stage}'s graph must output [N] or [N, d], it outputs {_dims(sg.output[0])}")
         if sg.input[0].type.tensor_type.elem_type != x.type.tensor_type.elem_type or _dims(sg.input[0])[1:] != _dims(x)[1:]:
             raise ValueError(f"fuse: {stage}'s score graph reads {_dims(sg.input[0])}, the backbone {_dims(x)}")
         if any(o.domain not in ("", "ai.onnx") for o in model.opset_import):
@@ -85,13 +115,6 @@ def fuse_score_graphs(backbone: onnx.ModelProto, scores: dict[str, onnx.ModelPro
         o.CopyFrom(sg.output[0])
         o.name = out
         outputs[stage] = out
-    # one default-domain opset for the whole graph: the newest of the parts (the operators the
-    # detectors use -- Conv, ConvTranspose, Relu, Sigmoid, Sub, Abs, Mul, Sqrt, ReduceSum with
-    # axes as an input -- mean the same from opset 13 on; the checker below verifies the rest)
-    versions = [_default_opset(backbone), *(_default_opset(m) for m in scores.values())]
-    if len(set(versions)) > 1 and min(versions) < 13:
-        raise ValueError(f"fuse: opsets {sorted(set(versions))} differ and one is below 13; re-export the graphs")
-    version = max(versions)
     for o in fused.opset_import:
         if o.domain in ("", "ai.onnx"):
             o.version = version

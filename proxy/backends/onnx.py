@@ -116,7 +116,7 @@ class OnnxBackend(Backend):
         return np.asarray(logits, dtype=np.float32), np.asarray(feats, dtype=np.float32).reshape(x.shape[0], -1)
 
     def fused_pass(self, score_models: dict[str, "onnx.ModelProto"]) -> "FusedPass":
-        """A second session of the backbone with these detectors' score graphs fused in
+        """A second session of the backbone with these stages' score (or embedding) graphs fused in
         (proxy/backends/fuse.py), for the pipeline's shared pass; this backend's own session is
         unchanged. ValueError when a graph cannot be fused or ONNX Runtime refuses the result."""
         import onnx
@@ -161,7 +161,8 @@ class OnnxBackend(Backend):
 
 class FusedPass:
     """The backbone and fused detector scores in one session call: ``x`` ``[M, C, H, W]`` float32
-    -> (logits ``[M, K]``, features ``[M, D]`` or None, stage -> score ``[M]``)."""
+    -> (logits ``[M, K]``, features ``[M, D]`` or None, stage -> score ``[M]``, or a stateful
+    stage's embedding ``[M, d]``)."""
 
     def __init__(self, backend: OnnxBackend, session: ort.InferenceSession, score_outputs: dict[str, str]):
         self.backend, self.session, self.score_outputs = backend, session, dict(score_outputs)
