@@ -426,7 +426,7 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     # every client's history in one call: as one after the other (each client appears once per batch,
     # so a block decided below cannot change another client's scores); the bookkeeping in numpy, once
     # per batch (a few torch calls per client cost more than the stage itself on small batches)
-    got = torch.cat([s.reshape(-1).float() for s in det.observe_groups(parts, now)]).numpy()  # [len(rows)]
+    got = det.observe_rows(parts, now)  # [len(rows)] float32
     scores.numpy()[rows] = got
     if stage.action == "block" and det.threshold is not None and (got > det.threshold).any():
         hits = np.add.reduceat((got > det.threshold).astype(np.int64), np.cumsum([0] + [len(i) for _, i in live[:-1]]))

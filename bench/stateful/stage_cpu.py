@@ -10,11 +10,13 @@ of each of ``--clients`` clients (the bundle's test images, each client its own 
 batches of ``--batch`` items, each from a different client (what a closed loop of that many
 clients coalesces into), go through:
 
-- ``whole``: the runner's batch call (``runner(x, clients=...)``), each pipeline;
+- ``whole``: the runner's batch call (``runner(x, clients=...)``), each pipeline (blocks interleaved;
+  with the encoder fused, also the same stages with the encoder in its own session);
 - ``fused pass``: the runner's one ONNX Runtime call (backbone + fused graphs), each pipeline;
 - the k-NN parts on the same batches: ``digests`` (keyed BLAKE2b of each item), ``encoder``
   (the stage's own ONNX Runtime session, as the unfused path runs it), ``store`` (``observe_batch``
-  on encoded rows), ``scores`` (``knn_scores`` and the tensors per client), ``observe_clients``
+  on encoded rows), ``scores`` (``knn_scores`` and the tensors per client), ``store + scores`` (the
+  call the pipeline makes: ``observe_rows``, or ``observe_groups`` before it existed), ``observe_clients``
   and ``run_stateful`` (the stage's whole step in the fused path, with the fused embedding when
   the pipeline is fused, else encoding itself).
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import os
@@ -92,19 +95,30 @@ class Stream:
         return np.ascontiguousarray(x, dtype=np.float32), [f"peer:client-{c}" for c in ids]
 
 
+def interleaved(variants: dict, blocks: int, calls: int, items: int) -> dict[str, dict]:
+    """``variants``: name -> ``(call, make)``; per block, each variant's ``call(arg)`` on ``calls`` fresh
+    ``make()`` args (made before its timer), the variants one after the other (reversed every other
+    block, so that a drift in the machine's load favours none) -> name -> the median over blocks of
+    CPU and wall microseconds per item."""
+    cpu = {name: [] for name in variants}
+    wall = {name: [] for name in variants}
+    names = list(variants)
+    for block in range(blocks):
+        for name in (names if block % 2 == 0 else names[::-1]):
+            call, make = variants[name]
+            args = [make() for _ in range(calls)]
+            c0, w0 = time.process_time(), time.perf_counter()
+            for a in args:
+                call(a)
+            cpu[name].append((time.process_time() - c0) / (calls * items) * 1e6)
+            wall[name].append((time.perf_counter() - w0) / (calls * items) * 1e6)
+    return {name: {"cpu_us_per_item": statistics.median(cpu[name]), "wall_us_per_item": statistics.median(wall[name]),
+                   "cpu_us_per_item_blocks": [round(v, 2) for v in cpu[name]]} for name in names}
+
+
 def cpu_us_per_item(call, make, blocks: int, calls: int, items: int) -> dict:
-    """``call(arg)`` on ``calls`` fresh ``make()`` args per block (made before the block's timer):
-    the median over blocks of CPU and wall microseconds per item."""
-    cpu, wall = [], []
-    for _ in range(blocks):
-        args = [make() for _ in range(calls)]
-        c0, w0 = time.process_time(), time.perf_counter()
-        for a in args:
-            call(a)
-        cpu.append((time.process_time() - c0) / (calls * items) * 1e6)
-        wall.append((time.perf_counter() - w0) / (calls * items) * 1e6)
-    return {"cpu_us_per_item": statistics.median(cpu), "wall_us_per_item": statistics.median(wall),
-            "cpu_us_per_item_blocks": [round(v, 2) for v in cpu]}
+    """One variant of :func:`interleaved`."""
+    return interleaved({"": (call, make)}, blocks, calls, items)[""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,11 +177,23 @@ def main(argv: list[str] | None = None) -> int:
         x, clients = stream.next()
         return x, clients
 
-    # 2. whole batch calls and the fused pass
-    measure("whole magnet", lambda a: magnet(a[0], clients=a[1]), stream.next)
-    measure("whole magnet+knn", lambda a: both(a[0], clients=a[1]), stream.next)
-    measure("fused pass magnet", lambda a: magnet.fused(a[0]), stream.next)
-    measure("fused pass magnet+knn", lambda a: both.fused(a[0]), stream.next)
+    # 2. whole batch calls (interleaved) and the fused pass; with the encoder fused, also the same
+    # stages with the encoder in its own session (the fused pass without it), on the same store
+    whole = {"whole magnet": (lambda a: magnet(a[0], clients=a[1]), stream.next),
+             "whole magnet+knn": (lambda a: both(a[0], clients=a[1]), stream.next)}
+    if fused_embedding:
+        det.onnx_embedding_model = lambda: None  # this instance only, while the second runner is built
+        own = dataclasses.replace(both)
+        del det.onnx_embedding_model
+        whole["whole magnet+knn, encoder in its own session"] = (lambda a: own(a[0], clients=a[1]), stream.next)
+    for name, r in interleaved(whole, **kw).items():
+        benign[name] = r
+        print(f"benign {name}: {r['cpu_us_per_item']:.1f} us CPU per item", flush=True)
+    passes = {"fused pass magnet": (lambda a: magnet.fused(a[0]), stream.next),
+              "fused pass magnet+knn": (lambda a: both.fused(a[0]), stream.next)}
+    for name, r in interleaved(passes, **kw).items():
+        benign[name] = r
+        print(f"benign {name}: {r['cpu_us_per_item']:.1f} us CPU per item", flush=True)
     # 3. the k-NN parts
     measure("digests", lambda a: digests(torch.from_numpy(a[0]), key), stream.next)
     measure("encoder (own session)", lambda a: det.embed(torch.from_numpy(a[0])).astype(np.float16), stream.next)
@@ -175,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     measure("store observe_batch", lambda g: det.store.observe_batch(g, k, time.time()), store_groups)
     measure("scores (knn_scores + tensors)",
             lambda ds: [torch.from_numpy(knn_scores(d, det.statistic)) for d in ds], distances)
-    measure("observe_groups (store + scores)", lambda g: det.observe_groups(g, time.time()), encoded_groups)
+    rows = getattr(det, "observe_rows", None)  # the pipeline's call (observe_groups before it existed)
+    measure("store + scores (the pipeline's call)",
+            (lambda g: rows(g, time.time())) if rows else (lambda g: det.observe_groups(g, time.time())), encoded_groups)
 
     def run_stage(a):
         x, clients, extra = a
@@ -199,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     retry_x = np.repeat(images[:1], b, axis=0)
     retry_clients = ["peer:127.0.0.1:1"] * b
     both(retry_x, clients=retry_clients)  # its first query is recorded; every later one is a retry
-    retry = {}
-    for name, runner in (("whole magnet", magnet), ("whole magnet+knn", both)):
-        retry[name] = cpu_us_per_item(lambda a, r=runner: r(a, clients=retry_clients), lambda: retry_x, **kw)
-        print(f"retry {name}: {retry[name]['cpu_us_per_item']:.1f} us CPU per item", flush=True)
+    retry = interleaved({"whole magnet": (lambda a: magnet(a, clients=retry_clients), lambda: retry_x),
+                         "whole magnet+knn": (lambda a: both(a, clients=retry_clients), lambda: retry_x)}, **kw)
+    for name, r in retry.items():
+        print(f"retry {name}: {r['cpu_us_per_item']:.1f} us CPU per item", flush=True)
 
     # 5. cProfile of the magnet+knn batch call, benign traffic
     batches = [stream.next() for _ in range(args.profile_calls)]

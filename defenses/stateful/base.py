@@ -102,6 +102,19 @@ class StatefulDetector(Defense):
                 raise ValueError(f"{self.kind}: client must be a non-empty string, got {client!r}")
         return self._observe_groups(groups, now)
 
+    def observe_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None = None) -> np.ndarray:
+        """:meth:`observe_groups`' scores concatenated in group order, as one ``[sum N_c]`` float32 numpy
+        array (the pipeline's per-batch call: no tensor per client)."""
+        for client, _ in groups:
+            if not isinstance(client, str) or not client:
+                raise ValueError(f"{self.kind}: client must be a non-empty string, got {client!r}")
+        return self._observe_rows(groups, now)
+
+    def _observe_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> np.ndarray:
+        """``observe_rows`` after validation; by default from :meth:`_observe_groups`."""
+        scores = [s.reshape(-1).float().numpy() for s in self._observe_groups(groups, now)]
+        return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+
     @abstractmethod
     def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
         """``encode`` after validation: ``x`` ``[N, C, H, W]`` on the CPU -> arrays ``[N, ...]``."""

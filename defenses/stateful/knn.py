@@ -333,3 +333,9 @@ class KnnDetector(StatefulDetector):
     def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
         dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now)
         return [torch.from_numpy(knn_scores(dist, self.statistic)) for dist in dists]
+
+    def _observe_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> np.ndarray:
+        dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now)
+        if not dists:
+            return np.zeros(0, dtype=np.float32)
+        return knn_scores(dists[0] if len(dists) == 1 else np.concatenate(dists), self.statistic)  # row-wise: one call

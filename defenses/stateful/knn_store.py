@@ -42,12 +42,14 @@ _CLIENT_BYTES = 200  # the estimate of one client's Python objects (stats)
 
 
 class _History:
-    """One client's live queries: rows ``[start, end)`` of its buffers (module docstring)."""
+    """One client's live queries: rows ``[start, end)`` of its buffers (module docstring).
+    ``monotone``: the rows' times never decrease (then the rows a query sees are a suffix)."""
 
-    __slots__ = ("cid", "emb", "sq", "digest", "time", "seq", "cidx", "start", "end", "count")
+    __slots__ = ("cid", "emb", "sq", "digest", "time", "seq", "cidx", "start", "end", "count", "bytes", "monotone")
 
     def __init__(self, cid: int, dim: int):
         self.cid, self.start, self.end, self.count = cid, 0, 0, 0  # count: queries recorded ever
+        self.monotone = True
         self._alloc(_MIN_CAP, dim)
 
     def _alloc(self, cap: int, dim: int) -> None:
@@ -57,13 +59,14 @@ class _History:
         self.time = np.zeros(cap, dtype=np.float64)
         self.seq = np.zeros(cap, dtype=np.int64)
         self.cidx = np.zeros(cap, dtype=np.int64)
+        self.bytes = sum(a.nbytes for a in (self.emb, self.sq, self.digest, self.time, self.seq, self.cidx))
 
     @property
     def live(self) -> int:
         return self.end - self.start
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.emb, self.sq, self.digest, self.time, self.seq, self.cidx))
+        return self.bytes
 
     def _resize(self, cap: int) -> None:
         """Moves the live rows to the front of new buffers of ``cap`` rows (``cap >= live``)."""
@@ -80,6 +83,10 @@ class _History:
             need = self.live + n
             cap = self.emb.shape[0]
             self._resize(max(_MIN_CAP, 2 * need) if need > cap // 2 else cap)
+        if self.end == self.start:
+            self.monotone = True  # no rows left from before a clock step back
+        elif now < self.time[self.end - 1]:
+            self.monotone = False
         sl = slice(self.end, self.end + n)
         self.emb[sl], self.digest[sl], self.time[sl], self.seq[sl] = emb, digest, now, seq
         e32 = emb.astype(np.float32)
@@ -93,8 +100,8 @@ class _History:
         older than ``min_time``; returns how many were dropped."""
         s, e = self.start, self.end
         cut = max(int(np.searchsorted(self.seq[s:e], min_seq)), int(np.searchsorted(self.cidx[s:e], min_cidx)))
-        old = self.time[s + cut:e] < min_time
-        if old.any():
+        if s + cut < e and self.time[s + cut] < min_time:  # else the prefix of old rows is empty
+            old = self.time[s + cut:e] < min_time
             cut += int(old.argmin()) if not old.all() else e - s - cut
         self.start += cut
         cap = self.emb.shape[0]
@@ -103,16 +110,23 @@ class _History:
         return cut
 
 
+def pairwise_sq(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+    """``[N, d]`` x ``[M, d]`` (float16 or float32) -> ``[N, M]`` float32 squared Euclidean distances,
+    computed in float32 as ``|a|^2 + |b|^2 - 2 a.b`` and clamped at 0; ``b_sq`` ``[M]``: the rows'
+    squared norms when known. The history's float16 -> float32 conversion in torch (several times
+    faster than numpy's), the product with numpy's BLAS (for a few queries a matrix-vector product,
+    twice as fast as torch's matmul at this size: bench/results/stateful.stage_cpu.md)."""
+    b32 = torch.from_numpy(np.ascontiguousarray(b)).float().numpy()  # [M, d]
+    a32 = np.asarray(a, dtype=np.float32)  # [N, d]
+    sq_b = (b32 * b32).sum(1) if b_sq is None else b_sq
+    d2 = (a32 * a32).sum(1)[:, None] + sq_b[None, :]  # [N, M]
+    d2 -= 2.0 * (b32 @ a32.T).T
+    return np.maximum(d2, 0.0, out=d2)
+
+
 def pairwise_l2(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
-    """``[N, d]`` x ``[M, d]`` (float16 or float32) -> ``[N, M]`` float32 Euclidean distances, computed in
-    float32 as ``|a|^2 + |b|^2 - 2 a.b``; ``b_sq`` ``[M]``: the rows' squared norms when known. In
-    torch, whose float16 -> float32 conversion and matrix product are several times faster than
-    numpy's on a client's whole history (bench/stateful/cost.py --method knn)."""
-    at = torch.from_numpy(np.ascontiguousarray(a)).float()  # [N, d]
-    bt = torch.from_numpy(np.ascontiguousarray(b)).float()  # [M, d]
-    sq_b = (bt * bt).sum(1) if b_sq is None else torch.from_numpy(b_sq)
-    d2 = (at * at).sum(1)[:, None] + sq_b[None, :] - 2.0 * (at @ bt.T)  # [N, M]
-    return d2.clamp_min_(0.0).sqrt_().numpy()
+    """:func:`pairwise_sq`'s square roots: ``[N, M]`` float32 Euclidean distances."""
+    return np.sqrt(pairwise_sq(a, b, b_sq))
 
 
 def k_smallest(d: np.ndarray, k: int) -> np.ndarray:
@@ -200,7 +214,8 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             self._dim = self._dim or int(e.shape[1])
         now = time.time() if now is None else float(now)
         with self._lock:
-            return [self._observe(self._client(c, e.shape[1]), d, e.astype(np.float16), k, now) for c, d, e in groups]
+            return [self._observe(self._client(c, e.shape[1]), d, e.astype(np.float16, copy=False), k, now)
+                    for c, d, e in groups]
 
     def _live(self, h: _History, seq: int, count: int, now: float) -> np.ndarray:
         """``[live rows]`` bool: rows a query sees when ``seq`` queries were recorded in all and
@@ -209,65 +224,113 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         return ((h.seq[s:e] > seq - self.max_entries) & (count - h.cidx[s:e] <= self.max_per_client)
                 & (now - h.time[s:e] <= self.ttl_s))
 
+    def _first_live(self, h: _History, seq: int, count: int, now: float) -> int:
+        """:meth:`_live` when ``h.monotone``: the first row a query sees; it sees every later row too
+        (sequence numbers, client indices and, monotone, times never decrease along the rows, so each
+        bound cuts a prefix; found by binary search on the same comparisons)."""
+        s, e = h.start, h.end
+        lo = s + max(int(np.searchsorted(h.seq[s:e], seq - self.max_entries + 1)),  # seq > seq - max_entries
+                     int(np.searchsorted(h.cidx[s:e], count - self.max_per_client)))  # count - cidx <= max_per_client
+        if lo < e and not now - h.time[lo] <= self.ttl_s:  # the TTL cuts further: bisect on its comparison
+            a, b = lo + 1, e
+            while a < b:
+                mid = (a + b) // 2
+                if now - h.time[mid] <= self.ttl_s:
+                    b = mid
+                else:
+                    a = mid + 1
+            lo = a
+        return lo
+
+    def _seen(self, h: _History, r: int, now: float) -> int | np.ndarray:
+        """The history rows the call's ``r``-th recorded query sees: the first of them (an int; all
+        later rows too) when ``h.monotone``, else a bool mask over rows ``[start, end)``."""
+        if h.monotone:
+            return self._first_live(h, self._seq + r, h.count + r, now)
+        return self._live(h, self._seq + r, h.count + r, now)
+
     def _observe(self, h: _History, digests: np.ndarray, emb: np.ndarray, k: int, now: float) -> np.ndarray:
-        n, m = digests.shape[0], h.live
+        n, s, e = digests.shape[0], h.start, h.end
+        hist = h.digest
         # 1. which history rows each query sees: the same for the whole call unless a bound moves in it
-        live0 = self._live(h, self._seq, h.count, now)
-        moving = m and not np.array_equal(live0, self._live(h, self._seq + n, h.count + n, now))
+        seen0 = self._seen(h, 0, now)
+        if h.monotone:
+            moving = n > 1 and self._seen(h, n - 1, now) != seen0
+            live_d = hist[seen0:e]
+        else:
+            moving = n > 1 and not np.array_equal(seen0, self._seen(h, n - 1, now))
+            live_d = hist[s:e][seen0]
         # 2. retries: a digest seen live in the history or recorded earlier in this call (and still
         # within the bounds: the r-th recorded query sees the call's j-th while r - j <= lim)
         lim = min(self.max_entries, self.max_per_client)
-        hist = h.digest[h.start:h.end]
         in_hist = np.zeros(n, dtype=bool)  # [N] the digest is a live history entry's
-        if m and not moving:
-            live_d = hist[live0]
+        if live_d.size and not moving:
             # a comparison table for the usual small calls (np.isin sorts, costlier below ~10^6 pairs)
-            in_hist = (live_d[:, None] == digests[None, :]).any(0) if n * m <= 1 << 20 else np.isin(digests, live_d)
+            in_hist = ((live_d[:, None] == digests[None, :]).any(0) if n * live_d.size <= 1 << 20
+                       else np.isin(digests, live_d))
         recorded = np.zeros(n, dtype=bool)
         seen: dict[int, int] = {}  # digest -> its index among the call's recorded queries
+        views = []  # per recorded query: the rows it sees (a _seen value)
         r = 0
-        rows = []
         for i, d in enumerate(digests.tolist()):
-            live = self._live(h, self._seq + r, h.count + r, now) if moving else live0
-            if (d in seen and r - seen[d] <= lim) or in_hist[i] or (moving and (live & (hist == np.uint64(d))).any()):
+            if (d in seen and r - seen[d] <= lim) or in_hist[i]:
                 continue
+            view = self._seen(h, r, now) if moving else seen0
+            if moving:
+                rows = hist[view:e] if h.monotone else hist[s:e][view]
+                if (rows == np.uint64(d)).any():
+                    continue
             recorded[i] = True
             seen[d] = r
-            rows.append(live)
+            views.append(view)
             r += 1
-        # 3. distances to the history and to the earlier recorded queries of the call
-        out = np.full((n, k), np.inf, dtype=np.float32)
+        if not r:
+            return np.full((n, k), np.inf, dtype=np.float32)
+        # 3. squared distances to the history rows seen and to the earlier recorded queries of the call
         idx = np.flatnonzero(recorded)
-        if idx.size:
-            q = emb[idx]  # [R, d]
-            gap = np.arange(idx.size)[:, None] - np.arange(idx.size)[None, :]  # [R, R] r - j
-            if idx.size > 1:
-                mine = pairwise_l2(q, q)  # [R, R]
-                mine[~((gap > 0) & (gap <= lim))] = np.inf
-            else:
-                mine = np.full((1, 1), np.inf, dtype=np.float32)  # a query is not its own neighbour
-            if m:
-                dist = pairwise_l2(q, h.emb[h.start:h.end], h.sq[h.start:h.end])  # [R, m]
-                dist[~(np.stack(rows) if moving else live0[None, :].repeat(idx.size, 0))] = np.inf
-                dist = np.concatenate([dist, mine], axis=1)  # [R, m + R]
-            else:
-                dist = mine
-            out[idx] = k_smallest(dist, k)
-            # 4. record them, then drop what fell out of the bounds (this client's and the owners')
-            seqs = np.arange(self._seq + 1, self._seq + 1 + idx.size, dtype=np.int64)
-            self._bytes -= h.nbytes()
-            h.append(q, digests[idx], now, seqs)
-            self._bytes += h.nbytes()
-            self._held += idx.size
-            self._seq += idx.size
-            ring = seqs % self.max_entries
-            pushed = self._owner[ring][seqs > self.max_entries]  # owners of the entries pushed out
-            self._owner[ring] = h.cid
-            for cid in {h.cid, *np.unique(pushed).tolist()}:
-                owner = self._by_id.get(cid)
-                if owner is not None:
-                    self._bytes -= owner.nbytes()
-                    self._held -= owner.trim(self._seq - self.max_entries + 1,
-                                             owner.count - self.max_per_client, now - self.ttl_s)
-                    self._bytes += owner.nbytes()
+        q = emb[idx]  # [R, d]
+        base = seen0 if h.monotone else s  # the first history row compared (columns from there)
+        parts = []
+        if base < e:
+            d2 = pairwise_sq(q, h.emb[base:e], h.sq[base:e])  # [R, e - base]
+            if moving:  # each query's own view
+                for j, view in enumerate(views):
+                    if h.monotone:
+                        d2[j, :view - base] = np.inf
+                    else:
+                        d2[j, ~view] = np.inf
+            elif not h.monotone:
+                d2[:, ~seen0] = np.inf
+            parts.append(d2)
+        if r > 1:
+            gap = np.arange(r)[:, None] - np.arange(r)[None, :]  # [R, R] r - j
+            mine = pairwise_sq(q, q)  # [R, R]
+            mine[~((gap > 0) & (gap <= lim))] = np.inf
+            parts.append(mine)
+        near = np.sqrt(k_smallest(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1), k) if parts
+                       else np.full((r, k), np.inf, dtype=np.float32))  # [R, k]; sqrt is monotone
+        if r == n:
+            out = near
+        else:
+            out = np.full((n, k), np.inf, dtype=np.float32)
+            out[idx] = near
+        # 4. record them, then drop what fell out of the bounds (this client's and the owners')
+        seqs = np.arange(self._seq + 1, self._seq + 1 + r, dtype=np.int64)
+        self._bytes -= h.bytes
+        h.append(q, digests[idx], now, seqs)
+        self._bytes += h.bytes
+        self._held += r
+        self._seq += r
+        ring = seqs % self.max_entries
+        owners = {h.cid}
+        if self._seq > self.max_entries:
+            owners.update(np.unique(self._owner[ring][seqs > self.max_entries]).tolist())  # entries pushed out
+        self._owner[ring] = h.cid
+        for cid in owners:
+            owner = self._by_id.get(cid)
+            if owner is not None:
+                self._bytes -= owner.bytes
+                self._held -= owner.trim(self._seq - self.max_entries + 1,
+                                         owner.count - self.max_per_client, now - self.ttl_s)
+                self._bytes += owner.bytes
         return out
