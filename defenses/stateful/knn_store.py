@@ -266,8 +266,12 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         in_hist = np.zeros(n, dtype=bool)  # [N] the digest is a live history entry's
         if live_d.size and not moving:
             # a comparison table for the usual small calls (np.isin sorts, costlier below ~10^6 pairs)
-            in_hist = ((live_d[:, None] == digests[None, :]).any(0) if n * live_d.size <= 1 << 20
-                       else np.isin(digests, live_d))
+            if n == 1:
+                in_hist[0] = (live_d == digests[0]).any()
+            elif n * live_d.size <= 1 << 20:
+                in_hist = (live_d[:, None] == digests[None, :]).any(0)
+            else:
+                in_hist = np.isin(digests, live_d)
         recorded = np.zeros(n, dtype=bool)
         seen: dict[int, int] = {}  # digest -> its index among the call's recorded queries
         views = []  # per recorded query: the rows it sees (a _seen value)

@@ -155,3 +155,61 @@ def test_fused_path_with_a_stateful_stage_equals_the_general_path(backend, graph
     # without clients (the red team's single batches) the stateful stage is skipped on both paths
     got, want = fast(x), general(slow, x)
     assert got.verdict.tolist() == want.verdict.tolist() and "stateful" not in got.scores
+
+
+@pytest.fixture(scope="module")
+def knn_encoder(tmp_path_factory, fmnist_subset):
+    from robustgate.defenses.base import FitData
+    from robustgate.defenses.stateful.knn import KnnDetector
+
+    x, _ = fmnist_subset("train", 64)
+    det = KnnDetector(k=2, dim=8, width=4, steps=20, batch_size=16)
+    det.fit(FitData(x, torch.zeros(64), x[:8], torch.zeros(8)))
+    directory = tmp_path_factory.mktemp("knn")
+    det.save(directory)
+    return directory / "encoder.onnx"
+
+
+def test_knn_encoder_fused_or_in_its_own_session_gives_the_same_verdicts(backend, graphs, knn_encoder, fmnist_subset):
+    """The k-NN stateful stage with its encoder fused into the backbone's pass (the shipped default
+    beside MagNet), in its own session (a detector that offers no embedding graph), and on the
+    general path give the same scores, verdicts and blocks over a stream: one attacker's near-copies
+    until it is blocked, exact retries, fresh images from other clients."""
+    from robustgate.defenses.stateful.knn import KnnDetector
+    from robustgate.defenses.stateful.knn_store import KnnMemoryStore
+
+    class OwnSession(KnnDetector):
+        def onnx_embedding_model(self):
+            return None
+
+    def stages(cls):
+        det = cls(k=2, dim=8, width=4, threshold=0.5,
+                  store=KnnMemoryStore(max_entries=4096, max_per_client=4096, key=bytes(range(16))))
+        det.load_artifacts({"encoder_onnx": knn_encoder})
+        return [Stage("l1", AEError(graphs[1], 1e9), "reject"), Stage("knn", det, "block", cooldown_s=60.0, block_after=3)]
+
+    fused, own, slow = runner(backend, stages(KnnDetector)), runner(backend, stages(OwnSession)), runner(backend, stages(KnnDetector))
+    assert fused.fused.stages == ("l1", "knn") and own.fused.stages == ("l1",)
+    assert fused.fused_only and own.fused_only
+    # the threshold: between the attacker's near-copies and fresh pictures, from the fused encoder
+    x = fmnist_subset("test", 200)[0].numpy()
+    emb = fused.fused(x)[2]["knn"]
+    near = fused.fused(np.clip(x[:1] + 0.01, 0, 1))[2]["knn"]
+    d_near = float(np.linalg.norm(emb[0] - near[0]))
+    for r in (fused, own, slow):
+        r.stages[1].defense.threshold = float(1 / (1 + 2 * d_near + 1e-3))
+    rng = np.random.default_rng(2)
+    blocked_seen, flagged_seen = False, False
+    for step in range(7):
+        attack = np.clip(x[:1] + rng.uniform(-0.02, 0.02, (3, 1, 28, 28)), 0, 1).astype(np.float32)
+        batch = np.concatenate([attack, x[:1], x[10 + 4 * step:14 + 4 * step]])  # near-copies, a retry, fresh ones
+        clients = ["attacker"] * 4 + [f"benign{i}" for i in range(4)]
+        got, mine, want = fused(batch, clients=clients), own(batch, clients=clients), general(slow, batch, clients=clients)
+        for other in (mine, want):
+            assert got.verdict.tolist() == other.verdict.tolist() and got.reason == other.reason
+            torch.testing.assert_close(got.scores["knn"], other.scores["knn"], rtol=0, atol=0)
+            assert [b is None for b in got.blocked] == [b is None for b in other.blocked]
+        flagged_seen |= bool(got.scores["knn"][:4].max() > fused.stages[1].defense.threshold)
+        blocked_seen |= any(b is not None for b in got.blocked)
+    assert flagged_seen and blocked_seen  # the stream did reach a detection and a block
+    assert float(got.scores["knn"][4:].max()) <= fused.stages[1].defense.threshold  # fresh pictures pass

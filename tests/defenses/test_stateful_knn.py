@@ -211,3 +211,61 @@ def test_fit_end_to_end_into_a_bundle(tiny_bundle, fmnist_subset, tmp_path):
     with pytest.raises(Exception, match="sha256|checksum"):
         Bundle.load(bundle)
     assert yaml.safe_load((bundle / "bundle.yaml").read_text())["defenses"]["sd"]["kind"] == "stateful"
+
+
+def _reference(calls, k, max_entries, max_per_client, max_clients, ttl_s):
+    """The module docstring's rule written out query by query: per call ``(now, [(client, digests, emb)])``
+    -> the ``[N, k]`` distances of every group, from lists of live entries (no buffers, no shortcuts)."""
+    entries = []  # (client, seq, client index, time, digest, embedding float64)
+    count, order, seq, out = {}, [], 0, []
+    for now, groups in calls:
+        for client, digests, emb in groups:
+            if client in order:
+                order.remove(client)
+            order.append(client)
+            if len(order) > max_clients:  # the least recently active client is forgotten
+                gone = order.pop(0)
+                entries = [e for e in entries if e[0] != gone]
+                count.pop(gone, None)
+            rows = []
+            for d, e in zip(digests.tolist(), emb.astype(np.float64)):
+                c = count.get(client, 0)
+                live = [x for x in entries if x[0] == client and x[1] > seq - max_entries
+                        and c - x[2] <= max_per_client and now - x[3] <= ttl_s]
+                if any(x[4] == d for x in live):  # an exact retry: no evidence, not recorded
+                    rows.append(np.full(k, np.inf))
+                    continue
+                dist = sorted(float(np.linalg.norm(e - x[5])) for x in live)[:k]
+                rows.append(np.array(dist + [np.inf] * (k - len(dist))))
+                seq += 1
+                entries.append((client, seq, c, now, d, e))
+                count[client] = c + 1
+            out.append(np.array(rows))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_store_equals_the_rule_written_out_with_clock_steps_back(seed):
+    """Random streams of several clients with retries, tight bounds (global, per client, TTL, LRU) and
+    a clock that sometimes steps back (the store's rows then leave its fast path): the store's
+    distances are the reference's (float32 arithmetic on float16 embeddings vs float64)."""
+    rng = np.random.default_rng(seed)
+    bounds = dict(max_entries=int(rng.integers(8, 40)), max_per_client=int(rng.integers(3, 12)),
+                  max_clients=int(rng.integers(2, 5)), ttl_s=float(rng.choice([1.0, 3.0])))
+    store = KnnMemoryStore(**bounds)
+    pool = rng.normal(size=(12, 6)).astype(np.float16)
+    calls, now = [], 0.0
+    for _ in range(80):
+        now += float(rng.choice([0.0, 0.3, 1.2, -0.8], p=[0.3, 0.4, 0.2, 0.1]))
+        groups = []
+        for c in rng.choice(6, size=int(rng.integers(1, 4)), replace=False):
+            ids = rng.integers(0, 12, int(rng.integers(1, 6)))
+            emb = (pool[ids] + rng.normal(0, 0.1, (ids.size, 6))).astype(np.float16)
+            groups.append((f"c{c}", (ids + 1).astype(np.uint64), emb))
+        calls.append((now, groups))
+    k = 3
+    want = _reference(calls, k, **bounds)
+    got = [d for now, groups in calls for d in store.observe_batch(groups, k, now)]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
+        np.testing.assert_allclose(g[np.isfinite(g)], w[np.isfinite(w)], rtol=1e-4, atol=1e-4)

@@ -88,3 +88,56 @@ def test_graphs_that_cannot_be_fused_are_refused(tiny_bundle, ae_model):
     once, _ = fuse_score_graphs(backbone, {"m": reconstruction_error_graph(model, 1)})
     with pytest.raises(ValueError, match="collide"):  # a second "m" would shadow the first's names
         fuse_score_graphs(once, {"m": reconstruction_error_graph(model, 1)})
+
+
+@pytest.fixture(scope="module")
+def knn_encoder(tmp_path_factory, fmnist_subset):
+    """A fitted k-NN encoder (defenses/stateful/knn.py) written as encoder.onnx: its detector and path."""
+    from robustgate.defenses.base import FitData
+    from robustgate.defenses.stateful.knn import KnnDetector
+
+    x, _ = fmnist_subset("train", 64)
+    det = KnnDetector(k=2, dim=8, width=4, steps=20, batch_size=16)
+    det.fit(FitData(x, torch.zeros(64), x[:8], torch.zeros(8)))
+    directory = tmp_path_factory.mktemp("knn")
+    det.save(directory)
+    return directory / "encoder.onnx"
+
+
+@pytest.mark.parametrize("value_range", [(0.0, 1.0), (0.0, 255.0)])
+def test_fused_knn_embedding_equals_the_encoder_session(tiny_bundle, ae_model, knn_encoder, fmnist_subset, value_range):
+    """The k-NN stage's encoder fused beside the backbone and MagNet's score graph ([N, d] output,
+    converted from the encoder's opset when an operator changed since) answers what its own session
+    answers, on real images, raw pixels in the bundle's range; the logits stay the backbone's."""
+    from robustgate.defenses.stateful.knn import KnnDetector
+
+    _, model = ae_model
+    lo, hi = value_range
+    det = KnnDetector(k=2, dim=8, width=4, value_range=value_range)
+    det.load_artifacts({"encoder_onnx": knn_encoder})
+    backend = OnnxBackend(Bundle.load(tiny_bundle), intra_op_threads=1)
+    graph = det.onnx_embedding_model()
+    assert graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 8  # [N, d]
+    fused = backend.fused_pass({"magnet_l1": reconstruction_error_graph(model, 1), "knn": graph})
+    assert fused.stages == ("magnet_l1", "knn")
+    x = fmnist_subset("test", 37)[0].numpy()  # [37, 1, 28, 28] in [0, 1]
+    raw = (lo + x * (hi - lo)).astype(np.float32)  # what the bundle's clients send
+    for n in (1, 8, 37):
+        logits, _, outs = fused(x[:n] if value_range == (0.0, 1.0) else raw[:n])
+        own = det.embed(torch.from_numpy(raw[:n]))
+        assert outs["knn"].shape == (n, 8)
+        if value_range == (0.0, 1.0):
+            np.testing.assert_array_equal(outs["knn"], own)  # the same graph on the same floats
+            np.testing.assert_array_equal(logits, backend.infer(x[:n]))
+        else:  # the same scaling in ONNX Runtime as in torch; the same float16 values as stored
+            np.testing.assert_allclose(outs["knn"], own, rtol=1e-5, atol=1e-6)
+    backend.close()
+
+
+def test_outputs_of_other_ranks_are_refused(tiny_bundle, ae_model):
+    _, model = ae_model
+    backbone = onnx.load(str(Bundle.load(tiny_bundle).path(Bundle.load(tiny_bundle).spec.backbone.onnx)))
+    image = onnx.ModelProto()
+    image.CopyFrom(model)  # the autoencoder's own output is an image [N, C, H, W]
+    with pytest.raises(ValueError, match=r"must output \[N\] or \[N, d\]"):
+        fuse_score_graphs(backbone, {"ae": image})
