@@ -182,8 +182,8 @@ class DefendedModel:
         classifier: the local backbone view detectors may query (MagNet, SafetyNet).
         failure_policy: ``fail-closed`` (default) or ``fail-open``.
         classify_features: optional ``[M, C, H, W]`` -> (``[M, K]`` logits, ``[M, D]`` features or
-            None[, stage name -> ``[M]`` fused scores]) in one pass; used instead of ``classify`` for
-            the shared pass (module docstring).
+            None[, stage name -> ``[M]`` fused scores, or a stateful stage's ``[M, d]`` embedding]) in
+            one pass; used instead of ``classify`` for the shared pass (module docstring).
         max_fanout_items: the most copies an ensemble sends to ``classify`` in one call: a larger
             fan-out (smoothing with n = 1,000 on a batch of 64 is 68,000 images, gigabytes of
             activations) is classified in consecutive chunks of at most this many (None: one call).

@@ -8,8 +8,9 @@ small CNN ``e`` is trained so that two images inside one l-inf ball -- and mild 
 one picture -- embed close, and different pictures far apart; a query is attack-like when its
 ``k`` nearest earlier queries of the same client are all close:
 
-1. encode: pixels scaled to [0, 1] -> ``e(x)`` ``[d]`` (ONNX Runtime, one intra-op thread), stored as
-   float16 with a keyed digest of the raw input (exact retries);
+1. encode: pixels scaled to [0, 1] -> ``e(x)`` ``[d]`` (ONNX Runtime: in the backbone's fused pass when
+   the proxy fuses it, ``onnx_embedding_model``, else in a session of one intra-op thread), stored
+   as float16 with a keyed digest of the raw input (exact retries);
 2. score: from the l2 distances of ``e(x)`` to its ``k`` nearest earlier (non-retry) queries of the
    client (defenses/stateful/knn_store.py), ``D`` = the distance to the ``k``-th nearest
    (``statistic: kth``, the default) or their mean (``statistic: mean``, the paper's), reported as

@@ -20,7 +20,10 @@ recently active is forgotten: LRU). Blocks and detection counts as MemoryStore's
 
 Layout: per client, contiguous numpy buffers (embeddings ``[cap, d]`` float16, digests, times,
 sequence numbers, the client's running index) whose live part is ``[start, end)``; they grow
-geometrically and shrink when mostly dead. One global ring ``owner[max_entries]`` (uint32 client
+geometrically and shrink when mostly dead. Sequence numbers and running indices grow along the rows,
+and so do the times unless the clock stepped back: then the rows a query sees are a suffix of the
+live part, found by binary search (a clock step back leaves that client on a per-row mask until its
+history empties). One global ring ``owner[max_entries]`` (uint32 client
 ids, by sequence number) says whose entry each new query pushes out of the global bound, so dead
 entries are dropped when they die, not when their client next calls: memory follows the live
 entries (``stats()["bytes"]``; bench/results/stateful.cost.knn.md measures it at 1,000,000).
