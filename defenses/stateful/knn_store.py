@@ -102,7 +102,7 @@ class _History:
         """Drops the oldest rows with ``seq < min_seq``, ``cidx < min_cidx`` or (a prefix of) those
         older than ``min_time``; returns how many were dropped."""
         s, e = self.start, self.end
-        cut = max(int(np.searchsorted(self.seq[s:e], min_seq)), int(np.searchsorted(self.cidx[s:e], min_cidx)))
+        cut = max(int(self.seq[s:e].searchsorted(min_seq)), int(self.cidx[s:e].searchsorted(min_cidx)))
         if s + cut < e and self.time[s + cut] < min_time:  # else the prefix of old rows is empty
             old = self.time[s + cut:e] < min_time
             cut += int(old.argmin()) if not old.all() else e - s - cut
@@ -123,7 +123,9 @@ def pairwise_sq(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) ->
     a32 = np.asarray(a, dtype=np.float32)  # [N, d]
     sq_b = (b32 * b32).sum(1) if b_sq is None else b_sq
     d2 = (a32 * a32).sum(1)[:, None] + sq_b[None, :]  # [N, M]
-    d2 -= 2.0 * (b32 @ a32.T).T
+    ab = b32 @ a32.T  # [M, N]
+    ab *= 2.0
+    d2 -= ab.T
     return np.maximum(d2, 0.0, out=d2)
 
 
@@ -232,8 +234,8 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         (sequence numbers, client indices and, monotone, times never decrease along the rows, so each
         bound cuts a prefix; found by binary search on the same comparisons)."""
         s, e = h.start, h.end
-        lo = s + max(int(np.searchsorted(h.seq[s:e], seq - self.max_entries + 1)),  # seq > seq - max_entries
-                     int(np.searchsorted(h.cidx[s:e], count - self.max_per_client)))  # count - cidx <= max_per_client
+        lo = s + max(int(h.seq[s:e].searchsorted(seq - self.max_entries + 1)),  # seq > seq - max_entries
+                     int(h.cidx[s:e].searchsorted(count - self.max_per_client)))  # count - cidx <= max_per_client
         if lo < e and not now - h.time[lo] <= self.ttl_s:  # the TTL cuts further: bisect on its comparison
             a, b = lo + 1, e
             while a < b:
@@ -294,8 +296,8 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         if not r:
             return np.full((n, k), np.inf, dtype=np.float32)
         # 3. squared distances to the history rows seen and to the earlier recorded queries of the call
-        idx = np.flatnonzero(recorded)
-        q = emb[idx]  # [R, d]
+        idx = np.flatnonzero(recorded) if r < n else None
+        q = emb if idx is None else emb[idx]  # [R, d]
         base = seen0 if h.monotone else s  # the first history row compared (columns from there)
         parts = []
         if base < e:
@@ -324,7 +326,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         # 4. record them, then drop what fell out of the bounds (this client's and the owners')
         seqs = np.arange(self._seq + 1, self._seq + 1 + r, dtype=np.int64)
         self._bytes -= h.bytes
-        h.append(q, digests[idx], now, seqs)
+        h.append(q, digests if idx is None else digests[idx], now, seqs)
         self._bytes += h.bytes
         self._held += r
         self._seq += r
