@@ -26,7 +26,7 @@ shape, ``retry``, repeats what bench/defenses/proxy_cost.py sends: one client (i
 one channel, so one peer identity) resending one image, every query after the first an exact retry.
 A cProfile of the ``magnet+knn`` batch call (benign traffic) closes the report.
 
-    nice -n 10 python bench/stateful/stage_cpu.py [--out bench/results/stateful.stage_cpu]
+    nice -n 10 python bench/stateful/stage_cpu.py [--out bench/results/stateful.stage_cpu] [--compare EARLIER.json]
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ from robustgate.models.data import recipe_splits  # noqa: E402
 from robustgate.proxy.config import ProxyConfig  # noqa: E402
 from robustgate.proxy.serve import local_classifier, make_backend  # noqa: E402
 
+# parts renamed since an earlier run (--compare): name now -> name then
+EARLIER_NAMES = {"store + scores (the pipeline's call)": "observe_groups (store + scores)"}
 MAGNET = {"name": "magnet_l1", "kind": "magnet", "action": "reject", "params": {"runtime": "onnx"}}
 KNN = {"name": "stateful_knn", "kind": "stateful", "action": "log"}
 
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=25)
     ap.add_argument("--profile-calls", type=int, default=300)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "stateful.stage_cpu"))
+    ap.add_argument("--compare", help="an earlier run's JSON (e.g. from git history): its figures in a column beside")
     args = ap.parse_args(argv)
     pin_torch_threads()  # as robustgate serve
 
@@ -246,17 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     added = benign["whole magnet+knn"]["cpu_us_per_item"] - benign["whole magnet"]["cpu_us_per_item"]
     added_retry = retry["whole magnet+knn"]["cpu_us_per_item"] - retry["whole magnet"]["cpu_us_per_item"]
     result = {"command": "python bench/stateful/stage_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "load_average": os.getloadavg(),
+              "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "load_average": os.getloadavg(),
               "machine": machine(), "bundle": str(bundle_path), "batch": b, "blocks": args.blocks,
               "calls": args.calls, "history": history, "fill_s": fill_s, "fused_embedding": fused_embedding,
               "knn_added_cpu_us_per_item": {"benign": added, "retry": added_retry},
               "benign": benign, "retry": retry, "profile_calls": args.profile_calls, "profile": profile_text}
+    before = json.loads(Path(args.compare).read_text()) if args.compare else {}
+    if before:
+        result["compare"] = {"command": before["command"], "revision": before["machine"]["robustgate_revision"],
+                             "knn_added_cpu_us_per_item": before["knn_added_cpu_us_per_item"]}
     out = Path(args.out)
     Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     m = result["machine"]
     lines = [
         "# CPU per served item of the stateful k-NN stage in the proxy's batch call", "",
-        f"Command: `nice -n 10 {result['command']}` ({result['when']}), {m['cpu']}, {m['cores']} cores shared with "
+        f"Command: `nice -n 10 {result['command']}` ({result['time_utc']}), {m['cpu']}, {m['cores']} cores shared with "
         f"other jobs, load average at the end {tuple(round(v, 2) for v in result['load_average'])}, revision "
         f"{m['robustgate_revision']}. Bundle `{bundle_path.name}`; runner built as `robustgate serve` builds it; "
         f"batches of {b} items; CPU = `time.process_time` (all threads), median over {args.blocks} blocks of "
@@ -266,10 +273,20 @@ def main(argv: list[str] | None = None) -> int:
         f"client, fresh images. k-NN embedding computed in the fused ONNX pass: {'yes' if fused_embedding else 'no'}.",
         "", f"**k-NN stage added per item** (whole magnet+knn - whole magnet): {added:.1f} µs CPU (benign), "
         f"{added_retry:.1f} µs (retry traffic, as bench/defenses/proxy_cost.py sends).", "",
-        "| traffic | part | CPU µs per item (median) | wall µs per item |", "| --- | --- | ---: | ---: |"]
+        "| traffic | part | CPU µs per item (median) | wall µs per item |" + (" before: CPU µs per item |" if before else ""),
+        "| --- | --- | ---: | ---: |" + (" ---: |" if before else "")]
     for traffic, rows in (("benign", benign), ("retry", retry)):
-        lines += [f"| {traffic} | {name} | {r['cpu_us_per_item']:.1f} | {r['wall_us_per_item']:.1f} |"
-                  for name, r in rows.items()]
+        for name, r in rows.items():
+            was = before.get(traffic, {}).get(name) or before.get(traffic, {}).get(EARLIER_NAMES.get(name, ""))
+            lines.append(f"| {traffic} | {name} | {r['cpu_us_per_item']:.1f} | {r['wall_us_per_item']:.1f} |"
+                         + ((f" {was['cpu_us_per_item']:.1f} |" if was else " - |") if before else ""))
+    if before:
+        wm = before["machine"]
+        lines += ["", f"`before`: the run `{before['command']}` ({before.get('time_utc', before.get('when'))}, revision "
+                  f"{wm['robustgate_revision']}, load average at the end "
+                  f"{tuple(round(v, 2) for v in before['load_average'])}): k-NN stage added "
+                  f"{before['knn_added_cpu_us_per_item']['benign']:.1f} µs CPU per item (benign), "
+                  f"{before['knn_added_cpu_us_per_item']['retry']:.1f} µs (retry); its file is in git's history."]
     lines += ["", "Notes: the parts are measured on their own, each on fresh batches (the store grows by what they "
               "record), so they do not add up exactly to the whole; `fused pass` is the one ONNX Runtime call of the "
               "runner (backbone + MagNet's score graph, and the k-NN encoder when it is fused). `retry`: one client "

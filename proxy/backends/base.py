@@ -54,8 +54,8 @@ class Backend(ABC):
         return self.infer(x, timeout), None
 
     def fused_pass(self, score_models: dict):
-        """A callable ``x`` -> (logits, features or None, stage -> ``[M]`` score) computing these
-        detectors' score graphs in the backbone's own call (proxy/backends/fuse.py), or None when
+        """A callable ``x`` -> (logits, features or None, stage -> ``[M]`` score or ``[M, d]``
+        embedding) computing these stages' graphs in the backbone's own call (proxy/backends/fuse.py), or None when
         this backend cannot fuse (the default: an upstream runs only its own model)."""
         return None
 
