@@ -113,13 +113,22 @@ class _History:
         return cut
 
 
-def pairwise_sq(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+def pairwise_sq(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None,
+                scratch: np.ndarray | None = None) -> np.ndarray:
     """``[N, d]`` x ``[M, d]`` (float16 or float32) -> ``[N, M]`` float32 squared Euclidean distances,
     computed in float32 as ``|a|^2 + |b|^2 - 2 a.b`` and clamped at 0; ``b_sq`` ``[M]``: the rows'
-    squared norms when known. The history's float16 -> float32 conversion in torch (several times
-    faster than numpy's), the product with numpy's BLAS (for a few queries a matrix-vector product,
-    twice as fast as torch's matmul at this size: bench/results/stateful.stage_cpu.md)."""
-    b32 = torch.from_numpy(np.ascontiguousarray(b)).float().numpy()  # [M, d]
+    squared norms when known. The float16 -> float32 conversion of ``b`` in torch (several times
+    faster than numpy's), into ``scratch`` (``[>= M, d]`` float32, reused across calls: a fresh
+    buffer of a whole history per call costs its page faults) when given; the product with numpy's
+    BLAS (for a few queries a matrix-vector product, twice as fast as torch's matmul at this size:
+    bench/results/stateful.stage_cpu.md)."""
+    if b.dtype == np.float32:
+        b32 = b
+    elif scratch is not None:
+        b32 = scratch[:b.shape[0]]
+        torch.from_numpy(b32).copy_(torch.from_numpy(np.ascontiguousarray(b)))  # [M, d]
+    else:
+        b32 = torch.from_numpy(np.ascontiguousarray(b)).float().numpy()  # [M, d]
     a32 = np.asarray(a, dtype=np.float32)  # [N, d]
     sq_b = (b32 * b32).sum(1) if b_sq is None else b_sq
     d2 = (a32 * a32).sum(1)[:, None] + sq_b[None, :]  # [N, M]
@@ -164,6 +173,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._held = 0  # live entries over all clients
         self._bytes = 0  # the clients' buffers and objects (stats; kept current, not summed per scrape)
         self._dim: int | None = None
+        self._scratch = np.empty((0, 0), dtype=np.float32)  # a history in float32, per call (pairwise_sq; under _lock)
         self._lock = threading.Lock()
         self._init_flags()
 
@@ -301,7 +311,9 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         base = seen0 if h.monotone else s  # the first history row compared (columns from there)
         parts = []
         if base < e:
-            d2 = pairwise_sq(q, h.emb[base:e], h.sq[base:e])  # [R, e - base]
+            if self._scratch.shape[0] < e - base or self._scratch.shape[1] != q.shape[1]:  # grows to the longest history
+                self._scratch = np.empty((max(e - base, 2 * self._scratch.shape[0]), q.shape[1]), dtype=np.float32)
+            d2 = pairwise_sq(q, h.emb[base:e], h.sq[base:e], self._scratch)  # [R, e - base]
             if moving:  # each query's own view
                 for j, view in enumerate(views):
                     if h.monotone:
