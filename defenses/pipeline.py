@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from robustgate.defenses.base import Action, Classifier, Defense, Detector, Ensemble, Purifier
+from robustgate.defenses.stateful.base import StatefulDetector
 
 ACCEPTED, FLAGGED, REJECTED = 0, 1, 2
 VERDICT_NAMES = ("accepted", "flagged", "rejected")
@@ -373,7 +374,11 @@ def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], v
         if det.threshold is None:
             continue
         thresholds[stage.name] = float(det.threshold)
-        for i in torch.nonzero(det.is_adversarial(s)).flatten().tolist():
+        if type(det).is_adversarial is StatefulDetector.is_adversarial:  # the base rule, in numpy: float32 > t
+            hits = np.flatnonzero(s.numpy() > det.threshold).tolist()  # as the tensor comparison
+        else:
+            hits = torch.nonzero(det.is_adversarial(s)).flatten().tolist()
+        for i in hits:
             if stage.action in ("reject", "block") and verdict[i] != REJECTED:
                 verdict[i], reason[i] = REJECTED, stage.name
             elif stage.action == "flag" and verdict[i] == ACCEPTED:
@@ -395,7 +400,7 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     det = stage.defense
     store = det.store
     n = x.shape[0]
-    scores = torch.zeros(n, dtype=torch.float32)
+    scores = np.zeros(n, dtype=np.float32)
     ends: list[float | None] = [None] * n
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(clients):
@@ -410,7 +415,7 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
             for i in idx:
                 ends[i] = until
     if not live:
-        return scores, ends
+        return torch.from_numpy(scores), ends
     rows = [i for _, idx in live for i in idx]  # the unblocked items, encoded in one call
     if embedding is not None and isinstance(embedding, torch.Tensor):
         embedding = embedding.detach().cpu().numpy()
@@ -427,7 +432,7 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     # so a block decided below cannot change another client's scores); the bookkeeping in numpy, once
     # per batch (a few torch calls per client cost more than the stage itself on small batches)
     got = det.observe_rows(parts, now)  # [len(rows)] float32
-    scores.numpy()[rows] = got
+    scores[rows] = got
     if stage.action == "block" and det.threshold is not None and (got > det.threshold).any():
         hits = np.add.reduceat((got > det.threshold).astype(np.int64), np.cumsum([0] + [len(i) for _, i in live[:-1]]))
         for (client, idx), h in zip(live, hits.tolist()):
@@ -435,4 +440,4 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
                 store.block(client, now + stage.cooldown_s)
                 for i in idx:
                     ends[i] = now + stage.cooldown_s
-    return scores, ends
+    return torch.from_numpy(scores), ends

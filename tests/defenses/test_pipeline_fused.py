@@ -213,3 +213,35 @@ def test_knn_encoder_fused_or_in_its_own_session_gives_the_same_verdicts(backend
         blocked_seen |= any(b is not None for b in got.blocked)
     assert flagged_seen and blocked_seen  # the stream did reach a detection and a block
     assert float(got.scores["knn"][4:].max()) <= fused.stages[1].defense.threshold  # fresh pictures pass
+
+
+def test_stateful_threshold_in_numpy_equals_the_tensor_comparison():
+    """run_stateful compares a stateful stage's float32 scores with its threshold in numpy (the base
+    ``is_adversarial``): the same items as the tensor comparison, thresholds exactly on a score,
+    between two float32 neighbours and at float64 values that round onto a score included."""
+    from robustgate.defenses.pipeline import run_stateful
+    from robustgate.defenses.stateful.knn_store import KnnMemoryStore
+    from robustgate.defenses.stateful.base import StatefulDetector
+
+    class Fixed(StatefulDetector):  # scores given by the test, through the real stage step
+        kind = "test_fixed_scores"
+
+        def __init__(self, scores, threshold):
+            super().__init__(threshold=threshold, store=KnnMemoryStore())
+            self.scores = scores
+
+        def _encode(self, x):
+            return (np.arange(x.shape[0]),)
+
+        def _observe_groups(self, groups, now):
+            return [torch.from_numpy(self.scores[rows]) for _, (rows,) in groups]
+
+    rng = np.random.default_rng(0)
+    s = rng.random(64).astype(np.float32)
+    x = torch.zeros(64, 1, 2, 2)
+    for t in [float(s[3]), float(np.nextafter(s[3], np.float32(1))), float(s[5]) + 1e-9, float(s[7]) - 1e-9, 0.5]:
+        verdict, reason = [0] * 64, [None] * 64
+        run_stateful([Stage("fixed", Fixed(s, t), "reject")], x, [f"c{i}" for i in range(64)], verdict, reason,
+                     {}, {}, {}, lambda stage: None)
+        want = torch.nonzero(torch.from_numpy(s) > t).flatten().tolist()
+        assert [i for i, v in enumerate(verdict) if v] == want
