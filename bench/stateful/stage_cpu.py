@@ -286,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{wm['robustgate_revision']}, load average at the end "
                   f"{tuple(round(v, 2) for v in before['load_average'])}): k-NN stage added "
                   f"{before['knn_added_cpu_us_per_item']['benign']:.1f} µs CPU per item (benign), "
-                  f"{before['knn_added_cpu_us_per_item']['retry']:.1f} µs (retry); that file is this one in git's history, "
-                  f"as recorded at revision {wm['robustgate_revision']}'s successor."]
+                  f"{before['knn_added_cpu_us_per_item']['retry']:.1f} µs (retry): the JSON given to --compare."]
     lines += ["", "Notes: the parts are measured on their own, each on fresh batches (the store grows by what they "
               "record), so they do not add up exactly to the whole; `fused pass` is the one ONNX Runtime call of the "
               "runner (backbone + MagNet's score graph, and the k-NN encoder when it is fused). `retry`: one client "
