@@ -133,11 +133,6 @@ class ServerConfig(_Strict):
         "niceness added to the threads that compute batches (batch workers, ONNX Runtime's pools), so that the "
         "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off. With "
         "backend.kind upstream the batch workers, which wait on the network, keep the loop's priority"))
-    malloc_keep_mib: int = Field(128, ge=0, description=(
-        "glibc malloc in the serving process: buffers up to 32 MiB come from the heap and up to this many MiB of "
-        "freed heap stay mapped for the next request (proxy/malloc.py); large requests (224x224 RGB and up) "
-        "otherwise page-fault every buffer they allocate. Resident memory may stay this much above what is in "
-        "use; 0 = glibc's defaults"))
     workers: int | None = Field(None, ge=1, description=(
         "serving processes on the one port, each with its own event loop, batcher and backend sessions "
         "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given, or 1 when any stage or the backend runs on a GPU; "

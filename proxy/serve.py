@@ -24,7 +24,6 @@ from robustgate.defenses.assemble import build_runner, pin_torch_threads
 from robustgate.defenses.purify import parts as purify_parts
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, ServerConfig, load_config
-from robustgate.proxy.malloc import keep_heap
 from robustgate.proxy.priority import call_at_priority
 from robustgate.proxy.reload import ReloadError
 from robustgate.proxy.server import ProxyServer
@@ -159,11 +158,8 @@ def set_purify_threads(cfg: ProxyConfig) -> int:
 def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False) -> ProxyServer:
     """Everything but the event loop; raises BundleError / ValueError with a precise message.
     ``config_loader() -> ProxyConfig`` is what a hot reload re-reads (None: reload refused);
-    ``freeze_heap``: the process is the server's own (``robustgate serve``), see ProxyServer; then
-    ``server.malloc_keep_mib`` is applied too (proxy/malloc.py)."""
+    ``freeze_heap``: the process is the server's own (``robustgate serve``), see ProxyServer."""
     bundle = Bundle.load(cfg.bundle)
-    if freeze_heap:  # the process is the server's own: process-wide malloc settings are ours to set
-        keep_heap(cfg.server.malloc_keep_mib)
     set_purify_threads(cfg)
     # sessions built at compute priority: the pools they start inherit it (proxy/priority.py)
     backend, runner = call_at_priority(cfg.server.compute_nice, _build_pipeline, cfg, bundle)

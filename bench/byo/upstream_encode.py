@@ -5,8 +5,8 @@ appended in one copy), each followed by what the sync stub then does with it (se
 
     python bench/byo/upstream_encode.py [--repeats 300] [--out bench/results/byo.upstream_encode]
 
-Each call gets a freshly computed input array, as the proxy's batch worker does (the pathology this
-measures shows only then: serializing a bytes field appended from a new buffer). Writes OUT.json +
+Each call gets a freshly computed input array, as the proxy's batch worker does (one reused array
+would stay in the caches and hide what the copies cost). Writes OUT.json +
 OUT.md (median microseconds per call after 20 warm-up calls; the two encodings interleaved).
 """
 

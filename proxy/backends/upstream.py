@@ -90,10 +90,10 @@ def encode_request(x: np.ndarray, input_name: str, model_name: str, model_versio
 
     Written by hand around protobuf: the small header is a message, the pixels are appended as field
     7's bytes straight from ``x``'s buffer in one copy. Building the message with the pixels in it
-    copies them three times (tobytes, the field, the serialization), and serializing a bytes field
-    freshly appended costs an order of magnitude more than the copy (bench/results/byo.upstream_encode.md);
-    for a 224x224 RGB request that was most of the proxy's own time in front of an upstream. Parsing
-    the result with protobuf gives the same message (tests/proxy/test_upstream_backend.py)."""
+    copies them three times (tobytes, the field, the serialization) and costs several times as much
+    (bench/results/byo.upstream_encode.md): at 224x224 RGB a sizeable part of the proxy's own time in
+    front of an upstream. Parsed with protobuf, the result is the same message
+    (tests/proxy/test_upstream_backend.py)."""
     req = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
     tensor = req.inputs.add()
     tensor.name = input_name
