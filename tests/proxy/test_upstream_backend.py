@@ -248,3 +248,17 @@ def test_accepts_every_key_of_the_proxy_config(mlserver):
         assert b.infer(images(2, 3)).shape == (2, harness.NUM_CLASSES)
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 1, 28, 28), (1, 3, 224, 224)])  # length varints of 1, 2, 3 bytes
+def test_hand_serialized_request_parses_to_the_message_protobuf_builds(shape):
+    from robustgate.proxy.backends.upstream import encode_request
+
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    x = np.asfortranarray(x)  # not C-contiguous: the pixels must still go in NCHW order
+    got = pb.ModelInferRequest.FromString(encode_request(x, "pixels", "m", "3"))
+    want = pb.ModelInferRequest(model_name="m", model_version="3")
+    tensor = want.inputs.add(name="pixels", datatype="FP32")
+    tensor.shape.extend(shape)
+    want.raw_input_contents.append(np.ascontiguousarray(x).tobytes())
+    assert got == want
