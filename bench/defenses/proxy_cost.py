@@ -17,6 +17,11 @@ pattern (ε = ``--eps``, clipped to [0, 1]): the high-frequency energy of an L�
 budget, not an attack; ``uniform``, uniform noise in [0, 1), the worst case for a codec's entropy
 coding. The backbone's cost does not depend on the pixels, a JPEG round trip's does (a noise
 picture codes into twice the bytes of a test-image picture), so its cost is given per input.
+Each of those is one payload sent over and over from one client, which a stateful stage
+(``kind: stateful``) takes for retries and never searches its history for; ``stream`` is what it
+sees from benign clients: each closed-loop client has its own identity (the ``x-client-id``
+header) and sends the next of the recipe's training and test images with every request
+(bench/serving/loadgen.py), so the histories fill and every query is searched.
 
     .venv/bin/python bench/defenses/proxy_cost.py --rounds 5 --inputs test,perturbed,uniform --out bench/results/defenses.proxy_cost
     .venv/bin/python bench/defenses/proxy_cost.py --bundle /tmp/std-diffusion --configs empty,diffusion \\
@@ -55,7 +60,7 @@ from robustgate.models.data import recipe_splits  # noqa: E402
 CHEAP = ("jpeg", "noise", "bitdepth", "median")
 TARGET_CHEAP_COST = 0.10
 TARGET_DIFFUSION_ITEMS_PER_S = 100.0
-INPUTS = ("test", "perturbed", "uniform")
+INPUTS = ("test", "perturbed", "uniform", "stream")
 
 
 def stages_for(name: str, diffusion_params: dict) -> list[dict]:
@@ -92,14 +97,17 @@ def payloads(kinds: list[str], bundle: Bundle, batch: int, rounds: int, eps: flo
     out = {}
     if "uniform" in kinds:
         out["uniform"] = [np.random.default_rng(r).random((batch, *item_shape), dtype=np.float32) for r in range(rounds)]
-    if {"test", "perturbed"} & set(kinds):
-        test_x = recipe_splits(bundle.spec.backbone.recipe).test_x.numpy()
+    if {"test", "perturbed", "stream"} & set(kinds):
+        splits = recipe_splits(bundle.spec.backbone.recipe)
+        test_x = splits.test_x.numpy()
         if tuple(test_x.shape[1:]) != item_shape or len(test_x) < batch:
             raise ValueError(f"the test set {tuple(test_x.shape)} does not fit batch-{batch} requests of {item_shape}")
         starts = [(r * batch) % (len(test_x) - batch + 1) for r in range(rounds)]
         out["test"] = [np.ascontiguousarray(test_x[s:s + batch], dtype=np.float32) for s in starts]
         out["perturbed"] = [np.clip(w + eps * np.sign(np.random.default_rng(1000 + r).standard_normal(w.shape)), 0.0, 1.0)
                             .astype(np.float32) for r, w in enumerate(out["test"])]
+    if "stream" in kinds:  # one pool for every round: the clients' streams go on where they stopped
+        out["stream"] = [np.ascontiguousarray(np.concatenate([splits.train_x.numpy(), test_x]), dtype=np.float32)] * rounds
     return {k: out[k] for k in kinds}
 
 
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                         res = loadgen.run_load(servers[name].url, bundle.name, bundle.input.name, item_shape,
                                                args.concurrency, batch=args.batch, warmup_s=args.warmup,
                                                duration_s=args.duration, server_pids={"server": servers[name].proc.pid},
-                                               x=data[kind][r])
+                                               **({"pool": data[kind][r]} if kind == "stream" else {"x": data[kind][r]}))
                         res.update(round=r, loadavg_before=before, loadavg_after=loadavg())
                         windows[kind][name].append(res)
                         print(json.dumps({"inputs": kind, "config": name, "round": r,
@@ -202,7 +210,9 @@ def summarize(windows: dict[str, list[dict]], configs: dict[str, dict]) -> dict[
 
 INPUT_LABELS = {"test": "`test` = the bundle's test images",
                 "perturbed": "`perturbed` = the test images + a random ±{eps} sign pattern",
-                "uniform": "`uniform` = uniform noise in [0, 1)"}
+                "uniform": "`uniform` = uniform noise in [0, 1)",
+                "stream": "`stream` = benign clients' streams: each closed-loop client its own identity, a new "
+                          "training or test image with every request"}
 
 
 def markdown(r: dict) -> str:

@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
+from robustgate.proxy.backends.upstream import encode_request
 
 
 def process_cpu_s(pid: int) -> float:
@@ -64,11 +65,21 @@ def make_request(model: str, input_name: str, x: np.ndarray) -> pb.ModelInferReq
     return req
 
 
+def stream_request(model: str, input_name: str, pool: np.ndarray, k: int, batch: int) -> bytes:
+    """Request ``k`` of a stream over ``pool`` ``[M, *item_shape]``: items ``k*batch ..`` (wrapping),
+    serialized (the proxy's own encoder: one copy of the pixels)."""
+    idx = (k * batch + np.arange(batch)) % len(pool)
+    return encode_request(pool[idx], input_name, model, "")
+
+
 async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: int, warmup_s: float,
-                duration_s: float, timeout_s: float, probes: dict[str, Callable[[], float]]) -> dict:
+                duration_s: float, timeout_s: float, probes: dict[str, Callable[[], float]],
+                pool: np.ndarray | None = None, model: str = "", input_name: str = "") -> dict:
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(url, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        infer_bytes = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                                          response_deserializer=pb.ModelInferResponse.FromString)
         first = await stub.ModelInfer(req, timeout=timeout_s)  # fails loudly if the target cannot answer
         if not first.outputs:
             raise RuntimeError(f"{url}: ModelInfer answered without outputs")
@@ -77,13 +88,21 @@ async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: in
         latencies: list[float] = []
         errors: Counter = Counter()
 
-        async def worker() -> None:
+        async def worker(i: int) -> None:
+            # a stream: client i (its own x-client-id) walks its own part of the pool, one new request each time
+            k = i * (len(pool) // batch) // concurrency if pool is not None else 0
+            identity = (("x-client-id", f"loadgen-{i}"),)
             while True:
                 t0 = time.perf_counter()
                 if t0 >= t_close:
                     return
                 try:
-                    await stub.ModelInfer(req, timeout=timeout_s)
+                    if pool is None:
+                        await stub.ModelInfer(req, timeout=timeout_s)
+                    else:
+                        k += 1
+                        await infer_bytes(stream_request(model, input_name, pool, k, batch), timeout=timeout_s,
+                                          metadata=identity)
                 except grpc.aio.AioRpcError as exc:
                     if t0 >= t_open:
                         errors[exc.code().name] += 1
@@ -99,7 +118,7 @@ async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: in
                 await asyncio.sleep(max(0.0, t - time.perf_counter()))
                 cpu.append({k: f() for k, f in probes.items()})
 
-        await asyncio.gather(sample(), *(worker() for _ in range(concurrency)))
+        await asyncio.gather(sample(), *(worker(i) for i in range(concurrency)))
     out = summarize(latencies, len(latencies) * batch, duration_s, errors)
     out["cpu_cores"] = cpu_share(cpu[0], cpu[1], duration_s)
     return out
@@ -107,12 +126,16 @@ async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: in
 
 def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
              warmup_s: float = 1.0, duration_s: float = 5.0, timeout_s: float = 30.0, seed: int = 0,
-             server_pids: dict[str, int] | None = None, x: np.ndarray | None = None) -> dict:
+             server_pids: dict[str, int] | None = None, x: np.ndarray | None = None,
+             pool: np.ndarray | None = None) -> dict:
     """Closed-loop load on ``url`` (host:port); returns throughput, latency percentiles and the CPU
     cores used by this client and by each of ``server_pids`` during the measured window.
 
     Every request carries ``x`` ``[batch, *item_shape]`` when given, else uniform noise in [0, 1)
-    drawn with ``seed``."""
+    drawn with ``seed`` -- the same payload each time, which a stateful stage takes for retries.
+    ``pool`` ``[M, *item_shape]`` instead: benign clients' streams, each closed-loop client its own
+    identity (the ``x-client-id`` header) sending the next ``batch`` images of its own part of the
+    pool with every request (wrapping around after ``M / concurrency`` items)."""
     if not url.startswith(("127.", "localhost:", "[::1]:")):
         raise ValueError(f"{url}: the benchmark only sends traffic to loopback addresses")
     if x is None:
@@ -123,7 +146,9 @@ def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...],
     probes: dict[str, Callable[[], float]] = {"client": time.process_time}
     for name, pid in (server_pids or {}).items():
         probes[name] = lambda pid=pid: process_cpu_s(pid)
-    return asyncio.run(_load(url, req, batch, concurrency, warmup_s, duration_s, timeout_s, probes))
+    if pool is not None and (pool.shape[1:] != tuple(item_shape) or len(pool) < batch * concurrency):
+        raise ValueError(f"pool of shape {pool.shape}: expected [M >= {batch * concurrency}, {', '.join(map(str, item_shape))}]")
+    return asyncio.run(_load(url, req, batch, concurrency, warmup_s, duration_s, timeout_s, probes, pool, model, input_name))
 
 
 def run_raw_ort(onnx_file: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
