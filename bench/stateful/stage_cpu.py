@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     added = benign["whole magnet+knn"]["cpu_us_per_item"] - benign["whole magnet"]["cpu_us_per_item"]
     added_retry = retry["whole magnet+knn"]["cpu_us_per_item"] - retry["whole magnet"]["cpu_us_per_item"]
     result = {"command": "python bench/stateful/stage_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "niceness": os.nice(0),
               "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "load_average": os.getloadavg(),
               "machine": machine(), "bundle": str(bundle_path), "batch": b, "blocks": args.blocks,
               "calls": args.calls, "history": history, "fill_s": fill_s, "fused_embedding": fused_embedding,
@@ -261,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     m = result["machine"]
+    nice = f"nice -n {result['niceness']} " if result["niceness"] else ""
     lines = [
         "# CPU per served item of the stateful k-NN stage in the proxy's batch call", "",
-        f"Command: `nice -n 10 {result['command']}` ({result['time_utc']}), {m['cpu']}, {m['cores']} cores shared with "
-        f"other jobs, load average at the end {tuple(round(v, 2) for v in result['load_average'])}, revision "
+        f"Command: `{nice}{result['command']}` ({result['time_utc']}), {m['cpu']}, {m['cores']} cores (other jobs "
+        f"share them when the load average is above 1: {tuple(round(v, 2) for v in result['load_average'])} at the end), revision "
         f"{m['robustgate_revision']}. Bundle `{bundle_path.name}`; runner built as `robustgate serve` builds it; "
         f"batches of {b} items; CPU = `time.process_time` (all threads), median over {args.blocks} blocks of "
         f"{args.calls} calls.", "",

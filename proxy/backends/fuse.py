@@ -4,7 +4,8 @@ A detector whose score is a function of the raw input alone and exists as an ONN
 (``Detector.onnx_score_model``: MagNet's reconstruction error) can run in the backbone's own
 session: the fused model has the backbone's input, its outputs, and one ``[N]`` score output per
 fused detector. A stateful stage's per-item embedding (``StatefulDetector.onnx_embedding_model``:
-the k-NN method's encoder, defenses/stateful/knn.py) fuses the same way, as one ``[N, d]`` output. Where the pipeline classifies the raw input anyway (its shared pass,
+the k-NN method's encoder, defenses/stateful/knn.py) fuses the same way, as one ``[N, d]``
+output. Where the pipeline classifies the raw input anyway (its shared pass,
 defenses/pipeline.py) this spares the detector's separate session call, the copies in and out of
 it and its torch glue: through the proxy the default pipeline's detection cost at batch 64 fell
 from +24-45% to +19-20% (bench/results/detect.md). ONNX Runtime runs the fused graph's nodes one
