@@ -37,6 +37,21 @@ def fmnist_subset(fmnist_splits):
     return subset
 
 
+@pytest.fixture(scope="session")
+def knn_encoder(tmp_path_factory, fmnist_subset):
+    """A fitted k-NN encoder (defenses/stateful/knn.py) written as encoder.onnx: its path (a tiny encoder, 20 steps:
+    for the fusing and parity tests, not for detection)."""
+    from robustgate.defenses.base import FitData
+    from robustgate.defenses.stateful.knn import KnnDetector
+
+    x, _ = fmnist_subset("train", 64)
+    det = KnnDetector(k=2, dim=8, width=4, steps=20, batch_size=16)
+    det.fit(FitData(x, torch.zeros(64), x[:8], torch.zeros(8)))
+    directory = tmp_path_factory.mktemp("knn")
+    det.save(directory)
+    return directory / "encoder.onnx"
+
+
 def _train_tiny(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> torch.nn.Module:
     from robustgate.models.archs import build_arch
 

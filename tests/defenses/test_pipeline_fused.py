@@ -157,19 +157,6 @@ def test_fused_path_with_a_stateful_stage_equals_the_general_path(backend, graph
     assert got.verdict.tolist() == want.verdict.tolist() and "stateful" not in got.scores
 
 
-@pytest.fixture(scope="module")
-def knn_encoder(tmp_path_factory, fmnist_subset):
-    from robustgate.defenses.base import FitData
-    from robustgate.defenses.stateful.knn import KnnDetector
-
-    x, _ = fmnist_subset("train", 64)
-    det = KnnDetector(k=2, dim=8, width=4, steps=20, batch_size=16)
-    det.fit(FitData(x, torch.zeros(64), x[:8], torch.zeros(8)))
-    directory = tmp_path_factory.mktemp("knn")
-    det.save(directory)
-    return directory / "encoder.onnx"
-
-
 def test_knn_encoder_fused_or_in_its_own_session_gives_the_same_verdicts(backend, graphs, knn_encoder, fmnist_subset):
     """The k-NN stateful stage with its encoder fused into the backbone's pass (the shipped default
     beside MagNet), in its own session (a detector that offers no embedding graph), and on the

@@ -90,20 +90,6 @@ def test_graphs_that_cannot_be_fused_are_refused(tiny_bundle, ae_model):
         fuse_score_graphs(once, {"m": reconstruction_error_graph(model, 1)})
 
 
-@pytest.fixture(scope="module")
-def knn_encoder(tmp_path_factory, fmnist_subset):
-    """A fitted k-NN encoder (defenses/stateful/knn.py) written as encoder.onnx: its detector and path."""
-    from robustgate.defenses.base import FitData
-    from robustgate.defenses.stateful.knn import KnnDetector
-
-    x, _ = fmnist_subset("train", 64)
-    det = KnnDetector(k=2, dim=8, width=4, steps=20, batch_size=16)
-    det.fit(FitData(x, torch.zeros(64), x[:8], torch.zeros(8)))
-    directory = tmp_path_factory.mktemp("knn")
-    det.save(directory)
-    return directory / "encoder.onnx"
-
-
 @pytest.mark.parametrize("value_range", [(0.0, 1.0), (0.0, 255.0)])
 def test_fused_knn_embedding_equals_the_encoder_session(tiny_bundle, ae_model, knn_encoder, fmnist_subset, value_range):
     """The k-NN stage's encoder fused beside the backbone and MagNet's score graph ([N, d] output,
