@@ -39,8 +39,8 @@ def fmnist_subset(fmnist_splits):
 
 @pytest.fixture(scope="session")
 def knn_encoder(tmp_path_factory, fmnist_subset):
-    """A fitted k-NN encoder (defenses/stateful/knn.py) written as encoder.onnx: its path (a tiny encoder, 20 steps:
-    for the fusing and parity tests, not for detection)."""
+    """A fitted k-NN encoder (defenses/stateful/knn.py) written as encoder.onnx: its path. Tiny (20
+    steps): for the fusing and parity tests, not for detection."""
     from robustgate.defenses.base import FitData
     from robustgate.defenses.stateful.knn import KnnDetector
 
