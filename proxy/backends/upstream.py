@@ -74,7 +74,7 @@ _RAW_INPUT_TAG = bytes([7 << 3 | 2])
 
 
 def _varint(n: int) -> bytes:
-    """Protobuf base-128 varint of ``n >= 0``."""
+    """Protobuf base-128 varint of ``n >= 0`` (protobuf's own encoder is internal API)."""
     out = bytearray()
     while True:
         low, n = n & 0x7F, n >> 7
