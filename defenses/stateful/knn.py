@@ -226,7 +226,8 @@ class KnnDetector(StatefulDetector):
 
     kind: ClassVar[str] = "knn"
     needs_artifacts: ClassVar[bool] = True
-    host_only: ClassVar[str] = "runs its encoder in an ONNX Runtime CPU session"  # defenses/assemble.py
+    host_only: ClassVar[str] = ("searches its history on the host (numpy); its encoder runs in the backbone's fused "
+                                "ONNX pass when the pipeline has one, else in an ONNX Runtime CPU session")  # defenses/assemble.py
 
     def __init__(self, k: int = 4, dim: int = 32, width: int = 32, steps: int = 3000, batch_size: int = 128,
                  lr: float = 2e-3, margin: float = 1.0, eps: float = 0.1, p_benign: float = 0.2,
