@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
-from robustgate.proxy.backends.upstream import encode_request
+from robustgate.proxy.backends.upstream import MODEL_INFER_METHOD, encode_request
 
 
 def process_cpu_s(pid: int) -> float:
@@ -78,7 +78,7 @@ async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: in
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(url, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        infer_bytes = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+        infer_bytes = channel.unary_unary(MODEL_INFER_METHOD, request_serializer=None,
                                           response_deserializer=pb.ModelInferResponse.FromString)
         first = await stub.ModelInfer(req, timeout=timeout_s)  # fails loudly if the target cannot answer
         if not first.outputs:

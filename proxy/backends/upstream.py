@@ -42,6 +42,7 @@ from .base import Backend, BackendError, ModelMeta, TensorMeta
 
 LOGITS = "logits"
 HEALTH_TIMEOUT_S = 1.0  # one readiness poll; short so a dead upstream is noticed quickly
+MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # for a call with encode_request's bytes
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -222,7 +223,7 @@ class UpstreamBackend(Backend):
         # ModelInfer with the request already serialized (encode_request); the generated stub's
         # method would serialize a message again
         self._infer = self._channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+            MODEL_INFER_METHOD, request_serializer=None,
             response_deserializer=pb.ModelInferResponse.FromString)
 
         self._meta_lock = threading.Lock()
