@@ -12,7 +12,10 @@ construction:
   (checksums verified by ``Bundle.load``) are loaded and its calibrated threshold is used unless the
   stage sets ``threshold``; a defense that runs a fitted model but has none in the bundle is refused
   at start. ``twin=True`` builds the red team's differentiable copies (``runtime: torch`` on every
-  defense that has a ``runtime`` parameter; each defense's parity test ties the two);
+  defense that has a ``runtime`` parameter; each defense's parity test ties the two); served on a
+  CPU device, a stage whose own params name no ``runtime`` runs in its defense's
+  ``served_runtime`` (MagNet: ONNX Runtime, fused into the backbone's session), else in what the
+  bundle recorded;
 - :class:`PipelineRunner`: one batch through the stages with a backend (the proxy's ONNX Runtime
   session or its upstream) as the classify step (torch <-> numpy at the edge), given the time left
   until the batch's latest client deadline (none when one of its requests has none;
@@ -54,7 +57,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from robustgate.defenses.base import Classifier, Defense, Detector, Ensemble, build_from_bundle
+from robustgate.defenses.base import SERVED, Classifier, Defense, Detector, Ensemble, build_from_bundle
 from robustgate.defenses.pipeline import (
     ACCEPTED, REJECTED, DefendedModel, PipelineResult, Stage, act, is_stateful, run_stateful, split_stages,
 )
@@ -198,14 +201,16 @@ def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
             params["store"] = stage_store(sc, bundle, stores, where)[1]
             if bundle is not None:
                 params.setdefault("value_range", tuple(bundle.input.value_range))
-        defense = build_from_bundle(sc.kind, sc.name, params, sc.threshold, bundle, where=where,
-                                    runtime="torch" if twin else None)
-        if sc.kind == "stateful":
-            defense.store_spec = dict(sc.store or {"kind": "memory"})  # what stage_store compares on reload
         try:
             target = resolve_device(sc.device or default)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        # the twin differentiates in torch; served on the host, a defense runs in what it was
+        # measured fastest in there (Defense.served_runtime) unless the stage names a runtime
+        runtime = "torch" if twin else SERVED if target == "cpu" else None
+        defense = build_from_bundle(sc.kind, sc.name, params, sc.threshold, bundle, where=where, runtime=runtime)
+        if sc.kind == "stateful":
+            defense.store_spec = dict(sc.store or {"kind": "memory"})  # what stage_store compares on reload
         defense.to(target)
         if target != "cpu" and (reason := host_only(defense)) is not None:
             on_host.append(f"{sc.name} ({reason})")

@@ -96,17 +96,24 @@ def build(kind: str, **config: Any) -> "Defense":
     return reg[kind](**config)
 
 
+#: ``build_from_bundle(runtime=SERVED)``: the runtime the proxy serves a defense with on a CPU device.
+SERVED = "served"
+
+
 def build_from_bundle(kind: str, name: str, params: dict[str, Any], threshold: float | None, bundle: Any | None,
                       *, where: str, runtime: str | None = None) -> "Defense":
     """One pipeline stage's defense, as the proxy serves it and the red team attacks it: when
     ``bundle`` holds a fitted defense called ``name``, its kind must be ``kind``, its params are the
     base with ``params`` merged over them, its artifacts (checksums verified by ``Bundle.load``) are
     loaded and its calibrated threshold is used unless ``threshold`` is given. ``runtime`` overrides
-    the ``runtime`` parameter of the defenses that have one (the red team's ``"torch"`` twins).
+    the ``runtime`` parameter of the defenses that have one (the red team's ``"torch"`` twins);
+    :data:`SERVED` takes the defense's :meth:`Defense.served_runtime` unless ``params`` (the stage's
+    own) name a runtime (the proxy on a CPU device).
     ``ValueError`` starting with ``where`` on any problem, e.g. a ``needs_artifacts`` defense that
     the bundle has not fitted (``bundle=None``: no bundle, the caller's own untrained defenses --
     red-team unit tests)."""
     fitted = bundle.spec.defenses.get(name) if bundle is not None else None
+    stage_params = params
     if bundle is not None and kind in registry():
         check_features_output(registry()[kind], bundle, where)
     if fitted is not None:
@@ -115,6 +122,8 @@ def build_from_bundle(kind: str, name: str, params: dict[str, Any], threshold: f
         params = {**fitted.params, **params}
         if threshold is None:
             threshold = fitted.threshold
+    if runtime == SERVED and kind in registry():
+        runtime = None if "runtime" in stage_params else registry()[kind].served_runtime(params)
     if runtime is not None and kind in registry() and "runtime" in inspect.signature(registry()[kind].__init__).parameters:
         params = {**params, "runtime": runtime}
     try:
@@ -156,6 +165,13 @@ class Defense(ABC):
     #: The stage runs a fitted model (autoencoder, SVM, diffusion model): serving it without the
     #: artifacts ``robustgate fit`` writes into the bundle is refused at start.
     needs_artifacts: ClassVar[bool] = False
+
+    @classmethod
+    def served_runtime(cls, params: dict[str, Any]) -> str | None:
+        """The ``runtime`` the proxy serves this defense with on a CPU device when the stage's own
+        params name none (``params``: the fitted params merged with the stage's), because it was
+        measured the faster there; None (default): the runtime the bundle recorded."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """The constructor's keyword arguments, so that ``build(kind, **config())`` round-trips.

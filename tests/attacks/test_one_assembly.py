@@ -65,14 +65,14 @@ def test_eval_and_the_proxy_both_build_through_the_assembly(tiny, tiny_bundle, b
                             backbone=backbone, progress=False, surface_points=0)
     served, twin = evaluation.built["proxy"]
     assert isinstance(served, PipelineRunner) and isinstance(served.backend, OnnxBackend)
-    assert built == [("hf", None), ("bits", None), ("hf", "torch"), ("bits", "torch")]  # served, then the twin
+    assert built == [("hf", "served"), ("bits", "served"), ("hf", "torch"), ("bits", "torch")]  # served, then the twin
     assert [s.name for s in twin.stages] == [s.name for s in served.stages]
 
     built.clear()
     cfg = load_config(None, environ={}, overrides={"bundle": str(tiny_bundle), "pipeline": {"stages": stages},
                                                    "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None}})
     server = build_server(cfg)
-    assert built == [("hf", None), ("bits", None)]
+    assert built == [("hf", "served"), ("bits", "served")]
     assert type(server.runner) is type(served)
 
 

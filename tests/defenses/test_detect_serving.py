@@ -119,3 +119,27 @@ def test_onnx_backend_shared_pass_matches_separate_calls(tiny_bundle):
     want = backend.classifier().features(torch.from_numpy(x)).numpy()
     assert feats.shape == want.shape and np.array_equal(feats, want)
     backend.close()
+
+
+def test_served_magnet_runs_in_onnx_runtime_unless_the_stage_names_a_runtime(served):
+    """The bundle records ``runtime: torch`` (what fit trains and the red team attacks); the proxy on
+    a CPU device serves an l1/l2 MagNet stage that names no runtime in ONNX Runtime (fusable into
+    the backbone's session), a stage's own ``runtime`` wins, the red team's twin stays torch."""
+    from robustgate.defenses.assemble import PipelineConfig, build_stages
+    from robustgate.defenses.detect.magnet import MagNet
+
+    bundle = Bundle.load(served["root"])
+    assert bundle.defense(STAGE).params["runtime"] == "torch"
+
+    def built(params, twin=False):
+        cfg = PipelineConfig.model_validate({"stages": [{"name": STAGE, "kind": "magnet", "params": params}]})
+        return build_stages(cfg, bundle, twin=twin)[0].defense
+
+    default = built({})
+    assert default.runtime == "onnx" and default.onnx_score_model() is not None
+    assert built({"runtime": "torch"}).runtime == "torch"
+    assert built({}, twin=True).runtime == "torch"
+    with torch.no_grad():
+        x = torch.from_numpy(served["clean"])
+        torch.testing.assert_close(default.score(x), served["det"].score(x), rtol=1e-4, atol=1e-6)
+    assert MagNet.served_runtime({"criterion": "jsd"}) is None  # needs the backbone on AE(x): not fused
