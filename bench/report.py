@@ -330,6 +330,14 @@ def byo_resnet50_row() -> Row:
     src = "bench/results/byo.resnet50.json"
     r = load(src)
     ck, pts = r["checks"], r["points"]
+    hop_src = "bench/results/byo.upstream_hop.json"  # where that p50 goes: the proxy's own work vs its hop
+    try:
+        d = load(hop_src)["derived"]
+        hop = (f"; at this size the proxy's own work per call is {d['inprocess_added_ms']:+.2f} ms over a bare gRPC server "
+               f"and its hop to the upstream {d['upstream_added_ms']:+.2f} ms, {d['upstream_added_over_sync_round_trip']:.2f}x "
+               f"one more gRPC round trip of the request")
+    except Missing:
+        hop, hop_src = "", None
     stages = ", ".join(f"{k.removesuffix('_throughput_cost')} {signed_pct(-c['value'])}"
                        + ("" if c["met"] is None else f" ({met(c['met'])})")  # None: measured, no target
                        for k, c in ck.items() if k.split("_")[0] in ("jpeg", "median", "magnet"))
@@ -342,10 +350,10 @@ def byo_resnet50_row() -> Row:
                + f"), throughput at concurrency 16 "
                f"{signed_pct(-ck['inprocess_throughput_cost']['value'])} ({met(ck['inprocess_throughput_cost']['met'])}); "
                f"in front of MLServer vs direct: p50 {signed_pct(ck['upstream_p50_added']['value'])} "
-               f"({met(ck['upstream_p50_added']['met'])}), throughput {signed_pct(-ck['upstream_throughput_cost']['value'])} "
+               f"({met(ck['upstream_p50_added']['met'])}{hop}), throughput {signed_pct(-ck['upstream_throughput_cost']['value'])} "
                f"({met(ck['upstream_throughput_cost']['met'])}); stages' throughput (target -10%): {stages}; UINT8 "
                f"{pts['proxy_none_uint8_c16']['items_per_s']:.1f} vs FP32 {pts['proxy_none_c16']['items_per_s']:.1f} items/s",
-               [src])
+               [src] + ([hop_src] if hop_src else []))
 
 
 def endpoint_row() -> Row:
