@@ -442,8 +442,8 @@ class MagNet(_AutoencoderDefense, Detector):
     @classmethod
     def served_runtime(cls, params: dict) -> str | None:
         """ONNX Runtime for l1 / l2 (the proxy fuses ``ae.onnx`` and the error into the backbone's
-        session: one session call per batch; at 224x224 in front of a ResNet-50 it cost 5.4% of the
-        throughput against 10.8% in torch, bench/results/byo.resnet50.md); jsd keeps the recorded
+        session: one session call per batch; at 224x224 in front of a ResNet-50 it cost 2.6% of the
+        throughput against 11.1% in torch, bench/results/byo.resnet50.md); jsd keeps the recorded
         runtime (it needs the backbone on ``AE(x)``, not fused)."""
         return "onnx" if params.get("criterion", "l1") in ("l1", "l2") else None
 
