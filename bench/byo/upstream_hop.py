@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -41,15 +40,9 @@ MODEL = "hop224"
 BATCHING = {"max_batch_size": 16}  # as bench/byo/resnet50.py serves
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import resnet50 as r50  # noqa: E402  (bench/byo/resnet50.py: its bare V2 server; bench/serving/run.py as .serving)
 
-
-r50 = _load("robustgate_bench_byo_resnet50", REPO / "bench" / "byo" / "resnet50.py")
 serving = r50.serving
 
 from robustgate.protos import open_inference_grpc_pb2 as pb  # noqa: E402
