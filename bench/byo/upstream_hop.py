@@ -34,7 +34,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
 SHAPE = (3, 224, 224)
 MODEL = "hop224"
 BATCHING = {"max_batch_size": 16}  # as bench/byo/resnet50.py serves
