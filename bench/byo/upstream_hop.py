@@ -1,4 +1,5 @@
-"""Where the proxy's added p50 in front of an upstream goes at 3x224x224 (issue 21's MLServer line).
+"""Where the proxy's added p50 in front of an upstream goes, at 3x224x224 (issue 21's MLServer line) or
+any other input shape (``--shape 1,28,28``: the serving benchmark's Fashion-MNIST size, issue 25's).
 
 A model with next to no compute (average pool to 4x4 + a linear layer to 1000 classes: what is
 left is transport and the proxy's own work), imported with ``robustgate import`` and served by
@@ -15,6 +16,7 @@ requests at concurrency 1, the calls of each round interleaved over these paths:
   gRPC transfer of the request costs, by itself.
 
     python bench/byo/upstream_hop.py [--calls 500] [--rounds 5] [--out bench/results/byo.upstream_hop]
+    python bench/byo/upstream_hop.py --shape 1,28,28 --out bench/results/byo.upstream_hop.28x28
 
 Writes OUT.json + OUT.md (p50 per path and round, the median over rounds, and the differences).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -34,8 +37,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-SHAPE = (3, 224, 224)
-MODEL = "hop224"
+MODEL = "hop"
 BATCHING = {"max_batch_size": 16}  # as bench/byo/resnet50.py serves
 
 
@@ -51,23 +53,23 @@ from robustgate.proxy.backends.upstream import MODEL_INFER_METHOD  # noqa: E402
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
-def export_model(path: Path) -> None:
-    """``input`` [N, 3, 224, 224] -> ``logits`` [N, 1000] through a 4x4 average pool: no compute to speak of."""
+def export_model(path: Path, shape: tuple[int, int, int]) -> None:
+    """``input`` [N, C, H, W] -> ``logits`` [N, 1000] through a 4x4 average pool: no compute to speak of."""
     import torch
     from torch import nn
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(3 * 16, 1000)).eval()
-    torch.onnx.export(net, (torch.rand(2, *SHAPE),), str(path), input_names=["input"], output_names=["logits"],
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(shape[0] * 16, 1000)).eval()
+    torch.onnx.export(net, (torch.rand(2, *shape),), str(path), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
 
 
-def request() -> pb.ModelInferRequest:
+def request(shape: tuple[int, int, int]) -> pb.ModelInferRequest:
     req = pb.ModelInferRequest(model_name=MODEL)
     tensor = req.inputs.add()
     tensor.name, tensor.datatype = "input", "FP32"
-    tensor.shape.extend([1, *SHAPE])
-    req.raw_input_contents.append(np.random.default_rng(0).random((1, *SHAPE), dtype=np.float32).tobytes())
+    tensor.shape.extend([1, *shape])
+    req.raw_input_contents.append(np.random.default_rng(0).random((1, *shape), dtype=np.float32).tobytes())
     return req
 
 
@@ -105,14 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=500, help="measured calls per path and round (default 500)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shape", default="3,224,224", help="C,H,W of one item (default 3,224,224)")
     ap.add_argument("--out", default="bench/results/byo.upstream_hop")
     args = ap.parse_args(argv)
     command = "python bench/byo/upstream_hop.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     started, load_start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), serving.loadavg()
+    shape = tuple(int(v) for v in args.shape.split(","))
+    if len(shape) != 3 or min(shape) < 1:
+        ap.error(f"--shape: C,H,W of positive ints, got {args.shape!r}")
     work = Path(tempfile.mkdtemp(prefix="robustgate-hop-"))
-    onnx_file, bundle = work / "hop224.onnx", work / "bundle"
-    export_model(onnx_file)
+    onnx_file, bundle = work / "hop.onnx", work / "bundle"
+    export_model(onnx_file, shape)
     subprocess.run([sys.executable, "-m", "robustgate.proxy.cli", "import", "--onnx", str(onnx_file), "--out",
                     str(bundle), "--name", MODEL], check=True, stdout=subprocess.DEVNULL)
     servers = []
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(inproc)
         upstream = serving.Proxy(work, bundle, {"backend": {"kind": "upstream"}, "batching": BATCHING}, bare.url, MODEL)
         servers.append(upstream)
-        req = request()
+        req = request(shape)
         paths = {
             "direct": lambda: asyncio.run(aio_p50(bare.url, req, args.calls, args.warmup)),
             "proxy_inprocess": lambda: asyncio.run(aio_p50(inproc.url, req, args.calls, args.warmup)),
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     derived["upstream_added_over_sync_round_trip"] = derived["upstream_added_ms"] / derived["sync_round_trip_ms"]
     res = {"command": command, "started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": serving.machine(), "load_average_start": load_start, "load_average_end": serving.loadavg(),
-           "shape": [1, *SHAPE], "calls": args.calls, "warmup": args.warmup, "rounds": rounds, "p50_ms": p50,
+           "shape": [1, *shape], "calls": args.calls, "warmup": args.warmup, "rounds": rounds, "p50_ms": p50,
            "derived": derived}
     Path(f"{args.out}.json").write_text(json.dumps(res, indent=2) + "\n")
     Path(f"{args.out}.md").write_text(markdown(res))
@@ -160,14 +166,15 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict) -> str:
     m, d = r["machine"], r["derived"]
     lines = [
-        "# The proxy's added p50 in front of an upstream at 3x224x224: its own work and its hop",
+        f"# The proxy's added p50 in front of an upstream at {'x'.join(map(str, r['shape'][1:]))}: its own work "
+        "and its hop",
         "",
         f"Command: `{r['command']}` (started {r['started_utc']}, finished {r['finished_utc']}).",
         "",
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores; load average {r['load_average_start']} at the start, "
         f"{r['load_average_end']} at the end. Client, proxy and bare server share the cores.",
         "",
-        f"Batch-1 FP32 requests {r['shape']} (588 KiB), concurrency 1, {r['calls']} calls per path and round after "
+        f"Batch-1 FP32 requests {r['shape']} ({4 * math.prod(r['shape']) / 1024:.0f} KiB), concurrency 1, {r['calls']} calls per path and round after "
         f"{r['warmup']} warm-up calls, the paths interleaved in each of {len(r['rounds']['direct'])} rounds. Model: a "
         "4x4 average pool and a linear layer (no compute to speak of), served by bench/serving/bare_v2.py (the "
         "reference) and by robustgate.",
