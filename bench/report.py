@@ -333,9 +333,9 @@ def byo_resnet50_row() -> Row:
     hop_src = "bench/results/byo.upstream_hop.json"  # where that p50 goes: the proxy's own work vs its hop
     try:
         d = load(hop_src)["derived"]
-        hop = (f"; at this size the proxy's own work per call is {d['inprocess_added_ms']:+.2f} ms over a bare gRPC server "
-               f"and its hop to the upstream {d['upstream_added_ms']:+.2f} ms, {d['upstream_added_over_sync_round_trip']:.2f}x "
-               f"one more gRPC round trip of the request")
+        hop = (f"; at this size, with a model of no compute, the proxy in front of a bare upstream adds "
+               f"{d['upstream_added_ms']:+.2f} ms, {d['upstream_added_over_sync_round_trip']:.2f}x one more gRPC round trip "
+               f"of the request, of which its own work {d['inprocess_added_ms']:+.2f} ms")
     except Missing:
         hop, hop_src = "", None
     stages = ", ".join(f"{k.removesuffix('_throughput_cost')} {signed_pct(-c['value'])}"
