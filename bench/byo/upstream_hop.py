@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,10 +38,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-MODEL = "hop"
-BATCHING = {"max_batch_size": 16}  # as bench/byo/resnet50.py serves
-
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import resnet50 as r50  # noqa: E402  (bench/byo/resnet50.py: its bare V2 server; bench/serving/run.py as .serving)
 
@@ -50,6 +47,8 @@ from robustgate.protos import open_inference_grpc_pb2 as pb  # noqa: E402
 from robustgate.protos import open_inference_grpc_pb2_grpc as pbg  # noqa: E402
 from robustgate.proxy.backends.upstream import MODEL_INFER_METHOD  # noqa: E402
 
+MODEL = "hop"
+BATCHING = {"max_batch_size": 16}  # as bench/byo/resnet50.py serves
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
@@ -145,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in reversed(servers):
             s.stop()
+        shutil.rmtree(work, ignore_errors=True)
     p50 = {k: statistics.median(v) for k, v in rounds.items()}
     added = {k: [a - b for a, b in zip(rounds[k], rounds["direct"])] for k in ("proxy_inprocess", "proxy_upstream")}
     derived = {
@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(f"{args.out}.md").write_text(markdown(res))
     print(markdown(res))
     return 0
-
 
 
 def markdown(r: dict) -> str:
