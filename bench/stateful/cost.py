@@ -8,7 +8,7 @@ images and [3, 32, 32] uniform noise.
     python bench/stateful/cost.py [--entries 1000000] [--out bench/results/stateful.cost]
 
 ``--method knn``: the same for the k-NN method (defenses/stateful/knn.py): the embedding store
-(knn_store.py) filled with 1,000,000 synthetic float16 embeddings, one store call (k-NN over the
+(knn_store.py) filled with 1,000,000 synthetic float32 embeddings, one store call (k-NN over the
 client's history + insert) on the full store, and ``observe`` (keyed digest + ONNX Runtime encoder
 + store) at batch 1, 16 and 64; the encoder is a freshly initialised one of the configured width
 and dim per input shape (its cost does not depend on its weights).
@@ -122,11 +122,11 @@ def start_redis() -> tuple[subprocess.Popen, str, Path]:
 
 
 def knn_stream(rng: np.random.Generator, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` queries of one client: digests ``[n]`` and float16 embeddings ``[n, dim]``, each a small
+    """``n`` queries of one client: digests ``[n]`` and float32 embeddings ``[n, dim]``, each a small
     step from the previous one (an attack's near-copies)."""
     steps = rng.normal(scale=0.05, size=(n, dim)).astype(np.float32)
     steps[0] = rng.normal(size=dim)
-    return rng.integers(1, 2**63, n, dtype=np.uint64), np.cumsum(steps, axis=0).astype(np.float16)
+    return rng.integers(1, 2**63, n, dtype=np.uint64), np.cumsum(steps, axis=0)
 
 
 def knn_main(args) -> None:

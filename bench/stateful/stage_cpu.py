@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benign {name}: {r['cpu_us_per_item']:.1f} us CPU per item", flush=True)
     # 3. the k-NN parts
     measure("digests", lambda a: digests(torch.from_numpy(a[0]), key), stream.next)
-    measure("encoder (own session)", lambda a: det.embed(torch.from_numpy(a[0])).astype(np.float16), stream.next)
+    measure("encoder (own session)", lambda a: det.embed(torch.from_numpy(a[0])), stream.next)
     measure("encode (digests + own session)", lambda a: det.encode(torch.from_numpy(a[0])), stream.next)
     measure("store observe_batch", lambda g: det.store.observe_batch(g, k, time.time()), store_groups)
     measure("scores (knn_scores + tensors)",

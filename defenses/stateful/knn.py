@@ -10,7 +10,7 @@ one picture -- embed close, and different pictures far apart; a query is attack-
 
 1. encode: pixels scaled to [0, 1] -> ``e(x)`` ``[d]`` (ONNX Runtime: in the backbone's fused pass when
    the proxy fuses it, ``onnx_embedding_model``, else in a session of one intra-op thread), stored
-   as float16 with a keyed digest of the raw input (exact retries);
+   as float32 with a keyed digest of the raw input (exact retries);
 2. score: from the l2 distances of ``e(x)`` to its ``k`` nearest earlier (non-retry) queries of the
    client (defenses/stateful/knn_store.py), ``D`` = the distance to the ``k``-th nearest
    (``statistic: kth``, the default) or their mean (``statistic: mean``, the paper's), reported as
@@ -313,7 +313,7 @@ class KnnDetector(StatefulDetector):
         return self._session.run_numpy(self._unit(x).numpy())
 
     def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
-        return digests(x, self.store.fingerprint_key()), self.embed(x).astype(np.float16)
+        return digests(x, self.store.fingerprint_key()), self.embed(x).astype(np.float32, copy=False)
 
     def onnx_embedding_model(self):
         """``encoder.onnx`` reading raw pixels in ``value_range`` (the scaling to [0, 1] of
@@ -330,7 +330,7 @@ class KnnDetector(StatefulDetector):
         emb = np.asarray(embedding)
         if emb.shape != (x.shape[0], self.dim):
             raise ValueError(f"{self.kind}: embedding must be [{x.shape[0]}, {self.dim}], got {emb.shape}")
-        return digests(x, self.store.fingerprint_key()), emb.astype(np.float16)
+        return digests(x, self.store.fingerprint_key()), emb.astype(np.float32, copy=False)
 
     def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
         dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now)

@@ -2,7 +2,7 @@
 client's recent queries as embeddings, bounded like Blacklight's store (defenses/stateful/store.py).
 
 A store holds, per client, its recent queries: one 64-bit keyed digest of the exact input (retries
-are recognised by it) and one embedding ``[d]`` float16. One call,
+are recognised by it) and one embedding ``[d]`` float32. One call,
 ``observe(client, digests [N], embeddings [N, d], k, now) -> [N, k]``, scores and records a client's
 queries in order (query ``i`` against the history including queries ``0..i-1``):
 
@@ -16,9 +16,11 @@ Bounds, with the semantics of :class:`~robustgate.defenses.stateful.store.Memory
 ``max_entries`` remembered queries in all (an entry is live while fewer than ``max_entries``
 queries were recorded after it, by any client: the oldest fall out first), ``max_per_client`` per
 client (a client's oldest fall out first), ``ttl_s`` seconds, ``max_clients`` clients (the least
-recently active is forgotten: LRU). Blocks and detection counts as MemoryStore's (``ClientFlags``).
+recently active is forgotten: LRU). The TTL drops rows when a client's rows are trimmed (after each
+call that records its queries, or pushes its entries out of the global bound): a row dropped for its
+age stays dropped if the clock later steps back. Blocks and detection counts as MemoryStore's (``ClientFlags``).
 
-Layout: per client, contiguous numpy buffers (embeddings ``[cap, d]`` float16, digests, times,
+Layout: per client, contiguous numpy buffers (embeddings ``[cap, d]`` float32, digests, times,
 sequence numbers, the client's running index) whose live part is ``[start, end)``; they grow
 geometrically and shrink when mostly dead. Sequence numbers and running indices grow along the rows,
 and so do the times unless the clock stepped back: then the rows a query sees are a suffix of the
@@ -27,6 +29,12 @@ history empties). One global ring ``owner[max_entries]`` (uint32 client
 ids, by sequence number) says whose entry each new query pushes out of the global bound, so dead
 entries are dropped when they die, not when their client next calls: memory follows the live
 entries (``stats()["bytes"]``; bench/results/stateful.cost.knn.md measures it at 1,000,000).
+
+The rows are float32, not float16: a query is compared with its client's whole history, and
+converting a few thousand float16 rows to float32 for the product cost more than the product
+itself (bench/results/stateful.stage_cpu.md); float32 costs 4 more bytes per dimension per entry
+(~60 MiB more at 1,000,000 entries of 32 dimensions). A call of one query (the usual one: a batch's
+items come from different clients) takes a shorter path than the general one, to the same result.
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ import threading
 import time
 from collections import OrderedDict
 import numpy as np
-import torch
 
 from robustgate.defenses.stateful.store import ClientFlags, HistoryStore
 
@@ -56,7 +63,7 @@ class _History:
         self._alloc(_MIN_CAP, dim)
 
     def _alloc(self, cap: int, dim: int) -> None:
-        self.emb = np.zeros((cap, dim), dtype=np.float16)
+        self.emb = np.zeros((cap, dim), dtype=np.float32)
         self.sq = np.zeros(cap, dtype=np.float32)  # squared norms of the rows (pairwise_l2)
         self.digest = np.zeros(cap, dtype=np.uint64)
         self.time = np.zeros(cap, dtype=np.float64)
@@ -92,8 +99,7 @@ class _History:
             self.monotone = False
         sl = slice(self.end, self.end + n)
         self.emb[sl], self.digest[sl], self.time[sl], self.seq[sl] = emb, digest, now, seq
-        e32 = emb.astype(np.float32)
-        self.sq[sl] = (e32 * e32).sum(1)
+        self.sq[sl] = np.einsum("nd,nd->n", emb, emb)
         self.cidx[sl] = np.arange(self.count, self.count + n)
         self.end += n
         self.count += n
@@ -113,25 +119,15 @@ class _History:
         return cut
 
 
-def pairwise_sq(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None,
-                scratch: np.ndarray | None = None) -> np.ndarray:
-    """``[N, d]`` x ``[M, d]`` (float16 or float32) -> ``[N, M]`` float32 squared Euclidean distances,
-    computed in float32 as ``|a|^2 + |b|^2 - 2 a.b`` and clamped at 0; ``b_sq`` ``[M]``: the rows'
-    squared norms when known. The float16 -> float32 conversion of ``b`` in torch (several times
-    faster than numpy's), into ``scratch`` (``[>= M, d]`` float32, reused across calls: a fresh
-    buffer of a whole history per call costs its page faults) when given; the product with numpy's
-    BLAS (for a few queries a matrix-vector product, twice as fast as torch's matmul at this size:
-    bench/results/stateful.stage_cpu.md)."""
-    if b.dtype == np.float32:
-        b32 = b
-    elif scratch is not None:
-        b32 = scratch[:b.shape[0]]
-        torch.from_numpy(b32).copy_(torch.from_numpy(np.ascontiguousarray(b)))  # [M, d]
-    else:
-        b32 = torch.from_numpy(np.ascontiguousarray(b)).float().numpy()  # [M, d]
+def pairwise_sq(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+    """``[N, d]`` x ``[M, d]`` float32 -> ``[N, M]`` float32 squared Euclidean distances, computed as
+    ``|a|^2 + |b|^2 - 2 a.b`` and clamped at 0; ``b_sq`` ``[M]``: the rows' squared norms when known.
+    The product with numpy's BLAS (for a few queries a matrix-vector product, twice as fast as
+    torch's matmul at this size: bench/results/stateful.stage_cpu.md)."""
     a32 = np.asarray(a, dtype=np.float32)  # [N, d]
-    sq_b = (b32 * b32).sum(1) if b_sq is None else b_sq
-    d2 = (a32 * a32).sum(1)[:, None] + sq_b[None, :]  # [N, M]
+    b32 = np.asarray(b, dtype=np.float32)  # [M, d]
+    sq_b = np.einsum("md,md->m", b32, b32) if b_sq is None else b_sq
+    d2 = np.einsum("nd,nd->n", a32, a32)[:, None] + sq_b[None, :]  # [N, M]
     ab = b32 @ a32.T  # [M, N]
     ab *= 2.0
     d2 -= ab.T
@@ -173,7 +169,6 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._held = 0  # live entries over all clients
         self._bytes = 0  # the clients' buffers and objects (stats; kept current, not summed per scrape)
         self._dim: int | None = None
-        self._scratch = np.empty((0, 0), dtype=np.float32)  # a history in float32, per call (pairwise_sq; under _lock)
         self._lock = threading.Lock()
         self._init_flags()
 
@@ -229,7 +224,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             self._dim = self._dim or int(e.shape[1])
         now = time.time() if now is None else float(now)
         with self._lock:
-            return [self._observe(self._client(c, e.shape[1]), d, e.astype(np.float16, copy=False), k, now)
+            return [self._observe(self._client(c, e.shape[1]), d, np.asarray(e, dtype=np.float32), k, now)
                     for c, d, e in groups]
 
     def _live(self, h: _History, seq: int, count: int, now: float) -> np.ndarray:
@@ -264,8 +259,29 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             return self._first_live(h, self._seq + r, h.count + r, now)
         return self._live(h, self._seq + r, h.count + r, now)
 
+    def _observe_one(self, h: _History, digest: np.ndarray, emb: np.ndarray, k: int, now: float) -> np.ndarray:
+        """:meth:`_observe` for one query of a client whose rows' times are monotone: the rows it sees
+        are ``[first, end)``; no call-internal retries or moving bounds to consider."""
+        first, e = self._first_live(h, self._seq, h.count, now), h.end
+        if first < e and (h.digest[first:e] == digest[0]).any():  # an exact retry: no evidence, not recorded
+            return np.full((1, k), np.inf, dtype=np.float32)
+        if first < e:
+            q = emb[0]  # [d]
+            d2 = h.emb[first:e] @ q  # [M]: a matrix-vector product (pairwise_sq's arithmetic, float32 rounding)
+            d2 *= -2.0
+            d2 += h.sq[first:e]
+            d2 += q @ q
+            np.maximum(d2, 0.0, out=d2)
+            out = np.sqrt(k_smallest(d2[None, :], k))  # [1, k]; sqrt is monotone
+        else:
+            out = np.full((1, k), np.inf, dtype=np.float32)
+        self._record(h, emb, digest, now)
+        return out
+
     def _observe(self, h: _History, digests: np.ndarray, emb: np.ndarray, k: int, now: float) -> np.ndarray:
         n, s, e = digests.shape[0], h.start, h.end
+        if n == 1 and h.monotone:
+            return self._observe_one(h, digests, emb, k, now)
         hist = h.digest
         # 1. which history rows each query sees: the same for the whole call unless a bound moves in it
         seen0 = self._seen(h, 0, now)
@@ -311,9 +327,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         base = seen0 if h.monotone else s  # the first history row compared (columns from there)
         parts = []
         if base < e:
-            if self._scratch.shape[0] < e - base or self._scratch.shape[1] != q.shape[1]:  # grows to the longest history
-                self._scratch = np.empty((max(e - base, 2 * self._scratch.shape[0]), q.shape[1]), dtype=np.float32)
-            d2 = pairwise_sq(q, h.emb[base:e], h.sq[base:e], self._scratch)  # [R, e - base]
+            d2 = pairwise_sq(q, h.emb[base:e], h.sq[base:e])  # [R, e - base]
             if moving:  # each query's own view
                 for j, view in enumerate(views):
                     if h.monotone:
@@ -335,10 +349,16 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         else:
             out = np.full((n, k), np.inf, dtype=np.float32)
             out[idx] = near
-        # 4. record them, then drop what fell out of the bounds (this client's and the owners')
+        self._record(h, q, digests if idx is None else digests[idx], now)
+        return out
+
+    def _record(self, h: _History, emb: np.ndarray, digests: np.ndarray, now: float) -> None:
+        """Records a client's ``[R]`` new queries, then drops what fell out of the bounds (this
+        client's rows and those of the owners of the entries they push out of the global bound)."""
+        r = digests.shape[0]
         seqs = np.arange(self._seq + 1, self._seq + 1 + r, dtype=np.int64)
         self._bytes -= h.bytes
-        h.append(q, digests if idx is None else digests[idx], now, seqs)
+        h.append(emb, digests, now, seqs)
         self._bytes += h.bytes
         self._held += r
         self._seq += r
@@ -354,4 +374,3 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
                 self._held -= owner.trim(self._seq - self.max_entries + 1,
                                          owner.count - self.max_per_client, now - self.ttl_s)
                 self._bytes += owner.bytes
-        return out
