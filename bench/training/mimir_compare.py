@@ -46,6 +46,7 @@ runs on a bare GPU machine with torchattacks carried as a wheel (docs/MIMIR.md h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -143,18 +144,24 @@ class Run:
         return make_loader(self.train_x, self.args.batch_size, seed)
 
 
+@functools.lru_cache(maxsize=1)
+def revision() -> str:
+    """The checkout's commit when first asked: ``main`` asks at the start, so a run of an hour records
+    the code it ran, not a commit made while it ran."""
+    try:
+        import subprocess
+
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def machine(device: torch.device) -> dict:
     """The keys bench/report.py reads (cpu, cores, robustgate_revision) and the device used."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
-    try:
-        import subprocess
-
-        revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True, timeout=10).stdout.strip() or "?"
-    except (OSError, subprocess.SubprocessError):
-        revision = "?"
-    info = {"cpu": cpu, "cores": os.cpu_count(), "robustgate_revision": revision, "python": platform.python_version(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "robustgate_revision": revision(), "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
             "device": str(device), "load_average_at_end": os.getloadavg()}
     if device.type == "cuda":
@@ -692,6 +699,7 @@ def _compare_md(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    revision()  # the commit this run starts from (machine())
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("phase", choices=["cost", "mi-check", "sweep", "compare", "merge"])
     p.add_argument("--parts", nargs="+", type=Path, help="merge: the compare results (JSON) to merge")
