@@ -375,7 +375,8 @@ def compare(args: argparse.Namespace) -> int:
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise SystemExit(f"--arms: unknown {sorted(unknown)}; known: {', '.join(ARMS)}")
-    per_step = calibrate(run, lam, args.calibration_steps)
+    per_step = (calibration_from(run, args, args.calibration_from) if args.calibration_from
+                else calibrate(run, lam, args.calibration_steps))
     budget = args.budget_minutes * 60
     train_budget = budget * (1 - args.eval_share) - run.elapsed()
     seconds = args.arm_seconds or max(1.0, train_budget / (len(arms) * len(seeds)))
@@ -424,7 +425,9 @@ def _scored(arms: list[str], seeds: list[int], records: list[dict], scored_outco
         rob = [float(o.mean()) for o in outcomes[arm]]
         summary[arm] = {"label": ARMS[arm], "robust_per_seed": rob, "robust_mean": float(np.mean(rob)) if rob else None,
                         "clean_per_seed": [float(o.mean()) for o in clean_out[arm]],
-                        "train_seconds_per_seed": [r["train_seconds"] for r in records if r["arm"] == arm]}
+                        "train_seconds_per_seed": [r["train_seconds"] for r in records if r["arm"] == arm],
+                        "steps_per_seed": [[r.get("pretrain", {}).get("steps", 0), r["finetune"]["steps"]]
+                                           for r in records if r["arm"] == arm]}
     complete = {arm: o for arm, o in outcomes.items() if len(o) == len(seeds)}
     pairs = compare_pairs(complete) if n_eval else []
     target = next((p for p in pairs if (p["first"], p["second"]) == ("mimir", "scratch")), None)
@@ -448,8 +451,10 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         "what": "MIMIR vs adversarial MAE vs MAE + PGD-AT vs PGD-AT from scratch at equal wall-clock training time",
         "complete": final, "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
         "started_utc": run.started_utc,
-        "equal_compute": "wall clock: each arm and seed trains for the same planned seconds, from per-step times "
-                         "measured in this process (calibration); realized seconds in train_seconds_per_seed",
+        "equal_compute": ("wall clock: each arm and seed trains for the same planned seconds, from per-step times "
+                          + (f"measured by the part {args.calibration_from} (--calibration-from)"
+                             if getattr(args, "calibration_from", None) else "measured in this process (calibration)")
+                          + "; realized seconds in train_seconds_per_seed"),
         "lam": lam, "lam_source": "sweep" if args.lam is None else "--lam", "sigma": args.sigma or "median",
         "estimator": args.estimator,
         "attack": ("AutoAttack standard (torchattacks: APGD-CE, APGD-T, FAB-T, Square), linf eps 0.1"
@@ -473,6 +478,29 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
 
 MUST_AGREE = ("lam", "estimator", "sigma", "attack", "arch", "ft_pgd_steps", "batch_size", "pretrain_share",
               "planned_train_seconds_per_arm", "train_items")
+
+
+CALIBRATION_MUST_AGREE = ("arch", "batch_size", "ft_pgd_steps", "estimator")
+
+
+def calibration_from(run: Run, args: argparse.Namespace, path: Path) -> dict[str, float]:
+    """The per-step times of an earlier ``compare`` part (its ``seconds_per_step``) instead of this
+    process's calibration: every part of one comparison then gives each arm the same steps, which a
+    fresh calibration on a shared CPU does not (two parts here measured the PGD-3 step 10% apart).
+    Refused unless the part ran the same architecture, batch, PGD steps and estimator on the same
+    kind of machine."""
+    part = json.loads(Path(path).read_text())
+    mine = {"arch": run.arch, "batch_size": args.batch_size, "ft_pgd_steps": args.ft_pgd_steps,
+            "estimator": args.estimator}
+    for key in CALIBRATION_MUST_AGREE:
+        if part.get(key) != mine[key]:
+            raise SystemExit(f"--calibration-from: {path} ran {key} {part.get(key)!r}, this run {mine[key]!r}")
+    here = machine(run.device)
+    for key in ("cpu", "cores", "device", "gpu"):
+        if part["machine"].get(key) != here.get(key):
+            raise SystemExit(f"--calibration-from: {path} ran on {key} {part['machine'].get(key)!r}, this machine "
+                             f"has {here.get(key)!r}")
+    return {k: float(v) for k, v in part["seconds_per_step"].items()}
 
 
 def merge(args: argparse.Namespace) -> int:
@@ -671,13 +699,15 @@ def _compare_md(r: dict) -> str:
              f"(pre-training share {r['pretrain_share']}, fine-tuning PGD-{r['ft_pgd_steps']}). Attack: {r['attack']} "
              f"on {r['eval_images']} ({r['n_eval_asked']} asked; chunks stop at the budget), seeds {r['seeds']}."
              + ("" if r["complete"] else " **Incomplete: written while running.**") + "\n",
-             "| arm | robust per seed (%) | **robust mean** | clean per seed | training s per seed |",
-             "| --- | --- | --- | --- | --- |"]
+             "| arm | robust per seed (%) | **robust mean** | clean per seed | training s per seed | steps per seed "
+             "(pre-training + fine-tuning) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for s in r["summary"].values():
         mean = _pct(s["robust_mean"]) if s["robust_mean"] is not None else "n/a"
         lines.append(f"| {s['label']} | {', '.join(_pct(v) for v in s['robust_per_seed'])} | "
                      f"**{mean}** | {', '.join(_pct(v) for v in s['clean_per_seed'])} | "
-                     f"{', '.join(f'{v:.0f}' for v in s['train_seconds_per_seed'])} |")
+                     f"{', '.join(f'{v:.0f}' for v in s['train_seconds_per_seed'])} | "
+                     f"{', '.join(f'{a} + {b}' for a, b in s.get('steps_per_seed', []))} |")
     lines += ["", "Paired tests (per-image robust outcomes on the same images):", "",
               "| first - second | difference (seed-averaged) | bootstrap 95% CI | McNemar p per seed | pooled p |",
               "| --- | --- | --- | --- | --- |"]
@@ -747,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="cost: alternations of MAE and MIMIR epochs (default 3)")
     p.add_argument("--cost-images", type=int, default=1024, help="cost: images per epoch (default 1024)")
     p.add_argument("--calibration-steps", type=int, default=3)
+    p.add_argument("--calibration-from", type=Path,
+                   help="compare: take the per-step times of an earlier compare part (its JSON) instead of measuring "
+                        "them, so that every part of one comparison gives each arm the same steps")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path,
                    help="output stem (default bench/results/training.mimir_compare[.cost|.sweep])")

@@ -1,8 +1,10 @@
 """bench/training/mimir_compare.py's merge: one comparison from runs that each trained some arms.
 
 Two real (tiny, CPU) ``compare`` runs -- one arm each, same settings and ``--arm-seconds`` -- are
-merged; the merged report scores both arms on the same images with the same per-image outcomes
-the parts recorded, and the refusals (an arm trained twice, settings that differ) write nothing.
+merged (the second taking the first's per-step times, ``--calibration-from``); the merged report
+scores both arms on the same images with the same per-image outcomes the parts recorded and gives
+each model's steps, and the refusals (an arm trained twice, settings that differ, a calibration
+from other settings) write nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ TINY = ["--budget-minutes", "1", "--seeds", "0", "--n-eval", "8", "--n-val", "8"
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     d = tmp_path_factory.mktemp("mimir-parts")
-    for arm in ("scratch", "mae"):
-        assert mc.main(["compare", "--arms", arm, "--arm-seconds", "2", "--out", str(d / arm), *TINY]) == 0
+    assert mc.main(["compare", "--arms", "scratch", "--arm-seconds", "2", "--out", str(d / "scratch"), *TINY]) == 0
+    # the second part takes the first's per-step times: the same steps per arm in every part
+    assert mc.main(["compare", "--arms", "mae", "--arm-seconds", "2", "--out", str(d / "mae"), *TINY,
+                    "--calibration-from", str(d / "scratch.json")]) == 0
     return d
 
 
@@ -47,6 +51,11 @@ def test_merge_scores_every_arm_on_the_parts_outcomes(parts, tmp_path):
     pair = [p for p in merged["paired"] if {p["first"], p["second"]} == {"mae", "scratch"}]
     assert len(pair) == 1 and len(merged["parts"]) == 2 and merged["planned_train_seconds_per_arm"] == 2.0
     assert (tmp_path / "merged.md").read_text().startswith("# MIMIR comparison")
+    # one calibration for both parts; each model's steps are reported
+    assert b["seconds_per_step"] == a["seconds_per_step"] and "--calibration-from" in b["equal_compute"]
+    ft = max(1, int(2.0 / a["seconds_per_step"]["pgd-at"]))
+    assert merged["summary"]["scratch"]["steps_per_seed"] == [[0, ft]]
+    assert merged["summary"]["mae"]["steps_per_seed"][0][1] == max(1, int(1.0 / a["seconds_per_step"]["pgd-at"]))
 
 
 def test_merge_refuses_an_arm_twice_and_settings_that_differ(parts, tmp_path):
@@ -58,3 +67,7 @@ def test_merge_refuses_an_arm_twice_and_settings_that_differ(parts, tmp_path):
     with pytest.raises(SystemExit, match="planned_train_seconds_per_arm"):
         mc.main(["merge", "--parts", str(parts / "scratch.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x.json").exists()
+    with pytest.raises(SystemExit, match="batch_size"):  # per-step times of another batch size do not apply
+        mc.main(["compare", "--arms", "mae", "--arm-seconds", "2", "--out", str(tmp_path / "y"), *TINY,
+                 "--batch-size", "16", "--calibration-from", str(parts / "scratch.json")])
+    assert not (tmp_path / "y.json").exists()
