@@ -488,7 +488,7 @@ def calibration_from(run: Run, args: argparse.Namespace, path: Path) -> dict[str
     process's calibration: every part of one comparison then gives each arm the same steps, which a
     fresh calibration on a shared CPU does not (two parts here measured the PGD-3 step 10% apart).
     Refused unless the part ran the same architecture, batch, PGD steps and estimator on the same
-    kind of machine."""
+    kind of machine with as many threads."""
     part = json.loads(Path(path).read_text())
     mine = {"arch": run.arch, "batch_size": args.batch_size, "ft_pgd_steps": args.ft_pgd_steps,
             "estimator": args.estimator}
@@ -496,7 +496,7 @@ def calibration_from(run: Run, args: argparse.Namespace, path: Path) -> dict[str
         if part.get(key) != mine[key]:
             raise SystemExit(f"--calibration-from: {path} ran {key} {part.get(key)!r}, this run {mine[key]!r}")
     here = machine(run.device)
-    for key in ("cpu", "cores", "device", "gpu"):
+    for key in ("cpu", "cores", "device", "gpu", "torch_threads"):
         if part["machine"].get(key) != here.get(key):
             raise SystemExit(f"--calibration-from: {path} ran on {key} {part['machine'].get(key)!r}, this machine "
                              f"has {here.get(key)!r}")
