@@ -266,13 +266,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         if first < e and (h.digest[first:e] == digest[0]).any():  # an exact retry: no evidence, not recorded
             return np.full((1, k), np.inf, dtype=np.float32)
         if first < e:
-            q = emb[0]  # [d]
-            d2 = h.emb[first:e] @ q  # [M]: a matrix-vector product (pairwise_sq's arithmetic, float32 rounding)
-            d2 *= -2.0
-            d2 += h.sq[first:e]
-            d2 += q @ q
-            np.maximum(d2, 0.0, out=d2)
-            out = np.sqrt(k_smallest(d2[None, :], k))  # [1, k]; sqrt is monotone
+            out = np.sqrt(k_smallest(pairwise_sq(emb, h.emb[first:e], h.sq[first:e]), k))  # [1, k]; sqrt is monotone
         else:
             out = np.full((1, k), np.inf, dtype=np.float32)
         self._record(h, emb, digest, now)
