@@ -453,7 +453,7 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         "started_utc": run.started_utc,
         "equal_compute": ("wall clock: each arm and seed trains for the same planned seconds, from per-step times "
                           + (f"measured by the part {args.calibration_from} (--calibration-from)"
-                             if getattr(args, "calibration_from", None) else "measured in this process (calibration)")
+                             if args.calibration_from else "measured in this process (calibration)")
                           + "; realized seconds in train_seconds_per_seed"),
         "lam": lam, "lam_source": "sweep" if args.lam is None else "--lam", "sigma": args.sigma or "median",
         "estimator": args.estimator,

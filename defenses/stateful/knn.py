@@ -313,7 +313,7 @@ class KnnDetector(StatefulDetector):
         return self._session.run_numpy(self._unit(x).numpy())
 
     def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
-        return digests(x, self.store.fingerprint_key()), self.embed(x).astype(np.float32, copy=False)
+        return digests(x, self.store.fingerprint_key()), self.embed(x)
 
     def onnx_embedding_model(self):
         """``encoder.onnx`` reading raw pixels in ``value_range`` (the scaling to [0, 1] of
@@ -330,7 +330,7 @@ class KnnDetector(StatefulDetector):
         emb = np.asarray(embedding)
         if emb.shape != (x.shape[0], self.dim):
             raise ValueError(f"{self.kind}: embedding must be [{x.shape[0]}, {self.dim}], got {emb.shape}")
-        return digests(x, self.store.fingerprint_key()), emb.astype(np.float32, copy=False)
+        return digests(x, self.store.fingerprint_key()), emb
 
     def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
         dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now)

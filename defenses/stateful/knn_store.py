@@ -33,7 +33,8 @@ entries (``stats()["bytes"]``; bench/results/stateful.cost.knn.md measures it at
 The rows are float32, not float16: a query is compared with its client's whole history, and
 converting a few thousand float16 rows to float32 for the product cost more than the product
 itself (bench/results/stateful.stage_cpu.md); float32 costs 4 more bytes per dimension per entry
-(~60 MiB more at 1,000,000 entries of 32 dimensions). A call of one query (the usual one: a batch's
+(with the buffers' growth below, 180 MiB per 1,000,000 entries of 32 dimensions:
+bench/results/stateful.cost.knn.md). A call of one query (the usual one: a batch's
 items come from different clients) takes a shorter path than the general one, to the same result.
 """
 
