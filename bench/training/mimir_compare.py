@@ -489,7 +489,12 @@ def calibration_from(run: Run, args: argparse.Namespace, path: Path) -> dict[str
     fresh calibration on a shared CPU does not (two parts here measured the PGD-3 step 10% apart).
     Refused unless the part ran the same architecture, batch, PGD steps and estimator on the same
     kind of machine with as many threads."""
-    part = json.loads(Path(path).read_text())
+    try:
+        part = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--calibration-from: cannot read {path}: {exc}") from None
+    if not isinstance(part, dict) or "seconds_per_step" not in part or "machine" not in part:
+        raise SystemExit(f"--calibration-from: {path} is not a compare result (no seconds_per_step / machine)")
     mine = {"arch": run.arch, "batch_size": args.batch_size, "ft_pgd_steps": args.ft_pgd_steps,
             "estimator": args.estimator}
     for key in CALIBRATION_MUST_AGREE:

@@ -71,3 +71,9 @@ def test_merge_refuses_an_arm_twice_and_settings_that_differ(parts, tmp_path):
         mc.main(["compare", "--arms", "mae", "--arm-seconds", "2", "--out", str(tmp_path / "y"), *TINY,
                  "--batch-size", "16", "--calibration-from", str(parts / "scratch.json")])
     assert not (tmp_path / "y.json").exists()
+    (tmp_path / "sweep.json").write_text(json.dumps({"lams": [0.1]}))
+    for bad, match in ((tmp_path / "none.json", "cannot read"), (tmp_path / "sweep.json", "not a compare result")):
+        with pytest.raises(SystemExit, match=match):
+            mc.main(["compare", "--arms", "mae", "--arm-seconds", "2", "--out", str(tmp_path / "y"), *TINY,
+                     "--calibration-from", str(bad)])
+    assert not (tmp_path / "y.json").exists()
