@@ -95,6 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mimir-/mae-pretrain: reconstruct raw pixels instead of per-patch normalized ones")
     g.add_argument("--mi-estimator", default="nhsic_cca", choices=["nhsic_cca", "hsic"],
                    help="mimir-pretrain: mutual-information estimator (default nhsic_cca, as the reference code)")
+    g.add_argument("--mi-perturbation", default="pgd", choices=["pgd", "carry"],
+                   help="mimir-pretrain: one PGD step per batch (pgd, the reference's) or each image's delta carried "
+                        "across epochs and moved by the training step's own input gradient (carry: no extra pass, "
+                        "docs/MIMIR.md)")
     g.add_argument("--eps", type=float, default=0.1, help="l-inf radius in [0, 1] pixel units (default 0.1)")
     g.add_argument("--alpha", type=float, help="attack step size (default 1.25*eps for fast-at, 2.5*eps/steps otherwise)")
     g.add_argument("--steps", type=int, default=10, help="inner attack steps for pgd-at / trades / mart (default 10)")
@@ -164,7 +168,8 @@ def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     result = pretrain(
-        mae, make_loader(train_x, cfg.batch_size, cfg.seed), epochs=cfg.epochs,
+        mae, make_loader(train_x, cfg.batch_size, cfg.seed, indexed=mimir and args.mi_perturbation == "carry"),
+        epochs=cfg.epochs, perturbation=args.mi_perturbation if mimir else "pgd",
         eps=cfg.eps if mimir else 0.0, steps=1 if mimir else 0,
         step_size=(cfg.alpha or 1.25 * cfg.eps) if mimir else 0.0,
         lam=args.mi_lambda if mimir else 0.0, sigma=parse_sigma(args.mi_sigma), estimator=args.mi_estimator,
@@ -172,6 +177,7 @@ def pretrain_encoder(cfg, args: argparse.Namespace) -> dict:
         progress=cfg.progress, checkpoint=out / "pretrained.safetensors",
     )
     return {"pretrained": str(out / "pretrained.safetensors"), "method": args.method, "device": str(device),
+            "perturbation": args.mi_perturbation if mimir else None,
             "classifier_arch_kwargs": {"pos_embed": kwargs["pos_embed"]},
             "loss_per_epoch": result.losses, "rec_loss_per_epoch": result.rec_losses,
             "mi_share_per_epoch": result.mi_share, "pgd_seconds_per_epoch": result.pgd_seconds,

@@ -37,7 +37,18 @@ For Fashion-MNIST the threat model of this project is eps = 0.1 (see docs/MIMIR.
 Known limits: the robustness comes from the adversarial *fine-tuning*; pre-training alone gives
 no robust classifier. The MI penalty is an HSIC proxy, not a bound. One PGD step per batch makes
 pre-training cost roughly one extra forward/backward over MAE's (the paper reports 18.4 s vs
-16.1 s per CIFAR-10 epoch on GPUs; on a CPU the ratio is larger, see docs/MIMIR.md).
+16.1 s per CIFAR-10 epoch on GPUs; measured here 1.67x per batch on an H200 and ~1.9x on a CPU,
+see docs/MIMIR.md).
+
+``perturbation="carry"`` (an option, not the reference's recipe) removes that extra pass: each
+training image keeps its delta from one epoch to the next, and the training step's own backward
+pass, which computes the input gradient almost for free, moves it by one signed step after the
+update -- the gradient reuse of "Adversarial training for free!" (Shafahi et al., NeurIPS 2019)
+with the per-example perturbations carried across epochs of ATTA (Zheng et al., CVPR 2020). Two
+differences from step 2 above: the step the model trains on was taken against the model of the
+image's previous visit (one epoch old), and it ascends the whole training loss (reconstruction +
+lambda * MI, whose MI part is ~1% of it) rather than the reconstruction alone. Its cost per
+epoch: ``bench/results/training.mimir_compare.cost.md``.
 """
 
 from __future__ import annotations
@@ -74,6 +85,9 @@ def scaled_lr(blr: float, batch_size: int) -> float:
     """The reference's absolute learning rate: ``blr * batch_size / 256`` (MAE's linear scaling)."""
     return blr * batch_size / 256
 METHODS = ("mimir-pretrain", "mae-pretrain")
+# pretrain(perturbation=...): the reference's PGD step, or deltas carried across epochs (module docstring)
+PERTURBATIONS = ("pgd", "carry")
+CARRY = "mimir-pretrain-carry"  # _compare's name for mimir-pretrain with perturbation "carry"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,9 +115,16 @@ def pgd_delta(
         delta.requires_grad_(True)
         loss = model(x, x_in=x + delta, masking=masking)[0]
         (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
-        delta = (x + delta).clamp(0, 1) - x  # stay in the [0, 1] box
+        delta = ascend(x, delta.detach(), grad, eps=eps, step_size=step_size)
     return delta.detach()
+
+
+def ascend(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, *, eps: float, step_size: float) -> torch.Tensor:
+    """One signed l-inf ascent step: ``delta + step_size * sign(grad)`` projected on the eps-ball and
+    the [0, 1] box around ``x``; all ``[N, C, H, W]``. (A zero gradient -- a masked patch's pixels --
+    leaves its pixels where they were.)"""
+    delta = (delta + step_size * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1) - x
 
 
 def mimir_loss(
@@ -112,13 +133,16 @@ def mimir_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, rec, mi)``: loss = MSE(x, x_rec | x + delta) + lam * HSIC(x + delta, z).
 
-    ``mi`` is NaN when ``lam == 0`` (not computed, so the MAE baseline pays nothing for it).
+    ``mi`` is NaN when ``lam == 0`` (not computed, so the MAE baseline pays nothing for it). When
+    ``delta`` requires grad (``perturbation="carry"``), the backward pass of ``loss`` also fills
+    ``delta.grad`` through the model; the MI term's first argument never carries a gradient.
     """
-    x_adv = (x + delta).detach()  # the MI term's gradient goes to the encoder, not to the input
+    x_adv = x.detach() + delta  # [N, C, H, W]; keeps delta's graph only when delta requires grad
     rec, _, _, latent = model(x, x_in=x_adv, masking=masking)  # latent [N, 1 + K, dim]
     if lam == 0:
         return rec, rec.detach(), torch.tensor(float("nan"))
-    mi = ESTIMATORS[estimator](x_adv.flatten(1), latent.flatten(1), sigma_x=sigma, sigma_y=sigma)
+    # the MI term's gradient goes to the encoder (through z), not to the input directly
+    mi = ESTIMATORS[estimator](x_adv.detach().flatten(1), latent.flatten(1), sigma_x=sigma, sigma_y=sigma)
     return rec + lam * mi, rec.detach(), mi.detach()
 
 
@@ -181,6 +205,7 @@ def pretrain(
     device: str | torch.device = "cpu",
     progress: bool = True,
     checkpoint: str | Path | None = None,
+    perturbation: str = "pgd",
 ) -> PretrainResult:
     """MIMIR pre-training of ``model`` over ``loader`` (batches of images or ``(images, labels)``).
 
@@ -190,7 +215,11 @@ def pretrain(
     the median heuristic. ``max_steps`` stops (and ends the schedule) after that many batches.
     Masks and PGD starts come from a generator seeded with ``seed``; the loader's order is the
     caller's (seed it too for a reproducible run). The model is left in train mode on ``device``.
-    ``checkpoint``: safetensors path written at the end.
+    ``checkpoint``: safetensors path written at the end. ``perturbation``: ``"pgd"`` (the reference's
+    ``steps`` PGD steps per batch) or ``"carry"`` (module docstring: one delta per training image,
+    moved by the training step's own input gradient; needs ``steps == 1`` and a loader of
+    ``(images, indices)``, ``make_loader(..., indexed=True)``); ``pgd_seconds`` then times the
+    gather and update of the carried deltas.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -200,6 +229,16 @@ def pretrain(
         raise ValueError(f"eps={eps} needs steps >= 1 and step_size > 0, got {steps}, {step_size}")
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+    carry = perturbation == "carry"
+    if carry and (eps == 0 or steps != 1):
+        raise ValueError(f"perturbation 'carry' takes one step per visit of an image with eps > 0: got eps={eps}, "
+                         f"steps={steps}")
+    n_items = len(getattr(loader, "dataset", ())) if carry else 0
+    if carry and n_items == 0:
+        raise ValueError("perturbation 'carry' needs a loader with a dataset of (images, indices): "
+                         "make_loader(..., indexed=True)")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
     if lr <= 0:
@@ -214,7 +253,7 @@ def pretrain(
         warmup_epochs = PAPER_DEFAULTS["warmup_fraction"] * epochs
     config = dict(epochs=epochs, eps=eps, steps=steps, step_size=step_size, lam=lam,
                   sigma="median" if sigma is None else sigma, estimator=estimator, lr=lr, weight_decay=weight_decay,
-                  warmup_epochs=warmup_epochs, max_steps=max_steps, seed=seed, device=str(device),
+                  warmup_epochs=warmup_epochs, max_steps=max_steps, seed=seed, device=str(device), perturbation=perturbation,
                   method="mimir-pretrain" if (eps > 0 or lam > 0) else "mae-pretrain")
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -227,6 +266,7 @@ def pretrain(
     if default_warmup and total:  # 5% of the steps actually run (max_steps may end the run early)
         warmup = int(PAPER_DEFAULTS["warmup_fraction"] * total)
     result, step = PretrainResult(config=config), 0
+    carried = None  # perturbation "carry": [n_items, C, H, W], every image's delta, on the device
 
     for epoch in range(epochs):
         if max_steps is not None and step >= max_steps:
@@ -237,6 +277,14 @@ def pretrain(
             if max_steps is not None and step >= max_steps:
                 break
             x = _images(batch).to(device)  # [N, C, H, W] in [0, 1]
+            if carry:
+                if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and not batch[1].is_floating_point()):
+                    raise ValueError("perturbation 'carry' needs batches of (images, indices): "
+                                     "make_loader(..., indexed=True)")
+                idx = batch[1].to(device)  # [N] positions in the loader's dataset
+                if carried is None:  # a uniform random start, as PGD's, drawn once per image
+                    noise = torch.rand((n_items, *x.shape[1:]), generator=gen).to(device)
+                    carried = (2 * noise - 1) * eps
             if total:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, lr)
@@ -245,7 +293,10 @@ def pretrain(
             # 2. the perturbation that hurts reconstruction most (timed: the PGD step's share)
             _sync(device)
             tp = time.perf_counter()
-            delta = pgd_delta(model, x, masking, eps=eps, steps=steps, step_size=step_size, generator=gen)
+            if carry:  # this image's delta from its previous visit; the backward pass below moves it
+                delta = ((x + carried[idx]).clamp(0, 1) - x).requires_grad_(True)
+            else:
+                delta = pgd_delta(model, x, masking, eps=eps, steps=steps, step_size=step_size, generator=gen)
             _sync(device)
             t_pgd += time.perf_counter() - tp
             # 3. reconstruct the clean image from the perturbed one, penalize I(x + delta, z)
@@ -255,6 +306,12 @@ def pretrain(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if carry:
+                tp = time.perf_counter()
+                with torch.no_grad():
+                    carried[idx] = ascend(x, delta.detach(), delta.grad, eps=eps, step_size=step_size)
+                _sync(device)
+                t_pgd += time.perf_counter() - tp
             b = x.shape[0]
             mi_term = lam * mi.item() if lam > 0 else 0.0
             sums[0] += loss.item() * b
@@ -287,11 +344,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_loader(x: torch.Tensor, batch_size: int, seed: int = 0) -> torch.utils.data.DataLoader:
-    """A shuffled, seeded loader over in-memory images [N, C, H, W] (drop_last, as MAE)."""
+def make_loader(x: torch.Tensor, batch_size: int, seed: int = 0, indexed: bool = False) -> torch.utils.data.DataLoader:
+    """A shuffled, seeded loader over in-memory images [N, C, H, W] (drop_last, as MAE); batches are
+    ``(images,)``, or ``(images, indices [B])`` with ``indexed`` (``pretrain(perturbation="carry")``)."""
     gen = torch.Generator().manual_seed(seed)
+    tensors = (x, torch.arange(len(x))) if indexed else (x,)
     return torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x), batch_size=batch_size, shuffle=True, drop_last=True, generator=gen,
+        torch.utils.data.TensorDataset(*tensors), batch_size=batch_size, shuffle=True, drop_last=True, generator=gen,
     )
 
 
@@ -387,8 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="safetensors checkpoint to write")
     p.add_argument("--json", type=Path, default=None, help="write the PretrainResult here")
+    p.add_argument("--perturbation", choices=PERTURBATIONS, default="pgd",
+                   help="mimir-pretrain: the reference's PGD step (pgd) or deltas carried across epochs (carry)")
     p.add_argument("--compare", type=int, default=0, metavar="R",
-                   help="time R alternating epochs of MAE and MIMIR (same data, same contention) instead")
+                   help="time R alternating epochs of MAE, MIMIR and MIMIR with carried deltas (same data, same "
+                        "contention) instead")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -401,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     model = MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads, patch_size=args.patch_size)
     mimir = args.method == "mimir-pretrain"
     result = pretrain(
-        model, make_loader(x, args.batch_size, args.seed), epochs=args.epochs,
+        model, make_loader(x, args.batch_size, args.seed, indexed=mimir and args.perturbation == "carry"),
+        epochs=args.epochs, perturbation=args.perturbation if mimir else "pgd",
         eps=args.eps if mimir else 0.0, steps=args.steps if mimir else 0, step_size=args.step_size if mimir else 0.0,
         lam=args.lam if mimir else 0.0, sigma=args.sigma, estimator=args.estimator,
         lr=args.lr or scaled_lr(args.blr, args.batch_size), warmup_epochs=args.warmup_epochs, seed=args.seed,
@@ -418,25 +481,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(args: argparse.Namespace, x: torch.Tensor) -> int:
-    """Alternates one epoch of MAE and one of MIMIR, ``args.compare`` times; reports medians."""
+    """Alternates one epoch of MAE, one of MIMIR and one of MIMIR with carried deltas
+    (``mimir-pretrain-carry``), ``args.compare`` times; reports medians."""
     runs = {}
-    for method in METHODS:
+    for method in (*METHODS, CARRY):
         torch.manual_seed(args.seed)
         runs[method] = (MaskedAutoencoder(dim=args.dim, depth=args.depth, heads=args.heads,
                                           patch_size=args.patch_size), [], [], [])
     attack = dict(eps=args.eps, steps=args.steps, step_size=args.step_size, lam=args.lam)
-    clean = dict(eps=0.0, steps=0, step_size=0.0, lam=0.0)
+    settings = {"mimir-pretrain": attack, CARRY: {**attack, "steps": 1, "perturbation": "carry"},
+                "mae-pretrain": dict(eps=0.0, steps=0, step_size=0.0, lam=0.0)}
     for rep in range(args.compare):
         for method, (model, wall, cpu, pgd) in runs.items():
-            r = pretrain(model, make_loader(x, args.batch_size, args.seed + rep), epochs=1, sigma=args.sigma,
-                         estimator=args.estimator, lr=args.lr or scaled_lr(args.blr, args.batch_size),
-                         seed=args.seed + rep, progress=False, device=args.device,
-                         **(attack if method == "mimir-pretrain" else clean))
+            r = pretrain(model, make_loader(x, args.batch_size, args.seed + rep, indexed=method == CARRY), epochs=1,
+                         sigma=args.sigma, estimator=args.estimator,
+                         lr=args.lr or scaled_lr(args.blr, args.batch_size), seed=args.seed + rep, progress=False,
+                         device=args.device, **settings[method])
             wall.append(r.seconds[0])
             cpu.append(r.cpu_seconds[0])
             pgd.append(r.pgd_seconds[0])
     med = {m: (statistics.median(w), statistics.median(c)) for m, (_, w, c, _) in runs.items()}
     mimir_wall, mimir_pgd = runs["mimir-pretrain"][1], runs["mimir-pretrain"][3]
+    carry_wall, carry_update = runs[CARRY][1], runs[CARRY][3]
     report = {
         "config": dict(n=args.n, batch_size=args.batch_size, dim=args.dim, depth=args.depth, heads=args.heads,
                        threads=torch.get_num_threads(), repeats=args.compare, **attack, sigma=args.sigma,
@@ -447,10 +513,13 @@ def _compare(args: argparse.Namespace, x: torch.Tensor) -> int:
         "cpu_seconds": {m: c for m, (_, _, c, _) in runs.items()},
         "mimir_pgd_seconds": mimir_pgd,
         "mimir_pgd_share_of_epoch": statistics.median(p / w for p, w in zip(mimir_pgd, mimir_wall)),
+        "carry_update_share_of_epoch": statistics.median(p / w for p, w in zip(carry_update, carry_wall)),
         "median_wall_seconds_per_epoch": {m: v[0] for m, v in med.items()},
         "median_cpu_seconds_per_epoch": {m: v[1] for m, v in med.items()},
         "mimir_over_mae_wall": med["mimir-pretrain"][0] / med["mae-pretrain"][0],
         "mimir_over_mae_cpu": med["mimir-pretrain"][1] / med["mae-pretrain"][1],
+        "carry_over_mae_wall": med[CARRY][0] / med["mae-pretrain"][0],
+        "carry_over_mae_cpu": med[CARRY][1] / med["mae-pretrain"][1],
     }
     text = json.dumps(report, indent=1)
     print(text)

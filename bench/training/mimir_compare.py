@@ -21,6 +21,9 @@ warm-up + cosine, mean-pooled head, PGD-10):
 
   mimir       MIMIR pre-training (1 PGD step of 1.25 eps on the reconstruction, nHSIC penalty with
               the lambda chosen by the sweep, median-heuristic sigma), then PGD-AT fine-tuning;
+  mimir-carry the same objective with each image's delta carried across epochs and moved by the
+              training step's own input gradient (``models/mimir.py``, ``perturbation="carry"``):
+              no extra forward/backward per batch -- an option, not the reference's recipe;
   adv-mae     the same with lambda = 0 (adversarial MAE: the ablation that isolates the MI term);
   mae         clean MAE pre-training, then the same fine-tuning;
   scratch     PGD-AT from a random initialization with the same recipe, no layer decay (1.0: a
@@ -82,15 +85,18 @@ from robustgate.models.data import load_splits  # noqa: E402
 from robustgate.models.inner import robust_accuracy  # noqa: E402
 from robustgate.models.mae import MaskedAutoencoder  # noqa: E402
 from robustgate.models.mimir import (  # noqa: E402
-    PAPER_DEFAULTS, init_classifier, make_loader, mimir_loss, param_groups, pgd_delta, pretrain, scaled_lr,
+    PAPER_DEFAULTS, ascend, init_classifier, make_loader, mimir_loss, param_groups, pgd_delta, pretrain, scaled_lr,
 )
 from robustgate.models.vit_finetune import REFERENCE, finetune, param_groups_lrd  # noqa: E402
 
 EPS = 0.1  # this project's threat model: l-inf 0.1 on [0, 1] pixels
 PGD_STEP = 1.25 * EPS  # MIMIR's pre-training step: 10/255 for 8/255
 LAMS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
-ARMS = {"mimir": "MIMIR (chosen lambda) + PGD-AT", "adv-mae": "adversarial MAE (lambda 0) + PGD-AT",
-        "mae": "clean MAE + PGD-AT", "scratch": "PGD-AT from scratch"}
+ARMS = {"mimir": "MIMIR (chosen lambda) + PGD-AT",
+        "mimir-carry": "MIMIR, deltas carried across epochs (chosen lambda) + PGD-AT",
+        "adv-mae": "adversarial MAE (lambda 0) + PGD-AT", "mae": "clean MAE + PGD-AT", "scratch": "PGD-AT from scratch"}
+DEFAULT_ARMS = ("mimir", "adv-mae", "mae", "scratch")
+PRE_KIND = {"mimir": "mimir", "mimir-carry": "mimir-carry", "adv-mae": "adv-mae", "mae": "mae"}  # arm -> calibrated step
 PRESETS = {  # encoder sizes that fit the budgets: the real ViT-Tiny (192 x 12) costs hours per epoch on the CPU
     "cpu": dict(dim=64, depth=4, heads=4, patch_size=4),
     "cuda": dict(dim=128, depth=6, heads=4, patch_size=4),
@@ -140,8 +146,8 @@ class Run:
         return build_arch("vit_tiny", num_classes=10, pool=REFERENCE["pool"], drop_path=REFERENCE["drop_path"],
                           **self.arch).to(self.device)
 
-    def loader(self, seed: int):
-        return make_loader(self.train_x, self.args.batch_size, seed)
+    def loader(self, seed: int, indexed: bool = False):
+        return make_loader(self.train_x, self.args.batch_size, seed, indexed=indexed)
 
 
 @functools.lru_cache(maxsize=1)
@@ -175,7 +181,8 @@ def _started() -> str:
 
 # ---- calibration: seconds per step of each kind ------------------------------------------------
 def calibrate(run: Run, lam: float, repeats: int) -> dict[str, float]:
-    """Median wall seconds of one batch of: PGD-10 AT, clean MAE, adversarial MAE / MIMIR pre-training."""
+    """Median wall seconds of one batch of: PGD AT, clean MAE, adversarial MAE / MIMIR (/ MIMIR with
+    carried deltas) pre-training."""
     b = run.args.batch_size
     x, y = run.train_x[:b], run.train_y[:b]
     clf, mae = run.classifier(0), run.mae(0)
@@ -201,8 +208,19 @@ def calibrate(run: Run, lam: float, repeats: int) -> dict[str, float]:
         loss.backward()
         opt_m.step()
 
+    def carry_step(lam_: float):
+        masking = mae.sample_masking(b, generator=gen)
+        delta = ((2 * torch.rand(x.shape, generator=gen) - 1) * EPS).to(run.device).requires_grad_(True)
+        loss, _, _ = mimir_loss(mae, x, delta, masking, lam=lam_, sigma=run.args.sigma, estimator=run.args.estimator)
+        opt_m.zero_grad()
+        loss.backward()
+        opt_m.step()
+        with torch.no_grad():
+            ascend(x, delta.detach(), delta.grad, eps=EPS, step_size=PGD_STEP)
+
     kinds = {"pgd-at": at_step, "mae": lambda: pre_step(0.0, 0.0), "adv-mae": lambda: pre_step(EPS, 0.0),
-             "mimir": lambda: pre_step(EPS, lam if lam > 0 else 1e-4)}
+             "mimir": lambda: pre_step(EPS, lam if lam > 0 else 1e-4),
+             "mimir-carry": lambda: carry_step(lam if lam > 0 else 1e-4)}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(repeats + 1):  # round 0 warms up (allocations, kernels) and is dropped
         for k, f in kinds.items():
@@ -220,25 +238,27 @@ def train_arm(run: Run, arm: str, seed: int, lam: float, seconds: float, per_ste
     """Trains one arm for ~``seconds`` of wall clock; returns (classifier, record)."""
     a = run.args
     record: dict = {"arm": arm, "seed": seed, "planned_seconds": round(seconds, 2)}
-    pre_kind = {"mimir": "mimir", "adv-mae": "adv-mae", "mae": "mae"}.get(arm)
+    pre_kind = PRE_KIND.get(arm)
     ft_seconds = seconds if pre_kind is None else seconds * (1 - a.pretrain_share)
     clf = run.classifier(seed)
     if pre_kind is not None:
         pre_steps = max(1, int(seconds * a.pretrain_share / per_step[pre_kind]))
         mae = run.mae(seed)
-        loader = run.loader(seed)
+        carry = arm == "mimir-carry"
+        loader = run.loader(seed, indexed=carry)
         epochs = math.ceil(pre_steps / len(loader))
+        mimir_arm = arm in ("mimir", "mimir-carry")
         t0 = time.perf_counter()
         res = pretrain(
             mae, loader, epochs=epochs, max_steps=pre_steps, eps=0.0 if arm == "mae" else EPS,
             steps=0 if arm == "mae" else 1, step_size=0.0 if arm == "mae" else PGD_STEP,
-            lam=lam if arm == "mimir" else 0.0, sigma=a.sigma, estimator=a.estimator,
-            lr=scaled_lr(a.pretrain_blr, a.batch_size),
+            lam=lam if mimir_arm else 0.0, sigma=a.sigma, estimator=a.estimator,
+            lr=scaled_lr(a.pretrain_blr, a.batch_size), perturbation="carry" if carry else "pgd",
             seed=seed, device=run.device, progress=a.progress,
         )
         run.sync()
         record["pretrain"] = {
-            "steps": pre_steps, "seconds": round(time.perf_counter() - t0, 2), "lam": lam if arm == "mimir" else 0.0,
+            "steps": pre_steps, "seconds": round(time.perf_counter() - t0, 2), "lam": lam if mimir_arm else 0.0,
             "rec_loss_per_epoch": res.rec_losses, "mi_per_epoch": res.mi, "mi_share_per_epoch": res.mi_share,
             "seconds_per_epoch": res.seconds, "pgd_seconds_per_epoch": res.pgd_seconds, "config": res.config,
         }
@@ -309,7 +329,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed
 def compare_pairs(outcomes: dict[str, list[np.ndarray]]) -> list[dict]:
     """Paired tests of MIMIR against every other arm, and of every arm against scratch."""
     pairs = [("mimir", "adv-mae"), ("mimir", "mae"), ("mimir", "scratch"), ("adv-mae", "scratch"),
-             ("mae", "scratch")]
+             ("mae", "scratch"), ("mimir-carry", "mimir"), ("mimir-carry", "scratch")]
     out = []
     for first, second in pairs:
         if first not in outcomes or second not in outcomes:
@@ -375,14 +395,14 @@ def compare(args: argparse.Namespace) -> int:
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise SystemExit(f"--arms: unknown {sorted(unknown)}; known: {', '.join(ARMS)}")
-    per_step = (calibration_from(run, args, args.calibration_from) if args.calibration_from
-                else calibrate(run, lam, args.calibration_steps))
+    per_step, scaled = (calibration_from(run, args, args.calibration_from, arms, lam) if args.calibration_from
+                        else (calibrate(run, lam, args.calibration_steps), {}))
     budget = args.budget_minutes * 60
     train_budget = budget * (1 - args.eval_share) - run.elapsed()
     seconds = args.arm_seconds or max(1.0, train_budget / (len(arms) * len(seeds)))
     stem = args.out or RESULTS / "training.mimir_compare"
-    state = {"lam": lam, "seeds": seeds, "arms": arms, "per_step": per_step, "seconds": seconds, "records": [],
-             "outcomes": {}, "chunk_seconds": []}
+    state = {"lam": lam, "seeds": seeds, "arms": arms, "per_step": per_step, "scaled": scaled, "seconds": seconds,
+             "records": [], "outcomes": {}, "chunk_seconds": []}
     models = {}
     for seed in seeds:
         for arm in arms:
@@ -454,6 +474,9 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         "equal_compute": ("wall clock: each arm and seed trains for the same planned seconds, from per-step times "
                           + (f"measured by the part {args.calibration_from} (--calibration-from)"
                              if args.calibration_from else "measured in this process (calibration)")
+                          + "".join(f"; {k}: the part's {v['relative_to']} time x {v['ratio_measured_here']:.3f}, the "
+                                    f"ratio of the two measured in this process (the part did not measure {k})"
+                                    for k, v in state["scaled"].items())
                           + "; realized seconds in train_seconds_per_seed"),
         "lam": lam, "lam_source": "sweep" if args.lam is None else "--lam", "sigma": args.sigma or "median",
         "estimator": args.estimator,
@@ -463,6 +486,8 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         "arms": arms, "arch": run.arch,
         "ft_pgd_steps": args.ft_pgd_steps, "seconds_per_step": state["per_step"],
         "mimir_over_mae_seconds_per_step": state["per_step"]["mimir"] / state["per_step"]["mae"],
+        **({"carry_over_mae_seconds_per_step": state["per_step"]["mimir-carry"] / state["per_step"]["mae"]}
+           if "mimir-carry" in state["per_step"] else {}),
         "planned_train_seconds_per_arm": round(state["seconds"], 2), "train_items": len(run.train_x),
         "batch_size": args.batch_size, "pretrain_share": args.pretrain_share, **figures, "runs": records,
         "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
@@ -483,12 +508,15 @@ MUST_AGREE = ("lam", "estimator", "sigma", "attack", "arch", "ft_pgd_steps", "ba
 CALIBRATION_MUST_AGREE = ("arch", "batch_size", "ft_pgd_steps", "estimator")
 
 
-def calibration_from(run: Run, args: argparse.Namespace, path: Path) -> dict[str, float]:
+def calibration_from(run: Run, args: argparse.Namespace, path: Path, arms: list[str],
+                     lam: float) -> tuple[dict[str, float], dict[str, dict]]:
     """The per-step times of an earlier ``compare`` part (its ``seconds_per_step``) instead of this
     process's calibration: every part of one comparison then gives each arm the same steps, which a
     fresh calibration on a shared CPU does not (two parts here measured the PGD-3 step 10% apart).
     Refused unless the part ran the same architecture, batch, PGD steps and estimator on the same
-    kind of machine with as many threads."""
+    kind of machine with as many threads. A kind of step ``arms`` need that the part did not measure
+    (an arm added later) is the part's clean-MAE time times the ratio of the two measured here.
+    -> (seconds per step by kind, {kind: how it was scaled})."""
     try:
         part = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -505,7 +533,15 @@ def calibration_from(run: Run, args: argparse.Namespace, path: Path) -> dict[str
         if part["machine"].get(key) != here.get(key):
             raise SystemExit(f"--calibration-from: {path} ran on {key} {part['machine'].get(key)!r}, this machine "
                              f"has {here.get(key)!r}")
-    return {k: float(v) for k, v in part["seconds_per_step"].items()}
+    per_step = {k: float(v) for k, v in part["seconds_per_step"].items()}
+    missing = sorted({PRE_KIND[a] for a in arms if a in PRE_KIND} - set(per_step))
+    if not missing:
+        return per_step, {}
+    here = calibrate(run, lam, args.calibration_steps)
+    scaled = {k: {"relative_to": "mae", "ratio_measured_here": here[k] / here["mae"]} for k in missing}
+    for k in missing:
+        per_step[k] = per_step["mae"] * scaled[k]["ratio_measured_here"]
+    return per_step, scaled
 
 
 def merge(args: argparse.Namespace) -> int:
@@ -577,23 +613,30 @@ def cost(args: argparse.Namespace) -> int:
                            **json.loads(Path(f"{tmp}/p{patch}.json").read_text())}
             if time.perf_counter() - t0 > args.budget_minutes * 60:
                 break
-    report = {"what": "pre-training seconds per epoch, MIMIR (1 PGD step + nHSIC, median sigma) vs clean MAE, epochs "
-                      "alternating on the same images (paper Table 10; target <= 1.3x)",
+    report = {"what": "pre-training seconds per epoch, MIMIR (1 PGD step + nHSIC, median sigma), and MIMIR with deltas "
+                      "carried across epochs, vs clean MAE, epochs alternating on the same images (paper Table 10; "
+                      "target <= 1.3x)",
               "command": "python bench/training/mimir_compare.py " + " ".join(args.argv),
               "started_utc": started, "by_patch_size": rows, "machine": machine(dev)}
     lines = ["# MIMIR vs MAE: pre-training time per epoch\n", f"`{report['command']}`\n",
              f"Machine: {args.device}, {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
              f"{torch.__version__}, revision {report['machine']['robustgate_revision']}, load average at end "
              f"{report['machine']['load_average_at_end']}. Encoder {preset['dim']}-d x {preset['depth']} blocks, decoder "
-             "sized to it, norm_pix_loss, nHSIC with median-heuristic sigma, lambda 1e-3; MAE and MIMIR epochs alternate "
-             f"{args.repeats} times on the same {args.cost_images} images, batch {args.batch_size}.\n",
-             "| patch | MAE CPU s / epoch | MIMIR CPU s / epoch | **ratio (CPU)** | ratio (wall) | PGD share of MIMIR's epoch |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "sized to it, norm_pix_loss, nHSIC with median-heuristic sigma, lambda 1e-3; epochs of MAE, MIMIR and MIMIR "
+             f"with carried deltas alternate {args.repeats} times on the same {args.cost_images} images, batch "
+             f"{args.batch_size}.\n",
+             "| patch | MAE CPU s / epoch | MIMIR CPU s / epoch | **MIMIR / MAE (CPU)** | (wall) | PGD share of MIMIR's "
+             "epoch | MIMIR, carried deltas, CPU s / epoch | **carried / MAE (CPU)** | (wall) | delta updates' share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for patch, r in rows.items():
         c = r["median_cpu_seconds_per_epoch"]
         lines.append(f"| {patch} | {c['mae-pretrain']:.2f} | {c['mimir-pretrain']:.2f} | **{r['mimir_over_mae_cpu']:.2f}x** "
-                     f"| {r['mimir_over_mae_wall']:.2f}x | {100 * r['mimir_pgd_share_of_epoch']:.0f}% |")
-    lines.append("\nTarget <= 1.3x MAE per epoch (docs/MIMIR.md explains the gap on a CPU).\n")
+                     f"| {r['mimir_over_mae_wall']:.2f}x | {100 * r['mimir_pgd_share_of_epoch']:.0f}% "
+                     f"| {c[mimir.CARRY]:.2f} | **{r['carry_over_mae_cpu']:.2f}x** | {r['carry_over_mae_wall']:.2f}x "
+                     f"| {100 * r['carry_update_share_of_epoch']:.0f}% |")
+    lines.append("\nTarget <= 1.3x MAE per epoch: MIMIR as the reference runs it (one PGD step per batch) misses it on a "
+                 "CPU (docs/MIMIR.md says why); carried deltas (models/mimir.py, `perturbation=\"carry\"`) take the PGD "
+                 "step's extra forward and backward pass out.\n")
     _write(args.out or RESULTS / "training.mimir_compare.cost", report, "\n".join(lines))
     return 0
 
@@ -723,10 +766,12 @@ def _compare_md(r: dict) -> str:
                      f"{', '.join(format(m['p_value'], '.3g') for m in p['mcnemar_per_seed'])} | "
                      f"{p['mcnemar_pooled_seeds']['p_value']:.3g} |")
     ps = r["seconds_per_step"]
+    carry = (f"; MIMIR with carried deltas {ps['mimir-carry']:.4f} s = "
+             f"**{r['carry_over_mae_seconds_per_step']:.2f}x**" if "carry_over_mae_seconds_per_step" in r else "")
     lines += ["", f"Pre-training cost per batch (calibration, median): MIMIR {ps['mimir']:.4f} s, adversarial MAE "
               f"{ps['adv-mae']:.4f} s, clean MAE {ps['mae']:.4f} s: MIMIR / MAE = "
-              f"**{r['mimir_over_mae_seconds_per_step']:.2f}x** (target <= 1.3x); PGD-{r['ft_pgd_steps']} AT step "
-              f"{ps['pgd-at']:.4f} s."]
+              f"**{r['mimir_over_mae_seconds_per_step']:.2f}x** (target <= 1.3x){carry}; PGD-{r['ft_pgd_steps']} AT "
+              f"step {ps['pgd-at']:.4f} s."]
     lines += ["", f"Target (MIMIR >= +3 points over scratch): {r['target_mimir_plus_3_over_scratch']}.",
               f"Total {r['total_seconds']} s of a {r['budget_seconds']} s budget.\n"]
     return "\n".join(lines)
@@ -752,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--estimator", choices=["nhsic_cca", "hsic"], default=PAPER_DEFAULTS["estimator"],
                    help="MI estimator (default nhsic_cca, the reference's; see the mi-check phase)")
     p.add_argument("--batches", type=int, default=5, help="mi-check: batches (default 5)")
-    p.add_argument("--arms", default=",".join(ARMS), help="compare: arms (default all four)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help=f"compare: arms of {', '.join(ARMS)} (default the four of the issue: {', '.join(DEFAULT_ARMS)})")
     p.add_argument("--seeds", default="0,1", help="compare: seeds (default 0,1)")
     p.add_argument("--seed", type=int, default=0, help="sweep: seed")
     p.add_argument("--n-eval", type=int, default=1000, help="compare: AutoAttack test images (default 1000)")

@@ -9,9 +9,10 @@ import torch
 
 from robustgate.models.archs import build_arch
 from robustgate.models.mae import MaskedAutoencoder
+from robustgate.models import mimir
 from robustgate.models.mimir import (
-    PAPER_DEFAULTS, init_classifier, load_pretrained, lr_at, main, make_loader, mimir_loss, parse_sigma, pgd_delta,
-    pretrain, save_pretrained, scaled_lr,
+    PAPER_DEFAULTS, ascend, init_classifier, load_pretrained, lr_at, main, make_loader, mimir_loss, parse_sigma,
+    pgd_delta, pretrain, save_pretrained, scaled_lr,
 )
 
 TINY = dict(dim=32, depth=2, heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
@@ -158,6 +159,10 @@ def test_init_rejects_a_mismatched_classifier():
         (dict(lam=-1.0), "lam must be >= 0"),
         (dict(estimator="mine"), "estimator must be one of"),
         (dict(lr=0.0), "lr must be positive"),
+        (dict(perturbation="fgsm"), "perturbation must be one of"),
+        (dict(eps=0.1, steps=2, step_size=0.1, perturbation="carry"), "one step per visit"),
+        (dict(eps=0.0, steps=0, step_size=0.0, perturbation="carry"), "one step per visit"),
+        (dict(eps=0.1, steps=1, step_size=0.1, perturbation="carry"), r"make_loader\(\.\.\., indexed=True\)"),
     ],
 )
 def test_bad_pretrain_config_raises(images, kwargs, message):
@@ -235,3 +240,94 @@ def test_pretrain_on_cuda(images):
     r = pretrain(model, make_loader(images[:64], 32), epochs=1, eps=EPS, steps=1, step_size=0.125, lam=1e-3,
                  lr=1e-3, progress=False, device="cuda")
     assert next(model.parameters()).is_cuda and r.config["device"].startswith("cuda")
+
+
+# ---- perturbation "carry": each image's delta carried across epochs, moved by the training step ----
+def test_ascend_is_one_signed_step_projected_on_ball_and_box(images):
+    x = images[:4]
+    delta = torch.full_like(x, 0.05)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    grad[:, :, :14] = 0.0  # e.g. the pixels of masked patches: no gradient
+    out = ascend(x, delta, grad, eps=EPS, step_size=0.03)
+    assert out.abs().max().item() <= EPS + 1e-6
+    assert (x + out).min().item() >= 0.0 and (x + out).max().item() <= 1.0 + 1e-6
+    free = ((x + 0.05 + 0.03 * grad.sign()).clamp(0, 1) - x).clamp(-EPS, EPS)  # where neither bound binds
+    inside = (x + delta + 0.03 * grad.sign() > 0) & (x + delta + 0.03 * grad.sign() < 1)
+    assert torch.allclose(out[inside], free[inside], atol=1e-6)
+    assert torch.allclose(out[:, :, :14], ((x + delta).clamp(0, 1) - x)[:, :, :14]), "no gradient, no move"
+
+
+def test_mimir_loss_hands_the_input_gradient_to_a_delta_that_requires_it(images):
+    model = _model()
+    x = images[:16]
+    masking = model.sample_masking(16, generator=torch.Generator().manual_seed(0))
+    d0 = torch.full_like(x, 0.03)
+    loss_fixed = mimir_loss(model, x, d0, masking, lam=0.5, sigma=None, estimator="hsic")[0]
+    delta = d0.clone().requires_grad_(True)
+    loss, rec, mi = mimir_loss(model, x, delta, masking, lam=0.5, sigma=None, estimator="hsic")
+    assert loss.item() == pytest.approx(loss_fixed.item(), rel=1e-6), "same loss whether delta tracks gradients"
+    loss.backward()
+    # the reference: the same loss as a function of the encoder's input, the MI term's first argument held fixed
+    x_in = (x + d0).requires_grad_(True)
+    _, _, _, latent = model(x, x_in=x_in, masking=masking)
+    ref = model(x, x_in=x_in, masking=masking)[0] + 0.5 * mimir.ESTIMATORS["hsic"](
+        (x + d0).flatten(1), latent.flatten(1), sigma_x=None, sigma_y=None)
+    (want,) = torch.autograd.grad(ref, x_in)
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    assert torch.allclose(delta.grad, want, atol=1e-6)
+
+
+def test_carried_deltas_persist_across_epochs_and_move_by_the_training_gradient(images, monkeypatch):
+    """One batch per epoch, in a fixed order: the delta trained on in epoch 2 is the one epoch 1's
+    update wrote, and that update was one signed step along the training loss's input gradient."""
+    x = images[:32]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(32)), batch_size=32)
+    seen, updates = [], []
+    real_loss, real_ascend = mimir.mimir_loss, mimir.ascend
+
+    def loss_spy(model, x_, delta, masking, **kw):
+        seen.append(delta.detach().clone())
+        assert delta.requires_grad, "the carried delta must collect the input gradient"
+        return real_loss(model, x_, delta, masking, **kw)
+
+    def ascend_spy(x_, delta, grad, **kw):
+        out = real_ascend(x_, delta, grad, **kw)
+        updates.append((delta.clone(), grad.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(mimir, "mimir_loss", loss_spy)
+    monkeypatch.setattr(mimir, "ascend", ascend_spy)
+    r = pretrain(_model(), loader, epochs=3, eps=EPS, steps=1, step_size=0.04, lam=1e-3, estimator="hsic", lr=1e-3,
+                 perturbation="carry", progress=False)
+    assert len(seen) == 3 and len(updates) == 3
+    assert seen[0].abs().max().item() <= EPS + 1e-6 and seen[0].abs().max().item() > 0.5 * EPS, "a random start"
+    for epoch in (1, 2):
+        assert torch.allclose(seen[epoch], updates[epoch - 1][2]), "the next epoch trains on the updated delta"
+    before, grad, after = updates[0]
+    assert torch.equal(before, seen[0]) and grad.abs().sum() > 0
+    moved = grad != 0
+    assert (after - before)[moved].abs().max().item() > 0
+    assert r.config["perturbation"] == "carry" and all(p > 0 for p in r.pgd_seconds)
+    assert all(m > 0 for m in r.mi)
+
+
+def test_carry_pretraining_lowers_the_loss_and_is_seeded(images):
+    runs = []
+    for _ in range(2):
+        model = _model()
+        before = _fixed_batch_loss(model, images[:64])
+        r = pretrain(model, make_loader(images, 32, seed=0, indexed=True), epochs=4, eps=EPS, steps=1,
+                     step_size=0.125, lam=1e-3, estimator="hsic", lr=2e-3, seed=3, perturbation="carry",
+                     progress=False)
+        assert _fixed_batch_loss(model, images[:64]) < 0.7 * before
+        runs.append((r.losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_carry_from_the_command_line(tmp_path):
+    report = tmp_path / "r.json"
+    rc = main(["--method", "mimir-pretrain", "--perturbation", "carry", "--n", "64", "--batch-size", "32", "--dim",
+               "32", "--depth", "1", "--heads", "2", "--json", str(report)])
+    assert rc == 0
+    assert json.loads(report.read_text())["config"]["perturbation"] == "carry"

@@ -56,6 +56,14 @@ def test_pretrain_then_init_loads_the_encoder_into_the_bundle(tmp_path, capsys, 
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_mimir_pretraining_with_carried_deltas(tmp_path, capsys):
+    assert main(["train", *COMMON, "--method", "mimir-pretrain", "--mi-perturbation", "carry", "--eps", "0.1",
+                 "--out", str(tmp_path / "pre")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["perturbation"] == "carry" and report["pgd_seconds_per_epoch"][0] > 0
+    assert load_pretrained(tmp_path / "pre" / "pretrained.safetensors").config["dim"] == 32
+
+
 def test_pretraining_needs_vit_tiny(tmp_path, capsys):
     rc = main(["train", "--arch", "cnn", "--method", "mae-pretrain", "--train-items", "8", "--no-progress",
                "--out", str(tmp_path / "x")])

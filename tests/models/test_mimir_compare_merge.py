@@ -77,3 +77,26 @@ def test_merge_refuses_an_arm_twice_and_settings_that_differ(parts, tmp_path):
             mc.main(["compare", "--arms", "mae", "--arm-seconds", "2", "--out", str(tmp_path / "y"), *TINY,
                      "--calibration-from", str(bad)])
     assert not (tmp_path / "y.json").exists()
+
+
+def test_an_arm_the_first_part_did_not_calibrate_is_scaled_from_its_mae_time(parts, tmp_path):
+    """A part that ran before the ``mimir-carry`` arm existed has no time for its step: the later part
+    takes the first part's clean-MAE time times the ratio of the two measured in its own process."""
+    old = json.loads((parts / "scratch.json").read_text())
+    del old["seconds_per_step"]["mimir-carry"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert mc.main(["compare", "--arms", "mimir-carry", "--arm-seconds", "2", "--out", str(tmp_path / "carry"), *TINY,
+                    "--calibration-from", str(tmp_path / "old.json")]) == 0
+    carry = json.loads((tmp_path / "carry.json").read_text())
+    ps = carry["seconds_per_step"]
+    assert {k: ps[k] for k in old["seconds_per_step"]} == old["seconds_per_step"], "the part's own times kept"
+    assert 0.5 < ps["mimir-carry"] / ps["mae"] < 3.0 and "mimir-carry: the part's mae time x" in carry["equal_compute"]
+    assert carry["carry_over_mae_seconds_per_step"] == pytest.approx(ps["mimir-carry"] / ps["mae"])
+    run = carry["runs"][0]
+    assert run["pretrain"]["steps"] == max(1, int(1.0 / ps["mimir-carry"]))
+    assert run["pretrain"]["config"]["perturbation"] == "carry" and run["pretrain"]["lam"] == 0.1
+    assert mc.main(["merge", "--parts", str(parts / "scratch.json"), str(tmp_path / "carry.json"),
+                    "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["arms"] == ["mimir-carry", "scratch"]
+    assert [(p["first"], p["second"]) for p in merged["paired"]] == [("mimir-carry", "scratch")]
