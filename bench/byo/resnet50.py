@@ -206,16 +206,19 @@ def main(argv: list[str] | None = None) -> int:
             **({"server": {"compute_nice": 0}} if nice0 else {}),
             "batching": BATCHING, "pipeline": {"stages": [] if stage == "none" else STAGES[stage]}}, None, MODEL))
 
-    def upstream():
+    def upstream(spinning: bool = True):
+        key = "mlserver" + ("" if spinning else "_nospin")
+
         def start():
-            u = BigMessages(work / "mlserver", {MODEL: {"onnx": onnx_path, "intra_op_threads": 0}})
+            u = BigMessages(work / key, {MODEL: {"onnx": onnx_path, "intra_op_threads": 0, "spinning": spinning}})
             u.start()
             return u
-        return server("mlserver", start)
+        return server(key, start)
 
-    def forward():
-        return server("proxy_upstream", lambda: serving.Proxy(work, bundle, {"backend": {"kind": "upstream"},
-                                                                            "batching": BATCHING}, upstream().url, MODEL))
+    def forward(spinning: bool = True):
+        return server("proxy_upstream" + ("" if spinning else "_nospin"),
+                      lambda: serving.Proxy(work, bundle, {"backend": {"kind": "upstream"}, "batching": BATCHING},
+                                            upstream(spinning).url, MODEL))
 
     def bare():
         return server("bare_grpc", lambda: BareServer(work, onnx_path, MODEL))
@@ -243,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             plan[f"mlserver_c{c}"] = load(upstream, c, lambda s: {"mlserver": s.proc.pid})
             plan[f"proxy_upstream_c{c}"] = load(forward, c, lambda s: {"proxy": s.proc.pid,
                                                                        "mlserver": upstream().proc.pid})
+        # MLServer's ONNX Runtime with its pool threads not spinning (ONNX Runtime's default spins): at
+        # concurrency 1 the spinning threads of the upstream hold the cores while the proxy handles the answer
+        plan["mlserver_nospin_c1"] = load(lambda: upstream(False), 1, lambda s: {"mlserver": s.proc.pid})
+        plan["proxy_upstream_nospin_c1"] = load(lambda: forward(False), 1, lambda s: {
+            "proxy": s.proc.pid, "mlserver": upstream(False).proc.pid})
         # the proxy with its compute threads at the event loop's priority (server.compute_nice: 0): on cores
         # shared with other jobs the niced threads (default 10) wait behind them at every wake-up
         plan["proxy_none_nice0_c1"] = load(lambda: proxy("none", nice0=True), 1, lambda s: {"proxy": s.proc.pid})
@@ -315,6 +323,9 @@ def checks(pts: dict) -> dict:
         ("spinning_run_p50_added_vs_bare_grpc", p50_added, "proxy_none_spinrun_c1", "bare_grpc_c1", None),
         ("spinning_run_throughput_cost_vs_bare_grpc", cost, "proxy_none_spinrun_c16", "bare_grpc_c16", None),
         ("compute_nice_p50_added", p50_added, "proxy_none_c1", "proxy_none_nice0_c1", None),
+        # the upstream's ONNX Runtime not spinning: the proxy's added p50 then, and what it does to MLServer direct
+        ("upstream_nospin_p50_added", p50_added, "proxy_upstream_nospin_c1", "mlserver_nospin_c1", None),
+        ("mlserver_nospin_p50_vs_spinning", p50_added, "mlserver_nospin_c1", "mlserver_c1", None),
         ("nice0_p50_added_vs_bare_grpc", p50_added, "proxy_none_nice0_c1", "bare_grpc_c1", None),
         # UINT8 is measured, not a target: its figures beside FP32's
         *[(f"uint8_vs_fp32_items_per_s_c{c}", ratio, f"proxy_none_uint8_c{c}", f"proxy_none_c{c}", None) for c in (1, 16)],
@@ -366,7 +377,10 @@ def markdown(r: dict) -> str:
               "a batch runs); `proxy_none_nice0` the proxy with `server.compute_nice: 0` (its batch worker and ONNX "
               "Runtime's pool at the event loop's priority, as the bare server's: the default 10 lets the loop win a "
               "contended core under overload, and on cores shared with other jobs makes every wake-up of those "
-              "threads wait behind them)."]
+              "threads wait behind them). `mlserver_nospin` is MLServer with its ONNX Runtime pool not spinning "
+              "(`session.intra_op.allow_spinning` 0; ONNX Runtime spins by default), `proxy_upstream_nospin` the proxy "
+              "in front of it: at concurrency 1 a spinning upstream's idle threads hold the cores in the moments the "
+              "proxy handles its answer."]
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,8 @@ holds test knobs:
   ``drop_row`` (one item fewer than sent), ``no_logits`` (only the ``features`` output),
   ``fp64`` (logits as FP64);
 - ``intra_op_threads`` (int, default 1);
+- ``spinning`` (bool, default true: ONNX Runtime's default): whether the intra-op pool's threads
+  busy-wait between operators and after a run (``session.intra_op.allow_spinning``);
 - ``cancel_log`` (path, optional): a line is appended there whenever a sleeping request is
   cancelled -- the evidence that a caller's deadline reached this server.
 
@@ -40,6 +42,7 @@ class OnnxModel(MLModel):
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(extra.get("intra_op_threads", 1))
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if extra.get("spinning", True) else "0")
         uri = await get_model_uri(self.settings)
         self._session = ort.InferenceSession(uri, options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
