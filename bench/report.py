@@ -270,6 +270,27 @@ def mimir_row() -> Row:
                [cmp_src, cost_src])
 
 
+def mimir_cpu_row() -> Row:
+    """The comparison run on this CPU in parts (``compare --arm-seconds ... --calibration-from``) and merged."""
+    src = "bench/results/training.mimir_compare.cpu.json"
+    r = load(src)
+    s, a = r["summary"], r["arch"]
+    arms = ", ".join(f"{k} {100 * v['robust_mean']:.1f}% (clean {100 * statistics.mean(v['clean_per_seed']):.1f}%, "
+                     f"{len(v['robust_per_seed'])} seed{'s' if len(v['robust_per_seed']) > 1 else ''})"
+                     for k, v in s.items())
+    pairs = "; ".join(f"{p['first']} − {p['second']} {100 * p['bootstrap_seed_averaged']['difference']:+.1f} points "
+                      f"(95% CI [{100 * p['bootstrap_seed_averaged']['ci95'][0]:+.1f}, "
+                      f"{100 * p['bootstrap_seed_averaged']['ci95'][1]:+.1f}])"
+                      for p in r["paired"] if "scratch" in (p["first"], p["second"]) or p["first"] == "mimir")
+    cores = r["parts"][0]["machine"]["cores"] if r.get("parts") else r["machine"]["cores"]
+    return Row(f"MIMIR vs adversarial MAE vs MAE vs PGD-AT from scratch on the CPU (ViT {a['dim']}-d × {a['depth']}, "
+               f"patch {a['patch_size']}, {r['train_items']:,} Fashion-MNIST training images), "
+               f"{r['planned_train_seconds_per_arm']:.0f} s of training per arm and seed at {cores} cores' calibrated step "
+               f"times (the same steps in every part), AutoAttack on the same {r['n_eval']:,} test images",
+               f"AutoAttack robust: {arms}; {pairs}; target MIMIR ≥ +3 over scratch: "
+               f"{r['target_mimir_plus_3_over_scratch'] or 'no MIMIR - scratch pair on all seeds yet'}", [src])
+
+
 def gpu_row() -> Row:
     src = "bench/results/gpu.check.json"
     g = load(src)
@@ -389,7 +410,7 @@ def endpoint_row() -> Row:
 
 
 ROWS = [training_row, autoattack_row, serving_rows, fastpath_rows, detect_row, purify_row, overload_row, redteam_row,
-        diffusion_row, smoothing_row, mimir_row, gpu_row, soak_fuzz_rows, probe_row, byo_example_rows,
+        diffusion_row, smoothing_row, mimir_cpu_row, mimir_row, gpu_row, soak_fuzz_rows, probe_row, byo_example_rows,
         byo_resnet50_row, endpoint_row, bundle_row]
 PLACEHOLDER = {fastpath_rows: ("the serving fast path (`python bench/hardening/rpc_floor.py`, `python bench/serving/workers.py`)",
                                ["bench/results/hardening.rpc_floor.json", "bench/results/serving.workers.json"]),
@@ -400,7 +421,10 @@ PLACEHOLDER = {fastpath_rows: ("the serving fast path (`python bench/hardening/r
                endpoint_row: ("query-only attacks through a live proxy, undefended vs defended (`python bench/redteam/endpoint.py`)",
                               ["bench/results/redteam.endpoint.json"]),
                byo_resnet50_row: ("imported ResNet-50 at 3×224×224 behind the proxy (`python bench/byo/resnet50.py`)",
-                                  ["bench/results/byo.resnet50.json"])}
+                                  ["bench/results/byo.resnet50.json"]),
+               mimir_cpu_row: ("MIMIR vs adversarial MAE vs MAE vs PGD-AT from scratch on the CPU, in parts "
+                               "(`python bench/training/mimir_compare.py merge`, docs/MIMIR.md)",
+                               ["bench/results/training.mimir_compare.cpu.json"])}
 
 
 def rows() -> list[Row]:

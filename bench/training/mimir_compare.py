@@ -326,19 +326,21 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed
     return {"difference": float(d.mean()), "ci95": [float(lo), float(hi)], "resamples": resamples}
 
 
-def compare_pairs(outcomes: dict[str, list[np.ndarray]]) -> list[dict]:
-    """Paired tests of MIMIR against every other arm, and of every arm against scratch."""
+def compare_pairs(outcomes: dict[str, dict[int, np.ndarray]]) -> list[dict]:
+    """Paired tests of MIMIR against every other arm, and of every arm against scratch, over the
+    seeds both arms of a pair were trained with (``outcomes``: arm -> seed -> per-image robust [n])."""
     pairs = [("mimir", "adv-mae"), ("mimir", "mae"), ("mimir", "scratch"), ("adv-mae", "scratch"),
              ("mae", "scratch"), ("mimir-carry", "mimir"), ("mimir-carry", "scratch")]
     out = []
     for first, second in pairs:
-        if first not in outcomes or second not in outcomes:
+        seeds = sorted(set(outcomes.get(first, {})) & set(outcomes.get(second, {})))
+        if not seeds:
             continue
-        per_seed = [mcnemar_exact(a, b) for a, b in zip(outcomes[first], outcomes[second])]
-        pooled_a, pooled_b = np.concatenate(outcomes[first]), np.concatenate(outcomes[second])
-        avg_a = np.mean(np.stack(outcomes[first]), axis=0)
-        avg_b = np.mean(np.stack(outcomes[second]), axis=0)
-        out.append({"first": first, "second": second, "mcnemar_per_seed": per_seed,
+        a_seeds, b_seeds = [outcomes[first][s] for s in seeds], [outcomes[second][s] for s in seeds]
+        per_seed = [mcnemar_exact(a, b) for a, b in zip(a_seeds, b_seeds)]
+        pooled_a, pooled_b = np.concatenate(a_seeds), np.concatenate(b_seeds)
+        avg_a, avg_b = np.mean(np.stack(a_seeds), axis=0), np.mean(np.stack(b_seeds), axis=0)
+        out.append({"first": first, "second": second, "seeds": seeds, "mcnemar_per_seed": per_seed,
                     "mcnemar_pooled_seeds": mcnemar_exact(pooled_a, pooled_b),
                     "bootstrap_seed_averaged": paired_bootstrap(avg_a, avg_b)})
     return out
@@ -448,8 +450,8 @@ def _scored(arms: list[str], seeds: list[int], records: list[dict], scored_outco
                         "train_seconds_per_seed": [r["train_seconds"] for r in records if r["arm"] == arm],
                         "steps_per_seed": [[r.get("pretrain", {}).get("steps", 0), r["finetune"]["steps"]]
                                            for r in records if r["arm"] == arm]}
-    complete = {arm: o for arm, o in outcomes.items() if len(o) == len(seeds)}
-    pairs = compare_pairs(complete) if n_eval else []
+    by_seed = {arm: {s: scored[(arm, s)][1] for s in seeds if (arm, s) in scored} for arm in arms}
+    pairs = compare_pairs(by_seed) if n_eval else []
     target = next((p for p in pairs if (p["first"], p["second"]) == ("mimir", "scratch")), None)
     verdict = None
     if target:
@@ -457,6 +459,7 @@ def _scored(arms: list[str], seeds: list[int], records: list[dict], scored_outco
         verdict = ("met: the 95% CI of MIMIR - scratch lies above +3 points" if lo > 0.03 else
                    "not met, with 95% confidence: the CI of MIMIR - scratch lies below +3 points" if hi < 0.03 else
                    "undecided: the 95% CI of MIMIR - scratch contains +3 points")
+        verdict += f" (seeds {', '.join(map(str, target['seeds']))})"
     bits = {f"{arm}:{seed}": {"clean": "".join("1" if v else "0" for v in c),
                               "robust": "".join("1" if v else "0" for v in r)} for (arm, seed), (c, r) in scored.items()}
     return {"n_eval": n_eval, "eval_images": f"test[:{n_eval}]", "summary": summary, "paired": pairs,
@@ -757,11 +760,12 @@ def _compare_md(r: dict) -> str:
                      f"{', '.join(f'{v:.0f}' for v in s['train_seconds_per_seed'])} | "
                      f"{', '.join(f'{a} + {b}' for a, b in s.get('steps_per_seed', []))} |")
     lines += ["", "Paired tests (per-image robust outcomes on the same images):", "",
-              "| first - second | difference (seed-averaged) | bootstrap 95% CI | McNemar p per seed | pooled p |",
-              "| --- | --- | --- | --- | --- |"]
+              "| first - second | seeds | difference (seed-averaged) | bootstrap 95% CI | McNemar p per seed | pooled p |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for p in r["paired"]:
         b = p["bootstrap_seed_averaged"]
-        lines.append(f"| {p['first']} - {p['second']} | {100 * b['difference']:+.1f} | "
+        lines.append(f"| {p['first']} - {p['second']} | {', '.join(map(str, p.get('seeds', r['seeds'])))} | "
+                     f"{100 * b['difference']:+.1f} | "
                      f"[{100 * b['ci95'][0]:+.1f}, {100 * b['ci95'][1]:+.1f}] | "
                      f"{', '.join(format(m['p_value'], '.3g') for m in p['mcnemar_per_seed'])} | "
                      f"{p['mcnemar_pooled_seeds']['p_value']:.3g} |")

@@ -100,3 +100,28 @@ def test_an_arm_the_first_part_did_not_calibrate_is_scaled_from_its_mae_time(par
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert merged["arms"] == ["mimir-carry", "scratch"]
     assert [(p["first"], p["second"]) for p in merged["paired"]] == [("mimir-carry", "scratch")]
+
+
+def test_pairs_use_the_seeds_both_arms_share(parts, tmp_path):
+    """A merge where one arm has more seeds than the other (a comparison still being run in parts):
+    the pair is tested on the seeds both have, and says which."""
+    mae = json.loads((parts / "mae.json").read_text())
+    seed1 = json.loads(json.dumps(mae))  # the same part as if trained with seed 1 (outcomes flipped on two images)
+    bits = seed1["outcomes"].pop("mae:0")
+    flip = "".join(("0" if c == "1" else "1") if i < 2 else c for i, c in enumerate(bits["robust"]))
+    seed1["outcomes"]["mae:1"] = {"clean": bits["clean"], "robust": flip}
+    seed1["seeds"] = [1]
+    for run in seed1["runs"]:
+        run["seed"] = 1
+    (tmp_path / "mae1.json").write_text(json.dumps(seed1))
+    assert mc.main(["merge", "--parts", str(parts / "scratch.json"), str(parts / "mae.json"), str(tmp_path / "mae1.json"),
+                    "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["seeds"] == [0, 1] and len(merged["summary"]["mae"]["robust_per_seed"]) == 2
+    pair = next(p for p in merged["paired"] if (p["first"], p["second"]) == ("mae", "scratch"))
+    assert pair["seeds"] == [0] and len(pair["mcnemar_per_seed"]) == 1
+    alone = json.loads((parts / "scratch.json").read_text())
+    scratch0 = alone["outcomes"]["scratch:0"]["robust"]
+    want = (mae["outcomes"]["mae:0"]["robust"].count("1") - scratch0.count("1")) / len(scratch0)
+    assert pair["bootstrap_seed_averaged"]["difference"] == pytest.approx(want)
+    assert "| mae - scratch | 0 |" in (tmp_path / "merged.md").read_text()
