@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             plan[f"mlserver_c{c}"] = load(upstream, c, lambda s: {"mlserver": s.proc.pid})
             plan[f"proxy_upstream_c{c}"] = load(forward, c, lambda s: {"proxy": s.proc.pid,
                                                                        "mlserver": upstream().proc.pid})
-        # MLServer's ONNX Runtime with its pool threads not spinning (ONNX Runtime's default spins): at
-        # concurrency 1 the spinning threads of the upstream hold the cores while the proxy handles the answer
+        # MLServer's ONNX Runtime with its pool threads not spinning (ONNX Runtime's default spins): do the
+        # upstream's spinning threads, holding the cores, slow the proxy's handling of the answer at concurrency 1?
         plan["mlserver_nospin_c1"] = load(lambda: upstream(False), 1, lambda s: {"mlserver": s.proc.pid})
         plan["proxy_upstream_nospin_c1"] = load(lambda: forward(False), 1, lambda s: {
             "proxy": s.proc.pid, "mlserver": upstream(False).proc.pid})
@@ -379,8 +379,8 @@ def markdown(r: dict) -> str:
               "contended core under overload, and on cores shared with other jobs makes every wake-up of those "
               "threads wait behind them). `mlserver_nospin` is MLServer with its ONNX Runtime pool not spinning "
               "(`session.intra_op.allow_spinning` 0; ONNX Runtime spins by default), `proxy_upstream_nospin` the proxy "
-              "in front of it: at concurrency 1 a spinning upstream's idle threads hold the cores in the moments the "
-              "proxy handles its answer."]
+              "in front of it: do a spinning upstream's idle threads, holding the cores, slow the proxy's handling of "
+              "its answer at concurrency 1? (`upstream_nospin_p50_added` against `upstream_p50_added`.)"]
     return "\n".join(lines) + "\n"
 
 
