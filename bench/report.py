@@ -286,7 +286,8 @@ def mimir_cpu_row() -> Row:
     return Row(f"MIMIR vs adversarial MAE vs MAE vs PGD-AT from scratch on the CPU (ViT {a['dim']}-d × {a['depth']}, "
                f"patch {a['patch_size']}, {r['train_items']:,} Fashion-MNIST training images), "
                f"{r['planned_train_seconds_per_arm']:.0f} s of training per arm and seed at {cores} cores' calibrated step "
-               f"times (the same steps in every part), AutoAttack on the same {r['n_eval']:,} test images",
+               f"times ({'one calibration for every part' if 'the same in every part' in r['equal_compute'] else 'each part its own calibration'}), "
+               f"AutoAttack on the same {r['n_eval']:,} test images",
                f"AutoAttack robust: {arms}; {pairs}; target MIMIR ≥ +3 over scratch: "
                f"{r['target_mimir_plus_3_over_scratch'] or 'no MIMIR - scratch pair on all seeds yet'}", [src])
 

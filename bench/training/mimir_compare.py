@@ -581,6 +581,17 @@ def merge(args: argparse.Namespace) -> int:
     records.sort(key=lambda r: (r["seed"], list(ARMS).index(r["arm"])))
     report = {key: value for key, value in first.items() if key not in ("outcomes", "paired", "summary")}
     report.update(_scored(arms, seeds, records, scored))
+    # one calibration for all parts (--calibration-from), or each its own: the realized steps differ then
+    kinds = set.intersection(*(set(p["seconds_per_step"]) for p in parts))
+    spread = max(max(p["seconds_per_step"][k] for p in parts) / min(p["seconds_per_step"][k] for p in parts) - 1
+                 for k in kinds)
+    report["equal_compute"] = (
+        "wall clock: each arm and seed trains for the same planned seconds, at per-step times "
+        + (f"that are the same in every part (the first part's calibration, {args.parts[0]}; the others took it with "
+           "--calibration-from)" if spread == 0 else
+           f"that each part measured itself (they differ by up to {100 * spread:.0f}% between parts: the steps per "
+           "model in the table are what each trained)")
+        + "; realized seconds in train_seconds_per_seed")
     report.update(
         command="python bench/training/mimir_compare.py " + " ".join(args.argv or []), complete=True, arms=arms,
         seeds=seeds, runs=records, n_eval_asked=min(p["n_eval_asked"] for p in parts),

@@ -53,6 +53,7 @@ def test_merge_scores_every_arm_on_the_parts_outcomes(parts, tmp_path):
     assert (tmp_path / "merged.md").read_text().startswith("# MIMIR comparison")
     # one calibration for both parts; each model's steps are reported
     assert b["seconds_per_step"] == a["seconds_per_step"] and "--calibration-from" in b["equal_compute"]
+    assert "the same in every part" in merged["equal_compute"]
     ft = max(1, int(2.0 / a["seconds_per_step"]["pgd-at"]))
     assert merged["summary"]["scratch"]["steps_per_seed"] == [[0, ft]]
     assert merged["summary"]["mae"]["steps_per_seed"][0][1] == max(1, int(1.0 / a["seconds_per_step"]["pgd-at"]))
