@@ -289,7 +289,7 @@ def mimir_cpu_row() -> Row:
                f"times ({'one calibration for every part' if 'the same in every part' in r['equal_compute'] else 'each part its own calibration'}), "
                f"AutoAttack on the same {r['n_eval']:,} test images",
                f"AutoAttack robust: {arms}; {pairs}; target MIMIR ≥ +3 over scratch: "
-               f"{r['target_mimir_plus_3_over_scratch'] or 'no MIMIR - scratch pair on all seeds yet'}", [src])
+               f"{r['target_mimir_plus_3_over_scratch'] or 'no MIMIR − scratch pair yet'}", [src])
 
 
 def gpu_row() -> Row:
