@@ -7,11 +7,11 @@
     python bench/training/mimir_compare.py sweep --budget-minutes 30 --device cpu
 
     # the comparison (2 seeds x 4 arms, AutoAttack on the same test images, paired tests)
-    #   -> bench/results/training.mimir_compare.json/.md
+    #   -> bench/results/training.mimir_compare.json/.md/.png (the plot: accuracies, paired CIs)
     python bench/training/mimir_compare.py compare --budget-minutes 9 --device cuda --n-eval 1000
 
     # the same comparison split over sessions: each trains some arms / seeds for the same planned
-    # seconds per model, then one merge -> bench/results/training.mimir_compare.json/.md
+    # seconds per model, then one merge -> bench/results/training.mimir_compare.json/.md/.png
     python bench/training/mimir_compare.py compare --arm-seconds 240 --arms mimir,scratch --seeds 0 ... --out PART
     python bench/training/mimir_compare.py merge --parts PART1.json PART2.json ...
 
@@ -41,9 +41,9 @@ clean image and on the attacked one. Paired tests between arms (per-image outcom
 McNemar's exact test per seed (binomial on the discordant pairs) and a paired bootstrap 95% CI of
 the difference in robust accuracy over the seed-averaged per-image outcomes (images resampled).
 
-Imports only torch, numpy, scipy, tqdm, safetensors and torchattacks (plus this repository's
-models/data, archs, mae, hsic, mimir, inner, vit_finetune) -- no pydantic / diffusers -- so it
-runs on a bare GPU machine with torchattacks carried as a wheel (docs/MIMIR.md has the command).
+Imports only torch, numpy, scipy, tqdm, safetensors, matplotlib and torchattacks (plus this
+repository's models/data, archs, mae, hsic, mimir, inner, vit_finetune) -- no pydantic / diffusers
+-- so it runs on a bare GPU machine with torchattacks carried as a wheel (docs/MIMIR.md has the command).
 """
 
 from __future__ import annotations
@@ -496,6 +496,8 @@ def _write_compare(run: Run, args: argparse.Namespace, stem: Path, state: dict, 
         "total_seconds": round(run.elapsed(), 1), "budget_seconds": args.budget_minutes * 60,
         "machine": machine(run.device),
     }
+    if final:
+        report["plot"] = _compare_plot(report, stem)
     md = _compare_md(report)
     json_path, md_path = _paths(stem)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
@@ -601,7 +603,9 @@ def merge(args: argparse.Namespace) -> int:
                 "seeds": p["seeds"], "n_eval": p["n_eval"], "seconds_per_step": p["seconds_per_step"],
                 "machine": p["machine"]} for path, p in zip(args.parts, parts)],
     )
-    _write(args.out or RESULTS / "training.mimir_compare", report, _compare_md(report))
+    stem = args.out or RESULTS / "training.mimir_compare"
+    report["plot"] = _compare_plot(report, stem)
+    _write(stem, report, _compare_md(report))
     return 0
 
 
@@ -725,6 +729,47 @@ def _write(stem: Path, report: dict, md: str) -> None:
     print(md)
 
 
+def _compare_plot(r: dict, stem: Path) -> str | None:
+    """``<stem>.png``: each arm's AutoAttack accuracy per seed and its mean, and every paired
+    difference with its bootstrap 95% CI beside 0 and the target's +3 points -> the file's name
+    (None when nothing was scored)."""
+    arms = [a for a, s in r["summary"].items() if s["robust_per_seed"]]
+    if not arms:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * max(len(arms), len(r["paired"])) + 1.8))
+    for y, arm in enumerate(arms):
+        s = r["summary"][arm]
+        left.scatter([100 * v for v in s["robust_per_seed"]], [y] * len(s["robust_per_seed"]), color="C0", s=18,
+                     label="a seed" if y == 0 else None)
+        left.scatter([100 * s["robust_mean"]], [y], marker="|", color="k", s=300, label="mean" if y == 0 else None)
+    left.set_yticks(range(len(arms)), arms)
+    left.invert_yaxis()
+    left.set_xlabel(f"AutoAttack robust accuracy (%), {r['eval_images']}")
+    left.legend(loc="upper right", fontsize=8)
+    for y, p in enumerate(r["paired"]):
+        b = p["bootstrap_seed_averaged"]
+        lo, hi = 100 * b["ci95"][0], 100 * b["ci95"][1]
+        right.errorbar([100 * b["difference"]], [y], xerr=[[100 * b["difference"] - lo], [hi - 100 * b["difference"]]],
+                       fmt="o", color="C3" if (p["first"], p["second"]) == ("mimir", "scratch") else "C0", capsize=3)
+    right.axvline(0, color="k", lw=0.8)
+    right.axvline(3, color="C3", ls="--", lw=0.8, label="target: MIMIR - scratch >= +3")
+    right.set_yticks(range(len(r["paired"])), [f"{p['first']} - {p['second']}" for p in r["paired"]])
+    right.invert_yaxis()
+    right.set_xlabel("paired difference (points), bootstrap 95% CI, seed-averaged")
+    right.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"MIMIR comparison: {r['planned_train_seconds_per_arm']:.0f} s of training per arm and seed, "
+                 f"seeds {', '.join(map(str, r['seeds']))}", fontsize=10)
+    fig.tight_layout()
+    path = Path(stem).parent / f"{Path(stem).name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
@@ -787,6 +832,8 @@ def _compare_md(r: dict) -> str:
               f"{ps['adv-mae']:.4f} s, clean MAE {ps['mae']:.4f} s: MIMIR / MAE = "
               f"**{r['mimir_over_mae_seconds_per_step']:.2f}x** (target <= 1.3x){carry}; PGD-{r['ft_pgd_steps']} AT "
               f"step {ps['pgd-at']:.4f} s."]
+    if r.get("plot"):
+        lines += ["", f"Plot: [{r['plot']}]({r['plot']})."]
     lines += ["", f"Target (MIMIR >= +3 points over scratch): {r['target_mimir_plus_3_over_scratch']}.",
               f"Total {r['total_seconds']} s of a {r['budget_seconds']} s budget.\n"]
     return "\n".join(lines)

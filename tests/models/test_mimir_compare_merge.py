@@ -50,7 +50,12 @@ def test_merge_scores_every_arm_on_the_parts_outcomes(parts, tmp_path):
         assert merged["summary"][arm]["robust_mean"] == pytest.approx(robust.count("1") / len(robust))
     pair = [p for p in merged["paired"] if {p["first"], p["second"]} == {"mae", "scratch"}]
     assert len(pair) == 1 and len(merged["parts"]) == 2 and merged["planned_train_seconds_per_arm"] == 2.0
-    assert (tmp_path / "merged.md").read_text().startswith("# MIMIR comparison")
+    md = (tmp_path / "merged.md").read_text()
+    assert md.startswith("# MIMIR comparison")
+    # the plot beside it: a PNG the Markdown links, named in the JSON; each part has its own
+    assert merged["plot"] == "merged.png" and "[merged.png](merged.png)" in md
+    assert (tmp_path / "merged.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert a["plot"] == "scratch.png" and (parts / "scratch.png").is_file()
     # one calibration for both parts; each model's steps are reported
     assert b["seconds_per_step"] == a["seconds_per_step"] and "--calibration-from" in b["equal_compute"]
     assert "the same in every part" in merged["equal_compute"]
