@@ -587,15 +587,26 @@ def merge(args: argparse.Namespace) -> int:
     kinds = set.intersection(*(set(p["seconds_per_step"]) for p in parts))
     spread = max(max(p["seconds_per_step"][k] for p in parts) / min(p["seconds_per_step"][k] for p in parts) - 1
                  for k in kinds)
+    # a kind of step the first part did not measure (an arm added later): the first part that has it
+    per_step, later = dict(first["seconds_per_step"]), {}
+    for path, part in zip(args.parts, parts):
+        for k, v in part["seconds_per_step"].items():
+            if k not in per_step:
+                per_step[k], later[k] = v, str(path)
     report["equal_compute"] = (
         "wall clock: each arm and seed trains for the same planned seconds, at per-step times "
         + (f"that are the same in every part (the first part's calibration, {args.parts[0]}; the others took it with "
            "--calibration-from)" if spread == 0 else
            f"that each part measured itself (they differ by up to {100 * spread:.0f}% between parts: the steps per "
            "model in the table are what each trained)")
+        + "".join(f"; {k}: {path}'s time (the first part did not measure it; that part's equal_compute says how "
+                  "it was set)" for k, path in later.items())
         + "; realized seconds in train_seconds_per_seed")
+    if "mimir-carry" in per_step:
+        report["carry_over_mae_seconds_per_step"] = per_step["mimir-carry"] / per_step["mae"]
     report.update(
         command="python bench/training/mimir_compare.py " + " ".join(args.argv or []), complete=True, arms=arms,
+        seconds_per_step=per_step,
         seeds=seeds, runs=records, n_eval_asked=min(p["n_eval_asked"] for p in parts),
         total_seconds=round(sum(p["total_seconds"] for p in parts), 1),
         budget_seconds=sum(p["budget_seconds"] for p in parts),

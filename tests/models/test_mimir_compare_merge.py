@@ -101,10 +101,15 @@ def test_an_arm_the_first_part_did_not_calibrate_is_scaled_from_its_mae_time(par
     run = carry["runs"][0]
     assert run["pretrain"]["steps"] == max(1, int(1.0 / ps["mimir-carry"]))
     assert run["pretrain"]["config"]["perturbation"] == "carry" and run["pretrain"]["lam"] == 0.1
-    assert mc.main(["merge", "--parts", str(parts / "scratch.json"), str(tmp_path / "carry.json"),
+    assert mc.main(["merge", "--parts", str(tmp_path / "old.json"), str(tmp_path / "carry.json"),
                     "--out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert merged["arms"] == ["mimir-carry", "scratch"]
+    # the merged per-step times: the first part's, and the later part's for the kind the first lacks
+    assert merged["seconds_per_step"] == ps and merged["carry_over_mae_seconds_per_step"] == pytest.approx(
+        ps["mimir-carry"] / ps["mae"])
+    assert f"mimir-carry: {tmp_path / 'carry.json'}'s time" in merged["equal_compute"]
+    assert "the same in every part" in merged["equal_compute"]
     assert [(p["first"], p["second"]) for p in merged["paired"]] == [("mimir-carry", "scratch")]
 
 
