@@ -35,11 +35,13 @@ converting a few thousand float16 rows to float32 for the product cost more than
 itself (bench/results/stateful.stage_cpu.md); float32 costs 4 more bytes per dimension per entry
 (with the buffers' growth below, 180 MiB per 1,000,000 entries of 32 dimensions:
 bench/results/stateful.cost.knn.md). A call of one query (the usual one: a batch's
-items come from different clients) takes a shorter path than the general one, to the same result.
+items come from different clients) takes a shorter path than the general one, to the same result:
+one compiled pass over the client's rows (numba; :func:`scan_kernel`) where numba is installed.
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 import threading
 import time
@@ -143,6 +145,61 @@ def pairwise_l2(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) ->
     return np.sqrt(pairwise_sq(a, b, b_sq))
 
 
+# The single-query scan (the usual call: a batch's items come from different clients) compiled with
+# numba, when it is installed: one pass over the client's rows that checks the retry digests and keeps
+# the k smallest squared distances. In numpy the same work is ~12 calls (comparison, product, sums,
+# partition, sort), whose fixed cost per call was most of the store's ~45 µs per query at 3,000 rows
+# (bench/results/stateful.stage_cpu.md); the compiled pass reads each row once. Without numba (the
+# GPU machine's environment) the numpy path computes the same distances.
+_SCAN_FLAGS = {"reassoc", "contract", "nsz", "arcp"}  # fastmath without nnan/ninf: rows pad with inf
+
+
+def _scan_source(emb, sq, digest, first, end, q, q_digest, out):  # numba-compiled by scan_kernel()
+    """Rows ``[first, end)`` of ``emb`` ``[M, d]`` (squared norms ``sq``, ``digest``) against one query
+    ``q`` ``[d]``: True (``out`` untouched) when a row's digest equals ``q_digest`` (an exact retry);
+    else ``out`` ``[k]`` = the ``k`` smallest l2 distances, ascending, ``inf``-padded, and False."""
+    for r in range(first, end):
+        if digest[r] == q_digest:
+            return True
+    k = out.shape[0]
+    for i in range(k):
+        out[i] = np.inf
+    qq = np.float32(0.0)
+    for j in range(q.shape[0]):
+        qq += q[j] * q[j]
+    for r in range(first, end):
+        dot = np.float32(0.0)
+        for j in range(q.shape[0]):
+            dot += emb[r, j] * q[j]
+        v = max(sq[r] + qq - np.float32(2.0) * dot, np.float32(0.0))
+        if v < out[k - 1]:  # insertion into the k kept, ascending
+            p = k - 1
+            while p > 0 and out[p - 1] > v:
+                out[p] = out[p - 1]
+                p -= 1
+            out[p] = v
+    for i in range(k):
+        out[i] = np.sqrt(out[i])
+    return False
+
+
+@functools.cache
+def scan_kernel():
+    """The compiled :func:`_scan_source` (compiled once per process, here, so that no query pays the
+    ~0.5 s of compilation; numba's cache keeps it for the next process), or None when numba is not
+    installed."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    # one signature, compiled now: C-contiguous arrays only, so no call compiles another variant
+    signature = "b1(f4[:, ::1], f4[::1], u8[::1], i8, i8, f4[::1], u8, f4[::1])"
+    try:
+        return numba.njit(signature, nogil=True, fastmath=_SCAN_FLAGS, cache=True)(_scan_source)
+    except RuntimeError:  # no writable cache directory (a read-only file system): compiled per process
+        return numba.njit(signature, nogil=True, fastmath=_SCAN_FLAGS)(_scan_source)
+
+
 def k_smallest(d: np.ndarray, k: int) -> np.ndarray:
     """``[N, M]`` -> ``[N, k]``: each row's ``k`` smallest values ascending, ``inf``-padded."""
     n, m = d.shape
@@ -174,6 +231,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._bytes = 0  # the clients' buffers and objects (stats; kept current, not summed per scrape)
         self._dim: int | None = None
         self._lock = threading.Lock()
+        self._scan = scan_kernel()  # the compiled single-query path, None without numba
         self._init_flags()
 
     def fingerprint_key(self) -> bytes:
@@ -228,7 +286,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             self._dim = self._dim or int(e.shape[1])
         now = time.time() if now is None else float(now)
         with self._lock:
-            return [self._observe(self._client(c, e.shape[1]), d, np.asarray(e, dtype=np.float32), k, now)
+            return [self._observe(self._client(c, e.shape[1]), d, np.ascontiguousarray(e, dtype=np.float32), k, now)
                     for c, d, e in groups]
 
     def _live(self, h: _History, seq: int, count: int, now: float) -> np.ndarray:
@@ -267,9 +325,14 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         """:meth:`_observe` for one query of a client whose rows' times are monotone: the rows it sees
         are ``[first, end)``; no call-internal retries or moving bounds to consider."""
         first, e = self._first_live(h, self._seq, h.count, now), h.end
-        if first < e and (h.digest[first:e] == digest[0]).any():  # an exact retry: no evidence, not recorded
+        if self._scan is not None:
+            out = np.empty((1, k), dtype=np.float32)
+            if self._scan(h.emb, h.sq, h.digest, first, e, emb[0], digest[0], out[0]):
+                out.fill(np.inf)  # an exact retry: no evidence, not recorded
+                return out
+        elif first < e and (h.digest[first:e] == digest[0]).any():  # an exact retry: no evidence, not recorded
             return np.full((1, k), np.inf, dtype=np.float32)
-        if first < e:
+        elif first < e:
             out = np.sqrt(k_smallest(pairwise_sq(emb, h.emb[first:e], h.sq[first:e]), k))  # [1, k]; sqrt is monotone
         else:
             out = np.full((1, k), np.inf, dtype=np.float32)

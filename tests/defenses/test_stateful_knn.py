@@ -264,16 +264,22 @@ def _reference(calls, k, max_entries, max_per_client, max_clients, ttl_s):
     return out
 
 
+@pytest.mark.parametrize("path", ["compiled", "numpy"])
 @pytest.mark.parametrize("seed,most", [(0, 5), (1, 5), (2, 5), (4, 5), (9, 5), (3, 1), (4, 1), (9, 1)])
-def test_store_equals_the_rule_written_out_with_clock_steps_back(seed, most):
+def test_store_equals_the_rule_written_out_with_clock_steps_back(seed, most, path):
     """Random streams of several clients with retries, tight bounds (global, per client, TTL, LRU) and
     a clock that sometimes steps back (the store's rows then leave its fast path): the store's
     distances are the reference's (float32 arithmetic vs float64). ``most``: queries per client and
-    call at most (1: every call takes the one-query path while the client's times are monotone)."""
+    call at most (1: every call takes the one-query path while the client's times are monotone).
+    ``path``: the one-query path's numba-compiled scan, or the numpy one (an environment without numba)."""
     rng = np.random.default_rng(seed)
     bounds = dict(max_entries=int(rng.integers(8, 40)), max_per_client=int(rng.integers(3, 12)),
                   max_clients=int(rng.integers(2, 5)), ttl_s=float(rng.choice([1.0, 3.0])))
     store = KnnMemoryStore(**bounds)
+    if path == "numpy":
+        store._scan = None
+    elif store._scan is None:
+        pytest.skip("numba is not installed: the store takes the numpy path (tested beside)")
     pool = rng.normal(size=(12, 6)).astype(np.float16)
     calls, now = [], 0.0
     for _ in range(80):
@@ -290,3 +296,28 @@ def test_store_equals_the_rule_written_out_with_clock_steps_back(seed, most):
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
         np.testing.assert_allclose(g[np.isfinite(g)], w[np.isfinite(w)], rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_scan_equals_numpy_on_long_histories():
+    """The compiled one-query scan against numpy's distances on a real-sized history (3,000 rows of
+    32 dimensions, a live suffix): the same k nearest within float32
+    rounding, inf-padded past the rows, and a digest anywhere in the live rows is a retry."""
+    from robustgate.defenses.stateful.knn_store import k_smallest, pairwise_sq, scan_kernel
+
+    scan = scan_kernel()
+    if scan is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(3000, 32)).astype(np.float32)
+    sq = np.einsum("nd,nd->n", emb, emb)
+    dig = np.arange(1, 3001, dtype=np.uint64)
+    q = rng.normal(size=32).astype(np.float32)
+    for first, end, k in ((0, 3000, 4), (1234, 3000, 4), (2998, 3000, 4), (5, 5, 3)):
+        out = np.empty(k, np.float32)
+        assert not scan(emb, sq, dig, first, end, q, np.uint64(0), out)
+        want = np.sqrt(k_smallest(pairwise_sq(q[None], emb[first:end], sq[first:end]), k))[0] if end > first \
+            else np.full(k, np.inf, np.float32)
+        np.testing.assert_array_equal(np.isinf(out), np.isinf(want))
+        np.testing.assert_allclose(out[np.isfinite(out)], want[np.isfinite(want)], rtol=1e-5, atol=1e-5)
+    assert scan(emb, sq, dig, 1234, 3000, q, np.uint64(2000), np.empty(4, np.float32))  # a live digest
+    assert not scan(emb, sq, dig, 1234, 3000, q, np.uint64(1000), np.empty(4, np.float32))  # a dead one
