@@ -93,7 +93,8 @@ class _History:
             new[:e - s] = a[s:e]
         self.start, self.end = 0, e - s
 
-    def append(self, emb: np.ndarray, digest: np.ndarray, now: float, seq: np.ndarray) -> None:
+    def append(self, emb: np.ndarray, digest: np.ndarray, now: float, seq: np.ndarray | int) -> None:
+        """Records ``[n]`` rows with sequence numbers ``seq`` ``[n]`` (an int when ``n`` is 1)."""
         n = digest.shape[0]
         if self.end + n > self.emb.shape[0]:
             need = self.live + n
@@ -103,10 +104,16 @@ class _History:
             self.monotone = True  # no rows left from before a clock step back
         elif now < self.time[self.end - 1]:
             self.monotone = False
-        sl = slice(self.end, self.end + n)
-        self.emb[sl], self.digest[sl], self.time[sl], self.seq[sl] = emb, digest, now, seq
-        self.sq[sl] = np.einsum("nd,nd->n", emb, emb)
-        self.cidx[sl] = np.arange(self.count, self.count + n)
+        if n == 1:  # the usual call: scalar writes (a slice assignment costs ~1 µs each)
+            i = self.end
+            self.emb[i], self.digest[i], self.time[i], self.seq[i] = emb[0], digest[0], now, seq
+            self.sq[i] = np.dot(emb[0], emb[0])
+            self.cidx[i] = self.count
+        else:
+            sl = slice(self.end, self.end + n)
+            self.emb[sl], self.digest[sl], self.time[sl], self.seq[sl] = emb, digest, now, seq
+            self.sq[sl] = np.einsum("nd,nd->n", emb, emb)
+            self.cidx[sl] = np.arange(self.count, self.count + n)
         self.end += n
         self.count += n
 
@@ -114,7 +121,10 @@ class _History:
         """Drops the oldest rows with ``seq < min_seq``, ``cidx < min_cidx`` or (a prefix of) those
         older than ``min_time``; returns how many were dropped."""
         s, e = self.start, self.end
-        cut = max(int(self.seq[s:e].searchsorted(min_seq)), int(self.cidx[s:e].searchsorted(min_cidx)))
+        if s == e or (self.seq[s] >= min_seq and self.cidx[s] >= min_cidx):  # the usual case: no search
+            cut = 0
+        else:
+            cut = max(int(self.seq[s:e].searchsorted(min_seq)), int(self.cidx[s:e].searchsorted(min_cidx)))
         if s + cut < e and self.time[s + cut] < min_time:  # else the prefix of old rows is empty
             old = self.time[s + cut:e] < min_time
             cut += int(old.argmin()) if not old.all() else e - s - cut
@@ -301,6 +311,9 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         (sequence numbers, client indices and, monotone, times never decrease along the rows, so each
         bound cuts a prefix; found by binary search on the same comparisons)."""
         s, e = h.start, h.end
+        if s == e or (h.seq[s] > seq - self.max_entries and count - h.cidx[s] <= self.max_per_client
+                      and now - h.time[s] <= self.ttl_s):  # the usual case: the first row is live, so all are
+            return s
         lo = s + max(int(h.seq[s:e].searchsorted(seq - self.max_entries + 1)),  # seq > seq - max_entries
                      int(h.cidx[s:e].searchsorted(count - self.max_per_client)))  # count - cidx <= max_per_client
         if lo < e and not now - h.time[lo] <= self.ttl_s:  # the TTL cuts further: bisect on its comparison
@@ -417,17 +430,24 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         """Records a client's ``[R]`` new queries, then drops what fell out of the bounds (this
         client's rows and those of the owners of the entries they push out of the global bound)."""
         r = digests.shape[0]
-        seqs = np.arange(self._seq + 1, self._seq + 1 + r, dtype=np.int64)
+        first = self._seq + 1
+        seqs = first if r == 1 else np.arange(first, first + r, dtype=np.int64)
         self._bytes -= h.bytes
         h.append(emb, digests, now, seqs)
         self._bytes += h.bytes
         self._held += r
         self._seq += r
-        ring = seqs % self.max_entries
         owners = {h.cid}
-        if self._seq > self.max_entries:
-            owners.update(np.unique(self._owner[ring][seqs > self.max_entries]).tolist())  # entries pushed out
-        self._owner[ring] = h.cid
+        if r == 1:  # the usual call: one slot of the ring, in scalars
+            slot = first % self.max_entries
+            if first > self.max_entries:
+                owners.add(int(self._owner[slot]))  # the entry pushed out
+            self._owner[slot] = h.cid
+        else:
+            ring = seqs % self.max_entries
+            if self._seq > self.max_entries:
+                owners.update(np.unique(self._owner[ring][seqs > self.max_entries]).tolist())  # entries pushed out
+            self._owner[ring] = h.cid
         for cid in owners:
             owner = self._by_id.get(cid)
             if owner is not None:
