@@ -350,7 +350,7 @@ class PipelineRunner:
                             verdict[i], reason[i] = REJECTED, f"{stage.name} failed"
 
             blocked = run_stateful(self.stages, torch.from_numpy(arr), clients, verdict, reason, scores, thresholds,
-                                   seconds, fail, embeddings=fused)
+                                   seconds, fail, embeddings=fused, checked=True)  # __call__: validated input
         return PipelineResult(logits=torch.from_numpy(logits), verdict=torch.tensor(verdict, dtype=torch.int64),
                               reason=reason, scores=scores, thresholds=thresholds, seconds=seconds,
                               failed_stages=failed, blocked=blocked)

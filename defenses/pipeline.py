@@ -339,15 +339,15 @@ class DefendedModel:
 
 def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], verdict, reason: list[str | None],
                  scores: dict, thresholds: dict, seconds: dict, fail: Callable[[Stage], None],
-                 embeddings: dict | None = None) -> list[float | None]:
+                 embeddings: dict | None = None, checked: bool = False) -> list[float | None]:
     """Step 1b of the module docstring, shared by :class:`DefendedModel` and the proxy's fused path
     (defenses/assemble.py ``PipelineRunner._run_fused``): every stateful stage of ``stages`` on
     ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]``, in order; updates ``verdict`` (codes, tensor or
     list), ``reason``, ``scores``, ``thresholds`` and ``seconds`` in place; a stage that raises
     goes to ``fail`` (the failure policy). ``embeddings``: stage name -> ``[N, d]`` computed for
     ``x`` in the backbone's fused pass (``StatefulDetector.onnx_embedding_model``); a stage found
-    there does not compute its own. Returns ``blocked`` (per item the end of its client's block,
-    ``[]`` when none is)."""
+    there does not compute its own. ``checked``: ``x`` was validated already (StatefulDetector.encode).
+    Returns ``blocked`` (per item the end of its client's block, ``[]`` when none is)."""
     n = x.shape[0]
     if len(clients) != n:
         raise ValueError(f"clients must name one identity per item: {len(clients)} for {n} items")
@@ -357,7 +357,7 @@ def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], v
             continue
         t0 = time.perf_counter()
         try:
-            s, ends = observe_clients(stage, x, clients, (embeddings or {}).get(stage.name))
+            s, ends = observe_clients(stage, x, clients, (embeddings or {}).get(stage.name), checked)
         except Exception:  # noqa: BLE001 - a failing store (Redis down) follows the failure policy
             seconds[stage.name] = time.perf_counter() - t0
             fail(stage)
@@ -387,11 +387,11 @@ def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], v
 
 
 def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
-                    embedding=None) -> tuple[torch.Tensor, list[float | None]]:
+                    embedding=None, checked: bool = False) -> tuple[torch.Tensor, list[float | None]]:
     """One stateful stage on a batch: ``x`` ``[N, C, H, W]``, ``clients`` ``[N]`` -> scores ``[N]`` and
     per item the end of its client's block (None: not blocked). ``embedding`` ``[N, d]`` (numpy or
-    tensor): the stage's embedding of ``x`` from the fused pass, else None (the stage computes it).
-    The unblocked items are encoded (fingerprinted) in one call and observed in one call, each
+    tensor): the stage's embedding of ``x`` from the fused pass, else None (the stage computes it);
+    ``checked``: ``x`` was validated already (StatefulDetector.encode). The unblocked items are encoded (fingerprinted) in one call and observed in one call, each
     client's rows in order, clients in order of first appearance; a blocked client's items are not
     observed (score 0); with action ``block`` each item over the threshold is rejected and counts as a detection of
     its client (``store.add_detections``); at ``stage.block_after`` detections the client is blocked
@@ -419,10 +419,10 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     if embedding is not None and isinstance(embedding, torch.Tensor):
         embedding = embedding.detach().cpu().numpy()
     if len(rows) == n and rows == list(range(n)):
-        encoded = det.encode(x, embedding)
+        encoded = det.encode(x, embedding, checked)
     else:
         sel = np.asarray(rows)
-        encoded = det.encode(x[torch.from_numpy(sel)], None if embedding is None else embedding[sel])
+        encoded = det.encode(x[torch.from_numpy(sel)], None if embedding is None else embedding[sel], checked)
     parts, at = [], 0
     for client, idx in live:
         parts.append((client, tuple(a[at:at + len(idx)] for a in encoded)))

@@ -240,6 +240,7 @@ class Metrics:
         self._outcomes = {outcome: self.requests.labels(outcome=outcome) for outcome in OUTCOMES}
         self._verdict_items = {verdict: self.items.labels(verdict=verdict) for verdict in ("accepted", "flagged", "rejected")}
         self._stages: dict = {}  # stage -> robustgate_stage_duration_seconds{stage} child (see stage_child)
+        self._stateful: dict = {}  # stage -> robustgate_stateful_observe_duration_seconds{stage} child
         self._http = None
 
     def outcome_counter(self, outcome: str):
@@ -252,6 +253,13 @@ class Metrics:
         child = self._stages.get(stage)
         if child is None:
             child = self._stages[stage] = self.stage_duration.labels(stage=stage)
+        return child
+
+    def stateful_child(self, stage: str):
+        """``robustgate_stateful_observe_duration_seconds{stage=...}``'s child (cached; observed per batch)."""
+        child = self._stateful.get(stage)
+        if child is None:
+            child = self._stateful[stage] = self.stateful_observe.labels(stage=stage)
         return child
 
     def verdict_items(self, verdict: str):

@@ -501,10 +501,11 @@ class ProxyServer:
             m.stage_failures.labels(stage=stage, policy=self.runner.failure_policy).inc()
         for stage in self.runner.stateful_names:
             if stage in result.seconds:
-                m.stateful_observe.labels(stage=stage).observe(result.seconds[stage])
+                m.stateful_child(stage).observe(result.seconds[stage])
             t = result.thresholds.get(stage)
             if t is not None and stage in result.scores:
-                hits = int((result.scores[stage] > t).sum())
+                # in numpy: a tensor comparison would release and retake the GIL on the event loop
+                hits = int(np.count_nonzero(result.scores[stage].numpy() > t))
                 if hits:
                     m.stateful_detections.labels(stage=stage).inc(hits)
 

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,31 @@ def payloads(kinds: list[str], bundle: Bundle, batch: int, rounds: int, eps: flo
     return {k: out[k] for k in kinds}
 
 
+def stage_totals(proxy: Proxy) -> dict[str, float]:
+    """The server's running totals: ``robustgate_stage_duration_seconds`` sum per stage (decode,
+    queue, classify, each pipeline stage, encode) and ``robustgate_batch_size`` sum (items)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.config['server']['metrics_port']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "robustgate_stage_duration_seconds_sum":
+                out[sample.labels["stage"]] = sample.value
+            elif sample.name == "robustgate_batch_size_sum":
+                out["items"] = sample.value
+    return out
+
+
+def stage_us_per_item(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The server's time per item answered in a window, by stage (µs; from two :func:`stage_totals`):
+    where the served call's wall time goes, which the throughput alone does not say (a stage that
+    holds the GIL delays the event loop; one in ONNX Runtime runs beside it)."""
+    items = after.get("items", 0.0) - before.get("items", 0.0)
+    return {k: 1e6 * (v - before.get(k, 0.0)) / items for k, v in after.items() if k != "items" and items > 0}
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -154,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 for kind in kinds:
                     for name in (order if r % 2 == 0 else order[::-1]):
-                        before = loadavg()
+                        before, stages_before = loadavg(), stage_totals(servers[name])
                         res = loadgen.run_load(servers[name].url, bundle.name, bundle.input.name, item_shape,
                                                args.concurrency, batch=args.batch, warmup_s=args.warmup,
                                                duration_s=args.duration, server_pids={"server": servers[name].proc.pid},
                                                **({"pool": data[kind][r]} if kind == "stream" else {"x": data[kind][r]}))
-                        res.update(round=r, loadavg_before=before, loadavg_after=loadavg())
+                        res.update(round=r, loadavg_before=before, loadavg_after=loadavg(),
+                                   stage_us_per_item=stage_us_per_item(stages_before, stage_totals(servers[name])))
                         windows[kind][name].append(res)
                         print(json.dumps({"inputs": kind, "config": name, "round": r,
                                           "items_per_s": round(res["items_per_s"], 1), "errors": res["errors"],
@@ -193,6 +220,8 @@ def summarize(windows: dict[str, list[dict]], configs: dict[str, dict]) -> dict[
         entry = {"items_per_s_median": statistics.median(ips), "items_per_s": ips,
                  "p50_ms_median": statistics.median(w["p50_ms"] for w in ws if w["p50_ms"] is not None),
                  "server_cpu_cores_median": statistics.median(w["cpu_cores"]["server"] for w in ws),
+                 "stage_us_per_item_median": {k: statistics.median(w["stage_us_per_item"].get(k, 0.0) for w in ws)
+                                              for k in ws[0].get("stage_us_per_item", {})},
                  "errors": sum(sum(w["errors"].values()) for w in ws), **configs[name]}
         if name != "empty":
             costs = [1.0 - w["items_per_s"] / e["items_per_s"] for w, e in zip(ws, windows["empty"])]
@@ -236,6 +265,17 @@ def markdown(r: dict) -> str:
                      f"{s['server_cpu_cores_median']:.2f} | {target} |")
     errors = {f"{k}/{n}": s["errors"] for k, per in r["summary"].items() for n, s in per.items() if s["errors"]}
     lines += ["", f"Request errors: {errors or 'none'}."]
+    stages = list(dict.fromkeys(k for per in r["summary"].values() for s in per.values()
+                                for k in s.get("stage_us_per_item_median", {})))
+    if stages:
+        lines += ["", "Where the server's time per item goes (`robustgate_stage_duration_seconds` over each window / items "
+                  "answered, median over the rounds, µs; wall time of each stage, so the stages of one batch overlap "
+                  "neither each other nor the queue, but the event loop's work for other requests runs beside them):", "",
+                  "| inputs | configuration | " + " | ".join(stages) + " |", "| --- | --- |" + " ---: |" * len(stages)]
+        for kind, per in r["summary"].items():
+            for name, s in per.items():
+                got = s.get("stage_us_per_item_median", {})
+                lines.append(f"| {kind} | {name} | " + " | ".join(f"{got[k]:.1f}" if k in got else "" for k in stages) + " |")
     return "\n".join(lines) + "\n"
 
 

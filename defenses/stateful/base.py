@@ -68,16 +68,22 @@ class StatefulDetector(Defense):
         order and returns their scores ``[N]`` float32 (each against the history before it)."""
         return self.observe_encoded(client, self.encode(x), now)
 
-    def encode(self, x: torch.Tensor, embedding: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    def encode(self, x: torch.Tensor, embedding: np.ndarray | None = None, checked: bool = False) -> tuple[np.ndarray, ...]:
         """What the store keeps of each query, for a whole batch of any clients at once: ``x``
         ``[N, C, H, W]`` -> arrays with first dimension ``N`` (row ``i`` is item ``i``'s), so that the
         pipeline encodes a batch once and hands each client its rows (:meth:`observe_encoded`).
         ``embedding`` ``[N, d]``: what :meth:`onnx_embedding_model`'s graph gave for ``x`` in the
-        backbone's fused pass (proxy/backends/fuse.py), used instead of computing it again."""
-        check_images(x, self.value_range, who=f"{self.kind} input")
+        backbone's fused pass (proxy/backends/fuse.py), used instead of computing it again.
+        ``checked``: ``x`` is a host tensor without autograd that the caller validated (range and
+        finiteness: the proxy's codec does for every request; PipelineRunner's input), so neither the
+        check nor the detach to the host is repeated -- in a batch worker each tensor call releases and
+        retakes the GIL, and the event loop holds it meanwhile (bench/results/stateful.stage_cpu.md)."""
+        if not checked:
+            check_images(x, self.value_range, who=f"{self.kind} input")
+            x = x.detach().cpu()
         if embedding is None:
-            return self._encode(x.detach().cpu())
-        return self._encode_embedded(x.detach().cpu(), embedding)
+            return self._encode(x)
+        return self._encode_embedded(x, embedding)
 
     def onnx_embedding_model(self):
         """The per-item part of :meth:`encode` that a network computes, as one ONNX graph ``[N, C, H, W]``

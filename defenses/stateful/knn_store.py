@@ -93,8 +93,10 @@ class _History:
             new[:e - s] = a[s:e]
         self.start, self.end = 0, e - s
 
-    def append(self, emb: np.ndarray, digest: np.ndarray, now: float, seq: np.ndarray | int) -> None:
-        """Records ``[n]`` rows with sequence numbers ``seq`` ``[n]`` (an int when ``n`` is 1)."""
+    def append(self, emb: np.ndarray, digest: np.ndarray, now: float, seq: np.ndarray | int,
+               sq: float | None = None) -> None:
+        """Records ``[n]`` rows with sequence numbers ``seq`` ``[n]`` (an int when ``n`` is 1; then
+        ``sq``: the row's squared norm when known)."""
         n = digest.shape[0]
         if self.end + n > self.emb.shape[0]:
             need = self.live + n
@@ -107,7 +109,7 @@ class _History:
         if n == 1:  # the usual call: scalar writes (a slice assignment costs ~1 µs each)
             i = self.end
             self.emb[i], self.digest[i], self.time[i], self.seq[i] = emb[0], digest[0], now, seq
-            self.sq[i] = np.dot(emb[0], emb[0])
+            self.sq[i] = np.einsum("d,d->", emb[0], emb[0]) if sq is None else sq
             self.cidx[i] = self.count
         else:
             sl = slice(self.end, self.end + n)
@@ -166,11 +168,12 @@ _SCAN_FLAGS = {"reassoc", "contract", "nsz", "arcp"}  # fastmath without nnan/ni
 
 def _scan_source(emb, sq, digest, first, end, q, q_digest, out):  # numba-compiled by scan_kernel()
     """Rows ``[first, end)`` of ``emb`` ``[M, d]`` (squared norms ``sq``, ``digest``) against one query
-    ``q`` ``[d]``: True (``out`` untouched) when a row's digest equals ``q_digest`` (an exact retry);
-    else ``out`` ``[k]`` = the ``k`` smallest l2 distances, ascending, ``inf``-padded, and False."""
+    ``q`` ``[d]``: -1 (``out`` untouched) when a row's digest equals ``q_digest`` (an exact retry);
+    else ``out`` ``[k]`` = the ``k`` smallest l2 distances, ascending, ``inf``-padded, and the
+    query's squared norm (the row it will be recorded as)."""
     for r in range(first, end):
         if digest[r] == q_digest:
-            return True
+            return np.float32(-1.0)
     k = out.shape[0]
     for i in range(k):
         out[i] = np.inf
@@ -190,7 +193,7 @@ def _scan_source(emb, sq, digest, first, end, q, q_digest, out):  # numba-compil
             out[p] = v
     for i in range(k):
         out[i] = np.sqrt(out[i])
-    return False
+    return qq
 
 
 @functools.cache
@@ -202,12 +205,14 @@ def scan_kernel():
         import numba
     except ImportError:
         return None
-    # one signature, compiled now: C-contiguous arrays only, so no call compiles another variant
-    signature = "b1(f4[:, ::1], f4[::1], u8[::1], i8, i8, f4[::1], u8, f4[::1])"
+    # one signature, compiled now: C-contiguous arrays only, so no call compiles another variant. Not
+    # nogil: the scan is short, and a batch worker that releases the GIL once per query waits to take
+    # it back from the busy event loop each time (bench/results/stateful.stage_cpu.md)
+    signature = "f4(f4[:, ::1], f4[::1], u8[::1], i8, i8, f4[::1], u8, f4[::1])"
     try:
-        return numba.njit(signature, nogil=True, fastmath=_SCAN_FLAGS, cache=True)(_scan_source)
+        return numba.njit(signature, fastmath=_SCAN_FLAGS, cache=True)(_scan_source)
     except RuntimeError:  # no writable cache directory (a read-only file system): compiled per process
-        return numba.njit(signature, nogil=True, fastmath=_SCAN_FLAGS)(_scan_source)
+        return numba.njit(signature, fastmath=_SCAN_FLAGS)(_scan_source)
 
 
 def k_smallest(d: np.ndarray, k: int) -> np.ndarray:
@@ -338,9 +343,11 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         """:meth:`_observe` for one query of a client whose rows' times are monotone: the rows it sees
         are ``[first, end)``; no call-internal retries or moving bounds to consider."""
         first, e = self._first_live(h, self._seq, h.count, now), h.end
+        sq = None
         if self._scan is not None:
             out = np.empty((1, k), dtype=np.float32)
-            if self._scan(h.emb, h.sq, h.digest, first, e, emb[0], digest[0], out[0]):
+            sq = self._scan(h.emb, h.sq, h.digest, first, e, emb[0], digest[0], out[0])
+            if sq < 0:
                 out.fill(np.inf)  # an exact retry: no evidence, not recorded
                 return out
         elif first < e and (h.digest[first:e] == digest[0]).any():  # an exact retry: no evidence, not recorded
@@ -349,7 +356,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             out = np.sqrt(k_smallest(pairwise_sq(emb, h.emb[first:e], h.sq[first:e]), k))  # [1, k]; sqrt is monotone
         else:
             out = np.full((1, k), np.inf, dtype=np.float32)
-        self._record(h, emb, digest, now)
+        self._record(h, emb, digest, now, sq)
         return out
 
     def _observe(self, h: _History, digests: np.ndarray, emb: np.ndarray, k: int, now: float) -> np.ndarray:
@@ -426,14 +433,15 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._record(h, q, digests if idx is None else digests[idx], now)
         return out
 
-    def _record(self, h: _History, emb: np.ndarray, digests: np.ndarray, now: float) -> None:
+    def _record(self, h: _History, emb: np.ndarray, digests: np.ndarray, now: float, sq: float | None = None) -> None:
         """Records a client's ``[R]`` new queries, then drops what fell out of the bounds (this
-        client's rows and those of the owners of the entries they push out of the global bound)."""
+        client's rows and those of the owners of the entries they push out of the global bound).
+        ``sq``: the squared norm of a single query, when known."""
         r = digests.shape[0]
         first = self._seq + 1
         seqs = first if r == 1 else np.arange(first, first + r, dtype=np.int64)
         self._bytes -= h.bytes
-        h.append(emb, digests, now, seqs)
+        h.append(emb, digests, now, seqs, sq)
         self._bytes += h.bytes
         self._held += r
         self._seq += r

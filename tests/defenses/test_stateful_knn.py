@@ -301,7 +301,8 @@ def test_store_equals_the_rule_written_out_with_clock_steps_back(seed, most, pat
 def test_compiled_scan_equals_numpy_on_long_histories():
     """The compiled one-query scan against numpy's distances on a real-sized history (3,000 rows of
     32 dimensions, a live suffix): the same k nearest within float32
-    rounding, inf-padded past the rows, and a digest anywhere in the live rows is a retry."""
+    rounding, inf-padded past the rows, the query's squared norm returned, and a digest anywhere in
+    the live rows is a retry (-1)."""
     from robustgate.defenses.stateful.knn_store import k_smallest, pairwise_sq, scan_kernel
 
     scan = scan_kernel()
@@ -314,10 +315,10 @@ def test_compiled_scan_equals_numpy_on_long_histories():
     q = rng.normal(size=32).astype(np.float32)
     for first, end, k in ((0, 3000, 4), (1234, 3000, 4), (2998, 3000, 4), (5, 5, 3)):
         out = np.empty(k, np.float32)
-        assert not scan(emb, sq, dig, first, end, q, np.uint64(0), out)
+        np.testing.assert_allclose(scan(emb, sq, dig, first, end, q, np.uint64(0), out), q @ q, rtol=1e-5)
         want = np.sqrt(k_smallest(pairwise_sq(q[None], emb[first:end], sq[first:end]), k))[0] if end > first \
             else np.full(k, np.inf, np.float32)
         np.testing.assert_array_equal(np.isinf(out), np.isinf(want))
         np.testing.assert_allclose(out[np.isfinite(out)], want[np.isfinite(want)], rtol=1e-5, atol=1e-5)
-    assert scan(emb, sq, dig, 1234, 3000, q, np.uint64(2000), np.empty(4, np.float32))  # a live digest
-    assert not scan(emb, sq, dig, 1234, 3000, q, np.uint64(1000), np.empty(4, np.float32))  # a dead one
+    assert scan(emb, sq, dig, 1234, 3000, q, np.uint64(2000), np.empty(4, np.float32)) == -1  # a live digest
+    assert scan(emb, sq, dig, 1234, 3000, q, np.uint64(1000), np.empty(4, np.float32)) >= 0  # a dead one
