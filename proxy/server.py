@@ -504,8 +504,8 @@ class ProxyServer:
                 m.stateful_child(stage).observe(result.seconds[stage])
             t = result.thresholds.get(stage)
             if t is not None and stage in result.scores:
-                # in numpy: a tensor comparison would release and retake the GIL on the event loop
-                hits = int(np.count_nonzero(result.scores[stage].numpy() > t))
+                # the batch's numpy scores: a tensor call would release and retake the GIL on the event loop
+                hits = int(np.count_nonzero(batch.scores[stage] > t))
                 if hits:
                     m.stateful_detections.labels(stage=stage).inc(hits)
 
