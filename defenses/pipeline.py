@@ -391,7 +391,8 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     """One stateful stage on a batch: ``x`` ``[N, C, H, W]``, ``clients`` ``[N]`` -> scores ``[N]`` and
     per item the end of its client's block (None: not blocked). ``embedding`` ``[N, d]`` (numpy or
     tensor): the stage's embedding of ``x`` from the fused pass, else None (the stage computes it);
-    ``checked``: ``x`` was validated already (StatefulDetector.encode). The unblocked items are encoded (fingerprinted) in one call and observed in one call, each
+    ``checked``: ``x`` was validated already (StatefulDetector.encode). The unblocked items are
+    encoded (fingerprinted) in one call and observed in one call, each
     client's rows in order, clients in order of first appearance; a blocked client's items are not
     observed (score 0); with action ``block`` each item over the threshold is rejected and counts as a detection of
     its client (``store.add_detections``); at ``stage.block_after`` detections the client is blocked

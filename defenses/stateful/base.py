@@ -77,7 +77,8 @@ class StatefulDetector(Defense):
         ``checked``: ``x`` is a host tensor without autograd that the caller validated (range and
         finiteness: the proxy's codec does for every request; PipelineRunner's input), so neither the
         check nor the detach to the host is repeated -- in a batch worker each tensor call releases and
-        retakes the GIL, and the event loop holds it meanwhile (bench/results/stateful.stage_cpu.md)."""
+        retakes the GIL, and the event loop holds it meanwhile (the stage's time per item in the server:
+        bench/results/defenses.proxy_cost.stateful.md)."""
         if not checked:
             check_images(x, self.value_range, who=f"{self.kind} input")
             x = x.detach().cpu()

@@ -207,7 +207,8 @@ def scan_kernel():
         return None
     # one signature, compiled now: C-contiguous arrays only, so no call compiles another variant. Not
     # nogil: the scan is short, and a batch worker that releases the GIL once per query waits to take
-    # it back from the busy event loop each time (bench/results/stateful.stage_cpu.md)
+    # it back from the busy event loop each time (the stage's time per item in the server:
+    # bench/results/defenses.proxy_cost.stateful.md)
     signature = "f4(f4[:, ::1], f4[::1], u8[::1], i8, i8, f4[::1], u8, f4[::1])"
     try:
         return numba.njit(signature, fastmath=_SCAN_FLAGS, cache=True)(_scan_source)

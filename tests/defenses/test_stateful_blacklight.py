@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from robustgate.defenses.stateful import Blacklight, MemoryStore, build_store
-from robustgate.defenses.stateful.blacklight import top_k_distinct, window_hashes, window_key
+from robustgate.defenses.stateful.blacklight import digests, top_k_distinct, window_hashes, window_key
 
 KEY = bytes(range(16))
 
@@ -171,3 +171,21 @@ def test_history_survives_a_config_reload_when_the_store_is_handed_over():
     store.clear()
     assert store.stats()["entries"] == 0 and store.stats()["clients"] == 0
     assert reloaded.observe("a", step.clone() * 0.5).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 28, 28), (2, 3, 224, 224), (3, 3, 1, 1)])
+def test_digests_are_keyed_blake2b_of_the_raw_float32_bytes(shape):
+    """A row hashed in chunks that keep the GIL (28x28: 3,136 bytes), in one call (3x224x224: over
+    64 KiB) or tiny gives the same keyed BLAKE2b-64 as hashing its bytes at once; a float64 or
+    non-contiguous tensor is hashed as its float32 C-order bytes."""
+    import hashlib
+
+    key = bytes(range(16))
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    want = np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), key=key, digest_size=8).digest(), "little")
+                     for r in x.reshape(shape[0], -1).numpy()], dtype=np.uint64)
+    np.testing.assert_array_equal(digests(x, key), want)
+    np.testing.assert_array_equal(digests(x.double(), key), want)
+    np.testing.assert_array_equal(digests(x.transpose(2, 3).contiguous().transpose(2, 3), key), want)
+    assert len(set(digests(x, key).tolist())) == shape[0]
+    assert (digests(x, bytes(16)) != want).all()  # the key matters
