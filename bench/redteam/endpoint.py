@@ -11,9 +11,12 @@ command, ``robustgate eval --threat endpoint --url ...``, attacks it (attacks/en
 ART's Square and HopSkipJump, the stateful-defense adaptations, a transfer attack from
 ``--surrogate``) and, on the defended arm, runs the benign streams. BUNDLE should be the usual
 customer's model: standard-trained (``robustgate train --method standard`` or an imported one,
-e.g. bench/byo/example.py's), with the pipeline's defenses fitted for it (``robustgate fit``).
+e.g. bench/byo/example.py's), with the pipeline's defenses fitted for it (``robustgate fit``);
+bench/redteam/endpoint_bundle.sh builds the record's by script.
 
-Results: OUT.json (both arms' reports whole, the targets) and OUT.md (one table per arm, targets).
+Results: OUT.json (both arms' reports whole, the targets, and what was attacked: the backbone's
+sha256 and each defended stage's fit and calibration from bundle.yaml) and OUT.md (the same, one
+table per arm, targets).
 """
 
 from __future__ import annotations
@@ -39,6 +42,23 @@ def defended_stages(pipeline: Path, add: list[str]) -> list[dict]:
     """``--pipeline``'s stages, then each ``--add-stage`` (a YAML mapping) appended."""
     stages = list(yaml.safe_load(pipeline.read_text()).get("pipeline", {}).get("stages", []))
     return stages + [yaml.safe_load(text) for text in add]
+
+
+def bundle_record(bundle: Path, stages: list[dict]) -> dict:
+    """What was attacked, from BUNDLE's bundle.yaml: the backbone's ONNX sha256 and provenance, and
+    for each defended stage fitted in the bundle its kind, parameters, threshold and calibration (the
+    defended figures depend on them: a detector calibrated on other data refuses a different share)."""
+    spec = yaml.safe_load((bundle / "bundle.yaml").read_text())
+    fitted = spec.get("defenses") or {}
+    defenses = {}
+    for stage in stages:
+        d = fitted.get(stage.get("name"))
+        if d is not None:
+            calibration = {k: v for k, v in (d.get("calibration") or {}).items() if k != "quantiles"}
+            defenses[stage["name"]] = {"kind": d.get("kind"), "params": d.get("params"),
+                                       "threshold": d.get("threshold"), "calibration": calibration}
+    return {"backbone_sha256": ((spec.get("backbone") or {}).get("onnx") or {}).get("sha256"),
+            "provenance": spec.get("provenance"), "defenses": defenses}
 
 
 def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int, add: list[str] = ()) -> dict:
@@ -150,6 +170,10 @@ def targets(arms: dict[str, dict], correct: list[bool]) -> list[dict]:
     return rows
 
 
+def _g(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 def markdown(result: dict) -> str:
     lines = ["# Query-only attacks through a live proxy: undefended vs the default pipeline\n",
              f"Command: `{result['command']}` ({result['started_utc']}, revision {result['machine']['robustgate_revision']}).\n",
@@ -163,6 +187,17 @@ def markdown(result: dict) -> str:
              "Success: the attacker received an accepted answer with a wrong label for a query within "
              f"l∞ ε = {result['eps']} of the clean image (attacks/endpoint_redteam.py). Each image's attack is a "
              "fresh client identity (Sybil: several); a blocked attack stops.\n"]
+    rec = result.get("bundle_record")
+    if rec:  # what was attacked: the backbone and each fitted stage's fit (bundle.yaml)
+        lines.append(f"Backbone ONNX sha256 `{rec['backbone_sha256']}`. Fitted stages (bundle.yaml):\n")
+        for name, d in rec["defenses"].items():
+            cal = d["calibration"]
+            fit = cal.get("fit") or {}
+            lines.append(f"- `{name}` ({d['kind']}): threshold {_g(d['threshold'])} at target FPR {_g(cal.get('target_fpr'))} "
+                         f"(validation FPR {_g(cal.get('val_fpr'))}, n {cal.get('n_val')}; test FPR {_g(cal.get('test_fpr'))}, "
+                         f"n {cal.get('n_test')}; {fit.get('n_train', '?')} training images); params "
+                         f"`{json.dumps(d['params'], sort_keys=True)}`")
+        lines.append("")
     for arm, rep in result["arms"].items():
         lines += [f"## {arm} ({rep['wall_seconds']:.0f} s)\n",
                   "| attack | budget | n | success | success, correctly classified images | detected | median queries to detection | completed before detection | median queries to success | attack queries |",
@@ -229,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
         "defended_stages": defended_stages(args.pipeline, args.add_stage), "eps": args.eps, "arms": reports,
     }
+    result["bundle_record"] = bundle_record(args.bundle, result["defended_stages"])
     n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
     result["clean_correct"] = clean_correct(args.bundle, n)
     result["targets"] = targets(reports, result["clean_correct"])
