@@ -248,19 +248,21 @@ class Metrics:
         child = self._outcomes.get(outcome)
         return child if child is not None else self.requests.labels(outcome=outcome)
 
+    @staticmethod
+    def _child(cache: dict, metric, stage: str):
+        """``metric{stage=...}``'s child, looked up once (``labels()`` takes a lock and builds a key)."""
+        child = cache.get(stage)
+        if child is None:
+            child = cache[stage] = metric.labels(stage=stage)
+        return child
+
     def stage_child(self, stage: str):
         """``robustgate_stage_duration_seconds{stage=...}``'s child (cached; observed per batch)."""
-        child = self._stages.get(stage)
-        if child is None:
-            child = self._stages[stage] = self.stage_duration.labels(stage=stage)
-        return child
+        return self._child(self._stages, self.stage_duration, stage)
 
     def stateful_child(self, stage: str):
         """``robustgate_stateful_observe_duration_seconds{stage=...}``'s child (cached; observed per batch)."""
-        child = self._stateful.get(stage)
-        if child is None:
-            child = self._stateful[stage] = self.stateful_observe.labels(stage=stage)
-        return child
+        return self._child(self._stateful, self.stateful_observe, stage)
 
     def verdict_items(self, verdict: str):
         """``robustgate_items_total{verdict=...}``'s child (cached)."""
