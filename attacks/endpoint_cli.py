@@ -44,6 +44,8 @@ def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--transform", type=float, nargs=3, default=[0.02, 0.02, 2],
                    metavar=("BRIGHTNESS", "NOISE", "RESAMPLE"),
                    help="-transform: brightness shift, uniform noise, re-draws of a rejected query")
+    g.add_argument("--hsj-evals", type=int, nargs=2, default=[100, 1000], metavar=("INIT", "MAX"),
+                   help="HopSkipJump's gradient-estimate queries: at the first iteration (x sqrt(iteration)), at most")
     g.add_argument("--on-block", choices=["stop", "continue"], default="stop",
                    help="after a block: stop that image's attack")
     g.add_argument("--benign-n", type=int, default=1000, help="benign images (test set after the attacked ones)")
@@ -96,7 +98,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
                 detection_stages=args.detection_stages, identity_header=args.identity_header, tokens=tokens,
                 sybil_identities=args.sybil_identities, benign_per_query=args.benign_per_query, wait_s=args.wait_s,
                 transform=Transform(args.transform[0], args.transform[1], int(args.transform[2])),
-                on_block=args.on_block, seed=args.seed)
+                on_block=args.on_block, hsj_evals=tuple(args.hsj_evals), seed=args.seed)
         except ValueError as exc:
             print(f"robustgate eval --threat endpoint: {exc}", file=sys.stderr)
             return 2

@@ -269,14 +269,17 @@ def _starting_point(attacker: Attacker, ledger: Ledger, pool: torch.Tensor,
 
 def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, eps: float, budget: int,
                      classes: int, detection_stages: frozenset[str], p_init: float = 0.3,
-                     init_pool: torch.Tensor | None = None, seed: int = 0) -> Ledger:
+                     init_pool: torch.Tensor | None = None, seed: int = 0,
+                     hsj_evals: tuple[int, int] = (100, 1000)) -> Ledger:
     """One image: ART ``attack`` ("square" or "hopskipjump") through ``attacker`` until success,
     the budget, or a block, restarting the attack when it gives up early (HopSkipJump finds no
     adversarial starting point, Square ends its iterations). ``x0`` ``[C, H, W]`` in [0, 1];
     ``init_pool`` ``[B, C, H, W]``: other images HopSkipJump may start from (its usual start, an
     image of another class; without it ART's own random-noise search, which a detector of noisy
     inputs refuses). ``seed`` seeds numpy's global generator, which ART draws from, for this
-    image's attack only (the caller's generator state is restored)."""
+    image's attack only (the caller's generator state is restored). ``hsj_evals``: HopSkipJump's
+    ``(init_eval, max_eval)``, the queries of its gradient estimate at the first iteration (growing
+    with the square root of the iteration) and at most."""
     from art.attacks.evasion import HopSkipJump, SquareAttack
 
     ledger = Ledger(x0=x0, y=y, eps=eps, budget=budget, detection_stages=detection_stages)
@@ -286,7 +289,8 @@ def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, 
         art_attack = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=budget, p_init=p_init, nb_restarts=1,
                                   batch_size=1, verbose=False)
     elif attack == "hopskipjump":
-        art_attack = HopSkipJump(clf, norm=np.inf, max_iter=budget, max_eval=1000, init_eval=100, init_size=100,
+        art_attack = HopSkipJump(clf, norm=np.inf, max_iter=budget, max_eval=hsj_evals[1], init_eval=hsj_evals[0],
+                                 init_size=100,
                                  batch_size=64, verbose=False)
     else:
         raise ValueError(f"unknown query attack {attack!r}; known: {QUERY_ATTACKS}")
@@ -383,6 +387,7 @@ class EndpointSettings:
     transform: Transform = field(default_factory=Transform)
     on_block: str = "stop"
     p_init: float = 0.3
+    hsj_evals: tuple[int, int] = (100, 1000)
     transfer_steps: int = 20
     seed: int = 0
 
@@ -398,6 +403,9 @@ class EndpointSettings:
             raise ValueError(f"eps: must be > 0, got {self.eps}")
         if self.sybil_identities < 1:
             raise ValueError(f"sybil_identities: must be >= 1, got {self.sybil_identities}")
+        if len(self.hsj_evals) != 2 or not 1 <= self.hsj_evals[0] <= self.hsj_evals[1]:
+            raise ValueError(f"hsj_evals: need (init_eval, max_eval) with 1 <= init_eval <= max_eval, "
+                             f"got {tuple(self.hsj_evals)}")
 
 
 def _attacker(s: EndpointSettings, adapt: str, benign: torch.Tensor, item_seed: int, cell: str = "") -> Attacker:
@@ -438,7 +446,8 @@ def run_cell(s: EndpointSettings, name: str, budget: int, x: torch.Tensor, y: to
             attacker = _attacker(s, adapt, benign, item_seed, cell=f"-{name}@{budget}")
             try:
                 ledgers.append(run_query_attack(base, attacker, x[i], int(y[i]), s.eps, budget, classes, stages,
-                                                p_init=s.p_init, init_pool=benign, seed=item_seed))
+                                                p_init=s.p_init, init_pool=benign, seed=item_seed,
+                                                hsj_evals=tuple(s.hsj_evals)))
             finally:
                 for o in attacker.oracles:
                     o.close()
@@ -463,6 +472,10 @@ def run_cell(s: EndpointSettings, name: str, budget: int, x: torch.Tensor, y: to
         threat["spacing"] = {"benign_per_query": s.benign_per_query, "wait_s": s.wait_s}
     if adapt == "transform":
         threat["transform"] = asdict(s.transform)
+    if base == "hopskipjump":
+        threat["hsj_evals"] = {"init_eval": s.hsj_evals[0], "max_eval": s.hsj_evals[1]}
+    elif base == "square":
+        threat["p_init"] = s.p_init
     return {"attack": name, "budget": budget, "eps": s.eps, "threat_model": threat, "metrics": metrics,
             "items": [lg.summary() for lg in ledgers], "wall_seconds": time.perf_counter() - t0, "status": "done"}
 

@@ -39,6 +39,8 @@ def markdown(result: dict[str, Any]) -> str:
         t, m = c["threat_model"], c["metrics"]
         desc = (f"{t['norm']} ε={t['eps']:g}, {t['queries']} queries/image, sees {t['answers_seen']}, "
                 f"{t['adaptation']}, {t['identities']} identit{'y' if t['identities'] == 1 else 'ies'}, n {t['n']}")
+        if "hsj_evals" in t:
+            desc += f", gradient estimate {t['hsj_evals']['init_eval']}·√t ≤ {t['hsj_evals']['max_eval']} queries"
         lines.append(f"| {c['attack']} | {desc} | {_f(m['robust_accuracy'])} | {_f(m['detected_share'])} | "
                      f"{_f(m['completed_before_detection_share'])} | {_f(m['queries_to_first_detection_median'])} | "
                      f"{_f(m['queries_to_success_median'])} | {m['attack_queries']} |")

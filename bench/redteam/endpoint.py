@@ -90,6 +90,8 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
                "--url", serve.url, "--bundle", str(args.bundle), "--attacks", args.attacks,
                "--queries", args.budgets, "--n", str(args.n), "--benign-n", str(args.benign_n),
                "--benign-clients", str(args.benign_clients), "--eps", str(args.eps), "--out", str(out)]
+        if args.hsj_evals:
+            cmd += ["--hsj-evals", *map(str, args.hsj_evals)]
         if args.surrogate and "transfer" in args.attacks.split(","):
             cmd += ["--surrogate", str(args.surrogate)]
         if arm == "undefended":
@@ -187,6 +189,12 @@ def markdown(result: dict) -> str:
              "Success: the attacker received an accepted answer with a wrong label for a query within "
              f"l∞ ε = {result['eps']} of the clean image (attacks/endpoint_redteam.py). Each image's attack is a "
              "fresh client identity (Sybil: several); a blocked attack stops.\n"]
+    tms = [c["threat_model"] for rep in result["arms"].values() for c in rep["cells"] if c.get("status") == "done"]
+    knobs = ([f"Square's p_init {t['p_init']:g}" for t in tms if "p_init" in t][:1]
+             + [f"HopSkipJump's gradient estimate {t['hsj_evals']['init_eval']}·√t queries at iteration t, at most "
+                f"{t['hsj_evals']['max_eval']}" for t in tms if "hsj_evals" in t][:1])
+    if knobs:  # older reports did not record them
+        lines.append(f"Attack settings (ART): {'; '.join(knobs)}.\n")
     rec = result.get("bundle_record")
     if rec:  # what was attacked: the backbone and each fitted stage's fit (bundle.yaml)
         lines.append(f"Backbone ONNX sha256 `{rec['backbone_sha256']}`. Fitted stages (bundle.yaml):\n")
@@ -241,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--benign-n", type=int, default=1000)
     ap.add_argument("--benign-clients", type=int, default=100)
     ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--hsj-evals", type=int, nargs=2, metavar=("INIT", "MAX"),
+                    help="HopSkipJump's gradient-estimate queries (robustgate eval's default when not given)")
     ap.add_argument("--surrogate", type=Path, help="bundle whose backbone the transfer attack uses")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the proxy")
     ap.add_argument("--work", type=Path, help="folder for the configs, logs and raw reports (default: a temp dir)")

@@ -136,6 +136,9 @@ def test_refusals_are_classified_from_status_and_message():
     assert lg.first_detection == 2  # the hf rejection is not a stateful detection, the second is
     with pytest.raises(ValueError, match="attacks: unknown endpoint attack 'square-fast'"):
         EndpointSettings(url="x", model="m", attacks=["square-fast"])
+    for bad in ((0, 10), (20, 10), (5,)):
+        with pytest.raises(ValueError, match="hsj_evals: need"):
+            EndpointSettings(url="x", model="m", hsj_evals=bad)
 
 
 @pytest.mark.parametrize("attack,budget", [("square", 150), ("hopskipjump", 150)])
@@ -157,6 +160,9 @@ def test_query_attacks_account_for_every_query(start, recording, images, tiny, a
     assert cell["threat_model"]["answers_seen"] == ("label" if attack == "hopskipjump" else "scores")
     if attack == "square":
         assert m["attack_success_rate"] > 0  # the tiny model is not robust at eps 0.15
+        assert cell["threat_model"]["p_init"] == s.p_init
+    else:
+        assert cell["threat_model"]["hsj_evals"] == {"init_eval": 100, "max_eval": 1000}
 
 
 @pytest.mark.parametrize("verdict_mode", ["request", "item"])
@@ -276,7 +282,7 @@ def test_cli_entry_runs_the_matrix(start, recording, tiny, tiny_bundle, tmp_path
     args = parser.parse_args(["--threat", "endpoint", "--url", proxy.url, "--bundle", str(tiny_bundle), "--out",
                               str(tmp_path), "--attacks", "square,hopskipjump-sybil", "--eps", "0.1", "--queries", "5,8",
                               "--n", "2", "--offset", "300", "--sybil-identities", "2", "--benign-n", "4",
-                              "--benign-clients", "2", "--no-progress"])
+                              "--benign-clients", "2", "--hsj-evals", "5", "50", "--no-progress"])
     assert eval_cli.run(args) == 0
     assert args.surrogate is None
     import json
@@ -284,6 +290,7 @@ def test_cli_entry_runs_the_matrix(start, recording, tiny, tiny_bundle, tmp_path
     result = json.loads((tmp_path / "results.json").read_text())
     assert [(c["attack"], c["budget"]) for c in result["cells"]] == [
         ("square", 5), ("square", 8), ("hopskipjump-sybil", 5), ("hopskipjump-sybil", 8)]
+    assert result["cells"][2]["threat_model"]["hsj_evals"] == {"init_eval": 5, "max_eval": 50}
     assert len(recording.seen) == sum(c["metrics"]["attack_queries"] for c in result["cells"]) + sum(
         b["queries"] for b in result["benign"].values())
     args.url = None
