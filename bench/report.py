@@ -605,7 +605,8 @@ def endpoint_tables(budget: int = 5000) -> str:
         lines.append(f"| {label} ({q:,} queries, {next((v['clients'] for v in vals if v), 0)} clients) | "
                      + " | ".join("--" if v is None else f"{pct(v['detected_share'], 2)} / {pct(v['clients_ever_blocked_share'], 0)}"
                                   for v in vals) + " |")
-    budgets = sorted({c["budget"] for c in base["arms"]["undefended"]["cells"] if c.get("status") == "done"})
+    budgets = sorted({c["budget"] for c in base["arms"]["undefended"]["cells"]
+                      if c.get("status") == "done" and c["attack"] in ("square", "hopskipjump")})
     lines += ["", f"By budget ({runs[0][0]}): success undefended / defended, median queries to detection:", "",
               "| attack | " + " | ".join(f"{b:,} queries" for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
     for attack in ("square", "hopskipjump"):
