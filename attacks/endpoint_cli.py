@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from robustgate.attacks.endpoint_redteam import ADAPTATIONS, QUERY_ATTACKS, EndpointSettings, Transform
+from robustgate.attacks.endpoint_redteam import ADAPTATIONS, HSJ_EVALS, QUERY_ATTACKS, EndpointSettings, Transform
 
 
 def _ints(text: str) -> list[int]:
@@ -44,7 +44,7 @@ def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--transform", type=float, nargs=3, default=[0.02, 0.02, 2],
                    metavar=("BRIGHTNESS", "NOISE", "RESAMPLE"),
                    help="-transform: brightness shift, uniform noise, re-draws of a rejected query")
-    g.add_argument("--hsj-evals", type=int, nargs=2, default=[100, 1000], metavar=("INIT", "MAX"),
+    g.add_argument("--hsj-evals", type=int, nargs=2, default=list(HSJ_EVALS), metavar=("INIT", "MAX"),
                    help="HopSkipJump's gradient-estimate queries: at the first iteration (x sqrt(iteration)), at most")
     g.add_argument("--on-block", choices=["stop", "continue"], default="stop",
                    help="after a block: stop that image's attack")

@@ -65,6 +65,7 @@ from robustgate.attacks.endpoint import GrpcOracle, Reply
 from robustgate.attacks.threat import ThreatModel, check_perturbation
 
 QUERY_ATTACKS = ("square", "hopskipjump")
+HSJ_EVALS = (100, 1000)  # HopSkipJump's (init_eval, max_eval) unless told: ART's init_eval, max_eval cut to 1,000
 ADAPTATIONS = ("plain", "spacing", "transform", "sybil")
 DEFAULT_BUDGETS = (1000, 5000, 10000)
 
@@ -270,7 +271,7 @@ def _starting_point(attacker: Attacker, ledger: Ledger, pool: torch.Tensor,
 def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, eps: float, budget: int,
                      classes: int, detection_stages: frozenset[str], p_init: float = 0.3,
                      init_pool: torch.Tensor | None = None, seed: int = 0,
-                     hsj_evals: tuple[int, int] = (100, 1000)) -> Ledger:
+                     hsj_evals: tuple[int, int] = HSJ_EVALS) -> Ledger:
     """One image: ART ``attack`` ("square" or "hopskipjump") through ``attacker`` until success,
     the budget, or a block, restarting the attack when it gives up early (HopSkipJump finds no
     adversarial starting point, Square ends its iterations). ``x0`` ``[C, H, W]`` in [0, 1];
@@ -290,8 +291,7 @@ def run_query_attack(attack: str, attacker: Attacker, x0: torch.Tensor, y: int, 
                                   batch_size=1, verbose=False)
     elif attack == "hopskipjump":
         art_attack = HopSkipJump(clf, norm=np.inf, max_iter=budget, max_eval=hsj_evals[1], init_eval=hsj_evals[0],
-                                 init_size=100,
-                                 batch_size=64, verbose=False)
+                                 init_size=100, batch_size=64, verbose=False)
     else:
         raise ValueError(f"unknown query attack {attack!r}; known: {QUERY_ATTACKS}")
     x = x0.numpy()[None].astype(np.float32)
@@ -387,7 +387,7 @@ class EndpointSettings:
     transform: Transform = field(default_factory=Transform)
     on_block: str = "stop"
     p_init: float = 0.3
-    hsj_evals: tuple[int, int] = (100, 1000)
+    hsj_evals: tuple[int, int] = HSJ_EVALS
     transfer_steps: int = 20
     seed: int = 0
 

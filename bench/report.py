@@ -403,6 +403,12 @@ def byo_resnet50_row() -> Row:
                [src] + ([hop_src] if hop_src else []))
 
 
+def success_over_correct(cell: dict, correct: list[bool]) -> float:
+    """An endpoint cell's attack success over the images the model classifies correctly (the targets' reading)."""
+    hits = [it["success_at"] is not None for it, ok in zip(cell["items"], correct) if ok]
+    return sum(hits) / len(hits)
+
+
 def endpoint_row() -> Row:
     src = "bench/results/redteam.endpoint.json"
     r = load(src)
@@ -414,9 +420,8 @@ def endpoint_row() -> Row:
         for c in r["arms"].get(arm, {}).get("cells", []):
             if c.get("status") != "done":
                 continue
-            hits = [it["success_at"] is not None for it, ok in zip(c["items"], correct) if ok]
             q = c["metrics"]["queries_to_first_detection_median"]
-            out.append(f"{c['attack']}@{c['budget']} {100 * sum(hits) / len(hits):.1f}%"
+            out.append(f"{c['attack']}@{c['budget']} {pct(success_over_correct(c, correct))}"
                        + (f" (median {q:g} queries to detection)" if q is not None else ""))
         return ", ".join(out)
 
@@ -570,12 +575,10 @@ ENDPOINT_STREAMS = (("shuffled", "test set, shuffled"), ("retries", "the same im
 
 def endpoint_cell(report: dict, arm: str, attack: str, budget: int | None) -> str:
     """Success over the correctly classified images and the median queries to the first detection."""
-    correct = report["clean_correct"]
     for c in report["arms"].get(arm, {}).get("cells", []):
         if c.get("status") == "done" and c["attack"] == attack and (budget is None or c["budget"] == budget):
-            hits = [it["success_at"] is not None for it, ok in zip(c["items"], correct) if ok]
             q = c["metrics"]["queries_to_first_detection_median"]
-            return pct(sum(hits) / len(hits)) + (f" ({q:g})" if q is not None and arm != "undefended" else "")
+            return pct(success_over_correct(c, report["clean_correct"])) + (f" ({q:g})" if q is not None and arm != "undefended" else "")
     return "--"
 
 
