@@ -24,8 +24,10 @@ connections over the workers. ``N = 1`` runs today's single process, unchanged (
   worker (on the inference port, whichever the connection landed on; on its own port, worker 0, the
   only one that binds it); that worker reloads, answers, and asks the supervisor to relay SIGHUP to
   the others, which re-read the same files.
-- Stateful stages: a per-process memory store is per worker; with N > 1 use a shared store
-  (``store: {kind: redis}``) so that a client's history is one history.
+- Stateful stages and per-client limits: a per-process memory store, and the limits, are per worker;
+  the kernel spreads connections, so a client with several connections is split over several
+  histories. Without ``server.workers`` such a config runs one process (:func:`resolved_workers`);
+  with N > 1 use a shared store (``store: {kind: redis}``) so that a client's history is one history.
 """
 
 from __future__ import annotations
@@ -91,18 +93,45 @@ def gpu_devices(cfg: ProxyConfig) -> list[str]:
     return [k for k, v in keys.items() if v == "cuda"]
 
 
+def per_process_state(cfg: ProxyConfig) -> list[str]:
+    """The config keys whose per-client state lives in one process's memory: stateful stages with a
+    ``store: {kind: memory}`` history (the default; ``method: knn`` has no other) and
+    ``limits.per_client``. Over N workers the kernel spreads *connections*, so such state is split N
+    ways, and a client that opens N connections is seen as N smaller clients: a query attack gets
+    about N times the queries before its history looks like one, and N times the rate limits."""
+    keys = [f"pipeline.stages[{s.name}].store (memory)" for s in cfg.pipeline.stages
+            if s.kind == "stateful" and (s.store or {}).get("kind", (s.store or {}).get("backend", "memory")) == "memory"]
+    limits = cfg.limits.per_client
+    if limits.rate_per_s is not None or limits.budget is not None:
+        keys.append("limits.per_client")
+    return keys
+
+
 def resolved_workers(cfg: ProxyConfig) -> int:
-    """``server.workers``, else one process when any work is on a GPU, else the cores.
+    """``server.workers``, else one process when any work is on a GPU or any per-client state is
+    per process (:func:`per_process_state`), else the cores.
 
     On a GPU one process batches for the device: N processes would hold N CUDA contexts and the
     models N times in device memory and split the traffic into N smaller batches, which is what a
-    GPU serves worst; the event loop's CPU is rarely the limit there. Set ``server.workers`` to
-    override (e.g. when decode, not the GPU, is the limit)."""
+    GPU serves worst; the event loop's CPU is rarely the limit there. A per-process history or limit
+    split over N workers is weaker by about N against a client that opens N connections, so it gets
+    one process unless ``server.workers`` says otherwise (then a warning at start-up names the keys).
+    Set ``server.workers`` to override (e.g. when decode, not the GPU, is the limit)."""
+    local = per_process_state(cfg)
     if cfg.server.workers is not None:
+        if cfg.server.workers > 1 and local:
+            log.warning("server.workers: %d with per-process client state (%s): each worker keeps its own, and a "
+                        "client that opens several connections is split over up to %d histories and limits; use "
+                        "store: {kind: redis} for a shared history, or server.workers: 1",
+                        cfg.server.workers, ", ".join(local), cfg.server.workers)
         return cfg.server.workers
     gpu = gpu_devices(cfg)
     if gpu:
         log.info("server.workers: 1 (work on a GPU: %s); set server.workers to run more processes", ", ".join(gpu))
+        return 1
+    if local and default_workers() > 1:
+        log.info("server.workers: 1 (per-process client state: %s; N workers would split each client's over N "
+                 "processes by connection); set server.workers to run more processes", ", ".join(local))
         return 1
     return default_workers()
 

@@ -22,7 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from replica import WORKERS, Replica  # tests/helpers
 from scrape import scrape  # tests/helpers
-from robustgate.proxy.workers import cgroup_cpus, default_workers, gpu_devices, resolved_workers, worker_config
+from robustgate.proxy.workers import (cgroup_cpus, default_workers, gpu_devices, per_process_state, resolved_workers,
+                                      worker_config)
 from robustgate.proxy.config import load_config
 
 
@@ -163,6 +164,40 @@ def test_a_pipeline_on_a_gpu_defaults_to_one_process_and_an_explicit_count_wins(
     explicit = load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "pipeline": {"device": "cuda"},
                                              "server": {"workers": 3}}))
     assert resolved_workers(explicit) == 3
+
+
+def test_per_process_client_state_defaults_to_one_process_and_an_explicit_count_is_warned(tmp_path, proxy_bundle,
+                                                                                          caplog, monkeypatch):
+    """A memory-store stateful stage or per-client limits split over N workers (connections, not
+    clients, are spread) would let a client with N connections look like N clients: one process
+    unless ``server.workers`` is set, and then a warning that names the keys."""
+    import logging
+
+    monkeypatch.setattr("robustgate.proxy.workers.default_workers", lambda: 4)  # a 4-core container
+    stage = {"name": "sq", "kind": "stateful", "action": "log", "params": {"method": "blacklight"}}
+
+    def cfg(**sections):
+        return load_config(_write(tmp_path, {"bundle": str(proxy_bundle), **sections}))
+
+    memory = cfg(pipeline={"stages": [stage]})
+    assert per_process_state(memory) == ["pipeline.stages[sq].store (memory)"] and resolved_workers(memory) == 1
+    explicit_memory = cfg(pipeline={"stages": [{**stage, "store": {"kind": "memory", "max_entries": 1000}}]})
+    assert resolved_workers(explicit_memory) == 1
+    limits = cfg(limits={"per_client": {"rate_per_s": 5}})
+    assert per_process_state(limits) == ["limits.per_client"] and resolved_workers(limits) == 1
+    budget = cfg(limits={"per_client": {"budget": 1000}})
+    assert per_process_state(budget) == ["limits.per_client"]
+    shared = cfg(pipeline={"stages": [{**stage, "store": {"kind": "redis", "url": "redis://127.0.0.1:1/0"}}]})
+    assert per_process_state(shared) == [] and resolved_workers(shared) == 4
+    assert per_process_state(cfg()) == [] and resolved_workers(cfg()) == 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="robustgate.proxy"):
+        assert resolved_workers(cfg(pipeline={"stages": [stage]}, server={"workers": 3})) == 3
+    assert "pipeline.stages[sq].store (memory)" in caplog.text and "store: {kind: redis}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="robustgate.proxy"):
+        assert resolved_workers(cfg(pipeline={"stages": [stage]}, server={"workers": 1})) == 1
+    assert caplog.text == ""
 
 
 def test_worker_config_shares_the_port_and_gives_the_admin_port_to_worker_0(tmp_path, proxy_bundle):
