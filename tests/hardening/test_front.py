@@ -115,3 +115,36 @@ def test_the_front_answers_unavailable_when_the_proxy_is_gone(start_proxy):
         front.stop()
     assert status == "UNAVAILABLE" and message.startswith(REFUSED_PREFIX) and "not reachable" in message, message
     assert took < 10, f"the front took {took:.1f} s to give up on a closed port"
+
+
+def test_the_front_names_each_caller_by_its_address_whatever_header_it_sends(start_proxy):
+    """Behind the front every call reaches the proxy from the front's address, so the proxy's last-resort
+    identity (the peer) would make all anonymous clients one client. The front writes the caller's
+    address into the identity header, over any value the client sent: two clients on one address that
+    send different ``x-client-id`` values share one per-client budget through the front (each has its
+    own when they call the proxy directly), and a bearer token still names its own client."""
+
+    def status(url: str, headers: dict[str, str]) -> str:
+        with tc.InferenceServerClient(url) as client:
+            inp = tc.InferInput("input", [1, 1, 28, 28], "FP32")
+            inp.set_data_from_numpy(np.zeros((1, 1, 28, 28), dtype=np.float32))
+            try:
+                client.infer("tiny", [inp], headers=headers, client_timeout=60)
+                return "OK"
+            except InferenceServerException as exc:
+                return f"{str(exc.status()).removeprefix('StatusCode.')}: {exc.message()}"
+
+    p = start_proxy(pipeline={"stages": []}, limits={"per_client": {"budget": 2}})
+    front = HAProxyFront(p.url, max_inflight=INFLIGHT, max_queue=QUEUE)
+    try:
+        # directly, each header names a client of its own: two budgets
+        assert [status(p.url, {"x-client-id": c}) for c in ("carol", "dave", "carol", "dave")] == ["OK"] * 4
+        through = [status(front.url, {"x-client-id": "alice"}), status(front.url, {"x-client-id": "alice"}),
+                   status(front.url, {"x-client-id": "bob"}), status(front.url, {})]
+        token = [status(front.url, {"x-client-id": "bob", "authorization": "Bearer t-1"}) for _ in range(2)]
+    finally:
+        front.stop()
+    # through the front "alice", "bob" and the anonymous caller are one client (127.0.0.1): its budget of 2 is spent
+    assert through[:2] == ["OK", "OK"], through
+    assert all(s.startswith("RESOURCE_EXHAUSTED: client limit: query budget exhausted") for s in through[2:]), through
+    assert token == ["OK", "OK"]
