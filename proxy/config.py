@@ -222,15 +222,37 @@ class BatchingConfig(_Strict):
         return self.workers if self.workers is not None else (4 if backend_kind == "upstream" else 1)
 
 
+class LimitsStoreConfig(_Strict):
+    """Where the per-client limits' state lives (proxy/ratelimit.py): ``memory``, this process (the
+    default), or ``redis``, one state for every worker and replica that names the same server."""
+
+    kind: Literal["memory", "redis"] = "memory"
+    url: str | None = None  # redis: redis://host:port/db (rediss:// for TLS, unix:///path.sock)
+    prefix: str = Field("robustgate:limits", min_length=1)  # the keys' namespace (one per model and policy)
+    timeout_ms: float = Field(250.0, gt=0)  # one round trip's limit (connect and answer)
+    # a call whose limits cannot be read (Redis down or slow): refused UNAVAILABLE (fail-closed), or
+    # admitted unlimited (fail-open); counted in robustgate_limit_store_errors_total either way
+    on_error: Literal["fail-closed", "fail-open"] = "fail-closed"
+
+    @model_validator(mode="after")
+    def _url(self) -> "LimitsStoreConfig":
+        if self.kind == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url: kind redis needs a redis://, rediss:// or unix:// URL, got {self.url!r}")
+        if self.kind == "memory" and self.url is not None:
+            raise ValueError("url: only kind redis reads a URL")
+        return self
+
+
 class ClientLimitsConfig(_Strict):
     """Per-client query limits keyed on the client identity (proxy/ratelimit.py); counted in items,
-    per replica. Both off by default."""
+    per process unless ``store.kind`` is redis. Both off by default."""
 
     rate_per_s: float | None = Field(None, gt=0)  # token bucket refill, queries per second; null = no rate limit
     burst: int | None = Field(None, ge=1)  # bucket size; default: ceil(rate_per_s)
     budget: int | None = Field(None, ge=1)  # queries per client per window; null = no budget
     window_s: float = Field(86400.0, gt=0)  # the budget's window (a day)
-    max_clients: int = Field(100_000, ge=1)  # clients remembered (least recently seen forgotten first)
+    max_clients: int = Field(100_000, ge=1)  # memory: clients remembered (least recently seen forgotten first)
+    store: LimitsStoreConfig = LimitsStoreConfig()  # memory (per process) or redis (shared)
 
 
 class LimitsConfig(_Strict):

@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 OUTCOMES = (
     "accepted", "flagged", "rejected", "invalid", "not_found", "resource_exhausted",
     "upstream_error", "deadline_exceeded", "internal",
-    "unavailable",  # the server is shutting down (answered UNAVAILABLE: the client may retry elsewhere)
+    "unavailable",  # the server is shutting down, or the shared client limits cannot be read (UNAVAILABLE: retry)
     "blocked",  # the client is blocked by a stateful stage (answered RESOURCE_EXHAUSTED with a retry hint)
     "limited",  # the client is over its rate limit or query budget (RESOURCE_EXHAUSTED with a retry hint)
 )
@@ -220,6 +220,10 @@ class Metrics:
         self.queries_refused = Counter(
             "robustgate_queries_refused", "Items refused to a blocked or limited client, by reason (stage, rate, budget)",
             ["reason"], registry=r)
+        self.limit_store_errors = Counter(
+            "robustgate_limit_store_errors", "Requests whose per-client limits could not be read from the shared "
+            "store (limits.per_client.store kind redis): refused UNAVAILABLE, or admitted with on_error fail-open",
+            registry=r)
         self.stateful_detections = Counter(
             "robustgate_stateful_detections", "Queries a stateful stage scored above its threshold", ["stage"], registry=r)
         self.stateful_observe = Histogram(

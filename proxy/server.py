@@ -48,7 +48,7 @@ from robustgate.proxy.metrics import Metrics
 from robustgate.proxy.reload import ReloadError, prepare_reload, read_token, reload
 from robustgate.proxy.triton_compat import model_config_handler
 from robustgate.proxy.identity import call_identity
-from robustgate.proxy.ratelimit import ClientLimiter
+from robustgate.proxy.ratelimit import LimitStoreError, build_limiter
 from robustgate.proxy.verdicts import (  # noqa: F401
     _OUTCOME_BY_CODE, BatchAnswer, _Failure, apply_outputs, blocked, limited, outcome, rejection, verdict_answer,
 )
@@ -305,7 +305,7 @@ class ProxyServer:
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self.metrics.watch_stateful(runner.stateful_names)
         self.metrics.watch_stores(lambda: {name: store for name, (_, store) in self.runner.stores.items()})
-        self.limiter = ClientLimiter(**cfg.limits.per_client.model_dump())
+        self.limiter = build_limiter(cfg.limits.per_client)  # in this process, or shared in Redis
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -431,6 +431,7 @@ class ProxyServer:
         if self.admin_server is not None:
             await self.admin_server.stop(0)
         await self.batcher.stop()
+        await self.limiter.aclose()
         self.metrics.close()
         self.backend.close()
 
@@ -522,7 +523,19 @@ class ProxyServer:
             m.decode_duration.observe(time.perf_counter() - t0)
             if client is not None and self.limiter.enabled:
                 n = int(decoded.x.shape[0])
-                refusal, first = self.limiter.check(client, n)
+                if self.limiter.remote:
+                    try:
+                        refusal, first = await self.limiter.acheck(client, n)
+                    except LimitStoreError as exc:
+                        m.limit_store_errors.inc()
+                        log.warning("client limits unavailable (%s): %s", "admitted" if self.limiter.fail_open else
+                                    "refused", exc)
+                        if not self.limiter.fail_open:
+                            return _Failure(grpc.StatusCode.UNAVAILABLE, "client limits unavailable; retry later",
+                                            "unavailable"), None
+                        refusal, first = None, False
+                else:
+                    refusal, first = self.limiter.check(client, n)
                 if refusal is not None:
                     m.queries_refused.labels(reason=refusal.reason).inc(n)
                     if first:

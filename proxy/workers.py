@@ -96,13 +96,13 @@ def gpu_devices(cfg: ProxyConfig) -> list[str]:
 def per_process_state(cfg: ProxyConfig) -> list[str]:
     """The config keys whose per-client state lives in one process's memory: stateful stages with a
     ``store: {kind: memory}`` history (the default; ``method: knn`` has no other) and
-    ``limits.per_client``. Over N workers the kernel spreads *connections*, so such state is split N
+    ``limits.per_client`` with its default ``store: {kind: memory}``. Over N workers the kernel spreads *connections*, so such state is split N
     ways, and a client that opens N connections is seen as N smaller clients: a query attack gets
     about N times the queries before its history looks like one, and N times the rate limits."""
     keys = [f"pipeline.stages[{s.name}].store (memory)" for s in cfg.pipeline.stages
             if s.kind == "stateful" and (s.store or {}).get("kind", (s.store or {}).get("backend", "memory")) == "memory"]
     limits = cfg.limits.per_client
-    if limits.rate_per_s is not None or limits.budget is not None:
+    if (limits.rate_per_s is not None or limits.budget is not None) and limits.store.kind == "memory":
         keys.append("limits.per_client")
     return keys
 

@@ -35,6 +35,7 @@ METRICS = {
     # issue 22: per-client refusals and the stateful stages
     "robustgate_clients_blocked_total": "counter",
     "robustgate_queries_refused_total": "counter",
+    "robustgate_limit_store_errors_total": "counter",  # limits.per_client.store kind redis unreachable
     "robustgate_stateful_detections_total": "counter",
     "robustgate_stateful_observe_duration_seconds": "histogram",
     "robustgate_stateful_entries": "gauge",

@@ -130,3 +130,100 @@ def test_budget_on_a_real_proxy(start_proxy):
     assert status == "StatusCode.RESOURCE_EXHAUSTED" and "query budget exhausted: 4 of 4" in message, message
     assert _metric(p.metrics_port, "robustgate_clients_blocked_total", {"reason": "budget"}) == 1
     assert _metric(p.metrics_port, "robustgate_queries_refused_total", {"reason": "budget"}) == 1
+
+
+# ---- limits.per_client.store: {kind: redis}: one state for every worker and replica -------------------
+@pytest.fixture
+def redis_url(tmp_path):
+    from redis_server import start_redis, stop_redis  # tests/helpers
+
+    url, proc = start_redis(tmp_path)
+    yield url
+    stop_redis(proc)
+
+
+def test_the_redis_limiter_applies_the_memory_rules_to_one_state_shared_by_replicas(redis_url):
+    """Two RedisClientLimiter (two replicas) on one server: one client's budget and bucket are shared,
+    refusals say what ClientLimiter says, 'first' marks a newly refused client once, other clients
+    and prefixes are untouched, and a client's hash expires once a fresh one would be the same."""
+    import asyncio
+
+    import redis
+
+    from robustgate.proxy.ratelimit import RedisClientLimiter
+
+    async def run():
+        a = RedisClientLimiter(redis_url, "t:b", budget=5, window_s=3600)
+        b = RedisClientLimiter(redis_url, "t:b", budget=5, window_s=3600)
+        other = RedisClientLimiter(redis_url, "t:other", budget=5, window_s=3600)
+        mem = ClientLimiter(budget=5, window_s=3600)
+        got = [await a.acheck("c", 2), await b.acheck("c", 2), await a.acheck("c", 2), await b.acheck("c", 2),
+               await a.acheck("c", 1), await b.acheck("c", 1)]
+        want = [mem.check("c", 2), mem.check("c", 2), mem.check("c", 2), mem.check("c", 2), mem.check("c", 1),
+                mem.check("c", 1)]
+        fresh = [await a.acheck("d", 5), await other.acheck("c", 5)]
+        rate = RedisClientLimiter(redis_url, "t:r", rate_per_s=0.01, burst=3)
+        bucket = [await rate.acheck("c", 2), await rate.acheck("c", 1), await rate.acheck("c", 1),
+                  await rate.acheck("c", 4)]
+        for limiter in (a, b, other, rate):
+            await limiter.aclose()
+        return got, want, fresh, bucket
+
+    got, want, fresh, bucket = asyncio.run(run())
+    assert [(r is None, f) for r, f in got] == [(True, False), (True, False), (False, True), (False, False),
+                                                (True, False), (False, True)]
+    assert [(r is None, f) for r, f in got] == [(r is None, f) for r, f in want]
+    for (r, _), (w, _) in zip(got, want):
+        if r is not None:
+            assert r.reason == w.reason == "budget" and r.message.split("; retry")[0] == w.message.split("; retry")[0]
+            assert 3590 < r.retry_after_s <= 3600
+    assert fresh == [(None, False), (None, False)]
+    assert bucket[0] == (None, False) and bucket[1] == (None, False)
+    assert bucket[2][0].reason == "rate" and bucket[2][1] and 99 < bucket[2][0].retry_after_s <= 100
+    assert bucket[2][0].message.startswith("rate limit: 0.01 queries/s, burst 3; retry after")
+    assert bucket[3][0].retry_after_s == math.inf and not bucket[3][1]  # larger than the bucket: never
+    r = redis.Redis.from_url(redis_url)
+    assert 3_590_000 < r.pttl("t:b:c") <= 3_601_000  # the window's rest (+1 s)
+    assert 290_000 < r.pttl("t:r:c") <= 301_000  # the bucket's refill: 3 tokens at 0.01/s (+1 s)
+    assert int(r.hget("t:b:c", "used")) == 5
+
+
+def test_two_proxies_with_limits_in_redis_share_a_clients_budget(start_proxy, redis_url, tmp_path):
+    """Two real proxies (two replicas behind a Service) with ``store: {kind: redis}``: a client that
+    alternates between them spends one budget; another client keeps its own. With Redis gone a call
+    is refused UNAVAILABLE (on_error fail-closed, the default) or admitted (fail-open), and counted."""
+    from redis_server import start_redis, stop_redis  # tests/helpers
+
+    limits = {"per_client": {"budget": 3, "window_s": 3600, "store": {"kind": "redis", "url": redis_url}}}
+    a, b = start_proxy(limits=limits), start_proxy(limits=limits)
+    x = np.random.default_rng(2).random((1, 1, 28, 28), dtype=np.float32)
+    c, d = {"x-client-id": "spread"}, {"x-client-id": "other"}
+    assert [_ask(p.url, x, c) for p in (a, b, a)] == ["ok"] * 3
+    status, message = _ask(b.url, x, c)
+    assert status == "StatusCode.RESOURCE_EXHAUSTED" and "query budget exhausted: 3 of 3" in message, message
+    assert _ask(b.url, x, d) == "ok"
+    assert _metric(b.metrics_port, "robustgate_clients_blocked_total", {"reason": "budget"}) == 1
+
+    (tmp_path / "gone").mkdir()
+    gone_url, gone = start_redis(tmp_path / "gone")
+    stop_redis(gone)  # a Redis that was there and is not any more
+    closed = start_proxy(limits={"per_client": {"budget": 3, "store": {"kind": "redis", "url": gone_url,
+                                                                        "timeout_ms": 200}}})
+    status, message = _ask(closed.url, x, c)
+    assert status == "StatusCode.UNAVAILABLE" and message == "client limits unavailable; retry later", message
+    assert _metric(closed.metrics_port, "robustgate_limit_store_errors_total", {}) == 1
+    opened = start_proxy(limits={"per_client": {"budget": 3, "store": {"kind": "redis", "url": gone_url,
+                                                                        "timeout_ms": 200, "on_error": "fail-open"}}})
+    assert _ask(opened.url, x, c) == "ok"
+    assert _metric(opened.metrics_port, "robustgate_limit_store_errors_total", {}) == 1
+
+
+@pytest.mark.parametrize("store, key", [({"kind": "redis"}, "url"), ({"kind": "redis", "url": "http://x"}, "url"),
+                                        ({"kind": "memory", "url": "redis://x"}, "url"), ({"kind": "sql"}, "kind")])
+def test_a_bad_limits_store_names_the_key(proxy_bundle, tmp_path, store, key):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"bundle": str(proxy_bundle), "limits": {"per_client": {"budget": 3, "store": store}}}))
+    with pytest.raises(ConfigError, match=rf"limits\.per_client\.store\.?{key}|limits\.per_client\.store"):
+        load_config(path)

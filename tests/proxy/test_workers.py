@@ -187,6 +187,8 @@ def test_per_process_client_state_defaults_to_one_process_and_an_explicit_count_
     assert per_process_state(limits) == ["limits.per_client"] and resolved_workers(limits) == 1
     budget = cfg(limits={"per_client": {"budget": 1000}})
     assert per_process_state(budget) == ["limits.per_client"]
+    shared_limits = cfg(limits={"per_client": {"budget": 1000, "store": {"kind": "redis", "url": "redis://127.0.0.1:1/0"}}})
+    assert per_process_state(shared_limits) == [] and resolved_workers(shared_limits) == 4
     shared = cfg(pipeline={"stages": [{**stage, "store": {"kind": "redis", "url": "redis://127.0.0.1:1/0"}}]})
     assert per_process_state(shared) == [] and resolved_workers(shared) == 4
     assert per_process_state(cfg()) == [] and resolved_workers(cfg()) == 4
