@@ -30,7 +30,10 @@ header) and sends the next of the recipe's training and test images with every r
 Configurations: ``empty``, ``jpeg``, ``noise``, ``bitdepth``, ``median`` (each purifier with its
 default parameters), ``diffusion`` (the bundle's fitted ``diffusion`` stage with ``runtime: onnx``;
 ``--diffusion-params`` adds stage params), or ``name=<JSON>`` for anything else: a list of stages,
-or ``{"stages": [...], "batching": {...}}``; items are separated by ``;``, e.g.
+or ``{"stages": [...], "batching": {...}, "server": {...}, "limits": {...}}``; items are separated by
+``;``. ``--redis`` starts a redis-server on a free loopback port for the run and writes its URL
+wherever a configuration says ``$REDIS_URL`` (a shared store: ``"limits": {"per_client": {"budget":
+1000000000, "store": {"kind": "redis", "url": "$REDIS_URL"}}}``), e.g.
 ``--configs 'empty,jpeg;jpeg-whole={"stages": [{"name": "jpeg", "kind": "jpeg", "action": "log"}],
 "batching": {"overlap_front": false}}'``.
 """
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -156,8 +160,25 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"what the requests carry, comma-separated: {', '.join(INPUTS)} (module docstring)")
     ap.add_argument("--eps", type=float, default=0.1, help="the perturbed input's L-infinity budget")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "defenses.proxy_cost")
+    ap.add_argument("--redis", action="store_true", help="start a redis-server for $REDIS_URL in --configs")
     args = ap.parse_args(argv)
-    configs = parse_configs(args.configs, json.loads(args.diffusion_params))
+    if not args.redis:
+        return measure(args, argv)
+    sys.path.insert(0, str(REPO / "bench" / "stateful"))
+    from cost import start_redis  # noqa: E402  (bench/stateful/cost.py)
+
+    proc, url, workdir = start_redis()
+    try:
+        return measure(args, argv, args.configs.replace("$REDIS_URL", url))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None, configs_spec: str | None = None) -> int:
+    """main's measurement, with ``configs_spec`` (``--configs`` with $REDIS_URL filled in) when given."""
+    configs = parse_configs(configs_spec or args.configs, json.loads(args.diffusion_params))
     kinds = list(dict.fromkeys(filter(None, args.inputs.split(","))))
     if not kinds or set(kinds) - set(INPUTS):
         ap.error(f"--inputs: expected some of {', '.join(INPUTS)}, got {args.inputs!r}")
@@ -174,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     "backend": {"kind": "onnxruntime", "onnxruntime": {"intra_op_threads": args.intra_op_threads}},
                     "batching": {"enabled": True, "max_batch_size": 64, **conf["batching"]},
                     "pipeline": {"stages": conf["stages"], "verdict_mode": "item"},
-                    **({"server": conf["server"]} if "server" in conf else {}),
+                    **{key: conf[key] for key in ("server", "limits") if key in conf},
                 }, None, bundle.name)
             order = list(configs)
             for r in range(args.rounds):
@@ -202,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "uptime_start": uptime_start, "uptime_end": uptime(), "loadavg_start": load_start, "loadavg_end": loadavg(),
         "machine": machine(), "bundle": str(args.bundle), "batch": args.batch, "concurrency": args.concurrency,
         "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
-        "intra_op_threads": args.intra_op_threads, "inputs": kinds, "eps": args.eps,
+        "intra_op_threads": args.intra_op_threads, "inputs": kinds, "eps": args.eps, "redis": args.redis,
         "summary": summary, "windows": windows,
     }
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -253,7 +274,9 @@ def markdown(r: dict) -> str:
         f"{r['rounds']} interleaved rounds of {r['duration_s']} s windows (order reversed every other round).",
         f"Inputs (module docstring): {', '.join(INPUT_LABELS[k].format(eps=r['eps']) for k in r['inputs'])}.",
         f"Machine: {r['machine']['cores']} cores shared with other jobs; `uptime` at start: `{r['uptime_start']}`; "
-        f"at end: `{r['uptime_end']}`.", "",
+        f"at end: `{r['uptime_end']}`." + (" A redis-server on a free loopback port (`--redis`; on the same cores, "
+                                            "its CPU not in the server's) for the configurations' `$REDIS_URL`."
+                                            if r.get("redis") else ""), "",
         "| inputs | configuration | items/s (median) | items/s per round | cost vs empty (median) | p50 ms | server CPU cores | target |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
