@@ -226,13 +226,13 @@ class LimitsStoreConfig(_Strict):
     """Where the per-client limits' state lives (proxy/ratelimit.py): ``memory``, this process (the
     default), or ``redis``, one state for every worker and replica that names the same server."""
 
-    kind: Literal["memory", "redis"] = "memory"
+    kind: Literal["memory", "redis"] = "memory"  # memory: this process; redis: every worker and replica naming the server
     url: str | None = None  # redis: redis://host:port/db (rediss:// for TLS, unix:///path.sock)
     prefix: str = Field("robustgate:limits", min_length=1)  # the keys' namespace (one per model and policy)
     timeout_ms: float = Field(250.0, gt=0)  # one round trip's limit (connect and answer)
     # a call whose limits cannot be read (Redis down or slow): refused UNAVAILABLE (fail-closed), or
     # admitted unlimited (fail-open); counted in robustgate_limit_store_errors_total either way
-    on_error: Literal["fail-closed", "fail-open"] = "fail-closed"
+    on_error: Literal["fail-closed", "fail-open"] = "fail-closed"  # Redis unreachable: refuse UNAVAILABLE, or admit
 
     @model_validator(mode="after")
     def _url(self) -> "LimitsStoreConfig":

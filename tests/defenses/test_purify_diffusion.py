@@ -112,6 +112,7 @@ def test_rejects_bad_config_and_channel_mismatch(tiny):
         DiffusionPurifier(steps=0)
     with pytest.raises(ValueError, match="block_out_channels must be a non-empty list of multiples of 8"):
         DiffusionPurifier(block_out_channels=[12])
+    tiny.purify(torch.rand(1, 1, 8, 8))  # its untrained UNet is built for the channels of its first input
     with pytest.raises(ValueError, match="model has 1 channel"):
         tiny.purify(torch.rand(1, 3, 8, 8))
 
