@@ -85,6 +85,8 @@ class ClientLimiter:
     no rate limit), ``budget`` / ``window_s`` (queries per window; None = no budget), ``max_clients``
     remembered, ``clock``."""
 
+    remote = False  # checked in-process (check), not awaited
+
     def __init__(self, rate_per_s: float | None = None, burst: int | None = None, budget: int | None = None,
                  window_s: float = 86400.0, max_clients: int = 100_000, clock: Callable[[], float] = time.monotonic):
         self.burst = _check_limits(rate_per_s, burst, budget, window_s)
@@ -92,8 +94,6 @@ class ClientLimiter:
             raise ValueError(f"max_clients must be >= 1, got {max_clients!r}")
         self.rate, self.budget, self.window_s, self.max_clients, self.clock = rate_per_s, budget, window_s, max_clients, clock
         self._clients: OrderedDict[str, _Client] = OrderedDict()
-
-    remote = False  # checked in-process (check), not awaited
 
     @property
     def enabled(self) -> bool:
@@ -187,7 +187,7 @@ redis.call('HSET', KEYS[1], 'tokens', string.format('%.9f', tokens), 'stamp', st
 local keep = 0
 if budget > 0 then keep = wstart + window - now end
 if rate > 0 then keep = math.max(keep, (burst - tokens) / rate) end
-redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
+redis.call('PEXPIRE', KEYS[1], string.format('%d', math.min(math.ceil(keep * 1000) + 1000, 1e15)))
 if reason == nil then return {} end
 return {reason, string.format('%.6f', wait), tostring(used), first}
 """

@@ -27,7 +27,8 @@ connections over the workers. ``N = 1`` runs today's single process, unchanged (
 - Stateful stages and per-client limits: a per-process memory store, and the limits, are per worker;
   the kernel spreads connections, so a client with several connections is split over several
   histories. Without ``server.workers`` such a config runs one process (:func:`resolved_workers`);
-  with N > 1 use a shared store (``store: {kind: redis}``) so that a client's history is one history.
+  with N > 1 use shared stores (a stage's ``store: {kind: redis}``, ``limits.per_client.store: {kind:
+  redis}``) so that a client's history and limits are one.
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ def gpu_devices(cfg: ProxyConfig) -> list[str]:
 def per_process_state(cfg: ProxyConfig) -> list[str]:
     """The config keys whose per-client state lives in one process's memory: stateful stages with a
     ``store: {kind: memory}`` history (the default; ``method: knn`` has no other) and
-    ``limits.per_client`` with its default ``store: {kind: memory}``. Over N workers the kernel spreads *connections*, so such state is split N
-    ways, and a client that opens N connections is seen as N smaller clients: a query attack gets
-    about N times the queries before its history looks like one, and N times the rate limits."""
+    ``limits.per_client`` with its default ``store: {kind: memory}``. Over N workers the kernel
+    spreads *connections*, so such state is split N ways, and a client that opens N connections is
+    seen as N smaller clients: a query attack gets about N times the queries before its history
+    looks like one, and N times the rate limits."""
     keys = [f"pipeline.stages[{s.name}].store (memory)" for s in cfg.pipeline.stages
             if s.kind == "stateful" and (s.store or {}).get("kind", (s.store or {}).get("backend", "memory")) == "memory"]
     limits = cfg.limits.per_client
@@ -122,7 +124,7 @@ def resolved_workers(cfg: ProxyConfig) -> int:
         if cfg.server.workers > 1 and local:
             log.warning("server.workers: %d with per-process client state (%s): each worker keeps its own, and a "
                         "client that opens several connections is split over up to %d histories and limits; use "
-                        "store: {kind: redis} for a shared history, or server.workers: 1",
+                        "store: {kind: redis} (a stage's, limits.per_client's) to share them, or server.workers: 1",
                         cfg.server.workers, ", ".join(local), cfg.server.workers)
         return cfg.server.workers
     gpu = gpu_devices(cfg)
