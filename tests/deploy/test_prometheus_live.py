@@ -234,16 +234,26 @@ def scraped(prom: Prometheus, expected_requests: int) -> bool:
 def test_counters_rise_and_the_attack_alert_fires(proxy, prometheus, magnet_bundle, fmnist_subset, contract_series):
     grpc_port, _metrics_port, model = proxy
     prom = prometheus
-    assert counter(prom, f'robustgate_requests_total{{job="{JOB}"}}') == 0
+    # what the module's proxy answered before this test (0 in file order; another test's traffic otherwise)
+    series = {"requests": f'robustgate_requests_total{{job="{JOB}"}}', "items": f'robustgate_items_total{{job="{JOB}"}}',
+              "items_rejected": f'robustgate_items_total{{job="{JOB}", verdict="rejected"}}',
+              "requests_rejected": f'robustgate_requests_total{{job="{JOB}", outcome="rejected"}}',
+              "requests_accepted": f'robustgate_requests_total{{job="{JOB}", outcome="accepted"}}',
+              "rejections": f'robustgate_rejections_total{{job="{JOB}", detector="{STAGE}"}}'}
+    base = {k: counter(prom, e) for k, e in series.items()}
+    assert base["requests"] == base["items"]  # batch-1 requests only
+
+    def grew(name: str) -> float:
+        return counter(prom, series[name]) - base[name]
 
     # 1. Clean traffic: counters follow the client's counts exactly; the alert stays quiet.
     x, y = fmnist_subset("test", N_CLEAN + N_ATTACK)
     clean_rejected = send(grpc_port, model, x[:N_CLEAN].numpy())
-    wait_for(lambda: scraped(prom, N_CLEAN), 30, f"{N_CLEAN} requests in Prometheus")
-    assert counter(prom, f'robustgate_items_total{{job="{JOB}"}}') == N_CLEAN
-    assert counter(prom, f'robustgate_items_total{{job="{JOB}", verdict="rejected"}}') == clean_rejected
-    assert counter(prom, f'robustgate_requests_total{{job="{JOB}", outcome="rejected"}}') == clean_rejected
-    assert counter(prom, f'robustgate_rejections_total{{job="{JOB}", detector="{STAGE}"}}') == clean_rejected
+    wait_for(lambda: scraped(prom, base["requests"] + N_CLEAN), 30, f"{N_CLEAN} requests in Prometheus")
+    assert grew("items") == N_CLEAN
+    assert grew("items_rejected") == clean_rejected
+    assert grew("requests_rejected") == clean_rejected
+    assert grew("rejections") == clean_rejected
     assert clean_rejected / N_CLEAN < 0.05, f"{clean_rejected}/{N_CLEAN} clean images rejected at a 1% target FPR"
     expr = attack_expr()
     assert prom.query(expr) == [], "attack alert expression non-empty on clean traffic"
@@ -259,11 +269,11 @@ def test_counters_rise_and_the_attack_alert_fires(proxy, prometheus, magnet_bund
     time.sleep(max(0.0, clean_end + WINDOW_S + 2 - time.monotonic()))
     attack_rejected = send(grpc_port, model, x_adv, pace_s=PACE_S)
     total = N_CLEAN + N_ATTACK
-    wait_for(lambda: scraped(prom, total), 30, f"{total} requests in Prometheus")
+    wait_for(lambda: scraped(prom, base["requests"] + total), 30, f"{total} requests in Prometheus")
     rejected = clean_rejected + attack_rejected
-    assert counter(prom, f'robustgate_rejections_total{{job="{JOB}", detector="{STAGE}"}}') == rejected
-    assert counter(prom, f'robustgate_requests_total{{job="{JOB}", outcome="rejected"}}') == rejected
-    assert counter(prom, f'robustgate_requests_total{{job="{JOB}", outcome="accepted"}}') == total - rejected
+    assert grew("rejections") == rejected
+    assert grew("requests_rejected") == rejected
+    assert grew("requests_accepted") == total - rejected
 
     firing = prom.query(expr)
     assert [s["metric"]["detector"] for s in firing] == [STAGE], (
@@ -302,7 +312,8 @@ def attack_expr() -> str:
 def test_dashboard_queries_run_on_live_data(proxy, prometheus, fmnist_subset):
     grpc_port, _metrics_port, model = proxy
     if counter(prometheus, f'robustgate_requests_total{{job="{JOB}"}}') == 0:  # run alone: make traffic
-        send(grpc_port, model, fmnist_subset("test", 20)[0].numpy())
+        # paced over several 1 s scrapes: rate() needs two samples of a series that grew between them
+        send(grpc_port, model, fmnist_subset("test", 20)[0].numpy(), pace_s=0.25)
         wait_for(lambda: scraped(prometheus, 20), 30, "20 requests in Prometheus")
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {"$__rate_interval": WINDOW, "$job": JOB, "$detector": ".*"}
