@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "defenses.proxy_cost")
     ap.add_argument("--redis", action="store_true", help="start a redis-server for $REDIS_URL in --configs")
     args = ap.parse_args(argv)
+    kinds = list(dict.fromkeys(filter(None, args.inputs.split(","))))
+    if not kinds or set(kinds) - set(INPUTS):
+        ap.error(f"--inputs: expected some of {', '.join(INPUTS)}, got {args.inputs!r}")
     if not args.redis:
         return measure(args, argv)
     sys.path.insert(0, str(REPO / "bench" / "stateful"))
@@ -179,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, argv: list[str] | None, configs_spec: str | None = None) -> int:
     """main's measurement, with ``configs_spec`` (``--configs`` with $REDIS_URL filled in) when given."""
     configs = parse_configs(configs_spec or args.configs, json.loads(args.diffusion_params))
-    kinds = list(dict.fromkeys(filter(None, args.inputs.split(","))))
-    if not kinds or set(kinds) - set(INPUTS):
-        ap.error(f"--inputs: expected some of {', '.join(INPUTS)}, got {args.inputs!r}")
+    kinds = list(dict.fromkeys(filter(None, args.inputs.split(","))))  # checked by main
     bundle = Bundle.load(args.bundle)
     item_shape = tuple(bundle.input.shape)
     data = payloads(kinds, bundle, args.batch, args.rounds, args.eps)
