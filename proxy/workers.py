@@ -101,8 +101,10 @@ def per_process_state(cfg: ProxyConfig) -> list[str]:
     spreads *connections*, so such state is split N ways, and a client that opens N connections is
     seen as N smaller clients: a query attack gets about N times the queries before its history
     looks like one, and N times the rate limits."""
+    from robustgate.defenses.stateful.stage import store_kind
+
     keys = [f"pipeline.stages[{s.name}].store (memory)" for s in cfg.pipeline.stages
-            if s.kind == "stateful" and (s.store or {}).get("kind", (s.store or {}).get("backend", "memory")) == "memory"]
+            if s.kind == "stateful" and store_kind(s.store) == "memory"]
     limits = cfg.limits.per_client
     if (limits.rate_per_s is not None or limits.budget is not None) and limits.store.kind == "memory":
         keys.append("limits.per_client")

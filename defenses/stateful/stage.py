@@ -85,12 +85,19 @@ class StatefulKnn(Stateful, KnnDetector):
                          value_range=tuple(value_range), store=store)
 
 
+def store_kind(spec: dict[str, Any] | None) -> str:
+    """The backend a stage's ``store:`` section names (``kind``, or its older spelling ``backend``):
+    ``memory`` (the default) or ``redis``."""
+    spec = spec or {}
+    return spec.get("kind", spec.get("backend", "memory"))
+
+
 def store_for(method: str, spec: dict[str, Any], top_k: int = 20) -> HistoryStore:
     """The history store a stage of ``method`` needs, from its ``store:`` section ``spec``
     (``{kind: memory | redis, ...bounds}``): Blacklight's hash store (``top_k`` hashes per query in
     memory, or Redis) or the k-NN embedding store (memory only). ValueError naming the bad key."""
     spec = dict(spec)
-    backend = spec.get("kind", spec.get("backend", "memory"))
+    backend = store_kind(spec)
     if method == "knn":
         if backend != "memory":
             raise ValueError(f"kind: {backend!r} is not available for method knn (its history of embeddings "

@@ -197,3 +197,13 @@ def start_proxy(proxy_bundle):
 def proxy(start_proxy) -> RunningProxy:
     """A proxy with the defaults: no defense stages, batching on."""
     return start_proxy()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port (tests/helpers/redis_server.py): (url, process)."""
+    from redis_server import start_redis, stop_redis  # tests/helpers
+
+    url, proc = start_redis(tmp_path)
+    yield url, proc
+    stop_redis(proc)

@@ -134,12 +134,8 @@ def test_budget_on_a_real_proxy(start_proxy):
 
 # ---- limits.per_client.store: {kind: redis}: one state for every worker and replica -------------------
 @pytest.fixture
-def redis_url(tmp_path):
-    from redis_server import start_redis, stop_redis  # tests/helpers
-
-    url, proc = start_redis(tmp_path)
-    yield url
-    stop_redis(proc)
+def redis_url(redis_server):
+    return redis_server[0]
 
 
 def test_the_redis_limiter_applies_the_memory_rules_to_one_state_shared_by_replicas(redis_url):

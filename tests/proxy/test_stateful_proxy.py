@@ -26,7 +26,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from redis_server import start_redis, stop_redis  # tests/helpers
 from robustgate.proxy import outputs
 from robustgate.proxy.config import load_config
 
@@ -187,14 +186,6 @@ def test_reload_keeps_the_history_and_applies_the_new_threshold(start_proxy, pro
 
 
 # ---- shared state through a real Redis ----------------------------------------------------------------
-@pytest.fixture
-def redis_server(tmp_path):
-    """A real redis-server on a free loopback port (tests/helpers/redis_server.py): (url, process)."""
-    url, proc = start_redis(tmp_path)
-    yield url, proc
-    stop_redis(proc)
-
-
 def test_two_proxies_sharing_redis_see_one_clients_stream(start_proxy, redis_server):
     url, proc = redis_server
     store = {"kind": "redis", "url": url, "max_per_client": 1000, "ttl_s": 600, "socket_timeout_s": 0.5}
