@@ -1,8 +1,9 @@
 """Issue 22's targets: query-only attacks through a live proxy, undefended vs the default pipeline.
 
-    python bench/redteam/endpoint.py --bundle BUNDLE [--n 200] [--budgets 5000] \\
+    python bench/redteam/endpoint.py --bundle BUNDLE [--n 200] [--offset 0] [--budgets 5000] \\
         [--attacks square,hopskipjump,...] [--arms undefended,defended] [--pipeline deploy/default.yaml] \\
         [--surrogate bundles/default] --out bench/results/redteam.endpoint
+    python bench/redteam/endpoint.py --render --out bench/results/redteam.endpoint   # OUT.md again from OUT.json
 
 For each arm a real ``robustgate serve`` (bench/hardening/common.Serve, loopback, in-process ONNX
 Runtime) serves BUNDLE: ``undefended`` with no stage, ``defended`` with the stages of
@@ -16,7 +17,12 @@ bench/redteam/endpoint_bundle.sh builds the record's by script.
 
 Results: OUT.json (both arms' reports whole, the targets, and what was attacked: the backbone's
 sha256 and each defended stage's fit and calibration from bundle.yaml) and OUT.md (the same, one
-table per arm, targets).
+table per arm, targets). A success rate over n = 200 images is an estimate with a few points of
+binomial error either way, so each success target gives its exact (Clopper-Pearson) 95% interval
+beside the point estimate, which alone decides "met"; ``--offset`` attacks another slice of the test
+set (the benign images follow the attacked ones), to see how far one slice's figure is from
+another's. ``--render`` writes OUT.json's targets and OUT.md again from OUT.json alone (no attack
+runs; the report says when it was rendered).
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
     try:
         cmd = [str(Path(sys.executable).with_name("robustgate")), "eval", "--threat", "endpoint",
                "--url", serve.url, "--bundle", str(args.bundle), "--attacks", args.attacks,
-               "--queries", args.budgets, "--n", str(args.n), "--benign-n", str(args.benign_n),
+               "--queries", args.budgets, "--n", str(args.n), "--offset", str(args.offset), "--benign-n", str(args.benign_n),
                "--benign-clients", str(args.benign_clients), "--eps", str(args.eps), "--out", str(out)]
         if args.hsj_evals:
             cmd += ["--hsj-evals", *map(str, args.hsj_evals)]
@@ -110,10 +116,10 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         serve.stop()
 
 
-def clean_correct(bundle: Path, n: int) -> list[bool]:
-    """Whether the served model classifies each attacked image (the bundle's first ``n`` test items,
-    what ``eval --threat endpoint`` attacks) correctly before any attack: an image it already gets
-    wrong is a "success" at the attacker's first query, which no defense of queries can prevent."""
+def clean_correct(bundle: Path, n: int, offset: int = 0) -> list[bool]:
+    """Whether the served model classifies each attacked image (the bundle's ``n`` test items from
+    ``offset``, what ``eval --threat endpoint`` attacks) correctly before any attack: an image it already
+    gets wrong is a "success" at the attacker's first query, which no defense of queries can prevent."""
     import numpy as np
     import onnxruntime as ort
 
@@ -121,7 +127,7 @@ def clean_correct(bundle: Path, n: int) -> list[bool]:
     from robustgate.models.data import bundle_splits
 
     b = Bundle.load(bundle)
-    x, y = bundle_splits(b).take("test", n, 0)
+    x, y = bundle_splits(b).take("test", n, offset)
     sess = ort.InferenceSession(str(b.onnx_path()), providers=["CPUExecutionProvider"])
     logits = sess.run(None, {sess.get_inputs()[0].name: x.numpy().astype(np.float32)})[0]
     return (logits.argmax(1) == y.numpy()).tolist()
@@ -129,8 +135,26 @@ def clean_correct(bundle: Path, n: int) -> list[bool]:
 
 def success_among_correct(cell: dict, correct: list[bool]) -> float:
     """Attack success over the images the model classified correctly (items are in image order)."""
+    hits, n = successes_among_correct(cell, correct)
+    return hits / n if n else float("nan")
+
+
+def successes_among_correct(cell: dict, correct: list[bool]) -> tuple[int, int]:
+    """(successes, images) over the images the model classified correctly."""
     hits = [it["success_at"] is not None for it, ok in zip(cell["items"], correct) if ok]
-    return sum(hits) / len(hits) if hits else float("nan")
+    return sum(hits), len(hits)
+
+
+def success_value(cell: dict, correct: list[bool]) -> tuple[float, str]:
+    """The success rate over the correctly classified images and its text for a target line:
+    ``"10.8% (20 of 185; 95% CI 6.7-16.2%)"``, the interval exact (Clopper-Pearson, scipy)."""
+    from scipy.stats import binomtest
+
+    hits, n = successes_among_correct(cell, correct)
+    if not n:
+        return float("nan"), "no correctly classified image"
+    ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="exact")
+    return hits / n, f"{100 * hits / n:.1f}% ({hits} of {n}; 95% CI {100 * ci.low:.1f}-{100 * ci.high:.1f}%)"
 
 
 def _cell(report: dict, attack: str, budget: int) -> dict | None:
@@ -147,14 +171,14 @@ def targets(arms: dict[str, dict], correct: list[bool]) -> list[dict]:
     of = f"of the {sum(correct)} correctly classified images"
     for attack in ("square", "hopskipjump"):
         if und and (c := _cell(und, attack, TARGET_BUDGET)):
-            s = success_among_correct(c, correct)
+            s, text = success_value(c, correct)
             rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, undefended: success >= 80% ({of})",
-                         "value": f"{100 * s:.1f}%", "met": s >= 0.80})
+                         "value": text, "met": s >= 0.80})
         if dfd and (c := _cell(dfd, attack, TARGET_BUDGET)):
             m = c["metrics"]
-            s = success_among_correct(c, correct)
+            s, text = success_value(c, correct)
             rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: success <= 10% ({of})",
-                         "value": f"{100 * s:.1f}%", "met": s <= 0.10})
+                         "value": text, "met": s <= 0.10})
             q = m["queries_to_first_detection_median"]
             rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: median queries to "
                                    f"detection <= 50", "value": "never detected" if q is None else f"{q:g}",
@@ -177,18 +201,27 @@ def _g(v) -> str:
 
 
 def markdown(result: dict) -> str:
+    offset = result.get("offset", 0)
     lines = ["# Query-only attacks through a live proxy: undefended vs the default pipeline\n",
-             f"Command: `{result['command']}` ({result['started_utc']}, revision {result['machine']['robustgate_revision']}).\n",
+             f"Command: `{result['command']}` ({result['started_utc']}, revision {result['machine']['robustgate_revision']}).\n"]
+    if result.get("rendered_utc"):
+        lines.append(f"Rendered again from its JSON, no attack rerun: `{result['render_command']}` "
+                     f"({result['rendered_utc']}, revision {result['render_revision']}).\n")
+    lines += [
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; client and proxy on the same "
              f"machine, loopback gRPC. Bundle `{result['bundle']}` ({result['bundle_note']}); "
              f"defended pipeline: the stages of `{result['pipeline']}` (and any --add-stage): "
              f"{', '.join(s['name'] + ' (' + s['kind'] + ', ' + s.get('action', 'reject') + ')' for s in result['defended_stages']) or 'none'}.\n",
+             f"Attacked: the test set's images {offset} to {offset + len(result['clean_correct']) - 1}; the benign "
+             "streams' images follow them. "
              f"The model classifies {sum(result['clean_correct'])} of the {len(result['clean_correct'])} attacked images "
              "correctly before any attack; the others count as successes at the first query (no defense of queries "
              "can prevent them), so the targets read the success over the correctly classified ones. "
              "Success: the attacker received an accepted answer with a wrong label for a query within "
              f"l∞ ε = {result['eps']} of the clean image (attacks/endpoint_redteam.py). Each image's attack is a "
-             "fresh client identity (Sybil: several); a blocked attack stops.\n"]
+             "fresh client identity (Sybil: several); a blocked attack stops. A success target's interval is the "
+             "exact binomial 95% interval of its rate (n images is one draw of the test set); the point estimate "
+             "decides \"met\".\n"]
     tms = [c["threat_model"] for rep in result["arms"].values() for c in rep["cells"] if c.get("status") == "done"]
     knobs = ([f"Square's p_init {t['p_init']:g}" for t in tms if "p_init" in t][:1]
              + [f"HopSkipJump's gradient estimate {t['hsj_evals']['init_eval']}·√t queries at iteration t, at most "
@@ -236,7 +269,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, required=True, help="the served bundle (standard-trained, defenses fitted)")
+    ap.add_argument("--bundle", type=Path, help="the served bundle (standard-trained, defenses fitted)")
     ap.add_argument("--bundle-note", default="", help="how the bundle was made (goes into the report)")
     ap.add_argument("--pipeline", type=Path, default=ROOT / "deploy" / "default.yaml")
     ap.add_argument("--add-stage", action="append", default=[], metavar="YAML",
@@ -246,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", default="square,hopskipjump")
     ap.add_argument("--budgets", default=str(TARGET_BUDGET), help="comma-separated query budgets")
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--offset", type=int, default=0, help="first attacked test image (the benign ones follow them)")
     ap.add_argument("--benign-n", type=int, default=1000)
     ap.add_argument("--benign-clients", type=int, default=100)
     ap.add_argument("--eps", type=float, default=0.1)
@@ -258,7 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="read an arm that a run with the same --work already finished instead of rerunning it")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "redteam.endpoint")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--render", action="store_true",
+                    help="write OUT.json's targets and OUT.md again from OUT.json (no attack runs; --bundle not needed)")
     args = ap.parse_args(argv)
+    command = "python bench/redteam/endpoint.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        return render(args.out, command)
+    if args.bundle is None:
+        ap.error("--bundle is required (except with --render)")
     arms = [a for a in args.arms.split(",") if a]
     if set(arms) - set(ARMS):
         ap.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}; known: {', '.join(ARMS)}")
@@ -269,19 +310,37 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     reports = {arm: run_arm(arm, args, work) for arm in arms}
     result = {
-        "command": "python bench/redteam/endpoint.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started_utc": started, "machine": machine(), "bundle": str(args.bundle), "bundle_note": args.bundle_note,
+        "command": command, "started_utc": started, "offset": args.offset, "machine": machine(), "bundle": str(args.bundle), "bundle_note": args.bundle_note,
         "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
         "defended_stages": defended_stages(args.pipeline, args.add_stage), "eps": args.eps, "arms": reports,
     }
     result["bundle_record"] = bundle_record(args.bundle, result["defended_stages"])
     n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
-    result["clean_correct"] = clean_correct(args.bundle, n)
+    result["clean_correct"] = clean_correct(args.bundle, n, args.offset)
     result["targets"] = targets(reports, result["clean_correct"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str))
-    Path(f"{args.out}.md").write_text(markdown(result))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    write(args.out, result)
+    return 0
+
+
+def write(out: Path, result: dict) -> None:
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1, default=str))
+    Path(f"{out}.md").write_text(markdown(result))
+    print(f"wrote {out}.json and {out}.md")
+
+
+def render(out: Path, command: str) -> int:
+    """``--render``: OUT.json's targets and OUT.md written again from OUT.json's arms (no attack runs),
+    with when and by which revision it was rendered."""
+    path = Path(f"{out}.json")
+    if not path.is_file():
+        print(f"--render: {path} does not exist", file=sys.stderr)
+        return 2
+    result = json.loads(path.read_text())
+    result["targets"] = targets(result["arms"], result["clean_correct"])
+    result.update(render_command=command, rendered_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  render_revision=machine()["robustgate_revision"])
+    write(out, result)
     return 0
 
 
