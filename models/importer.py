@@ -19,6 +19,14 @@ C,H,W`` for dynamic channel/height/width, ``--classes FILE|N`` when the logits w
 ``--logits-output`` when the graph has several outputs and none is called ``logits``. What is
 assumed rather than read (the value range, class names) is printed as a note.
 
+The input's axis order: robustgate serves ``[batch, C, H, W]`` (NCHW, torch's order). A model that
+takes ``[batch, H, W, C]`` (NHWC: what TensorFlow/Keras exports through tf2onnx) is recognised by
+its last axis holding 1 or 3 channels while its second does not (``--layout`` says it outright,
+and must when both could be channels): its ONNX file is imported with one ``Transpose`` in front
+of its graph, under the same input name, so the bundle, the twin, the defenses and the proxy's
+clients all use ``[batch, C, H, W]``; the provenance keeps the original file's sha256. Served from
+a model server (``--upstream``) an NHWC model is refused: the upstream backend sends NCHW.
+
 The batch axis: the proxy coalesces requests into batches, so the graph's first input dimension
 must be dynamic. A graph exported with a fixed batch of 1 is refused with the command that
 re-exports it -- rewriting the input's first dimension would not reach reshapes inside the graph
@@ -53,6 +61,8 @@ from robustgate.models.data import add_data_arguments
 ONNX_FILE = "backbone.onnx"
 PARITY_ITEMS = 64  # real (or random) images the twin is checked on
 PARITY_RTOL = 1e-4  # tolerance: atol = PARITY_RTOL * max(1, max |ONNX Runtime output|), per output
+LAYOUTS = ("NCHW", "NHWC")
+CHANNEL_COUNTS = (1, 3)  # what an image's channel axis holds: grayscale, RGB
 LOGITS = "logits"
 FEATURES = "features"
 
@@ -105,7 +115,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--name", help="the served model name (default: DIR's name)")
     p.add_argument("--classes", metavar="FILE|N", help="class names, one per line, or their number")
-    p.add_argument("--input-shape", type=_triple, metavar="C,H,W", help="per-item input shape, for dynamic C/H/W")
+    p.add_argument("--input-shape", type=_triple, metavar="C,H,W",
+                   help="per-item input shape, for dynamic C/H/W (C,H,W whatever the model's --layout)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="the model input's axis order (default: read from the graph; NHWC when its last axis is "
+                        "1 or 3 and its second is not)")
     p.add_argument("--value-range", type=_pair, default=None, metavar="LO,HI",
                    help="the pixel range the model expects (default 0,1)")
     p.add_argument("--logits-output", metavar="NAME", help="the output holding the logits [batch, classes]")
@@ -143,14 +157,16 @@ def run(args: argparse.Namespace) -> int:
                     raise ImportRefused(f"--{flag.replace('_', '-')} applies to --onnx only")
             bundle = import_upstream(args.upstream, args.model, args.out, model_version=args.model_version,
                                      name=args.name, classes=args.classes, input_shape=args.input_shape,
-                                     value_range=args.value_range, force=args.force, command=command)
+                                     value_range=args.value_range, layout=args.layout, force=args.force,
+                                     command=command)
         else:
             if args.model:
                 raise ImportRefused("--model applies to --upstream only")
             bundle = import_onnx(args.onnx, args.out, name=args.name, classes=args.classes,
                                  input_shape=args.input_shape, value_range=args.value_range,
                                  logits_output=args.logits_output, features_output=args.features_output,
-                                 dataset=args.dataset, data_dir=args.data_dir, force=args.force, command=command)
+                                 layout=args.layout, dataset=args.dataset, data_dir=args.data_dir, force=args.force,
+                                 command=command)
     except (ImportRefused, BundleError, ValidationError) as exc:  # ValidationError: a bundle.yaml key, named
         print(f"robustgate import: {exc}", file=sys.stderr)
         return 2
@@ -174,6 +190,7 @@ def import_onnx(
     value_range: tuple[float, float] | None = None,
     logits_output: str | None = None,
     features_output: str | None = None,
+    layout: str | None = None,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     force: bool = False,
@@ -181,14 +198,23 @@ def import_onnx(
     command: str | None = None,
 ) -> Bundle:
     """Imports ``onnx_file`` into the bundle directory ``out``; returns the loaded, verified bundle.
-    :class:`ImportRefused` (nothing written) when the model cannot be served as given."""
+    :class:`ImportRefused` (nothing written) when the model cannot be served as given. ``layout``:
+    the input's axis order, None to read it from the graph (module docstring)."""
     onnx_file, out = Path(onnx_file), Path(out)
     _check_out(out, force)
     if dataset is None and data_dir is not None:
         raise ImportRefused("--data-dir needs --dataset NAME")
+    source_sha = sha256_file(onnx_file) if onnx_file.is_file() else None
     model = _load_onnx(onnx_file)
     sig = _signature(model, onnx_file)
     notes = list(sig.notes)
+    served = None  # the graph's bytes when the bundle's backbone.onnx is not the file itself
+    if _layout(sig, layout, onnx_file) == "NHWC":
+        model = nchw_front(model, sig.input_name)
+        sig = Signature(sig.input_name, [sig.input_dims[i] for i in (0, 3, 1, 2)], sig.outputs, sig.notes)
+        served = model.SerializeToString()
+        notes.append("the model takes [batch, H, W, C] (NHWC): imported with a Transpose in front, so the bundle, "
+                     "the proxy and its clients use [batch, C, H, W]; the source sha256 is the original file's")
     shape = _input_shape(sig, input_shape, onnx_file)
     logits_name, features_name = _pick_outputs(sig, logits_output, features_output, onnx_file)
     k_declared = sig.outputs[logits_name][1] if len(sig.outputs[logits_name]) == 2 else None
@@ -197,7 +223,7 @@ def import_onnx(
         notes.append("value range assumed 0,1 (pixels scaled to [0, 1]); --value-range LO,HI sets another")
 
     x, inputs_note, data_classes, transform = _parity_inputs(shape, (lo, hi), dataset, data_dir, parity_items)
-    session = _session(onnx_file)
+    session = _session(onnx_file if served is None else served, onnx_file)
     wanted = [logits_name, *([features_name] if features_name else [])]
     ort_out = _run_checked(session, sig, wanted, x, onnx_file)
     k = ort_out[0].shape[1]
@@ -212,11 +238,13 @@ def import_onnx(
 
     tmp = _tmp_dir(out)
     try:
-        shutil.copyfile(onnx_file, tmp / ONNX_FILE)
+        if served is None:
+            shutil.copyfile(onnx_file, tmp / ONNX_FILE)
+        else:
+            (tmp / ONNX_FILE).write_bytes(served)
         onnx_art = artifact(tmp, ONNX_FILE)
-        source_sha = sha256_file(onnx_file)
-        if onnx_art.sha256 != source_sha:
-            raise ImportRefused(f"{onnx_file} changed while it was being copied; import it again")
+        if sha256_file(onnx_file) != source_sha or (served is None and onnx_art.sha256 != source_sha):
+            raise ImportRefused(f"{onnx_file} changed while it was being imported; import it again")
         spec = BundleSpec(
             schema_version=SCHEMA_VERSION,
             name=name or out.name,
@@ -322,6 +350,61 @@ def _signature(model, path: Path) -> Signature:
     return Signature(inp.name, dims, outputs)
 
 
+def _layout(sig: Signature, given: str | None, where: Path) -> str:
+    """The input's axis order: ``given``, else read from its declared dims ``[N, a, b, c]``: NHWC when
+    ``c`` holds an image's channels (1 or 3) and ``a`` does not; refused when both do (say which with
+    --layout); else NCHW, any channel count (today's reading of every graph)."""
+    if given is not None:
+        if given not in LAYOUTS:
+            raise ImportRefused(f"--layout {given!r}: expected one of {', '.join(LAYOUTS)}")
+        return given
+    first, last = sig.input_dims[1] in CHANNEL_COUNTS, sig.input_dims[3] in CHANNEL_COUNTS
+    if first and last:
+        raise ImportRefused(f"{where}: input {sig.input_name!r} has shape {_fmt(sig.input_dims)}: its second and "
+                            f"last axes could both hold channels; say which with --layout NCHW or --layout NHWC")
+    return "NHWC" if last else "NCHW"
+
+
+def nchw_front(model, input_name: str):
+    """``model`` (its input ``input_name`` ``[N, H, W, C]``) -> the same model taking ``[N, C, H, W]``
+    under the same name: one ``Transpose`` (perm 0, 2, 3, 1) in front, every node that read the
+    input (subgraphs included) reading its output. The weights and the other nodes are untouched."""
+    import copy
+
+    import onnx
+    from onnx import helper
+
+    model = copy.deepcopy(model)
+    g = model.graph
+    taken = {v.name for v in (*g.input, *g.output, *g.value_info)} | {i.name for i in g.initializer}
+
+    def graphs(graph):  # the graph and every subgraph of its nodes' attributes (If/Loop/Scan bodies)
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from graphs(sub)
+
+    for graph in graphs(g):
+        taken |= {n for node in graph.node for n in (*node.input, *node.output)}
+    inner = f"{input_name}_nhwc"
+    while inner in taken:
+        inner += "_"
+    for graph in graphs(g):
+        for node in graph.node:
+            for i, n in enumerate(node.input):
+                if n == input_name:
+                    node.input[i] = inner
+    dims = next(v for v in g.input if v.name == input_name).type.tensor_type.shape.dim
+    nhwc = [copy.deepcopy(d) for d in dims]
+    del dims[:]
+    for axis in (0, 3, 1, 2):
+        dims.add().CopyFrom(nhwc[axis])
+    g.node.insert(0, helper.make_node("Transpose", [input_name], [inner], perm=[0, 2, 3, 1], name="robustgate_nchw_to_nhwc"))
+    onnx.checker.check_model(model)
+    return model
+
+
 def _input_shape(sig: Signature, given: tuple[int, int, int] | None, path: Path) -> tuple[int, int, int]:
     declared = sig.input_dims[1:]
     if given is None:
@@ -369,11 +452,13 @@ def _pick_outputs(sig: Signature, logits: str | None, features: str | None, path
     return logits, features
 
 
-def _session(path: Path):
+def _session(source: Path | bytes, path: Path):
+    """An ONNX Runtime session of ``source`` (the file, or a graph's bytes); ``path`` names it in errors."""
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source if isinstance(source, bytes) else str(source),
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own exception types
         raise ImportRefused(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
 
@@ -385,7 +470,8 @@ def _run_checked(session, sig: Signature, outputs: list[str], x: np.ndarray, pat
         got = session.run(outputs, {sig.input_name: x})
         one = session.run(outputs, {sig.input_name: x[:1]})
     except Exception as exc:  # ORT's errors are not a stable hierarchy
-        raise ImportRefused(f"{path}: ONNX Runtime fails on a batch of shape {list(x.shape)}: {exc}") from None
+        raise ImportRefused(f"{path}: ONNX Runtime fails on a batch of shape {list(x.shape)} (a model that takes "
+                            f"[batch, H, W, C] needs --layout NHWC): {exc}") from None
     for name, a, b in zip(outputs, got, one):
         if a.ndim < 2 or a.shape[0] != len(x) or b.shape[0] != 1:
             raise ImportRefused(f"{path}: output {name!r} returns shape {list(a.shape)} for a batch of {len(x)} "
@@ -513,12 +599,14 @@ def import_upstream(
     classes: str | int | list[str] | None = None,
     input_shape: tuple[int, int, int] | None = None,
     value_range: tuple[float, float] | None = None,
+    layout: str | None = None,
     force: bool = False,
     timeout_s: float = 10.0,
     command: str | None = None,
 ) -> Bundle:
     """Reads ``model_name``'s ModelMetadata from the V2 gRPC server at ``url`` and writes a bundle
-    with no ONNX file and no twin (served with ``backend.kind: upstream``)."""
+    with no ONNX file and no twin (served with ``backend.kind: upstream``). An NHWC model is refused
+    (module docstring); ``layout`` as :func:`import_onnx`'s."""
     import tritonclient.grpc as tc
     from tritonclient.utils import InferenceServerException
 
@@ -554,6 +642,10 @@ def import_upstream(
                             f"batches requests, so the model must accept a dynamic batch")
     sig = Signature(inp["name"], dims, {o["name"]: [None if int(d) < 0 else int(d) for d in o.get("shape", [])]
                                         for o in outputs})
+    if _layout(sig, layout, Path(where)) == "NHWC":
+        raise ImportRefused(f"{where}: input {inp['name']!r} has shape {_fmt(dims)}, channels last (NHWC); the "
+                            f"upstream backend sends [batch, C, H, W]. Import the model's ONNX file with --onnx "
+                            f"(robustgate puts a Transpose in front of it) or serve an NCHW export")
     shape = _input_shape(sig, input_shape, Path(where))
     names = list(sig.outputs)
     logits = LOGITS if LOGITS in names else (names[0] if len(names) == 1 else None)

@@ -65,6 +65,28 @@ class Cnn64Features(nn.Module):
         return self.head(f), f
 
 
+class ChannelsLast(nn.Module):
+    """[N, 32, 32, 3] (NHWC, as a Keras model exported by tf2onnx takes it) -> logits [N, 10]."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = Cnn32()
+
+    def forward(self, x):
+        return self.cnn(x.permute(0, 3, 1, 2))
+
+
+class Flat(nn.Module):
+    """[N, 3, 8, 3] -> logits [N, 10]: an input whose second and last axes could both be channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(72, 10))
+
+    def forward(self, x):
+        return self.head(x)
+
+
 class FeatureMap(nn.Module):
     """[N, 3, 32, 32] -> [N, 4, 32, 32]: not a classifier."""
 
@@ -111,6 +133,8 @@ def models(tmp_path_factory):
         "dynhw": export(make(Cnn64Features), d / "dynhw.onnx", (3, 64, 64), outputs=("logits", "features"),
                         legacy=True, dynamic_hw=True),
         "map": export(make(FeatureMap), d / "map.onnx", (3, 32, 32), outputs=("map",)),
+        "nhwc": export(make(ChannelsLast), d / "nhwc.onnx", (32, 32, 3), legacy=True),
+        "flat": export(make(Flat), d / "flat.onnx", (3, 8, 3), legacy=True),
     }
 
 
@@ -168,6 +192,43 @@ def test_cnn32_imports_with_a_twin_that_matches_onnx_runtime_and_serves(models, 
         proxy.stop()
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(verdict, np.zeros(9, dtype=np.int32))
+
+
+def test_channels_last_model_imports_behind_a_transpose_and_serves_nchw(models, tmp_path):
+    """An NHWC graph (read from its [?, 32, 32, 3] input) gets one Transpose in front: the bundle,
+    the twin and the proxy's clients use [N, 3, 32, 32] and get the original model's logits."""
+    out = tmp_path / "nhwc"
+    assert cli(["import", "--onnx", str(models["nhwc"]), "--out", str(out), "--classes", "10"]) == 0
+    bundle = Bundle.load(out)
+    bb = bundle.spec.backbone
+    assert tuple(bundle.input.shape) == (3, 32, 32) and bundle.input.name == "input" and bb.twin == "onnx"
+    prov = bundle.spec.provenance
+    assert prov["source"]["sha256"] == sha256_file(models["nhwc"]) != bb.onnx.sha256  # the original's, recorded
+    assert any("NHWC" in note for note in prov["import_notes"])
+    x = images(5, (3, 32, 32))
+    want = ort_run(models["nhwc"], np.ascontiguousarray(x.transpose(0, 2, 3, 1)))[0]  # the user's model, NHWC
+    np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(load_backbone(out)(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-4, atol=1e-4)
+    proxy = LoopbackProxy(out, {"stages": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 95}}]})
+    try:
+        logits, verdict = triton_logits(proxy.url, "nhwc", x)  # a colour image stage sees [N, 3, 32, 32]
+    finally:
+        proxy.stop()
+    assert logits.shape == (5, 10) and (verdict == 0).all()
+
+
+def test_layout_flag_and_an_ambiguous_input(models, tmp_path, capsys):
+    refused(tmp_path, capsys, ["--onnx", str(models["flat"])], "could both hold channels; say which with --layout")
+    out = tmp_path / "flat"
+    assert cli(["import", "--onnx", str(models["flat"]), "--out", str(out), "--layout", "NCHW"]) == 0
+    assert tuple(Bundle.load(out).input.shape) == (3, 8, 3)
+    assert sha256_file(out / "backbone.onnx") == sha256_file(models["flat"])  # NCHW: the file itself
+    out = tmp_path / "flat_last"
+    assert cli(["import", "--onnx", str(models["flat"]), "--out", str(out), "--layout", "NHWC"]) == 0
+    assert tuple(Bundle.load(out).input.shape) == (3, 3, 8)
+    out = tmp_path / "nhwc_as_given"  # the flag overrides the reading: 32 channels of 32 x 3, as told
+    assert cli(["import", "--onnx", str(models["nhwc"]), "--out", str(out), "--layout", "NCHW"]) == 0
+    assert tuple(Bundle.load(out).input.shape) == (32, 32, 3)
 
 
 def test_features_model_checked_on_real_data_and_served_with_a_defense(models, tmp_path):
@@ -410,5 +471,10 @@ def test_upstream_metadata_without_the_batch_axis_and_refusals(tmp_path, capsys)
         refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "one called 'logits'")
         server.outputs = [{"name": "logits", "datatype": "FP32", "shape": [-1, 10, 2]}]
         refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "must be [batch, classes]")
+        server.outputs = [{"name": "logits", "datatype": "FP32", "shape": [scripted.K]}]
+        server.inputs = [{**pixels, "shape": [4, 4, 1]}]  # channels last: the upstream backend sends NCHW
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "channels last (NHWC)")
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula", "--layout", "NHWC"], "Import the "
+                "model's ONNX file with --onnx")
     finally:
         server.stop()
