@@ -395,6 +395,9 @@ def nchw_front(model, input_name: str):
             for i, n in enumerate(node.input):
                 if n == input_name:
                     node.input[i] = inner
+    for v in g.value_info:  # a shape some exporters record for the input: now the Transpose's output's
+        if v.name == input_name:
+            v.name = inner
     dims = next(v for v in g.input if v.name == input_name).type.tensor_type.shape.dim
     nhwc = [copy.deepcopy(d) for d in dims]
     del dims[:]
