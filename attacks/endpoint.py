@@ -83,6 +83,7 @@ class GrpcOracle:
         self.overload_retries, self.overload_pause_s = overload_retries, overload_pause_s
         meta = self.client.get_model_metadata(model, as_json=True, headers=self.headers or None)
         self.input_name = meta["inputs"][0]["name"]
+        self.input_dims = [int(d) for d in meta["inputs"][0].get("shape", [])[1:]]  # per item, as the server takes it
         outputs = [o["name"] for o in meta["outputs"] if not o["name"].startswith("robustgate_")]
         if not outputs:
             raise ValueError(f"model {model!r} at {url} declares no logits output: {meta['outputs']}")
@@ -93,8 +94,12 @@ class GrpcOracle:
         self.overloads = 0
 
     def ask(self, x: torch.Tensor) -> Reply:
-        """``x`` ``[C, H, W]`` -> the proxy's :class:`Reply` (one query)."""
-        arr = np.ascontiguousarray(x.detach().cpu().numpy()[None], dtype=np.float32)
+        """``x`` ``[C, H, W]`` -> the proxy's :class:`Reply` (one query; sent ``[1, H, W, C]`` when the
+        served model declares its input channels last)."""
+        arr = x.detach().cpu().numpy()[None]
+        if self.channels_last(arr.shape[1:]):
+            arr = arr.transpose(0, 2, 3, 1)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
         inp = grpcclient.InferInput(self.input_name, list(arr.shape), "FP32")
         inp.set_data_from_numpy(arr)
         outs = [grpcclient.InferRequestedOutput(self.output_name)]
@@ -124,6 +129,12 @@ class GrpcOracle:
                 return Reply("rejected", stage=stage)
             return Reply("flagged" if verdict == 1 else "accepted", logits=res.as_numpy(self.output_name).reshape(-1))
         raise AssertionError("unreachable: the retry loop returns or raises")
+
+    def channels_last(self, chw: tuple[int, int, int]) -> bool:
+        """Whether the server takes an item of shape ``chw`` (C, H, W) as ``[H, W, C]``: its declared
+        input says so and not ``[C, H, W]`` (robustgate's ModelMetadata for an NHWC bundle)."""
+        c, h, w = chw
+        return self.input_dims == [h, w, c] and self.input_dims != [c, h, w]
 
     def answer(self, x: torch.Tensor) -> tuple[np.ndarray | None, int]:
         """``x`` ``[C, H, W]`` -> (logits ``[K]`` or None when refused, verdict 0/1/2).

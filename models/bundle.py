@@ -74,8 +74,10 @@ class InputSpec(_Strict):
     """What one item of a request must look like. The batch axis is not part of ``shape``."""
 
     name: str = "input"
-    shape: tuple[int, int, int]  # (C, H, W)
-    layout: Literal["NCHW"] = "NCHW"
+    shape: tuple[int, int, int]  # (C, H, W), whatever the layout
+    # how clients send an item and the model takes it natively: NHWC = [batch, H, W, C] on the wire
+    # (a channels-last model: robustgate import); the pipeline, the twin and the defenses see NCHW
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
     datatype: Literal["FP32"] = "FP32"  # what the backbone consumes; UINT8 requests are scaled by 1/255
     value_range: tuple[float, float] = (0.0, 1.0)
     mean: tuple[float, ...] = ()  # normalization applied inside the model graph (documentation)

@@ -19,13 +19,14 @@ C,H,W`` for dynamic channel/height/width, ``--classes FILE|N`` when the logits w
 ``--logits-output`` when the graph has several outputs and none is called ``logits``. What is
 assumed rather than read (the value range, class names) is printed as a note.
 
-The input's axis order: robustgate serves ``[batch, C, H, W]`` (NCHW, torch's order). A model that
-takes ``[batch, H, W, C]`` (NHWC: what TensorFlow/Keras exports through tf2onnx) is recognised by
-its last axis holding 1 or 3 channels while its second does not (``--layout`` says it outright,
-and must when both could be channels): its ONNX file is imported with one ``Transpose`` in front
-of its graph, under the same input name, so the bundle, the twin, the defenses and the proxy's
-clients all use ``[batch, C, H, W]``; the provenance keeps the original file's sha256. Served from
-a model server (``--upstream``) an NHWC model is refused: the upstream backend sends NCHW.
+The input's axis order: a model that takes ``[batch, H, W, C]`` (NHWC: what TensorFlow/Keras
+exports through tf2onnx) is recognised by its last axis holding 1 or 3 channels while its second
+does not (``--layout`` says it outright, and must when both could be channels). The bundle records
+``input.layout: NHWC`` and ``input.shape`` as ``(C, H, W)``: the proxy's clients keep sending
+``[batch, H, W, C]``, the proxy decodes it into ``[batch, C, H, W]`` for the defenses and the twin,
+and an upstream model server gets NHWC again. Its ONNX file is imported with one ``Transpose`` in
+front of its graph, under the same input name, so ``backbone.onnx`` and its twin take ``[batch, C,
+H, W]``; the provenance keeps the original file's sha256.
 
 The batch axis: the proxy coalesces requests into batches, so the graph's first input dimension
 must be dynamic. A graph exported with a fixed batch of 1 is refused with the command that
@@ -213,8 +214,9 @@ def import_onnx(
         model = nchw_front(model, sig.input_name)
         sig = Signature(sig.input_name, [sig.input_dims[i] for i in (0, 3, 1, 2)], sig.outputs, sig.notes)
         served = model.SerializeToString()
-        notes.append("the model takes [batch, H, W, C] (NHWC): imported with a Transpose in front, so the bundle, "
-                     "the proxy and its clients use [batch, C, H, W]; the source sha256 is the original file's")
+        notes.append("the model takes [batch, H, W, C] (NHWC), and so do the proxy's clients; backbone.onnx is it "
+                     "with a Transpose in front ([batch, C, H, W], what the defenses and the twin see); the source "
+                     "sha256 is the original file's")
     shape = _input_shape(sig, input_shape, onnx_file)
     logits_name, features_name = _pick_outputs(sig, logits_output, features_output, onnx_file)
     k_declared = sig.outputs[logits_name][1] if len(sig.outputs[logits_name]) == 2 else None
@@ -248,7 +250,8 @@ def import_onnx(
         spec = BundleSpec(
             schema_version=SCHEMA_VERSION,
             name=name or out.name,
-            input=InputSpec(name=sig.input_name, shape=shape, value_range=(lo, hi)),
+            input=InputSpec(name=sig.input_name, shape=shape, value_range=(lo, hi),
+                            layout="NCHW" if served is None else "NHWC"),
             classes=class_names,
             backbone=BackboneSpec(
                 onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity or None,
@@ -608,8 +611,8 @@ def import_upstream(
     command: str | None = None,
 ) -> Bundle:
     """Reads ``model_name``'s ModelMetadata from the V2 gRPC server at ``url`` and writes a bundle
-    with no ONNX file and no twin (served with ``backend.kind: upstream``). An NHWC model is refused
-    (module docstring); ``layout`` as :func:`import_onnx`'s."""
+    with no ONNX file and no twin (served with ``backend.kind: upstream``); ``layout`` as
+    :func:`import_onnx`'s."""
     import tritonclient.grpc as tc
     from tritonclient.utils import InferenceServerException
 
@@ -645,10 +648,11 @@ def import_upstream(
                             f"batches requests, so the model must accept a dynamic batch")
     sig = Signature(inp["name"], dims, {o["name"]: [None if int(d) < 0 else int(d) for d in o.get("shape", [])]
                                         for o in outputs})
-    if _layout(sig, layout, Path(where)) == "NHWC":
-        raise ImportRefused(f"{where}: input {inp['name']!r} has shape {_fmt(dims)}, channels last (NHWC); the "
-                            f"upstream backend sends [batch, C, H, W]. Import the model's ONNX file with --onnx "
-                            f"(robustgate puts a Transpose in front of it) or serve an NCHW export")
+    layout = _layout(sig, layout, Path(where))
+    if layout == "NHWC":
+        sig = Signature(sig.input_name, [dims[i] for i in (0, 3, 1, 2)], sig.outputs)
+        notes.append("the model takes [batch, H, W, C] (NHWC), and so do the proxy's clients; the defenses see "
+                     "[batch, C, H, W]")
     shape = _input_shape(sig, input_shape, Path(where))
     names = list(sig.outputs)
     logits = LOGITS if LOGITS in names else (names[0] if len(names) == 1 else None)
@@ -677,7 +681,7 @@ def import_upstream(
         spec = BundleSpec(
             schema_version=SCHEMA_VERSION,
             name=name or model_name,
-            input=InputSpec(name=inp["name"], shape=shape, value_range=(lo, hi)),
+            input=InputSpec(name=inp["name"], shape=shape, value_range=(lo, hi), layout=layout),
             classes=class_names,
             backbone=BackboneSpec(
                 upstream=UpstreamSource(url=url, model_name=model_name, model_version=model_version,

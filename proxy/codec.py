@@ -6,7 +6,8 @@ Pure functions, no I/O: the server calls :func:`decode_infer` on the way in and
 (docs/PROTOCOL.md lists them).
 
 - Inputs: one tensor named as the bundle's input, shape ``[N, C, H, W]`` with ``(C, H, W)`` the
-  bundle's per-item shape, datatype FP32 (pixels in the declared value range) or UINT8 (divided
+  bundle's per-item shape (``[N, H, W, C]`` when the bundle's ``input.layout`` is NHWC, a
+  channels-last model: decoded into ``[N, C, H, W]`` for the pipeline), datatype FP32 (pixels in the declared value range) or UINT8 (divided
   by 255 into [0, 1], bit-identical to the dataset loaders' floats); contents typed
   (``fp32_contents`` / ``uint_contents``) or raw
   (``raw_input_contents``, little-endian), never both.
@@ -65,6 +66,13 @@ class InputContract:
     logits_output: str
     detector_stages: tuple[str, ...] = ()
     has_ensemble: bool = False
+    channels_last: bool = False  # requests are [N, H, W, C] (the bundle's input.layout NHWC)
+
+    @functools.cached_property
+    def wire_shape(self) -> tuple[int, int, int]:
+        """An item's shape in a request: ``(C, H, W)``, or ``(H, W, C)`` channels last."""
+        c, h, w = self.item_shape
+        return (h, w, c) if self.channels_last else (c, h, w)
 
     @functools.cached_property  # asked per request; the contract never changes (a frozen dataclass)
     def output_names(self) -> tuple[str, ...]:
@@ -83,7 +91,7 @@ class InputContract:
 
 @dataclass
 class Decoded:
-    x: np.ndarray  # [N, C, H, W] float32, C-contiguous, finite, in the value range
+    x: np.ndarray  # [N, C, H, W] float32 (whatever the wire layout), C-contiguous, finite, in the value range
     raw: bool  # the request used raw_input_contents -> answer raw
     outputs: tuple[str, ...]  # requested outputs in answer order (all when none requested)
     request_id: str = ""
@@ -130,11 +138,12 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     if inp.datatype not in _DTYPES:
         raise _invalid(f"input {inp.name!r}: datatype {inp.datatype!r} is not supported; send FP32 or UINT8")
 
-    # 2. shape [N, C, H, W]
+    # 2. shape [N, C, H, W] ([N, H, W, C] channels last)
     shape = tuple(inp.shape)  # ints already (repeated int64)
     c, h, w = contract.item_shape
-    if len(shape) != 4 or shape[1:] != contract.item_shape:
-        raise _invalid(f"input {inp.name!r}: shape {list(shape)} does not match [N, {c}, {h}, {w}]")
+    if len(shape) != 4 or shape[1:] != contract.wire_shape:
+        want = f"[N, {h}, {w}, {c}] (channels last)" if contract.channels_last else f"[N, {c}, {h}, {w}]"
+        raise _invalid(f"input {inp.name!r}: shape {list(shape)} does not match {want}")
     n = shape[0]
     if n < 1:
         raise _invalid(f"input {inp.name!r}: batch size must be at least 1, got {n}")
@@ -194,6 +203,8 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     if not (lo <= xmin and xmax <= hi and xmax - xmin < _INF):  # the difference: an infinity in an unbounded range
         _range_error(inp.name, x.reshape(n, -1), lo, hi)
     x = x.reshape(shape)  # [N, C, H, W]
+    if contract.channels_last:  # [N, H, W, C] on the wire: the pipeline's order, contiguous (one more copy)
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
     # 5. requested outputs
     if req.outputs:

@@ -117,7 +117,7 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
 
     u = cfg.backend.upstream.model_dump()
     u["model_name"] = u["model_name"] or bundle.name
-    return upstream.UpstreamBackend(**u, max_message_bytes=cfg.server.max_message_bytes)
+    return upstream.UpstreamBackend(**u, max_message_bytes=cfg.server.max_message_bytes, layout=bundle.input.layout)
 
 
 def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):

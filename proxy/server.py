@@ -278,6 +278,7 @@ class ProxyServer:
             versions=tuple(meta.versions) or ("1",),
             input_name=bundle.input.name,
             item_shape=tuple(bundle.input.shape),
+            channels_last=bundle.input.layout == "NHWC",
             value_range=tuple(bundle.input.value_range),
             max_batch_items=cfg.limits.max_batch_items,
             logits_output=bundle.spec.backbone.logits_output,
@@ -478,16 +479,15 @@ class ProxyServer:
     def model_metadata(self) -> pb.ModelMetadataResponse:
         c = self.contract
         resp = pb.ModelMetadataResponse(name=c.model_name, versions=list(c.versions), platform=self.meta.platform)
-        n, (ch, h, w) = -1, c.item_shape
-        resp.inputs.add(name=c.input_name, datatype="FP32", shape=[n, ch, h, w])
+        resp.inputs.add(name=c.input_name, datatype="FP32", shape=[-1, *c.wire_shape])  # as clients send it
         logits = next((o for o in self.meta.outputs if o.name == c.logits_output), None)
         k = logits.shape[-1] if logits is not None else len(self.bundle.classes)
-        resp.outputs.add(name=c.logits_output, datatype="FP32", shape=[n, k])
-        resp.outputs.add(name=VERDICT_OUTPUT, datatype="INT32", shape=[n])
+        resp.outputs.add(name=c.logits_output, datatype="FP32", shape=[-1, k])
+        resp.outputs.add(name=VERDICT_OUTPUT, datatype="INT32", shape=[-1])
         for stage in c.detector_stages:
-            resp.outputs.add(name=SCORE_PREFIX + stage, datatype="FP32", shape=[n])
+            resp.outputs.add(name=SCORE_PREFIX + stage, datatype="FP32", shape=[-1])
         if c.has_ensemble:
-            resp.outputs.add(name=RADIUS_OUTPUT, datatype="FP32", shape=[n])
+            resp.outputs.add(name=RADIUS_OUTPUT, datatype="FP32", shape=[-1])
         return resp
 
     def _on_batch(self, n: int, batch: BatchAnswer) -> None:

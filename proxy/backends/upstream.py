@@ -85,9 +85,10 @@ def _varint(n: int) -> bytes:
         out.append(low | 0x80)
 
 
-def encode_request(x: np.ndarray, input_name: str, model_name: str, model_version: str) -> bytes:
+def encode_request(x: np.ndarray, input_name: str, model_name: str, model_version: str,
+                   channels_last: bool = False) -> bytes:
     """``x`` [M, C, H, W] float32 -> a serialized ModelInferRequest with one raw FP32 input tensor
-    (what tritonclient sends too).
+    (what tritonclient sends too); ``channels_last``: sent as [M, H, W, C] (an NHWC upstream model).
 
     Written by hand around protobuf: the small header is a message, the pixels are appended as field
     7's bytes straight from ``x``'s buffer in one copy. Building the message with the pixels in it
@@ -99,6 +100,8 @@ def encode_request(x: np.ndarray, input_name: str, model_name: str, model_versio
     tensor = req.inputs.add()
     tensor.name = input_name
     tensor.datatype = "FP32"
+    if channels_last:
+        x = x.transpose(0, 2, 3, 1)  # a view; the one copy below makes it contiguous
     tensor.shape.extend(x.shape)
     pixels = np.ascontiguousarray(x, dtype="<f4")
     return b"".join([req.SerializeToString(), _RAW_INPUT_TAG, _varint(pixels.nbytes), memoryview(pixels).cast("B")])
@@ -170,6 +173,8 @@ class UpstreamBackend(Backend):
       given).
     - ``tls_cert``, ``tls_key``: PEM client certificate chain and key for mutual TLS (both or
       neither).
+    - ``layout``: the upstream model's input order, ``NCHW`` or ``NHWC`` (the bundle's
+      ``input.layout``, not a config key): NHWC batches are sent as ``[M, H, W, C]``.
 
     The input tensor's name and the logits' width come from the upstream's ModelMetadata (fetched
     on first use and cached); without declared inputs the input is called ``input``.
@@ -189,8 +194,12 @@ class UpstreamBackend(Backend):
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        layout: str = "NCHW",
     ):
         split_url(url)
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be NCHW or NHWC, got {layout!r}")
+        self.channels_last = layout == "NHWC"
         if not model_name:
             raise ValueError("model_name must be a non-empty string")
         if not timeout_s > 0:
@@ -247,7 +256,7 @@ class UpstreamBackend(Backend):
         meta = self._metadata(deadline)
         input_name = meta.inputs[0].name if meta.inputs else "input"
         output_name, k = _logits_output(meta)
-        req = encode_request(x, input_name, self.model_name, self.model_version)  # [M, C, H, W] raw FP32
+        req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last)  # raw FP32
         resp = self._call(self._infer, req, deadline, "ModelInfer")
         return decode_logits(resp, output_name, x.shape[0], k)  # [M, K]
 

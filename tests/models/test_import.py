@@ -23,6 +23,7 @@ from torch import nn
 import harness  # tests/proxy/upstream (pytest pythonpath)
 import scripted  # tests/proxy/upstream
 from loopback import LoopbackProxy  # tests/helpers
+from robustgate.attacks.endpoint import GrpcOracle
 from robustgate.models.bundle import Bundle, BundleError, sha256_file
 from robustgate.models.importer import ImportRefused, import_onnx, import_upstream
 from robustgate.models.twin import NoTwin, TorchClassifier, has_twin, load_backbone
@@ -194,24 +195,41 @@ def test_cnn32_imports_with_a_twin_that_matches_onnx_runtime_and_serves(models, 
     np.testing.assert_array_equal(verdict, np.zeros(9, dtype=np.int32))
 
 
-def test_channels_last_model_imports_behind_a_transpose_and_serves_nchw(models, tmp_path):
-    """An NHWC graph (read from its [?, 32, 32, 3] input) gets one Transpose in front: the bundle,
-    the twin and the proxy's clients use [N, 3, 32, 32] and get the original model's logits."""
+def test_channels_last_model_imports_behind_a_transpose_and_serves_its_clients_nhwc(models, tmp_path):
+    """An NHWC graph (read from its [?, 32, 32, 3] input): the bundle says so (input.layout NHWC,
+    shape (C, H, W)), backbone.onnx and the twin take [N, 3, 32, 32] behind one Transpose, and the
+    proxy's clients keep sending [N, 32, 32, 3], getting the original model's logits; an NCHW
+    request is refused, naming the shape the server takes; the red team's oracle follows it."""
     out = tmp_path / "nhwc"
     assert cli(["import", "--onnx", str(models["nhwc"]), "--out", str(out), "--classes", "10"]) == 0
     bundle = Bundle.load(out)
     bb = bundle.spec.backbone
-    assert tuple(bundle.input.shape) == (3, 32, 32) and bundle.input.name == "input" and bb.twin == "onnx"
+    assert tuple(bundle.input.shape) == (3, 32, 32) and bundle.input.layout == "NHWC" and bb.twin == "onnx"
     prov = bundle.spec.provenance
     assert prov["source"]["sha256"] == sha256_file(models["nhwc"]) != bb.onnx.sha256  # the original's, recorded
     assert any("NHWC" in note for note in prov["import_notes"])
     x = images(5, (3, 32, 32))
-    want = ort_run(models["nhwc"], np.ascontiguousarray(x.transpose(0, 2, 3, 1)))[0]  # the user's model, NHWC
+    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    want = ort_run(models["nhwc"], x_nhwc)[0]  # the user's model, as their clients call it
     np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(load_backbone(out)(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-4, atol=1e-4)
+    proxy = LoopbackProxy(out, {"stages": []})
+    try:
+        logits, verdict = triton_logits(proxy.url, "nhwc", x_nhwc)
+        np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+        assert (verdict == 0).all()
+        with tc.InferenceServerClient(proxy.url) as client:
+            assert client.get_model_metadata("nhwc", as_json=True)["inputs"][0]["shape"] == ["-1", "32", "32", "3"]
+        with pytest.raises(tc.InferenceServerException, match=r"does not match \[N, 32, 32, 3\] \(channels last\)"):
+            triton_logits(proxy.url, "nhwc", x)  # NCHW: not what this model takes
+        oracle = GrpcOracle(proxy.url, "nhwc")
+        np.testing.assert_allclose(oracle.query_one(torch.from_numpy(x[0])), want[0], rtol=1e-5, atol=1e-6)
+    finally:
+        proxy.stop()
+    # a colour stage runs on the decoded [N, 3, 32, 32] batch
     proxy = LoopbackProxy(out, {"stages": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 95}}]})
     try:
-        logits, verdict = triton_logits(proxy.url, "nhwc", x)  # a colour image stage sees [N, 3, 32, 32]
+        logits, verdict = triton_logits(proxy.url, "nhwc", x_nhwc)
     finally:
         proxy.stop()
     assert logits.shape == (5, 10) and (verdict == 0).all()
@@ -440,6 +458,46 @@ class TritonStyle(scripted.ScriptedUpstream):
         return resp
 
 
+class RecordingNhwc(TritonStyle):
+    """A Triton-style upstream whose model takes [batch, 4, 4, 1] (channels last); keeps the last
+    request's input shape and pixels."""
+
+    def __init__(self):
+        super().__init__([{"name": "pixels", "datatype": "FP32", "shape": [4, 4, 1]}],
+                         [{"name": "logits", "datatype": "FP32", "shape": [scripted.K]}])
+        self.seen = None
+
+    def ModelInfer(self, request, context):
+        t = request.inputs[0]
+        self.seen = np.frombuffer(request.raw_input_contents[0], dtype="<f4").reshape(tuple(t.shape)).copy()
+        return super().ModelInfer(request, context)
+
+
+def test_channels_last_upstream_model_is_served_nhwc_on_both_sides(tmp_path):
+    """Imported from a server that declares [?, 4, 4, 1]: the bundle is (1, 4, 4) NHWC, clients send
+    NHWC, and the upstream gets exactly those pixels in that order (decoded to NCHW for the
+    pipeline, encoded back)."""
+    server = RecordingNhwc().start()
+    try:
+        bundle = import_upstream(server.url, "formula", tmp_path / "t")
+        assert tuple(bundle.input.shape) == (1, 4, 4) and bundle.input.layout == "NHWC"
+        x = np.random.default_rng(0).random((3, 4, 4, 1), dtype=np.float32)
+        x[:, 0, 1, 0] = 0.9  # not symmetric: a transposed batch would not come back equal
+        proxy = LoopbackProxy(tmp_path / "t", {"stages": []},
+                              {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
+        try:
+            with tc.InferenceServerClient(proxy.url) as client:
+                inp = tc.InferInput("pixels", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                got = client.infer("formula", [inp]).as_numpy("logits")
+        finally:
+            proxy.stop()
+        np.testing.assert_array_equal(server.seen, x)
+        np.testing.assert_allclose(got, scripted.formula_logits(x), rtol=1e-6)
+    finally:
+        server.stop()
+
+
 def test_upstream_metadata_without_the_batch_axis_and_refusals(tmp_path, capsys):
     pixels = {"name": "pixels", "datatype": "FP32", "shape": [1, 4, 4]}
     server = TritonStyle([pixels], [{"name": "logits", "datatype": "FP32", "shape": [scripted.K]}]).start()
@@ -472,9 +530,7 @@ def test_upstream_metadata_without_the_batch_axis_and_refusals(tmp_path, capsys)
         server.outputs = [{"name": "logits", "datatype": "FP32", "shape": [-1, 10, 2]}]
         refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "must be [batch, classes]")
         server.outputs = [{"name": "logits", "datatype": "FP32", "shape": [scripted.K]}]
-        server.inputs = [{**pixels, "shape": [4, 4, 1]}]  # channels last: the upstream backend sends NCHW
-        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "channels last (NHWC)")
-        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula", "--layout", "NHWC"], "Import the "
-                "model's ONNX file with --onnx")
+        server.inputs = [{**pixels, "shape": [-1, 3, 4, 3]}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "could both hold channels")
     finally:
         server.stop()

@@ -67,3 +67,35 @@ def test_the_head_cache_is_bounded(monkeypatch):
         d = Decoded(x=np.zeros((n, 1, 4, 4), np.float32), raw=True, outputs=c.output_names)
         assert pb.ModelInferResponse.FromString(encode_infer_bytes(d, a, c, "1")) == encode_infer(d, a, c, "1")
     assert len(c.response_heads) == 4
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "UINT8"])
+@pytest.mark.parametrize("raw", [True, False])
+def test_a_channels_last_request_decodes_into_the_pipelines_order(datatype, raw):
+    """An NHWC bundle's contract: requests are [N, H, W, C] (raw or typed, FP32 or UINT8); the
+    decoded batch is [N, C, H, W], contiguous, exactly the pixels sent; an NCHW request is refused
+    naming the shape the model takes."""
+    from robustgate.proxy.codec import ProtocolError, decode_infer
+
+    c = contract(item_shape=(3, 4, 5), channels_last=True)
+    assert c.wire_shape == (4, 5, 3)
+    rng = np.random.default_rng(0)
+    sent = rng.integers(0, 256, (2, 4, 5, 3)).astype(np.uint8)  # [N, H, W, C]
+    values = sent if datatype == "UINT8" else (sent / np.float32(255.0)).astype(np.float32)
+
+    def request(arr: np.ndarray) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name="tiny")
+        t = req.inputs.add(name="input", datatype=datatype, shape=list(arr.shape))
+        if raw:
+            req.raw_input_contents.append(arr.tobytes())
+        elif datatype == "UINT8":
+            t.contents.uint_contents.extend(arr.reshape(-1).tolist())
+        else:
+            t.contents.fp32_contents.extend(arr.reshape(-1).tolist())
+        return req
+
+    x = codec.decode_infer(request(values), c).x
+    assert x.shape == (2, 3, 4, 5) and x.flags["C_CONTIGUOUS"] and x.dtype == np.float32
+    np.testing.assert_array_equal(x, (sent / np.float32(255.0)).astype(np.float32).transpose(0, 3, 1, 2))
+    with pytest.raises(ProtocolError, match=r"shape \[2, 3, 4, 5\] does not match \[N, 4, 5, 3\] \(channels last\)"):
+        decode_infer(request(np.ascontiguousarray(values.transpose(0, 3, 1, 2))), c)

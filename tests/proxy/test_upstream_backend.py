@@ -262,3 +262,18 @@ def test_hand_serialized_request_parses_to_the_message_protobuf_builds(shape):
     tensor.shape.extend(shape)
     want.raw_input_contents.append(np.ascontiguousarray(x).tobytes())
     assert got == want
+
+
+def test_a_channels_last_upstream_gets_the_batch_as_nhwc():
+    """``encode_request(..., channels_last=True)``: [M, C, H, W] -> a request of shape [M, H, W, C]
+    holding the same pixels in that order (an NHWC upstream model); the backend takes it from the
+    bundle's input.layout and refuses any other value."""
+    from robustgate.proxy.backends.upstream import encode_request
+
+    x = np.random.default_rng(1).random((2, 3, 4, 5), dtype=np.float32)
+    got = pb.ModelInferRequest.FromString(encode_request(x, "pixels", "m", "", channels_last=True))
+    assert list(got.inputs[0].shape) == [2, 4, 5, 3]
+    sent = np.frombuffer(got.raw_input_contents[0], dtype="<f4").reshape(2, 4, 5, 3)
+    np.testing.assert_array_equal(sent, x.transpose(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="layout must be NCHW or NHWC"):
+        UpstreamBackend(url="127.0.0.1:1", model_name="m", layout="CHWN")
