@@ -458,6 +458,18 @@ class TritonStyle(scripted.ScriptedUpstream):
         return resp
 
 
+def via_upstream(bundle: Path, server: "TritonStyle", x: np.ndarray) -> np.ndarray:
+    """``x`` sent by tritonclient to a proxy serving ``bundle`` in front of ``server``: its logits."""
+    proxy = LoopbackProxy(bundle, {"stages": []}, {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
+    try:
+        with tc.InferenceServerClient(proxy.url) as client:
+            inp = tc.InferInput("pixels", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return client.infer("formula", [inp]).as_numpy("logits")
+    finally:
+        proxy.stop()
+
+
 class RecordingNhwc(TritonStyle):
     """A Triton-style upstream whose model takes [batch, 4, 4, 1] (channels last); keeps the last
     request's input shape and pixels."""
@@ -483,15 +495,7 @@ def test_channels_last_upstream_model_is_served_nhwc_on_both_sides(tmp_path):
         assert tuple(bundle.input.shape) == (1, 4, 4) and bundle.input.layout == "NHWC"
         x = np.random.default_rng(0).random((3, 4, 4, 1), dtype=np.float32)
         x[:, 0, 1, 0] = 0.9  # not symmetric: a transposed batch would not come back equal
-        proxy = LoopbackProxy(tmp_path / "t", {"stages": []},
-                              {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
-        try:
-            with tc.InferenceServerClient(proxy.url) as client:
-                inp = tc.InferInput("pixels", list(x.shape), "FP32")
-                inp.set_data_from_numpy(x)
-                got = client.infer("formula", [inp]).as_numpy("logits")
-        finally:
-            proxy.stop()
+        got = via_upstream(tmp_path / "t", server, x)
         np.testing.assert_array_equal(server.seen, x)
         np.testing.assert_allclose(got, scripted.formula_logits(x), rtol=1e-6)
     finally:
@@ -506,15 +510,7 @@ def test_upstream_metadata_without_the_batch_axis_and_refusals(tmp_path, capsys)
         assert tuple(bundle.input.shape) == (1, 4, 4) and bundle.input.name == "pixels" and len(bundle.classes) == 10
         assert bundle.spec.backbone.upstream.platform == "tensorrt_plan" and bundle.input.value_range == (0.0, 255.0)
         x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
-        proxy = LoopbackProxy(tmp_path / "t", {"stages": []},
-                              {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
-        try:
-            with tc.InferenceServerClient(proxy.url) as client:
-                inp = tc.InferInput("pixels", list(x.shape), "FP32")
-                inp.set_data_from_numpy(x)
-                got = client.infer("formula", [inp]).as_numpy("logits")
-        finally:
-            proxy.stop()
+        got = via_upstream(tmp_path / "t", server, x)
         np.testing.assert_allclose(got, scripted.formula_logits(x), rtol=1e-6)
 
         server.inputs = [{**pixels, "shape": [1, 1, 4, 4]}]
