@@ -406,7 +406,8 @@ def nchw_front(model, input_name: str):
     del dims[:]
     for axis in (0, 3, 1, 2):
         dims.add().CopyFrom(nhwc[axis])
-    g.node.insert(0, helper.make_node("Transpose", [input_name], [inner], perm=[0, 2, 3, 1], name="robustgate_nchw_to_nhwc"))
+    g.node.insert(0, helper.make_node("Transpose", [input_name], [inner], perm=[0, 2, 3, 1],
+                                      name="robustgate_nchw_to_nhwc"))
     onnx.checker.check_model(model)
     return model
 

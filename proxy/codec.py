@@ -7,8 +7,9 @@ Pure functions, no I/O: the server calls :func:`decode_infer` on the way in and
 
 - Inputs: one tensor named as the bundle's input, shape ``[N, C, H, W]`` with ``(C, H, W)`` the
   bundle's per-item shape (``[N, H, W, C]`` when the bundle's ``input.layout`` is NHWC, a
-  channels-last model: decoded into ``[N, C, H, W]`` for the pipeline), datatype FP32 (pixels in the declared value range) or UINT8 (divided
-  by 255 into [0, 1], bit-identical to the dataset loaders' floats); contents typed
+  channels-last model: decoded into ``[N, C, H, W]`` for the pipeline), datatype FP32 (pixels in
+  the declared value range) or UINT8 (divided by 255 into [0, 1], bit-identical to the dataset
+  loaders' floats); contents typed
   (``fp32_contents`` / ``uint_contents``) or raw
   (``raw_input_contents``, little-endian), never both.
 - Outputs: the bundle's logits output ``[N, K]`` FP32, ``robustgate_verdict`` INT32 ``[N]``,

@@ -35,8 +35,9 @@ def model_config_handler(proxy: "ProxyServer") -> grpc.GenericRpcHandler | None:
         cfg.name = c.model_name
         cfg.platform = proxy.meta.platform or "onnxruntime_onnx"
         cfg.max_batch_size = c.max_batch_items
+        fmt = model_config_pb2.ModelInput
         cfg.input.add(name=c.input_name, data_type=model_config_pb2.TYPE_FP32, dims=list(c.wire_shape),
-                      format=model_config_pb2.ModelInput.FORMAT_NHWC if c.channels_last else model_config_pb2.ModelInput.FORMAT_NCHW)
+                      format=fmt.FORMAT_NHWC if c.channels_last else fmt.FORMAT_NCHW)
         k = next((o.shape[-1] for o in proxy.meta.outputs if o.name == c.logits_output), len(proxy.bundle.classes))
         cfg.output.add(name=c.logits_output, data_type=model_config_pb2.TYPE_FP32, dims=[k])
         verdict = cfg.output.add(name="robustgate_verdict", data_type=model_config_pb2.TYPE_INT32, dims=[1])

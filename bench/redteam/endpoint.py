@@ -94,7 +94,8 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
     try:
         cmd = [str(Path(sys.executable).with_name("robustgate")), "eval", "--threat", "endpoint",
                "--url", serve.url, "--bundle", str(args.bundle), "--attacks", args.attacks,
-               "--queries", args.budgets, "--n", str(args.n), "--offset", str(args.offset), "--benign-n", str(args.benign_n),
+               "--queries", args.budgets, "--n", str(args.n), "--offset", str(args.offset),
+               "--benign-n", str(args.benign_n),
                "--benign-clients", str(args.benign_clients), "--eps", str(args.eps), "--out", str(out)]
         if args.hsj_evals:
             cmd += ["--hsj-evals", *map(str, args.hsj_evals)]
@@ -310,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     reports = {arm: run_arm(arm, args, work) for arm in arms}
     result = {
-        "command": command, "started_utc": started, "offset": args.offset, "machine": machine(), "bundle": str(args.bundle), "bundle_note": args.bundle_note,
+        "command": command, "started_utc": started, "offset": args.offset, "machine": machine(),
+        "bundle": str(args.bundle), "bundle_note": args.bundle_note,
         "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
         "defended_stages": defended_stages(args.pipeline, args.add_stage), "eps": args.eps, "arms": reports,
     }
