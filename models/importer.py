@@ -28,6 +28,11 @@ and an upstream model server gets NHWC again. Its ONNX file is imported with one
 front of its graph, under the same input name, so ``backbone.onnx`` and its twin take ``[batch, C,
 H, W]``; the provenance keeps the original file's sha256.
 
+The logits output may hold probabilities (a model that ends in a softmax, as Keras classifiers
+usually do): when every row the model returns on the check inputs lies in [0, 1] and sums to 1, the
+bundle records ``backbone.output_kind: probabilities`` (``--output-kind`` says it outright; for
+``--upstream``, where nothing is run, only the flag can), and the output policies read it so.
+
 The batch axis: the proxy coalesces requests into batches, so the graph's first input dimension
 must be dynamic. A graph exported with a fixed batch of 1 is refused with the command that
 re-exports it -- rewriting the input's first dimension would not reach reshapes inside the graph
@@ -63,6 +68,8 @@ ONNX_FILE = "backbone.onnx"
 PARITY_ITEMS = 64  # real (or random) images the twin is checked on
 PARITY_RTOL = 1e-4  # tolerance: atol = PARITY_RTOL * max(1, max |ONNX Runtime output|), per output
 LAYOUTS = ("NCHW", "NHWC")
+OUTPUT_KINDS = ("logits", "probabilities")
+PROBABILITY_ATOL = 1e-4  # a row of probabilities: entries in [-atol, 1 + atol], sum within 1e-3 of 1
 CHANNEL_COUNTS = (1, 3)  # what an image's channel axis holds: grayscale, RGB
 LOGITS = "logits"
 FEATURES = "features"
@@ -121,6 +128,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="the model input's axis order (default: read from the graph; NHWC when its last axis is "
                         "1 or 3 and its second is not)")
+    p.add_argument("--output-kind", choices=OUTPUT_KINDS, default=None,
+                   help="what the logits output holds (default: read from the model's answers with --onnx: "
+                        "probabilities when every row is in [0, 1] and sums to 1; logits with --upstream)")
     p.add_argument("--value-range", type=_pair, default=None, metavar="LO,HI",
                    help="the pixel range the model expects (default 0,1)")
     p.add_argument("--logits-output", metavar="NAME", help="the output holding the logits [batch, classes]")
@@ -158,16 +168,16 @@ def run(args: argparse.Namespace) -> int:
                     raise ImportRefused(f"--{flag.replace('_', '-')} applies to --onnx only")
             bundle = import_upstream(args.upstream, args.model, args.out, model_version=args.model_version,
                                      name=args.name, classes=args.classes, input_shape=args.input_shape,
-                                     value_range=args.value_range, layout=args.layout, force=args.force,
-                                     command=command)
+                                     value_range=args.value_range, layout=args.layout,
+                                     output_kind=args.output_kind, force=args.force, command=command)
         else:
             if args.model:
                 raise ImportRefused("--model applies to --upstream only")
             bundle = import_onnx(args.onnx, args.out, name=args.name, classes=args.classes,
                                  input_shape=args.input_shape, value_range=args.value_range,
                                  logits_output=args.logits_output, features_output=args.features_output,
-                                 layout=args.layout, dataset=args.dataset, data_dir=args.data_dir, force=args.force,
-                                 command=command)
+                                 layout=args.layout, output_kind=args.output_kind, dataset=args.dataset,
+                                 data_dir=args.data_dir, force=args.force, command=command)
     except (ImportRefused, BundleError, ValidationError) as exc:  # ValidationError: a bundle.yaml key, named
         print(f"robustgate import: {exc}", file=sys.stderr)
         return 2
@@ -192,6 +202,7 @@ def import_onnx(
     logits_output: str | None = None,
     features_output: str | None = None,
     layout: str | None = None,
+    output_kind: str | None = None,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     force: bool = False,
@@ -232,6 +243,7 @@ def import_onnx(
     if k_declared is not None and k_declared != k:
         raise ImportRefused(f"{onnx_file}: output {logits_name!r} declares {k_declared} classes but returns {k}")
     class_names = _class_names(classes, k, data_classes, notes)
+    output_kind = _output_kind(output_kind, ort_out[0], logits_name, notes)
 
     twin, twin_note, parity = _twin(model, list(sig.outputs), logits_name, features_name, x, ort_out,
                                     inputs_note, onnx_file)
@@ -255,7 +267,7 @@ def import_onnx(
             classes=class_names,
             backbone=BackboneSpec(
                 onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity or None,
-                logits_output=logits_name, features_output=features_name,
+                logits_output=logits_name, output_kind=output_kind, features_output=features_name,
                 recipe={"imported": True, **({"dataset": dataset} if dataset else {}),
                         **({"data_dir": str(data_dir)} if data_dir else {}),
                         **({"transform": transform} if transform else {})},
@@ -366,6 +378,22 @@ def _layout(sig: Signature, given: str | None, where: Path) -> str:
         raise ImportRefused(f"{where}: input {sig.input_name!r} has shape {_fmt(sig.input_dims)}: its second and "
                             f"last axes could both hold channels; say which with --layout NCHW or --layout NHWC")
     return "NHWC" if last else "NCHW"
+
+
+def _output_kind(given: str | None, logits: np.ndarray, name: str, notes: list[str]) -> str:
+    """What the logits output holds: ``given``, else ``probabilities`` when every row of ``logits``
+    ``[n, K]`` (the model's answers on the check inputs) lies in [0, 1] and sums to 1, else ``logits``."""
+    if given is not None:
+        if given not in OUTPUT_KINDS:
+            raise ImportRefused(f"--output-kind {given!r}: expected one of {', '.join(OUTPUT_KINDS)}")
+        return given
+    z = logits.astype(np.float64)
+    in_range = (z >= -PROBABILITY_ATOL).all() and (z <= 1 + PROBABILITY_ATOL).all()
+    if in_range and np.allclose(z.sum(axis=1), 1.0, atol=1e-3):
+        notes.append(f"output {name!r} holds probabilities (every row of the {len(z)} check inputs is in [0, 1] and sums "
+                     f"to 1): backbone.output_kind probabilities; --output-kind logits says otherwise")
+        return "probabilities"
+    return "logits"
 
 
 def nchw_front(model, input_name: str):
@@ -607,13 +635,14 @@ def import_upstream(
     input_shape: tuple[int, int, int] | None = None,
     value_range: tuple[float, float] | None = None,
     layout: str | None = None,
+    output_kind: str | None = None,
     force: bool = False,
     timeout_s: float = 10.0,
     command: str | None = None,
 ) -> Bundle:
     """Reads ``model_name``'s ModelMetadata from the V2 gRPC server at ``url`` and writes a bundle
     with no ONNX file and no twin (served with ``backend.kind: upstream``); ``layout`` as
-    :func:`import_onnx`'s."""
+    :func:`import_onnx`'s; ``output_kind`` as given, else ``logits`` (nothing is run to check)."""
     import tritonclient.grpc as tc
     from tritonclient.utils import InferenceServerException
 
@@ -677,6 +706,11 @@ def import_upstream(
         notes.append("value range assumed 0,1 (pixels scaled to [0, 1]); --value-range LO,HI sets another")
     class_names = _class_names(classes, k, None, notes)
     notes.append("no ONNX file: serve with backend.kind: upstream; no torch twin (only gradient-free attacks apply)")
+    if output_kind is None:
+        notes.append(f"output {logits!r} taken for logits (not checked without the ONNX file); --output-kind "
+                     f"probabilities if the model ends in a softmax")
+    elif output_kind not in OUTPUT_KINDS:
+        raise ImportRefused(f"--output-kind {output_kind!r}: expected one of {', '.join(OUTPUT_KINDS)}")
     tmp = _tmp_dir(out)
     try:
         spec = BundleSpec(
@@ -687,7 +721,7 @@ def import_upstream(
             backbone=BackboneSpec(
                 upstream=UpstreamSource(url=url, model_name=model_name, model_version=model_version,
                                         platform=str(meta.get("platform", ""))),
-                arch="upstream", twin="none",
+                arch="upstream", twin="none", output_kind=output_kind or "logits",
                 twin_note=f"imported from a model server ({where}) without its ONNX file",
                 logits_output=logits, recipe={"imported": True},
             ),

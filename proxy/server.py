@@ -265,6 +265,7 @@ class ProxyServer:
         self.freeze_heap = freeze_heap  # freeze_gc_heap() after start and reload; the CLI's server sets it
         self.config_loader = config_loader  # re-reads the config for a hot reload (None: reload refused)
         self.bundle = bundle
+        self.probabilities = bundle.spec.backbone.output_kind == "probabilities"  # the output policies read it
         self.backend = backend
         self.runner = runner
         try:
@@ -593,7 +594,7 @@ class ProxyServer:
         failure, answer = verdict_answer(batch, a, b, self.cfg.pipeline.verdict_mode, self.metrics, self.cfg.server.explain)
         if failure is not None:
             return failure, None
-        answer.logits = apply_outputs(answer.logits, self.cfg.outputs)
+        answer.logits = apply_outputs(answer.logits, self.cfg.outputs, self.probabilities)
         version = request.model_version or self.contract.versions[0]
         response = encode_infer_bytes(decoded, answer, self.contract, version)
         m = self.metrics

@@ -161,12 +161,17 @@ def limited(message: str, retry_after_s: float) -> _Failure:
                     (("robustgate-verdict", "limited"), ("retry-after-ms", ms)))
 
 
-def apply_outputs(logits: np.ndarray, policy) -> np.ndarray:
+def apply_outputs(logits: np.ndarray, policy, probabilities: bool = False) -> np.ndarray:
     """``[N, K]`` logits (NaN rows = rejected items, kept NaN) -> what the answer carries under the
     output policy ``policy`` (proxy/config.py OutputsConfig; proxy/outputs.py): ``logits`` unchanged;
     ``top_k`` the k largest probabilities rounded, others 0; ``label`` the argmax one-hot (1 at the
     class, 0 elsewhere: the output keeps its name and ``[N, K]`` shape, so clients that take the
-    argmax keep working); ``aaa`` the AAA-post-processed logits."""
+    argmax keep working); ``aaa`` the AAA-post-processed logits.
+
+    ``probabilities``: the model's output holds probabilities, not logits (the bundle's
+    ``backbone.output_kind``). The policies then read their logarithms, which are logits of the same
+    distribution (a softmax of the probabilities themselves would flatten them): ``top_k`` returns the
+    model's own probabilities, and ``aaa`` answers probabilities too (the softmax of its logits)."""
     if policy.policy == "logits":
         return logits
     from robustgate.proxy import outputs
@@ -175,6 +180,8 @@ def apply_outputs(logits: np.ndarray, policy) -> np.ndarray:
     ok = ~np.isnan(logits).any(axis=1)
     if ok.any():
         z = logits[ok]
+        if probabilities:  # log p: softmax(log p) = p (a row sums to 1); exact zeros stay the least likely
+            z = np.log(np.maximum(z.astype(np.float64), np.finfo(np.float64).tiny))
         if policy.policy == "top_k":
             out[ok] = outputs.top_k_probabilities(z, policy.k, policy.decimals)
         elif policy.policy == "label":
@@ -182,7 +189,8 @@ def apply_outputs(logits: np.ndarray, policy) -> np.ndarray:
             onehot[np.arange(len(z)), outputs.label_only(z)] = 1.0
             out[ok] = onehot
         elif policy.policy == "aaa":
-            out[ok] = outputs.aaa(z, tau=policy.tau, alpha=policy.alpha, temperature=policy.temperature)
+            u = outputs.aaa(z, tau=policy.tau, alpha=policy.alpha, temperature=policy.temperature)
+            out[ok] = outputs.softmax(u).astype(np.float32) if probabilities else u
         else:
             raise ValueError(f"unknown output policy {policy.policy!r}")
     return out

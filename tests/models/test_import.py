@@ -77,6 +77,17 @@ class ChannelsLast(nn.Module):
         return self.cnn(x.permute(0, 3, 1, 2))
 
 
+class Probabilities(nn.Module):
+    """Cnn32 ending in a softmax (as Keras classifiers usually do): [N, 3, 32, 32] -> probabilities [N, 10]."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = Cnn32()
+
+    def forward(self, x):
+        return torch.softmax(60 * self.cnn(x), dim=1)  # random weights: small logits, sharpened
+
+
 class Flat(nn.Module):
     """[N, 3, 8, 3] -> logits [N, 10]: an input whose second and last axes could both be channels."""
 
@@ -136,6 +147,7 @@ def models(tmp_path_factory):
         "map": export(make(FeatureMap), d / "map.onnx", (3, 32, 32), outputs=("map",)),
         "nhwc": export(make(ChannelsLast), d / "nhwc.onnx", (32, 32, 3), legacy=True),
         "flat": export(make(Flat), d / "flat.onnx", (3, 8, 3), legacy=True),
+        "probs": export(make(Probabilities), d / "probs.onnx", (3, 32, 32), outputs=("probs",), legacy=True),
     }
 
 
@@ -247,6 +259,34 @@ def test_layout_flag_and_an_ambiguous_input(models, tmp_path, capsys):
     out = tmp_path / "nhwc_as_given"  # the flag overrides the reading: 32 channels of 32 x 3, as told
     assert cli(["import", "--onnx", str(models["nhwc"]), "--out", str(out), "--layout", "NCHW"]) == 0
     assert tuple(Bundle.load(out).input.shape) == (32, 32, 3)
+
+
+def test_a_softmax_head_is_recorded_and_the_output_policies_read_it_as_probabilities(models, tmp_path):
+    """Rows in [0, 1] summing to 1 on every check input: backbone.output_kind probabilities (a note
+    says so); served under the top_k policy a client gets the model's own probabilities, rounded
+    (read as logits they would have been flattened by a second softmax); --output-kind overrides."""
+    out = tmp_path / "probs"
+    assert cli(["import", "--onnx", str(models["probs"]), "--out", str(out)]) == 0
+    bundle = Bundle.load(out)
+    assert bundle.spec.backbone.output_kind == "probabilities"
+    assert any("holds probabilities" in note for note in bundle.spec.provenance["import_notes"])
+    x = images(4, (3, 32, 32))
+    p = ort_run(models["probs"], x, outputs=("probs",))[0]
+    assert p.max(axis=1).min() > 0.2  # a second softmax would flatten these to ~0.12 over 10 classes
+    proxy = LoopbackProxy(out, {"stages": []}, {"outputs": {"policy": "top_k", "k": 1, "decimals": 3}})
+    try:
+        with tc.InferenceServerClient(proxy.url) as client:
+            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            got = client.infer("probs", [inp]).as_numpy("probs")
+    finally:
+        proxy.stop()
+    np.testing.assert_allclose(got.max(axis=1), np.round(p.max(axis=1), 3), atol=1e-6)
+    assert (got.argmax(axis=1) == p.argmax(axis=1)).all() and (np.count_nonzero(got, axis=1) == 1).all()
+    forced = tmp_path / "as_logits"
+    assert cli(["import", "--onnx", str(models["probs"]), "--out", str(forced), "--output-kind", "logits"]) == 0
+    assert Bundle.load(forced).spec.backbone.output_kind == "logits"
+    assert import_onnx(models["cnn32"], tmp_path / "plain").spec.backbone.output_kind == "logits"  # real logits
 
 
 def test_features_model_checked_on_real_data_and_served_with_a_defense(models, tmp_path):
