@@ -629,7 +629,8 @@ def endpoint_tables(budget: int = 5000) -> str:
               f"intervals: {endpoint_intervals(base)}."]
     other = load(ENDPOINT_SLICE)
     first, n_other = other.get("offset", 0), len(other["clean_correct"])
-    lines += ["", f"The same bundle and pipeline on another slice, the test set's images {first} to {first + n_other - 1} "
+    lines += ["", f"The same bundle and pipeline on another slice, the test set's images {first} to "
+              f"{first + n_other - 1} "
               f"(`bench/redteam/endpoint.py --offset {first}`): {endpoint_intervals(other, 'undefended')} undefended; "
               f"{endpoint_intervals(other)} defended."]
     srcs = [p for _, main, adaptive in ENDPOINT_RUNS for p in (main, adaptive)] + [ENDPOINT_SLICE]

@@ -390,8 +390,8 @@ def _output_kind(given: str | None, logits: np.ndarray, name: str, notes: list[s
     z = logits.astype(np.float64)
     in_range = (z >= -PROBABILITY_ATOL).all() and (z <= 1 + PROBABILITY_ATOL).all()
     if in_range and np.allclose(z.sum(axis=1), 1.0, atol=1e-3):
-        notes.append(f"output {name!r} holds probabilities (every row of the {len(z)} check inputs is in [0, 1] and sums "
-                     f"to 1): backbone.output_kind probabilities; --output-kind logits says otherwise")
+        notes.append(f"output {name!r} holds probabilities (every row of the {len(z)} check inputs is in [0, 1] "
+                     f"and sums to 1): backbone.output_kind probabilities; --output-kind logits says otherwise")
         return "probabilities"
     return "logits"
 

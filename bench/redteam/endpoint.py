@@ -204,7 +204,8 @@ def _g(v) -> str:
 def markdown(result: dict) -> str:
     offset = result.get("offset", 0)
     lines = ["# Query-only attacks through a live proxy: undefended vs the default pipeline\n",
-             f"Command: `{result['command']}` ({result['started_utc']}, revision {result['machine']['robustgate_revision']}).\n"]
+             f"Command: `{result['command']}` ({result['started_utc']}, "
+             f"revision {result['machine']['robustgate_revision']}).\n"]
     if result.get("rendered_utc"):
         lines.append(f"Rendered again from its JSON, no attack rerun: `{result['render_command']}` "
                      f"({result['rendered_utc']}, revision {result['render_revision']}).\n")
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "redteam.endpoint")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--render", action="store_true",
-                    help="write OUT.json's targets and OUT.md again from OUT.json (no attack runs; --bundle not needed)")
+                    help="write OUT.json's targets and OUT.md again from OUT.json (no attack runs; "
+                         "--bundle not needed)")
     args = ap.parse_args(argv)
     command = "python bench/redteam/endpoint.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.render:
