@@ -134,8 +134,9 @@ class BackboneSpec(_Strict):
     twin_parity: dict[str, Any] | None = None  # twin vs ONNX Runtime at import: inputs, max |diff|, tolerance
     logits_output: str = "logits"
     # what that output holds: logits, or probabilities (a model that ends in a softmax, as Keras
-    # classifiers usually do; robustgate import recognises it): the output policies read it as such.
-    # None (a trained bundle, or one written before the key existed): logits
+    # classifiers usually do; robustgate import recognises it): robustgate then runs on their
+    # logarithms and answers probabilities (models/output_kind.py). None (a trained bundle, or one
+    # written before the key existed): logits
     output_kind: Literal["logits", "probabilities"] | None = None
     features_output: str | None = None  # late-stage ReLU activations (SafetyNet), if exported
     recipe: dict[str, Any] = {}

@@ -31,7 +31,8 @@ H, W]``; the provenance keeps the original file's sha256.
 The logits output may hold probabilities (a model that ends in a softmax, as Keras classifiers
 usually do): when every row the model returns on the check inputs lies in [0, 1] and sums to 1, the
 bundle records ``backbone.output_kind: probabilities`` (``--output-kind`` says it outright; for
-``--upstream``, where nothing is run, only the flag can), and the output policies read it so.
+``--upstream``, where nothing is run, only the flag can); robustgate then runs on their logarithms
+and answers probabilities again (models/output_kind.py). ``backbone.onnx`` stays the file itself.
 
 The batch axis: the proxy coalesces requests into batches, so the graph's first input dimension
 must be dynamic. A graph exported with a fixed batch of 1 is refused with the command that

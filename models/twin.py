@@ -12,7 +12,8 @@ models/bundle.py):
   source -- no second copy of the weights that could drift from the served graph, and no pickle;
   the conversion is deterministic (the weights are the graph's initializers). ``robustgate
   import`` checked the converted module against ONNX Runtime and recorded the result in
-  ``backbone.twin_parity``.
+  ``backbone.twin_parity``. For a model whose output holds probabilities, the converted graph is
+  the one ONNX Runtime runs, their logarithms appended (models/output_kind.py).
 - ``none``: raises :class:`NoTwin` (only attacks that need no gradient apply to such a bundle).
 
 ``TorchClassifier(module)`` adapts a twin to :class:`robustgate.defenses.base.Classifier`. It does
@@ -66,11 +67,11 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
         raise NoTwin(f"{bundle.root}: the backbone has no torch twin ({why}); only attacks that need no "
                      f"gradient (transfer from a surrogate bundle, Square) apply to it")
     if kind == "onnx":
-        import onnx
+        from robustgate.models.output_kind import backbone_model
 
         path = bundle.onnx_path()
-        try:
-            module = convert_onnx(onnx.load(str(path)))
+        try:  # the graph ONNX Runtime runs: log-probabilities for a model that answers probabilities
+            module = convert_onnx(backbone_model(bundle))
         except Unconvertible as exc:  # recorded as convertible at import: another onnx2torch version?
             raise NoTwin(f"{bundle.root}: {path.name} no longer converts to torch: {exc}") from exc
         checked = (spec.twin_parity or {}).get("converter")

@@ -88,6 +88,8 @@ def prepare_reload(self: "ProxyServer") -> tuple[ProxyConfig, PipelineRunner, by
         raise ReloadError(f"bundle {cfg.bundle}: {exc}") from None
     if bundle.spec.backbone.onnx != self.bundle.spec.backbone.onnx:  # None: no ONNX file (upstream-only)
         raise ReloadError("the bundle's backbone changed; restart to serve a new backbone")
+    if bundle.spec.backbone.output_kind != self.bundle.spec.backbone.output_kind:  # the backend converts at load
+        raise ReloadError("the bundle's backbone.output_kind changed; restart to serve it")
     old = self.runner
     try:
         # the stateful stages' stores are handed over: a reload keeps the histories and blocks

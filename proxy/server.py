@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from robustgate import __version__
 from robustgate.defenses.pipeline import PipelineResult
 from robustgate.defenses.assemble import PipelineRunner
+from robustgate.models.output_kind import reads_probabilities
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 from robustgate.proxy.batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
 from robustgate.proxy.codec import (
@@ -265,7 +266,9 @@ class ProxyServer:
         self.freeze_heap = freeze_heap  # freeze_gc_heap() after start and reload; the CLI's server sets it
         self.config_loader = config_loader  # re-reads the config for a hot reload (None: reload refused)
         self.bundle = bundle
-        self.probabilities = bundle.spec.backbone.output_kind == "probabilities"  # the output policies read it
+        # the backbone's output holds probabilities: the backend gives their logarithms, the answer
+        # turns them back (models/output_kind.py)
+        self.probabilities = reads_probabilities(bundle)
         self.backend = backend
         self.runner = runner
         try:

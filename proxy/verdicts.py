@@ -35,6 +35,7 @@ import grpc
 import numpy as np
 
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
+from robustgate.models.output_kind import to_probabilities
 from robustgate.proxy.batcher import slice_result
 from robustgate.proxy.codec import VERDICT_NAMES, Answer
 from robustgate.proxy.metrics import Metrics
@@ -168,20 +169,19 @@ def apply_outputs(logits: np.ndarray, policy, probabilities: bool = False) -> np
     class, 0 elsewhere: the output keeps its name and ``[N, K]`` shape, so clients that take the
     argmax keep working); ``aaa`` the AAA-post-processed logits.
 
-    ``probabilities``: the model's output holds probabilities, not logits (the bundle's
-    ``backbone.output_kind``). The policies then read their logarithms, which are logits of the same
-    distribution (a softmax of the probabilities themselves would flatten them): ``top_k`` returns the
-    model's own probabilities, and ``aaa`` answers probabilities too (the softmax of its logits)."""
+    ``probabilities``: the model's own output holds probabilities (the bundle's
+    ``backbone.output_kind``); the pipeline then ran on their logarithms (models/output_kind.py), and
+    the answer is turned back into probabilities: ``logits`` answers ``exp`` of them (the model's own
+    probabilities, or an ensemble's averaged ones), ``aaa`` the softmax of its logits; ``top_k`` and
+    ``label`` are the same either way."""
     if policy.policy == "logits":
-        return logits
+        return to_probabilities(logits) if probabilities else logits
     from robustgate.proxy import outputs
 
     out = np.full_like(logits, np.nan, dtype=np.float32)
     ok = ~np.isnan(logits).any(axis=1)
     if ok.any():
         z = logits[ok]
-        if probabilities:  # log p: softmax(log p) = p (a row sums to 1); exact zeros stay the least likely
-            z = np.log(np.maximum(z.astype(np.float64), np.finfo(np.float64).tiny))
         if policy.policy == "top_k":
             out[ok] = outputs.top_k_probabilities(z, policy.k, policy.decimals)
         elif policy.policy == "label":

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from robustgate.models.bundle import Bundle
+from robustgate.models.output_kind import backbone_model, backbone_source
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 
 # session config entries for ``spinning`` (OnnxBackend): False -- pool threads sleep whenever they
@@ -78,8 +79,8 @@ class OnnxBackend(Backend):
         path = bundle.onnx_path()  # BundleError for a bundle imported from a model server
         providers = providers_for(device)
         self._opts, self._providers = opts, providers
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        try:  # a model that answers probabilities runs with their logarithms appended (models/output_kind.py)
+            self.session = ort.InferenceSession(backbone_source(bundle), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types; name the file
             raise ValueError(f"{path}: ONNX Runtime could not load the backbone: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
@@ -119,12 +120,10 @@ class OnnxBackend(Backend):
         """A second session of the backbone with these stages' score (or embedding) graphs fused in
         (proxy/backends/fuse.py), for the pipeline's shared pass; this backend's own session is
         unchanged. ValueError when a graph cannot be fused or ONNX Runtime refuses the result."""
-        import onnx
-
         from robustgate.proxy.backends.fuse import fuse_score_graphs
 
         path = self.bundle.onnx_path()
-        fused, outputs = fuse_score_graphs(onnx.load(str(path)), score_models)
+        fused, outputs = fuse_score_graphs(backbone_model(self.bundle), score_models)
         try:
             session = ort.InferenceSession(fused.SerializeToString(), sess_options=self._opts, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own exception types

@@ -35,6 +35,7 @@ import time
 import grpc
 import numpy as np
 
+from robustgate.models.output_kind import to_logits
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 
@@ -175,6 +176,9 @@ class UpstreamBackend(Backend):
       neither).
     - ``layout``: the upstream model's input order, ``NCHW`` or ``NHWC`` (the bundle's
       ``input.layout``, not a config key): NHWC batches are sent as ``[M, H, W, C]``.
+    - ``probabilities``: the upstream's output holds probabilities (the bundle's
+      ``backbone.output_kind``, not a config key): its answers are returned as their logarithms,
+      the logits the pipeline reads (models/output_kind.py).
 
     The input tensor's name and the logits' width come from the upstream's ModelMetadata (fetched
     on first use and cached); without declared inputs the input is called ``input``.
@@ -195,11 +199,13 @@ class UpstreamBackend(Backend):
         tls_cert: str | None = None,
         tls_key: str | None = None,
         layout: str = "NCHW",
+        probabilities: bool = False,
     ):
         split_url(url)
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be NCHW or NHWC, got {layout!r}")
         self.channels_last = layout == "NHWC"
+        self.probabilities = bool(probabilities)
         if not model_name:
             raise ValueError("model_name must be a non-empty string")
         if not timeout_s > 0:
@@ -258,7 +264,8 @@ class UpstreamBackend(Backend):
         output_name, k = _logits_output(meta)
         req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last)  # raw FP32
         resp = self._call(self._infer, req, deadline, "ModelInfer")
-        return decode_logits(resp, output_name, x.shape[0], k)  # [M, K]
+        out = decode_logits(resp, output_name, x.shape[0], k)  # [M, K]
+        return to_logits(out) if self.probabilities else out
 
     def _call(self, method, request, deadline: float, what: str):
         """One unary call with retries on UNAVAILABLE, all within ``deadline`` (monotonic)."""

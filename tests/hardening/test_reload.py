@@ -274,6 +274,13 @@ def _tamper(bundle: Path) -> None:
     f.write_bytes(bytes(data))
 
 
+def _as_probabilities(bundle: Path) -> None:
+    f = bundle / "bundle.yaml"
+    spec = yaml.safe_load(f.read_text())
+    spec["backbone"]["output_kind"] = "probabilities"  # the backend converts at load: restart-only
+    f.write_text(yaml.safe_dump(spec))
+
+
 BAD = {  # name -> (edit(config_path, served_bundle), a phrase the refusal must contain)
     "unknown key": (lambda c, b: c.write_text(c.read_text().replace("pipeline:", "pipeline:\n  thresholds: 1")),
                     "pipeline.thresholds"),
@@ -287,6 +294,7 @@ BAD = {  # name -> (edit(config_path, served_bundle), a phrase the refusal must 
                        "is not the served bundle"),
     "served bundle gone": (lambda c, b: (b / "bundle.yaml").unlink(), "no bundle.yaml"),
     "tampered bundle": (lambda c, b: _tamper(b), "checksum mismatch for backbone.onnx"),
+    "output kind changed": (lambda c, b: _as_probabilities(b), "backbone.output_kind changed"),
 }
 
 

@@ -88,6 +88,17 @@ class Probabilities(nn.Module):
         return torch.softmax(60 * self.cnn(x), dim=1)  # random weights: small logits, sharpened
 
 
+class Sharpened(nn.Module):
+    """The logits head of :class:`Probabilities` (same weights under ``make``): ``60 * Cnn32(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = Cnn32()
+
+    def forward(self, x):
+        return 60 * self.cnn(x)
+
+
 class Flat(nn.Module):
     """[N, 3, 8, 3] -> logits [N, 10]: an input whose second and last axes could both be channels."""
 
@@ -148,6 +159,7 @@ def models(tmp_path_factory):
         "nhwc": export(make(ChannelsLast), d / "nhwc.onnx", (32, 32, 3), legacy=True),
         "flat": export(make(Flat), d / "flat.onnx", (3, 8, 3), legacy=True),
         "probs": export(make(Probabilities), d / "probs.onnx", (3, 32, 32), outputs=("probs",), legacy=True),
+        "sharp": export(make(Sharpened), d / "sharp.onnx", (3, 32, 32), outputs=("probs",), legacy=True),
     }
 
 
@@ -287,6 +299,65 @@ def test_a_softmax_head_is_recorded_and_the_output_policies_read_it_as_probabili
     assert cli(["import", "--onnx", str(models["probs"]), "--out", str(forced), "--output-kind", "logits"]) == 0
     assert Bundle.load(forced).spec.backbone.output_kind == "logits"
     assert import_onnx(models["cnn32"], tmp_path / "plain").spec.backbone.output_kind == "logits"  # real logits
+
+
+def served(bundle: Path, x: np.ndarray, stages: list[dict], output: str = "probs") -> np.ndarray:
+    """``x`` sent by tritonclient to a proxy serving ``bundle`` with ``stages``: the answer's ``output``."""
+    proxy = LoopbackProxy(bundle, {"stages": stages})
+    try:
+        with tc.InferenceServerClient(proxy.url) as client:
+            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return client.infer(Bundle.load(bundle).name, [inp]).as_numpy(output)
+    finally:
+        proxy.stop()
+
+
+def test_a_softmax_head_runs_on_log_probabilities_everywhere_inside(models, tmp_path):
+    """One conversion where the model's output enters (models/output_kind.py): the ONNX Runtime
+    backend, the fused pass's graph and the torch twin of a softmax-head model give ``log p``, the
+    log-softmax of the same network's logits head, so an ensemble averages the model's own
+    probabilities, MagNet's jsd compares them and a white-box loss is the true cross-entropy, with the
+    gradients of the logits-head network; the answer turns them back into the model's probabilities.
+    The bundle's file stays the user's model."""
+    import torch.nn.functional as F
+
+    from robustgate.proxy.backends.onnx import OnnxBackend
+
+    probs, sharp = tmp_path / "probs", tmp_path / "sharp"
+    for name, out, kind in (("probs", probs, "probabilities"), ("sharp", sharp, "logits")):
+        assert cli(["import", "--onnx", str(models[name]), "--out", str(out), "--name", name,
+                    "--output-kind", kind]) == 0
+    assert sha256_file(probs / "backbone.onnx") == sha256_file(models["probs"])
+    x = images(6, (3, 32, 32))
+    z = torch.from_numpy(OnnxBackend(Bundle.load(sharp)).infer(x))  # the logits head
+    log_p = OnnxBackend(Bundle.load(probs)).infer(x)
+    np.testing.assert_allclose(log_p, F.log_softmax(z, 1).numpy(), atol=1e-4)
+    assert np.exp(log_p).max(axis=1).min() > 0.2  # sharp: read as logits they would be flattened
+
+    fused = OnnxBackend(Bundle.load(probs)).fused_pass({})  # the graph the shared pass runs
+    np.testing.assert_allclose(fused(x)[0], log_p, atol=1e-6)
+
+    twins = {name: load_backbone(b) for name, b in (("probs", probs), ("sharp", sharp))}
+    y = torch.arange(6) % 10
+    grads = {}
+    for name, twin in twins.items():
+        xt = torch.from_numpy(x).requires_grad_(True)
+        out = twin(xt)
+        if name == "probs":
+            np.testing.assert_allclose(out.detach().numpy(), log_p, atol=1e-4)
+        F.cross_entropy(out, y).backward()  # the red team's loss
+        grads[name] = xt.grad
+    torch.testing.assert_close(grads["probs"], grads["sharp"], atol=1e-6, rtol=1e-3)
+
+    # served: under the default policy the client gets the model's own probabilities; through an
+    # ensemble, the average of its probabilities (the logits-head network's averaged softmax)
+    np.testing.assert_allclose(served(probs, x, []), np.exp(log_p), rtol=1e-5, atol=1e-7)
+    tte = [{"name": "tte", "kind": "tte"}]
+    averaged = served(probs, x, tte)
+    np.testing.assert_allclose(averaged, F.softmax(torch.from_numpy(served(sharp, x, tte).copy()), 1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(averaged.sum(axis=1), 1.0, atol=1e-5)
+    assert averaged.max(axis=1).min() > 0.2
 
 
 def test_features_model_checked_on_real_data_and_served_with_a_defense(models, tmp_path):
@@ -538,6 +609,46 @@ def test_channels_last_upstream_model_is_served_nhwc_on_both_sides(tmp_path):
         got = via_upstream(tmp_path / "t", server, x)
         np.testing.assert_array_equal(server.seen, x)
         np.testing.assert_allclose(got, scripted.formula_logits(x), rtol=1e-6)
+    finally:
+        server.stop()
+
+
+class SoftmaxUpstream(TritonStyle):
+    """A Triton-style upstream whose model ends in a softmax: it answers ``softmax(formula_logits)``."""
+
+    def __init__(self):
+        super().__init__([{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 4, 4]}],
+                         [{"name": "logits", "datatype": "FP32", "shape": [-1, scripted.K]}])
+
+    def ModelInfer(self, request, context):
+        resp = super().ModelInfer(request, context)
+        z = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(-1, scripted.K)
+        resp.raw_output_contents[0] = softmax_np(z).astype("<f4").tobytes()
+        return resp
+
+
+def softmax_np(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_a_softmax_upstream_is_read_through_its_logarithms(tmp_path):
+    """``--upstream ... --output-kind probabilities``: the upstream backend hands the pipeline the
+    logarithms of the upstream's probabilities, and a client gets those probabilities back."""
+    from robustgate.proxy.backends.upstream import UpstreamBackend
+
+    server = SoftmaxUpstream().start()
+    try:
+        bundle = import_upstream(server.url, "formula", tmp_path / "t", output_kind="probabilities")
+        assert bundle.spec.backbone.output_kind == "probabilities"
+        x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+        want = softmax_np(scripted.formula_logits(x))
+        backend = UpstreamBackend(url=server.url, model_name="formula", probabilities=True)
+        try:
+            np.testing.assert_allclose(backend.infer(x), np.log(want), rtol=1e-5)
+        finally:
+            backend.close()
+        np.testing.assert_allclose(via_upstream(tmp_path / "t", server, x), want, rtol=1e-5)
     finally:
         server.stop()
 

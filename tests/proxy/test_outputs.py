@@ -113,30 +113,39 @@ def test_square_succeeds_less_against_aaa(tiny_net, fmnist_subset):
 
 
 def test_a_probability_model_gets_its_own_probabilities_through_the_policies(random_logits):
-    """``apply_outputs(..., probabilities=True)`` (a model that ends in a softmax): top_k answers the
-    model's own probabilities (a softmax of them would flatten 0.99 to ~0.23 over 10 classes), AAA
-    answers, as probabilities, what the same network with a logits head gets, and a rejected item's
-    NaN row stays NaN."""
+    """``apply_outputs(..., probabilities=True)`` (a model that ends in a softmax; the pipeline ran on
+    the logarithms of its probabilities, models/output_kind.py): ``logits`` answers the model's own
+    probabilities again, exact zeros included; top_k the model's own probabilities (a softmax of the
+    probabilities themselves would flatten 0.99 to ~0.23 over 10 classes); AAA, as probabilities, what
+    the same network with a logits head gets; a rejected item's NaN row stays NaN."""
     from types import SimpleNamespace
 
+    from robustgate.models.output_kind import LOG_FLOOR, to_logits
     from robustgate.proxy.verdicts import apply_outputs
 
     p = softmax(random_logits[:50]).astype(np.float32)  # [50, 10], what such a model returns
-    p[3] = np.eye(10, dtype=np.float32)[4]  # an exact one-hot row: zeros are the least likely, not -inf
+    p[3] = np.eye(10, dtype=np.float32)[4]  # an exact one-hot row (a saturated softmax)
     p[7] = np.nan  # a rejected item (item verdict mode)
     ok = np.ones(len(p), dtype=bool)
     ok[7] = False
-    top = apply_outputs(p, SimpleNamespace(policy="top_k", k=2, decimals=3), probabilities=True)
+    z = to_logits(p)  # what the backend hands the pipeline
+    assert np.isfinite(z[ok]).all() and z[3].min() == np.float32(LOG_FLOOR)  # zeros: a finite floor, not -inf
+    back = apply_outputs(z, SimpleNamespace(policy="logits"), probabilities=True)
+    np.testing.assert_allclose(back[ok], p[ok], rtol=1e-6, atol=0)
+    assert (back[3] == p[3]).all()  # the zeros are zeros again
+    assert np.isnan(back[7]).all()
+    assert apply_outputs(z, SimpleNamespace(policy="logits")) is z  # a logits model: passed through
+    top = apply_outputs(z, SimpleNamespace(policy="top_k", k=2, decimals=3), probabilities=True)
     want = top_k_probabilities(random_logits[:50], 2, 3)
     want[3] = 0.0
     want[3, 4] = 1.0  # the one-hot row keeps its 1 and one zero as its runner-up
     np.testing.assert_allclose(top[ok], want[ok], atol=1e-3)
     assert np.isnan(top[7]).all()
-    flat = apply_outputs(p, SimpleNamespace(policy="top_k", k=1, decimals=3))  # read as logits: the old answer
+    flat = apply_outputs(p, SimpleNamespace(policy="top_k", k=1, decimals=3))  # probabilities read as logits
     assert flat[ok].max(axis=1).max() < 0.25
     # AAA: what the same network with a logits head would answer (AAA's margins and top-1 probability
     # do not move when the logits shift by a constant, and log p = z - logsumexp(z)), as probabilities
-    u = apply_outputs(p, SimpleNamespace(policy="aaa", tau=0.5, alpha=0.9, temperature=1.0), probabilities=True)
+    u = apply_outputs(z, SimpleNamespace(policy="aaa", tau=0.5, alpha=0.9, temperature=1.0), probabilities=True)
     same = ok.copy()
     same[3] = False  # the one-hot row has no logits head to compare with
     np.testing.assert_allclose(u[same], softmax(aaa(random_logits[:50][same])), atol=1e-5)
