@@ -58,6 +58,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
     writes results.json / results.md (one per eps under ``OUT/eps-<e>/`` when several)."""
     from robustgate.attacks.endpoint_redteam import run_endpoint_matrix
     from robustgate.models.bundle import Bundle
+    from robustgate.models.normalization import Normalization
     from robustgate.models.data import bundle_splits
 
     if not args.url:
@@ -98,7 +99,8 @@ def run_endpoint(args: argparse.Namespace) -> int:
                 detection_stages=args.detection_stages, identity_header=args.identity_header, tokens=tokens,
                 sybil_identities=args.sybil_identities, benign_per_query=args.benign_per_query, wait_s=args.wait_s,
                 transform=Transform(args.transform[0], args.transform[1], int(args.transform[2])),
-                on_block=args.on_block, hsj_evals=tuple(args.hsj_evals), seed=args.seed)
+                on_block=args.on_block, hsj_evals=tuple(args.hsj_evals), seed=args.seed,
+                normalization=Normalization.of(bundle.input))
         except ValueError as exc:
             print(f"robustgate eval --threat endpoint: {exc}", file=sys.stderr)
             return 2

@@ -340,7 +340,10 @@ class Evaluation:
             return LocalOracle(served)
         from robustgate.attacks.endpoint import GrpcOracle
 
-        return GrpcOracle(self.settings.url, self.settings.model_name or self.bundle.name)
+        from robustgate.models.normalization import Normalization
+
+        return GrpcOracle(self.settings.url, self.settings.model_name or self.bundle.name,
+                          normalization=Normalization.of(self.bundle.input))
 
     def _config_fingerprint(self, config: NamedPipeline) -> str:
         """What a configuration's cells depend on: the bundle (manifest, so every artifact's

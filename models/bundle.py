@@ -82,6 +82,10 @@ class InputSpec(_Strict):
     value_range: tuple[float, float] = (0.0, 1.0)
     mean: tuple[float, ...] = ()  # normalization applied inside the model graph (documentation)
     std: tuple[float, ...] = ()
+    # clients send (pixels - mean) / std per channel, not pixels (robustgate import --mean/--std): the
+    # proxy turns requests back into pixels for the defenses and backbone.onnx normalizes inside
+    # (models/normalization.py)
+    normalized: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "InputSpec":
@@ -94,6 +98,11 @@ class InputSpec(_Strict):
             v = getattr(self, key)
             if v and len(v) != self.shape[0]:
                 raise ValueError(f"input.{key} has {len(v)} values for {self.shape[0]} channels")
+        if self.normalized:
+            if not self.mean or not self.std:
+                raise ValueError("input.normalized needs input.mean and input.std (one value per channel)")
+            if any(not s > 0 for s in self.std):
+                raise ValueError(f"input.std {self.std} must be positive")
         return self
 
 

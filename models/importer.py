@@ -28,6 +28,12 @@ and an upstream model server gets NHWC again. Its ONNX file is imported with one
 front of its graph, under the same input name, so ``backbone.onnx`` and its twin take ``[batch, C,
 H, W]``; the provenance keeps the original file's sha256.
 
+Clients that normalize (``--mean M[,M...] --std S[,S...]``: the model takes ``(pixels - mean) / std``
+per channel and its clients send that, as many torchvision deployments do): the bundle records
+``input.normalized`` with the mean and std, the proxy turns requests back into pixels for the
+defenses, and ``backbone.onnx`` is the model with ``Sub``/``Div`` in front, taking pixels
+(models/normalization.py).
+
 The logits output may hold probabilities (a model that ends in a softmax, as Keras classifiers
 usually do): when every row the model returns on the check inputs lies in [0, 1] and sums to 1, the
 bundle records ``backbone.output_kind: probabilities`` (``--output-kind`` says it outright; for
@@ -113,6 +119,35 @@ def _pair(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def _normalization(mean: tuple[float, ...] | None, std: tuple[float, ...] | None, channels: int,
+                   notes: list[str]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``--mean`` and ``--std`` as one value per channel (one value broadcast), or None when not given."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise ImportRefused("--mean and --std go together (the model takes (pixels - mean) / std)")
+    out = []
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, channels):
+            raise ImportRefused(f"{flag} has {len(values)} values for {channels} channels; give one, or one per channel")
+        out.append(tuple(float(v) for v in values) * (channels if len(values) == 1 else 1))
+    if any(not v > 0 for v in out[1]):
+        raise ImportRefused(f"--std {','.join(map(str, std))}: every value must be positive")
+    notes.append(f"clients send (pixels - mean) / std per channel (mean {list(out[0])}, std {list(out[1])}): the "
+                 f"proxy turns requests back into pixels for the defenses and sends an upstream normalized values")
+    return out[0], out[1]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--onnx", type=Path, metavar="MODEL.onnx", help="the model as one ONNX file")
@@ -134,6 +169,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "probabilities when every row is in [0, 1] and sums to 1; logits with --upstream)")
     p.add_argument("--value-range", type=_pair, default=None, metavar="LO,HI",
                    help="the pixel range the model expects (default 0,1)")
+    p.add_argument("--mean", type=_floats, default=None, metavar="M[,M...]",
+                   help="with --std: the model takes (pixels - mean) / std per channel, and its clients send "
+                        "that; one value, or one per channel, in the units of --value-range")
+    p.add_argument("--std", type=_floats, default=None, metavar="S[,S...]", help="see --mean")
     p.add_argument("--logits-output", metavar="NAME", help="the output holding the logits [batch, classes]")
     p.add_argument("--features-output", metavar="NAME",
                    help="an output holding per-item features [batch, ...] (SafetyNet); default: one called 'features'")
@@ -170,15 +209,16 @@ def run(args: argparse.Namespace) -> int:
             bundle = import_upstream(args.upstream, args.model, args.out, model_version=args.model_version,
                                      name=args.name, classes=args.classes, input_shape=args.input_shape,
                                      value_range=args.value_range, layout=args.layout,
-                                     output_kind=args.output_kind, force=args.force, command=command)
+                                     output_kind=args.output_kind, mean=args.mean, std=args.std,
+                                     force=args.force, command=command)
         else:
             if args.model:
                 raise ImportRefused("--model applies to --upstream only")
             bundle = import_onnx(args.onnx, args.out, name=args.name, classes=args.classes,
                                  input_shape=args.input_shape, value_range=args.value_range,
                                  logits_output=args.logits_output, features_output=args.features_output,
-                                 layout=args.layout, output_kind=args.output_kind, dataset=args.dataset,
-                                 data_dir=args.data_dir, force=args.force, command=command)
+                                 layout=args.layout, output_kind=args.output_kind, mean=args.mean, std=args.std,
+                                 dataset=args.dataset, data_dir=args.data_dir, force=args.force, command=command)
     except (ImportRefused, BundleError, ValidationError) as exc:  # ValidationError: a bundle.yaml key, named
         print(f"robustgate import: {exc}", file=sys.stderr)
         return 2
@@ -204,6 +244,8 @@ def import_onnx(
     features_output: str | None = None,
     layout: str | None = None,
     output_kind: str | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     force: bool = False,
@@ -212,7 +254,8 @@ def import_onnx(
 ) -> Bundle:
     """Imports ``onnx_file`` into the bundle directory ``out``; returns the loaded, verified bundle.
     :class:`ImportRefused` (nothing written) when the model cannot be served as given. ``layout``:
-    the input's axis order, None to read it from the graph (module docstring)."""
+    the input's axis order, None to read it from the graph (module docstring). ``mean``, ``std``: the
+    model takes ``(pixels - mean) / std`` and its clients send that (models/normalization.py)."""
     onnx_file, out = Path(onnx_file), Path(out)
     _check_out(out, force)
     if dataset is None and data_dir is not None:
@@ -222,7 +265,8 @@ def import_onnx(
     sig = _signature(model, onnx_file)
     notes = list(sig.notes)
     served = None  # the graph's bytes when the bundle's backbone.onnx is not the file itself
-    if _layout(sig, layout, onnx_file) == "NHWC":
+    layout = _layout(sig, layout, onnx_file)
+    if layout == "NHWC":
         model = nchw_front(model, sig.input_name)
         sig = Signature(sig.input_name, [sig.input_dims[i] for i in (0, 3, 1, 2)], sig.outputs, sig.notes)
         served = model.SerializeToString()
@@ -230,6 +274,12 @@ def import_onnx(
                      "with a Transpose in front ([batch, C, H, W], what the defenses and the twin see); the source "
                      "sha256 is the original file's")
     shape = _input_shape(sig, input_shape, onnx_file)
+    normalization = _normalization(mean, std, shape[0], notes)
+    if normalization is not None:
+        model = normalize_front(model, sig.input_name, *normalization)
+        served = model.SerializeToString()
+        notes.append("backbone.onnx is the model with the normalization in front: it takes pixels, as the defenses "
+                     "and the twin do; the source sha256 is the original file's")
     logits_name, features_name = _pick_outputs(sig, logits_output, features_output, onnx_file)
     k_declared = sig.outputs[logits_name][1] if len(sig.outputs[logits_name]) == 2 else None
     lo, hi = value_range or (0.0, 1.0)
@@ -263,8 +313,8 @@ def import_onnx(
         spec = BundleSpec(
             schema_version=SCHEMA_VERSION,
             name=name or out.name,
-            input=InputSpec(name=sig.input_name, shape=shape, value_range=(lo, hi),
-                            layout="NCHW" if served is None else "NHWC"),
+            input=InputSpec(name=sig.input_name, shape=shape, value_range=(lo, hi), layout=layout,
+                            **_normalized_keys(normalization)),
             classes=class_names,
             backbone=BackboneSpec(
                 onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity or None,
@@ -280,6 +330,12 @@ def import_onnx(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normalized_keys(normalization) -> dict[str, Any]:
+    if normalization is None:
+        return {}
+    return {"mean": normalization[0], "std": normalization[1], "normalized": True}
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -399,12 +455,48 @@ def _output_kind(given: str | None, logits: np.ndarray, name: str, notes: list[s
 
 def nchw_front(model, input_name: str):
     """``model`` (its input ``input_name`` ``[N, H, W, C]``) -> the same model taking ``[N, C, H, W]``
-    under the same name: one ``Transpose`` (perm 0, 2, 3, 1) in front, every node that read the
-    input (subgraphs included) reading its output. The weights and the other nodes are untouched."""
+    under the same name: one ``Transpose`` (perm 0, 2, 3, 1) in front. The weights and the other
+    nodes are untouched."""
     import copy
 
-    import onnx
     from onnx import helper
+
+    def transpose(outer: str, inner: str, fresh):
+        return [helper.make_node("Transpose", [outer], [inner], perm=[0, 2, 3, 1], name="robustgate_nchw_to_nhwc")], []
+
+    model = _prepend(model, input_name, "nhwc", transpose)
+    dims = next(v for v in model.graph.input if v.name == input_name).type.tensor_type.shape.dim
+    nhwc = [copy.deepcopy(d) for d in dims]
+    del dims[:]
+    for axis in (0, 3, 1, 2):
+        dims.add().CopyFrom(nhwc[axis])
+    return _checked(model)
+
+
+def normalize_front(model, input_name: str, mean: tuple[float, ...], std: tuple[float, ...]):
+    """``model`` (its input ``input_name`` ``[N, C, H, W]`` normalized values) -> the same model taking
+    pixels under the same name: ``(x - mean) / std`` per channel in front (models/normalization.py)."""
+    from onnx import TensorProto, helper
+
+    c = len(mean)
+
+    def normalize(outer: str, inner: str, fresh):
+        m, s, centred = fresh("mean"), fresh("std"), fresh("centred")
+        inits = [helper.make_tensor(m, TensorProto.FLOAT, [1, c, 1, 1], list(mean)),
+                 helper.make_tensor(s, TensorProto.FLOAT, [1, c, 1, 1], list(std))]
+        nodes = [helper.make_node("Sub", [outer, m], [centred], name="robustgate_normalize_sub"),
+                 helper.make_node("Div", [centred, s], [inner], name="robustgate_normalize_div")]
+        return nodes, inits
+
+    return _checked(_prepend(model, input_name, "normalized", normalize))
+
+
+def _prepend(model, input_name: str, suffix: str, build):
+    """A copy of ``model`` in which every node that read the input ``input_name`` (subgraphs included)
+    reads ``<input>_<suffix>`` instead, computed from the input by the nodes ``build(input, inner,
+    fresh)`` returns with their initializers (``fresh(tag)``: an unused name). A shape some exporters
+    record for the input in value_info moves to the inner name."""
+    import copy
 
     model = copy.deepcopy(model)
     g = model.graph
@@ -419,24 +511,33 @@ def nchw_front(model, input_name: str):
 
     for graph in graphs(g):
         taken |= {n for node in graph.node for n in (*node.input, *node.output)}
-    inner = f"{input_name}_nhwc"
-    while inner in taken:
-        inner += "_"
+
+    def fresh(tag: str) -> str:
+        name = f"{input_name}_{tag}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    inner = fresh(suffix)
     for graph in graphs(g):
         for node in graph.node:
             for i, n in enumerate(node.input):
                 if n == input_name:
                     node.input[i] = inner
-    for v in g.value_info:  # a shape some exporters record for the input: now the Transpose's output's
+    for v in g.value_info:
         if v.name == input_name:
             v.name = inner
-    dims = next(v for v in g.input if v.name == input_name).type.tensor_type.shape.dim
-    nhwc = [copy.deepcopy(d) for d in dims]
-    del dims[:]
-    for axis in (0, 3, 1, 2):
-        dims.add().CopyFrom(nhwc[axis])
-    g.node.insert(0, helper.make_node("Transpose", [input_name], [inner], perm=[0, 2, 3, 1],
-                                      name="robustgate_nchw_to_nhwc"))
+    nodes, inits = build(input_name, inner, fresh)
+    for i, node in enumerate(nodes):
+        g.node.insert(i, node)
+    g.initializer.extend(inits)
+    return model
+
+
+def _checked(model):
+    import onnx
+
     onnx.checker.check_model(model)
     return model
 
@@ -637,6 +738,8 @@ def import_upstream(
     value_range: tuple[float, float] | None = None,
     layout: str | None = None,
     output_kind: str | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     force: bool = False,
     timeout_s: float = 10.0,
     command: str | None = None,
@@ -685,6 +788,7 @@ def import_upstream(
         notes.append("the model takes [batch, H, W, C] (NHWC), and so do the proxy's clients; the defenses see "
                      "[batch, C, H, W]")
     shape = _input_shape(sig, input_shape, Path(where))
+    normalization = _normalization(mean, std, shape[0], notes)
     names = list(sig.outputs)
     logits = LOGITS if LOGITS in names else (names[0] if len(names) == 1 else None)
     if logits is None:
@@ -717,7 +821,8 @@ def import_upstream(
         spec = BundleSpec(
             schema_version=SCHEMA_VERSION,
             name=name or model_name,
-            input=InputSpec(name=inp["name"], shape=shape, value_range=(lo, hi), layout=layout),
+            input=InputSpec(name=inp["name"], shape=shape, value_range=(lo, hi), layout=layout,
+                            **_normalized_keys(normalization)),
             classes=class_names,
             backbone=BackboneSpec(
                 upstream=UpstreamSource(url=url, model_name=model_name, model_version=model_version,

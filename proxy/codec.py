@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from robustgate.models.normalization import ROUNDING, Normalization
 from robustgate.protos import open_inference_grpc_pb2 as pb
 
 VERDICT_OUTPUT = "robustgate_verdict"
@@ -68,6 +69,8 @@ class InputContract:
     detector_stages: tuple[str, ...] = ()
     has_ensemble: bool = False
     channels_last: bool = False  # requests are [N, H, W, C] (the bundle's input.layout NHWC)
+    # FP32 requests hold (pixels - mean) / std (the bundle's input.normalized): turned back into pixels
+    normalization: Normalization | None = None
 
     @functools.cached_property
     def wire_shape(self) -> tuple[int, int, int]:
@@ -195,14 +198,22 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     # 4. to float32 pixels (a fresh, writable, C-contiguous copy: the request's bytes are read-only),
     # then finiteness and range in two reductions: a NaN makes min/max NaN and fails the comparison,
     # an infinity falls outside any finite range; only a failing request pays for the exact message
+    norm = contract.normalization
     if inp.datatype == "UINT8":
         x = arr.astype(np.float32) / np.float32(255.0)  # division, as the dataset loaders do: same pixels
+        norm = None  # UINT8 holds pixels by nature
     else:
         x = arr.astype(np.float32, copy=True)
     lo, hi = contract.value_range
+    if norm is not None:  # back to pixels, in place (the channel axis of the wire layout)
+        x = norm.pixels(x.reshape(shape), 3 if contract.channels_last else 1, out=x.reshape(shape)).reshape(-1)
     xmin, xmax = float(_MIN(x)), float(_MAX(x))
     if not (lo <= xmin and xmax <= hi and xmax - xmin < _INF):  # the difference: an infinity in an unbounded range
-        _range_error(inp.name, x.reshape(n, -1), lo, hi)
+        slack = ROUNDING * (hi - lo)
+        if norm is not None and lo - slack <= xmin and xmax <= hi + slack:  # float rounding of a boundary pixel
+            np.clip(x, lo, hi, out=x)
+        else:
+            _range_error(inp.name, x.reshape(n, -1), lo, hi, norm is not None)
     x = x.reshape(shape)  # [N, C, H, W]
     if contract.channels_last:  # [N, H, W, C] on the wire: the pipeline's order, contiguous (one more copy)
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -222,14 +233,20 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     return Decoded(x=x, raw=raw, outputs=outputs, request_id=req.id, datatype=inp.datatype)
 
 
-def _range_error(name: str, x: np.ndarray, lo: float, hi: float) -> None:
+def _range_error(name: str, x: np.ndarray, lo: float, hi: float, normalized: bool = False) -> None:
     """Raises the exact INVALID_ARGUMENT for pixels ``x`` ``[N, D]`` that are not all finite and in
-    ``[lo, hi]``: the first item with NaN or Inf, else the range the values span."""
+    ``[lo, hi]``: the first item with NaN or Inf, else the range the values span. ``normalized``: the
+    request held normalized values, ``x`` is what they are as pixels."""
     finite = np.isfinite(x)
     if not finite.all():
         bad = int(np.flatnonzero((~finite).any(axis=1))[0])
         raise _invalid(f"input {name!r}: item {bad} contains NaN or Inf")
     xmin, xmax = float(x.min()), float(x.max())
+    if normalized:
+        raise _invalid(
+            f"input {name!r}: the normalized values are pixels in [{xmin:.6g}, {xmax:.6g}], outside the declared "
+            f"range [{lo:g}, {hi:g}] (send (pixels - mean) / std with the model's mean and std)"
+        )
     raise _invalid(
         f"input {name!r}: values in [{xmin:.6g}, {xmax:.6g}] fall outside the declared range "
         f"[{lo:g}, {hi:g}] (send raw pixels, not normalized ones)"

@@ -90,6 +90,8 @@ def prepare_reload(self: "ProxyServer") -> tuple[ProxyConfig, PipelineRunner, by
         raise ReloadError("the bundle's backbone changed; restart to serve a new backbone")
     if bundle.spec.backbone.output_kind != self.bundle.spec.backbone.output_kind:  # the backend converts at load
         raise ReloadError("the bundle's backbone.output_kind changed; restart to serve it")
+    if bundle.input != self.bundle.input:  # the request contract (shape, layout, range, normalization)
+        raise ReloadError("the bundle's input changed; restart to serve it")
     old = self.runner
     try:
         # the stateful stages' stores are handed over: a reload keeps the histories and blocks

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from robustgate.models.bundle import Bundle, BundleError
+from robustgate.models.normalization import Normalization
 from robustgate.models.output_kind import reads_probabilities
 from robustgate.defenses.assemble import build_runner, pin_torch_threads
 from robustgate.defenses.purify import parts as purify_parts
@@ -119,7 +120,8 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
     u = cfg.backend.upstream.model_dump()
     u["model_name"] = u["model_name"] or bundle.name
     return upstream.UpstreamBackend(**u, max_message_bytes=cfg.server.max_message_bytes,
-                                   layout=bundle.input.layout, probabilities=reads_probabilities(bundle))
+                                   layout=bundle.input.layout, probabilities=reads_probabilities(bundle),
+                                   normalization=Normalization.of(bundle.input))
 
 
 def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):

@@ -19,7 +19,7 @@ What it guarantees (DESIGN.md, "Serving behaviour"):
   most every ``health_interval_s`` and served from that cache, so probes never block on the network
   and readiness turns false when the upstream dies and true again when it returns.
 
-Known limits: the upstream must take one FP32 NCHW input and return one logits output (named
+Known limits: the upstream must take one FP32 input (NCHW or NHWC) and return one logits output (named
 ``logits``, or its only output); FP16/FP64 logits are refused as malformed rather than converted.
 The upstream's metadata (input name, logits width) is read once and cached: an upstream that comes
 back serving a different model needs a proxy restart.
@@ -35,6 +35,7 @@ import time
 import grpc
 import numpy as np
 
+from robustgate.models.normalization import Normalization
 from robustgate.models.output_kind import to_logits
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
@@ -176,6 +177,8 @@ class UpstreamBackend(Backend):
       neither).
     - ``layout``: the upstream model's input order, ``NCHW`` or ``NHWC`` (the bundle's
       ``input.layout``, not a config key): NHWC batches are sent as ``[M, H, W, C]``.
+    - ``normalization``: the upstream model takes ``(pixels - mean) / std`` (the bundle's
+      ``input.normalized``, models/normalization.py; not a config key): batches are sent so.
     - ``probabilities``: the upstream's output holds probabilities (the bundle's
       ``backbone.output_kind``, not a config key): its answers are returned as their logarithms,
       the logits the pipeline reads (models/output_kind.py).
@@ -200,12 +203,14 @@ class UpstreamBackend(Backend):
         tls_key: str | None = None,
         layout: str = "NCHW",
         probabilities: bool = False,
+        normalization: Normalization | None = None,
     ):
         split_url(url)
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be NCHW or NHWC, got {layout!r}")
         self.channels_last = layout == "NHWC"
         self.probabilities = bool(probabilities)
+        self.normalization = normalization
         if not model_name:
             raise ValueError("model_name must be a non-empty string")
         if not timeout_s > 0:
@@ -262,6 +267,8 @@ class UpstreamBackend(Backend):
         meta = self._metadata(deadline)
         input_name = meta.inputs[0].name if meta.inputs else "input"
         output_name, k = _logits_output(meta)
+        if self.normalization is not None:  # what the model takes
+            x = self.normalization.normalized(x)
         req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last)  # raw FP32
         resp = self._call(self._infer, req, deadline, "ModelInfer")
         out = decode_logits(resp, output_name, x.shape[0], k)  # [M, K]

@@ -274,10 +274,10 @@ def _tamper(bundle: Path) -> None:
     f.write_bytes(bytes(data))
 
 
-def _as_probabilities(bundle: Path) -> None:
+def _edit_spec(bundle: Path, section: str, key: str, value) -> None:
     f = bundle / "bundle.yaml"
     spec = yaml.safe_load(f.read_text())
-    spec["backbone"]["output_kind"] = "probabilities"  # the backend converts at load: restart-only
+    spec[section][key] = value
     f.write_text(yaml.safe_dump(spec))
 
 
@@ -294,7 +294,10 @@ BAD = {  # name -> (edit(config_path, served_bundle), a phrase the refusal must 
                        "is not the served bundle"),
     "served bundle gone": (lambda c, b: (b / "bundle.yaml").unlink(), "no bundle.yaml"),
     "tampered bundle": (lambda c, b: _tamper(b), "checksum mismatch for backbone.onnx"),
-    "output kind changed": (lambda c, b: _as_probabilities(b), "backbone.output_kind changed"),
+    # restart-only: the backend converts at load, the codec's contract is built at start
+    "output kind changed": (lambda c, b: _edit_spec(b, "backbone", "output_kind", "probabilities"),
+                            "backbone.output_kind changed"),
+    "input changed": (lambda c, b: _edit_spec(b, "input", "value_range", [0.0, 255.0]), "the bundle's input changed"),
 }
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import tritonclient.grpc as tc
 from torch import nn
+from tritonclient.utils import InferenceServerException
 
 import harness  # tests/proxy/upstream (pytest pythonpath)
 import scripted  # tests/proxy/upstream
@@ -301,6 +302,78 @@ def test_a_softmax_head_is_recorded_and_the_output_policies_read_it_as_probabili
     assert import_onnx(models["cnn32"], tmp_path / "plain").spec.backbone.output_kind == "logits"  # real logits
 
 
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    """What a numpy client sends: normalized in float64, sent as float32."""
+    return ((x.astype(np.float64) - MEAN[:, None, None]) / STD[:, None, None]).astype(np.float32)
+
+
+def test_clients_that_normalize_keep_sending_normalized_values(models, tmp_path):
+    """``--mean --std`` (torchvision's ImageNet statistics): a model that takes ``(pixels - mean) / std``
+    keeps its clients as they are. backbone.onnx and the twin take pixels (the normalization in
+    front); the proxy turns each FP32 request back into pixels for the defenses (a boundary pixel's
+    rounding clipped, values that are no pixels refused), answers what the user's model answers on
+    the client's values, takes UINT8 as pixels, and the red team's oracle sends normalized values."""
+    from robustgate.defenses.base import build
+    from robustgate.models.normalization import Normalization
+
+    out = tmp_path / "norm"
+    assert cli(["import", "--onnx", str(models["cnn32"]), "--out", str(out), "--name", "norm",
+                "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]) == 0
+    bundle = Bundle.load(out)
+    spec = bundle.input
+    assert spec.normalized and spec.mean == pytest.approx(tuple(MEAN)) and spec.std == pytest.approx(tuple(STD))
+    assert bundle.spec.provenance["source"]["sha256"] == sha256_file(models["cnn32"]) != bundle.spec.backbone.onnx.sha256
+    assert any("(pixels - mean) / std" in note for note in bundle.spec.provenance["import_notes"])
+    x = images(5, (3, 32, 32))
+    x[0, :, :4] = 0.0  # boundary pixels: normalized and turned back in float32, some land an ulp outside [0, 1]
+    x[0, :, 4:8] = 1.0
+    xn = normalized(x)
+    back = Normalization(tuple(MEAN), tuple(STD)).pixels(xn)
+    assert back.min() < 0.0 and back.min() > -1e-6  # what the proxy clips (the test's premise)
+    want = ort_run(models["cnn32"], xn)[0]  # the user's model on what its clients send
+    np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(load_backbone(bundle)(torch.from_numpy(x)).numpy(), want, atol=1e-4)
+
+    jpeg = build("jpeg")
+    proxy = LoopbackProxy(out, {"stages": [{"name": "jpeg", "kind": "jpeg"}]})
+    try:
+        got, verdict = triton_logits(proxy.url, "norm", xn)
+        purified = jpeg.purify(torch.from_numpy(x)).numpy()  # the defense sees pixels
+        np.testing.assert_allclose(got, ort_run(out / "backbone.onnx", purified)[0], atol=1e-4)
+        np.testing.assert_array_equal(verdict, np.zeros(5, dtype=np.int32))
+        with tc.InferenceServerClient(proxy.url) as client:
+            u = np.round(x * 255).astype(np.uint8)
+            inp = tc.InferInput("input", list(u.shape), "UINT8")
+            inp.set_data_from_numpy(u)
+            got_u8 = client.infer("norm", [inp]).as_numpy("logits")
+            want_u8 = ort_run(out / "backbone.onnx", jpeg.purify(torch.from_numpy(u / np.float32(255))).numpy())[0]
+            np.testing.assert_allclose(got_u8, want_u8, atol=1e-4)
+            bad = xn.copy()
+            bad[1] += 10.0  # pixels of about 3.3: not what the model's clients send
+            inp = tc.InferInput("input", list(bad.shape), "FP32")
+            inp.set_data_from_numpy(bad)
+            with pytest.raises(InferenceServerException, match=r"the normalized values are pixels in .*mean"):
+                client.infer("norm", [inp])
+        oracle = GrpcOracle(proxy.url, "norm", normalization=Normalization.of(spec))
+        reply = oracle.ask(torch.from_numpy(x[2]))
+        np.testing.assert_allclose(reply.logits, got[2], atol=1e-5)
+    finally:
+        proxy.stop()
+
+
+def test_normalization_flags_are_checked(models, tmp_path, capsys):
+    for argv, message in ((["--mean", "0.5"], "--mean and --std go together"),
+                          (["--mean", "0.5,0.5", "--std", "0.2"], "--mean has 2 values for 3 channels"),
+                          (["--mean", "0.5", "--std", "0.2,0,0.2"], "every value must be positive")):
+        out = tmp_path / "bad"
+        assert cli(["import", "--onnx", str(models["cnn32"]), "--out", str(out), *argv]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+
+
 def served(bundle: Path, x: np.ndarray, stages: list[dict], output: str = "probs") -> np.ndarray:
     """``x`` sent by tritonclient to a proxy serving ``bundle`` with ``stages``: the answer's ``output``."""
     proxy = LoopbackProxy(bundle, {"stages": stages})
@@ -581,12 +654,12 @@ def via_upstream(bundle: Path, server: "TritonStyle", x: np.ndarray) -> np.ndarr
         proxy.stop()
 
 
-class RecordingNhwc(TritonStyle):
-    """A Triton-style upstream whose model takes [batch, 4, 4, 1] (channels last); keeps the last
-    request's input shape and pixels."""
+class Recording(TritonStyle):
+    """A Triton-style upstream whose model takes items of ``shape`` (default [4, 4, 1], channels last);
+    keeps the last request's input values."""
 
-    def __init__(self):
-        super().__init__([{"name": "pixels", "datatype": "FP32", "shape": [4, 4, 1]}],
+    def __init__(self, shape=(4, 4, 1)):
+        super().__init__([{"name": "pixels", "datatype": "FP32", "shape": list(shape)}],
                          [{"name": "logits", "datatype": "FP32", "shape": [scripted.K]}])
         self.seen = None
 
@@ -600,7 +673,7 @@ def test_channels_last_upstream_model_is_served_nhwc_on_both_sides(tmp_path):
     """Imported from a server that declares [?, 4, 4, 1]: the bundle is (1, 4, 4) NHWC, clients send
     NHWC, and the upstream gets exactly those pixels in that order (decoded to NCHW for the
     pipeline, encoded back)."""
-    server = RecordingNhwc().start()
+    server = Recording().start()
     try:
         bundle = import_upstream(server.url, "formula", tmp_path / "t")
         assert tuple(bundle.input.shape) == (1, 4, 4) and bundle.input.layout == "NHWC"
@@ -649,6 +722,22 @@ def test_a_softmax_upstream_is_read_through_its_logarithms(tmp_path):
         finally:
             backend.close()
         np.testing.assert_allclose(via_upstream(tmp_path / "t", server, x), want, rtol=1e-5)
+    finally:
+        server.stop()
+
+
+def test_an_upstream_that_takes_normalized_values_gets_them(tmp_path):
+    """``--upstream ... --mean --std``: clients send normalized values, the pipeline sees pixels, and
+    the upstream receives the client's values again."""
+    server = Recording((1, 4, 4)).start()
+    try:
+        bundle = import_upstream(server.url, "formula", tmp_path / "t", mean=(0.5,), std=(0.25,))
+        assert bundle.input.normalized and bundle.input.mean == (0.5,) and bundle.input.std == (0.25,)
+        x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+        sent = (x - 0.5) / 0.25
+        got = via_upstream(tmp_path / "t", server, sent)
+        np.testing.assert_allclose(server.seen, sent, atol=1e-6)
+        np.testing.assert_allclose(got, scripted.formula_logits(sent), atol=1e-5)
     finally:
         server.stop()
 

@@ -99,3 +99,39 @@ def test_a_channels_last_request_decodes_into_the_pipelines_order(datatype, raw)
     np.testing.assert_array_equal(x, (sent / np.float32(255.0)).astype(np.float32).transpose(0, 3, 1, 2))
     with pytest.raises(ProtocolError, match=r"shape \[2, 3, 4, 5\] does not match \[N, 4, 5, 3\] \(channels last\)"):
         decode_infer(request(np.ascontiguousarray(values.transpose(0, 3, 1, 2))), c)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalized_requests_decode_to_pixels_per_channel(channels_last):
+    """A contract whose clients normalize (the bundle's input.normalized): FP32 values turn back into
+    pixels along the wire layout's channel axis; a boundary pixel's float rounding is clipped into the
+    range; values that are no pixels are refused; UINT8 is taken as pixels."""
+    from robustgate.models.normalization import Normalization
+    from robustgate.proxy.codec import ProtocolError, decode_infer
+
+    norm = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    c = contract(item_shape=(3, 4, 5), channels_last=channels_last, normalization=norm)
+    rng = np.random.default_rng(0)
+    pixels = rng.random((2, 3, 4, 5)).astype(np.float32)
+    pixels[0, :, 0] = 0.0
+    pixels[0, :, 1] = 1.0
+    sent = ((pixels.astype(np.float64) - np.array(norm.mean)[:, None, None]) / np.array(norm.std)[:, None, None])
+    sent = sent.astype(np.float32)  # [N, C, H, W]: channel 1's zeros come back as -3e-8
+    wire = np.ascontiguousarray(sent.transpose(0, 2, 3, 1)) if channels_last else sent
+
+    def request(arr: np.ndarray, datatype: str = "FP32") -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name="tiny")
+        req.inputs.add(name="input", datatype=datatype, shape=list(arr.shape))
+        req.raw_input_contents.append(arr.tobytes())
+        return req
+
+    x = decode_infer(request(wire), c).x
+    assert x.shape == (2, 3, 4, 5) and x.flags["C_CONTIGUOUS"] and x.min() == 0.0 and x.max() == 1.0
+    np.testing.assert_allclose(x, pixels, atol=2e-7)
+    bad = wire.copy()
+    bad[1] = 5.0  # 5 * 0.229 + 0.485: pixels of about 1.6
+    with pytest.raises(ProtocolError, match=r"normalized values are pixels in \[.*\], outside the declared range"):
+        decode_infer(request(bad), c)
+    u8 = np.round(pixels * 255).astype(np.uint8)
+    u8_wire = np.ascontiguousarray(u8.transpose(0, 2, 3, 1)) if channels_last else u8
+    np.testing.assert_array_equal(decode_infer(request(u8_wire, "UINT8"), c).x, u8 / np.float32(255.0))
