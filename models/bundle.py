@@ -84,8 +84,8 @@ class InputSpec(_Strict):
     std: tuple[float, ...] = ()
     # clients send (pixels - mean) / std per channel, not pixels (robustgate import --mean/--std): the
     # proxy turns requests back into pixels for the defenses and backbone.onnx normalizes inside
-    # (models/normalization.py)
-    normalized: bool = False
+    # (models/normalization.py). None (the usual case, and every bundle written before the key existed): pixels
+    normalized: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "InputSpec":
