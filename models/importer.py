@@ -261,10 +261,14 @@ def import_onnx(
     if dataset is None and data_dir is not None:
         raise ImportRefused("--data-dir needs --dataset NAME")
     source_sha = sha256_file(onnx_file) if onnx_file.is_file() else None
-    model = _load_onnx(onnx_file)
+    model, external = _load_onnx(onnx_file)
     sig = _signature(model, onnx_file)
     notes = list(sig.notes)
     served = None  # the graph's bytes when the bundle's backbone.onnx is not the file itself
+    if external:
+        served = model.SerializeToString()
+        notes.append(f"the weights were in external data ({', '.join(external)}); backbone.onnx holds them, one "
+                     f"file; the source's sha256 are the original files'")
     layout = _layout(sig, layout, onnx_file)
     if layout == "NHWC":
         model = nchw_front(model, sig.input_name)
@@ -323,7 +327,8 @@ def import_onnx(
                         **({"data_dir": str(data_dir)} if data_dir else {}),
                         **({"transform": transform} if transform else {})},
             ),
-            provenance=provenance(source={"onnx": str(onnx_file.resolve()), "sha256": source_sha},
+            provenance=provenance(source={"onnx": str(onnx_file.resolve()), "sha256": source_sha,
+                                          **({"external_data": external} if external else {})},
                                   import_notes=notes, **({"command": command} if command else {})),
         )
         return _publish(tmp, out, spec, force)
@@ -364,27 +369,78 @@ def _publish(tmp: Path, out: Path, spec: BundleSpec, force: bool) -> Bundle:
 
 
 def _load_onnx(path: Path):
+    """``path`` -> (the model with every weight in memory, ``{location: sha256}`` of the external data
+    files it kept its weights in, empty for a single file). ImportRefused when it is no model, when an
+    external data file is missing or lies outside the model's folder, or when the whole is too large
+    for one ONNX file."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     if not path.is_file():
         raise ImportRefused(f"{path}: no such file")
-    from onnx.external_data_helper import uses_external_data
-
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends: not a model
         raise ImportRefused(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:300]})") from None
-    if any(uses_external_data(t) for t in model.graph.initializer):
-        # the bundle holds one file per artifact, checksummed; weights beside it would not travel
-        raise ImportRefused(f"{path}: keeps its weights in external data files; save it as one file "
-                            f"(onnx.save(onnx.load(path), out, save_as_external_data=False), under 2 GB)")
+    external = _external_files(model, path)
+    if external:
+        # torch.onnx.export(dynamo=True) writes the weights beside the graph by default; the bundle
+        # holds one checksummed file, so they are put back into it (ONNX Runtime, the fused pass and
+        # onnx2torch then all load it the same way)
+        size = path.stat().st_size + sum(f.stat().st_size for f in external.values())
+        if size >= ONE_FILE_LIMIT:
+            raise ImportRefused(
+                f"{path}: its graph and external data files hold {size / 2**30:.2f} GiB, more than one ONNX file "
+                f"can (2 GiB, protobuf's limit), and a bundle holds its backbone as one file. Serve the model "
+                f"from a model server (Triton, KServe, MLServer) and import it with --upstream HOST:PORT --model "
+                f"NAME (no torch twin: gradient-free attacks only)")
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # a data file shorter than the graph says, and the like
+            raise ImportRefused(f"{path}: its external data could not be read ({type(exc).__name__}: "
+                                f"{str(exc)[:300]})") from None
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx's ValidationError and friends
         raise ImportRefused(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:300]})") from None
     if not model.graph.node:
         raise ImportRefused(f"{path}: not a valid ONNX model (the graph has no nodes)")
-    return model
+    return model, {loc: sha256_file(f) for loc, f in sorted(external.items())}
+
+
+ONE_FILE_LIMIT = 2**31  # bytes: protobuf's limit on one serialized message, so on one ONNX file
+
+
+def _external_files(model, path: Path) -> dict[str, Path]:
+    """``{location: file}`` of the external data the model's tensors (initializers and Constant
+    attributes, subgraphs included) name, each checked to exist inside ``path``'s folder."""
+    from onnx import TensorProto
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    base = path.parent.resolve()
+    files: dict[str, Path] = {}
+    for t in tensors(model.graph):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        f = (base / location).resolve()
+        if not location or Path(location).is_absolute() or not f.is_relative_to(base):
+            raise ImportRefused(f"{path}: tensor {t.name!r} keeps its data at {location!r}, outside the model's "
+                                f"folder; external data must lie beside the model")
+        if not f.is_file():
+            raise ImportRefused(f"{path}: tensor {t.name!r} keeps its data in {location!r}, which is not there "
+                                f"({f}); copy it beside the model")
+        files[location] = f
+    return files
 
 
 def _dims(value_info) -> list[int | None]:

@@ -510,14 +510,62 @@ def test_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
     refused(tmp_path, capsys, ["--onnx", str(bad)], "not a valid ONNX model")
 
 
-def test_refuses_weights_in_external_data_files(models, tmp_path, capsys):
+def test_weights_in_external_data_files_are_brought_into_the_bundle(tmp_path, capsys):
+    """What ``torch.onnx.export(..., dynamo=True)`` writes by default (docs/BYO.md's export command):
+    the graph and ``MODEL.onnx.data`` beside it. The import puts the weights back into one
+    backbone.onnx (the bundle's one checksummed file), records both source files' sha256, and the
+    model serves and has its twin."""
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.manual_seed(0)
+    net = Cnn32().eval()
+    torch.onnx.export(net, (torch.rand(2, 3, 32, 32),), str(src / "model.onnx"), input_names=["input"],
+                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True)
+    assert (src / "model.onnx.data").is_file()  # the exporter's default: external data
+    out = tmp_path / "b"
+    assert cli(["import", "--onnx", str(src / "model.onnx"), "--out", str(out), "--name", "ext"]) == 0
+    assert "external data (model.onnx.data)" in capsys.readouterr().out
+    bundle = Bundle.load(out)
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.onnx", "bundle.yaml"]
+    source = bundle.spec.provenance["source"]
+    assert source["sha256"] == sha256_file(src / "model.onnx")
+    assert source["external_data"] == {"model.onnx.data": sha256_file(src / "model.onnx.data")}
+    x = images(4, (3, 32, 32))
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(load_backbone(bundle)(torch.from_numpy(x)).numpy(), want, atol=1e-4)
+    (src / "model.onnx.data").unlink()  # the bundle does not need the source any more
+    proxy = LoopbackProxy(out, {"stages": []})
+    try:
+        logits, _ = triton_logits(proxy.url, "ext", x)
+    finally:
+        proxy.stop()
+    np.testing.assert_allclose(logits, want, atol=1e-4)
+
+
+def test_refuses_external_data_that_is_missing_outside_or_too_large(models, tmp_path, capsys, monkeypatch):
     import onnx
+
+    from robustgate.models import importer
 
     split = tmp_path / "split" / "model.onnx"
     split.parent.mkdir()
     onnx.save(onnx.load(str(models["cnn32"])), str(split), save_as_external_data=True, location="weights.bin",
               size_threshold=0)
-    refused(tmp_path, capsys, ["--onnx", str(split)], "keeps its weights in external data files")
+    monkeypatch.setattr(importer, "ONE_FILE_LIMIT", 1000)
+    refused(tmp_path, capsys, ["--onnx", str(split)], "more than one ONNX file can (2 GiB")
+    monkeypatch.undo()
+    (split.parent / "weights.bin").rename(tmp_path / "weights.bin")
+    refused(tmp_path, capsys, ["--onnx", str(split)], "keeps its data in 'weights.bin', which is not there")
+    outside = tmp_path / "outside" / "model.onnx"
+    outside.parent.mkdir()
+    model = onnx.load(str(split), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../weights.bin"  # exists, but not beside the model
+    onnx.save(model, str(outside))
+    refused(tmp_path, capsys, ["--onnx", str(outside)], "outside the model's folder")
 
 
 def test_refuses_dynamic_hw_without_input_shape(models, tmp_path, capsys):
