@@ -70,10 +70,14 @@ from robustgate.models.bundle import (
     sha256_file,
 )
 from robustgate.models.data import add_data_arguments
+from robustgate.models.graph_edit import float32_edges, nchw_front, normalize_front
 
 ONNX_FILE = "backbone.onnx"
 PARITY_ITEMS = 64  # real (or random) images the twin is checked on
 PARITY_RTOL = 1e-4  # tolerance: atol = PARITY_RTOL * max(1, max |ONNX Runtime output|), per output
+# a model that computes in FP16: its kernels in ONNX Runtime and torch round differently at each layer
+# (FP16's epsilon is ~1e-3)
+PARITY_RTOL_FP16 = 1e-2
 LAYOUTS = ("NCHW", "NHWC")
 OUTPUT_KINDS = ("logits", "probabilities")
 PROBABILITY_ATOL = 1e-4  # a row of probabilities: entries in [-atol, 1 + atol], sum within 1e-3 of 1
@@ -269,6 +273,14 @@ def import_onnx(
         served = model.SerializeToString()
         notes.append(f"the weights were in external data ({', '.join(external)}); backbone.onnx holds them, one "
                      f"file; the source's sha256 are the original files'")
+    fp16 = _fp16(model)
+    if fp16:  # FP32 at the edges, as the proxy, the defenses and the twin's callers speak
+        model = float32_edges(model, sig.input_name, list(sig.outputs))
+        sig = _signature(model, onnx_file)
+        served = model.SerializeToString()
+        notes.append("the model computes in FP16: backbone.onnx casts the FP32 pixels to FP16 in front of it and its "
+                     f"FP16 outputs to FP32 after it; the twin computes in FP16 too (parity checked to "
+                     f"{PARITY_RTOL_FP16:g} of the largest output)")
     layout = _layout(sig, layout, onnx_file)
     if layout == "NHWC":
         model = nchw_front(model, sig.input_name)
@@ -301,7 +313,7 @@ def import_onnx(
     output_kind = _output_kind(output_kind, ort_out[0], logits_name, notes)
 
     twin, twin_note, parity = _twin(model, list(sig.outputs), logits_name, features_name, x, ort_out,
-                                    inputs_note, onnx_file)
+                                    inputs_note, onnx_file, PARITY_RTOL_FP16 if fp16 else PARITY_RTOL)
     if twin == "none":
         notes.append(f"no torch twin: {twin_note}; only gradient-free attacks apply")
 
@@ -323,7 +335,8 @@ def import_onnx(
             backbone=BackboneSpec(
                 onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity or None,
                 logits_output=logits_name, output_kind=output_kind, features_output=features_name,
-                recipe={"imported": True, **({"dataset": dataset} if dataset else {}),
+                recipe={"imported": True, **({"precision": "fp16"} if fp16 else {}),
+                        **({"dataset": dataset} if dataset else {}),
                         **({"data_dir": str(data_dir)} if data_dir else {}),
                         **({"transform": transform} if transform else {})},
             ),
@@ -443,6 +456,14 @@ def _external_files(model, path: Path) -> dict[str, Path]:
     return files
 
 
+FLOATS = (1, 10)  # onnx.TensorProto.FLOAT, FLOAT16: what a model may take and answer
+
+
+def _fp16(model) -> bool:
+    """Whether the model takes or answers FP16 (it computes in FP16, as a converted GPU model does)."""
+    return any(v.type.tensor_type.elem_type == 10 for v in (*model.graph.input, *model.graph.output))
+
+
 def _dims(value_info) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
 
@@ -456,9 +477,9 @@ def _signature(model, path: Path) -> Signature:
         raise ImportRefused(f"{path}: the graph takes {len(inputs)} inputs ({[v.name for v in inputs]}); "
                             f"robustgate serves image classifiers with exactly one input [batch, C, H, W]")
     inp = inputs[0]
-    if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+    if inp.type.tensor_type.elem_type not in FLOATS:
         raise ImportRefused(f"{path}: input {inp.name!r} is {TensorProto.DataType.Name(inp.type.tensor_type.elem_type)}; "
-                            f"robustgate feeds FP32 pixels (export the model with a float32 input)")
+                            f"robustgate feeds FP32 pixels (export the model with a float32 or float16 input)")
     dims = _dims(inp)
     if len(dims) != 4:
         raise ImportRefused(f"{path}: input {inp.name!r} has rank {len(dims)} ({dims}); expected [batch, C, H, W]")
@@ -470,11 +491,11 @@ def _signature(model, path: Path) -> Signature:
             f"so the first dimension must be dynamic. Re-export the model with a dynamic batch axis, e.g. {hint}")
     outputs = {}
     for o in model.graph.output:
-        if o.type.tensor_type.elem_type != TensorProto.FLOAT:
+        if o.type.tensor_type.elem_type not in FLOATS:
             continue  # e.g. an int64 argmax output: not logits nor features
         outputs[o.name] = _dims(o)
     if not outputs:
-        raise ImportRefused(f"{path}: the graph has no FP32 output (outputs: {[o.name for o in model.graph.output]})")
+        raise ImportRefused(f"{path}: the graph has no FP32 or FP16 output (outputs: {[o.name for o in model.graph.output]})")
     return Signature(inp.name, dims, outputs)
 
 
@@ -507,95 +528,6 @@ def _output_kind(given: str | None, logits: np.ndarray, name: str, notes: list[s
                      f"and sums to 1): backbone.output_kind probabilities; --output-kind logits says otherwise")
         return "probabilities"
     return "logits"
-
-
-def nchw_front(model, input_name: str):
-    """``model`` (its input ``input_name`` ``[N, H, W, C]``) -> the same model taking ``[N, C, H, W]``
-    under the same name: one ``Transpose`` (perm 0, 2, 3, 1) in front. The weights and the other
-    nodes are untouched."""
-    import copy
-
-    from onnx import helper
-
-    def transpose(outer: str, inner: str, fresh):
-        return [helper.make_node("Transpose", [outer], [inner], perm=[0, 2, 3, 1], name="robustgate_nchw_to_nhwc")], []
-
-    model = _prepend(model, input_name, "nhwc", transpose)
-    dims = next(v for v in model.graph.input if v.name == input_name).type.tensor_type.shape.dim
-    nhwc = [copy.deepcopy(d) for d in dims]
-    del dims[:]
-    for axis in (0, 3, 1, 2):
-        dims.add().CopyFrom(nhwc[axis])
-    return _checked(model)
-
-
-def normalize_front(model, input_name: str, mean: tuple[float, ...], std: tuple[float, ...]):
-    """``model`` (its input ``input_name`` ``[N, C, H, W]`` normalized values) -> the same model taking
-    pixels under the same name: ``(x - mean) / std`` per channel in front (models/normalization.py)."""
-    from onnx import TensorProto, helper
-
-    c = len(mean)
-
-    def normalize(outer: str, inner: str, fresh):
-        m, s, centred = fresh("mean"), fresh("std"), fresh("centred")
-        inits = [helper.make_tensor(m, TensorProto.FLOAT, [1, c, 1, 1], list(mean)),
-                 helper.make_tensor(s, TensorProto.FLOAT, [1, c, 1, 1], list(std))]
-        nodes = [helper.make_node("Sub", [outer, m], [centred], name="robustgate_normalize_sub"),
-                 helper.make_node("Div", [centred, s], [inner], name="robustgate_normalize_div")]
-        return nodes, inits
-
-    return _checked(_prepend(model, input_name, "normalized", normalize))
-
-
-def _prepend(model, input_name: str, suffix: str, build):
-    """A copy of ``model`` in which every node that read the input ``input_name`` (subgraphs included)
-    reads ``<input>_<suffix>`` instead, computed from the input by the nodes ``build(input, inner,
-    fresh)`` returns with their initializers (``fresh(tag)``: an unused name). A shape some exporters
-    record for the input in value_info moves to the inner name."""
-    import copy
-
-    model = copy.deepcopy(model)
-    g = model.graph
-    taken = {v.name for v in (*g.input, *g.output, *g.value_info)} | {i.name for i in g.initializer}
-
-    def graphs(graph):  # the graph and every subgraph of its nodes' attributes (If/Loop/Scan bodies)
-        yield graph
-        for node in graph.node:
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from graphs(sub)
-
-    for graph in graphs(g):
-        taken |= {n for node in graph.node for n in (*node.input, *node.output)}
-
-    def fresh(tag: str) -> str:
-        name = f"{input_name}_{tag}"
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        return name
-
-    inner = fresh(suffix)
-    for graph in graphs(g):
-        for node in graph.node:
-            for i, n in enumerate(node.input):
-                if n == input_name:
-                    node.input[i] = inner
-    for v in g.value_info:
-        if v.name == input_name:
-            v.name = inner
-    nodes, inits = build(input_name, inner, fresh)
-    for i, node in enumerate(nodes):
-        g.node.insert(i, node)
-    g.initializer.extend(inits)
-    return model
-
-
-def _checked(model):
-    import onnx
-
-    onnx.checker.check_model(model)
-    return model
 
 
 def _input_shape(sig: Signature, given: tuple[int, int, int] | None, path: Path) -> tuple[int, int, int]:
@@ -739,7 +671,8 @@ def _parity_inputs(shape: tuple[int, int, int], value_range: tuple[float, float]
 
 
 def _twin(model, output_names: list[str], logits: str, features: str | None, x: np.ndarray,
-          ort_out: list[np.ndarray], inputs_note: str, path: Path) -> tuple[str, str | None, dict[str, Any]]:
+          ort_out: list[np.ndarray], inputs_note: str, path: Path,
+          rtol: float = PARITY_RTOL) -> tuple[str, str | None, dict[str, Any]]:
     """Converts and checks the torch twin: ("onnx", note, parity) or ("none", why, parity)."""
     import torch
 
@@ -768,7 +701,7 @@ def _twin(model, output_names: list[str], logits: str, features: str | None, x: 
         if want.shape != have.shape:
             return "none", f"the converted module returns {name} of shape {list(have.shape)}, ONNX Runtime {list(want.shape)}", {}
         diffs[name] = float(np.abs(want - have).max())
-        tols[name] = PARITY_RTOL * max(1.0, float(np.abs(want).max()))
+        tols[name] = rtol * max(1.0, float(np.abs(want).max()))
     agree = float((ort_out[0].argmax(1) == got[0].detach().numpy().argmax(1)).mean())
     parity = {"inputs": inputs_note, "items": len(x), "max_abs_diff": diffs, "atol": tols,
               "argmax_agreement": agree, "converter": f"onnx2torch {version}"}
@@ -779,7 +712,7 @@ def _twin(model, output_names: list[str], logits: str, features: str | None, x: 
 
 
 # ---- the upstream source -----------------------------------------------------------------------
-_V2_TYPES_OK = ("FP32",)
+_V2_TYPES_OK = ("FP32", "FP16")  # what the upstream backend sends (proxy/backends/upstream.py)
 
 
 def import_upstream(
@@ -825,7 +758,8 @@ def import_upstream(
         raise ImportRefused(f"{where}: declares {len(inputs)} inputs; robustgate serves classifiers with one input")
     inp = inputs[0]
     if inp.get("datatype") not in _V2_TYPES_OK:
-        raise ImportRefused(f"{where}: input {inp['name']!r} is {inp.get('datatype')}; the upstream backend sends FP32")
+        raise ImportRefused(f"{where}: input {inp['name']!r} is {inp.get('datatype')}; the upstream backend sends "
+                            f"FP32 or FP16")
     dims = [int(d) for d in inp.get("shape", [])]
     dims = [None if d < 0 else d for d in dims]
     notes = []

@@ -50,33 +50,19 @@ def reads_probabilities(bundle: "Bundle") -> bool:
 
 def log_output(model: "onnx.ModelProto", output: str) -> "onnx.ModelProto":
     """``model`` with its output ``output`` (probabilities) replaced by ``log(max(p, FLOOR))`` under the
-    same name; the other outputs (features) untouched. A copy: ``model`` is not changed."""
-    import onnx
+    same name; the other outputs (features), and nodes inside the graph that read the probabilities,
+    untouched. A copy: ``model`` is not changed."""
     from onnx import TensorProto, helper
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    if output not in [o.name for o in graph.output]:
-        raise ValueError(f"the graph has no output {output!r} (outputs: {[o.name for o in graph.output]})")
-    taken = {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.initializer}
-    raw, floor, clamped = (_fresh(f"{output}_{suffix}", taken) for suffix in ("probabilities", "floor", "clamped"))
-    for node in graph.node:  # the producer (and any reader inside the graph) now names the probabilities `raw`
-        node.output[:] = [raw if n == output else n for n in node.output]
-        node.input[:] = [raw if n == output else n for n in node.input]
-    graph.initializer.append(helper.make_tensor(floor, TensorProto.FLOAT, [], [FLOOR]))
-    graph.node.extend([
-        helper.make_node("Max", [raw, floor], [clamped], name=_fresh("robustgate_floor", taken)),
-        helper.make_node("Log", [clamped], [output], name=_fresh("robustgate_log", taken)),
-    ])
-    return out
+    from robustgate.models.graph_edit import append
 
+    def log(raw: str, out: str, fresh):
+        floor, clamped = fresh("floor"), fresh("clamped")
+        return ([helper.make_node("Max", [raw, floor], [clamped], name=fresh("floor_max")),
+                 helper.make_node("Log", [clamped], [out], name=fresh("log"))],
+                [helper.make_tensor(floor, TensorProto.FLOAT, [], [FLOOR])])
 
-def _fresh(name: str, taken: set[str]) -> str:
-    while name in taken:
-        name += "_"
-    taken.add(name)
-    return name
+    return append(model, output, "probabilities", log)
 
 
 def backbone_model(bundle: "Bundle") -> "onnx.ModelProto":

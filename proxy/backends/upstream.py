@@ -13,14 +13,16 @@ What it guarantees (DESIGN.md, "Serving behaviour"):
   whose backoff would outlast the deadline is not attempted (the answer stays ``UNAVAILABLE``);
 - failures become :class:`BackendError` with the gRPC status name the proxy answers with:
   ``UNAVAILABLE`` (unreachable, retries spent), ``DEADLINE_EXCEEDED``, ``INTERNAL`` (the upstream
-  answered something that is not ``[M, K]`` FP32 logits for the ``M`` items sent -- a wrong batch
+  answered something that is not ``[M, K]`` FP32 or FP16 logits for the ``M`` items sent -- a wrong batch
   size is never passed on, so no request is handed another's result), or the upstream's own code;
 - ``ready()`` is the upstream's ``ServerReady`` and ``ModelReady``, polled by a background thread at
   most every ``health_interval_s`` and served from that cache, so probes never block on the network
   and readiness turns false when the upstream dies and true again when it returns.
 
-Known limits: the upstream must take one FP32 input (NCHW or NHWC) and return one logits output (named
-``logits``, or its only output); FP16/FP64 logits are refused as malformed rather than converted.
+Known limits: the upstream must take one FP32 or FP16 input (NCHW or NHWC; a batch is sent in the
+datatype its ModelMetadata declares, FP16 as raw contents, the protocol having no typed FP16 field)
+and return one logits output (named ``logits``, or its only output) in FP32 or FP16 (read as FP32);
+FP64 logits are refused as malformed rather than converted.
 The upstream's metadata (input name, logits width) is read once and cached: an upstream that comes
 back serving a different model needs a proxy restart.
 Requests are unary (no streaming), as tritonclient and perf_analyzer use them.
@@ -74,6 +76,7 @@ def split_url(url: str) -> tuple[str, int]:
 
 # ModelInferRequest.raw_input_contents (field 7, length-delimited): its tag byte
 _RAW_INPUT_TAG = bytes([7 << 3 | 2])
+_WIRE = {"FP32": "<f4", "FP16": "<f2"}  # the upstream datatypes the backend sends and reads
 
 
 def _varint(n: int) -> bytes:
@@ -88,9 +91,10 @@ def _varint(n: int) -> bytes:
 
 
 def encode_request(x: np.ndarray, input_name: str, model_name: str, model_version: str,
-                   channels_last: bool = False) -> bytes:
-    """``x`` [M, C, H, W] float32 -> a serialized ModelInferRequest with one raw FP32 input tensor
-    (what tritonclient sends too); ``channels_last``: sent as [M, H, W, C] (an NHWC upstream model).
+                   channels_last: bool = False, datatype: str = "FP32") -> bytes:
+    """``x`` [M, C, H, W] float32 -> a serialized ModelInferRequest with one raw input tensor of
+    ``datatype`` FP32 or FP16 (what tritonclient sends too); ``channels_last``: sent as [M, H, W, C]
+    (an NHWC upstream model).
 
     Written by hand around protobuf: the small header is a message, the pixels are appended as field
     7's bytes straight from ``x``'s buffer in one copy. Building the message with the pixels in it
@@ -101,11 +105,11 @@ def encode_request(x: np.ndarray, input_name: str, model_name: str, model_versio
     req = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
     tensor = req.inputs.add()
     tensor.name = input_name
-    tensor.datatype = "FP32"
+    tensor.datatype = datatype
     if channels_last:
         x = x.transpose(0, 2, 3, 1)  # a view; the one copy below makes it contiguous
     tensor.shape.extend(x.shape)
-    pixels = np.ascontiguousarray(x, dtype="<f4")
+    pixels = np.ascontiguousarray(x, dtype=_WIRE[datatype])
     return b"".join([req.SerializeToString(), _RAW_INPUT_TAG, _varint(pixels.nbytes), memoryview(pixels).cast("B")])
 
 
@@ -122,8 +126,9 @@ def decode_logits(resp: pb.ModelInferResponse, output_name: str | None, m: int, 
     else:
         raise BackendError("INTERNAL", f"upstream response has no output {output_name!r} (outputs: {names})")
     out = resp.outputs[index]
-    if out.datatype != "FP32":
-        raise BackendError("INTERNAL", f"upstream output {out.name!r} has datatype {out.datatype}; expected FP32")
+    if out.datatype not in _WIRE:
+        raise BackendError("INTERNAL", f"upstream output {out.name!r} has datatype {out.datatype}; expected FP32 or FP16")
+    wire = np.dtype(_WIRE[out.datatype])
     shape = tuple(out.shape)
     if len(shape) != 2 or shape[0] != m or shape[1] < 1 or (k is not None and shape[1] != k):
         want = f"[{m}, {k if k is not None else 'K'}]"
@@ -135,10 +140,12 @@ def decode_logits(resp: pb.ModelInferResponse, output_name: str | None, m: int, 
             raise BackendError("INTERNAL", f"upstream sent {len(resp.raw_output_contents)} raw output buffers "
                                f"for {len(resp.outputs)} outputs")
         raw = resp.raw_output_contents[index]
-        if len(raw) != count * 4:
+        if len(raw) != count * wire.itemsize:
             raise BackendError("INTERNAL", f"upstream output {out.name!r}: {len(raw)} raw bytes for shape "
-                               f"{list(shape)} FP32 (expected {count * 4})")
-        logits = np.frombuffer(raw, dtype="<f4")
+                               f"{list(shape)} {out.datatype} (expected {count * wire.itemsize})")
+        logits = np.frombuffer(raw, dtype=wire)
+    elif out.datatype != "FP32":
+        raise BackendError("INTERNAL", f"upstream output {out.name!r}: {out.datatype} needs raw_output_contents")
     else:
         values = out.contents.fp32_contents
         if len(values) != count:
@@ -266,10 +273,11 @@ class UpstreamBackend(Backend):
         deadline = time.monotonic() + budget
         meta = self._metadata(deadline)
         input_name = meta.inputs[0].name if meta.inputs else "input"
+        datatype = meta.inputs[0].datatype if meta.inputs and meta.inputs[0].datatype in _WIRE else "FP32"
         output_name, k = _logits_output(meta)
         if self.normalization is not None:  # what the model takes
             x = self.normalization.normalized(x)
-        req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last)  # raw FP32
+        req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last, datatype)
         resp = self._call(self._infer, req, deadline, "ModelInfer")
         out = decode_logits(resp, output_name, x.shape[0], k)  # [M, K]
         return to_logits(out) if self.probabilities else out

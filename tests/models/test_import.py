@@ -433,6 +433,40 @@ def test_a_softmax_head_runs_on_log_probabilities_everywhere_inside(models, tmp_
     assert averaged.max(axis=1).min() > 0.2
 
 
+def test_a_model_that_computes_in_fp16_imports_with_fp32_edges(tmp_path, capsys):
+    """A model converted to FP16 (its input and logits FP16, as GPU deployments export it): backbone.onnx
+    casts at its edges, so the proxy, the defenses and the red team speak FP32 to it; it answers what
+    the FP16 model answers, to FP16's precision, and its twin (FP16 inside) is differentiable."""
+    src = tmp_path / "half.onnx"
+    torch.manual_seed(0)
+    net = Cnn32().eval().half()
+    torch.onnx.export(net, (torch.rand(2, 3, 32, 32).half(),), str(src), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    out = tmp_path / "b"
+    assert cli(["import", "--onnx", str(src), "--out", str(out), "--name", "half"]) == 0
+    assert "computes in FP16" in capsys.readouterr().out
+    bundle = Bundle.load(out)
+    assert bundle.spec.backbone.recipe["precision"] == "fp16" and bundle.spec.backbone.twin == "onnx"
+    x = images(6, (3, 32, 32))
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    want = sess.run(["logits"], {"input": x.astype(np.float16)})[0].astype(np.float32)
+    fp16 = 1e-2 * max(1.0, float(np.abs(want).max()))  # FP16's precision (ONNX Runtime's CPU may run it in FP32)
+    np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, atol=fp16)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    got = load_backbone(bundle)(xt)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.detach().numpy(), want, atol=fp16)
+    got[:, 2].sum().backward()
+    assert xt.grad is not None and xt.grad.dtype == torch.float32 and float(xt.grad.abs().sum()) > 0
+    proxy = LoopbackProxy(out, {"stages": []})
+    try:
+        logits, _ = triton_logits(proxy.url, "half", x)
+    finally:
+        proxy.stop()
+    np.testing.assert_allclose(logits, ort_run(out / "backbone.onnx", x)[0], rtol=1e-6, atol=1e-7)
+
+
 def test_features_model_checked_on_real_data_and_served_with_a_defense(models, tmp_path):
     """Fashion-MNIST (the data set on this machine) as the parity inputs, conformed by the data
     layer to 3x64x64; its class names are taken since the model has 10 logits."""
@@ -786,6 +820,42 @@ def test_an_upstream_that_takes_normalized_values_gets_them(tmp_path):
         got = via_upstream(tmp_path / "t", server, sent)
         np.testing.assert_allclose(server.seen, sent, atol=1e-6)
         np.testing.assert_allclose(got, scripted.formula_logits(sent), atol=1e-5)
+    finally:
+        server.stop()
+
+
+class HalfUpstream(TritonStyle):
+    """A Triton-style upstream whose model takes and answers FP16 (a model converted for the GPU):
+    ``formula_logits`` of the FP16 pixels, in FP16; keeps the last request's input."""
+
+    def __init__(self):
+        super().__init__([{"name": "pixels", "datatype": "FP16", "shape": [-1, 1, 4, 4]}],
+                         [{"name": "logits", "datatype": "FP16", "shape": [-1, scripted.K]}])
+        self.seen = None
+
+    def ModelInfer(self, request, context):
+        t = request.inputs[0]
+        if t.datatype != "FP16":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected FP16, got {t.datatype}")
+        self.seen = np.frombuffer(request.raw_input_contents[0], dtype="<f2").reshape(tuple(t.shape)).copy()
+        logits = scripted.formula_logits(self.seen.astype(np.float32)).astype("<f2")
+        resp = pb.ModelInferResponse(model_name="formula", model_version="1", id=request.id)
+        resp.outputs.add(name="logits", datatype="FP16", shape=list(logits.shape))
+        resp.raw_output_contents.append(logits.tobytes())
+        return resp
+
+
+def test_an_fp16_upstream_gets_fp16_and_is_read_as_fp32(tmp_path):
+    """A model server that declares FP16 (Triton's onnxruntime or TensorRT backend with an FP16
+    model): the upstream backend sends each batch in FP16 and reads FP16 logits as FP32."""
+    server = HalfUpstream().start()
+    try:
+        import_upstream(server.url, "formula", tmp_path / "t")
+        x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+        got = via_upstream(tmp_path / "t", server, x)
+        np.testing.assert_array_equal(server.seen, x.astype(np.float16))
+        want = scripted.formula_logits(x.astype(np.float16).astype(np.float32)).astype(np.float16)
+        np.testing.assert_array_equal(got, want.astype(np.float32))
     finally:
         server.stop()
 
