@@ -150,3 +150,35 @@ def float32_edges(model: onnx.ModelProto, input_name: str, outputs: list[str]) -
 def checked(model: onnx.ModelProto) -> onnx.ModelProto:
     onnx.checker.check_model(model)
     return model
+
+
+def float32_inside(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model that computes in FP16 -> the same graph in FP32: FP16 weights, constants, casts and
+    declared types made FP32. For the torch twin of an FP16 model (models/twin.py): the red team
+    differentiates it, and FP16 gradients underflow to zero where a confident model's loss is flat,
+    which would silently weaken every gradient attack; the FP32 graph answers what the FP16 one does
+    to FP16's precision (the import checks it)."""
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(model)
+    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+
+    def widen(t: TensorProto) -> None:
+        if t.data_type == f16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name))
+
+    for graph in _graphs(model.graph):
+        for t in graph.initializer:
+            widen(t)
+        for v in (*graph.input, *graph.output, *graph.value_info):
+            if v.type.tensor_type.elem_type == f16:
+                v.type.tensor_type.elem_type = f32
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == f16:
+                    attr.i = f32
+                if attr.HasField("t"):
+                    widen(attr.t)
+                for t in attr.tensors:
+                    widen(t)
+    return checked(model)

@@ -279,8 +279,8 @@ def import_onnx(
         sig = _signature(model, onnx_file)
         served = model.SerializeToString()
         notes.append("the model computes in FP16: backbone.onnx casts the FP32 pixels to FP16 in front of it and its "
-                     f"FP16 outputs to FP32 after it; the twin computes in FP16 too (parity checked to "
-                     f"{PARITY_RTOL_FP16:g} of the largest output)")
+                     f"FP16 outputs to FP32 after it; the torch twin is the graph in FP32 (FP16 gradients underflow), "
+                     f"checked against the FP16 model to {PARITY_RTOL_FP16:g} of the largest output")
     layout = _layout(sig, layout, onnx_file)
     if layout == "NHWC":
         model = nchw_front(model, sig.input_name)
@@ -676,7 +676,7 @@ def _twin(model, output_names: list[str], logits: str, features: str | None, x: 
     """Converts and checks the torch twin: ("onnx", note, parity) or ("none", why, parity)."""
     import torch
 
-    from robustgate.models.twin import OnnxTwin, Unconvertible, convert_onnx, onnx2torch_version
+    from robustgate.models.twin import OnnxTwin, Unconvertible, convert_onnx, onnx2torch_version, twin_graph
 
     try:
         import onnx2torch  # noqa: F401 - declared in pyproject; a missing one means no twin, said so
@@ -684,7 +684,7 @@ def _twin(model, output_names: list[str], logits: str, features: str | None, x: 
         return "none", "onnx2torch is not installed", {}
     version = onnx2torch_version()
     try:
-        twin = OnnxTwin(convert_onnx(model), output_names, logits, features).eval()
+        twin = OnnxTwin(convert_onnx(twin_graph(model)), output_names, logits, features).eval()
     except Unconvertible as exc:
         return "none", f"onnx2torch {version} cannot convert {path.name}: {exc}", {}
     names = [logits, *([features] if features else [])]

@@ -13,7 +13,8 @@ models/bundle.py):
   the conversion is deterministic (the weights are the graph's initializers). ``robustgate
   import`` checked the converted module against ONNX Runtime and recorded the result in
   ``backbone.twin_parity``. For a model whose output holds probabilities, the converted graph is
-  the one ONNX Runtime runs, their logarithms appended (models/output_kind.py).
+  the one ONNX Runtime runs, their logarithms appended (models/output_kind.py); for a model that
+  computes in FP16, that graph in FP32 (:func:`twin_graph`).
 - ``none``: raises :class:`NoTwin` (only attacks that need no gradient apply to such a bundle).
 
 ``TorchClassifier(module)`` adapts a twin to :class:`robustgate.defenses.base.Classifier`. It does
@@ -71,7 +72,7 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
 
         path = bundle.onnx_path()
         try:  # the graph ONNX Runtime runs: log-probabilities for a model that answers probabilities
-            module = convert_onnx(backbone_model(bundle))
+            module = convert_onnx(twin_graph(backbone_model(bundle)))
         except Unconvertible as exc:  # recorded as convertible at import: another onnx2torch version?
             raise NoTwin(f"{bundle.root}: {path.name} no longer converts to torch: {exc}") from exc
         checked = (spec.twin_parity or {}).get("converter")
@@ -94,6 +95,16 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
     except RuntimeError as exc:
         raise BundleError(f"{bundle.root}: {spec.weights.path} does not fit {spec.arch}: {exc}") from exc
     return module.to(device).eval()
+
+
+def twin_graph(model):
+    """The ONNX graph the twin is converted from: the served one, in FP32 when it computes in FP16
+    (models/graph_edit.py ``float32_inside``: FP16 gradients underflow)."""
+    from robustgate.models.graph_edit import float32_inside
+
+    fp16 = any(t.data_type == 10 for t in model.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == 10 for a in n.attribute) for n in model.graph.node)
+    return float32_inside(model) if fp16 else model
 
 
 def onnx2torch_version() -> str:

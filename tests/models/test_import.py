@@ -436,7 +436,8 @@ def test_a_softmax_head_runs_on_log_probabilities_everywhere_inside(models, tmp_
 def test_a_model_that_computes_in_fp16_imports_with_fp32_edges(tmp_path, capsys):
     """A model converted to FP16 (its input and logits FP16, as GPU deployments export it): backbone.onnx
     casts at its edges, so the proxy, the defenses and the red team speak FP32 to it; it answers what
-    the FP16 model answers, to FP16's precision, and its twin (FP16 inside) is differentiable."""
+    the FP16 model answers, to FP16's precision, and its twin is the graph in FP32 (FP16 gradients
+    underflow)."""
     src = tmp_path / "half.onnx"
     torch.manual_seed(0)
     net = Cnn32().eval().half()
@@ -454,7 +455,9 @@ def test_a_model_that_computes_in_fp16_imports_with_fp32_edges(tmp_path, capsys)
     fp16 = 1e-2 * max(1.0, float(np.abs(want).max()))  # FP16's precision (ONNX Runtime's CPU may run it in FP32)
     np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, atol=fp16)
     xt = torch.from_numpy(x).requires_grad_(True)
-    got = load_backbone(bundle)(xt)
+    twin = load_backbone(bundle)
+    assert {p.dtype for p in twin.parameters()} == {torch.float32}
+    got = twin(xt)
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.detach().numpy(), want, atol=fp16)
     got[:, 2].sum().backward()

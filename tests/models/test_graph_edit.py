@@ -1,0 +1,62 @@
+"""models/graph_edit.py: steps in front of an input and after an output under the model's own
+names, and an FP16 graph widened to FP32 for the torch twin."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from robustgate.models.graph_edit import float32_edges, float32_inside, normalize_front
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+
+
+def half_model() -> onnx.ModelProto:
+    """``x`` [N, 2, 2, 2] FP16 -> ``y = x * w + c`` (an FP16 weight and a Constant) and ``z = Cast<fp16>(y)
+    + y`` (a reader of ``y`` inside the graph), both outputs FP16."""
+    w = numpy_helper.from_array(np.array([[[[0.5]], [[2.0]]]], dtype=np.float16), "w")
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(0.25, np.float16), "c")),
+             helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "c"], ["y"]),
+             helper.make_node("Cast", ["y"], ["y16"], to=TensorProto.FLOAT16),
+             helper.make_node("Add", ["y16", "y"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 2, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 2, 2, 2]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT16, ["N", 2, 2, 2])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_float32_edges_and_float32_inside_keep_the_computation():
+    model = half_model()
+    x = np.random.default_rng(0).random((3, 2, 2, 2), dtype=np.float32)
+    want = run(model, x.astype(np.float16))
+    edged = float32_edges(model, "x", ["y", "z"])
+    assert edged.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert {o.type.tensor_type.elem_type for o in edged.graph.output} == {TensorProto.FLOAT}
+    got = run(edged, x)
+    for k in ("y", "z"):
+        assert got[k].dtype == np.float32
+        np.testing.assert_allclose(got[k], want[k].astype(np.float32), atol=2e-3)
+    wide = float32_inside(edged)
+    assert not any(t.data_type == TensorProto.FLOAT16 for t in wide.graph.initializer)
+    assert not any(a.name == "to" and a.i == TensorProto.FLOAT16 for n in wide.graph.node for a in n.attribute)
+    exact = run(wide, x)  # FP32 throughout: the FP16 model's computation without its rounding
+    np.testing.assert_allclose(exact["y"], x * np.array([0.5, 2.0], np.float32)[None, :, None, None] + 0.25,
+                               rtol=1e-6)
+    np.testing.assert_allclose(exact["z"], 2 * exact["y"], rtol=1e-6)
+    np.testing.assert_allclose(exact["z"], want["z"].astype(np.float32), atol=1e-2)
+
+
+def test_normalize_front_takes_pixels_under_the_input_name():
+    nodes = [helper.make_node("Identity", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    front = normalize_front(model, "x", (0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
+    assert [i.name for i in front.graph.input] == ["x"]
+    x = np.array([[[[1.0]], [[0.25]], [[1.0]]]], dtype=np.float32)
+    np.testing.assert_allclose(run(front, x)["y"].ravel(), [1.0, 0.0, 0.5])
