@@ -470,6 +470,56 @@ def test_a_model_that_computes_in_fp16_imports_with_fp32_edges(tmp_path, capsys)
     np.testing.assert_allclose(logits, ort_run(out / "backbone.onnx", x)[0], rtol=1e-6, atol=1e-7)
 
 
+class KerasLike(nn.Module):
+    """What a Keras model converted for the GPU often is: [N, 32, 32, 3] normalized FP16 in, softmax
+    FP16 out."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = Cnn32()
+
+    def forward(self, x):
+        return torch.softmax(60 * self.cnn(x.permute(0, 3, 1, 2)), dim=1)
+
+
+def test_every_edge_at_once_channels_last_normalized_fp16_softmax(tmp_path, capsys):
+    """NHWC, clients that normalize, FP16 and a softmax head in one model: the edits compose (FP16
+    casts innermost, then the Transpose, then the normalization; the log of the probabilities at
+    load), the client's NHWC normalized request gets the model's own probabilities, and the twin
+    (pixels, NCHW, FP32) gives their logarithms."""
+    src = tmp_path / "keras.onnx"
+    torch.manual_seed(0)
+    net = KerasLike().eval().half()
+    torch.onnx.export(net, (torch.rand(2, 32, 32, 3).half(),), str(src), input_names=["input"],
+                      output_names=["probs"], dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}},
+                      dynamo=False)
+    out = tmp_path / "b"
+    assert cli(["import", "--onnx", str(src), "--out", str(out), "--name", "keras", "--mean", "0.5",
+                "--std", "0.25"]) == 0
+    capsys.readouterr()
+    bundle = Bundle.load(out)
+    spec, bb = bundle.input, bundle.spec.backbone
+    assert (spec.layout, tuple(spec.shape), spec.normalized, bb.output_kind, bb.recipe["precision"]) == (
+        "NHWC", (3, 32, 32), True, "probabilities", "fp16")
+    pixels = images(4, (3, 32, 32))  # NCHW pixels
+    sent = ((pixels - 0.5) / 0.25).astype(np.float32).transpose(0, 2, 3, 1).copy()  # what the clients send
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    want = sess.run(["probs"], {"input": sent.astype(np.float16)})[0].astype(np.float32)
+    proxy = LoopbackProxy(out, {"stages": []})
+    try:
+        with tc.InferenceServerClient(proxy.url) as client:
+            inp = tc.InferInput("input", list(sent.shape), "FP32")
+            inp.set_data_from_numpy(sent)
+            got = client.infer("keras", [inp]).as_numpy("probs")
+    finally:
+        proxy.stop()
+    np.testing.assert_allclose(got, want, atol=1e-2)
+    assert (got.argmax(1) == want.argmax(1)).all()
+    with torch.no_grad():
+        log_p = load_backbone(bundle)(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(np.exp(log_p), want, atol=1e-2)
+
+
 def test_features_model_checked_on_real_data_and_served_with_a_defense(models, tmp_path):
     """Fashion-MNIST (the data set on this machine) as the parity inputs, conformed by the data
     layer to 3x64x64; its class names are taken since the model has 10 logits."""
