@@ -46,48 +46,45 @@ def _namer(model: onnx.ModelProto, stem: str) -> Callable[[str], str]:
     return fresh
 
 
-def prepend(model: onnx.ModelProto, input_name: str, suffix: str, build: Build) -> onnx.ModelProto:
-    """A copy of ``model`` in which every node that read the input ``input_name`` reads
-    ``<input>_<suffix>`` instead, computed from the input by what ``build`` returns. A shape some
-    exporters record for the input in value_info moves to the inner name."""
+def _edit(model: onnx.ModelProto, name: str, suffix: str, build: Build, front: bool) -> onnx.ModelProto:
+    """A copy of ``model`` in which the nodes use ``<name>_<suffix>`` where they used ``name`` (as input,
+    and, after an output, as output too), and a value_info entry for ``name`` moves with it; the nodes
+    ``build(outer, inner, fresh)`` returns link the two: in front of the graph from the input ``name``
+    to the inner name, or after it from the inner name to the output ``name``."""
     model = copy.deepcopy(model)
     g = model.graph
-    fresh = _namer(model, input_name)
+    fresh = _namer(model, name)
     inner = fresh(suffix)
     for graph in _graphs(g):
         for node in graph.node:
-            node.input[:] = [inner if n == input_name else n for n in node.input]
+            node.input[:] = [inner if n == name else n for n in node.input]
+            if not front:
+                node.output[:] = [inner if n == name else n for n in node.output]
     for v in g.value_info:
-        if v.name == input_name:
+        if v.name == name:
             v.name = inner
-    nodes, inits = build(input_name, inner, fresh)
+    nodes, inits = build(name, inner, fresh) if front else build(inner, name, fresh)
     for i, node in enumerate(nodes):
-        g.node.insert(i, node)
+        g.node.insert(i if front else len(g.node), node)
     g.initializer.extend(inits)
     return model
+
+
+def prepend(model: onnx.ModelProto, input_name: str, suffix: str, build: Build) -> onnx.ModelProto:
+    """A copy of ``model`` in which every node that read the input ``input_name`` reads
+    ``<input>_<suffix>`` instead, computed from the input by what ``build(input, inner, fresh)``
+    returns. A shape some exporters record for the input in value_info moves to the inner name."""
+    return _edit(model, input_name, suffix, build, front=True)
 
 
 def append(model: onnx.ModelProto, output: str, suffix: str, build: Build) -> onnx.ModelProto:
-    """A copy of ``model`` whose output ``output`` is computed by what ``build`` returns from what the
-    graph computed under that name, now called ``<output>_<suffix>`` (nodes inside the graph that
-    read it keep reading it). ValueError when ``output`` is not an output."""
+    """A copy of ``model`` whose output ``output`` is computed by what ``build(raw, output, fresh)``
+    returns from what the graph computed under that name, now called ``raw`` = ``<output>_<suffix>``
+    (nodes inside the graph that read it keep reading it). ValueError when ``output`` is not an
+    output."""
     if output not in [o.name for o in model.graph.output]:
         raise ValueError(f"the graph has no output {output!r} (outputs: {[o.name for o in model.graph.output]})")
-    model = copy.deepcopy(model)
-    g = model.graph
-    fresh = _namer(model, output)
-    raw = fresh(suffix)
-    for graph in _graphs(g):
-        for node in graph.node:
-            node.output[:] = [raw if n == output else n for n in node.output]
-            node.input[:] = [raw if n == output else n for n in node.input]
-    for v in g.value_info:
-        if v.name == output:
-            v.name = raw
-    nodes, inits = build(raw, output, fresh)
-    g.node.extend(nodes)
-    g.initializer.extend(inits)
-    return model
+    return _edit(model, output, suffix, build, front=False)
 
 
 def nchw_front(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:

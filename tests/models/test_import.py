@@ -122,11 +122,15 @@ class FeatureMap(nn.Module):
         return self.conv(x)
 
 
-def export(module: nn.Module, path, shape, outputs=("logits",), dynamic=True, legacy=False, dynamic_hw=False):
-    """``torch.onnx.export`` with the batch axis dynamic (torch.export-based exporter unless ``legacy``)."""
+def export(module: nn.Module, path, shape, outputs=("logits",), dynamic=True, legacy=False, dynamic_hw=False,
+           half=False):
+    """``torch.onnx.export`` with the batch axis dynamic (torch.export-based exporter unless ``legacy``);
+    ``half``: the model converted to FP16, input and outputs too (legacy exporter)."""
     torch.manual_seed(0)
     module = module.eval()
     x = torch.rand(2 if dynamic else 1, *shape)  # a fixed batch is 1, as a naive export writes it
+    if half:
+        module, x, legacy = module.half(), x.half(), True
     if legacy:
         axes = {0: "batch", **({2: "h", 3: "w"} if dynamic_hw else {})}
         torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=list(outputs),
@@ -178,6 +182,19 @@ def triton_logits(url: str, model: str, x: np.ndarray) -> tuple[np.ndarray, np.n
         inp.set_data_from_numpy(x)
         result = client.infer(model, [inp])
     return result.as_numpy("logits"), result.as_numpy("robustgate_verdict")
+
+
+def served(bundle: Path, x: np.ndarray, stages: list[dict], output: str = "probs", sections=None) -> np.ndarray:
+    """``x`` sent by tritonclient to a proxy serving ``bundle`` with ``stages`` (and config ``sections``):
+    the answer's ``output``."""
+    proxy = LoopbackProxy(bundle, {"stages": stages}, sections)
+    try:
+        with tc.InferenceServerClient(proxy.url) as client:
+            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return client.infer(Bundle.load(bundle).name, [inp]).as_numpy(output)
+    finally:
+        proxy.stop()
 
 
 # ---- import -> load -> twin -> serve ---------------------------------------------------------
@@ -286,14 +303,7 @@ def test_a_softmax_head_is_recorded_and_the_output_policies_read_it_as_probabili
     x = images(4, (3, 32, 32))
     p = ort_run(models["probs"], x, outputs=("probs",))[0]
     assert p.max(axis=1).min() > 0.2  # a second softmax would flatten these to ~0.12 over 10 classes
-    proxy = LoopbackProxy(out, {"stages": []}, {"outputs": {"policy": "top_k", "k": 1, "decimals": 3}})
-    try:
-        with tc.InferenceServerClient(proxy.url) as client:
-            inp = tc.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            got = client.infer("probs", [inp]).as_numpy("probs")
-    finally:
-        proxy.stop()
+    got = served(out, x, [], sections={"outputs": {"policy": "top_k", "k": 1, "decimals": 3}})
     np.testing.assert_allclose(got.max(axis=1), np.round(p.max(axis=1), 3), atol=1e-6)
     assert (got.argmax(axis=1) == p.argmax(axis=1)).all() and (np.count_nonzero(got, axis=1) == 1).all()
     forced = tmp_path / "as_logits"
@@ -374,18 +384,6 @@ def test_normalization_flags_are_checked(models, tmp_path, capsys):
         assert message in capsys.readouterr().err and not out.exists()
 
 
-def served(bundle: Path, x: np.ndarray, stages: list[dict], output: str = "probs") -> np.ndarray:
-    """``x`` sent by tritonclient to a proxy serving ``bundle`` with ``stages``: the answer's ``output``."""
-    proxy = LoopbackProxy(bundle, {"stages": stages})
-    try:
-        with tc.InferenceServerClient(proxy.url) as client:
-            inp = tc.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            return client.infer(Bundle.load(bundle).name, [inp]).as_numpy(output)
-    finally:
-        proxy.stop()
-
-
 def test_a_softmax_head_runs_on_log_probabilities_everywhere_inside(models, tmp_path):
     """One conversion where the model's output enters (models/output_kind.py): the ONNX Runtime
     backend, the fused pass's graph and the torch twin of a softmax-head model give ``log p``, the
@@ -438,12 +436,7 @@ def test_a_model_that_computes_in_fp16_imports_with_fp32_edges(tmp_path, capsys)
     casts at its edges, so the proxy, the defenses and the red team speak FP32 to it; it answers what
     the FP16 model answers, to FP16's precision, and its twin is the graph in FP32 (FP16 gradients
     underflow)."""
-    src = tmp_path / "half.onnx"
-    torch.manual_seed(0)
-    net = Cnn32().eval().half()
-    torch.onnx.export(net, (torch.rand(2, 3, 32, 32).half(),), str(src), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      dynamo=False)
+    src = export(make(Cnn32), tmp_path / "half.onnx", (3, 32, 32), half=True)
     out = tmp_path / "b"
     assert cli(["import", "--onnx", str(src), "--out", str(out), "--name", "half"]) == 0
     assert "computes in FP16" in capsys.readouterr().out
@@ -487,12 +480,7 @@ def test_every_edge_at_once_channels_last_normalized_fp16_softmax(tmp_path, caps
     casts innermost, then the Transpose, then the normalization; the log of the probabilities at
     load), the client's NHWC normalized request gets the model's own probabilities, and the twin
     (pixels, NCHW, FP32) gives their logarithms."""
-    src = tmp_path / "keras.onnx"
-    torch.manual_seed(0)
-    net = KerasLike().eval().half()
-    torch.onnx.export(net, (torch.rand(2, 32, 32, 3).half(),), str(src), input_names=["input"],
-                      output_names=["probs"], dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}},
-                      dynamo=False)
+    src = export(make(KerasLike), tmp_path / "keras.onnx", (32, 32, 3), outputs=("probs",), half=True)
     out = tmp_path / "b"
     assert cli(["import", "--onnx", str(src), "--out", str(out), "--name", "keras", "--mean", "0.5",
                 "--std", "0.25"]) == 0
@@ -505,14 +493,7 @@ def test_every_edge_at_once_channels_last_normalized_fp16_softmax(tmp_path, caps
     sent = ((pixels - 0.5) / 0.25).astype(np.float32).transpose(0, 2, 3, 1).copy()  # what the clients send
     sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
     want = sess.run(["probs"], {"input": sent.astype(np.float16)})[0].astype(np.float32)
-    proxy = LoopbackProxy(out, {"stages": []})
-    try:
-        with tc.InferenceServerClient(proxy.url) as client:
-            inp = tc.InferInput("input", list(sent.shape), "FP32")
-            inp.set_data_from_numpy(sent)
-            got = client.infer("keras", [inp]).as_numpy("probs")
-    finally:
-        proxy.stop()
+    got = served(out, sent, [])
     np.testing.assert_allclose(got, want, atol=1e-2)
     assert (got.argmax(1) == want.argmax(1)).all()
     with torch.no_grad():
