@@ -202,11 +202,12 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     if inp.datatype == "UINT8":
         x = arr.astype(np.float32) / np.float32(255.0)  # division, as the dataset loaders do: same pixels
         norm = None  # UINT8 holds pixels by nature
+    elif norm is not None:  # back to pixels along the wire layout's channel axis, the copy included
+        x = norm.pixels(arr.reshape(shape), 3 if contract.channels_last else 1,
+                        out=np.empty(shape, dtype=np.float32)).reshape(-1)
     else:
         x = arr.astype(np.float32, copy=True)
     lo, hi = contract.value_range
-    if norm is not None:  # back to pixels, in place (the channel axis of the wire layout)
-        x = norm.pixels(x.reshape(shape), 3 if contract.channels_last else 1, out=x.reshape(shape)).reshape(-1)
     xmin, xmax = float(_MIN(x)), float(_MAX(x))
     if not (lo <= xmin and xmax <= hi and xmax - xmin < _INF):  # the difference: an infinity in an unbounded range
         slack = ROUNDING * (hi - lo)
