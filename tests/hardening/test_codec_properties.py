@@ -11,9 +11,12 @@ defect applied to it is refused with the documented status.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from robustgate.models.normalization import Normalization
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.proxy.codec import InputContract, ProtocolError, decode_infer
 
@@ -223,3 +226,29 @@ def test_valid_requests_decode_exactly_and_each_defect_is_refused(case, seed):
             assert exc.code == code and needle in exc.message, (name, exc.code, exc.message)
         else:
             raise AssertionError(f"mutation {name!r} was accepted")
+
+
+NORMALIZED = dataclasses.replace(CONTRACT, normalization=Normalization((0.45,), (0.25,)))
+
+
+@PROFILE
+@given(requests())
+def test_any_request_to_a_normalized_contract_decodes_to_pixels_or_raises_a_protocol_error(req):
+    """A bundle whose clients normalize (input.normalized): whatever arrives either becomes finite
+    pixels inside the value range -- FP32 values turned back with ``x * std + mean`` (float rounding
+    at the range's ends clipped), UINT8 as pixels -- or is refused with the codec's ProtocolError."""
+    req = pb.ModelInferRequest.FromString(req.SerializeToString())
+    try:
+        d = decode_infer(req, NORMALIZED)
+    except ProtocolError as exc:
+        assert exc.code in ("INVALID_ARGUMENT", "NOT_FOUND"), exc.code
+        assert exc.message and str(exc) == exc.message
+        return
+    x = d.x
+    assert x.dtype == np.float32 and x.flags["C_CONTIGUOUS"] and np.isfinite(x).all()
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    inp = req.inputs[0]
+    if inp.datatype == "FP32":
+        sent = (np.frombuffer(req.raw_input_contents[0], dtype="<f4") if d.raw
+                else np.asarray(inp.contents.fp32_contents, dtype=np.float32)).reshape(x.shape)
+        np.testing.assert_allclose(x, np.clip(sent * np.float32(0.25) + np.float32(0.45), 0, 1), atol=1e-6)
