@@ -179,3 +179,50 @@ def float32_inside(model: onnx.ModelProto) -> onnx.ModelProto:
                 for t in attr.tensors:
                     widen(t)
     return checked(model)
+
+
+def free_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+    """A model exported with a fixed batch of 1 -> the same graph declaring a dynamic batch (``batch``)
+    as the first dimension of its input and of its outputs that had 1 there. A ``Reshape`` whose
+    data carries that batch first (by shape inference) and whose constant target shape starts with
+    the baked-in 1 gets 0 there instead ("as the input's first dimension": the same at batch 1), or
+    -1 under ``allowzero`` when no other dimension is -1.
+    The shapes recorded for intermediate values (value_info: hints with the batch baked in) are
+    dropped. Whatever else baked the batch in is left: the caller checks that every item gets what
+    the model as exported gives it, alone and in a batch (models/importer.py)."""
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(model)
+    g = model.graph
+    for v in (*[i for i in g.input if i.name == input_name], *g.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    del g.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a graph onnx cannot infer: its reshapes stay, the caller's check decides
+        return checked(model)
+    batched = {v.name for v in (*inferred.graph.value_info, *inferred.graph.input)
+               if v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[0].dim_param == "batch"}
+    consts = {t.name: t for t in g.initializer}
+    consts.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
+    fresh = _namer(model, "batch_shape")
+    for node in g.node:
+        if node.op_type != "Reshape" or node.input[0] not in batched or node.input[1] not in consts:
+            continue
+        target = numpy_helper.to_array(consts[node.input[1]])
+        if target.ndim != 1 or not target.size or target[0] != 1:
+            continue
+        target = target.copy()
+        if any(a.name == "allowzero" and a.i for a in node.attribute):  # 0 means a zero-sized dimension there
+            if (target == -1).any():
+                continue  # -1 is taken: left to the caller's check
+            target[0] = -1  # the only unknown: the batch, as the rest of the shape is given
+        else:
+            target[0] = 0
+        name = fresh("0")
+        g.initializer.append(numpy_helper.from_array(target, name))
+        node.input[1] = name
+    return checked(model)

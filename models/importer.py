@@ -41,9 +41,11 @@ bundle records ``backbone.output_kind: probabilities`` (``--output-kind`` says i
 and answers probabilities again (models/output_kind.py). ``backbone.onnx`` stays the file itself.
 
 The batch axis: the proxy coalesces requests into batches, so the graph's first input dimension
-must be dynamic. A graph exported with a fixed batch of 1 is refused with the command that
-re-exports it -- rewriting the input's first dimension would not reach reshapes inside the graph
-that baked the batch size in, and a model that silently mixes up items is worse than a refusal.
+must be dynamic. A graph exported with a fixed batch of 1 (the usual omission) gets its input's and
+outputs' first dimension made dynamic, and then must give each of the check items the same outputs
+alone and in one batch: a reshape that baked the batch size in fails or mixes items, and the import
+is then refused with the command that re-exports the model (a model that silently mixes up items is
+worse than a refusal). Any other fixed batch is refused.
 
 Every refusal is one :class:`ImportRefused` with one message, and nothing is written: the bundle is
 built in a sibling temporary directory and renamed into place only when complete.
@@ -70,7 +72,7 @@ from robustgate.models.bundle import (
     sha256_file,
 )
 from robustgate.models.data import add_data_arguments
-from robustgate.models.graph_edit import float32_edges, nchw_front, normalize_front
+from robustgate.models.graph_edit import float32_edges, free_batch, nchw_front, normalize_front
 
 ONNX_FILE = "backbone.onnx"
 PARITY_ITEMS = 64  # real (or random) images the twin is checked on
@@ -273,6 +275,7 @@ def import_onnx(
         served = model.SerializeToString()
         notes.append(f"the weights were in external data ({', '.join(external)}); backbone.onnx holds them, one "
                      f"file; the source's sha256 are the original files'")
+    freed = sig.input_dims[0] == 1  # exported with a fixed batch of 1, the usual omission: freed below
     fp16 = _fp16(model)
     if fp16:  # FP32 at the edges, as the proxy, the defenses and the twin's callers speak
         model = float32_edges(model, sig.input_name, list(sig.outputs))
@@ -303,9 +306,17 @@ def import_onnx(
         notes.append("value range assumed 0,1 (pixels scaled to [0, 1]); --value-range LO,HI sets another")
 
     x, inputs_note, data_classes, transform = _parity_inputs(shape, (lo, hi), dataset, data_dir, parity_items)
+    reference = None  # the model as exported (one item at a time), when its batch axis is made dynamic
+    if freed:  # last, so the fronts above keep the model's own batch of 1 in the reference
+        reference = _session(onnx_file if served is None else served, onnx_file)
+        model = free_batch(model, sig.input_name)
+        served = model.SerializeToString()
     session = _session(onnx_file if served is None else served, onnx_file)
     wanted = [logits_name, *([features_name] if features_name else [])]
-    ort_out = _run_checked(session, sig, wanted, x, onnx_file)
+    ort_out = _run_checked(session, sig, wanted, x, onnx_file, reference=reference)
+    if freed:
+        notes.append(f"the model was exported with a fixed batch of 1: backbone.onnx has its batch axis made dynamic, "
+                     f"and each of the {len(x)} check items gets the same outputs alone and in one batch")
     k = ort_out[0].shape[1]
     if k_declared is not None and k_declared != k:
         raise ImportRefused(f"{onnx_file}: output {logits_name!r} declares {k_declared} classes but returns {k}")
@@ -483,12 +494,10 @@ def _signature(model, path: Path) -> Signature:
     dims = _dims(inp)
     if len(dims) != 4:
         raise ImportRefused(f"{path}: input {inp.name!r} has rank {len(dims)} ({dims}); expected [batch, C, H, W]")
-    if dims[0] is not None:
-        hint = ("torch.onnx.export(model, (x,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim('batch')},)) "
-                "or, with the older exporter, dynamic_axes={'<input>': {0: 'batch'}, '<each output>': {0: 'batch'}}")
+    if dims[0] is not None and dims[0] != 1:
         raise ImportRefused(
             f"{path}: input {inp.name!r} has a fixed batch dimension of {dims[0]}; the proxy batches requests, "
-            f"so the first dimension must be dynamic. Re-export the model with a dynamic batch axis, e.g. {hint}")
+            f"so the first dimension must be dynamic. Re-export the model with a dynamic batch axis, e.g. {_BATCH_HINT}")
     outputs = {}
     for o in model.graph.output:
         if o.type.tensor_type.elem_type not in FLOATS:
@@ -497,6 +506,10 @@ def _signature(model, path: Path) -> Signature:
     if not outputs:
         raise ImportRefused(f"{path}: the graph has no FP32 or FP16 output (outputs: {[o.name for o in model.graph.output]})")
     return Signature(inp.name, dims, outputs)
+
+
+_BATCH_HINT = ("torch.onnx.export(model, (x,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim('batch')},)) "
+               "or, with the older exporter, dynamic_axes={'<input>': {0: 'batch'}, '<each output>': {0: 'batch'}}")
 
 
 def _layout(sig: Signature, given: str | None, where: Path) -> str:
@@ -588,28 +601,45 @@ def _session(source: Path | bytes, path: Path):
         raise ImportRefused(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
 
 
-def _run_checked(session, sig: Signature, outputs: list[str], x: np.ndarray, path: Path) -> list[np.ndarray]:
+def _run_checked(session, sig: Signature, outputs: list[str], x: np.ndarray, path: Path,
+                 reference=None) -> list[np.ndarray]:
     """Runs ``x`` [n, C, H, W] and one item alone; every output must keep the batch as its first
-    dimension, and the logits be [n, K]: the declared signature is checked by running it."""
+    dimension, and the logits be [n, K]: the declared signature is checked by running it.
+    ``reference``: the session of the model as exported with a fixed batch of 1, whose batch axis the
+    import made dynamic for ``session``: then every item, alone and in the batch, must get what the
+    reference gives it (a reshape that baked the batch in would mix items, or fail)."""
+    every_item = reference is not None
+    refit = (f" (the model was exported with a fixed batch of 1, and making it dynamic does not work: re-export "
+             f"it with a dynamic batch axis, e.g. {_BATCH_HINT})") if every_item else ""
     try:
         got = session.run(outputs, {sig.input_name: x})
         one = session.run(outputs, {sig.input_name: x[:1]})
     except Exception as exc:  # ORT's errors are not a stable hierarchy
         raise ImportRefused(f"{path}: ONNX Runtime fails on a batch of shape {list(x.shape)} (a model that takes "
-                            f"[batch, H, W, C] needs --layout NHWC): {exc}") from None
+                            f"[batch, H, W, C] needs --layout NHWC): {exc}{refit}") from None
     for name, a, b in zip(outputs, got, one):
         if a.ndim < 2 or a.shape[0] != len(x) or b.shape[0] != 1:
             raise ImportRefused(f"{path}: output {name!r} returns shape {list(a.shape)} for a batch of {len(x)} "
-                                f"(and {list(b.shape)} for 1); expected [batch, ...]")
+                                f"(and {list(b.shape)} for 1); expected [batch, ...]{refit}")
     logits = got[0]
     if logits.ndim != 2:
         raise ImportRefused(f"{path}: output {outputs[0]!r} returns shape {list(logits.shape)}; the logits must be "
                             f"[batch, classes] (name another output with --logits-output NAME)")
     if logits.shape[1] < 2:
         raise ImportRefused(f"{path}: output {outputs[0]!r} has {logits.shape[1]} class(es); a classifier needs >= 2")
-    if not np.allclose(got[0][:1], one[0], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(one[0]).max()))):
-        raise ImportRefused(f"{path}: item 0 gets different logits alone and in a batch of {len(x)}: the graph "
-                            f"mixes items across the batch (was the batch size baked in at export?)")
+    for i in range(len(x) if every_item else 1):
+        alone = one if i == 0 else session.run(outputs, {sig.input_name: x[i:i + 1]})
+        exported = reference.run(outputs, {sig.input_name: x[i:i + 1]}) if every_item else None
+        for j, name in enumerate(outputs):
+            b = alone[j]
+            tol = 1e-4 * max(1.0, float(np.abs(b).max()))
+            if not np.allclose(got[j][i:i + 1], b, rtol=1e-4, atol=tol):
+                raise ImportRefused(f"{path}: item {i} gets a different {name!r} alone and in a batch of {len(x)}: "
+                                    f"the graph mixes items across the batch (was the batch size baked in at "
+                                    f"export?){refit}")
+            if exported is not None and not np.allclose(exported[j], b, rtol=1e-4, atol=tol):
+                raise ImportRefused(f"{path}: item {i} gets a different {name!r} once the batch axis is dynamic "
+                                    f"than from the model as exported{refit}")
     return [np.asarray(a, dtype=np.float32) for a in got]
 
 

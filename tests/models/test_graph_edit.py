@@ -60,3 +60,25 @@ def test_normalize_front_takes_pixels_under_the_input_name():
     assert [i.name for i in front.graph.input] == ["x"]
     x = np.array([[[[1.0]], [[0.25]], [[1.0]]]], dtype=np.float32)
     np.testing.assert_allclose(run(front, x)["y"].ravel(), [1.0, 0.0, 0.5])
+
+
+def reshape_model(target: list[int], allowzero: int) -> onnx.ModelProto:
+    """``x`` [1, 2, 3] -> Reshape(x, target) -> ``y``, the batch of 1 baked into the target."""
+    shape = numpy_helper.from_array(np.array(target, dtype=np.int64), "shape")
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=allowzero)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], [shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_free_batch_declares_a_dynamic_batch_and_frees_the_reshapes_that_baked_it_in():
+    from robustgate.models.graph_edit import free_batch
+
+    x = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
+    for target, allowzero in (([1, 6], 0), ([1, -1], 0), ([1, 6], 1)):
+        freed = free_batch(reshape_model(target, allowzero), "x")
+        assert freed.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        assert freed.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        np.testing.assert_array_equal(run(freed, x)["y"], x.reshape(4, 6))  # each item flattened by itself
+    kept = free_batch(reshape_model([1, -1], 1), "x")  # under allowzero, -1 is taken and 0 means 0: left
+    np.testing.assert_array_equal(numpy_helper.to_array(kept.graph.initializer[0]), [1, -1])

@@ -645,8 +645,43 @@ def test_refuses_input_shape_that_contradicts_the_graph(models, tmp_path, capsys
     refused(tmp_path, capsys, ["--onnx", str(models["cnn32"]), "--input-shape", "3,64,64"], "contradicts the graph's H = 32")
 
 
-def test_refuses_a_fixed_batch_of_one(models, tmp_path, capsys):
-    refused(tmp_path, capsys, ["--onnx", str(models["fixed"])], "fixed batch dimension of 1")
+class BakedBatch(nn.Module):
+    """[1, 3, 32, 32] -> [1, 10], summing over the batch axis (the identity at a batch of 1): a graph
+    that only works with the batch it was exported with."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).sum(0, keepdim=True).reshape(1, -1))
+
+
+def test_a_fixed_batch_of_one_is_made_dynamic_when_items_stay_apart(models, tmp_path, capsys):
+    """Exported without a dynamic batch (both exporters; the torch.export-based one bakes ``[1, 256]``
+    into the flatten's Reshape, under allowzero): the import makes the batch axis dynamic, the
+    reshape's batch -1 (0 without allowzero), and checks every item, alone and in a batch, against the
+    model as exported; such a model then serves batches of any size."""
+    legacy = export(make(Cnn32), tmp_path / "legacy_fixed.onnx", (3, 32, 32), dynamic=False, legacy=True)
+    for i, src in enumerate((models["fixed"], legacy)):
+        out = tmp_path / f"b{i}"
+        assert cli(["import", "--onnx", str(src), "--out", str(out), "--name", "fixed"]) == 0
+        assert "fixed batch of 1: backbone.onnx has its batch axis made dynamic" in capsys.readouterr().out
+        x = images(5, (3, 32, 32))
+        want = np.concatenate([ort_run(src, x[j:j + 1])[0] for j in range(5)])  # the model, one item at a time
+        np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, rtol=1e-5, atol=1e-6)
+        proxy = LoopbackProxy(out, {"stages": []})
+        try:
+            logits, _ = triton_logits(proxy.url, "fixed", x)
+        finally:
+            proxy.stop()
+        np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_a_fixed_batch_that_the_graph_baked_in(tmp_path, capsys):
+    src = export(make(BakedBatch), tmp_path / "baked.onnx", (3, 32, 32), dynamic=False, legacy=True)
+    refused(tmp_path, capsys, ["--onnx", str(src)], "exported with a fixed batch of 1, and making it dynamic does not")
 
 
 def test_refuses_an_output_that_is_not_batch_by_classes(models, tmp_path, capsys):
