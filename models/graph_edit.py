@@ -207,7 +207,8 @@ def free_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     batched = {v.name for v in (*inferred.graph.value_info, *inferred.graph.input)
                if v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[0].dim_param == "batch"}
     consts = {t.name: t for t in g.initializer}
-    consts.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
+    consts.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
     fresh = _namer(model, "batch_shape")
     for node in g.node:
         if node.op_type != "Reshape" or node.input[0] not in batched or node.input[1] not in consts:

@@ -145,7 +145,8 @@ def _normalization(mean: tuple[float, ...] | None, std: tuple[float, ...] | None
     out = []
     for flag, values in (("--mean", mean), ("--std", std)):
         if len(values) not in (1, channels):
-            raise ImportRefused(f"{flag} has {len(values)} values for {channels} channels; give one, or one per channel")
+            raise ImportRefused(f"{flag} has {len(values)} values for {channels} channels; give one, or one per "
+                                f"channel")
         out.append(tuple(float(v) for v in values) * (channels if len(values) == 1 else 1))
     if any(not v > 0 for v in out[1]):
         raise ImportRefused(f"--std {','.join(map(str, std))}: every value must be positive")
@@ -497,14 +498,16 @@ def _signature(model, path: Path) -> Signature:
     if dims[0] is not None and dims[0] != 1:
         raise ImportRefused(
             f"{path}: input {inp.name!r} has a fixed batch dimension of {dims[0]}; the proxy batches requests, "
-            f"so the first dimension must be dynamic. Re-export the model with a dynamic batch axis, e.g. {_BATCH_HINT}")
+            f"so the first dimension must be dynamic. Re-export the model with a dynamic batch axis, e.g. "
+            f"{_BATCH_HINT}")
     outputs = {}
     for o in model.graph.output:
         if o.type.tensor_type.elem_type not in FLOATS:
             continue  # e.g. an int64 argmax output: not logits nor features
         outputs[o.name] = _dims(o)
     if not outputs:
-        raise ImportRefused(f"{path}: the graph has no FP32 or FP16 output (outputs: {[o.name for o in model.graph.output]})")
+        raise ImportRefused(f"{path}: the graph has no FP32 or FP16 output "
+                            f"(outputs: {[o.name for o in model.graph.output]})")
     return Signature(inp.name, dims, outputs)
 
 

@@ -127,7 +127,8 @@ def decode_logits(resp: pb.ModelInferResponse, output_name: str | None, m: int, 
         raise BackendError("INTERNAL", f"upstream response has no output {output_name!r} (outputs: {names})")
     out = resp.outputs[index]
     if out.datatype not in _WIRE:
-        raise BackendError("INTERNAL", f"upstream output {out.name!r} has datatype {out.datatype}; expected FP32 or FP16")
+        raise BackendError("INTERNAL", f"upstream output {out.name!r} has datatype {out.datatype}; "
+                           f"expected FP32 or FP16")
     wire = np.dtype(_WIRE[out.datatype])
     shape = tuple(out.shape)
     if len(shape) != 2 or shape[0] != m or shape[1] < 1 or (k is not None and shape[1] != k):

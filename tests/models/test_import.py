@@ -335,7 +335,8 @@ def test_clients_that_normalize_keep_sending_normalized_values(models, tmp_path)
     bundle = Bundle.load(out)
     spec = bundle.input
     assert spec.normalized and spec.mean == pytest.approx(tuple(MEAN)) and spec.std == pytest.approx(tuple(STD))
-    assert bundle.spec.provenance["source"]["sha256"] == sha256_file(models["cnn32"]) != bundle.spec.backbone.onnx.sha256
+    source_sha = bundle.spec.provenance["source"]["sha256"]
+    assert source_sha == sha256_file(models["cnn32"]) != bundle.spec.backbone.onnx.sha256
     assert any("(pixels - mean) / std" in note for note in bundle.spec.provenance["import_notes"])
     x = images(5, (3, 32, 32))
     x[0, :, :4] = 0.0  # boundary pixels: normalized and turned back in float32, some land an ulp outside [0, 1]
@@ -426,7 +427,8 @@ def test_a_softmax_head_runs_on_log_probabilities_everywhere_inside(models, tmp_
     np.testing.assert_allclose(served(probs, x, []), np.exp(log_p), rtol=1e-5, atol=1e-7)
     tte = [{"name": "tte", "kind": "tte"}]
     averaged = served(probs, x, tte)
-    np.testing.assert_allclose(averaged, F.softmax(torch.from_numpy(served(sharp, x, tte).copy()), 1).numpy(), atol=1e-5)
+    sharp_averaged = torch.from_numpy(served(sharp, x, tte).copy())
+    np.testing.assert_allclose(averaged, F.softmax(sharp_averaged, 1).numpy(), atol=1e-5)
     np.testing.assert_allclose(averaged.sum(axis=1), 1.0, atol=1e-5)
     assert averaged.max(axis=1).min() > 0.2
 
@@ -455,12 +457,7 @@ def test_a_model_that_computes_in_fp16_imports_with_fp32_edges(tmp_path, capsys)
     np.testing.assert_allclose(got.detach().numpy(), want, atol=fp16)
     got[:, 2].sum().backward()
     assert xt.grad is not None and xt.grad.dtype == torch.float32 and float(xt.grad.abs().sum()) > 0
-    proxy = LoopbackProxy(out, {"stages": []})
-    try:
-        logits, _ = triton_logits(proxy.url, "half", x)
-    finally:
-        proxy.stop()
-    np.testing.assert_allclose(logits, ort_run(out / "backbone.onnx", x)[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(served(out, x, [], "logits"), ort_run(out / "backbone.onnx", x)[0], rtol=1e-6, atol=1e-7)
 
 
 class KerasLike(nn.Module):
@@ -603,12 +600,7 @@ def test_weights_in_external_data_files_are_brought_into_the_bundle(tmp_path, ca
         want = net(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(load_backbone(bundle)(torch.from_numpy(x)).numpy(), want, atol=1e-4)
     (src / "model.onnx.data").unlink()  # the bundle does not need the source any more
-    proxy = LoopbackProxy(out, {"stages": []})
-    try:
-        logits, _ = triton_logits(proxy.url, "ext", x)
-    finally:
-        proxy.stop()
-    np.testing.assert_allclose(logits, want, atol=1e-4)
+    np.testing.assert_allclose(served(out, x, [], "logits"), want, atol=1e-4)
 
 
 def test_refuses_external_data_that_is_missing_outside_or_too_large(models, tmp_path, capsys, monkeypatch):
@@ -671,12 +663,7 @@ def test_a_fixed_batch_of_one_is_made_dynamic_when_items_stay_apart(models, tmp_
         x = images(5, (3, 32, 32))
         want = np.concatenate([ort_run(src, x[j:j + 1])[0] for j in range(5)])  # the model, one item at a time
         np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, rtol=1e-5, atol=1e-6)
-        proxy = LoopbackProxy(out, {"stages": []})
-        try:
-            logits, _ = triton_logits(proxy.url, "fixed", x)
-        finally:
-            proxy.stop()
-        np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(served(out, x, [], "logits"), want, rtol=1e-5, atol=1e-6)
 
 
 def test_refuses_a_fixed_batch_that_the_graph_baked_in(tmp_path, capsys):
