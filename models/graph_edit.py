@@ -227,3 +227,15 @@ def free_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
         g.initializer.append(numpy_helper.from_array(target, name))
         node.input[1] = name
     return checked(model)
+
+
+def flatten_output(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
+    """``model`` whose output ``output`` is ``[N, K, 1, ...]`` (a classifier ending in a 1x1 convolution
+    and global pooling, as older exports do) -> the same values as ``[N, K]``, under the same name."""
+    def flatten(raw: str, out: str, fresh):
+        return [helper.make_node("Flatten", [raw], [out], axis=1, name=fresh("flatten"))], []
+
+    model = append(model, output, "unflattened", flatten)
+    dims = next(v for v in model.graph.output if v.name == output).type.tensor_type.shape.dim
+    del dims[2:]
+    return checked(model)

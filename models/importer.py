@@ -72,7 +72,7 @@ from robustgate.models.bundle import (
     sha256_file,
 )
 from robustgate.models.data import add_data_arguments
-from robustgate.models.graph_edit import float32_edges, free_batch, nchw_front, normalize_front
+from robustgate.models.graph_edit import float32_edges, flatten_output, free_batch, nchw_front, normalize_front
 
 ONNX_FILE = "backbone.onnx"
 PARITY_ITEMS = 64  # real (or random) images the twin is checked on
@@ -301,6 +301,13 @@ def import_onnx(
         notes.append("backbone.onnx is the model with the normalization in front: it takes pixels, as the defenses "
                      "and the twin do; the source sha256 is the original file's")
     logits_name, features_name = _pick_outputs(sig, logits_output, features_output, onnx_file)
+    declared = sig.outputs[logits_name]
+    if len(declared) > 2 and all(d == 1 for d in declared[2:]):  # [N, K, 1, 1]: flattened
+        model = flatten_output(model, logits_name)
+        sig = Signature(sig.input_name, sig.input_dims, {**sig.outputs, logits_name: declared[:2]}, sig.notes)
+        served = model.SerializeToString()
+        notes.append(f"output {logits_name!r} is {_fmt(declared)}: backbone.onnx flattens it to [batch, classes] "
+                     f"under the same name")
     k_declared = sig.outputs[logits_name][1] if len(sig.outputs[logits_name]) == 2 else None
     lo, hi = value_range or (0.0, 1.0)
     if value_range is None:
@@ -584,7 +591,8 @@ def _pick_outputs(sig: Signature, logits: str | None, features: str | None, path
     if features == logits:
         raise ImportRefused(f"{path}: --features-output and the logits output are both {logits!r}")
     dims = sig.outputs[logits]
-    if len(dims) != 2 or (dims[0] is not None and dims[0] != sig.input_dims[0]):
+    flat = len(dims) == 2 or (len(dims) > 2 and all(d == 1 for d in dims[2:]))  # [N, K, 1, 1] is flattened
+    if not flat or (dims[0] is not None and dims[0] != sig.input_dims[0]):
         raise ImportRefused(f"{path}: output {logits!r} has shape {_fmt(dims)}; the logits must be [batch, classes] "
                             f"(name another output with --logits-output NAME)")
     if features is not None and len(sig.outputs[features]) < 2:

@@ -666,6 +666,33 @@ def test_a_fixed_batch_of_one_is_made_dynamic_when_items_stay_apart(models, tmp_
         np.testing.assert_allclose(served(out, x, [], "logits"), want, rtol=1e-5, atol=1e-6)
 
 
+class ConvHead(nn.Module):
+    """An older-style classifier: a 1x1 convolution to the classes and global pooling, no flatten:
+    [N, 3, 32, 32] -> [N, 10, 1, 1] (SqueezeNet's shape before torchvision flattened it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 10, 1),
+                                  nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_logits_of_shape_batch_classes_1_1_are_flattened(tmp_path, capsys):
+    """The ONNX model zoo's older classifiers answer [N, K, 1, 1] (and often have a fixed batch of 1):
+    backbone.onnx flattens the output under its name, the twin and the proxy give [N, K]."""
+    src = export(make(ConvHead), tmp_path / "convhead.onnx", (3, 32, 32), dynamic=False, legacy=True)
+    out = tmp_path / "b"
+    assert cli(["import", "--onnx", str(src), "--out", str(out), "--name", "convhead"]) == 0
+    assert "flattens it to [batch, classes]" in capsys.readouterr().out
+    x = images(3, (3, 32, 32))
+    want = np.concatenate([ort_run(src, x[j:j + 1])[0] for j in range(3)]).reshape(3, 10)
+    np.testing.assert_allclose(served(out, x, [], "logits"), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(load_backbone(out)(torch.from_numpy(x)).numpy(), want, atol=1e-5)
+
+
 def test_refuses_a_fixed_batch_that_the_graph_baked_in(tmp_path, capsys):
     src = export(make(BakedBatch), tmp_path / "baked.onnx", (3, 32, 32), dynamic=False, legacy=True)
     refused(tmp_path, capsys, ["--onnx", str(src)], "exported with a fixed batch of 1, and making it dynamic does not")
