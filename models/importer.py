@@ -804,7 +804,8 @@ def import_upstream(
     dims = [int(d) for d in inp.get("shape", [])]
     dims = [None if d < 0 else d for d in dims]
     notes = []
-    if len(dims) == 3:  # Triton with max_batch_size > 0 leaves the batch axis out of the metadata
+    omitted = len(dims) == 3  # Triton with max_batch_size > 0 leaves the batch axis out of the metadata
+    if omitted:
         dims = [None, *dims]
     if len(dims) != 4:
         raise ImportRefused(f"{where}: input {inp['name']!r} has shape {_fmt(dims)}; expected [batch, C, H, W]")
@@ -826,8 +827,10 @@ def import_upstream(
         # the upstream backend reads "logits" or the only output (proxy/backends/upstream.py)
         raise ImportRefused(f"{where}: outputs {names}; the upstream backend needs one called 'logits' or a single output")
     ldims = sig.outputs[logits]
-    if len(ldims) == 1:
+    if omitted or len(ldims) == 1:
         ldims = [None, *ldims]
+    while len(ldims) > 2 and ldims[-1] == 1:  # [N, K, 1, 1]: the upstream backend reads it as [N, K]
+        ldims = ldims[:-1]
     if len(ldims) != 2 or ldims[0] is not None:
         raise ImportRefused(f"{where}: output {logits!r} has shape {_fmt(ldims)}; the logits must be [batch, classes]")
     k = ldims[1]

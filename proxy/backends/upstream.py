@@ -21,7 +21,8 @@ What it guarantees (DESIGN.md, "Serving behaviour"):
 
 Known limits: the upstream must take one FP32 or FP16 input (NCHW or NHWC; a batch is sent in the
 datatype its ModelMetadata declares, FP16 as raw contents, the protocol having no typed FP16 field)
-and return one logits output (named ``logits``, or its only output) in FP32 or FP16 (read as FP32);
+and return one logits output (named ``logits``, or its only output) in FP32 or FP16 (read as FP32),
+``[M, K]`` or ``[M, K, 1, 1]``;
 FP64 logits are refused as malformed rather than converted.
 The upstream's metadata (input name, logits width) is read once and cached: an upstream that comes
 back serving a different model needs a proxy restart.
@@ -130,7 +131,7 @@ def decode_logits(resp: pb.ModelInferResponse, output_name: str | None, m: int, 
         raise BackendError("INTERNAL", f"upstream output {out.name!r} has datatype {out.datatype}; "
                            f"expected FP32 or FP16")
     wire = np.dtype(_WIRE[out.datatype])
-    shape = tuple(out.shape)
+    shape = _squeezed(out.shape)  # [M, K, 1, 1] is read as [M, K]
     if len(shape) != 2 or shape[0] != m or shape[1] < 1 or (k is not None and shape[1] != k):
         want = f"[{m}, {k if k is not None else 'K'}]"
         raise BackendError("INTERNAL", f"upstream output {out.name!r} has shape {list(shape)}; expected {want} "
@@ -357,8 +358,21 @@ def _logits_output(meta: ModelMeta) -> tuple[str | None, int | None]:
     chosen = outputs.get(LOGITS) or (meta.outputs[0] if len(meta.outputs) == 1 else None)
     if chosen is None:
         return (LOGITS if meta.outputs else None), None
-    k = chosen.shape[-1] if len(chosen.shape) == 2 and chosen.shape[-1] > 0 else None
+    shape = tuple(chosen.shape)
+    if meta.inputs and len(meta.inputs[0].shape) == 3:  # Triton (max_batch_size > 0) leaves the batch axis out
+        shape = (-1, *shape)
+    shape = _squeezed(shape)
+    k = shape[-1] if len(shape) == 2 and shape[-1] > 0 else None
     return chosen.name, k
+
+
+def _squeezed(shape) -> tuple[int, ...]:
+    """``shape`` without trailing 1s past the second axis: ``[N, K, 1, 1]`` (a classifier that ends in a
+    1x1 convolution and global pooling) is the logits ``[N, K]``."""
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _read(path: str | None, key: str) -> bytes | None:

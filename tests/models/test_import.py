@@ -943,6 +943,30 @@ def test_an_fp16_upstream_gets_fp16_and_is_read_as_fp32(tmp_path):
         server.stop()
 
 
+class ConvHeadUpstream(TritonStyle):
+    """A Triton-style upstream (batch axis left out of its metadata) whose model answers [M, K, 1, 1]."""
+
+    def __init__(self):
+        super().__init__([{"name": "pixels", "datatype": "FP32", "shape": [1, 4, 4]}],
+                         [{"name": "logits", "datatype": "FP32", "shape": [scripted.K, 1, 1]}])
+
+    def ModelInfer(self, request, context):
+        resp = super().ModelInfer(request, context)
+        resp.outputs[0].shape.extend([1, 1])  # [M, K] -> [M, K, 1, 1], the same values
+        return resp
+
+
+def test_an_upstream_that_answers_batch_classes_1_1_is_read_as_batch_classes(tmp_path):
+    server = ConvHeadUpstream().start()
+    try:
+        bundle = import_upstream(server.url, "formula", tmp_path / "t")
+        assert len(bundle.classes) == scripted.K
+        x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+        np.testing.assert_allclose(via_upstream(tmp_path / "t", server, x), scripted.formula_logits(x), rtol=1e-6)
+    finally:
+        server.stop()
+
+
 def test_upstream_metadata_without_the_batch_axis_and_refusals(tmp_path, capsys):
     pixels = {"name": "pixels", "datatype": "FP32", "shape": [1, 4, 4]}
     server = TritonStyle([pixels], [{"name": "logits", "datatype": "FP32", "shape": [scripted.K]}]).start()
