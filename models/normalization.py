@@ -7,9 +7,9 @@ A bundle with ``input.normalized: true`` (``robustgate import --mean ... --std .
 the user's clients as they are and converts at the two edges:
 
 - the proxy's codec turns each request back into pixels (:meth:`Normalization.pixels`) and checks
-  their range, within float rounding (:data:`ROUNDING`: a boundary pixel normalized in float32 and
-  turned back can land a few ulps outside the range; such values are clipped to it, anything
-  further is refused as any out-of-range request is);
+  their range, within float rounding (:data:`ROUNDING`: a boundary pixel that the client normalized,
+  often in float64, and the proxy turned back in float32 can land a few ulps outside the range; such
+  values are clipped to it, anything further is refused as any out-of-range request is);
 - ``backbone.onnx`` takes pixels: the import puts the normalization in front of the user's graph
   (models/importer.py), so the twin, ``fit`` and the red team see pixels too;
 - an upstream model server gets normalized values again (:meth:`Normalization.normalized`), and so

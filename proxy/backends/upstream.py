@@ -22,8 +22,7 @@ What it guarantees (DESIGN.md, "Serving behaviour"):
 Known limits: the upstream must take one FP32 or FP16 input (NCHW or NHWC; a batch is sent in the
 datatype its ModelMetadata declares, FP16 as raw contents, the protocol having no typed FP16 field)
 and return one logits output (named ``logits``, or its only output) in FP32 or FP16 (read as FP32),
-``[M, K]`` or ``[M, K, 1, 1]``;
-FP64 logits are refused as malformed rather than converted.
+``[M, K]`` or ``[M, K, 1, 1]``; FP64 logits are refused as malformed rather than converted.
 The upstream's metadata (input name, logits width) is read once and cached: an upstream that comes
 back serving a different model needs a proxy restart.
 Requests are unary (no streaming), as tritonclient and perf_analyzer use them.
