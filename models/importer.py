@@ -271,9 +271,9 @@ def import_onnx(
     model, external = _load_onnx(onnx_file)
     sig = _signature(model, onnx_file)
     notes = list(sig.notes)
-    served = None  # the graph's bytes when the bundle's backbone.onnx is not the file itself
+    edited = False  # backbone.onnx is the model with edits at its edges, not the file itself
     if external:
-        served = model.SerializeToString()
+        edited = True
         notes.append(f"the weights were in external data ({', '.join(external)}); backbone.onnx holds them, one "
                      f"file; the source's sha256 are the original files'")
     freed = sig.input_dims[0] == 1  # exported with a fixed batch of 1, the usual omission: freed below
@@ -281,7 +281,7 @@ def import_onnx(
     if fp16:  # FP32 at the edges, as the proxy, the defenses and the twin's callers speak
         model = float32_edges(model, sig.input_name, list(sig.outputs))
         sig = _signature(model, onnx_file)
-        served = model.SerializeToString()
+        edited = True
         notes.append("the model computes in FP16: backbone.onnx casts the FP32 pixels to FP16 in front of it and its "
                      f"FP16 outputs to FP32 after it; the torch twin is the graph in FP32 (FP16 gradients underflow), "
                      f"checked against the FP16 model to {PARITY_RTOL_FP16:g} of the largest output")
@@ -289,7 +289,7 @@ def import_onnx(
     if layout == "NHWC":
         model = nchw_front(model, sig.input_name)
         sig = Signature(sig.input_name, [sig.input_dims[i] for i in (0, 3, 1, 2)], sig.outputs, sig.notes)
-        served = model.SerializeToString()
+        edited = True
         notes.append("the model takes [batch, H, W, C] (NHWC), and so do the proxy's clients; backbone.onnx is it "
                      "with a Transpose in front ([batch, C, H, W], what the defenses and the twin see); the source "
                      "sha256 is the original file's")
@@ -297,7 +297,7 @@ def import_onnx(
     normalization = _normalization(mean, std, shape[0], notes)
     if normalization is not None:
         model = normalize_front(model, sig.input_name, *normalization)
-        served = model.SerializeToString()
+        edited = True
         notes.append("backbone.onnx is the model with the normalization in front: it takes pixels, as the defenses "
                      "and the twin do; the source sha256 is the original file's")
     logits_name, features_name = _pick_outputs(sig, logits_output, features_output, onnx_file)
@@ -305,7 +305,7 @@ def import_onnx(
     if len(declared) > 2 and all(d == 1 for d in declared[2:]):  # [N, K, 1, 1]: flattened
         model = flatten_output(model, logits_name)
         sig = Signature(sig.input_name, sig.input_dims, {**sig.outputs, logits_name: declared[:2]}, sig.notes)
-        served = model.SerializeToString()
+        edited = True
         notes.append(f"output {logits_name!r} is {_fmt(declared)}: backbone.onnx flattens it to [batch, classes] "
                      f"under the same name")
     k_declared = sig.outputs[logits_name][1] if len(sig.outputs[logits_name]) == 2 else None
@@ -316,9 +316,10 @@ def import_onnx(
     x, inputs_note, data_classes, transform = _parity_inputs(shape, (lo, hi), dataset, data_dir, parity_items)
     reference = None  # the model as exported (one item at a time), when its batch axis is made dynamic
     if freed:  # last, so the fronts above keep the model's own batch of 1 in the reference
-        reference = _session(onnx_file if served is None else served, onnx_file)
+        reference = _session(model.SerializeToString() if edited else onnx_file, onnx_file)
         model = free_batch(model, sig.input_name)
-        served = model.SerializeToString()
+        edited = True
+    served = model.SerializeToString() if edited else None  # the bytes backbone.onnx holds, if not the file
     session = _session(onnx_file if served is None else served, onnx_file)
     wanted = [logits_name, *([features_name] if features_name else [])]
     ort_out = _run_checked(session, sig, wanted, x, onnx_file, reference=reference)
