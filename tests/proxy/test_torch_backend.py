@@ -268,3 +268,30 @@ def test_cuda_diffusion_purifier_draws_its_noise_on_the_device(bundle, images):
     np.testing.assert_array_equal(a.logits.numpy(), b.logits.numpy())
     _, y = load_splits("fashion-mnist", val_size=0).take("test", 64, offset=100)
     assert (a.logits.argmax(1) == y).float().mean() >= 0.7
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
+def test_cuda_fp16_model_imports_and_answers_on_the_gpu(tmp_path):
+    """A model converted to FP16, as GPU deployments hold it (robustgate import casts at its edges;
+    its torch twin is the graph in FP32): on the GPU the torch backend, and ONNX Runtime's FP16 kernels
+    where onnxruntime-gpu is installed, answer what the CPU answers, to FP16's precision."""
+    import onnxruntime as ort
+    from torch import nn
+
+    from robustgate.models.importer import import_onnx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval().half()
+    src = tmp_path / "half.onnx"
+    torch.onnx.export(net, (torch.rand(2, 3, 32, 32).half(),), str(src), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    bundle = import_onnx(src, tmp_path / "b")
+    assert bundle.spec.backbone.recipe["precision"] == "fp16"
+    x = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    want = OnnxBackend(bundle).infer(x)
+    tol = 1e-2 * max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(TorchBackend(bundle, device="cuda").infer(x), want, atol=tol)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        np.testing.assert_allclose(OnnxBackend(bundle, device="cuda").infer(x), want, atol=tol)
