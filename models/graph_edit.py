@@ -119,6 +119,15 @@ def normalize_front(model: onnx.ModelProto, input_name: str, mean: tuple[float, 
     return checked(prepend(model, input_name, "normalized", normalize))
 
 
+def computes_in_fp16(model: onnx.ModelProto) -> bool:
+    """Whether the model takes or answers FP16, holds FP16 weights, or casts to FP16 (after
+    :func:`float32_edges` only the last two show)."""
+    f16, g = TensorProto.FLOAT16, model.graph
+    return (any(v.type.tensor_type.elem_type == f16 for v in (*g.input, *g.output))
+            or any(t.data_type == f16 for t in g.initializer)
+            or any(n.op_type == "Cast" and any(a.name == "to" and a.i == f16 for a in n.attribute) for n in g.node))
+
+
 def float32_edges(model: onnx.ModelProto, input_name: str, outputs: list[str]) -> onnx.ModelProto:
     """A model that computes in FP16 -> the same model taking FP32 under its input's name (a ``Cast``
     to FP16 in front, when the input is FP16) and giving FP32 under each name of ``outputs`` that is

@@ -72,7 +72,9 @@ from robustgate.models.bundle import (
     sha256_file,
 )
 from robustgate.models.data import add_data_arguments
-from robustgate.models.graph_edit import float32_edges, flatten_output, free_batch, nchw_front, normalize_front
+from robustgate.models.graph_edit import (
+    computes_in_fp16, float32_edges, flatten_output, free_batch, nchw_front, normalize_front,
+)
 
 ONNX_FILE = "backbone.onnx"
 PARITY_ITEMS = 64  # real (or random) images the twin is checked on
@@ -277,7 +279,7 @@ def import_onnx(
         notes.append(f"the weights were in external data ({', '.join(external)}); backbone.onnx holds them, one "
                      f"file; the source's sha256 are the original files'")
     freed = sig.input_dims[0] == 1  # exported with a fixed batch of 1, the usual omission: freed below
-    fp16 = _fp16(model)
+    fp16 = computes_in_fp16(model)
     if fp16:  # FP32 at the edges, as the proxy, the defenses and the twin's callers speak
         model = float32_edges(model, sig.input_name, list(sig.outputs))
         sig = _signature(model, onnx_file)
@@ -477,11 +479,6 @@ def _external_files(model, path: Path) -> dict[str, Path]:
 
 
 FLOATS = (1, 10)  # onnx.TensorProto.FLOAT, FLOAT16: what a model may take and answer
-
-
-def _fp16(model) -> bool:
-    """Whether the model takes or answers FP16 (it computes in FP16, as a converted GPU model does)."""
-    return any(v.type.tensor_type.elem_type == 10 for v in (*model.graph.input, *model.graph.output))
 
 
 def _dims(value_info) -> list[int | None]:

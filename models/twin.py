@@ -100,11 +100,9 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
 def twin_graph(model):
     """The ONNX graph the twin is converted from: the served one, in FP32 when it computes in FP16
     (models/graph_edit.py ``float32_inside``: FP16 gradients underflow)."""
-    from robustgate.models.graph_edit import float32_inside
+    from robustgate.models.graph_edit import computes_in_fp16, float32_inside
 
-    fp16 = any(t.data_type == 10 for t in model.graph.initializer) or any(
-        n.op_type == "Cast" and any(a.name == "to" and a.i == 10 for a in n.attribute) for n in model.graph.node)
-    return float32_inside(model) if fp16 else model
+    return float32_inside(model) if computes_in_fp16(model) else model
 
 
 def onnx2torch_version() -> str:
