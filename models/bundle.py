@@ -78,7 +78,7 @@ class InputSpec(_Strict):
     # how clients send an item and the model takes it natively: NHWC = [batch, H, W, C] on the wire
     # (a channels-last model: robustgate import); the pipeline, the twin and the defenses see NCHW
     layout: Literal["NCHW", "NHWC"] = "NCHW"
-    datatype: Literal["FP32"] = "FP32"  # what the backbone consumes; UINT8 requests are scaled by 1/255
+    datatype: Literal["FP32"] = "FP32"  # what the backbone consumes; UINT8 requests span value_range (models/levels.py)
     value_range: tuple[float, float] = (0.0, 1.0)
     mean: tuple[float, ...] = ()  # normalization applied inside the model graph (documentation)
     std: tuple[float, ...] = ()

@@ -15,7 +15,8 @@ the user's clients as they are and converts at the two edges:
 - an upstream model server gets normalized values again (:meth:`Normalization.normalized`), and so
   does the proxy from robustgate's own clients (the red team's and probe's oracle).
 
-UINT8 requests are pixels by nature (0..255, scaled by 1/255) and are not de-normalized.
+UINT8 requests are pixels by nature (levels 0..255 spanning the value range, models/levels.py) and
+are not de-normalized.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ Pure functions, no I/O: the server calls :func:`decode_infer` on the way in and
 - Inputs: one tensor named as the bundle's input, shape ``[N, C, H, W]`` with ``(C, H, W)`` the
   bundle's per-item shape (``[N, H, W, C]`` when the bundle's ``input.layout`` is NHWC, a
   channels-last model: decoded into ``[N, C, H, W]`` for the pipeline), datatype FP32 (pixels in
-  the declared value range) or UINT8 (divided by 255 into [0, 1], bit-identical to the dataset
-  loaders' floats); contents typed
+  the declared value range) or UINT8 (levels 0..255 spanning the value range, models/levels.py: in
+  [0, 1] divided by 255, bit-identical to the dataset loaders' floats); contents typed
   (``fp32_contents`` / ``uint_contents``) or raw
   (``raw_input_contents``, little-endian), never both.
 - Outputs: the bundle's logits output ``[N, K]`` FP32, ``robustgate_verdict`` INT32 ``[N]``,
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from robustgate.models import levels
 from robustgate.models.normalization import ROUNDING, Normalization
 from robustgate.protos import open_inference_grpc_pb2 as pb
 
@@ -200,7 +201,7 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     # an infinity falls outside any finite range; only a failing request pays for the exact message
     norm = contract.normalization
     if inp.datatype == "UINT8":
-        x = arr.astype(np.float32) / np.float32(255.0)  # division, as the dataset loaders do: same pixels
+        x = levels.pixels(arr, contract.value_range)  # 0 and 255 the range's ends; [0, 1]: k / 255
         norm = None  # UINT8 holds pixels by nature
     elif norm is not None:  # back to pixels along the wire layout's channel axis, the copy included
         x = norm.pixels(arr.reshape(shape), 3 if contract.channels_last else 1,

@@ -135,3 +135,25 @@ def test_normalized_requests_decode_to_pixels_per_channel(channels_last):
     u8 = np.round(pixels * 255).astype(np.uint8)
     u8_wire = np.ascontiguousarray(u8.transpose(0, 2, 3, 1)) if channels_last else u8
     np.testing.assert_array_equal(decode_infer(request(u8_wire, "UINT8"), c).x, u8 / np.float32(255.0))
+
+
+@pytest.mark.parametrize("value_range", [(0.0, 1.0), (0.0, 255.0), (-1.0, 1.0)])
+def test_uint8_levels_span_the_value_range(value_range):
+    """A UINT8 request's levels 0..255 are pixels spanning the bundle's value range: a model that takes
+    0..255 floats gets the levels themselves (they were divided by 255 into [0, 1], a nearly black image
+    that passed the range check), one that takes [-1, 1] gets -1..1; in [0, 1] they stay bit-identical to
+    the dataset loaders' k / 255. models/levels.py maps them back onto the same levels."""
+    from robustgate.models import levels
+
+    lo, hi = value_range
+    c = contract(item_shape=(1, 16, 16), value_range=value_range)
+    sent = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    req = pb.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="input", datatype="UINT8", shape=list(sent.shape))
+    req.raw_input_contents.append(sent.tobytes())
+    x = codec.decode_infer(req, c).x
+    assert x.dtype == np.float32 and x.min() == lo and x.max() == hi
+    np.testing.assert_allclose(x, lo + sent.astype(np.float64) * (hi - lo) / 255, rtol=0, atol=1e-6 * (hi - lo))
+    if value_range == (0.0, 1.0):
+        np.testing.assert_array_equal(x, sent / np.float32(255.0))
+    np.testing.assert_array_equal(levels.levels(x, value_range), sent)
