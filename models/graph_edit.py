@@ -119,6 +119,108 @@ def normalize_front(model: onnx.ModelProto, input_name: str, mean: tuple[float, 
     return checked(prepend(model, input_name, "normalized", normalize))
 
 
+UINT8_ROUND = "robustgate_uint8_round"  # the Floor of uint8_front; straight_through finds it by this name
+
+
+def uint8_front(model: onnx.ModelProto, input_name: str, value_range: tuple[float, float]) -> onnx.ModelProto:
+    """``model`` (its input ``input_name`` UINT8 levels 0..255) -> the same model taking FP32 pixels in
+    ``value_range`` under the same name: in front, the pixels mapped onto the levels, clipped, rounded
+    half up and cast (models/levels.py ``levels``, node for node: Sub, Mul, Max, Min, Add, Floor, Cast;
+    Floor rather than Round and Max/Min rather than Clip exist at every opset). The torch twin is
+    converted from :func:`straight_through` of the result."""
+    from robustgate.models import levels
+
+    lo, _ = value_range
+
+    def quantize(outer: str, inner: str, fresh):
+        consts = {tag: fresh(tag) for tag in ("lo", "scale", "zero", "top", "half")}
+        values = {"lo": lo, "scale": levels.scale(value_range), "zero": 0.0, "top": float(levels.TOP), "half": 0.5}
+        inits = [helper.make_tensor(consts[tag], TensorProto.FLOAT, [], [values[tag]]) for tag in consts]
+        shifted, scaled, above, clipped, up, rounded = (
+            fresh(t) for t in ("shifted", "scaled", "above", "clipped", "up", "rounded"))
+        nodes = [helper.make_node("Sub", [outer, consts["lo"]], [shifted], name=fresh("sub")),
+                 helper.make_node("Mul", [shifted, consts["scale"]], [scaled], name=fresh("mul")),
+                 helper.make_node("Max", [scaled, consts["zero"]], [above], name=fresh("max")),
+                 helper.make_node("Min", [above, consts["top"]], [clipped], name=fresh("min")),
+                 helper.make_node("Add", [clipped, consts["half"]], [up], name=fresh("add")),
+                 helper.make_node("Floor", [up], [rounded], name=UINT8_ROUND),
+                 helper.make_node("Cast", [rounded], [inner], to=TensorProto.UINT8, name=fresh("to_uint8"))]
+        return nodes, inits
+
+    model = prepend(model, input_name, "uint8", quantize)
+    next(v for v in model.graph.input if v.name == input_name).type.tensor_type.elem_type = TensorProto.FLOAT
+    return checked(model)
+
+
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+
+
+def straight_through(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model with :func:`uint8_front` -> the same graph with the rounding passed straight through
+    (the levels stay floats: the clipping, the +0.5 and the Floor become one Identity of the scaled
+    pixels, the Cast to UINT8 casts to FP32), for the torch twin: rounding has a zero gradient almost
+    everywhere, which would silently stop every gradient attack; straight through is BPDA's answer
+    (Athalye et al., ICML 2018). The clipping goes too: pixels in the value range need none, and at
+    its ends torch splits a tie's gradient in half. The twin answers what the model does on pixels
+    that lie on the levels (the import checks it). ``model`` is returned as is when it has no such
+    front.
+
+    :class:`ValueError` when the model reads its UINT8 input other than by casting it to floats
+    (a quantized model's integer arithmetic, say): then the straight-through graph would not compute
+    what the model does, and the twin must not exist."""
+    nodes = {n.name: n for n in model.graph.node}
+    if UINT8_ROUND not in nodes:
+        return model
+    model = copy.deepcopy(model)
+    g = model.graph
+    floor = next(n for n in g.node if n.name == UINT8_ROUND)
+    cast = next(n for n in g.node if n.op_type == "Cast" and floor.output[0] in n.input)
+    held = _uint8_values(g, cast.output[0])
+    producer = {o: n for n in g.node for o in n.output}
+    for op in ("Add", "Min", "Max"):  # the +0.5 and the clipping, from the Floor back to the Mul
+        node = producer[floor.input[0]]
+        assert node.op_type == op, f"uint8_front's {op} expected before {floor.input[0]!r}, found {node.op_type}"
+        floor.input[0] = node.input[0]
+        g.node.remove(node)
+    floor.op_type = "Identity"
+    next(a for a in cast.attribute if a.name == "to").i = TensorProto.FLOAT
+    for graph in _graphs(g):
+        for v in graph.value_info:
+            if v.name in held:
+                v.type.tensor_type.elem_type = TensorProto.FLOAT
+    return checked(model)
+
+
+# what a model may do to its UINT8 input before casting it to floats: move the levels, not compute on
+# them (each is the same on floats holding the levels, and passes a gradient through)
+# (their other inputs, if any, are int64 shapes or indices, never UINT8 values that would stay UINT8)
+_MOVES = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split",
+                    "Expand", "Tile", "Gather"})
+_SHAPE_ONLY = frozenset({"Shape", "Size"})  # read the shape alone
+
+
+def _uint8_values(g, name: str) -> set[str]:
+    """The values that hold the UINT8 input ``name``'s levels up to the model's casts to floats: ``name``
+    and what only moves it (``_MOVES``, as their data input). ValueError when any other node reads one."""
+    held, todo = {name}, [name]
+    while todo:
+        value = todo.pop()
+        for graph in _graphs(g):
+            for n in graph.node:
+                if value not in n.input:
+                    continue
+                to = next((a.i for a in n.attribute if a.name == "to"), None)
+                if n.op_type in _SHAPE_ONLY or (n.op_type == "Cast" and to in _FLOAT_TYPES):
+                    continue
+                if n.op_type in _MOVES and n.input[0] == value:
+                    todo += [o for o in n.output if o and o not in held]
+                    held.update(n.output)
+                    continue
+                raise ValueError(f"the model reads its UINT8 input with {n.op_type} {n.name!r} (not only moving it "
+                                 f"and casting it to floats): its rounding cannot be passed straight through")
+    return held
+
+
 def computes_in_fp16(model: onnx.ModelProto) -> bool:
     """Whether the model takes or answers FP16, holds FP16 weights, or casts to FP16 (after
     :func:`float32_edges` only the last two show)."""

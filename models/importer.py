@@ -72,8 +72,9 @@ from robustgate.models.bundle import (
     sha256_file,
 )
 from robustgate.models.data import add_data_arguments
+from robustgate.models import levels
 from robustgate.models.graph_edit import (
-    computes_in_fp16, float32_edges, flatten_output, free_batch, nchw_front, normalize_front,
+    computes_in_fp16, float32_edges, flatten_output, free_batch, nchw_front, normalize_front, uint8_front,
 )
 
 ONNX_FILE = "backbone.onnx"
@@ -104,6 +105,7 @@ class Signature:
     input_dims: list[int | None]  # [N, C, H, W] as declared
     outputs: dict[str, list[int | None]]  # name -> declared dims
     notes: list[str] = field(default_factory=list)
+    uint8: bool = False  # the input takes UINT8 levels 0..255
 
 
 # ---- flags ---------------------------------------------------------------------------------
@@ -278,7 +280,20 @@ def import_onnx(
         edited = True
         notes.append(f"the weights were in external data ({', '.join(external)}); backbone.onnx holds them, one "
                      f"file; the source's sha256 are the original files'")
+    uint8 = sig.uint8
     freed = sig.input_dims[0] == 1  # exported with a fixed batch of 1, the usual omission: freed below
+    lo, hi = value_range or (0.0, 1.0)
+    if uint8:  # innermost, at the model's own input: the fronts below work on FP32 pixels
+        if mean is not None or std is not None:
+            raise ImportRefused(f"{onnx_file}: input {sig.input_name!r} takes UINT8 levels, which are pixels; "
+                                f"--mean/--std describe clients that send normalized FP32 values and do not apply")
+        model = uint8_front(model, sig.input_name, (lo, hi))
+        sig = _signature(model, onnx_file)
+        edited = True
+        notes.append(f"the model takes UINT8 levels 0..255: backbone.onnx takes FP32 pixels in [{lo:g}, {hi:g}] and "
+                     f"maps them onto the levels in front of it (rounded half up); clients may keep sending UINT8 "
+                     f"(level k is the pixel {lo:g} + k * {hi - lo:g} / 255) or send FP32 pixels; the torch twin "
+                     f"passes gradients straight through the rounding (BPDA), checked on pixels that lie on the levels")
     fp16 = computes_in_fp16(model)
     if fp16:  # FP32 at the edges, as the proxy, the defenses and the twin's callers speak
         model = float32_edges(model, sig.input_name, list(sig.outputs))
@@ -311,11 +326,13 @@ def import_onnx(
         notes.append(f"output {logits_name!r} is {_fmt(declared)}: backbone.onnx flattens it to [batch, classes] "
                      f"under the same name")
     k_declared = sig.outputs[logits_name][1] if len(sig.outputs[logits_name]) == 2 else None
-    lo, hi = value_range or (0.0, 1.0)
     if value_range is None:
         notes.append("value range assumed 0,1 (pixels scaled to [0, 1]); --value-range LO,HI sets another")
 
     x, inputs_note, data_classes, transform = _parity_inputs(shape, (lo, hi), dataset, data_dir, parity_items)
+    if uint8:  # what the model can be sent: the straight-through twin matches it there
+        x = levels.on_levels(x, (lo, hi))
+        inputs_note += ", on the UINT8 levels"
     reference = None  # the model as exported (one item at a time), when its batch axis is made dynamic
     if freed:  # last, so the fronts above keep the model's own batch of 1 in the reference
         reference = _session(model.SerializeToString() if edited else onnx_file, onnx_file)
@@ -358,6 +375,7 @@ def import_onnx(
                 onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity or None,
                 logits_output=logits_name, output_kind=output_kind, features_output=features_name,
                 recipe={"imported": True, **({"precision": "fp16"} if fp16 else {}),
+                        **({"input_datatype": "uint8"} if uint8 else {}),
                         **({"dataset": dataset} if dataset else {}),
                         **({"data_dir": str(data_dir)} if data_dir else {}),
                         **({"transform": transform} if transform else {})},
@@ -479,6 +497,7 @@ def _external_files(model, path: Path) -> dict[str, Path]:
 
 
 FLOATS = (1, 10)  # onnx.TensorProto.FLOAT, FLOAT16: what a model may take and answer
+UINT8 = 2  # onnx.TensorProto.UINT8: what a model may also take (pixels as levels 0..255, models/levels.py)
 
 
 def _dims(value_info) -> list[int | None]:
@@ -494,9 +513,10 @@ def _signature(model, path: Path) -> Signature:
         raise ImportRefused(f"{path}: the graph takes {len(inputs)} inputs ({[v.name for v in inputs]}); "
                             f"robustgate serves image classifiers with exactly one input [batch, C, H, W]")
     inp = inputs[0]
-    if inp.type.tensor_type.elem_type not in FLOATS:
+    if inp.type.tensor_type.elem_type not in (*FLOATS, UINT8):
         raise ImportRefused(f"{path}: input {inp.name!r} is {TensorProto.DataType.Name(inp.type.tensor_type.elem_type)}; "
-                            f"robustgate feeds FP32 pixels (export the model with a float32 or float16 input)")
+                            f"robustgate feeds pixels as FP32, FP16 or UINT8 levels (export the model with one of "
+                            f"those inputs)")
     dims = _dims(inp)
     if len(dims) != 4:
         raise ImportRefused(f"{path}: input {inp.name!r} has rank {len(dims)} ({dims}); expected [batch, C, H, W]")
@@ -513,7 +533,7 @@ def _signature(model, path: Path) -> Signature:
     if not outputs:
         raise ImportRefused(f"{path}: the graph has no FP32 or FP16 output "
                             f"(outputs: {[o.name for o in model.graph.output]})")
-    return Signature(inp.name, dims, outputs)
+    return Signature(inp.name, dims, outputs, uint8=inp.type.tensor_type.elem_type == UINT8)
 
 
 _BATCH_HINT = ("torch.onnx.export(model, (x,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim('batch')},)) "
@@ -751,7 +771,7 @@ def _twin(model, output_names: list[str], logits: str, features: str | None, x: 
 
 
 # ---- the upstream source -----------------------------------------------------------------------
-_V2_TYPES_OK = ("FP32", "FP16")  # what the upstream backend sends (proxy/backends/upstream.py)
+_V2_TYPES_OK = ("FP32", "FP16", "UINT8")  # what the upstream backend sends (proxy/backends/upstream.py)
 
 
 def import_upstream(
@@ -798,7 +818,7 @@ def import_upstream(
     inp = inputs[0]
     if inp.get("datatype") not in _V2_TYPES_OK:
         raise ImportRefused(f"{where}: input {inp['name']!r} is {inp.get('datatype')}; the upstream backend sends "
-                            f"FP32 or FP16")
+                            f"FP32, FP16 or UINT8")
     dims = [int(d) for d in inp.get("shape", [])]
     dims = [None if d < 0 else d for d in dims]
     notes = []
@@ -818,6 +838,12 @@ def import_upstream(
         notes.append("the model takes [batch, H, W, C] (NHWC), and so do the proxy's clients; the defenses see "
                      "[batch, C, H, W]")
     shape = _input_shape(sig, input_shape, Path(where))
+    if inp["datatype"] == "UINT8":
+        if mean is not None or std is not None:
+            raise ImportRefused(f"{where}: input {inp['name']!r} takes UINT8 levels, which are pixels; --mean/--std "
+                                f"describe clients that send normalized FP32 values and do not apply")
+        notes.append("the model takes UINT8 levels 0..255: the proxy sends it each batch as levels spanning the value "
+                     "range (rounded half up); clients may keep sending UINT8, or send FP32 pixels")
     normalization = _normalization(mean, std, shape[0], notes)
     names = list(sig.outputs)
     logits = LOGITS if LOGITS in names else (names[0] if len(names) == 1 else None)

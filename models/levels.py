@@ -53,3 +53,13 @@ def on_levels(x: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
     """Pixels ``x`` -> the nearest pixels a UINT8 level stands for (float32): what a UINT8 model sees
     of ``x``."""
     return pixels(levels(x, value_range), value_range)
+
+
+def on_levels_tensor(x, value_range: tuple[float, float]):
+    """:func:`on_levels` of a torch tensor, on its device (no gradient: rounding has none; the torch
+    twin passes it straight through instead, models/graph_edit.py ``straight_through``)."""
+    import torch
+
+    lo, _ = value_range
+    s = scale(value_range)
+    return torch.floor(((x - lo) * s).clamp(0, TOP) + 0.5) / s + lo

@@ -14,7 +14,8 @@ models/bundle.py):
   import`` checked the converted module against ONNX Runtime and recorded the result in
   ``backbone.twin_parity``. For a model whose output holds probabilities, the converted graph is
   the one ONNX Runtime runs, their logarithms appended (models/output_kind.py); for a model that
-  computes in FP16, that graph in FP32 (:func:`twin_graph`).
+  computes in FP16, that graph in FP32; for a model that takes UINT8 levels, its rounding passed
+  straight through (:func:`twin_graph`).
 - ``none``: raises :class:`NoTwin` (only attacks that need no gradient apply to such a bundle).
 
 ``TorchClassifier(module)`` adapts a twin to :class:`robustgate.defenses.base.Classifier`. It does
@@ -99,10 +100,17 @@ def load_backbone(bundle: Bundle | str | Path, device: torch.device | str = "cpu
 
 def twin_graph(model):
     """The ONNX graph the twin is converted from: the served one, in FP32 when it computes in FP16
-    (models/graph_edit.py ``float32_inside``: FP16 gradients underflow)."""
-    from robustgate.models.graph_edit import computes_in_fp16, float32_inside
+    (models/graph_edit.py ``float32_inside``: FP16 gradients underflow), with the rounding onto UINT8
+    levels in front of a model that takes them passed straight through (``straight_through``: its
+    gradient is zero). :class:`Unconvertible` when that cannot be done faithfully."""
+    from robustgate.models.graph_edit import computes_in_fp16, float32_inside, straight_through
 
-    return float32_inside(model) if computes_in_fp16(model) else model
+    if computes_in_fp16(model):
+        model = float32_inside(model)
+    try:
+        return straight_through(model)
+    except ValueError as exc:
+        raise Unconvertible(str(exc)) from exc
 
 
 def onnx2torch_version() -> str:

@@ -121,7 +121,8 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
     u["model_name"] = u["model_name"] or bundle.name
     return upstream.UpstreamBackend(**u, max_message_bytes=cfg.server.max_message_bytes,
                                    layout=bundle.input.layout, probabilities=reads_probabilities(bundle),
-                                   normalization=Normalization.of(bundle.input))
+                                   normalization=Normalization.of(bundle.input),
+                                   value_range=tuple(bundle.input.value_range))
 
 
 def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):

@@ -23,6 +23,7 @@ import logging
 import numpy as np
 import torch
 
+from robustgate.models import levels
 from robustgate.models.bundle import Bundle
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 
@@ -71,6 +72,10 @@ class TorchBackend(Backend):
         for p in self.module.parameters():
             p.requires_grad_(False)
         self._dtype = PRECISIONS[precision]
+        # a model that takes UINT8 levels: its twin passes the rounding straight through (for gradients),
+        # so the pixels are rounded onto the levels here, and the answer is the model's
+        uint8 = bundle.spec.backbone.recipe.get("input_datatype") == "uint8"
+        self._levels = tuple(bundle.input.value_range) if uint8 else None
         self.features_output = bundle.spec.backbone.features_output or "features"
         self._closed = False
         log.info("backend: torch twin of %s on %s at %s (%s)", bundle.name, self.device, precision, provider)
@@ -85,13 +90,17 @@ class TorchBackend(Backend):
         if self._closed:
             raise BackendError("UNAVAILABLE", "torch backend is closed")
 
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, torch.float32)
+        return x if self._levels is None else levels.on_levels_tensor(x, self._levels)
+
     def infer_with_features_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x`` ``[M, C, H, W]`` on any device -> float32 (logits ``[M, K]``, features ``[M, D]`` or
         None) on the backend's device (the caller moves them, if it wants them elsewhere)."""
         self._check()
         try:
             with torch.inference_mode(), self._autocast():
-                logits, feats = logits_and_features(self.module, x.to(self.device, torch.float32))
+                logits, feats = logits_and_features(self.module, self._pixels(x))
         except torch.cuda.OutOfMemoryError as exc:
             raise BackendError("RESOURCE_EXHAUSTED", f"torch backend out of device memory: {exc}") from exc
         except RuntimeError as exc:
@@ -103,7 +112,7 @@ class TorchBackend(Backend):
         self._check()
         try:
             with torch.inference_mode(), self._autocast():
-                logits = self.module(x.to(self.device, torch.float32))
+                logits = self.module(self._pixels(x))
         except torch.cuda.OutOfMemoryError as exc:
             raise BackendError("RESOURCE_EXHAUSTED", f"torch backend out of device memory: {exc}") from exc
         except RuntimeError as exc:

@@ -19,8 +19,8 @@ What it guarantees (DESIGN.md, "Serving behaviour"):
   most every ``health_interval_s`` and served from that cache, so probes never block on the network
   and readiness turns false when the upstream dies and true again when it returns.
 
-Known limits: the upstream must take one FP32 or FP16 input (NCHW or NHWC; a batch is sent in the
-datatype its ModelMetadata declares, FP16 as raw contents, the protocol having no typed FP16 field)
+Known limits: the upstream must take one FP32, FP16 or UINT8 input (NCHW or NHWC; a batch is sent in
+the datatype its ModelMetadata declares, as raw contents; UINT8 as levels spanning the value range)
 and return one logits output (named ``logits``, or its only output) in FP32 or FP16 (read as FP32),
 ``[M, K]`` or ``[M, K, 1, 1]``; FP64 logits are refused as malformed rather than converted.
 The upstream's metadata (input name, logits width) is read once and cached: an upstream that comes
@@ -37,6 +37,7 @@ import time
 import grpc
 import numpy as np
 
+from robustgate.models import levels
 from robustgate.models.normalization import Normalization
 from robustgate.models.output_kind import to_logits
 from robustgate.protos import open_inference_grpc_pb2 as pb
@@ -76,7 +77,8 @@ def split_url(url: str) -> tuple[str, int]:
 
 # ModelInferRequest.raw_input_contents (field 7, length-delimited): its tag byte
 _RAW_INPUT_TAG = bytes([7 << 3 | 2])
-_WIRE = {"FP32": "<f4", "FP16": "<f2"}  # the upstream datatypes the backend sends and reads
+_WIRE = {"FP32": "<f4", "FP16": "<f2"}  # the upstream datatypes the backend reads (logits) and sends
+_SEND = {**_WIRE, "UINT8": "u1"}  # ... and the one it only sends: pixels as levels (models/levels.py)
 
 
 def _varint(n: int) -> bytes:
@@ -92,9 +94,9 @@ def _varint(n: int) -> bytes:
 
 def encode_request(x: np.ndarray, input_name: str, model_name: str, model_version: str,
                    channels_last: bool = False, datatype: str = "FP32") -> bytes:
-    """``x`` [M, C, H, W] float32 -> a serialized ModelInferRequest with one raw input tensor of
-    ``datatype`` FP32 or FP16 (what tritonclient sends too); ``channels_last``: sent as [M, H, W, C]
-    (an NHWC upstream model).
+    """``x`` [M, C, H, W] float32 (uint8 levels for UINT8) -> a serialized ModelInferRequest with one
+    raw input tensor of ``datatype`` FP32, FP16 or UINT8 (what tritonclient sends too);
+    ``channels_last``: sent as [M, H, W, C] (an NHWC upstream model).
 
     Written by hand around protobuf: the small header is a message, the pixels are appended as field
     7's bytes straight from ``x``'s buffer in one copy. Building the message with the pixels in it
@@ -109,7 +111,7 @@ def encode_request(x: np.ndarray, input_name: str, model_name: str, model_versio
     if channels_last:
         x = x.transpose(0, 2, 3, 1)  # a view; the one copy below makes it contiguous
     tensor.shape.extend(x.shape)
-    pixels = np.ascontiguousarray(x, dtype=_WIRE[datatype])
+    pixels = np.ascontiguousarray(x, dtype=_SEND[datatype])
     return b"".join([req.SerializeToString(), _RAW_INPUT_TAG, _varint(pixels.nbytes), memoryview(pixels).cast("B")])
 
 
@@ -187,6 +189,9 @@ class UpstreamBackend(Backend):
       ``input.layout``, not a config key): NHWC batches are sent as ``[M, H, W, C]``.
     - ``normalization``: the upstream model takes ``(pixels - mean) / std`` (the bundle's
       ``input.normalized``, models/normalization.py; not a config key): batches are sent so.
+    - ``value_range``: the pixels' range (the bundle's ``input.value_range``, not a config key): an
+      upstream whose ModelMetadata declares a UINT8 input gets its batches as levels 0..255 spanning
+      it, rounded half up (models/levels.py).
     - ``probabilities``: the upstream's output holds probabilities (the bundle's
       ``backbone.output_kind``, not a config key): its answers are returned as their logarithms,
       the logits the pipeline reads (models/output_kind.py).
@@ -212,6 +217,7 @@ class UpstreamBackend(Backend):
         layout: str = "NCHW",
         probabilities: bool = False,
         normalization: Normalization | None = None,
+        value_range: tuple[float, float] = (0.0, 1.0),
     ):
         split_url(url)
         if layout not in ("NCHW", "NHWC"):
@@ -219,6 +225,9 @@ class UpstreamBackend(Backend):
         self.channels_last = layout == "NHWC"
         self.probabilities = bool(probabilities)
         self.normalization = normalization
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        if not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"value_range must be increasing, got {value_range}")
         if not model_name:
             raise ValueError("model_name must be a non-empty string")
         if not timeout_s > 0:
@@ -274,9 +283,11 @@ class UpstreamBackend(Backend):
         deadline = time.monotonic() + budget
         meta = self._metadata(deadline)
         input_name = meta.inputs[0].name if meta.inputs else "input"
-        datatype = meta.inputs[0].datatype if meta.inputs and meta.inputs[0].datatype in _WIRE else "FP32"
+        datatype = meta.inputs[0].datatype if meta.inputs and meta.inputs[0].datatype in _SEND else "FP32"
         output_name, k = _logits_output(meta)
-        if self.normalization is not None:  # what the model takes
+        if datatype == "UINT8":  # levels are pixels (robustgate import refuses --mean/--std with them)
+            x = levels.levels(x, self.value_range)
+        elif self.normalization is not None:  # what the model takes
             x = self.normalization.normalized(x)
         req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last, datatype)
         resp = self._call(self._infer, req, deadline, "ModelInfer")

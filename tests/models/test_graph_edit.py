@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from robustgate.models.graph_edit import float32_edges, float32_inside, normalize_front
@@ -82,3 +83,48 @@ def test_free_batch_declares_a_dynamic_batch_and_frees_the_reshapes_that_baked_i
         np.testing.assert_array_equal(run(freed, x)["y"], x.reshape(4, 6))  # each item flattened by itself
     kept = free_batch(reshape_model([1, -1], 1), "x")  # under allowzero, -1 is taken and 0 means 0: left
     np.testing.assert_array_equal(numpy_helper.to_array(kept.graph.initializer[0]), [1, -1])
+
+
+def levels_model(opset: int = 9) -> onnx.ModelProto:
+    """``x`` [N, 1, 2, 3] UINT8, moved (Transpose) and cast to floats: ``y`` = the levels as FP32 [N, 3, 1, 2]."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Cast", ["t"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 1, 2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 1, 2])],
+                              value_info=[helper.make_tensor_value_info("t", TensorProto.UINT8, ["N", 3, 1, 2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("value_range", [(0.0, 1.0), (0.0, 255.0), (-1.0, 1.0)])
+def test_uint8_front_rounds_as_models_levels_does_and_straight_through_keeps_the_floats(value_range):
+    """uint8_front (opset 9: no Round, no Clip inputs) maps pixels onto the levels exactly as
+    models/levels.py does, ties and out-of-range values included; straight_through of it gives the
+    scaled pixels themselves, and retypes what only moves the levels."""
+    from robustgate.models import levels
+    from robustgate.models.graph_edit import straight_through, uint8_front
+
+    lo, hi = value_range
+    k = np.arange(256, dtype=np.float32)
+    ties = lo + (k[:255] + 0.5) * (hi - lo) / 255  # halfway between two levels: rounded up
+    x = np.concatenate([lo + k * (hi - lo) / 255, ties, [lo - 1, hi + 1, lo + 1e-3]]).astype(np.float32)
+    x = np.resize(x, (len(x) // 6 + 1) * 6).reshape(-1, 1, 2, 3)
+    front = uint8_front(levels_model(), "x", value_range)
+    want = levels.levels(x, value_range).transpose(0, 3, 1, 2).astype(np.float32)
+    np.testing.assert_array_equal(run(front, x)["y"], want)
+    through = straight_through(front)
+    ops = {n.op_type for n in through.graph.node}
+    assert "Identity" in ops and not ops & {"Floor", "Max", "Min", "Add"}
+    assert next(v for v in through.graph.value_info if v.name == "t").type.tensor_type.elem_type == TensorProto.FLOAT
+    scaled = ((x - np.float32(lo)) * np.float32(levels.scale(value_range))).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(run(through, x)["y"], scaled, rtol=1e-6)
+    assert straight_through(levels_model()).graph == levels_model().graph  # no front: as is
+
+
+def test_straight_through_refuses_a_graph_that_computes_on_its_levels():
+    from robustgate.models.graph_edit import straight_through, uint8_front
+
+    model = levels_model(17)
+    model.graph.node[1].attribute[0].i = TensorProto.INT32  # integer arithmetic on the levels
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.INT32
+    with pytest.raises(ValueError, match="reads its UINT8 input with Cast"):
+        straight_through(uint8_front(model, "x", (0.0, 1.0)))

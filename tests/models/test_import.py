@@ -123,12 +123,15 @@ class FeatureMap(nn.Module):
 
 
 def export(module: nn.Module, path, shape, outputs=("logits",), dynamic=True, legacy=False, dynamic_hw=False,
-           half=False):
+           half=False, uint8=False):
     """``torch.onnx.export`` with the batch axis dynamic (torch.export-based exporter unless ``legacy``);
-    ``half``: the model converted to FP16, input and outputs too (legacy exporter)."""
+    ``half``: the model converted to FP16, input and outputs too (legacy exporter); ``uint8``: the
+    model takes UINT8 levels."""
     torch.manual_seed(0)
     module = module.eval()
     x = torch.rand(2 if dynamic else 1, *shape)  # a fixed batch is 1, as a naive export writes it
+    if uint8:
+        x = (x * 255).to(torch.uint8)
     if half:
         module, x, legacy = module.half(), x.half(), True
     if legacy:
@@ -458,6 +461,109 @@ def test_a_model_that_computes_in_fp16_imports_with_fp32_edges(tmp_path, capsys)
     got[:, 2].sum().backward()
     assert xt.grad is not None and xt.grad.dtype == torch.float32 and float(xt.grad.abs().sum()) > 0
     np.testing.assert_allclose(served(out, x, [], "logits"), ort_run(out / "backbone.onnx", x)[0], rtol=1e-6, atol=1e-7)
+
+
+class Levels(nn.Module):
+    """[N, 32, 32, 3] UINT8 levels (what a TensorFlow model exported with its preprocessing, or a Triton
+    model that camera pipelines feed, takes) -> logits: moved to NCHW, cast and scaled inside. Its
+    ``cnn`` has :class:`Cnn32`'s weights under ``make``."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = Cnn32()
+
+    def forward(self, x):
+        return self.cnn(x.permute(0, 3, 1, 2).float() / 255)
+
+
+def test_a_model_that_takes_uint8_levels_gets_the_rounding_in_front_and_a_straight_through_twin(tmp_path, capsys):
+    """A UINT8 model: backbone.onnx takes FP32 pixels and rounds them onto the levels in front (so it
+    answers what the model answers on the levels, and on pixels between them what it answers on the
+    nearest); its clients keep sending UINT8 (or send FP32 pixels); the twin passes the gradient
+    straight through the rounding: exactly the float model's gradient, not the rounding's zero."""
+    src = export(make(Levels), tmp_path / "levels.onnx", (32, 32, 3), uint8=True)
+    out = tmp_path / "b"
+    assert cli(["import", "--onnx", str(src), "--out", str(out), "--name", "levels"]) == 0
+    assert "takes UINT8 levels" in capsys.readouterr().out
+    bundle = Bundle.load(out)
+    bb = bundle.spec.backbone
+    assert (bundle.input.layout, bb.recipe["input_datatype"], bb.twin) == ("NHWC", "uint8", "onnx")
+    assert bb.twin_parity["inputs"].endswith("on the UINT8 levels")
+    rng = np.random.default_rng(0)
+    sent = rng.integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)  # what the model's clients send
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(["logits"], {"input": sent})[0]
+    pixels = np.ascontiguousarray((sent / np.float32(255.0)).transpose(0, 3, 1, 2))  # NCHW
+    np.testing.assert_allclose(ort_run(out / "backbone.onnx", pixels)[0], want, rtol=1e-6, atol=1e-6)
+    between = np.clip(pixels + rng.uniform(-0.49, 0.49, pixels.shape).astype(np.float32) / 255, 0, 1)
+    np.testing.assert_allclose(ort_run(out / "backbone.onnx", between)[0], want, rtol=1e-6, atol=1e-6)
+
+    xt = torch.from_numpy(pixels).requires_grad_(True)
+    got = load_backbone(bundle)(xt)
+    np.testing.assert_allclose(got.detach().numpy(), want, atol=1e-4)
+    got[:, 3].sum().backward()
+    xf = torch.from_numpy(pixels).requires_grad_(True)
+    make(Cnn32).eval()(xf)[:, 3].sum().backward()  # the same weights on floats
+    np.testing.assert_allclose(xt.grad.numpy(), xf.grad.numpy(), rtol=1e-4, atol=1e-6)
+    assert float(xt.grad.abs().sum()) > 0
+    from robustgate.proxy.backends.torch import TorchBackend
+
+    torch_backend = TorchBackend(bundle)  # the twin served: the pixels rounded onto the levels first
+    np.testing.assert_array_equal(torch_backend.infer(between), torch_backend.infer(pixels))
+    np.testing.assert_allclose(torch_backend.infer(between), want, atol=1e-4)
+
+    proxy = LoopbackProxy(out, {"stages": []})
+    try:
+        with tc.InferenceServerClient(proxy.url) as client:
+            for arr, datatype in ((sent, "UINT8"), (np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)), "FP32")):
+                inp = tc.InferInput("input", list(arr.shape), datatype)
+                inp.set_data_from_numpy(arr)
+                np.testing.assert_allclose(client.infer("levels", [inp]).as_numpy("logits"), want, rtol=1e-5,
+                                           atol=1e-6)
+    finally:
+        proxy.stop()
+
+    # pixels in [0, 255] (--value-range 0,255): the levels are the pixels themselves
+    wide = import_onnx(src, tmp_path / "wide", value_range=(0.0, 255.0))
+    assert wide.spec.backbone.twin == "onnx"
+    np.testing.assert_allclose(ort_run(tmp_path / "wide" / "backbone.onnx", pixels * 255)[0], want, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_a_uint8_model_that_computes_on_its_levels_gets_no_twin(tmp_path, capsys):
+    """A graph that reads its UINT8 input with integer arithmetic (here a cast to INT32) cannot have
+    its rounding passed straight through: it imports without a twin (gradient-free attacks only),
+    says why, and serves; --mean/--std are refused for a UINT8 input."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).normal(size=(16, 10)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["i32"], to=TensorProto.INT32),
+         helper.make_node("Cast", ["i32"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("Flatten", ["f"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "ints", [helper.make_tensor_value_info("input", TensorProto.UINT8, ["batch", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.reshape(-1).tolist())])
+    src = tmp_path / "ints.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    refused(tmp_path, capsys, ["--onnx", str(src), "--mean", "0.5", "--std", "0.25"], "takes UINT8 levels")
+    assert cli(["import", "--onnx", str(src), "--out", str(tmp_path / "b"), "--name", "ints"]) == 0
+    assert "reads its UINT8 input with Cast" in capsys.readouterr().out
+    bundle = Bundle.load(tmp_path / "b")
+    assert not has_twin(bundle)
+    with pytest.raises(NoTwin, match="rounding cannot be passed straight through"):
+        load_backbone(bundle)
+    sent = np.random.default_rng(1).integers(0, 256, (3, 1, 4, 4)).astype(np.uint8)
+    proxy = LoopbackProxy(tmp_path / "b", {"stages": []})
+    try:
+        with tc.InferenceServerClient(proxy.url) as client:
+            inp = tc.InferInput("input", list(sent.shape), "UINT8")
+            inp.set_data_from_numpy(sent)
+            got = client.infer("ints", [inp]).as_numpy("logits")
+    finally:
+        proxy.stop()
+    np.testing.assert_allclose(got, sent.reshape(3, -1).astype(np.float32) @ w, rtol=1e-5)
 
 
 class KerasLike(nn.Module):
@@ -944,6 +1050,56 @@ def test_an_fp16_upstream_gets_fp16_and_is_read_as_fp32(tmp_path):
         server.stop()
 
 
+class LevelsUpstream(TritonStyle):
+    """A Triton-style upstream whose model takes UINT8 levels: ``formula_logits`` of the levels; keeps
+    the last request's input."""
+
+    def __init__(self):
+        super().__init__([{"name": "pixels", "datatype": "UINT8", "shape": [-1, 1, 4, 4]}],
+                         [{"name": "logits", "datatype": "FP32", "shape": [-1, scripted.K]}])
+        self.seen = None
+
+    def ModelInfer(self, request, context):
+        t = request.inputs[0]
+        if t.datatype != "UINT8":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected UINT8, got {t.datatype}")
+        self.seen = np.frombuffer(request.raw_input_contents[0], dtype=np.uint8).reshape(tuple(t.shape)).copy()
+        logits = scripted.formula_logits(self.seen.astype(np.float32)).astype("<f4")
+        resp = pb.ModelInferResponse(model_name="formula", model_version="1", id=request.id)
+        resp.outputs.add(name="logits", datatype="FP32", shape=list(logits.shape))
+        resp.raw_output_contents.append(logits.tobytes())
+        return resp
+
+
+@pytest.mark.parametrize("value_range", [(0.0, 1.0), (-1.0, 1.0)])
+def test_a_uint8_upstream_gets_the_pixels_as_levels(tmp_path, capsys, value_range):
+    """A model server that declares a UINT8 input (a Triton model fed by camera pipelines): the import
+    takes it, and the upstream backend sends each batch as levels 0..255 spanning the value range,
+    rounded half up: a client's UINT8 request reaches it unchanged, FP32 pixels on the nearest level."""
+    server = LevelsUpstream().start()
+    try:
+        bundle = import_upstream(server.url, "formula", tmp_path / "t", value_range=value_range)
+        assert any("takes UINT8 levels" in n for n in bundle.spec.provenance["import_notes"])
+        lo, hi = value_range
+        sent = np.random.default_rng(0).integers(0, 256, (3, 1, 4, 4)).astype(np.uint8)
+        proxy = LoopbackProxy(tmp_path / "t", {"stages": []},
+                              {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
+        try:
+            with tc.InferenceServerClient(proxy.url) as client:
+                inp = tc.InferInput("pixels", list(sent.shape), "UINT8")
+                inp.set_data_from_numpy(sent)
+                got = client.infer("formula", [inp]).as_numpy("logits")
+        finally:
+            proxy.stop()
+        np.testing.assert_array_equal(server.seen, sent)
+        np.testing.assert_allclose(got, scripted.formula_logits(sent.astype(np.float32)), rtol=1e-6)
+        x = (lo + (hi - lo) * (sent + np.float32(0.3)) / 255).astype(np.float32)  # between levels, nearer k
+        via_upstream(tmp_path / "t", server, x)
+        np.testing.assert_array_equal(server.seen, sent)
+    finally:
+        server.stop()
+
+
 class ConvHeadUpstream(TritonStyle):
     """A Triton-style upstream (batch axis left out of its metadata) whose model answers [M, K, 1, 1]."""
 
@@ -983,8 +1139,11 @@ def test_upstream_metadata_without_the_batch_axis_and_refusals(tmp_path, capsys)
         refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "fixed batch dimension of 1")
         server.inputs = [{**pixels, "shape": [-1, -1, -1, -1]}]
         refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "--input-shape C,H,W")
+        server.inputs = [{**pixels, "datatype": "INT32"}]
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "is INT32")
         server.inputs = [{**pixels, "datatype": "UINT8"}]
-        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula"], "is UINT8")
+        refused(tmp_path, capsys, ["--upstream", server.url, "--model", "formula", "--mean", "0.5", "--std", "0.2"],
+                "takes UINT8 levels")
         server.inputs = [pixels]
         server.outputs = [{"name": "probs", "datatype": "FP32", "shape": [-1, 10]},
                           {"name": "embedding", "datatype": "FP32", "shape": [-1, 64]}]
