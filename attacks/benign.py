@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from robustgate.attacks.endpoint import GrpcOracle
-from robustgate.models.normalization import Normalization
+from robustgate.models.client_values import ClientValues
 from robustgate.defenses.stateful.calibration import NEAR_KINDS, near_duplicate
 
 STREAMS = ("shuffled", "retries", "near_duplicates")
@@ -48,9 +48,9 @@ def stream(name: str, x: torch.Tensor, seed: int = 0, repeats: int = 3, variants
 
 def run_stream(url: str, model: str, queries: torch.Tensor, clients: int, detection_stages: Sequence[str],
                identity_header: str = "x-client-id", name: str = "stream", progress: bool = True,
-               normalization: Normalization | None = None) -> dict[str, Any]:
+               client_values: ClientValues | None = None) -> dict[str, Any]:
     """Sends ``queries`` ``[M, C, H, W]`` split in ``clients`` contiguous shares, each from its own
-    identity (``{identity_header: "benign-<name>-<i>"}``), and counts the refusals. ``normalization``:
+    identity (``{identity_header: "benign-<name>-<i>"}``), and counts the refusals. ``client_values``:
     as GrpcOracle's."""
     stages = set(detection_stages)
     shares = torch.tensor_split(torch.arange(len(queries)), clients)
@@ -59,7 +59,7 @@ def run_stream(url: str, model: str, queries: torch.Tensor, clients: int, detect
     by_stage: dict[str, int] = {}
     bar = tqdm(total=len(queries), desc=f"benign {name}", disable=not progress, leave=False)
     for i, share in enumerate(shares):
-        oracle = GrpcOracle(url, model, headers={identity_header: f"benign-{name}-{i}"}, normalization=normalization)
+        oracle = GrpcOracle(url, model, headers={identity_header: f"benign-{name}-{i}"}, client_values=client_values)
         ever_blocked = ever_detected = False
         try:
             for j in share.tolist():
@@ -89,7 +89,7 @@ def run_stream(url: str, model: str, queries: torch.Tensor, clients: int, detect
 def run_benign_streams(url: str, model: str, x: torch.Tensor, clients: int = 10,
                        detection_stages: Sequence[str] = ("stateful",), identity_header: str = "x-client-id",
                        streams: Sequence[str] = STREAMS, seed: int = 0, repeats: int = 3, variants: int = 3,
-                       progress: bool = True, normalization: Normalization | None = None) -> dict[str, Any]:
+                       progress: bool = True, client_values: ClientValues | None = None) -> dict[str, Any]:
     """Every stream of ``streams`` over benign images ``x`` ``[N, C, H, W]`` -> {stream: metrics}."""
     if clients < 1 or clients > len(x):
         raise ValueError(f"benign clients must be in [1, {len(x)}] (one image each at least), got {clients}")
@@ -97,7 +97,7 @@ def run_benign_streams(url: str, model: str, x: torch.Tensor, clients: int = 10,
     for name in streams:
         q = stream(name, x, seed=seed, repeats=repeats, variants=variants)
         out[name] = {**run_stream(url, model, q, clients, detection_stages, identity_header, name, progress,
-                                  normalization),
+                                  client_values),
                      "images": len(x), **({"repeats": repeats} if name == "retries" else {}),
                      **({"variants": variants} if name == "near_duplicates" else {})}
     return out

@@ -29,7 +29,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from robustgate.models.normalization import Normalization
+from robustgate.models.client_values import ClientValues
 from robustgate.proxy.codec import REASONS_PARAM
 
 REJECTED_STATUS = "StatusCode.PERMISSION_DENIED"
@@ -73,15 +73,16 @@ def classify_refusal(status: str, message: str) -> Reply | None:
 class GrpcOracle:
     """``url``: ``HOST:PORT`` of the proxy; ``model``: the served model name (None: the only
     model the server's metadata names is not discoverable in OIP, so it must be given);
-    ``headers``: gRPC metadata sent with every inference (the client's identity); ``normalization``:
-    the served model's clients send ``(pixels - mean) / std`` (its bundle's ``input.normalized``; the
-    protocol's metadata cannot say so), so queries -- pixels, as attacks make them -- are sent so."""
+    ``headers``: gRPC metadata sent with every inference (the client's identity); ``client_values``:
+    the served model's clients send ``(pixels - mean) / std`` or BGR (its bundle's ``input``,
+    models/client_values.py; the protocol's metadata cannot say so), so queries -- RGB pixels, as
+    attacks make them -- are sent so."""
 
     def __init__(self, url: str, model: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None,
                  overload_retries: int = 20, overload_pause_s: float = 0.05,
-                 normalization: Normalization | None = None):
+                 client_values: ClientValues | None = None):
         self.client = grpcclient.InferenceServerClient(url=url)
-        self.normalization = normalization
+        self.client_values = client_values
         self.model = model
         self.timeout_s = timeout_s
         self.headers = dict(headers or {})
@@ -102,8 +103,8 @@ class GrpcOracle:
         """``x`` ``[C, H, W]`` -> the proxy's :class:`Reply` (one query; sent ``[1, H, W, C]`` when the
         served model declares its input channels last)."""
         arr = x.detach().cpu().numpy()[None]
-        if self.normalization is not None:
-            arr = self.normalization.normalized(arr)
+        if self.client_values is not None:
+            arr = self.client_values.values(arr)
         if self.channels_last(arr.shape[1:]):
             arr = arr.transpose(0, 2, 3, 1)
         arr = np.ascontiguousarray(arr, dtype=np.float32)

@@ -58,7 +58,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
     writes results.json / results.md (one per eps under ``OUT/eps-<e>/`` when several)."""
     from robustgate.attacks.endpoint_redteam import run_endpoint_matrix
     from robustgate.models.bundle import Bundle
-    from robustgate.models.normalization import Normalization
+    from robustgate.models.client_values import ClientValues
     from robustgate.models.data import bundle_splits
 
     if not args.url:
@@ -100,7 +100,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
                 sybil_identities=args.sybil_identities, benign_per_query=args.benign_per_query, wait_s=args.wait_s,
                 transform=Transform(args.transform[0], args.transform[1], int(args.transform[2])),
                 on_block=args.on_block, hsj_evals=tuple(args.hsj_evals), seed=args.seed,
-                normalization=Normalization.of(bundle.input))
+                client_values=ClientValues.of(bundle.input))
         except ValueError as exc:
             print(f"robustgate eval --threat endpoint: {exc}", file=sys.stderr)
             return 2

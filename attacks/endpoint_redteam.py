@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from robustgate.attacks.endpoint import GrpcOracle, Reply
 from robustgate.attacks.threat import ThreatModel, check_perturbation
-from robustgate.models.normalization import Normalization
+from robustgate.models.client_values import ClientValues
 
 QUERY_ATTACKS = ("square", "hopskipjump")
 HSJ_EVALS = (100, 1000)  # HopSkipJump's (init_eval, max_eval) unless told: ART's init_eval, max_eval cut to 1,000
@@ -391,7 +391,7 @@ class EndpointSettings:
     hsj_evals: tuple[int, int] = HSJ_EVALS
     transfer_steps: int = 20
     seed: int = 0
-    normalization: Normalization | None = None  # the served model's clients normalize (GrpcOracle)
+    client_values: ClientValues | None = None  # the served model's clients normalize (GrpcOracle)
 
     def __post_init__(self):
         for name in self.attacks:
@@ -416,7 +416,7 @@ def _attacker(s: EndpointSettings, adapt: str, benign: torch.Tensor, item_seed: 
     otherwise be met, still blocked, by the next cell's attack on the same image)."""
     n_ids = s.sybil_identities if adapt == "sybil" else 1
     headers = identity_headers(n_ids, s.identity_header, s.tokens, prefix=f"attacker{item_seed}{cell}")
-    oracles = [GrpcOracle(s.url, s.model, headers=h, normalization=s.normalization) for h in headers]
+    oracles = [GrpcOracle(s.url, s.model, headers=h, client_values=s.client_values) for h in headers]
     spacing = Spacing(benign, s.benign_per_query, s.wait_s) if adapt == "spacing" else None
     transform = s.transform if adapt == "transform" else None
     return Attacker(oracles, spacing, transform, on_block=s.on_block, seed=item_seed)
@@ -518,7 +518,7 @@ def run_endpoint_matrix(settings: EndpointSettings, x: torch.Tensor, y: torch.Te
         result["benign"] = run_benign_streams(settings.url, settings.model, benign, clients=benign_clients,
                                               detection_stages=settings.detection_stages,
                                               identity_header=settings.identity_header, seed=settings.seed,
-                                              progress=progress, normalization=settings.normalization)
+                                              progress=progress, client_values=settings.client_values)
     if out is not None:
         write_endpoint_reports(result, out)
     return result

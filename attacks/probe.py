@@ -41,7 +41,7 @@ def probe(url: str, bundle_dir: str, n: int = 32, model: str | None = None, eps:
     from robustgate.attacks.threat import check_perturbation
     from robustgate.models.bundle import Bundle
     from robustgate.models.data import bundle_splits
-    from robustgate.models.normalization import Normalization
+    from robustgate.models.client_values import ClientValues
     from robustgate.models.twin import load_backbone
 
     bundle = Bundle.load(bundle_dir)
@@ -54,7 +54,7 @@ def probe(url: str, bundle_dir: str, n: int = 32, model: str | None = None, eps:
     torch.manual_seed(0)
     x_adv = ATTACKS["pgd"].run(AttackContext(backbone, None, None, len(bundle.classes)), tm, x, y).detach()
     check_perturbation(x_adv, x, "linf", eps, who="probe pgd")
-    oracle = GrpcOracle(url, model or bundle.name, timeout_s=timeout, normalization=Normalization.of(bundle.input))
+    oracle = GrpcOracle(url, model or bundle.name, timeout_s=timeout, client_values=ClientValues.of(bundle.input))
     counts = {}
     try:
         for name, images in (("clean", x), (f"pgd eps={eps:g}", x_adv)):

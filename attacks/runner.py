@@ -340,10 +340,10 @@ class Evaluation:
             return LocalOracle(served)
         from robustgate.attacks.endpoint import GrpcOracle
 
-        from robustgate.models.normalization import Normalization
+        from robustgate.models.client_values import ClientValues
 
         return GrpcOracle(self.settings.url, self.settings.model_name or self.bundle.name,
-                          normalization=Normalization.of(self.bundle.input))
+                          client_values=ClientValues.of(self.bundle.input))
 
     def _config_fingerprint(self, config: NamedPipeline) -> str:
         """What a configuration's cells depend on: the bundle (manifest, so every artifact's

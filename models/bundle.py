@@ -84,8 +84,14 @@ class InputSpec(_Strict):
     std: tuple[float, ...] = ()
     # clients send (pixels - mean) / std per channel, not pixels (robustgate import --mean/--std): the
     # proxy turns requests back into pixels for the defenses and backbone.onnx normalizes inside
-    # (models/normalization.py). None (the usual case, and every bundle written before the key existed): pixels
+    # (models/client_values.py). None (the usual case, and every bundle written before the key existed): pixels
     normalized: bool | None = None
+    # BGR: the clients send, and the model takes, 3 channels in blue, green, red order (OpenCV's
+    # imread, Caffe models; robustgate import --channel-order BGR): the proxy reverses them for the
+    # defenses (RGB, as JPEG's colour transform and the data sets are) and backbone.onnx reverses them
+    # back inside (models/client_values.py); mean and std are in the clients' order. None: RGB (every
+    # bundle written before the key existed)
+    channel_order: Literal["RGB", "BGR"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "InputSpec":
@@ -98,6 +104,8 @@ class InputSpec(_Strict):
             v = getattr(self, key)
             if v and len(v) != self.shape[0]:
                 raise ValueError(f"input.{key} has {len(v)} values for {self.shape[0]} channels")
+        if self.channel_order == "BGR" and self.shape[0] != 3:
+            raise ValueError(f"input.channel_order BGR needs 3 channels, input.shape is {self.shape}")
         if self.normalized:
             if not self.mean or not self.std:
                 raise ValueError("input.normalized needs input.mean and input.std (one value per channel)")

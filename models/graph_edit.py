@@ -105,7 +105,7 @@ def nchw_front(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
 def normalize_front(model: onnx.ModelProto, input_name: str, mean: tuple[float, ...],
                     std: tuple[float, ...]) -> onnx.ModelProto:
     """``model`` (its input ``input_name`` ``[N, C, H, W]`` normalized values) -> the same model taking
-    pixels under the same name: ``(x - mean) / std`` per channel in front (models/normalization.py)."""
+    pixels under the same name: ``(x - mean) / std`` per channel in front (models/client_values.py)."""
     c = len(mean)
 
     def normalize(outer: str, inner: str, fresh):
@@ -117,6 +117,17 @@ def normalize_front(model: onnx.ModelProto, input_name: str, mean: tuple[float, 
         return nodes, inits
 
     return checked(prepend(model, input_name, "normalized", normalize))
+
+
+def reverse_channels_front(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+    """``model`` (its input ``input_name`` ``[N, 3, H, W]`` in BGR order) -> the same model taking RGB
+    under the same name: one ``Gather`` of the channels 2, 1, 0 in front (models/client_values.py)."""
+    def reverse(outer: str, inner: str, fresh):
+        order = fresh("order")
+        init = helper.make_tensor(order, TensorProto.INT64, [3], [2, 1, 0])
+        return [helper.make_node("Gather", [outer, order], [inner], axis=1, name=fresh("to_bgr"))], [init]
+
+    return checked(prepend(model, input_name, "bgr", reverse))
 
 
 UINT8_ROUND = "robustgate_uint8_round"  # the Floor of uint8_front; straight_through finds it by this name

@@ -32,7 +32,8 @@ Clients that normalize (``--mean M[,M...] --std S[,S...]``: the model takes ``(p
 per channel and its clients send that, as many torchvision deployments do): the bundle records
 ``input.normalized`` with the mean and std, the proxy turns requests back into pixels for the
 defenses, and ``backbone.onnx`` is the model with ``Sub``/``Div`` in front, taking pixels
-(models/normalization.py).
+(models/client_values.py). Clients and a model that speak BGR (``--channel-order BGR``) likewise:
+the proxy reverses the channels, and ``backbone.onnx`` has a ``Gather`` of them in front, taking RGB.
 
 The logits output may hold probabilities (a model that ends in a softmax, as Keras classifiers
 usually do): when every row the model returns on the check inputs lies in [0, 1] and sums to 1, the
@@ -74,7 +75,8 @@ from robustgate.models.bundle import (
 from robustgate.models.data import add_data_arguments
 from robustgate.models import levels
 from robustgate.models.graph_edit import (
-    computes_in_fp16, float32_edges, flatten_output, free_batch, nchw_front, normalize_front, uint8_front,
+    computes_in_fp16, float32_edges, flatten_output, free_batch, nchw_front, normalize_front, reverse_channels_front,
+    uint8_front,
 )
 
 ONNX_FILE = "backbone.onnx"
@@ -159,6 +161,23 @@ def _normalization(mean: tuple[float, ...] | None, std: tuple[float, ...] | None
     return out[0], out[1]
 
 
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+
+def _bgr(channel_order: str | None, channels: int, notes: list[str]) -> bool:
+    """``--channel-order`` -> whether the clients and the model speak BGR (refused unless 3 channels)."""
+    if channel_order is None or channel_order == "RGB":
+        return False
+    if channel_order not in CHANNEL_ORDERS:
+        raise ImportRefused(f"--channel-order {channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}")
+    if channels != 3:
+        raise ImportRefused(f"--channel-order BGR needs an input with 3 channels, this one has {channels}")
+    notes.append("clients send, and the model takes, BGR (--channel-order BGR): the proxy reverses the channels of "
+                 "each request for the defenses, which work on RGB (JPEG's colour transform, MagNet fitted on RGB "
+                 "data), and sends an upstream BGR")
+    return True
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--onnx", type=Path, metavar="MODEL.onnx", help="the model as one ONNX file")
@@ -184,6 +203,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --std: the model takes (pixels - mean) / std per channel, and its clients send "
                         "that; one value, or one per channel, in the units of --value-range")
     p.add_argument("--std", type=_floats, default=None, metavar="S[,S...]", help="see --mean")
+    p.add_argument("--channel-order", choices=CHANNEL_ORDERS, default=None,
+                   help="the order of the 3 channels the model takes and its clients send (default RGB; BGR for "
+                        "models trained on OpenCV's imread, Caffe's heritage); --mean/--std are in that order")
     p.add_argument("--logits-output", metavar="NAME", help="the output holding the logits [batch, classes]")
     p.add_argument("--features-output", metavar="NAME",
                    help="an output holding per-item features [batch, ...] (SafetyNet); default: one called 'features'")
@@ -221,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
                                      name=args.name, classes=args.classes, input_shape=args.input_shape,
                                      value_range=args.value_range, layout=args.layout,
                                      output_kind=args.output_kind, mean=args.mean, std=args.std,
-                                     force=args.force, command=command)
+                                     channel_order=args.channel_order, force=args.force, command=command)
         else:
             if args.model:
                 raise ImportRefused("--model applies to --upstream only")
@@ -229,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
                                  input_shape=args.input_shape, value_range=args.value_range,
                                  logits_output=args.logits_output, features_output=args.features_output,
                                  layout=args.layout, output_kind=args.output_kind, mean=args.mean, std=args.std,
-                                 dataset=args.dataset, data_dir=args.data_dir, force=args.force, command=command)
+                                 channel_order=args.channel_order, dataset=args.dataset, data_dir=args.data_dir, force=args.force, command=command)
     except (ImportRefused, BundleError, ValidationError) as exc:  # ValidationError: a bundle.yaml key, named
         print(f"robustgate import: {exc}", file=sys.stderr)
         return 2
@@ -257,6 +279,7 @@ def import_onnx(
     output_kind: str | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    channel_order: str | None = None,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     force: bool = False,
@@ -266,7 +289,8 @@ def import_onnx(
     """Imports ``onnx_file`` into the bundle directory ``out``; returns the loaded, verified bundle.
     :class:`ImportRefused` (nothing written) when the model cannot be served as given. ``layout``:
     the input's axis order, None to read it from the graph (module docstring). ``mean``, ``std``: the
-    model takes ``(pixels - mean) / std`` and its clients send that (models/normalization.py)."""
+    model takes ``(pixels - mean) / std`` and its clients send that; ``channel_order`` ``BGR``: they
+    speak BGR (models/client_values.py)."""
     onnx_file, out = Path(onnx_file), Path(out)
     _check_out(out, force)
     if dataset is None and data_dir is not None:
@@ -317,6 +341,12 @@ def import_onnx(
         edited = True
         notes.append("backbone.onnx is the model with the normalization in front: it takes pixels, as the defenses "
                      "and the twin do; the source sha256 is the original file's")
+    bgr = _bgr(channel_order, shape[0], notes)
+    if bgr:  # outermost: the normalization above is in the model's (BGR) channel order
+        model = reverse_channels_front(model, sig.input_name)
+        edited = True
+        notes.append("backbone.onnx is the model with its channels reversed in front: it takes RGB, as the data "
+                     "sets, the defenses and the twin do; the source sha256 is the original file's")
     logits_name, features_name = _pick_outputs(sig, logits_output, features_output, onnx_file)
     declared = sig.outputs[logits_name]
     if len(declared) > 2 and all(d == 1 for d in declared[2:]):  # [N, K, 1, 1]: flattened
@@ -369,7 +399,7 @@ def import_onnx(
             schema_version=SCHEMA_VERSION,
             name=name or out.name,
             input=InputSpec(name=sig.input_name, shape=shape, value_range=(lo, hi), layout=layout,
-                            **_normalized_keys(normalization)),
+                            **_normalized_keys(normalization), **({"channel_order": "BGR"} if bgr else {})),
             classes=class_names,
             backbone=BackboneSpec(
                 onnx=onnx_art, arch="onnx", twin=twin, twin_note=twin_note, twin_parity=parity or None,
@@ -788,6 +818,7 @@ def import_upstream(
     output_kind: str | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    channel_order: str | None = None,
     force: bool = False,
     timeout_s: float = 10.0,
     command: str | None = None,
@@ -845,6 +876,7 @@ def import_upstream(
         notes.append("the model takes UINT8 levels 0..255: the proxy sends it each batch as levels spanning the value "
                      "range (rounded half up); clients may keep sending UINT8, or send FP32 pixels")
     normalization = _normalization(mean, std, shape[0], notes)
+    bgr = _bgr(channel_order, shape[0], notes)
     names = list(sig.outputs)
     logits = LOGITS if LOGITS in names else (names[0] if len(names) == 1 else None)
     if logits is None:
@@ -880,7 +912,7 @@ def import_upstream(
             schema_version=SCHEMA_VERSION,
             name=name or model_name,
             input=InputSpec(name=inp["name"], shape=shape, value_range=(lo, hi), layout=layout,
-                            **_normalized_keys(normalization)),
+                            **_normalized_keys(normalization), **({"channel_order": "BGR"} if bgr else {})),
             classes=class_names,
             backbone=BackboneSpec(
                 upstream=UpstreamSource(url=url, model_name=model_name, model_version=model_version,

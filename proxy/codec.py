@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robustgate.models import levels
-from robustgate.models.normalization import ROUNDING, Normalization
+from robustgate.models.client_values import ROUNDING, ClientValues
 from robustgate.protos import open_inference_grpc_pb2 as pb
 
 VERDICT_OUTPUT = "robustgate_verdict"
@@ -70,8 +70,9 @@ class InputContract:
     detector_stages: tuple[str, ...] = ()
     has_ensemble: bool = False
     channels_last: bool = False  # requests are [N, H, W, C] (the bundle's input.layout NHWC)
-    # FP32 requests hold (pixels - mean) / std (the bundle's input.normalized): turned back into pixels
-    normalization: Normalization | None = None
+    # requests hold (pixels - mean) / std (FP32; the bundle's input.normalized) or BGR channels (the
+    # bundle's input.channel_order): turned back into RGB pixels
+    client_values: ClientValues | None = None
 
     @functools.cached_property
     def wire_shape(self) -> tuple[int, int, int]:
@@ -199,15 +200,17 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     # 4. to float32 pixels (a fresh, writable, C-contiguous copy: the request's bytes are read-only),
     # then finiteness and range in two reductions: a NaN makes min/max NaN and fails the comparison,
     # an infinity falls outside any finite range; only a failing request pays for the exact message
-    norm = contract.normalization
+    cv = contract.client_values
+    axis = 3 if contract.channels_last else 1  # the wire layout's channel axis
     if inp.datatype == "UINT8":
         x = levels.pixels(arr, contract.value_range)  # 0 and 255 the range's ends; [0, 1]: k / 255
-        norm = None  # UINT8 holds pixels by nature
-    elif norm is not None:  # back to pixels along the wire layout's channel axis, the copy included
-        x = norm.pixels(arr.reshape(shape), 3 if contract.channels_last else 1,
-                        out=np.empty(shape, dtype=np.float32)).reshape(-1)
+        if cv is not None and cv.bgr:  # UINT8 holds pixels by nature, in the clients' channel order
+            x = cv.pixels(x.reshape(shape), axis, levels=True).reshape(-1)
+    elif cv is not None:  # back to RGB pixels along the wire layout's channel axis, the copy included
+        x = cv.pixels(arr.reshape(shape), axis, out=np.empty(shape, dtype=np.float32)).reshape(-1)
     else:
         x = arr.astype(np.float32, copy=True)
+    norm = cv if cv is not None and cv.normalizes and inp.datatype != "UINT8" else None
     lo, hi = contract.value_range
     xmin, xmax = float(_MIN(x)), float(_MAX(x))
     if not (lo <= xmin and xmax <= hi and xmax - xmin < _INF):  # the difference: an infinity in an unbounded range

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from robustgate.models.bundle import Bundle, BundleError
-from robustgate.models.normalization import Normalization
+from robustgate.models.client_values import ClientValues
 from robustgate.models.output_kind import reads_probabilities
 from robustgate.defenses.assemble import build_runner, pin_torch_threads
 from robustgate.defenses.purify import parts as purify_parts
@@ -121,7 +121,7 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
     u["model_name"] = u["model_name"] or bundle.name
     return upstream.UpstreamBackend(**u, max_message_bytes=cfg.server.max_message_bytes,
                                    layout=bundle.input.layout, probabilities=reads_probabilities(bundle),
-                                   normalization=Normalization.of(bundle.input),
+                                   client_values=ClientValues.of(bundle.input),
                                    value_range=tuple(bundle.input.value_range))
 
 

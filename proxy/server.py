@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from robustgate import __version__
 from robustgate.defenses.pipeline import PipelineResult
 from robustgate.defenses.assemble import PipelineRunner
-from robustgate.models.normalization import Normalization
+from robustgate.models.client_values import ClientValues
 from robustgate.models.output_kind import reads_probabilities
 from robustgate.proxy.backends.base import Backend, BackendError, ModelMeta, TensorMeta
 from robustgate.proxy.batcher import Batcher, BatcherClosed, DeadlineExpired, QueueFull
@@ -284,7 +284,7 @@ class ProxyServer:
             input_name=bundle.input.name,
             item_shape=tuple(bundle.input.shape),
             channels_last=bundle.input.layout == "NHWC",
-            normalization=Normalization.of(bundle.input),
+            client_values=ClientValues.of(bundle.input),
             value_range=tuple(bundle.input.value_range),
             max_batch_items=cfg.limits.max_batch_items,
             logits_output=bundle.spec.backbone.logits_output,

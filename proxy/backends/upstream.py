@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 
 from robustgate.models import levels
-from robustgate.models.normalization import Normalization
+from robustgate.models.client_values import ClientValues
 from robustgate.models.output_kind import to_logits
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
@@ -187,8 +187,8 @@ class UpstreamBackend(Backend):
       neither).
     - ``layout``: the upstream model's input order, ``NCHW`` or ``NHWC`` (the bundle's
       ``input.layout``, not a config key): NHWC batches are sent as ``[M, H, W, C]``.
-    - ``normalization``: the upstream model takes ``(pixels - mean) / std`` (the bundle's
-      ``input.normalized``, models/normalization.py; not a config key): batches are sent so.
+    - ``client_values``: the upstream model takes ``(pixels - mean) / std`` or BGR channels (the
+      bundle's ``input``, models/client_values.py; not a config key): batches are sent so.
     - ``value_range``: the pixels' range (the bundle's ``input.value_range``, not a config key): an
       upstream whose ModelMetadata declares a UINT8 input gets its batches as levels 0..255 spanning
       it, rounded half up (models/levels.py).
@@ -216,7 +216,7 @@ class UpstreamBackend(Backend):
         tls_key: str | None = None,
         layout: str = "NCHW",
         probabilities: bool = False,
-        normalization: Normalization | None = None,
+        client_values: ClientValues | None = None,
         value_range: tuple[float, float] = (0.0, 1.0),
     ):
         split_url(url)
@@ -224,7 +224,7 @@ class UpstreamBackend(Backend):
             raise ValueError(f"layout must be NCHW or NHWC, got {layout!r}")
         self.channels_last = layout == "NHWC"
         self.probabilities = bool(probabilities)
-        self.normalization = normalization
+        self.client_values = client_values
         self.value_range = (float(value_range[0]), float(value_range[1]))
         if not self.value_range[0] < self.value_range[1]:
             raise ValueError(f"value_range must be increasing, got {value_range}")
@@ -285,10 +285,11 @@ class UpstreamBackend(Backend):
         input_name = meta.inputs[0].name if meta.inputs else "input"
         datatype = meta.inputs[0].datatype if meta.inputs and meta.inputs[0].datatype in _SEND else "FP32"
         output_name, k = _logits_output(meta)
+        cv = self.client_values
         if datatype == "UINT8":  # levels are pixels (robustgate import refuses --mean/--std with them)
-            x = levels.levels(x, self.value_range)
-        elif self.normalization is not None:  # what the model takes
-            x = self.normalization.normalized(x)
+            x = levels.levels(x if cv is None or not cv.bgr else x[:, ::-1], self.value_range)
+        elif cv is not None:  # what the model takes
+            x = cv.values(x)
         req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last, datatype)
         resp = self._call(self._infer, req, deadline, "ModelInfer")
         out = decode_logits(resp, output_name, x.shape[0], k)  # [M, K]

@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from robustgate.models.normalization import Normalization
+from robustgate.models.client_values import ClientValues
 from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.proxy.codec import InputContract, ProtocolError, decode_infer
 
@@ -234,7 +234,7 @@ def test_valid_requests_decode_exactly_and_each_defect_is_refused(case, seed):
             raise AssertionError(f"mutation {name!r} was accepted")
 
 
-NORMALIZED = dataclasses.replace(CONTRACT, normalization=Normalization((0.45,), (0.25,)))
+NORMALIZED = dataclasses.replace(CONTRACT, client_values=ClientValues((0.45,), (0.25,)))
 
 
 @PROFILE

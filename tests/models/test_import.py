@@ -330,7 +330,7 @@ def test_clients_that_normalize_keep_sending_normalized_values(models, tmp_path)
     rounding clipped, values that are no pixels refused), answers what the user's model answers on
     the client's values, takes UINT8 as pixels, and the red team's oracle sends normalized values."""
     from robustgate.defenses.base import build
-    from robustgate.models.normalization import Normalization
+    from robustgate.models.client_values import ClientValues
 
     out = tmp_path / "norm"
     assert cli(["import", "--onnx", str(models["cnn32"]), "--out", str(out), "--name", "norm",
@@ -345,7 +345,7 @@ def test_clients_that_normalize_keep_sending_normalized_values(models, tmp_path)
     x[0, :, :4] = 0.0  # boundary pixels: normalized and turned back in float32, some land an ulp outside [0, 1]
     x[0, :, 4:8] = 1.0
     xn = normalized(x)
-    back = Normalization(tuple(MEAN), tuple(STD)).pixels(xn)
+    back = ClientValues(tuple(MEAN), tuple(STD)).pixels(xn)
     assert back.min() < 0.0 and back.min() > -1e-6  # what the proxy clips (the test's premise)
     want = ort_run(models["cnn32"], xn)[0]  # the user's model on what its clients send
     np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, atol=1e-5)
@@ -372,9 +372,55 @@ def test_clients_that_normalize_keep_sending_normalized_values(models, tmp_path)
             inp.set_data_from_numpy(bad)
             with pytest.raises(InferenceServerException, match=r"the normalized values are pixels in .*mean"):
                 client.infer("norm", [inp])
-        oracle = GrpcOracle(proxy.url, "norm", normalization=Normalization.of(spec))
+        oracle = GrpcOracle(proxy.url, "norm", client_values=ClientValues.of(spec))
         reply = oracle.ask(torch.from_numpy(x[2]))
         np.testing.assert_allclose(reply.logits, got[2], atol=1e-5)
+    finally:
+        proxy.stop()
+
+
+def test_bgr_clients_and_model_keep_their_order_and_the_defenses_see_rgb(models, tmp_path):
+    """``--channel-order BGR`` (with Caffe-style per-channel statistics, in BGR order): the clients keep
+    sending BGR, normalized or as UINT8, and get what the user's model answers on what they sent;
+    backbone.onnx, the twin and the defenses take RGB (the proxy reverses each request; a JPEG stage
+    is applied to the RGB picture); the red team's oracle sends BGR."""
+    from robustgate.defenses.base import build
+    from robustgate.models.client_values import ClientValues
+
+    mean, std = np.array([0.406, 0.456, 0.485]), np.array([0.225, 0.224, 0.229])  # B, G, R
+    out = tmp_path / "bgr"
+    assert cli(["import", "--onnx", str(models["cnn32"]), "--out", str(out), "--name", "bgr", "--channel-order",
+                "BGR", "--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std))]) == 0
+    bundle = Bundle.load(out)
+    spec = bundle.input
+    assert spec.channel_order == "BGR" and spec.mean == pytest.approx(tuple(mean))
+    rgb = images(4, (3, 32, 32))
+    rgb[:, 0] *= 0.3  # the channels differ: reversed ones would not give the same answer
+    bgr = rgb[:, ::-1]
+    sent = ((bgr - mean[:, None, None]) / std[:, None, None]).astype(np.float32)  # what the clients send
+    want = ort_run(models["cnn32"], sent)[0]  # the user's model on it
+    assert not np.allclose(want, ort_run(models["cnn32"], ((rgb - mean[:, None, None]) / std[:, None, None])
+                                         .astype(np.float32))[0], atol=1e-3)
+    np.testing.assert_allclose(ort_run(out / "backbone.onnx", rgb)[0], want, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(load_backbone(bundle)(torch.from_numpy(rgb)).numpy(), want, atol=1e-4)
+
+    jpeg = build("jpeg", subsampling="4:2:0")  # chroma subsampled: JPEG must see R, G, B where they are
+    proxy = LoopbackProxy(out, {"stages": [{"name": "jpeg", "kind": "jpeg", "params": {"subsampling": "4:2:0"}}]})
+    try:
+        got, _ = triton_logits(proxy.url, "bgr", sent)
+        np.testing.assert_allclose(got, ort_run(out / "backbone.onnx", jpeg.purify(torch.from_numpy(rgb)).numpy())[0],
+                                   atol=1e-4)
+        u = np.round(rgb * 255).astype(np.uint8)
+        with tc.InferenceServerClient(proxy.url) as client:
+            inp = tc.InferInput("input", list(u.shape), "UINT8")
+            inp.set_data_from_numpy(np.ascontiguousarray(u[:, ::-1]))  # BGR levels
+            got_u8 = client.infer("bgr", [inp]).as_numpy("logits")
+        np.testing.assert_allclose(
+            got_u8, ort_run(out / "backbone.onnx", jpeg.purify(torch.from_numpy(u / np.float32(255))).numpy())[0],
+            atol=1e-4)
+        oracle = GrpcOracle(proxy.url, "bgr", client_values=ClientValues.of(spec))
+        np.testing.assert_allclose(oracle.ask(torch.from_numpy(rgb[1])).logits, got[1], atol=1e-5)
     finally:
         proxy.stop()
 
@@ -998,6 +1044,35 @@ def test_a_softmax_upstream_is_read_through_its_logarithms(tmp_path):
         server.stop()
 
 
+def test_a_bgr_upstream_gets_what_its_clients_sent(tmp_path):
+    """``--upstream ... --channel-order BGR``: the pipeline sees RGB, the upstream gets the client's BGR
+    values again, FP32 or as UINT8 levels."""
+    server = Recording((3, 4, 4)).start()
+    try:
+        bundle = import_upstream(server.url, "formula", tmp_path / "t", channel_order="BGR")
+        assert bundle.input.channel_order == "BGR"
+        sent = np.random.default_rng(0).random((2, 3, 4, 4), dtype=np.float32)
+        via_upstream(tmp_path / "t", server, sent)
+        np.testing.assert_array_equal(server.seen, sent)
+    finally:
+        server.stop()
+    server = LevelsUpstream((3, 4, 4)).start()
+    try:
+        import_upstream(server.url, "formula", tmp_path / "u", channel_order="BGR")
+        levels = np.random.default_rng(1).integers(0, 256, (2, 3, 4, 4)).astype(np.uint8)
+        via_upstream(tmp_path / "u", server, levels / np.float32(255.0))
+        np.testing.assert_array_equal(server.seen, levels)
+    finally:
+        server.stop()
+    server = Recording().start()  # one channel
+    try:
+        with pytest.raises(ImportRefused, match="BGR needs an input with 3 channels"):
+            import_upstream(server.url, "formula", tmp_path / "g", channel_order="BGR")
+        assert not (tmp_path / "g").exists()
+    finally:
+        server.stop()
+
+
 def test_an_upstream_that_takes_normalized_values_gets_them(tmp_path):
     """``--upstream ... --mean --std``: clients send normalized values, the pipeline sees pixels, and
     the upstream receives the client's values again."""
@@ -1054,8 +1129,8 @@ class LevelsUpstream(TritonStyle):
     """A Triton-style upstream whose model takes UINT8 levels: ``formula_logits`` of the levels; keeps
     the last request's input."""
 
-    def __init__(self):
-        super().__init__([{"name": "pixels", "datatype": "UINT8", "shape": [-1, 1, 4, 4]}],
+    def __init__(self, shape=(1, 4, 4)):
+        super().__init__([{"name": "pixels", "datatype": "UINT8", "shape": [-1, *shape]}],
                          [{"name": "logits", "datatype": "FP32", "shape": [-1, scripted.K]}])
         self.seen = None
 

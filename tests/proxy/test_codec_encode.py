@@ -106,11 +106,11 @@ def test_normalized_requests_decode_to_pixels_per_channel(channels_last):
     """A contract whose clients normalize (the bundle's input.normalized): FP32 values turn back into
     pixels along the wire layout's channel axis; a boundary pixel's float rounding is clipped into the
     range; values that are no pixels are refused; UINT8 is taken as pixels."""
-    from robustgate.models.normalization import Normalization
+    from robustgate.models.client_values import ClientValues
     from robustgate.proxy.codec import ProtocolError, decode_infer
 
-    norm = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    c = contract(item_shape=(3, 4, 5), channels_last=channels_last, normalization=norm)
+    norm = ClientValues((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    c = contract(item_shape=(3, 4, 5), channels_last=channels_last, client_values=norm)
     rng = np.random.default_rng(0)
     pixels = rng.random((2, 3, 4, 5)).astype(np.float32)
     pixels[0, :, 0] = 0.0
@@ -157,3 +157,31 @@ def test_uint8_levels_span_the_value_range(value_range):
     if value_range == (0.0, 1.0):
         np.testing.assert_array_equal(x, sent / np.float32(255.0))
     np.testing.assert_array_equal(levels.levels(x, value_range), sent)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("datatype", ["FP32", "UINT8"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_bgr_requests_decode_to_rgb_pixels(channels_last, datatype, normalized):
+    """A contract whose clients speak BGR (the bundle's input.channel_order): FP32 values (normalized
+    with BGR-order statistics or not) and UINT8 levels come out as RGB pixels in the pipeline's
+    [N, C, H, W]; ClientValues.values is the inverse, as the upstream backend and the oracle use it."""
+    from robustgate.models.client_values import ClientValues
+
+    cv = ClientValues((0.4, 0.45, 0.5), (0.2, 0.25, 0.3), bgr=True) if normalized else ClientValues(bgr=True)
+    c = contract(item_shape=(3, 4, 5), channels_last=channels_last, client_values=cv)
+    rgb = (np.random.default_rng(0).integers(0, 256, (2, 3, 4, 5)) / np.float32(255.0)).astype(np.float32)
+    if datatype == "UINT8":
+        wire = np.round(rgb[:, ::-1] * 255).astype(np.uint8)
+    else:
+        wire = cv.values(rgb)
+        mean, std = np.array(cv.mean or (0.0,) * 3), np.array(cv.std or (1.0,) * 3)
+        np.testing.assert_allclose(wire, (rgb[:, ::-1] - mean[:, None, None]) / std[:, None, None], atol=1e-6)
+    if channels_last:
+        wire = wire.transpose(0, 2, 3, 1)
+    req = pb.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="input", datatype=datatype, shape=list(wire.shape))
+    req.raw_input_contents.append(np.ascontiguousarray(wire).tobytes())
+    x = codec.decode_infer(req, c).x
+    assert x.shape == (2, 3, 4, 5) and x.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(x, rgb, atol=1e-6)
