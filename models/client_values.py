@@ -76,13 +76,13 @@ class ClientValues:
         return x[tuple(index)]
 
     def pixels(self, x: np.ndarray, channel_axis: int = 1, out: np.ndarray | None = None,
-               levels: bool = False) -> np.ndarray:
+               already_pixels: bool = False) -> np.ndarray:
         """The clients' values ``x`` -> RGB pixels (float32): ``x * std + mean`` along ``channel_axis``,
         the channels reversed for BGR, in one pass written to ``out`` (a new array when None; not
-        ``x`` itself when the channels are reversed). ``levels``: ``x`` holds pixels already (UINT8
+        ``x`` itself when the channels are reversed). ``already_pixels``: ``x`` holds pixels (UINT8
         requests turned into pixels): only the channels are reversed."""
         src = self._reversed(x, channel_axis) if self.bgr else x
-        if levels or not self.normalizes:
+        if already_pixels or not self.normalizes:
             if out is None:
                 return np.array(src, dtype=np.float32)
             np.copyto(out, src, casting="same_kind")

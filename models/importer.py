@@ -68,12 +68,12 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from robustgate.models import levels
 from robustgate.models.bundle import (
     SCHEMA_VERSION, BackboneSpec, Bundle, BundleError, BundleSpec, InputSpec, UpstreamSource, artifact, provenance,
     sha256_file,
 )
 from robustgate.models.data import add_data_arguments
-from robustgate.models import levels
 from robustgate.models.graph_edit import (
     computes_in_fp16, float32_edges, flatten_output, free_batch, nchw_front, normalize_front, reverse_channels_front,
     uint8_front,
@@ -251,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
                                  input_shape=args.input_shape, value_range=args.value_range,
                                  logits_output=args.logits_output, features_output=args.features_output,
                                  layout=args.layout, output_kind=args.output_kind, mean=args.mean, std=args.std,
-                                 channel_order=args.channel_order, dataset=args.dataset, data_dir=args.data_dir, force=args.force, command=command)
+                                 channel_order=args.channel_order, dataset=args.dataset, data_dir=args.data_dir,
+                                 force=args.force, command=command)
     except (ImportRefused, BundleError, ValidationError) as exc:  # ValidationError: a bundle.yaml key, named
         print(f"robustgate import: {exc}", file=sys.stderr)
         return 2

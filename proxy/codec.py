@@ -205,7 +205,7 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     if inp.datatype == "UINT8":
         x = levels.pixels(arr, contract.value_range)  # 0 and 255 the range's ends; [0, 1]: k / 255
         if cv is not None and cv.bgr:  # UINT8 holds pixels by nature, in the clients' channel order
-            x = cv.pixels(x.reshape(shape), axis, levels=True).reshape(-1)
+            x = cv.pixels(x.reshape(shape), axis, already_pixels=True).reshape(-1)
     elif cv is not None:  # back to RGB pixels along the wire layout's channel axis, the copy included
         x = cv.pixels(arr.reshape(shape), axis, out=np.empty(shape, dtype=np.float32)).reshape(-1)
     else:
