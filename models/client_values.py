@@ -75,14 +75,17 @@ class ClientValues:
         index[channel_axis] = slice(None, None, -1)
         return x[tuple(index)]
 
-    def pixels(self, x: np.ndarray, channel_axis: int = 1, out: np.ndarray | None = None,
-               already_pixels: bool = False) -> np.ndarray:
+    def rgb(self, x: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+        """``x`` in the clients' channel order -> a view in RGB order (``x`` itself unless BGR): for
+        values that are pixels already (UINT8 levels), which are not de-normalized."""
+        return self._reversed(x, channel_axis) if self.bgr else x
+
+    def pixels(self, x: np.ndarray, channel_axis: int = 1, out: np.ndarray | None = None) -> np.ndarray:
         """The clients' values ``x`` -> RGB pixels (float32): ``x * std + mean`` along ``channel_axis``,
         the channels reversed for BGR, in one pass written to ``out`` (a new array when None; not
-        ``x`` itself when the channels are reversed). ``already_pixels``: ``x`` holds pixels (UINT8
-        requests turned into pixels): only the channels are reversed."""
-        src = self._reversed(x, channel_axis) if self.bgr else x
-        if already_pixels or not self.normalizes:
+        ``x`` itself when the channels are reversed)."""
+        src = self.rgb(x, channel_axis)
+        if not self.normalizes:
             if out is None:
                 return np.array(src, dtype=np.float32)
             np.copyto(out, src, casting="same_kind")
@@ -95,7 +98,7 @@ class ClientValues:
     def values(self, x: np.ndarray, channel_axis: int = 1) -> np.ndarray:
         """RGB pixels ``x`` -> what the clients send: the channels reversed for BGR, then ``(x - mean) /
         std`` along ``channel_axis``; a new float32 array."""
-        src = self._reversed(x, channel_axis) if self.bgr else x
+        src = self.rgb(x, channel_axis)  # the reversal is its own inverse
         if not self.normalizes:
             return np.array(src, dtype=np.float32)
         out = np.subtract(src, self._shaped(self.mean, x.ndim, channel_axis), dtype=np.float32)

@@ -28,10 +28,11 @@ def scale(value_range: tuple[float, float]) -> float:
 
 
 def pixels(levels: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
-    """UINT8 ``levels`` -> float32 pixels ``lo + k * (hi - lo) / 255`` (a new array). For [0, 1] this
-    is ``k / 255`` computed as a division, bit-identical to the dataset loaders' floats."""
+    """UINT8 ``levels`` -> float32 pixels ``lo + k * (hi - lo) / 255`` (a new C-contiguous array, also
+    from a strided view). For [0, 1] this is ``k / 255`` computed as a division, bit-identical to the
+    dataset loaders' floats."""
     lo, hi = value_range
-    x = levels.astype(np.float32)
+    x = levels.astype(np.float32, order="C")
     if (lo, hi) == (0.0, 1.0):
         return np.divide(x, np.float32(TOP), out=x)
     np.multiply(x, np.float32((hi - lo) / TOP), out=x)

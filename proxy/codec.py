@@ -202,10 +202,9 @@ def decode_infer(req: pb.ModelInferRequest, contract: InputContract) -> Decoded:
     # an infinity falls outside any finite range; only a failing request pays for the exact message
     cv = contract.client_values
     axis = 3 if contract.channels_last else 1  # the wire layout's channel axis
-    if inp.datatype == "UINT8":
-        x = levels.pixels(arr, contract.value_range)  # 0 and 255 the range's ends; [0, 1]: k / 255
-        if cv is not None and cv.bgr:  # UINT8 holds pixels by nature, in the clients' channel order
-            x = cv.pixels(x.reshape(shape), axis, already_pixels=True).reshape(-1)
+    if inp.datatype == "UINT8":  # pixels by nature (not de-normalized), in the clients' channel order
+        rgb = arr if cv is None else cv.rgb(arr.reshape(shape), axis)  # a view; the one copy is below
+        x = levels.pixels(rgb, contract.value_range).reshape(-1)  # 0, 255: the range's ends; [0, 1]: k / 255
     elif cv is not None:  # back to RGB pixels along the wire layout's channel axis, the copy included
         x = cv.pixels(arr.reshape(shape), axis, out=np.empty(shape, dtype=np.float32)).reshape(-1)
     else:

@@ -287,7 +287,7 @@ class UpstreamBackend(Backend):
         output_name, k = _logits_output(meta)
         cv = self.client_values
         if datatype == "UINT8":  # levels are pixels (robustgate import refuses --mean/--std with them)
-            x = levels.levels(x if cv is None or not cv.bgr else x[:, ::-1], self.value_range)
+            x = levels.levels(x if cv is None else cv.rgb(x), self.value_range)  # reversing is its own inverse
         elif cv is not None:  # what the model takes
             x = cv.values(x)
         req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last, datatype)
