@@ -2,7 +2,7 @@
 
     python bench/redteam/endpoint.py --bundle BUNDLE [--n 200] [--offset 0] [--budgets 5000] \\
         [--attacks square,hopskipjump,...] [--arms undefended,defended] [--pipeline deploy/default.yaml] \\
-        [--surrogate bundles/default] --out bench/results/redteam.endpoint
+        [--surrogate bundles/default] [--outputs logits|top_k|label|aaa] --out bench/results/redteam.endpoint
     python bench/redteam/endpoint.py --render --out bench/results/redteam.endpoint   # OUT.md again from OUT.json
 
 For each arm a real ``robustgate serve`` (bench/hardening/common.Serve, loopback, in-process ONNX
@@ -10,7 +10,9 @@ Runtime) serves BUNDLE: ``undefended`` with no stage, ``defended`` with the stag
 ``--pipeline`` (deploy/default.yaml: what a user gets without writing a config); then the user's
 command, ``robustgate eval --threat endpoint --url ...``, attacks it (attacks/endpoint_redteam.py:
 ART's Square and HopSkipJump, the stateful-defense adaptations, a transfer attack from
-``--surrogate``) and, on the defended arm, runs the benign streams. BUNDLE should be the usual
+``--surrogate``) and, on the defended arm, runs the benign streams. ``--outputs`` sets the output
+policy both arms answer with (what a score-based attack reads: logits, rounded top-k probabilities,
+the label alone, AAA's margins). BUNDLE should be the usual
 customer's model: standard-trained (``robustgate train --method standard`` or an imported one,
 e.g. bench/byo/example.py's), with the pipeline's defenses fitted for it (``robustgate fit``);
 bench/redteam/endpoint_bundle.sh builds the record's by script.
@@ -67,10 +69,13 @@ def bundle_record(bundle: Path, stages: list[dict]) -> dict:
             "provenance": spec.get("provenance"), "defenses": defenses}
 
 
-def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int, add: list[str] = ()) -> dict:
+def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int, add: list[str] = (),
+               outputs: str | None = None) -> dict:
     """The served config: ``--pipeline``'s stages and ``--add-stage`` (none undefended) over BUNDLE,
-    one process."""
+    one process; ``outputs``: the output policy both arms answer with (None: ``--pipeline``'s)."""
     cfg = yaml.safe_load(pipeline.read_text())
+    if outputs is not None:
+        cfg["outputs"] = {**(cfg.get("outputs") or {}), "policy": outputs}
     cfg.setdefault("pipeline", {})["stages"] = defended_stages(pipeline, list(add))
     cfg["bundle"] = str(bundle.resolve())
     cfg.setdefault("server", {})["workers"] = 1  # one history: the memory store is per process
@@ -86,8 +91,8 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         print(f"[{arm}] reusing {work / (arm + '.done.json')}", flush=True)
         return json.loads((work / f"{arm}.done.json").read_text())
     cfg_path = work / f"{arm}.yaml"
-    cfg_path.write_text(yaml.safe_dump(arm_config(arm, args.bundle, args.pipeline, args.threads, args.add_stage),
-                                      sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(arm_config(arm, args.bundle, args.pipeline, args.threads, args.add_stage,
+                                                  args.outputs), sort_keys=False))
     out = work / arm
     (work / f"{arm}-serve").mkdir(parents=True, exist_ok=True)
     serve = Serve(cfg_path, workdir=work / f"{arm}-serve")
@@ -213,7 +218,9 @@ def markdown(result: dict) -> str:
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; client and proxy on the same "
              f"machine, loopback gRPC. Bundle `{result['bundle']}` ({result['bundle_note']}); "
              f"defended pipeline: the stages of `{result['pipeline']}` (and any --add-stage): "
-             f"{', '.join(s['name'] + ' (' + s['kind'] + ', ' + s.get('action', 'reject') + ')' for s in result['defended_stages']) or 'none'}.\n",
+             f"{', '.join(s['name'] + ' (' + s['kind'] + ', ' + s.get('action', 'reject') + ')' for s in result['defended_stages']) or 'none'}. "
+             f"Answers (both arms): `outputs: {json.dumps(result.get('outputs') or {'policy': 'logits'})}` "
+             "(docs/OPERATIONS.md, \"Output policies\": what the attacker reads of an accepted query).\n",
              f"Attacked: the test set's images {offset} to {offset + len(result['clean_correct']) - 1}; the benign "
              "streams' images follow them. "
              f"The model classifies {sum(result['clean_correct'])} of the {len(result['clean_correct'])} attacked images "
@@ -277,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add-stage", action="append", default=[], metavar="YAML",
                     help="a stage appended to --pipeline's on the defended arm, e.g. the stateful stage "
                          "deploy/default.yaml documents but does not serve yet")
+    ap.add_argument("--outputs", choices=("logits", "top_k", "label", "aaa"),
+                    help="the output policy both arms answer with (outputs.policy; default: --pipeline's)")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--attacks", default="square,hopskipjump")
     ap.add_argument("--budgets", default=str(TARGET_BUDGET), help="comma-separated query budgets")
@@ -317,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": str(args.bundle), "bundle_note": args.bundle_note,
         "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
         "defended_stages": defended_stages(args.pipeline, args.add_stage), "eps": args.eps, "arms": reports,
+        "outputs": arm_config(arms[0], args.bundle, args.pipeline, args.threads, args.add_stage,
+                              args.outputs).get("outputs") or {"policy": "logits"},
     }
     result["bundle_record"] = bundle_record(args.bundle, result["defended_stages"])
     n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
