@@ -98,7 +98,8 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
     serve = Serve(cfg_path, workdir=work / f"{arm}-serve")
     try:
         cmd = [str(Path(sys.executable).with_name("robustgate")), "eval", "--threat", "endpoint",
-               "--url", serve.url, "--bundle", str(args.bundle), "--attacks", args.attacks,
+               "--url", serve.url, "--bundle", str(args.bundle),
+               "--attacks", args.undefended_attacks if arm == "undefended" and args.undefended_attacks else args.attacks,
                "--queries", args.budgets, "--n", str(args.n), "--offset", str(args.offset),
                "--benign-n", str(args.benign_n),
                "--benign-clients", str(args.benign_clients), "--eps", str(args.eps), "--out", str(out)]
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the output policy both arms answer with (outputs.policy; default: --pipeline's)")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--attacks", default="square,hopskipjump")
+    ap.add_argument("--undefended-attacks", metavar="ATTACKS",
+                    help="the undefended arm's attacks, when not --attacks (e.g. only the one an --outputs policy changes)")
     ap.add_argument("--budgets", default=str(TARGET_BUDGET), help="comma-separated query budgets")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--offset", type=int, default=0, help="first attacked test image (the benign ones follow them)")
