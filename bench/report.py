@@ -645,10 +645,11 @@ def endpoint_tables(budget: int = 5000) -> str:
     lines += ["", f"What the attacker reads ({runs[0][0]}, {budget:,} queries; the same bundle and defended pipeline "
               "answering with each output policy, `bench/redteam/endpoint.py --outputs POLICY`; docs/OPERATIONS.md, "
               "\"Output policies\"):", "",
-              "| answers (`outputs.policy`) | " + " | ".join(dict(ENDPOINT_ATTACKS)[a] for a in attacks) + " |",
-              "| --- |" + " --- |" * len(attacks)]
+              "| answers (`outputs.policy`) | Square, no stage | " + " | ".join(dict(ENDPOINT_ATTACKS)[a] for a in attacks)
+              + " |", "| --- |" + " --- |" * (len(attacks) + 1)]
     for label, r in policies:
-        lines.append(f"| {label} | " + " | ".join(endpoint_cell(r, "defended", a, budget) for a in attacks) + " |")
+        lines.append(f"| {label} | {endpoint_cell(r, 'undefended', 'square', budget)} | "
+                     + " | ".join(endpoint_cell(r, "defended", a, budget) for a in attacks) + " |")
     label_slice = load(ENDPOINT_POLICY_SLICE)
     lines += ["", f"`label` on the second slice (images {label_slice.get('offset', 0)} to "
               f"{label_slice.get('offset', 0) + len(label_slice['clean_correct']) - 1}): {endpoint_intervals(label_slice)}; "

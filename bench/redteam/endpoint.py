@@ -169,12 +169,16 @@ def _cell(report: dict, attack: str, budget: int) -> dict | None:
                  and c.get("status") == "done"), None)
 
 
-def targets(arms: dict[str, dict], correct: list[bool]) -> list[dict]:
+def targets(arms: dict[str, dict], correct: list[bool], policy: str = "logits") -> list[dict]:
     """Issue 22's target lines that these arms measure (a line is absent when its cell did not run).
     Success is counted over the images the model classifies correctly (``correct``; the tables show
-    both): the images it already gets wrong are lost before the first query."""
+    both): the images it already gets wrong are lost before the first query. ``policy``: the output
+    policy both arms answered with; the undefended lines (the attacks' strength) are the issue's only
+    with the model's own scores, so another policy's undefended arm is reported, not targeted."""
     rows = []
     und, dfd = arms.get("undefended"), arms.get("defended")
+    if policy != "logits":
+        und = None
     of = f"of the {sum(correct)} correctly classified images"
     for attack in ("square", "hopskipjump"):
         if und and (c := _cell(und, attack, TARGET_BUDGET)):
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     result["bundle_record"] = bundle_record(args.bundle, result["defended_stages"])
     n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
     result["clean_correct"] = clean_correct(args.bundle, n, args.offset)
-    result["targets"] = targets(reports, result["clean_correct"])
+    result["targets"] = targets(reports, result["clean_correct"], result["outputs"].get("policy", "logits"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write(args.out, result)
     return 0
@@ -355,7 +359,8 @@ def render(out: Path, command: str) -> int:
         print(f"--render: {path} does not exist", file=sys.stderr)
         return 2
     result = json.loads(path.read_text())
-    result["targets"] = targets(result["arms"], result["clean_correct"])
+    result["targets"] = targets(result["arms"], result["clean_correct"],
+                                (result.get("outputs") or {}).get("policy", "logits"))
     result.update(render_command=command, rendered_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   render_revision=machine()["robustgate_revision"])
     write(out, result)
