@@ -188,14 +188,15 @@ def triton_logits(url: str, model: str, x: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def served(bundle: Path, x: np.ndarray, stages: list[dict], output: str = "probs", sections=None) -> np.ndarray:
-    """``x`` sent by tritonclient to a proxy serving ``bundle`` with ``stages`` (and config ``sections``):
-    the answer's ``output``."""
+    """``x`` (FP32, or UINT8 when it is uint8) sent by tritonclient to a proxy serving ``bundle`` with
+    ``stages`` (and config ``sections``): the answer's ``output``."""
+    b = Bundle.load(bundle)
     proxy = LoopbackProxy(bundle, {"stages": stages}, sections)
     try:
         with tc.InferenceServerClient(proxy.url) as client:
-            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp = tc.InferInput(b.input.name, list(x.shape), "UINT8" if x.dtype == np.uint8 else "FP32")
             inp.set_data_from_numpy(x)
-            return client.infer(Bundle.load(bundle).name, [inp]).as_numpy(output)
+            return client.infer(b.name, [inp]).as_numpy(output)
     finally:
         proxy.stop()
 
@@ -557,16 +558,8 @@ def test_a_model_that_takes_uint8_levels_gets_the_rounding_in_front_and_a_straig
     np.testing.assert_array_equal(torch_backend.infer(between), torch_backend.infer(pixels))
     np.testing.assert_allclose(torch_backend.infer(between), want, atol=1e-4)
 
-    proxy = LoopbackProxy(out, {"stages": []})
-    try:
-        with tc.InferenceServerClient(proxy.url) as client:
-            for arr, datatype in ((sent, "UINT8"), (np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)), "FP32")):
-                inp = tc.InferInput("input", list(arr.shape), datatype)
-                inp.set_data_from_numpy(arr)
-                np.testing.assert_allclose(client.infer("levels", [inp]).as_numpy("logits"), want, rtol=1e-5,
-                                           atol=1e-6)
-    finally:
-        proxy.stop()
+    for arr in (sent, np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))):  # UINT8 and FP32
+        np.testing.assert_allclose(served(out, arr, [], "logits"), want, rtol=1e-5, atol=1e-6)
 
     # pixels in [0, 255] (--value-range 0,255): the levels are the pixels themselves
     wide = import_onnx(src, tmp_path / "wide", value_range=(0.0, 255.0))
@@ -601,14 +594,7 @@ def test_a_uint8_model_that_computes_on_its_levels_gets_no_twin(tmp_path, capsys
     with pytest.raises(NoTwin, match="rounding cannot be passed straight through"):
         load_backbone(bundle)
     sent = np.random.default_rng(1).integers(0, 256, (3, 1, 4, 4)).astype(np.uint8)
-    proxy = LoopbackProxy(tmp_path / "b", {"stages": []})
-    try:
-        with tc.InferenceServerClient(proxy.url) as client:
-            inp = tc.InferInput("input", list(sent.shape), "UINT8")
-            inp.set_data_from_numpy(sent)
-            got = client.infer("ints", [inp]).as_numpy("logits")
-    finally:
-        proxy.stop()
+    got = served(tmp_path / "b", sent, [], "logits")
     np.testing.assert_allclose(got, sent.reshape(3, -1).astype(np.float32) @ w, rtol=1e-5)
 
 
@@ -1056,7 +1042,7 @@ def test_a_bgr_upstream_gets_what_its_clients_sent(tmp_path):
         np.testing.assert_array_equal(server.seen, sent)
     finally:
         server.stop()
-    server = LevelsUpstream((3, 4, 4)).start()
+    server = TypedUpstream("UINT8", shape=(3, 4, 4)).start()
     try:
         import_upstream(server.url, "formula", tmp_path / "u", channel_order="BGR")
         levels = np.random.default_rng(1).integers(0, 256, (2, 3, 4, 4)).astype(np.uint8)
@@ -1089,23 +1075,27 @@ def test_an_upstream_that_takes_normalized_values_gets_them(tmp_path):
         server.stop()
 
 
-class HalfUpstream(TritonStyle):
-    """A Triton-style upstream whose model takes and answers FP16 (a model converted for the GPU):
-    ``formula_logits`` of the FP16 pixels, in FP16; keeps the last request's input."""
+WIRE = {"FP32": "<f4", "FP16": "<f2", "UINT8": "u1"}
 
-    def __init__(self):
-        super().__init__([{"name": "pixels", "datatype": "FP16", "shape": [-1, 1, 4, 4]}],
-                         [{"name": "logits", "datatype": "FP16", "shape": [-1, scripted.K]}])
-        self.seen = None
+
+class TypedUpstream(TritonStyle):
+    """A Triton-style upstream whose model takes ``datatype`` (FP16: a model converted for the GPU;
+    UINT8: levels, a model camera pipelines feed) and answers ``formula_logits`` of what it got in
+    ``answers``; keeps the last request's input."""
+
+    def __init__(self, datatype: str, answers: str = "FP32", shape=(1, 4, 4)):
+        super().__init__([{"name": "pixels", "datatype": datatype, "shape": [-1, *shape]}],
+                         [{"name": "logits", "datatype": answers, "shape": [-1, scripted.K]}])
+        self.datatype, self.answers, self.seen = datatype, answers, None
 
     def ModelInfer(self, request, context):
         t = request.inputs[0]
-        if t.datatype != "FP16":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected FP16, got {t.datatype}")
-        self.seen = np.frombuffer(request.raw_input_contents[0], dtype="<f2").reshape(tuple(t.shape)).copy()
-        logits = scripted.formula_logits(self.seen.astype(np.float32)).astype("<f2")
+        if t.datatype != self.datatype:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected {self.datatype}, got {t.datatype}")
+        self.seen = np.frombuffer(request.raw_input_contents[0], dtype=WIRE[t.datatype]).reshape(tuple(t.shape)).copy()
+        logits = scripted.formula_logits(self.seen.astype(np.float32)).astype(WIRE[self.answers])
         resp = pb.ModelInferResponse(model_name="formula", model_version="1", id=request.id)
-        resp.outputs.add(name="logits", datatype="FP16", shape=list(logits.shape))
+        resp.outputs.add(name="logits", datatype=self.answers, shape=list(logits.shape))
         resp.raw_output_contents.append(logits.tobytes())
         return resp
 
@@ -1113,7 +1103,7 @@ class HalfUpstream(TritonStyle):
 def test_an_fp16_upstream_gets_fp16_and_is_read_as_fp32(tmp_path):
     """A model server that declares FP16 (Triton's onnxruntime or TensorRT backend with an FP16
     model): the upstream backend sends each batch in FP16 and reads FP16 logits as FP32."""
-    server = HalfUpstream().start()
+    server = TypedUpstream("FP16", "FP16").start()
     try:
         import_upstream(server.url, "formula", tmp_path / "t")
         x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
@@ -1125,47 +1115,19 @@ def test_an_fp16_upstream_gets_fp16_and_is_read_as_fp32(tmp_path):
         server.stop()
 
 
-class LevelsUpstream(TritonStyle):
-    """A Triton-style upstream whose model takes UINT8 levels: ``formula_logits`` of the levels; keeps
-    the last request's input."""
-
-    def __init__(self, shape=(1, 4, 4)):
-        super().__init__([{"name": "pixels", "datatype": "UINT8", "shape": [-1, *shape]}],
-                         [{"name": "logits", "datatype": "FP32", "shape": [-1, scripted.K]}])
-        self.seen = None
-
-    def ModelInfer(self, request, context):
-        t = request.inputs[0]
-        if t.datatype != "UINT8":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected UINT8, got {t.datatype}")
-        self.seen = np.frombuffer(request.raw_input_contents[0], dtype=np.uint8).reshape(tuple(t.shape)).copy()
-        logits = scripted.formula_logits(self.seen.astype(np.float32)).astype("<f4")
-        resp = pb.ModelInferResponse(model_name="formula", model_version="1", id=request.id)
-        resp.outputs.add(name="logits", datatype="FP32", shape=list(logits.shape))
-        resp.raw_output_contents.append(logits.tobytes())
-        return resp
-
-
 @pytest.mark.parametrize("value_range", [(0.0, 1.0), (-1.0, 1.0)])
 def test_a_uint8_upstream_gets_the_pixels_as_levels(tmp_path, capsys, value_range):
     """A model server that declares a UINT8 input (a Triton model fed by camera pipelines): the import
     takes it, and the upstream backend sends each batch as levels 0..255 spanning the value range,
     rounded half up: a client's UINT8 request reaches it unchanged, FP32 pixels on the nearest level."""
-    server = LevelsUpstream().start()
+    server = TypedUpstream("UINT8").start()
     try:
         bundle = import_upstream(server.url, "formula", tmp_path / "t", value_range=value_range)
         assert any("takes UINT8 levels" in n for n in bundle.spec.provenance["import_notes"])
         lo, hi = value_range
         sent = np.random.default_rng(0).integers(0, 256, (3, 1, 4, 4)).astype(np.uint8)
-        proxy = LoopbackProxy(tmp_path / "t", {"stages": []},
-                              {"backend": {"kind": "upstream", "upstream": {"url": server.url}}})
-        try:
-            with tc.InferenceServerClient(proxy.url) as client:
-                inp = tc.InferInput("pixels", list(sent.shape), "UINT8")
-                inp.set_data_from_numpy(sent)
-                got = client.infer("formula", [inp]).as_numpy("logits")
-        finally:
-            proxy.stop()
+        upstream = {"backend": {"kind": "upstream", "upstream": {"url": server.url}}}
+        got = served(tmp_path / "t", sent, [], "logits", upstream)
         np.testing.assert_array_equal(server.seen, sent)
         np.testing.assert_allclose(got, scripted.formula_logits(sent.astype(np.float32)), rtol=1e-6)
         x = (lo + (hi - lo) * (sent + np.float32(0.3)) / 255).astype(np.float32)  # between levels, nearer k
