@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from robustgate.attacks.endpoint import GrpcOracle
-from robustgate.models.client_values import ClientValues
 from robustgate.defenses.stateful.calibration import NEAR_KINDS, near_duplicate
+from robustgate.models.client_values import ClientValues
 
 STREAMS = ("shuffled", "retries", "near_duplicates")
 

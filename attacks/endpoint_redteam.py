@@ -391,7 +391,7 @@ class EndpointSettings:
     hsj_evals: tuple[int, int] = HSJ_EVALS
     transfer_steps: int = 20
     seed: int = 0
-    client_values: ClientValues | None = None  # the served model's clients normalize (GrpcOracle)
+    client_values: ClientValues | None = None  # the served model's clients normalize or speak BGR (GrpcOracle)
 
     def __post_init__(self):
         for name in self.attacks:

@@ -179,8 +179,7 @@ def straight_through(model: onnx.ModelProto) -> onnx.ModelProto:
     :class:`ValueError` when the model reads its UINT8 input other than by casting it to floats
     (a quantized model's integer arithmetic, say): then the straight-through graph would not compute
     what the model does, and the twin must not exist."""
-    nodes = {n.name: n for n in model.graph.node}
-    if UINT8_ROUND not in nodes:
+    if not any(n.name == UINT8_ROUND for n in model.graph.node):
         return model
     model = copy.deepcopy(model)
     g = model.graph
@@ -189,8 +188,9 @@ def straight_through(model: onnx.ModelProto) -> onnx.ModelProto:
     held = _uint8_values(g, cast.output[0])
     producer = {o: n for n in g.node for o in n.output}
     for op in ("Add", "Min", "Max"):  # the +0.5 and the clipping, from the Floor back to the Mul
-        node = producer[floor.input[0]]
-        assert node.op_type == op, f"uint8_front's {op} expected before {floor.input[0]!r}, found {node.op_type}"
+        node = producer.get(floor.input[0])
+        if node is None or node.op_type != op:
+            raise ValueError(f"{UINT8_ROUND!r} is not preceded by uint8_front's {op}: not a front robustgate wrote")
         floor.input[0] = node.input[0]
         g.node.remove(node)
     floor.op_type = "Identity"
