@@ -295,3 +295,38 @@ def test_cuda_fp16_model_imports_and_answers_on_the_gpu(tmp_path):
     np.testing.assert_allclose(TorchBackend(bundle, device="cuda").infer(x), want, atol=tol)
     if "CUDAExecutionProvider" in ort.get_available_providers():
         np.testing.assert_allclose(OnnxBackend(bundle, device="cuda").infer(x), want, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
+def test_cuda_uint8_model_rounds_onto_its_levels_on_the_gpu(tmp_path):
+    """A model that takes UINT8 levels (robustgate import puts the rounding in front; its twin passes
+    it straight through): on the GPU the torch backend rounds the pixels onto the levels before the
+    twin, so pixels between levels get exactly the answer of the levels they round to, and the CPU's
+    ONNX Runtime answer."""
+    from torch import nn
+
+    from robustgate.models.importer import import_onnx
+
+    class Levels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(8, 10))
+
+        def forward(self, x):
+            return self.net(x.float() / 255)
+
+    torch.manual_seed(0)
+    src = tmp_path / "levels.onnx"
+    torch.onnx.export(Levels().eval(), ((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8),), str(src),
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    bundle = import_onnx(src, tmp_path / "b")
+    assert bundle.spec.backbone.recipe["input_datatype"] == "uint8"
+    rng = np.random.default_rng(0)
+    on = (rng.integers(0, 256, (16, 3, 32, 32)) / np.float32(255.0)).astype(np.float32)
+    between = np.clip(on + rng.uniform(-0.49, 0.49, on.shape).astype(np.float32) / 255, 0, 1)
+    gpu = TorchBackend(bundle, device="cuda")
+    np.testing.assert_array_equal(gpu.infer(between), gpu.infer(on))
+    np.testing.assert_allclose(gpu.infer(between), OnnxBackend(bundle).infer(between), atol=1e-4)
