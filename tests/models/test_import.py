@@ -886,6 +886,11 @@ def test_old_bundles_keep_their_meaning(tmp_path):
         BackboneSpec(arch="cnn")
     with pytest.raises(ValueError, match="twin is 'onnx' but"):
         BackboneSpec(upstream=UpstreamSource(url="h:1", model_name="m"), arch="x", twin="onnx")
+    from robustgate.models.bundle import InputSpec
+
+    assert bundle.input.channel_order is None  # RGB, and not written back
+    with pytest.raises(ValueError, match="input.channel_order BGR needs 3 channels"):
+        InputSpec(shape=(1, 28, 28), channel_order="BGR")
 
 
 # ---- --upstream: the signature from a running MLServer -------------------------------------
