@@ -932,6 +932,27 @@ def test_upstream_import_reads_mlserver_metadata_and_serves_through_it(models, t
         server.stop()
 
 
+def test_a_uint8_model_in_mlserver_gets_levels_from_the_proxy(tmp_path, capsys):
+    """A UINT8 model served by a real MLServer (its metadata declares UINT8): imported from the server
+    and from its ONNX file, the proxy in front of it sends every batch as levels; a client's UINT8
+    request and its FP32 pixels get what the model answers on those levels."""
+    src = export(make(Levels), tmp_path / "levels.onnx", (32, 32, 3), uint8=True)
+    server = harness.MLServerProcess(tmp_path / "mlserver", {"levels": {"onnx": src}})
+    server.start()
+    try:
+        assert cli(["import", "--upstream", server.url, "--model", "levels", "--out", str(tmp_path / "up")]) == 0
+        assert "takes UINT8 levels" in capsys.readouterr().out
+        import_onnx(src, tmp_path / "file", name="levels")
+        sent = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+        want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(["logits"], {"input": sent})[0]
+        upstream = {"backend": {"kind": "upstream", "upstream": {"url": server.url}}}
+        for bundle in (tmp_path / "up", tmp_path / "file"):
+            for arr in (sent, sent / np.float32(255.0)):  # UINT8, and FP32 pixels
+                np.testing.assert_allclose(served(bundle, arr, [], "logits", upstream), want, rtol=1e-5, atol=1e-6)
+    finally:
+        server.stop()
+
+
 class TritonStyle(scripted.ScriptedUpstream):
     """The scripted upstream (``logits[i, k] = mean(x[i]) + k``) declaring its metadata as
     ``meta`` says: Triton leaves the batch axis out when the model has ``max_batch_size > 0``."""

@@ -97,8 +97,12 @@ def write_bundle(root: Path, onnx_file: Path, name: str = "tiny") -> Path:
     return root
 
 
+V2_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.uint8): "UINT8"}
+
+
 def onnx_signature(onnx_file: Path) -> dict[str, list[dict]]:
-    """The model's inputs and outputs as MLServer metadata tensors (symbolic dims -> -1)."""
+    """The model's inputs and outputs as MLServer metadata tensors (symbolic dims -> -1; FP32, FP16 or
+    UINT8, as the graph declares them)."""
     graph = onnx.load(str(onnx_file), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
 
@@ -107,11 +111,12 @@ def onnx_signature(onnx_file: Path) -> dict[str, list[dict]]:
         for v in values:
             if v.name in initializers:
                 continue
-            dtype = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
-            if dtype != np.float32:
-                raise ValueError(f"{onnx_file}: tensor {v.name!r} is {dtype}; the test runtime serves FP32 only")
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+            if dtype not in V2_DATATYPES:
+                raise ValueError(f"{onnx_file}: tensor {v.name!r} is {dtype}; the test runtime serves "
+                                 f"{', '.join(V2_DATATYPES.values())}")
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
-            out.append({"name": v.name, "datatype": "FP32", "shape": dims})
+            out.append({"name": v.name, "datatype": V2_DATATYPES[dtype], "shape": dims})
         return out
 
     return {"inputs": tensors(graph.input), "outputs": tensors(graph.output)}

@@ -14,7 +14,9 @@ holds test knobs:
 - ``cancel_log`` (path, optional): a line is appended there whenever a sleeping request is
   cancelled -- the evidence that a caller's deadline reached this server.
 
-Every ONNX output is returned (``logits`` and, for bundles exported with it, ``features``).
+Every ONNX output is returned (``logits`` and, for bundles exported with it, ``features``). The
+input is given to the model in the datatype its graph takes (FP32, FP16 or UINT8: the metadata
+harness.py writes declares the same).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver.utils import get_model_uri
 
 FAULTS = ("none", "drop_row", "no_logits", "fp64")
+INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 
 
 class OnnxModel(MLModel):
@@ -46,13 +49,14 @@ class OnnxModel(MLModel):
         uri = await get_model_uri(self.settings)
         self._session = ort.InferenceSession(uri, options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
+        self._dtype = INPUT_TYPES[self._session.get_inputs()[0].type]  # what the model takes (its metadata says so)
         self._outputs = [o.name for o in self._session.get_outputs()]
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         if len(payload.inputs) != 1:
             raise ValueError(f"expected one input tensor, got {len(payload.inputs)}")
-        x = self.decode(payload.inputs[0], default_codec=NumpyCodec).astype(np.float32)  # [M, C, H, W]
+        x = self.decode(payload.inputs[0], default_codec=NumpyCodec).astype(self._dtype)  # [M, C, H, W]
         if self._sleep_s:
             try:
                 await asyncio.sleep(self._sleep_s)
