@@ -90,10 +90,9 @@ class ClientValues:
                 return np.array(src, dtype=np.float32)
             np.copyto(out, src, casting="same_kind")
             return out
-        mean, std = (self._reversed(self._shaped(v, x.ndim, channel_axis), channel_axis) if self.bgr
-                     else self._shaped(v, x.ndim, channel_axis) for v in (self.mean, self.std))
-        out = np.multiply(src, std, out=out, dtype=np.float32)
-        return np.add(out, mean, out=out)
+        order = slice(None, None, -1 if self.bgr else 1)  # the statistics in the RGB order of ``src``
+        out = np.multiply(src, self._shaped(self.std[order], x.ndim, channel_axis), out=out, dtype=np.float32)
+        return np.add(out, self._shaped(self.mean[order], x.ndim, channel_axis), out=out)
 
     def values(self, x: np.ndarray, channel_axis: int = 1) -> np.ndarray:
         """RGB pixels ``x`` -> what the clients send: the channels reversed for BGR, then ``(x - mean) /
