@@ -177,7 +177,6 @@ def _die_with(supervisor: int) -> None:
 def _worker_main(args: argparse.Namespace, index: int, port: int, admin_port: int | None, conn,
                  supervisor: int) -> None:
     """One worker process: the single-process server on the shared port (proxy/serve.py)."""
-    import asyncio
 
     _die_with(supervisor)
 
@@ -194,14 +193,16 @@ def _worker_main(args: argparse.Namespace, index: int, port: int, admin_port: in
         return worker_config(serve_mod.config_from_args(args), index, port, admin_port)
 
     try:
-        server = serve_mod.build_server(load(), config_loader=load, freeze_heap=True)
+        cfg = load()
+        run_loop = serve_mod.loop_runner(cfg.server.event_loop)
+        server = serve_mod.build_server(cfg, config_loader=load, freeze_heap=True)
     except (ConfigError, BundleError, ValueError, OSError) as exc:  # the supervisor prints it, once
         conn.send((FAILED, str(exc)))
         sys.exit(2)
     server.reuse_port = True
     server.after_admin_reload = lambda: conn.send(RELOADED)
     try:
-        asyncio.run(serve_mod.serve(server, announce=lambda s: conn.send((READY, s.contract.model_name))))
+        run_loop(serve_mod.serve(server, announce=lambda s: conn.send((READY, s.contract.model_name))))
     except OSError as exc:  # e.g. the port could not be bound
         conn.send((FAILED, str(exc)))
         server.backend.close()

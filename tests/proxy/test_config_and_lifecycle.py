@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from robustgate.proxy.cli import main as cli_main
 from robustgate.proxy.config import ConfigError, load_config
+from robustgate.proxy.serve import loop_runner
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,6 +42,7 @@ def test_defaults_with_a_bundle_only(tmp_path):
 @pytest.mark.parametrize("data, key", [
     ({"batching": {"max_batch_size": 0}}, "batching.max_batch_size"),
     ({"server": {"prot": 1}}, "server.prot"),
+    ({"server": {"event_loop": "trio"}}, "server.event_loop"),
     ({"backend": {"onnxruntime": {"device": "tpu"}}}, "backend.onnxruntime.device"),
     ({"pipeline": {"stages": [{"name": "a", "kind": "jpeg", "action": "drop"}]}}, "pipeline.stages.0.action"),
     ({"pipeline": {"stages": [{"name": "a b", "kind": "jpeg"}]}}, "pipeline.stages.0.name"),
@@ -54,6 +56,19 @@ def test_config_errors_name_the_key(tmp_path, data, key):
     with pytest.raises(ConfigError) as err:
         load_config(path, environ={})
     assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_event_loop_auto_is_uvloop_where_installed_and_a_missing_uvloop_names_the_key(monkeypatch):
+    import asyncio
+
+    import uvloop
+
+    assert loop_runner("auto") is uvloop.run and loop_runner("uvloop") is uvloop.run
+    assert loop_runner("asyncio") is asyncio.run
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: importing it raises ImportError
+    assert loop_runner("auto") is asyncio.run
+    with pytest.raises(ConfigError, match="server.event_loop: uvloop is not installed"):
+        loop_runner("uvloop")
 
 
 def test_environment_overrides_file_and_flags_override_environment(tmp_path):
@@ -112,7 +127,8 @@ def _queue_depth(port: int) -> float:
     raise AssertionError("no robustgate_queue_depth in /metrics")
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path, proxy_bundle, ort_logits):
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path, proxy_bundle, ort_logits, event_loop):
     path = write(tmp_path, {
         "bundle": str(proxy_bundle),
         "server": {"host": "127.0.0.1", "metrics_host": "127.0.0.1", "grace_s": 60},
@@ -122,6 +138,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path, proxy_bundl
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
     env["ROBUSTGATE_BATCHING__ENABLED"] = "false"  # the environment wins over the file: one request per batch
     env["ROBUSTGATE_SERVER__WORKERS"] = "1"  # one process's queue (N = 2: tests/proxy/test_workers.py)
+    env["ROBUSTGATE_SERVER__EVENT_LOOP"] = event_loop  # signals, drain and answers on either loop
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "serve_with_sleep.py"), "serve", "--config", str(path), "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -132,6 +149,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path, proxy_bundl
             lines.append(line)
             if line.startswith("robustgate: serving"):
                 break
+        assert any(f"event loop: {event_loop}" in line for line in lines), lines
         words = lines[-1].replace(",", "").split()
         port, metrics_port = int(words[words.index("port") + 1]), int(words[-1])
         url = f"127.0.0.1:{port}"
