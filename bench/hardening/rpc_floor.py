@@ -8,7 +8,8 @@ over ``--channels`` connections of their own, so that ``server.workers`` process
 each get some) sending ``--calls`` batch-1 calls (one Fashion-MNIST test image, raw FP32):
 
 - ``grpc.aio, abort``: a grpc.aio server whose ModelInfer only aborts with RESOURCE_EXHAUSTED (no
-  robustgate code): the transport's floor;
+  robustgate code): the transport's floor, on uvloop (what ``robustgate serve`` runs on by default,
+  ``server.event_loop``) and on asyncio's own loop;
 - ``grpc.aio, maximum_concurrent_rpcs 1``: the same server with grpc.aio's own concurrency limit
   at 1 (the one admitted call holds its slot 50 ms): the calls beyond it are refused
   RESOURCE_EXHAUSTED by grpc.aio's Cython code before any handler runs;
@@ -23,7 +24,8 @@ each get some) sending ``--calls`` batch-1 calls (one Fashion-MNIST test image, 
   per batch): the served path's own CPU -- decode, batcher, the runner (the general path: no fused
   detector), encode -- without the model's compute;
 
-each of the robustgate rows with ``server.workers`` 1 and 2. Per call: the server's CPU (user +
+each of the robustgate rows with ``server.workers`` 1 and 2 on the default loop (uvloop), and with one
+worker on asyncio's loop (``--loops``). Per call: the server's CPU (user +
 system, every thread of the process and, with workers, of the supervisor and its children) divided
 by the calls; and calls/s of the closed loop. ``--profile``: a py-spy flame graph of the served path
 (one worker) is written beside the results (``OUT.served.svg``).
@@ -57,6 +59,7 @@ TRIVIAL_SERVER = textwrap.dedent("""
     from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 
     LIMIT = int(sys.argv[1])  # 0: the handler aborts every call; else grpc.aio's concurrency limit
+    LOOP = sys.argv[2]  # "asyncio" or "uvloop": the loop that runs it
 
     class Abort(pb_grpc.GRPCInferenceServiceServicer):
         async def ModelInfer(self, request, context):
@@ -71,7 +74,11 @@ TRIVIAL_SERVER = textwrap.dedent("""
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(main())
+    if LOOP == "uvloop":
+        import uvloop
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 """)
 
 
@@ -168,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--channels", type=int, default=8, help="client connections the calls are spread over")
     ap.add_argument("--workers", default="1,2", help="server.workers values to measure robustgate with")
+    ap.add_argument("--loops", default="uvloop,asyncio",
+                    help="server.event_loop values: the first with every --workers value, the others with one worker")
     ap.add_argument("--profile", action="store_true", help="write a py-spy flame graph of the served path (OUT.served.svg)")
     ap.add_argument("--out", default="hardening.rpc_floor", help="results name in bench/results (OUT.json, OUT.md)")
     args = ap.parse_args(argv)
@@ -176,39 +185,44 @@ def main(argv: list[str] | None = None) -> int:
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), common.loadavg()
     rows = []
 
-    for label, limit in (("grpc.aio, abort", 0), ("grpc.aio, maximum_concurrent_rpcs 1", 1)):
-        proc = subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, str(limit)], stdout=subprocess.PIPE, text=True)
+    loops = args.loops.split(",")
+    floors = [("grpc.aio, abort", 0, loop) for loop in loops] + [("grpc.aio, maximum_concurrent_rpcs 1", 1, loops[0])]
+    for label, limit, loop in floors:
+        proc = subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, str(limit), loop], stdout=subprocess.PIPE,
+                                text=True)
         try:
             port = int(proc.stdout.readline())
             res = asyncio.run(closed_loop(f"127.0.0.1:{port}", common.infer_request("default", x), args.calls,
                                           args.concurrency, proc.pid, args.channels))
-            rows.append({"server": label, "workers": 1, **res})
+            rows.append({"server": label, "loop": loop, "workers": 1, **res})
         finally:
             proc.kill()
             proc.wait(10)
 
     svg = None
-    for workers in [int(w) for w in args.workers.split(",")]:
-        server = common.Serve(common.REPO / "deploy" / "default.yaml", overrides={"server": {"workers": workers}})
+    runs = [(loops[0], int(w)) for w in args.workers.split(",")] + [(loop, 1) for loop in loops[1:]]
+    for loop, workers in runs:
+        server = common.Serve(common.REPO / "deploy" / "default.yaml",
+                              overrides={"server": {"workers": workers, "event_loop": loop}})
         try:
             for label, model, image in (("robustgate, NOT_FOUND", "no-such-model", x), ("robustgate, served", server.model, x),
                                         ("robustgate, rejected", server.model, noise)):
                 res = asyncio.run(closed_loop(server.url, common.infer_request(model, image), args.calls, args.concurrency,
                                               server.pid, args.channels))
-                rows.append({"server": label, "workers": workers, **res})
-            if args.profile and workers == 1:
+                rows.append({"server": label, "loop": loop, "workers": workers, **res})
+            if args.profile and workers == 1 and loop == loops[0]:
                 svg = common.RESULTS / f"{args.out}.served.svg"
                 profile(server, common.infer_request(server.model, x), args, svg)
         finally:
             server.stop()
     with tempfile.TemporaryDirectory(prefix="robustgate-rpc-floor-") as tmp:
         server = common.Serve(common.REPO / "deploy" / "default.yaml",
-                              overrides={"bundle": str(trivial_bundle(Path(tmp))), "server": {"workers": 1},
-                                         "pipeline": {"stages": []}})
+                              overrides={"bundle": str(trivial_bundle(Path(tmp))),
+                                         "server": {"workers": 1, "event_loop": loops[0]}, "pipeline": {"stages": []}})
         try:
             res = asyncio.run(closed_loop(server.url, common.infer_request(server.model, x), args.calls, args.concurrency,
                                           server.pid, args.channels))
-            rows.append({"server": "robustgate, served, trivial model", "workers": 1, **res})
+            rows.append({"server": "robustgate, served, trivial model", "loop": loops[0], "workers": 1, **res})
         finally:
             server.stop()
 
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": started, "load_average_start": load_start, "load_average_end": common.loadavg(),
             "machine": common.machine(), "calls": args.calls, "concurrency": args.concurrency, "channels": args.channels,
             "flame_graph": None if svg is None else svg.name, "rows": rows}
-    floor = rows[0]["server_cpu_us_per_call"]
+    floor = {r["loop"]: r["server_cpu_us_per_call"] for r in rows if r["server"] == "grpc.aio, abort"}
     lines = ["# Hardening: the event loop's floor per ModelInfer call", "",
              f"- Command: `{data['command']}`",
              f"- Started {started}; load average at start {load_start}, at end {data['load_average_end']} "
@@ -225,20 +239,28 @@ def main(argv: list[str] | None = None) -> int:
              f"- {args.calls} batch-1 calls (one test image) per row, {args.concurrency} in flight (closed loop) over "
              f"{args.channels} connections, after a warm-up; `deploy/default.yaml` (MagNet + backbone); the last row "
              "with no stage in front of a one-layer linear model (the served path without the model's compute)",
-             "", "| server | workers | answers | calls/s | server CPU per call (µs) | over the floor (µs) | server cores |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "", "| server | loop | workers | answers | calls/s | server CPU per call (µs) | over the loop's floor (µs) "
+             "| server cores |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         codes = ", ".join(f"{k} {v}" for k, v in sorted(r["codes"].items()))
         us = r["server_cpu_us_per_call"]
-        lines.append(f"| {r['server']} | {r['workers']} | {codes} | {r['calls_per_s']:,.0f} | {us:.0f} | {us - floor:+.0f} | "
-                     f"{r['server_cores']:.2f} |")
-    lines += ["", f"At 1,500 calls/s the transport's floor alone is {floor * 1500 / 1e6:.2f} of a core of server CPU."]
+        lines.append(f"| {r['server']} | {r['loop']} | {r['workers']} | {codes} | {r['calls_per_s']:,.0f} | {us:.0f} | "
+                     f"{us - floor[r['loop']]:+.0f} | {r['server_cores']:.2f} |")
+    lines += ["", f"At 1,500 calls/s the transport's floor alone is {floor[loops[0]] * 1500 / 1e6:.2f} of a core of server "
+              f"CPU on {loops[0]}."]
     trivial = next((r for r in rows if r["server"] == "robustgate, served, trivial model"), None)
-    served = next((r for r in rows if r["server"] == "robustgate, served" and r["workers"] == 1), None)
+    served = next((r for r in rows if r["server"] == "robustgate, served" and r["workers"] == 1
+                   and r["loop"] == loops[0]), None)
+    other = [r for r in rows if r["server"] == "robustgate, served" and r["loop"] != loops[0]]
+    if served is not None and other:
+        lines += ["", "The loop's share, served calls with one worker: " + ", ".join(
+            f"{r['server_cpu_us_per_call']:.0f} µs per call on {r['loop']}" for r in other)
+            + f", {served['server_cpu_us_per_call']:.0f} on {loops[0]}."]
     if trivial is not None and served is not None:
         own, full = trivial["server_cpu_us_per_call"], served["server_cpu_us_per_call"]
         lines += ["", f"The served path's own CPU with a trivial model and no stage: {own:.0f} µs per call, "
-                  f"{own - floor:+.0f} over the floor, against {full:.0f} for `deploy/default.yaml` (MagNet + backbone): "
+                  f"{own - floor[loops[0]]:+.0f} over the floor, against {full:.0f} for `deploy/default.yaml` (MagNet + backbone): "
                   "at 32 calls in flight the batches are large, so the models' compute per call is small, and a "
                   "pipeline with no stage takes the general path (DefendedModel) while the default's fused "
                   "detector takes the one-session fast path."]
