@@ -291,6 +291,8 @@ class PipelineRunner:
         # whether the batch has a front half worth a thread of its own (:meth:`prepare`); asked per batch
         self.has_purifiers = bool(split_stages(self.stages)[1])
         self.fused_only = self._fused_only()
+        # no stage at all (a forwarding or pass-through deployment): one backend call, every item accepted
+        self.passthrough = not self.stages and self.device == "cpu" and not getattr(self.backend, "accepts_tensors", False)
 
     def _fuse(self):
         """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score
@@ -354,6 +356,18 @@ class PipelineRunner:
         return PipelineResult(logits=torch.from_numpy(logits), verdict=torch.tensor(verdict, dtype=torch.int64),
                               reason=reason, scores=scores, thresholds=thresholds, seconds=seconds,
                               failed_stages=failed, blocked=blocked)
+
+    def _run_passthrough(self, x: np.ndarray | torch.Tensor, timeout: float | None) -> PipelineResult:
+        """DefendedModel's result for a pipeline without stages (:attr:`passthrough`): the backend's
+        logits, every item accepted -- without the per-batch model, generator and tensor round trips
+        of the general path. Equal to it (tests/defenses/test_pipeline_fused.py)."""
+        arr = _host(x) if isinstance(x, torch.Tensor) else np.ascontiguousarray(x, dtype=np.float32)
+        n = arr.shape[0]
+        t0 = time.perf_counter()
+        logits = np.asarray(self.backend.infer(arr, timeout=timeout), dtype=np.float32)
+        seconds = {"classify": time.perf_counter() - t0}
+        return PipelineResult(logits=torch.from_numpy(logits), verdict=torch.zeros(n, dtype=torch.int64),
+                              reason=[None] * n, seconds=seconds)
 
     @property
     def detector_names(self) -> tuple[str, ...]:
@@ -451,6 +465,8 @@ class PipelineRunner:
         ``clients``: one identity per item (proxy/identity.py) for the stateful stages; None skips them."""
         if self.fused_only:
             return self._run_fused(x, clients)
+        if self.passthrough:
+            return self._run_passthrough(x, timeout)
         with torch.no_grad():
             return self._on_host(self._model(timeout)(self._input(x), generator=self.generator(), clients=clients))
 

@@ -119,6 +119,24 @@ def test_other_pipelines_take_the_general_path(backend, graphs):
     assert not runner(backend, []).fused_only
 
 
+def test_a_pipeline_without_stages_passes_through_as_the_general_path(backend, graphs):
+    r = runner(backend, [])
+    assert r.passthrough and not r.fused_only
+    x = np.random.default_rng(3).random((5, 1, 28, 28), dtype=np.float32)
+    got = r(x, clients=["peer:a"] * 5)
+    r.passthrough = False
+    try:
+        want = r(x, clients=["peer:a"] * 5)
+    finally:
+        r.passthrough = True
+    assert_same(got, want)
+    assert got.verdict.tolist() == [0] * 5 and got.reason == [None] * 5 and got.scores == {} == got.thresholds
+    # a tensor batch, and a strided view of one, answer the same
+    assert_same(r(torch.from_numpy(x)), want)
+    assert_same(r(np.asfortranarray(x)), want)
+    assert not runner(backend, [Stage("l1", AEError(graphs[1], 1.0))]).passthrough
+
+
 def test_fused_path_with_a_stateful_stage_equals_the_general_path(backend, graphs):
     """Fused detectors plus the stateful stage (deploy/default.yaml's documented pipeline) stay on the
     fused path, and over a stream of batches -- near-copies from one client until it is blocked,
