@@ -21,8 +21,8 @@ each get some) sending ``--calls`` batch-1 calls (one Fashion-MNIST test image, 
   (PERMISSION_DENIED, request mode);
 - ``robustgate, served, trivial model``: ``robustgate serve`` with no stage in front of a one-layer
   linear classifier (784 x 10, imported with ``robustgate import``; a few microseconds of model work
-  per batch): the served path's own CPU -- decode, batcher, the runner (the general path: no fused
-  detector), encode -- without the model's compute;
+  per batch): the served path's own CPU -- decode, batcher, the runner (its pass-through path: one
+  backend call), encode -- without the model's compute;
 
 each of the robustgate rows with ``server.workers`` 1 and 2 on the default loop (uvloop), and with one
 worker on asyncio's loop (``--loops``). Per call: the server's CPU (user +
@@ -261,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         own, full = trivial["server_cpu_us_per_call"], served["server_cpu_us_per_call"]
         lines += ["", f"The served path's own CPU with a trivial model and no stage: {own:.0f} µs per call, "
                   f"{own - floor[loops[0]]:+.0f} over the floor, against {full:.0f} for `deploy/default.yaml` (MagNet + backbone): "
-                  "at 32 calls in flight the batches are large, so the models' compute per call is small, and a "
-                  "pipeline with no stage takes the general path (DefendedModel) while the default's fused "
-                  "detector takes the one-session fast path."]
+                  "at 32 calls in flight the batches are large (about 10 items), so the models' compute per call "
+                  "is small; a pipeline with no stage takes the pass-through path, the default's fused detector "
+                  "the one-session fast path."]
     if svg is not None:
         lines += ["", f"Flame graph of the served path (one worker, py-spy, every thread): [{svg.name}]({svg.name})."]
     lines.append("")
