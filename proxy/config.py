@@ -92,6 +92,37 @@ class AuthConfig(_Strict):
         return self.bearer_token_file is not None
 
 
+class TrustedConfig(_Strict):
+    """Clients trusted with more than the others (docs/OPERATIONS.md, "Trusted clients"): the answers of
+    ``outputs.trusted`` and, with ``server.explain``, the detectors' scores and thresholds. A call is
+    trusted when its verified client certificate's subject is one of ``subjects`` or its bearer token is
+    the one in one of ``token_files``; what a client can claim for itself (a header, its address) never
+    makes it trusted."""
+
+    subjects: list[str] = Field(default_factory=list, description=(
+        "verified client-certificate subjects, exactly as the call's identity names them (mtls:<subject>, "
+        "proxy/identity.py); needs server.tls.require_client_cert"))
+    token_files: list[Path] = Field(default_factory=list, description=(
+        "files each holding one bearer token (surrounding whitespace ignored); with server.auth these tokens "
+        "are accepted as well as its own"))
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrustedConfig":
+        for i, subject in enumerate(self.subjects):
+            if not subject.strip():
+                raise ValueError(f"trusted.subjects.{i}: empty subject")
+        for i, p in enumerate(self.token_files):
+            if not Path(p).is_file():
+                raise ValueError(f"trusted.token_files.{i}: file {p} does not exist")
+            if not Path(p).read_bytes().strip():
+                raise ValueError(f"trusted.token_files.{i}: file {p} is empty")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.subjects or self.token_files)
+
+
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
@@ -126,9 +157,11 @@ class ServerConfig(_Strict):
         "the metadata header that names a client that has no client certificate and no bearer token "
         "(proxy/identity.py; docs/OPERATIONS.md 'Client identity'); null = none, the peer address next"))
     admin: AdminConfig = AdminConfig()
+    trusted: TrustedConfig = TrustedConfig()
     explain: bool = Field(False, description=(
-        "a rejection's status details and trailing metadata carry the detector's score and threshold; for "
-        "trusted clients only (an evasion oracle otherwise): turn it on together with server.auth"))
+        "a rejection's status details and trailing metadata carry the detector's score and threshold, and an "
+        "answer each detector's score; an evasion oracle, so with server.trusted only trusted clients get them "
+        "(without it every client that passes server.auth does)"))
     compute_nice: int = Field(10, ge=0, le=19, description=(
         "niceness added to the threads that compute batches (batch workers, ONNX Runtime's pools), so that the "
         "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off. With "
@@ -155,6 +188,9 @@ class ServerConfig(_Strict):
                 raise ValueError(
                     f"admin.host: {a.host!r} is not loopback ({', '.join(LOOPBACK_HOSTS)}); an admin port reachable "
                     f"from other hosts needs a bearer token (server.auth.bearer_token_file)")
+        if self.trusted.subjects and not self.tls.require_client_cert:
+            raise ValueError("trusted.subjects: a subject is known only from a verified client certificate, which "
+                             "gRPC asks for only with server.tls.require_client_cert: true (and client_ca, cert, key)")
         if a.enabled and a.port is not None and a.port != 0 and a.port in (self.port, self.metrics_port):
             raise ValueError(f"admin.port: {a.port} is already the gRPC or the metrics port")
         return self
@@ -264,8 +300,8 @@ class LimitsConfig(_Strict):
     per_client: ClientLimitsConfig = ClientLimitsConfig()
 
 
-class OutputsConfig(_Strict):
-    """What an accepted item's answer tells the client (proxy/outputs.py; docs/PROTOCOL.md "Output policies")."""
+class OutputPolicyConfig(_Strict):
+    """One output policy (proxy/outputs.py; docs/PROTOCOL.md "Output policies")."""
 
     policy: Literal["logits", "top_k", "label", "aaa"] = "logits"  # logits = the model's, as before
     k: int = Field(1, ge=1)  # top_k: probabilities kept
@@ -273,6 +309,13 @@ class OutputsConfig(_Strict):
     tau: float = Field(0.5, gt=0)  # aaa: interval width of the margin
     alpha: float = Field(0.9, gt=0, lt=1)  # aaa: reflection strength
     temperature: float = Field(1.0, gt=0)  # aaa: calibration temperature kept
+
+
+class OutputsConfig(OutputPolicyConfig):
+    """What an accepted item's answer tells the client (proxy/outputs.py; docs/PROTOCOL.md "Output policies"):
+    the policy above for every client, ``trusted``'s for the clients server.trusted names."""
+
+    trusted: OutputPolicyConfig | None = None  # None: trusted clients get the policy above too
 
 
 class ProxyConfig(_Strict):
@@ -287,6 +330,9 @@ class ProxyConfig(_Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> "ProxyConfig":
+        if self.outputs.trusted is not None and not self.server.trusted.enabled:
+            raise ValueError("outputs.trusted: no client is trusted; name them in server.trusted (subjects, "
+                             "token_files)")
         if self.batching.max_queue_items < self.limits.max_batch_items:
             raise ValueError(
                 f"batching.max_queue_items ({self.batching.max_queue_items}) must be >= limits.max_batch_items "

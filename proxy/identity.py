@@ -19,14 +19,17 @@ layer knows about a call; ``call_identity(context, header=...)`` reads those fro
    escape it.
 
 An identity names a history only; it is not authentication (BearerAuth in proxy/server.py checks
-the token before any stage runs).
+the token before any stage runs). :class:`Trust` is: a call is trusted (server.trusted) only by what
+it proves -- a verified certificate's subject or a bearer token -- never by a header or an address.
 """
 
 from __future__ import annotations
 
 import hashlib
-from urllib.parse import unquote
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
 
 DEFAULT_HEADER = "x-client-id"
 MAX_HEADER_CHARS = 256
@@ -65,24 +68,35 @@ def peer_identity(peer: str | None) -> str:
     return f"peer:{_peer_address(peer)}" if peer else "peer:unknown"
 
 
+def _bearer(value: str | bytes) -> bytes | None:
+    """An ``authorization`` metadata value -> its bearer token, or None when it is none."""
+    scheme, _, rest = (value if isinstance(value, bytes) else str(value).encode()).partition(b" ")
+    return rest.strip() if scheme.lower() == b"bearer" and rest.strip() else None
+
+
+def _subject(auth: Mapping[str, Iterable[bytes]]) -> str | None:
+    """The verified client certificate's subject (else its common name), as ``mtls:`` identities name it."""
+    for key in ("x509_subject", "x509_common_name"):
+        values = [_text(v) for v in auth.get(key, ()) if v]
+        if values:
+            return values[0]
+    return None
+
+
 def named_identity(auth_context: Mapping[str, Iterable[bytes]] | None,
                    metadata: Iterable[tuple[str, str | bytes]] | None,
                    header: str | None = DEFAULT_HEADER) -> str | None:
     """:func:`client_identity`'s first three sources (certificate, token, header), or None."""
-    auth = auth_context or {}
-    for key in ("x509_subject", "x509_common_name"):
-        values = [_text(v) for v in auth.get(key, ()) if v]
-        if values:
-            return f"mtls:{values[0]}"
+    subject = _subject(auth_context or {})
+    if subject is not None:
+        return f"mtls:{subject}"
     token = None
     named = None
     want = header.lower() if header else None
     for key, value in metadata or ():
         key = key.lower()
         if key == "authorization" and token is None:
-            scheme, _, rest = (value if isinstance(value, bytes) else str(value).encode()).partition(b" ")
-            if scheme.lower() == b"bearer" and rest.strip():
-                token = rest.strip()
+            token = _bearer(value)
         elif want is not None and key == want and named is None:
             text = _text(value).strip()
             if text:
@@ -98,3 +112,44 @@ def call_identity(context, header: str | None = DEFAULT_HEADER) -> str:
     """:func:`client_identity` of a ``grpc.aio.ServicerContext`` (or ``grpc.ServicerContext``); the
     peer is asked for only when nothing else names the caller (one call into gRPC fewer per request)."""
     return named_identity(context.auth_context(), context.invocation_metadata(), header) or peer_identity(context.peer())
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Which calls are trusted (``server.trusted``; docs/OPERATIONS.md, "Trusted clients"): a verified
+    client certificate whose subject (as its ``mtls:`` identity names it) is in ``subjects``, or a
+    bearer token whose :func:`hash_token` is in ``tokens`` (the tokens themselves are not kept)."""
+
+    subjects: frozenset[str] = frozenset()
+    tokens: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, subjects: Iterable[str] = (), token_files: Iterable[Path] = ()) -> "Trust":
+        """From the config's lists; each token file holds one token (surrounding whitespace ignored)."""
+        return cls(frozenset(subjects), frozenset(hash_token(Path(p).read_bytes().strip()) for p in token_files))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.subjects or self.tokens)
+
+    def token(self, token: bytes) -> bool:
+        """Whether ``token`` is one of the trusted tokens."""
+        return hash_token(token) in self.tokens
+
+    def check(self, auth_context: Mapping[str, Iterable[bytes]] | None,
+              metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+        """Whether a call with this auth context and metadata is trusted."""
+        if self.subjects:
+            subject = _subject(auth_context or {})
+            if subject is not None and subject in self.subjects:
+                return True
+        if self.tokens:
+            for key, value in metadata or ():
+                if key.lower() == "authorization":
+                    token = _bearer(value)
+                    return token is not None and self.token(token)
+        return False
+
+    def call(self, context) -> bool:
+        """:meth:`check` for a ``grpc.aio.ServicerContext``."""
+        return self.enabled and self.check(context.auth_context(), context.invocation_metadata())

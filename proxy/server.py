@@ -24,6 +24,7 @@ import gc
 import hmac
 import logging
 import time
+from dataclasses import replace
 from typing import Callable
 
 import grpc
@@ -49,7 +50,7 @@ from robustgate.proxy.config import ProxyConfig
 from robustgate.proxy.metrics import Metrics
 from robustgate.proxy.reload import ReloadError, prepare_reload, read_token, reload
 from robustgate.proxy.triton_compat import model_config_handler
-from robustgate.proxy.identity import call_identity
+from robustgate.proxy.identity import Trust, call_identity
 from robustgate.proxy.ratelimit import LimitStoreError, build_limiter
 from robustgate.proxy.verdicts import (  # noqa: F401
     _OUTCOME_BY_CODE, BatchAnswer, _Failure, apply_outputs, blocked, limited, outcome, rejection, verdict_answer,
@@ -93,11 +94,13 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Refuses every RPC but the probes (AUTH_EXEMPT) with UNAUTHENTICATED unless its metadata holds
     ``authorization: Bearer <token>``. ``token()`` is read per call (a reload may rotate it); the
-    comparison is constant-time (hmac.compare_digest)."""
+    comparison is constant-time (hmac.compare_digest). ``trust``: the trusted clients' tokens
+    (server.trusted.token_files) are accepted too."""
 
-    def __init__(self, token: Callable[[], bytes | None], on_failure: Callable[[], None]):
+    def __init__(self, token: Callable[[], bytes | None], on_failure: Callable[[], None], trust: Trust = Trust()):
         self.token = token
         self.on_failure = on_failure
+        self.trust = trust
 
     async def intercept_service(self, continuation, details):
         expected = self.token()
@@ -109,7 +112,8 @@ class BearerAuth(grpc.aio.ServerInterceptor):
                 got = value.encode() if isinstance(value, str) else bytes(value)
                 break
         scheme, _, token = got.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected):
+        if scheme.lower() == b"bearer" and (hmac.compare_digest(token.strip(), expected)
+                                            or (self.trust.tokens and self.trust.token(token.strip()))):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:  # unknown method: UNIMPLEMENTED as usual
@@ -231,14 +235,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             check_model(request.name, request.version, self.p.contract)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, exc.message)
-        return self.p.model_metadata()
+        return self.p.model_metadata(self.p.trust.call(context))
 
     async def ModelInfer(self, request, context):
         t0 = time.perf_counter()
         p = self.p  # the caller's identity only where a per-client limit or a stateful stage reads it
         client = (call_identity(context, p.cfg.server.identity_header)
                   if p.limiter.enabled or p.runner.stateful_names else None)
-        failure, response = await self.p.infer(request, context.time_remaining(), client)
+        failure, response = await p.infer(request, context.time_remaining(), client,
+                                          p.trust.enabled and p.trust.call(context))
         m = self.p.metrics
         m.request_duration.observe(time.perf_counter() - t0)
         if failure is not None:
@@ -288,10 +293,14 @@ class ProxyServer:
             value_range=tuple(bundle.input.value_range),
             max_batch_items=cfg.limits.max_batch_items,
             logits_output=bundle.spec.backbone.logits_output,
-            # detector scores are an oracle for evading the detector: answered only with server.explain
-            detector_stages=runner.detector_names if cfg.server.explain else (),
+            # detector scores are an oracle for evading the detector: answered only with server.explain,
+            # and with server.trusted only to trusted clients (trusted_contract)
+            detector_stages=runner.detector_names if cfg.server.explain and not cfg.server.trusted.enabled else (),
             has_ensemble=runner.has_ensemble,
         )
+        self.trust = Trust.of(cfg.server.trusted.subjects, cfg.server.trusted.token_files)
+        self.trusted_contract = self.contract if not self.trust.enabled else replace(
+            self.contract, detector_stages=runner.detector_names if cfg.server.explain else ())
         self.metrics = Metrics(
             version=__version__, bundle=bundle.name, revision=revision,
             stages=tuple(stage.name for stage in runner.stages),
@@ -344,7 +353,7 @@ class ProxyServer:
         # the token check only where a token is configured: a reload re-reads the token file but
         # cannot turn server.auth on (server settings need a restart), and an interceptor costs
         # every call an extra coroutine
-        auth = BearerAuth(lambda: self._token, self.metrics.auth_failures.inc) if s.auth.enabled else None
+        auth = BearerAuth(lambda: self._token, self.metrics.auth_failures.inc, self.trust) if s.auth.enabled else None
         self.server = grpc.aio.server(interceptors=[auth] if auth else None, options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
             # a second server on a taken port fails instead of sharing it -- unless this is one of
@@ -384,7 +393,7 @@ class ProxyServer:
             freeze_gc_heap()
         log.info("robustgate serving %s on port %d (metrics %s, admin %s)", self.contract.model_name, self.port,
                  self.metrics_port, "off" if not s.admin.enabled else self.admin_port or "on the gRPC port")
-        if s.explain and not s.auth.enabled:
+        if s.explain and not s.auth.enabled and not self.trust.enabled:
             log.warning("server.explain is on without server.auth: every client sees the detectors' scores and "
                         "thresholds in rejections (docs/OPERATIONS.md, 'Threat model')")
         return self.port
@@ -482,8 +491,9 @@ class ProxyServer:
         }
 
     # ---- inference -------------------------------------------------------------------------
-    def model_metadata(self) -> pb.ModelMetadataResponse:
-        c = self.contract
+    def model_metadata(self, trusted: bool = False) -> pb.ModelMetadataResponse:
+        """The served model's metadata; a trusted caller's (server.trusted) declares what it is answered."""
+        c = self.trusted_contract if trusted else self.contract
         resp = pb.ModelMetadataResponse(name=c.model_name, versions=list(c.versions), platform=self.meta.platform)
         resp.inputs.add(name=c.input_name, datatype="FP32", shape=[-1, *c.wire_shape])  # as clients send it
         logits = next((o for o in self.meta.outputs if o.name == c.logits_output), None)
@@ -516,16 +526,18 @@ class ProxyServer:
                 if hits:
                     m.stateful_detections.labels(stage=stage).inc(hits)
 
-    async def infer(self, request: pb.ModelInferRequest, time_remaining: float | None, client: str | None = None):
+    async def infer(self, request: pb.ModelInferRequest, time_remaining: float | None, client: str | None = None,
+                    trusted: bool = False):
         """-> (failure, None) or (None, response). Never raises for a bad request. ``client``: the
-        caller's identity (proxy/identity.py) for its limits and the stateful stages."""
+        caller's identity (proxy/identity.py) for its limits and the stateful stages; ``trusted``: the
+        caller is a trusted client (server.trusted: outputs.trusted's answers, explain's scores)."""
         m = self.metrics
         try:
             refused = self.batcher.admission(1)  # refusing even 1 item: refuse before paying for the decode
             if refused is not None:
                 raise QueueFull(refused)
             t0 = time.perf_counter()
-            decoded = decode_infer(request, self.contract)
+            decoded = decode_infer(request, self.trusted_contract if trusted else self.contract)
             m.decode_duration.observe(time.perf_counter() - t0)
             if client is not None and self.limiter.enabled:
                 n = int(decoded.x.shape[0])
@@ -556,7 +568,7 @@ class ProxyServer:
                     m.requests.labels(outcome="deadline_exceeded").inc()
                 raise
             m.queue_duration.observe(queued)
-            return self._respond(request, decoded, share, client)
+            return self._respond(request, decoded, share, client, trusted)
         except ProtocolError as exc:
             return _Failure(grpc.StatusCode[exc.code], exc.message, _OUTCOME_BY_CODE.get(exc.code, "invalid")), None
         except QueueFull as exc:
@@ -585,9 +597,10 @@ class ProxyServer:
             self.metrics.clients_blocked.labels(reason=stage).inc()
             log.info("client %s refused (%s): blocked by the stateful stage", client, stage)
 
-    def _respond(self, request: pb.ModelInferRequest, decoded, share: "Share", client: str | None = None):
+    def _respond(self, request: pb.ModelInferRequest, decoded, share: "Share", client: str | None = None,
+                 trusted: bool = False):
         """Verdict semantics (proxy/verdicts.py) and encoding of one request's share of a batch:
-        ``share`` = (the batch, its first row, its end row)."""
+        ``share`` = (the batch, its first row, its end row); ``trusted``: as :meth:`infer`'s."""
         t2 = time.perf_counter()
         batch, a, b = share
         if batch.any_blocked:
@@ -596,12 +609,15 @@ class ProxyServer:
             if refused is not None:
                 self._count_block(rows, client)
                 return refused, None
-        failure, answer = verdict_answer(batch, a, b, self.cfg.pipeline.verdict_mode, self.metrics, self.cfg.server.explain)
+        explain = self.cfg.server.explain and (trusted or not self.trust.enabled)
+        failure, answer = verdict_answer(batch, a, b, self.cfg.pipeline.verdict_mode, self.metrics, explain)
         if failure is not None:
             return failure, None
-        answer.logits = apply_outputs(answer.logits, self.cfg.outputs, self.probabilities)
-        version = request.model_version or self.contract.versions[0]
-        response = encode_infer_bytes(decoded, answer, self.contract, version)
+        outputs = self.cfg.outputs.trusted if trusted and self.cfg.outputs.trusted is not None else self.cfg.outputs
+        answer.logits = apply_outputs(answer.logits, outputs, self.probabilities)
+        contract = self.trusted_contract if trusted else self.contract
+        version = request.model_version or contract.versions[0]
+        response = encode_infer_bytes(decoded, answer, contract, version)
         m = self.metrics
         m.encode_duration.observe(time.perf_counter() - t2)
         m.outcome_counter(VERDICT_NAMES[max(batch.codes[a:b])]).inc()  # verdicts.outcome: the worst verdict
