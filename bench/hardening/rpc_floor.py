@@ -30,14 +30,16 @@ system, every thread of the process and, with workers, of the supervisor and its
 by the calls; and calls/s of the closed loop. ``--profile``: a py-spy flame graph of the served path
 (one worker) is written beside the results (``OUT.served.svg``).
 
-    .venv/bin/python bench/hardening/rpc_floor.py --profile --out hardening.rpc_floor
+    .venv/bin/python bench/hardening/rpc_floor.py --profile --out hardening.rpc_floor  # 3 rounds, ~5 minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,7 +173,8 @@ def trivial_bundle(root: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=6000)
+    ap.add_argument("--calls", type=int, default=6000, help="calls per row and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row reports their median")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--channels", type=int, default=8, help="client connections the calls are spread over")
     ap.add_argument("--workers", default="1,2", help="server.workers values to measure robustgate with")
@@ -183,25 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     x, _ = common.test_images(1)  # [1, 1, 28, 28]
     noise = rejected_image()
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), common.loadavg()
-    rows = []
-
     loops = args.loops.split(",")
     floors = [("grpc.aio, abort", 0, loop) for loop in loops] + [("grpc.aio, maximum_concurrent_rpcs 1", 1, loops[0])]
-    for label, limit, loop in floors:
+    runs = [(loops[0], int(w)) for w in args.workers.split(",")] + [(loop, 1) for loop in loops[1:]]
+    samples: dict[tuple[str, str, int], list[dict]] = {}  # (server, loop, workers) -> one result per round
+
+    def measure_floor(label: str, limit: int, loop: str) -> None:
         proc = subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, str(limit), loop], stdout=subprocess.PIPE,
                                 text=True)
         try:
             port = int(proc.stdout.readline())
             res = asyncio.run(closed_loop(f"127.0.0.1:{port}", common.infer_request("default", x), args.calls,
                                           args.concurrency, proc.pid, args.channels))
-            rows.append({"server": label, "loop": loop, "workers": 1, **res})
+            samples.setdefault((label, loop, 1), []).append(res)
         finally:
             proc.kill()
             proc.wait(10)
 
-    svg = None
-    runs = [(loops[0], int(w)) for w in args.workers.split(",")] + [(loop, 1) for loop in loops[1:]]
-    for loop, workers in runs:
+    def measure_robustgate(loop: str, workers: int, profile_it: bool) -> Path | None:
         server = common.Serve(common.REPO / "deploy" / "default.yaml",
                               overrides={"server": {"workers": workers, "event_loop": loop}})
         try:
@@ -209,26 +211,56 @@ def main(argv: list[str] | None = None) -> int:
                                         ("robustgate, rejected", server.model, noise)):
                 res = asyncio.run(closed_loop(server.url, common.infer_request(model, image), args.calls, args.concurrency,
                                               server.pid, args.channels))
-                rows.append({"server": label, "loop": loop, "workers": workers, **res})
-            if args.profile and workers == 1 and loop == loops[0]:
+                samples.setdefault((label, loop, workers), []).append(res)
+            if profile_it:
                 svg = common.RESULTS / f"{args.out}.served.svg"
                 profile(server, common.infer_request(server.model, x), args, svg)
+                return svg
         finally:
             server.stop()
-    with tempfile.TemporaryDirectory(prefix="robustgate-rpc-floor-") as tmp:
+        return None
+
+    def measure_trivial(bundle: Path) -> None:
         server = common.Serve(common.REPO / "deploy" / "default.yaml",
-                              overrides={"bundle": str(trivial_bundle(Path(tmp))),
-                                         "server": {"workers": 1, "event_loop": loops[0]}, "pipeline": {"stages": []}})
+                              overrides={"bundle": str(bundle), "server": {"workers": 1, "event_loop": loops[0]},
+                                         "pipeline": {"stages": []}})
         try:
             res = asyncio.run(closed_loop(server.url, common.infer_request(server.model, x), args.calls, args.concurrency,
                                           server.pid, args.channels))
-            rows.append({"server": "robustgate, served, trivial model", "loop": loops[0], "workers": 1, **res})
+            samples.setdefault(("robustgate, served, trivial model", loops[0], 1), []).append(res)
         finally:
             server.stop()
 
+    svg = None
+    with tempfile.TemporaryDirectory(prefix="robustgate-rpc-floor-") as tmp:
+        trivial = trivial_bundle(Path(tmp))
+        jobs = ([functools.partial(measure_floor, *f) for f in floors] + [("robustgate", r) for r in runs]
+                + [functools.partial(measure_trivial, trivial)])
+        for rnd in range(args.rounds):  # interleaved rounds, the order reversed every other round
+            for job in (jobs if rnd % 2 == 0 else jobs[::-1]):
+                print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds}", flush=True)
+                if isinstance(job, tuple):
+                    loop, workers = job[1]
+                    got = measure_robustgate(loop, workers, args.profile and rnd == 0 and workers == 1 and loop == loops[0])
+                    svg = svg or got
+                else:
+                    job()
+    rows = []
+    for (label, loop, workers), results in samples.items():
+        cpu = [r["server_cpu_us_per_call"] for r in results]
+        codes: dict[str, int] = {}
+        for r in results:
+            for k, v in r["codes"].items():
+                codes[k] = codes.get(k, 0) + v
+        rows.append({"server": label, "loop": loop, "workers": workers, "calls": sum(r["calls"] for r in results),
+                     "calls_per_s": statistics.median(r["calls_per_s"] for r in results),
+                     "server_cpu_us_per_call": statistics.median(cpu), "server_cpu_us_per_call_rounds": cpu,
+                     "server_cores": statistics.median(r["server_cores"] for r in results), "codes": codes})
+
     data = {"command": " ".join(["python", "bench/hardening/rpc_floor.py", *(argv if argv is not None else sys.argv[1:])]),
             "started": started, "load_average_start": load_start, "load_average_end": common.loadavg(),
-            "machine": common.machine(), "calls": args.calls, "concurrency": args.concurrency, "channels": args.channels,
+            "machine": common.machine(), "rounds": args.rounds, "calls": args.calls, "concurrency": args.concurrency,
+            "channels": args.channels,
             "flame_graph": None if svg is None else svg.name, "rows": rows}
     floor = {r["loop"]: r["server_cpu_us_per_call"] for r in rows if r["server"] == "grpc.aio, abort"}
     lines = ["# Hardening: the event loop's floor per ModelInfer call", "",
@@ -236,17 +268,19 @@ def main(argv: list[str] | None = None) -> int:
              f"- Started {started}; load average at start {load_start}, at end {data['load_average_end']} "
              f"({os.cpu_count()} cores, shared with other jobs: compare rows within this run); client and server on the "
              "same cores",
-             f"- {args.calls} batch-1 calls (one test image) per row, {args.concurrency} in flight (closed loop) over "
-             f"{args.channels} connections, after a warm-up; `deploy/default.yaml` (MagNet + backbone); the last row "
+             f"- {args.calls} batch-1 calls (one test image) per row and round, {args.concurrency} in flight (closed "
+             f"loop) over {args.channels} connections, after a warm-up; {args.rounds} interleaved rounds (the order "
+             "reversed every other round), each figure their median, the CPU per call of every round beside it; `deploy/default.yaml` (MagNet + backbone); the last row "
              "with no stage in front of a one-layer linear model (the served path without the model's compute)",
-             "", "| server | loop | workers | answers | calls/s | server CPU per call (µs) | over the loop's floor (µs) "
-             "| server cores |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "", "| server | loop | workers | answers | calls/s | server CPU per call (µs) | per round | "
+             "over the loop's floor (µs) | server cores |",
+             "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
     for r in rows:
         codes = ", ".join(f"{k} {v}" for k, v in sorted(r["codes"].items()))
         us = r["server_cpu_us_per_call"]
+        each = ", ".join(f"{v:.0f}" for v in r["server_cpu_us_per_call_rounds"])
         lines.append(f"| {r['server']} | {r['loop']} | {r['workers']} | {codes} | {r['calls_per_s']:,.0f} | {us:.0f} | "
-                     f"{us - floor[r['loop']]:+.0f} | {r['server_cores']:.2f} |")
+                     f"{each} | {us - floor[r['loop']]:+.0f} | {r['server_cores']:.2f} |")
     lines += ["", f"At 1,500 calls/s the transport's floor alone is {floor[loops[0]] * 1500 / 1e6:.2f} of a core of server "
               f"CPU on {loops[0]}."]
     trivial = next((r for r in rows if r["server"] == "robustgate, served, trivial model"), None)
