@@ -167,8 +167,8 @@ class ServerConfig(_Strict):
         "event loop, which admits, refuses and answers, wins a contended core (proxy/priority.py); 0 = off. With "
         "backend.kind upstream the batch workers, which wait on the network, keep the loop's priority"))
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", description=(
-        "the event loop that runs gRPC and the batcher: uvloop (libuv; less server CPU per call than asyncio's: "
-        "bench/results/hardening.rpc_floor.md), asyncio (the standard library's), or auto = "
+        "the event loop that runs gRPC and the batcher: uvloop (libuv; grpc.aio's per-call floor costs less CPU on "
+        "it: bench/results/hardening.rpc_floor.md), asyncio (the standard library's), or auto = "
         "uvloop where it is installed (a core dependency on Linux and macOS), else asyncio"))
     workers: int | None = Field(None, ge=1, description=(
         "serving processes on the one port, each with its own event loop, batcher and backend sessions "

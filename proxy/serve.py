@@ -215,8 +215,8 @@ async def serve(server: ProxyServer, announce=None) -> None:
 def loop_runner(kind: str) -> Callable[[Coroutine], object]:
     """``server.event_loop`` -> the function that runs the server's coroutine to completion on a new loop:
     ``uvloop.run`` or ``asyncio.run``; ``auto``: uvloop where it is installed. ConfigError when uvloop is
-    asked for and missing. grpc.aio runs on any asyncio loop; uvloop's C loop spends less CPU per call
-    on the callbacks and the epoll wake-ups that every RPC makes (bench/hardening/rpc_floor.py)."""
+    asked for and missing. grpc.aio runs on any asyncio loop; on uvloop's C loop its per-call floor
+    costs less CPU (bench/results/hardening.rpc_floor.md)."""
     if kind == "asyncio":
         return asyncio.run
     try:
