@@ -94,7 +94,7 @@ class AuthConfig(_Strict):
 
 class TrustedConfig(_Strict):
     """Clients trusted with more than the others (docs/OPERATIONS.md, "Trusted clients"): the answers of
-    ``outputs.trusted`` and, with ``server.explain``, the detectors' scores and thresholds. A call is
+    ``outputs.trusted_policy`` and, with ``server.explain``, the detectors' scores and thresholds. A call is
     trusted when its verified client certificate's subject is one of ``subjects`` or its bearer token is
     the one in one of ``token_files``; what a client can claim for itself (a header, its address) never
     makes it trusted."""
@@ -300,22 +300,20 @@ class LimitsConfig(_Strict):
     per_client: ClientLimitsConfig = ClientLimitsConfig()
 
 
-class OutputPolicyConfig(_Strict):
-    """One output policy (proxy/outputs.py; docs/PROTOCOL.md "Output policies")."""
+OutputPolicy = Literal["logits", "top_k", "label", "aaa"]
 
-    policy: Literal["logits", "top_k", "label", "aaa"] = "logits"  # logits = the model's, as before
+
+class OutputsConfig(_Strict):
+    """What an accepted item's answer tells the client (proxy/outputs.py; docs/PROTOCOL.md "Output policies")."""
+
+    policy: OutputPolicy = "logits"  # logits = the model's, as before
     k: int = Field(1, ge=1)  # top_k: probabilities kept
     decimals: int = Field(2, ge=0, le=8)  # top_k: rounding
     tau: float = Field(0.5, gt=0)  # aaa: interval width of the margin
     alpha: float = Field(0.9, gt=0, lt=1)  # aaa: reflection strength
     temperature: float = Field(1.0, gt=0)  # aaa: calibration temperature kept
-
-
-class OutputsConfig(OutputPolicyConfig):
-    """What an accepted item's answer tells the client (proxy/outputs.py; docs/PROTOCOL.md "Output policies"):
-    the policy above for every client, ``trusted``'s for the clients server.trusted names."""
-
-    trusted: OutputPolicyConfig | None = None  # None: trusted clients get the policy above too
+    trusted_policy: OutputPolicy | None = Field(None, description=(
+        "the policy of the clients server.trusted names (with the parameters above); null = policy, as everyone's"))
 
 
 class ProxyConfig(_Strict):
@@ -330,8 +328,8 @@ class ProxyConfig(_Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> "ProxyConfig":
-        if self.outputs.trusted is not None and not self.server.trusted.enabled:
-            raise ValueError("outputs.trusted: no client is trusted; name them in server.trusted (subjects, "
+        if self.outputs.trusted_policy is not None and not self.server.trusted.enabled:
+            raise ValueError("outputs.trusted_policy: no client is trusted; name them in server.trusted (subjects, "
                              "token_files)")
         if self.batching.max_queue_items < self.limits.max_batch_items:
             raise ValueError(

@@ -530,7 +530,7 @@ class ProxyServer:
                     trusted: bool = False):
         """-> (failure, None) or (None, response). Never raises for a bad request. ``client``: the
         caller's identity (proxy/identity.py) for its limits and the stateful stages; ``trusted``: the
-        caller is a trusted client (server.trusted: outputs.trusted's answers, explain's scores)."""
+        caller is a trusted client (server.trusted: outputs.trusted_policy's answers, explain's scores)."""
         m = self.metrics
         try:
             refused = self.batcher.admission(1)  # refusing even 1 item: refuse before paying for the decode
@@ -613,8 +613,9 @@ class ProxyServer:
         failure, answer = verdict_answer(batch, a, b, self.cfg.pipeline.verdict_mode, self.metrics, explain)
         if failure is not None:
             return failure, None
-        outputs = self.cfg.outputs.trusted if trusted and self.cfg.outputs.trusted is not None else self.cfg.outputs
-        answer.logits = apply_outputs(answer.logits, outputs, self.probabilities)
+        outputs = self.cfg.outputs
+        answer.logits = apply_outputs(answer.logits, outputs, self.probabilities,
+                                      outputs.trusted_policy if trusted else None)
         contract = self.trusted_contract if trusted else self.contract
         version = request.model_version or contract.versions[0]
         response = encode_infer_bytes(decoded, answer, contract, version)

@@ -162,7 +162,7 @@ def limited(message: str, retry_after_s: float) -> _Failure:
                     (("robustgate-verdict", "limited"), ("retry-after-ms", ms)))
 
 
-def apply_outputs(logits: np.ndarray, policy, probabilities: bool = False) -> np.ndarray:
+def apply_outputs(logits: np.ndarray, policy, probabilities: bool = False, kind: str | None = None) -> np.ndarray:
     """``[N, K]`` logits (NaN rows = rejected items, kept NaN) -> what the answer carries under the
     output policy ``policy`` (proxy/config.py OutputsConfig; proxy/outputs.py): ``logits`` unchanged;
     ``top_k`` the k largest probabilities rounded, others 0; ``label`` the argmax one-hot (1 at the
@@ -173,8 +173,10 @@ def apply_outputs(logits: np.ndarray, policy, probabilities: bool = False) -> np
     ``backbone.output_kind``); the pipeline then ran on their logarithms (models/output_kind.py), and
     the answer is turned back into probabilities: ``logits`` answers ``exp`` of them (the model's own
     probabilities, or an ensemble's averaged ones), ``aaa`` the softmax of its logits; ``top_k`` and
-    ``label`` are the same either way."""
-    if policy.policy == "logits":
+    ``label`` are the same either way. ``kind``: the policy to apply instead of ``policy.policy``, with
+    ``policy``'s parameters (a trusted client's ``outputs.trusted_policy``)."""
+    kind = kind or policy.policy
+    if kind == "logits":
         return to_probabilities(logits) if probabilities else logits
     from robustgate.proxy import outputs
 
@@ -182,17 +184,17 @@ def apply_outputs(logits: np.ndarray, policy, probabilities: bool = False) -> np
     ok = ~np.isnan(logits).any(axis=1)
     if ok.any():
         z = logits[ok]
-        if policy.policy == "top_k":
+        if kind == "top_k":
             out[ok] = outputs.top_k_probabilities(z, policy.k, policy.decimals)
-        elif policy.policy == "label":
+        elif kind == "label":
             onehot = np.zeros_like(z, dtype=np.float32)
             onehot[np.arange(len(z)), outputs.label_only(z)] = 1.0
             out[ok] = onehot
-        elif policy.policy == "aaa":
+        elif kind == "aaa":
             u = outputs.aaa(z, tau=policy.tau, alpha=policy.alpha, temperature=policy.temperature)
             out[ok] = outputs.softmax(u).astype(np.float32) if probabilities else u
         else:
-            raise ValueError(f"unknown output policy {policy.policy!r}")
+            raise ValueError(f"unknown output policy {kind!r}")
     return out
 
 

@@ -1,4 +1,4 @@
-"""Trusted clients (server.trusted, outputs.trusted; docs/OPERATIONS.md "Trusted clients") through the
+"""Trusted clients (server.trusted, outputs.trusted_policy; docs/OPERATIONS.md "Trusted clients") through the
 real server on loopback: a client that proves it is trusted -- a trusted bearer token, a verified
 client certificate with a trusted subject -- gets the trusted output policy and, with server.explain,
 the detectors' scores and thresholds; every other client, whatever headers it claims, gets the
@@ -31,7 +31,7 @@ pki = _ops.pki  # the CA / server / client certificates of the TLS tests (openss
 DARK = np.full((1, 1, 28, 28), 0.2, np.float32)  # accepted by the brightness detector
 BRIGHT = np.full((1, 1, 28, 28), 0.8, np.float32)  # rejected by it
 BRIGHTNESS = {"stages": [{"name": "brightness", "kind": "test_proxy_mean", "action": "reject", "threshold": 0.5}]}
-TIERS = {"policy": "label", "trusted": {"policy": "logits"}}  # anonymous: the label; trusted: the logits
+TIERS = {"policy": "label", "trusted_policy": "logits"}  # anonymous: the label; trusted: the logits
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_config_refuses_a_trusted_policy_without_trusted_clients_and_bad_trusted
     def load(**sections):
         return load_config(None, environ={}, overrides={"bundle": str(proxy_bundle), **sections})
 
-    with pytest.raises(ConfigError, match=r"outputs\.trusted: no client is trusted"):
+    with pytest.raises(ConfigError, match=r"outputs\.trusted_policy: no client is trusted"):
         load(outputs=TIERS)
     with pytest.raises(ConfigError, match=r"trusted\.token_files\.1: file .*missing.token does not exist"):
         load(server={"trusted": {"token_files": [str(tokens["trusted"]), str(tmp_path / "missing.token")]}})
@@ -77,7 +77,7 @@ def test_config_refuses_a_trusted_policy_without_trusted_clients_and_bad_trusted
     with pytest.raises(ConfigError, match=r"trusted\.subjects: .*server\.tls\.require_client_cert"):
         load(server={"trusted": {"subjects": ["CN=client"]}})
     cfg = load(server={"trusted": {"token_files": [str(tokens["trusted"])]}}, outputs=TIERS)
-    assert cfg.server.trusted.enabled and cfg.outputs.policy == "label" and cfg.outputs.trusted.policy == "logits"
+    assert cfg.server.trusted.enabled and cfg.outputs.policy == "label" and cfg.outputs.trusted_policy == "logits"
 
 
 def test_trust_is_proved_never_claimed(tokens):
@@ -155,7 +155,7 @@ def test_a_trusted_certificate_subject_gets_the_trusted_policy(start_proxy, pki,
     p = start_proxy(server={"tls": {"cert": str(pki / "server.pem"), "key": str(pki / "server.key"),
                                     "client_ca": str(pki / "ca.pem"), "require_client_cert": True},
                             "trusted": {"subjects": ["CN=client"]}},
-                    outputs={"policy": "top_k", "k": 1, "decimals": 1, "trusted": {"policy": "logits"}})
+                    outputs={"policy": "top_k", "k": 1, "decimals": 1, "trusted_policy": "logits"})
     want = ort_logits(DARK)
 
     def client(cert: str | None) -> tc.InferenceServerClient:
