@@ -160,7 +160,8 @@ def fastpath_rows() -> list[Row]:
     floor_src, workers_src = "bench/results/hardening.rpc_floor.json", "bench/results/serving.workers.json"
     f, w = load(floor_src), load(workers_src)
     loop = f["rows"][0].get("loop", "asyncio")  # the default loop's rows (records before server.event_loop: asyncio)
-    cpu = {(r["server"], r["workers"]): r["server_cpu_us_per_call"] for r in f["rows"] if r.get("loop", "asyncio") == loop}
+    cpu = {(r["server"], r["workers"]): r["server_cpu_us_per_call"] for r in f["rows"]
+           if r.get("loop", "asyncio") == loop}
     served = cpu[("robustgate, served", 1)]
     c = max(r["concurrency"] for r in w["rows"])
     best = max((r for r in w["rows"] if r["pipeline"] == "onnx" and r["concurrency"] == c), key=lambda r: r["items_per_s"])

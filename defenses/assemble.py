@@ -292,7 +292,8 @@ class PipelineRunner:
         self.has_purifiers = bool(split_stages(self.stages)[1])
         self.fused_only = self._fused_only()
         # no stage at all (a forwarding or pass-through deployment): one backend call, every item accepted
-        self.passthrough = not self.stages and self.device == "cpu" and not getattr(self.backend, "accepts_tensors", False)
+        self.passthrough = (not self.stages and self.device == "cpu"
+                            and not getattr(self.backend, "accepts_tensors", False))
 
     def _fuse(self):
         """The backend's fused pass (proxy/backends/fuse.py) for the detectors that offer a score

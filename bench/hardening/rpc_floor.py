@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds}", flush=True)
                 if isinstance(job, tuple):
                     loop, workers = job[1]
-                    got = measure_robustgate(loop, workers, args.profile and rnd == 0 and workers == 1 and loop == loops[0])
+                    first = rnd == 0 and workers == 1 and loop == loops[0]
+                    got = measure_robustgate(loop, workers, args.profile and first)
                     svg = svg or got
                 else:
                     job()
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
              "same cores",
              f"- {args.calls} batch-1 calls (one test image) per row and round, {args.concurrency} in flight (closed "
              f"loop) over {args.channels} connections, after a warm-up; {args.rounds} interleaved rounds (the order "
-             "reversed every other round), each figure their median, the CPU per call of every round beside it; `deploy/default.yaml` (MagNet + backbone); the last row "
+             "reversed every other round), each figure their median, the CPU per call of every round beside it; "
+             "`deploy/default.yaml` (MagNet + backbone); the last row "
              "with no stage in front of a one-layer linear model (the served path without the model's compute)",
              "", "| server | loop | workers | answers | calls/s | server CPU per call (µs) | per round | "
              "over the loop's floor (µs) | server cores |",
@@ -281,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         each = ", ".join(f"{v:.0f}" for v in r["server_cpu_us_per_call_rounds"])
         lines.append(f"| {r['server']} | {r['loop']} | {r['workers']} | {codes} | {r['calls_per_s']:,.0f} | {us:.0f} | "
                      f"{each} | {us - floor[r['loop']]:+.0f} | {r['server_cores']:.2f} |")
-    lines += ["", f"At 1,500 calls/s the transport's floor alone is {floor[loops[0]] * 1500 / 1e6:.2f} of a core of server "
-              f"CPU on {loops[0]}."]
+    lines += ["", f"At 1,500 calls/s the transport's floor alone is {floor[loops[0]] * 1500 / 1e6:.2f} of a core of "
+              f"server CPU on {loops[0]}."]
     trivial = next((r for r in rows if r["server"] == "robustgate, served, trivial model"), None)
     served = next((r for r in rows if r["server"] == "robustgate, served" and r["workers"] == 1
                    and r["loop"] == loops[0]), None)
@@ -294,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if trivial is not None and served is not None:
         own, full = trivial["server_cpu_us_per_call"], served["server_cpu_us_per_call"]
         lines += ["", f"The served path's own CPU with a trivial model and no stage: {own:.0f} µs per call, "
-                  f"{own - floor[loops[0]]:+.0f} over the floor, against {full:.0f} for `deploy/default.yaml` (MagNet + backbone): "
+                  f"{own - floor[loops[0]]:+.0f} over the floor, against {full:.0f} for `deploy/default.yaml` "
+                  "(MagNet + backbone): "
                   "at 32 calls in flight the batches are large (about 10 items), so the models' compute per call "
                   "is small; a pipeline with no stage takes the pass-through path, the default's fused detector "
                   "the one-session fast path."]

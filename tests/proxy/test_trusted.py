@@ -94,7 +94,8 @@ def test_trust_is_proved_never_claimed(tokens):
     assert not Trust().enabled and Trust.of([], [tokens["trusted"]]).enabled
 
 
-def test_trusted_tokens_get_the_logits_and_the_scores_and_others_the_label_and_no_oracle(start_proxy, tokens, ort_logits):
+def test_trusted_tokens_get_the_logits_and_the_scores_and_others_the_label_and_no_oracle(start_proxy, tokens,
+                                                                                          ort_logits):
     p = start_proxy(server={"explain": True, "trusted": {"token_files": [str(tokens["trusted"]),
                                                                          str(tokens["other_trusted"])]}},
                     outputs=TIERS, pipeline=BRIGHTNESS)
