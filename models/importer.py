@@ -74,6 +74,7 @@ from robustgate.models.bundle import (
     sha256_file,
 )
 from robustgate.models.data import add_data_arguments
+from robustgate.models.triton_repo import read_model_dir
 from robustgate.models.graph_edit import (
     computes_in_fp16, float32_edges, flatten_output, free_batch, nchw_front, normalize_front, reverse_channels_front,
     uint8_front,
@@ -183,8 +184,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--onnx", type=Path, metavar="MODEL.onnx", help="the model as one ONNX file")
     src.add_argument("--upstream", metavar="HOST:PORT",
                      help="read the signature from a running V2 model server (gRPC) instead; needs --model")
+    src.add_argument("--triton-model", type=Path, metavar="DIR",
+                     help="a model directory of a Triton model repository (DIR/config.pbtxt, DIR/<version>/model.onnx): "
+                          "its ONNX file, with the layout, shape, logits output and class names its configuration "
+                          "gives (models/triton_repo.py)")
     p.add_argument("--model", help="with --upstream: the model's name on that server")
-    p.add_argument("--model-version", default="", help="with --upstream: its version (default: the server's)")
+    p.add_argument("--model-version", default="",
+                   help="with --upstream: its version (default: the server's); with --triton-model: the version "
+                        "directory (default: the highest holding the model file)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--name", help="the served model name (default: DIR's name)")
@@ -244,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
                                      value_range=args.value_range, layout=args.layout,
                                      output_kind=args.output_kind, mean=args.mean, std=args.std,
                                      channel_order=args.channel_order, force=args.force, command=command)
+        elif args.triton_model is not None:
+            if args.model:
+                raise ImportRefused("--model applies to --upstream only")
+            bundle = import_triton(args.triton_model, args.out, args, command)
         else:
             if args.model:
                 raise ImportRefused("--model applies to --upstream only")
@@ -286,6 +297,8 @@ def import_onnx(
     force: bool = False,
     parity_items: int = PARITY_ITEMS,
     command: str | None = None,
+    source_extra: dict[str, Any] | None = None,
+    extra_notes: list[str] | None = None,
 ) -> Bundle:
     """Imports ``onnx_file`` into the bundle directory ``out``; returns the loaded, verified bundle.
     :class:`ImportRefused` (nothing written) when the model cannot be served as given. ``layout``:
@@ -299,7 +312,7 @@ def import_onnx(
     source_sha = sha256_file(onnx_file) if onnx_file.is_file() else None
     model, external = _load_onnx(onnx_file)
     sig = _signature(model, onnx_file)
-    notes = list(sig.notes)
+    notes = [*(extra_notes or []), *sig.notes]
     edited = False  # backbone.onnx is the model with edits at its edges, not the file itself
     if external:
         edited = True
@@ -412,13 +425,37 @@ def import_onnx(
                         **({"transform": transform} if transform else {})},
             ),
             provenance=provenance(source={"onnx": str(onnx_file.resolve()), "sha256": source_sha,
-                                          **({"external_data": external} if external else {})},
+                                          **({"external_data": external} if external else {}),
+                                          **(source_extra or {})},
                                   import_notes=notes, **({"command": command} if command else {})),
         )
         return _publish(tmp, out, spec, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def import_triton(model_dir: str | Path, out: str | Path, args: argparse.Namespace, command: str | None = None) -> Bundle:
+    """``robustgate import --triton-model DIR``: the model directory's ONNX file imported with what its
+    ``config.pbtxt`` says (models/triton_repo.py) where no flag says it; a flag that contradicts the
+    configuration is refused, naming both."""
+    try:
+        tm = read_model_dir(model_dir, args.model_version)
+    except ValueError as exc:
+        raise ImportRefused(str(exc)) from None
+    if args.layout is not None and tm.layout is not None and args.layout != tm.layout:
+        raise ImportRefused(f"--layout {args.layout} contradicts {tm.config}: its input format says {tm.layout}")
+    if args.logits_output is not None and tm.logits_output is not None and args.logits_output != tm.logits_output:
+        raise ImportRefused(f"--logits-output {args.logits_output} contradicts {tm.config}: its labelled output is "
+                            f"{tm.logits_output!r}")
+    return import_onnx(tm.onnx, out, name=args.name or tm.name, classes=args.classes or tm.classes,
+                       input_shape=args.input_shape or tm.input_shape, value_range=args.value_range,
+                       logits_output=args.logits_output or tm.logits_output, features_output=args.features_output,
+                       layout=args.layout or tm.layout, output_kind=args.output_kind, mean=args.mean, std=args.std,
+                       channel_order=args.channel_order, dataset=args.dataset, data_dir=args.data_dir,
+                       force=args.force, command=command, extra_notes=tm.notes,
+                       source_extra={"triton_model": str(Path(model_dir).resolve()), "triton_version": tm.version,
+                                     "triton_config_sha256": tm.config_sha256})
 
 
 def _normalized_keys(normalization) -> dict[str, Any]:
@@ -711,8 +748,10 @@ def _class_names(classes: str | int | list[str] | None, k: int, data_classes: li
             return list(data_classes)
         notes.append(f"class names not given: called 0..{k - 1}; --classes FILE names them")
         return [str(i) for i in range(k)]
-    if isinstance(classes, list):
+    if isinstance(classes, list):  # given by a caller (the configuration's label file of --triton-model)
         names = classes
+        if len(names) != k:
+            raise ImportRefused(f"{len(names)} class names ({names[0]!r}, ...) for a logits output of {k} classes")
     elif isinstance(classes, int) or str(classes).isdigit():
         n = int(classes)
         if n != k:

@@ -894,6 +894,71 @@ def test_old_bundles_keep_their_meaning(tmp_path):
 
 
 # ---- --upstream: the signature from a running MLServer -------------------------------------
+# ---- a Triton model repository's model directory as the source ----------------------------------
+def triton_dir(root: Path, onnx_file: Path, *, fmt: str = "FORMAT_NHWC", dims=(32, 32, 3), platform="onnxruntime_onnx",
+               labels: int = 10, extra: str = "") -> Path:
+    """``root/repo/garments``: config.pbtxt (max_batch_size 16, so ``dims`` are per item), version 1 an
+    unreadable file, version 2 ``onnx_file``, labels.txt with ``labels`` names."""
+    d = root / "repo" / "garments"
+    (d / "1").mkdir(parents=True)
+    (d / "2").mkdir()
+    (d / "1" / "model.onnx").write_bytes(b"not a model")  # the older version: never read unless asked for
+    (d / "2" / "model.onnx").write_bytes(onnx_file.read_bytes())
+    (d / "labels.txt").write_text("".join(f"class-{i}\n" for i in range(labels)))
+    (d / "config.pbtxt").write_text(f"""
+        name: "garments"
+        platform: "{platform}"
+        max_batch_size: 16
+        input [ {{ name: "input" data_type: TYPE_FP32 format: {fmt} dims: [ {", ".join(map(str, dims))} ] }} ]
+        output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ 10 ] label_filename: "labels.txt" }} ]
+        dynamic_batching {{ max_queue_delay_microseconds: 100 }}
+        {extra}
+    """)
+    return d
+
+
+def test_a_triton_model_directory_imports_with_what_its_configuration_says(models, tmp_path, capsys):
+    """The configuration gives the layout (FORMAT_NHWC), the served name, the logits output and the
+    class names (label_filename); the newest version directory is imported; a graph with dynamic H/W,
+    which --onnx alone refuses, takes its shape from the dims."""
+    d = triton_dir(tmp_path, models["nhwc"])
+    out = tmp_path / "bundle"
+    assert cli(["import", "--triton-model", str(d), "--out", str(out)]) == 0
+    assert "version 2" in capsys.readouterr().out
+    bundle = Bundle.load(out)
+    assert bundle.name == "garments" and bundle.input.layout == "NHWC" and tuple(bundle.input.shape) == (3, 32, 32)
+    assert bundle.classes == [f"class-{i}" for i in range(10)] and bundle.spec.backbone.logits_output == "logits"
+    source = bundle.spec.provenance["source"]
+    assert source["triton_version"] == "2" and source["sha256"] == sha256_file(models["nhwc"])
+    assert source["triton_config_sha256"] == sha256_file(d / "config.pbtxt")
+    x = images(3, (3, 32, 32))
+    want = ort_run(models["nhwc"], np.ascontiguousarray(x.transpose(0, 2, 3, 1)))[0]
+    np.testing.assert_allclose(ort_run(out / "backbone.onnx", x)[0], want, rtol=1e-5, atol=1e-6)
+    # dynamic H/W: the dims say what --input-shape would
+    d = triton_dir(tmp_path / "dyn", models["dynhw"], fmt="FORMAT_NCHW", dims=(3, 64, 64),
+                   extra='default_model_filename: "model.onnx"')
+    assert cli(["import", "--triton-model", str(d), "--out", str(tmp_path / "dyn_bundle"),
+                "--logits-output", "logits"]) == 0
+    assert tuple(Bundle.load(tmp_path / "dyn_bundle").input.shape) == (3, 64, 64)
+
+
+def test_a_triton_model_directory_that_cannot_be_imported_is_refused(models, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path, capsys, ["--triton-model", str(tmp_path / "empty")], "not a Triton model directory (no config.pbtxt)")
+    d = triton_dir(tmp_path / "trt", models["nhwc"], platform="tensorrt_plan")
+    refused(tmp_path, capsys, ["--triton-model", str(d)], "'tensorrt_plan' is not ONNX")
+    d = triton_dir(tmp_path / "typo", models["nhwc"], extra="max_batch: 4")
+    refused(tmp_path, capsys, ["--triton-model", str(d)], "not a Triton model configuration")
+    d = triton_dir(tmp_path / "dims", models["nhwc"], dims=(16, 16, 3))
+    refused(tmp_path, capsys, ["--triton-model", str(d)], "dims [16, 16, 3] contradict the graph's axis 1 = 32")
+    d = triton_dir(tmp_path / "layout", models["nhwc"])
+    refused(tmp_path, capsys, ["--triton-model", str(d), "--layout", "NCHW"], "--layout NCHW contradicts")
+    refused(tmp_path, capsys, ["--triton-model", str(d), "--model-version", "7"], "version 7 has no model.onnx")
+    refused(tmp_path, capsys, ["--triton-model", str(d), "--model-version", "1"], "not a valid ONNX model")
+    d = triton_dir(tmp_path / "labels", models["nhwc"], labels=9)
+    refused(tmp_path, capsys, ["--triton-model", str(d)], "9 class names ('class-0', ...) for a logits output of 10")
+
+
 def test_upstream_import_reads_mlserver_metadata_and_serves_through_it(models, tmp_path, capsys):
     server = harness.MLServerProcess(tmp_path / "mlserver", {"cnn32": {"onnx": models["cnn32"]}})
     server.start()
