@@ -24,6 +24,9 @@ each get some) sending ``--calls`` batch-1 calls (one Fashion-MNIST test image, 
   per batch): the served path's own CPU -- decode, batcher, the runner (its pass-through path: one
   backend call), encode -- without the model's compute;
 
+and, apart, the CPU per item of the default pipeline's models (its fused ONNX Runtime pass on batches of 10,
+in this process): the part of a served call that is the models' compute, not robustgate's;
+
 each of the robustgate rows with ``server.workers`` 1 and 2 on the default loop (uvloop), and with one
 worker on asyncio's loop (``--loops``). Per call: the server's CPU (user +
 system, every thread of the process and, with workers, of the supervisor and its children) divided
@@ -154,6 +157,30 @@ def profile(server: "common.Serve", request: pb.ModelInferRequest, args, svg: Pa
         spy.wait(60)
 
 
+def model_cpu_us_per_item(batch: int = 10, calls: int = 1000) -> float:
+    """CPU µs per item of ``deploy/default.yaml``'s fused pass (MagNet's autoencoder and the backbone in one
+    ONNX Runtime session, the server's session options) on batches of ``batch`` test-like items, run in
+    this process: the models' share of a served call, which no change to robustgate's code removes."""
+    from robustgate.proxy.config import load_config
+    from robustgate.proxy.serve import build_server
+
+    cfg = load_config(common.REPO / "deploy" / "default.yaml", environ={},
+                      overrides={"bundle": str(common.REPO / "bundles" / "default"),
+                                 "server": {"port": 0, "metrics_port": None}})
+    server = build_server(cfg)
+    try:
+        fused = server.runner.fused
+        x = np.random.default_rng(0).random((batch, *server.bundle.input.shape), dtype=np.float32)
+        for _ in range(50):
+            fused(x)
+        c0 = time.process_time()
+        for _ in range(calls):
+            fused(x)
+        return (time.process_time() - c0) / (calls * batch) * 1e6
+    finally:
+        server.backend.close()
+
+
 def trivial_bundle(root: Path) -> Path:
     """A bundle around a one-layer linear classifier ``[N, 1, 28, 28] -> [N, 10]`` (seeded random
     weights), made the way a user makes one: exported to ONNX, then ``robustgate import``."""
@@ -246,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     svg = svg or got
                 else:
                     job()
+    model_us = model_cpu_us_per_item()
     rows = []
     for (label, loop, workers), results in samples.items():
         cpu = [r["server_cpu_us_per_call"] for r in results]
@@ -261,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"command": " ".join(["python", "bench/hardening/rpc_floor.py", *(argv if argv is not None else sys.argv[1:])]),
             "started": started, "load_average_start": load_start, "load_average_end": common.loadavg(),
             "machine": common.machine(), "rounds": args.rounds, "calls": args.calls, "concurrency": args.concurrency,
-            "channels": args.channels,
+            "channels": args.channels, "model_cpu_us_per_item_batch10": model_us,
             "flame_graph": None if svg is None else svg.name, "rows": rows}
     floor = {r["loop"]: r["server_cpu_us_per_call"] for r in rows if r["server"] == "grpc.aio, abort"}
     lines = ["# Hardening: the event loop's floor per ModelInfer call", "",
@@ -301,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
                   "at 32 calls in flight the batches are large (about 10 items), so the models' compute per call "
                   "is small; a pipeline with no stage takes the pass-through path, the default's fused detector "
                   "the one-session fast path."]
+    if served is not None:
+        own = served["server_cpu_us_per_call"] - model_us
+        lines += ["", f"The models' compute: `deploy/default.yaml`'s fused pass (MagNet's autoencoder and the backbone "
+                  f"in one ONNX Runtime session) costs {model_us:.0f} µs of CPU per item on batches of 10 (about the "
+                  f"size the served row's batches have), measured alone in this process. The served call without it: "
+                  f"{own:.0f} µs, of which {floor[loops[0]]:.0f} are grpc.aio's floor on {loops[0]} and "
+                  f"{own - floor[loops[0]]:.0f} robustgate's own work (decode, batcher, verdicts, encode)."]
     if svg is not None:
         lines += ["", f"Flame graph of the served path (one worker, py-spy, every thread): [{svg.name}]({svg.name})."]
     lines.append("")
