@@ -163,12 +163,14 @@ def fastpath_rows() -> list[Row]:
     cpu = {(r["server"], r["workers"]): r["server_cpu_us_per_call"] for r in f["rows"]
            if r.get("loop", "asyncio") == loop}
     served = cpu[("robustgate, served", 1)]
+    model = f.get("model_cpu_us_per_item_batch10")
+    models = "" if model is None else f", {model:.0f} of it the models' compute"
     c = max(r["concurrency"] for r in w["rows"])
     best = max((r for r in w["rows"] if r["pipeline"] == "onnx" and r["concurrency"] == c), key=lambda r: r["items_per_s"])
     scale = {r["workers"]: r["items_per_s"] for r in w["rows"] if r["pipeline"] == "default" and r["concurrency"] == c}
     return [
         Row(f"server CPU per batch-1 call ({f['started'][:10]}, load average {f['load_average_start'][0]:.1f} at start)",
-            f"served {served:.0f} µs on {loop} (grpc.aio's floor {cpu[('grpc.aio, abort', 1)]:.0f}, NOT_FOUND "
+            f"served {served:.0f} µs on {loop}{models} (grpc.aio's floor {cpu[('grpc.aio, abort', 1)]:.0f}, NOT_FOUND "
             f"{cpu[('robustgate, NOT_FOUND', 1)]:.0f}, rejected {cpu[('robustgate, rejected', 1)]:.0f}), target 350 µs "
             f"{met(served <= 350)}", [floor_src]),
         Row(f"batch-1 throughput with server.workers ({w['started'][:10]}, load average {w['load_average_start'][0]:.1f} "
