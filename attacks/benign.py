@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from robustgate.attacks.channel import Channel
 from robustgate.attacks.endpoint import GrpcOracle
 from robustgate.defenses.stateful.calibration import NEAR_KINDS, near_duplicate
 from robustgate.models.client_values import ClientValues
@@ -48,10 +49,10 @@ def stream(name: str, x: torch.Tensor, seed: int = 0, repeats: int = 3, variants
 
 def run_stream(url: str, model: str, queries: torch.Tensor, clients: int, detection_stages: Sequence[str],
                identity_header: str = "x-client-id", name: str = "stream", progress: bool = True,
-               client_values: ClientValues | None = None) -> dict[str, Any]:
+               client_values: ClientValues | None = None, channel: Channel | None = None) -> dict[str, Any]:
     """Sends ``queries`` ``[M, C, H, W]`` split in ``clients`` contiguous shares, each from its own
     identity (``{identity_header: "benign-<name>-<i>"}``), and counts the refusals. ``client_values``:
-    as GrpcOracle's."""
+    and ``channel`` as GrpcOracle's."""
     stages = set(detection_stages)
     shares = torch.tensor_split(torch.arange(len(queries)), clients)
     refused = detected = blocked_q = 0
@@ -59,7 +60,8 @@ def run_stream(url: str, model: str, queries: torch.Tensor, clients: int, detect
     by_stage: dict[str, int] = {}
     bar = tqdm(total=len(queries), desc=f"benign {name}", disable=not progress, leave=False)
     for i, share in enumerate(shares):
-        oracle = GrpcOracle(url, model, headers={identity_header: f"benign-{name}-{i}"}, client_values=client_values)
+        oracle = GrpcOracle(url, model, headers={identity_header: f"benign-{name}-{i}"}, client_values=client_values,
+                            channel=channel)
         ever_blocked = ever_detected = False
         try:
             for j in share.tolist():
@@ -89,7 +91,8 @@ def run_stream(url: str, model: str, queries: torch.Tensor, clients: int, detect
 def run_benign_streams(url: str, model: str, x: torch.Tensor, clients: int = 10,
                        detection_stages: Sequence[str] = ("stateful",), identity_header: str = "x-client-id",
                        streams: Sequence[str] = STREAMS, seed: int = 0, repeats: int = 3, variants: int = 3,
-                       progress: bool = True, client_values: ClientValues | None = None) -> dict[str, Any]:
+                       progress: bool = True, client_values: ClientValues | None = None,
+                       channel: Channel | None = None) -> dict[str, Any]:
     """Every stream of ``streams`` over benign images ``x`` ``[N, C, H, W]`` -> {stream: metrics}."""
     if clients < 1 or clients > len(x):
         raise ValueError(f"benign clients must be in [1, {len(x)}] (one image each at least), got {clients}")
@@ -97,7 +100,7 @@ def run_benign_streams(url: str, model: str, x: torch.Tensor, clients: int = 10,
     for name in streams:
         q = stream(name, x, seed=seed, repeats=repeats, variants=variants)
         out[name] = {**run_stream(url, model, q, clients, detection_stages, identity_header, name, progress,
-                                  client_values),
+                                  client_values, channel),
                      "images": len(x), **({"repeats": repeats} if name == "retries" else {}),
                      **({"variants": variants} if name == "near_duplicates" else {})}
     return out

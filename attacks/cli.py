@@ -75,8 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes computing cells at once, one torch thread each (e.g. one per core)")
     parser.add_argument("--out", required=True, help="report directory (cells cached in OUT/cells)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from robustgate.attacks.channel import add_channel_arguments
     from robustgate.attacks.endpoint_cli import add_endpoint_arguments
 
+    add_channel_arguments(parser)  # to --url
     add_endpoint_arguments(parser)
 
 
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from robustgate.attacks.channel import channel_from_args
     from robustgate.attacks.reports import write_reports
     from robustgate.attacks.runner import EvalSettings, Evaluation, load_pipelines
     from robustgate.models.bundle import Bundle, BundleError
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, url=args.url, model_name=args.model_name, twin_precision=args.twin_precision,
             url_config=args.url_config or (configs[-1].name if args.url else None),
             dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
-            device=args.device, surrogate=args.surrogate,
+            device=args.device, surrogate=args.surrogate, channel=channel_from_args(args),
         )
         evaluation = Evaluation(bundle, configs, settings, args.out, progress=not args.no_progress,
                                 surface_points=args.surface_points)

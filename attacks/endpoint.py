@@ -29,6 +29,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from robustgate.attacks.channel import Channel
 from robustgate.models.client_values import ClientValues
 from robustgate.proxy.codec import REASONS_PARAM
 
@@ -73,19 +74,21 @@ def classify_refusal(status: str, message: str) -> Reply | None:
 class GrpcOracle:
     """``url``: ``HOST:PORT`` of the proxy; ``model``: the served model name (None: the only
     model the server's metadata names is not discoverable in OIP, so it must be given);
-    ``headers``: gRPC metadata sent with every inference (the client's identity); ``client_values``:
+    ``headers``: gRPC metadata sent with every inference (the client's identity); ``channel``: TLS and
+    a bearer token (:class:`Channel`); ``client_values``:
     the served model's clients send ``(pixels - mean) / std`` or BGR (its bundle's ``input``,
     models/client_values.py; the protocol's metadata cannot say so), so queries -- RGB pixels, as
     attacks make them -- are sent so."""
 
     def __init__(self, url: str, model: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None,
                  overload_retries: int = 20, overload_pause_s: float = 0.05,
-                 client_values: ClientValues | None = None):
-        self.client = grpcclient.InferenceServerClient(url=url)
+                 client_values: ClientValues | None = None, channel: Channel | None = None):
+        channel = channel or Channel()
+        self.client = grpcclient.InferenceServerClient(url=url, **channel.client_kwargs())
         self.client_values = client_values
         self.model = model
         self.timeout_s = timeout_s
-        self.headers = dict(headers or {})
+        self.headers = {**channel.headers(), **(headers or {})}  # an identity's own token wins
         self.overload_retries, self.overload_pause_s = overload_retries, overload_pause_s
         meta = self.client.get_model_metadata(model, as_json=True, headers=self.headers or None)
         self.input_name = meta["inputs"][0]["name"]

@@ -16,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from robustgate.attacks.channel import channel_from_args
 from robustgate.attacks.endpoint_redteam import ADAPTATIONS, HSJ_EVALS, QUERY_ATTACKS, EndpointSettings, Transform
 
 
@@ -100,7 +101,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
                 sybil_identities=args.sybil_identities, benign_per_query=args.benign_per_query, wait_s=args.wait_s,
                 transform=Transform(args.transform[0], args.transform[1], int(args.transform[2])),
                 on_block=args.on_block, hsj_evals=tuple(args.hsj_evals), seed=args.seed,
-                client_values=ClientValues.of(bundle.input))
+                client_values=ClientValues.of(bundle.input), channel=channel_from_args(args))
         except ValueError as exc:
             print(f"robustgate eval --threat endpoint: {exc}", file=sys.stderr)
             return 2

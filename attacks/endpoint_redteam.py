@@ -61,6 +61,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from robustgate.attacks.channel import Channel
 from robustgate.attacks.endpoint import GrpcOracle, Reply
 from robustgate.attacks.threat import ThreatModel, check_perturbation
 from robustgate.models.client_values import ClientValues
@@ -392,6 +393,7 @@ class EndpointSettings:
     transfer_steps: int = 20
     seed: int = 0
     client_values: ClientValues | None = None  # the served model's clients normalize or speak BGR (GrpcOracle)
+    channel: Channel | None = None  # TLS and a bearer token (GrpcOracle)
 
     def __post_init__(self):
         for name in self.attacks:
@@ -416,7 +418,8 @@ def _attacker(s: EndpointSettings, adapt: str, benign: torch.Tensor, item_seed: 
     otherwise be met, still blocked, by the next cell's attack on the same image)."""
     n_ids = s.sybil_identities if adapt == "sybil" else 1
     headers = identity_headers(n_ids, s.identity_header, s.tokens, prefix=f"attacker{item_seed}{cell}")
-    oracles = [GrpcOracle(s.url, s.model, headers=h, client_values=s.client_values) for h in headers]
+    oracles = [GrpcOracle(s.url, s.model, headers=h, client_values=s.client_values, channel=s.channel)
+               for h in headers]
     spacing = Spacing(benign, s.benign_per_query, s.wait_s) if adapt == "spacing" else None
     transform = s.transform if adapt == "transform" else None
     return Attacker(oracles, spacing, transform, on_block=s.on_block, seed=item_seed)
@@ -503,7 +506,8 @@ def run_endpoint_matrix(settings: EndpointSettings, x: torch.Tensor, y: torch.Te
     from robustgate.attacks.endpoint_reports import write_endpoint_reports
 
     result: dict[str, Any] = {"url": settings.url, "model": settings.model, "n": len(x), "command": command,
-                              "settings": {k: v for k, v in asdict(settings).items() if k != "tokens"},
+                              "settings": {**{k: v for k, v in asdict(settings).items() if k not in ("tokens", "channel")},
+                                           "channel": None if settings.channel is None else settings.channel.describe()},
                               "cells": []}
     for name, budget in cells(settings):
         if name == "transfer" and surrogate is None:
@@ -518,7 +522,8 @@ def run_endpoint_matrix(settings: EndpointSettings, x: torch.Tensor, y: torch.Te
         result["benign"] = run_benign_streams(settings.url, settings.model, benign, clients=benign_clients,
                                               detection_stages=settings.detection_stages,
                                               identity_header=settings.identity_header, seed=settings.seed,
-                                              progress=progress, client_values=settings.client_values)
+                                              progress=progress, client_values=settings.client_values,
+                                              channel=settings.channel)
     if out is not None:
         write_endpoint_reports(result, out)
     return result

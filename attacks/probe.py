@@ -14,6 +14,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from robustgate.attacks.channel import add_channel_arguments
     from robustgate.models.data import add_data_arguments
 
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
@@ -26,13 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="PGD iterations")
     parser.add_argument("--offset", type=int, default=0, help="first test image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per ModelInfer")
+    add_channel_arguments(parser)
     add_data_arguments(parser)
 
 
 def probe(url: str, bundle_dir: str, n: int = 32, model: str | None = None, eps: float = 0.1, steps: int = 20,
           offset: int = 0, timeout: float = 30.0, dataset: str | None = None,
-          data_dir: str | None = None) -> dict[str, dict[str, int]]:
-    """Returns ``{"clean": counts, "pgd": counts}``, counts = sent/accepted/flagged/rejected/correct."""
+          data_dir: str | None = None, channel=None) -> dict[str, dict[str, int]]:
+    """Returns ``{"clean": counts, "pgd": counts}``, counts = sent/accepted/flagged/rejected/correct.
+    ``channel``: TLS and a bearer token (attacks.endpoint.Channel)."""
     import torch
 
     from robustgate.attacks.differentiable import BackboneOnly
@@ -54,7 +57,8 @@ def probe(url: str, bundle_dir: str, n: int = 32, model: str | None = None, eps:
     torch.manual_seed(0)
     x_adv = ATTACKS["pgd"].run(AttackContext(backbone, None, None, len(bundle.classes)), tm, x, y).detach()
     check_perturbation(x_adv, x, "linf", eps, who="probe pgd")
-    oracle = GrpcOracle(url, model or bundle.name, timeout_s=timeout, client_values=ClientValues.of(bundle.input))
+    oracle = GrpcOracle(url, model or bundle.name, timeout_s=timeout, client_values=ClientValues.of(bundle.input),
+                        channel=channel)
     counts = {}
     try:
         for name, images in (("clean", x), (f"pgd eps={eps:g}", x_adv)):
@@ -74,12 +78,14 @@ def probe(url: str, bundle_dir: str, n: int = 32, model: str | None = None, eps:
 def run(args: argparse.Namespace) -> int:
     from tritonclient.utils import InferenceServerException
 
+    from robustgate.attacks.channel import channel_from_args
     from robustgate.models.bundle import BundleError
 
     try:
         counts = probe(args.url, args.bundle, n=args.n, model=args.model_name, eps=args.eps, steps=args.steps,
                        offset=args.offset, timeout=args.timeout, dataset=args.dataset,
-                       data_dir=None if args.data_dir is None else str(args.data_dir))
+                       data_dir=None if args.data_dir is None else str(args.data_dir),
+                       channel=channel_from_args(args))
     except InferenceServerException as exc:
         print(f"robustgate probe: the proxy at {args.url} answered with an error: {exc}", file=sys.stderr)
         return 1

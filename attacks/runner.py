@@ -162,6 +162,7 @@ class EvalSettings:
     data_dir: str | None = None
     device: str = "cpu"  # where attacks are generated (the twin and the backbone): cpu | cuda | auto
     surrogate: str | None = None  # a bundle whose twin crafts transfer attacks when this one has none
+    channel: Any = None  # attacks.endpoint.Channel to ``url`` (TLS, a bearer token); reports say only which
 
     def __post_init__(self):
         unknown = [a for a in self.attacks if a not in ATTACKS]
@@ -343,7 +344,7 @@ class Evaluation:
         from robustgate.models.client_values import ClientValues
 
         return GrpcOracle(self.settings.url, self.settings.model_name or self.bundle.name,
-                          client_values=ClientValues.of(self.bundle.input))
+                          client_values=ClientValues.of(self.bundle.input), channel=self.settings.channel)
 
     def _config_fingerprint(self, config: NamedPipeline) -> str:
         """What a configuration's cells depend on: the bundle (manifest, so every artifact's
@@ -541,7 +542,9 @@ class Evaluation:
             "bundle": {"path": str(self.bundle.root), "name": self.bundle.name,
                        "backbone_sha256": self.bundle.backbone_id},
             "n": s.n, "offset": s.offset, "data": f"{self.data_name} test set",
-            "settings": asdict(s), "configs": {}, "cells": [],
+            "settings": {**{k: v for k, v in asdict(s).items() if k != "channel"},  # never the token
+                         "channel": None if s.channel is None else s.channel.describe()},
+            "configs": {}, "cells": [],
             # attacks that did not run on this bundle and why (a bundle without a torch twin)
             "skipped_attacks": self.skipped_attacks(), "transfer_from": self.transfer_from,
         }

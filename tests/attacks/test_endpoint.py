@@ -19,9 +19,9 @@ from robustgate.proxy.serve import build_server
 class Proxy:
     """A real ProxyServer on 127.0.0.1 free ports, its event loop in a daemon thread."""
 
-    def __init__(self, bundle, stages):
+    def __init__(self, bundle, stages, server=None):
         cfg = load_config(None, environ={}, overrides={
-            "bundle": str(bundle), "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
+            "bundle": str(bundle), "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, **(server or {})},
             "pipeline": {"stages": stages},
         })
         self.server = build_server(cfg)
@@ -81,6 +81,48 @@ def test_probe_cli_prints_the_table(guarded_proxy, tiny_bundle, capsys):
     out = capsys.readouterr().out
     assert "accepted" in out and "rejected" in out and out.count("\n") >= 3
     assert main(["probe", "--url", guarded_proxy.url, "--bundle", str(tiny_bundle.parent / "missing"), "--n", "2"]) == 2
+
+
+def test_probe_reaches_a_proxy_with_mutual_tls_and_a_bearer_token(tiny_bundle, tmp_path, capsys):
+    """The secure deployment (server.tls with client certificates, server.auth): the probe brings them
+    with --tls-ca/--tls-cert/--tls-key and --token-file; without the token the proxy refuses it, and
+    flags that cannot work are refused before anything is sent."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from robustgate.proxy.cli import main
+
+    path = Path(__file__).resolve().parent.parent / "proxy" / "test_operations.py"
+    spec = importlib.util.spec_from_file_location("robustgate_tests_proxy_operations_probe", path)
+    ops = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ops
+    spec.loader.exec_module(ops)
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ops._ca(pki, "ca")
+    ops._leaf(pki, "server", "ca", "DNS:localhost,IP:127.0.0.1")
+    ops._leaf(pki, "client", "ca", "DNS:client")
+    token = tmp_path / "token"
+    token.write_text("s3cret-for-probe\n")
+    proxy = Proxy(tiny_bundle, [], server={
+        "host": "localhost", "auth": {"bearer_token_file": str(token)},
+        "tls": {"cert": str(pki / "server.pem"), "key": str(pki / "server.key"), "client_ca": str(pki / "ca.pem"),
+                "require_client_cert": True}})
+    url = "localhost:" + proxy.url.rsplit(":", 1)[1]
+    tls = ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
+    base = ["probe", "--url", url, "--bundle", str(tiny_bundle), "--n", "2", "--steps", "1"]
+    try:
+        assert main([*base, *tls, "--token-file", str(token)]) == 0
+        assert "accepted" in capsys.readouterr().out
+        assert main([*base, *tls]) == 1  # no token: UNAUTHENTICATED
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main([*base, "--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem")]) == 2
+        assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+        assert main([*base, *tls, "--token-file", str(tmp_path / "missing")]) == 2
+        assert "--token-file: file" in capsys.readouterr().err
+    finally:
+        proxy.stop()
 
 
 def test_eval_sends_square_to_the_live_proxy(guarded_proxy, tiny, backbone, hf_threshold, tmp_path):

@@ -21,6 +21,7 @@ import torch
 from loopback import LoopbackProxy
 
 from robustgate.attacks.benign import run_benign_streams, stream
+from robustgate.attacks.channel import Channel
 from robustgate.attacks.endpoint import EXHAUSTED_STATUS, REJECTED_STATUS, GrpcOracle, classify_refusal
 from robustgate.attacks.endpoint_redteam import (
     Attacker, EndpointSettings, Ledger, Transform, identity_headers, run_cell, run_endpoint_matrix, run_query_attack,
@@ -239,7 +240,7 @@ def test_transfer_and_the_matrix_report(start, recording, images, tiny, backbone
     proxy = start([])
     x, y, benign = images
     s = EndpointSettings(url=proxy.url, model=tiny.name, attacks=["square", "transfer"], budgets=[10, 20], eps=0.2,
-                         transfer_steps=10)
+                         transfer_steps=10, channel=Channel(token="tok-never-in-a-report"))
     result = run_endpoint_matrix(s, x, y, len(tiny.classes), benign[:9], surrogate=backbone, benign_clients=3,
                                  out=str(tmp_path), command="test", progress=False)
     by = {(c["attack"], c["budget"]): c for c in result["cells"]}
@@ -253,6 +254,9 @@ def test_transfer_and_the_matrix_report(start, recording, images, tiny, backbone
     md = (tmp_path / "results.md").read_text()
     assert "| transfer |" in md and "## Benign streams" in md and "linf ε=0.2, 20 queries/image" in md
     assert (tmp_path / "results.json").exists()
+    # the report says a token was used, never which
+    assert result["settings"]["channel"] == {"tls": False, "client_certificate": False, "bearer_token": True}
+    assert "tok-never-in-a-report" not in (tmp_path / "results.json").read_text() + md
 
 
 def test_benign_streams_count_detections_per_client(start, recording, images, tiny):
