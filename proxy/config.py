@@ -72,6 +72,14 @@ class TlsConfig(_Strict):
         return self.cert is not None
 
 
+def _check_token_file(p: Path, key: str) -> None:
+    """A bearer token's file exists and holds something; ValueError naming ``key`` otherwise."""
+    if not Path(p).is_file():
+        raise ValueError(f"{key}: file {p} does not exist")
+    if not Path(p).read_bytes().strip():
+        raise ValueError(f"{key}: file {p} is empty")
+
+
 class AuthConfig(_Strict):
     """Optional bearer-token check on every RPC but the probes (docs/PROTOCOL.md, "Authentication")."""
 
@@ -79,12 +87,8 @@ class AuthConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "AuthConfig":
-        p = self.bearer_token_file
-        if p is not None:
-            if not Path(p).is_file():
-                raise ValueError(f"auth.bearer_token_file: file {p} does not exist")
-            if not Path(p).read_bytes().strip():
-                raise ValueError(f"auth.bearer_token_file: file {p} is empty")
+        if self.bearer_token_file is not None:
+            _check_token_file(self.bearer_token_file, "auth.bearer_token_file")
         return self
 
     @property
@@ -112,10 +116,7 @@ class TrustedConfig(_Strict):
             if not subject.strip():
                 raise ValueError(f"trusted.subjects.{i}: empty subject")
         for i, p in enumerate(self.token_files):
-            if not Path(p).is_file():
-                raise ValueError(f"trusted.token_files.{i}: file {p} does not exist")
-            if not Path(p).read_bytes().strip():
-                raise ValueError(f"trusted.token_files.{i}: file {p} is empty")
+            _check_token_file(p, f"trusted.token_files.{i}")
         return self
 
     @property

@@ -20,6 +20,14 @@ TINY_ARCH_KWARGS = {"width": 8, "hidden": 32}
 
 
 @pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    """The TLS tests' certificates (tests/helpers/pki.py): ca, server, client, other, and rogue's intruder."""
+    from pki import make_pki  # tests/helpers
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
 def fmnist_splits():
     from robustgate.models.data import load_splits
 

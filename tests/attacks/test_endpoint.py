@@ -83,26 +83,12 @@ def test_probe_cli_prints_the_table(guarded_proxy, tiny_bundle, capsys):
     assert main(["probe", "--url", guarded_proxy.url, "--bundle", str(tiny_bundle.parent / "missing"), "--n", "2"]) == 2
 
 
-def test_probe_reaches_a_proxy_with_mutual_tls_and_a_bearer_token(tiny_bundle, tmp_path, capsys):
+def test_probe_reaches_a_proxy_with_mutual_tls_and_a_bearer_token(tiny_bundle, pki, tmp_path, capsys):
     """The secure deployment (server.tls with client certificates, server.auth): the probe brings them
     with --tls-ca/--tls-cert/--tls-key and --token-file; without the token the proxy refuses it, and
     flags that cannot work are refused before anything is sent."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from robustgate.proxy.cli import main
 
-    path = Path(__file__).resolve().parent.parent / "proxy" / "test_operations.py"
-    spec = importlib.util.spec_from_file_location("robustgate_tests_proxy_operations_probe", path)
-    ops = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = ops
-    spec.loader.exec_module(ops)
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    ops._ca(pki, "ca")
-    ops._leaf(pki, "server", "ca", "DNS:localhost,IP:127.0.0.1")
-    ops._leaf(pki, "client", "ca", "DNS:client")
     token = tmp_path / "token"
     token.write_text("s3cret-for-probe\n")
     proxy = Proxy(tiny_bundle, [], server={

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
 
 import grpc
 import pytest
 
 from robustgate.proxy.identity import call_identity, client_identity, hash_token
-
-_path = Path(__file__).resolve().parent / "test_operations.py"
-_spec = importlib.util.spec_from_file_location("robustgate_tests_proxy_operations", _path)
-_ops = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _ops
-_spec.loader.exec_module(_ops)
-pki = _ops.pki  # the CA / server / client certificates of the TLS tests (openssl CLI)
 
 METHOD = "/test.Identity/Who"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -75,36 +74,6 @@ def test_metrics_endpoint_counts_requests(proxy):
     assert dict(labels)["bundle"] == "tiny" and dict(labels)["revision"] == "test"
     for outcome in ("upstream_error", "deadline_exceeded", "resource_exhausted", "not_found", "internal", "flagged"):
         assert frozenset({("outcome", outcome)}) in after["robustgate_requests_total"]
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
-
-
-def _leaf(d: Path, name: str, ca: str, san: str) -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", cwd=d)
-    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A CA, a server certificate for localhost/127.0.0.1, a client certificate from the same CA and
-    one from a rogue CA -- made with the openssl CLI (the `cryptography` package is not installed)."""
-    d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue")
-    _leaf(d, "server", "ca", "DNS:localhost,IP:127.0.0.1")
-    _leaf(d, "client", "ca", "DNS:client")
-    _leaf(d, "intruder", "rogue", "DNS:intruder")
-    return d
 
 
 def _client(port: int, pki: Path, cert: str | None) -> tc.InferenceServerClient:

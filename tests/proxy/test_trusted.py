@@ -6,8 +6,6 @@ anonymous policy and no oracle."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import grpc
@@ -20,13 +18,6 @@ from robustgate.protos import open_inference_grpc_pb2 as pb
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 from robustgate.proxy.config import ConfigError, load_config
 from robustgate.proxy.identity import Trust
-
-_path = Path(__file__).resolve().parent / "test_operations.py"
-_spec = importlib.util.spec_from_file_location("robustgate_tests_proxy_operations_trusted", _path)
-_ops = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _ops
-_spec.loader.exec_module(_ops)
-pki = _ops.pki  # the CA / server / client certificates of the TLS tests (openssl CLI)
 
 DARK = np.full((1, 1, 28, 28), 0.2, np.float32)  # accepted by the brightness detector
 BRIGHT = np.full((1, 1, 28, 28), 0.8, np.float32)  # rejected by it
@@ -151,8 +142,6 @@ def test_with_server_auth_a_trusted_token_is_accepted_and_answered_as_trusted(st
 
 
 def test_a_trusted_certificate_subject_gets_the_trusted_policy(start_proxy, pki, ort_logits):
-    if not (pki / "other.pem").exists():  # a second client certificate from the same CA, not trusted
-        _ops._leaf(pki, "other", "ca", "DNS:other")
     p = start_proxy(server={"tls": {"cert": str(pki / "server.pem"), "key": str(pki / "server.key"),
                                     "client_ca": str(pki / "ca.pem"), "require_client_cert": True},
                             "trusted": {"subjects": ["CN=client"]}},
