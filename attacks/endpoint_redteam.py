@@ -506,8 +506,10 @@ def run_endpoint_matrix(settings: EndpointSettings, x: torch.Tensor, y: torch.Te
     from robustgate.attacks.endpoint_reports import write_endpoint_reports
 
     result: dict[str, Any] = {"url": settings.url, "model": settings.model, "n": len(x), "command": command,
-                              "settings": {**{k: v for k, v in asdict(settings).items() if k not in ("tokens", "channel")},
-                                           "channel": None if settings.channel is None else settings.channel.describe()},
+                              "settings": {**{k: v for k, v in asdict(settings).items()
+                                              if k not in ("tokens", "channel")},  # never a token
+                                           "channel": None if settings.channel is None
+                                           else settings.channel.describe()},
                               "cells": []}
     for name, budget in cells(settings):
         if name == "transfer" and surrogate is None:

@@ -185,9 +185,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--upstream", metavar="HOST:PORT",
                      help="read the signature from a running V2 model server (gRPC) instead; needs --model")
     src.add_argument("--triton-model", type=Path, metavar="DIR",
-                     help="a model directory of a Triton model repository (DIR/config.pbtxt, DIR/<version>/model.onnx): "
-                          "its ONNX file, with the layout, shape, logits output and class names its configuration "
-                          "gives (models/triton_repo.py)")
+                     help="a model directory of a Triton model repository (DIR/config.pbtxt, "
+                          "DIR/<version>/model.onnx): its ONNX file, with the layout, shape, logits output and "
+                          "class names its configuration gives (models/triton_repo.py)")
     p.add_argument("--model", help="with --upstream: the model's name on that server")
     p.add_argument("--model-version", default="",
                    help="with --upstream: its version (default: the server's); with --triton-model: the version "
@@ -435,7 +435,8 @@ def import_onnx(
         raise
 
 
-def import_triton(model_dir: str | Path, out: str | Path, args: argparse.Namespace, command: str | None = None) -> Bundle:
+def import_triton(model_dir: str | Path, out: str | Path, args: argparse.Namespace,
+                  command: str | None = None) -> Bundle:
     """``robustgate import --triton-model DIR``: the model directory's ONNX file imported with what its
     ``config.pbtxt`` says (models/triton_repo.py) where no flag says it; a flag that contradicts the
     configuration is refused, naming both."""

@@ -103,7 +103,8 @@ def read_model_dir(model_dir: str | Path, version: str = "") -> TritonModel:
     if cfg.platform not in ONNX_PLATFORMS and cfg.backend not in ONNX_BACKENDS:
         kind = cfg.platform or cfg.backend or "unset"
         raise ValueError(f"{config_path}: platform/backend {kind!r} is not ONNX; export the model to ONNX, or import "
-                         f"it from the running server: robustgate import --upstream HOST:PORT --model {cfg.name or model_dir.name}")
+                         f"it from the running server: robustgate import --upstream HOST:PORT --model "
+                         f"{cfg.name or model_dir.name}")
     filename = cfg.default_model_filename or DEFAULT_FILE
     version, onnx_file = _version(model_dir, filename, version)
     if onnx_file.is_dir():  # Triton's directory form of an ONNX model (model.onnx/model.onnx + its external data)

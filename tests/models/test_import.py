@@ -944,7 +944,8 @@ def test_a_triton_model_directory_imports_with_what_its_configuration_says(model
 
 def test_a_triton_model_directory_that_cannot_be_imported_is_refused(models, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    refused(tmp_path, capsys, ["--triton-model", str(tmp_path / "empty")], "not a Triton model directory (no config.pbtxt)")
+    refused(tmp_path, capsys, ["--triton-model", str(tmp_path / "empty")],
+            "not a Triton model directory (no config.pbtxt)")
     d = triton_dir(tmp_path / "trt", models["nhwc"], platform="tensorrt_plan")
     refused(tmp_path, capsys, ["--triton-model", str(d)], "'tensorrt_plan' is not ONNX")
     d = triton_dir(tmp_path / "typo", models["nhwc"], extra="max_batch: 4")
