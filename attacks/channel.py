@@ -9,7 +9,7 @@ attacks/endpoint.py so that the flags parse without tritonclient.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -24,7 +24,7 @@ class Channel:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a repr, a log line or a report
 
     def client_kwargs(self) -> dict:
         """tritonclient.grpc.InferenceServerClient's TLS keyword arguments (none for plaintext)."""

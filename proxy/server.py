@@ -242,8 +242,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         p = self.p  # the caller's identity only where a per-client limit or a stateful stage reads it
         client = (call_identity(context, p.cfg.server.identity_header)
                   if p.limiter.enabled or p.runner.stateful_names else None)
-        failure, response = await p.infer(request, context.time_remaining(), client,
-                                          p.trust.enabled and p.trust.call(context))
+        failure, response = await p.infer(request, context.time_remaining(), client, p.trust.call(context))
         m = self.p.metrics
         m.request_duration.observe(time.perf_counter() - t0)
         if failure is not None:
