@@ -22,9 +22,10 @@ other the error names ``--upstream``, which reads a running server's metadata in
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from robustgate.models.bundle import sha256_file
 
 ONNX_PLATFORMS = ("onnxruntime_onnx",)
 ONNX_BACKENDS = ("onnxruntime",)
@@ -145,7 +146,7 @@ def read_model_dir(model_dir: str | Path, version: str = "") -> TritonModel:
         classes = [line.strip() for line in label_file.read_text().splitlines() if line.strip()]
         notes.append(f"logits output {out.name!r} and {len(classes)} class names from {out.label_filename}")
     return TritonModel(name=cfg.name or model_dir.name, onnx=onnx_file, version=version, config=config_path,
-                       config_sha256=hashlib.sha256(config_path.read_bytes()).hexdigest(), layout=layout,
+                       config_sha256=sha256_file(config_path), layout=layout,
                        input_shape=input_shape, logits_output=logits_output, classes=classes, notes=notes)
 
 
