@@ -17,7 +17,9 @@ small: how well it is fitted does not change its cost; its default ``arch: auto`
 at this size) each in the in-process proxy, target <= 10% of its no-stage throughput -- MagNet as
 the proxy serves a stage that names no runtime (ONNX Runtime fused into the backbone's session,
 ``magnet``) and, without a target, in torch (``runtime: torch``, ``magnet_torch``); and UINT8
-requests (0..255, scaled by 1/255 by the proxy).
+requests (0..255, scaled by 1/255 by the proxy). The k-NN stateful stage (fitted small the same way: its
+encoder's cost does not depend on its training) on benign clients' streams (``STREAM_STAGES``), against the
+no-stage proxy on the same streams: issue 22's cost line on a realistic model.
 
 Reuses bench/serving/run.py's machine description, proxy launcher and MLServer harness and
 bench/serving/loadgen.py's closed-loop client. Writes bench/results/byo.resnet50.json + .md.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import json
 import re
@@ -76,6 +79,16 @@ STAGES = {
     "magnet_torch": [{"name": "magnet", "kind": "magnet", "action": "reject", "params": {"runtime": "torch"}}],
 }
 UNTARGETED_STAGES = {"magnet_torch"}
+# stages measured on benign clients' streams (``loadgen.run_load(pool=...)``: each closed-loop client its own
+# identity, a new image with every request) against the no-stage proxy on the same streams: a stateful stage
+# takes the fixed payload of the other points for exact retries and would never search its history. The
+# k-NN stage (issue 22: <= 10% of proxy throughput at concurrency 16) as deploy/default.yaml documents it,
+# action log so that no benign client's block changes the load
+STREAM_STAGES = {
+    "stateful_knn": [{"name": "stateful", "kind": "stateful", "action": "log"}],
+}
+STREAM_IMAGES = 2048  # the streams' pool: 128 distinct images per client at concurrency 16 (~110 requests
+# per client over 3 rounds of 15 s + warm-up at ~33 items/s), Fashion-MNIST test images conformed to 3x224x224
 
 
 BATCHING = {"max_batch_size": 16}  # concurrency 16 of batch-1 requests never coalesces more
@@ -130,6 +143,16 @@ def export_resnet50(path: Path) -> None:
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
 
 
+@functools.cache
+def stream_pool() -> np.ndarray:
+    """``[STREAM_IMAGES, 3, 224, 224]`` float32: the first Fashion-MNIST test images conformed to ``SHAPE``
+    (robustgate.models.data.conform: 1 -> 3 channels, antialiased resize), the benign streams' pictures."""
+    from robustgate.models.data import conform, load_splits
+
+    x = load_splits("fashion-mnist").test_x[:STREAM_IMAGES]  # [M, 1, 28, 28]
+    return np.ascontiguousarray(conform(x, SHAPE).numpy(), dtype=np.float32)
+
+
 def robustgate(args: list[str], log) -> str:
     cmd = [sys.executable, "-m", "robustgate.proxy.cli", *args]
     log("+ robustgate " + " ".join(args))
@@ -179,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         res["steps"].append(robustgate(["fit", "--bundle", str(bundle), "--defense", "magnet", "--dataset",
                                         "fashion-mnist", "--n-train", "500", "--n-val", "200", "--n-test", "200",
                                         "--params", "epochs=1", "--no-progress"], log))
+    if any(wanted(f"proxy_{stage}_stream_c16") for stage in STREAM_STAGES):
+        res["steps"].append(robustgate(["fit", "--bundle", str(bundle), "--defense", "stateful", "--name", "stateful",
+                                        "--dataset", "fashion-mnist", "--n-train", "500", "--n-val", "200",
+                                        "--n-test", "200", "--params", "method=knn", "steps=20", "batch_size=8",
+                                        "--no-progress"], log))
 
     def point(name: str, r: dict) -> None:
         res["points"][name] = r
@@ -204,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return server(key, lambda: serving.Proxy(work, bundle, {
             "backend": {"kind": "onnxruntime", **({"onnxruntime": onnxruntime} if onnxruntime else {})},
             **({"server": {"compute_nice": 0}} if nice0 else {}),
-            "batching": BATCHING, "pipeline": {"stages": [] if stage == "none" else STAGES[stage]}}, None, MODEL))
+            "batching": BATCHING, "pipeline": {"stages": [] if stage == "none" else {**STAGES, **STREAM_STAGES}[stage]}},
+            None, MODEL))
 
     def upstream(spinning: bool = True):
         key = "mlserver" + ("" if spinning else "_nospin")
@@ -223,13 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     def bare():
         return server("bare_grpc", lambda: BareServer(work, onnx_path, MODEL))
 
-    def load(target, c: int, pids, uint8: bool = False):
+    def load(target, c: int, pids, uint8: bool = False, stream: bool = False):
         def measure():
             srv = target()
             pid = pids(srv)  # {probe name: pid} for the CPU probes
             if uint8:
                 return uint8_load(srv.url, c, args.warmup, args.duration, pid)
-            return loadgen.run_load(srv.url, MODEL, "input", SHAPE, c, 1, args.warmup, args.duration, server_pids=pid)
+            return loadgen.run_load(srv.url, MODEL, "input", SHAPE, c, 1, args.warmup, args.duration, server_pids=pid,
+                                    pool=stream_pool() if stream else None)
         measure.server = target
         return measure
 
@@ -259,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                        args.duration, session_config=SPINNING_CONFIG[False])
         for stage in STAGES:
             plan[f"proxy_{stage}_c16"] = load(lambda stage=stage: proxy(stage), 16, lambda s: {"proxy": s.proc.pid})
+        for stage in ("none", *STREAM_STAGES):
+            plan[f"proxy_{stage}_stream_c16"] = load(lambda stage=stage: proxy(stage), 16,
+                                                     lambda s: {"proxy": s.proc.pid}, stream=True)
         plan = {name: measure for name, measure in plan.items() if wanted(name)}
         if not plan:
             raise SystemExit(f"--points {args.points!r} matches no point")
@@ -317,6 +350,8 @@ def checks(pts: dict) -> dict:
         ("upstream_throughput_cost", cost, "proxy_upstream_c16", "mlserver_c16", TARGET_PROXY_THROUGHPUT),
         *[(f"{stage}_throughput_cost", cost, f"proxy_{stage}_c16", "proxy_none_c16",
            None if stage in UNTARGETED_STAGES else TARGET_STAGE_THROUGHPUT) for stage in STAGES],
+        *[(f"{stage}_throughput_cost", cost, f"proxy_{stage}_stream_c16", "proxy_none_stream_c16",
+           TARGET_STAGE_THROUGHPUT) for stage in STREAM_STAGES],
         # where the in-process p50 goes, measured not targeted: transport, the session options, spinning "run"
         ("transport_p50_added", p50_added, "bare_grpc_c1", "raw_ort_c1", None),
         ("proxy_session_options_p50_added", p50_added, "raw_ort_proxy_options_c1", "raw_ort_c1", None),
@@ -380,7 +415,12 @@ def markdown(r: dict) -> str:
               "threads wait behind them). `mlserver_nospin` is MLServer with its ONNX Runtime pool not spinning "
               "(`session.intra_op.allow_spinning` 0; ONNX Runtime spins by default), `proxy_upstream_nospin` the proxy "
               "in front of it: do a spinning upstream's idle threads, holding the cores, slow the proxy's handling of "
-              "its answer at concurrency 1? (`upstream_nospin_p50_added` against `upstream_p50_added`.)"]
+              "its answer at concurrency 1? (`upstream_nospin_p50_added` against `upstream_p50_added`.)", "",
+              "`*_stream_c16`: benign clients' streams (each of the 16 closed-loop clients its own `x-client-id` and a "
+              f"new picture with every request, {STREAM_IMAGES} Fashion-MNIST test images conformed to 3x224x224), so "
+              "that a stateful stage searches its history for every query; `stateful_knn` is the k-NN stateful stage "
+              "(issue 22; `action: log`, its encoder fused into the backbone's ONNX Runtime pass), its cost against "
+              "`proxy_none_stream_c16`."]
     return "\n".join(lines) + "\n"
 
 
