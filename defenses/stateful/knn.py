@@ -8,9 +8,10 @@ small CNN ``e`` is trained so that two images inside one l-inf ball -- and mild 
 one picture -- embed close, and different pictures far apart; a query is attack-like when its
 ``k`` nearest earlier queries of the same client are all close:
 
-1. encode: pixels scaled to [0, 1] -> ``e(x)`` ``[d]`` (ONNX Runtime: in the backbone's fused pass when
-   the proxy fuses it, ``onnx_embedding_model``, else in a session of one intra-op thread), stored
-   as float32 with a keyed digest of the raw input (exact retries);
+1. encode: pixels scaled to [0, 1], average-pooled to at most ``max_side`` pixels a side (images larger
+   than that only: 224x224 by 4, to 56x56) -> ``e(x)`` ``[d]`` (ONNX Runtime: in the backbone's fused
+   pass when the proxy fuses it, ``onnx_embedding_model``, else in a session of one intra-op thread),
+   stored as float32 with a keyed digest of the raw input (exact retries);
 2. score: from the l2 distances of ``e(x)`` to its ``k`` nearest earlier (non-retry) queries of the
    client (defenses/stateful/knn_store.py), ``D`` = the distance to the ``k``-th nearest
    (``statistic: kth``, the default) or their mean (``statistic: mean``, the paper's), reported as
@@ -25,6 +26,16 @@ The ``kth`` statistic keeps that promise by construction; the mean of ``k - 1`` 
 and one far one can fall below an attack's (whose queries lie up to ``2 eps`` apart, farther than a
 JPEG re-encoding), so with ``mean`` the threshold the benign near-copies force lets attacks run
 longer. Symbols: ``d`` = ``dim``, ``m`` = ``margin``.
+
+``max_side`` (default 64): the encoder sees an image larger than that average-pooled by
+``ceil(max(H, W) / max_side)`` (:func:`pool_factor`; part of its graph, so the proxy's fused pass and
+``fit`` see the same), and 28x28 or 32x32 images as they are. At full resolution its convolutions
+grow with the pixels: at 3x224x224 they cost ~184 M multiply-adds per image, 16 times those at 56x56,
+and a standard-trained model of that size may itself need no more than a few hundred million (a
+MobileNet). Telling near-copies of one picture from other pictures needs no finer detail. Pooling is
+linear, so a perturbation inside an l-inf ball of ``eps`` stays inside it once pooled (and random
+signs average out): the queries of an attack look no less alike to the encoder than at full
+resolution.
 
 Training (``fit``, the paper's contrastive loss, Hadsell et al. 2006 with the margin on squared
 distances): two views of each training image, each a benign edit (brightness, 1-2 px crop, JPEG;
@@ -60,12 +71,20 @@ from robustgate.defenses.stateful.knn_store import KnnMemoryStore
 from robustgate.defenses.stateful.store import HistoryStore
 
 
-class Encoder(nn.Module):
-    """``[N, C, H, W]`` in [0, 1] -> ``[N, dim]``: three 3x3 conv layers (the first two with stride 2),
-    global average pooling (any H, W) and a linear map."""
+def pool_factor(height: int, width: int, max_side: int) -> int:
+    """The average-pooling factor that brings an ``height x width`` image to at most ``max_side``
+    pixels on its longer side: ``ceil(max(height, width) / max_side)`` (1: none)."""
+    return max(1, -(-max(height, width) // max_side))
 
-    def __init__(self, channels: int, width: int = 32, dim: int = 32):
+
+class Encoder(nn.Module):
+    """``[N, C, H, W]`` in [0, 1] -> ``[N, dim]``: average pooling by ``pool`` (``pool x pool`` windows,
+    stride ``pool``; none for 1), three 3x3 conv layers (the first two with stride 2), global average
+    pooling (any H, W) and a linear map."""
+
+    def __init__(self, channels: int, width: int = 32, dim: int = 32, pool: int = 1):
         super().__init__()
+        self.pool = pool
         self.features = nn.Sequential(
             nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU(),  # [N, w, H/2, W/2]
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),  # [N, 2w, H/4, W/4]
@@ -73,6 +92,8 @@ class Encoder(nn.Module):
         self.head = nn.Linear(2 * width, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)  # [N, C, H / pool, W / pool] (floor)
         return self.head(self.features(x).mean(dim=(2, 3)))  # [N, dim]
 
 
@@ -231,11 +252,13 @@ class KnnDetector(StatefulDetector):
 
     def __init__(self, k: int = 4, dim: int = 32, width: int = 32, steps: int = 3000, batch_size: int = 128,
                  lr: float = 2e-3, margin: float = 1.0, eps: float = 0.1, p_benign: float = 0.2,
-                 p_attack: float = 1.0, seed: int = 0, statistic: str = "kth", threshold: float | None = None,
-                 value_range: tuple[float, float] = (0.0, 1.0), store: HistoryStore | None = None):
+                 p_attack: float = 1.0, seed: int = 0, statistic: str = "kth", max_side: int = 64,
+                 threshold: float | None = None, value_range: tuple[float, float] = (0.0, 1.0),
+                 store: HistoryStore | None = None):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-        for name, value in (("k", k), ("dim", dim), ("width", width), ("steps", steps), ("batch_size", batch_size)):
+        for name, value in (("k", k), ("dim", dim), ("width", width), ("steps", steps), ("batch_size", batch_size),
+                            ("max_side", max_side)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if batch_size < 2:
@@ -247,7 +270,7 @@ class KnnDetector(StatefulDetector):
         self.k, self.dim, self.width, self.steps, self.batch_size = k, dim, width, steps, batch_size
         self.lr, self.margin, self.eps = float(lr), float(margin), float(eps)
         self.p_benign, self.p_attack, self.seed = float(p_benign), float(p_attack), int(seed)
-        self.statistic = statistic
+        self.statistic, self.max_side = statistic, max_side
         super().__init__(threshold=threshold, value_range=value_range, store=store)
         if not isinstance(self.store, KnnMemoryStore):
             raise ValueError(f"{self.kind}: store must hold embeddings (KnnMemoryStore), got {type(self.store).__name__}")
@@ -269,7 +292,7 @@ class KnnDetector(StatefulDetector):
     # ---- offline ----
     def fit(self, data: FitData, classifier=None) -> None:
         x = self._unit(data.train_x.cpu())
-        self.encoder = Encoder(x.shape[1], self.width, self.dim)
+        self.encoder = Encoder(x.shape[1], self.width, self.dim, pool_factor(*x.shape[-2:], self.max_side))
         self.history = train_encoder(self.encoder, x, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                                      margin=self.margin, eps=self.eps, p_benign=self.p_benign,
                                      p_attack=self.p_attack, seed=self.seed, progress=data.progress)

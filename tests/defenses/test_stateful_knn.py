@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from robustgate.defenses.base import FitData, build
-from robustgate.defenses.stateful.knn import KnnDetector, attack_delta, contrastive_loss, knn_scores
+from robustgate.defenses.stateful.knn import KnnDetector, attack_delta, contrastive_loss, knn_scores, pool_factor
 from robustgate.defenses.stateful.knn_store import KnnMemoryStore
 
 
@@ -120,6 +120,8 @@ def test_config_errors_name_the_key():
         build("stateful", method="knn", eps=2.0)
     with pytest.raises(ValueError, match="statistic must be one of"):
         build("stateful", method="knn", statistic="median")
+    with pytest.raises(ValueError, match="max_side must be a positive integer, got 0"):
+        build("stateful", method="knn", max_side=0)
     with pytest.raises(TypeError):
         build("stateful", method="knn", top_k=20)  # a Blacklight parameter
     from robustgate.defenses.assemble import PipelineConfig, build_stages
@@ -150,14 +152,28 @@ def test_training_views_stay_in_the_ball_and_the_loss_separates():
     assert float(contrastive_loss(torch.zeros(2, 2), torch.zeros(2, 2), 1.0)) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_the_pool_factor_brings_the_longer_side_to_at_most_max_side():
+    assert [pool_factor(h, w, 64) for h, w in ((28, 28), (32, 32), (64, 64), (65, 10), (96, 96), (224, 224),
+                                                (224, 320))] == [1, 1, 1, 2, 2, 4, 5]
+    assert pool_factor(224, 224, 224) == 1 and pool_factor(224, 224, 1) == 224
+
+
+# 3x96x96: larger than max_side 64, so the encoder average-pools by 2 in front of its convolutions
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 96, 96)])
 def test_fit_save_load_and_observe_any_shape(shape, tmp_path):
+    import onnx
+
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, *shape, generator=g)
     det = KnnDetector(k=2, dim=8, width=4, steps=20, batch_size=16)
     assert build("stateful", **{**det.config(), "method": "knn"}).config() == {**det.config(), "method": "knn"}
     det.fit(FitData(x, torch.zeros(64), x[:8], torch.zeros(8)))
     assert det.save(tmp_path) == {"encoder_onnx": "encoder.onnx"}
+    pools = [n for n in onnx.load(str(tmp_path / "encoder.onnx")).graph.node if n.op_type == "AveragePool"]
+    want_pool = pool_factor(*shape[1:], 64)
+    assert det.encoder.pool == want_pool
+    assert [[a.ints for a in n.attribute if a.name == "kernel_shape"][0] for n in pools] == (
+        [[want_pool, want_pool]] if want_pool > 1 else [])
     served = KnnDetector(k=2, dim=8, width=4, store=KnnMemoryStore(max_entries=100, max_per_client=100))
     served.load_artifacts({"encoder_onnx": tmp_path / "encoder.onnx"})
     with torch.no_grad():
