@@ -46,10 +46,14 @@ ARMS = ("undefended", "defended")
 TARGET_BUDGET = 5000
 
 
-def defended_stages(pipeline: Path, add: list[str]) -> list[dict]:
-    """``--pipeline``'s stages, then each ``--add-stage`` (a YAML mapping) appended."""
+def defended_stages(pipeline: Path, add: list[str], drop: list[str] = ()) -> list[dict]:
+    """``--pipeline``'s stages but those named in ``drop`` (``--drop-stage``), then each ``--add-stage``
+    (a YAML mapping) appended."""
     stages = list(yaml.safe_load(pipeline.read_text()).get("pipeline", {}).get("stages", []))
-    return stages + [yaml.safe_load(text) for text in add]
+    missing = set(drop) - {s["name"] for s in stages}
+    if missing:
+        raise SystemExit(f"--drop-stage: {pipeline} has no stage named {', '.join(sorted(missing))}")
+    return [s for s in stages if s["name"] not in drop] + [yaml.safe_load(text) for text in add]
 
 
 def bundle_record(bundle: Path, stages: list[dict]) -> dict:
@@ -70,13 +74,13 @@ def bundle_record(bundle: Path, stages: list[dict]) -> dict:
 
 
 def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int, add: list[str] = (),
-               outputs: str | None = None) -> dict:
+               outputs: str | None = None, drop: list[str] = ()) -> dict:
     """The served config: ``--pipeline``'s stages and ``--add-stage`` (none undefended) over BUNDLE,
     one process; ``outputs``: the output policy both arms answer with (None: ``--pipeline``'s)."""
     cfg = yaml.safe_load(pipeline.read_text())
     if outputs is not None:
         cfg["outputs"] = {**(cfg.get("outputs") or {}), "policy": outputs}
-    cfg.setdefault("pipeline", {})["stages"] = defended_stages(pipeline, list(add))
+    cfg.setdefault("pipeline", {})["stages"] = defended_stages(pipeline, list(add), list(drop))
     cfg["bundle"] = str(bundle.resolve())
     cfg.setdefault("server", {})["workers"] = 1  # one history: the memory store is per process
     cfg["backend"] = {"kind": "onnxruntime", "onnxruntime": {"intra_op_threads": threads}}
@@ -92,7 +96,7 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         return json.loads((work / f"{arm}.done.json").read_text())
     cfg_path = work / f"{arm}.yaml"
     cfg_path.write_text(yaml.safe_dump(arm_config(arm, args.bundle, args.pipeline, args.threads, args.add_stage,
-                                                  args.outputs), sort_keys=False))
+                                                  args.outputs, args.drop_stage), sort_keys=False))
     out = work / arm
     (work / f"{arm}-serve").mkdir(parents=True, exist_ok=True)
     serve = Serve(cfg_path, workdir=work / f"{arm}-serve")
@@ -222,7 +226,7 @@ def markdown(result: dict) -> str:
     lines += [
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; client and proxy on the same "
              f"machine, loopback gRPC. Bundle `{result['bundle']}` ({result['bundle_note']}); "
-             f"defended pipeline: the stages of `{result['pipeline']}` (and any --add-stage): "
+             f"defended pipeline: the stages of `{result['pipeline']}` (less any --drop-stage, and any --add-stage): "
              f"{', '.join(s['name'] + ' (' + s['kind'] + ', ' + s.get('action', 'reject') + ')' for s in result['defended_stages']) or 'none'}. "
              f"Answers (both arms): `outputs: {json.dumps(result.get('outputs') or {'policy': 'logits'})}` "
              "(docs/OPERATIONS.md, \"Output policies\": what the attacker reads of an accepted query).\n",
@@ -289,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add-stage", action="append", default=[], metavar="YAML",
                     help="a stage appended to --pipeline's on the defended arm, e.g. the stateful stage "
                          "deploy/default.yaml documents but does not serve yet")
+    ap.add_argument("--drop-stage", action="append", default=[], metavar="NAME",
+                    help="a stage of --pipeline's left out of the defended arm (e.g. magnet_l1, to attack a "
+                         "stateful stage alone)")
     ap.add_argument("--outputs", choices=("logits", "top_k", "label", "aaa"),
                     help="the output policy both arms answer with (outputs.policy; default: --pipeline's)")
     ap.add_argument("--arms", default=",".join(ARMS))
@@ -332,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "started_utc": started, "offset": args.offset, "machine": machine(),
         "bundle": str(args.bundle), "bundle_note": args.bundle_note,
         "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
-        "defended_stages": defended_stages(args.pipeline, args.add_stage), "eps": args.eps, "arms": reports,
-        "outputs": arm_config(arms[0], args.bundle, args.pipeline, args.threads, args.add_stage,
-                              args.outputs).get("outputs") or {"policy": "logits"},
+        "defended_stages": defended_stages(args.pipeline, args.add_stage, args.drop_stage), "eps": args.eps,
+        "arms": reports, "outputs": arm_config(arms[0], args.bundle, args.pipeline, args.threads, args.add_stage,
+                                               args.outputs, args.drop_stage).get("outputs") or {"policy": "logits"},
     }
     result["bundle_record"] = bundle_record(args.bundle, result["defended_stages"])
     n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
