@@ -173,12 +173,14 @@ def _cell(report: dict, attack: str, budget: int) -> dict | None:
                  and c.get("status") == "done"), None)
 
 
-def targets(arms: dict[str, dict], correct: list[bool], policy: str = "logits") -> list[dict]:
+def targets(arms: dict[str, dict], correct: list[bool], policy: str = "logits", dropped: list[str] = ()) -> list[dict]:
     """Issue 22's target lines that these arms measure (a line is absent when its cell did not run).
     Success is counted over the images the model classifies correctly (``correct``; the tables show
     both): the images it already gets wrong are lost before the first query. ``policy``: the output
     policy both arms answered with; the undefended lines (the attacks' strength) are the issue's only
-    with the model's own scores, so another policy's undefended arm is reported, not targeted."""
+    with the model's own scores, so another policy's undefended arm is reported, not targeted.
+    ``dropped``: the ``--drop-stage`` stages; then the defended arm is not the default pipeline and its
+    success and detection lines are reported, not targeted (the benign lines are the stateful stage's own)."""
     rows = []
     und, dfd = arms.get("undefended"), arms.get("defended")
     if policy != "logits":
@@ -189,7 +191,7 @@ def targets(arms: dict[str, dict], correct: list[bool], policy: str = "logits") 
             s, text = success_value(c, correct)
             rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, undefended: success >= 80% ({of})",
                          "value": text, "met": s >= 0.80})
-        if dfd and (c := _cell(dfd, attack, TARGET_BUDGET)):
+        if dfd and not dropped and (c := _cell(dfd, attack, TARGET_BUDGET)):
             m = c["metrics"]
             s, text = success_value(c, correct)
             rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: success <= 10% ({of})",
@@ -280,7 +282,11 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {name} | {v['queries']:,} | {v['clients']} | {100 * v['refused_share']:.2f}% | "
                              f"{100 * v['detected_share']:.2f}% | {100 * v['clients_ever_blocked_share']:.2f}% |")
         lines.append("")
-    lines += ["## Targets (issue 22)\n", "| target | value | met |", "| --- | --- | --- |"]
+    lines += ["## Targets (issue 22)\n"]
+    if result.get("dropped_stages"):
+        lines += [f"Not the default pipeline ({', '.join(result['dropped_stages'])} left out): its attack lines are "
+                  "reported above, not targeted.\n"]
+    lines += ["| target | value | met |", "| --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in result["targets"]]
     return "\n".join(lines) + "\n"
 
@@ -346,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     result["bundle_record"] = bundle_record(args.bundle, result["defended_stages"])
     n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
     result["clean_correct"] = clean_correct(args.bundle, n, args.offset)
-    result["targets"] = targets(reports, result["clean_correct"], result["outputs"].get("policy", "logits"))
+    result["dropped_stages"] = list(args.drop_stage)
+    result["targets"] = targets(reports, result["clean_correct"], result["outputs"].get("policy", "logits"),
+                                result["dropped_stages"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write(args.out, result)
     return 0
@@ -367,7 +375,7 @@ def render(out: Path, command: str) -> int:
         return 2
     result = json.loads(path.read_text())
     result["targets"] = targets(result["arms"], result["clean_correct"],
-                                (result.get("outputs") or {}).get("policy", "logits"))
+                                (result.get("outputs") or {}).get("policy", "logits"), result.get("dropped_stages", []))
     result.update(render_command=command, rendered_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   render_revision=machine()["robustgate_revision"])
     write(out, result)
