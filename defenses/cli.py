@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,10 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
         params = {"value_range": tuple(bundle.input.value_range), **(params or {})}
         params["store"] = store_for(params.get("method", "blacklight"),
                                     {"max_entries": 2, "max_per_client": 1, "max_clients": 1}, params.get("top_k", 20))
-    defense = build(kind, **(params or {}))
+    try:
+        defense = build(kind, **(params or {}))
+    except (TypeError, ValueError) as exc:  # TypeError: a key the defense does not take
+        raise ValueError(f"--params: cannot build defense {kind!r}: {exc}") from exc
     # the defenses that query the backbone (SafetyNet, MagNet's jsd) refuse None with their own message
     classifier = TorchClassifier(load_backbone(bundle)) if has_twin(bundle) else None
     (tx, ty), (vx, vy), (sx, sy) = splits["train"], splits["val"], splits["test"]
@@ -256,14 +260,18 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
 
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    params = parse_params(args.params)
     from robustgate.models.bundle import Bundle
     from robustgate.models.data import bundle_splits
 
-    # conformed to the bundle's input shape; the recipe's dataset, validation size and split seed
-    # (the trainer's, models/train.py) unless told otherwise
-    sp = bundle_splits(Bundle.load(args.bundle), args.dataset, args.data_dir, seed=args.split_seed)
-    splits = subsample(sp, args.n_train, args.n_val, args.n_test, args.seed)
-    fit_defense(args.bundle, args.defense, name=args.name, params=params, target_fpr=args.target_fpr,
-                splits=splits, batch_size=args.batch_size, progress=args.progress)
+    try:
+        params = parse_params(args.params)
+        # conformed to the bundle's input shape; the recipe's dataset, validation size and split seed
+        # (the trainer's, models/train.py) unless told otherwise
+        sp = bundle_splits(Bundle.load(args.bundle), args.dataset, args.data_dir, seed=args.split_seed)
+        splits = subsample(sp, args.n_train, args.n_val, args.n_test, args.seed)
+        fit_defense(args.bundle, args.defense, name=args.name, params=params, target_fpr=args.target_fpr,
+                    splits=splits, batch_size=args.batch_size, progress=args.progress)
+    except (ValueError, OSError) as exc:  # BundleError, a missing dataset (DatasetMissing) and bad params included
+        print(f"robustgate fit: error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -2,6 +2,7 @@
 params, threshold and calibration record in bundle.yaml, and the result loads, verifies and
 reproduces its calibration."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,23 @@ def test_fit_errors_are_clear(bundle_copy):
         fit_defense(bundle_copy, "magnet", splits=bad)
     with pytest.raises(BundleError, match="no bundle.yaml"):
         fit_defense(bundle_copy / "nowhere", "magnet", splits=splits)
+    with pytest.raises(ValueError, match="--params: cannot build defense 'magnet': .*unexpected keyword argument 'bogus'"):
+        fit_defense(bundle_copy, "magnet", params={"bogus": 1}, splits=splits)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bundle", "{bundle}/nowhere", "--defense", "magnet"], "no bundle.yaml"),
+    (["--bundle", "{bundle}", "--defense", "stateful", "--params", "method=knn", "bogus=1"],
+     "--params: cannot build defense 'stateful': .*unexpected keyword argument 'bogus'"),
+    (["--bundle", "{bundle}", "--defense", "stateful", "--params", "method=knn", "max_side=0"],
+     "max_side must be a positive integer, got 0"),
+    (["--bundle", "{bundle}", "--defense", "magnet", "--params", "epochs"], "--params expects key=value"),
+])
+def test_the_fit_command_answers_bad_input_with_one_line_and_status_2(bundle_copy, capsys, args, message):
+    rc = main(["fit", *[a.format(bundle=bundle_copy) for a in args], *SMALL, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("robustgate fit: error: ") and re.search(message, err), err
+    assert "Traceback" not in err
 
 
 def test_fit_help_shows_defaults_and_the_shipped_recipe(capsys):
