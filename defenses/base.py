@@ -53,7 +53,10 @@ class Classifier(Protocol):
 class FitData:
     """What ``fit`` gets: clean training images for fitting, clean validation images (held out
     of training) for calibration. Images ``[N, C, H, W]`` in the value range, labels ``[N]``.
-    ``progress``: show tqdm bars (stderr) over the fitting loops (``robustgate fit`` sets it)."""
+    ``progress``: show tqdm bars (stderr) over the fitting loops (``robustgate fit`` sets it).
+    ``device``: where the defenses that train a network train it (``robustgate fit --device``); the
+    images stay on the host, each batch's random draws are made there (the same draws on any
+    device) and the fitted defense is handed back on the CPU, where it is saved and calibrated."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -61,6 +64,7 @@ class FitData:
     val_y: torch.Tensor
     value_range: tuple[float, float] = (0.0, 1.0)
     progress: bool = False
+    device: str = "cpu"
 
 
 _REGISTRY: dict[str, type["Defense"]] = {}

@@ -83,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train/validation split seed (default: the bundle recipe's `seed` for its own dataset, "
                              "so that validation holds no image the backbone trained on; else 0)")
     parser.add_argument("--batch-size", type=int, default=500, help="scoring batch size")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                        help="where the defenses that train a network (magnet, reformer, diffusion, stateful "
+                             "method knn) train it; auto = cuda when torch sees one, as robustgate train. "
+                             "Saving and calibration run on the CPU")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars (tqdm on stderr) over fitting and scoring")
     add_data_arguments(parser)
@@ -174,9 +178,10 @@ def _plain(value: Any) -> Any:
 
 def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params: dict[str, Any] | None = None,
                 target_fpr: float | None = None, splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                batch_size: int = 500, log=print, progress: bool = False) -> dict[str, Any]:
+                batch_size: int = 500, log=print, progress: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Fits, saves and calibrates ``kind`` into the bundle at ``bundle_dir``; returns the DefenseSpec
-    written (as a dict). ``splits`` as :func:`subsample` returns; ``progress``: tqdm bars.
+    written (as a dict). ``splits`` as :func:`subsample` returns; ``progress``: tqdm bars;
+    ``device``: ``cpu`` or ``cuda``, where a network is trained (FitData.device).
     ``target_fpr`` None: 0.01 for detectors, the stateful calibration's own default for ``stateful``."""
     from robustgate.models.bundle import Bundle, DefenseSpec, artifact
     from robustgate.models.twin import TorchClassifier, has_twin, load_backbone
@@ -202,10 +207,10 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
     (tx, ty), (vx, vy), (sx, sy) = splits["train"], splits["val"], splits["test"]
     if tuple(tx.shape[1:]) != tuple(bundle.input.shape):
         raise ValueError(f"data items have shape {tuple(tx.shape[1:])}, the bundle expects {tuple(bundle.input.shape)}")
-    data = FitData(tx, ty, vx, vy, value_range=tuple(bundle.input.value_range), progress=progress)
+    data = FitData(tx, ty, vx, vy, value_range=tuple(bundle.input.value_range), progress=progress, device=device)
 
     t0 = time.perf_counter()
-    log(f"fitting {kind} as {name!r} on {tx.shape[0]} training images ...")
+    log(f"fitting {kind} as {name!r} on {tx.shape[0]} training images ({device}) ...")
     defense.fit(data, classifier)
     fit_seconds = time.perf_counter() - t0
     rel_dir = Path("defenses") / name
@@ -242,7 +247,7 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
         log(f"calibrated {name}: target FPR {target_fpr:.4f}  threshold {threshold:.6g}  "
             f"val FPR {record['val_fpr']:.4f} (n={record['n_val']})  test FPR {record['test_fpr']:.4f} (n={record['n_test']})")
         log("validation score quantiles: " + json.dumps({k: round(v, 6) for k, v in record["quantiles"].items()}))
-    fit_info = {"fit_seconds": round(fit_seconds, 2), "n_train": int(tx.shape[0])}
+    fit_info = {"fit_seconds": round(fit_seconds, 2), "n_train": int(tx.shape[0]), "device": device}
     report = getattr(defense, "fit_report", None) or {}
     history = getattr(defense, "history", None)
     if history:
@@ -264,13 +269,16 @@ def run(args: argparse.Namespace) -> int:
     from robustgate.models.data import bundle_splits
 
     try:
+        from robustgate.defenses.assemble import resolve_device
+
+        device = resolve_device(args.device)
         params = parse_params(args.params)
         # conformed to the bundle's input shape; the recipe's dataset, validation size and split seed
         # (the trainer's, models/train.py) unless told otherwise
         sp = bundle_splits(Bundle.load(args.bundle), args.dataset, args.data_dir, seed=args.split_seed)
         splits = subsample(sp, args.n_train, args.n_val, args.n_test, args.seed)
         fit_defense(args.bundle, args.defense, name=args.name, params=params, target_fpr=args.target_fpr,
-                    splits=splits, batch_size=args.batch_size, progress=args.progress)
+                    splits=splits, batch_size=args.batch_size, progress=args.progress, device=device)
     except (ValueError, OSError) as exc:  # BundleError, a missing dataset (DatasetMissing) and bad params included
         print(f"robustgate fit: error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@
 # default 400 s on cuda so the script ends inside 7 minutes even if a part hangs); a part's failure
 # or timeout is recorded, never fatal to the rest:
 #   info            nvidia-smi, versions, providers
-#   tests           the CUDA tests (pytest -k cuda: tests/proxy/test_torch_backend.py, test_assembly.py)
+#   tests           the CUDA tests (pytest -k cuda: tests/proxy/test_torch_backend.py, test_assembly.py,
+#                   tests/defenses/test_fit_cli.py: robustgate fit --device cuda for every defense that trains)
 #   serve_default   deploy/default.yaml's stages (MagNet, runtime torch) through the proxy, torch backend
 #                   on the device, requests of 64: max throughput, p99 at half that load (serve_load.py)
 #   serve_diffusion the bundle's diffusion purifier (runtime torch) through the proxy, requests of 64
@@ -136,7 +137,8 @@ fi
 export -f info
 export PY
 part info 30 bash -c info
-part tests 100 "$PY" -m pytest tests/proxy/test_torch_backend.py tests/proxy/test_assembly.py -k cuda -q -rs \
+part tests 100 "$PY" -m pytest tests/proxy/test_torch_backend.py tests/proxy/test_assembly.py tests/defenses/test_fit_cli.py \
+  -k cuda -q -rs \
   -p no:cacheprovider -o timeout=90
 part serve_default 80 "$PY" bench/gpu/serve_load.py --preset default --device "$DEVICE" $LOAD --out "$WORK/res/serve_default"
 part serve_diffusion 75 "$PY" bench/gpu/serve_load.py --preset diffusion --device "$DEVICE" $LOAD_DIFF --out "$WORK/res/serve_diffusion"

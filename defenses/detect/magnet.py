@@ -175,13 +175,16 @@ def autoencoder(arch: str, channels: int = 1, width: int = 3, activation: str = 
 
 
 def train_autoencoder(ae: nn.Module, x: torch.Tensor, *, noise: float, epochs: int, batch_size: int,
-                      lr: float, weight_decay: float, seed: int, progress: bool = False, desc: str = "autoencoder") -> list[float]:
+                      lr: float, weight_decay: float, seed: int, progress: bool = False, desc: str = "autoencoder",
+                      device: str | torch.device = "cpu") -> list[float]:
     """Noise-regularized training on clean images ``x`` ``[N, C, H, W]`` in [0, 1]: minimize
     ``MSE(AE(clip(x + noise * eps)), x)``. Returns the mean loss per epoch. ``progress``: a tqdm
-    bar over the epochs' batches (stderr) with the epoch and its running loss."""
+    bar over the epochs' batches (stderr) with the epoch and its running loss. ``device``: where
+    ``ae`` trains (the batches and their noise are drawn on the host); ``ae`` ends on the CPU."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
+    ae.to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay)
     ae.train()
     history = []
@@ -193,7 +196,7 @@ def train_autoencoder(ae: nn.Module, x: torch.Tensor, *, noise: float, epochs: i
         for start in range(0, x.shape[0], batch_size):
             xb = x[order[start:start + batch_size]]  # [B, C, H, W]
             noisy = (xb + noise * torch.randn(xb.shape, generator=g)).clamp(0.0, 1.0)
-            loss = F.mse_loss(ae(noisy), xb)
+            loss = F.mse_loss(ae(noisy.to(device)), xb.to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -202,7 +205,7 @@ def train_autoencoder(ae: nn.Module, x: torch.Tensor, *, noise: float, epochs: i
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{total / min(start + batch_size, x.shape[0]):.5f}")
         history.append(total / x.shape[0])
     bar.close()
-    ae.eval()
+    ae.eval().to("cpu")
     return history
 
 
@@ -331,7 +334,7 @@ class _AutoencoderDefense:
         self.history = train_autoencoder(
             ae, data.train_x.float(), noise=self.noise, epochs=self.epochs, batch_size=self.batch_size,
             lr=self.lr, weight_decay=self.weight_decay, seed=self.seed, progress=data.progress,
-            desc=f"{self.kind} autoencoder {resolve_arch(self.arch, self._item_shape)}",
+            desc=f"{self.kind} autoencoder {resolve_arch(self.arch, self._item_shape)}", device=data.device,
         )
         self.ae = ae.requires_grad_(False)
         self._onnx = None

@@ -162,15 +162,17 @@ def ddim_purify(eps_model: EpsModel, alphas_cumprod: torch.Tensor, x: torch.Tens
 def train_ddpm(unet: UNet2DModel, ddpm: DDPMScheduler, images: torch.Tensor, steps: int, batch_size: int,
                lr: float, t_max: int, seed: int, ema_decay: float = 0.995, multiple: int = 4,
                log: Callable[[dict[str, Any]], None] | None = None, log_every: int = 50,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Trains ``unet`` in place with the DDPM epsilon-prediction loss (Ho et al., Algorithm 1) on
     ``images`` ``[N, C, H, W]`` in ``[0, 1]``, timesteps uniform in ``[0, t_max]``; Adam with a
     50-step linear warmup; at the end the weights are replaced by their EMA. Returns a training
     record (steps, seconds, loss curve). ``progress``: a tqdm bar (stderr) over the steps with the
-    epoch (images seen / N) and the mean loss of the last ``log_every`` steps."""
+    epoch (images seen / N) and the mean loss of the last ``log_every`` steps. ``device``: where the
+    UNet trains (each batch, its noise and timesteps are drawn on the host); it ends on the CPU."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
+    unet.to(device)
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -185,6 +187,7 @@ def train_ddpm(unet: UNet2DModel, ddpm: DDPMScheduler, images: torch.Tensor, ste
             z0, _ = _pad_multiple(2.0 * images[idx] - 1.0, multiple)  # [B, C, H', W']
             noise = torch.randn(z0.shape, generator=g)
             t = torch.randint(0, t_max + 1, (batch_size,), generator=g)  # [B]
+            z0, noise, t = z0.to(device), noise.to(device), t.to(device)
             loss = F.mse_loss(unet(ddpm.add_noise(z0, noise, t), t).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -207,6 +210,7 @@ def train_ddpm(unet: UNet2DModel, ddpm: DDPMScheduler, images: torch.Tensor, ste
         bar.close()
         unet.train(was_training)
     unet.load_state_dict(ema)
+    unet.to("cpu")
     curve = [round(sum(losses[i:i + log_every]) / len(losses[i:i + log_every]), 5)
              for i in range(0, len(losses), log_every)]
     return {"steps": steps, "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 1),
@@ -366,7 +370,7 @@ class DiffusionPurifier(Purifier):
             self._build_unet(c, self.sample_size or side)
         self.training_record = train_ddpm(
             self.unet, self.ddpm, data.train_x, self.train_steps, self.batch_size, self.lr, self.train_t_max,
-            self.seed, self.ema_decay, self.multiple, log=log, progress=data.progress,
+            self.seed, self.ema_decay, self.multiple, log=log, progress=data.progress, device=data.device,
         )
         self.unet.eval()
         self.fitted = True

@@ -158,22 +158,25 @@ def contrastive_loss(e1: torch.Tensor, e2: torch.Tensor, margin: float) -> torch
     b = e1.shape[0]
     e = torch.cat([e1, e2])  # [2B, d]
     d2 = torch.cdist(e, e).pow(2)  # [2B, 2B]
-    image = torch.arange(2 * b) % b
+    image = torch.arange(2 * b, device=e.device) % b
     same = image[:, None] == image[None, :]
-    pos = same & ~torch.eye(2 * b, dtype=torch.bool)
+    pos = same & ~torch.eye(2 * b, dtype=torch.bool, device=e.device)
     hinge = F.relu(margin ** 2 - d2[~same])  # [pairs of views of two images]
     active = (hinge > 0).sum().clamp_min(1)  # the mean over the pairs still inside the margin: the
     return d2[pos].mean() + hinge.sum() / active  # similar pictures, not diluted by the easy majority
 
 
 def train_encoder(enc: Encoder, x: torch.Tensor, *, steps: int, batch_size: int, lr: float, margin: float,
-                  eps: float, p_benign: float, p_attack: float, seed: int, progress: bool = False) -> list[float]:
+                  eps: float, p_benign: float, p_attack: float, seed: int, progress: bool = False,
+                  device: str | torch.device = "cpu") -> list[float]:
     """Trains ``enc`` on images ``x`` ``[N, C, H, W]`` in [0, 1] (module docstring); returns the mean
-    loss per 100 steps. ``progress``: a tqdm bar (stderr)."""
+    loss per 100 steps. ``progress``: a tqdm bar (stderr). ``device``: where ``enc`` trains (the
+    views are drawn on the host: JPEG and crops run there); ``enc`` ends on the CPU."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    enc.to(device)
     opt = torch.optim.Adam(enc.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     enc.train()
@@ -181,8 +184,8 @@ def train_encoder(enc: Encoder, x: torch.Tensor, *, steps: int, batch_size: int,
     with tqdm(total=steps, desc="knn encoder", unit="step", disable=not progress, leave=False) as bar:
         for step in range(steps):
             xb = x[torch.randint(0, x.shape[0], (batch_size,), generator=g)]
-            loss = contrastive_loss(enc(view(xb, eps, p_benign, p_attack, g)), enc(view(xb, eps, p_benign, p_attack, g)),
-                                    margin)
+            v1, v2 = view(xb, eps, p_benign, p_attack, g), view(xb, eps, p_benign, p_attack, g)
+            loss = contrastive_loss(enc(v1.to(device)), enc(v2.to(device)), margin)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -193,7 +196,7 @@ def train_encoder(enc: Encoder, x: torch.Tensor, *, steps: int, batch_size: int,
                 window = []
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    enc.eval()
+    enc.eval().to("cpu")
     return history
 
 
@@ -295,7 +298,8 @@ class KnnDetector(StatefulDetector):
         self.encoder = Encoder(x.shape[1], self.width, self.dim, pool_factor(*x.shape[-2:], self.max_side))
         self.history = train_encoder(self.encoder, x, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                                      margin=self.margin, eps=self.eps, p_benign=self.p_benign,
-                                     p_attack=self.p_attack, seed=self.seed, progress=data.progress)
+                                     p_attack=self.p_attack, seed=self.seed, progress=data.progress,
+                                     device=data.device)
         self._item_shape = tuple(x.shape[1:])
         self.fit_report = {"loss": self.history}  # mean contrastive loss per 100 steps (bundle.yaml)
 

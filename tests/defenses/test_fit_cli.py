@@ -105,6 +105,54 @@ def test_the_fit_command_answers_bad_input_with_one_line_and_status_2(bundle_cop
     assert "Traceback" not in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: --device cuda is valid here")
+def test_fit_device_cuda_without_a_device_is_refused(bundle_copy, capsys):
+    rc = main(["fit", "--bundle", str(bundle_copy), "--defense", "magnet", "--device", "cuda", *SMALL, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "robustgate fit: error: device is 'cuda' but torch sees no CUDA device" in err
+
+
+def test_fit_records_the_device_it_trained_on(bundle_copy):
+    fit_defense(bundle_copy, "reformer", params={"epochs": 1, "width": 4}, splits=load_splits(n_train=64, n_val=16, n_test=16),
+                log=lambda *_: None, device="cpu")
+    assert Bundle.load(bundle_copy).spec.defenses["reformer"].calibration["fit"]["device"] == "cpu"
+
+
+# every defense that trains a network, on the GPU (bench/gpu/check.sh runs these there): trained on the device,
+# handed back, saved and calibrated on the CPU, and served from the bundle
+CUDA_FITS = [
+    ("magnet", {"criterion": "l1", "arch": "II", "width": 8, "epochs": 1}),
+    ("reformer", {"epochs": 1, "width": 8}),
+    ("stateful", {"method": "knn", "k": 2, "dim": 8, "width": 4, "steps": 20, "batch_size": 16}),
+    ("diffusion", {"block_out_channels": [8, 16], "train_steps": 4, "batch_size": 8, "t_star": 80, "steps": 2}),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu/check.sh runs it on one)")
+@pytest.mark.parametrize("kind, params", CUDA_FITS, ids=[k for k, _ in CUDA_FITS])
+def test_fit_on_cuda_trains_there_and_the_bundle_serves_on_the_cpu(bundle_copy, kind, params):
+    from robustgate.defenses.base import build_from_bundle
+
+    splits = load_splits(n_train=256, n_val=200, n_test=100)
+    spec = fit_defense(bundle_copy, kind, params=params, splits=splits, log=lambda *_: None, device="cuda",
+                       target_fpr=0.05)
+    bundle = Bundle.load(bundle_copy)  # verifies the artifacts written from the device-trained weights
+    assert bundle.spec.defenses[kind].calibration["fit"]["device"] == "cuda"
+    store = {}
+    if kind == "stateful":
+        from robustgate.defenses.stateful.knn_store import KnnMemoryStore
+
+        store = {"store": KnnMemoryStore(max_entries=16, max_per_client=16)}
+    defense = build_from_bundle(kind, kind, store, spec["threshold"], bundle, where="test")
+    x = splits["test"][0][:4]
+    if kind == "stateful":
+        assert defense.observe("a", x).shape == (4,)
+    elif kind == "magnet":
+        assert torch.isfinite(defense.score(x)).all()
+    else:
+        assert defense.purify(x, torch.Generator().manual_seed(0)).shape == x.shape
+
+
 def test_fit_help_shows_defaults_and_the_shipped_recipe(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
