@@ -666,10 +666,11 @@ def endpoint_tables(budget: int = 5000) -> str:
     pooling = [(label, load(path)) for label, path in ENDPOINT_POOLING]
     attacks = ("square", "square-sybil", "hopskipjump", "square-transform")
     labels = {**dict(ENDPOINT_ATTACKS), **dict(ENDPOINT_ADAPTIVE)}
-    lines += ["", f"The k-NN stage's pooling front (`max_side`, docs/OPERATIONS.md): the same standard-trained model "
-              f"at 1x56x56 (an AveragePool(2) in front of the record's), the stage alone (no MagNet), {budget:,} queries "
-              "(`bench/redteam/pooled_bundles.sh`):", "",
-              "| stateful knn | " + " | ".join(labels[a] for a in attacks) + " | benign near-copies refused by the stage |",
+    lines += ["", "The k-NN stage's pooling front (`max_side`, docs/OPERATIONS.md): the same standard-trained model "
+              "at 1x56x56 (an AveragePool(2) in front of the record's), the stage alone (no MagNet), "
+              f"{budget:,} queries (`bench/redteam/pooled_bundles.sh`):", "",
+              "| stateful knn | " + " | ".join(labels[a] for a in attacks)
+              + " | benign near-copies refused by the stage |",
               "| --- |" + " --- |" * (len(attacks) + 1)]
     for label, r in pooling:
         near = r["arms"]["defended"]["benign"]["near_duplicates"]["detected_share"]

@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return server(key, lambda: serving.Proxy(work, bundle, {
             "backend": {"kind": "onnxruntime", **({"onnxruntime": onnxruntime} if onnxruntime else {})},
             **({"server": {"compute_nice": 0}} if nice0 else {}),
-            "batching": BATCHING, "pipeline": {"stages": [] if stage == "none" else {**STAGES, **STREAM_STAGES}[stage]}},
-            None, MODEL))
+            "batching": BATCHING,
+            "pipeline": {"stages": [] if stage == "none" else {**STAGES, **STREAM_STAGES}[stage]}}, None, MODEL))
 
     def upstream(spinning: bool = True):
         key = "mlserver" + ("" if spinning else "_nospin")

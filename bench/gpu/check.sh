@@ -137,8 +137,8 @@ fi
 export -f info
 export PY
 part info 30 bash -c info
-part tests 100 "$PY" -m pytest tests/proxy/test_torch_backend.py tests/proxy/test_assembly.py tests/defenses/test_fit_cli.py \
-  -k cuda -q -rs \
+part tests 100 "$PY" -m pytest tests/proxy/test_torch_backend.py tests/proxy/test_assembly.py \
+  tests/defenses/test_fit_cli.py -k cuda -q -rs \
   -p no:cacheprovider -o timeout=90
 part serve_default 80 "$PY" bench/gpu/serve_load.py --preset default --device "$DEVICE" $LOAD --out "$WORK/res/serve_default"
 part serve_diffusion 75 "$PY" bench/gpu/serve_load.py --preset diffusion --device "$DEVICE" $LOAD_DIFF --out "$WORK/res/serve_diffusion"

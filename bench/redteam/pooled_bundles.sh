@@ -15,7 +15,8 @@
 #       --drop-stage magnet_l1 --arms defended --budgets 5000 \
 #       --attacks square,square-sybil,hopskipjump,square-transform \
 #       --add-stage '{name: stateful, kind: stateful, action: block, block_after: 5, cooldown_s: 300,
-#                     store: {kind: memory, max_entries: 1000000, ttl_s: 3600}}' --out bench/results/redteam.endpoint.$v; done
+#                     store: {kind: memory, max_entries: 1000000, ttl_s: 3600}}' \
+#       --out bench/results/redteam.endpoint.$v; done
 #
 # Environment: PYTHON, ROBUSTGATE (default: the repository's .venv).
 set -euo pipefail
@@ -37,7 +38,8 @@ model = onnx.load(sys.argv[1])
 graph = model.graph
 old = graph.input[0]
 batch = old.type.tensor_type.shape.dim[0]
-new = helper.make_tensor_value_info(old.name + "_56", TensorProto.FLOAT, [batch.dim_param or batch.dim_value, 1, 56, 56])
+new = helper.make_tensor_value_info(old.name + "_56", TensorProto.FLOAT,
+                                    [batch.dim_param or batch.dim_value, 1, 56, 56])
 nodes = [helper.make_node("AveragePool", [new.name], [old.name], kernel_shape=[2, 2], strides=[2, 2]), *graph.node]
 del graph.node[:]
 graph.node.extend(nodes)

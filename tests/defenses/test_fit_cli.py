@@ -86,7 +86,7 @@ def test_fit_errors_are_clear(bundle_copy):
         fit_defense(bundle_copy, "magnet", splits=bad)
     with pytest.raises(BundleError, match="no bundle.yaml"):
         fit_defense(bundle_copy / "nowhere", "magnet", splits=splits)
-    with pytest.raises(ValueError, match="--params: cannot build defense 'magnet': .*unexpected keyword argument 'bogus'"):
+    with pytest.raises(ValueError, match="--params: cannot build defense 'magnet': .*unexpected keyword argument"):
         fit_defense(bundle_copy, "magnet", params={"bogus": 1}, splits=splits)
 
 
@@ -113,8 +113,9 @@ def test_fit_device_cuda_without_a_device_is_refused(bundle_copy, capsys):
 
 
 def test_fit_records_the_device_it_trained_on(bundle_copy):
-    fit_defense(bundle_copy, "reformer", params={"epochs": 1, "width": 4}, splits=load_splits(n_train=64, n_val=16, n_test=16),
-                log=lambda *_: None, device="cpu")
+    splits = load_splits(n_train=64, n_val=16, n_test=16)
+    fit_defense(bundle_copy, "reformer", params={"epochs": 1, "width": 4}, splits=splits, log=lambda *_: None,
+                device="cpu")
     assert Bundle.load(bundle_copy).spec.defenses["reformer"].calibration["fit"]["device"] == "cpu"
 
 
