@@ -235,7 +235,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None, configs_spec: str 
 
 def summarize(windows: dict[str, list[dict]], configs: dict[str, dict]) -> dict[str, dict]:
     """config -> medians over the rounds of one input kind, each cost against ``empty``'s window of the
-    same round."""
+    same round; a configuration ``a+b`` whose ``a`` was measured too also against ``a``'s (what adding
+    the stage ``b`` costs, without leaving ``empty``'s pass-through path)."""
     summary = {}
     for name, ws in windows.items():
         ips = [w["items_per_s"] for w in ws]
@@ -249,6 +250,10 @@ def summarize(windows: dict[str, list[dict]], configs: dict[str, dict]) -> dict[
             costs = [1.0 - w["items_per_s"] / e["items_per_s"] for w, e in zip(ws, windows["empty"])]
             entry["cost_per_round"] = costs
             entry["cost_median"] = statistics.median(costs)
+            base = name.rsplit("+", 1)[0] if "+" in name else None
+            if base in windows:
+                vs = [1.0 - w["items_per_s"] / b["items_per_s"] for w, b in zip(ws, windows[base])]
+                entry.update(base=base, cost_vs_base_per_round=vs, cost_vs_base_median=statistics.median(vs))
             if name in CHEAP:
                 entry["target"] = f"cost <= {TARGET_CHEAP_COST:.0%}"
                 entry["target_met"] = entry["cost_median"] <= TARGET_CHEAP_COST
@@ -278,17 +283,23 @@ def markdown(r: dict) -> str:
         f"at end: `{r['uptime_end']}`." + (" A redis-server on a free loopback port (`--redis`; on the same cores, "
                                             "its CPU not in the server's) for the configurations' `$REDIS_URL`."
                                             if r.get("redis") else ""), "",
-        "| inputs | configuration | items/s (median) | items/s per round | cost vs empty (median) | p50 ms | server CPU cores | target |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
+        "| inputs | configuration | items/s (median) | items/s per round | cost vs empty (median) | "
+        "cost of its last stage (median) | p50 ms | server CPU cores | target |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for kind, name, s in ((k, n, s) for k, per in r["summary"].items() for n, s in per.items()):
         cost = f"{100 * s['cost_median']:.1f}%" if "cost_median" in s else "(reference)"
         target = "" if "target" not in s else f"{s['target']}: {'met' if s['target_met'] else 'NOT met'}"
         per_round = ", ".join(f"{v:.0f}" for v in s["items_per_s"])
-        lines.append(f"| {kind} | {name} | {s['items_per_s_median']:.0f} | {per_round} | {cost} | {s['p50_ms_median']:.1f} | "
-                     f"{s['server_cpu_cores_median']:.2f} | {target} |")
+        last = f"{100 * s['cost_vs_base_median']:.1f}% (vs {s['base']})" if "cost_vs_base_median" in s else ""
+        lines.append(f"| {kind} | {name} | {s['items_per_s_median']:.0f} | {per_round} | {cost} | {last} | "
+                     f"{s['p50_ms_median']:.1f} | {s['server_cpu_cores_median']:.2f} | {target} |")
     errors = {f"{k}/{n}": s["errors"] for k, per in r["summary"].items() for n, s in per.items() if s["errors"]}
-    lines += ["", f"Request errors: {errors or 'none'}."]
+    lines += ["", f"Request errors: {errors or 'none'}.", "",
+              "`empty` serves with no stage, so it takes the pass-through path (one backend call per batch, "
+              "`PipelineRunner.passthrough`); every other configuration runs the pipeline, so its cost vs empty "
+              "includes leaving that path. `cost of its last stage`: a configuration `a+b` against `a` in the same "
+              "rounds."]
     stages = list(dict.fromkeys(k for per in r["summary"].values() for s in per.values()
                                 for k in s.get("stage_us_per_item_median", {})))
     if stages:
