@@ -92,7 +92,8 @@ class Splits:
                 if need > MAX_CONFORM_BYTES:
                     raise ValueError(
                         f"{self.name}: conforming all {len(raw)} {which} images to {tuple(self.shape)} would take "
-                        f"{need / 2**30:.1f} GiB; take a subset (Splits.take; the commands' --n-train / --n)")
+                        f"{need / 2**30:.1f} GiB; take a subset (robustgate fit: --n-train, --n-val, --n-test; "
+                        "eval, probe: --n; in code: Splits.take)")
                 raw = torch.cat([conform(raw[i:i + 4096], self.shape) for i in range(0, len(raw), 4096)])
             self._conformed[which] = raw
         return self._conformed[which]
