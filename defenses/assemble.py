@@ -157,12 +157,16 @@ def host_only(defense: Defense) -> str | None:
 StoreMap = dict  # stage name -> (the stage's store config, the HistoryStore built from it)
 
 
-def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, where: str):
+def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, where: str,
+                store_service: str | None = None):
     """``(spec, store)`` for stateful stage ``sc``: the running store when ``stores`` holds one for
     this stage built from the same ``store:`` config for the same method and fitted artifacts (a
     reload keeps the histories and blocks), else a new one (``defenses.stateful.stage.store_for``: a memory store of
-    Blacklight holds ``top_k`` hashes per query; method knn keeps embeddings, in memory only)."""
-    from robustgate.defenses.stateful.stage import store_for
+    Blacklight holds ``top_k`` hashes per query; method knn keeps embeddings, in memory only).
+    ``store_service``: the socket of the replica's store service (a worker of ``server.workers`` > 1,
+    defenses/stateful/remote.py): a ``kind: memory`` store is then the service's, shared by the workers."""
+    from robustgate.defenses.stateful.remote import RemoteStore
+    from robustgate.defenses.stateful.stage import store_for, store_kind
 
     fitted = bundle.spec.defenses.get(sc.name) if bundle is not None else None
     params = {**(fitted.params if fitted is not None else {}), **sc.params}
@@ -178,7 +182,11 @@ def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, wh
         log.warning("%s: store config changed from %s to %s (or the stage's method or fitted artifacts: %s -> %s); "
                     "the new store starts empty", where, old[0], spec, getattr(old[1], "origin", "blacklight"), origin)
     try:
-        store = store_for(method, spec, params.get("top_k", 20))
+        if store_service is not None and store_kind(spec) == "memory":
+            store = RemoteStore(store_service, {"stage": sc.name, "method": method, "origin": origin, "spec": spec,
+                                                "top_k": params.get("top_k", 20)})
+        else:
+            store = store_for(method, spec, params.get("top_k", 20))
     except Exception as exc:  # noqa: BLE001 - a bad store config or an unreachable Redis refuses the pipeline
         raise ValueError(f"{where}: store: {exc}") from None
     store.origin = origin  # what the next reload compares on
@@ -186,19 +194,21 @@ def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, wh
 
 
 def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
-                 device: str | None = None, stores: StoreMap | None = None) -> list[Stage]:
+                 device: str | None = None, stores: StoreMap | None = None,
+                 store_service: str | None = None) -> list[Stage]:
     """The configured stages, built, loaded and on their device; ValueError naming the stage on any
     problem. ``twin``: the red team's differentiable copies. ``device`` overrides ``cfg.device`` (a
     stage's own ``device`` still wins); ``bundle=None``: untrained defenses, no bundle (tests).
     ``stores``: the running pipeline's stateful stores (:attr:`PipelineRunner.stores`), handed to the
-    rebuilt stages of the same name and store config (:func:`stage_store`)."""
+    rebuilt stages of the same name and store config (:func:`stage_store`); ``store_service``: the
+    replica's shared store service, if any (:func:`stage_store`)."""
     default = device or cfg.device
     stages, on_host = [], []
     for i, sc in enumerate(cfg.stages):
         where = f"pipeline.stages.{i} ({sc.name})"
         params = dict(sc.params)
         if sc.kind == "stateful":
-            params["store"] = stage_store(sc, bundle, stores, where)[1]
+            params["store"] = stage_store(sc, bundle, stores, where, store_service)[1]
             if bundle is not None:
                 params.setdefault("value_range", tuple(bundle.input.value_range))
         try:
@@ -283,6 +293,7 @@ class PipelineRunner:
     share_features: bool = True  # the shared classify pass (defenses/pipeline.py); False: as before
     max_fanout_items: int | None = None  # an ensemble's copies per backend call (pipeline.max_fanout_items)
     device: str = "cpu"
+    store_service: str | None = None  # the replica's shared store service (stage_store); a reload keeps it
 
     def __post_init__(self):
         # validates the stage list once at start (the per-batch models reuse these stages)
@@ -490,12 +501,14 @@ class PipelineRunner:
 
 
 def build_runner(cfg: PipelineConfig, bundle: Any, backend: "Backend", classifier: Classifier | None,
-                 device: str | None = None, stores: StoreMap | None = None) -> PipelineRunner:
+                 device: str | None = None, stores: StoreMap | None = None,
+                 store_service: str | None = None) -> PipelineRunner:
     """The served pipeline of ``cfg``: its stages (:func:`build_stages`) in a :class:`PipelineRunner`
     on ``backend``. ``device`` overrides ``cfg.device``; ``stores``: the running pipeline's stateful
-    stores, kept (a reload)."""
+    stores, kept (a reload); ``store_service``: the replica's shared store service (a worker's)."""
     return PipelineRunner(
-        stages=build_stages(cfg, bundle, device=device, stores=stores), backend=backend, classifier=classifier,
-        failure_policy=cfg.failure_policy, seed=cfg.seed, max_fanout_items=cfg.max_fanout_items,
-        device=resolve_device(device or cfg.device),
+        stages=build_stages(cfg, bundle, device=device, stores=stores, store_service=store_service),
+        backend=backend, classifier=classifier, failure_policy=cfg.failure_policy, seed=cfg.seed,
+        max_fanout_items=cfg.max_fanout_items, device=resolve_device(device or cfg.device),
+        store_service=store_service,
     )

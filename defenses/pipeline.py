@@ -407,8 +407,7 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
         groups.setdefault(c, []).append(i)
     now = time.time()
     live: list[tuple[str, list[int]]] = []
-    for client, idx in groups.items():
-        until = store.blocked_until(client, now)
+    for (client, idx), until in zip(groups.items(), store.blocked_many(list(groups), now)):
         if until is None:
             live.append((client, idx))
         else:

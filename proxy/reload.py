@@ -95,7 +95,8 @@ def prepare_reload(self: "ProxyServer") -> tuple[ProxyConfig, PipelineRunner, by
     old = self.runner
     try:
         # the stateful stages' stores are handed over: a reload keeps the histories and blocks
-        runner = build_runner(cfg.pipeline, bundle, old.backend, old.classifier, stores=old.stores)
+        runner = build_runner(cfg.pipeline, bundle, old.backend, old.classifier, stores=old.stores,
+                              store_service=old.store_service)
     except Exception as exc:  # noqa: BLE001 - any failure to build keeps the old pipeline
         raise ReloadError(f"{type(exc).__name__}: {exc}") from None
     if runner.detector_names != old.detector_names or runner.has_ensemble != old.has_ensemble:

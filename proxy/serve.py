@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from robustgate.models.bundle import Bundle, BundleError
 from robustgate.models.client_values import ClientValues
 from robustgate.models.output_kind import reads_probabilities
 from robustgate.defenses.assemble import build_runner, pin_torch_threads
+from robustgate.defenses.stateful.remote import STORE_SOCKET_ENV
 from robustgate.defenses.purify import parts as purify_parts
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, ServerConfig, load_config
@@ -143,10 +145,13 @@ def local_classifier(cfg: ProxyConfig, bundle: Bundle, backend: Backend):
 
 
 def _build_pipeline(cfg: ProxyConfig, bundle: Bundle):
-    """The backend and the pipeline runner around it (the backend is closed if the runner fails)."""
+    """The backend and the pipeline runner around it (the backend is closed if the runner fails). In
+    a worker of ``server.workers`` > 1 the in-memory stateful stores are the supervisor's, shared by
+    the workers (its socket in ``STORE_SOCKET_ENV``; proxy/workers.py, defenses/stateful/remote.py)."""
     backend = make_backend(cfg, bundle)
     try:
-        return backend, build_runner(cfg.pipeline, bundle, backend, local_classifier(cfg, bundle, backend))
+        return backend, build_runner(cfg.pipeline, bundle, backend, local_classifier(cfg, bundle, backend),
+                                     store_service=os.environ.get(STORE_SOCKET_ENV) or None)
     except Exception:
         backend.close()
         raise

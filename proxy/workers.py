@@ -24,11 +24,15 @@ connections over the workers. ``N = 1`` runs today's single process, unchanged (
   worker (on the inference port, whichever the connection landed on; on its own port, worker 0, the
   only one that binds it); that worker reloads, answers, and asks the supervisor to relay SIGHUP to
   the others, which re-read the same files.
-- Stateful stages and per-client limits: a per-process memory store, and the limits, are per worker;
-  the kernel spreads connections, so a client with several connections is split over several
-  histories. Without ``server.workers`` such a config runs one process (:func:`resolved_workers`);
-  with N > 1 use shared stores (a stage's ``store: {kind: redis}``, ``limits.per_client.store: {kind:
-  redis}``) so that a client's history and limits are one.
+- Stateful stages: the kernel spreads connections, so a history kept in each worker would split a
+  client with several connections over several histories. The supervisor therefore holds the
+  replica's in-memory stores (``store: {kind: memory}``, Blacklight's and the k-NN method's) in a
+  store service on a Unix socket of its own (defenses/stateful/remote.py) and hands its path to the
+  workers (``ROBUSTGATE_STORE_SOCKET``): each query is scored on its client's one history whichever
+  worker answers it, and reloads keep it. A ``store: {kind: redis}`` history is shared as before.
+- Per-client limits: the memory limiter is per worker, so a client with N connections gets up to N
+  times the limits. Without ``server.workers`` such a config runs one process (:func:`resolved_workers`);
+  with N > 1 use ``limits.per_client.store: {kind: redis}`` so that a client's limits are one.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from robustgate.defenses.stateful.remote import STORE_SOCKET_ENV, StoreService
 from robustgate.proxy.config import ProxyConfig
 
 log = logging.getLogger("robustgate.proxy")
@@ -95,16 +100,12 @@ def gpu_devices(cfg: ProxyConfig) -> list[str]:
 
 
 def per_process_state(cfg: ProxyConfig) -> list[str]:
-    """The config keys whose per-client state lives in one process's memory: stateful stages with a
-    ``store: {kind: memory}`` history (the default; ``method: knn`` has no other) and
-    ``limits.per_client`` with its default ``store: {kind: memory}``. Over N workers the kernel
-    spreads *connections*, so such state is split N ways, and a client that opens N connections is
-    seen as N smaller clients: a query attack gets about N times the queries before its history
-    looks like one, and N times the rate limits."""
-    from robustgate.defenses.stateful.stage import store_kind
-
-    keys = [f"pipeline.stages[{s.name}].store (memory)" for s in cfg.pipeline.stages
-            if s.kind == "stateful" and store_kind(s.store) == "memory"]
+    """The config keys whose per-client state lives in one process's memory: ``limits.per_client``
+    with its default ``store: {kind: memory}``. Over N workers the kernel spreads *connections*, so
+    such state is split N ways, and a client that opens N connections gets N times the rate limits.
+    (The stateful stages' memory stores are not per process: the supervisor shares them, module
+    docstring.)"""
+    keys = []
     limits = cfg.limits.per_client
     if (limits.rate_per_s is not None or limits.budget is not None) and limits.store.kind == "memory":
         keys.append("limits.per_client")
@@ -117,7 +118,7 @@ def resolved_workers(cfg: ProxyConfig) -> int:
 
     On a GPU one process batches for the device: N processes would hold N CUDA contexts and the
     models N times in device memory and split the traffic into N smaller batches, which is what a
-    GPU serves worst; the event loop's CPU is rarely the limit there. A per-process history or limit
+    GPU serves worst; the event loop's CPU is rarely the limit there. A per-process limit
     split over N workers is weaker by about N against a client that opens N connections, so it gets
     one process unless ``server.workers`` says otherwise (then a warning at start-up names the keys).
     Set ``server.workers`` to override (e.g. when decode, not the GPU, is the limit)."""
@@ -125,8 +126,8 @@ def resolved_workers(cfg: ProxyConfig) -> int:
     if cfg.server.workers is not None:
         if cfg.server.workers > 1 and local:
             log.warning("server.workers: %d with per-process client state (%s): each worker keeps its own, and a "
-                        "client that opens several connections is split over up to %d histories and limits; use "
-                        "store: {kind: redis} (a stage's, limits.per_client's) to share them, or server.workers: 1",
+                        "client that opens several connections gets up to %d times the limits; use "
+                        "limits.per_client.store: {kind: redis} to share them, or server.workers: 1",
                         cfg.server.workers, ", ".join(local), cfg.server.workers)
         return cfg.server.workers
     gpu = gpu_devices(cfg)
@@ -134,8 +135,8 @@ def resolved_workers(cfg: ProxyConfig) -> int:
         log.info("server.workers: 1 (work on a GPU: %s); set server.workers to run more processes", ", ".join(gpu))
         return 1
     if local and default_workers() > 1:
-        log.info("server.workers: 1 (per-process client state: %s; N workers would split each client's over N "
-                 "processes by connection); set server.workers to run more processes", ", ".join(local))
+        log.info("server.workers: 1 (per-process client state: %s; N workers would split each client's limits "
+                 "over N processes by connection); set server.workers to run more processes", ", ".join(local))
         return 1
     return default_workers()
 
@@ -219,6 +220,7 @@ class Supervisor:
         self._stop = False
         self._hup = 0
         self._own_dir: str | None = None
+        self._store: StoreService | None = None
         self._http = None
 
     def _metrics_dir(self) -> str:
@@ -248,12 +250,15 @@ class Supervisor:
         a = s.admin
         admin_port = _free_port(a.host, a.port) if a.enabled and a.port is not None else None
         mpdir = self._metrics_dir()
+        self._store = StoreService()  # the replica's in-memory stateful stores, shared by the workers
+        store_path = self._store.start()
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         ctx = multiprocessing.get_context("spawn")
         # the workers inherit the environment when they start, before they import prometheus_client;
         # this process keeps its own (it reads the directory by path)
-        previous = os.environ.get(MULTIPROC_ENV)
+        previous = {name: os.environ.get(name) for name in (MULTIPROC_ENV, STORE_SOCKET_ENV)}
         os.environ[MULTIPROC_ENV] = mpdir
+        os.environ[STORE_SOCKET_ENV] = store_path
         try:
             for i in range(self.n):
                 parent, child = ctx.Pipe(duplex=False)
@@ -346,6 +351,8 @@ class Supervisor:
             thread.join(timeout=5)
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
+        if self._store is not None:
+            self._store.close()
         print("robustgate: stopped", flush=True)
         self.exit_codes = codes
 
@@ -362,11 +369,12 @@ def _mark_dead(pid: int, path: str) -> None:
     multiprocess.mark_process_dead(pid, path)
 
 
-def _restore(previous: str | None) -> None:
-    if previous is None:
-        os.environ.pop(MULTIPROC_ENV, None)
-    else:
-        os.environ[MULTIPROC_ENV] = previous
+def _restore(previous: dict[str, str | None]) -> None:
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def supervise(args: argparse.Namespace, cfg: ProxyConfig, n: int) -> int:

@@ -275,8 +275,9 @@ class KnnDetector(StatefulDetector):
         self.p_benign, self.p_attack, self.seed = float(p_benign), float(p_attack), int(seed)
         self.statistic, self.max_side = statistic, max_side
         super().__init__(threshold=threshold, value_range=value_range, store=store)
-        if not isinstance(self.store, KnnMemoryStore):
-            raise ValueError(f"{self.kind}: store must hold embeddings (KnnMemoryStore), got {type(self.store).__name__}")
+        if getattr(self.store, "holds", None) != "embeddings":
+            raise ValueError(f"{self.kind}: store must hold embeddings (KnnMemoryStore, or a shared one of its "
+                             f"kind), got {type(self.store).__name__}")
         self.encoder: Encoder | None = None
         self.history: list[float] = []
         self._session = None

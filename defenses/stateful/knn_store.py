@@ -231,6 +231,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
     the retry digests (random per store)."""
 
     backend = "memory"
+    holds = "embeddings"  # what a query is remembered as (the detector checks it can use the store)
 
     def __init__(self, max_entries: int = 1_000_000, max_per_client: int = 10_000, max_clients: int = 100_000,
                  ttl_s: float = 3600.0, key: bytes | None = None):

@@ -126,6 +126,12 @@ class HistoryStore(ABC):
     def blocked_until(self, client: str, now: float | None = None) -> float | None:
         """When ``client``'s block ends, or None when it is not blocked at ``now`` (default: now)."""
 
+    def blocked_many(self, clients: list[str], now: float | None = None) -> list[float | None]:
+        """:meth:`blocked_until` for each of ``clients`` (a pipeline batch's, in one call: a shared
+        store answers them in one round trip)."""
+        now = time.time() if now is None else float(now)
+        return [self.blocked_until(c, now) for c in clients]
+
     @abstractmethod
     def add_detections(self, client: str, n: int, now: float | None = None) -> int:
         """Adds ``n`` detections to ``client``'s count and returns the count; the count is forgotten
@@ -164,6 +170,12 @@ class ClientFlags:
                 while len(self._blocks) > self.max_clients:
                     del self._blocks[next(iter(self._blocks))]
 
+    def blocked_many(self, clients: list[str], now: float | None = None) -> list[float | None]:
+        if not self._blocks:  # the usual case: nobody is blocked
+            return [None] * len(clients)
+        now = time.time() if now is None else float(now)
+        return [self.blocked_until(c, now) for c in clients]
+
     def blocked_until(self, client: str, now: float | None = None) -> float | None:
         until = self._blocks.get(client)
         if until is None:
@@ -180,6 +192,7 @@ class MemoryStore(ClientFlags, HistoryStore):
     """In-process history store (numpy arrays; see the module docstring)."""
 
     backend = "memory"
+    holds = "hashes"  # what a query is remembered as (the detector checks it can use the store)
 
     def __init__(self, max_entries: int = 1_000_000, max_per_client: int = 10_000, max_clients: int = 100_000,
                  ttl_s: float = 3600.0, hashes_per_query: int = 20, key: bytes | None = None):
@@ -401,6 +414,7 @@ class RedisStore(HistoryStore):
     ``url``: ``redis://host:port/db`` (``rediss://`` for TLS); ``prefix`` namespaces the keys."""
 
     backend = "redis"
+    holds = "hashes"
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", max_entries: int = 1_000_000,
                  max_per_client: int = 10_000, max_clients: int = 100_000, ttl_s: float = 3600.0,

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from replica import WORKERS, Replica  # tests/helpers
 from scrape import scrape  # tests/helpers
+from streams import SMALL_STORE, attack_stream, fmnist_images  # tests/helpers
 from robustgate.proxy.workers import (cgroup_cpus, default_workers, gpu_devices, per_process_state, resolved_workers,
                                       worker_config)
 from robustgate.proxy.config import load_config
@@ -168,9 +169,10 @@ def test_a_pipeline_on_a_gpu_defaults_to_one_process_and_an_explicit_count_wins(
 
 def test_per_process_client_state_defaults_to_one_process_and_an_explicit_count_is_warned(tmp_path, proxy_bundle,
                                                                                           caplog, monkeypatch):
-    """A memory-store stateful stage or per-client limits split over N workers (connections, not
-    clients, are spread) would let a client with N connections look like N clients: one process
-    unless ``server.workers`` is set, and then a warning that names the keys."""
+    """Per-client limits in each worker's memory split over N workers (connections, not clients, are
+    spread) would give a client with N connections N times its limits: one process unless
+    ``server.workers`` is set, and then a warning that names the key. A stateful stage's memory store
+    is not per process (the supervisor's store service shares it), so it leaves the default alone."""
     import logging
 
     monkeypatch.setattr("robustgate.proxy.workers.default_workers", lambda: 4)  # a 4-core container
@@ -180,9 +182,9 @@ def test_per_process_client_state_defaults_to_one_process_and_an_explicit_count_
         return load_config(_write(tmp_path, {"bundle": str(proxy_bundle), **sections}))
 
     memory = cfg(pipeline={"stages": [stage]})
-    assert per_process_state(memory) == ["pipeline.stages[sq].store (memory)"] and resolved_workers(memory) == 1
+    assert per_process_state(memory) == [] and resolved_workers(memory) == 4
     explicit_memory = cfg(pipeline={"stages": [{**stage, "store": {"kind": "memory", "max_entries": 1000}}]})
-    assert resolved_workers(explicit_memory) == 1
+    assert resolved_workers(explicit_memory) == 4
     limits = cfg(limits={"per_client": {"rate_per_s": 5}})
     assert per_process_state(limits) == ["limits.per_client"] and resolved_workers(limits) == 1
     budget = cfg(limits={"per_client": {"budget": 1000}})
@@ -194,11 +196,12 @@ def test_per_process_client_state_defaults_to_one_process_and_an_explicit_count_
     assert per_process_state(cfg()) == [] and resolved_workers(cfg()) == 4
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="robustgate.proxy"):
-        assert resolved_workers(cfg(pipeline={"stages": [stage]}, server={"workers": 3})) == 3
-    assert "pipeline.stages[sq].store (memory)" in caplog.text and "store: {kind: redis}" in caplog.text
+        assert resolved_workers(cfg(limits={"per_client": {"rate_per_s": 5}}, server={"workers": 3})) == 3
+    assert "limits.per_client" in caplog.text and "store: {kind: redis}" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="robustgate.proxy"):
-        assert resolved_workers(cfg(pipeline={"stages": [stage]}, server={"workers": 1})) == 1
+        assert resolved_workers(cfg(pipeline={"stages": [stage]}, server={"workers": 3})) == 3
+        assert resolved_workers(cfg(limits={"per_client": {"rate_per_s": 5}}, server={"workers": 1})) == 1
     assert caplog.text == ""
 
 
@@ -263,5 +266,52 @@ def test_a_flood_on_two_workers_is_served_or_refused_and_nothing_is_lost(tmp_pat
             np.testing.assert_allclose(infer(r.url, x), ort_logits(x), rtol=1e-5, atol=1e-6)
         code, _ = r.stop()
         assert code == 0
+    finally:
+        r.kill()
+
+
+def test_a_stateful_history_is_one_across_workers(tmp_path, proxy_bundle):
+    """The supervisor's store service (defenses/stateful/remote.py): a client whose queries arrive on
+    many connections, spread over both workers by the kernel, has one history and one block. The
+    attack stream stops at its first refusal, when one worker has seen the detection; a block kept
+    per worker would then let about half of the next calls through, on the other worker."""
+    stage = {"name": "sd", "kind": "stateful", "action": "block", "threshold": 10.0, "block_after": 1,
+             "cooldown_s": 600.0, "store": SMALL_STORE}
+    r = Replica(tmp_path, proxy_bundle, stages=[stage])
+
+    def ask(x: np.ndarray, client: str) -> str:
+        c = tc.InferenceServerClient(r.url, channel_args=[("grpc.use_local_subchannel_pool", 1)])  # a new connection
+        try:
+            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            c.infer("tiny", [inp], headers={"x-client-id": client})
+            return "OK"
+        except InferenceServerException as exc:
+            return str(exc.status()).removeprefix("StatusCode.")
+        finally:
+            c.close()
+
+    try:
+        answers = []
+        for x in attack_stream(fmnist_images(1)[0], 30, seed=3):
+            answers.append(ask(x[None], "mallory"))
+            if answers[-1] != "OK":
+                break
+        assert answers[0] == "OK" and answers[-1] == "RESOURCE_EXHAUSTED", answers
+        fresh = fmnist_images(32, offset=700)
+        assert [ask(x[None], "mallory") for x in fresh[:16]] == ["RESOURCE_EXHAUSTED"] * 16  # blocked on both
+        assert [ask(x[None], "alice") for x in fresh[16:]] == ["OK"] * 16  # another client is not
+        blocked = r.per_worker("robustgate_requests_total", {"outcome": "blocked"})
+        assert len(blocked) == WORKERS and sum(blocked.values()) == 17, blocked  # each worker refused mallory
+        assert counter(r.metrics_port, "robustgate_clients_blocked_total", reason="sd") == 1
+        want, entries = len(answers) + 16, None  # every observed query of both clients (not the blocked ones), one store
+        for _ in range(100):  # the workers write the store gauges once a second
+            entries = scrape(r.metrics_port).get("robustgate_stateful_entries", {}).get(frozenset({("stage", "sd")}))
+            if entries == want:
+                break
+            time.sleep(0.1)
+        assert entries == want
+        code, rest = r.stop()
+        assert code == 0, rest
     finally:
         r.kill()
