@@ -174,8 +174,8 @@ class ServerConfig(_Strict):
     workers: int | None = Field(None, ge=1, description=(
         "serving processes on the one port, each with its own event loop, batcher and backend sessions "
         "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given, or 1 when any stage or the backend runs on a GPU "
-        "or per-client state lives in process memory (a stateful stage's store kind memory, limits.per_client); "
-        "1 = one process"))
+        "or per-client limits live in process memory (limits.per_client with store kind memory; a stateful stage's "
+        "memory store is the supervisor's, shared by the workers); 1 = one process"))
 
     @model_validator(mode="after")
     def _admin_guarded(self) -> "ServerConfig":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -32,30 +33,66 @@ import common  # noqa: E402  (bench/ is not a package)
 import loadgen  # noqa: E402
 from rpc_floor import tree_cpu_s  # noqa: E402
 
+from robustgate.protos import open_inference_grpc_pb2 as pb  # noqa: E402
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc  # noqa: E402
 
+DEFAULT_YAML = common.REPO / "deploy" / "default.yaml"
+KNN_STAGE = {"name": "stateful_knn", "kind": "stateful", "action": "log"}  # log: the cost, no refusals
 PIPELINES = {  # name -> (config file, overrides)
     "onnx": (None, {"bundle": "bundles/default"}),
-    "default": (common.REPO / "deploy" / "default.yaml", {}),
+    "default": (DEFAULT_YAML, {}),
+    # the default plus the k-NN stateful stage (bundles/default's fitted encoder): with 2 workers its
+    # histories are the supervisor's store service's (defenses/stateful/remote.py), with 1 in process
+    "knn": (DEFAULT_YAML, {"pipeline": {"stages": [*yaml.safe_load(DEFAULT_YAML.read_text())["pipeline"]["stages"],
+                                                   KNN_STAGE]}}),
+}
+PIPELINE_NOTES = {
+    "onnx": "no defense stage (bundles/default)",
+    "default": "deploy/default.yaml (MagNet fused into the backbone's session)",
+    "knn": "deploy/default.yaml plus the k-NN stateful stage (action log); with 1 worker its histories are in "
+           "the process, with 2 in the supervisor's store service, shared by the workers",
 }
 BATCHING = {"enabled": True, "max_batch_size": 64, "max_queue_delay_ms": 2}
 RAW_POINTS = ((1, 1), (1, 16), (8, 1), (8, 4), (32, 1), (64, 1))  # (batch, concurrency)
 TARGET_FRACTION = 0.40  # issue 25: batch-1 throughput >= 40% of the ceiling at concurrency 64
 
 
-async def closed_loop(url: str, request, calls: int, concurrency: int, pid: int, channels: int) -> dict:
+class Stream:
+    """Benign clients' streams (``--inputs stream``): connection ``c`` is client ``bench-c`` (its
+    ``x-client-id``) and sends the next image of its own slice of ``pool`` (serialized requests) with
+    every call, continuing where it stopped at the last point, so that a stateful stage searches its
+    history for every query instead of taking a retry."""
+
+    def __init__(self, pool: list[bytes], channels: int):
+        self.pool, self.channels = pool, channels
+        self.next = [c * (len(pool) // channels) for c in range(channels)]
+
+    def request(self, c: int) -> tuple[bytes, tuple]:
+        self.next[c] += 1
+        return self.pool[self.next[c] % len(self.pool)], (("x-client-id", f"bench-{c}"),)
+
+
+async def closed_loop(url: str, request, calls: int, concurrency: int, pid: int, channels: int,
+                      stream: Stream | None = None) -> dict:
     opened = [grpc.aio.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels)]
     try:
         stubs = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in opened]
+        raw = [ch.unary_unary(loadgen.MODEL_INFER_METHOD, request_serializer=None,
+                              response_deserializer=pb.ModelInferResponse.FromString) for ch in opened]
         latencies: list[float] = []
         errors: dict[str, int] = {}
         turn = [0]
 
         async def one(record: bool) -> None:
             turn[0] += 1
+            c = turn[0] % channels
             t0 = time.perf_counter()
             try:
-                await stubs[turn[0] % channels].ModelInfer(request, timeout=60)
+                if stream is None:
+                    await stubs[c].ModelInfer(request, timeout=60)
+                else:
+                    body, identity = stream.request(c)
+                    await raw[c](body, timeout=60, metadata=identity)
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
                 return
@@ -86,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="16,64")
     ap.add_argument("--channels", type=int, default=8)
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--pipelines", default="onnx,default", help=f"of {', '.join(PIPELINES)}")
+    ap.add_argument("--inputs", choices=("fixed", "stream"), default="fixed",
+                    help="fixed: one test image sent over and over; stream: benign clients' streams (Stream)")
     ap.add_argument("--out", default="serving.workers")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -100,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = max(raw, key=lambda r: r["items_per_s"])
 
     rows = []
-    for name, (config, overrides) in PIPELINES.items():
+    pipelines = {name: PIPELINES[name] for name in args.pipelines.split(",")}
+    pool = common.test_images(10_000)[0] if args.inputs == "stream" else None  # the whole test set, shuffled
+    for name, (config, overrides) in pipelines.items():
         for workers in [int(w) for w in args.workers.split(",")]:
             server = common.Serve(config, overrides={**overrides, "batching": BATCHING, "server": {"workers": workers}})
             try:
                 request = common.infer_request(server.model, x)
+                stream = None if pool is None else Stream(
+                    [loadgen.encode_request(item[None], "input", server.model, "") for item in pool], args.channels)
                 for conc in concurrencies:
-                    r = asyncio.run(closed_loop(server.url, request, args.calls, conc, server.pid, args.channels))
+                    r = asyncio.run(closed_loop(server.url, request, args.calls, conc, server.pid, args.channels, stream))
                     rows.append({"pipeline": name, "workers": workers, "concurrency": conc, **r,
                                  "of_ceiling": r["items_per_s"] / ceiling["items_per_s"]})
                     print(rows[-1], flush=True)
@@ -118,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = {"command": " ".join(["python", "bench/serving/workers.py", *(argv if argv is not None else sys.argv[1:])]),
             "started": started, "load_average_start": load_start, "load_average_end": common.loadavg(),
-            "machine": common.machine(), "calls": args.calls, "channels": args.channels, "raw": raw, "ceiling": ceiling,
+            "machine": common.machine(), "calls": args.calls, "channels": args.channels, "inputs": args.inputs,
+            "raw": raw, "ceiling": ceiling,
             "rows": rows}
     lines = ["# Serving with server.workers 1 and 2 against the raw ONNX Runtime ceiling", "",
              f"- Command: `{data['command']}`",
@@ -126,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
              f"({os.cpu_count()} cores, **shared with other jobs and with this client**: compare rows within this run; "
              "with 2 cores two workers and the client contend for the same cores)",
              f"- {args.calls} batch-1 calls per point over {args.channels} connections; batching on (max batch 64, 2 ms)",
+             "- Requests: " + ("one test image sent over and over" if args.inputs == "fixed" else
+                               "benign clients' streams: each connection its own client (`x-client-id`), a new test "
+                               "image with every call (a stateful stage searches its history for each)"),
+             "- Pipelines: " + "; ".join(f"`{n}` " + PIPELINE_NOTES[n] for n in pipelines),
              "", "## Raw ONNX Runtime (the ceiling), bundles/default backbone", "",
              "| batch | concurrency | items/s | p50 ms |", "| ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['batch']} | {r['concurrency']} | {r['items_per_s']:,.0f} | {r['p50_ms']:.3f} |" for r in raw]
@@ -139,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['of_ceiling']:.0%} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cores']:.2f} | {errors} |")
     lines += ["", "## Target (issue 25)", ""]
     c = max(concurrencies)
-    for name in PIPELINES:
+    for name in pipelines:
         best = max((r for r in rows if r["pipeline"] == name and r["concurrency"] == c), key=lambda r: r["items_per_s"],
                    default=None)
         if best is not None:
             met = "met" if best["of_ceiling"] >= TARGET_FRACTION else "not met"
             lines.append(f"- {name}: batch-1 throughput at concurrency {c} >= {TARGET_FRACTION:.0%} of the ceiling: "
                          f"{best['of_ceiling']:.0%} ({best['items_per_s']:,.0f} items/s, {best['workers']} workers): {met}")
-    for name in PIPELINES:
+    for name in pipelines:
         one, two = point(name, 1, c), point(name, 2, c)
         if one and two:
             lines.append(f"- {name}: 2 workers / 1 worker at concurrency {c}: {two['items_per_s'] / one['items_per_s']:.2f}x")

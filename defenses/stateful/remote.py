@@ -51,6 +51,7 @@ STORE_SOCKET_ENV = "ROBUSTGATE_STORE_SOCKET"  # the supervisor -> its workers: t
 _FRAME = struct.Struct("<II")
 _DTYPES = {"u8": np.dtype("<u8"), "i8": np.dtype("<i8"), "f4": np.dtype("<f4"), "f8": np.dtype("<f8")}
 _NAMES = {v: k for k, v in _DTYPES.items()}
+STATS_TIMEOUT_S = 0.5  # a stats call (the gauges' refresh, on the event loop) waits no longer
 MAX_FRAME = 1 << 30  # a frame longer than this is refused (a batch of 64 k-NN queries is ~20 KiB)
 
 
@@ -269,15 +270,21 @@ class RemoteStore(HistoryStore):
             self._local.sock = sock
         return sock
 
-    def _call(self, header: dict[str, Any], arrays: list[np.ndarray] = ()) -> tuple[dict[str, Any], list[np.ndarray]]:
+    def _call(self, header: dict[str, Any], arrays: list[np.ndarray] = (),
+              timeout_s: float | None = None) -> tuple[dict[str, Any], list[np.ndarray]]:
         sock = self._socket()
         try:
+            if timeout_s is not None:
+                sock.settimeout(timeout_s)
             sock.sendall(pack(header, arrays))
             reply, out = read_frame(sock)
         except (OSError, ValueError) as exc:  # the connection is in an unknown state: the next call opens another
             self._local.sock = None
             sock.close()
             raise StoreError(f"stateful store service at {self.path}: {exc}") from None
+        finally:
+            if timeout_s is not None and self._local.sock is not None:
+                sock.settimeout(self.timeout_s)
         if "error" in reply:
             raise StoreError(f"stateful store service: {reply['error']}")
         return reply, out
@@ -321,7 +328,9 @@ class RemoteStore(HistoryStore):
         self._call({"op": "block", "store": self.id, "client": client, "until": float(until)})
 
     def stats(self) -> dict[str, int]:
-        return {k: int(v) for k, v in self._call({"op": "stats", "store": self.id})[0]["stats"].items()}
+        # asked once a second from the event loop (proxy/metrics.py StoreStats): never long
+        reply, _ = self._call({"op": "stats", "store": self.id}, timeout_s=STATS_TIMEOUT_S)
+        return {k: int(v) for k, v in reply["stats"].items()}
 
     def clear(self) -> None:
         self._call({"op": "clear", "store": self.id})
