@@ -19,6 +19,15 @@ one picture -- embed close, and different pictures far apart; a query is attack-
    ``score > threshold`` (the threshold calibrated on benign streams, defenses.stateful.calibration).
    A query with fewer than ``k`` earlier queries, and an exact retry, score 0 (never flagged).
 
+``window`` (default 256; None: the whole history): the ``k`` nearest are sought among the client's
+last ``window`` remembered queries (retries are still recognised over all of them). The threshold is
+calibrated on benign streams of about 100 queries per client; against a longer history a benign
+query finds ``k`` lookalikes more often (distinct Fashion-MNIST test images: 0.7% flagged after 300
+queries, 16% after 2,000; bench/results/stateful.long_streams.md), which a window of the length the
+calibration saw keeps at the calibrated rate. An attack's queries are consecutive, so its nearest
+are its own last ones either way; the spacing attacker needs about ``window / (k - 1)`` other queries
+between two of its own to keep fewer than ``k`` in a window.
+
 ``k`` is what a benign client may do: it may send up to ``k - 1`` near-copies of one image (crops,
 brightness, re-encodings) within the history's TTL without being flagged, because the ``k``-th
 neighbour of the last copy is another picture; an attack is flagged from its ``(k+1)``-th query on.
@@ -256,8 +265,8 @@ class KnnDetector(StatefulDetector):
     def __init__(self, k: int = 4, dim: int = 32, width: int = 32, steps: int = 3000, batch_size: int = 128,
                  lr: float = 2e-3, margin: float = 1.0, eps: float = 0.1, p_benign: float = 0.2,
                  p_attack: float = 1.0, seed: int = 0, statistic: str = "kth", max_side: int = 64,
-                 threshold: float | None = None, value_range: tuple[float, float] = (0.0, 1.0),
-                 store: HistoryStore | None = None):
+                 window: int | None = 256, threshold: float | None = None,
+                 value_range: tuple[float, float] = (0.0, 1.0), store: HistoryStore | None = None):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         for name, value in (("k", k), ("dim", dim), ("width", width), ("steps", steps), ("batch_size", batch_size),
@@ -266,6 +275,8 @@ class KnnDetector(StatefulDetector):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (negatives are other images), got {batch_size}")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < k):
+            raise ValueError(f"window must be an integer >= k ({k}) or null (the whole history), got {window!r}")
         for name, value, hi in (("lr", lr, None), ("margin", margin, None), ("eps", eps, 1.0),
                                 ("p_benign", p_benign, 1.0), ("p_attack", p_attack, 1.0)):
             if not isinstance(value, (int, float)) or value < 0 or (hi is not None and value > hi):
@@ -273,7 +284,7 @@ class KnnDetector(StatefulDetector):
         self.k, self.dim, self.width, self.steps, self.batch_size = k, dim, width, steps, batch_size
         self.lr, self.margin, self.eps = float(lr), float(margin), float(eps)
         self.p_benign, self.p_attack, self.seed = float(p_benign), float(p_attack), int(seed)
-        self.statistic, self.max_side = statistic, max_side
+        self.statistic, self.max_side, self.window = statistic, max_side, window
         super().__init__(threshold=threshold, value_range=value_range, store=store)
         if getattr(self.store, "holds", None) != "embeddings":
             raise ValueError(f"{self.kind}: store must hold embeddings (KnnMemoryStore, or a shared one of its "
@@ -361,11 +372,11 @@ class KnnDetector(StatefulDetector):
         return digests(x, self.store.fingerprint_key()), emb
 
     def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
-        dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now)
+        dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now, self.window)
         return [torch.from_numpy(knn_scores(dist, self.statistic)) for dist in dists]
 
     def _observe_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> np.ndarray:
-        dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now)
+        dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now, self.window)
         if not dists:
             return np.zeros(0, dtype=np.float32)
         return knn_scores(dists[0] if len(dists) == 1 else np.concatenate(dists), self.statistic)  # row-wise: one call

@@ -166,11 +166,11 @@ def pairwise_l2(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) ->
 _SCAN_FLAGS = {"reassoc", "contract", "nsz", "arcp"}  # fastmath without nnan/ninf: rows pad with inf
 
 
-def _scan_source(emb, sq, digest, first, end, q, q_digest, out):  # numba-compiled by scan_kernel()
+def _scan_source(emb, sq, digest, first, near, end, q, q_digest, out):  # numba-compiled by scan_kernel()
     """Rows ``[first, end)`` of ``emb`` ``[M, d]`` (squared norms ``sq``, ``digest``) against one query
     ``q`` ``[d]``: -1 (``out`` untouched) when a row's digest equals ``q_digest`` (an exact retry);
-    else ``out`` ``[k]`` = the ``k`` smallest l2 distances, ascending, ``inf``-padded, and the
-    query's squared norm (the row it will be recorded as)."""
+    else ``out`` ``[k]`` = the ``k`` smallest l2 distances to rows ``[near, end)`` (``near >= first``:
+    the window), ascending, ``inf``-padded, and the query's squared norm (the row it will be recorded as)."""
     for r in range(first, end):
         if digest[r] == q_digest:
             return np.float32(-1.0)
@@ -180,7 +180,7 @@ def _scan_source(emb, sq, digest, first, end, q, q_digest, out):  # numba-compil
     qq = np.float32(0.0)
     for j in range(q.shape[0]):
         qq += q[j] * q[j]
-    for r in range(first, end):
+    for r in range(near, end):
         dot = np.float32(0.0)
         for j in range(q.shape[0]):
             dot += emb[r, j] * q[j]
@@ -209,7 +209,7 @@ def scan_kernel():
     # nogil: the scan is short, and a batch worker that releases the GIL once per query waits to take
     # it back from the busy event loop each time (the stage's time per item in the server:
     # bench/results/defenses.proxy_cost.stateful.md)
-    signature = "f4(f4[:, ::1], f4[::1], u8[::1], i8, i8, f4[::1], u8, f4[::1])"
+    signature = "f4(f4[:, ::1], f4[::1], u8[::1], i8, i8, i8, f4[::1], u8, f4[::1])"
     try:
         return numba.njit(signature, fastmath=_SCAN_FLAGS, cache=True)(_scan_source)
     except RuntimeError:  # no writable cache directory (a read-only file system): compiled per process
@@ -283,16 +283,20 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         return h
 
     def observe(self, client: str, digests: np.ndarray, embeddings: np.ndarray, k: int,
-                now: float | None = None) -> np.ndarray:
+                now: float | None = None, window: int | None = None) -> np.ndarray:
         """One client's queries (module docstring): digests ``[N]`` uint64, embeddings ``[N, d]`` ->
-        ``[N, k]`` float32 distances to the ``k`` nearest live earlier queries (``inf``: none)."""
-        return self.observe_batch([(client, digests, embeddings)], k, now)[0]
+        ``[N, k]`` float32 distances to the ``k`` nearest live earlier queries (``inf``: none) among
+        the client's last ``window`` remembered ones before each (None: all of them). Exact retries are
+        recognised over the whole history."""
+        return self.observe_batch([(client, digests, embeddings)], k, now, window)[0]
 
     def observe_batch(self, groups: list[tuple[str, np.ndarray, np.ndarray]], k: int,
-                      now: float | None = None) -> list[np.ndarray]:
+                      now: float | None = None, window: int | None = None) -> list[np.ndarray]:
         """:meth:`observe` for several clients, one after the other in the order given."""
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be a positive integer or None, got {window!r}")
         for _, d, e in groups:
             if d.dtype != np.uint64 or d.ndim != 1:
                 raise ValueError(f"digests must be [N] uint64, got {d.dtype} {d.shape}")
@@ -303,8 +307,8 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             self._dim = self._dim or int(e.shape[1])
         now = time.time() if now is None else float(now)
         with self._lock:
-            return [self._observe(self._client(c, e.shape[1]), d, np.ascontiguousarray(e, dtype=np.float32), k, now)
-                    for c, d, e in groups]
+            return [self._observe(self._client(c, e.shape[1]), d, np.ascontiguousarray(e, dtype=np.float32), k, now,
+                                  window) for c, d, e in groups]
 
     def _live(self, h: _History, seq: int, count: int, now: float) -> np.ndarray:
         """``[live rows]`` bool: rows a query sees when ``seq`` queries were recorded in all and
@@ -341,30 +345,34 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             return self._first_live(h, self._seq + r, h.count + r, now)
         return self._live(h, self._seq + r, h.count + r, now)
 
-    def _observe_one(self, h: _History, digest: np.ndarray, emb: np.ndarray, k: int, now: float) -> np.ndarray:
+    def _observe_one(self, h: _History, digest: np.ndarray, emb: np.ndarray, k: int, now: float,
+                     window: int | None) -> np.ndarray:
         """:meth:`_observe` for one query of a client whose rows' times are monotone: the rows it sees
-        are ``[first, end)``; no call-internal retries or moving bounds to consider."""
+        are ``[first, end)``, its neighbours the last ``window`` of them; no call-internal retries or
+        moving bounds to consider."""
         first, e = self._first_live(h, self._seq, h.count, now), h.end
+        near = first if window is None else max(first, e - window)
         sq = None
         if self._scan is not None:
             out = np.empty((1, k), dtype=np.float32)
-            sq = self._scan(h.emb, h.sq, h.digest, first, e, emb[0], digest[0], out[0])
+            sq = self._scan(h.emb, h.sq, h.digest, first, near, e, emb[0], digest[0], out[0])
             if sq < 0:
                 out.fill(np.inf)  # an exact retry: no evidence, not recorded
                 return out
         elif first < e and (h.digest[first:e] == digest[0]).any():  # an exact retry: no evidence, not recorded
             return np.full((1, k), np.inf, dtype=np.float32)
-        elif first < e:
-            out = np.sqrt(k_smallest(pairwise_sq(emb, h.emb[first:e], h.sq[first:e]), k))  # [1, k]; sqrt is monotone
+        elif near < e:
+            out = np.sqrt(k_smallest(pairwise_sq(emb, h.emb[near:e], h.sq[near:e]), k))  # [1, k]; sqrt is monotone
         else:
             out = np.full((1, k), np.inf, dtype=np.float32)
         self._record(h, emb, digest, now, sq)
         return out
 
-    def _observe(self, h: _History, digests: np.ndarray, emb: np.ndarray, k: int, now: float) -> np.ndarray:
+    def _observe(self, h: _History, digests: np.ndarray, emb: np.ndarray, k: int, now: float,
+                 window: int | None = None) -> np.ndarray:
         n, s, e = digests.shape[0], h.start, h.end
         if n == 1 and h.monotone:
-            return self._observe_one(h, digests, emb, k, now)
+            return self._observe_one(h, digests, emb, k, now, window)
         hist = h.digest
         # 1. which history rows each query sees: the same for the whole call unless a bound moves in it
         seen0 = self._seen(h, 0, now)
@@ -419,11 +427,16 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
                         d2[j, ~view] = np.inf
             elif not h.monotone:
                 d2[:, ~seen0] = np.inf
+            if window is not None:  # the j-th recorded query's neighbours: its last `window` remembered queries,
+                # the call's j earlier ones and the last window - j history rows it sees
+                seen_cols = np.isfinite(d2)  # [R, e - base] the rows each query sees (distances are finite)
+                rank = np.cumsum(seen_cols[:, ::-1], axis=1)[:, ::-1]  # 1 = the latest row it sees
+                d2[rank > (window - np.arange(r))[:, None]] = np.inf
             parts.append(d2)
         if r > 1:
             gap = np.arange(r)[:, None] - np.arange(r)[None, :]  # [R, R] r - j
             mine = pairwise_sq(q, q)  # [R, R]
-            mine[~((gap > 0) & (gap <= lim))] = np.inf
+            mine[~((gap > 0) & (gap <= min(lim, window or lim)))] = np.inf
             parts.append(mine)
         near = np.sqrt(k_smallest(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1), k) if parts
                        else np.full((r, k), np.inf, dtype=np.float32))  # [R, k]; sqrt is monotone

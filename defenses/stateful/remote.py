@@ -223,7 +223,10 @@ class StoreService:
             clients, sizes = header["clients"], header["sizes"]
             digests, data = arrays
             groups = list(zip(clients, _split(digests, sizes), _split(data, sizes)))
-            out = store.observe_batch(groups, *header.get("args", []), now)
+            kwargs = header.get("kwargs", {})
+            if set(kwargs) - {"k", "window"}:
+                raise ValueError(f"observe takes k and window, got {sorted(kwargs)}")
+            out = store.observe_batch(groups, now=now, **kwargs)
             return {}, [np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)]
         if op == "blocked":
             return {"until": store.blocked_many(header["clients"], now)}, []
@@ -296,14 +299,15 @@ class RemoteStore(HistoryStore):
         return self.observe_batch([(client, digests, data)], *args, **kwargs)[0]
 
     def observe_batch(self, groups: list[tuple[str, np.ndarray, np.ndarray]], *args, **kwargs) -> list[np.ndarray]:
-        """The store's ``observe_batch`` in one call: k-NN's ``(groups, k, now=None)``, Blacklight's
-        ``(groups, now=None)``."""
-        names = ("k", "now") if self.holds == "embeddings" else ("now",)
+        """The store's ``observe_batch`` in one call: k-NN's ``(groups, k, now=None, window=None)``,
+        Blacklight's ``(groups, now=None)``."""
+        names = ("k", "now", "window") if self.holds == "embeddings" else ("now",)
         if len(args) > len(names) or set(kwargs) - set(names):
             raise TypeError(f"observe_batch takes (groups, {', '.join(names)})")
         bound = {**dict(zip(names, args)), **kwargs}
         now = bound.pop("now", None)
-        args = [bound[n] for n in names if n != "now"]
+        if "k" in names and "k" not in bound:
+            raise TypeError("observe_batch needs k")
         if not groups:
             return []
         sizes = [int(d.shape[0]) for _, d, _ in groups]
@@ -312,7 +316,7 @@ class RemoteStore(HistoryStore):
         if data.dtype != np.uint64:
             data = data.astype(np.float32, copy=False)
         _, (out,) = self._call({"op": "observe", "store": self.id, "clients": [c for c, _, _ in groups],
-                                "sizes": sizes, "args": list(args), "now": now}, [digests, data])
+                                "sizes": sizes, "kwargs": bound, "now": now}, [digests, data])
         return _split(out, sizes)
 
     def blocked_many(self, clients: list[str], now: float | None = None) -> list[float | None]:

@@ -75,13 +75,13 @@ class StatefulKnn(Stateful, KnnDetector):
     def __init__(self, method: Literal["knn"] = "knn", k: int = 4, dim: int = 32, width: int = 32, steps: int = 3000,
                  batch_size: int = 128, lr: float = 2e-3, margin: float = 1.0, eps: float = 0.1,
                  p_benign: float = 0.2, p_attack: float = 1.0, seed: int = 0, statistic: str = "kth",
-                 max_side: int = 64, threshold: float | None = None,
+                 max_side: int = 64, window: int | None = 256, threshold: float | None = None,
                  value_range: tuple[float, float] = (0.0, 1.0), store: HistoryStore | None = None):
         _check_method(method, "knn")
         self.method = method
         super().__init__(k=k, dim=dim, width=width, steps=steps, batch_size=batch_size, lr=lr, margin=margin,
                          eps=eps, p_benign=p_benign, p_attack=p_attack, seed=seed, statistic=statistic,
-                         max_side=max_side, threshold=threshold,
+                         max_side=max_side, window=window, threshold=threshold,
                          value_range=tuple(value_range), store=store)
 
 

@@ -329,12 +329,51 @@ def test_compiled_scan_equals_numpy_on_long_histories():
     sq = np.einsum("nd,nd->n", emb, emb)
     dig = np.arange(1, 3001, dtype=np.uint64)
     q = rng.normal(size=32).astype(np.float32)
-    for first, end, k in ((0, 3000, 4), (1234, 3000, 4), (2998, 3000, 4), (5, 5, 3)):
-        out = np.empty(k, np.float32)
-        np.testing.assert_allclose(scan(emb, sq, dig, first, end, q, np.uint64(0), out), q @ q, rtol=1e-5)
-        want = np.sqrt(k_smallest(pairwise_sq(q[None], emb[first:end], sq[first:end]), k))[0] if end > first \
+    for first, near, end, k in ((0, 0, 3000, 4), (1234, 1234, 3000, 4), (1234, 2744, 3000, 4), (2998, 2998, 3000, 4),
+                                (5, 5, 5, 3)):
+        out = np.empty(k, np.float32)  # near > first: the window, the last end - near rows
+        np.testing.assert_allclose(scan(emb, sq, dig, first, near, end, q, np.uint64(0), out), q @ q, rtol=1e-5)
+        want = np.sqrt(k_smallest(pairwise_sq(q[None], emb[near:end], sq[near:end]), k))[0] if end > near \
             else np.full(k, np.inf, np.float32)
         np.testing.assert_array_equal(np.isinf(out), np.isinf(want))
         np.testing.assert_allclose(out[np.isfinite(out)], want[np.isfinite(want)], rtol=1e-5, atol=1e-5)
-    assert scan(emb, sq, dig, 1234, 3000, q, np.uint64(2000), np.empty(4, np.float32)) == -1  # a live digest
-    assert scan(emb, sq, dig, 1234, 3000, q, np.uint64(1000), np.empty(4, np.float32)) >= 0  # a dead one
+    assert scan(emb, sq, dig, 1234, 1234, 3000, q, np.uint64(2000), np.empty(4, np.float32)) == -1  # a live digest
+    assert scan(emb, sq, dig, 1234, 2900, 3000, q, np.uint64(2000), np.empty(4, np.float32)) == -1  # outside the window
+    assert scan(emb, sq, dig, 1234, 1234, 3000, q, np.uint64(1000), np.empty(4, np.float32)) >= 0  # a dead one
+
+
+def test_window_limits_the_neighbours_to_the_last_queries_on_every_path():
+    """``window``: each query's neighbours are the client's last ``window`` remembered queries before
+    it (retries are still recognised over the whole history), the same whether the queries come one
+    per call (the compiled scan) or several per call (the general path), against a brute force."""
+    from robustgate.defenses.stateful.knn_store import KnnMemoryStore
+
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(120, 6)).astype(np.float32)
+    dig = np.arange(1, 121, dtype=np.uint64)
+    dig[[40, 90]] = dig[[3, 85]]  # exact retries: one far outside the window, one inside it
+    k, window = 3, 10
+    one, many = KnnMemoryStore(max_entries=1000, max_per_client=500), KnnMemoryStore(max_entries=1000, max_per_client=500)
+    got_one = np.concatenate([one.observe("c", dig[i:i + 1], emb[i:i + 1], k, 1.0, window) for i in range(120)])
+    cuts = [0, 1, 5, 6, 30, 31, 44, 70, 71, 120]
+    got_many = np.concatenate([many.observe("c", dig[a:b], emb[a:b], k, 1.0, window) for a, b in zip(cuts, cuts[1:])])
+    kept, want = [], []
+    for i in range(120):
+        if dig[i] in dig[kept]:
+            want.append(np.full(k, np.inf, np.float32))
+            continue
+        near = np.sort(np.linalg.norm(emb[kept[-window:]] - emb[i], axis=1)) if kept else np.zeros(0)
+        want.append(np.concatenate([near[:k], np.full(max(0, k - near.size), np.inf)]).astype(np.float32))
+        kept.append(i)
+    want = np.stack(want)
+    for got in (got_one, got_many):
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-4, atol=1e-4)
+    assert np.isinf(got_one[[40, 90]]).all()  # both retries, inside the window or not
+    with pytest.raises(ValueError, match="window"):
+        one.observe("c", dig[:1], emb[:1], k, 1.0, 0)
+    from robustgate.defenses.stateful.stage import Stateful
+
+    with pytest.raises(ValueError, match="window must be an integer >= k"):
+        Stateful(method="knn", k=4, window=3)
+    assert Stateful(method="knn").config()["window"] == 256 and Stateful(method="knn", window=None).window is None

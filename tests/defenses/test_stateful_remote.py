@@ -135,7 +135,7 @@ def test_bad_calls_are_errors_and_the_service_keeps_serving(service):
     with pytest.raises(StoreError, match="unknown operation"):
         store._call({"op": "drop_all", "store": store.id})
     with pytest.raises(TypeError, match="observe_batch takes"):
-        store.observe_batch([], 4, 1.0, 2)
+        store.observe_batch([], 4, 1.0, 2, 3)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:  # a malformed frame: an error, then closed
         raw.connect(service.path)
         raw.sendall((3).to_bytes(4, "little") + (0).to_bytes(4, "little") + b"{x}")
