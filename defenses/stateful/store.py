@@ -456,11 +456,15 @@ class RedisStore(HistoryStore):
         return int(pipe.execute()[0])
 
     def blocked_until(self, client: str, now: float | None = None) -> float | None:
-        value = self._redis.get(self._block_key(client))
-        if value is None:
-            return None
-        until = float(value)
-        return until if until > (time.time() if now is None else now) else None
+        return self.blocked_many([client], now)[0]
+
+    def blocked_many(self, clients: list[str], now: float | None = None) -> list[float | None]:
+        """One MGET for a batch's clients (one round trip, not one per client)."""
+        if not clients:
+            return []
+        now = time.time() if now is None else float(now)
+        values = self._redis.mget([self._block_key(c) for c in clients])
+        return [None if v is None or float(v) <= now else float(v) for v in values]
 
     def fingerprint_key(self) -> bytes:
         if self._key is None:

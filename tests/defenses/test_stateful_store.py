@@ -176,3 +176,18 @@ def test_batched_calls_leave_the_same_scores_and_state_as_one_query_at_a_time(bo
         assert one._seq == many._seq and one._inserted == many._inserted
         assert list(one._clients.items()) == list(many._clients.items())
     assert sum(f is not None for f in fast) >= 4  # the vectorised path ran (it gives up on some batches)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_blocked_many_answers_each_client_as_blocked_until(backend, redis_url):
+    """The pipeline asks a batch's clients' blocks in one call (one MGET on Redis): the same answers as
+    ``blocked_until`` one by one, ended blocks included."""
+    store = dict(zip(["memory", "redis"], _stores(redis_url)))[backend]
+    now = time.time()
+    store.block("a", now + 60)
+    store.block("b", now + 0.2)
+    clients = ["a", "b", "c", "a"]
+    assert store.blocked_many(clients, now) == [store.blocked_until(c, now) for c in clients]
+    assert store.blocked_many(clients, now)[2] is None and store.blocked_many(clients, now)[0] == pytest.approx(now + 60)
+    assert store.blocked_many(clients, now + 1) == [pytest.approx(now + 60), None, None, pytest.approx(now + 60)]
+    assert store.blocked_many([], now) == []
