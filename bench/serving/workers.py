@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 stream = None if pool is None else Stream(
                     [loadgen.encode_request(item[None], "input", server.model, "") for item in pool], args.channels)
                 for conc in concurrencies:
-                    r = asyncio.run(closed_loop(server.url, request, args.calls, conc, server.pid, args.channels, stream))
+                    r = asyncio.run(closed_loop(server.url, request, args.calls, conc, server.pid, args.channels,
+                                                stream))
                     rows.append({"pipeline": name, "workers": workers, "concurrency": conc, **r,
                                  "of_ceiling": r["items_per_s"] / ceiling["items_per_s"]})
                     print(rows[-1], flush=True)

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             "blocked_at_query": [int(np.argmax(cum[:, c] >= args.block_after)) + 1 if cum[-1, c] >= args.block_after
                                  else None for c in range(args.clients)]}
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "flagged_by_position"}), flush=True)
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
     command = " ".join(["python", "bench/stateful/long_streams.py", *(argv if argv is not None else sys.argv[1:])])
     data = {"command": command, "started_utc": started, "revision": revision, "machine": common.machine(),
             "clients": args.clients, "per_client": args.per_client, "block_after": args.block_after, "configs": rows}

@@ -175,7 +175,10 @@ class StoreService:
             except (ConnectionError, OSError):
                 return
             except ValueError as exc:  # a malformed frame: say so and drop the connection
-                sock.sendall(pack({"error": str(exc)}))
+                try:
+                    sock.sendall(pack({"error": str(exc)}))
+                except OSError:
+                    pass
                 return
             try:
                 reply, out = self.call(header, arrays)
@@ -326,7 +329,8 @@ class RemoteStore(HistoryStore):
         return self.blocked_many([client], now)[0]
 
     def add_detections(self, client: str, n: int, now: float | None = None) -> int:
-        return int(self._call({"op": "detect", "store": self.id, "client": client, "n": int(n), "now": now})[0]["count"])
+        reply, _ = self._call({"op": "detect", "store": self.id, "client": client, "n": int(n), "now": now})
+        return int(reply["count"])
 
     def block(self, client: str, until: float) -> None:
         self._call({"op": "block", "store": self.id, "client": client, "until": float(until)})

@@ -353,7 +353,7 @@ def test_window_limits_the_neighbours_to_the_last_queries_on_every_path():
     dig = np.arange(1, 121, dtype=np.uint64)
     dig[[40, 90]] = dig[[3, 85]]  # exact retries: one far outside the window, one inside it
     k, window = 3, 10
-    one, many = KnnMemoryStore(max_entries=1000, max_per_client=500), KnnMemoryStore(max_entries=1000, max_per_client=500)
+    one, many = (KnnMemoryStore(max_entries=1000, max_per_client=500) for _ in range(2))
     got_one = np.concatenate([one.observe("c", dig[i:i + 1], emb[i:i + 1], k, 1.0, window) for i in range(120)])
     cuts = [0, 1, 5, 6, 30, 31, 44, 70, 71, 120]
     got_many = np.concatenate([many.observe("c", dig[a:b], emb[a:b], k, 1.0, window) for a, b in zip(cuts, cuts[1:])])

@@ -304,7 +304,7 @@ def test_a_stateful_history_is_one_across_workers(tmp_path, proxy_bundle):
         blocked = r.per_worker("robustgate_requests_total", {"outcome": "blocked"})
         assert len(blocked) == WORKERS and sum(blocked.values()) == 17, blocked  # each worker refused mallory
         assert counter(r.metrics_port, "robustgate_clients_blocked_total", reason="sd") == 1
-        want, entries = len(answers) + 16, None  # every observed query of both clients (not the blocked ones), one store
+        want, entries = len(answers) + 16, None  # every observed query of both clients (blocked ones are not)
         for _ in range(100):  # the workers write the store gauges once a second
             entries = scrape(r.metrics_port).get("robustgate_stateful_entries", {}).get(frozenset({("stage", "sd")}))
             if entries == want:
