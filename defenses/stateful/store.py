@@ -173,8 +173,7 @@ class ClientFlags:
     def blocked_many(self, clients: list[str], now: float | None = None) -> list[float | None]:
         if not self._blocks:  # the usual case: nobody is blocked
             return [None] * len(clients)
-        now = time.time() if now is None else float(now)
-        return [self.blocked_until(c, now) for c in clients]
+        return HistoryStore.blocked_many(self, clients, now)
 
     def blocked_until(self, client: str, now: float | None = None) -> float | None:
         until = self._blocks.get(client)
