@@ -85,9 +85,13 @@ class StageConfig(_Strict):
     # ({kind: memory | redis, url, max_entries, max_per_client, max_clients, ttl_s, ...}; defenses/stateful/store.py)
     store: dict[str, Any] | None = None
     cooldown_s: float = Field(300.0, gt=0)  # action block: how long a detected client is refused
-    # action block: detections of one client (forgotten store.ttl_s after its last) that block it; a
-    # query attack is detected on nearly every query, a benign client at the per-query FPR now and then
+    # action block: detections of one client that block it; a query attack is detected on nearly every
+    # query, a benign client at the per-query FPR now and then
     block_after: int = Field(5, ge=1)
+    block_window: int | None = Field(100, ge=1, description=(
+        "action block: block_after counts the detections among the client's last block_window remembered "
+        "queries; null = every detection until the store's ttl_s after the last one, which a long-lived benign "
+        "client reaches at any false-positive rate above zero (docs/OPERATIONS.md, 'block'); >= block_after"))
 
     @model_validator(mode="after")
     def _stateful_only(self) -> "StageConfig":
@@ -95,6 +99,8 @@ class StageConfig(_Strict):
             raise ValueError(f"store: only stateful stages keep a store (kind is {self.kind!r})")
         if self.kind != "stateful" and self.action == "block":
             raise ValueError(f"action: block needs kind stateful (it blocks a client), got kind {self.kind!r}")
+        if self.block_window is not None and self.block_window < self.block_after:
+            raise ValueError(f"block_window ({self.block_window}) must be at least block_after ({self.block_after})")
         return self
 
 
@@ -225,7 +231,7 @@ def build_stages(cfg: PipelineConfig, bundle: Any | None, twin: bool = False,
         if target != "cpu" and (reason := host_only(defense)) is not None:
             on_host.append(f"{sc.name} ({reason})")
         stages.append(Stage(name=sc.name, defense=defense, action=sc.action, cooldown_s=sc.cooldown_s,
-                            block_after=sc.block_after))
+                            block_after=sc.block_after, block_window=sc.block_window))
     if on_host:  # once, at start: these stages do not follow the device setting
         log.warning("stages that compute on the host, not on %s: %s", resolve_device(default), "; ".join(on_host))
     return stages

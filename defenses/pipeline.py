@@ -29,7 +29,7 @@ Semantics (DESIGN.md, "The defense pipeline"):
    client's items of the batch are observed together, clients in order of first appearance (the
    arrival order); their scores join ``scores`` and their threshold acts like a detector's, with
    one more action, ``block``: the item is rejected, and once its client has ``block_after``
-   detections the client is blocked for the stage's ``cooldown_s`` (``store.block``); an item of a client blocked already is not observed, it is
+   detections among its last ``block_window`` remembered queries the client is blocked for the stage's ``cooldown_s`` (``store.block``); an item of a client blocked already is not observed, it is
    rejected with ``blocked[i]`` = the block's end (the proxy answers RESOURCE_EXHAUSTED with a
    retry hint). Without ``clients`` (the red team's white-box runs, eval) stateful stages are
    skipped: a single batch has no stream, and nothing measured on one may change.
@@ -64,7 +64,8 @@ class Stage:
     defense: Defense
     action: Action = "reject"
     cooldown_s: float = 0.0  # action block: how long a detected client stays blocked
-    block_after: int = 1  # action block: detections (within the store's ttl_s) that block the client
+    block_after: int = 1  # action block: detections that block the client ...
+    block_window: int | None = None  # ... among its last block_window remembered queries (None: until ttl_s)
 
 
 @dataclass
@@ -435,7 +436,7 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     if stage.action == "block" and det.threshold is not None and (got > det.threshold).any():
         hits = np.add.reduceat((got > det.threshold).astype(np.int64), np.cumsum([0] + [len(i) for _, i in live[:-1]]))
         for (client, idx), h in zip(live, hits.tolist()):
-            if h and store.add_detections(client, h, now) >= stage.block_after:
+            if h and store.add_detections(client, h, now, stage.block_window) >= stage.block_after:
                 store.block(client, now + stage.cooldown_s)
                 for i in idx:
                     ends[i] = now + stage.cooldown_s

@@ -254,6 +254,10 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
     def fingerprint_key(self) -> bytes:
         return self._key
 
+    def _queries(self, client: str) -> int:
+        h = self._clients.get(client)
+        return 0 if h is None else h.count
+
     def clear(self) -> None:
         with self._lock:
             self._clients.clear()

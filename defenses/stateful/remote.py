@@ -234,7 +234,9 @@ class StoreService:
         if op == "blocked":
             return {"until": store.blocked_many(header["clients"], now)}, []
         if op == "detect":
-            return {"count": store.add_detections(header["client"], int(header["n"]), now)}, []
+            window = header.get("window")
+            return {"count": store.add_detections(header["client"], int(header["n"]), now,
+                                                  None if window is None else int(window))}, []
         if op == "block":
             store.block(header["client"], float(header["until"]))
             return {}, []
@@ -328,8 +330,9 @@ class RemoteStore(HistoryStore):
     def blocked_until(self, client: str, now: float | None = None) -> float | None:
         return self.blocked_many([client], now)[0]
 
-    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
-        reply, _ = self._call({"op": "detect", "store": self.id, "client": client, "n": int(n), "now": now})
+    def add_detections(self, client: str, n: int, now: float | None = None, window: int | None = None) -> int:
+        reply, _ = self._call({"op": "detect", "store": self.id, "client": client, "n": int(n), "now": now,
+                               "window": window})
         return int(reply["count"])
 
     def block(self, client: str, until: float) -> None:

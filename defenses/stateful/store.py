@@ -56,6 +56,7 @@ import numpy as np
 
 WAYS = 8  # postings per index bucket
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads client ids over the key space
+MAX_STRIKES = 1024  # a client's detections kept for block_window (more than any block_after needs)
 _DIGEST_DOMAIN = np.uint64(0xD1B54A32D192ED03)  # separates retry postings from content postings
 
 
@@ -133,9 +134,11 @@ class HistoryStore(ABC):
         return [self.blocked_until(c, now) for c in clients]
 
     @abstractmethod
-    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
-        """Adds ``n`` detections to ``client``'s count and returns the count; the count is forgotten
-        ``ttl_s`` after the client's last detection (the ``block`` action's ``block_after``)."""
+    def add_detections(self, client: str, n: int, now: float | None = None, window: int | None = None) -> int:
+        """Adds ``n`` detections of ``client``'s latest query (the ``block`` action's ``block_after``)
+        and returns its count: with ``window``, its detections among its last ``window`` recorded
+        queries (the n new ones at its current query count); without, every detection until
+        ``ttl_s`` after the client's last one."""
 
 
 class ClientFlags:
@@ -145,20 +148,28 @@ class ClientFlags:
 
     def _init_flags(self) -> None:
         self._blocks: dict[str, float] = {}  # client -> block end (epoch seconds); at most max_clients
-        self._strikes: OrderedDict[str, list[float]] = OrderedDict()  # client -> [detections, last one's time]
+        # client -> [detections, last one's time, the client's query count at each detection (window)]
+        self._strikes: OrderedDict[str, list] = OrderedDict()
 
-    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
+    def _queries(self, client: str) -> int:
+        """How many queries of ``client`` the store has recorded (0 for one it does not know)."""
+        raise NotImplementedError
+
+    def add_detections(self, client: str, n: int, now: float | None = None, window: int | None = None) -> int:
         now = time.time() if now is None else float(now)
         with self._lock:
             rec = self._strikes.pop(client, None)
             if rec is None or now - rec[1] > self.ttl_s:
-                rec = [0, now]
+                rec = [0, now, []]
             rec[0] += int(n)
             rec[1] = now
+            if window is not None:
+                at = self._queries(client)
+                rec[2] = [q for q in rec[2] if q > at - window][-MAX_STRIKES:] + [at] * int(n)
             self._strikes[client] = rec  # most recent last
             while len(self._strikes) > self.max_clients:
                 self._strikes.popitem(last=False)
-            return int(rec[0])
+            return len(rec[2]) if window is not None else int(rec[0])
 
     def block(self, client: str, until: float) -> None:
         with self._lock:
@@ -223,6 +234,10 @@ class MemoryStore(ClientFlags, HistoryStore):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hashes_per_query": self.hashes_per_query}
+
+    def _queries(self, client: str) -> int:
+        rec = self._clients.get(client)
+        return 0 if rec is None else int(rec[1])
 
     def fingerprint_key(self) -> bytes:
         return self._key
@@ -407,6 +422,24 @@ return scores
 """
 
 
+# add_detections with a window, atomically: KEYS[1] the client's detections (a list of its query counts,
+# newest first), KEYS[2] its query count; ARGV: n, window, ttl ms, the most kept -> detections in the window
+_DETECT_LUA = """
+local at = tonumber(redis.call('GET', KEYS[2]) or '0')
+local n, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+for _ = 1, n do redis.call('LPUSH', KEYS[1], at) end
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[4]) - 1)
+local kept = redis.call('LRANGE', KEYS[1], 0, -1)
+local count = 0
+for _, q in ipairs(kept) do
+  if tonumber(q) > at - window then count = count + 1 else break end
+end
+redis.call('LTRIM', KEYS[1], 0, math.max(count, 1) - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return count
+"""
+
+
 class RedisStore(HistoryStore):
     """History shared by every replica through one Redis server (see the module docstring).
 
@@ -427,6 +460,7 @@ class RedisStore(HistoryStore):
         self._redis = redis.Redis.from_url(url, socket_timeout=self.socket_timeout_s,
                                            socket_connect_timeout=self.socket_timeout_s)
         self._script = self._redis.register_script(_LUA)
+        self._detect_script = self._redis.register_script(_DETECT_LUA)
         self._key: bytes | None = None
 
     def config(self) -> dict[str, Any]:
@@ -447,7 +481,11 @@ class RedisStore(HistoryStore):
         if old is None or float(old) < until:
             self._redis.set(name, repr(float(until)), px=ms)
 
-    def add_detections(self, client: str, n: int, now: float | None = None) -> int:
+    def add_detections(self, client: str, n: int, now: float | None = None, window: int | None = None) -> int:
+        if window is not None:  # the client's detections at its query counts (KEYS[3]), the old ones trimmed
+            keys = self._keys(client)
+            return int(self._detect_script(keys=[keys[0][:-2] + ":w", keys[2]],
+                                           args=[int(n), int(window), int(math.ceil(self.ttl_s * 1000)), MAX_STRIKES]))
         name = self._keys(client)[0][:-2] + ":s"
         pipe = self._redis.pipeline()
         pipe.incrby(name, int(n))

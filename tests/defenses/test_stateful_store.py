@@ -192,3 +192,51 @@ def test_blocked_many_answers_each_client_as_blocked_until(backend, redis_url):
     assert first[2] is None and first[0] == pytest.approx(now + 60)
     assert store.blocked_many(clients, now + 1) == [pytest.approx(now + 60), None, None, pytest.approx(now + 60)]
     assert store.blocked_many([], now) == []
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis", "knn", "knn-shared"])
+def test_detections_in_a_window_of_the_clients_last_queries(backend, redis_url):
+    """``add_detections(..., window)``: a client's detections among its last ``window`` recorded
+    queries, on every store; without a window every detection counts until ``ttl_s`` after the last."""
+    from robustgate.defenses.stateful.knn_store import KnnMemoryStore
+    from robustgate.defenses.stateful.remote import RemoteStore, StoreService
+
+    rng = np.random.default_rng(0)
+    service = None
+    if backend in ("memory", "redis"):
+        store = dict(zip(["memory", "redis"], _stores(redis_url)))[backend]
+        store.max_per_client = 1000  # bounds do not matter here; the query count does
+
+        def send(client, n):  # n distinct queries, no retries
+            for _ in range(n):
+                store.observe(client, rng.integers(1, 2 ** 63, 1, dtype=np.uint64),
+                              rng.integers(1, 2 ** 63, (1, K), dtype=np.uint64), time.time())
+    else:
+        if backend == "knn":
+            store = KnnMemoryStore(max_entries=1000, max_per_client=500)
+        else:
+            service = StoreService()
+            service.start()
+            store = RemoteStore(service.path, {"stage": "w", "method": "knn", "origin": "knn", "top_k": 20,
+                                               "spec": {"kind": "memory", "max_entries": 1000, "max_per_client": 500}})
+
+        def send(client, n):
+            for _ in range(n):
+                store.observe(client, rng.integers(1, 2 ** 63, 1, dtype=np.uint64),
+                              rng.standard_normal((1, 4)).astype(np.float32), 2, time.time())
+    try:
+        now = time.time()
+        send("m", 1)
+        assert store.add_detections("m", 1, now, 10) == 1
+        send("m", 5)
+        assert store.add_detections("m", 1, now, 10) == 2  # query 6: both within the last 10
+        send("m", 10)
+        assert store.add_detections("m", 1, now, 10) == 1  # query 16: the last 10 are 7-16, so 1 and 6 fell out
+        assert store.add_detections("m", 3, now, 10) == 4  # several detections of one batch
+        send("b", 20)  # without a window, as before: every detection until ttl_s after the last
+        assert store.add_detections("b", 1, now) == 1
+        send("b", 20)
+        assert store.add_detections("b", 2, now) == 3
+    finally:
+        if service is not None:
+            service.close()

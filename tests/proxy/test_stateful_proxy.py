@@ -232,6 +232,9 @@ def test_bad_output_policy_names_the_key(proxy_bundle):
     with pytest.raises(ConfigError, match=r"action: block needs kind stateful"):
         load_config(None, environ={}, overrides={"bundle": str(proxy_bundle), "pipeline": {"stages": [
             {"name": "m", "kind": "test_proxy_mean", "action": "block", "threshold": 0.5}]}})
+    with pytest.raises(ConfigError, match=r"block_window \(3\) must be at least block_after \(5\)"):
+        load_config(None, environ={}, overrides={"bundle": str(proxy_bundle), "pipeline": {"stages": [
+            stateful_stage(action="block", block_window=3)]}})
 
 
 # ---- the threshold from the bundle ---------------------------------------------------------------------
