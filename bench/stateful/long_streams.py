@@ -10,7 +10,9 @@ exactly as the proxy runs it (defenses/assemble.py ``build_stages``, defenses/pi
 neighbours in the whole history (``window: null``) and in the last ``window`` queries (the default,
 256), and Blacklight. Per configuration: the share of queries flagged by position in the client's
 stream, each client's detections, and the query at which a stage with ``block_after`` detections
-would block it (detections are forgotten only ``ttl_s`` after a client's last one).
+would block it: counted among the client's last ``block_window`` queries (the default, 100), and
+counted without a window (``block_window: null``: detections are forgotten only ``ttl_s`` after a
+client's last one, longer than these streams).
 
     .venv/bin/python bench/stateful/long_streams.py
 """
@@ -55,11 +57,19 @@ def run(stage_cfg: dict, bundle, pool: np.ndarray, clients: int, per_client: int
     return {"threshold": float(stage.defense.threshold), "flagged": flagged, "seconds": time.perf_counter() - t0}
 
 
+def first_at(counts: np.ndarray, at_least: int) -> list[int | None]:
+    """Per client (column of ``counts`` [queries, clients]): the 1-based query at which the count first
+    reaches ``at_least``, or None."""
+    hit = counts >= at_least
+    return [int(np.argmax(hit[:, c])) + 1 if hit[:, c].any() else None for c in range(counts.shape[1])]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--per-client", type=int, default=2500, help="distinct test images per client")
     ap.add_argument("--block-after", type=int, default=5)
+    ap.add_argument("--block-window", type=int, default=100)
     ap.add_argument("--out", default="stateful.long_streams")
     args = ap.parse_args(argv)
     if args.clients * args.per_client > 10_000:
@@ -80,14 +90,17 @@ def main(argv: list[str] | None = None) -> int:
             "flagged_by_position": [{"from": a, "to": z, "queries": int(f[a:z].size), "flagged": int(f[a:z].sum())}
                                     for a, z in zip(edges[:-1], edges[1:])],
             "detections_per_client": cum[-1].tolist(),
-            "blocked_at_query": [int(np.argmax(cum[:, c] >= args.block_after)) + 1 if cum[-1, c] >= args.block_after
-                                 else None for c in range(args.clients)]}
+            "blocked_at_query": first_at(cum, args.block_after),
+            "blocked_at_query_windowed": first_at(cum - np.concatenate(
+                [np.zeros((min(args.block_window, len(cum)), args.clients), int), cum[:-args.block_window]]),
+                args.block_after)}
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "flagged_by_position"}), flush=True)
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True).stdout.strip()
     command = " ".join(["python", "bench/stateful/long_streams.py", *(argv if argv is not None else sys.argv[1:])])
     data = {"command": command, "started_utc": started, "revision": revision, "machine": common.machine(),
-            "clients": args.clients, "per_client": args.per_client, "block_after": args.block_after, "configs": rows}
+            "clients": args.clients, "per_client": args.per_client, "block_after": args.block_after,
+            "block_window": args.block_window, "configs": rows}
     lines = ["# Benign false detections of the stateful stages against a client's history length", "",
              f"Command: `{command}` ({started}, revision {revision}); machine: {data['machine']['cpu']}, "
              f"{data['machine']['cores']} cores.", "",
@@ -102,11 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{b['flagged'] / b['queries']:.2%}" for b in r["flagged_by_position"]]
         lines.append(f"| {name} | {r['threshold']:.4g} | " + " | ".join(cells) + " |")
     lines += ["", f"Detections per client, and the query at which `block_after: {args.block_after}` would block it "
-              "(none: never within the stream):", "",
-              "| configuration | detections per client | blocked at query |", "| --- | --- | --- |"]
+              f"(none: never within the stream), counting its detections among its last {args.block_window} queries "
+              "(`block_window`, the default) or all of them (`block_window: null`):", "",
+              f"| configuration | detections per client | blocked at query, block_window {args.block_window} | "
+              "blocked at query, no window |", "| --- | --- | --- | --- |"]
+
+    def queries(qs: list) -> str:
+        return ", ".join("none" if q is None else f"{q:,}" for q in qs)
+
     for name, r in rows.items():
-        blocked = ", ".join("none" if q is None else f"{q:,}" for q in r["blocked_at_query"])
-        lines.append(f"| {name} | {', '.join(map(str, r['detections_per_client']))} | {blocked} |")
+        lines.append(f"| {name} | {', '.join(map(str, r['detections_per_client']))} | "
+                     f"{queries(r['blocked_at_query_windowed'])} | {queries(r['blocked_at_query'])} |")
     lines.append("")
     js, md = common.write_results(args.out, data, "\n".join(lines))
     plot(rows, REPO / "bench" / "results" / f"{args.out}.png")
