@@ -29,7 +29,8 @@ Semantics (DESIGN.md, "The defense pipeline"):
    client's items of the batch are observed together, clients in order of first appearance (the
    arrival order); their scores join ``scores`` and their threshold acts like a detector's, with
    one more action, ``block``: the item is rejected, and once its client has ``block_after``
-   detections among its last ``block_window`` remembered queries the client is blocked for the stage's ``cooldown_s`` (``store.block``); an item of a client blocked already is not observed, it is
+   detections among its last ``block_window`` remembered queries the client is blocked for the
+   stage's ``cooldown_s`` (``store.block``); an item of a client blocked already is not observed, it is
    rejected with ``blocked[i]`` = the block's end (the proxy answers RESOURCE_EXHAUSTED with a
    retry hint). Without ``clients`` (the red team's white-box runs, eval) stateful stages are
    skipped: a single batch has no stream, and nothing measured on one may change.
