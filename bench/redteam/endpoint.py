@@ -109,6 +109,8 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
                "--benign-clients", str(args.benign_clients), "--eps", str(args.eps), "--out", str(out)]
         if args.hsj_evals:
             cmd += ["--hsj-evals", *map(str, args.hsj_evals)]
+        if args.benign_per_query is not None:
+            cmd += ["--benign-per-query", str(args.benign_per_query)]
         if args.surrogate and "transfer" in args.attacks.split(","):
             cmd += ["--surrogate", str(args.surrogate)]
         if arm == "undefended":
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--hsj-evals", type=int, nargs=2, metavar=("INIT", "MAX"),
                     help="HopSkipJump's gradient-estimate queries (robustgate eval's default when not given)")
+    ap.add_argument("--benign-per-query", type=int,
+                    help="-spacing attacks: benign queries before each attack query (robustgate eval's default: 1)")
     ap.add_argument("--surrogate", type=Path, help="bundle whose backbone the transfer attack uses")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the proxy")
     ap.add_argument("--work", type=Path, help="folder for the configs, logs and raw reports (default: a temp dir)")
