@@ -3,8 +3,12 @@
 
 The stages are calibrated on benign streams of about 100 queries per client (robustgate fit,
 defenses/stateful/calibration.py); a real client may send thousands. Here ``--clients`` benign
-clients each send a stream of ``--per-client`` distinct Fashion-MNIST test images (the test set
-shuffled, split; no retries, no near-duplicates: a client classifying its data), through the stage
+clients each send a stream of ``--per-client`` queries, of two kinds: ``distinct``, Fashion-MNIST
+test images (the test set shuffled, split; no retries, no near-duplicates: a client classifying its
+data), and ``near``, each image followed by ``k - 1 = 3`` benign near-duplicates of it (a crop, a
+brightness change, a JPEG re-encoding, defenses/stateful/calibration.py ``near_duplicate``: what the
+k-NN method promises to leave unflagged, and what the calibration's streams hold for 10% of their
+images), through the stage
 exactly as the proxy runs it (defenses/assemble.py ``build_stages``, defenses/pipeline.py
 ``observe_clients``: each batch one query per client), for each configuration: the k-NN stage with its
 neighbours in the whole history (``window: null``) and in the last ``window`` queries (the default,
@@ -42,6 +46,25 @@ CONFIGS = {  # name -> the stage (bundles/default's fitted stages and thresholds
 EDGES = (0, 100, 300, 600, 1000, 1500, 2000, 3000, 5000)
 
 
+NEAR_COPIES = 3  # the k-NN stage's k - 1
+
+
+def near_pool(pool: np.ndarray, clients: int, per_client: int) -> np.ndarray:
+    """``pool`` rearranged as ``near`` streams (module docstring): client ``c``'s queries at ``c *
+    per_client ...``, each of its images followed by NEAR_COPIES near-duplicates (kinds in turn)."""
+    from robustgate.defenses.stateful.calibration import NEAR_KINDS, near_duplicate
+
+    g = torch.Generator().manual_seed(0)
+    out = np.empty((clients * per_client, *pool.shape[1:]), dtype=np.float32)
+    per_image = NEAR_COPIES + 1
+    for c in range(clients):
+        for i in range(per_client):
+            img = torch.from_numpy(pool[c * per_client + i // per_image])
+            j = i % per_image
+            out[c * per_client + i] = img.numpy() if j == 0 else near_duplicate(img, NEAR_KINDS[j - 1], g).numpy()
+    return out
+
+
 def run(stage_cfg: dict, bundle, pool: np.ndarray, clients: int, per_client: int) -> dict:
     from robustgate.defenses.assemble import PipelineConfig, build_stages
     from robustgate.defenses.pipeline import observe_clients
@@ -77,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     from robustgate.models.bundle import Bundle
 
     bundle = Bundle.load(REPO / "bundles" / "default")
-    pool = common.test_images(args.clients * args.per_client)[0]
+    distinct = common.test_images(args.clients * args.per_client)[0]
+    pools = {"distinct": distinct, "near": near_pool(distinct, args.clients, args.per_client)}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     edges = [e for e in EDGES if e < args.per_client] + [args.per_client]
     rows = {}
-    for name, cfg in CONFIGS.items():
+    for (stream, pool), (config, cfg) in ((p, c) for p in pools.items() for c in CONFIGS.items()):
+        name = f"{stream}: {config}"
         r = run(cfg, bundle, pool, args.clients, args.per_client)
         f = r["flagged"]
         cum = np.cumsum(f, axis=0)
@@ -104,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Benign false detections of the stateful stages against a client's history length", "",
              f"Command: `{command}` ({started}, revision {revision}); machine: {data['machine']['cpu']}, "
              f"{data['machine']['cores']} cores.", "",
-             f"{args.clients} benign clients, each a stream of {args.per_client:,} distinct Fashion-MNIST test images "
-             "(no retries, no near-duplicates), one query per client per batch through the stage as the proxy runs "
-             "it (`build_stages`, `observe_clients`), bundles/default's fitted stages and thresholds (calibrated "
-             "on streams of about 100 queries per client). A query is flagged when its score is over the threshold.",
+             f"{args.clients} benign clients, each a stream of {args.per_client:,} queries: `distinct` Fashion-MNIST "
+             f"test images (no retries, no near-duplicates), or `near`: each image followed by {NEAR_COPIES} benign "
+             "near-duplicates (crop, brightness, JPEG), what the k-NN stage promises to leave unflagged. One query "
+             "per client per batch through the stage as the proxy runs it (`build_stages`, `observe_clients`), "
+             "bundles/default's fitted stages and thresholds (calibrated on streams of about 100 queries per "
+             "client). A query is flagged when its score is over the threshold.",
              "", "Share of queries flagged, by position in the client's stream:", "",
              "| configuration | threshold | " + " | ".join(f"{a}-{z}" for a, z in zip(edges[:-1], edges[1:])) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in edges[1:]) + " |"]
@@ -143,12 +170,13 @@ def plot(rows: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in rows.items():
         mids = [(b["from"] + b["to"]) / 2 for b in r["flagged_by_position"]]
-        ax.plot(mids, [100 * b["flagged"] / b["queries"] for b in r["flagged_by_position"]], marker="o", label=name)
+        ax.plot(mids, [100 * b["flagged"] / b["queries"] for b in r["flagged_by_position"]], marker="o", label=name,
+                linestyle="--" if name.startswith("near") else "-")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="target: 0.5% of benign queries")
     ax.set_xlabel("position of the query in the client's stream")
     ax.set_ylabel("benign queries flagged (%)")
     ax.set_title("Stateful stages: benign false detections vs history length")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -24,7 +24,9 @@ last ``window`` remembered queries (retries are still recognised over all of the
 calibrated on benign streams of about 100 queries per client; against a longer history a benign
 query finds ``k`` lookalikes more often (distinct Fashion-MNIST test images: 0.7% flagged after 300
 queries, 16% after 2,000; bench/results/stateful.long_streams.md), which a window of the length the
-calibration saw keeps at the calibrated rate. An attack's queries are consecutive, so its nearest
+calibration saw keeps at the calibrated rate (not for a client that sends every image with ``k - 1``
+near-copies: the last copy then needs a single other picture within the threshold, about 3% of such
+queries are flagged from the 300th on, same file). An attack's queries are consecutive, so its nearest
 are its own last ones either way; the spacing attacker needs about ``window / (k - 1)`` other queries
 between two of its own to keep fewer than ``k`` in a window.
 
