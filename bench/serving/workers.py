@@ -64,7 +64,7 @@ class Stream:
     history for every query instead of taking a retry."""
 
     def __init__(self, pool: list[bytes], channels: int):
-        self.pool, self.channels = pool, channels
+        self.pool = pool
         self.next = [c * (len(pool) // channels) for c in range(channels)]
 
     def request(self, c: int) -> tuple[bytes, tuple]:
@@ -142,13 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     pipelines = {name: PIPELINES[name] for name in args.pipelines.split(",")}
     pool = common.test_images(10_000)[0] if args.inputs == "stream" else None  # the whole test set, shuffled
+    encoded: dict[str, list[bytes]] = {}  # model name -> the pool's serialized requests (once, not per server)
     for name, (config, overrides) in pipelines.items():
         for workers in [int(w) for w in args.workers.split(",")]:
             server = common.Serve(config, overrides={**overrides, "batching": BATCHING, "server": {"workers": workers}})
             try:
                 request = common.infer_request(server.model, x)
-                stream = None if pool is None else Stream(
-                    [loadgen.encode_request(item[None], "input", server.model, "") for item in pool], args.channels)
+                if pool is not None and server.model not in encoded:
+                    encoded[server.model] = [loadgen.encode_request(item[None], "input", server.model, "")
+                                             for item in pool]
+                stream = None if pool is None else Stream(encoded[server.model], args.channels)
                 for conc in concurrencies:
                     r = asyncio.run(closed_loop(server.url, request, args.calls, conc, server.pid, args.channels,
                                                 stream))
