@@ -222,12 +222,24 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
         from robustgate.defenses.stateful.calibration import benign_streams, calibrate_stateful
 
         g = torch.Generator().manual_seed(0)
-        # about 100 queries per benign client: each client's images in random order, 10% exact
-        # retries, 10% near-duplicates (crop, brightness, JPEG): one each, or for the k-NN method the
-        # k - 1 in a row it promises to leave unflagged (defenses/stateful/knn.py)
-        near = {"near_copies": max(1, defense.k - 1)} if getattr(defense, "method", None) == "knn" else {}
-        val_streams = benign_streams(vx, max(1, vx.shape[0] // 100), g, **near)
-        test_streams = benign_streams(sx, max(1, sx.shape[0] // 100), g, **near)
+        # 100 images per benign client: each client's images in random order, 10% exact retries, 10%
+        # near-duplicates (crop, brightness, JPEG): one each, or for the k-NN method the k - 1 in a row
+        # it promises to leave unflagged (defenses/stateful/knn.py). The k-NN method also calibrates on
+        # a second kind of client, the hardest it promises to serve: every image followed by its k - 1
+        # near-copies (400 queries per client at k = 4, more than the default window); the threshold
+        # is the larger of the two kinds' (defenses/stateful/calibration.py calibrate_stateful).
+        if getattr(defense, "method", None) == "knn":
+            copies = max(1, defense.k - 1)
+
+            def streams(x: torch.Tensor) -> dict:
+                clients = max(1, x.shape[0] // 100)
+                return {"mixed": benign_streams(x, clients, g, near_copies=copies),
+                        "near_copies": benign_streams(x, clients, g, retry_rate=0.0, near_rate=1.0,
+                                                      near_copies=copies)}
+        else:
+            def streams(x: torch.Tensor) -> list:
+                return benign_streams(x, max(1, x.shape[0] // 100), g)
+        val_streams, test_streams = streams(vx), streams(sx)
         record = calibrate_stateful(defense, val_streams, test_streams,
                                     **({} if target_fpr is None else {"target_fpr": target_fpr}))
         threshold = record["threshold"]
@@ -235,6 +247,9 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
             f"{record['confidence']:g} (upper bound {record['val_fpr_upper']:.4f})  threshold {threshold:.6g}  "
             f"val FPR {record['val_fpr']:.4f} (n={record['n_val']}, {record['keys']} keys)  "
             f"test FPR {record['test_fpr']:.4f} (n={record['n_test']})")
+        for stream_kind, k in record.get("kinds", {}).items():
+            log(f"  {stream_kind} streams: own threshold {k['threshold']}  val FPR {k['val_fpr']:.4f} (n={k['n_val']})  "
+                f"test FPR {k['test_fpr']:.4f} (n={k['n_test']})")
         if record["val_fpr_upper"] > record["target_fpr"]:
             log(f"warning: {record['n_val']} validation queries cannot show FPR <= {record['target_fpr']:g} with "
                 f"confidence {record['confidence']:g}; threshold set to the largest validation score (use more --n-val)")

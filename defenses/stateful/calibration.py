@@ -12,7 +12,11 @@ against that client's earlier ones, of three kinds a real client sends (issue 22
 ``benign_streams`` builds such streams from a set of images; ``stream_scores`` runs them through a
 copy of the detector with a fresh, private store (never the serving store); ``calibrate_stateful``
 sets the threshold and returns the calibration record (defenses.calibration.calibrate's fields plus
-``confidence``, ``keys`` and ``val_fpr_upper``).
+``confidence``, ``keys`` and ``val_fpr_upper``). Streams of several kinds of client (``{kind:
+streams}``) are calibrated each on its own and the largest threshold is kept, so that every kind
+meets the target: the k-NN method's hardest benign client, one that follows every image with ``k - 1``
+near-copies, is flagged far more often than a client of the mixed streams above at the same
+threshold (defenses/cli.py).
 
 The threshold is chosen with a margin, not at the target: a threshold picked where the validation
 FPR just meets the target (the order statistic of defenses.calibration) misses it on fresh traffic
@@ -109,20 +113,14 @@ def fpr_upper(flagged: float, n: int, confidence: float = CONFIDENCE) -> float:
     return 1.0 if flagged >= n else float(beta.ppf(confidence, flagged + 1.0, n - flagged))
 
 
-def calibrate_stateful(detector: StatefulDetector, val_streams: list[tuple[str, torch.Tensor]],
-                       test_streams: list[tuple[str, torch.Tensor]] | None = None,
-                       target_fpr: float = TARGET_FPR, confidence: float = CONFIDENCE,
-                       keys: int = KEYS) -> dict[str, Any]:
-    """Sets ``detector.threshold`` to the smallest score whose upper confidence bound on the benign
-    per-query FPR is at most ``target_fpr`` (module docstring) and returns the calibration record
-    (test FPR measured on ``test_streams`` under yet another fresh key)."""
-    if not 0.0 < target_fpr < 1.0:
-        raise ValueError(f"target_fpr must lie in (0, 1), got {target_fpr}")
-    if not isinstance(keys, int) or keys < 1:
-        raise ValueError(f"keys must be a positive integer, got {keys!r}")
-    val = [stream_scores(detector, val_streams) for _ in range(keys)]  # each under a fresh store's key
+Streams = list[tuple[str, torch.Tensor]]
+
+
+def _kind_threshold(val: list[np.ndarray], target_fpr: float, confidence: float) -> tuple[float | None, float]:
+    """The smallest validation score whose upper bound on the per-query FPR (the mean flagged count
+    over the keys' scores ``val``) is at most ``target_fpr`` -> (threshold or None, its upper bound;
+    without one, the bound at the largest score)."""
     n = val[0].size
-    fpr_upper(0, n, confidence)  # validates confidence
     # candidates: every validation score (a continuous score, the k-NN method's, has thousands); the
     # flagged counts (score > t: ties are not flagged) and their bounds for all of them at once
     candidates = np.unique(np.concatenate(val))  # ascending: the first that meets the bound is the smallest
@@ -131,15 +129,54 @@ def calibrate_stateful(detector: StatefulDetector, val_streams: list[tuple[str, 
     below = flagged < n
     uppers[below] = beta.ppf(confidence, flagged[below] + 1.0, n - flagged[below])  # fpr_upper, vectorised
     meets = np.flatnonzero(uppers <= target_fpr)
-    threshold = float(candidates[meets[0]]) if meets.size else None
-    upper = float(uppers[meets[0]] if meets.size else uppers[-1])
-    if threshold is None:  # too few queries to show the target: flag nothing seen in validation
-        threshold = float(max(v.max() for v in val))
-    test = stream_scores(detector, test_streams) if test_streams is not None else None
-    pooled = np.concatenate(val)
-    record = {"target_fpr": float(target_fpr), "threshold": threshold, "val_fpr": fpr(pooled, threshold),
-              "test_fpr": None if test is None else fpr(test, threshold), "n_val": int(n),
-              "n_test": None if test is None else int(test.size), "quantiles": quantiles(pooled),
-              "confidence": float(confidence), "keys": keys, "val_fpr_upper": upper}
+    return (float(candidates[meets[0]]), float(uppers[meets[0]])) if meets.size else (None, float(uppers[-1]))
+
+
+def calibrate_stateful(detector: StatefulDetector, val_streams: Streams | dict[str, Streams],
+                       test_streams: Streams | dict[str, Streams] | None = None,
+                       target_fpr: float = TARGET_FPR, confidence: float = CONFIDENCE,
+                       keys: int = KEYS) -> dict[str, Any]:
+    """Sets ``detector.threshold`` to the smallest score whose upper confidence bound on the benign
+    per-query FPR is at most ``target_fpr`` (module docstring) and returns the calibration record
+    (test FPR measured on ``test_streams`` under yet another fresh key).
+
+    ``val_streams`` (and ``test_streams``) may be a dict of stream *kinds*, ``{kind: streams}``: each
+    kind must meet the target by itself, so the threshold is the largest of the kinds' own (the
+    worst kind decides, as the red team reads its benign streams: issue 22's "worst stream"). The
+    record's ``val_fpr``, ``test_fpr`` and ``val_fpr_upper`` are then the worst kind's at that
+    threshold, ``n_val``/``n_test`` the queries of all kinds, and ``kinds`` has each kind's figures."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must lie in (0, 1), got {target_fpr}")
+    if not isinstance(keys, int) or keys < 1:
+        raise ValueError(f"keys must be a positive integer, got {keys!r}")
+    fpr_upper(0, 1, confidence)  # validates confidence
+    named = isinstance(val_streams, dict)
+    val_sets = val_streams if named else {"all": val_streams}
+    test_sets = (test_streams if isinstance(test_streams, dict) else {"all": test_streams}) if test_streams else {}
+    if named and test_sets and set(test_sets) != set(val_sets):
+        raise ValueError(f"test_streams kinds {sorted(test_sets)} differ from val_streams kinds {sorted(val_sets)}")
+    vals = {kind: [stream_scores(detector, s) for _ in range(keys)] for kind, s in val_sets.items()}  # fresh keys
+    own = {kind: _kind_threshold(v, target_fpr, confidence) for kind, v in vals.items()}
+    if all(t is not None for t, _ in own.values()):
+        threshold = max(t for t, _ in own.values())
+    else:  # too few queries to show the target: flag nothing seen in validation
+        threshold = float(max(v.max() for vs in vals.values() for v in vs))
+    tests = {kind: stream_scores(detector, s) for kind, s in test_sets.items()}
+    per_kind = {}
+    for kind, v in vals.items():
+        flagged = float(np.mean([int((x > threshold).sum()) for x in v]))
+        per_kind[kind] = {"threshold": own[kind][0], "val_fpr": fpr(np.concatenate(v), threshold),
+                          "val_fpr_upper": fpr_upper(flagged, v[0].size, confidence), "n_val": int(v[0].size),
+                          "test_fpr": fpr(tests[kind], threshold) if kind in tests else None,
+                          "n_test": int(tests[kind].size) if kind in tests else None}
+    worst = max(per_kind.values(), key=lambda k: k["val_fpr_upper"])
+    record = {"target_fpr": float(target_fpr), "threshold": threshold, "val_fpr": worst["val_fpr"],
+              "test_fpr": max(k["test_fpr"] for k in per_kind.values()) if tests else None,
+              "n_val": sum(k["n_val"] for k in per_kind.values()),
+              "n_test": sum(k["n_test"] for k in per_kind.values()) if tests else None,
+              "quantiles": quantiles(np.concatenate([x for v in vals.values() for x in v])),
+              "confidence": float(confidence), "keys": keys, "val_fpr_upper": worst["val_fpr_upper"]}
+    if named:
+        record["kinds"] = per_kind
     detector.threshold = threshold
     return record

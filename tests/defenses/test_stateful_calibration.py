@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,31 @@ def test_a_query_attack_is_detected_within_a_few_queries(calibrated, fmnist_subs
     # query 0 is the attack's first image (nothing to match): the median attack is flagged at its
     # second query, every one by its sixth
     assert np.median(firsts) <= 1 and max(firsts) <= 5, (firsts, det.threshold)
+
+
+def test_kinds_of_streams_each_meet_the_target_and_the_worst_kind_sets_the_threshold(fmnist_subset):
+    """Streams of several kinds (``{kind: streams}``, what `robustgate fit` passes for the k-NN method):
+    the threshold is the largest of the kinds' own, so that every kind meets the target by itself."""
+    val_x, _ = fmnist_subset("val", 1000)
+    test_x, _ = fmnist_subset("test", 1000)
+    g = torch.Generator().manual_seed(0)
+
+    def kinds(x):
+        return {"mixed": benign_streams(x, 10, g),
+                "near_copies": benign_streams(x, 10, g, retry_rate=0.0, near_rate=1.0, near_copies=3)}
+
+    det = Blacklight(store=MemoryStore(max_entries=16, max_per_client=16))
+    val = kinds(val_x)
+    record = calibrate_stateful(det, val, kinds(test_x), TARGET_FPR)
+    per = record["kinds"]
+    assert set(per) == {"mixed", "near_copies"} and per["near_copies"]["n_val"] == 4000
+    assert record["threshold"] == det.threshold == max(k["threshold"] for k in per.values())
+    for k in per.values():  # each kind meets the target at the shared threshold, with the margin
+        assert k["val_fpr"] <= k["val_fpr_upper"] <= TARGET_FPR and k["test_fpr"] is not None
+    assert record["val_fpr_upper"] == max(k["val_fpr_upper"] for k in per.values())
+    assert record["n_val"] == sum(k["n_val"] for k in per.values())
+    # the same streams as one list: one threshold for the pool, never above the worst kind's
+    pooled = calibrate_stateful(copy.copy(det), [s for v in val.values() for s in v], target_fpr=TARGET_FPR)
+    assert "kinds" not in pooled and pooled["threshold"] <= record["threshold"]
+    with pytest.raises(ValueError, match="kinds"):
+        calibrate_stateful(det, val, {"mixed": val["mixed"]}, TARGET_FPR)
