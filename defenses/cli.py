@@ -226,16 +226,17 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
         # near-duplicates (crop, brightness, JPEG): one each, or for the k-NN method the k - 1 in a row
         # it promises to leave unflagged (defenses/stateful/knn.py). The k-NN method also calibrates on
         # a second kind of client, the hardest it promises to serve: every image followed by its k - 1
-        # near-copies (400 queries per client at k = 4, more than the default window); the threshold
-        # is the larger of the two kinds' (defenses/stateful/calibration.py calibrate_stateful).
+        # near-copies, each client at least as long as the window its neighbours are sought in (100
+        # images, 400 queries at k = 4); the threshold is the larger of the two kinds'
+        # (defenses/stateful/calibration.py calibrate_stateful).
         if getattr(defense, "method", None) == "knn":
             copies = max(1, defense.k - 1)
+            per_client = max(100, -(-(defense.window or 0) // (copies + 1)))  # images per near-copy client
 
             def streams(x: torch.Tensor) -> dict:
-                clients = max(1, x.shape[0] // 100)
-                return {"mixed": benign_streams(x, clients, g, near_copies=copies),
-                        "near_copies": benign_streams(x, clients, g, retry_rate=0.0, near_rate=1.0,
-                                                      near_copies=copies)}
+                return {"mixed": benign_streams(x, max(1, x.shape[0] // 100), g, near_copies=copies),
+                        "near_copies": benign_streams(x, max(1, x.shape[0] // per_client), g, retry_rate=0.0,
+                                                      near_rate=1.0, near_copies=copies)}
         else:
             def streams(x: torch.Tensor) -> list:
                 return benign_streams(x, max(1, x.shape[0] // 100), g)

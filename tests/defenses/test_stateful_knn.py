@@ -203,6 +203,11 @@ def test_fit_end_to_end_into_a_bundle(tiny_bundle, fmnist_subset, tmp_path):
     assert set(fitted.files) == {"encoder_onnx"} and (bundle / "defenses" / "sd" / "encoder.onnx").is_file()
     assert 0 < fitted.threshold == spec["threshold"] < 1
     assert fitted.calibration["val_fpr_upper"] <= 0.05 and fitted.calibration["n_val"] > 300
+    # two kinds of benign client (defenses/cli.py): the larger threshold is kept, each kind meets the target
+    kinds = fitted.calibration["kinds"]
+    assert kinds["near_copies"]["n_val"] == 300 * 3  # every image and its k - 1 = 2 near-copies
+    assert fitted.threshold == max(k["threshold"] for k in kinds.values())
+    assert all(k["val_fpr_upper"] <= 0.05 for k in kinds.values())
     assert len(fitted.calibration["fit"]["report"]["loss"]) >= 1
     # the served stage: the bundle's encoder and threshold; an attack-like stream is flagged from query k + 1
     det = build_from_bundle("stateful", "sd", {"store": KnnMemoryStore(max_entries=1000, max_per_client=1000)}, None, Bundle.load(bundle),
