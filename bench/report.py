@@ -430,13 +430,21 @@ def endpoint_row() -> Row:
                        + (f" (median {q:g} queries to detection)" if q is not None else ""))
         return ", ".join(out)
 
-    missed = [t["target"] for t in r["targets"] if not t["met"]]
+    def met(targets: list[dict]) -> str:
+        missed = [t["target"] for t in targets if not t["met"]]
+        return (f"{len(targets) - len(missed)} of {len(targets)} met"
+                + (f" (not met: {'; '.join(missed)})" if missed else ""))
+
     n = next(c["metrics"]["n"] for a in r["arms"].values() for c in a["cells"] if c.get("status") == "done")
+    srcs, second = [src], ""
+    if (REPO / ENDPOINT_SLICE).exists():  # the same bundle and pipeline on another slice of the test set
+        sl = load(ENDPOINT_SLICE)
+        srcs.append(ENDPOINT_SLICE)
+        second = f"; on the next slice (test images {sl['offset']}-{sl['offset'] + n - 1}): {met(sl['targets'])}"
     return Row(f"query-only attacks through a live proxy (`robustgate eval --threat endpoint`), l∞ ε {r['eps']}, "
                f"n {n}, bundle: {r['bundle_note'] or r['bundle']}",
                f"attack success over the {sum(correct)} correctly classified images, undefended: {cells('undefended')}; defended ({', '.join(s['name'] for s in r['defended_stages'])}): "
-               f"{cells('defended')}; targets: {len(r['targets']) - len(missed)} of {len(r['targets'])} met"
-               + (f" (not met: {'; '.join(missed)})" if missed else ""), [src])
+               f"{cells('defended')}; targets: {met(r['targets'])}{second}", srcs)
 
 
 ROWS = [training_row, autoattack_row, serving_rows, fastpath_rows, detect_row, purify_row, overload_row, redteam_row,

@@ -249,8 +249,8 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
             f"val FPR {record['val_fpr']:.4f} (n={record['n_val']}, {record['keys']} keys)  "
             f"test FPR {record['test_fpr']:.4f} (n={record['n_test']})")
         for stream_kind, k in record.get("kinds", {}).items():
-            log(f"  {stream_kind} streams: own threshold {k['threshold']}  val FPR {k['val_fpr']:.4f} (n={k['n_val']})  "
-                f"test FPR {k['test_fpr']:.4f} (n={k['n_test']})")
+            log(f"  {stream_kind} streams: own threshold {k['threshold']}  val FPR {k['val_fpr']:.4f} "
+                f"(n={k['n_val']})  test FPR {k['test_fpr']:.4f} (n={k['n_test']})")
         if record["val_fpr_upper"] > record["target_fpr"]:
             log(f"warning: {record['n_val']} validation queries cannot show FPR <= {record['target_fpr']:g} with "
                 f"confidence {record['confidence']:g}; threshold set to the largest validation score (use more --n-val)")

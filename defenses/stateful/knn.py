@@ -57,8 +57,8 @@ stripes and squares, small Gaussian noise), after a benign edit (brightness, 1-2
 probability ``p_benign`` (default 0). Benign edits as positives (``p_benign`` 0.2 and 3,000 steps,
 the defaults before) pull a client's near-copies of one picture together, and with them the other
 pictures that look alike: the threshold the near-copy clients force is then higher, and attacks are
-detected later (the endpoint red team's Square cells, bench/results/redteam.endpoint*.md, and the
-transformation-adaptive attacker of Feng et al., CCS 2023, compared there); loss over a batch of ``B``
+detected later (docs/EVALUATION.md); the transformation-adaptive attacker of Feng et al. (CCS 2023)
+they were meant to slow is measured there too; loss over a batch of ``B``
 images = mean over positive pairs (two views of one image) of ``||e_i - e_j||^2`` + mean over
 negative pairs (views of two images) still inside the margin of ``max(0, m^2 - ||e_i - e_j||^2)``
 (the paper averages over all negative pairs; most are far apart after a few steps, and averaging
