@@ -116,10 +116,9 @@ def fpr_upper(flagged: float, n: int, confidence: float = CONFIDENCE) -> float:
 Streams = list[tuple[str, torch.Tensor]]
 
 
-def _kind_threshold(val: list[np.ndarray], target_fpr: float, confidence: float) -> tuple[float | None, float]:
+def _kind_threshold(val: list[np.ndarray], target_fpr: float, confidence: float) -> float | None:
     """The smallest validation score whose upper bound on the per-query FPR (the mean flagged count
-    over the keys' scores ``val``) is at most ``target_fpr`` -> (threshold or None, its upper bound;
-    without one, the bound at the largest score)."""
+    over the keys' scores ``val``) is at most ``target_fpr``, or None when no score's is."""
     n = val[0].size
     # candidates: every validation score (a continuous score, the k-NN method's, has thousands); the
     # flagged counts (score > t: ties are not flagged) and their bounds for all of them at once
@@ -129,7 +128,7 @@ def _kind_threshold(val: list[np.ndarray], target_fpr: float, confidence: float)
     below = flagged < n
     uppers[below] = beta.ppf(confidence, flagged[below] + 1.0, n - flagged[below])  # fpr_upper, vectorised
     meets = np.flatnonzero(uppers <= target_fpr)
-    return (float(candidates[meets[0]]), float(uppers[meets[0]])) if meets.size else (None, float(uppers[-1]))
+    return float(candidates[meets[0]]) if meets.size else None
 
 
 def calibrate_stateful(detector: StatefulDetector, val_streams: Streams | dict[str, Streams],
@@ -157,15 +156,15 @@ def calibrate_stateful(detector: StatefulDetector, val_streams: Streams | dict[s
         raise ValueError(f"test_streams kinds {sorted(test_sets)} differ from val_streams kinds {sorted(val_sets)}")
     vals = {kind: [stream_scores(detector, s) for _ in range(keys)] for kind, s in val_sets.items()}  # fresh keys
     own = {kind: _kind_threshold(v, target_fpr, confidence) for kind, v in vals.items()}
-    if all(t is not None for t, _ in own.values()):
-        threshold = max(t for t, _ in own.values())
+    if all(t is not None for t in own.values()):
+        threshold = max(own.values())
     else:  # too few queries to show the target: flag nothing seen in validation
         threshold = float(max(v.max() for vs in vals.values() for v in vs))
     tests = {kind: stream_scores(detector, s) for kind, s in test_sets.items()}
     per_kind = {}
     for kind, v in vals.items():
         flagged = float(np.mean([int((x > threshold).sum()) for x in v]))
-        per_kind[kind] = {"threshold": own[kind][0], "val_fpr": fpr(np.concatenate(v), threshold),
+        per_kind[kind] = {"threshold": own[kind], "val_fpr": fpr(np.concatenate(v), threshold),
                           "val_fpr_upper": fpr_upper(flagged, v[0].size, confidence), "n_val": int(v[0].size),
                           "test_fpr": fpr(tests[kind], threshold) if kind in tests else None,
                           "n_test": int(tests[kind].size) if kind in tests else None}
