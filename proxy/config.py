@@ -216,6 +216,13 @@ class UpstreamConfig(_Strict):
     retries: int = Field(2, ge=0)  # extra attempts on UNAVAILABLE
     backoff_s: float = Field(0.05, ge=0)
     health_interval_s: float = Field(1.0, gt=0)
+    max_batch_items: int | None = Field(None, ge=1, description=(
+        "items per upstream request: a larger batch goes as several requests at once; null = the max_batch_size "
+        "of the upstream's Triton ModelConfig where it serves one, else no bound"))
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description=(
+        "bytes per upstream request (4 KiB of it for the fields around the pixels): a larger batch goes as "
+        "several requests at once; the default is the receive limit of a gRPC server that did not raise it "
+        "(MLServer, KServe)"))
     tls_ca: str | None = None  # PEM CA of the upstream's certificate (switches the channel to TLS)
     tls_cert: str | None = None  # PEM client certificate + key for mutual TLS
     tls_key: str | None = None

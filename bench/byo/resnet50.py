@@ -94,15 +94,19 @@ STREAM_IMAGES = 2048  # the streams' pool: 128 distinct images per client at con
 BATCHING = {"max_batch_size": 16}  # concurrency 16 of batch-1 requests never coalesces more
 
 
+BIG_MESSAGE = 64 << 20  # MLServer's and the proxy's upstream request limit here (the proxy's own server limit)
+
+
 class BigMessages(serving.harness.MLServerProcess):
     """The test harness's MLServer with gRPC messages up to 64 MiB (the proxy's own limit): at
-    3x224x224 FP32 (588 KiB an item) MLServer's 4 MiB default refuses, with RESOURCE_EXHAUSTED, the
-    batches of 7 items or more that the proxy coalesces and forwards."""
+    3x224x224 FP32 (588 KiB an item) MLServer's 4 MiB default takes 6 items per request, and the
+    proxy would send a coalesced batch of 16 as 3 requests (``backend.upstream.max_request_bytes``);
+    raised, so that one batch is one request, as measured before that split existed."""
 
     def _write_settings(self) -> None:
         super()._write_settings()
         path = self.workdir / "settings.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "grpc_max_message_length": 64 << 20}, indent=2))
+        path.write_text(json.dumps({**json.loads(path.read_text()), "grpc_max_message_length": BIG_MESSAGE}, indent=2))
 
 
 class BareServer:
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def forward(spinning: bool = True):
         return server("proxy_upstream" + ("" if spinning else "_nospin"),
-                      lambda: serving.Proxy(work, bundle, {"backend": {"kind": "upstream"}, "batching": BATCHING},
+                      lambda: serving.Proxy(work, bundle, {"backend": {"kind": "upstream", "upstream": {
+                          "max_request_bytes": BIG_MESSAGE}}, "batching": BATCHING},
                                             upstream(spinning).url, MODEL))
 
     def bare():

@@ -26,16 +26,28 @@ and return one logits output (named ``logits``, or its only output) in FP32 or F
 The upstream's metadata (input name, logits width) is read once and cached: an upstream that comes
 back serving a different model needs a proxy restart.
 Requests are unary (no streaming), as tritonclient and perf_analyzer use them.
+
+The upstream's own limits: the proxy coalesces its clients' requests into batches, which a model
+server may refuse where each client's request alone would pass -- Triton's ``max_batch_size`` (a
+larger batch is ``INVALID_ARGUMENT``) and a gRPC server's receive limit (4 MiB unless raised: MLServer
+and KServe keep it; ``RESOURCE_EXHAUSTED``). So a batch is sent as several requests, at once on the
+channel, each of at most ``max_batch_items`` items (default: the ``max_batch_size`` of Triton's
+``ModelConfig``, read with the metadata where the upstream serves that extension) and at most
+``max_request_bytes`` bytes (one item per request when an item alone is larger: the upstream decides),
+and the answers are joined in order. Each request has its retries; the first failure that is final
+fails the batch.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from robustgate.models import levels
 from robustgate.models.client_values import ClientValues
@@ -45,9 +57,14 @@ from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc
 
 from .base import Backend, BackendError, ModelMeta, TensorMeta
 
+log = logging.getLogger(__name__)
+
 LOGITS = "logits"
 HEALTH_TIMEOUT_S = 1.0  # one readiness poll; short so a dead upstream is noticed quickly
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # for a call with encode_request's bytes
+MODEL_CONFIG_METHOD = "/inference.GRPCInferenceService/ModelConfig"  # Triton's extension (max_batch_size)
+GRPC_DEFAULT_RECEIVE = 4 * 1024 * 1024  # a gRPC server's receive limit unless it raises it (MLServer, KServe do not)
+REQUEST_HEADER_BYTES = 4096  # allowance for a request's fields around its pixels (names, shape; ~100 bytes)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -180,6 +197,11 @@ class UpstreamBackend(Backend):
       (>= 0); never sleeps past the deadline.
     - ``health_interval_s``: seconds between readiness polls of ServerReady + ModelReady (> 0).
     - ``max_message_bytes``: gRPC send and receive limit of the channel (>= 1024).
+    - ``max_batch_items``: items per upstream request (>= 1); None: the ``max_batch_size`` of the
+      upstream's Triton ``ModelConfig`` when it serves one and says > 0, else no bound.
+    - ``max_request_bytes``: the largest upstream request (>= 1024): a batch whose pixels, as sent, exceed it
+      (less 4 KiB for the request's other fields) goes as several requests. Default 4 MiB, the receive
+      limit a gRPC server keeps unless raised.
     - ``tls_ca``: PEM file of the CA that signed the upstream's certificate; any of the three TLS
       options switches the channel to TLS (the system roots are used when only the client pair is
       given).
@@ -211,6 +233,8 @@ class UpstreamBackend(Backend):
         backoff_s: float = 0.05,
         health_interval_s: float = 1.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        max_batch_items: int | None = None,
+        max_request_bytes: int = GRPC_DEFAULT_RECEIVE,
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
@@ -240,11 +264,20 @@ class UpstreamBackend(Backend):
             raise ValueError(f"health_interval_s must be > 0, got {health_interval_s}")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be an integer >= 1024, got {max_message_bytes!r}")
+        if max_batch_items is not None and (isinstance(max_batch_items, bool) or not isinstance(max_batch_items, int)
+                                            or max_batch_items < 1):
+            raise ValueError(f"max_batch_items must be null or an integer >= 1, got {max_batch_items!r}")
+        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be an integer >= 1024, got {max_request_bytes!r}")
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together (mutual TLS needs both)")
         self.url, self.model_name, self.model_version = url, model_name, model_version
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), retries, float(backoff_s)
         self.health_interval_s = float(health_interval_s)
+        self.max_request_bytes = max_request_bytes
+        # items per request: the configured bound, else the upstream's ModelConfig once read (_metadata);
+        # _items_known: whether the upstream's answer (or the configuration) settled it
+        self.max_batch_items, self._items_known = max_batch_items, max_batch_items is not None
 
         options = channel_options(max_message_bytes)
         if tls_ca is None and tls_cert is None:
@@ -262,6 +295,9 @@ class UpstreamBackend(Backend):
         self._infer = self._channel.unary_unary(
             MODEL_INFER_METHOD, request_serializer=None,
             response_deserializer=pb.ModelInferResponse.FromString)
+        self._model_config = self._channel.unary_unary(
+            MODEL_CONFIG_METHOD, request_serializer=ModelConfigRequest.SerializeToString,
+            response_deserializer=ModelConfigResponse.FromString)
 
         self._meta_lock = threading.Lock()
         self._meta: ModelMeta | None = None
@@ -290,19 +326,42 @@ class UpstreamBackend(Backend):
             x = levels.levels(x if cv is None else cv.rgb(x), self.value_range)  # reversing is its own inverse
         elif cv is not None:  # what the model takes
             x = cv.values(x)
-        req = encode_request(x, input_name, self.model_name, self.model_version, self.channels_last, datatype)
-        resp = self._call(self._infer, req, deadline, "ModelInfer")
-        out = decode_logits(resp, output_name, x.shape[0], k)  # [M, K]
+        step = self._items_per_request(x, datatype)
+        reqs = [encode_request(x[i:i + step], input_name, self.model_name, self.model_version, self.channels_last,
+                               datatype) for i in range(0, x.shape[0], step)]
+        if len(reqs) == 1:
+            resps = [self._call(self._infer, reqs[0], deadline, "ModelInfer")]
+        else:  # all on the wire at once (the upstream may run them side by side), answers joined in order
+            sent = [self._infer.future(r, timeout=max(deadline - time.monotonic(), 1e-3), wait_for_ready=False)
+                    for r in reqs]
+            try:
+                resps = [self._call(self._infer, r, deadline, "ModelInfer", first=f) for r, f in zip(reqs, sent)]
+            finally:
+                for f in sent:  # after a final failure the others' answers are not waited for
+                    f.cancel()
+        outs = [decode_logits(resp, output_name, len(xi), k) for resp, xi in
+                zip(resps, (x[i:i + step] for i in range(0, x.shape[0], step)))]  # [m_j, K] each
+        out = outs[0] if len(outs) == 1 else np.concatenate(outs)  # [M, K]
         return to_logits(out) if self.probabilities else out
 
-    def _call(self, method, request, deadline: float, what: str):
-        """One unary call with retries on UNAVAILABLE, all within ``deadline`` (monotonic)."""
+    def _items_per_request(self, x: np.ndarray, datatype: str) -> int:
+        """How many of ``x``'s items one upstream request may carry: ``max_batch_items`` and
+        ``max_request_bytes`` (module docstring); at least one."""
+        item = int(np.prod(x.shape[1:])) * np.dtype(_SEND[datatype]).itemsize
+        step = max(1, (self.max_request_bytes - REQUEST_HEADER_BYTES) // max(item, 1))
+        return min(step, self.max_batch_items) if self.max_batch_items is not None else step
+
+    def _call(self, method, request, deadline: float, what: str, first: "grpc.Future | None" = None):
+        """One unary call with retries on UNAVAILABLE, all within ``deadline`` (monotonic); ``first``:
+        the first attempt, already sent."""
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 and not (attempt == 0 and first is not None):
                 raise BackendError("DEADLINE_EXCEEDED", f"upstream {self.url} {what}: deadline expired "
                                    f"after {attempt} attempt(s)")
             try:
+                if attempt == 0 and first is not None:
+                    return first.result()
                 return method(request, timeout=remaining, wait_for_ready=False)
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details()
@@ -334,8 +393,28 @@ class UpstreamBackend(Backend):
         with self._meta_lock:
             if self._meta is None:
                 req = pb.ModelMetadataRequest(name=self.model_name, version=self.model_version)
-                self._meta = to_model_meta(self._call(self._stub.ModelMetadata, req, deadline, "ModelMetadata"))
+                meta = to_model_meta(self._call(self._stub.ModelMetadata, req, deadline, "ModelMetadata"))
+                if not self._items_known:
+                    self._read_model_config(deadline)
+                self._meta = meta
             return self._meta
+
+    def _read_model_config(self, deadline: float) -> None:
+        """``max_batch_items`` from the upstream's Triton ``ModelConfig`` (``max_batch_size`` > 0); an
+        upstream without that extension (MLServer, KServe) sets no bound. A failure that says nothing
+        of the extension (the upstream busy or gone) leaves it unsettled, to be asked again."""
+        req = ModelConfigRequest(name=self.model_name, version=self.model_version)
+        try:
+            resp = self._model_config(req, timeout=max(min(deadline - time.monotonic(), HEALTH_TIMEOUT_S), 1e-3))
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
+                self._items_known = True
+            return
+        self._items_known = True
+        if resp.config.max_batch_size > 0:
+            self.max_batch_items = int(resp.config.max_batch_size)
+            log.info("upstream %s model %r takes at most %d items per request (its ModelConfig's max_batch_size): "
+                     "larger batches go as several requests", self.url, self.model_name, self.max_batch_items)
 
     # ---- readiness -----------------------------------------------------------------------
     def ready(self) -> bool:
@@ -361,6 +440,32 @@ class UpstreamBackend(Backend):
         if self._poller.is_alive() and self._poller is not threading.current_thread():
             self._poller.join(timeout=HEALTH_TIMEOUT_S * 3)
         self._channel.close()
+
+
+def _triton_config_messages():
+    """``(ModelConfigRequest, ModelConfigResponse)`` message classes of Triton's ``ModelConfig`` RPC
+    with only the fields read here (``name`` 1, ``version`` 2; ``config`` 1 -> ``max_batch_size`` 4):
+    protobuf skips the fields a class does not declare, so Triton's full answer parses into them. Built
+    from a descriptor rather than Triton's ``model_config.proto`` (large, Triton-specific) or
+    tritonclient's copy (not installed where the proxy only serves)."""
+    f = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="robustgate/triton_model_config_subset.proto",
+                                               package="robustgate.triton_subset", syntax="proto3")
+    config = proto.message_type.add(name="ModelConfig")
+    config.field.add(name="max_batch_size", number=4, type=f.TYPE_INT32, label=f.LABEL_OPTIONAL)
+    response = proto.message_type.add(name="ModelConfigResponse")
+    response.field.add(name="config", number=1, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
+                       type_name=".robustgate.triton_subset.ModelConfig")
+    request = proto.message_type.add(name="ModelConfigRequest")
+    for number, name in ((1, "name"), (2, "version")):
+        request.field.add(name=name, number=number, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()  # its own pool: tritonclient's full messages may be loaded too
+    pool.Add(proto)
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"robustgate.triton_subset.{name}"))
+                 for name in ("ModelConfigRequest", "ModelConfigResponse"))
+
+
+ModelConfigRequest, ModelConfigResponse = _triton_config_messages()
 
 
 def _logits_output(meta: ModelMeta) -> tuple[str | None, int | None]:

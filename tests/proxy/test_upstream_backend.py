@@ -70,6 +70,22 @@ def test_logits_equal_the_upstreams_direct_answer(mlserver, backend, onnx_file, 
     assert backend.ready()
 
 
+def test_a_batch_over_the_upstreams_receive_limit_goes_as_several_requests(mlserver, backend, onnx_file):
+    """MLServer keeps gRPC's 4 MiB receive limit: 1,500 items of [1, 28, 28] FP32 (4.7 MB) are refused
+    in one request, and answered in the requests that max_request_bytes' default makes of them."""
+    x = images(1500, seed=5)
+    whole = UpstreamBackend(url=mlserver.url, model_name="tiny", max_request_bytes=64 << 20)
+    try:
+        with pytest.raises(BackendError) as err:
+            whole.infer(x)
+        assert err.value.code == "RESOURCE_EXHAUSTED", str(err.value)
+    finally:
+        whole.close()
+    got = backend.infer(x)
+    local = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
+    np.testing.assert_allclose(got, local, rtol=1e-5, atol=1e-6)
+
+
 def test_metadata_is_the_upstreams(backend):
     meta = backend.metadata()
     assert meta.name == "tiny"
@@ -222,6 +238,8 @@ def test_upstream_stopped_mid_test_then_restarted_on_the_same_port(tmp_path, onn
         ({"backoff_s": -0.1}, "backoff_s"),
         ({"health_interval_s": 0}, "health_interval_s"),
         ({"max_message_bytes": 10}, "max_message_bytes"),
+        ({"max_batch_items": 0}, "max_batch_items"),
+        ({"max_request_bytes": 1000}, "max_request_bytes"),
         ({"tls_cert": "/nonexistent.pem"}, "tls_cert and tls_key"),
         ({"tls_ca": "/nonexistent/ca.pem"}, "tls_ca: cannot read"),
     ],

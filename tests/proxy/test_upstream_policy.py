@@ -90,6 +90,55 @@ def test_backoff_never_sleeps_past_the_deadline(upstream):
         b.close()
 
 
+def test_a_batch_goes_as_requests_of_at_most_max_batch_items(upstream):
+    b = backend_for(upstream, max_batch_items=4)
+    try:
+        x = pixels(10, seed=1)
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)  # rows in the batch's order
+        assert sorted(upstream.batches) == [2, 4, 4]
+    finally:
+        b.close()
+
+
+def test_max_request_bytes_bounds_each_requests_pixels(upstream):
+    """An item of [1, 4, 4] FP32 is 64 bytes; 4 KiB are left for the request's other fields."""
+    b = backend_for(upstream, max_request_bytes=4096 + 16 * 64)
+    try:
+        x = pixels(40, seed=2)
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        assert sorted(upstream.batches) == [8, 16, 16]
+    finally:
+        b.close()
+
+
+def test_an_upstream_without_tritons_model_config_sets_no_item_bound(upstream):
+    """The scripted server answers ModelConfig UNIMPLEMENTED (MLServer and KServe too): one request."""
+    b = backend_for(upstream)
+    try:
+        x = pixels(300, seed=3)
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        assert upstream.batches == [300] and b.max_batch_items is None
+    finally:
+        b.close()
+
+
+def test_each_request_of_a_split_batch_has_its_own_retries(upstream):
+    b = backend_for(upstream, max_batch_items=4, retries=1)
+    try:
+        b.infer(pixels(1))  # metadata fetched
+        upstream.batches, upstream.script = [], [grpc.StatusCode.UNAVAILABLE]
+        x = pixels(10, seed=4)
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        # 4 + 4 + 2 items, and the one that failed sent again
+        assert sorted(upstream.batches) in ([2, 2, 4, 4], [2, 4, 4, 4]), upstream.batches
+        upstream.script = [grpc.StatusCode.INVALID_ARGUMENT]
+        with pytest.raises(BackendError) as err:  # a final answer to one request fails the batch
+            b.infer(x)
+        assert err.value.code == "INVALID_ARGUMENT"
+    finally:
+        b.close()
+
+
 def test_input_name_comes_from_the_upstreams_metadata(upstream):
     """The scripted model's input is called "pixels"; it refuses any other name."""
     b = backend_for(upstream)

@@ -85,6 +85,37 @@ def test_answers_through_the_proxy_equal_the_upstreams(start_proxy, mlserver, or
             np.testing.assert_array_equal(got["robustgate_verdict"], np.zeros(n, dtype=np.int32))
 
 
+def test_a_triton_upstreams_max_batch_size_bounds_what_the_proxy_sends(start_proxy, ort_logits):
+    """The upstream is a robustgate proxy, which serves Triton's ModelConfig (max_batch_size =
+    limits.max_batch_items, 4) and refuses larger requests as Triton does. The front coalesces 12
+    concurrent batch-1 calls and takes a 10-item call: each goes upstream in requests of at most 4 items.
+    With the bound overridden (max_batch_items 64) the same 10-item call is refused upstream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    upstream = start_proxy(limits={"max_batch_items": 4}, batching={"enabled": False})
+    front = start_proxy(backend=upstream_section(upstream.url),
+                        batching={"max_batch_size": 32, "max_queue_delay_ms": 50})
+    x = images(12, seed=21)
+
+    def one(i: int) -> np.ndarray:
+        with tc.InferenceServerClient(front.url) as client:
+            return triton_infer(client, "tiny", x[i:i + 1])["logits"]
+
+    with ThreadPoolExecutor(12) as pool:
+        got = np.concatenate(list(pool.map(one, range(12))))
+    np.testing.assert_allclose(got, ort_logits(x), rtol=1e-5, atol=1e-6)
+    with tc.InferenceServerClient(front.url) as client:
+        np.testing.assert_allclose(triton_infer(client, "tiny", x[:10])["logits"], ort_logits(x[:10]),
+                                   rtol=1e-5, atol=1e-6)
+    assert front.server.backend.max_batch_items == 4
+
+    unbounded = start_proxy(backend=upstream_section(upstream.url, max_batch_items=64))
+    with tc.InferenceServerClient(unbounded.url) as client:
+        with pytest.raises(InferenceServerException) as err:
+            triton_infer(client, "tiny", x[:10])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", (err.value.status(), str(err.value))
+
+
 def test_client_deadline_reaches_the_upstream_call(start_proxy, mlserver):
     """The upstream sleeps SLOW_S; the proxy's own timeout_s is 30 s; a 1.5 s client deadline
     must still end the proxy's upstream call, which MLServer sees as a cancelled request."""

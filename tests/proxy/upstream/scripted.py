@@ -32,7 +32,8 @@ def formula_logits(x: np.ndarray, k: int = K) -> np.ndarray:
 
 class ScriptedUpstream(pb_grpc.GRPCInferenceServiceServicer):
     """``script``: status codes that the next ModelInfer calls fail with, one per call; then answers
-    of the kind ``answer``. ``calls`` counts ModelInfer calls."""
+    of the kind ``answer``. ``calls`` counts ModelInfer calls, ``batches`` lists the items of each
+    (failed ones included), in the order they arrived."""
 
     def __init__(self, answer: str = "raw"):
         if answer not in ANSWERS:
@@ -40,6 +41,7 @@ class ScriptedUpstream(pb_grpc.GRPCInferenceServiceServicer):
         self.answer = answer
         self.script: list[grpc.StatusCode] = []
         self.calls = 0
+        self.batches: list[int] = []
         self.server_ready = True
         self.model_ready = True
         self._lock = threading.Lock()
@@ -67,6 +69,7 @@ class ScriptedUpstream(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request, context):
         with self._lock:
             self.calls += 1
+            self.batches.append(int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0)
             code = self.script.pop(0) if self.script else None
         if code is not None:
             context.abort(code, f"scripted {code.name}")
