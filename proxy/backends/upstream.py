@@ -278,6 +278,7 @@ class UpstreamBackend(Backend):
         # items per request: the configured bound, else the upstream's ModelConfig once read (_metadata);
         # _items_known: whether the upstream's answer (or the configuration) settled it
         self.max_batch_items, self._items_known = max_batch_items, max_batch_items is not None
+        self._config_asked = -float("inf")  # monotonic time of the last ModelConfig call
 
         options = channel_options(max_message_bytes)
         if tls_ca is None and tls_cert is None:
@@ -388,15 +389,14 @@ class UpstreamBackend(Backend):
 
     def _metadata(self, deadline: float) -> ModelMeta:
         meta = self._meta
-        if meta is not None:
+        if meta is not None and (self._items_known or time.monotonic() < self._config_asked + self.health_interval_s):
             return meta
         with self._meta_lock:
             if self._meta is None:
                 req = pb.ModelMetadataRequest(name=self.model_name, version=self.model_version)
-                meta = to_model_meta(self._call(self._stub.ModelMetadata, req, deadline, "ModelMetadata"))
-                if not self._items_known:
-                    self._read_model_config(deadline)
-                self._meta = meta
+                self._meta = to_model_meta(self._call(self._stub.ModelMetadata, req, deadline, "ModelMetadata"))
+            if not self._items_known and time.monotonic() >= self._config_asked + self.health_interval_s:
+                self._read_model_config(deadline)  # again at most every health_interval_s while unsettled
             return self._meta
 
     def _read_model_config(self, deadline: float) -> None:
@@ -404,6 +404,7 @@ class UpstreamBackend(Backend):
         upstream without that extension (MLServer, KServe) sets no bound. A failure that says nothing
         of the extension (the upstream busy or gone) leaves it unsettled, to be asked again."""
         req = ModelConfigRequest(name=self.model_name, version=self.model_version)
+        self._config_asked = time.monotonic()
         try:
             resp = self._model_config(req, timeout=max(min(deadline - time.monotonic(), HEALTH_TIMEOUT_S), 1e-3))
         except grpc.RpcError as exc:

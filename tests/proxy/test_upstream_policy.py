@@ -3,6 +3,7 @@ server on loopback (tests/proxy/upstream/scripted.py): what MLServer cannot be t
 
 from __future__ import annotations
 
+import time
 
 import grpc
 import numpy as np
@@ -120,6 +121,31 @@ def test_an_upstream_without_tritons_model_config_sets_no_item_bound(upstream):
         assert upstream.batches == [300] and b.max_batch_items is None
     finally:
         b.close()
+
+
+def test_tritons_max_batch_size_is_read_and_asked_again_after_a_failure():
+    """A Triton-like upstream answers ModelConfig (tritonclient's full messages) with max_batch_size 4,
+    after failing the first ModelConfig call: the batch before it goes whole, the one after the health
+    interval in requests of at most 4 items."""
+    server = scripted.ScriptedUpstream(max_batch_size=4)
+    server.config_script = [grpc.StatusCode.UNAVAILABLE]
+    server.start()
+    b = backend_for(server, health_interval_s=0.3)
+    try:
+        x = pixels(10, seed=5)
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        assert server.batches == [10] and server.config_calls == 1 and b.max_batch_items is None
+        b.infer(x)  # within the interval: not asked again
+        assert server.config_calls == 1
+        time.sleep(0.35)
+        server.batches = []
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        assert server.config_calls == 2 and b.max_batch_items == 4 and sorted(server.batches) == [2, 4, 4]
+        b.infer(x)
+        assert server.config_calls == 2  # settled
+    finally:
+        b.close()
+        server.stop()
 
 
 def test_each_request_of_a_split_batch_has_its_own_retries(upstream):

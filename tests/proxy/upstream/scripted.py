@@ -33,12 +33,17 @@ def formula_logits(x: np.ndarray, k: int = K) -> np.ndarray:
 class ScriptedUpstream(pb_grpc.GRPCInferenceServiceServicer):
     """``script``: status codes that the next ModelInfer calls fail with, one per call; then answers
     of the kind ``answer``. ``calls`` counts ModelInfer calls, ``batches`` lists the items of each
-    (failed ones included), in the order they arrived."""
+    (failed ones included), in the order they arrived. ``max_batch_size`` not None: the server also
+    answers Triton's ``ModelConfig`` with it (tritonclient's messages), after failing the first calls
+    with the codes in ``config_script``; ``config_calls`` counts them. None: UNIMPLEMENTED (MLServer)."""
 
-    def __init__(self, answer: str = "raw"):
+    def __init__(self, answer: str = "raw", max_batch_size: int | None = None):
         if answer not in ANSWERS:
             raise ValueError(f"answer must be one of {ANSWERS}")
         self.answer = answer
+        self.max_batch_size = max_batch_size
+        self.config_script: list[grpc.StatusCode] = []
+        self.config_calls = 0
         self.script: list[grpc.StatusCode] = []
         self.calls = 0
         self.batches: list[int] = []
@@ -87,11 +92,34 @@ class ScriptedUpstream(pb_grpc.GRPCInferenceServiceServicer):
             resp.raw_output_contents.append(raw[:-4] if self.answer == "short_raw" else raw)
         return resp
 
+    def ModelConfig(self, request, context):
+        from tritonclient.grpc import service_pb2
+
+        with self._lock:
+            self.config_calls += 1
+            code = self.config_script.pop(0) if self.config_script else None
+        if code is not None:
+            context.abort(code, f"scripted {code.name}")
+        resp = service_pb2.ModelConfigResponse()
+        resp.config.name, resp.config.platform, resp.config.max_batch_size = "formula", "scripted", self.max_batch_size
+        resp.config.input.add(name="pixels", dims=[1, 4, 4])  # fields the backend does not read, on the wire too
+        return resp
+
+    def _config_handler(self) -> grpc.GenericRpcHandler:
+        from tritonclient.grpc import service_pb2
+
+        method = grpc.unary_unary_rpc_method_handler(
+            self.ModelConfig, request_deserializer=service_pb2.ModelConfigRequest.FromString,
+            response_serializer=service_pb2.ModelConfigResponse.SerializeToString)
+        return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelConfig": method})
+
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, tls: tuple[Path, Path, Path | None] | None = None) -> "ScriptedUpstream":
         """Serves on a free 127.0.0.1 port; ``tls`` = (server cert, server key, client CA or None)."""
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self, self.server)
+        if self.max_batch_size is not None:
+            self.server.add_generic_rpc_handlers([self._config_handler()])
         if tls is None:
             self.port = self.server.add_insecure_port("127.0.0.1:0")
         else:
