@@ -141,7 +141,8 @@ class Proxy:
         for key, value in sections.items():
             cfg[key] = {**cfg.get(key, {}), **value}
         if cfg["backend"]["kind"] == "upstream":
-            cfg["backend"]["upstream"] = {**cfg["backend"].get("upstream", {}), "url": upstream_url, "model_name": model}
+            cfg["backend"]["upstream"] = {**cfg["backend"].get("upstream", {}), "url": upstream_url,
+                                          "model_name": model}
         self.config = cfg
         self.config_path = workdir / f"proxy-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
