@@ -262,6 +262,18 @@ class Batcher:
         """The recent service time per item (None until a batch has run)."""
         return None if self._batch_s is None else self._batch_s / self._batch_items
 
+    def prime(self, items: int, seconds: float) -> None:
+        """Seeds the service time with a batch of ``items`` run in ``seconds`` outside the queue (the
+        server's warm-up), when no batch has run yet; the batches served move it as any other. Without
+        a seed the first batch sets it alone, and the first batch after a start meets cold sessions and an
+        event loop busy taking in the requests that came with it: its cycle is many times the steady one,
+        and the wait budget then refuses much of a burst that the pipeline would work off within it
+        (bench/results/hardening.cold_burst.md)."""
+        if items < 1 or not seconds > 0:
+            raise ValueError(f"items must be >= 1 and seconds > 0, got {items} and {seconds}")
+        if self._batch_s is None:
+            self._served(items, seconds)
+
     def expected_wait_s(self) -> float | None:
         """Seconds the items now waiting would take to work off (None until a batch has run)."""
         t = self.seconds_per_item

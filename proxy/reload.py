@@ -2,7 +2,8 @@
 
 :func:`prepare_reload` does everything that can fail off the event loop (re-reads the config and the
 bundle, checksums verified, builds the new runner through the one assembly on the running
-backend, re-reads the bearer token) and touches nothing the server uses; :func:`reload` swaps the
+backend, warms it when ``server.warmup`` is on (proxy/warmup.py; a pipeline that fails there is refused),
+re-reads the bearer token) and touches nothing the server uses; :func:`reload` swaps the
 result in with one attribute store, so batches already running finish on the old pipeline and
 nothing is dropped. Anything invalid raises :class:`ReloadError` and keeps the running pipeline.
 ``ProxyServer.reload`` / ``ProxyServer._prepare_reload`` call these.
@@ -19,6 +20,7 @@ from robustgate.defenses.assemble import PipelineRunner, build_runner
 from robustgate.models.bundle import Bundle, BundleError
 from robustgate.proxy.config import ConfigError, ProxyConfig
 from robustgate.proxy.priority import call_at_priority
+from robustgate.proxy.warmup import describe
 
 if TYPE_CHECKING:
     from robustgate.proxy.server import ProxyServer
@@ -105,6 +107,11 @@ def prepare_reload(self: "ProxyServer") -> tuple[ProxyConfig, PipelineRunner, by
             f"served ones {list(old.detector_names)} (ensemble {old.has_ensemble}): they name the response's "
             f"outputs; restart to change them"
         )
+    if self.warmup_enabled:  # its fused session is new: warm before the swap (proxy/warmup.py)
+        try:
+            log.info("reload warm-up: %s", describe(self.warm(runner)))
+        except Exception as exc:  # noqa: BLE001 - a pipeline that fails on its warm-up batches is not swapped in
+            raise ReloadError(f"the new pipeline failed its warm-up: {type(exc).__name__}: {exc}") from None
     auth = self.cfg.server.auth
     try:
         token = read_token(auth.bearer_token_file) if auth.enabled else None

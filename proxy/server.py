@@ -50,6 +50,8 @@ from robustgate.proxy.config import ProxyConfig
 from robustgate.proxy.metrics import Metrics
 from robustgate.proxy.reload import ReloadError, prepare_reload, read_token, reload
 from robustgate.proxy.triton_compat import model_config_handler
+from robustgate.proxy import warmup
+from robustgate.proxy.priority import call_at_priority
 from robustgate.proxy.identity import Trust, call_identity
 from robustgate.proxy.ratelimit import LimitStoreError, build_limiter
 from robustgate.proxy.verdicts import (  # noqa: F401
@@ -381,6 +383,8 @@ class ProxyServer:
             raise OSError(f"cannot bind the gRPC port {address}")
         if s.admin.enabled and s.admin.port is not None:
             self.admin_port = await self._start_admin(auth, creds)
+        if self.warmup_enabled:  # before the port serves: the first clients meet a warm pipeline
+            await self._warm_up()
         self.batcher.start()
         await self.server.start()
         if s.metrics_port is not None:
@@ -396,6 +400,30 @@ class ProxyServer:
             log.warning("server.explain is on without server.auth: every client sees the detectors' scores and "
                         "thresholds in rejections (docs/OPERATIONS.md, 'Threat model')")
         return self.port
+
+    @property
+    def warmup_enabled(self) -> bool:
+        """``server.warmup``; null: on unless the backend is an upstream model server (proxy/warmup.py)."""
+        w = self.cfg.server.warmup
+        return w if w is not None else self.cfg.backend.kind != "upstream"
+
+    def warm(self, runner: PipelineRunner) -> list[tuple[int, float]]:
+        """proxy/warmup.py's warm-up of ``runner`` with this server's input and batch shapes (blocking)."""
+        b = self.cfg.batching
+        return warmup.warm_up(runner, self.contract.item_shape, self.contract.value_range,
+                              warmup.batch_sizes(b.enabled, b.max_batch_size))
+
+    async def _warm_up(self) -> None:
+        """The served pipeline warmed at the batch workers' priority (their sessions' pools run at it),
+        and the batcher's admission seeded with its largest batch's time (proxy/warmup.py)."""
+        try:
+            timings = await asyncio.get_running_loop().run_in_executor(
+                None, call_at_priority, self.cfg.server.compute_nice, self.warm, self.runner)
+        except Exception as exc:  # noqa: BLE001 - the clients' batches will meet (and report) the same failure
+            log.warning("warm-up failed, serving without it: %s: %s", type(exc).__name__, exc)
+            return
+        log.info("warm-up: %s", warmup.describe(timings))
+        self.batcher.prime(*timings[-1])
 
     async def _start_admin(self, auth: "BearerAuth | None", creds: grpc.ServerCredentials | None) -> int:
         """The admin service on its own port (server.admin.port, bound to server.admin.host: loopback

@@ -311,6 +311,26 @@ def test_the_wait_budget_divides_by_the_workers_and_must_be_positive():
             Batcher(echo_run([]), max_queue_wait_s=bad)
 
 
+def test_a_primed_service_time_keeps_a_slow_first_batch_from_refusing_a_burst():
+    """The server's warm-up seeds the estimate (64 items in 6.4 ms); the first batch served after a
+    start then takes 30 ms for 2 items (cold, the loop busy with the burst). Unprimed, that batch
+    alone is the estimate, and 20 items waiting read as 300 ms over a 100 ms budget; primed, it
+    moves the moving averages by their weight only."""
+    cold, primed = Batcher(echo_run([]), max_queue_wait_s=0.1), Batcher(echo_run([]), max_queue_wait_s=0.1)
+    primed.prime(64, 0.0064)
+    assert primed.seconds_per_item == pytest.approx(1e-4) and cold.seconds_per_item is None
+    for b in (cold, primed):
+        b._served(2, 0.030)
+        b._depth = 20
+    assert "300 ms" in cold.admission(1)
+    assert primed.admission(1) is None and primed.seconds_per_item == pytest.approx(0.01112 / 51.6)
+    primed.prime(1, 1.0)  # only a batcher that has no estimate yet takes a seed
+    assert primed.seconds_per_item == pytest.approx(0.01112 / 51.6)
+    for items, seconds in ((0, 0.1), (1, 0.0), (1, -1.0)):
+        with pytest.raises(ValueError, match="items must be >= 1 and seconds > 0"):
+            cold.prime(items, seconds)
+
+
 def test_the_service_time_counts_the_event_loops_share_of_a_batch_not_only_the_run():
     """The pipeline takes 10 ms per item, the event loop another 10 ms per batch (an ``on_batch``
     hook that moves the clock: a loop short of CPU): one-item batches cost 20 ms, so a 55 ms budget

@@ -108,6 +108,8 @@ def test_a_triton_upstreams_max_batch_size_bounds_what_the_proxy_sends(start_pro
         np.testing.assert_allclose(triton_infer(client, "tiny", x[:10])["logits"], ort_logits(x[:10]),
                                    rtol=1e-5, atol=1e-6)
     assert front.server.backend.max_batch_items == 4
+    # server.warmup's default: the in-process upstream warms, the forwarding front leaves its model server alone
+    assert upstream.server.warmup_enabled and not front.server.warmup_enabled
 
     unbounded = start_proxy(backend=upstream_section(upstream.url, max_batch_items=64))
     with tc.InferenceServerClient(unbounded.url) as client:
