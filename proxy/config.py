@@ -172,11 +172,11 @@ class ServerConfig(_Strict):
         "it: bench/results/hardening.rpc_floor.md), asyncio (the standard library's), or auto = "
         "uvloop where it is installed (a core dependency on Linux and macOS), else asyncio"))
     warmup: bool | None = Field(None, description=(
-        "before the server turns ready, run the pipeline on synthetic batches of 1 and batching.max_batch_size items "
+        "before the port serves, run the pipeline on synthetic batches of 1 and batching.max_batch_size items "
         "(pixels drawn in the bundle's value range; stateful stages see none of them), so that the first clients "
         "meet warm sessions and the queue-wait admission starts from the measured time per item instead of the "
-        "first batch's (proxy/server.py, 'Warm-up'); again on a hot reload, before the swap; null = on with an "
-        "in-process backend, off with an upstream one, whose model server warms itself (Triton's model_warmup)"))
+        "first batch's (proxy/warmup.py); again on a hot reload, before the swap; null = on with an in-process "
+        "backend, off with an upstream one, whose model server warms itself (Triton's model_warmup)"))
     workers: int | None = Field(None, ge=1, description=(
         "serving processes on the one port, each with its own event loop, batcher and backend sessions "
         "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given, or 1 when any stage or the backend runs on a GPU "

@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             arm: {phase: summary(runs, arm, phase) for phase in ("cold", "warm")} for arm in ARMS}}
     data["load_average_end"] = common.loadavg()
 
+    m = data["machine"]
     lines = ["# A burst at a cold start: refusals with and without server.warmup", "",
              f"Command: `{data['command']}` (started {data['started_utc']}).", "",
-             f"Machine: {data['machine']}; load average {data['load_average_start']} at the start, "
+             f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, grpcio {m['grpcio']}; revision "
+             f"{m['robustgate_revision']}; load average {data['load_average_start']} at the start, "
              f"{data['load_average_end']} at the end. Client and server share the cores.", "",
              f"Each start: a fresh `robustgate serve` with `{data['config']}` (one worker process), a burst of "
              f"{args.burst} batch-1 calls at once over {args.channels} connections the moment ServerReady is true "
