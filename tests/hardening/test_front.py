@@ -56,6 +56,7 @@ def test_the_front_refuses_beyond_its_queue_at_once_and_every_admitted_call_gets
     p = start_proxy(
         pipeline={"stages": [{"name": "gate", "kind": "test_proxy_gate", "params": {"gate": gate, "entered": entered}}]},
         batching={"max_batch_size": 1, "workers": 1}, limits={"max_batch_items": 1},
+        server={"warmup": False},  # the warm-up's batches would stop at the gate
     )
     front = HAProxyFront(p.url, max_inflight=INFLIGHT, max_queue=QUEUE)
     rng = np.random.default_rng(0)

@@ -152,6 +152,7 @@ def test_a_flood_beyond_the_queue_is_refused_at_once_and_the_rest_served(start_p
     p = start_proxy(
         pipeline={"stages": [{"name": "gate", "kind": "test_proxy_gate", "params": {"gate": gate, "entered": entered}}]},
         batching={"max_batch_size": 2, "max_queue_items": QUEUE, "workers": 1}, limits={"max_batch_items": 2},
+        server={"warmup": False},  # the warm-up's batches would stop at the gate
     )
     rng = np.random.default_rng(0)
     first = images(rng, 1)
@@ -260,6 +261,7 @@ def test_the_wait_budget_refuses_at_once_what_would_wait_too_long(start_proxy, o
         batching={"max_batch_size": 1, "max_queue_delay_ms": 0, "max_queue_items": 64, "max_queue_wait_ms": 2500,
                   "workers": 1},
         limits={"max_batch_items": 2},
+        server={"warmup": False},  # the admission's estimate comes from the clocked batches alone
     )
     p.server.batcher.clock = clock  # before the first request: arrivals, batches and the estimate on it
     reg = p.server.metrics.registry

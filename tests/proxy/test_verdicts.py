@@ -170,6 +170,7 @@ def test_full_queue_answers_resource_exhausted(start_proxy, ort_logits):
     p = start_proxy(
         pipeline={"stages": [{"name": "gate", "kind": "test_proxy_gate", "params": {"gate": gate, "entered": entered}}]},
         batching={"max_batch_size": 1, "max_queue_items": 2, "workers": 1}, limits={"max_batch_items": 2},  # one batch at a time
+        server={"warmup": False},  # the warm-up's batches would stop at the gate
     )
     xs = [np.full((1, 1, 28, 28), v, np.float32) for v in (0.1, 0.3, 0.6)]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -199,6 +200,7 @@ def test_client_deadline_passing_in_the_queue_answers_deadline_exceeded(start_pr
     p = start_proxy(
         pipeline={"stages": [{"name": "gate", "kind": "test_proxy_gate", "params": {"gate": gate, "entered": entered}}]},
         batching={"max_batch_size": 1, "workers": 1},  # one batch at a time: the second request waits
+        server={"warmup": False},  # the warm-up's batches would stop at the gate
     )
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(lambda: infer(p.url, DARK).as_numpy("logits"))
