@@ -35,7 +35,8 @@ from robustgate.proxy.codec import REASONS_PARAM
 
 REJECTED_STATUS = "StatusCode.PERMISSION_DENIED"
 EXHAUSTED_STATUS = "StatusCode.RESOURCE_EXHAUSTED"
-_REJECTION = re.compile(r"rejected by robustgate: item \d+ stage (\S+)")
+# "stage X failed": the failure policy's rejection (fail-closed), not a detection by X; kept whole
+_REJECTION = re.compile(r"rejected by robustgate: item \d+ stage (\S+(?: failed)?)")
 _STAGE = re.compile(r"\bstage (\S+)")
 OUTCOMES = ("accepted", "flagged", "rejected", "blocked")
 
@@ -44,7 +45,8 @@ OUTCOMES = ("accepted", "flagged", "rejected", "blocked")
 class Reply:
     """One answer as the client sees it. ``logits`` ``[K]`` float32 or None (refused);
     ``outcome`` one of :data:`OUTCOMES`; ``stage`` the rejecting stage's name when the proxy names
-    one; ``code`` / ``message`` the gRPC status of a refusal."""
+    one (``"X failed"`` when stage X failed and the failure policy rejected: no detection by X);
+    ``code`` / ``message`` the gRPC status of a refusal."""
 
     outcome: str
     logits: np.ndarray | None = None
@@ -136,7 +138,7 @@ class GrpcOracle:
             if verdict == 2:  # item verdict mode: a rejected item is answered, with NaN logits
                 self.rejections += 1
                 reasons = res.get_response().parameters[REASONS_PARAM].string_param.split(",")
-                stage = reasons[0].removesuffix(" failed") if reasons and reasons[0] else None
+                stage = reasons[0] if reasons and reasons[0] else None  # "X failed" kept, as in request mode
                 return Reply("rejected", stage=stage)
             return Reply("flagged" if verdict == 1 else "accepted", logits=res.as_numpy(self.output_name).reshape(-1))
         raise AssertionError("unreachable: the retry loop returns or raises")

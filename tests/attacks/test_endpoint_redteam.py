@@ -124,17 +124,20 @@ def images(fmnist_splits):
 def test_refusals_are_classified_from_status_and_message():
     r = classify_refusal(REJECTED_STATUS, "rejected by robustgate: item 0 stage stateful score 3 threshold 2.5")
     assert (r.outcome, r.stage, r.refused) == ("rejected", "stateful", True)
-    assert classify_refusal(REJECTED_STATUS, "rejected by robustgate: item 2 stage hf failed").stage == "hf"
+    # a stage that failed under fail-closed: refused, but no detection by that stage
+    assert classify_refusal(REJECTED_STATUS, "rejected by robustgate: item 2 stage hf failed").stage == "hf failed"
     assert classify_refusal(REJECTED_STATUS, "client a blocked for 60 s").outcome == "blocked"
     assert classify_refusal(EXHAUSTED_STATUS, "query budget spent; stage stateful").stage == "stateful"
     assert classify_refusal(EXHAUSTED_STATUS, "queue full: 9 items waiting, retry later") is None
     assert classify_refusal("StatusCode.INVALID_ARGUMENT", "bad shape") is None
     lg = Ledger(x0=torch.zeros(1, 2, 2), y=0, eps=0.1, budget=3, detection_stages=frozenset({"stateful"}))
     for reply in (classify_refusal(REJECTED_STATUS, "rejected by robustgate: item 0 stage hf score 1 threshold 0"),
+                  classify_refusal(REJECTED_STATUS, "rejected by robustgate: item 0 stage stateful failed"),
                   classify_refusal(REJECTED_STATUS, "rejected by robustgate: item 0 stage stateful score 3 threshold 2")):
         lg.charge()
         lg.record(torch.zeros(1, 2, 2), reply)
-    assert lg.first_detection == 2  # the hf rejection is not a stateful detection, the second is
+    # neither the hf rejection nor the stateful stage's failure is a stateful detection; the third is
+    assert lg.first_detection == 3 and lg.stages == {"hf": 1, "stateful failed": 1, "stateful": 1}
     with pytest.raises(ValueError, match="attacks: unknown endpoint attack 'square-fast'"):
         EndpointSettings(url="x", model="m", attacks=["square-fast"])
     for bad in ((0, 10), (20, 10), (5,)):
