@@ -6,6 +6,7 @@ server. The transport only decodes, queues, applies the verdict rules (proxy/ver
 and item modes, the rejection status -- without the detector's score and threshold unless
 ``server.explain``) and encodes.
 
+Before its port serves, it runs the pipeline on synthetic batches (``server.warmup``, proxy/warmup.py).
 Bad input never crashes it: every error path answers a status with a message, bytes that are not
 a valid protobuf message included (INVALID_ARGUMENT). Overload: the batcher's admission (its item
 bound and wait budget, proxy/batcher.py) is asked before a request's payload is decoded, so that a
@@ -423,7 +424,9 @@ class ProxyServer:
             log.warning("warm-up failed, serving without it: %s: %s", type(exc).__name__, exc)
             return
         log.info("warm-up: %s", warmup.describe(timings))
-        self.batcher.prime(*timings[-1])
+        items, seconds = timings[-1]
+        if seconds > 0:  # a clock that did not move says nothing of the service time
+            self.batcher.prime(items, seconds)
 
     async def _start_admin(self, auth: "BearerAuth | None", creds: grpc.ServerCredentials | None) -> int:
         """The admin service on its own port (server.admin.port, bound to server.admin.host: loopback
