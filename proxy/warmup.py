@@ -7,9 +7,10 @@ batcher's queue-wait admission (proxy/batcher.py): its time per item starts from
 served, and the first batch after a start meets those cold sessions and an event loop busy taking
 in the requests that came with it; its cycle is many times the steady one, and until the moving
 average forgets it the wait budget refuses much of a burst the pipeline would work off well within
-the budget. A burst of 160 calls the moment a server of the default pipeline said ready had 114 of
-800 calls refused over 5 starts on this repository's 2-core machine, 245 of 800 beside a process that
-kept one core busy; with the warm-up, none (bench/results/hardening.cold_burst.md).
+the budget. A burst of 160 calls the moment a server of the default pipeline said ready had 380 of
+1,600 calls refused over 10 starts on this repository's 2-core machine (8 of the 10 bursts), 561 of
+1,600 beside a process that kept one core busy; with the warm-up, none of 6,400 in 40 bursts, cold or
+warm (bench/results/hardening.cold_burst.md).
 
 So the runner is called (in a thread, at the batch workers' priority) on batches of 1 item and of
 the largest batch the batcher forms, each twice -- the first call of a shape is the cold one -- and
