@@ -248,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
             return u
         return server(key, start)
 
-    def forward(spinning: bool = True):
-        return server("proxy_upstream" + ("" if spinning else "_nospin"),
-                      lambda: serving.Proxy(work, bundle, {"backend": {"kind": "upstream", "upstream": {
-                          "max_request_bytes": BIG_MESSAGE}}, "batching": BATCHING},
-                                            upstream(spinning).url, MODEL))
+    def forward(spinning: bool = True, split: bool = False):
+        # split: backend.upstream.max_request_bytes at its default (4 MiB, 6 items of 588 KiB a request) in
+        # front of the same MLServer, so a coalesced batch goes as several requests
+        limit = {} if split else {"max_request_bytes": BIG_MESSAGE}
+        return server("proxy_upstream" + ("" if spinning else "_nospin") + ("_split" if split else ""),
+                      lambda: serving.Proxy(work, bundle, {"backend": {"kind": "upstream", "upstream": limit},
+                                                           "batching": BATCHING}, upstream(spinning).url, MODEL))
 
     def bare():
         return server("bare_grpc", lambda: BareServer(work, onnx_path, MODEL))
@@ -281,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             plan[f"mlserver_c{c}"] = load(upstream, c, lambda s: {"mlserver": s.proc.pid})
             plan[f"proxy_upstream_c{c}"] = load(forward, c, lambda s: {"proxy": s.proc.pid,
                                                                        "mlserver": upstream().proc.pid})
+            plan[f"proxy_upstream_split_c{c}"] = load(lambda: forward(split=True), c, lambda s: {
+                "proxy": s.proc.pid, "mlserver": upstream().proc.pid})
         # MLServer's ONNX Runtime with its pool threads not spinning (ONNX Runtime's default spins): do the
         # upstream's spinning threads, holding the cores, slow the proxy's handling of the answer at concurrency 1?
         plan["mlserver_nospin_c1"] = load(lambda: upstream(False), 1, lambda s: {"mlserver": s.proc.pid})
@@ -353,6 +357,9 @@ def checks(pts: dict) -> dict:
         ("inprocess_throughput_cost_vs_bare_grpc", cost, "proxy_none_c16", "bare_grpc_c16", TARGET_PROXY_THROUGHPUT),
         ("upstream_p50_added", p50_added, "proxy_upstream_c1", "mlserver_c1", TARGET_PROXY_P50),
         ("upstream_throughput_cost", cost, "proxy_upstream_c16", "mlserver_c16", TARGET_PROXY_THROUGHPUT),
+        # a coalesced batch sent as requests of at most 4 MiB (max_request_bytes' default), against one request
+        ("upstream_split_p50_added", p50_added, "proxy_upstream_split_c1", "proxy_upstream_c1", None),
+        ("upstream_split_throughput_cost", cost, "proxy_upstream_split_c16", "proxy_upstream_c16", None),
         *[(f"{stage}_throughput_cost", cost, f"proxy_{stage}_c16", "proxy_none_c16",
            None if stage in UNTARGETED_STAGES else TARGET_STAGE_THROUGHPUT) for stage in STAGES],
         *[(f"{stage}_throughput_cost", cost, f"proxy_{stage}_stream_c16", "proxy_none_stream_c16",
@@ -420,7 +427,10 @@ def markdown(r: dict) -> str:
               "threads wait behind them). `mlserver_nospin` is MLServer with its ONNX Runtime pool not spinning "
               "(`session.intra_op.allow_spinning` 0; ONNX Runtime spins by default), `proxy_upstream_nospin` the proxy "
               "in front of it: do a spinning upstream's idle threads, holding the cores, slow the proxy's handling of "
-              "its answer at concurrency 1? (`upstream_nospin_p50_added` against `upstream_p50_added`.)", "",
+              "its answer at concurrency 1? (`upstream_nospin_p50_added` against `upstream_p50_added`.) "
+              "`proxy_upstream_split` is the proxy with `backend.upstream.max_request_bytes` at its default, 4 MiB "
+              "(the receive limit MLServer keeps unless raised, as here): a coalesced batch goes upstream as "
+              "requests of at most 6 items, sent at once, where `proxy_upstream` sends it as one.", "",
               "`*_stream_c16`: benign clients' streams (each of the 16 closed-loop clients its own `x-client-id` and a "
               f"new picture with every request, {STREAM_IMAGES} Fashion-MNIST test images conformed to 3x224x224), so "
               "that a stateful stage searches its history for every query; `stateful_knn` is the k-NN stateful stage "
