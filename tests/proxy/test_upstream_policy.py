@@ -91,34 +91,19 @@ def test_backoff_never_sleeps_past_the_deadline(upstream):
         b.close()
 
 
-def test_a_batch_goes_as_requests_of_at_most_max_batch_items(upstream):
-    b = backend_for(upstream, max_batch_items=4)
+@pytest.mark.parametrize("kwargs,n,batches", [
+    ({"max_batch_items": 4}, 10, [2, 4, 4]),
+    ({"max_request_bytes": 4096 + 16 * 64}, 40, [8, 16, 16]),  # [1, 4, 4] FP32 is 64 bytes; 4 KiB for the rest
+    # no bound configured, and the scripted server answers ModelConfig UNIMPLEMENTED (MLServer and KServe too)
+    ({}, 300, [300]),
+])
+def test_a_batch_goes_as_requests_within_the_bounds(upstream, kwargs, n, batches):
+    b = backend_for(upstream, **kwargs)
     try:
-        x = pixels(10, seed=1)
+        x = pixels(n, seed=n)
         np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)  # rows in the batch's order
-        assert sorted(upstream.batches) == [2, 4, 4]
-    finally:
-        b.close()
-
-
-def test_max_request_bytes_bounds_each_requests_pixels(upstream):
-    """An item of [1, 4, 4] FP32 is 64 bytes; 4 KiB are left for the request's other fields."""
-    b = backend_for(upstream, max_request_bytes=4096 + 16 * 64)
-    try:
-        x = pixels(40, seed=2)
-        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
-        assert sorted(upstream.batches) == [8, 16, 16]
-    finally:
-        b.close()
-
-
-def test_an_upstream_without_tritons_model_config_sets_no_item_bound(upstream):
-    """The scripted server answers ModelConfig UNIMPLEMENTED (MLServer and KServe too): one request."""
-    b = backend_for(upstream)
-    try:
-        x = pixels(300, seed=3)
-        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
-        assert upstream.batches == [300] and b.max_batch_items is None
+        assert sorted(upstream.batches) == batches
+        assert b.max_batch_items == kwargs.get("max_batch_items")  # nothing read from the scripted server
     finally:
         b.close()
 
