@@ -65,6 +65,9 @@ MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # for a call 
 MODEL_CONFIG_METHOD = "/inference.GRPCInferenceService/ModelConfig"  # Triton's extension (max_batch_size)
 GRPC_DEFAULT_RECEIVE = 4 * 1024 * 1024  # a gRPC server's receive limit unless it raises it (MLServer, KServe do not)
 REQUEST_HEADER_BYTES = 4096  # allowance for a request's fields around its pixels (names, shape; ~100 bytes)
+# answers that say nothing of whether the upstream serves ModelConfig: it is asked again later
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -401,15 +404,14 @@ class UpstreamBackend(Backend):
 
     def _read_model_config(self, deadline: float) -> None:
         """``max_batch_items`` from the upstream's Triton ``ModelConfig`` (``max_batch_size`` > 0); an
-        upstream without that extension (MLServer, KServe) sets no bound. A failure that says nothing
-        of the extension (the upstream busy or gone) leaves it unsettled, to be asked again."""
+        upstream that does not serve it (MLServer, KServe: UNIMPLEMENTED) sets no bound. A transient
+        failure (the upstream busy or gone: TRANSIENT) leaves it unsettled, to be asked again."""
         req = ModelConfigRequest(name=self.model_name, version=self.model_version)
         self._config_asked = time.monotonic()
         try:
             resp = self._model_config(req, timeout=max(min(deadline - time.monotonic(), HEALTH_TIMEOUT_S), 1e-3))
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
-                self._items_known = True
+            self._items_known = exc.code() not in TRANSIENT
             return
         self._items_known = True
         if resp.config.max_batch_size > 0:

@@ -133,6 +133,23 @@ def test_tritons_max_batch_size_is_read_and_asked_again_after_a_failure():
         server.stop()
 
 
+def test_a_model_config_answer_that_is_not_transient_settles_no_bound():
+    """An upstream that refuses ModelConfig for good (here PERMISSION_DENIED) is not asked again."""
+    server = scripted.ScriptedUpstream(max_batch_size=4)
+    server.config_script = [grpc.StatusCode.PERMISSION_DENIED]
+    server.start()
+    b = backend_for(server, health_interval_s=0.1)
+    try:
+        x = pixels(10, seed=6)
+        b.infer(x)
+        time.sleep(0.15)
+        np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
+        assert server.config_calls == 1 and b.max_batch_items is None and server.batches == [10, 10]
+    finally:
+        b.close()
+        server.stop()
+
+
 def test_each_request_of_a_split_batch_has_its_own_retries(upstream):
     b = backend_for(upstream, max_batch_items=4, retries=1)
     try:
