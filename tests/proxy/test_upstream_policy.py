@@ -108,13 +108,20 @@ def test_a_batch_goes_as_requests_within_the_bounds(upstream, kwargs, n, batches
         b.close()
 
 
-def test_tritons_max_batch_size_is_read_and_asked_again_after_a_failure():
-    """A Triton-like upstream answers ModelConfig (tritonclient's full messages) with max_batch_size 4,
-    after failing the first ModelConfig call: the batch before it goes whole, the one after the health
-    interval in requests of at most 4 items."""
-    server = scripted.ScriptedUpstream(max_batch_size=4)
+@pytest.fixture
+def triton_like():
+    """The scripted upstream answering Triton's ModelConfig too (tritonclient's full messages), with
+    max_batch_size 4 once its ``config_script`` of failures is spent."""
+    server = scripted.ScriptedUpstream(max_batch_size=4).start()
+    yield server
+    server.stop()
+
+
+def test_tritons_max_batch_size_is_read_and_asked_again_after_a_failure(triton_like):
+    """The first ModelConfig call fails UNAVAILABLE: the batch before it goes whole, the one after the
+    health interval in requests of at most 4 items."""
+    server = triton_like
     server.config_script = [grpc.StatusCode.UNAVAILABLE]
-    server.start()
     b = backend_for(server, health_interval_s=0.3)
     try:
         x = pixels(10, seed=5)
@@ -130,14 +137,12 @@ def test_tritons_max_batch_size_is_read_and_asked_again_after_a_failure():
         assert server.config_calls == 2  # settled
     finally:
         b.close()
-        server.stop()
 
 
-def test_a_model_config_answer_that_is_not_transient_settles_no_bound():
+def test_a_model_config_answer_that_is_not_transient_settles_no_bound(triton_like):
     """An upstream that refuses ModelConfig for good (here PERMISSION_DENIED) is not asked again."""
-    server = scripted.ScriptedUpstream(max_batch_size=4)
+    server = triton_like
     server.config_script = [grpc.StatusCode.PERMISSION_DENIED]
-    server.start()
     b = backend_for(server, health_interval_s=0.1)
     try:
         x = pixels(10, seed=6)
@@ -147,7 +152,6 @@ def test_a_model_config_answer_that_is_not_transient_settles_no_bound():
         assert server.config_calls == 1 and b.max_batch_items is None and server.batches == [10, 10]
     finally:
         b.close()
-        server.stop()
 
 
 def test_each_request_of_a_split_batch_has_its_own_retries(upstream):
