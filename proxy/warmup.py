@@ -1,4 +1,4 @@
-"""Warm-up: the served pipeline run on synthetic batches before the server turns ready (``server.warmup``).
+"""Warm-up: the served pipeline run on synthetic batches before the port serves (``server.warmup``).
 
 Two things wait for a server's first batches. Its sessions: the first run of each batch shape
 allocates (ONNX Runtime's arenas, torch's caching allocator) and, on a GPU, initialises what runs
@@ -24,14 +24,11 @@ without it: a pipeline that fails on its batches fails on the clients' as well, 
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
 
 from robustgate.defenses.assemble import PipelineRunner
-
-log = logging.getLogger("robustgate.proxy")
 
 ROUNDS = 2  # calls per batch shape: the first is the cold one
 
