@@ -87,7 +87,8 @@ def summary(runs: list[dict], arm: str, phase: str) -> dict:
     refused = [r["refused"] for r in rs]
     p99 = [r["served_p99_ms"] for r in rs if r["served_p99_ms"] is not None]
     return {"starts": len(rs), "refused_total": int(sum(refused)), "refused_per_burst": refused,
-            "bursts_with_refusals": sum(1 for n in refused if n), "served_p99_ms_median": float(np.median(p99)) if p99 else None}
+            "bursts_with_refusals": sum(1 for n in refused if n),
+            "served_p99_ms_median": float(np.median(p99)) if p99 else None}
 
 
 def plot(data: dict, path: Path) -> None:
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     images, _ = common.test_images(args.burst, seed=0)
     requests = [common.infer_request("default", images[i:i + 1]) for i in range(args.burst)]
-    data = {"command": " ".join(["python", "bench/hardening/cold_burst.py", *(argv if argv is not None else sys.argv[1:])]),
+    args_given = argv if argv is not None else sys.argv[1:]
+    data = {"command": " ".join(["python", "bench/hardening/cold_burst.py", *args_given]),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": common.machine(),
             "load_average_start": common.loadavg(), "config": str(CONFIG.relative_to(common.REPO)),
             "burst": args.burst, "channels": args.channels, "conditions": {}}
