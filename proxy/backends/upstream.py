@@ -331,8 +331,9 @@ class UpstreamBackend(Backend):
         elif cv is not None:  # what the model takes
             x = cv.values(x)
         step = self._items_per_request(x, datatype)
-        reqs = [encode_request(x[i:i + step], input_name, self.model_name, self.model_version, self.channels_last,
-                               datatype) for i in range(0, x.shape[0], step)]
+        parts = [x[i:i + step] for i in range(0, x.shape[0], step)]  # views, one per upstream request
+        reqs = [encode_request(xi, input_name, self.model_name, self.model_version, self.channels_last, datatype)
+                for xi in parts]
         if len(reqs) == 1:
             resps = [self._call(self._infer, reqs[0], deadline, "ModelInfer")]
         else:  # all on the wire at once (the upstream may run them side by side), answers joined in order
@@ -343,8 +344,7 @@ class UpstreamBackend(Backend):
             finally:
                 for f in sent:  # after a final failure the others' answers are not waited for
                     f.cancel()
-        outs = [decode_logits(resp, output_name, len(xi), k) for resp, xi in
-                zip(resps, (x[i:i + step] for i in range(0, x.shape[0], step)))]  # [m_j, K] each
+        outs = [decode_logits(resp, output_name, len(xi), k) for resp, xi in zip(resps, parts)]  # [m_j, K] each
         out = outs[0] if len(outs) == 1 else np.concatenate(outs)  # [M, K]
         return to_logits(out) if self.probabilities else out
 

@@ -37,7 +37,7 @@ def test_retries_unavailable_then_succeeds(upstream):
     try:
         x = pixels(3)
         b.infer(x)  # metadata fetched, one clean call
-        upstream.calls = 0
+        upstream.batches = []
         upstream.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
         np.testing.assert_allclose(b.infer(x), scripted.formula_logits(x), rtol=1e-6)
         assert upstream.calls == 3
@@ -50,7 +50,7 @@ def test_retries_are_bounded(upstream):
     try:
         b.infer(pixels(1))
         assert b.ready()
-        upstream.calls = 0
+        upstream.batches = []
         upstream.script = [grpc.StatusCode.UNAVAILABLE] * 5
         with pytest.raises(BackendError, match="after 2 attempt") as err:
             b.infer(pixels(1))
@@ -67,7 +67,7 @@ def test_other_statuses_are_final_and_keep_their_code(upstream, code):
     b = backend_for(upstream, retries=3)
     try:
         b.infer(pixels(1))
-        upstream.calls = 0
+        upstream.batches = []
         upstream.script = [code]
         with pytest.raises(BackendError, match=f"scripted {code.name}") as err:
             b.infer(pixels(2))
@@ -81,7 +81,7 @@ def test_backoff_never_sleeps_past_the_deadline(upstream):
     b = backend_for(upstream, retries=5, backoff_s=5.0)
     try:
         b.infer(pixels(1))
-        upstream.calls = 0
+        upstream.batches = []
         upstream.script = [grpc.StatusCode.UNAVAILABLE] * 10
         with pytest.raises(BackendError, match="no time to retry") as err:
             b.infer(pixels(1), timeout=0.5)

@@ -45,13 +45,17 @@ class ScriptedUpstream(pb_grpc.GRPCInferenceServiceServicer):
         self.config_script: list[grpc.StatusCode] = []
         self.config_calls = 0
         self.script: list[grpc.StatusCode] = []
-        self.calls = 0
         self.batches: list[int] = []
         self.server_ready = True
         self.model_ready = True
         self._lock = threading.Lock()
         self.server: grpc.Server | None = None
         self.port = 0
+
+    @property
+    def calls(self) -> int:
+        """ModelInfer calls answered or failed so far (reset: ``batches = []``)."""
+        return len(self.batches)
 
     # ---- the service -------------------------------------------------------------------------
     def ServerLive(self, request, context):
@@ -73,7 +77,6 @@ class ScriptedUpstream(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):
         with self._lock:
-            self.calls += 1
             self.batches.append(int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0)
             code = self.script.pop(0) if self.script else None
         if code is not None:
