@@ -114,7 +114,8 @@ class PipelineConfig(_Strict):
     device: Device = "cpu"  # where the stages compute; auto = cuda when available (defenses/assemble.py, "Device")
     purify_threads: int | None = Field(None, ge=1, description=(
         "parts of a large batch that the median filter and JPEG compute at once, in threads of their own "
-        "(defenses/purify/parts.py), while the backbone's pool waits; null = the cores the process is given; "
+        "(defenses/purify/parts.py), while the backbone's pool waits; null = the cores the process is given (with "
+        "server.workers N, each worker's share: the cores / N, at least 1); "
         "read by robustgate serve at start (a reload keeps the running count); eval and library use keep 1"))
 
     @field_validator("stages")

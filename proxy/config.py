@@ -205,7 +205,11 @@ class ServerConfig(_Strict):
 
 class OnnxRuntimeConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    intra_op_threads: int = Field(0, ge=0)  # 0 = ONNX Runtime's default
+    intra_op_threads: int = Field(0, ge=0, description=(  # proxy/serve.py make_backend, proxy/workers.py
+        "threads of the backbone's ONNX Runtime pool; 0 = the process's share of the cores the container is given "
+        "(those cores / server.workers, at least 1), set as an explicit count: ONNX Runtime's own default starts "
+        "one thread per physical core of the node, each pinned to its core, whatever the container's CPU limit and "
+        "however many workers share those cores"))
     inter_op_threads: int = Field(0, ge=0)
     spinning: bool | Literal["run"] = Field(False, description=(  # proxy/backends/onnx.py SPINNING_CONFIG
         'let idle ONNX Runtime threads busy-wait for work: true (burns CPU between batches), "run" (only while a '

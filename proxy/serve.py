@@ -116,8 +116,9 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
                         o.device, device)
             return TorchBackend(bundle, device=device, precision=cfg.backend.precision,
                                 provider="torch (onnxruntime has no CUDA provider)")
-        return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads,
-                           spinning=o.spinning)
+        # 0: the cores the process is given, as an explicit count (config.OnnxRuntimeConfig)
+        return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads or default_workers(),
+                           inter_op_threads=o.inter_op_threads, spinning=o.spinning)
     from robustgate.proxy.backends import upstream
 
     u = cfg.backend.upstream.model_dump()

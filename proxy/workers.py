@@ -85,6 +85,13 @@ def default_workers() -> int:
     return max(1, n)
 
 
+def cores_per_worker(workers: int) -> int:
+    """A worker's share of the cores the container is given (:func:`default_workers`), at least 1:
+    the thread count that ``backend.onnxruntime.intra_op_threads: 0`` and ``pipeline.purify_threads:
+    null`` resolve to, so that N workers' pools together fit the cores instead of N times over."""
+    return max(1, default_workers() // workers)
+
+
 def gpu_devices(cfg: ProxyConfig) -> list[str]:
     """The config keys that put work on a CUDA device (``auto`` counts when torch sees one)."""
     keys = {"pipeline.device": cfg.pipeline.device, "backend.onnxruntime.device": (
@@ -154,14 +161,22 @@ def _free_port(host: str, port: int) -> int:
         return int(s.getsockname()[1])
 
 
-def worker_config(cfg: ProxyConfig, index: int, port: int, admin_port: int | None) -> ProxyConfig:
-    """Worker ``index``'s config: the shared port, no metrics port of its own (the supervisor serves
-    the merged metrics), the admin service's own port on worker 0 only."""
+def worker_config(cfg: ProxyConfig, index: int, port: int, admin_port: int | None, workers: int = 1) -> ProxyConfig:
+    """Worker ``index``'s config (of ``workers``): the shared port, no metrics port of its own (the
+    supervisor serves the merged metrics), the admin service's own port on worker 0 only, and thread
+    pools left to their defaults sized to its share of the cores (:func:`cores_per_worker`)."""
     server = {"port": port, "metrics_port": None, "workers": 1}
     admin = cfg.server.admin
     if admin.enabled and admin.port is not None:
         server["admin"] = admin.model_copy(update={"port": admin_port} if index == 0 else {"enabled": False})
-    return cfg.model_copy(update={"server": cfg.server.model_copy(update=server)})
+    update = {"server": cfg.server.model_copy(update=server)}
+    share = cores_per_worker(workers)
+    if cfg.backend.onnxruntime.intra_op_threads == 0:
+        update["backend"] = cfg.backend.model_copy(update={"onnxruntime": cfg.backend.onnxruntime.model_copy(
+            update={"intra_op_threads": share})})
+    if cfg.pipeline.purify_threads is None:
+        update["pipeline"] = cfg.pipeline.model_copy(update={"purify_threads": share})
+    return cfg.model_copy(update=update)
 
 
 def _die_with(supervisor: int) -> None:
@@ -175,7 +190,7 @@ def _die_with(supervisor: int) -> None:
         sys.exit(1)
 
 
-def _worker_main(args: argparse.Namespace, index: int, port: int, admin_port: int | None, conn,
+def _worker_main(args: argparse.Namespace, index: int, workers: int, port: int, admin_port: int | None, conn,
                  supervisor: int) -> None:
     """One worker process: the single-process server on the shared port (proxy/serve.py)."""
 
@@ -191,7 +206,7 @@ def _worker_main(args: argparse.Namespace, index: int, port: int, admin_port: in
     pin_torch_threads()
 
     def load() -> ProxyConfig:
-        return worker_config(serve_mod.config_from_args(args), index, port, admin_port)
+        return worker_config(serve_mod.config_from_args(args), index, port, admin_port, workers)
 
     try:
         cfg = load()
@@ -262,7 +277,7 @@ class Supervisor:
         try:
             for i in range(self.n):
                 parent, child = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_worker_main, args=(self.args, i, port, admin_port, child, os.getpid()),
+                p = ctx.Process(target=_worker_main, args=(self.args, i, self.n, port, admin_port, child, os.getpid()),
                                 name=f"robustgate-worker-{i}", daemon=False)
                 p.start()
                 child.close()

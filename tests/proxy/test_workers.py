@@ -217,6 +217,44 @@ def test_worker_config_shares_the_port_and_gives_the_admin_port_to_worker_0(tmp_
         load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "server": {"workers": 0}}))
 
 
+def test_a_workers_thread_pools_default_to_its_share_of_the_cores(tmp_path, proxy_bundle):
+    share = max(1, default_workers() // 3)
+    w = worker_config(load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "server": {"workers": 3}})),
+                      1, 5000, None, workers=3)
+    assert (w.backend.onnxruntime.intra_op_threads, w.pipeline.purify_threads) == (share, share)
+    set_ = load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "server": {"workers": 3},
+                                         "backend": {"onnxruntime": {"intra_op_threads": 5}},
+                                         "pipeline": {"purify_threads": 7}}))
+    w = worker_config(set_, 1, 5000, None, workers=3)
+    assert (w.backend.onnxruntime.intra_op_threads, w.pipeline.purify_threads) == (5, 7)  # an explicit count wins
+
+
+def _pinned_threads(pid: int) -> list[str]:
+    """The threads of process ``pid`` allowed on fewer CPUs than the process itself."""
+    def cpus(task: str) -> str:
+        status = Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in status if line.startswith("Cpus_allowed_list"))
+
+    whole = cpus(str(pid))
+    return [t for t in os.listdir(f"/proc/{pid}/task") if cpus(t) != whole]
+
+
+def test_workers_onnx_runtime_pools_are_not_pinned_to_the_same_cores(tmp_path, proxy_bundle, ort_logits):
+    # ONNX Runtime's own default pool (intra_op_threads unset) starts a thread per physical core and
+    # pins each to its core: every worker's pool on the same cores. intra_op_threads: 0 is each
+    # worker's share of the cores instead, as an explicit count, which ONNX Runtime does not pin.
+    r = Replica(tmp_path, proxy_bundle, stages=[])
+    try:
+        x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+        for _ in range(2 * WORKERS):
+            np.testing.assert_allclose(infer(r.url, x), ort_logits(x), rtol=1e-5, atol=1e-5)
+        pids = [int(f.stem.split("_")[-1]) for f in r.mpdir.glob("counter_*.db")]
+        assert len(pids) == WORKERS
+        assert {pid: _pinned_threads(pid) for pid in pids} == {pid: [] for pid in pids}
+    finally:
+        r.kill()
+
+
 def test_workers_do_not_outlive_a_killed_supervisor(tmp_path, proxy_bundle):
     r = Replica(tmp_path, proxy_bundle, stages=[])
     try:
