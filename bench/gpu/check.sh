@@ -21,7 +21,7 @@
 # linked there (root on the GPU machine).
 #
 # Parts, in this order, each under its own `timeout` and within a total budget (CHECK_BUDGET_S,
-# default 400 s on cuda so the script ends inside 7 minutes even if a part hangs); a part's failure
+# default 520 s on cuda so the script ends inside 9 minutes even if a part hangs); a part's failure
 # or timeout is recorded, never fatal to the rest:
 #   info            nvidia-smi, versions, providers
 #   tests           the CUDA tests (pytest -k cuda: tests/proxy/test_torch_backend.py, test_assembly.py,
@@ -35,6 +35,9 @@
 #                   10,000-image time is extrapolated linearly and labelled so), backbone and pipeline
 #   train           torchrun --nproc_per_node 1: one epoch of the default bundle's recipe (fast-AT CNN)
 #   ddp             torchrun --nproc_per_node 1 with an NCCL process group and DDP (ddp_smoke.py)
+#   serving_workers issue 25 on the machine's cores (no GPU): bench/serving/workers.py, batch-1 calls from
+#                   several client processes to server.workers 1, 4, 8 (CPU ONNX Runtime), items/s against
+#                   the raw ONNX Runtime ceiling of the same cores
 # Results: $OUT/gpu.check.{json,md} and check.log (what the device tool brings back), and the same
 # under bench/results/ as gpu.check.* (cuda) or gpu.check.cpu_small.* (CHECK_DEVICE=cpu).
 set -u
@@ -43,7 +46,7 @@ cd "$REPO"
 DEVICE=${CHECK_DEVICE:-cuda}
 SMALL=${CHECK_SMALL:-0}
 PY=${PYTHON:-python3}
-if [ "$DEVICE" = cuda ]; then BUDGET=${CHECK_BUDGET_S:-400}; else BUDGET=${CHECK_BUDGET_S:-1500}; fi
+if [ "$DEVICE" = cuda ]; then BUDGET=${CHECK_BUDGET_S:-520}; else BUDGET=${CHECK_BUDGET_S:-1500}; fi
 T0=$(date +%s)
 export CHECK_STARTED_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ) CHECK_DEVICE=${CHECK_DEVICE:-cuda}
 export CHECK_COMMAND="${CHECK_COMMAND:-CHECK_DEVICE=${CHECK_DEVICE:-cuda} CHECK_SMALL=${CHECK_SMALL:-0} bash bench/gpu/check.sh}"
@@ -128,10 +131,12 @@ if [ "$SMALL" = 1 ]; then
   N_EVAL=8; AA_N=${CHECK_AA_N:-8}; N_PREC=500; EVAL_EXTRA="--steps 5"; EVAL_BATCH=8; THREADS=""
   LOAD="--concurrency 2 --procs 1 --duration 3 --warmup 0.5"; LOAD_DIFF="--batch 8 --concurrency 1 --procs 1 --duration 6 --warmup 1"
   TRAIN_EXTRA="--train-items 512 --max-steps-per-epoch 4 --val-items 32 --test-items 32 --batch-size 64"; DDP_STEPS=4
+  WORKERS="--workers 1,2 --procs 2 --channels 4 --calls 600 --concurrency 16"
 else
   N_EVAL=10000; AA_N=${CHECK_AA_N:-1000}; N_PREC=10000; EVAL_EXTRA=""; EVAL_BATCH=1000; THREADS="--threads 8"
   LOAD="--concurrency 32,128 --procs 8 --duration 5 --warmup 1"; LOAD_DIFF="--concurrency 32,128 --procs 8 --duration 5 --warmup 1"
   TRAIN_EXTRA="--val-items 1000 --test-items 1000"; DDP_STEPS=20
+  WORKERS="--workers 1,4,8 --procs 6 --channels 24 --calls 20000 --concurrency 64"
 fi
 
 export -f info
@@ -151,6 +156,8 @@ part train 50 "$PY" -m torch.distributed.run --nproc_per_node 1 -m robustgate.pr
   --arch cnn --arch-kwargs '{"width": 16, "hidden": 256}' --method fast-at --eps 0.1 --epochs 1 --optimizer adam \
   --lr 0.002 --weight-decay 0 --schedule onecycle --seed 0 $TRAIN_EXTRA --no-progress --out "$WORK/train_bundle"
 part ddp 30 "$PY" -m torch.distributed.run --nproc_per_node 1 bench/gpu/ddp_smoke.py --steps "$DDP_STEPS" --out "$WORK/res/ddp"
+part serving_workers 150 "$PY" bench/serving/workers.py $WORKERS --pipelines onnx,default --out serving_workers \
+  --out-dir "$WORK/res"
 
 # ---- results --------------------------------------------------------------------------------------------
 echo "=== summary $(date -u +%T), $(( $(date +%s) - T0 ))s in all"

@@ -74,6 +74,13 @@ def logits_of(resp: pb.ModelInferResponse, name: str = "logits") -> np.ndarray:
     return np.frombuffer(resp.raw_output_contents[i], "<f4").reshape(tuple(resp.outputs[i].shape))
 
 
+def robustgate_command() -> list[str]:
+    """The installed ``robustgate`` script beside this Python, else the package run as a module (a
+    machine where the repository is only on PYTHONPATH, as bench/gpu/check.sh runs it)."""
+    script = Path(sys.executable).with_name("robustgate")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "robustgate.proxy.cli"]
+
+
 class Serve:
     """``robustgate serve --config`` as a subprocess on 127.0.0.1 free ports (``--port 0``).
 
@@ -94,7 +101,7 @@ class Serve:
         self.config = cfg
         self.log = self.workdir / "serve.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
-        cmd = [str(Path(sys.executable).with_name("robustgate")), "serve", "--config", str(self.config_path),
+        cmd = [*robustgate_command(), "serve", "--config", str(self.config_path),
                "--port", "0", "--metrics-port", "0", "--log-level", log_level]
         if nice:
             cmd = ["nice", "-n", str(nice), *cmd]
