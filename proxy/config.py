@@ -34,9 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # the pipeline section is the one assembly's (proxy and red team build their stages the same way)
 from robustgate.defenses.assemble import STAGE_NAME, PipelineConfig, StageConfig  # noqa: F401
+from robustgate.defenses.stateful.remote import STORE_SOCKET_ENV
 
 log = logging.getLogger("robustgate.proxy")
 ENV_PREFIX = "ROBUSTGATE_"
+# the project's own single-level variables that are no configuration keys, passed over without a
+# warning: the workers' store socket (proxy/workers.py), the data cache (models/data.py), the
+# scripts' (scripts/install.sh, bench/gpu/check.sh) and the native front's (FRONT_ prefix, deploy/)
+PROJECT_ENV = frozenset({STORE_SOCKET_ENV.removeprefix(ENV_PREFIX), "CACHE", "REVISION", "SKIP_APT", "EXTRAS"})
+PROJECT_ENV_PREFIXES = ("FRONT_",)
 
 
 class ConfigError(ValueError):
@@ -366,9 +372,10 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tupl
             continue
         path = tuple(part.lower() for part in var[len(ENV_PREFIX):].split("__"))
         if len(path) == 1 and path[0] not in ProxyConfig.model_fields:
-            # single-level names that are not config keys belong to the project's scripts
-            # (ROBUSTGATE_SKIP_APT, ROBUSTGATE_EXTRAS of scripts/install.sh): not ours
-            log.warning("ignoring environment variable %s: not a configuration key", var)
+            # single-level names that are not config keys: the project's own (PROJECT_ENV), or a typo
+            name = var[len(ENV_PREFIX):]
+            if name not in PROJECT_ENV and not name.startswith(PROJECT_ENV_PREFIXES):
+                log.warning("ignoring environment variable %s: not a configuration key", var)
             continue
         if any(not p for p in path):
             raise ConfigError(f"environment variable {var}: empty key segment (use __ between levels)")

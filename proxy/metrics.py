@@ -236,6 +236,7 @@ class Metrics:
                                    "upstream), device, provider (ONNX Runtime's execution provider, or torch)",
                                    ["kind", "device", "provider"], registry=r,
                                    multiprocess_mode="max")
+        self._backend_labels: tuple[str, str, str] | None = None  # the series at 1 (backend_info)
         # the children the hot path observes per call, looked up once (labels() takes a lock and
         # builds a key per call)
         self.decode_duration = self.stage_duration.labels(stage="decode")
@@ -273,9 +274,16 @@ class Metrics:
         return self._verdict_items[verdict]
 
     def backend_info(self, kind: str, device: str, provider: str) -> None:
-        """Sets ``robustgate_backend_info{kind,device,provider} 1`` (one series: a new call replaces it)."""
-        self._backend_info.clear()
-        self._backend_info.labels(kind=kind, device=device, provider=provider).set(1)
+        """Sets ``robustgate_backend_info{kind,device,provider} 1`` (one series at 1: a new call replaces
+        it; in multiprocess mode, where prometheus-client removes no series, the old one reads 0)."""
+        labels = (kind, device, provider)
+        old, self._backend_labels = self._backend_labels, labels
+        if old is not None and old != labels:
+            if multiprocess():
+                self._backend_info.labels(*old).set(0)
+            else:
+                self._backend_info.remove(*old)
+        self._backend_info.labels(*labels).set(1)
 
     def watch_stores(self, stores: Callable[[], dict]) -> None:
         """Exports the stateful stores' gauges (:class:`StoreStats`); ``stores()`` -> stage -> store."""

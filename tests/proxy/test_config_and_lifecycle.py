@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import shutil
 import signal
@@ -84,6 +85,16 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path):
     assert cfg.pipeline.verdict_mode == "item" and cfg.backend.upstream.url == "upstream:8001"
     cfg = load_config(path, environ=env, overrides={"server": {"port": 9100}})
     assert cfg.server.port == 9100
+
+
+def test_the_projects_own_variables_pass_quietly_and_a_stray_name_is_warned(tmp_path, caplog):
+    own = {"ROBUSTGATE_STORE_SOCKET": "/tmp/s", "ROBUSTGATE_CACHE": "/tmp/c", "ROBUSTGATE_SKIP_APT": "1",
+           "ROBUSTGATE_FRONT_MAX_QUEUE": "8"}  # the workers', the data cache's, install.sh's, the front's
+    with caplog.at_level(logging.WARNING, logger="robustgate.proxy"):
+        load_config(None, environ={"ROBUSTGATE_BUNDLE": str(tmp_path), **own})
+        assert caplog.text == ""
+        load_config(None, environ={"ROBUSTGATE_BUNDLE": str(tmp_path), "ROBUSTGATE_PORT": "9000"})
+    assert "ignoring environment variable ROBUSTGATE_PORT: not a configuration key" in caplog.text
 
 
 @pytest.mark.parametrize("env, needles", [

@@ -60,8 +60,12 @@ def test_two_workers_serve_one_port_and_the_metrics_port_sums_them(tmp_path, pro
         assert counter(r.metrics_port, "robustgate_items_total", verdict="accepted") == 40
         build = scrape(r.metrics_port)["robustgate_build_info"]
         assert list(build.values()) == [1.0]  # one series (max over the workers), no pid label
+        assert list(scrape(r.metrics_port)["robustgate_backend_info"].values()) == [1.0]
         code, rest = r.stop()
         assert code == 0 and "draining" in rest and "stopped" in rest
+        # a clean start says nothing alarming: no warning about the supervisor's own variables, none
+        # from prometheus-client's multiprocess mode
+        assert "WARNING" not in "".join(r.lines) + rest and "Warning" not in "".join(r.lines) + rest
     finally:
         r.kill()
 
