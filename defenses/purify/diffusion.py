@@ -59,16 +59,23 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from robustgate.defenses.base import Classifier, FitData, Purifier, check_images, register
 from robustgate.defenses.runtime import OnnxModel, check_runtime, export_onnx
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+# diffusers is imported where a UNet or a scheduler is built, not with this module: importing it
+# costs ~2.4 s (torch._dynamo, scipy.stats), which every serving process, worker and CLI call paid
+# at start-up whether or not its pipeline has a diffusion stage (importing defenses.purify
+# registers every kind)
 
 WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE = "diffusion_unet.safetensors", "diffusion_unet.json", "diffusion_unet.onnx"
 ONNX_PARITY_ATOL = 1e-4  # max |eps_onnx - eps_torch| accepted when the ONNX graph is written
@@ -81,6 +88,8 @@ def make_unet(channels: int, block_out_channels: list[int], layers_per_block: in
     """A small attention-free ``UNet2DModel`` (deterministic initialization from ``seed``) for
     ``channels``-channel images; ``sample_size`` (the image side) is recorded in its config only:
     the weights do not depend on it and any size runs (padded by :func:`ddim_purify`)."""
+    from diffusers import UNet2DModel
+
     levels = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -94,6 +103,8 @@ def make_unet(channels: int, block_out_channels: list[int], layers_per_block: in
 
 def make_schedulers(num_train_timesteps: int) -> tuple[DDPMScheduler, DDIMScheduler]:
     """Forward-process (training, add_noise) and DDIM schedulers sharing the linear beta schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
     ddpm = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
                          beta_start=1e-4, beta_end=0.02, clip_sample=False)
     ddim = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",

@@ -87,6 +87,15 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path):
     assert cfg.server.port == 9100
 
 
+def test_serving_does_not_import_diffusers_unless_a_pipeline_has_a_diffusion_stage():
+    # diffusers costs ~2.4 s of every serving process's start-up (defenses/purify/diffusion.py)
+    code = ("import sys; import robustgate.proxy.serve, robustgate.proxy.cli, robustgate.defenses.purify; "
+            "assert 'diffusers' not in sys.modules, 'diffusers imported'; "
+            "from robustgate.defenses.purify.diffusion import make_schedulers; make_schedulers(10); "
+            "assert 'diffusers' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_the_projects_own_variables_pass_quietly_and_a_stray_name_is_warned(tmp_path, caplog):
     own = {"ROBUSTGATE_STORE_SOCKET": "/tmp/s", "ROBUSTGATE_CACHE": "/tmp/c", "ROBUSTGATE_SKIP_APT": "1",
            "ROBUSTGATE_FRONT_MAX_QUEUE": "8"}  # the workers', the data cache's, install.sh's, the front's
