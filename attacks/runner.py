@@ -53,9 +53,8 @@ from robustgate.attacks.differentiable import BackboneOnly, PipelineTwin
 from robustgate.attacks.square import LocalOracle, QueryOracle
 from robustgate.attacks.suite import ATTACKS, AttackContext, threat_model
 from robustgate.attacks.threat import check_perturbation
-from robustgate.defenses.assemble import (
-    PipelineConfig, PipelineRunner, build_runner, build_stages, describe_error, resolve_device,
-)
+from robustgate.defenses.assemble import PipelineRunner, build_runner, build_stages, resolve_device
+from robustgate.defenses.config import PipelineConfig, describe_error
 from robustgate.defenses.base import Detector
 from robustgate.defenses.pipeline import FLAGGED, REJECTED, Stage, split_stages
 

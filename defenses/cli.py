@@ -193,7 +193,7 @@ def fit_defense(bundle_dir: Path, kind: str, *, name: str | None = None, params:
     check_features_output(registry()[kind], bundle, where="fit")
     stateful = kind == "stateful"
     if stateful:  # calibrated on benign streams with private stores (defenses/stateful/calibration.py)
-        from robustgate.defenses.stateful.stage import store_for
+        from robustgate.defenses.stateful.store import store_for
 
         params = {"value_range": tuple(bundle.input.value_range), **(params or {})}
         params["store"] = store_for(params.get("method", "blacklight"),

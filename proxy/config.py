@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # the pipeline section is the one assembly's (proxy and red team build their stages the same way)
-from robustgate.defenses.assemble import STAGE_NAME, PipelineConfig, StageConfig  # noqa: F401
+from robustgate.defenses.config import STAGE_NAME, PipelineConfig, StageConfig  # noqa: F401
 from robustgate.defenses.stateful.remote import STORE_SOCKET_ENV
 
 log = logging.getLogger("robustgate.proxy")

@@ -19,20 +19,24 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, Coroutine
+from typing import TYPE_CHECKING, Callable, Coroutine
 
 from robustgate.models.bundle import Bundle, BundleError
 from robustgate.models.client_values import ClientValues
 from robustgate.models.output_kind import reads_probabilities
-from robustgate.defenses.assemble import build_runner, pin_torch_threads
 from robustgate.defenses.stateful.remote import STORE_SOCKET_ENV
-from robustgate.defenses.purify import parts as purify_parts
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, ServerConfig, load_config
 from robustgate.proxy.priority import call_at_priority
-from robustgate.proxy.reload import ReloadError
-from robustgate.proxy.server import ProxyServer
 from robustgate.proxy.workers import default_workers, resolved_workers, supervise
+
+if TYPE_CHECKING:
+    from robustgate.proxy.server import ProxyServer
+
+# The pipeline's modules (the assembly, the defenses, the server; torch with them) are imported by the
+# functions that build a server, not with this module: the supervisor of server.workers processes
+# reads the config, resolves the workers and starts them without them (~300 MiB and ~1.4 s of torch;
+# bench/results/hardening.startup.md); each worker, or the single process, imports them.
 
 log = logging.getLogger("robustgate.proxy")
 
@@ -149,6 +153,8 @@ def _build_pipeline(cfg: ProxyConfig, bundle: Bundle):
     """The backend and the pipeline runner around it (the backend is closed if the runner fails). In
     a worker of ``server.workers`` > 1 the in-memory stateful stores are the supervisor's, shared by
     the workers (its socket in ``STORE_SOCKET_ENV``; proxy/workers.py, defenses/stateful/remote.py)."""
+    from robustgate.defenses.assemble import build_runner
+
     backend = make_backend(cfg, bundle)
     try:
         return backend, build_runner(cfg.pipeline, bundle, backend, local_classifier(cfg, bundle, backend),
@@ -162,6 +168,8 @@ def set_purify_threads(cfg: ProxyConfig) -> int:
     """``pipeline.purify_threads``, else the cores the process is given (proxy/workers.py), for the
     purifiers that compute parts of a batch at once (defenses/purify/parts.py; process-wide). Returns
     the count set."""
+    from robustgate.defenses.purify import parts as purify_parts
+
     n = cfg.pipeline.purify_threads or default_workers()
     purify_parts.set_threads(n)
     return n
@@ -171,6 +179,8 @@ def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False
     """Everything but the event loop; raises BundleError / ValueError with a precise message.
     ``config_loader() -> ProxyConfig`` is what a hot reload re-reads (None: reload refused);
     ``freeze_heap``: the process is the server's own (``robustgate serve``), see ProxyServer."""
+    from robustgate.proxy.server import ProxyServer
+
     bundle = Bundle.load(cfg.bundle)
     set_purify_threads(cfg)
     # sessions built at compute priority: the pools they start inherit it (proxy/priority.py)
@@ -185,6 +195,8 @@ def build_server(cfg: ProxyConfig, config_loader=None, freeze_heap: bool = False
 async def serve(server: ProxyServer, announce=None) -> None:
     """Serves until SIGTERM/SIGINT, then drains; SIGHUP reloads. ``announce(server)``, once serving:
     a worker's report to its supervisor (proxy/workers.py) instead of the "serving" line."""
+    from robustgate.proxy.reload import ReloadError
+
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -238,13 +250,15 @@ def loop_runner(kind: str) -> Callable[[Coroutine], object]:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pin_torch_threads()  # torch's OpenMP pool stalls the pipeline on shared cores (defenses/assemble.py)
     try:
         cfg = config_from_args(args)
         workers = resolved_workers(cfg)
         run_loop = loop_runner(cfg.server.event_loop)  # refused here, once, before any worker starts
         if workers > 1:  # a supervisor and its worker processes on the one port (proxy/workers.py)
             return supervise(args, cfg, workers)
+        from robustgate.defenses.assemble import pin_torch_threads
+
+        pin_torch_threads()  # torch's OpenMP pool stalls the pipeline on shared cores (defenses/assemble.py)
         server = build_server(cfg, config_loader=lambda: config_from_args(args), freeze_heap=True)
     except (ConfigError, BundleError, ValueError, OSError) as exc:
         print(f"robustgate serve: {exc}", file=sys.stderr)

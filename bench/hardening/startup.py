@@ -1,13 +1,14 @@
 """Time to ready: how long a fresh ``robustgate serve`` (deploy/default.yaml, bundles/default) takes from
 its start to the first ServerReady that answers true -- a rollout's, a scale-up's or a restarted
 pod's wait before the Service sends it traffic -- with ``server.workers`` 1 and 2, and what the
-imports alone cost (a new Python process importing the serving module, torch, and diffusers, which
-only a pipeline with a diffusion stage imports: defenses/purify/diffusion.py).
+imports alone cost (a new Python process importing the supervisor's module, a serving process's
+modules, torch, and diffusers, which only a pipeline with a diffusion stage imports:
+defenses/purify/diffusion.py).
 
 Per start: ``robustgate serve`` as a subprocess (bench/hardening/common.py ``Serve``, free ports) timed
 from the spawn to the line that says it serves and to the first ServerReady true, then stopped
-(SIGTERM). ``--starts`` starts per worker count, the counts interleaved; the import rows are the
-median of ``--starts`` fresh processes each.
+(SIGTERM). ``--starts`` starts per worker count, the counts interleaved; once ready, each process's memory
+(smaps_rollup: Rss, Pss, private); the import rows are the median of ``--starts`` fresh processes each.
 
     .venv/bin/python bench/hardening/startup.py     # ~1 min
 
@@ -29,7 +30,9 @@ import common  # noqa: E402  (bench/ is not a package)
 CONFIG = common.REPO / "deploy" / "default.yaml"
 IMPORTS = {  # row -> the statement a fresh interpreter runs
     "python alone": "pass",
-    "robustgate.proxy.serve (what every serving process imports)": "import robustgate.proxy.serve",
+    "robustgate.proxy.serve (the supervisor of server.workers processes: no torch)": "import robustgate.proxy.serve",
+    "robustgate.proxy.server + defenses.assemble (what every serving process imports)":
+        "import robustgate.proxy.server, robustgate.defenses.assemble",
     "torch": "import torch",
     "diffusers (a pipeline with a diffusion stage only)": "import diffusers",
 }
@@ -41,12 +44,27 @@ def import_seconds(statement: str) -> float:
     return time.perf_counter() - t0
 
 
+def memory_mib(pid: int) -> dict[str, int]:
+    """Resident, proportional and private (dirty) memory of ``pid`` in MiB (/proc/PID/smaps_rollup):
+    the shared libraries' pages count once per process in Rss, split among the processes in Pss."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value, *_ = line.split()
+        fields[key.rstrip(":")] = int(value) // 1024
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "private": fields["Private_Dirty"]}
+
+
 def one_start(workers: int) -> dict:
     t0 = time.perf_counter()
     server = common.Serve(CONFIG, overrides={"server": {"workers": workers}})  # returns once ServerReady is true
     ready = time.perf_counter() - t0
     try:
-        return {"workers": workers, "ready_s": ready}
+        out = {"workers": workers, "ready_s": ready, "memory": {"server": memory_mib(server.pid)}}
+        if workers > 1:  # the supervisor's children: the workers (and multiprocessing's small resource tracker)
+            kids = [int(c) for t in Path(f"/proc/{server.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+            out["memory"]["children"] = sorted((memory_mib(k) for k in kids), key=lambda m: m["private"])
+        return out
     finally:
         server.stop()
 
@@ -81,8 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     for w in counts:
         t = [s["ready_s"] for s in data["starts"] if s["workers"] == w]
         lines.append(f"| {w} | {statistics.median(t):.2f} | {min(t):.2f} | {max(t):.2f} |")
-    lines += ["", f"Imports in a fresh interpreter (median of {args.starts} processes; each worker process pays the "
-              "serving module's):", "", "| import | seconds |", "| --- | ---: |"]
+    lines += ["", "Memory once ready (MiB, the last start of each count; Pss shares the libraries' pages among the "
+              "processes, private is the process's own):", "", "| server.workers | process | Rss | Pss | private |",
+              "| ---: | --- | ---: | ---: | ---: |"]
+    for w in counts:
+        mem = [s["memory"] for s in data["starts"] if s["workers"] == w][-1]
+        procs = [("the server" if w == 1 else "the supervisor", mem["server"])]
+        procs += [(f"child {i + 1}", m) for i, m in enumerate(mem.get("children", []))]
+        lines += [f"| {w} | {name} | {m['rss']} | {m['pss']} | {m['private']} |" for name, m in procs]
+    lines += ["", f"Imports in a fresh interpreter (median of {args.starts} processes):", "",
+              "| import | seconds |", "| --- | ---: |"]
     lines += [f"| {row} | {statistics.median(t):.2f} |" for row, t in data["imports"].items()]
     lines.append("")
     js, md = common.write_results(args.out, data, "\n".join(lines))

@@ -191,7 +191,7 @@ class StoreService:
 
     def open(self, namespace: dict[str, Any]) -> int:
         """The id of ``namespace``'s store, created on its first ``open`` (module docstring)."""
-        from robustgate.defenses.stateful.stage import store_for
+        from robustgate.defenses.stateful.store import store_for
 
         key = json.dumps(namespace, sort_keys=True)
         with self._lock:

@@ -548,3 +548,33 @@ def build_store(config: dict[str, Any] | None = None) -> HistoryStore:
         return kinds[backend](**config)
     except TypeError as exc:
         raise ValueError(f"store ({backend}): {exc}") from exc
+
+
+def store_kind(spec: dict[str, Any] | None) -> str:
+    """The backend a stage's ``store:`` section names (``kind``, or its older spelling ``backend``):
+    ``memory`` (the default) or ``redis``."""
+    spec = spec or {}
+    return spec.get("kind", spec.get("backend", "memory"))
+
+
+def store_for(method: str, spec: dict[str, Any], top_k: int = 20) -> HistoryStore:
+    """The history store a stage of ``method`` needs, from its ``store:`` section ``spec``
+    (``{kind: memory | redis, ...bounds}``): Blacklight's hash store (``top_k`` hashes per query in
+    memory, or Redis) or the k-NN embedding store (memory only). ValueError naming the bad key."""
+    from robustgate.defenses.stateful.knn_store import KnnMemoryStore  # it imports this module
+
+    spec = dict(spec)
+    backend = store_kind(spec)
+    if method == "knn":
+        if backend != "memory":
+            raise ValueError(f"kind: {backend!r} is not available for method knn (its history of embeddings "
+                             f"is in-process only); use kind: memory")
+        spec.pop("kind", None)
+        spec.pop("backend", None)
+        try:
+            return KnnMemoryStore(**spec)
+        except TypeError as exc:
+            raise ValueError(f"store (memory, method knn): {exc}") from exc
+    if backend == "memory":
+        spec.setdefault("hashes_per_query", top_k)
+    return build_store(spec)
