@@ -45,12 +45,14 @@ from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
-from scipy.stats import beta, binom, norm
 
 from robustgate.defenses.base import Ensemble, EnsembleResult, check_images, register
 
 ABSTAIN = -1
 Mode = Literal["certify", "predict"]
+# scipy.stats is imported by the functions that use it: importing it costs ~0.6 s, which every
+# serving process paid at start-up (importing defenses.ensemble registers this kind) whether or
+# not its pipeline smooths; after the first call the import is a dictionary lookup
 
 
 # ---- pure functions: statistics on vote counts ---------------------------------------------------
@@ -58,6 +60,8 @@ Mode = Literal["certify", "predict"]
 def clopper_pearson_lower(k: np.ndarray | int, n: int, alpha: float) -> np.ndarray:
     """One-sided ``(1 - alpha)`` Clopper-Pearson lower bound on a binomial proportion from ``k``
     successes in ``n`` trials: the ``alpha`` quantile of ``Beta(k, n - k + 1)`` (0 when ``k = 0``)."""
+    from scipy.stats import beta
+
     k = np.asarray(k, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         lower = beta.ppf(alpha, k, n - k + 1)
@@ -67,6 +71,8 @@ def clopper_pearson_lower(k: np.ndarray | int, n: int, alpha: float) -> np.ndarr
 def binomial_test_pvalue(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
     """Two-sided exact binomial test of ``P(A) = 1/2`` given ``n_A >= n_B`` counts (what
     ``scipy.stats.binomtest(n_A, n_A + n_B, 0.5).pvalue`` gives, vectorized)."""
+    from scipy.stats import binom
+
     n_a, n_b = np.asarray(n_a, dtype=np.int64), np.asarray(n_b, dtype=np.int64)
     return np.minimum(1.0, 2.0 * binom.cdf(n_b, n_a + n_b, 0.5))
 
@@ -82,6 +88,8 @@ def certify_from_counts(counts0: torch.Tensor, counts: torch.Tensor, alpha: floa
         ``prediction`` ``[N]`` int64 (``ABSTAIN`` = -1 where ``p_A_lower < 1/2``) and ``radius``
         ``[N]`` float32 (``sigma * Phi^-1(p_A_lower)``; NaN where abstaining).
     """
+    from scipy.stats import norm
+
     n = int(counts[0].sum()) if len(counts) else 0
     c_a = counts0.argmax(1)  # [N]
     n_a = counts.gather(1, c_a[:, None])[:, 0].cpu().numpy()  # [N]

@@ -87,12 +87,15 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path):
     assert cfg.server.port == 9100
 
 
-def test_serving_does_not_import_diffusers_unless_a_pipeline_has_a_diffusion_stage():
-    # diffusers costs ~2.4 s of every serving process's start-up (defenses/purify/diffusion.py)
-    code = ("import sys; import robustgate.proxy.serve, robustgate.proxy.cli, robustgate.defenses.purify; "
-            "assert 'diffusers' not in sys.modules, 'diffusers imported'; "
+def test_serving_imports_neither_diffusers_nor_scipy_unless_a_stage_needs_them():
+    # diffusers costs ~2.4 s of every serving process's start-up (defenses/purify/diffusion.py), scipy.stats
+    # ~0.6 s (defenses/ensemble/smoothing.py); importing the packages registers every kind
+    code = ("import sys; import robustgate.proxy.serve, robustgate.proxy.server, robustgate.proxy.cli; "
+            "import robustgate.defenses.purify, robustgate.defenses.ensemble, robustgate.defenses.detect; "
+            "assert 'diffusers' not in sys.modules and 'scipy.stats' not in sys.modules, 'imported'; "
             "from robustgate.defenses.purify.diffusion import make_schedulers; make_schedulers(10); "
-            "assert 'diffusers' in sys.modules")
+            "from robustgate.defenses.ensemble.smoothing import binomial_test_pvalue; binomial_test_pvalue([3], [1]); "
+            "assert 'diffusers' in sys.modules and 'scipy.stats' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
