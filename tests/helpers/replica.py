@@ -17,12 +17,13 @@ WORKERS = 2
 
 
 class Replica:
-    """``tests/proxy/serve_with_sleep.py serve --config`` with ``server.workers: 2`` and its own metrics
-    directory (PROMETHEUS_MULTIPROC_DIR); ``backend``: the config's backend section (default: the bundle's
-    ONNX Runtime)."""
+    """``tests/proxy/serve_with_sleep.py serve --config`` (``plain``: ``robustgate serve``) with
+    ``server.workers: 2`` and its own metrics directory (PROMETHEUS_MULTIPROC_DIR); ``backend``: the
+    config's backend section (default: the bundle's ONNX Runtime)."""
 
     def __init__(self, tmp_path: Path, bundle: Path, stages: list, admin: bool = False, batching: dict | None = None,
-                 limits: dict | None = None, backend: dict | None = None, model_name: str | None = None):
+                 limits: dict | None = None, backend: dict | None = None, model_name: str | None = None,
+                 plain: bool = False):
         import yaml
 
         self.mpdir = tmp_path / "metrics"
@@ -38,8 +39,11 @@ class Replica:
         self.config.write_text(yaml.safe_dump(cfg))
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self.mpdir)
+        # plain: robustgate's own command line, without the test-only defense (and the defenses.base
+        # import that registering it takes)
+        command = ["-m", "robustgate.proxy.cli"] if plain else [str(SERVE_WITH_SLEEP)]
         self.proc = subprocess.Popen(
-            [sys.executable, str(SERVE_WITH_SLEEP), "serve", "--config", str(self.config), "--port", "0",
+            [sys.executable, *command, "serve", "--config", str(self.config), "--port", "0",
              "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []
         for line in self.proc.stdout:

@@ -9,8 +9,6 @@ import collections
 import concurrent.futures
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-import yaml
 from google.protobuf import empty_pb2, struct_pb2
 
 from tritonclient.utils import InferenceServerException
@@ -265,27 +262,13 @@ def test_workers_onnx_runtime_pools_are_not_pinned_to_the_same_cores(tmp_path, p
 def test_the_supervisor_starts_its_workers_without_torch(tmp_path, proxy_bundle):
     # the supervisor reads the config and starts the workers without the pipeline's modules: torch
     # (~300 MiB of the process's own memory, ~1.4 s) is in the workers only (proxy/serve.py)
-    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump({"bundle": str(proxy_bundle), "server": {
-        "host": "127.0.0.1", "metrics_host": "127.0.0.1", "workers": WORKERS}}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTGATE_")}
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
-    cmd = [sys.executable, "-m", "robustgate.proxy.cli", "serve", "--config", str(tmp_path / "proxy.yaml"),
-           "--port", "0", "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    r = Replica(tmp_path, proxy_bundle, stages=[], plain=True)
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("robustgate: serving"):
-                break
-        else:
-            raise AssertionError("".join(lines))
-        workers = [int(f.stem.split("_")[-1]) for f in (tmp_path / "metrics").glob("*.db")]
+        workers = [int(f.stem.split("_")[-1]) for f in r.mpdir.glob("*.db")]
         assert workers and all("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)
-        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch" not in Path(f"/proc/{r.proc.pid}/maps").read_text()
     finally:
-        proc.kill()
-        proc.wait()
+        r.kill()
 
 
 def test_workers_do_not_outlive_a_killed_supervisor(tmp_path, proxy_bundle):
