@@ -185,7 +185,9 @@ class ServerConfig(_Strict):
         "backend, off with an upstream one, whose model server warms itself (Triton's model_warmup)"))
     workers: int | None = Field(None, ge=1, description=(
         "serving processes on the one port, each with its own event loop, batcher and backend sessions "
-        "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given, or 1 when any stage or the backend runs on a GPU "
+        "(proxy/workers.py; docs/OPERATIONS.md, 'Workers'); null = the cores the container is given (no more than "
+        "its memory holds: 512 MiB plus twice the bundle's files per worker), or 1 when any stage or the backend "
+        "runs on a GPU "
         "or per-client limits live in process memory (limits.per_client with store kind memory; a stateful stage's "
         "memory store is the supervisor's, shared by the workers); 1 = one process"))
 

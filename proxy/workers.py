@@ -85,6 +85,50 @@ def default_workers() -> int:
     return max(1, n)
 
 
+# a worker's own memory beside its bundle's files (bench/results/hardening.startup.md: ~340 MiB with
+# deploy/default.yaml and torch's CUDA wheel), with headroom; the supervisor's own is ~31 MiB there
+WORKER_BASE_BYTES = 512 * 2**20
+SUPERVISOR_BYTES = 64 * 2**20
+
+
+def cgroup_memory(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The container's memory limit in bytes (cgroup v2 ``memory.max``, else v1
+    ``memory/memory.limit_in_bytes``), or None when there is none or it cannot be read."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            return None
+        return None if value >= 2**60 else value  # v1 writes "no limit" as a number near 2**63
+    return None
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The memory the processes may use, in bytes: the container's limit, or the machine's
+    ``MemAvailable`` if that is less; None when neither can be read."""
+    known = [cgroup_memory()]
+    try:
+        line = next(line for line in meminfo.read_text().splitlines() if line.startswith("MemAvailable:"))
+        known.append(int(line.split()[1]) * 1024)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    known = [v for v in known if v is not None]
+    return min(known) if known else None
+
+
+def worker_memory(bundle: str | Path) -> int:
+    """A worker's expected memory in bytes: :data:`WORKER_BASE_BYTES` plus twice the bundle's files
+    (ONNX Runtime's session holds the backbone's weights, and the defenses' models, once more)."""
+    files = [f for f in Path(bundle).rglob("*") if f.is_file()] if Path(bundle).is_dir() else []
+    return WORKER_BASE_BYTES + 2 * sum(f.stat().st_size for f in files)
+
+
 def cores_per_worker(workers: int) -> int:
     """A worker's share of the cores the container is given (:func:`default_workers`), at least 1:
     the thread count that ``backend.onnxruntime.intra_op_threads: 0`` and ``pipeline.purify_threads:
@@ -121,7 +165,8 @@ def per_process_state(cfg: ProxyConfig) -> list[str]:
 
 def resolved_workers(cfg: ProxyConfig) -> int:
     """``server.workers``, else one process when any work is on a GPU or any per-client state is
-    per process (:func:`per_process_state`), else the cores.
+    per process (:func:`per_process_state`), else the cores -- as many of them as the memory the
+    container may use holds workers (:func:`worker_memory` each, :func:`available_memory`).
 
     On a GPU one process batches for the device: N processes would hold N CUDA contexts and the
     models N times in device memory and split the traffic into N smaller batches, which is what a
@@ -145,7 +190,16 @@ def resolved_workers(cfg: ProxyConfig) -> int:
         log.info("server.workers: 1 (per-process client state: %s; N workers would split each client's limits "
                  "over N processes by connection); set server.workers to run more processes", ", ".join(local))
         return 1
-    return default_workers()
+    cores, memory = default_workers(), available_memory()
+    if cores > 1 and memory is not None:  # as many as the memory holds: more would be OOM-killed at start
+        per = worker_memory(cfg.bundle)
+        fits = max(1, (memory - SUPERVISOR_BYTES) // per)
+        if fits < cores:
+            log.info("server.workers: %d, not the %d cores: the memory the container may use (%d MiB) holds %d "
+                     "workers of about %d MiB each (proxy/workers.py, worker_memory); set server.workers, or give "
+                     "the container more memory", fits, cores, memory // 2**20, fits, per // 2**20)
+            return fits
+    return cores
 
 
 def _free_port(host: str, port: int) -> int:

@@ -23,8 +23,8 @@ from tritonclient.utils import InferenceServerException
 from replica import WORKERS, Replica  # tests/helpers
 from scrape import scrape  # tests/helpers
 from streams import SMALL_STORE, attack_stream, fmnist_images  # tests/helpers
-from robustgate.proxy.workers import (cgroup_cpus, default_workers, gpu_devices, per_process_state, resolved_workers,
-                                      worker_config)
+from robustgate.proxy.workers import (cgroup_cpus, cgroup_memory, default_workers, gpu_devices, per_process_state,
+                                      resolved_workers, worker_config, worker_memory)
 from robustgate.proxy.config import load_config
 
 
@@ -149,9 +149,39 @@ def test_default_workers_are_the_cores_capped_by_the_cgroup_quota(tmp_path):
     assert cgroup_cpus(tmp_path / "none") is None
 
 
-def test_a_pipeline_on_a_gpu_defaults_to_one_process_and_an_explicit_count_wins(tmp_path, proxy_bundle):
+def test_default_workers_are_as_many_as_the_containers_memory_holds(tmp_path, proxy_bundle, caplog, monkeypatch):
+    import logging
+
+    (tmp_path / "cg").mkdir()
+    (tmp_path / "cg" / "memory.max").write_text("2147483648\n")
+    assert cgroup_memory(tmp_path / "cg") == 2**31
+    (tmp_path / "cg" / "memory.max").write_text("max\n")
+    assert cgroup_memory(tmp_path / "cg") is None
+    (tmp_path / "v1" / "memory").mkdir(parents=True)
+    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1: no limit
+    assert cgroup_memory(tmp_path / "v1") is None
+    assert cgroup_memory(tmp_path / "none") is None
+
+    monkeypatch.setattr("robustgate.proxy.workers.default_workers", lambda: 8)  # an 8-core container ...
+    monkeypatch.setattr("robustgate.proxy.workers.available_memory", lambda: 3 * 2**30)  # ... with 3 GiB
+    per = worker_memory(proxy_bundle)
+    assert per > 512 * 2**20
+    cfg = load_config(_write(tmp_path, {"bundle": str(proxy_bundle)}))
+    with caplog.at_level(logging.INFO, logger="robustgate.proxy"):
+        assert resolved_workers(cfg) == (3 * 2**30 - 64 * 2**20) // per == 5
+    assert "server.workers: 5, not the 8 cores" in caplog.text
+    monkeypatch.setattr("robustgate.proxy.workers.available_memory", lambda: 64 * 2**30)
+    assert resolved_workers(cfg) == 8
+    explicit = load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "server": {"workers": 8}}))
+    monkeypatch.setattr("robustgate.proxy.workers.available_memory", lambda: 2**30)
+    assert resolved_workers(explicit) == 8  # an explicit count wins
+
+
+def test_a_pipeline_on_a_gpu_defaults_to_one_process_and_an_explicit_count_wins(tmp_path, proxy_bundle, monkeypatch):
     """No CUDA is needed: the choice reads the config; "auto" resolves to what torch sees."""
     import torch
+
+    monkeypatch.setattr("robustgate.proxy.workers.available_memory", lambda: None)  # the cores alone decide
 
     cpu = load_config(_write(tmp_path, {"bundle": str(proxy_bundle)}))
     assert gpu_devices(cpu) == [] and resolved_workers(cpu) == default_workers()
@@ -180,6 +210,7 @@ def test_per_process_client_state_defaults_to_one_process_and_an_explicit_count_
     import logging
 
     monkeypatch.setattr("robustgate.proxy.workers.default_workers", lambda: 4)  # a 4-core container
+    monkeypatch.setattr("robustgate.proxy.workers.available_memory", lambda: None)  # whose memory holds them
     stage = {"name": "sq", "kind": "stateful", "action": "log", "params": {"method": "blacklight"}}
 
     def cfg(**sections):
