@@ -9,7 +9,9 @@
 # lacked on 2026-12-04 (cp312 wheels, pip download --no-deps --only-binary=:all: --python-version 3.12):
 # pydantic, pydantic-core, annotated-types, typing-inspection, diffusers, regex, importlib_metadata,
 # zipp, torchattacks, onnx2torch, tritonclient, python-rapidjson, grpcio-health-checking,
-# grpcio-reflection, and for the tests pytest, pluggy, iniconfig, pygments, packaging, pytest-timeout.
+# grpcio-reflection, and for the tests pytest, pluggy, iniconfig, pygments, packaging, pytest-timeout;
+# uvloop too, for serving_workers' figures to compare with this repository's (server.event_loop: auto
+# falls back to asyncio without it).
 # Pass ROBUSTGATE_REVISION=<rev>: the device's copy of the tree may carry another commit's .git.
 # The run of record (bench/results/gpu.check.md) was, from the repository root with .whl and
 # .gpu-data carried (the training images as .xz to fit the 64 MiB transfer, re-gzipped there):
@@ -136,7 +138,7 @@ else
   N_EVAL=10000; AA_N=${CHECK_AA_N:-1000}; N_PREC=10000; EVAL_EXTRA=""; EVAL_BATCH=1000; THREADS="--threads 8"
   LOAD="--concurrency 32,128 --procs 8 --duration 5 --warmup 1"; LOAD_DIFF="--concurrency 32,128 --procs 8 --duration 5 --warmup 1"
   TRAIN_EXTRA="--val-items 1000 --test-items 1000"; DDP_STEPS=20
-  WORKERS="--workers 1,4,8 --procs 6 --channels 24 --calls 20000 --concurrency 64"
+  WORKERS="--workers 1,4,8 --procs 6 --channels 24 --calls 12000 --concurrency 64"
 fi
 
 export -f info
@@ -156,7 +158,7 @@ part train 50 "$PY" -m torch.distributed.run --nproc_per_node 1 -m robustgate.pr
   --arch cnn --arch-kwargs '{"width": 16, "hidden": 256}' --method fast-at --eps 0.1 --epochs 1 --optimizer adam \
   --lr 0.002 --weight-decay 0 --schedule onecycle --seed 0 $TRAIN_EXTRA --no-progress --out "$WORK/train_bundle"
 part ddp 30 "$PY" -m torch.distributed.run --nproc_per_node 1 bench/gpu/ddp_smoke.py --steps "$DDP_STEPS" --out "$WORK/res/ddp"
-part serving_workers 150 "$PY" bench/serving/workers.py $WORKERS --pipelines onnx,default --out serving_workers \
+part serving_workers 120 "$PY" bench/serving/workers.py $WORKERS --pipelines onnx,default --out serving_workers \
   --out-dir "$WORK/res"
 
 # ---- results --------------------------------------------------------------------------------------------
