@@ -4,23 +4,19 @@
 #   bash bench/gpu/check.sh                          # on the GPU machine, from the repository root
 #   CHECK_DEVICE=cpu CHECK_SMALL=1 bash bench/gpu/check.sh   # the same script, tiny sizes, on a CPU
 #
-# Installs nothing from the network. Expects the carried wheels already installed by the caller
-# (pip install --no-index --no-deps --target DIR .whl/*.whl; DIR on PYTHONPATH). What the H200 machine
-# lacked on 2026-12-04 (cp312 wheels, pip download --no-deps --only-binary=:all: --python-version 3.12):
-# pydantic, pydantic-core, annotated-types, typing-inspection, diffusers, regex, importlib_metadata,
-# zipp, torchattacks, onnx2torch, tritonclient, python-rapidjson, grpcio-health-checking,
-# grpcio-reflection, and for the tests pytest, pluggy, iniconfig, pygments, packaging, pytest-timeout;
-# uvloop too, for serving_workers' figures to compare with this repository's (server.event_loop: auto
-# falls back to asyncio without it).
-# Pass ROBUSTGATE_REVISION=<rev>: the device's copy of the tree may carry another commit's .git.
-# The run of record (bench/results/gpu.check.md) was, from the repository root with .whl and
-# .gpu-data carried (the training images as .xz to fit the 64 MiB transfer, re-gzipped there):
-#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
-#   python3 -c "import lzma,gzip,shutil; shutil.copyfileobj(lzma.open('.gpu-data/fashion-mnist/train-images-idx3-ubyte.xz'),
-#     gzip.open('.gpu-data/fashion-mnist/train-images-idx3-ubyte.gz','wb',compresslevel=1))"; bash bench/gpu/check.sh when pytest is not
-# importable it installs .whl/pytest* and their dependencies from .whl the same way. Fashion-MNIST:
-# /usr/share/datasets/fashion-mnist, else the carried .gpu-data/fashion-mnist (bench/gpu/pack_data.py),
-# linked there (root on the GPU machine).
+# Installs nothing from the network. Here, where the registry is reachable, `bash bench/gpu/prepare.sh`
+# first gathers what it needs: the cp312 wheels the GPU machine lacks (pydantic, pydantic-core,
+# annotated-types, typing-inspection, diffusers, regex, importlib_metadata, zipp, torchattacks,
+# onnx2torch, tritonclient, python-rapidjson, grpcio-health-checking, grpcio-reflection, uvloop, and for
+# the tests pytest, pluggy, iniconfig, pygments, packaging, pytest-timeout) in .whl/, Fashion-MNIST in
+# .gpu-data/ (training images as .xz, 40,000 of them, to fit the 64 MiB a call carries), and prints the
+# one device call: carry .whl and .gpu-data; it installs the wheels (pip install --no-index --no-deps
+# --target /tmp/site, on PYTHONPATH), re-gzips the training images and runs this script. Pass
+# ROBUSTGATE_REVISION=<rev>: the device's copy of the tree may carry another commit's .git. The run of
+# record (bench/results/gpu.check.md, 2026-12-04) was the same call by hand, with all 60,000 training
+# images and no uvloop. When pytest is not importable this script installs .whl/pytest* and their
+# dependencies from .whl the same way. Fashion-MNIST: /usr/share/datasets/fashion-mnist, else the
+# carried .gpu-data/fashion-mnist (bench/gpu/pack_data.py), linked there (root on the GPU machine).
 #
 # Parts, in this order, each under its own `timeout` and within a total budget (CHECK_BUDGET_S,
 # default 520 s on cuda so the script ends inside 9 minutes even if a part hangs); a part's failure
