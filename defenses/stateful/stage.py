@@ -12,10 +12,10 @@ of two similarity methods behind the same interface (defenses/stateful/base.py):
 ``Stateful(method=..., ...)`` returns an instance of the method's class (:class:`StatefulBlacklight`
 or :class:`StatefulKnn`, both subclasses of :class:`Stateful`), so ``config()`` and
 ``build("stateful", **config)`` round-trip each method's own keyword arguments. The store is not a
-parameter: the assembly builds it once from the stage's ``store:`` section (:func:`store_for`
-picks the store class the method needs) and hands the same object to every rebuilt stage
-(defenses/assemble.py, ``build_stages(stores=...)``), so a config reload keeps the clients'
-histories and blocks.
+parameter: the assembly builds it once from the stage's ``store:`` section
+(``defenses.stateful.store.store_for`` picks the store class the method needs) and hands the same
+object to every rebuilt stage (defenses/assemble.py, ``build_stages(stores=...)``), so a config
+reload keeps the clients' histories and blocks.
 
 How the pipeline runs it (defenses/pipeline.py): each item's client identity travels with it; the
 batch's items are encoded in one ``encode`` call and observed in one ``observe_groups`` call, each
@@ -31,7 +31,7 @@ from robustgate.defenses.base import register
 from robustgate.defenses.stateful.base import StatefulDetector
 from robustgate.defenses.stateful.blacklight import Blacklight
 from robustgate.defenses.stateful.knn import KnnDetector
-from robustgate.defenses.stateful.store import HistoryStore, store_for, store_kind  # noqa: F401 (re-exported)
+from robustgate.defenses.stateful.store import HistoryStore
 
 METHODS = ("blacklight", "knn")
 
