@@ -14,7 +14,7 @@ the ceiling.
 
     .venv/bin/python bench/serving/workers.py --out serving.workers
     # a machine with 16 cores (bench/gpu/check.sh's part serving_workers):
-    python bench/serving/workers.py --workers 1,4,8 --procs 4 --channels 16 --calls 20000 --concurrency 64
+    python bench/serving/workers.py --workers 1,4,8 --procs 6 --channels 24 --calls 12000 --concurrency 64
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Serving with server.workers {', '.join(map(str, counts))} against the raw ONNX Runtime ceiling", "",
              f"- Command: `{data['command']}`",
              f"- Started {started}; load average at start {load_start}, at end {data['load_average_end']} "
-             f"({os.cpu_count()} cores, **shared with other jobs and with this client**: compare rows within this run; "
-             "with 2 cores two workers and the client contend for the same cores)",
+             f"({os.cpu_count()} cores, **shared with other jobs and with this client**: compare rows within this run"
+             + ("; with 2 cores two workers and the client contend for the same cores)" if os.cpu_count() <= 2 else ")"),
              f"- {args.calls} batch-1 calls per point over {args.channels} connections"
              + (f" from {args.procs} client processes" if args.procs > 1 else "")
              + "; batching on (max batch 64, 2 ms)",
