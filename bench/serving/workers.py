@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
              f"- Command: `{data['command']}`",
              f"- Started {started}; load average at start {load_start}, at end {data['load_average_end']} "
              f"({os.cpu_count()} cores, **shared with other jobs and with this client**: compare rows within this run"
-             + ("; with 2 cores two workers and the client contend for the same cores)" if os.cpu_count() <= 2 else ")"),
+             + ("; with 2 cores two workers and the client contend for the same cores)" if os.cpu_count() <= 2
+                else ")"),
              f"- {args.calls} batch-1 calls per point over {args.channels} connections"
              + (f" from {args.procs} client processes" if args.procs > 1 else "")
              + "; batching on (max batch 64, 2 ms)",
