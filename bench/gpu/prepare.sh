@@ -25,7 +25,9 @@ done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
   -d .whl "${pins[@]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-[ "$(ls .whl/*.whl | wc -l)" -eq "${#pins[@]}" ] || { echo "prepare.sh: not every wheel came" >&2; ls .whl >&2; exit 1; }
+if [ "$(ls .whl/*.whl | wc -l)" -ne "${#pins[@]}" ]; then
+  echo "prepare.sh: not every wheel came" >&2; ls .whl >&2; exit 1
+fi
 rm -rf .gpu-data
 # the first TRAIN_ITEMS training images (bench/gpu/pack_data.py; default 40,000: the whole set, with the
 # wheels and the tracked tree, is more than a call carries): check.sh's `train` part times one epoch of
@@ -45,7 +47,9 @@ tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {printf "%.1f"
 total=$(awk "BEGIN {print $(mib .whl) + $(mib .gpu-data) + $tree}")
 echo "prepare.sh: $(mib .whl) MiB of wheels (${#pins[@]}), $(mib .gpu-data) MiB of data, the tracked tree $tree MiB:" \
   "$total MiB with untracked files left out (a device call carries 64 MiB in all)"
-awk "BEGIN {exit !($total > 62)}" && echo "prepare.sh: WARNING: under 2 MiB to spare; a smaller TRAIN_ITEMS frees some" >&2
+if awk "BEGIN {exit !($total > 62)}"; then
+  echo "prepare.sh: WARNING: under 2 MiB to spare; a smaller TRAIN_ITEMS frees some" >&2
+fi
 cat <<'EOF'
 device command (bench/gpu/check.sh's header; ROBUSTGATE_REVISION names the commit measured):
 pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && python3 -c "import lzma,gzip,shutil; shutil.copyfileobj(lzma.open('.gpu-data/fashion-mnist/train-images-idx3-ubyte.xz'), gzip.open('.gpu-data/fashion-mnist/train-images-idx3-ubyte.gz','wb',compresslevel=1))" && ROBUSTGATE_REVISION=REV bash bench/gpu/check.sh

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="hardening.startup")
     args = ap.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",")]
-    data = {"command": " ".join(["python", "bench/hardening/startup.py", *(argv if argv is not None else sys.argv[1:])]),
+    given = argv if argv is not None else sys.argv[1:]
+    data = {"command": " ".join(["python", "bench/hardening/startup.py", *given]),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": common.machine(),
             "load_average_start": common.loadavg(), "config": str(CONFIG.relative_to(common.REPO)), "starts": []}
     for k in range(args.starts):
