@@ -215,7 +215,8 @@ class OnnxRuntimeConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     intra_op_threads: int = Field(0, ge=0, description=(  # proxy/serve.py make_backend, proxy/workers.py
         "threads of the backbone's ONNX Runtime pool; 0 = the process's share of the cores the container is given "
-        "(those cores / server.workers, at least 1), set as an explicit count: ONNX Runtime's own default starts "
+        "(the physical ones among them / server.workers, at least 1), set as an explicit count: ONNX Runtime's "
+        "own default starts "
         "one thread per physical core of the node, each pinned to its core, whatever the container's CPU limit and "
         "however many workers share those cores"))
     inter_op_threads: int = Field(0, ge=0)

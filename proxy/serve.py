@@ -28,7 +28,7 @@ from robustgate.defenses.stateful.remote import STORE_SOCKET_ENV
 from robustgate.proxy.backends.base import Backend
 from robustgate.proxy.config import ConfigError, ProxyConfig, ServerConfig, load_config
 from robustgate.proxy.priority import call_at_priority
-from robustgate.proxy.workers import default_workers, resolved_workers, supervise
+from robustgate.proxy.workers import default_threads, default_workers, resolved_workers, supervise
 
 if TYPE_CHECKING:
     from robustgate.proxy.server import ProxyServer
@@ -120,8 +120,8 @@ def make_backend(cfg: ProxyConfig, bundle: Bundle) -> Backend:
                         o.device, device)
             return TorchBackend(bundle, device=device, precision=cfg.backend.precision,
                                 provider="torch (onnxruntime has no CUDA provider)")
-        # 0: the cores the process is given, as an explicit count (config.OnnxRuntimeConfig)
-        return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads or default_workers(),
+        # 0: the physical cores the process is given, as an explicit count (config.OnnxRuntimeConfig)
+        return OnnxBackend(bundle, device=o.device, intra_op_threads=o.intra_op_threads or default_threads(),
                            inter_op_threads=o.inter_op_threads, spinning=o.spinning)
     from robustgate.proxy.backends import upstream
 

@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 from robustgate.defenses.stateful.remote import STORE_SOCKET_ENV, StoreService
 from robustgate.proxy.config import ProxyConfig
@@ -129,11 +130,32 @@ def worker_memory(bundle: str | Path) -> int:
     return WORKER_BASE_BYTES + 2 * sum(f.stat().st_size for f in files)
 
 
+def physical_cores(cpus: Iterable[int] | None = None, root: Path = Path("/sys/devices/system/cpu")) -> int:
+    """The physical cores (distinct package and core ids in sysfs) among ``cpus`` (default: the CPUs
+    this process may run on); the number of CPUs where the topology cannot be read."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cpus = list(cpus)
+    try:
+        cores = {tuple((root / f"cpu{c}" / "topology" / name).read_text().strip()
+                       for name in ("physical_package_id", "core_id")) for c in cpus}
+    except OSError:
+        return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def default_threads() -> int:
+    """The threads a process's compute pool uses by default: the cores it is given
+    (:func:`default_workers`), no more than the physical cores among them (two hyperthreads share one
+    core's arithmetic units; ONNX Runtime's own default counts physical cores too)."""
+    return max(1, min(default_workers(), physical_cores()))
+
+
 def cores_per_worker(workers: int) -> int:
-    """A worker's share of the cores the container is given (:func:`default_workers`), at least 1:
-    the thread count that ``backend.onnxruntime.intra_op_threads: 0`` and ``pipeline.purify_threads:
-    null`` resolve to, so that N workers' pools together fit the cores instead of N times over."""
-    return max(1, default_workers() // workers)
+    """A worker's share of the threads (:func:`default_threads`), at least 1: what
+    ``backend.onnxruntime.intra_op_threads: 0`` and ``pipeline.purify_threads: null`` resolve to in a
+    worker, so that N workers' pools together fit the cores instead of N times over."""
+    return max(1, default_threads() // workers)
 
 
 def gpu_devices(cfg: ProxyConfig) -> list[str]:

@@ -23,8 +23,9 @@ from tritonclient.utils import InferenceServerException
 from replica import WORKERS, Replica  # tests/helpers
 from scrape import scrape  # tests/helpers
 from streams import SMALL_STORE, attack_stream, fmnist_images  # tests/helpers
-from robustgate.proxy.workers import (cgroup_cpus, cgroup_memory, default_workers, gpu_devices, per_process_state,
-                                      resolved_workers, worker_config, worker_memory)
+from robustgate.proxy.workers import (cgroup_cpus, cgroup_memory, default_threads, default_workers, gpu_devices,
+                                      per_process_state, physical_cores, resolved_workers, worker_config,
+                                      worker_memory)
 from robustgate.proxy.config import load_config
 
 
@@ -253,7 +254,7 @@ def test_worker_config_shares_the_port_and_gives_the_admin_port_to_worker_0(tmp_
 
 
 def test_a_workers_thread_pools_default_to_its_share_of_the_cores(tmp_path, proxy_bundle):
-    share = max(1, default_workers() // 3)
+    share = max(1, default_threads() // 3)
     w = worker_config(load_config(_write(tmp_path, {"bundle": str(proxy_bundle), "server": {"workers": 3}})),
                       1, 5000, None, workers=3)
     assert (w.backend.onnxruntime.intra_op_threads, w.pipeline.purify_threads) == (share, share)
@@ -262,6 +263,18 @@ def test_a_workers_thread_pools_default_to_its_share_of_the_cores(tmp_path, prox
                                          "pipeline": {"purify_threads": 7}}))
     w = worker_config(set_, 1, 5000, None, workers=3)
     assert (w.backend.onnxruntime.intra_op_threads, w.pipeline.purify_threads) == (5, 7)  # an explicit count wins
+
+
+def test_threads_count_physical_cores_among_the_cpus_given(tmp_path):
+    for cpu, (package, core) in enumerate([(0, 0), (0, 0), (0, 1), (0, 1), (1, 0)]):  # 2 hyperthreads per core
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    assert physical_cores(range(5), tmp_path) == 3
+    assert physical_cores([0, 1], tmp_path) == 1 and physical_cores([0, 2], tmp_path) == 2
+    assert physical_cores([0, 7], tmp_path) == 2  # no topology for cpu7: the CPUs are counted
+    assert 1 <= default_threads() <= default_workers()
 
 
 def _pinned_threads(pid: int) -> list[str]:
