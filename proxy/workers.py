@@ -76,10 +76,15 @@ def cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity; all of them where the platform has none)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def default_workers() -> int:
     """The cores the container is given: the CPUs this process may run on, capped by a cgroup CPU
     quota rounded up (a 1.5-core limit gets 2 workers)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = len(allowed_cpus())
     quota = cgroup_cpus()
     if quota is not None:
         n = min(n, max(1, math.ceil(quota)))
@@ -133,9 +138,7 @@ def worker_memory(bundle: str | Path) -> int:
 def physical_cores(cpus: Iterable[int] | None = None, root: Path = Path("/sys/devices/system/cpu")) -> int:
     """The physical cores (distinct package and core ids in sysfs) among ``cpus`` (default: the CPUs
     this process may run on); the number of CPUs where the topology cannot be read."""
-    if cpus is None:
-        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cpus = list(cpus)
+    cpus = allowed_cpus() if cpus is None else list(cpus)
     try:
         cores = {tuple((root / f"cpu{c}" / "topology" / name).read_text().strip()
                        for name in ("physical_package_id", "core_id")) for c in cpus}
