@@ -393,14 +393,14 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     """One stateful stage on a batch: ``x`` ``[N, C, H, W]``, ``clients`` ``[N]`` -> scores ``[N]`` and
     per item the end of its client's block (None: not blocked). ``embedding`` ``[N, d]`` (numpy or
     tensor): the stage's embedding of ``x`` from the fused pass, else None (the stage computes it);
-    ``checked``: ``x`` was validated already (StatefulDetector.encode). The unblocked items are
-    encoded (fingerprinted) in one call and observed in one call, each
-    client's rows in order, clients in order of first appearance; a blocked client's items are not
-    observed (score 0); with action ``block`` each item over the threshold is rejected and counts as a detection of
+    ``checked``: ``x`` was validated already (StatefulDetector.encode). The items are encoded
+    (fingerprinted) in one call, and the clients' blocks checked and their items observed in one
+    call (``StatefulDetector.observe_live_rows``: one round trip to a store shared by the workers),
+    each client's rows in order, clients in order of first appearance; a blocked client's items are
+    not observed (score 0); with action ``block`` each item over the threshold is rejected and counts as a detection of
     its client (``store.add_detections``); at ``stage.block_after`` detections the client is blocked
     for ``stage.cooldown_s`` from now, and all its items of this batch answer as blocked."""
     det = stage.defense
-    store = det.store
     n = x.shape[0]
     scores = np.zeros(n, dtype=np.float32)
     ends: list[float | None] = [None] * n
@@ -408,8 +408,23 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     for i, c in enumerate(clients):
         groups.setdefault(c, []).append(i)
     now = time.time()
+    if embedding is not None and isinstance(embedding, torch.Tensor):
+        embedding = embedding.detach().cpu().numpy()
+    encoded = det.encode(x, embedding, checked)  # every item (a blocked client's too: its block is checked below,
+    # in the same store call as the others' observation)
+    order = [i for idx in groups.values() for i in idx]  # the items by group
+    if order != list(range(n)):
+        encoded = tuple(a[order] for a in encoded)
+    parts, at = [], 0
+    for client, idx in groups.items():
+        parts.append((client, tuple(a[at:at + len(idx)] for a in encoded)))
+        at += len(idx)
+    # every client's history in one call: as one after the other (each client appears once per batch,
+    # so a block decided below cannot change another client's scores); the bookkeeping in numpy, once
+    # per batch (a few torch calls per client cost more than the stage itself on small batches)
+    group_ends, got = det.observe_live_rows(parts, now)  # got: [items of the unblocked clients] float32
     live: list[tuple[str, list[int]]] = []
-    for (client, idx), until in zip(groups.items(), store.blocked_many(list(groups), now)):
+    for (client, idx), until in zip(groups.items(), group_ends):
         if until is None:
             live.append((client, idx))
         else:
@@ -417,6 +432,16 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
                 ends[i] = until
     if not live:
         return torch.from_numpy(scores), ends
+    scores[[i for _, idx in live for i in idx]] = got
+    store = det.store
+    if stage.action == "block" and det.threshold is not None and (got > det.threshold).any():
+        hits = np.add.reduceat((got > det.threshold).astype(np.int64), np.cumsum([0] + [len(i) for _, i in live[:-1]]))
+        for (client, idx), h in zip(live, hits.tolist()):
+            if h and store.add_detections(client, h, now, stage.block_window) >= stage.block_after:
+                store.block(client, now + stage.cooldown_s)
+                for i in idx:
+                    ends[i] = now + stage.cooldown_s
+    return torch.from_numpy(scores), ends
     rows = [i for _, idx in live for i in idx]  # the unblocked items, encoded in one call
     if embedding is not None and isinstance(embedding, torch.Tensor):
         embedding = embedding.detach().cpu().numpy()

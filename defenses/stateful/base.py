@@ -22,6 +22,7 @@ client; the integration step passes each item's client identity (proxy/identity.
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from typing import Any, ClassVar
 
@@ -101,26 +102,43 @@ class StatefulDetector(Defense):
         """:meth:`observe` on rows of :meth:`encode`'s output: ``[N]`` float32 scores, in order."""
         return self.observe_groups([(client, encoded)], now)[0]
 
-    def observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None = None) -> list[torch.Tensor]:
-        """Several clients' encoded queries ``[(client, encoded rows), ...]`` observed as if one client
-        after the other, in the order given -> one ``[N_c]`` float32 score tensor per group."""
+    def _check_clients(self, groups: list[tuple[str, Any]]) -> None:
         for client, _ in groups:
             if not isinstance(client, str) or not client:
                 raise ValueError(f"{self.kind}: client must be a non-empty string, got {client!r}")
+
+    def observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None = None) -> list[torch.Tensor]:
+        """Several clients' encoded queries ``[(client, encoded rows), ...]`` observed as if one client
+        after the other, in the order given -> one ``[N_c]`` float32 score tensor per group."""
+        self._check_clients(groups)
         return self._observe_groups(groups, now)
 
     def observe_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None = None) -> np.ndarray:
         """:meth:`observe_groups`' scores concatenated in group order, as one ``[sum N_c]`` float32 numpy
         array (the pipeline's per-batch call: no tensor per client)."""
-        for client, _ in groups:
-            if not isinstance(client, str) or not client:
-                raise ValueError(f"{self.kind}: client must be a non-empty string, got {client!r}")
+        self._check_clients(groups)
         return self._observe_rows(groups, now)
 
     def _observe_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> np.ndarray:
         """``observe_rows`` after validation; by default from :meth:`_observe_groups`."""
         scores = [s.reshape(-1).float().numpy() for s in self._observe_groups(groups, now)]
         return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+
+    def observe_live_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]],
+                          now: float | None = None) -> tuple[list[float | None], np.ndarray]:
+        """The pipeline's per-batch step (defenses/pipeline.py ``observe_clients``): for ``groups`` as
+        :meth:`observe_rows` takes them, each group's client's block end at ``now`` (None: not
+        blocked) and :meth:`observe_rows`' scores of the unblocked groups' rows only (a blocked
+        client's queries are not recorded). The k-NN and Blacklight methods ask their store both in
+        one call (``HistoryStore.observe_unblocked``: one round trip to the replica's shared store)."""
+        self._check_clients(groups)
+        return self._observe_live_rows(groups, time.time() if now is None else float(now))
+
+    def _observe_live_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]],
+                           now: float) -> tuple[list[float | None], np.ndarray]:
+        """``observe_live_rows`` after validation; by default the block check, then :meth:`_observe_rows`."""
+        ends = self.store.blocked_many([client for client, _ in groups], now)
+        return ends, self._observe_rows([g for g, end in zip(groups, ends) if end is None], now)
 
     @abstractmethod
     def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:

@@ -236,3 +236,9 @@ class Blacklight(StatefulDetector):
     def _observe_groups(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> list[torch.Tensor]:
         scores = self.store.observe_batch([(client, d, h) for client, (d, h) in groups], now)  # one store call
         return [torch.from_numpy(s.astype(np.float32)) for s in scores]
+
+    def _observe_live_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]],
+                           now: float) -> tuple[list[float | None], np.ndarray]:
+        ends, counts = self.store.observe_unblocked([(client, d, h) for client, (d, h) in groups], now)
+        live = [c for c in counts if c is not None]
+        return ends, np.concatenate(live).astype(np.float32) if live else np.zeros(0, dtype=np.float32)

@@ -384,7 +384,17 @@ class KnnDetector(StatefulDetector):
         return [torch.from_numpy(knn_scores(dist, self.statistic)) for dist in dists]
 
     def _observe_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]], now: float | None) -> np.ndarray:
-        dists = self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now, self.window)
+        return self._row_scores(self.store.observe_batch([(client, d, e) for client, (d, e) in groups], self.k, now,
+                                                         self.window))
+
+    def _observe_live_rows(self, groups: list[tuple[str, tuple[np.ndarray, ...]]],
+                           now: float) -> tuple[list[float | None], np.ndarray]:
+        ends, dists = self.store.observe_unblocked([(client, d, e) for client, (d, e) in groups], now, k=self.k,
+                                                   window=self.window)
+        return ends, self._row_scores([d for d in dists if d is not None])
+
+    def _row_scores(self, dists: list[np.ndarray]) -> np.ndarray:
+        """The store's ``[N_c, k]`` distances per group -> ``[sum N_c]`` float32 scores."""
         if not dists:
             return np.zeros(0, dtype=np.float32)
         return knn_scores(dists[0] if len(dists) == 1 else np.concatenate(dists), self.statistic)  # row-wise: one call

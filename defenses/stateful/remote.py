@@ -15,9 +15,10 @@ Frames: ``<u32 header length><u32 body length>``, a JSON header, then the arrays
 (``arrays``: ``[[dtype, shape], ...]``, little-endian ``u8``/``i8``/``f4``/``f8`` only) back to back --
 no pickle crosses the socket. Operations (``op``): ``open`` (a store for a namespace -> its id, its
 fingerprint key and bounds), ``observe`` (a batch of clients' queries, scored and recorded, as the
-store's ``observe_batch``), ``blocked`` (several clients' block ends in one call), ``detect``,
-``block``, ``stats``, ``clear``. A call of a pipeline batch costs two round trips: ``blocked``
-and ``observe`` (``detect`` and ``block`` only for a batch with detections).
+store's ``observe_batch``), ``observe_unblocked`` (the same after the clients' block check, as the
+store's ``observe_unblocked``), ``blocked`` (several clients' block ends in one call), ``detect``,
+``block``, ``stats``, ``clear``. A call of a pipeline batch costs one round trip,
+``observe_unblocked`` (``detect`` and ``block`` only for a batch with detections).
 
 Namespaces: a store is opened for (stage name, method, what the remembered queries mean -- the
 encoder's sha256 for k-NN --, its ``store:`` config, Blacklight's ``top_k``); every worker of the
@@ -222,15 +223,19 @@ class StoreService:
                                "max_clients": store.max_clients, "ttl_s": store.ttl_s}}, []
         store = self.store(int(header["store"]))
         now = header.get("now")
-        if op == "observe":
+        if op in ("observe", "observe_unblocked"):
             clients, sizes = header["clients"], header["sizes"]
             digests, data = arrays
             groups = list(zip(clients, _split(digests, sizes), _split(data, sizes)))
             kwargs = header.get("kwargs", {})
             if set(kwargs) - {"k", "window"}:
-                raise ValueError(f"observe takes k and window, got {sorted(kwargs)}")
-            out = store.observe_batch(groups, now=now, **kwargs)
-            return {}, [np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)]
+                raise ValueError(f"{op} takes k and window, got {sorted(kwargs)}")
+            if op == "observe":
+                reply, out = {}, store.observe_batch(groups, now=now, **kwargs)
+            else:  # the block check and the observation of a pipeline batch, in one round trip
+                ends, got = store.observe_unblocked(groups, now, **kwargs)
+                reply, out = {"until": ends}, [g for g in got if g is not None]
+            return reply, [np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)]
         if op == "blocked":
             return {"until": store.blocked_many(header["clients"], now)}, []
         if op == "detect":
@@ -303,26 +308,50 @@ class RemoteStore(HistoryStore):
     def observe(self, client: str, digests: np.ndarray, data: np.ndarray, *args, **kwargs) -> np.ndarray:
         return self.observe_batch([(client, digests, data)], *args, **kwargs)[0]
 
-    def observe_batch(self, groups: list[tuple[str, np.ndarray, np.ndarray]], *args, **kwargs) -> list[np.ndarray]:
-        """The store's ``observe_batch`` in one call: k-NN's ``(groups, k, now=None, window=None)``,
-        Blacklight's ``(groups, now=None)``."""
+    def _bind(self, call: str, args: tuple, kwargs: dict) -> tuple[dict[str, Any], float | None]:
+        """The store's own arguments of an observation (k-NN's ``k, now, window``, Blacklight's ``now``)
+        -> (those but ``now``, ``now``)."""
         names = ("k", "now", "window") if self.holds == "embeddings" else ("now",)
         if len(args) > len(names) or set(kwargs) - set(names):
-            raise TypeError(f"observe_batch takes (groups, {', '.join(names)})")
+            raise TypeError(f"{call} takes (groups, {', '.join(names)})")
         bound = {**dict(zip(names, args)), **kwargs}
         now = bound.pop("now", None)
         if "k" in names and "k" not in bound:
-            raise TypeError("observe_batch needs k")
-        if not groups:
-            return []
+            raise TypeError(f"{call} needs k")
+        return bound, now
+
+    def _observe(self, op: str, groups: list[tuple[str, np.ndarray, np.ndarray]], bound: dict[str, Any],
+                 now: float | None) -> tuple[dict[str, Any], np.ndarray, list[int]]:
+        """One observing call of the service: its reply, the rows it answered and the groups' sizes."""
         sizes = [int(d.shape[0]) for _, d, _ in groups]
         digests = np.concatenate([np.asarray(d, dtype=np.uint64) for _, d, _ in groups])
         data = np.concatenate([np.asarray(x) for _, _, x in groups])
         if data.dtype != np.uint64:
             data = data.astype(np.float32, copy=False)
-        _, (out,) = self._call({"op": "observe", "store": self.id, "clients": [c for c, _, _ in groups],
-                                "sizes": sizes, "kwargs": bound, "now": now}, [digests, data])
+        reply, (out,) = self._call({"op": op, "store": self.id, "clients": [c for c, _, _ in groups],
+                                    "sizes": sizes, "kwargs": bound, "now": now}, [digests, data])
+        return reply, out, sizes
+
+    def observe_batch(self, groups: list[tuple[str, np.ndarray, np.ndarray]], *args, **kwargs) -> list[np.ndarray]:
+        """The store's ``observe_batch`` in one call: k-NN's ``(groups, k, now=None, window=None)``,
+        Blacklight's ``(groups, now=None)``."""
+        bound, now = self._bind("observe_batch", args, kwargs)
+        if not groups:
+            return []
+        _, out, sizes = self._observe("observe", groups, bound, now)
         return _split(out, sizes)
+
+    def observe_unblocked(self, groups: list[tuple[str, np.ndarray, np.ndarray]], now: float | None = None,
+                          **kwargs) -> tuple[list[float | None], list[np.ndarray | None]]:
+        """The store's ``observe_unblocked`` (the block check and the observation of a pipeline batch)
+        in one round trip."""
+        bound, _ = self._bind("observe_unblocked", (), kwargs)
+        if not groups:
+            return [], []
+        reply, out, sizes = self._observe("observe_unblocked", groups, bound, now)
+        ends = reply["until"]
+        live = iter(_split(out, [size for size, end in zip(sizes, ends) if end is None]))
+        return ends, [next(live) if end is None else None for end in ends]
 
     def blocked_many(self, clients: list[str], now: float | None = None) -> list[float | None]:
         return self._call({"op": "blocked", "store": self.id, "clients": list(clients), "now": now})[0]["until"]

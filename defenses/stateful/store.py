@@ -106,6 +106,19 @@ class HistoryStore(ABC):
         calling ``observe`` group after group (a store may do it in fewer steps)."""
         return [self.observe(client, d, h, now) for client, d, h in groups]
 
+    def observe_unblocked(self, groups: list[tuple[str, np.ndarray, np.ndarray]], now: float | None = None,
+                          **kwargs) -> tuple[list[float | None], list[np.ndarray | None]]:
+        """The stateful stage's step on a batch (defenses/pipeline.py ``observe_clients``): the groups'
+        clients' block ends at ``now`` (:meth:`blocked_many`), then :meth:`observe_batch` (with
+        ``kwargs``: k-NN's ``k`` and ``window``) of the groups whose client is not blocked ->
+        ``(ends [G], results [G])``, a blocked group's result None (its queries are not recorded).
+        A store behind a connection answers it in one round trip (``RemoteStore``)."""
+        now = time.time() if now is None else float(now)
+        ends = self.blocked_many([client for client, _, _ in groups], now)
+        live = [g for g, end in zip(groups, ends) if end is None]
+        got = iter(self.observe_batch(live, now=now, **kwargs) if live else ())
+        return ends, [next(got) if end is None else None for end in ends]
+
     @abstractmethod
     def fingerprint_key(self) -> bytes:
         """The 16-byte secret key the fingerprints are computed under (stable for this store)."""

@@ -10,7 +10,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+from robustgate.defenses.pipeline import Stage, observe_clients
 from robustgate.defenses.stateful.knn_store import KnnMemoryStore
 from robustgate.defenses.stateful.remote import RemoteStore, StoreError, StoreService, pack, read_frame, unpack
 from robustgate.defenses.stateful.stage import Stateful
@@ -114,6 +116,64 @@ def test_a_detector_uses_the_shared_store_and_two_workers_share_one_history(serv
     assert np.all(dist < 0.05)  # the two earlier near-copies, remembered by the other worker's call
     with pytest.raises(ValueError, match="embeddings"):
         Stateful(method="knn", store=RemoteStore(service.path, namespace("blacklight", stage="b", origin="blacklight")))
+
+
+def test_observe_unblocked_through_the_service_equals_the_in_process_store(service):
+    """The block check and the observation in one call: a blocked client's groups are neither scored
+    nor recorded, the others as ``observe_batch`` scores them; k-NN and Blacklight."""
+    rng = np.random.default_rng(3)
+    knn, local = RemoteStore(service.path, namespace()), KnnMemoryStore(max_entries=1000, max_per_client=200)
+    bl = RemoteStore(service.path, namespace("blacklight", stage="b", origin="blacklight"))
+    bl_local = MemoryStore(max_entries=1000, max_per_client=200, hashes_per_query=6)
+    for store in (knn, local, bl, bl_local):
+        store.block("c1", 1050.0)
+    for step in range(12):
+        groups = _groups(rng, ["c0", "c1", "c2"], rows=1 + step % 2)
+        got, want = knn.observe_unblocked(groups, 1000.0 + 10 * step, k=3), local.observe_unblocked(
+            groups, 1000.0 + 10 * step, k=3)
+        assert got[0] == want[0] == ([None, 1050.0, None] if step < 5 else [None] * 3)
+        for g, w in zip(got[1], want[1]):
+            assert (g is None) == (w is None)
+            if g is not None:
+                np.testing.assert_array_equal(g, w)
+        hashes = [(c, d, rng.integers(1, 50, (len(d), 6), dtype=np.uint64)) for c, d, _ in groups]
+        got, want = bl.observe_unblocked(hashes, 1000.0 + 10 * step), bl_local.observe_unblocked(
+            hashes, 1000.0 + 10 * step)
+        assert got[0] == want[0] and [g is None for g in got[1]] == [w is None for w in want[1]]
+        for g, w in zip(got[1], want[1]):
+            if g is not None:
+                np.testing.assert_array_equal(g, w)
+    assert knn.stats() == local.stats() and bl.stats() == bl_local.stats()
+    assert knn.observe_unblocked([], 2000.0, k=3) == ([], [])
+    with pytest.raises(TypeError, match="needs k"):
+        knn.observe_unblocked(groups, 2000.0)
+
+
+def test_a_pipeline_batch_costs_one_round_trip_to_the_shared_store(service, monkeypatch):
+    """``observe_clients`` on a store shared by the workers: one call of the service per batch (the
+    block check rides on the observation), the blocked client's item scored 0, answered with its block
+    end and not recorded; the same scores and block ends as the in-process store's."""
+    ops = []
+    call = service.call
+    monkeypatch.setattr(service, "call", lambda header, arrays: (ops.append(header["op"]), call(header, arrays))[1])
+    rng = np.random.default_rng(4)
+    remote = Stage("s", Stateful(method="knn", k=2, dim=8, threshold=0.5, store=RemoteStore(service.path, namespace())),
+                   "block", cooldown_s=60.0)
+    local = Stage("s", Stateful(method="knn", k=2, dim=8, threshold=0.5, store=KnnMemoryStore()), "block",
+                  cooldown_s=60.0)
+    until = time.time() + 100.0
+    for stage in (remote, local):
+        stage.defense.store.block("b", until)
+    for _ in range(3):
+        x = torch.rand(4, 1, 4, 4)
+        emb = 10 * rng.standard_normal((4, 8), dtype=np.float32)  # far apart: nothing detected
+        ops.clear()
+        got = observe_clients(remote, x, ["a", "b", "a", "c"], emb, checked=True)
+        assert ops == ["observe_unblocked"]
+        want = observe_clients(local, x, ["a", "b", "a", "c"], emb, checked=True)
+        np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
+        assert got[1] == want[1] == [None, until, None, None] and float(got[0][1]) == 0.0
+    assert remote.defense.store.stats()["entries"] == local.defense.store.stats()["entries"] == 9
 
 
 def test_a_new_namespace_replaces_the_stage_store_and_the_old_id_is_refused(service):
