@@ -101,7 +101,7 @@ def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, wh
     """``(spec, store)`` for stateful stage ``sc``: the running store when ``stores`` holds one for
     this stage built from the same ``store:`` config for the same method and fitted artifacts (a
     reload keeps the histories and blocks), else a new one (``defenses.stateful.store.store_for``: a memory store of
-    Blacklight holds ``top_k`` hashes per query; method knn keeps embeddings, in memory only).
+    Blacklight holds ``top_k`` hashes per query; method knn keeps embeddings, in memory or Redis).
     ``store_service``: the socket of the replica's store service (a worker of ``server.workers`` > 1,
     defenses/stateful/remote.py): a ``kind: memory`` store is then the service's, shared by the workers."""
     from robustgate.defenses.stateful.remote import RemoteStore
@@ -125,7 +125,7 @@ def stage_store(sc: StageConfig, bundle: Any | None, stores: StoreMap | None, wh
             store = RemoteStore(store_service, {"stage": sc.name, "method": method, "origin": origin, "spec": spec,
                                                 "top_k": params.get("top_k", 20)})
         else:
-            store = store_for(method, spec, params.get("top_k", 20))
+            store = store_for(method, spec, params.get("top_k", 20), origin)
     except Exception as exc:  # noqa: BLE001 - a bad store config or an unreachable Redis refuses the pipeline
         raise ValueError(f"{where}: store: {exc}") from None
     store.origin = origin  # what the next reload compares on

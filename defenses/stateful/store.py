@@ -44,6 +44,7 @@ through Redis (created once with SET NX) so every replica hashes alike.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 import threading
@@ -570,24 +571,28 @@ def store_kind(spec: dict[str, Any] | None) -> str:
     return spec.get("kind", spec.get("backend", "memory"))
 
 
-def store_for(method: str, spec: dict[str, Any], top_k: int = 20) -> HistoryStore:
+def store_for(method: str, spec: dict[str, Any], top_k: int = 20, origin: str = "") -> HistoryStore:
     """The history store a stage of ``method`` needs, from its ``store:`` section ``spec``
-    (``{kind: memory | redis, ...bounds}``): Blacklight's hash store (``top_k`` hashes per query in
-    memory, or Redis) or the k-NN embedding store (memory only). ValueError naming the bad key."""
-    from robustgate.defenses.stateful.knn_store import KnnMemoryStore  # it imports this module
+    (``{kind: memory | redis, ...bounds}``): Blacklight's hash store (``top_k`` hashes per query, in
+    memory or Redis) or the k-NN embedding store (in memory or Redis; ``origin``: what the embeddings
+    come from -- method and encoder sha256 --, which namespaces the Redis keys). ValueError naming the bad key."""
+    from robustgate.defenses.stateful.knn_redis import KnnRedisStore  # they import this module
+    from robustgate.defenses.stateful.knn_store import KnnMemoryStore
 
     spec = dict(spec)
     backend = store_kind(spec)
     if method == "knn":
-        if backend != "memory":
-            raise ValueError(f"kind: {backend!r} is not available for method knn (its history of embeddings "
-                             f"is in-process only); use kind: memory")
+        kinds = {"memory": KnnMemoryStore, "redis": KnnRedisStore}
+        if backend not in kinds:
+            raise ValueError(f"store.kind must be one of {sorted(kinds)}, got {backend!r}")
         spec.pop("kind", None)
         spec.pop("backend", None)
+        if backend == "redis" and origin:
+            spec.setdefault("namespace", hashlib.sha256(origin.encode()).hexdigest()[:16])
         try:
-            return KnnMemoryStore(**spec)
+            return kinds[backend](**spec)
         except TypeError as exc:
-            raise ValueError(f"store (memory, method knn): {exc}") from exc
+            raise ValueError(f"store ({backend}, method knn): {exc}") from exc
     if backend == "memory":
         spec.setdefault("hashes_per_query", top_k)
     return build_store(spec)

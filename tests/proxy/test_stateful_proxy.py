@@ -344,6 +344,23 @@ def test_knn_flags_an_attack_from_query_k_plus_1_and_blocks_it_benign_stream_ser
     assert ask(p.url, benign[1][None], BENIGN)[0] == "ok"  # the benign client is not affected
 
 
+def test_knn_two_proxies_sharing_redis_see_one_clients_stream(start_proxy, knn_bundle, redis_server):
+    """The k-NN history in a real Redis (``store: {kind: redis}``): an attacker the load balancer
+    alternates between two pods is flagged at its query k + 1, as by one pod; each pod alone holds
+    half of its queries, too few to flag it then."""
+    url, _ = redis_server
+    store = {"kind": "redis", "url": url, "max_per_client": 1024, "ttl_s": 600, "socket_timeout_s": 0.5}
+    a, b = (start_proxy(bundle=knn_bundle, pipeline={"stages": [knn_stage(action="reject", store=store)]})
+            for _ in range(2))
+    answers = [ask((a, b)[i % 2].url, q[None], ATTACKER)[0]
+               for i, q in enumerate(linf_stream(fmnist_images(1, offset=5200)[0], KNN_K + 3, seed=3))]
+    assert answers[:KNN_K] == ["ok"] * KNN_K, answers
+    assert set(answers[KNN_K:]) == {"StatusCode.PERMISSION_DENIED"}, answers
+    for i, x in enumerate(fmnist_images(12, offset=5300)):  # a benign stream over both pods: served
+        assert ask((a, b)[i % 2].url, x[None], BENIGN)[0] == "ok", i
+    assert metric(a.metrics_port, "robustgate_stateful_clients", {"stage": "sd"}) == 2
+
+
 def test_knn_reload_keeps_the_histories(start_proxy, knn_bundle, tmp_path):
     from robustgate.models.bundle import Bundle
 
