@@ -9,15 +9,20 @@ retry), with Redis's bounds: ``max_per_client`` and ``ttl_s`` are enforced by th
 global bounds by Redis's ``maxmemory`` with ``maxmemory-policy allkeys-lru`` (``max_entries`` and
 ``max_clients`` are not enforced there, as for Blacklight).
 
-Keys per client, one hash tag (Redis Cluster safe): a list of its recorded queries, newest first
-(``"<time> <digest> " + embedding bytes``: float32, little-endian), capped at ``max_per_client``; a
-sorted set of their digests scored by sequence number (the exact-retry check over the whole
-history, without reading it); its query count (also the ``block_window`` count of
-``add_detections``). One Lua script per client and call checks the client's block (when asked),
-recognises retries, records the new queries and returns the history the queries are compared with
-(at most ``window`` rows); the distances are computed here, in numpy -- a Lua loop over 256 rows of
-32 floats per query would hold Redis's one thread for every replica. A batch's clients go in one
-pipeline: one round trip per batch, the block check included (:meth:`KnnRedisStore.observe_unblocked`).
+Keys per client, one hash tag: its recorded queries as fixed-size records (the time, float64, and
+the embedding, float32, little-endian) in one string, a ring of ``max_per_client`` slots, read and
+written by byte range (a Redis list of the same rows cost ~130 µs of Redis per call at 256 rows,
+their conversion into a Lua table); a sorted set of their digests scored by sequence number (the
+exact-retry check over the whole history, without reading it); its query count (also the
+``block_window`` count of ``add_detections``). One Lua script call per batch, for all of its clients
+(one round trip, the block check included: :meth:`KnnRedisStore.observe_unblocked`; a call per
+client cost ~2x the CPU here in redis-py's packing and parsing), checks each client's block (when
+asked), recognises retries, records the new queries and returns the history they are compared with
+(at most ``window`` rows, one byte range that numpy reads as it is). The distances are computed
+here (numpy; the in-process store's compiled pass for a single query): a Lua loop over 256 rows of
+32 floats per query would hold Redis's one thread for every replica. The script names several
+clients' keys, so a batch's keys are in several hash slots: a single Redis server (or a replicated
+primary), not Redis Cluster -- the store's client is redis-py's plain one, as Blacklight's is.
 
 Keys are namespaced by ``prefix`` and ``namespace`` (the stage's fitted encoder: a refitted encoder's
 embeddings do not compare with the old ones, so its replicas start a new history; stage_store in
@@ -26,72 +31,91 @@ defenses/assemble.py passes it).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 import numpy as np
 
-from robustgate.defenses.stateful.knn_store import k_smallest, pairwise_sq
+from robustgate.defenses.stateful.knn_store import k_smallest, pairwise_sq, scan_kernel
 from robustgate.defenses.stateful.store import RedisStore
 
-# KEYS: [1] digests (sorted set: digest hex -> seq), [2] entries (list, newest first), [3] query count,
-#       [4] the client's block (its end, seconds since the epoch)
-# ARGV: now, ttl_s, max_per_client, rows (the most history rows returned), check the block (0/1), n,
-#       then n pairs (digest hex, "<time> <digest> " + embedding bytes)
-# returns {"b", block end} when blocked (nothing recorded), else {flags: n chars, "1" an exact retry,
-#          the query count before the call, the history before the call: entries newest first}
+# One call for a batch's G clients. KEYS: per client 4: its digests (sorted set: digest hex -> seq), its records
+#   (a string: a ring of max_per_client slots, seq s in slot (s - 1) % max_per_client), its query count, its block
+#   (the block's end, epoch seconds)
+# ARGV: now, ttl_s, max_per_client, rows (the most history rows returned), check the blocks (0/1), record size,
+#   then per client: n, its n digests (16 hex digits each, back to back), its n records (time <f8 + embedding
+#   <f4 x d, back to back)
+# returns per client {"b", block end} when blocked (nothing recorded), else {flags: n chars, "1" an exact retry,
+#   the query count before the call, the history before the call: its last records, oldest first}
 _LUA = """
 local now, ttl, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local rows, n = tonumber(ARGV[4]), tonumber(ARGV[6])
-if ARGV[5] == '1' then
-  local b = redis.call('GET', KEYS[4])
-  if b and tonumber(b) > now then return {'b', b} end
-end
-local cur0 = tonumber(redis.call('GET', KEYS[3]) or '0')
-local out = {'', cur0}
-for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, rows - 1)) do out[#out + 1] = e end
-local flags, cur, pos = {}, cur0, 7
-for i = 1, n do
-  local d, e = ARGV[pos], ARGV[pos + 1]
-  pos = pos + 2
-  local retry = false
-  local s = redis.call('ZSCORE', KEYS[1], d)
-  if s and cur - tonumber(s) < maxc then  -- a live entry of the same digest: its time decides
-    local old = redis.call('LINDEX', KEYS[2], cur - tonumber(s))
-    if old and now - tonumber(string.sub(old, 1, string.find(old, ' ', 1, true) - 1)) <= ttl then retry = true end
-  end
-  if retry then
-    flags[i] = '1'
+local rows, check, size = tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
+local ms, replies = math.ceil(ttl * 1000), {}
+for g = 1, #KEYS / 4 do
+  local kz, kr, kn, kb = KEYS[4 * g - 3], KEYS[4 * g - 2], KEYS[4 * g - 1], KEYS[4 * g]
+  local n, digests, records = tonumber(ARGV[3 * g + 4]), ARGV[3 * g + 5], ARGV[3 * g + 6]
+  local b = check and redis.call('GET', kb)
+  if b and tonumber(b) > now then
+    replies[g] = {'b', b}
   else
-    flags[i] = '0'
-    cur = cur + 1
-    redis.call('LPUSH', KEYS[2], e)
-    redis.call('ZADD', KEYS[1], cur, d)
+    local cur0 = tonumber(redis.call('GET', kn) or '0')
+    local m, hist = math.min(rows, cur0, maxc), ''
+    if m > 0 then
+      local first, last = (cur0 - m) % maxc, (cur0 - 1) % maxc
+      if first <= last then
+        hist = redis.call('GETRANGE', kr, first * size, (last + 1) * size - 1)
+      else
+        hist = redis.call('GETRANGE', kr, first * size, maxc * size - 1)
+          .. redis.call('GETRANGE', kr, 0, (last + 1) * size - 1)
+      end
+    end
+    local flags, cur = {}, cur0
+    for i = 1, n do
+      local d = string.sub(digests, 16 * i - 15, 16 * i)
+      local retry = false
+      local s = redis.call('ZSCORE', kz, d)
+      if s and cur - tonumber(s) < maxc then  -- a live entry of the same digest: its time decides
+        local at = ((tonumber(s) - 1) % maxc) * size
+        local t = redis.call('GETRANGE', kr, at, at + 7)
+        if #t == 8 and now - struct.unpack('<d', t) <= ttl then retry = true end
+      end
+      if retry then
+        flags[i] = '1'
+      else
+        flags[i] = '0'
+        cur = cur + 1
+        redis.call('SETRANGE', kr, ((cur - 1) % maxc) * size, string.sub(records, size * (i - 1) + 1, size * i))
+        redis.call('ZADD', kz, cur, d)
+      end
+    end
+    if cur > cur0 then
+      redis.call('SET', kn, cur)
+      redis.call('ZREMRANGEBYSCORE', kz, '-inf', cur - maxc)
+    end
+    redis.call('PEXPIRE', kz, ms)
+    redis.call('PEXPIRE', kr, ms)
+    redis.call('PEXPIRE', kn, ms)
+    replies[g] = {table.concat(flags), cur0, hist}
   end
 end
-out[1] = table.concat(flags)
-if cur > cur0 then
-  redis.call('SET', KEYS[3], cur)
-  redis.call('LTRIM', KEYS[2], 0, maxc - 1)
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cur - maxc)
-end
-local ms = math.ceil(ttl * 1000)
-for j = 1, 3 do redis.call('PEXPIRE', KEYS[j], ms) end
-return out
+return replies
 """
 
-
-def _entry(now: float, digest: int, emb: np.ndarray) -> bytes:
-    return f"{now:.6f} {digest:016x} ".encode() + emb.astype("<f4", copy=False).tobytes()
+_NO_DIGESTS = np.zeros(0, dtype=np.uint64)  # the compiled pass's retry scan is not needed: the script did it
 
 
-def _parse(entries: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """History entries (newest first) -> times ``[M]`` float64, embeddings ``[M, dim]`` float32."""
-    if not entries:
-        return np.zeros(0), np.zeros((0, dim), dtype=np.float32)
-    times = np.array([float(e[:e.index(b" ")]) for e in entries])
-    emb = np.frombuffer(b"".join(e[-4 * dim:] for e in entries), dtype="<f4").reshape(len(entries), dim)
-    return times, emb.astype(np.float32)
+def _records(now: float, emb: np.ndarray) -> bytes:
+    """``[N, d]`` queries recorded at ``now`` -> their ``N`` records back to back (:func:`_record_dtype`)."""
+    rec = np.empty(emb.shape[0], dtype=_record_dtype(emb.shape[1]))
+    rec["time"], rec["emb"] = now, emb
+    return rec.tobytes()
+
+
+@functools.cache
+def _record_dtype(dim: int) -> np.dtype:
+    """One remembered query: its time (float64) and embedding (``dim`` float32), little-endian, packed."""
+    return np.dtype([("time", "<f8"), ("emb", "<f4", (dim,))])
 
 
 def neighbours(hist: np.ndarray, visible: np.ndarray, queries: np.ndarray, k: int, window: int | None,
@@ -136,6 +160,7 @@ class KnnRedisStore(RedisStore):
                          f"{prefix}:{namespace}" if namespace else prefix, socket_timeout_s)
         self._knn_script = self._redis.register_script(_LUA)
         self._dim: int | None = None
+        self._scan = scan_kernel()  # the compiled single-query pass, None without numba
 
     def _keys(self, client: str) -> list[str]:
         keys = super()._keys(client)
@@ -175,14 +200,15 @@ class KnnRedisStore(RedisStore):
             return [], []
         now = time.time() if now is None else float(now)
         rows = self.max_per_client if window is None else min(window, self.max_per_client)
-        pipe = self._redis.pipeline(transaction=False)
+        keys: list[str] = []
+        args: list[Any] = [repr(now), repr(self.ttl_s), self.max_per_client, rows, int(check_block),
+                           _record_dtype(self._dim).itemsize]
         for client, d, e in groups:
-            args: list[Any] = [repr(now), repr(self.ttl_s), self.max_per_client, rows, int(check_block), len(d)]
-            for digest, emb in zip(d.tolist(), np.asarray(e, dtype=np.float32)):
-                args += [f"{digest:016x}", _entry(now, digest, emb)]
-            self._knn_script(keys=self._keys(client), args=args, client=pipe)
+            keys += self._keys(client)
+            args += [len(d), "".join(f"{v:016x}" for v in d.tolist()), _records(now, e)]
+        replies = self._knn_script(keys=keys, args=args)  # one round trip for the batch
         ends, out = [], []
-        for (_, d, e), reply in zip(groups, pipe.execute()):
+        for (_, d, e), reply in zip(groups, replies):
             if reply[0] == b"b":
                 ends.append(float(reply[1]))
                 out.append(None)
@@ -197,18 +223,27 @@ class KnnRedisStore(RedisStore):
         out = np.full((emb.shape[0], k), np.inf, dtype=np.float32)
         if retry.all():
             return out
-        times, hist = _parse(reply[2:], emb.shape[1])  # [M], [M, d], newest first: row i is the query count - i
+        hist = np.frombuffer(reply[2], dtype=_record_dtype(emb.shape[1]))[::-1]  # newest first: row i is count - i
+        times, hist = hist["time"], hist["emb"]  # [M], [M, d]
+        live = now - times <= self.ttl_s
+        if emb.shape[0] == 1 and self._scan is not None and live.all():  # the usual call: one query, every row
+            # seen (the script returned at most window and max_per_client rows): the in-process store's compiled pass
+            rows = np.array(hist, order="C")  # writable and contiguous, as the compiled signature takes it
+            self._scan(rows, np.einsum("md,md->m", rows, rows), _NO_DIGESTS, len(rows), 0, len(rows),
+                       np.ascontiguousarray(emb[0]), np.uint64(0), out[0])
+            return out
         r, lim = int((~retry).sum()), self.max_per_client
         # the j-th recorded query sees history row i while fewer than max_per_client queries were recorded
         # after it (i + j < lim) within ttl_s
-        visible = (np.arange(len(times))[None, :] + np.arange(r)[:, None] < lim) & (now - times <= self.ttl_s)[None, :]
+        visible = (np.arange(len(times))[None, :] + np.arange(r)[:, None] < lim) & live[None, :]
         out[~retry] = neighbours(hist, visible, emb[~retry], k, window, lim)
         return out
 
     def stats(self) -> dict[str, int]:
+        """``entries``: the records held (each client's query count, at most ``max_per_client``; those
+        past ``ttl_s`` stay until overwritten or their keys expire, unseen)."""
         info = self._redis.info("memory")
-        entries = clients = 0
-        for name in self._redis.scan_iter(match=f"{self.prefix}:*:e", count=1000):
-            clients += 1
-            entries += int(self._redis.llen(name))
-        return {"entries": entries, "clients": clients, "bytes": int(info["used_memory"])}
+        names = list(self._redis.scan_iter(match=f"{self.prefix}:*:n", count=1000))
+        counts = [int(v) for v in self._redis.mget(names) if v is not None] if names else []
+        return {"entries": sum(min(c, self.max_per_client) for c in counts), "clients": len(counts),
+                "bytes": int(info["used_memory"])}

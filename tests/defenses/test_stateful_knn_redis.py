@@ -70,24 +70,21 @@ def test_two_replicas_share_a_stream_and_a_new_encoder_starts_empty(redis_url):
 
 
 def test_a_batch_is_one_round_trip_the_block_check_included(redis_url, monkeypatch):
-    """``observe_unblocked``: one pipeline for the batch (no MGET of the blocks first); the blocked
+    """``observe_unblocked``: one script call for the batch (no MGET of the blocks first); the blocked
     client's queries are neither scored nor recorded."""
     store = KnnRedisStore(redis_url, max_per_client=100, prefix=_prefix())
     store.block("x", time.time() + 60)
-    rounds = []
-    pipeline = store._redis.pipeline
-
-    def counted(*args, **kwargs):
-        rounds.append(1)
-        return pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(store._redis, "pipeline", counted)
-    monkeypatch.setattr(store._redis, "mget", lambda *a, **k: pytest.fail("a separate block check"))
+    calls = []
+    evalsha = store._redis.evalsha
     rng = np.random.default_rng(2)
     groups = [(c, rng.integers(1, 2 ** 63, 2, dtype=np.uint64), rng.standard_normal((2, 4)).astype(np.float32))
               for c in ("a", "x", "b")]
-    ends, dists = store.observe_unblocked(groups, time.time(), k=2, window=None)
-    assert rounds == [1]
+    with monkeypatch.context() as m:
+        m.setattr(store._redis, "evalsha", lambda *a: (calls.append(a[1]), evalsha(*a))[1])
+        m.setattr(store._redis, "mget", lambda *a, **k: pytest.fail("a separate block check"))
+        m.setattr(store._redis, "pipeline", lambda *a, **k: pytest.fail("a command per client"))
+        ends, dists = store.observe_unblocked(groups, time.time(), k=2, window=None)
+    assert calls == [12]  # one call, the three clients' 4 keys each
     assert ends[0] is None and ends[2] is None and ends[1] == pytest.approx(time.time() + 60, abs=5)
     assert dists[1] is None and dists[0].shape == dists[2].shape == (2, 2)
     assert store.stats()["entries"] == 4  # a's and b's, not x's
