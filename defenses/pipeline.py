@@ -442,28 +442,3 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
                 for i in idx:
                     ends[i] = now + stage.cooldown_s
     return torch.from_numpy(scores), ends
-    rows = [i for _, idx in live for i in idx]  # the unblocked items, encoded in one call
-    if embedding is not None and isinstance(embedding, torch.Tensor):
-        embedding = embedding.detach().cpu().numpy()
-    if len(rows) == n and rows == list(range(n)):
-        encoded = det.encode(x, embedding, checked)
-    else:
-        sel = np.asarray(rows)
-        encoded = det.encode(x[torch.from_numpy(sel)], None if embedding is None else embedding[sel], checked)
-    parts, at = [], 0
-    for client, idx in live:
-        parts.append((client, tuple(a[at:at + len(idx)] for a in encoded)))
-        at += len(idx)
-    # every client's history in one call: as one after the other (each client appears once per batch,
-    # so a block decided below cannot change another client's scores); the bookkeeping in numpy, once
-    # per batch (a few torch calls per client cost more than the stage itself on small batches)
-    got = det.observe_rows(parts, now)  # [len(rows)] float32
-    scores[rows] = got
-    if stage.action == "block" and det.threshold is not None and (got > det.threshold).any():
-        hits = np.add.reduceat((got > det.threshold).astype(np.int64), np.cumsum([0] + [len(i) for _, i in live[:-1]]))
-        for (client, idx), h in zip(live, hits.tolist()):
-            if h and store.add_detections(client, h, now, stage.block_window) >= stage.block_after:
-                store.block(client, now + stage.cooldown_s)
-                for i in idx:
-                    ends[i] = now + stage.cooldown_s
-    return torch.from_numpy(scores), ends

@@ -17,7 +17,8 @@ from robustgate.defenses.stateful.knn_store import KnnMemoryStore
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    url, proc = start_redis(tmp_path_factory.mktemp("redis"), "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    url, proc = start_redis(tmp_path_factory.mktemp("redis"), "--maxmemory", "64mb",
+                            "--maxmemory-policy", "allkeys-lru")
     yield url
     stop_redis(proc)
 
