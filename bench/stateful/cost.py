@@ -11,7 +11,9 @@ images and [3, 32, 32] uniform noise.
 (knn_store.py) filled with 1,000,000 synthetic float32 embeddings, one store call (k-NN over the
 client's history + insert) on the full store, and ``observe`` (keyed digest + ONNX Runtime encoder
 + store) at batch 1, 16 and 64; the encoder is a freshly initialised one of the configured width
-and dim per input shape (its cost does not depend on its weights).
+and dim per input shape (its cost does not depend on its weights). The same fill and store call
+through a real redis-server on loopback (defenses/stateful/knn_redis.py; its memory is the
+server's ``used_memory`` growth).
 
     python bench/stateful/cost.py --method knn [--out bench/results/stateful.cost.knn]
 """
@@ -129,6 +131,38 @@ def knn_stream(rng: np.random.Generator, n: int, dim: int) -> tuple[np.ndarray, 
     return rng.integers(1, 2**63, n, dtype=np.uint64), np.cumsum(steps, axis=0)
 
 
+def knn_redis_cost(args, rng, per_client: int, row) -> tuple[dict, dict]:
+    """The k-NN store in a real redis-server: filled as the memory store is (50 queries per call), its
+    ``used_memory`` growth, then the latency of single-query calls on the full store."""
+    from robustgate.defenses.stateful.knn_redis import KnnRedisStore
+
+    proc, url, workdir = start_redis()
+    try:
+        store = KnnRedisStore(url, max_per_client=per_client, ttl_s=1e9)
+        used0 = int(store._redis.info("memory")["used_memory"])
+        t0 = time.perf_counter()
+        for c in tqdm(range(args.clients), desc="redis: fill 50 queries per call", unit="client"):
+            per = args.entries // args.clients + (c < args.entries % args.clients)
+            d, e = knn_stream(rng, per, args.dim)
+            for i in range(0, per, 50):
+                store.observe(f"client-{c}", d[i:i + 50], e[i:i + 50], args.k, now=1000.0, window=256)
+        fill_s = time.perf_counter() - t0
+        used = int(store._redis.info("memory")["used_memory"]) - used0
+        memory = {"entries": store.stats()["entries"], "used_memory_mib": used / 2**20, "fill_s": fill_s,
+                  "fill_queries_per_s": args.entries / fill_s}
+        times, cpu = np.empty(args.latency_queries), np.empty(args.latency_queries)
+        for i in tqdm(range(args.latency_queries), desc="redis: store latency", unit="q"):
+            d, e = knn_stream(rng, 1, args.dim)
+            t, c = time.perf_counter_ns(), time.thread_time_ns()
+            store.observe(f"client-{i % args.clients}", d, e, args.k, now=1000.0, window=256)
+            times[i], cpu[i] = time.perf_counter_ns() - t, time.thread_time_ns() - c
+        return memory, row(times / 1e3, cpu / 1e3, min(per_client, args.entries // args.clients))
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def knn_main(args) -> None:
     """``--method knn`` (module docstring)."""
     import os
@@ -181,6 +215,7 @@ def knn_main(args) -> None:
         store.observe("at-bound", d[per_client + i:per_client + i + 1], e[per_client + i:per_client + i + 1], k, now=1000.0)
         big[0][i], big[1][i] = time.perf_counter_ns() - t, time.thread_time_ns() - c
     latency["client_at_bound"] = row(big[0] / 1e3, big[1] / 1e3, per_client)
+    redis_memory, latency["redis_full"] = knn_redis_cost(args, rng, per_client, row)
     fm, _ = test_images(2048)
     inputs = {"1x28x28": torch.from_numpy(fm), "3x32x32": torch.rand(2048, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
     throughput = {}
@@ -197,7 +232,8 @@ def knn_main(args) -> None:
     config = det.config()
     result = {"command": "python bench/stateful/cost.py " + " ".join(sys.argv[1:]), "load_average": os.getloadavg(),
               "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
-              "detector": config, "store": store.config(), "memory": memory, "latency": latency,
+              "detector": config, "store": store.config(), "memory": memory, "redis_memory": redis_memory,
+              "latency": latency,
               "throughput": throughput}
     out = Path(args.out)
     Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -212,6 +248,10 @@ def knn_main(args) -> None:
         "| ---: | ---: | ---: | ---: | --- |",
         f"| {memory['entries']:,} | {memory['store_mib']:.1f} MiB | {memory['rss_growth_mib']:.1f} MiB | "
         f"{memory['fill_queries_per_s']:,.0f} queries/s | {memory['oldest_query_still_held']} |", "",
+        f"In a redis-server on loopback (defenses/stateful/knn_redis.py: records of 16 + 4 x {dim} bytes in a ring "
+        f"string per client, a hash of their digests): {redis_memory['entries']:,} entries, "
+        f"{redis_memory['used_memory_mib']:.1f} MiB of the server's `used_memory`, filled at "
+        f"{redis_memory['fill_queries_per_s']:,.0f} queries/s (50 per call).", "",
         "## One store call (k-NN over the client's history + insert of one query)", "",
         "| store | client history | wall p50 | wall p99 | wall max | CPU p50 | CPU p99 | calls |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -223,7 +263,10 @@ def knn_main(args) -> None:
     lines += throughput_rows(throughput)
     lines += ["", "Notes: wall times include the scheduling noise of a 2-core machine (load average in the header); the "
               "CPU columns (this thread's CPU time) do not. Memory and latency rows use synthetic embeddings "
-              "(random walks, one per client); the throughput rows encode real pixels (Fashion-MNIST test images; "
+              "(random walks, one per client); `redis_full`: a single-query call through the Redis store with the "
+              "window of 256 (the stage's default: the script returns the client's last 256 records, the "
+              "distances are computed here), wall time including the loopback round trip; the memory store's rows "
+              "compare with the client's whole history; the throughput rows encode real pixels (Fashion-MNIST test images; "
               "uniform noise at 3x32x32) with a freshly initialised encoder of the same architecture as a fitted "
               "one, one client per 256 images. A store call's cost grows with the client's history (k-NN by "
               "brute force over it, O(history x dim))."]

@@ -12,9 +12,9 @@ global bounds by Redis's ``maxmemory`` with ``maxmemory-policy allkeys-lru`` (``
 Keys per client, one hash tag: its recorded queries as fixed-size records (the time, float64,
 and the embedding, float32, little-endian) in one string, a ring of ``max_per_client`` slots, read
 and written by byte range (a Redis list of the same rows, turned into a Lua table on every call,
-cost Redis more than the rest of the script; measured while writing it); a sorted set of their
-digests scored by sequence number (the exact-retry check over the whole history, without reading
-it); its query count (also the ``block_window`` count of ``add_detections``). One Lua script call
+cost Redis more than the rest of the script; measured while writing it); a hash of their
+digests (digest -> sequence number: the exact-retry check over the whole history, without reading
+it; a digest leaves it with its record); its query count (also the ``block_window`` count of ``add_detections``). One Lua script call
 per batch, for all of its clients (one round trip, the block check included:
 :meth:`KnnRedisStore.observe_unblocked`; a call per client doubled the CPU spent here in redis-py's
 packing and parsing), checks each client's block (when asked), recognises retries, records the new
@@ -41,21 +41,26 @@ import numpy as np
 from robustgate.defenses.stateful.knn_store import k_smallest, pairwise_sq, scan_kernel
 from robustgate.defenses.stateful.store import RedisStore
 
-# One call for a batch's G clients. KEYS: per client 4: its digests (sorted set: digest hex -> seq), its records
+# One call for a batch's G clients. KEYS: per client 4: its digests (a hash: 8-byte digest -> seq), its records
 #   (a string: a ring of max_per_client slots, seq s in slot (s - 1) % max_per_client), its query count, its block
 #   (the block's end, epoch seconds)
 # ARGV: now, ttl_s, max_per_client, rows (the most history rows returned), check the blocks (0/1), record size,
-#   then per client: n, its n digests (16 hex digits each, back to back), its n records (time <f8 + embedding
-#   <f4 x d, back to back)
+#   then per client: n, its n records back to back (time <f8, digest <u8, embedding <f4 x d)
 # returns per client {"b", block end} when blocked (nothing recorded), else {flags: n chars, "1" an exact retry,
 #   the query count before the call, the history before the call: its last records, oldest first}
 _LUA = """
 local now, ttl, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local rows, check, size = tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
 local ms, replies = math.ceil(ttl * 1000), {}
+-- a ring string is grown by a quarter, to exactly that size (SET): SETRANGE past its end would double its allocation
+local function grow(key, len, upto)
+  local want = math.min(math.max(upto, math.floor(len * 1.25)), maxc * size)
+  redis.call('SET', key, (len > 0 and redis.call('GET', key) or '') .. string.rep('\0', want - len))
+  return want
+end
 for g = 1, #KEYS / 4 do
   local kz, kr, kn, kb = KEYS[4 * g - 3], KEYS[4 * g - 2], KEYS[4 * g - 1], KEYS[4 * g]
-  local n, digests, records = tonumber(ARGV[3 * g + 4]), ARGV[3 * g + 5], ARGV[3 * g + 6]
+  local n, records = tonumber(ARGV[2 * g + 5]), ARGV[2 * g + 6]
   local b = check and redis.call('GET', kb)
   if b and tonumber(b) > now then
     replies[g] = {'b', b}
@@ -71,11 +76,12 @@ for g = 1, #KEYS / 4 do
           .. redis.call('GETRANGE', kr, 0, (last + 1) * size - 1)
       end
     end
-    local flags, cur = {}, cur0
+    local flags, cur, len = {}, cur0, nil
     for i = 1, n do
-      local d = string.sub(digests, 16 * i - 15, 16 * i)
+      local e = string.sub(records, size * (i - 1) + 1, size * i)
+      local d = string.sub(e, 9, 16)
       local retry = false
-      local s = redis.call('ZSCORE', kz, d)
+      local s = redis.call('HGET', kz, d)
       if s and cur - tonumber(s) < maxc then  -- a live entry of the same digest: its time decides
         local at = ((tonumber(s) - 1) % maxc) * size
         local t = redis.call('GETRANGE', kr, at, at + 7)
@@ -86,14 +92,18 @@ for g = 1, #KEYS / 4 do
       else
         flags[i] = '0'
         cur = cur + 1
-        redis.call('SETRANGE', kr, ((cur - 1) % maxc) * size, string.sub(records, size * (i - 1) + 1, size * i))
-        redis.call('ZADD', kz, cur, d)
+        local at = ((cur - 1) % maxc) * size
+        len = len or redis.call('STRLEN', kr)
+        if at + size > len then len = grow(kr, len, at + size) end
+        if cur > maxc then  -- the record in this slot (seq cur - maxc) falls out, and its digest unless sent again since
+          local old = redis.call('GETRANGE', kr, at + 8, at + 15)
+          if #old == 8 and redis.call('HGET', kz, old) == tostring(cur - maxc) then redis.call('HDEL', kz, old) end
+        end
+        redis.call('SETRANGE', kr, at, e)
+        redis.call('HSET', kz, d, cur)
       end
     end
-    if cur > cur0 then
-      redis.call('SET', kn, cur)
-      redis.call('ZREMRANGEBYSCORE', kz, '-inf', cur - maxc)
-    end
+    if cur > cur0 then redis.call('SET', kn, cur) end
     redis.call('PEXPIRE', kz, ms)
     redis.call('PEXPIRE', kr, ms)
     redis.call('PEXPIRE', kn, ms)
@@ -106,17 +116,19 @@ return replies
 _NO_DIGESTS = np.zeros(0, dtype=np.uint64)  # the compiled pass's retry scan is not needed: the script did it
 
 
-def _records(now: float, emb: np.ndarray) -> bytes:
-    """``[N, d]`` queries recorded at ``now`` -> their ``N`` records back to back (:func:`_record_dtype`)."""
+def _records(now: float, digests: np.ndarray, emb: np.ndarray) -> bytes:
+    """``[N]`` digests and ``[N, d]`` embeddings of queries sent at ``now`` -> their ``N`` records back to
+    back (:func:`_record_dtype`)."""
     rec = np.empty(emb.shape[0], dtype=_record_dtype(emb.shape[1]))
-    rec["time"], rec["emb"] = now, emb
+    rec["time"], rec["digest"], rec["emb"] = now, digests, emb
     return rec.tobytes()
 
 
 @functools.cache
 def _record_dtype(dim: int) -> np.dtype:
-    """One remembered query: its time (float64) and embedding (``dim`` float32), little-endian, packed."""
-    return np.dtype([("time", "<f8"), ("emb", "<f4", (dim,))])
+    """One remembered query: its time (float64), digest (uint64) and embedding (``dim`` float32),
+    little-endian, packed."""
+    return np.dtype([("time", "<f8"), ("digest", "<u8"), ("emb", "<f4", (dim,))])
 
 
 def neighbours(hist: np.ndarray, visible: np.ndarray, queries: np.ndarray, k: int, window: int | None,
@@ -206,7 +218,7 @@ class KnnRedisStore(RedisStore):
                            _record_dtype(self._dim).itemsize]
         for client, d, e in groups:
             keys += self._keys(client)
-            args += [len(d), "".join(f"{v:016x}" for v in d.tolist()), _records(now, e)]
+            args += [len(d), _records(now, d, e)]
         replies = self._knn_script(keys=keys, args=args)  # one round trip for the batch
         ends, out = [], []
         for (_, d, e), reply in zip(groups, replies):
