@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from robustgate.defenses.stateful.knn_store import k_smallest, pairwise_sq, scan_kernel
+from robustgate.defenses.stateful.knn_store import check_call, k_smallest, pairwise_sq, scan_kernel
 from robustgate.defenses.stateful.store import RedisStore
 
 # One call for a batch's G clients. KEYS: per client 4: its digests (a hash: 8-byte digest -> seq), its records
@@ -197,18 +197,7 @@ class KnnRedisStore(RedisStore):
         return self._run(groups, k, now, window, True)
 
     def _run(self, groups, k, now, window, check_block):
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        if window is not None and (not isinstance(window, int) or window < 1):
-            raise ValueError(f"window must be a positive integer or None, got {window!r}")
-        for _, d, e in groups:
-            if d.dtype != np.uint64 or d.ndim != 1:
-                raise ValueError(f"digests must be [N] uint64, got {d.dtype} {d.shape}")
-            if e.ndim != 2 or e.shape[0] != d.shape[0]:
-                raise ValueError(f"embeddings must be [N, d] with N = {d.shape[0]}, got {e.shape}")
-            if self._dim is not None and e.shape[1] != self._dim:
-                raise ValueError(f"embeddings have {e.shape[1]} dimensions, this store holds {self._dim}")
-            self._dim = self._dim or int(e.shape[1])
+        self._dim = check_call(groups, k, window, self._dim)
         if not groups:
             return [], []
         now = time.time() if now is None else float(now)

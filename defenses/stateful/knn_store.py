@@ -226,6 +226,25 @@ def k_smallest(d: np.ndarray, k: int) -> np.ndarray:
     return np.sort(d, axis=1)
 
 
+def check_call(groups: list[tuple[str, np.ndarray, np.ndarray]], k: int, window: int | None,
+               dim: int | None) -> int | None:
+    """Validates an ``observe_batch`` call of a k-NN store holding ``dim``-dimensional embeddings (None:
+    none yet) -> the dimensions it holds after the call (ValueError naming what is wrong)."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    for _, d, e in groups:
+        if d.dtype != np.uint64 or d.ndim != 1:
+            raise ValueError(f"digests must be [N] uint64, got {d.dtype} {d.shape}")
+        if e.ndim != 2 or e.shape[0] != d.shape[0]:
+            raise ValueError(f"embeddings must be [N, d] with N = {d.shape[0]}, got {e.shape}")
+        if dim is not None and e.shape[1] != dim:
+            raise ValueError(f"embeddings have {e.shape[1]} dimensions, this store holds {dim}")
+        dim = dim or int(e.shape[1])
+    return dim
+
+
 class KnnMemoryStore(ClientFlags, HistoryStore):
     """In-process store of embeddings per client (module docstring). ``key``: the 16-byte secret of
     the retry digests (random per store)."""
@@ -297,18 +316,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
     def observe_batch(self, groups: list[tuple[str, np.ndarray, np.ndarray]], k: int,
                       now: float | None = None, window: int | None = None) -> list[np.ndarray]:
         """:meth:`observe` for several clients, one after the other in the order given."""
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        if window is not None and (not isinstance(window, int) or window < 1):
-            raise ValueError(f"window must be a positive integer or None, got {window!r}")
-        for _, d, e in groups:
-            if d.dtype != np.uint64 or d.ndim != 1:
-                raise ValueError(f"digests must be [N] uint64, got {d.dtype} {d.shape}")
-            if e.ndim != 2 or e.shape[0] != d.shape[0]:
-                raise ValueError(f"embeddings must be [N, d] with N = {d.shape[0]}, got {e.shape}")
-            if self._dim is not None and e.shape[1] != self._dim:
-                raise ValueError(f"embeddings have {e.shape[1]} dimensions, this store holds {self._dim}")
-            self._dim = self._dim or int(e.shape[1])
+        self._dim = check_call(groups, k, window, self._dim)
         now = time.time() if now is None else float(now)
         with self._lock:
             return [self._observe(self._client(c, e.shape[1]), d, np.ascontiguousarray(e, dtype=np.float32), k, now,
