@@ -191,7 +191,7 @@ class KnnRedisStore(RedisStore):
     def observe_unblocked(self, groups: list[tuple[str, np.ndarray, np.ndarray]], now: float | None = None,
                           k: int | None = None, window: int | None = None
                           ) -> tuple[list[float | None], list[np.ndarray | None]]:
-        """``HistoryStore.observe_unblocked`` in one round trip: each client's script checks its block."""
+        """``HistoryStore.observe_unblocked`` in one round trip: the batch's script checks each client's block."""
         if k is None:
             raise TypeError("observe_unblocked needs k")
         return self._run(groups, k, now, window, True)
