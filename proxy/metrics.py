@@ -135,6 +135,7 @@ class StoreStats:
     def __init__(self, stores: Callable[[], dict], registry: CollectorRegistry):
         self.stores = stores
         self.gauges = None
+        self._lock, self._due, self._reader = threading.Lock(), threading.Event(), None
         if multiprocess():  # a scrape-time collector cannot cross processes: :meth:`refresh` writes gauges
             self.gauges = {k: Gauge(f"robustgate_stateful_{k}", doc, ["stage"], registry=registry, multiprocess_mode="max")
                            for k, doc in self.DOCS}
@@ -146,16 +147,29 @@ class StoreStats:
             ("bytes", "Memory of a stateful stage's history store (Redis: the server's used_memory)"))
 
     def refresh(self) -> None:
-        """Multiprocess mode: the stores' figures now, for the supervisor's next scrape (the largest
-        over the workers: with a shared store every worker reads the same; per-process memory stores
-        are each their own, docs/OPERATIONS.md "Workers")."""
-        for stage, store in sorted(self.stores().items()):
-            try:
-                stats = store.stats()
-            except Exception:  # noqa: BLE001 - as a scrape: one store's failure is left out
-                continue
-            for k, gauge in self.gauges.items():
-                gauge.labels(stage=stage).set(float(stats[k]))
+        """Multiprocess mode: the stores' figures, for the supervisor's next scrape (the largest over
+        the workers: with a shared store every worker reads the same; per-process memory stores are
+        each their own, docs/OPERATIONS.md "Workers"). Read in a thread of its own, one read at a
+        time, and this returns at once: the caller is the event loop (the health loop, once a
+        second), and a shared store answers over the network -- a Redis store counts its keys, which
+        takes long with many clients, and the loop must not wait for it."""
+        with self._lock:
+            if self._reader is None:  # one long-lived thread (a shared store's connection is per thread)
+                self._reader = threading.Thread(target=self._read_loop, name="robustgate-store-stats", daemon=True)
+                self._reader.start()
+        self._due.set()  # a read still going when this is set is followed by one more, not by several
+
+    def _read_loop(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            for stage, store in sorted(self.stores().items()):
+                try:
+                    stats = store.stats()
+                except Exception:  # noqa: BLE001 - as a scrape: one store's failure is left out
+                    continue
+                for k, gauge in self.gauges.items():
+                    gauge.labels(stage=stage).set(float(stats[k]))
 
     def describe(self):
         return []

@@ -52,7 +52,7 @@ STORE_SOCKET_ENV = "ROBUSTGATE_STORE_SOCKET"  # the supervisor -> its workers: t
 _FRAME = struct.Struct("<II")
 _DTYPES = {"u8": np.dtype("<u8"), "i8": np.dtype("<i8"), "f4": np.dtype("<f4"), "f8": np.dtype("<f8")}
 _NAMES = {v: k for k, v in _DTYPES.items()}
-STATS_TIMEOUT_S = 0.5  # a stats call (the gauges' refresh, on the event loop) waits no longer
+STATS_TIMEOUT_S = 0.5  # a stats call (the gauges' refresh, once a second per worker) waits no longer
 MAX_FRAME = 1 << 30  # a frame longer than this is refused (a batch of 64 k-NN queries is ~20 KiB)
 
 
@@ -368,7 +368,7 @@ class RemoteStore(HistoryStore):
         self._call({"op": "block", "store": self.id, "client": client, "until": float(until)})
 
     def stats(self) -> dict[str, int]:
-        # asked once a second from the event loop (proxy/metrics.py StoreStats): never long
+        # asked once a second by each worker's metrics reader thread (proxy/metrics.py StoreStats): never long
         reply, _ = self._call({"op": "stats", "store": self.id}, timeout_s=STATS_TIMEOUT_S)
         return {k: int(v) for k, v in reply["stats"].items()}
 

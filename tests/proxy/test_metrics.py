@@ -38,3 +38,35 @@ def test_batch_histogram_matches_prometheus_client_histogram():
     text = generate_latest(ours_reg).decode()
     assert '# TYPE robustgate_detector_score histogram' in text
     assert 'robustgate_detector_score_bucket{detector="magnet",le="+Inf"} 517.0' in text
+
+
+def test_store_stats_are_read_off_the_callers_thread_one_read_at_a_time(monkeypatch):
+    """Multiprocess mode: ``refresh`` (called by the event loop's health loop once a second) returns at
+    once while a store's ``stats`` (a network call for a shared store) is still running; the read
+    happens in one reader thread, and refreshes meanwhile make one more read, not a pile of them."""
+    import threading
+
+    from robustgate.proxy import metrics
+
+    monkeypatch.setattr(metrics, "multiprocess", lambda: True)
+    release, calls, threads = threading.Event(), [], set()
+
+    class SlowStore:
+        def stats(self):
+            calls.append(1)
+            threads.add(threading.current_thread().name)
+            assert release.wait(30)
+            return {"entries": 7, "clients": 2, "bytes": 100}
+
+    reg = CollectorRegistry()
+    stats = metrics.StoreStats(lambda: {"sd": SlowStore()}, reg)
+    for _ in range(5):
+        stats.refresh()  # returns although the first read is blocked
+    assert not release.is_set()
+    release.set()
+    for _ in range(100):
+        if samples(reg).get(("robustgate_stateful_entries", (("stage", "sd"),))) == 7:
+            break
+        threading.Event().wait(0.05)
+    assert samples(reg)[("robustgate_stateful_entries", (("stage", "sd"),))] == 7
+    assert threads == {"robustgate-store-stats"} and 1 <= len(calls) <= 2
