@@ -171,13 +171,9 @@ class KnnRedisStore(RedisStore):
             raise ValueError(f"namespace must have no braces or spaces, got {namespace!r}")
         super().__init__(url, max_entries, max_per_client, max_clients, ttl_s,
                          f"{prefix}:{namespace}" if namespace else prefix, socket_timeout_s)
-        self._knn_script = self._redis.register_script(_LUA)
+        self._script = self._redis.register_script(_LUA)  # k-NN's, not Blacklight's
         self._dim: int | None = None
         self._scan = scan_kernel()  # the compiled single-query pass, None without numba
-
-    def _keys(self, client: str) -> list[str]:
-        keys = super()._keys(client)
-        return keys + [keys[0][:-2] + ":b"]  # the block key (RedisStore._block_key), for the script
 
     def observe(self, client: str, digests: np.ndarray, embeddings: np.ndarray, k: int,
                 now: float | None = None, window: int | None = None) -> np.ndarray:
@@ -206,9 +202,9 @@ class KnnRedisStore(RedisStore):
         args: list[Any] = [repr(now), repr(self.ttl_s), self.max_per_client, rows, int(check_block),
                            _record_dtype(self._dim).itemsize]
         for client, d, e in groups:
-            keys += self._keys(client)
+            keys += self._script_keys(client)
             args += [len(d), _records(now, d, e)]
-        replies = self._knn_script(keys=keys, args=args)  # one round trip for the batch
+        replies = self._script(keys=keys, args=args)  # one round trip for the batch
         ends, out = [], []
         for (_, d, e), reply in zip(groups, replies):
             if reply[0] == b"b":

@@ -29,10 +29,12 @@ Two implementations behind one interface:
   posting is checked against the entry it names (same client, still live, digest equal for retry
   postings), so a stale or colliding posting can only fail to count, except that a 16-bit tag
   collision inside one bucket (probability 8 / 65536 per hash) may add 1 to a count.
-- :class:`RedisStore`: the same rule in one Lua script per call, so replicas behind one Service
-  share a client's stream and an attacker spread over pods by the load balancer is seen whole.
-  Keys per client share a hash tag (``rg:sd:{client}:...``, Redis Cluster safe) and expire after
-  ``ttl_s`` of inactivity; ``max_per_client`` is enforced by the script; the global bound is
+- :class:`RedisStore`: the same rule in one Lua script call per batch (all its clients, their
+  block check included: one round trip), so replicas behind one Service share a client's stream
+  and an attacker spread over pods by the load balancer is seen whole. Keys per client share a
+  hash tag (``rg:sd:{client}:...``) and expire after ``ttl_s`` of inactivity; a batch's script
+  names several clients' keys, so the store needs one Redis server (or a replicated primary), not
+  Redis Cluster; ``max_per_client`` is enforced by the script; the global bound is
   Redis's own ``maxmemory`` with ``maxmemory-policy allkeys-lru`` (set it on the server:
   ``max_entries``/``max_clients`` are not enforced there).
 
@@ -371,68 +373,85 @@ class MemoryStore(ClientFlags, HistoryStore):
 
 
 _LUA = """
--- KEYS: postings hash (field -> entry seq), entries hash (seq -> "time digest h1 .. hk"), counter
--- ARGV: now, ttl_s, max_per_client, k, n, then n groups of (digest, h1 .. hk) as hex; returns [n] scores
+-- One call for a batch's G clients. KEYS: per client 4: postings hash (field -> entry seq), entries hash
+--   (seq -> "time digest h1 .. hk"), counter, block (its end, epoch seconds)
+-- ARGV: now, ttl_s, max_per_client, k, check the blocks (0/1), then per client: n and n groups of
+--   (digest, h1 .. hk) as hex
+-- returns per client {"b", block end} when blocked (nothing recorded), else its [n] scores
 local now, ttl, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local k, n = tonumber(ARGV[4]), tonumber(ARGV[5])
-local scores, pos = {}, 6
-local cur = tonumber(redis.call('GET', KEYS[3]) or '0')
-local function entry(seq)  -- the live entry's fields or nil
-  if not seq then return nil end
-  local s = tonumber(seq)
-  if cur - s >= maxc then return nil end
-  local e = redis.call('HGET', KEYS[2], seq)
-  if not e then return nil end
-  local f = {}
-  for w in string.gmatch(e, '%S+') do f[#f + 1] = w end
-  if now - tonumber(f[1]) > ttl then return nil end
-  return f
-end
-for i = 1, n do
-  local digest, hs = ARGV[pos], {}
-  for j = 1, k do if ARGV[pos + j] ~= '0000000000000000' then hs[#hs + 1] = ARGV[pos + j] end end
-  pos = pos + 1 + k
-  local d = entry(redis.call('HGET', KEYS[1], 'd' .. digest))
-  if d and d[2] == digest then
-    scores[i] = 0
+local k, check = tonumber(ARGV[4]), ARGV[5] == '1'
+local ms, pos, replies = math.ceil(ttl * 1000), 6, {}
+for g = 1, #KEYS / 4 do
+  local kp, ke, kn, kb = KEYS[4 * g - 3], KEYS[4 * g - 2], KEYS[4 * g - 1], KEYS[4 * g]
+  local n = tonumber(ARGV[pos])
+  pos = pos + 1
+  local b = check and redis.call('GET', kb)
+  if b and tonumber(b) > now then
+    replies[g] = {'b', b}
+    pos = pos + n * (1 + k)
   else
-    local best, counts, live = 0, {}, {}
-    if #hs > 0 then
-      local seqs = redis.call('HMGET', KEYS[1], unpack(hs))
-      for j = 1, #hs do
-        local s = seqs[j]
-        if s then
-          if live[s] == nil then live[s] = entry(s) ~= nil end
-          if live[s] then
-            counts[s] = (counts[s] or 0) + 1
-            if counts[s] > best then best = counts[s] end
+    local scores = {}
+    local cur = tonumber(redis.call('GET', kn) or '0')
+    local function entry(seq)  -- the live entry's fields or nil
+      if not seq then return nil end
+      local s = tonumber(seq)
+      if cur - s >= maxc then return nil end
+      local e = redis.call('HGET', ke, seq)
+      if not e then return nil end
+      local f = {}
+      for w in string.gmatch(e, '%S+') do f[#f + 1] = w end
+      if now - tonumber(f[1]) > ttl then return nil end
+      return f
+    end
+    for i = 1, n do
+      local digest, hs = ARGV[pos], {}
+      for j = 1, k do if ARGV[pos + j] ~= '0000000000000000' then hs[#hs + 1] = ARGV[pos + j] end end
+      pos = pos + 1 + k
+      local d = entry(redis.call('HGET', kp, 'd' .. digest))
+      if d and d[2] == digest then
+        scores[i] = 0
+      else
+        local best, counts, live = 0, {}, {}
+        if #hs > 0 then
+          local seqs = redis.call('HMGET', kp, unpack(hs))
+          for j = 1, #hs do
+            local s = seqs[j]
+            if s then
+              if live[s] == nil then live[s] = entry(s) ~= nil end
+              if live[s] then
+                counts[s] = (counts[s] or 0) + 1
+                if counts[s] > best then best = counts[s] end
+              end
+            end
+          end
+        end
+        scores[i] = best
+        cur = redis.call('INCR', kn)
+        redis.call('HSET', ke, cur, string.format('%.6f', now) .. ' ' .. digest .. ' ' .. table.concat(hs, ' '))
+        redis.call('HSET', kp, 'd' .. digest, cur)
+        for j = 1, #hs do redis.call('HSET', kp, hs[j], cur) end
+        -- the client's query that falls out of max_per_client: drop it and the postings still naming it
+        local old = cur - maxc
+        if old >= 1 then
+          local e = redis.call('HGET', ke, old)
+          if e then
+            local f, j = {}, 0
+            for w in string.gmatch(e, '%S+') do j = j + 1; if j >= 2 then f[#f + 1] = (j == 2) and ('d' .. w) or w end end
+            for _, field in ipairs(f) do
+              if redis.call('HGET', kp, field) == tostring(old) then redis.call('HDEL', kp, field) end
+            end
+            redis.call('HDEL', ke, old)
           end
         end
       end
     end
-    scores[i] = best
-    cur = redis.call('INCR', KEYS[3])
-    redis.call('HSET', KEYS[2], cur, string.format('%.6f', now) .. ' ' .. digest .. ' ' .. table.concat(hs, ' '))
-    redis.call('HSET', KEYS[1], 'd' .. digest, cur)
-    for j = 1, #hs do redis.call('HSET', KEYS[1], hs[j], cur) end
-    -- the client's query that falls out of max_per_client: drop it and the postings still naming it
-    local old = cur - maxc
-    if old >= 1 then
-      local e = redis.call('HGET', KEYS[2], old)
-      if e then
-        local f, j = {}, 0
-        for w in string.gmatch(e, '%S+') do j = j + 1; if j >= 2 then f[#f + 1] = (j == 2) and ('d' .. w) or w end end
-        for _, field in ipairs(f) do
-          if redis.call('HGET', KEYS[1], field) == tostring(old) then redis.call('HDEL', KEYS[1], field) end
-        end
-        redis.call('HDEL', KEYS[2], old)
-      end
-    end
+    redis.call('PEXPIRE', kp, ms)
+    redis.call('PEXPIRE', ke, ms)
+    redis.call('PEXPIRE', kn, ms)
+    replies[g] = scores
   end
 end
-local ms = math.ceil(ttl * 1000)
-for j = 1, 3 do redis.call('PEXPIRE', KEYS[j], ms) end
-return scores
+return replies
 """
 
 
@@ -487,6 +506,10 @@ class RedisStore(HistoryStore):
     def _block_key(self, client: str) -> str:
         return self._keys(client)[0][:-2] + ":b"
 
+    def _script_keys(self, client: str) -> list[str]:
+        """A client's keys as the observing scripts take them: its three, then its block key."""
+        return self._keys(client) + [self._block_key(client)]
+
     def block(self, client: str, until: float) -> None:
         # the key expires with the block; a shorter new block never shortens a longer one (GT)
         ms = max(1, int(math.ceil((float(until) - time.time()) * 1000)))
@@ -525,14 +548,43 @@ class RedisStore(HistoryStore):
         return self._key
 
     def observe(self, client: str, digests: np.ndarray, hashes: np.ndarray, now: float | None = None) -> np.ndarray:
-        _check_observe(digests, hashes)
+        return self.observe_batch([(client, digests, hashes)], now)[0]
+
+    def observe_batch(self, groups: list[tuple[str, np.ndarray, np.ndarray]],
+                      now: float | None = None) -> list[np.ndarray]:
+        """:meth:`HistoryStore.observe_batch` in one round trip (one script call for the batch's clients)."""
+        return self._run(groups, now, False)[1]
+
+    def observe_unblocked(self, groups: list[tuple[str, np.ndarray, np.ndarray]], now: float | None = None,
+                          **kwargs) -> tuple[list[float | None], list[np.ndarray | None]]:
+        """:meth:`HistoryStore.observe_unblocked` in one round trip: the script checks each client's block."""
+        if kwargs:
+            raise TypeError(f"observe_unblocked takes (groups, now), got {sorted(kwargs)}")
+        return self._run(groups, now, True)
+
+    def _run(self, groups, now, check_block) -> tuple[list[float | None], list[np.ndarray | None]]:
+        for _, d, h in groups:
+            _check_observe(d, h)
+        if not groups:
+            return [], []
         now = time.time() if now is None else float(now)
-        n, k = hashes.shape
-        args: list[Any] = [repr(now), repr(self.ttl_s), self.max_per_client, k, n]
-        for i in range(n):
-            args.append(f"{int(digests[i]):016x}")
-            args.extend(f"{int(h):016x}" for h in hashes[i])
-        return np.asarray(self._script(keys=self._keys(client), args=args), dtype=np.int64).reshape(n)
+        k = groups[0][2].shape[1]
+        if any(h.shape[1] != k for _, _, h in groups):
+            raise ValueError(f"hashes must have the same k in one call, got {sorted({h.shape[1] for _, _, h in groups})}")
+        keys: list[str] = []
+        args: list[Any] = [repr(now), repr(self.ttl_s), self.max_per_client, k, int(check_block)]
+        for client, digests, hashes in groups:
+            keys += self._script_keys(client)
+            args.append(len(digests))
+            for i in range(len(digests)):
+                args.append(f"{int(digests[i]):016x}")
+                args.extend(f"{int(h):016x}" for h in hashes[i])
+        ends, out = [], []
+        for (_, digests, _), reply in zip(groups, self._script(keys=keys, args=args)):
+            blocked = bool(reply) and reply[0] == b"b"
+            ends.append(float(reply[1]) if blocked else None)
+            out.append(None if blocked else np.asarray(reply, dtype=np.int64).reshape(len(digests)))
+        return ends, out
 
     def stats(self) -> dict[str, int]:
         """Counts the clients' keys: one SCAN page and one pipelined HLEN per 1,000 clients (not a round

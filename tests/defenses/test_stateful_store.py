@@ -240,3 +240,37 @@ def test_detections_in_a_window_of_the_clients_last_queries(backend, redis_url):
     finally:
         if service is not None:
             service.close()
+
+
+def test_redis_batches_several_clients_in_one_call_as_the_memory_store_scores_them(redis_url, monkeypatch):
+    """Blacklight's Redis store: a batch of several clients is one script call (``observe_batch``, and
+    ``observe_unblocked`` with each client's block checked in it), scored as the memory store scores it."""
+    mem = MemoryStore(max_entries=10_000, max_per_client=5, ttl_s=10.0, hashes_per_query=K)
+    red = RedisStore(redis_url, max_entries=10_000, max_per_client=5, ttl_s=10.0, prefix=f"t{time.monotonic_ns()}")
+    t0 = time.time()  # Redis expires a block on its own clock
+    for store in (mem, red):
+        store.block("x", t0 + 30.0)
+    rng = np.random.default_rng(5)
+    base = {c: rng.integers(1, 2 ** 63, K, dtype=np.uint64) for c in "abx"}
+    red._redis.script_load(red._script.script)  # so that no call is a first EVALSHA retried after loading
+    calls = []
+    evalsha = red._redis.evalsha
+    monkeypatch.setattr(red._redis, "evalsha", lambda *a: (calls.append(a[1]), evalsha(*a))[1])
+    for step in range(20):
+        groups = []
+        for c in "abx":
+            n = int(rng.integers(1, 3))
+            hashes = np.where(rng.random((n, K)) < 0.8, base[c], rng.integers(1, 2 ** 63, (n, K), dtype=np.uint64))
+            groups.append((c, rng.integers(1, 2 ** 63, n, dtype=np.uint64), hashes.astype(np.uint64)))
+        now = t0 + 2 * step
+        if step % 2:
+            got, want = red.observe_unblocked(groups, now), mem.observe_unblocked(groups, now)
+            assert got[0] == want[0] == [None, None, t0 + 30.0 if step < 15 else None]
+            pairs = zip(got[1], want[1])
+        else:
+            pairs = zip(red.observe_batch(groups, now), mem.observe_batch(groups, now))
+        for g, w in pairs:
+            assert (g is None) == (w is None)
+            if g is not None:
+                np.testing.assert_array_equal(g, w)
+    assert calls == [12] * 20  # one call per batch, 4 keys per client
