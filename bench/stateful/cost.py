@@ -266,7 +266,8 @@ def knn_main(args) -> None:
               "(random walks, one per client); `redis_full`: a single-query call through the Redis store with the "
               "window of 256 (the stage's default: the script returns the client's last 256 records, the "
               "distances are computed here), wall time including the loopback round trip; the memory store's rows "
-              "compare with the client's whole history; the throughput rows encode real pixels (Fashion-MNIST test images; "
+              "compare with the client's whole history; the throughput rows encode real pixels "
+              "(Fashion-MNIST test images; "
               "uniform noise at 3x32x32) with a freshly initialised encoder of the same architecture as a fitted "
               "one, one client per 256 images. A store call's cost grows with the client's history (k-NN by "
               "brute force over it, O(history x dim))."]

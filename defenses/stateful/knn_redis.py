@@ -9,21 +9,21 @@ retry), with Redis's bounds: ``max_per_client`` and ``ttl_s`` are enforced by th
 global bounds by Redis's ``maxmemory`` with ``maxmemory-policy allkeys-lru`` (``max_entries`` and
 ``max_clients`` are not enforced there, as for Blacklight).
 
-Keys per client, one hash tag: its recorded queries as fixed-size records (the time, float64,
-and the embedding, float32, little-endian) in one string, a ring of ``max_per_client`` slots, read
-and written by byte range (a Redis list of the same rows, turned into a Lua table on every call,
-cost Redis more than the rest of the script; measured while writing it); a hash of their
-digests (digest -> sequence number: the exact-retry check over the whole history, without reading
-it; a digest leaves it with its record); its query count (also the ``block_window`` count of ``add_detections``). One Lua script call
-per batch, for all of its clients (one round trip, the block check included:
+Keys per client, one hash tag: its recorded queries as fixed-size records (the time, float64, the
+digest, uint64, and the embedding, float32, little-endian) in one string, a ring of ``max_per_client`` slots, read and
+written by byte range (a Redis list of the same rows, turned into a Lua table on every call, cost
+Redis more than the rest of the script; measured while writing it); a hash of their digests (digest
+-> sequence number: the exact-retry check over the whole history, without reading it; a digest
+leaves it with its record); its query count (also the ``block_window`` count of ``add_detections``).
+One Lua script call per batch, for all of its clients (one round trip, the block check included:
 :meth:`KnnRedisStore.observe_unblocked`; a call per client doubled the CPU spent here in redis-py's
 packing and parsing), checks each client's block (when asked), recognises retries, records the new
-queries and returns the history they are compared with (at most ``window`` rows, one byte range
-that numpy reads as it is). The distances are computed here (numpy; the in-process store's
-compiled pass for a single query): a Lua loop over 256 rows of 32 floats per query would hold
-Redis's one thread for every replica. The script names several clients' keys, so a batch's keys
-are in several hash slots: a single Redis server (or a replicated primary), not Redis Cluster --
-the store's client is redis-py's plain one, as Blacklight's is.
+queries and returns the history they are compared with (at most ``window`` rows, one byte range that
+numpy reads as it is). The distances are computed here (numpy; the in-process store's compiled pass
+for a single query): a Lua loop over 256 rows of 32 floats per query would hold Redis's one thread
+for every replica. The script names several clients' keys, so a batch's keys are in several hash
+slots: a single Redis server (or a replicated primary), not Redis Cluster -- the store's client is
+redis-py's plain one, as Blacklight's is.
 
 Keys are namespaced by ``prefix`` and ``namespace`` (the stage's fitted encoder: a refitted encoder's
 embeddings do not compare with the old ones, so its replicas start a new history; stage_store in
@@ -95,7 +95,7 @@ for g = 1, #KEYS / 4 do
         local at = ((cur - 1) % maxc) * size
         len = len or redis.call('STRLEN', kr)
         if at + size > len then len = grow(kr, len, at + size) end
-        if cur > maxc then  -- the record in this slot (seq cur - maxc) falls out, and its digest unless sent again since
+        if cur > maxc then  -- this slot's record (seq cur - maxc) falls out, its digest too unless sent since
           local old = redis.call('GETRANGE', kr, at + 8, at + 15)
           if #old == 8 and redis.call('HGET', kz, old) == tostring(cur - maxc) then redis.call('HDEL', kz, old) end
         end

@@ -436,7 +436,10 @@ for g = 1, #KEYS / 4 do
           local e = redis.call('HGET', ke, old)
           if e then
             local f, j = {}, 0
-            for w in string.gmatch(e, '%S+') do j = j + 1; if j >= 2 then f[#f + 1] = (j == 2) and ('d' .. w) or w end end
+            for w in string.gmatch(e, '%S+') do
+              j = j + 1
+              if j >= 2 then f[#f + 1] = (j == 2) and ('d' .. w) or w end
+            end
             for _, field in ipairs(f) do
               if redis.call('HGET', kp, field) == tostring(old) then redis.call('HDEL', kp, field) end
             end
@@ -570,7 +573,8 @@ class RedisStore(HistoryStore):
         now = time.time() if now is None else float(now)
         k = groups[0][2].shape[1]
         if any(h.shape[1] != k for _, _, h in groups):
-            raise ValueError(f"hashes must have the same k in one call, got {sorted({h.shape[1] for _, _, h in groups})}")
+            raise ValueError(f"hashes must have the same k in one call, got "
+                             f"{sorted({h.shape[1] for _, _, h in groups})}")
         keys: list[str] = []
         args: list[Any] = [repr(now), repr(self.ttl_s), self.max_per_client, k, int(check_block)]
         for client, digests, hashes in groups:
