@@ -131,6 +131,17 @@ def knn_stream(rng: np.random.Generator, n: int, dim: int) -> tuple[np.ndarray, 
     return rng.integers(1, 2**63, n, dtype=np.uint64), np.cumsum(steps, axis=0)
 
 
+def knn_latency(store, args, rng, desc: str, window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Wall and CPU µs of ``args.latency_queries`` single-query store calls, spread over the clients."""
+    times, cpu = np.empty(args.latency_queries), np.empty(args.latency_queries)
+    for i in tqdm(range(args.latency_queries), desc=desc, unit="q"):
+        d, e = knn_stream(rng, 1, args.dim)
+        t, c = time.perf_counter_ns(), time.thread_time_ns()
+        store.observe(f"client-{i % args.clients}", d, e, args.k, now=1000.0, window=window)
+        times[i], cpu[i] = time.perf_counter_ns() - t, time.thread_time_ns() - c
+    return times / 1e3, cpu / 1e3
+
+
 def knn_redis_cost(args, rng, per_client: int, row) -> tuple[dict, dict]:
     """The k-NN store in a real redis-server: filled as the memory store is (50 queries per call), its
     ``used_memory`` growth, then the latency of single-query calls on the full store."""
@@ -150,13 +161,8 @@ def knn_redis_cost(args, rng, per_client: int, row) -> tuple[dict, dict]:
         used = int(store._redis.info("memory")["used_memory"]) - used0
         memory = {"entries": store.stats()["entries"], "used_memory_mib": used / 2**20, "fill_s": fill_s,
                   "fill_queries_per_s": args.entries / fill_s}
-        times, cpu = np.empty(args.latency_queries), np.empty(args.latency_queries)
-        for i in tqdm(range(args.latency_queries), desc="redis: store latency", unit="q"):
-            d, e = knn_stream(rng, 1, args.dim)
-            t, c = time.perf_counter_ns(), time.thread_time_ns()
-            store.observe(f"client-{i % args.clients}", d, e, args.k, now=1000.0, window=256)
-            times[i], cpu[i] = time.perf_counter_ns() - t, time.thread_time_ns() - c
-        return memory, row(times / 1e3, cpu / 1e3, min(per_client, args.entries // args.clients))
+        times, cpu = knn_latency(store, args, rng, "redis: store latency", window=256)
+        return memory, row(times, cpu, min(per_client, args.entries // args.clients))
     finally:
         proc.kill()
         proc.wait()
@@ -192,13 +198,7 @@ def knn_main(args) -> None:
     memory = {"entries": stats["entries"], "clients": stats["clients"], "store_bytes": stats["bytes"],
               "store_mib": stats["bytes"] / 2**20, "rss_growth_mib": rss1 - rss0, "fill_s": fill_s,
               "fill_queries_per_s": (args.entries - 1) / fill_s, "oldest_query_still_held": retained}
-    times, cpu = np.empty(args.latency_queries), np.empty(args.latency_queries)
-    for i in tqdm(range(args.latency_queries), desc="store latency", unit="q"):
-        d, e = knn_stream(rng, 1, dim)
-        t, c = time.perf_counter_ns(), time.thread_time_ns()
-        store.observe(f"client-{i % args.clients}", d, e, k, now=1000.0)
-        times[i], cpu[i] = time.perf_counter_ns() - t, time.thread_time_ns() - c
-    times, cpu = times / 1e3, cpu / 1e3
+    times, cpu = knn_latency(store, args, rng, "store latency")
 
     def row(times, cpu, history):
         return {"p50_us": float(np.percentile(times, 50)), "p99_us": float(np.percentile(times, 99)),
