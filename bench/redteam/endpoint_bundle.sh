@@ -18,7 +18,7 @@
 # Environment: PYTHON, ROBUSTGATE (default: the repository's .venv), CLASSIFIER_ARGS (extra
 # examples/train_classifier.py arguments, e.g. "--n-train 10000 --width 16", examples/byo.sh's quick model),
 # MAGNET_ARGS and KNN_ARGS (extra `robustgate fit` arguments for each stage, e.g. MAGNET_ARGS="--n-train
-# 5000", examples/byo.sh's quicker fit, or KNN_ARGS="--params method=knn k=4 width=16").
+# 5000", examples/byo.sh's quicker fit, or KNN_ARGS="--params method=knn k=4 width=32", the encoder before 2026-12-06).
 set -euo pipefail
 WORK=${1:?usage: bench/redteam/endpoint_bundle.sh WORK}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)

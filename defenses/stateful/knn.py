@@ -43,12 +43,18 @@ longer. Symbols: ``d`` = ``dim``, ``m`` = ``margin``.
 ``max_side`` (default 64): the encoder sees an image larger than that average-pooled by
 ``ceil(max(H, W) / max_side)`` (:func:`pool_factor`; part of its graph, so the proxy's fused pass and
 ``fit`` see the same), and 28x28 or 32x32 images as they are. At full resolution its convolutions
-grow with the pixels: at 3x224x224 they cost ~184 M multiply-adds per image, 16 times those at 56x56,
+grow with the pixels: at 3x224x224 (``width`` 32) they cost ~184 M multiply-adds per image, 16 times those at 56x56,
 and a standard-trained model of that size may itself need no more than a few hundred million (a
 MobileNet). Telling near-copies of one picture from other pictures needs no finer detail. Pooling is
 linear, so a perturbation inside an l-inf ball of ``eps`` stays inside it once pooled (and random
 signs average out): the queries of an attack look no less alike to the encoder than at full
 resolution.
+
+``width`` (default 16; 32 before 2026-12-06): the first convolution's filters (the others have twice
+as many). The encoder runs for every served item, in the backbone's fused pass; at width 16 it costs a
+quarter of width 32's multiply-adds (~0.7 M against ~2.8 M at 28x28), and on the endpoint red team's
+model it detects Square and HopSkipJump as early (docs/EVALUATION.md; the stage's cost:
+bench/results/defenses.proxy_cost.stateful.md).
 
 Training (``fit``, the paper's contrastive loss, Hadsell et al. 2006 with the margin on squared
 distances; ``steps`` 6,000 of ``batch_size`` 128): two views of each training image, each an
@@ -270,7 +276,7 @@ class KnnDetector(StatefulDetector):
     host_only: ClassVar[str] = ("searches its history on the host (numpy); its encoder runs in the backbone's fused "
                                 "ONNX pass when the pipeline has one, else in an ONNX Runtime CPU session")  # defenses/assemble.py
 
-    def __init__(self, k: int = 4, dim: int = 32, width: int = 32, steps: int = 6000, batch_size: int = 128,
+    def __init__(self, k: int = 4, dim: int = 32, width: int = 16, steps: int = 6000, batch_size: int = 128,
                  lr: float = 2e-3, margin: float = 1.0, eps: float = 0.1, p_benign: float = 0.0,
                  p_attack: float = 1.0, seed: int = 0, statistic: str = "kth", max_side: int = 64,
                  window: int | None = 256, threshold: float | None = None,

@@ -71,7 +71,7 @@ class StatefulBlacklight(Stateful, Blacklight):
 class StatefulKnn(Stateful, KnnDetector):
     """``kind: stateful, method: knn`` (defenses/stateful/knn.py)."""
 
-    def __init__(self, method: Literal["knn"] = "knn", k: int = 4, dim: int = 32, width: int = 32, steps: int = 6000,
+    def __init__(self, method: Literal["knn"] = "knn", k: int = 4, dim: int = 32, width: int = 16, steps: int = 6000,
                  batch_size: int = 128, lr: float = 2e-3, margin: float = 1.0, eps: float = 0.1,
                  p_benign: float = 0.0, p_attack: float = 1.0, seed: int = 0, statistic: str = "kth",
                  max_side: int = 64, window: int | None = 256, threshold: float | None = None,

@@ -141,6 +141,22 @@ def test_config_errors_name_the_key():
         det.observe("a", torch.zeros(1, 1, 28, 28))
 
 
+def test_the_stage_kind_has_the_detectors_defaults():
+    """`kind: stateful` (what `robustgate fit --defense stateful` builds) repeats each method's
+    parameters in its own signature: a default changed in one place only was once fitted as the old one."""
+    import inspect
+
+    from robustgate.defenses.stateful.blacklight import Blacklight
+    from robustgate.defenses.stateful.stage import StatefulBlacklight, StatefulKnn
+
+    for stage_cls, detector_cls in ((StatefulKnn, KnnDetector), (StatefulBlacklight, Blacklight)):
+        stage = inspect.signature(stage_cls).parameters
+        detector = inspect.signature(detector_cls).parameters
+        assert set(detector) <= set(stage), stage_cls.__name__
+        assert {n: stage[n].default for n in detector} == {n: p.default for n, p in detector.items()}, stage_cls.__name__
+    assert build("stateful", method="knn").width == KnnDetector().width == 16
+
+
 def test_training_views_stay_in_the_ball_and_the_loss_separates():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 3, 32, 32, generator=g)
