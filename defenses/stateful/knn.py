@@ -22,7 +22,7 @@ client are all close:
 ``window`` (default 256; None: the whole history): the ``k`` nearest are sought among the client's
 last ``window`` remembered queries (retries are still recognised over all of them). Against a longer
 history a benign query finds ``k`` lookalikes more often (distinct Fashion-MNIST test images, with the
-whole history: flagged on 0.3% of queries between the 1,000th and 1,500th, 1.15% between the 2,000th and
+whole history: flagged on 0.15% of queries between the 1,000th and 1,500th, 1.30% between the 2,000th and
 2,500th; bench/results/stateful.long_streams.md), which the window keeps at the calibrated rate. The threshold
 (``robustgate fit``, defenses/cli.py) is calibrated on two kinds of benign client, and the larger of
 the two kinds' thresholds is kept: clients of about 100 images each (10% sent again, 10% followed by
