@@ -32,6 +32,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench" / "hardening"))
 sys.path.insert(0, str(REPO / "bench" / "stateful"))
+sys.path.insert(0, str(REPO / "bench" / "redteam"))
 from common import machine  # noqa: E402  (bench/hardening/common.py)
 from stage_cpu import build  # noqa: E402  (the runner as `robustgate serve` builds it)
 from endpoint import bundle_record  # noqa: E402  (bench/redteam/endpoint.py: what was attacked)
