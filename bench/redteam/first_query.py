@@ -50,6 +50,7 @@ def starting_points(x: np.ndarray, eps: float, lo: float, hi: float, rng: np.ran
 
 
 def share(k: int, n: int) -> dict:
+    """``k`` of ``n`` with its exact (Clopper-Pearson) 95% interval."""
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact") if n else None
     return {"k": k, "n": n, "share": k / n if n else None,
             "ci95": [ci.low, ci.high] if ci is not None else None}

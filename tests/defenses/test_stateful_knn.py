@@ -153,7 +153,8 @@ def test_the_stage_kind_has_the_detectors_defaults():
         stage = inspect.signature(stage_cls).parameters
         detector = inspect.signature(detector_cls).parameters
         assert set(detector) <= set(stage), stage_cls.__name__
-        assert {n: stage[n].default for n in detector} == {n: p.default for n, p in detector.items()}, stage_cls.__name__
+        defaults = {n: p.default for n, p in detector.items()}
+        assert {n: stage[n].default for n in detector} == defaults, stage_cls.__name__
     assert build("stateful", method="knn").width == KnnDetector().width == 16
 
 
