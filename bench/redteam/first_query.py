@@ -62,12 +62,12 @@ def measure(runner, x: np.ndarray, y: np.ndarray, eps: float, lo: float, hi: flo
     configuration: ``seed``)."""
     rng = np.random.default_rng(seed)
     eligible = flipped = through = 0
+    clean = runner(torch.from_numpy(x))  # once: the clean answers do not depend on the draw
+    correct = (clean.logits.argmax(1).numpy() == y) & (np.asarray(clean.verdict) == ACCEPTED)
     with tqdm(total=draws * len(x), desc="starting points", disable=not progress, unit="img") as bar:
         for _ in range(draws):
             for at in range(0, len(x), batch):
-                xb, yb = x[at:at + batch], y[at:at + batch]
-                clean = runner(torch.from_numpy(xb))
-                ok = (clean.logits.argmax(1).numpy() == yb) & (np.asarray(clean.verdict) == ACCEPTED)
+                xb, yb, ok = x[at:at + batch], y[at:at + batch], correct[at:at + batch]
                 res = runner(torch.from_numpy(starting_points(xb, eps, lo, hi, rng)))
                 wrong = ok & (res.logits.argmax(1).numpy() != yb)
                 eligible += int(ok.sum())

@@ -21,6 +21,7 @@ server's ``used_memory`` growth).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -280,7 +281,10 @@ def main() -> None:
     ap.add_argument("--method", choices=("blacklight", "knn"), default="blacklight")
     ap.add_argument("--k", type=int, default=4, help="knn: neighbours")
     ap.add_argument("--dim", type=int, default=32, help="knn: embedding dimensions")
-    ap.add_argument("--width", type=int, default=16, help="knn: encoder width (KnnDetector's default)")
+    from robustgate.defenses.stateful.knn import KnnDetector
+
+    width = inspect.signature(KnnDetector).parameters["width"].default
+    ap.add_argument("--width", type=int, default=width, help=f"knn: encoder width (KnnDetector's default, {width})")
     ap.add_argument("--entries", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--latency-queries", type=int, default=20_000)
