@@ -33,8 +33,9 @@ def _names(text: str) -> list[str]:
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("endpoint threat (--threat endpoint)")
-    g.add_argument("--detection-stages", type=_names, default=["stateful"],
-                   help="stage names whose rejections count as detections (a block always counts)")
+    g.add_argument("--detection-stages", type=_names, default=["stateful_knn", "stateful"],
+                   help="stage names whose rejections count as detections (a block always counts); default: "
+                        "deploy/default.yaml's stateful stage and bundles/default's Blacklight one")
     g.add_argument("--identity-header", default="x-client-id", help="metadata header carrying a client identity")
     g.add_argument("--tokens-file", default=None,
                    help="bearer tokens, one per line: identity i sends 'authorization: Bearer <line i>' "

@@ -10,9 +10,11 @@ Runtime) serves BUNDLE: ``undefended`` with no stage, ``defended`` with the stag
 ``--pipeline`` (deploy/default.yaml: what a user gets without writing a config); then the user's
 command, ``robustgate eval --threat endpoint --url ...``, attacks it (attacks/endpoint_redteam.py:
 ART's Square and HopSkipJump, the stateful-defense adaptations, a transfer attack from
-``--surrogate``) and, on the defended arm, runs the benign streams. ``--outputs`` sets the output
-policy both arms answer with (what a score-based attack reads: logits, rounded top-k probabilities,
-the label alone, AAA's margins). BUNDLE should be the usual
+``--surrogate``) and, on the defended arm, runs the benign streams. The defended arm answers with
+``--pipeline``'s output policy (deploy/default.yaml's: the label), the undefended arm with the model's
+logits (a bare model server's answer); ``--outputs`` sets the policy both arms answer with instead
+(what a score-based attack reads: logits, rounded top-k probabilities, the label alone, AAA's
+margins). BUNDLE should be the usual
 customer's model: standard-trained (``robustgate train --method standard`` or an imported one,
 e.g. bench/byo/example.py's), with the pipeline's defenses fitted for it (``robustgate fit``);
 bench/redteam/endpoint_bundle.sh builds the record's by script.
@@ -76,10 +78,13 @@ def bundle_record(bundle: Path, stages: list[dict]) -> dict:
 def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int, add: list[str] = (),
                outputs: str | None = None, drop: list[str] = ()) -> dict:
     """The served config: ``--pipeline``'s stages and ``--add-stage`` (none undefended) over BUNDLE,
-    one process; ``outputs``: the output policy both arms answer with (None: ``--pipeline``'s)."""
+    one process; ``outputs``: the output policy both arms answer with (None: ``--pipeline``'s for the
+    defended arm, the model's logits for the undefended one)."""
     cfg = yaml.safe_load(pipeline.read_text())
     if outputs is not None:
         cfg["outputs"] = {**(cfg.get("outputs") or {}), "policy": outputs}
+    elif arm == "undefended":
+        cfg.pop("outputs", None)
     cfg.setdefault("pipeline", {})["stages"] = defended_stages(pipeline, list(add), list(drop))
     cfg["bundle"] = str(bundle.resolve())
     cfg.setdefault("server", {})["workers"] = 1  # one history: the memory store is per process
@@ -87,6 +92,16 @@ def arm_config(arm: str, bundle: Path, pipeline: Path, threads: int, add: list[s
     if arm == "undefended":
         cfg["pipeline"] = {**cfg.get("pipeline", {}), "stages": []}
     return cfg
+
+
+def arm_outputs(cfg: dict) -> dict:
+    """A served config's ``outputs`` section (none: the logits)."""
+    return cfg.get("outputs") or {"policy": "logits"}
+
+
+def detection_stages(stages: list[dict]) -> list[str]:
+    """The names of the ``kind: stateful`` stages among ``stages``: their refusals are the detections."""
+    return [s["name"] for s in stages if s.get("kind") == "stateful"] or ["stateful"]
 
 
 def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
@@ -106,7 +121,9 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
                "--attacks", args.undefended_attacks if arm == "undefended" and args.undefended_attacks else args.attacks,
                "--queries", args.budgets, "--n", str(args.n), "--offset", str(args.offset),
                "--benign-n", str(args.benign_n),
-               "--benign-clients", str(args.benign_clients), "--eps", str(args.eps), "--out", str(out)]
+               "--benign-clients", str(args.benign_clients), "--eps", str(args.eps), "--out", str(out),
+               "--detection-stages", ",".join(detection_stages(defended_stages(args.pipeline, args.add_stage,
+                                                                               args.drop_stage)))]
         if args.hsj_evals:
             cmd += ["--hsj-evals", *map(str, args.hsj_evals)]
         if args.benign_per_query is not None:
@@ -179,7 +196,7 @@ def targets(arms: dict[str, dict], correct: list[bool], policy: str = "logits", 
     """Issue 22's target lines that these arms measure (a line is absent when its cell did not run).
     Success is counted over the images the model classifies correctly (``correct``; the tables show
     both): the images it already gets wrong are lost before the first query. ``policy``: the output
-    policy both arms answered with; the undefended lines (the attacks' strength) are the issue's only
+    policy the undefended arm answered with; the undefended lines (the attacks' strength) are the issue's only
     with the model's own scores, so another policy's undefended arm is reported, not targeted.
     ``dropped``: the ``--drop-stage`` stages; then the defended arm is not the default pipeline and its
     success and detection lines are reported, not targeted (the benign lines are the stateful stage's own)."""
@@ -219,6 +236,14 @@ def _g(v) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
+def answers(outputs: dict[str, dict]) -> str:
+    """``{arm: outputs}`` -> "`outputs: {...}`" (the same for every arm) or one per arm."""
+    texts = {arm: f"`outputs: {json.dumps(o)}`" for arm, o in outputs.items()}
+    if len(set(texts.values())) == 1:
+        return f"{next(iter(texts.values()))} (both arms)"
+    return "; ".join(f"{text} ({arm})" for arm, text in texts.items())
+
+
 def markdown(result: dict) -> str:
     offset = result.get("offset", 0)
     lines = ["# Query-only attacks through a live proxy: undefended vs the default pipeline\n",
@@ -232,7 +257,7 @@ def markdown(result: dict) -> str:
              f"machine, loopback gRPC. Bundle `{result['bundle']}` ({result['bundle_note']}); "
              f"defended pipeline: the stages of `{result['pipeline']}` (less any --drop-stage, and any --add-stage): "
              f"{', '.join(s['name'] + ' (' + s['kind'] + ', ' + s.get('action', 'reject') + ')' for s in result['defended_stages']) or 'none'}. "
-             f"Answers (both arms): `outputs: {json.dumps(result.get('outputs') or {'policy': 'logits'})}` "
+             f"Answers: {answers(outputs_by_arm(result))} "
              "(docs/OPERATIONS.md, \"Output policies\": what the attacker reads of an accepted query).\n",
              f"Attacked: the test set's images {offset} to {offset + len(result['clean_correct']) - 1}; the benign "
              "streams' images follow them. "
@@ -350,18 +375,30 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": str(args.bundle), "bundle_note": args.bundle_note,
         "pipeline": str(args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline),
         "defended_stages": defended_stages(args.pipeline, args.add_stage, args.drop_stage), "eps": args.eps,
-        "arms": reports, "outputs": arm_config(arms[0], args.bundle, args.pipeline, args.threads, args.add_stage,
-                                               args.outputs, args.drop_stage).get("outputs") or {"policy": "logits"},
+        "arms": reports, "outputs": {arm: arm_outputs(arm_config(arm, args.bundle, args.pipeline, args.threads,
+                                                                  args.add_stage, args.outputs, args.drop_stage))
+                                     for arm in arms},
     }
     result["bundle_record"] = bundle_record(args.bundle, result["defended_stages"])
     n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
     result["clean_correct"] = clean_correct(args.bundle, n, args.offset)
     result["dropped_stages"] = list(args.drop_stage)
-    result["targets"] = targets(reports, result["clean_correct"], result["outputs"].get("policy", "logits"),
-                                result["dropped_stages"])
+    result["targets"] = targets(reports, result["clean_correct"], undefended_policy(result), result["dropped_stages"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write(args.out, result)
     return 0
+
+
+def outputs_by_arm(result: dict) -> dict[str, dict]:
+    """Each arm's ``outputs`` section; records before 2026-12-06 hold one section, both arms'."""
+    outputs = result.get("outputs") or {}
+    if "policy" in outputs or not outputs:
+        return {arm: outputs or {"policy": "logits"} for arm in result["arms"]}
+    return outputs
+
+
+def undefended_policy(result: dict) -> str:
+    return outputs_by_arm(result).get("undefended", {}).get("policy", "logits")
 
 
 def write(out: Path, result: dict) -> None:
@@ -378,8 +415,8 @@ def render(out: Path, command: str) -> int:
         print(f"--render: {path} does not exist", file=sys.stderr)
         return 2
     result = json.loads(path.read_text())
-    result["targets"] = targets(result["arms"], result["clean_correct"],
-                                (result.get("outputs") or {}).get("policy", "logits"), result.get("dropped_stages", []))
+    result["targets"] = targets(result["arms"], result["clean_correct"], undefended_policy(result),
+                                result.get("dropped_stages", []))
     result.update(render_command=command, rendered_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   render_revision=machine()["robustgate_revision"])
     write(out, result)

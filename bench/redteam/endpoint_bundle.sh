@@ -2,8 +2,8 @@
 # bench/redteam/endpoint_bundle.sh -- builds the bundle bench/redteam/endpoint.py attacks, by script, so
 # that its record says exactly what was attacked: the bring-your-own example classifier (a
 # standard-trained CNN in plain PyTorch, examples/train_classifier.py: the usual customer's model,
-# trained with that script's defaults), imported, with deploy/default.yaml's MagNet stage (`magnet_l1`)
-# and the k-NN stateful stage (`stateful`) fitted for it on Fashion-MNIST with `robustgate fit`'s
+# trained with that script's defaults), imported, with deploy/default.yaml's two stages, MagNet (`magnet_l1`)
+# and the k-NN stateful stage (`stateful_knn`), fitted for it on Fashion-MNIST with `robustgate fit`'s
 # defaults (the whole training split, calibrated on the whole validation split; MagNet 5 epochs). Every
 # step runs with its defaults, as a user who runs the commands without options gets them (examples/byo.sh
 # shortens them to keep the walk-through quick). endpoint.py's report lists each stage's fit from
@@ -12,8 +12,7 @@
 #   bash bench/redteam/endpoint_bundle.sh WORK            # -> WORK/bundle (undefended arm: the same bundle)
 #   python bench/redteam/endpoint.py --bundle WORK/bundle --budgets 1000,5000,10000 \
 #       --attacks square,hopskipjump,square-sybil,hopskipjump-sybil,transfer --surrogate bundles/default \
-#       --add-stage '{name: stateful, kind: stateful, action: block, block_after: 5, cooldown_s: 300,
-#                     store: {kind: memory, max_entries: 1000000, ttl_s: 3600}}' --out bench/results/redteam.endpoint
+#       --out bench/results/redteam.endpoint
 #
 # Environment: PYTHON, ROBUSTGATE (default: the repository's .venv), CLASSIFIER_ARGS (extra
 # examples/train_classifier.py arguments, e.g. "--n-train 10000 --width 16", examples/byo.sh's quick model),
@@ -35,5 +34,5 @@ rg import --onnx "$WORK/user/model.onnx" --classes "$WORK/user/classes.txt" --na
 # shellcheck disable=SC2086
 rg fit --bundle "$WORK/bundle" --defense magnet --name magnet_l1 --dataset fashion-mnist $MAGNET_ARGS --no-progress
 # shellcheck disable=SC2086
-rg fit --bundle "$WORK/bundle" --defense stateful --name stateful --dataset fashion-mnist $KNN_ARGS --no-progress
+rg fit --bundle "$WORK/bundle" --defense stateful --name stateful_knn --dataset fashion-mnist $KNN_ARGS --no-progress
 echo "bundle: $WORK/bundle"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = importlib.util.spec_from_file_location("endpoint_bench", ROOT / "bench" / "redteam" / "endpoint.py")
@@ -71,3 +72,39 @@ def test_render_of_a_missing_report_and_a_run_without_bundle_are_refused(tmp_pat
     assert exc.value.code == 2
     assert "--bundle is required" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_undefended_arm_answers_with_the_models_logits_unless_outputs_is_given(tmp_path):
+    """deploy/default.yaml answers the label; the undefended arm is a bare model server's answer (the
+    logits the undefended target is about) unless ``--outputs`` sets both arms' policy."""
+    shipped = ROOT / "deploy" / "default.yaml"
+    assert yaml.safe_load(shipped.read_text())["outputs"]["policy"] == "label"
+    bundle = tmp_path / "b"
+    und, dfd = (ep.arm_config(arm, bundle, shipped, 1) for arm in ep.ARMS)
+    assert ep.arm_outputs(und) == {"policy": "logits"} and und["pipeline"]["stages"] == []
+    assert ep.arm_outputs(dfd)["policy"] == "label"
+    assert [s["name"] for s in dfd["pipeline"]["stages"]] == ["magnet_l1", "stateful_knn"]
+    for arm in ep.ARMS:
+        assert ep.arm_outputs(ep.arm_config(arm, bundle, shipped, 1, outputs="top_k"))["policy"] == "top_k"
+    # the stateful stages' refusals are the detections the red team counts
+    assert ep.detection_stages(dfd["pipeline"]["stages"]) == ["stateful_knn"]
+    added = ep.defended_stages(shipped, ["{name: bl, kind: stateful}"], ["stateful_knn"])
+    assert ep.detection_stages(added) == ["bl"]
+
+
+def test_the_report_gives_each_arms_answers_and_targets_the_undefended_arm_only_with_logits(tmp_path):
+    out = tmp_path / "redteam.endpoint"
+    data = report()
+    data["outputs"] = {"undefended": {"policy": "logits"}, "defended": {"policy": "label"}}
+    Path(f"{out}.json").write_text(json.dumps(data))
+    assert ep.main(["--render", "--out", str(out)]) == 0
+    md = (tmp_path / "redteam.endpoint.md").read_text()
+    assert 'Answers: `outputs: {"policy": "logits"}` (undefended); `outputs: {"policy": "label"}` (defended)' in md
+    assert "square at 5000 queries, undefended: success >= 80%" in md
+    # a record of before 2026-12-06 holds one outputs section, both arms'; a label undefended arm is not targeted
+    data["outputs"] = {"policy": "label"}
+    Path(f"{out}.json").write_text(json.dumps(data))
+    assert ep.main(["--render", "--out", str(out)]) == 0
+    md = (tmp_path / "redteam.endpoint.md").read_text()
+    assert 'Answers: `outputs: {"policy": "label"}` (both arms)' in md
+    assert "undefended: success >= 80%" not in md and "default pipeline: success <= 10%" in md
