@@ -7,9 +7,11 @@
 Starts a real ``robustgate serve`` (a subprocess, on loopback) with the bundle's torch twin as the
 backend (``backend.kind: torch``) and every stage on ``--device``:
 
-- ``default``: deploy/default.yaml's stages (MagNet) with ``runtime: torch`` (the ONNX runtime
+- ``default``: deploy/default.yaml's stages with ``runtime: torch`` (the ONNX runtime
   would keep MagNet on the host; the torch backend has no fused ONNX pass, so MagNet runs as its
-  own torch stage on the device);
+  own torch stage on the device), less its stateful stage: a per-client history searched on the
+  host, whose cost is measured apart (bench/results/defenses.proxy_cost.stateful.md), and which
+  this load (the same test images from a few client processes) would only see as retries;
 - ``diffusion``: the bundle's fitted diffusion purifier (``bundles/default``: ``diffusion``,
   t* = 100, 2 DDIM steps) with ``runtime: torch``, action ``log``.
 
@@ -57,7 +59,8 @@ def config_for(preset: str, device: str, bundle: Path, overrides: list[str]) -> 
                      "metrics_host": "127.0.0.1", "grace_s": 2, "workers": 1}  # one process batches for the device
     cfg["backend"] = {"kind": "torch", "torch": {"device": device}}
     if preset == "default":
-        stages = [{**s, "params": {**s.get("params", {}), "runtime": "torch"}} for s in cfg["pipeline"]["stages"]]
+        stages = [{**s, "params": {**s.get("params", {}), "runtime": "torch"}} for s in cfg["pipeline"]["stages"]
+                  if s["kind"] != "stateful"]
     elif preset == "diffusion":
         stages = [{"name": "diffusion", "kind": "diffusion", "action": "log", "params": {"runtime": "torch"}}]
     else:

@@ -74,6 +74,15 @@ def logits_of(resp: pb.ModelInferResponse, name: str = "logits") -> np.ndarray:
     return np.frombuffer(resp.raw_output_contents[i], "<f4").reshape(tuple(resp.outputs[i].shape))
 
 
+def served_answers(config: dict, logits: np.ndarray) -> np.ndarray:
+    """What a served ``config`` answers an anonymous client for reference ``logits`` ``[N, K]``: its
+    output policy applied (deploy/default.yaml's ``label``: the argmax one-hot), as the proxy does."""
+    from robustgate.proxy.config import OutputsConfig
+    from robustgate.proxy.verdicts import apply_outputs
+
+    return apply_outputs(np.asarray(logits, dtype=np.float32), OutputsConfig(**(config.get("outputs") or {})))
+
+
 def robustgate_command() -> list[str]:
     """The installed ``robustgate`` script beside this Python, else the package run as a module (a
     machine where the repository is only on PYTHONPATH, as bench/gpu/check.sh runs it)."""

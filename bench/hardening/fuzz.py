@@ -444,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         images, _ = common.test_images(500, seed=args.seed)
         target = Target(model=server.model, input_name=bundle.input.name, item_shape=tuple(bundle.input.shape),
                         max_items=args.max_items, images=images,
-                        reference=lambda x: sess.run([logits_name], {bundle.input.name: x})[0])
+                        reference=lambda x: common.served_answers(  # what it answers
+                            server.config, sess.run([logits_name], {bundle.input.name: x})[0]))
         rss0 = common.rss_mib(server.pid)
         t1 = time.perf_counter()
         stats = asyncio.run(run_campaign(server.url, target, args.cases, seed=args.seed, concurrency=args.concurrency,

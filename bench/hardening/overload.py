@@ -368,7 +368,7 @@ def one_run(variant: str, mode: str, rate: float, overrides: dict, x: np.ndarray
                          "defenses": {n: {"threshold": d.threshold, "width": d.params.get("width"),
                                           "sha256": {r: a.sha256[:12] for r, a in d.files.items()}}
                                       for n, d in bundle.spec.defenses.items() if n in stages}}
-        ref = reference_logits(bundle, x)  # [P, K]
+        ref = common.served_answers(server.config, reference_logits(bundle, x))  # [P, K]: what it answers
         pool = request_pool(server.model, x, args)
         rss_idle = common.rss_mib(server.pid)
         load0 = common.loadavg()

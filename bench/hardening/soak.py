@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bundle = Bundle.load(common.REPO / server.config["bundle"])
         x, _ = common.test_images(args.pool, seed=args.seed)  # [P, 1, 28, 28]
-        ref = reference_logits(bundle, x)  # [P, K]
+        ref = common.served_answers(server.config, reference_logits(bundle, x))  # [P, K]: what it answers
         rss_start = common.rss_mib(server.pid)
         load = asyncio.run(run_load(server.url, server.model, x, ref, server.pid, args))
         rss_end = common.rss_mib(server.pid)

@@ -4,8 +4,8 @@ The ceiling is raw in-process ONNX Runtime on the bundle's backbone (bench/servi
 ``run_raw_ort``): the best items/s at any batch and concurrency measured here, as
 bench/results/serving.run.md states it. Against it, ``robustgate serve`` with dynamic batching on
 (max batch 64, 2 ms), in two pipelines -- no defense stages (``onnx``, the same comparison as
-serving.run.md) and the shipped default (``default``: deploy/default.yaml, MagNet fused into the
-backbone's session) -- each with ``server.workers`` from ``--workers`` (1 and 2 by default), under a
+serving.run.md), deploy/default.yaml without its stateful stage (``magnet``: MagNet fused into the
+backbone's session) and the shipped default (``default``: MagNet and the k-NN stateful stage) -- each with ``server.workers`` from ``--workers`` (1 and 2 by default), under a
 closed-loop grpc.aio client in this process (or ``--procs`` client processes, for a machine with
 more cores than one client process can load) sending batch-1 raw FP32 calls over ``--channels``
 connections of their own (one connection stays on one worker). Per point: items/s, latency
@@ -42,20 +42,20 @@ from robustgate.protos import open_inference_grpc_pb2 as pb  # noqa: E402
 from robustgate.protos import open_inference_grpc_pb2_grpc as pb_grpc  # noqa: E402
 
 DEFAULT_YAML = common.REPO / "deploy" / "default.yaml"
-KNN_STAGE = {"name": "stateful_knn", "kind": "stateful", "action": "log"}  # log: the cost, no refusals
+SHIPPED_STAGES = yaml.safe_load(DEFAULT_YAML.read_text())["pipeline"]["stages"]
 PIPELINES = {  # name -> (config file, overrides)
     "onnx": (None, {"bundle": "bundles/default"}),
-    "default": (DEFAULT_YAML, {}),
-    # the default plus the k-NN stateful stage (bundles/default's fitted encoder): with 2 workers its
+    # deploy/default.yaml without its stateful stage: MagNet fused into the backbone's session
+    "magnet": (DEFAULT_YAML, {"pipeline": {"stages": [s for s in SHIPPED_STAGES if s["kind"] != "stateful"]}}),
+    # as it ships: MagNet and the k-NN stateful stage (bundles/default's fitted encoder); with 2 workers its
     # histories are the supervisor's store service's (defenses/stateful/remote.py), with 1 in process
-    "knn": (DEFAULT_YAML, {"pipeline": {"stages": [*yaml.safe_load(DEFAULT_YAML.read_text())["pipeline"]["stages"],
-                                                   KNN_STAGE]}}),
+    "default": (DEFAULT_YAML, {}),
 }
 PIPELINE_NOTES = {
     "onnx": "no defense stage (bundles/default)",
-    "default": "deploy/default.yaml (MagNet fused into the backbone's session)",
-    "knn": "deploy/default.yaml plus the k-NN stateful stage (action log); with 1 worker its histories are in "
-           "the process, with 2 in the supervisor's store service, shared by the workers",
+    "magnet": "deploy/default.yaml without its stateful stage (MagNet fused into the backbone's session)",
+    "default": "deploy/default.yaml (MagNet and the k-NN stateful stage, answers the label); with 1 worker the "
+               "stage's histories are in the process, with 2 in the supervisor's store service, shared by the workers",
 }
 BATCHING = {"enabled": True, "max_batch_size": 64, "max_queue_delay_ms": 2}
 RAW_POINTS = ((1, 1), (1, 16), (8, 1), (8, 4), (32, 1), (64, 1))  # (batch, concurrency)
