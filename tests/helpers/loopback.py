@@ -16,13 +16,18 @@ from robustgate.proxy.serve import build_server
 class LoopbackProxy:
     """``LoopbackProxy(bundle, pipeline[, sections])``: serves ``bundle`` with the ``pipeline``
     config section (and any other ``sections``, e.g. ``{"batching": {...}}``) on 127.0.0.1; ``url``
-    is ``host:port``, ``server`` the ProxyServer; ``stop()`` drains it."""
+    is ``host:port``, ``server`` the ProxyServer; ``stop()`` drains it. ``config_file``: a config to
+    start from (e.g. deploy/default.yaml; ``pipeline`` None keeps its stages), one serving process."""
 
-    def __init__(self, bundle: str | Path, pipeline: dict, sections: dict | None = None):
-        cfg = load_config(None, environ={}, overrides={
-            **(sections or {}), "bundle": str(bundle), "pipeline": pipeline,
-            "server": {**(sections or {}).get("server", {}),
-                       "host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1"}})
+    def __init__(self, bundle: str | Path, pipeline: dict | None = None, sections: dict | None = None,
+                 config_file: Path | None = None):
+        server = {**(sections or {}).get("server", {}), "host": "127.0.0.1", "port": 0, "metrics_port": 0,
+                  "metrics_host": "127.0.0.1"}
+        if config_file is not None:
+            server.setdefault("workers", 1)
+        cfg = load_config(config_file, environ={}, overrides={
+            **(sections or {}), "bundle": str(bundle), **({} if pipeline is None else {"pipeline": pipeline}),
+            "server": server})
         self.server = build_server(cfg)
         self.prepare()
         self.loop = asyncio.new_event_loop()

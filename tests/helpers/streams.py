@@ -1,5 +1,6 @@
-"""Query streams for the stateful-stage tests (tests/proxy/test_stateful_proxy.py, test_workers.py):
-distinct Fashion-MNIST test images, and a query attack's near-duplicates of one image."""
+"""Query streams for the stateful-stage tests (tests/proxy/test_stateful_proxy.py, test_workers.py,
+test_shipped_default.py): distinct Fashion-MNIST test images, a query attack's near-duplicates of one
+image, and one query through the real tritonclient."""
 
 from __future__ import annotations
 
@@ -30,3 +31,26 @@ def attack_stream(base: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
         idx = rng.integers(0, 28, size=(8, 2))
         out[i, 0, idx[:, 0], idx[:, 1]] += rng.choice([-0.05, 0.05], size=8)
     return np.clip(out, 0, 1).astype(np.float32)
+
+
+def linf_stream(base: np.ndarray, n: int, eps: float = 0.03, seed: int = 0) -> np.ndarray:
+    """``n`` random l-inf perturbations of ``base`` ``[1, 28, 28]`` (uniform in the eps-ball): every
+    query of a score-based attack lies in such a ball."""
+    rng = np.random.default_rng(seed)
+    return np.clip(base[None] + rng.uniform(-eps, eps, size=(n, *base.shape)), 0, 1).astype(np.float32)
+
+
+def ask(url: str, x: np.ndarray, headers: dict, model: str = "tiny"):
+    """One ModelInfer of ``x`` ``[1, 1, 28, 28]`` (input ``input``) -> ("ok", logits [1, 10]) or
+    (status, message)."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    with tc.InferenceServerClient(url) as client:
+        inp = tc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        try:
+            r = client.infer(model, [inp], headers=headers, client_timeout=60)
+        except InferenceServerException as exc:
+            return exc.status(), exc.message()
+        return "ok", r.as_numpy("logits")

@@ -22,12 +22,11 @@ import pytest
 import tritonclient.grpc as tc
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.utils import InferenceServerException
 
 from robustgate.proxy import outputs
 from robustgate.proxy.config import load_config
 
-from streams import SMALL_STORE, attack_stream, fmnist_images  # tests/helpers
+from streams import SMALL_STORE, ask, attack_stream, fmnist_images, linf_stream  # tests/helpers
 
 ATTACKER = {"authorization": "Bearer attacker-token"}
 BENIGN = {"authorization": "Bearer benign-token"}
@@ -36,18 +35,6 @@ GATEWAY = {"x-client-id": "gateway-client-7"}
 
 def stateful_stage(**over) -> dict:
     return {"name": "sd", "kind": "stateful", "action": "reject", "threshold": 10.0, "store": SMALL_STORE, **over}
-
-
-def ask(url: str, x: np.ndarray, headers: dict):
-    """One ModelInfer of ``x`` ``[1, 1, 28, 28]`` -> ("ok", logits [1, 10]) or (status, message, trailers)."""
-    with tc.InferenceServerClient(url) as client:
-        inp = tc.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        try:
-            r = client.infer("tiny", [inp], headers=headers, client_timeout=60)
-        except InferenceServerException as exc:
-            return exc.status(), exc.message()
-        return "ok", r.as_numpy("logits")
 
 
 def metric(port: int, name: str, labels: dict | None = None) -> float:
@@ -312,13 +299,6 @@ def knn_bundle(proxy_bundle, tmp_path_factory):
     fit_defense(bundle, "stateful", name="sd", params={"method": "knn", "k": KNN_K, "steps": 100, "batch_size": 32},
                 target_fpr=0.01, splits=splits, log=lambda *_: None)
     return bundle
-
-
-def linf_stream(base: np.ndarray, n: int, eps: float = 0.03, seed: int = 0) -> np.ndarray:
-    """``n`` random l-inf perturbations of ``base`` ``[1, 28, 28]`` (uniform in the eps-ball): every
-    query of a score-based attack lies in such a ball."""
-    rng = np.random.default_rng(seed)
-    return np.clip(base[None] + rng.uniform(-eps, eps, size=(n, *base.shape)), 0, 1).astype(np.float32)
 
 
 def knn_stage(**over) -> dict:
