@@ -192,13 +192,15 @@ def _cell(report: dict, attack: str, budget: int) -> dict | None:
                  and c.get("status") == "done"), None)
 
 
-def targets(arms: dict[str, dict], correct: list[bool], policy: str = "logits", dropped: list[str] = ()) -> list[dict]:
+def targets(arms: dict[str, dict], correct: list[bool], policy: str = "logits",
+            departures: list[str] = ()) -> list[dict]:
     """Issue 22's target lines that these arms measure (a line is absent when its cell did not run).
     Success is counted over the images the model classifies correctly (``correct``; the tables show
     both): the images it already gets wrong are lost before the first query. ``policy``: the output
     policy the undefended arm answered with; the undefended lines (the attacks' strength) are the issue's only
     with the model's own scores, so another policy's undefended arm is reported, not targeted.
-    ``dropped``: the ``--drop-stage`` stages; then the defended arm is not the default pipeline and its
+    ``departures``: how the defended arm departs from ``--pipeline`` (:func:`departures`); then it is not
+    the default pipeline and its
     success and detection lines are reported, not targeted (the benign lines are the stateful stage's own)."""
     rows = []
     und, dfd = arms.get("undefended"), arms.get("defended")
@@ -210,7 +212,7 @@ def targets(arms: dict[str, dict], correct: list[bool], policy: str = "logits", 
             s, text = success_value(c, correct)
             rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, undefended: success >= 80% ({of})",
                          "value": text, "met": s >= 0.80})
-        if dfd and not dropped and (c := _cell(dfd, attack, TARGET_BUDGET)):
+        if dfd and not departures and (c := _cell(dfd, attack, TARGET_BUDGET)):
             m = c["metrics"]
             s, text = success_value(c, correct)
             rows.append({"target": f"{attack} at {TARGET_BUDGET} queries, default pipeline: success <= 10% ({of})",
@@ -310,8 +312,8 @@ def markdown(result: dict) -> str:
                              f"{100 * v['detected_share']:.2f}% | {100 * v['clients_ever_blocked_share']:.2f}% |")
         lines.append("")
     lines += ["## Targets (issue 22)\n"]
-    if result.get("dropped_stages"):
-        lines += [f"Not the default pipeline ({', '.join(result['dropped_stages'])} left out): its attack lines are "
+    if departures(result):
+        lines += [f"Not the default pipeline ({'; '.join(departures(result))}): its attack lines are "
                   "reported above, not targeted.\n"]
     lines += ["| target | value | met |", "| --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in result["targets"]]
@@ -383,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     n = max((len(c["items"]) for rep in reports.values() for c in rep["cells"] if c.get("status") == "done"), default=0)
     result["clean_correct"] = clean_correct(args.bundle, n, args.offset)
     result["dropped_stages"] = list(args.drop_stage)
-    result["targets"] = targets(reports, result["clean_correct"], undefended_policy(result), result["dropped_stages"])
+    result["pipeline_outputs"] = arm_outputs(yaml.safe_load(args.pipeline.read_text()))
+    result["targets"] = targets(reports, result["clean_correct"], undefended_policy(result), departures(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write(args.out, result)
     return 0
@@ -395,6 +398,17 @@ def outputs_by_arm(result: dict) -> dict[str, dict]:
     if "policy" in outputs or not outputs:
         return {arm: outputs or {"policy": "logits"} for arm in result["arms"]}
     return outputs
+
+
+def departures(result: dict) -> list[str]:
+    """How the record's defended arm departs from its ``--pipeline``: stages left out (``--drop-stage``),
+    other answers (``--outputs``; records before 2026-12-06 hold no ``pipeline_outputs``: logits then)."""
+    out = [f"{name} left out" for name in result.get("dropped_stages", [])]
+    served = outputs_by_arm(result).get("defended", {}).get("policy", "logits")
+    shipped = (result.get("pipeline_outputs") or {"policy": "logits"}).get("policy", "logits")
+    if served != shipped:
+        out.append(f"answers {served}, not the pipeline's {shipped}")
+    return out
 
 
 def undefended_policy(result: dict) -> str:
@@ -416,7 +430,7 @@ def render(out: Path, command: str) -> int:
         return 2
     result = json.loads(path.read_text())
     result["targets"] = targets(result["arms"], result["clean_correct"], undefended_policy(result),
-                                result.get("dropped_stages", []))
+                                departures(result))
     result.update(render_command=command, rendered_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   render_revision=machine()["robustgate_revision"])
     write(out, result)

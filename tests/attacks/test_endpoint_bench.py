@@ -92,19 +92,33 @@ def test_the_undefended_arm_answers_with_the_models_logits_unless_outputs_is_giv
     assert ep.detection_stages(added) == ["bl"]
 
 
-def test_the_report_gives_each_arms_answers_and_targets_the_undefended_arm_only_with_logits(tmp_path):
+def render(tmp_path, data: dict) -> str:
     out = tmp_path / "redteam.endpoint"
-    data = report()
-    data["outputs"] = {"undefended": {"policy": "logits"}, "defended": {"policy": "label"}}
     Path(f"{out}.json").write_text(json.dumps(data))
     assert ep.main(["--render", "--out", str(out)]) == 0
-    md = (tmp_path / "redteam.endpoint.md").read_text()
+    return (tmp_path / "redteam.endpoint.md").read_text()
+
+
+def test_the_report_gives_each_arms_answers_and_targets_only_the_default_pipeline(tmp_path):
+    data = report()
+    data.update(outputs={"undefended": {"policy": "logits"}, "defended": {"policy": "label"}},
+                pipeline_outputs={"policy": "label"})
+    md = render(tmp_path, data)
     assert 'Answers: `outputs: {"policy": "logits"}` (undefended); `outputs: {"policy": "label"}` (defended)' in md
     assert "square at 5000 queries, undefended: success >= 80%" in md
-    # a record of before 2026-12-06 holds one outputs section, both arms'; a label undefended arm is not targeted
+    assert "square at 5000 queries, default pipeline: success <= 10%" in md and "Not the default" not in md
+    # --outputs logits over a pipeline that answers the label: reported, not targeted
+    data["outputs"] = {"undefended": {"policy": "logits"}, "defended": {"policy": "logits"}}
+    md = render(tmp_path, data)
+    assert "Not the default pipeline (answers logits, not the pipeline's label)" in md
+    assert "default pipeline: success" not in md and "undefended: success >= 80%" in md
+    # a record of before 2026-12-06 holds one outputs section, both arms', and no pipeline_outputs (the
+    # pipeline answered logits then): a label run was not the default pipeline, nor is its undefended arm targeted
+    del data["pipeline_outputs"]
     data["outputs"] = {"policy": "label"}
-    Path(f"{out}.json").write_text(json.dumps(data))
-    assert ep.main(["--render", "--out", str(out)]) == 0
-    md = (tmp_path / "redteam.endpoint.md").read_text()
+    md = render(tmp_path, data)
     assert 'Answers: `outputs: {"policy": "label"}` (both arms)' in md
-    assert "undefended: success >= 80%" not in md and "default pipeline: success <= 10%" in md
+    assert "undefended: success >= 80%" not in md and "default pipeline: success" not in md
+    assert "answers label, not the pipeline's logits" in md
+    data["dropped_stages"] = ["magnet_l1"]
+    assert "(magnet_l1 left out; answers label, not the pipeline's logits)" in render(tmp_path, data)
