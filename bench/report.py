@@ -436,14 +436,20 @@ def endpoint_row() -> Row:
                 + (f" (not met: {'; '.join(missed)})" if missed else ""))
 
     n = next(c["metrics"]["n"] for a in r["arms"].values() for c in a["cells"] if c.get("status") == "done")
+    outputs = r.get("outputs") or {}
+    # one section, both arms', before 2026-12-06
+    answers = (outputs.get("defended") or outputs or {"policy": "logits"})["policy"]
     srcs, second = [src], ""
-    if (REPO / ENDPOINT_SLICE).exists():  # the same bundle and pipeline on another slice of the test set
-        sl = load(ENDPOINT_SLICE)
-        srcs.append(ENDPOINT_SLICE)
+    slice_src = ENDPOINT_SLICES[0][1]
+    if (REPO / slice_src).exists():  # the same bundle and pipeline on another slice of the test set
+        sl = load(slice_src)
+        srcs.append(slice_src)
         second = f"; on the next slice (test images {sl['offset']}-{sl['offset'] + n - 1}): {met(sl['targets'])}"
     return Row(f"query-only attacks through a live proxy (`robustgate eval --threat endpoint`), l∞ ε {r['eps']}, "
                f"n {n}, bundle: {r['bundle_note'] or r['bundle']}",
-               f"attack success over the {sum(correct)} correctly classified images, undefended: {cells('undefended')}; defended ({', '.join(s['name'] for s in r['defended_stages'])}): "
+               f"attack success over the {sum(correct)} correctly classified images, "
+               f"undefended: {cells('undefended')}; "
+               f"defended ({', '.join(s['name'] for s in r['defended_stages'])}; {answers} answers): "
                f"{cells('defended')}; targets: {met(r['targets'])}{second}", srcs)
 
 
@@ -574,23 +580,27 @@ def results_md(rs: list[Row]) -> str:
 
 
 # The endpoint red team's runs, one column each: (label, main run, adaptive run) -- bench/redteam/endpoint.py.
-ENDPOINT_RUNS = (("MagNet + stateful knn", "bench/results/redteam.endpoint.json",
+# The first is deploy/default.yaml as it ships (MagNet, the knn stage, label answers); the others answer logits.
+ENDPOINT_RUNS = (("the default: MagNet + stateful knn, label answers", "bench/results/redteam.endpoint.json",
                   "bench/results/redteam.endpoint.adaptive.json"),
-                 ("MagNet + stateful Blacklight", "bench/results/redteam.endpoint.blacklight.json",
+                 ("MagNet + stateful knn, logits answers", "bench/results/redteam.endpoint.logits.json",
+                  "bench/results/redteam.endpoint.adaptive_logits.json"),
+                 ("MagNet + stateful Blacklight, logits answers", "bench/results/redteam.endpoint.blacklight.json",
                   "bench/results/redteam.endpoint.adaptive_blacklight.json"))
 ENDPOINT_ATTACKS = (("square", "Square"), ("hopskipjump", "HopSkipJump"), ("square-sybil", "Square, 8 Sybil identities"),
                     ("hopskipjump-sybil", "HopSkipJump, 8 Sybil identities"),
                     ("transfer", "transfer (PGD-20 on `bundles/default`'s backbone)"))
 ENDPOINT_ADAPTIVE = (("square-spacing", "Square with query spacing"), ("square-transform", "Square with random transformations"))
-# The main run's bundle and pipeline on another slice of the test set (bench/redteam/endpoint.py --offset).
-ENDPOINT_SLICE = "bench/results/redteam.endpoint.offset1200.json"
-# The main run's bundle and defended pipeline answering with each output policy (bench/redteam/endpoint.py
-# --outputs): what a score-based attack reads of an accepted query; logits is the main run itself.
-ENDPOINT_POLICIES = (("`logits` (the model's scores; the default)", "bench/results/redteam.endpoint.json"),
+# The first two runs' bundle and pipelines on other slices of the test set (bench/redteam/endpoint.py --offset).
+ENDPOINT_SLICES = (("the default (label answers)", "bench/results/redteam.endpoint.offset1200.json"),
+                   ("the default (label answers)", "bench/results/redteam.endpoint.offset2400.json"),
+                   ("with logits answers", "bench/results/redteam.endpoint.logits_offset1200.json"))
+# The knn stage's bundle and stages answering with each output policy, both arms (bench/redteam/endpoint.py
+# --outputs): what a score-based attack reads of an accepted query, with and without the stages.
+ENDPOINT_POLICIES = (("`logits` (the model's scores)", "bench/results/redteam.endpoint.logits.json"),
                      ("`top_k` (the top-1 probability, 2 decimals)", "bench/results/redteam.endpoint.top_k.json"),
                      ("`aaa` (AAA's margins)", "bench/results/redteam.endpoint.aaa.json"),
-                     ("`label` (the label alone)", "bench/results/redteam.endpoint.label.json"))
-ENDPOINT_POLICY_SLICE = "bench/results/redteam.endpoint.label_offset1200.json"
+                     ("`label` (the label alone; deploy/default.yaml's)", "bench/results/redteam.endpoint.label.json"))
 # The k-NN stage alone at 1x56x56 with and without its pooling front (bench/redteam/pooled_bundles.sh):
 # what max_side's pooling does to detection, where an unpooled encoder is still cheap to fit.
 ENDPOINT_POOLING = (("encoder at 56x56 (no pooling)", "bench/results/redteam.endpoint.nopool56.json"),
@@ -608,11 +618,23 @@ def endpoint_cell(report: dict, arm: str, attack: str, budget: int | None) -> st
     return "--"
 
 
-def endpoint_intervals(report: dict, arm: str = "default pipeline") -> str:
-    """The report's success target lines of ``arm`` (their values carry the exact 95% interval)."""
+def endpoint_intervals(report: dict, arm: str = "defended", budget: int = 5000) -> str:
+    """Square's and HopSkipJump's success in ``arm`` over the correctly classified images, each with its
+    exact (Clopper-Pearson) 95% interval, as the report's target lines give it."""
+    from scipy.stats import binomtest
+
     labels = dict(ENDPOINT_ATTACKS)
-    return ", ".join(f"{labels[t['target'].split(' at ')[0]]} {t['value']}" for t in report["targets"]
-                     if f" queries, {arm}: success" in t["target"])
+    out = []
+    for attack in ("square", "hopskipjump"):
+        cell = next((c for c in report["arms"].get(arm, {}).get("cells", []) if c.get("status") == "done"
+                     and c["attack"] == attack and c["budget"] == budget), None)
+        if cell is None:
+            continue
+        hits = sum(it["success_at"] is not None for it, ok in zip(cell["items"], report["clean_correct"]) if ok)
+        n = sum(report["clean_correct"][:len(cell["items"])])
+        ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="exact")
+        out.append(f"{labels[attack]} {100 * hits / n:.1f}% ({hits} of {n}; 95% CI {100 * ci.low:.1f}-{100 * ci.high:.1f}%)")
+    return ", ".join(out)
 
 
 def endpoint_tables(budget: int = 5000) -> str:
@@ -649,28 +671,26 @@ def endpoint_tables(budget: int = 5000) -> str:
         lines.append(f"| {dict(ENDPOINT_ATTACKS)[attack]} | " + " | ".join(
             f"{endpoint_cell(base, 'undefended', attack, b)} / {endpoint_cell(base, 'defended', attack, b)}"
             for b in budgets) + " |")
-    lines += ["", f"The defended success rates ({runs[0][0]}, {budget:,} queries) with their exact binomial 95% "
-              f"intervals: {endpoint_intervals(base)}."]
-    other = load(ENDPOINT_SLICE)
-    first, n_other = other.get("offset", 0), len(other["clean_correct"])
-    lines += ["", f"The same bundle and pipeline on another slice, the test set's images {first} to "
-              f"{first + n_other - 1} "
-              f"(`bench/redteam/endpoint.py --offset {first}`): {endpoint_intervals(other, 'undefended')} undefended; "
-              f"{endpoint_intervals(other)} defended."]
+    for label, r, _ in runs[:2]:
+        lines += ["", f"The defended success rates ({label}, {budget:,} queries) with their exact binomial 95% "
+                  f"intervals: {endpoint_intervals(r)}."]
+    for label, path in ENDPOINT_SLICES:
+        other = load(path)
+        first, n_other = other.get("offset", 0), len(other["clean_correct"])
+        lines += ["", f"The same bundle and pipeline, {label}, on another slice, the test set's images {first} to "
+                  f"{first + n_other - 1} "
+                  f"(`bench/redteam/endpoint.py --offset {first}`): {endpoint_intervals(other, 'undefended')} "
+                  f"undefended (logits); {endpoint_intervals(other)} defended."]
     policies = [(label, load(path)) for label, path in ENDPOINT_POLICIES]
     attacks = ("square", "square-sybil", "hopskipjump")
-    lines += ["", f"What the attacker reads ({runs[0][0]}, {budget:,} queries; the same bundle and defended pipeline "
-              "answering with each output policy, `bench/redteam/endpoint.py --outputs POLICY`; docs/OPERATIONS.md, "
-              "\"Output policies\"):", "",
+    lines += ["", f"What the attacker reads (MagNet + stateful knn, {budget:,} queries; the same bundle and stages, "
+              "both arms answering with each output policy, `bench/redteam/endpoint.py --outputs POLICY`; "
+              "docs/OPERATIONS.md, \"Output policies\"):", "",
               "| answers (`outputs.policy`) | Square, no stage | " + " | ".join(dict(ENDPOINT_ATTACKS)[a] for a in attacks)
               + " |", "| --- |" + " --- |" * (len(attacks) + 1)]
     for label, r in policies:
         lines.append(f"| {label} | {endpoint_cell(r, 'undefended', 'square', budget)} | "
                      + " | ".join(endpoint_cell(r, "defended", a, budget) for a in attacks) + " |")
-    label_slice = load(ENDPOINT_POLICY_SLICE)
-    lines += ["", f"`label` on the second slice (images {label_slice.get('offset', 0)} to "
-              f"{label_slice.get('offset', 0) + len(label_slice['clean_correct']) - 1}): {endpoint_intervals(label_slice)}; "
-              f"on the first: {endpoint_intervals(policies[-1][1])}."]
     pooling = [(label, load(path)) for label, path in ENDPOINT_POOLING]
     attacks = ("square", "square-sybil", "hopskipjump", "square-transform")
     labels = {**dict(ENDPOINT_ATTACKS), **dict(ENDPOINT_ADAPTIVE)}
@@ -684,9 +704,8 @@ def endpoint_tables(budget: int = 5000) -> str:
         near = r["arms"]["defended"]["benign"]["near_duplicates"]["detected_share"]
         lines.append(f"| {label} | " + " | ".join(endpoint_cell(r, "defended", a, budget) for a in attacks)
                      + f" | {pct(near, 2)} |")
-    srcs = ([p for _, main, adaptive in ENDPOINT_RUNS for p in (main, adaptive)] + [ENDPOINT_SLICE]
-            + [path for _, path in ENDPOINT_POLICIES[1:]] + [ENDPOINT_POLICY_SLICE]
-            + [path for _, path in ENDPOINT_POOLING])
+    srcs = ([p for _, main, adaptive in ENDPOINT_RUNS for p in (main, adaptive)] + [p for _, p in ENDPOINT_SLICES]
+            + [path for _, path in ENDPOINT_POLICIES[1:]] + [path for _, path in ENDPOINT_POOLING])
     lines += ["", "Generated by `bench/report.py` from " + ", ".join(
         f"[`{p.removeprefix('bench/results/')}`](../{p.removesuffix('.json')}.md)" for p in srcs) + "."]
     return "\n".join(lines)
