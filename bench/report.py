@@ -633,7 +633,8 @@ def endpoint_intervals(report: dict, arm: str = "defended", budget: int = 5000) 
         hits = sum(it["success_at"] is not None for it, ok in zip(cell["items"], report["clean_correct"]) if ok)
         n = sum(report["clean_correct"][:len(cell["items"])])
         ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="exact")
-        out.append(f"{labels[attack]} {100 * hits / n:.1f}% ({hits} of {n}; 95% CI {100 * ci.low:.1f}-{100 * ci.high:.1f}%)")
+        out.append(f"{labels[attack]} {100 * hits / n:.1f}% ({hits} of {n}; "
+                   f"95% CI {100 * ci.low:.1f}-{100 * ci.high:.1f}%)")
     return ", ".join(out)
 
 
