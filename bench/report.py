@@ -436,9 +436,7 @@ def endpoint_row() -> Row:
                 + (f" (not met: {'; '.join(missed)})" if missed else ""))
 
     n = next(c["metrics"]["n"] for a in r["arms"].values() for c in a["cells"] if c.get("status") == "done")
-    outputs = r.get("outputs") or {}
-    # one section, both arms', before 2026-12-06
-    answers = (outputs.get("defended") or outputs or {"policy": "logits"})["policy"]
+    answers = endpoint_bench().outputs_by_arm(r).get("defended", {}).get("policy", "logits")
     srcs, second = [src], ""
     slice_src = ENDPOINT_SLICES[0][1]
     if (REPO / slice_src).exists():  # the same bundle and pipeline on another slice of the test set
@@ -618,24 +616,29 @@ def endpoint_cell(report: dict, arm: str, attack: str, budget: int | None) -> st
     return "--"
 
 
+def endpoint_bench():
+    """bench/redteam/endpoint.py as a module: its record readers (each arm's answers, a success line's
+    exact interval), so that the tables read a record as its own report does."""
+    import importlib.util
+
+    if "robustgate_bench_endpoint" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("robustgate_bench_endpoint",
+                                                      REPO / "bench" / "redteam" / "endpoint.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["robustgate_bench_endpoint"]
+
+
 def endpoint_intervals(report: dict, arm: str = "defended", budget: int = 5000) -> str:
     """Square's and HopSkipJump's success in ``arm`` over the correctly classified images, each with its
     exact (Clopper-Pearson) 95% interval, as the report's target lines give it."""
-    from scipy.stats import binomtest
-
     labels = dict(ENDPOINT_ATTACKS)
-    out = []
-    for attack in ("square", "hopskipjump"):
-        cell = next((c for c in report["arms"].get(arm, {}).get("cells", []) if c.get("status") == "done"
-                     and c["attack"] == attack and c["budget"] == budget), None)
-        if cell is None:
-            continue
-        hits = sum(it["success_at"] is not None for it, ok in zip(cell["items"], report["clean_correct"]) if ok)
-        n = sum(report["clean_correct"][:len(cell["items"])])
-        ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="exact")
-        out.append(f"{labels[attack]} {100 * hits / n:.1f}% ({hits} of {n}; "
-                   f"95% CI {100 * ci.low:.1f}-{100 * ci.high:.1f}%)")
-    return ", ".join(out)
+    cells = [(attack, next((c for c in report["arms"].get(arm, {}).get("cells", []) if c.get("status") == "done"
+                            and c["attack"] == attack and c["budget"] == budget), None))
+             for attack in ("square", "hopskipjump")]
+    return ", ".join(f"{labels[attack]} {endpoint_bench().success_value(cell, report['clean_correct'])[1]}"
+                     for attack, cell in cells if cell is not None)
 
 
 def endpoint_tables(budget: int = 5000) -> str:

@@ -5,7 +5,8 @@ The ceiling is raw in-process ONNX Runtime on the bundle's backbone (bench/servi
 bench/results/serving.run.md states it. Against it, ``robustgate serve`` with dynamic batching on
 (max batch 64, 2 ms), in two pipelines -- no defense stages (``onnx``, the same comparison as
 serving.run.md), deploy/default.yaml without its stateful stage (``magnet``: MagNet fused into the
-backbone's session) and the shipped default (``default``: MagNet and the k-NN stateful stage) -- each with ``server.workers`` from ``--workers`` (1 and 2 by default), under a
+backbone's session) and the shipped default (``default``: MagNet and the k-NN stateful stage) -- each
+with ``server.workers`` from ``--workers`` (1 and 2 by default), under a
 closed-loop grpc.aio client in this process (or ``--procs`` client processes, for a machine with
 more cores than one client process can load) sending batch-1 raw FP32 calls over ``--channels``
 connections of their own (one connection stays on one worker). Per point: items/s, latency
