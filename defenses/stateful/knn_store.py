@@ -385,6 +385,14 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         n, s, e = digests.shape[0], h.start, h.end
         if n == 1 and h.monotone:
             return self._observe_one(h, digests, emb, k, now, window)
+        if h.monotone and self._scan is not None:
+            # several queries of one client (a client with several requests in one batch): one after the
+            # other through the compiled scan -- the definition of the call (each sees the ones before it),
+            # and at a few queries per client cheaper than the vectorised pass below, whose numpy calls
+            # cost more than the rows they compare (bench/results/stateful.stage_cpu.md). Recording keeps
+            # the rows monotone (one `now` for the call).
+            return np.concatenate([self._observe_one(h, digests[i:i + 1], emb[i:i + 1], k, now, window)
+                                   for i in range(n)])
         hist = h.digest
         # 1. which history rows each query sees: the same for the whole call unless a bound moves in it
         seen0 = self._seen(h, 0, now)
