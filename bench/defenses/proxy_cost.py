@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each window")
     ap.add_argument("--batch", type=int, default=64, help="items per request")
     ap.add_argument("--concurrency", type=int, default=2, help="closed-loop clients")
+    ap.add_argument("--clients", type=int, default=None,
+                    help="--inputs stream: identities the closed-loop clients share (default: one each; fewer: "
+                         "several requests of one identity in flight)")
     ap.add_argument("--intra-op-threads", type=int, default=0, help="backend ONNX Runtime threads (0 = default)")
     ap.add_argument("--inputs", default="test,uniform",
                     help=f"what the requests carry, comma-separated: {', '.join(INPUTS)} (module docstring)")
@@ -206,7 +209,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None, configs_spec: str 
                         res = loadgen.run_load(servers[name].url, bundle.name, bundle.input.name, item_shape,
                                                args.concurrency, batch=args.batch, warmup_s=args.warmup,
                                                duration_s=args.duration, server_pids={"server": servers[name].proc.pid},
-                                               **({"pool": data[kind][r]} if kind == "stream" else {"x": data[kind][r]}))
+                                               **({"pool": data[kind][r], "clients": args.clients} if kind == "stream"
+                                                  else {"x": data[kind][r]}))
                         res.update(round=r, loadavg_before=before, loadavg_after=loadavg(),
                                    stage_us_per_item=stage_us_per_item(stages_before, stage_totals(servers[name])))
                         windows[kind][name].append(res)
@@ -223,6 +227,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None, configs_spec: str 
         "started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "uptime_start": uptime_start, "uptime_end": uptime(), "loadavg_start": load_start, "loadavg_end": loadavg(),
         "machine": machine(), "bundle": str(args.bundle), "batch": args.batch, "concurrency": args.concurrency,
+        "clients": args.clients,
         "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
         "intra_op_threads": args.intra_op_threads, "inputs": kinds, "eps": args.eps, "redis": args.redis,
         "summary": summary, "windows": windows,
@@ -278,7 +283,9 @@ def markdown(r: dict) -> str:
         f"A real `robustgate serve` per configuration (bundle `{r['bundle']}`, ONNX Runtime backend, batching on, "
         f"max batch 64), closed loop of {r['concurrency']} clients sending batch-{r['batch']} FP32 requests, "
         f"{r['rounds']} interleaved rounds of {r['duration_s']} s windows (order reversed every other round).",
-        f"Inputs (module docstring): {', '.join(INPUT_LABELS[k].format(eps=r['eps']) for k in r['inputs'])}.",
+        f"Inputs (module docstring): {', '.join(INPUT_LABELS[k].format(eps=r['eps']) for k in r['inputs'])}"
+        + (f"; the stream's clients share {r['clients']} identities, so each has about "
+           f"{r['concurrency'] / r['clients']:g} requests in flight" if r.get("clients") else "") + ".",
         f"Machine: {r['machine']['cores']} cores shared with other jobs; `uptime` at start: `{r['uptime_start']}`; "
         f"at end: `{r['uptime_end']}`." + (" A redis-server on a free loopback port (`--redis`; on the same cores, "
                                             "its CPU not in the server's) for the configurations' `$REDIS_URL`."

@@ -74,7 +74,8 @@ def stream_request(model: str, input_name: str, pool: np.ndarray, k: int, batch:
 
 async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: int, warmup_s: float,
                 duration_s: float, timeout_s: float, probes: dict[str, Callable[[], float]],
-                pool: np.ndarray | None = None, model: str = "", input_name: str = "") -> dict:
+                pool: np.ndarray | None = None, model: str = "", input_name: str = "",
+                clients: int | None = None) -> dict:
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(url, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -89,9 +90,10 @@ async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: in
         errors: Counter = Counter()
 
         async def worker(i: int) -> None:
-            # a stream: client i (its own x-client-id) walks its own part of the pool, one new request each time
+            # a stream: closed-loop client i walks its own part of the pool, one new request each time, as
+            # identity i mod `clients` (its x-client-id; several requests of one identity in flight when fewer)
             k = i * (len(pool) // batch) // concurrency if pool is not None else 0
-            identity = (("x-client-id", f"loadgen-{i}"),)
+            identity = (("x-client-id", f"loadgen-{i % (clients or concurrency)}"),)
             while True:
                 t0 = time.perf_counter()
                 if t0 >= t_close:
@@ -127,7 +129,7 @@ async def _load(url: str, req: pb.ModelInferRequest, batch: int, concurrency: in
 def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
              warmup_s: float = 1.0, duration_s: float = 5.0, timeout_s: float = 30.0, seed: int = 0,
              server_pids: dict[str, int] | None = None, x: np.ndarray | None = None,
-             pool: np.ndarray | None = None) -> dict:
+             pool: np.ndarray | None = None, clients: int | None = None) -> dict:
     """Closed-loop load on ``url`` (host:port); returns throughput, latency percentiles and the CPU
     cores used by this client and by each of ``server_pids`` during the measured window.
 
@@ -135,7 +137,9 @@ def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...],
     drawn with ``seed`` -- the same payload each time, which a stateful stage takes for retries.
     ``pool`` ``[M, *item_shape]`` instead: benign clients' streams, each closed-loop client its own
     identity (the ``x-client-id`` header) sending the next ``batch`` images of its own part of the
-    pool with every request (wrapping around after ``M / concurrency`` items)."""
+    pool with every request (wrapping around after ``M / concurrency`` items); ``clients`` (< concurrency)
+    identities instead: closed-loop client ``i`` is identity ``i mod clients``, so each identity has
+    several requests in flight (a client with concurrent calls, a gateway)."""
     if not url.startswith(("127.", "localhost:", "[::1]:")):
         raise ValueError(f"{url}: the benchmark only sends traffic to loopback addresses")
     if x is None:
@@ -148,7 +152,10 @@ def run_load(url: str, model: str, input_name: str, item_shape: tuple[int, ...],
         probes[name] = lambda pid=pid: process_cpu_s(pid)
     if pool is not None and (pool.shape[1:] != tuple(item_shape) or len(pool) < batch * concurrency):
         raise ValueError(f"pool of shape {pool.shape}: expected [M >= {batch * concurrency}, {', '.join(map(str, item_shape))}]")
-    return asyncio.run(_load(url, req, batch, concurrency, warmup_s, duration_s, timeout_s, probes, pool, model, input_name))
+    if clients is not None and not 1 <= clients <= concurrency:
+        raise ValueError(f"clients must be within 1..concurrency ({concurrency}), got {clients}")
+    return asyncio.run(_load(url, req, batch, concurrency, warmup_s, duration_s, timeout_s, probes, pool, model,
+                             input_name, clients))
 
 
 def run_raw_ort(onnx_file: str, input_name: str, item_shape: tuple[int, ...], concurrency: int, batch: int = 1,
