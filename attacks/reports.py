@@ -122,7 +122,11 @@ def markdown(result: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for name, info in result["configs"].items():
         m = info["clean"]
-        stages = ", ".join(f"{s['name']}({s['kind']},{s.get('action', 'reject')})" for s in info["stages"]) or "none"
+        # a stateful stage acts on a client's stream of queries: these attacks send none, so it is not run
+        # (defenses/pipeline.py, no client identities); --threat endpoint attacks it
+        stages = ", ".join(f"{s['name']}({s['kind']},{s.get('action', 'reject')}"
+                           + ("; not run: no client's query stream, see --threat endpoint" if s["kind"] == "stateful"
+                              else "") + ")" for s in info["stages"]) or "none"
         lines.append(f"| {name} | {stages} | {_fmt(m['clean_accuracy'])} | {_fmt(m['false_rejection_rate'])} | "
                      f"{_fmt(m['flag_rate'])} | {m['latency_ms_per_item']:.3f} |")
     cert = {n: i["clean"]["certified_accuracy"] for n, i in result["configs"].items() if "certified_accuracy" in i["clean"]}

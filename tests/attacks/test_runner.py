@@ -196,3 +196,30 @@ def test_parallel_workers_fill_the_same_cells_as_one_process(tiny_bundle, tmp_pa
     assert main([*common, "--parallel", "2", "--out", str(tmp_path / "two")]) == 0
     assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "two" / "cells").iterdir()} == stored  # all reused
     assert main([*common, "--parallel", "0", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_a_stateful_stage_is_not_run_by_the_white_box_attacks_and_the_report_says_so(tiny, backbone, tmp_path):
+    """deploy/default.yaml serves a stateful stage: an evaluation of such a pipeline runs, the stage acts on
+    no query (the attacks send no client's stream; defenses/pipeline.py skips it without identities), so
+    the pipeline scores as its other stages do, and the report names the stage as not run."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"configs": {
+        "jpeg": {"stages": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 60}}]},
+        "jpeg+stream": {"stages": [{"name": "jpeg", "kind": "jpeg", "params": {"quality": 60}},
+                                   {"name": "bl", "kind": "stateful", "action": "block", "threshold": 10}]}}}))
+    settings = EvalSettings(attacks=["fgsm", "pgd", "bpda", "square"], eps=[0.1], n=8, steps=3, queries=10)
+    result = Evaluation(tiny, load_pipelines(path), settings, tmp_path / "r", backbone=backbone, progress=False,
+                        surface_points=0).run()
+    result["command"] = "test"
+    paths = write_reports(result, tmp_path / "r")
+    cells = {(c["config"], c["attack"]): c for c in result["cells"]}
+    for attack in ("fgsm", "pgd", "bpda", "square"):
+        assert cells[("jpeg+stream", attack)]["status"] == "done", cells[("jpeg+stream", attack)]
+        same = {k for k in cells[("jpeg", attack)]["metrics"] if not k.endswith("seconds")}
+        assert {k: cells[("jpeg+stream", attack)]["metrics"][k] for k in same} == \
+            {k: cells[("jpeg", attack)]["metrics"][k] for k in same}, attack
+    clean = {name: result["configs"][name]["clean"]["clean_accuracy"] for name in ("jpeg", "jpeg+stream")}
+    assert clean["jpeg+stream"] == clean["jpeg"]
+    md = paths["md"].read_text()
+    assert "bl(stateful,block; not run: no client's query stream, see --threat endpoint)" in md
+    assert "jpeg(jpeg,reject)," in md and "jpeg(jpeg,reject; not run" not in md
