@@ -36,7 +36,9 @@ itself (bench/results/stateful.stage_cpu.md); float32 costs 4 more bytes per dim
 (with the buffers' growth below, 180 MiB per 1,000,000 entries of 32 dimensions:
 bench/results/stateful.cost.knn.md). A call of one query (the usual one: a batch's
 items come from different clients) takes a shorter path than the general one, to the same result:
-one compiled pass over the client's rows (numba; :func:`scan_kernel`) where numba is installed.
+one compiled pass over the client's rows (numba; :func:`scan_kernel`) where numba is installed; so
+do the queries of a call of several, one after the other (a client with several requests in one batch).
+The general, vectorised path serves histories whose clock stepped back and environments without numba.
 """
 
 from __future__ import annotations
