@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if not kinds or set(kinds) - set(INPUTS):
         ap.error(f"--inputs: expected some of {', '.join(INPUTS)}, got {args.inputs!r}")
     if args.clients is not None and ("stream" not in kinds or not 1 <= args.clients <= args.concurrency):
-        ap.error(f"--clients: identities of --inputs stream, 1 to --concurrency ({args.concurrency}); got {args.clients}"
-                 + ("" if "stream" in kinds else " without stream inputs"))
+        ap.error(f"--clients: identities of --inputs stream, 1 to --concurrency ({args.concurrency}); "
+                 f"got {args.clients}" + ("" if "stream" in kinds else " without stream inputs"))
     if not args.redis:
         return measure(args, argv)
     sys.path.insert(0, str(REPO / "bench" / "stateful"))
