@@ -19,8 +19,8 @@ earlier query:
    (matched through the store's inverted index; defenses/stateful/store.py states the exact
    counting rule); flagged when ``score > threshold``.
 
-Exact retries (the same bytes again, identified by a keyed BLAKE2b digest of the raw input) score
-0: clients retry, and a retry gives an attacker no new information.
+Exact retries (the same bytes again, identified by a keyed digest of the raw input, :func:`digests`)
+score 0: clients retry, and a retry gives an attacker no new information.
 
 Symbols: ``q`` = ``quantization``, ``w`` = ``window``, ``s`` = ``stride``, ``k`` = ``top_k``. The
 paper's values for the 32 x 32 datasets (and MNIST) are q = 50, w = 20, s = 1, top 50 hashes, a
@@ -37,6 +37,7 @@ re-encodings) raise scores, which is what the calibration on benign near-duplica
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import ClassVar, NamedTuple
 
@@ -167,32 +168,44 @@ def top_k_distinct(h: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-# hashlib releases the GIL while it hashes a buffer of 2,048 bytes or more; in a batch worker each
-# release waits to take the GIL back from the busy event loop (up to its switch interval), which cost
-# more than the hashing itself for 28x28 items. Rows up to _HOLD_GIL_BYTES are fed in chunks below
-# that size (the same digest); larger rows, whose hashing takes longer than the wait, in one call.
-_GIL_CHUNK = 2047
-_HOLD_GIL_BYTES = 1 << 16
+@functools.lru_cache(maxsize=4)  # a pure function of its arguments; a store hashes one input size
+def digest_key(key: bytes, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The secret coefficients of :func:`digests` for items of ``size`` 32-bit words under the
+    store's 16-byte ``key``: ``m_0`` ``[2]`` and ``m_1..m_size`` ``[size, 2]`` (C order: the matrix
+    product reads them row by row) uint64, one column per half, from SHAKE-256 (an extendable-output
+    function) of the key and the size, so each input size has its own independent key and
+    Redis-sharing replicas agree."""
+    seed = b"rg-retry-digest" + bytes(key) + int(size).to_bytes(8, "little")
+    m = np.frombuffer(hashlib.shake_256(seed).digest(16 * (size + 1)), dtype="<u8").astype(np.uint64).reshape(2, -1)
+    m0, m1 = m[:, 0].copy(), np.ascontiguousarray(m[:, 1:].T)
+    m0.flags.writeable = m1.flags.writeable = False  # shared by the cache's callers
+    return m0, m1
 
 
 def digests(x: torch.Tensor, key: bytes) -> np.ndarray:
-    """``[N, ...]`` -> ``[N]`` uint64: keyed BLAKE2b-64 of each item's raw float32 bytes (retries)."""
+    """``[N, ...]`` -> ``[N]`` uint64: a keyed digest of each item's raw float32 bytes (retries).
+
+    Each item's ``D`` float32 values are read as 32-bit words ``s_1..s_D``; the digest is two
+    32-bit halves ``(m_0 + sum_i m_i s_i mod 2**64) >> 32``, each under its own secret uniform
+    64-bit coefficients ``m`` (:func:`digest_key`). This family is strongly universal for inputs of
+    one length (Lemire & Kaser, "Strongly universal string hashing is fast", 2014, the Multilinear
+    family): for any two distinct items, a half collides with probability ``2**-32`` over the key,
+    so the digest with ``2**-64`` -- whatever the items, so an attacker who does not know the key
+    cannot make a new query pass as a retry of an earlier one more often than that. Digests never
+    leave the store (nor does anything computed from them), so no answer reveals the key.
+
+    Why not hashlib's keyed BLAKE2b (used before 2026-12-06, the same guarantee and more): it is
+    one call per item, and with the GIL held (a release per item waits for the busy event loop)
+    it cost several times more per 28x28 item than this one integer matrix product per batch
+    (``digests`` in bench/results/stateful.stage_cpu.md)."""
     if x.dtype == torch.float32 and x.is_contiguous():
         raw = x.numpy().reshape(x.shape[0], -1)  # no torch op: each would release and retake the GIL
     else:
         raw = x.reshape(x.shape[0], -1).float().contiguous().numpy()
-    out = np.empty(raw.shape[0], dtype=np.uint64)
-    chunked = raw.shape[0] and raw[0].nbytes < _HOLD_GIL_BYTES
-    for i, row in enumerate(raw):  # one C call per item (hashlib has no batch interface), on the row's buffer
-        if chunked:
-            h = hashlib.blake2b(key=key, digest_size=8)
-            view = memoryview(row).cast("B")
-            for at in range(0, len(view), _GIL_CHUNK):
-                h.update(view[at:at + _GIL_CHUNK])
-        else:
-            h = hashlib.blake2b(row, key=key, digest_size=8)
-        out[i] = int.from_bytes(h.digest(), "little")
-    return out
+    m0, m1 = digest_key(key, raw.shape[1])  # [2], [D, 2]
+    s = raw.view(np.uint32).astype(np.uint64) @ m1  # [N, 2] mod 2**64 (uint64 arithmetic wraps)
+    s += m0
+    return (s[:, 0] >> _U(32)) | (s[:, 1] & _U(0xFFFFFFFF00000000))
 
 
 class Blacklight(StatefulDetector):

@@ -95,23 +95,15 @@ class _History:
             new[:e - s] = a[s:e]
         self.start, self.end = 0, e - s
 
-    def append(self, emb: np.ndarray, digest: np.ndarray, now: float, seq: np.ndarray | int,
-               sq: float | None = None) -> None:
-        """Records ``[n]`` rows with sequence numbers ``seq`` ``[n]`` (an int when ``n`` is 1; then
-        ``sq``: the row's squared norm when known)."""
+    def append(self, emb: np.ndarray, digest: np.ndarray, now: float, seq: np.ndarray | int) -> None:
+        """Records ``[n]`` rows with sequence numbers ``seq`` ``[n]`` (an int when ``n`` is 1)."""
         n = digest.shape[0]
-        if self.end + n > self.emb.shape[0]:
-            need = self.live + n
-            cap = self.emb.shape[0]
-            self._resize(max(_MIN_CAP, int(_GROWTH * need)) if need > cap // 2 else cap)
-        if self.end == self.start:
-            self.monotone = True  # no rows left from before a clock step back
-        elif now < self.time[self.end - 1]:
-            self.monotone = False
+        self.reserve(n)
+        self.note_time(now)
         if n == 1:  # the usual call: scalar writes (a slice assignment costs ~1 µs each)
             i = self.end
             self.emb[i], self.digest[i], self.time[i], self.seq[i] = emb[0], digest[0], now, seq
-            self.sq[i] = np.einsum("d,d->", emb[0], emb[0]) if sq is None else sq
+            self.sq[i] = np.einsum("d,d->", emb[0], emb[0])
             self.cidx[i] = self.count
         else:
             sl = slice(self.end, self.end + n)
@@ -120,6 +112,21 @@ class _History:
             self.cidx[sl] = np.arange(self.count, self.count + n)
         self.end += n
         self.count += n
+
+    def reserve(self, n: int) -> None:
+        """Makes room for ``n`` more rows after ``end`` (moving the live rows to the front of new
+        buffers when they do not fit)."""
+        if self.end + n > self.emb.shape[0]:
+            need = self.live + n
+            cap = self.emb.shape[0]
+            self._resize(max(_MIN_CAP, int(_GROWTH * need)) if need > cap // 2 else cap)
+
+    def note_time(self, now: float) -> None:
+        """Before rows of time ``now`` are recorded: whether the rows' times stay monotone."""
+        if self.end == self.start:
+            self.monotone = True  # no rows left from before a clock step back
+        elif now < self.time[self.end - 1]:
+            self.monotone = False
 
     def trim(self, min_seq: int, min_cidx: int, min_time: float) -> int:
         """Drops the oldest rows with ``seq < min_seq``, ``cidx < min_cidx`` or (a prefix of) those
@@ -218,6 +225,55 @@ def scan_kernel():
         return numba.njit(signature, fastmath=_SCAN_FLAGS)(_scan_source)
 
 
+@functools.cache
+def step_kernel():
+    """:func:`scan_kernel`'s scan inside a compiled loop over one client's queries of a call (the
+    function below; compiled and cached as the scan is), or None when numba is not installed. One
+    call per client and batch replaces a few Python calls per query (finding the first live row, the
+    scan, writing the row), which at one or two queries per client cost more than the scan itself."""
+    scan = scan_kernel()
+    if scan is None:
+        return None
+    import numba
+
+    def step(emb, sq, digest, tm, seq, cidx, state, max_entries, max_per_client, ttl, window, now, qs, q_digests, out):
+        """A client's queries ``qs`` ``[n, d]`` (``q_digests`` ``[n]``) scored and recorded one after
+        the other into its buffers (``_History``'s arrays, with room for ``n`` more rows, their times
+        monotone): ``state`` ``[4]`` int64 = (first row to consider, end, the client's queries
+        recorded, the store's sequence number) on entry and on return. Per query: the first live row
+        (the live rows are a suffix: each bound and, times monotone, the TTL cut a prefix), found by
+        moving forward; the scan (``out[i]``: its ``k`` distances, or ``inf`` for a retry, which is
+        not recorded); the query written as row ``end``. ``window`` 0: none. Returns how many
+        queries were recorded."""
+        first, end, count, gseq = state[0], state[1], state[2], state[3]
+        recorded = 0
+        for i in range(qs.shape[0]):
+            while first < end and not (seq[first] > gseq - max_entries and count - cidx[first] <= max_per_client
+                                       and now - tm[first] <= ttl):
+                first += 1
+            near = first if window <= 0 else max(first, end - window)
+            qq = scan(emb, sq, digest, first, near, end, qs[i], q_digests[i], out[i])
+            if qq < 0:
+                out[i, :] = np.inf  # an exact retry: no evidence, not recorded
+                continue
+            emb[end, :] = qs[i]
+            sq[end], digest[end], tm[end] = qq, q_digests[i], now
+            gseq += 1
+            seq[end], cidx[end] = gseq, count
+            count += 1
+            end += 1
+            recorded += 1
+        state[0], state[1], state[2], state[3] = first, end, count, gseq
+        return recorded
+
+    signature = ("i8(f4[:, ::1], f4[::1], u8[::1], f8[::1], i8[::1], i8[::1], i8[::1], i8, i8, f8, i8, f8, "
+                 "f4[:, ::1], u8[::1], f4[:, ::1])")
+    try:
+        return numba.njit(signature, cache=True)(step)
+    except RuntimeError:  # no writable cache directory: compiled per process
+        return numba.njit(signature)(step)
+
+
 def k_smallest(d: np.ndarray, k: int) -> np.ndarray:
     """``[N, M]`` -> ``[N, k]``: each row's ``k`` smallest values ascending, ``inf``-padded."""
     n, m = d.shape
@@ -269,7 +325,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._bytes = 0  # the clients' buffers and objects (stats; kept current, not summed per scrape)
         self._dim: int | None = None
         self._lock = threading.Lock()
-        self._scan = scan_kernel()  # the compiled single-query path, None without numba
+        self._step = step_kernel()  # the compiled path (a client's queries of a call), None without numba
         self._init_flags()
 
     def fingerprint_key(self) -> bytes:
@@ -359,42 +415,53 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             return self._first_live(h, self._seq + r, h.count + r, now)
         return self._live(h, self._seq + r, h.count + r, now)
 
+    def _observe_compiled(self, h: _History, digests: np.ndarray, emb: np.ndarray, k: int, now: float,
+                          window: int | None) -> np.ndarray:
+        """:meth:`_observe` for a client whose rows' times are monotone, with numba: its queries one
+        after the other in one compiled call (:func:`step_kernel`), then the bookkeeping of
+        :meth:`_record` once for the call."""
+        n = digests.shape[0]
+        self._bytes -= h.bytes
+        h.reserve(n)
+        self._bytes += h.bytes
+        state = np.array([h.start, h.end, h.count, self._seq], dtype=np.int64)
+        out = np.empty((n, k), dtype=np.float32)
+        r = self._step(h.emb, h.sq, h.digest, h.time, h.seq, h.cidx, state, self.max_entries, self.max_per_client,
+                       self.ttl_s, window or 0, now, emb, np.ascontiguousarray(digests), out)
+        if r:
+            h.note_time(now)  # the new rows' time against the last old row's (end is still the old one)
+            h.end += r
+            h.count += r
+            self._recorded(h, r, now)
+        return out
+
     def _observe_one(self, h: _History, digest: np.ndarray, emb: np.ndarray, k: int, now: float,
                      window: int | None) -> np.ndarray:
-        """:meth:`_observe` for one query of a client whose rows' times are monotone: the rows it sees
-        are ``[first, end)``, its neighbours the last ``window`` of them; no call-internal retries or
-        moving bounds to consider."""
+        """:meth:`_observe` for one query of a client whose rows' times are monotone, without numba:
+        the rows it sees are ``[first, end)``, its neighbours the last ``window`` of them; no
+        call-internal retries or moving bounds to consider."""
         first, e = self._first_live(h, self._seq, h.count, now), h.end
         near = first if window is None else max(first, e - window)
-        sq = None
-        if self._scan is not None:
-            out = np.empty((1, k), dtype=np.float32)
-            sq = self._scan(h.emb, h.sq, h.digest, first, near, e, emb[0], digest[0], out[0])
-            if sq < 0:
-                out.fill(np.inf)  # an exact retry: no evidence, not recorded
-                return out
-        elif first < e and (h.digest[first:e] == digest[0]).any():  # an exact retry: no evidence, not recorded
+        if first < e and (h.digest[first:e] == digest[0]).any():  # an exact retry: no evidence, not recorded
             return np.full((1, k), np.inf, dtype=np.float32)
-        elif near < e:
+        if near < e:
             out = np.sqrt(k_smallest(pairwise_sq(emb, h.emb[near:e], h.sq[near:e]), k))  # [1, k]; sqrt is monotone
         else:
             out = np.full((1, k), np.inf, dtype=np.float32)
-        self._record(h, emb, digest, now, sq)
+        self._record(h, emb, digest, now)
         return out
 
     def _observe(self, h: _History, digests: np.ndarray, emb: np.ndarray, k: int, now: float,
                  window: int | None = None) -> np.ndarray:
         n, s, e = digests.shape[0], h.start, h.end
+        if h.monotone and self._step is not None:
+            # with numba, one query or several of one client (a client with several requests in one batch):
+            # one after the other in one compiled call -- the definition of the call (each sees the ones
+            # before it), and at a few queries per client cheaper than the vectorised pass below, whose
+            # numpy calls cost more than the rows they compare (bench/results/stateful.stage_cpu.md)
+            return self._observe_compiled(h, digests, emb, k, now, window)
         if n == 1 and h.monotone:
             return self._observe_one(h, digests, emb, k, now, window)
-        if h.monotone and self._scan is not None:
-            # several queries of one client (a client with several requests in one batch): one after the
-            # other through the compiled scan -- the definition of the call (each sees the ones before it),
-            # and at a few queries per client cheaper than the vectorised pass below, whose numpy calls
-            # cost more than the rows they compare (bench/results/stateful.stage_cpu.md). Recording keeps
-            # the rows monotone (one `now` for the call).
-            return np.concatenate([self._observe_one(h, digests[i:i + 1], emb[i:i + 1], k, now, window)
-                                   for i in range(n)])
         hist = h.digest
         # 1. which history rows each query sees: the same for the whole call unless a bound moves in it
         seen0 = self._seen(h, 0, now)
@@ -470,16 +537,21 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._record(h, q, digests if idx is None else digests[idx], now)
         return out
 
-    def _record(self, h: _History, emb: np.ndarray, digests: np.ndarray, now: float, sq: float | None = None) -> None:
-        """Records a client's ``[R]`` new queries, then drops what fell out of the bounds (this
-        client's rows and those of the owners of the entries they push out of the global bound).
-        ``sq``: the squared norm of a single query, when known."""
+    def _record(self, h: _History, emb: np.ndarray, digests: np.ndarray, now: float) -> None:
+        """Records a client's ``[R]`` new queries (:meth:`_recorded`)."""
         r = digests.shape[0]
         first = self._seq + 1
-        seqs = first if r == 1 else np.arange(first, first + r, dtype=np.int64)
         self._bytes -= h.bytes
-        h.append(emb, digests, now, seqs, sq)
+        h.append(emb, digests, now, first if r == 1 else np.arange(first, first + r, dtype=np.int64))
         self._bytes += h.bytes
+        self._recorded(h, r, now)
+
+    def _recorded(self, h: _History, r: int, now: float) -> None:
+        """After ``r`` queries of ``h`` were written as its last rows with the next sequence numbers:
+        counts them, then drops what fell out of the bounds (this client's rows and those of the
+        owners of the entries they push out of the global bound)."""
+        first = self._seq + 1
+        seqs = first if r == 1 else np.arange(first, first + r, dtype=np.int64)
         self._held += r
         self._seq += r
         owners = {h.cid}

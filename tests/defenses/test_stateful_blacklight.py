@@ -173,19 +173,45 @@ def test_history_survives_a_config_reload_when_the_store_is_handed_over():
     assert reloaded.observe("a", step.clone() * 0.5).tolist() == [0.0]
 
 
-@pytest.mark.parametrize("shape", [(5, 1, 28, 28), (2, 3, 224, 224), (3, 3, 1, 1)])
-def test_digests_are_keyed_blake2b_of_the_raw_float32_bytes(shape):
-    """A row hashed in chunks that keep the GIL (28x28: 3,136 bytes), in one call (3x224x224: over
-    64 KiB) or tiny gives the same keyed BLAKE2b-64 as hashing its bytes at once; a float64 or
-    non-contiguous tensor is hashed as its float32 C-order bytes."""
+@pytest.mark.parametrize("shape", [(5, 1, 28, 28), (2, 3, 32, 32), (3, 3, 1, 1)])
+def test_digests_are_the_keyed_multilinear_hash_of_the_raw_float32_words(shape):
+    """Each item's digest is the docstring's two strongly universal halves over its float32 words,
+    computed here with Python integers from the SHAKE-256 coefficients; a float64 or non-contiguous
+    tensor is hashed as its float32 C-order words; the key and the input size each change it."""
     import hashlib
 
     key = bytes(range(16))
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
-    want = np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), key=key, digest_size=8).digest(), "little")
-                     for r in x.reshape(shape[0], -1).numpy()], dtype=np.uint64)
+    words = x.reshape(shape[0], -1).numpy().view(np.uint32)
+    d = words.shape[1]
+    stream = hashlib.shake_256(b"rg-retry-digest" + key + d.to_bytes(8, "little")).digest(16 * (d + 1))
+    m = [[int.from_bytes(stream[8 * (j * (d + 1) + i):8 * (j * (d + 1) + i + 1)], "little") for i in range(d + 1)]
+         for j in range(2)]
+    halves = [[(m[j][0] + sum(c * int(w) for c, w in zip(m[j][1:], row))) % 2**64 >> 32 for j in range(2)]
+              for row in words]
+    want = np.array([lo | hi << 32 for lo, hi in halves], dtype=np.uint64)
     np.testing.assert_array_equal(digests(x, key), want)
     np.testing.assert_array_equal(digests(x.double(), key), want)
     np.testing.assert_array_equal(digests(x.transpose(2, 3).contiguous().transpose(2, 3), key), want)
     assert len(set(digests(x, key).tolist())) == shape[0]
     assert (digests(x, bytes(16)) != want).all()  # the key matters
+    padded = torch.cat([x.reshape(shape[0], -1), torch.zeros(shape[0], 1)], dim=1)  # the same words and a zero
+    assert (digests(padded, key) != want).all()  # each size has its own coefficients
+
+
+def test_digests_tell_apart_items_that_differ_in_one_bit():
+    """Structured differences (one word's sign bit, its lowest bit, two words swapped, -0.0 for 0.0)
+    change the digest: the family's bound holds for every pair, not only for random ones."""
+    key = bytes(range(16))
+    x = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    x[0, 0, 0, 0] = 0.0
+    variants = [x]
+    for i, mask in ((5, 1 << 31), (5, 1), (400, 1 << 31), (783, 1 << 22)):
+        y = x.clone()
+        y.numpy().view(np.uint32).reshape(-1)[i] ^= np.uint32(mask)  # in place, through the shared buffer
+        variants.append(y)
+    swapped = x.clone().view(-1)
+    swapped[[1, 2]] = swapped[[2, 1]]
+    variants += [swapped.view(1, 1, 28, 28), x.clone().index_put_((torch.tensor([0]),) * 4, torch.tensor([-0.0]))]
+    got = digests(torch.cat(variants), key).tolist()
+    assert len(set(got)) == len(variants)

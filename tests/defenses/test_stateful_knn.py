@@ -315,8 +315,8 @@ def test_store_equals_the_rule_written_out_with_clock_steps_back(seed, most, pat
                   max_clients=int(rng.integers(2, 5)), ttl_s=float(rng.choice([1.0, 3.0])))
     store = KnnMemoryStore(**bounds)
     if path == "numpy":
-        store._scan = None
-    elif store._scan is None:
+        store._step = None
+    elif store._step is None:
         pytest.skip("numba is not installed: the store takes the numpy path (tested beside)")
     pool = rng.normal(size=(12, 6)).astype(np.float16)
     calls, now = [], 0.0
@@ -380,8 +380,8 @@ def test_window_limits_the_neighbours_to_the_last_queries_on_every_path(path):
     k, window = 3, 10
     one, many = (KnnMemoryStore(max_entries=1000, max_per_client=500) for _ in range(2))
     if path == "numpy":
-        one._scan = many._scan = None
-    elif one._scan is None:
+        one._step = many._step = None
+    elif one._step is None:
         pytest.skip("numba is not installed: the store takes the numpy path (tested beside)")
     got_one = np.concatenate([one.observe("c", dig[i:i + 1], emb[i:i + 1], k, 1.0, window) for i in range(120)])
     cuts = [0, 1, 5, 6, 30, 31, 44, 70, 71, 120]
