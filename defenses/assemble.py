@@ -302,8 +302,10 @@ class PipelineRunner:
                         if verdict[i] != REJECTED:
                             verdict[i], reason[i] = REJECTED, f"{stage.name} failed"
 
-            blocked = run_stateful(self.stages, torch.from_numpy(arr), clients, verdict, reason, scores, thresholds,
-                                   seconds, fail, embeddings=fused, checked=True)  # __call__: validated input
+            # the array, not a tensor: each torch call releases the GIL, which the batch worker then waits to
+            # take back from the busy event loop
+            blocked = run_stateful(self.stages, arr, clients, verdict, reason, scores, thresholds, seconds, fail,
+                                   embeddings=fused, checked=True)  # __call__: validated input
         return PipelineResult(logits=torch.from_numpy(logits), verdict=torch.tensor(verdict, dtype=torch.int64),
                               reason=reason, scores=scores, thresholds=thresholds, seconds=seconds,
                               failed_stages=failed, blocked=blocked)

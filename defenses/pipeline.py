@@ -339,12 +339,14 @@ class DefendedModel:
         )
 
 
-def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], verdict, reason: list[str | None],
+def run_stateful(stages: Sequence[Stage], x: torch.Tensor | np.ndarray, clients: list[str], verdict,
+                 reason: list[str | None],
                  scores: dict, thresholds: dict, seconds: dict, fail: Callable[[Stage], None],
                  embeddings: dict | None = None, checked: bool = False) -> list[float | None]:
     """Step 1b of the module docstring, shared by :class:`DefendedModel` and the proxy's fused path
     (defenses/assemble.py ``PipelineRunner._run_fused``): every stateful stage of ``stages`` on
-    ``x`` ``[N, C, H, W]`` for ``clients`` ``[N]``, in order; updates ``verdict`` (codes, tensor or
+    ``x`` ``[N, C, H, W]`` (a tensor, or the fused path's float32 array: the stage then calls no torch
+    function unless it encodes ``x`` itself) for ``clients`` ``[N]``, in order; updates ``verdict`` (codes, tensor or
     list), ``reason``, ``scores``, ``thresholds`` and ``seconds`` in place; a stage that raises
     goes to ``fail`` (the failure policy). ``embeddings``: stage name -> ``[N, d]`` computed for
     ``x`` in the backbone's fused pass (``StatefulDetector.onnx_embedding_model``); a stage found
@@ -365,7 +367,7 @@ def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], v
             fail(stage)
             continue
         seconds[stage.name] = time.perf_counter() - t0
-        scores[stage.name] = s
+        scores[stage.name] = torch.from_numpy(s)
         if any(e is not None for e in ends):
             blocked = blocked or [None] * n
             for i, end in enumerate(ends):
@@ -377,9 +379,9 @@ def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], v
             continue
         thresholds[stage.name] = float(det.threshold)
         if type(det).is_adversarial is StatefulDetector.is_adversarial:  # the base rule, in numpy: float32 > t
-            hits = np.flatnonzero(s.numpy() > det.threshold).tolist()  # as the tensor comparison
+            hits = np.flatnonzero(s > det.threshold).tolist()  # as the tensor comparison
         else:
-            hits = torch.nonzero(det.is_adversarial(s)).flatten().tolist()
+            hits = torch.nonzero(det.is_adversarial(scores[stage.name])).flatten().tolist()
         for i in hits:
             if stage.action in ("reject", "block") and verdict[i] != REJECTED:
                 verdict[i], reason[i] = REJECTED, stage.name
@@ -388,9 +390,10 @@ def run_stateful(stages: Sequence[Stage], x: torch.Tensor, clients: list[str], v
     return blocked
 
 
-def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
-                    embedding=None, checked: bool = False) -> tuple[torch.Tensor, list[float | None]]:
-    """One stateful stage on a batch: ``x`` ``[N, C, H, W]``, ``clients`` ``[N]`` -> scores ``[N]`` and
+def observe_clients(stage: Stage, x: torch.Tensor | np.ndarray, clients: list[str],
+                    embedding=None, checked: bool = False) -> tuple[np.ndarray, list[float | None]]:
+    """One stateful stage on a batch: ``x`` ``[N, C, H, W]`` (tensor or float32 array), ``clients``
+    ``[N]`` -> float32 scores ``[N]`` and
     per item the end of its client's block (None: not blocked). ``embedding`` ``[N, d]`` (numpy or
     tensor): the stage's embedding of ``x`` from the fused pass, else None (the stage computes it);
     ``checked``: ``x`` was validated already (StatefulDetector.encode). The items are encoded
@@ -410,6 +413,8 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
     now = time.time()
     if embedding is not None and isinstance(embedding, torch.Tensor):
         embedding = embedding.detach().cpu().numpy()
+    if isinstance(x, np.ndarray) and (embedding is None or not checked):  # the stage checks or encodes x (torch)
+        x = torch.from_numpy(x)
     encoded = det.encode(x, embedding, checked)  # every item (a blocked client's too: its block is checked below,
     # in the same store call as the others' observation)
     order = [i for idx in groups.values() for i in idx]  # the items by group
@@ -431,7 +436,7 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
             for i in idx:
                 ends[i] = until
     if not live:
-        return torch.from_numpy(scores), ends
+        return scores, ends
     scores[[i for _, idx in live for i in idx]] = got
     store = det.store
     if stage.action == "block" and det.threshold is not None and (got > det.threshold).any():
@@ -441,4 +446,4 @@ def observe_clients(stage: Stage, x: torch.Tensor, clients: list[str],
                 store.block(client, now + stage.cooldown_s)
                 for i in idx:
                     ends[i] = now + stage.cooldown_s
-    return torch.from_numpy(scores), ends
+    return scores, ends

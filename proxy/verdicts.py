@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import torch
 
 from robustgate.defenses.pipeline import REJECTED, PipelineResult
 from robustgate.models.output_kind import to_probabilities
@@ -76,6 +77,13 @@ def rejection(result: PipelineResult, i: int, explain: bool = False) -> _Failure
     return _Failure(grpc.StatusCode.PERMISSION_DENIED, message, "rejected", metadata)
 
 
+def _host(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a numpy array (shared memory for a host tensor without autograd): one torch call, not
+    ``detach().cpu().numpy()``'s three -- each releases the GIL, and the batch worker then waits to
+    take it back from the busy event loop."""
+    return t.numpy() if t.is_cpu and not t.requires_grad else t.detach().cpu().numpy()
+
+
 @dataclass
 class BatchAnswer:
     """One batch's :class:`PipelineResult` as numpy, made once per batch in its worker thread
@@ -98,14 +106,14 @@ class BatchAnswer:
         verdict = result.verdict.numpy()  # [M] (on the host: the runner's result is)
         codes = verdict.tolist()
         rejected = REJECTED in codes
-        logits = result.logits.detach().cpu().numpy().astype(np.float32, copy=True)  # [M, K]
+        logits = _host(result.logits).astype(np.float32, copy=True)  # [M, K]
         if rejected:
             logits[verdict == REJECTED] = np.nan
         return cls(
             result=result, logits=logits, verdict=verdict, codes=codes, names=[VERDICT_NAMES[v] for v in codes],
             reasons=[r or "" for r in result.reason],
-            scores={k: v.detach().cpu().numpy() for k, v in result.scores.items()},
-            radius=None if result.radius is None else result.radius.detach().cpu().numpy(),
+            scores={k: _host(v) for k, v in result.scores.items()},
+            radius=None if result.radius is None else _host(result.radius),
             any_rejected=rejected, any_blocked=any(e is not None for e in result.blocked),
         )
 

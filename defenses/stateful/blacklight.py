@@ -46,6 +46,7 @@ import torch
 from numpy.lib.stride_tricks import as_strided
 
 from robustgate.defenses.stateful.base import StatefulDetector
+from robustgate.defenses.stateful.kernels import compile_kernel
 from robustgate.defenses.stateful.store import HistoryStore, MemoryStore
 
 _U = np.uint64
@@ -177,13 +178,12 @@ def digest_key(key: bytes, size: int) -> tuple[np.ndarray, np.ndarray]:
     Redis-sharing replicas agree."""
     seed = b"rg-retry-digest" + bytes(key) + int(size).to_bytes(8, "little")
     m = np.frombuffer(hashlib.shake_256(seed).digest(16 * (size + 1)), dtype="<u8").astype(np.uint64).reshape(2, -1)
-    m0, m1 = m[:, 0].copy(), np.ascontiguousarray(m[:, 1:].T)
-    m0.flags.writeable = m1.flags.writeable = False  # shared by the cache's callers
-    return m0, m1
+    return m[:, 0].copy(), np.ascontiguousarray(m[:, 1:].T)  # shared by the cache's callers: read, never written
 
 
-def digests(x: torch.Tensor, key: bytes) -> np.ndarray:
-    """``[N, ...]`` -> ``[N]`` uint64: a keyed digest of each item's raw float32 bytes (retries).
+def digests(x: torch.Tensor | np.ndarray, key: bytes) -> np.ndarray:
+    """``[N, ...]`` (tensor or array) -> ``[N]`` uint64: a keyed digest of each item's raw float32
+    bytes (retries).
 
     Each item's ``D`` float32 values are read as 32-bit words ``s_1..s_D``; the digest is two
     32-bit halves ``(m_0 + sum_i m_i s_i mod 2**64) >> 32``, each under its own secret uniform
@@ -194,18 +194,47 @@ def digests(x: torch.Tensor, key: bytes) -> np.ndarray:
     cannot make a new query pass as a retry of an earlier one more often than that. Digests never
     leave the store (nor does anything computed from them), so no answer reveals the key.
 
-    Why not hashlib's keyed BLAKE2b (used before 2026-12-06, the same guarantee and more): it is
-    one call per item, and with the GIL held (a release per item waits for the busy event loop)
-    it cost several times more per 28x28 item than this one integer matrix product per batch
-    (``digests`` in bench/results/stateful.stage_cpu.md)."""
-    if x.dtype == torch.float32 and x.is_contiguous():
-        raw = x.numpy().reshape(x.shape[0], -1)  # no torch op: each would release and retake the GIL
+    Computed in one compiled loop per batch (:func:`digest_kernel`), which keeps the GIL; numpy's
+    integer product without numba. Why not hashlib's keyed BLAKE2b (used before 2026-12-06, the
+    same guarantee and more): it is one call per item, fed in chunks that keep the GIL (hashlib
+    releases it for 2,048 bytes or more), and cost several times more per 28x28 item (``digests``
+    in bench/results/stateful.stage_cpu.md)."""
+    if isinstance(x, np.ndarray):  # the fused path's batch: no torch call (each releases the GIL)
+        raw = np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], -1)
+    elif x.dtype == torch.float32 and x.is_contiguous():
+        raw = x.numpy().reshape(x.shape[0], -1)
     else:
         raw = x.reshape(x.shape[0], -1).float().contiguous().numpy()
-    m0, m1 = digest_key(key, raw.shape[1])  # [2], [D, 2]
-    s = raw.view(np.uint32).astype(np.uint64) @ m1  # [N, 2] mod 2**64 (uint64 arithmetic wraps)
+    words = raw.view(np.uint32)  # [N, D]
+    m0, m1 = digest_key(key, words.shape[1])  # [2], [D, 2]
+    kernel = digest_kernel()
+    if kernel is not None:  # holds the GIL (defenses/stateful/kernels.py)
+        out = np.empty(words.shape[0], dtype=np.uint64)
+        kernel(words, m0, m1, out)
+        return out
+    s = words @ m1  # [N, 2] mod 2**64 (uint64 arithmetic wraps; the words widened inside the product)
     s += m0
     return (s[:, 0] >> _U(32)) | (s[:, 1] & _U(0xFFFFFFFF00000000))
+
+
+def _digest_source(words, m0, m1, out):  # numba-compiled by digest_kernel()
+    """:func:`digests`' arithmetic: ``words`` ``[N, D]`` uint32, ``m0`` ``[2]``, ``m1`` ``[D, 2]`` -> ``out`` ``[N]``."""
+    top = np.uint64(0xFFFFFFFF00000000)
+    shift = np.uint64(32)
+    for n in range(words.shape[0]):
+        a, b = m0[0], m0[1]
+        for i in range(words.shape[1]):
+            w = np.uint64(words[n, i])
+            a += m1[i, 0] * w
+            b += m1[i, 1] * w
+        out[n] = (a >> shift) | (b & top)
+
+
+@functools.cache
+def digest_kernel():
+    """The compiled :func:`_digest_source` (defenses/stateful/kernels.py), or None without numba:
+    numpy's integer product then computes the same digests, but may release the GIL."""
+    return compile_kernel(_digest_source, "void(u4[:, ::1], u8[::1], u8[:, ::1], u8[::1])")
 
 
 class Blacklight(StatefulDetector):

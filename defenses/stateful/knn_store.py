@@ -50,6 +50,7 @@ import time
 from collections import OrderedDict
 import numpy as np
 
+from robustgate.defenses.stateful.kernels import compile_kernel
 from robustgate.defenses.stateful.store import ClientFlags, HistoryStore
 
 _MIN_CAP = 4  # rows a new client's buffers start with (many clients send a few queries)
@@ -207,34 +208,21 @@ def _scan_source(emb, sq, digest, first, near, end, q, q_digest, out):  # numba-
 
 @functools.cache
 def scan_kernel():
-    """The compiled :func:`_scan_source` (compiled once per process, here, so that no query pays the
-    ~0.5 s of compilation; numba's cache keeps it for the next process), or None when numba is not
+    """The compiled :func:`_scan_source` (defenses/stateful/kernels.py), or None when numba is not
     installed."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    # one signature, compiled now: C-contiguous arrays only, so no call compiles another variant. Not
-    # nogil: the scan is short, and a batch worker that releases the GIL once per query waits to take
-    # it back from the busy event loop each time (the stage's time per item in the server:
-    # bench/results/defenses.proxy_cost.stateful.md)
-    signature = "f4(f4[:, ::1], f4[::1], u8[::1], i8, i8, i8, f4[::1], u8, f4[::1])"
-    try:
-        return numba.njit(signature, fastmath=_SCAN_FLAGS, cache=True)(_scan_source)
-    except RuntimeError:  # no writable cache directory (a read-only file system): compiled per process
-        return numba.njit(signature, fastmath=_SCAN_FLAGS)(_scan_source)
+    return compile_kernel(_scan_source, "f4(f4[:, ::1], f4[::1], u8[::1], i8, i8, i8, f4[::1], u8, f4[::1])",
+                          fastmath=_SCAN_FLAGS)
 
 
 @functools.cache
 def step_kernel():
     """:func:`scan_kernel`'s scan inside a compiled loop over one client's queries of a call (the
-    function below; compiled and cached as the scan is), or None when numba is not installed. One
-    call per client and batch replaces a few Python calls per query (finding the first live row, the
-    scan, writing the row), which at one or two queries per client cost more than the scan itself."""
+    function below), or None when numba is not installed. One call per client and batch replaces a
+    few Python calls per query (finding the first live row, the scan, writing the row), which at one
+    or two queries per client cost more than the scan itself."""
     scan = scan_kernel()
     if scan is None:
         return None
-    import numba
 
     def step(emb, sq, digest, tm, seq, cidx, state, max_entries, max_per_client, ttl, window, now, qs, q_digests, out):
         """A client's queries ``qs`` ``[n, d]`` (``q_digests`` ``[n]``) scored and recorded one after
@@ -266,12 +254,8 @@ def step_kernel():
         state[0], state[1], state[2], state[3] = first, end, count, gseq
         return recorded
 
-    signature = ("i8(f4[:, ::1], f4[::1], u8[::1], f8[::1], i8[::1], i8[::1], i8[::1], i8, i8, f8, i8, f8, "
-                 "f4[:, ::1], u8[::1], f4[:, ::1])")
-    try:
-        return numba.njit(signature, cache=True)(step)
-    except RuntimeError:  # no writable cache directory: compiled per process
-        return numba.njit(signature)(step)
+    return compile_kernel(step, "i8(f4[:, ::1], f4[::1], u8[::1], f8[::1], i8[::1], i8[::1], i8[::1], i8, i8, f8, i8, "
+                                "f8, f4[:, ::1], u8[::1], f4[:, ::1])")
 
 
 def k_smallest(d: np.ndarray, k: int) -> np.ndarray:

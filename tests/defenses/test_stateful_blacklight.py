@@ -173,13 +173,21 @@ def test_history_survives_a_config_reload_when_the_store_is_handed_over():
     assert reloaded.observe("a", step.clone() * 0.5).tolist() == [0.0]
 
 
+@pytest.mark.parametrize("path", ["compiled", "numpy"])
 @pytest.mark.parametrize("shape", [(5, 1, 28, 28), (2, 3, 32, 32), (3, 3, 1, 1)])
-def test_digests_are_the_keyed_multilinear_hash_of_the_raw_float32_words(shape):
+def test_digests_are_the_keyed_multilinear_hash_of_the_raw_float32_words(shape, path, monkeypatch):
     """Each item's digest is the docstring's two strongly universal halves over its float32 words,
     computed here with Python integers from the SHAKE-256 coefficients; a float64 or non-contiguous
-    tensor is hashed as its float32 C-order words; the key and the input size each change it."""
+    tensor is hashed as its float32 C-order words; the key and the input size each change it.
+    ``path``: numba's compiled loop, or numpy's product (an environment without numba)."""
     import hashlib
 
+    from robustgate.defenses.stateful import blacklight
+
+    if path == "numpy":
+        monkeypatch.setattr(blacklight, "digest_kernel", lambda: None)
+    elif blacklight.digest_kernel() is None:
+        pytest.skip("numba is not installed: the numpy path is tested beside")
     key = bytes(range(16))
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     words = x.reshape(shape[0], -1).numpy().view(np.uint32)

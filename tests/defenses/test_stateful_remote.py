@@ -171,7 +171,7 @@ def test_a_pipeline_batch_costs_one_round_trip_to_the_shared_store(service, monk
         got = observe_clients(remote, x, ["a", "b", "a", "c"], emb, checked=True)
         assert ops == ["observe_unblocked"]
         want = observe_clients(local, x, ["a", "b", "a", "c"], emb, checked=True)
-        np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
+        np.testing.assert_array_equal(got[0], want[0])
         assert got[1] == want[1] == [None, until, None, None] and float(got[0][1]) == 0.0
     assert remote.defense.store.stats()["entries"] == local.defense.store.stats()["entries"] == 9
 
