@@ -260,11 +260,8 @@ def knn_scores(dist: np.ndarray, statistic: str = "kth") -> np.ndarray:
     (``"kth"``); 0 for a row with a missing neighbour (too little history, or a retry)."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    full = np.isfinite(dist).all(axis=1)
-    out = np.zeros(dist.shape[0], dtype=np.float32)
-    d = dist[full].mean(axis=1) if statistic == "mean" else dist[full, -1]
-    out[full] = 1.0 / (1.0 + d)
-    return out
+    d = dist.mean(axis=1, dtype=np.float32) if statistic == "mean" else dist[:, -1]  # inf for a row with a missing one
+    return (1.0 / (1.0 + d)).astype(np.float32, copy=False)  # 1 / (1 + inf) = 0 exactly
 
 
 class KnnDetector(StatefulDetector):

@@ -310,6 +310,7 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._dim: int | None = None
         self._lock = threading.Lock()
         self._step = step_kernel()  # the compiled path (a client's queries of a call), None without numba
+        self._state = np.zeros(4, dtype=np.int64)  # its in/out state (_observe_compiled)
         self._init_flags()
 
     def fingerprint_key(self) -> bytes:
@@ -408,7 +409,8 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         self._bytes -= h.bytes
         h.reserve(n)
         self._bytes += h.bytes
-        state = np.array([h.start, h.end, h.count, self._seq], dtype=np.int64)
+        state = self._state  # the store's lock is held: one buffer serves every call
+        state[0], state[1], state[2], state[3] = h.start, h.end, h.count, self._seq
         out = np.empty((n, k), dtype=np.float32)
         r = self._step(h.emb, h.sq, h.digest, h.time, h.seq, h.cidx, state, self.max_entries, self.max_per_client,
                        self.ttl_s, window or 0, now, emb, np.ascontiguousarray(digests), out)
@@ -544,6 +546,10 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
             if first > self.max_entries:
                 owners.add(int(self._owner[slot]))  # the entry pushed out
             self._owner[slot] = h.cid
+        elif (at := first % self.max_entries) + r <= self.max_entries:  # one slice of the ring, no wrap
+            if self._seq > self.max_entries:  # the new entries past max_entries push entries out
+                owners.update(self._owner[at + max(0, self.max_entries + 1 - first):at + r].tolist())
+            self._owner[at:at + r] = h.cid
         else:
             ring = seqs % self.max_entries
             if self._seq > self.max_entries:
