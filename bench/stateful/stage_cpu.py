@@ -13,9 +13,10 @@ clients coalesces into), go through:
 - ``whole``: the runner's batch call (``runner(x, clients=...)``), each pipeline (blocks interleaved;
   with the encoder fused, also the same stages with the encoder in its own session);
 - ``fused pass``: the runner's one ONNX Runtime call (backbone + fused graphs), each pipeline;
-- the k-NN parts on the same batches: ``digests`` (keyed BLAKE2b of each item), ``encoder``
-  (the stage's own ONNX Runtime session, as the unfused path runs it), ``store`` (``observe_batch``
-  on encoded rows), ``scores`` (``knn_scores`` and the tensors per client), ``store + scores`` (the
+- the k-NN parts on the same batches: ``digests`` (the batch's keyed retry digests; BLAKE2b per
+  item before 2026-12-06), ``encoder`` (the stage's own ONNX Runtime session, as the unfused path
+  runs it), ``store`` (``observe_batch`` on encoded rows), ``scores`` (``knn_scores`` and the
+  tensors per client), ``store + scores`` (the
   call the pipeline makes: ``observe_rows``, or ``observe_groups`` before it existed), ``observe_clients``
   and ``run_stateful`` (the stage's whole step in the fused path, with the fused embedding when
   the pipeline is fused, else encoding itself).

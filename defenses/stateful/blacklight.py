@@ -252,6 +252,7 @@ class Blacklight(StatefulDetector):
                 raise ValueError(f"{name} must be an integer in [1, {hi or 'inf'}], got {value!r}")
         self.quantization, self.window, self.stride, self.top_k = quantization, window, stride, top_k
         super().__init__(threshold=threshold, value_range=value_range, store=store)
+        digest_kernel()  # compiled (or loaded from numba's cache) now, not at the first query
         self._keys: dict[tuple[bytes, int], WindowKey] = {}
 
     def default_store(self) -> HistoryStore:

@@ -89,7 +89,7 @@ from torch import nn
 
 from robustgate.defenses.base import FitData
 from robustgate.defenses.stateful.base import StatefulDetector
-from robustgate.defenses.stateful.blacklight import digests
+from robustgate.defenses.stateful.blacklight import digest_kernel, digests
 from robustgate.defenses.stateful.knn_store import KnnMemoryStore
 from robustgate.defenses.stateful.store import HistoryStore
 
@@ -300,6 +300,7 @@ class KnnDetector(StatefulDetector):
         if getattr(self.store, "holds", None) != "embeddings":
             raise ValueError(f"{self.kind}: store must hold embeddings (KnnMemoryStore, or a shared one of its "
                              f"kind), got {type(self.store).__name__}")
+        digest_kernel()  # compiled (or loaded from numba's cache) now, not at the first query
         self.encoder: Encoder | None = None
         self.history: list[float] = []
         self._session = None

@@ -34,11 +34,12 @@ The rows are float32, not float16: a query is compared with its client's whole h
 converting a few thousand float16 rows to float32 for the product cost more than the product
 itself (bench/results/stateful.stage_cpu.md); float32 costs 4 more bytes per dimension per entry
 (with the buffers' growth below, 180 MiB per 1,000,000 entries of 32 dimensions:
-bench/results/stateful.cost.knn.md). A call of one query (the usual one: a batch's
-items come from different clients) takes a shorter path than the general one, to the same result:
-one compiled pass over the client's rows (numba; :func:`scan_kernel`) where numba is installed; so
-do the queries of a call of several, one after the other (a client with several requests in one batch).
-The general, vectorised path serves histories whose clock stepped back and environments without numba.
+bench/results/stateful.cost.knn.md). Where numba is installed, a client's queries of a call (one,
+the usual call: a batch's items come from different clients; or several: a client with several
+requests in one batch) take a shorter path than the general one, to the same result: one compiled
+call (:func:`step_kernel`) that, query after query, finds the first live row, scans the client's
+rows once (:func:`scan_kernel`) and writes the query as a row. Without numba one query takes a numpy
+pass; the general, vectorised path serves several, and histories whose clock stepped back.
 """
 
 from __future__ import annotations
