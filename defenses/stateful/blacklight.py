@@ -218,7 +218,8 @@ def digests(x: torch.Tensor | np.ndarray, key: bytes) -> np.ndarray:
 
 
 def _digest_source(words, m0, m1, out):  # numba-compiled by digest_kernel()
-    """:func:`digests`' arithmetic: ``words`` ``[N, D]`` uint32, ``m0`` ``[2]``, ``m1`` ``[D, 2]`` -> ``out`` ``[N]``."""
+    """:func:`digests`' arithmetic: ``words`` ``[N, D]`` uint32, ``m0`` ``[2]``, ``m1`` ``[D, 2]``
+    -> ``out`` ``[N]``."""
     top = np.uint64(0xFFFFFFFF00000000)
     shift = np.uint64(32)
     for n in range(words.shape[0]):
