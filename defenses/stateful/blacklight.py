@@ -194,8 +194,8 @@ def digests(x: torch.Tensor | np.ndarray, key: bytes) -> np.ndarray:
     cannot make a new query pass as a retry of an earlier one more often than that. Digests never
     leave the store (nor does anything computed from them), so no answer reveals the key.
 
-    Computed in one compiled loop per batch (:func:`digest_kernel`), which keeps the GIL; numpy's
-    integer product without numba. Why not hashlib's keyed BLAKE2b (used before 2026-12-06, the
+    Computed in one compiled loop per batch (:func:`digest_kernel`), which keeps the GIL for items
+    under :data:`RELEASE_GIL_WORDS`; numpy's integer product without numba. Why not hashlib's keyed BLAKE2b (used before 2026-12-06, the
     same guarantee and more): it is one call per item, fed in chunks that keep the GIL (hashlib
     releases it for 2,048 bytes or more), and cost several times more per 28x28 item (``digests``
     in bench/results/stateful.stage_cpu.md)."""
@@ -207,8 +207,8 @@ def digests(x: torch.Tensor | np.ndarray, key: bytes) -> np.ndarray:
         raw = x.reshape(x.shape[0], -1).float().contiguous().numpy()
     words = raw.view(np.uint32)  # [N, D]
     m0, m1 = digest_key(key, words.shape[1])  # [2], [D, 2]
-    kernel = digest_kernel()
-    if kernel is not None:  # holds the GIL (defenses/stateful/kernels.py)
+    kernel = digest_kernel(release_gil=words.shape[1] >= RELEASE_GIL_WORDS)
+    if kernel is not None:
         out = np.empty(words.shape[0], dtype=np.uint64)
         kernel(words, m0, m1, out)
         return out
@@ -231,11 +231,18 @@ def _digest_source(words, m0, m1, out):  # numba-compiled by digest_kernel()
         out[n] = (a >> shift) | (b & top)
 
 
+# Items of this many 32-bit words or more (256 KiB; 3x224x224 is 150,528 words, ~115 us per item here) are
+# hashed by a kernel that releases the GIL: waiting to take it back from the event loop then costs less than
+# holding it, which would stall the loop for the whole batch. Smaller items (28x28: 784 words, ~1 us) keep it.
+RELEASE_GIL_WORDS = 1 << 16
+
+
 @functools.cache
-def digest_kernel():
-    """The compiled :func:`_digest_source` (defenses/stateful/kernels.py), or None without numba:
-    numpy's integer product then computes the same digests, but may release the GIL."""
-    return compile_kernel(_digest_source, "void(u4[:, ::1], u8[::1], u8[:, ::1], u8[::1])")
+def digest_kernel(release_gil: bool = False):
+    """The compiled :func:`_digest_source` (defenses/stateful/kernels.py; ``release_gil``: a ``nogil``
+    variant, for large items), or None without numba: numpy's integer product then computes the same
+    digests, but may release the GIL."""
+    return compile_kernel(_digest_source, "void(u4[:, ::1], u8[::1], u8[:, ::1], u8[::1])", nogil=release_gil)
 
 
 class Blacklight(StatefulDetector):
@@ -253,7 +260,7 @@ class Blacklight(StatefulDetector):
                 raise ValueError(f"{name} must be an integer in [1, {hi or 'inf'}], got {value!r}")
         self.quantization, self.window, self.stride, self.top_k = quantization, window, stride, top_k
         super().__init__(threshold=threshold, value_range=value_range, store=store)
-        digest_kernel()  # compiled (or loaded from numba's cache) now, not at the first query
+        digest_kernel(), digest_kernel(release_gil=True)  # compiled (or loaded from numba's cache) now
         self._keys: dict[tuple[bytes, int], WindowKey] = {}
 
     def default_store(self) -> HistoryStore:

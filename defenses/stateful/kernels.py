@@ -5,9 +5,9 @@ call overhead or in GIL releases than in arithmetic: the k-NN history scan and s
 numba is optional (pyproject.toml): without it :func:`compile_kernel` returns None and each caller
 takes its numpy path, which computes the same values.
 
-The kernels are not ``nogil``: each is short, and a batch worker that releases the GIL waits to take
-it back from the busy event loop (the stage's time per item in the server:
-bench/results/defenses.proxy_cost.stateful.md). numpy releases it on its own for many operations
+The kernels are not ``nogil`` (but the digests of large items): each is short, and a batch worker that
+releases the GIL waits to take it back from the busy event loop (the stage's time per item in the
+server: bench/results/defenses.proxy_cost.stateful.md). numpy releases it on its own for many operations
 above 500 elements (a cast, ``np.dot`` of integers), hashlib for buffers of 2,048 bytes or more.
 """
 

@@ -300,7 +300,7 @@ class KnnDetector(StatefulDetector):
         if getattr(self.store, "holds", None) != "embeddings":
             raise ValueError(f"{self.kind}: store must hold embeddings (KnnMemoryStore, or a shared one of its "
                              f"kind), got {type(self.store).__name__}")
-        digest_kernel()  # compiled (or loaded from numba's cache) now, not at the first query
+        digest_kernel(), digest_kernel(release_gil=True)  # compiled (or loaded from numba's cache) now
         self.encoder: Encoder | None = None
         self.history: list[float] = []
         self._session = None

@@ -174,18 +174,19 @@ def test_history_survives_a_config_reload_when_the_store_is_handed_over():
 
 
 @pytest.mark.parametrize("path", ["compiled", "numpy"])
-@pytest.mark.parametrize("shape", [(5, 1, 28, 28), (2, 3, 32, 32), (3, 3, 1, 1)])
+@pytest.mark.parametrize("shape", [(5, 1, 28, 28), (2, 3, 32, 32), (3, 3, 1, 1), (2, 3, 160, 160)])
 def test_digests_are_the_keyed_multilinear_hash_of_the_raw_float32_words(shape, path, monkeypatch):
     """Each item's digest is the docstring's two strongly universal halves over its float32 words,
     computed here with Python integers from the SHAKE-256 coefficients; a float64 or non-contiguous
     tensor is hashed as its float32 C-order words; the key and the input size each change it.
-    ``path``: numba's compiled loop, or numpy's product (an environment without numba)."""
+    ``path``: numba's compiled loop (3x160x160: its variant that releases the GIL), or numpy's
+    product (an environment without numba)."""
     import hashlib
 
     from robustgate.defenses.stateful import blacklight
 
     if path == "numpy":
-        monkeypatch.setattr(blacklight, "digest_kernel", lambda: None)
+        monkeypatch.setattr(blacklight, "digest_kernel", lambda release_gil=False: None)
     elif blacklight.digest_kernel() is None:
         pytest.skip("numba is not installed: the numpy path is tested beside")
     key = bytes(range(16))
