@@ -195,10 +195,10 @@ def digests(x: torch.Tensor | np.ndarray, key: bytes) -> np.ndarray:
     leave the store (nor does anything computed from them), so no answer reveals the key.
 
     Computed in one compiled loop per batch (:func:`digest_kernel`), which keeps the GIL for items
-    under :data:`RELEASE_GIL_WORDS`; numpy's integer product without numba. Why not hashlib's keyed BLAKE2b (used before 2026-12-06, the
-    same guarantee and more): it is one call per item, fed in chunks that keep the GIL (hashlib
-    releases it for 2,048 bytes or more), and cost several times more per 28x28 item (``digests``
-    in bench/results/stateful.stage_cpu.md)."""
+    under :data:`RELEASE_GIL_WORDS`; numpy's integer product without numba. Why not hashlib's keyed
+    BLAKE2b (used before 2026-12-06, the same guarantee and more): it is one call per item, fed in
+    chunks that keep the GIL (hashlib releases it for 2,048 bytes or more), and cost several times
+    more per 28x28 item (``digests`` in bench/results/stateful.stage_cpu.md)."""
     if isinstance(x, np.ndarray):  # the fused path's batch: no torch call (each releases the GIL)
         raw = np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], -1)
     elif x.dtype == torch.float32 and x.is_contiguous():
