@@ -422,8 +422,9 @@ def observe_clients(stage: Stage, x: torch.Tensor | np.ndarray, clients: list[st
         encoded = tuple(a[order] for a in encoded)
     parts, at = [], 0
     for client, idx in groups.items():
-        parts.append((client, tuple(a[at:at + len(idx)] for a in encoded)))
-        at += len(idx)
+        end = at + len(idx)
+        parts.append((client, tuple([a[at:end] for a in encoded])))
+        at = end
     # every client's history in one call: as one after the other (each client appears once per batch,
     # so a block decided below cannot change another client's scores); the bookkeeping in numpy, once
     # per batch (a few torch calls per client cost more than the stage itself on small batches)

@@ -407,9 +407,10 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         after the other in one compiled call (:func:`step_kernel`), then the bookkeeping of
         :meth:`_record` once for the call."""
         n = digests.shape[0]
-        self._bytes -= h.bytes
-        h.reserve(n)
-        self._bytes += h.bytes
+        if h.end + n > h.emb.shape[0]:  # no room: new buffers
+            self._bytes -= h.bytes
+            h.reserve(n)
+            self._bytes += h.bytes
         state = self._state  # the store's lock is held: one buffer serves every call
         state[0], state[1], state[2], state[3] = h.start, h.end, h.count, self._seq
         out = np.empty((n, k), dtype=np.float32)
@@ -538,23 +539,23 @@ class KnnMemoryStore(ClientFlags, HistoryStore):
         counts them, then drops what fell out of the bounds (this client's rows and those of the
         owners of the entries they push out of the global bound)."""
         first = self._seq + 1
-        seqs = first if r == 1 else np.arange(first, first + r, dtype=np.int64)
         self._held += r
         self._seq += r
-        owners = {h.cid}
+        owners: tuple[int, ...] | set[int] = (h.cid,)  # whose rows may fall out: h, and the owners pushed out
         if r == 1:  # the usual call: one slot of the ring, in scalars
             slot = first % self.max_entries
-            if first > self.max_entries:
-                owners.add(int(self._owner[slot]))  # the entry pushed out
+            if first > self.max_entries and (pushed := int(self._owner[slot])) != h.cid:  # the entry pushed out
+                owners = (h.cid, pushed)
             self._owner[slot] = h.cid
         elif (at := first % self.max_entries) + r <= self.max_entries:  # one slice of the ring, no wrap
             if self._seq > self.max_entries:  # the new entries past max_entries push entries out
-                owners.update(self._owner[at + max(0, self.max_entries + 1 - first):at + r].tolist())
+                owners = {h.cid, *self._owner[at + max(0, self.max_entries + 1 - first):at + r].tolist()}
             self._owner[at:at + r] = h.cid
         else:
+            seqs = np.arange(first, first + r, dtype=np.int64)
             ring = seqs % self.max_entries
-            if self._seq > self.max_entries:
-                owners.update(np.unique(self._owner[ring][seqs > self.max_entries]).tolist())  # entries pushed out
+            if self._seq > self.max_entries:  # entries pushed out
+                owners = {h.cid, *np.unique(self._owner[ring][seqs > self.max_entries]).tolist()}
             self._owner[ring] = h.cid
         for cid in owners:
             owner = self._by_id.get(cid)
