@@ -406,3 +406,38 @@ def test_window_limits_the_neighbours_to_the_last_queries_on_every_path(path):
     with pytest.raises(ValueError, match="window must be an integer >= k"):
         Stateful(method="knn", k=4, window=3)
     assert Stateful(method="knn").config()["window"] == 256 and Stateful(method="knn", window=None).window is None
+
+
+def test_the_fused_path_step_calls_no_torch_function(monkeypatch):
+    """``observe_clients`` on the fused path's float32 array and embedding (input checked by the codec)
+    calls no torch function -- each releases the GIL, which a batch worker then waits to take back
+    (defenses/assemble.py ``_run_fused``) -- and gives what the tensor path gives: the same scores,
+    the same blocks."""
+    from robustgate.defenses.pipeline import Stage, observe_clients
+    from robustgate.defenses.stateful.stage import Stateful
+
+    rng = np.random.default_rng(0)
+    x = rng.random((5, 1, 4, 4), dtype=np.float32)
+    base = rng.standard_normal(8).astype(np.float32)
+    emb = base + 1e-3 * rng.standard_normal((5, 8)).astype(np.float32)  # near-copies: client "a" is flagged
+    clients = ["a", "a", "a", "b", "a"]
+
+    def stage():
+        return Stage("s", Stateful(method="knn", k=2, dim=8, threshold=0.5, store=KnnMemoryStore()), "block",
+                     block_after=1, cooldown_s=60.0)
+
+    want = observe_clients(stage(), torch.from_numpy(x), clients, torch.from_numpy(emb), checked=True)
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("a torch call on the fused path")
+
+    fused = stage()
+    for name in ("from_numpy", "tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, no_torch)
+    monkeypatch.setattr(torch.Tensor, "numpy", no_torch)
+    got = observe_clients(fused, x, clients, emb, checked=True)
+    monkeypatch.undo()
+    assert isinstance(got[0], np.ndarray) and got[0].dtype == np.float32
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[0][2] > 0.5 and got[1][0] is not None and got[1][3] is None  # "a" detected and blocked, "b" not
+    assert [e is None for e in got[1]] == [e is None for e in want[1]]
