@@ -69,14 +69,16 @@ class StatefulDetector(Defense):
         order and returns their scores ``[N]`` float32 (each against the history before it)."""
         return self.observe_encoded(client, self.encode(x), now)
 
-    def encode(self, x: torch.Tensor, embedding: np.ndarray | None = None, checked: bool = False) -> tuple[np.ndarray, ...]:
+    def encode(self, x: torch.Tensor | np.ndarray, embedding: np.ndarray | None = None,
+               checked: bool = False) -> tuple[np.ndarray, ...]:
         """What the store keeps of each query, for a whole batch of any clients at once: ``x``
         ``[N, C, H, W]`` -> arrays with first dimension ``N`` (row ``i`` is item ``i``'s), so that the
         pipeline encodes a batch once and hands each client its rows (:meth:`observe_encoded`).
         ``embedding`` ``[N, d]``: what :meth:`onnx_embedding_model`'s graph gave for ``x`` in the
         backbone's fused pass (proxy/backends/fuse.py), used instead of computing it again.
-        ``checked``: ``x`` is a host tensor without autograd that the caller validated (range and
-        finiteness: the proxy's codec does for every request; PipelineRunner's input), so neither the
+        ``checked``: ``x`` is a host tensor without autograd, or with ``embedding`` the fused path's
+        float32 array, that the caller validated (range and finiteness: the proxy's codec does for
+        every request; PipelineRunner's input), so neither the
         check nor the detach to the host is repeated -- in a batch worker each tensor call releases and
         retakes the GIL, and the event loop holds it meanwhile (the stage's time per item in the server:
         bench/results/defenses.proxy_cost.stateful.md)."""
